@@ -1,0 +1,1 @@
+"""robbench's built-in plugins, loaded through the ``robbench`` entry-point group."""

@@ -1,0 +1,2 @@
+"""Built-in datasets (filled in progressively)."""
+from robbench.hookspecs import hookimpl  # noqa: F401

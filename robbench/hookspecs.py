@@ -1,0 +1,48 @@
+"""The robbench plugin contract: every hook a plugin may implement.
+
+A plugin is a module (or object) with ``@robbench.hookimpl`` functions, exposed to robbench through
+an entry point in the ``robbench`` group of its own package's metadata::
+
+    [project.entry-points.robbench]
+    my_models = "my_package.robbench_plugin"
+
+Each hook receives a ``register`` callback and calls it once per object it contributes. The objects
+meet the protocols in :mod:`robbench.protocols`. Built-in plugins load through the same group.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("robbench")
+hookimpl = pluggy.HookimplMarker("robbench")
+
+
+# --- models -----------------------------------------------------------------------------------
+@hookspec
+def register_models(register: Callable) -> None:
+    """Register model families: call ``register(ModelFamily(...))`` once per family.
+
+    The family's name is what users type after ``--models``; it must be unique across plugins.
+    """
+
+
+# --- data sets --------------------------------------------------------------------------------
+@hookspec
+def register_datasets(register: Callable) -> None:
+    """Register data sets: call ``register(DatasetSpec(...))`` once per data set (``--dataset``)."""
+
+
+# --- attacks ----------------------------------------------------------------------------------
+@hookspec
+def register_attacks(register: Callable) -> None:
+    """Register attacks: call ``register(attack)`` with an object meeting
+    :class:`robbench.protocols.Attack` (``--attacks``)."""
+
+
+# --- estimators -------------------------------------------------------------------------------
+@hookspec
+def register_estimators(register: Callable) -> None:
+    """Register estimators: call ``register(estimator)`` with an object meeting
+    :class:`robbench.protocols.Estimator` (``--estimators``)."""

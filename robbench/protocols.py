@@ -1,0 +1,173 @@
+"""The small protocols every plugin object meets.
+
+A plugin registers one of these objects through a hook in :mod:`robbench.hookspecs`. The harness only
+ever talks to plugins through them, so this module (with ``hookspecs.py``) is the whole contract.
+
+Conventions used throughout robbench:
+- images are float tensors in [0, 1] of shape ``(B, *input_shape)``, e.g. ``(B, 1, 28, 28)``;
+- latents are ``(B, k)``; ``sigma`` is the encoder standard deviation (not the variance);
+- norms are Euclidean norms of the flattened tensors, in input-space or output-space units.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------
+@runtime_checkable
+class VAEModel(Protocol):
+    """A trained (or trainable) VAE; in practice an ``nn.Module``.
+
+    Attributes: ``input_shape`` (tuple, without batch), ``latent_dim`` (int).
+    """
+
+    input_shape: tuple[int, ...]
+    latent_dim: int
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x: (B, *input_shape) in [0, 1]; returns (mu, sigma), each (B, latent_dim), sigma >= 0."""
+
+    def decode(self, z: Tensor) -> Tensor:
+        """z: (N, latent_dim); returns the decoder mean g(z), (N, *input_shape)."""
+
+    def log_likelihood(self, x: Tensor, recon: Tensor) -> Tensor:
+        """log p(x | z) for the decoder mean ``recon`` = g(z); x, recon: (B, *input_shape); returns (B,)."""
+
+    def loss(self, x: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """Training objective to minimise on a batch (scalar) and floats to log, including ``elbo``
+        (the per-example ELBO in nats, beta = 1). Only trainable models need it."""
+
+
+@dataclass
+class ModelFamily:
+    """A registered model family, e.g. ``beta_vae``.
+
+    ``defaults`` lists every parameter the family accepts with its default value; names in ``sweep``
+    may hold a list, and the harness expands the Cartesian product of those lists into one model
+    configuration (one leaderboard row) each. ``build(params, input_shape)`` returns an untrained
+    ``nn.Module`` meeting :class:`VAEModel`; ``trainable=False`` marks ready-built models (analytic
+    or loaded from a file) that the harness uses as they are.
+    ``validate(params)``, when given, raises ``ValueError`` naming the key and value that is wrong.
+    """
+
+    name: str
+    description: str
+    build: Callable[[dict[str, Any], tuple[int, ...]], nn.Module]
+    defaults: dict[str, Any] = field(default_factory=dict)
+    sweep: tuple[str, ...] = ()
+    trainable: bool = True
+    validate: Callable[[dict[str, Any]], None] | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Data sets
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class SplitData:
+    """Images in [0, 1] as float32 tensors (N, *input_shape), labels as int64 (N,)."""
+
+    train_x: Tensor
+    train_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.train_x.shape[1:])
+
+
+@dataclass
+class DataOptions:
+    """What a data-set loader may use: a local directory for file-based sets, and the split seed."""
+
+    data_dir: Path | None = None
+    seed: int = 0
+    test_fraction: float = 0.2
+
+
+@dataclass
+class DatasetSpec:
+    """A registered data set: ``load(options)`` returns a :class:`SplitData` (never downloads)."""
+
+    name: str
+    description: str
+    load: Callable[[DataOptions], SplitData]
+    architecture: str = "mlp"  # default encoder/decoder family for models trained on it ("mlp"|"conv")
+
+
+# ---------------------------------------------------------------------------------------------
+# Attacks
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class AttackResult:
+    """delta: (B, *input_shape) with ||delta_b||_2 <= radius_b and x + delta in [0, 1];
+    damage: (B,) the achieved objective, ||g(.) - g(mu(x))||_2 in output units."""
+
+    delta: Tensor
+    damage: Tensor
+
+
+class Attack(Protocol):
+    """A registered attack. ``defaults`` lists its parameters (documented by the plugin)."""
+
+    name: str
+    description: str
+    defaults: dict[str, Any]
+
+    def __call__(
+        self,
+        model: VAEModel,
+        x: Tensor,
+        radius: Tensor,
+        *,
+        params: dict[str, Any],
+        generator: torch.Generator,
+        init: Tensor | None = None,
+    ) -> AttackResult:
+        """x: (B, *input_shape) in [0, 1]; radius: (B,) L2 budgets; ``init`` an optional warm start
+        delta (B, *input_shape). Must be deterministic given ``generator``."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Estimators
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class EstimationContext:
+    """Everything an estimator may use for one (model, attack) pair on a batch of points.
+
+    ``params`` holds the estimator's parameters merged with the run-wide ones
+    (``r``, ``m``, ``confidence``, ``backend``, ``seed``). ``attack`` is None for estimators with
+    ``needs_attack = False``. ``point_ids`` are the test-set indices of the points (B,), used to seed
+    per-point random streams so results do not depend on batching.
+    """
+
+    model: VAEModel
+    attack: Attack | None
+    attack_params: dict[str, Any]
+    params: dict[str, Any]
+    point_ids: Tensor
+    seed: int
+    device: torch.device
+
+
+class Estimator(Protocol):
+    """A registered estimator: returns one flat dict of numbers/strings per point.
+
+    Keys are metric names (e.g. ``margin``, ``margin_lo``, ``margin_hi``, ``bound``, ``min_sigma``);
+    values are float, int, str or None. The leaderboard aggregates known keys.
+    """
+
+    name: str
+    description: str
+    defaults: dict[str, Any]
+    needs_attack: bool
+
+    def __call__(self, ctx: EstimationContext, x: Tensor) -> list[dict[str, Any]]:
+        """x: (B, *input_shape) in [0, 1]; returns B dicts."""
