@@ -1,0 +1,160 @@
+"""The ``robbench`` command line: run, train, plugins, leaderboard, bench, report.
+
+Every name and value is checked against the registered plugins before any work starts; a bad one
+exits with status 2 and a message saying what is allowed. Precedence: defaults < --config YAML < flags.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from robbench.config import (ConfigError, RunConfig, build_config, load_yaml, parse_param_flag,
+                             validate_against_plugins)
+from robbench.plugins import get_registries
+from robbench.registry import UnknownNameError
+
+USAGE_ERROR = 2
+
+
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="YAML file with RunConfig keys (flags override it)")
+    p.add_argument("--models", help="comma-separated model families, e.g. beta_vae,vae (default beta_vae)")
+    p.add_argument("--attacks", help="comma-separated attacks (default max_damage)")
+    p.add_argument("--estimators", help="comma-separated estimators (default margin,bound,encoder_stats)")
+    p.add_argument("--dataset", help="data set name (default mnist: 5,000 embedded digits)")
+    p.add_argument("--data-dir", help="directory with local data files (MNIST/Fashion-MNIST IDX, CIFAR-10 binary)")
+    p.add_argument("--points", type=int, help="number of test points to evaluate (default 25)")
+    p.add_argument("--seed", type=int, help="seed for point selection, attacks and Monte Carlo (default 0)")
+    p.add_argument("--model-seeds", help="comma-separated training seeds per configuration (default 0)")
+    p.add_argument("--r", type=float, help="r of r-robustness (default 4)")
+    p.add_argument("--m", type=float, help="probability threshold m (default 0.5)")
+    p.add_argument("--confidence", type=float, help="confidence of the reported intervals (default 0.95)")
+    p.add_argument("--backend", help="Monte Carlo backend: auto, torch, cpp, cuda (default auto)")
+    p.add_argument("--device", help="cpu or cuda[:N] (default cpu)")
+    p.add_argument("--epochs", type=int, help="training epochs (default 15)")
+    p.add_argument("--param", action="append", default=[], metavar="NAME.KEY=VALUE",
+                   help="plugin parameter, VALUE in YAML syntax, e.g. beta_vae.beta=[0.1,1,10]; repeatable")
+    p.add_argument("--out", type=Path, help="run directory (default runs/<models>__<attacks>__<dataset>)")
+    p.add_argument("--retrain", action="store_true", help="train even when a cached checkpoint exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="robbench", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run_arguments(sub.add_parser("run", help="train/load models and estimate their robustness"))
+    _add_run_arguments(sub.add_parser("train", help="train (or find cached) models without evaluating"))
+    sub.add_parser("plugins", help="list every registered model, data set, attack and estimator")
+    lb = sub.add_parser("leaderboard", help="show and rewrite the leaderboard of a run directory")
+    lb.add_argument("run_dir", type=Path)
+    bench = sub.add_parser("bench", help="compare Monte Carlo backends (compiled kernel vs pure PyTorch)")
+    from robbench import bench as bench_module
+    bench_module.add_arguments(bench)
+    report = sub.add_parser("report", help="write report.md/.html with the paper's figures for a run directory")
+    report.add_argument("run_dir", type=Path)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any]]:
+    """Merge defaults, the YAML file and the flags; returns the config and the raw merged mapping."""
+    regs = get_registries()
+    values: dict[str, Any] = load_yaml(args.config) if args.config else {}
+    flags = {"models": args.models, "attacks": args.attacks, "estimators": args.estimators,
+             "dataset": args.dataset, "data_dir": args.data_dir, "points": args.points, "seed": args.seed,
+             "r": args.r, "m": args.m, "confidence": args.confidence, "backend": args.backend,
+             "device": args.device}
+    values.update({k: v for k, v in flags.items() if v is not None})
+    if args.model_seeds is not None:
+        try:
+            values["model_seeds"] = [int(s) for s in args.model_seeds.split(",")]
+        except ValueError:
+            raise ConfigError(f"bad value for 'model_seeds': {args.model_seeds!r}; allowed: integers like 0,1,2") from None
+    if args.epochs is not None:
+        values["train"] = {**values.get("train", {}), "epochs": args.epochs}
+    for flag in args.param:
+        section, name, key, value = parse_param_flag(flag, regs)
+        values.setdefault(section, {}).setdefault(name, {})[key] = value
+    cfg = build_config(values)
+    validate_against_plugins(cfg, regs)
+    return cfg, values
+
+
+def default_run_dir(cfg: RunConfig, config_path: Path | None) -> Path:
+    if config_path is not None:
+        return Path("runs") / config_path.stem
+    return Path("runs") / f"{'+'.join(cfg.models)}__{'+'.join(cfg.attacks)}__{cfg.dataset}"
+
+
+def cmd_run(args: argparse.Namespace, console: Console, *, evaluate: bool) -> int:
+    from robbench.leaderboard import write_leaderboard
+    from robbench.runner import Runner, resolve_device
+
+    cfg, _ = config_from_args(args)
+    resolve_device(cfg.device)
+    run_dir = args.out or default_run_dir(cfg, args.config)
+    runner = Runner(cfg, get_registries(), run_dir, console=console, retrain=args.retrain,
+                    progress=not args.no_progress)
+    console.print(f"robbench: {len(runner.jobs)} jobs × {cfg.points} points → {run_dir}")
+    store = runner.run(evaluate=evaluate)
+    if evaluate:
+        write_leaderboard(store, run_dir, console=console)
+        console.print(f"results: {store.path}; leaderboard.md/.csv/.json in {run_dir}")
+    store.close()
+    return 0
+
+
+def cmd_plugins(console: Console) -> int:
+    regs = get_registries()
+    table = Table(title="registered robbench plugins", header_style="bold")
+    for column in ("kind", "name", "from", "description"):
+        table.add_column(column)
+    for kind, registry in regs.by_kind().items():
+        for name in registry.names():
+            obj = registry.get(name)
+            table.add_row(kind, name, registry.source(name), getattr(obj, "description", "").split("\n")[0])
+    console.print(table)
+    return 0
+
+
+def cmd_leaderboard(args: argparse.Namespace, console: Console) -> int:
+    from robbench.leaderboard import write_leaderboard
+    from robbench.store import ResultStore
+
+    store = ResultStore.open_existing(args.run_dir)
+    write_leaderboard(store, args.run_dir, console=console)
+    store.close()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    console = Console()
+    try:
+        if args.command in ("run", "train"):
+            return cmd_run(args, console, evaluate=args.command == "run")
+        if args.command == "plugins":
+            return cmd_plugins(console)
+        if args.command == "leaderboard":
+            return cmd_leaderboard(args, console)
+        if args.command == "bench":
+            from robbench import bench as bench_module
+            return bench_module.run(args)
+        if args.command == "report":
+            from robbench.report import write_report
+            write_report(args.run_dir, console=console)
+            return 0
+    except (UnknownNameError, ConfigError, FileNotFoundError) as err:
+        print(f"robbench: error: {err}", file=sys.stderr)
+        return USAGE_ERROR
+    parser.error(f"unknown command {args.command}")
+    return USAGE_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,327 @@
+"""Run configuration: a validated dataclass built from defaults, a YAML file and command-line flags.
+
+Every bad value is reported as ``ConfigError`` naming the key, the value and what is allowed, before
+any work starts. Plugin parameters are checked against the plugin's ``defaults`` (the documented set
+of parameters); list values expand into several configurations where the plugin allows a sweep.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from robbench.plugins import Registries
+from robbench.registry import UnknownNameError
+
+RUN_WIDE_KEYS = ("r", "m", "confidence", "backend", "seed")
+BACKENDS = ("auto", "torch", "cpp", "cuda")
+
+
+class ConfigError(ValueError):
+    """A configuration value that is not allowed; the message says which key, which value, what is allowed."""
+
+
+@dataclass
+class TrainSettings:
+    epochs: int = 15
+    batch_size: int = 128
+    lr: float = 1e-3
+    patience: int | None = None
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run. Field names are the YAML keys."""
+
+    models: list[str] = field(default_factory=lambda: ["beta_vae"])
+    attacks: list[str] = field(default_factory=lambda: ["max_damage"])
+    estimators: list[str] = field(default_factory=lambda: ["margin", "bound", "encoder_stats"])
+    dataset: str = "mnist"
+    data_dir: str | None = None
+    points: int = 25
+    point_batch: int = 25
+    seed: int = 0
+    model_seeds: list[int] = field(default_factory=lambda: [0])
+    r: float = 4.0
+    m: float = 0.5
+    confidence: float = 0.95
+    backend: str = "auto"
+    device: str = "cpu"
+    train: TrainSettings = field(default_factory=TrainSettings)
+    model_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    attack_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    estimator_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def run_wide(self) -> dict[str, Any]:
+        return {"r": self.r, "m": self.m, "confidence": self.confidence, "backend": self.backend,
+                "seed": self.seed}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """One trained model: a family, scalar parameters and a training seed."""
+
+    family: str
+    params: dict[str, Any]
+    seed: int
+    swept: tuple[str, ...]
+
+    @property
+    def label(self) -> str:
+        shown = ", ".join(f"{k}={self.params[k]}" for k in self.swept)
+        return f"{self.family}({shown})" if shown else self.family
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    name: str
+    params: dict[str, Any]
+    swept: tuple[str, ...]
+
+    @property
+    def label(self) -> str:
+        shown = ", ".join(f"{k}={self.params[k]}" for k in self.swept)
+        return f"{self.name}({shown})" if shown else self.name
+
+
+def stable_hash(obj: Any) -> str:
+    """A short hash of a JSON-serialisable object, independent of dict order."""
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# --- loading -----------------------------------------------------------------------------------
+def load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def build_config(values: dict[str, Any]) -> RunConfig:
+    """Turn a plain mapping (YAML + flags merged) into a RunConfig, checking keys and value types."""
+    known = {f.name: f for f in fields(RunConfig)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"unknown config key {unknown[0]!r}; allowed keys: {', '.join(sorted(known))}")
+    values = dict(values)
+    if "train" in values:
+        values["train"] = _build_train(values["train"])
+    for key in ("models", "attacks", "estimators", "model_seeds"):
+        if key in values and isinstance(values[key], (str, int)):
+            values[key] = _split_list(values[key]) if isinstance(values[key], str) else [values[key]]
+    cfg = RunConfig(**values)
+    _check_types(cfg)
+    return cfg
+
+
+def _split_list(text: str) -> list[Any]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def _build_train(value: Any) -> TrainSettings:
+    if isinstance(value, TrainSettings):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(f"config key 'train' must be a mapping, got {value!r}")
+    allowed = {f.name for f in fields(TrainSettings)}
+    for key in value:
+        if key not in allowed:
+            raise ConfigError(f"unknown key 'train.{key}'; allowed: {', '.join(sorted(allowed))}")
+    return TrainSettings(**value)
+
+
+def _check_types(cfg: RunConfig) -> None:
+    def need(cond: bool, key: str, value: Any, allowed: str) -> None:
+        if not cond:
+            raise ConfigError(f"bad value for {key!r}: {value!r}; allowed: {allowed}")
+
+    for key in ("models", "attacks", "estimators"):
+        value = getattr(cfg, key)
+        need(isinstance(value, list) and all(isinstance(v, str) for v in value), key, value,
+             "a list of plugin names")
+    need(isinstance(cfg.points, int) and cfg.points > 0, "points", cfg.points, "a positive integer")
+    need(isinstance(cfg.point_batch, int) and cfg.point_batch > 0, "point_batch", cfg.point_batch,
+         "a positive integer")
+    need(isinstance(cfg.seed, int), "seed", cfg.seed, "an integer")
+    need(isinstance(cfg.model_seeds, list) and cfg.model_seeds and all(isinstance(s, int) for s in cfg.model_seeds),
+         "model_seeds", cfg.model_seeds, "a non-empty list of integers")
+    need(_is_number(cfg.r) and cfg.r > 0, "r", cfg.r, "a positive number")
+    need(_is_number(cfg.m) and 0 < cfg.m < 1, "m", cfg.m, "a number in (0, 1)")
+    need(_is_number(cfg.confidence) and 0 < cfg.confidence < 1, "confidence", cfg.confidence,
+         "a number in (0, 1)")
+    need(cfg.backend in BACKENDS, "backend", cfg.backend, ", ".join(BACKENDS))
+    need(isinstance(cfg.device, str) and (cfg.device == "cpu" or cfg.device.startswith("cuda")),
+         "device", cfg.device, "cpu, cuda or cuda:N")
+    t = cfg.train
+    need(isinstance(t.epochs, int) and t.epochs > 0, "train.epochs", t.epochs, "a positive integer")
+    need(isinstance(t.batch_size, int) and t.batch_size > 0, "train.batch_size", t.batch_size,
+         "a positive integer")
+    need(_is_number(t.lr) and t.lr > 0, "train.lr", t.lr, "a positive number")
+    need(t.patience is None or (isinstance(t.patience, int) and t.patience > 0), "train.patience",
+         t.patience, "null or a positive integer")
+    for key in ("model_params", "attack_params", "estimator_params"):
+        value = getattr(cfg, key)
+        need(isinstance(value, dict) and all(isinstance(v, dict) for v in value.values()), key, value,
+             "a mapping from plugin name to a mapping of parameters")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# --- checking names and plugin parameters against the registries ------------------------------------
+def validate_against_plugins(cfg: RunConfig, regs: Registries) -> None:
+    """Check every plugin name and parameter; raises UnknownNameError or ConfigError."""
+    regs.datasets.get(cfg.dataset)
+    for name in cfg.models:
+        regs.models.get(name)
+    for name in cfg.attacks:
+        regs.attacks.get(name)
+    for name in cfg.estimators:
+        regs.estimators.get(name)
+    for section, registry, used in (("model_params", regs.models, cfg.models),
+                                    ("attack_params", regs.attacks, cfg.attacks),
+                                    ("estimator_params", regs.estimators, cfg.estimators)):
+        for name, params in getattr(cfg, section).items():
+            if name not in registry:
+                raise UnknownNameError(registry.kind, name, registry.names())
+            if name not in used:
+                raise ConfigError(f"{section} sets parameters of {name!r}, which this run does not use "
+                                  f"(it uses: {', '.join(used)})")
+    model_configs(cfg, regs)
+    attack_configs(cfg, regs)
+    for name in cfg.estimators:
+        _merge_params(regs.estimators.get(name), cfg.estimator_params.get(name, {}), sweep=(),
+                      reserved=RUN_WIDE_KEYS)
+
+
+def _merge_params(plugin: Any, given: dict[str, Any], sweep: tuple[str, ...],
+                  reserved: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The plugin's defaults updated with ``given``; checks names and (loosely) types."""
+    defaults = dict(getattr(plugin, "defaults", {}))
+    for key, value in given.items():
+        if key in reserved:
+            raise ConfigError(f"{plugin.name}.{key} is a run-wide setting; set it with the top-level key {key!r}")
+        if key not in defaults:
+            raise ConfigError(f"unknown parameter {key!r} for {plugin.name}; allowed: "
+                              f"{', '.join(sorted(defaults)) or '(none)'}")
+        _check_param_type(plugin.name, key, value, defaults[key], key in sweep)
+    merged = {**defaults, **given}
+    validate = getattr(plugin, "validate", None)
+    if validate is not None:
+        for combo in _expand(merged, sweep):
+            try:
+                validate(combo)
+            except ValueError as err:
+                raise ConfigError(f"{plugin.name}: {err}") from None
+    return merged
+
+
+def _check_param_type(owner: str, key: str, value: Any, default: Any, sweepable: bool) -> None:
+    if sweepable and isinstance(value, list):
+        if not value:
+            raise ConfigError(f"{owner}.{key}: an empty list sweeps over nothing; give at least one value")
+        example = default[0] if isinstance(default, list) and default else default
+        values = value
+    else:
+        example, values = default, [value]
+    for v in values:
+        if not _compatible(v, example):
+            kind = "a number" if _is_number(example) else type(example).__name__
+            raise ConfigError(f"bad value for {owner}.{key}: {v!r}; allowed: {kind} like {example!r}"
+                              + (" or a list of them" if sweepable else ""))
+
+
+def _compatible(value: Any, default: Any) -> bool:
+    """Loose type check against the default: numbers mix, but bools, strings and lists must match."""
+    if default is None or value is None:
+        return True
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool)
+    if _is_number(default):
+        whole = not isinstance(default, float)
+        return _is_number(value) and not (whole and isinstance(value, float) and not value.is_integer())
+    if isinstance(default, (list, tuple)):
+        return isinstance(value, (list, tuple))
+    return isinstance(value, type(default))
+
+
+def _expand(params: dict[str, Any], sweep: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Cartesian product over the swept keys that hold lists."""
+    keys = [k for k in sweep if isinstance(params.get(k), list)]
+    if not keys:
+        return [dict(params)]
+    combos = []
+    for values in itertools.product(*(params[k] for k in keys)):
+        combo = dict(params)
+        combo.update(zip(keys, values))
+        combos.append(combo)
+    return combos
+
+
+def model_configs(cfg: RunConfig, regs: Registries) -> list[ModelConfig]:
+    """Expand every model family into its configurations x training seeds."""
+    out: list[ModelConfig] = []
+    for name in cfg.models:
+        family = regs.models.get(name)
+        merged = _merge_params(family, cfg.model_params.get(name, {}), sweep=tuple(family.sweep))
+        swept = tuple(k for k in family.sweep if isinstance(merged.get(k), list))
+        for combo in _expand(merged, tuple(family.sweep)):
+            for seed in cfg.model_seeds if family.trainable else [cfg.model_seeds[0]]:
+                out.append(ModelConfig(name, combo, seed, swept))
+    return out
+
+
+def attack_configs(cfg: RunConfig, regs: Registries) -> list[AttackConfig]:
+    """Expand each attack: a list given for a scalar parameter sweeps it (e.g. route: [mu, sigma, both])."""
+    out: list[AttackConfig] = []
+    for name in cfg.attacks:
+        attack = regs.attacks.get(name)
+        given = cfg.attack_params.get(name, {})
+        sweep = tuple(k for k, v in given.items()
+                      if isinstance(v, list) and not isinstance(attack.defaults.get(k), (list, tuple)))
+        merged = _merge_params(attack, given, sweep=sweep)
+        for combo in _expand(merged, sweep):
+            out.append(AttackConfig(name, combo, sweep))
+    return out
+
+
+def estimator_params(cfg: RunConfig, regs: Registries, name: str) -> dict[str, Any]:
+    est = regs.estimators.get(name)
+    merged = _merge_params(est, cfg.estimator_params.get(name, {}), sweep=(), reserved=RUN_WIDE_KEYS)
+    return {**merged, **cfg.run_wide()}
+
+
+def parse_param_flag(flag: str, regs: Registries) -> tuple[str, str, str, Any]:
+    """``NAME.KEY=VALUE`` (VALUE parsed as YAML) -> (section, plugin name, key, value)."""
+    if "=" not in flag or "." not in flag.split("=", 1)[0]:
+        raise ConfigError(f"--param {flag!r}: expected NAME.KEY=VALUE, e.g. beta_vae.beta=[0.1,1,10]")
+    target, raw = flag.split("=", 1)
+    name, key = target.split(".", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise ConfigError(f"--param {flag!r}: the value {raw!r} is not valid YAML") from None
+    sections = [(section, reg) for section, reg in (("model_params", regs.models), ("attack_params", regs.attacks),
+                                                     ("estimator_params", regs.estimators)) if name in reg]
+    if not sections:
+        available = regs.models.names() + regs.attacks.names() + regs.estimators.names()
+        raise ConfigError(f"--param {flag!r}: no model, attack or estimator is called {name!r}; "
+                          f"available: {', '.join(available)}")
+    return sections[0][0], name, key, value

@@ -1,0 +1,139 @@
+"""The results database: one SQLite file per run directory, written as results are produced.
+
+Each row is one (job, point) result, where a job is a (model configuration + seed, attack, estimator)
+triple identified by a hash of everything that determines its numbers. A rerun skips the rows that
+are already ``ok``; rows with ``error`` are retried. Every write is its own committed transaction, so
+a run killed half-way keeps everything it reported.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS results (
+    job_key     TEXT NOT NULL,
+    point_id    INTEGER NOT NULL,
+    model       TEXT NOT NULL,     -- model configuration label, e.g. beta_vae(beta=1.0)
+    model_seed  INTEGER NOT NULL,
+    attack      TEXT NOT NULL,     -- attack label, '' for estimators that use no attack
+    estimator   TEXT NOT NULL,
+    status      TEXT NOT NULL,     -- 'ok' or 'error'
+    metrics     TEXT NOT NULL,     -- JSON object of the estimator's numbers
+    error       TEXT,
+    seconds     REAL NOT NULL,     -- wall time attributed to this point
+    created     REAL NOT NULL,
+    PRIMARY KEY (job_key, point_id)
+);
+CREATE TABLE IF NOT EXISTS models (
+    model_key   TEXT PRIMARY KEY,  -- model label + seed + training setup
+    model       TEXT NOT NULL,
+    model_seed  INTEGER NOT NULL,
+    info        TEXT NOT NULL      -- JSON: test ELBO, training seconds, cache key, or the error
+);
+CREATE TABLE IF NOT EXISTS runs (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    started     REAL NOT NULL,
+    config      TEXT NOT NULL,     -- JSON of the RunConfig
+    jobs        TEXT NOT NULL      -- JSON list of the job keys this configuration defines
+);
+"""
+
+
+@dataclass
+class ResultRow:
+    job_key: str
+    point_id: int
+    model: str
+    model_seed: int
+    attack: str
+    estimator: str
+    status: str
+    metrics: dict[str, Any]
+    error: str | None
+    seconds: float
+
+
+class ResultStore:
+    """A thin, typed layer over the run's SQLite database."""
+
+    FILENAME = "results.sqlite"
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / self.FILENAME
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._conn = sqlite3.connect(self.path)
+        self._conn.executescript(SCHEMA)
+        self._conn.commit()
+
+    @classmethod
+    def open_existing(cls, run_dir: Path) -> "ResultStore":
+        if not (Path(run_dir) / cls.FILENAME).exists():
+            raise FileNotFoundError(f"{run_dir} holds no {cls.FILENAME}: is it a robbench run directory?")
+        return cls(run_dir)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    # --- writing -------------------------------------------------------------------------------
+    def record_run(self, config: dict[str, Any], jobs: list[str]) -> None:
+        with self._conn:
+            self._conn.execute("INSERT INTO runs (started, config, jobs) VALUES (?, ?, ?)",
+                               (time.time(), json.dumps(config, default=str), json.dumps(jobs)))
+
+    def record_model(self, model_key: str, model: str, model_seed: int, info: dict[str, Any]) -> None:
+        with self._conn:
+            self._conn.execute("INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?)",
+                               (model_key, model, model_seed, json.dumps(info, default=str)))
+
+    def write(self, rows: Iterable[ResultRow]) -> None:
+        """Insert or replace rows in one committed transaction."""
+        now = time.time()
+        with self._conn:
+            self._conn.executemany(
+                "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(r.job_key, r.point_id, r.model, r.model_seed, r.attack, r.estimator, r.status,
+                  json.dumps(_json_safe(r.metrics)), r.error, r.seconds, now) for r in rows])
+
+    # --- reading -------------------------------------------------------------------------------
+    def done_points(self, job_key: str) -> set[int]:
+        cur = self._conn.execute("SELECT point_id FROM results WHERE job_key = ? AND status = 'ok'", (job_key,))
+        return {row[0] for row in cur}
+
+    def rows(self, job_keys: Iterable[str] | None = None) -> list[ResultRow]:
+        if job_keys is None:
+            cur = self._conn.execute("SELECT * FROM results ORDER BY rowid")
+            raw = cur.fetchall()
+        else:
+            keys = list(job_keys)
+            raw = []
+            for start in range(0, len(keys), 500):  # SQLite caps the number of bound variables
+                chunk = keys[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                raw += self._conn.execute(
+                    f"SELECT * FROM results WHERE job_key IN ({marks}) ORDER BY rowid", chunk).fetchall()
+        return [ResultRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], json.loads(r[7]), r[8], r[9]) for r in raw]
+
+    def models(self) -> dict[str, dict[str, Any]]:
+        cur = self._conn.execute("SELECT model_key, model, model_seed, info FROM models")
+        return {key: {"model": label, "model_seed": seed, **json.loads(info)} for key, label, seed, info in cur}
+
+    def latest_run(self) -> tuple[dict[str, Any], list[str]] | None:
+        row = self._conn.execute("SELECT config, jobs FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+        return (json.loads(row[0]), json.loads(row[1])) if row else None
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinities become strings so the JSON stays standard."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value

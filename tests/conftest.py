@@ -1,0 +1,45 @@
+"""Shared fixtures: a throwaway third-party plugin distribution and a clean plugin manager."""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture
+def thirdparty_path(tmp_path: Path) -> Path:
+    """A directory that holds an 'installed' third-party plugin: module + .dist-info with its entry point."""
+    site = tmp_path / "site"
+    site.mkdir()
+    shutil.copy(HERE / "thirdparty_plugin.py", site / "robbench_tp_demo.py")
+    info = site / "robbench_tp_demo-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: robbench-tp-demo\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[robbench]\ntp_demo = robbench_tp_demo\n")
+    return site
+
+
+@pytest.fixture
+def subprocess_env(thirdparty_path: Path, tmp_path: Path) -> dict[str, str]:
+    """Environment for running the robbench CLI with the third-party plugin installed and a private cache."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(thirdparty_path), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["ROBBENCH_CACHE"] = str(tmp_path / "cache")
+    return env
+
+
+@pytest.fixture
+def fresh_plugins(monkeypatch: pytest.MonkeyPatch, thirdparty_path: Path):
+    """Reload the plugin manager in-process with the third-party plugin on sys.path; restore afterwards."""
+    import robbench.plugins as plugins
+
+    monkeypatch.syspath_prepend(str(thirdparty_path))
+    monkeypatch.setattr(plugins, "_manager", None)
+    monkeypatch.setattr(plugins, "_registries", None)
+    yield plugins
+    sys.modules.pop("robbench_tp_demo", None)

@@ -1,0 +1,57 @@
+"""Command-line errors: rejected before any work, exit status 2, a message saying what is allowed."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from robbench.cli import main
+
+
+def test_unknown_model_exits_2_and_lists_models(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "--models", "nosuch", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "unknown model 'nosuch'" in err and "beta_vae" in err and "vae" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--attacks", "nosuch"], "unknown attack 'nosuch'; available:"),
+    (["--estimators", "margin,nosuch"], "unknown estimator 'nosuch'; available:"),
+    (["--dataset", "nosuch"], "unknown dataset 'nosuch'; available:"),
+    (["--m", "2"], "bad value for 'm': 2.0; allowed: a number in (0, 1)"),
+    (["--backend", "fpga"], "bad value for 'backend': 'fpga'"),
+    (["--param", "beta_vae.beta=[]"], "beta_vae.beta: an empty list"),
+    (["--model-seeds", "a,b"], "bad value for 'model_seeds'"),
+])
+def test_bad_input_exits_2_with_message(tmp_path, capsys, args, expected):
+    out = tmp_path / "run"
+    assert main(["run", *args, "--out", str(out)]) == 2
+    assert expected in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_bad_yaml_config_names_key(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("points: 5\nmodel_params:\n  beta_vae:\n    beta: [1, 2]\n    widht: 3\n")
+    assert main(["run", "--config", str(config), "--out", str(tmp_path / "run")]) == 2
+    assert "unknown parameter 'widht' for beta_vae" in capsys.readouterr().err
+
+
+def test_missing_config_file(tmp_path, capsys):
+    assert main(["run", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_leaderboard_of_a_non_run_directory(tmp_path, capsys):
+    assert main(["leaderboard", str(tmp_path)]) == 2
+    assert "is it a robbench run directory" in capsys.readouterr().err
+
+
+def test_console_script_is_installed():
+    done = subprocess.run(["robbench", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0
+    for command in ("run", "train", "plugins", "leaderboard", "bench", "report"):
+        assert command in done.stdout

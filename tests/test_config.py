@@ -1,0 +1,71 @@
+"""Configuration: defaults, YAML, flags, sweeps, and errors that name the key and value."""
+from __future__ import annotations
+
+import pytest
+
+from robbench.config import (ConfigError, attack_configs, build_config, model_configs, parse_param_flag,
+                             validate_against_plugins)
+from robbench.plugins import get_registries
+from robbench.registry import UnknownNameError
+
+
+@pytest.fixture(scope="module")
+def regs():
+    return get_registries()
+
+
+def test_defaults_are_the_papers(regs):
+    cfg = build_config({})
+    assert (cfg.r, cfg.m, cfg.points) == (4.0, 0.5, 25)
+    labels = [m.label for m in model_configs(cfg, regs)]
+    assert labels == ["beta_vae(beta=0.1)", "beta_vae(beta=1.0)", "beta_vae(beta=10.0)"]
+
+
+def test_beta_list_and_seeds_expand(regs):
+    cfg = build_config({"model_params": {"beta_vae": {"beta": [0.5, 2]}}, "model_seeds": [0, 1]})
+    validate_against_plugins(cfg, regs)
+    configs = model_configs(cfg, regs)
+    assert [(m.params["beta"], m.seed) for m in configs] == [(0.5, 0), (0.5, 1), (2, 0), (2, 1)]
+
+
+def test_attack_parameter_list_sweeps(regs):
+    cfg = build_config({"attack_params": {"max_damage": {"route": ["mu", "sigma"]}}})
+    validate_against_plugins(cfg, regs)
+    assert [a.label for a in attack_configs(cfg, regs)] == ["max_damage(route=mu)", "max_damage(route=sigma)"]
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"points": 0}, "'points': 0"),
+    ({"m": 1.5}, "'m': 1.5"),
+    ({"backend": "gpu"}, "'backend': 'gpu'; allowed: auto, torch, cpp, cuda"),
+    ({"pointz": 3}, "unknown config key 'pointz'"),
+    ({"train": {"epochs": -1}}, "'train.epochs': -1"),
+    ({"train": {"epoch": 1}}, "unknown key 'train.epoch'"),
+])
+def test_bad_values_name_key_and_value(values, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        build_config(values)
+
+
+def test_unknown_names_list_available(regs):
+    with pytest.raises(UnknownNameError) as info:
+        validate_against_plugins(build_config({"models": ["nosuch"]}), regs)
+    assert "beta_vae" in str(info.value) and "nosuch" in str(info.value)
+
+
+def test_plugin_parameter_errors(regs):
+    with pytest.raises(ConfigError, match="unknown parameter 'gamma' for beta_vae; allowed:.*beta"):
+        validate_against_plugins(build_config({"model_params": {"beta_vae": {"gamma": 1}}}), regs)
+    with pytest.raises(ConfigError, match="bad value for beta_vae.beta: 'big'"):
+        validate_against_plugins(build_config({"model_params": {"beta_vae": {"beta": ["big"]}}}), regs)
+    with pytest.raises(ConfigError, match="run-wide setting"):
+        validate_against_plugins(build_config({"estimator_params": {"margin": {"r": 2}}}), regs)
+
+
+def test_param_flag_parses_yaml_values(regs):
+    assert parse_param_flag("beta_vae.beta=[0.1, 1]", regs) == ("model_params", "beta_vae", "beta", [0.1, 1])
+    assert parse_param_flag("max_damage.route=mu", regs) == ("attack_params", "max_damage", "route", "mu")
+    with pytest.raises(ConfigError, match="no model, attack or estimator is called 'nope'"):
+        parse_param_flag("nope.x=1", regs)
+    with pytest.raises(ConfigError, match="expected NAME.KEY=VALUE"):
+        parse_param_flag("beta=1", regs)

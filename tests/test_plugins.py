@@ -1,0 +1,92 @@
+"""Plugin loading: built-ins and a third party's plugin come through the same entry-point group."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from robbench import hookimpl
+from robbench.protocols import ModelFamily
+from robbench.registry import Registry, UnknownNameError
+
+BUILTIN_DIST = "robbench 0.1.0"
+
+
+def test_builtins_load_through_entry_points(fresh_plugins):
+    regs = fresh_plugins.get_registries()
+    for kind, name in [("model", "beta_vae"), ("model", "vae"), ("dataset", "mnist"),
+                       ("attack", "max_damage"), ("estimator", "margin"), ("estimator", "bound"),
+                       ("estimator", "encoder_stats")]:
+        registry = regs.by_kind()[kind]
+        assert name in registry, f"{kind} {name} missing; have {registry.names()}"
+        assert registry.source(name) == BUILTIN_DIST
+
+
+def test_thirdparty_plugin_is_discovered_with_its_distribution(fresh_plugins):
+    regs = fresh_plugins.get_registries()
+    assert regs.models.source("tp_linear") == "robbench-tp-demo 0.1"
+    assert regs.attacks.source("tp_constant") == "robbench-tp-demo 0.1"
+    assert regs.estimators.source("tp_damage") == "robbench-tp-demo 0.1"
+    assert regs.datasets.source("tp_blobs") == "robbench-tp-demo 0.1"
+
+
+def test_plugin_filter_env_var(fresh_plugins, monkeypatch):
+    monkeypatch.setenv("ROBBENCH_PLUGINS", "tp_demo")
+    regs = fresh_plugins.get_registries()
+    assert regs.models.names() == ["tp_linear"]
+
+
+def test_registry_rejects_duplicates_and_lists_known_names():
+    reg: Registry[int] = Registry("model")
+    reg.add("a", 1, "x")
+    with pytest.raises(ValueError, match="registered twice"):
+        reg.add("a", 2, "y")
+    with pytest.raises(UnknownNameError, match="available: a"):
+        reg.get("b")
+
+
+def test_plugin_registered_by_hand_and_removed(fresh_plugins):
+    class Extra:
+        @hookimpl
+        def register_models(self, register):
+            register(ModelFamily(name="by_hand", description="test", build=lambda p, s: None))
+
+    plugin = Extra()
+    fresh_plugins.register_plugin(plugin, name="by-hand")
+    try:
+        regs = fresh_plugins.get_registries()
+        assert "by_hand" in regs.models
+        assert regs.models.source("by_hand").startswith("(registered by hand")
+    finally:
+        fresh_plugins.unregister_plugin(plugin)
+    assert "by_hand" not in fresh_plugins.get_registries().models
+
+
+def test_cli_lists_plugins_with_kind_and_distribution(subprocess_env):
+    out = subprocess.run([sys.executable, "-m", "robbench.cli", "plugins"], env=subprocess_env,
+                         capture_output=True, text=True, check=True).stdout
+    assert "tp_constant" in out and "robbench-tp-demo 0.1" in out
+    assert "beta_vae" in out and "robbench 0.1.0" in out
+
+
+def test_thirdparty_plugin_runs_through_robbench_run(subprocess_env, tmp_path):
+    out_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "robbench.cli", "run", "--dataset", "tp_blobs", "--models", "tp_linear",
+           "--attacks", "tp_constant", "--estimators", "tp_damage,encoder_stats", "--points", "6",
+           "--out", str(out_dir), "--no-progress"]
+    done = subprocess.run(cmd, env=subprocess_env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr + done.stdout
+    records = json.loads((out_dir / "leaderboard.json").read_text())
+    assert len(records) == 1
+    rec = records[0]
+    assert rec["model"] == "tp_linear" and rec["attack"] == "tp_constant" and rec["points"] == 6
+    # The linear model's damage for a uniform shift of norm L is ||W A u|| L, the same for every point.
+    from robbench.analytic import LinearGaussianVAE
+    import torch
+    model = LinearGaussianVAE((1, 8, 8), 4)
+    u = torch.full((64,), 1 / 8.0)
+    expected = float((model.W @ (model.A @ u)).norm()) * 0.1
+    assert rec["damage_mean"] == pytest.approx(expected, rel=1e-4)
+    assert rec["min_sigma_mean"] == pytest.approx(0.5, rel=1e-6)

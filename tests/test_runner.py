@@ -1,0 +1,130 @@
+"""The runner: results written as produced, resume after a crash, failures kept to their own rows."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from rich.console import Console
+
+from robbench import hookimpl
+from robbench.analytic import LinearGaussianVAE
+from robbench.config import build_config, validate_against_plugins
+from robbench.protocols import ModelFamily
+from robbench.runner import Runner
+from robbench.store import ResultStore
+
+
+class Crash(BaseException):
+    """Stands in for the process being killed (not an Exception, so the runner cannot swallow it)."""
+
+
+class CountingEstimator:
+    name = "counting"
+    description = "test: reports mean pixel, counts calls, may crash after a number of batches"
+    defaults = {}
+    needs_attack = False
+
+    def __init__(self):
+        self.seen: list[int] = []
+        self.batches = 0
+        self.crash_after: int | None = None  # an attribute, not a parameter: the job key stays the same
+
+    def __call__(self, ctx, x):
+        if self.batches == self.crash_after:
+            raise Crash()
+        self.batches += 1
+        self.seen += [int(p) for p in ctx.point_ids]
+        return [{"pixel_mean": float(xi.mean())} for xi in x]
+
+
+class NanVAE(LinearGaussianVAE):
+    def encode(self, x):
+        mu, sigma = super().encode(x)
+        return mu * float("nan"), sigma
+
+
+class RunnerTestPlugin:
+    def __init__(self):
+        self.counting = CountingEstimator()
+
+    @hookimpl
+    def register_estimators(self, register):
+        register(self.counting)
+
+    @hookimpl
+    def register_models(self, register):
+        register(ModelFamily(name="nan_model", description="test: encoder yields NaN",
+                             build=lambda p, s: NanVAE(s, 4), trainable=False))
+        register(ModelFamily(name="broken_model", description="test: cannot be built",
+                             build=lambda p, s: 1 / 0, trainable=False))
+
+
+@pytest.fixture
+def plugin(fresh_plugins):
+    plugin = RunnerTestPlugin()
+    fresh_plugins.register_plugin(plugin, name="runner-test")
+    yield plugin
+    fresh_plugins.unregister_plugin(plugin)
+
+
+def _config(regs, **values):
+    base = {"dataset": "tp_blobs", "models": ["tp_linear"], "attacks": [], "points": 8, "point_batch": 2}
+    cfg = build_config({**base, **values})
+    validate_against_plugins(cfg, regs)
+    return cfg
+
+
+def _run(cfg, regs, run_dir):
+    return Runner(cfg, regs, run_dir, console=Console(quiet=True), progress=False).run()
+
+
+def test_crash_loses_nothing_and_rerun_resumes(plugin, fresh_plugins, tmp_path):
+    regs = fresh_plugins.get_registries()
+    cfg = _config(regs, estimators=["counting"])
+    plugin.counting.crash_after = 2
+    with pytest.raises(Crash):
+        _run(cfg, regs, tmp_path)
+    first = list(plugin.counting.seen)
+    assert len(first) == 4  # two batches of two points were reported before the "kill"
+    stored = {r.point_id: r.metrics["pixel_mean"] for r in ResultStore.open_existing(tmp_path).rows()}
+    assert sorted(stored) == sorted(first)
+
+    # Rerunning the same configuration computes only the missing points and keeps the others.
+    plugin.counting.crash_after, plugin.counting.seen = None, []
+    rows = _run(cfg, regs, tmp_path).rows()
+    assert len(rows) == 8 and all(r.status == "ok" for r in rows)
+    assert len(plugin.counting.seen) == 4 and set(plugin.counting.seen).isdisjoint(first)
+    assert {r.point_id: r.metrics["pixel_mean"] for r in rows if r.point_id in stored} == stored
+
+    # A third run finds everything done and computes nothing.
+    plugin.counting.seen = []
+    _run(cfg, regs, tmp_path)
+    assert plugin.counting.seen == []
+
+
+def test_broken_models_fail_only_their_rows(plugin, fresh_plugins, tmp_path):
+    regs = fresh_plugins.get_registries()
+    cfg = _config(regs, models=["nan_model", "broken_model", "tp_linear"], estimators=["encoder_stats"])
+    store = _run(cfg, regs, tmp_path)
+    rows = store.rows()
+    by_model = {}
+    for r in rows:
+        by_model.setdefault(r.model, []).append(r)
+    assert all(r.status == "error" and "NaN" in r.error for r in by_model["nan_model"])
+    assert all(r.status == "error" for r in by_model["broken_model"])
+    assert "ZeroDivisionError" in json.dumps(store.models())
+    assert len(by_model["tp_linear"]) == 8 and all(r.status == "ok" for r in by_model["tp_linear"])
+    board = json.loads((tmp_path / "leaderboard.json").read_text())
+    failed = {rec["model"]: rec["failed"] for rec in board}
+    assert failed == {"nan_model": 8, "broken_model": 8, "tp_linear": 0}
+    assert any("NaN" in e for rec in board if rec["model"] == "nan_model" for e in rec["errors"])
+
+
+def test_points_are_a_stable_prefix(plugin, fresh_plugins, tmp_path):
+    """Asking for more points keeps the earlier ones, so their stored results are reused."""
+    regs = fresh_plugins.get_registries()
+    _run(_config(regs, estimators=["counting"], points=4), regs, tmp_path)
+    first = set(plugin.counting.seen)
+    plugin.counting.seen.clear()
+    _run(_config(regs, estimators=["counting"], points=8), regs, tmp_path)
+    assert len(first) == 4 and len(plugin.counting.seen) == 4 and first.isdisjoint(plugin.counting.seen)
