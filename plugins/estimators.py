@@ -1,2 +1,293 @@
-"""Built-in estimators (filled in progressively)."""
-from robbench.hookspecs import hookimpl  # noqa: F401
+"""Built-in estimators: margin, Theorem 1 bound, encoder statistics, minimum r, likelihood degradation,
+fixed-direction sweep, and p_r at an attack's perturbation.
+
+Each is called as ``est(ctx, x)`` on a batch x: (B, *input_shape) and returns B flat dicts. Run-wide
+params in ``ctx.params``: ``r``, ``m``, ``confidence``, ``backend``, ``seed``. Random streams are derived
+from the run seed, the estimator name and the point id (``ctx.point_ids``), so Monte Carlo results do
+not depend on how points are batched; attacks get their own torch generator, so the samples an attack
+uses are never those that estimate p_r. Floats that would be NaN/inf are reported as None.
+See /work/notes/estimators_readme.md (README section) for how to read the intervals.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from robbench import stats
+from robbench.hookspecs import hookimpl
+from robbench.jacobian import jacobian_frobenius
+from robbench.margin import estimate_margin, estimate_probability, latent_params, theorem1_bound
+from robbench.protocols import EstimationContext
+
+Row = dict[str, Any]
+
+
+def _f(value: Any) -> float | None:
+    """A finite Python float, or None (the store rejects NaN/inf)."""
+    v = float(value)
+    return v if math.isfinite(v) else None
+
+
+def _run(ctx: EstimationContext) -> tuple[float, float, float, str, int]:
+    p = ctx.params
+    return (float(p.get("r", 4.0)), float(p.get("m", 0.5)), float(p.get("confidence", 0.95)),
+            str(p.get("backend", "auto")), int(p.get("seed", ctx.seed)))
+
+
+def _ids(ctx: EstimationContext, x: Tensor) -> Tensor:
+    return torch.arange(x.shape[0]) if ctx.point_ids is None else ctx.point_ids.cpu().long()
+
+
+def _attack(ctx: EstimationContext, x: Tensor, radius: float, tag: str) -> tuple[Tensor, Tensor]:
+    """Run ctx.attack at one radius for all points; returns (delta, damage)."""
+    if ctx.attack is None:
+        raise ValueError("this estimator needs an attack (ctx.attack is None)")
+    gen = torch.Generator(device=x.device).manual_seed(stats.derive_seed(_run(ctx)[4], tag, "attack"))
+    rad = torch.full((x.shape[0],), float(radius), dtype=x.dtype, device=x.device)
+    result = ctx.attack(ctx.model, x, rad, params=ctx.attack_params, generator=gen)
+    return result.delta.detach(), result.damage.detach().cpu()
+
+
+@dataclass
+class BuiltinEstimator:
+    """An estimator defined by a function ``fn(ctx, x) -> list[dict]``."""
+
+    name: str
+    description: str
+    fn: Callable[[EstimationContext, Tensor], list[Row]]
+    defaults: dict[str, Any] = field(default_factory=dict)
+    needs_attack: bool = False
+    validate: Callable[[dict[str, Any]], None] | None = None
+
+    def __call__(self, ctx: EstimationContext, x: Tensor) -> list[Row]:
+        return self.fn(ctx, x)
+
+
+# --- margin ------------------------------------------------------------------------------------
+def _margin(ctx: EstimationContext, x: Tensor) -> list[Row]:
+    r, m, confidence, backend, seed = _run(ctx)
+    p = ctx.params
+    res = estimate_margin(
+        ctx.model, x, ctx.attack, ctx.attack_params, r=r, m=m, confidence=confidence,
+        max_radius=float(p["max_radius"]), tolerance=float(p["tolerance"]),
+        rel_tolerance=None if p.get("rel_tolerance") is None else float(p["rel_tolerance"]),
+        samples_initial=int(p["samples_initial"]), samples_max=int(p["samples_max"]),
+        samples_growth=int(p["samples_growth"]), seed=stats.derive_seed(seed, "margin"),
+        point_ids=_ids(ctx, x), backend=backend, sigma_at=str(p["sigma_at"]), warm_start=bool(p["warm_start"]),
+        warm_attack_params=_warm_params(ctx, p))
+    return [{"margin": _f(res.margin[i]), "margin_lo": _f(res.lo[i]), "margin_hi": _f(res.hi[i]),
+             "undecided": bool(res.undecided[i]), "at_cap": bool(res.at_cap[i]), "samples": int(res.samples[i]),
+             "p0": _f(res.p0[i])} for i in range(x.shape[0])]
+
+
+def _warm_params(ctx: EstimationContext, p: dict[str, Any]) -> dict[str, Any]:
+    """Cheaper attack settings for warm-started radii, for the attack keys that exist (steps, restarts)."""
+    out = {}
+    for key, attack_key in (("warm_steps", "steps"), ("warm_restarts", "restarts")):
+        if p.get(key) is not None and attack_key in ctx.attack_params:
+            out[attack_key] = int(p[key])
+    return out
+
+
+def _validate_margin(params: dict[str, Any]) -> None:
+    if not params["max_radius"] > 0:
+        raise ValueError(f"max_radius must be > 0, got {params['max_radius']}")
+    if not 0 < params["tolerance"] < params["max_radius"]:
+        raise ValueError(f"tolerance must be in (0, max_radius), got {params['tolerance']}")
+    if not 1 <= params["samples_initial"] <= params["samples_max"]:
+        raise ValueError("need 1 <= samples_initial <= samples_max, got "
+                         f"{params['samples_initial']}, {params['samples_max']}")
+    if params["sigma_at"] not in ("clean", "perturbed"):
+        raise ValueError(f"sigma_at must be 'clean' or 'perturbed', got {params['sigma_at']!r}")
+
+
+# --- encoder statistics and the Theorem 1 bound -----------------------------------------------
+_JACOBIAN_DEFAULTS = {"jacobian_method": "auto", "jacobian_probes": 64, "jacobian_exact_max": 1 << 20}
+
+
+def _encoder_rows(ctx: EstimationContext, x: Tensor) -> tuple[list[Row], Tensor, Tensor]:
+    p = ctx.params
+    with torch.no_grad():
+        _, sigma = ctx.model.encode(x)
+    sigma = sigma.detach().cpu().double()
+    jac = jacobian_frobenius(ctx.model, x, method=str(p["jacobian_method"]), n_probes=int(p["jacobian_probes"]),
+                             exact_max_elements=int(p["jacobian_exact_max"]),
+                             seed=stats.derive_seed(_run(ctx)[4], "jacobian"))
+    min_sigma = sigma.min(1).values
+    rows = [{"min_sigma": _f(min_sigma[i]), "mean_sigma": _f(sigma[i].mean()),
+             "jacobian_frobenius": _f(jac.value[i]), "jacobian_stderr": _f(jac.stderr[i]),
+             "jacobian_method": jac.method} for i in range(x.shape[0])]
+    return rows, min_sigma, jac.value
+
+
+def _encoder_stats(ctx: EstimationContext, x: Tensor) -> list[Row]:
+    return _encoder_rows(ctx, x)[0]
+
+
+def _bound(ctx: EstimationContext, x: Tensor) -> list[Row]:
+    r, m, confidence, backend, seed = _run(ctx)
+    n = int(ctx.params["p0_samples"])
+    rows, min_sigma, jac = _encoder_rows(ctx, x)
+    est = estimate_probability(ctx.model, x, None, r=r, n_samples=n, confidence=confidence,
+                               seed=stats.derive_seed(seed, "bound-p0"), stream_ids=_ids(ctx, x), backend=backend)
+    # One-sided lower bound: the bound then holds (to first order) with probability >= confidence.
+    p0_lo = stats.cp_lower(est.k, est.n, 1.0 - confidence)
+    bound, status = theorem1_bound(min_sigma, p0_lo, jac, m)
+    bound_point, _ = theorem1_bound(min_sigma, est.p, jac, m)
+    for i, row in enumerate(rows):
+        row.update({"bound": _f(bound[i]), "bound_status": status[i], "bound_point": _f(bound_point[i]),
+                    "p0": _f(est.p[i]), "p0_lo": _f(p0_lo[i]), "p0_samples": n})
+    return rows
+
+
+# --- minimum r ---------------------------------------------------------------------------------
+def _min_r(ctx: EstimationContext, x: Tensor) -> list[Row]:
+    r, m, confidence, backend, seed = _run(ctx)
+    n = int(ctx.params["samples"])
+    mu, sigma, center = latent_params(ctx.model, x, None)
+    from robbench import montecarlo  # the engine (imported when used)
+
+    dist = montecarlo.sample_distances(ctx.model, mu, sigma, center, n, seed=stats.derive_seed(seed, "min_r"),
+                                       stream_ids=_ids(ctx, x), backend="torch").cpu().double()
+    dist, _ = dist.sort(1)
+    point = min(n, max(1, math.ceil(m * n)))  # the empirical m-quantile (1-based order statistic)
+    lo_i, hi_i = stats.quantile_ci_indices(n, m, confidence)
+    rows = []
+    for b in range(x.shape[0]):
+        rows.append({"min_r": _f(dist[b, point - 1]),
+                     "min_r_lo": 0.0 if lo_i < 1 else _f(dist[b, lo_i - 1]),  # distances are >= 0
+                     "min_r_hi": None if hi_i > n else _f(dist[b, hi_i - 1]),
+                     "samples": n})
+    return rows
+
+
+# --- likelihood degradation --------------------------------------------------------------------
+@torch.no_grad()
+def _loglik_at(ctx: EstimationContext, x: Tensor, x_star: Tensor) -> Tensor:
+    """log p(x | z*) with z* = mu(x*): (B,)."""
+    mu_star, _ = ctx.model.encode(x_star)
+    return ctx.model.log_likelihood(x, ctx.model.decode(mu_star)).detach().cpu().double()
+
+
+def _likelihood(ctx: EstimationContext, x: Tensor) -> list[Row]:
+    seed = _run(ctx)[4]
+    p = ctx.params
+    clean = _loglik_at(ctx, x, x)
+    delta, damage = _attack(ctx, x, float(p["radius"]), "likelihood")
+    attacked = _loglik_at(ctx, x, x + delta)
+    # Per-point noise streams: results do not depend on batching.
+    noise = torch.stack([torch.randn(x[0].shape, generator=torch.Generator().manual_seed(
+        stats.derive_seed(seed, "likelihood-noise", int(i)))) for i in _ids(ctx, x)]).to(x)
+    x_noise = x + float(p["noise_sigma"]) * noise
+    if p["clamp_noise"]:
+        x_noise = x_noise.clamp(0.0, 1.0)
+    noisy = _loglik_at(ctx, x, x_noise)
+    denom = clean.abs()
+    rows = []
+    for i in range(x.shape[0]):
+        rows.append({"loglik_clean": _f(clean[i]), "loglik_attack": _f(attacked[i]), "loglik_noise": _f(noisy[i]),
+                     "degradation_attack": _f((attacked[i] - clean[i]).abs() / denom[i]) if denom[i] > 0 else None,
+                     "degradation_noise": _f((noisy[i] - clean[i]).abs() / denom[i]) if denom[i] > 0 else None,
+                     "damage": _f(damage[i])})
+    return rows
+
+
+# --- p_r at the attack's perturbation ----------------------------------------------------------
+def _probability(ctx: EstimationContext, x: Tensor) -> list[Row]:
+    r, m, confidence, backend, seed = _run(ctx)
+    p = ctx.params
+    delta, damage = _attack(ctx, x, float(p["radius"]), "probability")
+    est = estimate_probability(ctx.model, x, delta, r=r, n_samples=int(p["samples"]), confidence=confidence,
+                               seed=stats.derive_seed(seed, "probability-mc"), stream_ids=_ids(ctx, x),
+                               backend=backend, sigma_at=str(p["sigma_at"]))
+    return [{"p": _f(est.p[i]), "p_lo": _f(est.lo[i]), "p_hi": _f(est.hi[i]), "samples": int(est.n[i]),
+             "robust": bool(est.lo[i] > m), "damage": _f(damage[i]),
+             "delta_norm": _f(delta[i].flatten().norm())} for i in range(x.shape[0])]
+
+
+# --- fixed-direction sweep (paper Fig. 5) ------------------------------------------------------
+def _crossing(norms: list[float], p: list[float], m: float) -> float | None:
+    """First norm where the p_r curve drops to <= m, linearly interpolated; None if it never does."""
+    for j in range(len(p)):
+        if p[j] <= m:
+            if j == 0:
+                return norms[0]
+            t = (p[j - 1] - m) / (p[j - 1] - p[j])
+            return norms[j - 1] + t * (norms[j] - norms[j - 1])
+    return None
+
+
+def _sweep(ctx: EstimationContext, x: Tensor) -> list[Row]:
+    r, m, confidence, backend, seed = _run(ctx)
+    p = ctx.params
+    delta, damage = _attack(ctx, x, float(p["direction_radius"]), "sweep")
+    norms_d = delta.flatten(1).norm(dim=1)
+    direction = delta / norms_d.clamp(min=1e-12).view(-1, *([1] * (x.dim() - 1)))
+    grid = torch.linspace(0.0, float(p["grid_max"]), int(p["grid_points"])).tolist()
+    ids = _ids(ctx, x)
+    curves = {key: [[] for _ in range(x.shape[0])] for key in ("p", "lo", "hi")}
+    for j, t in enumerate(grid):
+        x_t = x + t * direction
+        if p["clamp"]:
+            x_t = x_t.clamp(0.0, 1.0)
+        est = estimate_probability(ctx.model, x, x_t - x, r=r, n_samples=int(p["samples"]), confidence=confidence,
+                                   seed=stats.derive_seed(seed, "sweep-mc", j), stream_ids=ids, backend=backend,
+                                   sigma_at=str(p["sigma_at"]))
+        for b in range(x.shape[0]):
+            curves["p"][b].append(float(est.p[b]))
+            curves["lo"][b].append(float(est.lo[b]))
+            curves["hi"][b].append(float(est.hi[b]))
+    rows = []
+    for b in range(x.shape[0]):
+        zero_direction = bool(norms_d[b] <= 1e-12)
+        rows.append({"sweep_norms": grid, "sweep_p": curves["p"][b], "sweep_p_lo": curves["lo"][b],
+                     "sweep_p_hi": curves["hi"][b],
+                     "sweep_crossing": None if zero_direction else _crossing(grid, curves["p"][b], m),
+                     "damage": _f(damage[b])})
+    return rows
+
+
+# --- registration ------------------------------------------------------------------------------
+MARGIN_DEFAULTS = {"max_radius": 10.0, "tolerance": 0.05, "rel_tolerance": None, "samples_initial": 128,
+                   "samples_max": 8192, "samples_growth": 4, "sigma_at": "clean", "warm_start": True,
+                   "warm_steps": 10, "warm_restarts": 0}
+
+ESTIMATORS = [
+    BuiltinEstimator(
+        "margin", "robustness margin R(x) by batched bisection with a sequential Clopper-Pearson test per "
+        "radius; margin, [margin_lo, margin_hi] at the run confidence, samples, undecided, at_cap",
+        _margin, dict(MARGIN_DEFAULTS), needs_attack=True, validate=_validate_margin),
+    BuiltinEstimator(
+        "bound", "Theorem 1 lower bound min sigma * (probit(p0_lo) - probit(m)) / ||J_mu||_F, with p0_lo the "
+        "lower confidence bound of p_r(x, 0); None when vacuous (bound_status says why)",
+        _bound, {"p0_samples": 4096, **_JACOBIAN_DEFAULTS}),
+    BuiltinEstimator(
+        "encoder_stats", "encoder sigma summaries and ||J_mu(x)||_F (exact or Hutchinson)",
+        _encoder_stats, dict(_JACOBIAN_DEFAULTS)),
+    BuiltinEstimator(
+        "min_r", "smallest r with p_r(x, 0) > m: the m-quantile of ||Delta(x)|| with an order-statistic "
+        "confidence interval", _min_r, {"samples": 4096}),
+    BuiltinEstimator(
+        "likelihood", "log p(x | mu(x*)) and its relative degradation for x* = x + attack(radius) and "
+        "x* = x + N(0, noise_sigma^2) noise", _likelihood,
+        {"radius": 1.0, "noise_sigma": 0.3, "clamp_noise": True}, needs_attack=True),
+    BuiltinEstimator(
+        "sweep", "p_r along the attack's direction at direction_radius, over a grid of norms (paper Fig. 5), "
+        "with CP intervals and the interpolated crossing of m", _sweep,
+        {"direction_radius": 1.0, "grid_max": 5.0, "grid_points": 26, "samples": 1024, "clamp": False,
+         "sigma_at": "clean"}, needs_attack=True),
+    BuiltinEstimator(
+        "probability", "p_r(x, delta) at the attack's delta of norm <= radius, with a two-sided CP interval "
+        "from samples independent of the attack", _probability,
+        {"radius": 1.0, "samples": 4096, "sigma_at": "clean"}, needs_attack=True),
+]
+
+
+@hookimpl
+def register_estimators(register: Callable) -> None:
+    for estimator in ESTIMATORS:
+        register(estimator)

@@ -45,6 +45,7 @@ class RunConfig:
     data_dir: str | None = None
     points: int = 25
     point_batch: int = 25
+    keep_arrays: int = 8  # points per job whose tensors (adversarial inputs, ...) are kept for reports
     seed: int = 0
     model_seeds: list[int] = field(default_factory=lambda: [0])
     r: float = 4.0
@@ -158,6 +159,8 @@ def _check_types(cfg: RunConfig) -> None:
     need(isinstance(cfg.points, int) and cfg.points > 0, "points", cfg.points, "a positive integer")
     need(isinstance(cfg.point_batch, int) and cfg.point_batch > 0, "point_batch", cfg.point_batch,
          "a positive integer")
+    need(isinstance(cfg.keep_arrays, int) and cfg.keep_arrays >= 0, "keep_arrays", cfg.keep_arrays,
+         "a non-negative integer")
     need(isinstance(cfg.seed, int), "seed", cfg.seed, "an integer")
     need(isinstance(cfg.model_seeds, list) and cfg.model_seeds and all(isinstance(s, int) for s in cfg.model_seeds),
          "model_seeds", cfg.model_seeds, "a non-empty list of integers")

@@ -116,9 +116,9 @@ def _aggregate(model: str, attack: str, group: list[ResultRow], elbos: list[floa
             rec["bound_mean"] = sum(finite) / len(finite)
         pairs = [(bounds[k], margins[k]) for k in bounds if bounds[k] is not None and margins.get(k) is not None]
         if len(pairs) >= 3:
-            rho, slope = pearson_and_slope([p[0] for p in pairs], [p[1] for p in pairs])
-            if _number(rho) is not None:
-                rec.update(pearson=rho, slope=slope)
+            fit = pearson_and_slope([p[0] for p in pairs], [p[1] for p in pairs])
+            if _number(fit.pearson) is not None:
+                rec.update(pearson=fit.pearson, slope=fit.slope)
     for metric, column in _MEAN_METRICS.items():
         values = [v for r in ok for v in [_number(r.metrics.get(metric))] if v is not None]
         if values:
@@ -150,7 +150,7 @@ def render_rich(records: list[dict[str, Any]], title: str = "robbench leaderboar
     table = Table(title=title, header_style="bold")
     cols = _visible_columns(records)
     for _, header, fmt in cols:
-        table.add_column(header, justify="left" if fmt == "s" else "right")
+        table.add_column(header, justify="left" if fmt == "s" else "right", no_wrap=fmt == "s")
     for rec in records:
         table.add_row(*(_cell(rec, key, fmt) for key, _, fmt in cols))
     return table

@@ -26,6 +26,11 @@ from robbench.protocols import DataOptions, EstimationContext, SplitData
 from robbench.store import ResultRow, ResultStore
 
 
+# An estimator may put {name: Tensor} under this key of a point's dict (e.g. the adversarial input and its
+# reconstruction); the runner saves them for the first ``keep_arrays`` points instead of storing them as numbers.
+ARRAYS_KEY = "_arrays"
+
+
 @dataclass(frozen=True)
 class Job:
     """One (model configuration, attack, estimator) triple; ``attack`` is None for attack-free estimators."""
@@ -193,10 +198,24 @@ class Runner:
         seconds = (time.perf_counter() - start) / len(ids)
         rows = []
         for point, metrics in zip(ids, results):
+            self._save_arrays(job, point, metrics.pop(ARRAYS_KEY, None))
             problem = error or _nonfinite_metric(metrics)
             rows.append(ResultRow(job.key, point, model_cfg.label, model_cfg.seed, job.attack_label,
                                   job.estimator, "error" if problem else "ok", metrics, problem, seconds))
         return rows
+
+    def _save_arrays(self, job: Job, point: int, arrays: dict[str, torch.Tensor] | None) -> None:
+        """Keep an estimator's tensors (e.g. adversarial inputs) for the first points, for reports."""
+        if not arrays:
+            return
+        folder = arrays_dir(self.run_dir, job.key)
+        if folder.exists() and len(list(folder.iterdir())) >= self.cfg.keep_arrays:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().cpu().contiguous() for k, v in arrays.items()}
+        tmp = folder / f"{point}.pt.tmp"
+        torch.save(tensors, tmp)
+        tmp.replace(folder / f"{point}.pt")
 
     def _nonfinite_encoder(self, model: torch.nn.Module, data: SplitData, ids: list[int]) -> str | None:
         if not ids:
@@ -214,6 +233,12 @@ class Runner:
         store.write(ResultRow(job.key, p, job.model.label, job.model.seed, job.attack_label, job.estimator,
                               "error", {}, message, 0.0) for job in jobs for p in pending[job.key])
         self.console.print(f"[red]  {message}[/red]")
+
+
+def arrays_dir(run_dir: Path, job_key: str) -> Path:
+    """Where the tensors an estimator returned under ``ARRAYS_KEY`` are kept: one ``<point>.pt`` each
+    (load with ``torch.load(path, weights_only=True)``)."""
+    return Path(run_dir) / "arrays" / job_key
 
 
 def _nonfinite_metric(metrics: dict[str, Any]) -> str | None:

@@ -1,0 +1,184 @@
+// CUDA implementations of the robbench Monte Carlo ops (schemas live in csrc/cpu/montecarlo_cpu.cpp).
+//
+// Same semantics as the CPU ops: counter-based normals (common/rng.h, bit-exact with robbench/rng.py),
+// the MLP decoder through ATen (cuBLAS) in fp32, and a fused distance / threshold / count epilogue
+// kernel, in blocks of rows so memory is flat in S. Precision 1 (bf16 + recheck) is served by the fp32
+// path on the GPU for now (decisions are identical by definition; stats report no bf16 samples).
+// Only core ATen headers are used (no c10/cuda), so this file also compiles against a CPU-only torch
+// (CI compiles it with nvcc wherever nvcc exists); kernels are launched on the legacy default stream.
+// NOTE: never run on a GPU during development (no GPU was available); see benchmarks/README.md.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common/rng.h"
+
+namespace robbench {
+namespace {
+
+constexpr int64_t kMinRows = 64;
+constexpr int kThreads = 256;
+
+__global__ void latents_kernel(const float* __restrict__ mu, const float* __restrict__ sigma,
+                               const int64_t* __restrict__ ka, const int64_t* __restrict__ kb, int64_t p0,
+                               int64_t ns, int64_t first_sample, int64_t k, int64_t m, float* __restrict__ z) {
+  const int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (r >= m) return;
+  const int64_t b = p0 + r / ns;
+  const uint32_t j = static_cast<uint32_t>(first_sample + r % ns);
+  float* row = z + r * k;
+  normals_row(static_cast<uint32_t>(ka[b]), static_cast<uint32_t>(kb[b]), j, k, row);
+  for (int64_t i = 0; i < k; ++i) {
+    const float scaled = __fmul_rn(row[i], sigma[b * k + i]);  // no FMA: round like the CPU path
+    row[i] = __fadd_rn(scaled, mu[b * k + i]);
+  }
+}
+
+__global__ void normals_kernel(const int64_t* ka, const int64_t* kb, const int64_t* j, int64_t n, int64_t k,
+                               float* out) {
+  const int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (r < n)
+    normals_row(static_cast<uint32_t>(ka[r]), static_cast<uint32_t>(kb[r]), static_cast<uint32_t>(j[r]), k,
+                out + r * k);
+}
+
+// One warp per row: squared distance of y[r, :D] (row stride P) to center[point(r)].
+__global__ void sq_distance_kernel(const float* __restrict__ y, int64_t P, const float* __restrict__ center,
+                                   int64_t D, int64_t p0, int64_t ns, int64_t m, float* __restrict__ d2) {
+  const int64_t warp = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
+  if (warp >= m) return;
+  const int64_t b = p0 + warp / ns;
+  float acc = 0.f;
+  for (int64_t d = lane; d < D; d += 32) {
+    const float diff = __fsub_rn(y[warp * P + d], center[b * D + d]);
+    acc = __fadd_rn(acc, __fmul_rn(diff, diff));
+  }
+  for (int off = 16; off > 0; off /= 2) acc += __shfl_down_sync(0xffffffffu, acc, off);
+  if (lane == 0) d2[warp] = acc;
+}
+
+__global__ void threshold_count_kernel(const float* __restrict__ d2, const float* __restrict__ r2, int64_t p0,
+                                       int64_t ns, int64_t m, unsigned long long* __restrict__ counts) {
+  const int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (r >= m) return;
+  const int64_t b = p0 + r / ns;
+  if (d2[r] <= r2[b]) atomicAdd(counts + b, 1ull);
+}
+
+inline unsigned blocks_for(int64_t n, int64_t per = kThreads) {
+  return static_cast<unsigned>((n + per - 1) / per);
+}
+
+struct Block {
+  int64_t p0, p1, s0, s1;
+};
+
+std::vector<Block> make_blocks(int64_t B, int64_t n, int64_t rows) {
+  rows = std::max(rows, kMinRows);
+  int64_t c = (B * n > rows) ? rows / std::max<int64_t>(1, B) : n;
+  c = std::max<int64_t>(1, std::min(n, c));
+  const int64_t nb = std::max<int64_t>(1, std::min(B, rows / c));
+  std::vector<Block> out;
+  for (int64_t p0 = 0; p0 < B; p0 += nb)
+    for (int64_t s0 = 0; s0 < n; s0 += c) out.push_back({p0, std::min(B, p0 + nb), s0, std::min(n, s0 + c)});
+  return out;
+}
+
+// Block rows' squared distances (m,) in fp32 on the device.
+at::Tensor block_sq(const at::Tensor& mu, const at::Tensor& sigma, const at::Tensor& center, const at::Tensor& ka,
+                    const at::Tensor& kb, const Block& blk, int64_t offset, at::TensorList wts, at::TensorList bs,
+                    at::IntArrayRef acts) {
+  const int64_t k = mu.size(1), ns = blk.s1 - blk.s0, m = (blk.p1 - blk.p0) * ns, D = center.size(1);
+  at::Tensor z = at::zeros({std::max(m, kMinRows), k}, mu.options());
+  latents_kernel<<<blocks_for(m), kThreads>>>(mu.data_ptr<float>(), sigma.data_ptr<float>(),
+                                               ka.data_ptr<int64_t>(), kb.data_ptr<int64_t>(), blk.p0, ns,
+                                               offset + blk.s0, k, m, z.data_ptr<float>());
+  at::Tensor h = z;
+  for (size_t l = 0; l < wts.size(); ++l) {
+    h = at::addmm(bs[l], h, wts[l]);
+    if (acts[l] == 1) h.relu_();
+    else if (acts[l] == 2) h.sigmoid_();
+  }
+  at::Tensor d2 = at::empty({m}, mu.options());
+  sq_distance_kernel<<<blocks_for(m * 32), kThreads>>>(h.data_ptr<float>(), h.size(1), center.data_ptr<float>(),
+                                                        D, blk.p0, ns, m, d2.data_ptr<float>());
+  return d2;
+}
+
+void check_cuda(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
+}
+
+}  // namespace
+
+at::Tensor normals_cuda(const at::Tensor& ka, const at::Tensor& kb, const at::Tensor& j, int64_t k) {
+  check_cuda(ka, "ka");
+  TORCH_CHECK(kb.sizes() == ka.sizes() && j.sizes() == ka.sizes(), "kb and j must match ka");
+  at::Tensor kac = ka.contiguous(), kbc = kb.contiguous(), jc = j.contiguous();
+  at::Tensor out = at::empty({ka.size(0), k}, ka.options().dtype(at::kFloat));
+  normals_kernel<<<blocks_for(ka.size(0)), kThreads>>>(kac.data_ptr<int64_t>(), kbc.data_ptr<int64_t>(),
+                                                       jc.data_ptr<int64_t>(), ka.size(0), k,
+                                                       out.data_ptr<float>());
+  return out;
+}
+
+at::Tensor mlp_sq_distances_cuda(const at::Tensor& mu, const at::Tensor& sigma, const at::Tensor& center,
+                                 const at::Tensor& ka, const at::Tensor& kb, int64_t n, int64_t offset,
+                                 at::TensorList weights_t, at::TensorList biases, at::IntArrayRef acts,
+                                 int64_t chunk_rows) {
+  check_cuda(mu, "mu");
+  at::Tensor out = at::empty({mu.size(0), n}, mu.options());
+  for (const Block& blk : make_blocks(mu.size(0), n, chunk_rows)) {
+    at::Tensor d2 = block_sq(mu.contiguous(), sigma.contiguous(), center.contiguous(), ka.contiguous(),
+                             kb.contiguous(), blk, offset, weights_t, biases, acts);
+    out.slice(0, blk.p0, blk.p1).slice(1, blk.s0, blk.s1).copy_(d2.view({blk.p1 - blk.p0, blk.s1 - blk.s0}));
+  }
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> mlp_count_cuda(const at::Tensor& mu, const at::Tensor& sigma,
+                                                  const at::Tensor& center, const at::Tensor& r2,
+                                                  const at::Tensor& ka, const at::Tensor& kb, int64_t n,
+                                                  int64_t offset, at::TensorList weights_t, at::TensorList biases,
+                                                  at::IntArrayRef acts, int64_t precision, int64_t chunk_rows) {
+  check_cuda(mu, "mu");
+  TORCH_CHECK(precision == 0 || precision == 1, "precision must be 0 or 1");
+  const int64_t B = mu.size(0);
+  at::Tensor counts = at::zeros({B}, mu.options().dtype(at::kLong));
+  at::Tensor r2c = r2.contiguous();
+  for (const Block& blk : make_blocks(B, n, chunk_rows)) {
+    const int64_t ns = blk.s1 - blk.s0, m = (blk.p1 - blk.p0) * ns;
+    at::Tensor d2 = block_sq(mu.contiguous(), sigma.contiguous(), center.contiguous(), ka.contiguous(),
+                             kb.contiguous(), blk, offset, weights_t, biases, acts);
+    threshold_count_kernel<<<blocks_for(m), kThreads>>>(
+        d2.data_ptr<float>(), r2c.data_ptr<float>(), blk.p0, ns, m,
+        reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>()));
+  }
+  return {counts, at::zeros({2}, counts.options())};
+}
+
+at::Tensor count_le_cuda(const at::Tensor& y_, const at::Tensor& center_, const at::Tensor& r2_) {
+  check_cuda(y_, "y");
+  at::Tensor y = y_.contiguous(), center = center_.contiguous(), r2 = r2_.contiguous();
+  const int64_t B = y.size(0), S = y.size(1), D = y.size(2), m = B * S;
+  at::Tensor d2 = at::empty({m}, y.options());
+  sq_distance_kernel<<<blocks_for(m * 32), kThreads>>>(y.data_ptr<float>(), D, center.data_ptr<float>(), D, 0, S,
+                                                        m, d2.data_ptr<float>());
+  at::Tensor counts = at::zeros({B}, y.options().dtype(at::kLong));
+  threshold_count_kernel<<<blocks_for(m), kThreads>>>(d2.data_ptr<float>(), r2.data_ptr<float>(), 0, S, m,
+                                                      reinterpret_cast<unsigned long long*>(
+                                                          counts.data_ptr<int64_t>()));
+  return counts;
+}
+
+TORCH_LIBRARY_IMPL(robbench, CUDA, m) {
+  m.impl("normals", &normals_cuda);
+  m.impl("mlp_sq_distances", &mlp_sq_distances_cuda);
+  m.impl("mlp_count", &mlp_count_cuda);
+  m.impl("count_le", &count_le_cuda);
+}
+
+}  // namespace robbench

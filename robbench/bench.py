@@ -1,0 +1,226 @@
+"""``robbench bench``: time the Monte Carlo engine per backend and precision.
+
+Rows are data (:class:`BenchRow`); :func:`render` turns them into a rich table, ``--json`` writes them.
+Standard workload: MLP decoder 10 -> 512 -> 512 -> 784 (ReLU, sigmoid output; seeded random weights),
+B = 64 points, S in {256, 1024, 10^4, 10^5}, r = 4. ``--model module:callable`` benchmarks a user's own
+model (the callable returns an ``nn.Module`` with ``latent_dim`` and ``decoder`` or ``decode``).
+GFLOP counts 2 * (multiply-adds of the decoder's linear layers) per sample; the peak is this machine's
+measured large-GEMM throughput in the precision the backend computes in.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from robbench import kernels, montecarlo
+
+STANDARD_SAMPLES = (256, 1024, 10_000, 100_000)
+
+
+class StandardDecoderVAE(nn.Module):
+    """The standard workload's model: MLP decoder 10 -> 512 -> 512 -> 784 with a sigmoid output."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        self.latent_dim, self.input_shape = 10, (1, 28, 28)
+        self.decoder = nn.Sequential(nn.Linear(10, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(),
+                                     nn.Linear(512, 784), nn.Sigmoid())
+        with torch.no_grad():
+            for p in self.decoder.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p.shape[-1]))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z).view(-1, *self.input_shape)
+
+
+@dataclass
+class BenchRow:
+    model: str
+    backend: str
+    precision: str
+    B: int
+    S: int
+    D: int
+    seconds: float
+    samples_per_s: float
+    gflop: float
+    gflops: float
+    peak_fraction: float | None
+    speedup_vs_torch: float | None
+    peak_mem_mib: float
+    recheck_fraction: float | None
+
+
+def decoder_flops(model: nn.Module, D: int) -> float:
+    """FLOPs per sample of the decoder's linear layers (0 when unknown: generic decoders)."""
+    dec = getattr(model, "decoder", None)
+    if not isinstance(dec, nn.Module):
+        return 0.0
+    return float(sum(2 * m.in_features * m.out_features for m in dec.modules() if isinstance(m, nn.Linear)))
+
+
+def measure_peak(dtype: torch.dtype, *, n: int = 2048, k: int = 512, m: int = 768, seconds: float = 1.0) -> float:
+    """Measured GEMM throughput (GFLOP/s) for (n x k) @ (k x m) in ``dtype``: best of repeated runs."""
+    a, b = torch.randn(n, k).to(dtype), torch.randn(k, m).to(dtype)
+    torch.mm(a, b)
+    best, t_end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        for _ in range(5):
+            torch.mm(a, b)
+        best = max(best, 5 * 2 * n * k * m / (time.perf_counter() - t0) / 1e9)
+    return best
+
+
+class _PeakRSS:
+    """Samples the process RSS every few ms; ``peak_mib`` is the peak above the starting RSS."""
+
+    def __init__(self):
+        self._stop = threading.Event()
+        self.base = self.peak = self._rss()
+
+    @staticmethod
+    def _rss() -> int:
+        try:
+            return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, ValueError):
+            return 0
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(0.003)
+
+    def __enter__(self):
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._rss())
+
+    @property
+    def peak_mib(self) -> float:
+        return (self.peak - self.base) / 2 ** 20
+
+
+def run_case(model: nn.Module, name: str, backend: str, precision: str, B: int, S: int, radius: float | str,
+             seed: int = 0, repeats: int = 1) -> BenchRow:
+    """Time count_within once per repeat (best kept) for one configuration."""
+    gen = torch.Generator().manual_seed(seed)
+    mu = torch.randn(B, model.latent_dim, generator=gen)
+    sigma = 0.3 + 0.5 * torch.rand(B, model.latent_dim, generator=gen)
+    with torch.no_grad():
+        center = model.decode(mu).flatten(1)
+    D = center.shape[1]
+    if radius == "median":
+        r = montecarlo.sample_distances(model, mu, sigma, center, 64, seed=seed + 1).median(1).values
+    else:
+        r = torch.full((B,), float(radius))
+    best, rech, mem = math.inf, None, 0.0
+    for _ in range(repeats):
+        with _PeakRSS() as rss:
+            t0 = time.perf_counter()
+            if backend == "torch":
+                montecarlo.count_within(model, mu, sigma, center, r, S, seed=seed, backend="torch")
+            else:
+                res = kernels.count_within(model, mu, sigma, center, montecarlo._radius_sq(r, B, mu.device), S,
+                                           seed=seed, stream_ids=torch.arange(B), backend=backend,
+                                           precision=precision)
+                rech = res.recheck_fraction if precision == "bf16" else None
+            elapsed = time.perf_counter() - t0
+        best, mem = min(best, elapsed), max(mem, rss.peak_mib)
+    gflop = decoder_flops(model, D) * B * S / 1e9
+    return BenchRow(name, backend, precision, B, S, D, best, B * S / best, gflop, gflop / best, None, None, mem, rech)
+
+
+def render(rows: list[BenchRow], peaks: dict[str, float]) -> "rich.table.Table":  # noqa: F821
+    """Fixed headers and number formats."""
+    from rich.table import Table
+
+    table = Table(title=f"robbench Monte Carlo engine (measured GEMM peak: "
+                        + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()) + ")")
+    for head in ("model", "backend", "precision", "B", "S", "D", "time [s]", "samples/s", "GFLOP/s", "% peak",
+                 "speed-up", "peak mem [MiB]", "rechecked"):
+        table.add_column(head, justify="left" if head in ("model", "backend", "precision") else "right")
+    for r in rows:
+        table.add_row(r.model, r.backend, r.precision, str(r.B), str(r.S), str(r.D), f"{r.seconds:.3f}",
+                      f"{r.samples_per_s:,.0f}", f"{r.gflops:.1f}",
+                      "-" if r.peak_fraction is None else f"{100 * r.peak_fraction:.0f}%",
+                      "-" if r.speedup_vs_torch is None else f"{r.speedup_vs_torch:.2f}x",
+                      f"{r.peak_mem_mib:.0f}", "-" if r.recheck_fraction is None else f"{100 * r.recheck_fraction:.1f}%")
+    return table
+
+
+def load_model(spec: str) -> nn.Module:
+    """``module:callable`` (or ``path/to/file.py:callable``) returning an nn.Module."""
+    mod_name, _, attr = spec.partition(":")
+    if not attr:
+        raise ValueError(f"--model must look like module:callable, got {spec!r}")
+    if mod_name.endswith(".py"):
+        spec_ = importlib.util.spec_from_file_location(Path(mod_name).stem, mod_name)
+        module = importlib.util.module_from_spec(spec_)
+        spec_.loader.exec_module(module)
+    else:
+        module = importlib.import_module(mod_name)
+    model = getattr(module, attr)()
+    return model.eval()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend", action="append", choices=["torch", "cpp", "cuda"],
+                        help="backends to time (repeatable; default: all available)")
+    parser.add_argument("--precision", action="append", choices=["fp32", "bf16"],
+                        help="precisions for compiled backends (default: fp32 and, where supported, bf16)")
+    parser.add_argument("--samples", default=",".join(map(str, STANDARD_SAMPLES)),
+                        help="comma-separated S values (default: %(default)s)")
+    parser.add_argument("--points", type=int, default=64, help="B (default: %(default)s)")
+    parser.add_argument("--radius", default="4.0", help="r, or 'median' (each point's median distance: the "
+                                                        "bisection's hardest case) (default: %(default)s)")
+    parser.add_argument("--model", help="module:callable returning your own model (default: standard workload)")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per row, best kept (default: %(default)s)")
+    parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    console = Console()
+    model, name = (load_model(args.model), args.model) if args.model else (StandardDecoderVAE(), "standard-mlp")
+    backends = args.backend or montecarlo.available_backends()
+    if any(b != "torch" for b in backends) and not kernels.cpp_available(warn=True):
+        backends = ["torch"]
+    precisions = args.precision or (["fp32", "bf16"] if kernels.bf16_supported() else ["fp32"])
+    radius: float | str = args.radius if args.radius == "median" else float(args.radius)
+    peaks = {"fp32": measure_peak(torch.float32)}
+    if "bf16" in precisions:
+        peaks["bf16"] = measure_peak(torch.bfloat16)
+    rows: list[BenchRow] = []
+    for S in (int(s) for s in args.samples.split(",")):
+        base = None
+        for backend in backends:
+            for precision in (["fp32"] if backend == "torch" else precisions):
+                row = run_case(model, name, backend, precision, args.points, S, radius, repeats=args.repeats)
+                row.peak_fraction = row.gflops / peaks[precision] if row.gflop else None
+                if backend == "torch":
+                    base = row.seconds
+                row.speedup_vs_torch = base / row.seconds if base else None
+                rows.append(row)
+                console.print(f"  {backend}/{precision} S={S}: {row.seconds:.3f} s", style="dim")
+    console.print(render(rows, peaks))
+    if args.json:
+        args.json.write_text(json.dumps({"peaks_gflops": peaks, "rows": [asdict(r) for r in rows]}, indent=2))
+    return 0

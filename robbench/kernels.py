@@ -1,0 +1,222 @@
+"""Build, load and call the compiled Monte Carlo ops (``torch.ops.robbench.*``, sources in ``csrc/``).
+
+The extension is built with ninja on first use (``torch.utils.cpp_extension.load``) and cached under
+``$ROBBENCH_CACHE/ext`` (default ``~/.cache/robbench/ext``). Importing this module never builds or
+fails; when no compiler is available robbench says so once and the engine falls back to ``torch``.
+
+Ops (schemas in ``csrc/cpu/montecarlo_cpu.cpp``):
+- ``robbench::mlp_count(z-free inputs...) -> (counts, rechecked)``: the fused MLP path;
+- ``robbench::mlp_sq_distances(...) -> Tensor``: fp32 squared distances of the same samples;
+- ``robbench::count_le(Tensor y, Tensor center, Tensor r2, int rows_per_point) -> Tensor``: the fused
+  distance-threshold-count epilogue for any decoder (generic path);
+- ``robbench::normals(...)``: the counter-based RNG (bit-exact with :mod:`robbench.rng`).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
+_LOCK = threading.Lock()
+_STATE: dict = {"loaded": False, "error": None, "warned": False}
+
+
+def cache_dir() -> Path:
+    """Where the built extension lives: $ROBBENCH_CACHE/ext or ~/.cache/robbench/ext."""
+    base = os.environ.get("ROBBENCH_CACHE")
+    return (Path(base) if base else Path.home() / ".cache" / "robbench") / "ext"
+
+
+def compiler_available() -> bool:
+    """True when a C++ compiler and ninja exist (what ``cpp_extension.load`` needs)."""
+    cxx = os.environ.get("CXX", "c++")
+    return shutil.which(cxx) is not None and shutil.which("ninja") is not None
+
+
+def cpu_sources() -> list[Path]:
+    return sorted((CSRC / "cpu").glob("*.cpp"))
+
+
+def cuda_sources() -> list[Path]:
+    return sorted((CSRC / "cuda").glob("*.cu"))
+
+
+def _build() -> None:
+    from torch.utils import cpp_extension
+
+    if not compiler_available():
+        raise RuntimeError("no C++ compiler/ninja found")
+    sources = [str(p) for p in cpu_sources()]
+    if not sources:
+        raise RuntimeError(f"no C++ sources under {CSRC / 'cpu'}")
+    with_cuda = torch.cuda.is_available() and bool(cuda_sources()) and cpp_extension.CUDA_HOME is not None
+    if with_cuda:
+        sources += [str(p) for p in cuda_sources()]
+    build_dir = cache_dir() / ("robbench_ops_cuda" if with_cuda else "robbench_ops")
+    build_dir.mkdir(parents=True, exist_ok=True)
+    # -ffp-contract=off: no FMA contraction, so the RNG and epilogue round exactly like the torch ops.
+    cflags = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-fno-fast-math", f"-I{CSRC}"]
+    cpp_extension.load(name="robbench_ops", sources=sources, build_directory=str(build_dir),
+                       extra_cflags=cflags, extra_cuda_cflags=["-O3", "-std=c++20", "--fmad=false", f"-I{CSRC}"],
+                       extra_ldflags=["-fopenmp"], with_cuda=with_cuda, is_python_module=False,
+                       verbose=os.environ.get("ROBBENCH_VERBOSE_BUILD") == "1")
+
+
+def load(*, warn: bool = False) -> bool:
+    """Build (first time) and load the extension; True when ``torch.ops.robbench`` is usable."""
+    with _LOCK:
+        if not _STATE["loaded"] and _STATE["error"] is None:
+            try:
+                _build()
+                _register_fakes()
+                _STATE["loaded"] = True
+            except Exception as exc:  # noqa: BLE001 - any build failure means "use torch"
+                _STATE["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1] if str(exc).strip() else ''}"
+        if _STATE["error"] is not None and warn and not _STATE["warned"]:
+            _STATE["warned"] = True
+            print(f"robbench: compiled kernels unavailable ({_STATE['error']}); using the torch backend",
+                  file=sys.stderr)
+        return _STATE["loaded"]
+
+
+def build_error() -> str | None:
+    return _STATE["error"]
+
+
+def cpp_available(*, warn: bool = False) -> bool:
+    return load(warn=warn)
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available() and load() and hasattr(torch.ops.robbench, "mlp_count") and \
+        torch._C._dispatch_has_kernel_for_dispatch_key("robbench::mlp_count", "CUDA")
+
+
+def _register_fakes() -> None:
+    """Shape-only implementations, so the ops work under FakeTensor / torch.compile tracing."""
+    ops = torch.ops.robbench
+    if getattr(_register_fakes, "done", False):
+        return
+
+    @torch.library.register_fake("robbench::normals")
+    def _(ka, kb, j, k):
+        return ka.new_empty((ka.shape[0], k), dtype=torch.float32)
+
+    @torch.library.register_fake("robbench::mlp_sq_distances")
+    def _(mu, sigma, center, ka, kb, n, offset, weights_t, biases, acts, chunk_rows):
+        return mu.new_empty((mu.shape[0], n))
+
+    @torch.library.register_fake("robbench::mlp_count")
+    def _(mu, sigma, center, r2, ka, kb, n, offset, weights_t, biases, acts, precision, chunk_rows):
+        return mu.new_empty((mu.shape[0],), dtype=torch.int64), mu.new_empty((2,), dtype=torch.int64)
+
+    @torch.library.register_fake("robbench::count_le")
+    def _(y, center, r2):
+        return y.new_empty((y.shape[0],), dtype=torch.int64)
+
+    assert ops.mlp_count is not None
+    _register_fakes.done = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Typed wrappers
+# ---------------------------------------------------------------------------------------------
+PRECISIONS = {"fp32": 0, "bf16": 1}
+
+
+def bf16_supported() -> bool:
+    """True when this CPU has native bf16 dot products (AVX512-BF16 or AMX), where bf16 pays off."""
+    try:
+        return torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX") or \
+            "avx512_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def default_precision() -> str:
+    return "bf16" if bf16_supported() else "fp32"
+
+
+@dataclass
+class CountResult:
+    """counts: (B,) int64; rechecked: samples recomputed in fp32 after the bf16 pass; bf16_samples:
+    samples that went through the bf16 pass (the op falls back to fp32 when the bound leaves most
+    samples undecided); total: all samples."""
+
+    counts: Tensor
+    rechecked: int
+    bf16_samples: int
+    total: int
+    precision: str
+
+    @property
+    def recheck_fraction(self) -> float:
+        """Fraction of the bf16-pass samples that had to be recomputed in fp32 (0 for fp32)."""
+        return self.rechecked / self.bf16_samples if self.bf16_samples else 0.0
+
+
+def normals(ka: Tensor, kb: Tensor, j: Tensor, k: int) -> Tensor:
+    """robbench::normals: (N,) keys and sample indices -> (N, k) float32 (== robbench.rng.normals)."""
+    return torch.ops.robbench.normals(ka, kb, j, k)
+
+
+def count_within(model: nn.Module, mu: Tensor, sigma: Tensor, center: Tensor, r2: Tensor, n_samples: int, *,
+                 seed: int, stream_ids: Tensor, sample_offset: int = 0, backend: str = "cpp",
+                 chunk_size: int | None = None, precision: str | None = None) -> CountResult:
+    """Compiled count (see montecarlo.count_within; here r2: (B,) float32 squared radii).
+    MLP decoders run fully fused; any other decoder is decoded by torch and only the distance /
+    threshold / count epilogue runs compiled. ``precision``: "fp32" or "bf16" (default: bf16 where
+    the CPU supports it); both give the same decisions as the fp32 torch reference."""
+    from robbench import montecarlo, rng
+
+    if backend == "cuda":
+        raise RuntimeError("the CUDA kernels are compiled in CI but were never run on a GPU; use 'cpp' or 'torch'")
+    precision = precision or default_precision()
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; known: {sorted(PRECISIONS)}")
+    load(warn=True)
+    plan = montecarlo.decoder_plan(model, center.shape[1])
+    ka, kb = rng.stream_keys(seed, stream_ids)
+    rows = chunk_size or montecarlo.DEFAULT_CHUNK_ROWS
+    B = mu.shape[0]
+    if isinstance(plan, montecarlo.MLPPlan):
+        counts, stats = torch.ops.robbench.mlp_count(
+            mu, sigma, center, r2, ka, kb, n_samples, sample_offset, plan.weights_t, plan.biases, plan.acts,
+            PRECISIONS[precision], rows)
+        return CountResult(counts, int(stats[0]), int(stats[1]), B * n_samples, precision)
+    counts = torch.zeros(B, dtype=torch.int64)
+    for blk in montecarlo._blocks(B, n_samples, max(rows, montecarlo.MIN_GEMM_ROWS)):
+        npts, ns = blk.p1 - blk.p0, blk.s1 - blk.s0
+        z = montecarlo._latents(mu, sigma, ka, kb, blk, sample_offset, montecarlo.MIN_GEMM_ROWS)
+        y = plan.fn(z)[: npts * ns].reshape(npts, ns, -1)
+        counts[blk.p0:blk.p1] += torch.ops.robbench.count_le(y, center[blk.p0:blk.p1], r2[blk.p0:blk.p1])
+    return CountResult(counts, 0, 0, B * n_samples, "fp32")
+
+
+def sample_sq_distances(model: nn.Module, mu: Tensor, sigma: Tensor, center: Tensor, n_samples: int, *,
+                        seed: int, stream_ids: Tensor, sample_offset: int = 0, backend: str = "cpp",
+                        chunk_size: int | None = None) -> Tensor:
+    """(B, n_samples) fp32 squared distances of the same samples (MLP decoders: bit-identical to the
+    torch reference; other decoders: computed by the torch reference)."""
+    from robbench import montecarlo, rng
+
+    if backend == "cuda":
+        raise RuntimeError("the CUDA kernels are compiled in CI but were never run on a GPU; use 'cpp' or 'torch'")
+    load(warn=True)
+    plan = montecarlo.decoder_plan(model, center.shape[1])
+    if not isinstance(plan, montecarlo.MLPPlan):
+        return montecarlo.sample_distances(model, mu, sigma, center, n_samples, seed=seed, stream_ids=stream_ids,
+                                           sample_offset=sample_offset, backend="torch",
+                                           chunk_size=chunk_size).square_()
+    ka, kb = rng.stream_keys(seed, stream_ids)
+    return torch.ops.robbench.mlp_sq_distances(mu, sigma, center, ka, kb, n_samples, sample_offset,
+                                               plan.weights_t, plan.biases, plan.acts,
+                                               chunk_size or montecarlo.DEFAULT_CHUNK_ROWS)

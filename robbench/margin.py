@@ -1,0 +1,296 @@
+"""The r-robustness probability with confidence, and the robustness margin by batched bisection.
+
+p_r(x, delta) = P(||g(mu(x + delta) + eta * sigma) - g(mu(x))||_2 <= r), eta ~ N(0, I), with sigma = sigma(x)
+(``sigma_at="clean"``, DESIGN.md section 1) or sigma(x + delta) (``"perturbed"``). All decoding goes
+through :func:`robbench.montecarlo.count_within`.
+
+Margin: R(x) = the largest rho such that the attack finds no delta with ||delta|| <= rho and p_r <= m.
+Bisection over rho for all points at once; at each radius a sequential test draws samples until a
+Clopper-Pearson bound clears m (or a cap is hit: "undecided"). The error budget alpha = 1 - confidence
+is split (Bonferroni) over every test a point can see (radius 0, the cap, each bisection step) and over
+the looks of each sequential test, so all decisions of a point hold together with probability >= 1 - alpha.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from robbench import stats
+from robbench.protocols import Attack, VAEModel
+
+
+def _engine():
+    # Imported lazily: the engine module is the one place samples are decoded.
+    from robbench import montecarlo
+    return montecarlo
+
+
+# --- p_r at a fixed perturbation ---------------------------------------------------------------
+@dataclass
+class ProbabilityEstimate:
+    """Per point (B,): successes k, trials n, point estimate p = k / n, two-sided CP interval [lo, hi]."""
+
+    k: Tensor
+    n: Tensor
+    p: Tensor
+    lo: Tensor
+    hi: Tensor
+
+
+@torch.no_grad()
+def latent_params(model: VAEModel, x: Tensor, delta: Tensor | None, sigma_at: str = "clean"
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+    """(mu(x + delta), sigma, center = g(mu(x)) flattened) for the Monte Carlo engine.
+    x, delta: (B, *input_shape); returns (B, k), (B, k), (B, D)."""
+    if sigma_at not in ("clean", "perturbed"):
+        raise ValueError(f"sigma_at must be 'clean' or 'perturbed', got {sigma_at!r}")
+    mu0, sigma0 = model.encode(x)
+    center = model.decode(mu0).flatten(1)
+    if delta is None:
+        return mu0, sigma0, center
+    mu1, sigma1 = model.encode(x + delta)
+    return mu1, (sigma0 if sigma_at == "clean" else sigma1), center
+
+
+@torch.no_grad()
+def estimate_probability(model: VAEModel, x: Tensor, delta: Tensor | None, *, r: float, n_samples: int,
+                         confidence: float = 0.95, seed: int = 0, stream_ids: Tensor | None = None,
+                         backend: str = "auto", sigma_at: str = "clean") -> ProbabilityEstimate:
+    """p_r(x, delta) from ``n_samples`` fresh decoder samples per point with a two-sided Clopper-Pearson
+    interval at ``confidence``. delta None means delta = 0. Use a ``seed`` not used by the attack."""
+    mu, sigma, center = latent_params(model, x, delta, sigma_at)
+    k = _engine().count_within(model, mu, sigma, center, r, n_samples, seed=seed, stream_ids=stream_ids,
+                               backend=backend).cpu()
+    n = torch.full_like(k, n_samples)
+    lo, hi = stats.clopper_pearson(k, n, confidence)
+    return ProbabilityEstimate(k, n, k.double() / n_samples, lo, hi)
+
+
+@dataclass
+class SequentialOutcome:
+    """Per point (B,): decision (stats.ROBUST / NOT_ROBUST / UNDECIDED), k, n used, p = k / n."""
+
+    decision: Tensor
+    k: Tensor
+    n: Tensor
+
+    @property
+    def p(self) -> Tensor:
+        return self.k.double() / self.n.clamp(min=1)
+
+
+@torch.no_grad()
+def sequential_test(model: VAEModel, mu: Tensor, sigma: Tensor, center: Tensor, *, r: float, m: float,
+                    alpha: float, schedule: list[int], seed: int, stream_ids: Tensor,
+                    backend: str = "auto") -> SequentialOutcome:
+    """Decide p_r > m (ROBUST) or p_r <= m (NOT_ROBUST) for each point, drawing more samples only for
+    undecided points, at the cumulative sizes in ``schedule``. ``alpha`` is this test's error budget,
+    split over the looks. Samples continue one counter-based stream (sample_offset), so a look reuses
+    the earlier samples. mu, sigma: (B, k); center: (B, D); stream_ids: (B,)."""
+    mc = _engine()
+    batch = mu.shape[0]
+    alpha_look = stats.split_alpha(alpha, len(schedule))
+    k = torch.zeros(batch, dtype=torch.int64)
+    n = torch.zeros(batch, dtype=torch.int64)
+    decision = torch.zeros(batch, dtype=torch.int64)
+    todo = torch.arange(batch)
+    for size in schedule:
+        if todo.numel() == 0:
+            break
+        done_so_far = int(n[todo[0]])  # every undecided point has seen the same number of samples
+        k[todo] += mc.count_within(model, mu[todo], sigma[todo], center[todo], r, size - done_so_far,
+                                   seed=seed, stream_ids=stream_ids[todo], sample_offset=done_so_far,
+                                   backend=backend).cpu()
+        n[todo] = size
+        decision[todo] = stats.decide(k[todo], n[todo], m, alpha_look)
+        todo = todo[decision[todo] == stats.UNDECIDED]
+    return SequentialOutcome(decision, k, n)
+
+
+# --- batched bisection -------------------------------------------------------------------------
+@dataclass
+class MarginResult:
+    """Per point (B,) tensors, radii in input-space L2 units.
+
+    margin: point estimate (midpoint of the final bisection bracket); lo, hi: the interval that holds
+    with the stated confidence (lo moves only on a confident ROBUST decision, hi only on a confident
+    NOT_ROBUST one); samples: decoder samples used; undecided: some test hit the sample cap (its side
+    was then guessed from the point estimate for ``margin``, but not used for lo/hi); at_cap: still
+    robust at ``max_radius`` (margin reported as the cap); p0: the estimate of p_r(x, 0).
+    """
+
+    margin: Tensor
+    lo: Tensor
+    hi: Tensor
+    samples: Tensor
+    undecided: Tensor
+    at_cap: Tensor
+    p0: Tensor
+    n_tests: int
+
+
+TestFn = Callable[[Tensor, Tensor, int], SequentialOutcome]
+
+
+def n_margin_tests(max_radius: float, tolerance: float) -> int:
+    """Tests a point can see: radius 0, the cap, and ceil(log2(max_radius / tolerance)) bisections."""
+    if tolerance <= 0 or max_radius <= 0:
+        raise ValueError(f"max_radius and tolerance must be > 0, got {max_radius}, {tolerance}")
+    return 2 + max(0, math.ceil(math.log2(max_radius / tolerance)))
+
+
+def bisect_margin(test: TestFn, batch: int, *, m: float, max_radius: float, tolerance: float,
+                  rel_tolerance: float | None = None) -> MarginResult:
+    """Batched bisection driver. ``test(radius (b,), idx (b,), step)`` decides, for points ``idx``,
+    whether p_r at the worst perturbation of norm <= radius exceeds m. A point stops when its bracket
+    is narrower than ``tolerance`` (or ``rel_tolerance`` times its upper end)."""
+    n_tests = n_margin_tests(max_radius, tolerance)
+    lo = torch.zeros(batch, dtype=torch.float64)
+    hi = torch.full((batch,), float(max_radius), dtype=torch.float64)
+    lo_c, hi_c = lo.clone(), hi.clone()
+    samples = torch.zeros(batch, dtype=torch.int64)
+    undecided = torch.zeros(batch, dtype=torch.bool)
+    at_cap = torch.zeros(batch, dtype=torch.bool)
+    p0 = torch.zeros(batch, dtype=torch.float64)
+    active = torch.ones(batch, dtype=torch.bool)
+
+    def run(step: int, idx: Tensor, radius: Tensor) -> tuple[Tensor, Tensor]:
+        out = test(radius, idx, step)
+        samples[idx] += out.n
+        undecided[idx] |= out.decision == stats.UNDECIDED
+        robust = (out.decision == stats.ROBUST) | ((out.decision == stats.UNDECIDED) & (out.p > m))
+        return robust, out
+
+    all_idx = torch.arange(batch)
+    # Step 0: unperturbed. Not r-robust at x itself means margin 0.
+    robust, out = run(0, all_idx, torch.zeros(batch, dtype=torch.float64))
+    p0[:] = out.p
+    fail = ~robust
+    hi[fail] = 0.0
+    hi_c[out.decision == stats.NOT_ROBUST] = 0.0
+    active &= robust
+    # Bisection over [0, cap]; the cap itself is tested last, only for points robust at every radius so
+    # far (margins are usually far below the cap, so this saves an attack at the largest radius).
+    for step in range(1, n_tests - 1):
+        width = hi - lo
+        need = width > tolerance
+        if rel_tolerance is not None:
+            need &= width > rel_tolerance * hi
+        idx = all_idx[active & need]
+        if idx.numel() == 0:
+            break
+        mid = 0.5 * (lo[idx] + hi[idx])
+        robust, out = run(step, idx, mid)
+        lo[idx[robust]] = mid[robust]
+        hi[idx[~robust]] = mid[~robust]
+        sure_up = out.decision == stats.ROBUST
+        sure_down = out.decision == stats.NOT_ROBUST
+        lo_c[idx[sure_up]] = torch.maximum(lo_c[idx[sure_up]], mid[sure_up])
+        hi_c[idx[sure_down]] = torch.minimum(hi_c[idx[sure_down]], mid[sure_down])
+    idx = all_idx[active & (hi >= max_radius)]
+    if idx.numel():
+        robust, out = run(n_tests - 1, idx, hi[idx].clone())
+        ok = idx[robust]
+        lo[ok] = hi[ok]
+        at_cap[ok] = True
+        lo_c[idx[out.decision == stats.ROBUST]] = max_radius
+        hi_c[idx[out.decision == stats.NOT_ROBUST]] = torch.minimum(
+            hi_c[idx[out.decision == stats.NOT_ROBUST]], torch.tensor(float(max_radius), dtype=torch.float64))
+    margin = torch.where(at_cap, lo, 0.5 * (lo + hi))
+    return MarginResult(margin, lo_c, hi_c, samples, undecided, at_cap, p0, n_tests)
+
+
+def fit_warm_start(x: Tensor, delta: Tensor, radius: Tensor) -> Tensor:
+    """Rescale each delta_b along its direction to norm radius_b, or less where the box [0, 1] stops it
+    first (scaling down always stays in the box, since x and x + delta are in it)."""
+    flat_d, flat_x = delta.flatten(1), x.flatten(1)
+    norms = flat_d.norm(dim=1).clamp(min=1e-12)
+    pos = torch.where(flat_d > 0, (1 - flat_x) / flat_d.clamp(min=1e-30), torch.full_like(flat_d, float("inf")))
+    neg = torch.where(flat_d < 0, -flat_x / flat_d.clamp(max=-1e-30), torch.full_like(flat_d, float("inf")))
+    box = torch.minimum(pos, neg).min(dim=1).values  # largest t with x + t delta in the box
+    scale = torch.minimum(radius.to(delta.dtype) / norms, box.clamp(min=1.0))
+    return delta * scale.view(-1, *([1] * (delta.dim() - 1)))
+
+
+def estimate_margin(model: VAEModel, x: Tensor, attack: Attack, attack_params: dict[str, Any], *,
+                    r: float, m: float = 0.5, confidence: float = 0.95, max_radius: float = 10.0,
+                    tolerance: float = 0.05, rel_tolerance: float | None = None,
+                    samples_initial: int = 128, samples_max: int = 8192, samples_growth: int = 4,
+                    seed: int = 0, point_ids: Tensor | None = None, backend: str = "auto",
+                    sigma_at: str = "clean", warm_start: bool = True,
+                    warm_attack_params: dict[str, Any] | None = None) -> MarginResult:
+    """Margins of all points of x (B, *input_shape) at once, each with its own confidence interval.
+
+    At each radius the attack (its own torch generator, independent of the estimation samples) looks
+    for the worst delta, warm-started from the point's previous worst delta shrunk into the new ball;
+    a sequential test then decides p_r(x, delta) > m with fresh samples (seed derived from ``seed``
+    and the step). ``warm_attack_params`` override ``attack_params`` for warm-started calls (e.g. fewer
+    steps and no random restart: the previous worst delta is already close). Radii in input-space L2 units.
+    """
+    batch = x.shape[0]
+    point_ids = torch.arange(batch) if point_ids is None else point_ids.cpu().long()
+    schedule = stats.sample_schedule(samples_initial, samples_max, samples_growth)
+    alpha_test = stats.split_alpha(1.0 - confidence, n_margin_tests(max_radius, tolerance))
+    with torch.no_grad():
+        mu0, sigma0, center = latent_params(model, x, None)
+    last_delta = torch.zeros_like(x)
+
+    def test(radius: Tensor, idx: Tensor, step: int) -> SequentialOutcome:
+        dev_idx = idx.to(x.device)
+        if step == 0:  # radius 0: no attack
+            mu, sigma = mu0[dev_idx], sigma0[dev_idx]
+        else:
+            xs = x[dev_idx]
+            rad = radius.to(device=x.device, dtype=x.dtype)
+            warm = warm_start and step > 1
+            init = fit_warm_start(xs, last_delta[dev_idx], rad) if warm else None
+            params = {**attack_params, **(warm_attack_params or {})} if warm else attack_params
+            gen = torch.Generator(device=x.device).manual_seed(stats.derive_seed(seed, "margin-attack", step))
+            result = attack(model, xs, rad, params=params, generator=gen, init=init)
+            delta = result.delta.detach()
+            last_delta[dev_idx] = delta
+            with torch.no_grad():
+                mu, sigma1 = model.encode(xs + delta)
+            sigma = sigma0[dev_idx] if sigma_at == "clean" else sigma1
+        return sequential_test(model, mu, sigma, center[dev_idx], r=r, m=m, alpha=alpha_test,
+                               schedule=schedule, seed=stats.derive_seed(seed, "margin-mc", step),
+                               stream_ids=point_ids[idx], backend=backend)
+
+    if sigma_at not in ("clean", "perturbed"):
+        raise ValueError(f"sigma_at must be 'clean' or 'perturbed', got {sigma_at!r}")
+    return bisect_margin(test, batch, m=m, max_radius=max_radius, tolerance=tolerance,
+                         rel_tolerance=rel_tolerance)
+
+
+# --- Theorem 1 ---------------------------------------------------------------------------------
+def theorem1_bound(min_sigma: Tensor, p0: Tensor, jacobian_frobenius: Tensor, m: float = 0.5
+                   ) -> tuple[Tensor, list[str]]:
+    """R(x) >= min_i sigma_i(x) * (probit(p0) - probit(m)) / ||J_mu(x)||_F (first order; with m = 0.5 this is
+    the paper's Theorem 1, and the general m follows from the same Neyman-Pearson half-space argument).
+
+    p0 should be a lower confidence bound of p_r(x, 0) so the bound holds with that confidence.
+    Returns (B,) float64 bounds (NaN where vacuous) and a status per point: "ok", "vacuous_p0"
+    (p0 <= m: not r-robust even unperturbed), "vacuous_sigma" (min sigma = 0: deterministic encoder),
+    "unbounded" (zero Jacobian)."""
+    min_sigma = min_sigma.detach().cpu().double()
+    jac = jacobian_frobenius.detach().cpu().double()
+    p0 = p0.detach().cpu().double()
+    gap = stats.probit(p0) - float(stats.probit(m))
+    bound = min_sigma * gap / jac
+    status = []
+    for i in range(bound.numel()):
+        if not p0[i] > m:
+            status.append("vacuous_p0")
+        elif not min_sigma[i] > 0:
+            status.append("vacuous_sigma")
+        elif not jac[i] > 0:
+            status.append("unbounded")
+        else:
+            status.append("ok")
+    bound = torch.where(torch.tensor([s == "ok" for s in status], dtype=torch.bool), bound,
+                        torch.full_like(bound, float("nan")))
+    return bound, status

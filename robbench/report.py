@@ -1,0 +1,537 @@
+"""``robbench report``: a self-contained report of one or several run directories.
+
+``write_report(path)`` reads every run directory at or below ``path`` (a directory holding
+``results.sqlite``; the reproduce command writes one per experiment, e.g. ``DIR/beta``, ``DIR/tau``),
+merges their results, checks the paper's claims (:mod:`robbench.claims`), draws the analogue of each
+paper figure whose data exist (:mod:`robbench.figures`) and writes ``path/report/report.md`` (PNG files
+beside it) and ``path/report/report.html`` (the same content with the PNGs embedded, one file).
+A figure whose data the run lacks is replaced by a line saying which estimator/config would produce it.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import sqlite3
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from rich.console import Console
+
+from robbench import figures
+from robbench.claims import (Claim, attack_route, bound_pairs, check_claims, damage_by_route, label_sort_key,
+                             parse_label, point_values, preferred_attack)
+from robbench.store import ResultRow, ResultStore
+
+REPORT_DIR = "report"
+MAX_RECON_POINTS = 6
+LIKELIHOOD_FALLBACK = {"radius": 1.0, "noise_sigma": 0.3}
+
+
+# --- loading and merging run directories -----------------------------------------------------------
+@dataclass
+class RunData:
+    """Everything the report reads, merged over run directories."""
+
+    run_dirs: list[Path]
+    rows: list[ResultRow]                                   # ok and error rows, one per (job, point)
+    models: dict[str, dict[str, Any]]                       # model_key -> info (test ELBO, ...)
+    configs: list[dict[str, Any]]                           # every recorded RunConfig (as dicts)
+    job_config: dict[str, dict[str, Any]] = field(default_factory=dict)   # job key -> its RunConfig
+    arrays: dict[str, dict[int, Path]] = field(default_factory=dict)      # job key -> point -> .pt file
+
+    @property
+    def ok(self) -> list[ResultRow]:
+        return [r for r in self.rows if r.status == "ok"]
+
+
+def find_run_dirs(path: Path) -> list[Path]:
+    """``path`` itself if it is a run directory, and every run directory below it (sorted)."""
+    path = Path(path)
+    found = sorted({p.parent for p in path.rglob(ResultStore.FILENAME)})
+    if not found:
+        raise FileNotFoundError(f"{path} holds no {ResultStore.FILENAME} (nor does any directory below it): "
+                                "is it a robbench run directory?")
+    return found
+
+
+def _recorded_runs(run_dir: Path) -> list[tuple[dict[str, Any], list[str]]]:
+    """Every (config, job keys) the runs table holds, oldest first (read-only)."""
+    conn = sqlite3.connect(f"file:{Path(run_dir) / ResultStore.FILENAME}?mode=ro", uri=True)
+    try:
+        return [(json.loads(c), json.loads(j)) for c, j in conn.execute("SELECT config, jobs FROM runs ORDER BY id")]
+    finally:
+        conn.close()
+
+
+def load_runs(path: Path) -> RunData:
+    """Merge the run directories at or below ``path``. A (job, point) result found twice keeps an ok row."""
+    run_dirs = find_run_dirs(path)
+    rows: dict[tuple[str, int], ResultRow] = {}
+    data = RunData(run_dirs, [], {}, [])
+    for run_dir in run_dirs:
+        store = ResultStore.open_existing(run_dir)
+        try:
+            for row in store.rows():
+                key = (row.job_key, row.point_id)
+                if key not in rows or (rows[key].status != "ok" and row.status == "ok"):
+                    rows[key] = row
+            data.models.update(store.models())
+        finally:
+            store.close()
+        for config, jobs in _recorded_runs(run_dir):
+            data.configs.append(config)
+            for job in jobs:
+                data.job_config[job] = config
+        arrays_root = run_dir / "arrays"
+        if arrays_root.is_dir():
+            for job_dir in sorted(arrays_root.iterdir()):
+                files = {int(f.name[:-3]): f for f in job_dir.glob("*.pt") if f.name[:-3].isdigit()}
+                if files:
+                    data.arrays.setdefault(job_dir.name, {}).update(files)
+    data.rows = list(rows.values())
+    return data
+
+
+# --- figure data -------------------------------------------------------------------------------------
+def _family(label: str) -> str:
+    return parse_label(label)[0]
+
+
+def _by_family(models: list[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = defaultdict(list)
+    for model in sorted(models, key=label_sort_key):
+        out[_family(model)].append(model)
+    return dict(out)
+
+
+def _run_m(data: RunData) -> float:
+    ms = {float(c.get("m", 0.5)) for c in data.configs}
+    return ms.pop() if len(ms) == 1 else 0.5
+
+
+def recon_examples(data: RunData) -> dict[str, list[figures.ReconExample]]:
+    """Stored attacked inputs: per model, the job with arrays x, x_adv, recon_adv (margin jobs first,
+    the model's preferred attack, lowest seed), up to MAX_RECON_POINTS points."""
+    import torch
+
+    jobs: dict[str, list[ResultRow]] = defaultdict(list)
+    for row in data.ok:
+        if row.job_key in data.arrays:
+            jobs[row.job_key].append(row)
+    candidates: dict[str, list[tuple[tuple, str]]] = defaultdict(list)
+    for job_key, job_rows in jobs.items():
+        first = job_rows[0]
+        route = attack_route(first.attack)
+        rank = (first.estimator != "margin", route not in (None, "both"), first.model_seed, first.attack)
+        candidates[first.model].append((rank, job_key))
+    out: dict[str, list[figures.ReconExample]] = {}
+    for model in sorted(candidates, key=label_sort_key):
+        for _, job_key in sorted(candidates[model]):
+            margins = {r.point_id: r.metrics.get("margin") for r in jobs[job_key]}
+            examples = []
+            for point, file in sorted(data.arrays[job_key].items())[:MAX_RECON_POINTS]:
+                try:
+                    arrays = torch.load(file, weights_only=True)
+                except Exception:  # a damaged file only loses its own panel
+                    continue
+                if not all(k in arrays for k in ("x", "x_adv", "recon_adv")):
+                    continue
+                x, x_adv = arrays["x"].float(), arrays["x_adv"].float()
+                note = f"‖δ‖={float((x_adv - x).flatten().norm()):.2f}"
+                if isinstance(margins.get(point), (int, float)):
+                    note += f"\nR={margins[point]:.2f}"
+                examples.append(figures.ReconExample(x.numpy(), x_adv.numpy(), arrays["recon_adv"].float().numpy(),
+                                                     note))
+            if examples:
+                out[model] = examples
+                break
+    return out
+
+
+def sweep_groups(data: RunData) -> dict[str, dict[str, list[figures.SweepCurve]]]:
+    """family -> model -> one SweepCurve per (seed, point) from the sweep estimator (preferred attack)."""
+    rows = [r for r in data.ok if r.estimator == "sweep" and isinstance(r.metrics.get("sweep_p"), list)]
+    margins = point_values(data.ok, "margin", ("margin",))
+    per_model: dict[str, list[ResultRow]] = defaultdict(list)
+    for row in rows:
+        per_model[row.model].append(row)
+    out: dict[str, dict[str, list[figures.SweepCurve]]] = {}
+    for family, models in _by_family(list(per_model)).items():
+        group = {}
+        for model in models:
+            attacks = {r.attack for r in per_model[model]}
+            want = preferred_attack(attacks)
+            chosen = sorted((r for r in per_model[model] if r.attack == want), key=lambda r: (r.model_seed, r.point_id))
+            group[model] = [figures.SweepCurve(
+                norms=r.metrics["sweep_norms"], p=r.metrics["sweep_p"], lo=r.metrics.get("sweep_p_lo"),
+                hi=r.metrics.get("sweep_p_hi"), crossing=r.metrics.get("sweep_crossing"),
+                margin=margins.get(model, {}).get((r.model_seed, r.point_id))) for r in chosen]
+        out[family] = group
+    return out
+
+
+def _likelihood_params(data: RunData, job_key: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    config = data.job_config.get(job_key, {})
+    return {**defaults, **(config.get("estimator_params", {}) or {}).get("likelihood", {})}
+
+
+def _likelihood_defaults() -> dict[str, Any]:
+    try:
+        from robbench.plugins import get_registries
+        return {**LIKELIHOOD_FALLBACK, **get_registries().estimators.get("likelihood").defaults}
+    except Exception:  # plugins unavailable: the documented defaults
+        return dict(LIKELIHOOD_FALLBACK)
+
+
+def likelihood_levels(data: RunData) -> dict[str, dict[float, dict[str, list[tuple[float, float, ResultRow]]]]]:
+    """model -> attack radius L -> {"attack": [...], "noise": [...]} entries (level, value, row), from the
+    likelihood jobs of each model's preferred attack; L and the noise sd come from each job's config."""
+    defaults = _likelihood_defaults()
+    rows = [r for r in data.ok if r.estimator == "likelihood"]
+    per_model: dict[str, list[ResultRow]] = defaultdict(list)
+    for row in rows:
+        per_model[row.model].append(row)
+    out: dict[str, dict[float, dict[str, list]]] = {}
+    for model, model_rows in per_model.items():
+        want = preferred_attack({r.attack for r in model_rows})
+        levels: dict[float, dict[str, list]] = defaultdict(lambda: {"attack": [], "noise": []})
+        for row in model_rows:
+            if row.attack != want:
+                continue
+            params = _likelihood_params(data, row.job_key, defaults)
+            radius, noise = float(params["radius"]), float(params["noise_sigma"])
+            for kind, level, key in (("attack", radius, "loglik_attack"), ("noise", noise, "loglik_noise")):
+                value = row.metrics.get(key)
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    levels[radius][kind].append((level, float(value), row))
+        out[model] = dict(levels)
+    return out
+
+
+def reference_radius(levels: dict[float, Any], default: float) -> float:
+    """The attack radius whose likelihood results stand for a model: the estimator's default if run,
+    else the radius closest to it."""
+    return min(levels, key=lambda L: (abs(L - default), L))
+
+
+def likelihood_curves_data(data: RunData) -> tuple[dict, dict, int]:
+    """(noise, attack) mappings for figures.likelihood_curves, and the number of distinct levels."""
+    noise: dict[str, dict[str, list[figures.LevelValues]]] = defaultdict(dict)
+    attack: dict[str, dict[str, list[figures.LevelValues]]] = defaultdict(dict)
+    n_levels = 0
+    for model, levels in sorted(likelihood_levels(data).items(), key=lambda kv: label_sort_key(kv[0])):
+        for kind, target in (("noise", noise), ("attack", attack)):
+            grouped: dict[float, list[float]] = defaultdict(list)
+            for entries in levels.values():
+                for level, value, _ in entries[kind]:
+                    grouped[level].append(value)
+            if grouped:
+                target[_family(model)][model] = [figures.LevelValues(lv, vals) for lv, vals in sorted(grouped.items())]
+                n_levels = max(n_levels, len(grouped))
+    return dict(noise), dict(attack), n_levels
+
+
+def degradation_pairs(data: RunData) -> dict[str, list[tuple[float, float]]]:
+    """model -> [(R, degradation_attack)] at the reference likelihood radius, paired by (seed, point)."""
+    margins = point_values(data.ok, "margin", ("margin",))
+    default = float(_likelihood_defaults()["radius"])
+    out: dict[str, list[tuple[float, float]]] = {}
+    for model, levels in likelihood_levels(data).items():
+        if model not in margins or not levels:
+            continue
+        ref = reference_radius(levels, default)
+        pairs = []
+        for _, _, row in levels[ref]["attack"]:
+            deg = row.metrics.get("degradation_attack")
+            r = margins[model].get((row.model_seed, row.point_id))
+            if isinstance(deg, (int, float)) and math.isfinite(deg) and r is not None:
+                pairs.append((r, float(deg)))
+        if pairs:
+            out[model] = pairs
+    return dict(sorted(out.items(), key=lambda kv: label_sort_key(kv[0])))
+
+
+def claim_rows(data: RunData) -> list[ResultRow]:
+    """The rows the claims read: likelihood rows only at each model's reference radius (so results at
+    several attack radii are not pooled)."""
+    default = float(_likelihood_defaults()["radius"])
+    keep: set[str] = set()
+    for levels in likelihood_levels(data).values():
+        if levels:
+            keep |= {row.job_key for _, _, row in levels[reference_radius(levels, default)]["attack"]}
+    return [r for r in data.rows if r.estimator != "likelihood" or r.job_key in keep]
+
+
+DISTRIBUTION_QUANTITIES = (("R", "margin", ("margin",)),
+                           ("mean σ(x)", "mean_sigma", ("encoder_stats", "bound")),
+                           ("‖J_μ‖_F", "jacobian_frobenius", ("encoder_stats", "bound")))
+
+
+def distribution_groups(data: RunData) -> dict[str, dict[str, dict[str, list[float]]]]:
+    out: dict[str, dict[str, dict[str, list[float]]]] = defaultdict(lambda: defaultdict(dict))
+    for name, metric, estimators in DISTRIBUTION_QUANTITIES:
+        values = point_values(data.ok, metric, estimators)
+        for model in sorted(values, key=label_sort_key):
+            out[_family(model)][name][model] = list(values[model].values())
+    return {k: dict(v) for k, v in out.items()}
+
+
+# --- report blocks -------------------------------------------------------------------------------------
+@dataclass
+class Block:
+    """One piece of the report: kind is h1, h2, p, table (head + rows of cells), image (path + caption)."""
+
+    kind: str
+    text: str = ""
+    head: list[str] = field(default_factory=list)
+    cells: list[list[str]] = field(default_factory=list)
+    path: Path | None = None
+
+
+@dataclass
+class FigureSpec:
+    """A paper figure: a title, what it shows, what would produce it, and how to draw it from RunData
+    (returning None when the data are absent, else the PNG path and an extra caption sentence)."""
+
+    name: str
+    title: str
+    caption: str
+    needs: str
+    draw: Callable[[RunData, Path], tuple[Path, str] | None]
+
+
+def _draw_recon(data: RunData, path: Path) -> tuple[Path, str] | None:
+    examples = recon_examples(data)
+    if not examples:
+        return None
+    return figures.reconstructions(examples, path), (
+        "Under each triple: the attack norm ‖δ‖ and, where measured, the margin R at that point; the "
+        "reconstruction stays close to the original where ‖δ‖ < R.")
+
+
+def _draw_routes(data: RunData, path: Path) -> tuple[Path, str] | None:
+    found = damage_by_route(data.ok)
+    damage = {m: {r: list(v.values()) for r, v in e.items() if r != "_est"} for m, e in found.items()}
+    damage = {m: d for m, d in damage.items() if len(d) >= 2}
+    if not damage:
+        return None
+    used = sorted({found[m]["_est"] for m in damage})
+    return figures.damage_by_route(damage, path), f"Damage from estimator(s): {', '.join(used)}."
+
+
+def _draw_sweeps(data: RunData, path: Path) -> tuple[Path, str] | None:
+    groups = sweep_groups(data)
+    if not groups:
+        return None
+    return figures.sweeps(groups, _run_m(data), path), ""
+
+
+def _draw_bound(data: RunData, path: Path) -> tuple[Path, str] | None:
+    pairs, vacuous = bound_pairs(data.ok)
+    pairs = {m: pairs[m] for m in sorted(pairs, key=label_sort_key)}
+    if not pairs:
+        return None
+    return figures.bound_vs_margin(pairs, path), f"{vacuous} points with a vacuous bound (p_r(x,0) ≤ m) are left out."
+
+
+def _draw_degradation(data: RunData, path: Path) -> tuple[Path, str] | None:
+    pairs = degradation_pairs(data)
+    if not pairs:
+        return None
+    radius = float(_likelihood_defaults()["radius"])
+    return figures.degradation_vs_margin(pairs, path), f"Attack norm L = {radius:g} where run (else the closest run)."
+
+
+def _draw_likelihood(data: RunData, path: Path) -> tuple[Path, str] | None:
+    noise, attack, n_levels = likelihood_curves_data(data)
+    if not noise and not attack:
+        return None
+    extra = "" if n_levels > 1 else ("Only one perturbation level was run, so each curve is a single point; "
+                                     "`robbench reproduce` runs several.")
+    return figures.likelihood_curves(noise, attack, path), extra
+
+
+def _draw_distributions(data: RunData, path: Path) -> tuple[Path, str] | None:
+    groups = distribution_groups(data)
+    if not groups:
+        return None
+    return figures.distributions(groups, path), ""
+
+
+FIGURES = [
+    FigureSpec("fig1_8_reconstructions", "Fig. 1 / 8 — attacked inputs and their reconstructions",
+               "Each model block shows the original input, the input perturbed by a maximum-damage attack, and "
+               "the reconstruction of the perturbed input; more robust models reconstruct closer to the original.",
+               "the margin estimator's stored arrays (x, x_adv, recon_adv; config key keep_arrays > 0)", _draw_recon),
+    FigureSpec("fig4_damage_by_route", "Fig. 4 — damage of attacks on μ, σ or both",
+               "Distribution over points of the adversarial damage (L2 distance between the reconstruction of "
+               "the attacked input and g(μ(x))) when the attack reaches only μ(x), only σ(x), or both.",
+               "estimator damage with attack_params {max_damage: {route: [mu, sigma, both]}}", _draw_routes),
+    FigureSpec("fig5_7left_sweep", "Fig. 5 / 7-left — p_r versus ‖δ‖ along a fixed direction",
+               "For a fixed input and attack direction, the probability that a reconstruction falls within r of "
+               "g(μ(x)) as the perturbation grows; the dashed line is m, the dotted verticals mark where p_r falls "
+               "to m (the margin R along that direction).",
+               "estimator sweep (with an attack, e.g. max_damage)", _draw_sweeps),
+    FigureSpec("fig6abc_bound_vs_margin", "Fig. 6 a–c — Theorem 1 bound versus empirical margin",
+               "Each dot is a network–input pair; orange: least-squares line; red: y = x (points above it "
+               "have a margin larger than the bound); ρ: Pearson correlation.",
+               "estimators margin and bound on the same models", _draw_bound),
+    FigureSpec("fig6def_degradation_vs_margin", "Fig. 6 d–f — likelihood degradation versus R",
+               "Relative log-likelihood degradation |log p(x|z*) − log p(x|z)| / |log p(x|z)| under a "
+               "maximum-damage attack against the empirical margin of the same point.",
+               "estimators margin and likelihood on the same models", _draw_degradation),
+    FigureSpec("fig7_9b_likelihood", "Fig. 7 centre/right and 9b — likelihood under noise and under attack",
+               "log p(x | z*) of the original x given the embedding z* = μ(x*) of a noisy (left) or attacked "
+               "(right) x*, against the noise sd σ_ε and the attack norm L; mean ± sd over points.",
+               "estimator likelihood, run at several radius / noise_sigma values", _draw_likelihood),
+    FigureSpec("fig9acd_distributions", "Fig. 9 a/c/d — distributions of R, σ and ‖J_μ‖_F",
+               "Distributions over points of the margin R, the encoder σ(x) (mean over latent dimensions) and "
+               "the Frobenius norm of the encoder-mean Jacobian, by configuration.",
+               "estimators margin and encoder_stats over a beta_vae / sigma_offset_vae sweep", _draw_distributions),
+]
+
+
+def _config_summary(data: RunData) -> list[list[str]]:
+    """One row per run directory: the union over the configurations recorded in it."""
+    def union(configs: list[dict[str, Any]], key: str) -> str:
+        return ", ".join(dict.fromkeys(str(v) for c in configs for v in (c.get(key) or [])))
+
+    def params(configs: list[dict[str, Any]], key: str) -> str:
+        seen = dict.fromkeys(json.dumps(c.get(key) or {}, sort_keys=True) for c in configs)
+        return "; ".join(s for s in seen if s != "{}")
+
+    cells = []
+    for run_dir in data.run_dirs:
+        configs = [c for c, _ in _recorded_runs(run_dir)]
+        if not configs:
+            continue
+        cells.append([str(run_dir), " ".join(filter(None, [union(configs, "models"), params(configs, "model_params")])),
+                      " ".join(filter(None, [union(configs, "attacks"), params(configs, "attack_params")])),
+                      " ".join(filter(None, [union(configs, "estimators"), params(configs, "estimator_params")])),
+                      union([{"v": [c.get("points")]} for c in configs], "v"),
+                      union([{"v": [c.get("model_seeds")]} for c in configs], "v"),
+                      union([{"v": [f"r={c.get('r')}, m={c.get('m')}"]} for c in configs], "v"),
+                      union([{"v": [(c.get("train") or {}).get("epochs")]} for c in configs], "v"),
+                      str(len(configs))])
+    return cells
+
+
+def _leaderboard_blocks(data: RunData) -> list[Block]:
+    from robbench.leaderboard import leaderboard_rows, render_markdown
+
+    try:
+        records = leaderboard_rows(data.rows, data.models)
+        markdown = render_markdown(records)
+    except Exception as err:  # the report still shows the figures and claims
+        return [Block("p", f"The leaderboard could not be built: {type(err).__name__}: {err}")]
+    lines = [ln for ln in markdown.strip().splitlines() if ln.strip()]
+    split = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in lines]
+    return [Block("table", head=split[0], cells=split[2:])]
+
+
+def build_blocks(data: RunData, out_dir: Path) -> tuple[list[Block], list[Claim]]:
+    """The report's content; draws the figures into ``out_dir``."""
+    blocks = [Block("h1", "robbench report"),
+              Block("p", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from {len(data.run_dirs)} run "
+                         f"director{'y' if len(data.run_dirs) == 1 else 'ies'}; {len(data.ok)} ok results, "
+                         f"{len(data.rows) - len(data.ok)} failed. Paper: Camuto et al. 2021, “Towards a "
+                         "Theoretical Understanding of the Robustness of Variational Autoencoders”."),
+              Block("table", head=["run directory", "models", "attacks", "estimators", "points", "seeds",
+                                   "r, m", "epochs", "runs"], cells=_config_summary(data))]
+    claims = check_claims(claim_rows(data))
+    blocks += [Block("h2", "The paper's claims in this run"),
+               Block("p", "Verdicts are computed from the stored results: per-configuration means with 95% "
+                          "Student-t intervals, Spearman rank correlations over points, paired differences. "
+                          "See robbench/claims.py for the exact rules."),
+               Block("table", head=["claim", "verdict", "evidence"],
+                     cells=[[c.statement, c.verdict, c.evidence] for c in claims])]
+    blocks += [Block("h2", "Figures")]
+    for spec in FIGURES:
+        blocks.append(Block("h3", spec.title))
+        try:
+            drawn = spec.draw(data, out_dir / f"{spec.name}.png")
+        except Exception as err:  # one broken figure must not cost the others
+            blocks.append(Block("p", f"Not drawn: {type(err).__name__}: {err}"))
+            continue
+        if drawn is None:
+            blocks.append(Block("p", f"Not produced: this run has no data for it. To produce it, run {spec.needs}."))
+        else:
+            png, extra = drawn
+            blocks.append(Block("image", text=f"{spec.caption} {extra}".strip(), path=png))
+    blocks += [Block("h2", "Leaderboard"),
+               Block("p", "Per (model configuration, attack): mean R with its 95% interval over points and "
+                          "seeds, and the means of the other estimators.")]
+    blocks += _leaderboard_blocks(data)
+    return blocks, claims
+
+
+# --- rendering ---------------------------------------------------------------------------------------
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_md(blocks: list[Block], out_dir: Path) -> str:
+    parts = []
+    for b in blocks:
+        if b.kind in ("h1", "h2", "h3"):
+            parts.append("#" * int(b.kind[1]) + f" {b.text}")
+        elif b.kind == "p":
+            parts.append(b.text)
+        elif b.kind == "table":
+            lines = ["| " + " | ".join(_md_cell(h) for h in b.head) + " |", "|" + "|".join("---" for _ in b.head) + "|"]
+            lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in b.cells]
+            parts.append("\n".join(lines))
+        elif b.kind == "image" and b.path is not None:
+            parts.append(f"![{b.path.stem}]({b.path.relative_to(out_dir).as_posix()})\n\n*{b.text}*")
+    return "\n\n".join(parts) + "\n"
+
+
+def render_html(blocks: list[Block]) -> str:
+    """One self-contained HTML file: the PNGs are embedded as data URIs."""
+    esc = html.escape
+    body = []
+    for b in blocks:
+        if b.kind in ("h1", "h2", "h3"):
+            body.append(f"<{b.kind}>{esc(b.text)}</{b.kind}>")
+        elif b.kind == "p":
+            body.append(f"<p>{esc(b.text)}</p>")
+        elif b.kind == "table":
+            head = "".join(f"<th>{esc(h)}</th>" for h in b.head)
+            rows = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in b.cells)
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+        elif b.kind == "image" and b.path is not None:
+            data = base64.b64encode(b.path.read_bytes()).decode("ascii")
+            body.append(f'<figure><img alt="{esc(b.path.stem)}" src="data:image/png;base64,{data}">'
+                        f"<figcaption>{esc(b.text)}</figcaption></figure>")
+    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.4}"
+             "table{border-collapse:collapse;margin:1em 0;font-size:90%}td,th{border:1px solid #ccc;"
+             "padding:3px 6px;vertical-align:top}img{max-width:100%}figcaption{font-style:italic}")
+    return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>robbench report</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def write_report(run_dir: Path, *, console: Console | None = None) -> Path:
+    """Write ``run_dir/report/report.md`` (+ PNGs) and ``report.html`` for the run directory (or the
+    directory of run directories) ``run_dir``; returns the path of report.md."""
+    run_dir = Path(run_dir)
+    data = load_runs(run_dir)
+    out_dir = run_dir / REPORT_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob("*.png"):  # a figure whose data vanished must not linger
+        old.unlink()
+    blocks, claims = build_blocks(data, out_dir)
+    md_path = out_dir / "report.md"
+    md_path.write_text(render_md(blocks, out_dir), encoding="utf-8")
+    (out_dir / "report.html").write_text(render_html(blocks), encoding="utf-8")
+    if console is not None:
+        for claim in claims:
+            color = {"supported": "green", "partly supported": "yellow", "not supported": "red"}.get(claim.verdict, "dim")
+            console.print(f"[{color}]{claim.verdict:>22}[/{color}]  {claim.statement}")
+        drawn = sum(b.kind == "image" for b in blocks)
+        console.print(f"report: {md_path} and report.html ({drawn}/{len(FIGURES)} figures)")
+    return md_path

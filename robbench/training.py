@@ -1,0 +1,292 @@
+"""Training loop and checkpoint cache for trainable model families.
+
+A checkpoint is cached under ``cache_dir`` by a hash of everything that determines the trained weights:
+family name, parameters, a fingerprint of the data (shapes and contents), the train config (including
+the seed) and :data:`CODE_VERSION`. Files are written atomically (temporary file, then ``os.replace``) and
+read with ``torch.load(weights_only=True)``: a checkpoint is a plain dict of tensors and JSON-like values.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from robbench.protocols import ModelFamily, SplitData
+
+# Bump when a change to training or to the built-in models changes what a given config trains to.
+CODE_VERSION = "models-1"
+CHECKPOINT_FORMAT = "robbench-checkpoint-1"
+
+
+@dataclass
+class TrainConfig:
+    """epochs: budget (an upper bound when ``patience`` is set); batch_size, lr: Adam's;
+    seed: weight init, shuffling and reparameterisation noise; patience: stop after this many epochs
+    without a better validation ELBO (10% of the training set is then held out for validation) and
+    keep the best weights; None trains for exactly ``epochs``. threads: CPU threads used while training
+    (the small default models train fastest single-threaded, and then do not fight other processes for
+    the cores; None keeps torch's setting). ``threads`` does not change the result, so it is not part of
+    the cache key."""
+
+    epochs: int = 15
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+    patience: int | None = None
+    threads: int | None = 1
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "batch_size"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise ValueError(f"train config: {key}={getattr(self, key)!r} must be a positive integer")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"train config: lr={self.lr!r} must be a number > 0")
+        if self.patience is not None and (not isinstance(self.patience, int) or self.patience < 1):
+            raise ValueError(f"train config: patience={self.patience!r} must be a positive integer or null")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"train config: threads={self.threads!r} must be a positive integer or null")
+
+    def hashed(self) -> dict[str, Any]:
+        """The fields that determine the trained weights (what the cache key sees)."""
+        return {k: v for k, v in asdict(self).items() if k != "threads"}
+
+
+@dataclass
+class TrainedModel:
+    """model: in eval mode with parameters frozen (requires_grad False); test_elbo: mean per-example ELBO
+    in nats on the test split (NaN when the model has no loss); history: per-epoch test ELBO."""
+
+    model: nn.Module
+    test_elbo: float
+    train_seconds: float
+    from_cache: bool
+    cache_key: str
+    path: Path | None = None
+    history: list[float] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache keys
+# ---------------------------------------------------------------------------------------------
+def data_fingerprint(data: SplitData) -> str:
+    """sha256 of the split's shapes, labels and (a strided subset of at most ~2M) pixel values."""
+    h = hashlib.sha256()
+    for t in (data.train_x, data.train_y, data.test_x, data.test_y):
+        flat = t.detach().reshape(-1)
+        h.update(str((tuple(t.shape), str(t.dtype))).encode())
+        step = max(1, flat.numel() // 2_000_000)
+        h.update(flat[::step].contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_key(family: ModelFamily, params: dict[str, Any], data: SplitData, cfg: TrainConfig,
+              dataset_name: str = "") -> str:
+    """Hex sha256 of the full training config (see module docstring)."""
+    blob = json.dumps({
+        "family": family.name,
+        "params": params,
+        "dataset": dataset_name,
+        "train_size": int(data.train_x.shape[0]),
+        "data": data_fingerprint(data),
+        "train": cfg.hashed(),
+        "code": CODE_VERSION,
+    }, sort_keys=True, default=repr)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint files
+# ---------------------------------------------------------------------------------------------
+def save_checkpoint(path: Path, model: nn.Module, family: ModelFamily, params: dict[str, Any],
+                    **meta: Any) -> None:
+    """Atomically write a checkpoint dict (state dict + everything needed to rebuild the model)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "family": family.name,
+        "params": json.loads(json.dumps(params)),  # plain JSON types: loadable with weights_only=True
+        "input_shape": list(model.input_shape),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "meta": json.loads(json.dumps(meta, default=repr)),
+    }
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint_file(path: str | os.PathLike, get_family: Callable[[str], ModelFamily], *,
+                         expected_input_shape: tuple[int, ...] | None = None,
+                         device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a model from a robbench checkpoint (``weights_only=True``); returns (model in eval mode, meta).
+
+    ``get_family(name)`` looks up the family that built it (e.g. ``get_registries().models.get``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a robbench checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    input_shape = tuple(ckpt["input_shape"])
+    if expected_input_shape is not None and tuple(expected_input_shape) != input_shape:
+        raise ValueError(f"checkpoint {path} was trained on inputs of shape {input_shape}, "
+                         f"but the data set has shape {tuple(expected_input_shape)}")
+    model = get_family(ckpt["family"]).build(ckpt["params"], input_shape)
+    model.load_state_dict(ckpt["state_dict"])
+    model.to(device).eval()
+    return model, dict(ckpt.get("meta", {}), family=ckpt["family"], params=ckpt["params"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_elbo(model: nn.Module, x: Tensor, batch_size: int, device: torch.device) -> float:
+    """Mean per-example one-sample ELBO (nats) over x, in batches; uses the global RNG for noise."""
+    total, n = 0.0, 0
+    for i in range(0, x.shape[0], batch_size):
+        xb = x[i:i + batch_size].to(device)
+        _, logs = model.loss(xb)
+        total += logs["elbo"] * xb.shape[0]
+        n += xb.shape[0]
+    return total / max(n, 1)
+
+
+def _progress(enabled: bool, description: str):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("loss {task.fields[loss]:>9.2f}  held-out ELBO {task.fields[elbo]:>9.2f}"),
+                    TimeElapsedColumn(), disable=not enabled, transient=False)
+
+
+def train_model(model: nn.Module, data: SplitData, cfg: TrainConfig, *, device: torch.device,
+                progress: bool = True, description: str = "train") -> tuple[float, list[float]]:
+    """Train ``model`` in place (see :func:`_train_model`), with ``cfg.threads`` CPU threads."""
+    before = torch.get_num_threads()
+    if cfg.threads is not None and device.type == "cpu":
+        torch.set_num_threads(min(cfg.threads, before))
+    try:
+        return _train_model(model, data, cfg, device=device, progress=progress, description=description)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train_model(model: nn.Module, data: SplitData, cfg: TrainConfig, *, device: torch.device,
+                 progress: bool, description: str) -> tuple[float, list[float]]:
+    """Train ``model`` in place with Adam; returns (test ELBO, per-epoch test ELBOs).
+
+    Deterministic given ``cfg.seed`` on CPU (the caller seeds weight initialisation; this function
+    seeds shuffling and the reparameterisation noise). Does not change the global RNG state.
+    """
+    train_x = data.train_x
+    val_x = data.test_x
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if cfg.patience is not None:
+        perm = torch.randperm(train_x.shape[0], generator=gen)
+        n_val = max(1, train_x.shape[0] // 10)
+        val_x, train_x = train_x[perm[:n_val]], train_x[perm[n_val:]]
+    if hasattr(model, "dataset_size"):
+        model.dataset_size = int(train_x.shape[0])
+    model.to(device)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    history: list[float] = []
+    best = (-math.inf, None, 0)  # (val ELBO, state dict, epoch)
+    n = train_x.shape[0]
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed + 1)
+        with _progress(progress, description) as bar:
+            task = bar.add_task(description, total=cfg.epochs * steps_per_epoch, loss=math.nan, elbo=math.nan)
+            for epoch in range(cfg.epochs):
+                model.train()
+                order = torch.randperm(n, generator=gen)
+                for i in range(0, n, cfg.batch_size):
+                    xb = train_x[order[i:i + cfg.batch_size]].to(device)
+                    loss, _ = model.loss(xb)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    bar.update(task, advance=1, loss=loss.item())
+                model.eval()
+                score = evaluate_elbo(model, val_x, 1024, device)
+                history.append(score)
+                bar.update(task, elbo=score)
+                if cfg.patience is not None:
+                    if score > best[0]:
+                        best = (score, copy.deepcopy(model.state_dict()), epoch)
+                    elif epoch - best[2] >= cfg.patience:
+                        break
+            if best[1] is not None:
+                model.load_state_dict(best[1])
+            model.eval()
+            test_elbo = evaluate_elbo(model, data.test_x, 1024, device)
+    return test_elbo, history
+
+
+def _freeze(model: nn.Module) -> nn.Module:
+    model.eval()
+    model.requires_grad_(False)  # attacks differentiate w.r.t. inputs only
+    return model
+
+
+def train_or_load(family: ModelFamily, params: dict[str, Any], data: SplitData, cfg: TrainConfig, *,
+                  cache_dir: Path, device: torch.device, retrain: bool = False, progress: bool = True,
+                  dataset_name: str = "") -> TrainedModel:
+    """Return the trained model for (family, params, data, cfg), from the cache when present.
+
+    ``params``: the family's defaults merged with overrides, one value per sweep key. Ready-built
+    families (``trainable=False``) are built and evaluated, never trained or cached. ``retrain=True``
+    trains even when a checkpoint exists (and overwrites it). The returned model is on ``device``, in
+    eval mode, with parameters frozen.
+    """
+    device = torch.device(device)
+    if family.validate is not None:
+        family.validate(params)
+    if not family.trainable:
+        model = family.build(params, data.input_shape).to(device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            elbo = evaluate_elbo(model, data.test_x, 1024, device) if hasattr(model, "loss") else math.nan
+        return TrainedModel(_freeze(model), elbo, 0.0, False, "")
+
+    key = cache_key(family, params, data, cfg, dataset_name)
+    path = Path(cache_dir) / f"{family.name}-{key[:20]}.pt"
+    if path.is_file() and not retrain:
+        try:
+            model, meta = load_checkpoint_file(path, lambda _name: family, device=device,
+                                               expected_input_shape=data.input_shape)
+            return TrainedModel(_freeze(model), float(meta["test_elbo"]), float(meta["train_seconds"]),
+                                True, key, path, list(meta.get("history", [])))
+        except Exception as err:  # a corrupt or stale file is retrained rather than fatal
+            import warnings
+            warnings.warn(f"could not load cached checkpoint {path} ({err}); retraining")
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)  # weight initialisation
+        model = family.build(params, data.input_shape)
+    start = time.perf_counter()
+    label = f"{family.name} " + " ".join(f"{k}={params[k]}" for k in family.sweep if k in params)
+    test_elbo, history = train_model(model, data, cfg, device=device, progress=progress,
+                                     description=label.strip())
+    seconds = time.perf_counter() - start
+    save_checkpoint(path, model, family, params, test_elbo=test_elbo, train_seconds=seconds,
+                    history=history, train_config=asdict(cfg), dataset=dataset_name, cache_key=key,
+                    code_version=CODE_VERSION)
+    return TrainedModel(_freeze(model), test_elbo, seconds, False, key, path, history)

@@ -1,0 +1,115 @@
+"""robbench.api.evaluate: names and parameters validated up front, parameters routed, tidy table out."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+import torch
+
+from robbench import plugins
+from robbench.analytic import LinearGaussianVAE
+from robbench.api import ResultTable, evaluate
+from robbench.hookspecs import hookimpl
+from robbench.protocols import AttackResult
+from robbench.registry import UnknownNameError
+
+
+class OracleAttack:
+    """Exact worst direction of the linear-Gaussian VAE; records the params it was called with."""
+
+    name, description = "oracle_test", "exact worst direction"
+    defaults = {"scale": 1.0}
+    calls: list = []
+
+    def __call__(self, model, x, radius, *, params, generator, init=None):
+        OracleAttack.calls.append(dict(params))
+        delta = params["scale"] * radius.view(-1, 1, 1, 1).to(x) * model.top_direction.view(1, *model.input_shape)
+        return AttackResult(delta, radius.clone())
+
+
+class _Plugin:
+    @hookimpl
+    def register_attacks(self, register):
+        register(OracleAttack())
+
+
+@pytest.fixture
+def oracle_plugin():
+    plugin = _Plugin()
+    plugins.register_plugin(plugin, name="oracle_test_plugin")
+    try:
+        yield
+    finally:
+        plugins.unregister_plugin(plugin)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return LinearGaussianVAE()
+
+
+def test_evaluate_tidy_rows_and_routing(model, oracle_plugin):
+    OracleAttack.calls.clear()
+    x = torch.full((3, 1, 8, 8), 0.5)
+    table = evaluate(model, x, attacks=["oracle_test"], estimators=["margin", "encoder_stats"], r=4.0, seed=1,
+                     attack_params={"oracle_test": {"scale": 1.0}},
+                     estimator_params={"margin": {"tolerance": 0.05, "samples_max": 4096}}, batch_size=2)
+    assert isinstance(table, ResultTable) and len(table) == 6
+    margins = table.select(estimator="margin")
+    assert margins.column("point") == [0, 1, 2] and margins.column("attack") == ["oracle_test"] * 3
+    exact = model.exact_margin(4.0)
+    for row in margins:
+        assert row["margin_lo"] <= exact <= row["margin_hi"]
+    stats_rows = table.select(estimator="encoder_stats")
+    assert stats_rows.column("attack") == [None] * 3  # attack-free estimators run once
+    assert stats_rows.rows[0]["jacobian_frobenius"] == pytest.approx(model.frobenius, rel=1e-5)
+    assert OracleAttack.calls and all(c == {"scale": 1.0} for c in OracleAttack.calls)
+    assert table.columns[:3] == ["attack", "estimator", "point"]
+
+
+def test_evaluate_batching_does_not_change_results(model, oracle_plugin):
+    x = torch.full((2, 1, 8, 8), 0.5)
+    kw = dict(attacks=["oracle_test"], estimators=["margin"], estimator_params={"margin": {"tolerance": 0.1}})
+    a = evaluate(model, x, batch_size=1, **kw)
+    b = evaluate(model, x, **kw)
+    assert a.rows == b.rows
+
+
+def test_evaluate_run_wide_params_reach_estimators(model):
+    x = torch.full((1, 1, 8, 8), 0.5)
+    small_r = evaluate(model, x, attacks=[], estimators=["bound"], r=0.5,
+                       estimator_params={"bound": {"p0_samples": 256}})
+    assert small_r.rows[0]["bound_status"] == "vacuous_p0"
+    overridden = evaluate(model, x, attacks=[], estimators=["bound"], r=0.5,
+                          estimator_params={"bound": {"p0_samples": 256, "r": 2.5}})
+    assert overridden.rows[0]["bound_status"] == "ok"
+
+
+def test_evaluate_validates_before_work(model, oracle_plugin):
+    x = torch.full((1, 1, 8, 8), 0.5)
+    with pytest.raises(UnknownNameError, match="available"):
+        evaluate(model, x, attacks=["oracle_test"], estimators=["nope"])
+    with pytest.raises(UnknownNameError):
+        evaluate(model, x, attacks=["nope"], estimators=["margin"])
+    with pytest.raises(ValueError, match="allowed"):
+        evaluate(model, x, attacks=["oracle_test"], estimators=["margin"], estimator_params={"margin": {"bogus": 1}})
+    with pytest.raises(ValueError, match="tolerance"):
+        evaluate(model, x, attacks=["oracle_test"], estimators=["margin"],
+                 estimator_params={"margin": {"tolerance": 50.0}})
+    with pytest.raises(ValueError, match="not among"):
+        evaluate(model, x, attacks=["oracle_test"], estimators=["margin"], estimator_params={"bound": {}})
+    with pytest.raises(TypeError, match="run-wide"):
+        evaluate(model, x, attacks=["oracle_test"], estimators=["margin"], tolerance=0.1)
+
+
+def test_to_csv_roundtrip(tmp_path):
+    table = ResultTable([{"attack": None, "estimator": "sweep", "point": 0, "sweep_p": [1.0, 0.5], "bound": None},
+                         {"attack": "a", "estimator": "margin", "point": 1, "margin": 0.25}])
+    path = tmp_path / "out.csv"
+    text = table.to_csv(path)
+    assert path.read_text() == text
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert list(rows[0]) == ["attack", "estimator", "point", "sweep_p", "bound", "margin"]
+    assert json.loads(rows[0]["sweep_p"]) == [1.0, 0.5] and rows[0]["bound"] == "" and rows[1]["margin"] == "0.25"

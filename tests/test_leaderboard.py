@@ -1,0 +1,59 @@
+"""Leaderboard aggregation and rendering from stored rows (pure functions, hand-checked numbers)."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+
+import pytest
+
+from robbench.leaderboard import leaderboard_rows, mean_ci, render_csv, render_json, render_markdown
+from robbench.store import ResultRow
+
+
+def _row(model, attack, estimator, point, metrics, status="ok", seed=0, error=None):
+    return ResultRow("k-" + model + attack + estimator, point, model, seed, attack, estimator, status, metrics,
+                     error, 0.5)
+
+
+def _rows():
+    rows = []
+    for p, (margin, bound, sigma) in enumerate([(1.0, 0.5, 0.1), (2.0, 0.9, 0.2), (3.0, 1.6, 0.3)]):
+        rows.append(_row("big", "max_damage", "margin", p, {"margin": margin, "undecided": 0}))
+        rows.append(_row("big", "", "bound", p, {"bound": bound}))
+        rows.append(_row("big", "", "encoder_stats", p, {"min_sigma": sigma, "jacobian_frobenius": 10.0}))
+        rows.append(_row("small", "max_damage", "margin", p, {"margin": margin / 10, "undecided": int(p == 0)}))
+        rows.append(_row("small", "", "bound", p, {"bound": None, "bound_status": "vacuous"}))
+    rows.append(_row("small", "max_damage", "margin", 3, {}, status="error", error="boom"))
+    return rows
+
+
+def test_mean_ci_matches_student_t():
+    mean, lo, hi = mean_ci([1.0, 2.0, 3.0])
+    assert mean == 2.0
+    assert hi - mean == pytest.approx(4.302652729911275 * 1.0 / math.sqrt(3))  # t_{0.975, 2} * sd / sqrt(n)
+    assert math.isnan(mean_ci([5.0])[1])
+
+
+def test_aggregates_per_model_and_attack():
+    records = leaderboard_rows(_rows(), {"a": {"model": "big", "test_elbo": -100.0}})
+    assert [r["model"] for r in records] == ["big", "small"]  # sorted by mean R
+    big, small = records
+    assert big["margin_mean"] == pytest.approx(2.0)
+    assert big["bound_mean"] == pytest.approx(1.0)
+    assert big["pearson"] == pytest.approx(0.9878291611472619)  # numpy.corrcoef([.5,.9,1.6],[1,2,3])
+    assert big["min_sigma_mean"] == pytest.approx(0.2)
+    assert big["test_elbo"] == -100.0 and big["points"] == 3 and big["failed"] == 0
+    assert small["vacuous"] == 3 and "bound_mean" not in small and "pearson" not in small
+    assert small["undecided"] == 1 and small["failed"] == 1 and small["errors"] == ["boom"]
+
+
+def test_renderers_agree():
+    records = leaderboard_rows(_rows())
+    md = render_markdown(records)
+    assert md.splitlines()[0].startswith("| model | attack | mean R | R 95% CI |")
+    assert "| big | max_damage | 2.000 | [-0.484, 4.484] |" in md
+    table = list(csv.DictReader(io.StringIO(render_csv(records))))
+    assert float(table[0]["margin_lo"]) == pytest.approx(records[0]["margin_lo"])
+    assert json.loads(render_json(records))[1]["model"] == "small"

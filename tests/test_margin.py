@@ -1,0 +1,189 @@
+"""Known-answer tests of p_r, the margin bisection and the Theorem 1 bound on the linear-Gaussian VAE.
+
+The attack here is an exact oracle (delta = rho * A's top right singular vector, the worst direction), so
+the estimators are tested in isolation from any real attack. Repetitions over seeds are batched as copies
+of one point with distinct stream ids (independent Monte Carlo streams).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from scipy import stats as sps
+
+from robbench import stats
+from robbench.analytic import LinearGaussianVAE
+from robbench.jacobian import jacobian_frobenius
+from robbench.margin import (bisect_margin, estimate_margin, estimate_probability, n_margin_tests,
+                             SequentialOutcome, sequential_test, latent_params, theorem1_bound)
+from robbench.protocols import AttackResult
+
+
+class OracleAttack:
+    """delta = radius * top_direction: the exact worst perturbation of the linear-Gaussian VAE."""
+
+    name, description, defaults = "oracle", "exact worst direction", {}
+
+    def __call__(self, model, x, radius, *, params, generator, init=None):
+        u = model.top_direction.view(1, *model.input_shape)
+        delta = radius.view(-1, *([1] * (x.dim() - 1))).to(x) * u
+        return AttackResult(delta, radius.clone())
+
+
+@pytest.fixture(scope="module")
+def model() -> LinearGaussianVAE:
+    return LinearGaussianVAE()
+
+
+def copies(n: int) -> torch.Tensor:
+    return torch.full((n, 1, 8, 8), 0.5)
+
+
+def test_probability_interval_contains_exact(model):
+    x = copies(1)
+    for rho in [0.0, 0.4, 0.6, 0.9]:
+        delta = None if rho == 0 else OracleAttack()(model, x, torch.tensor([rho]), params={}, generator=None).delta
+        est = estimate_probability(model, x, delta, r=4.0, n_samples=20000, confidence=0.999, seed=3)
+        exact = model.exact_worst_probability(rho, 4.0)
+        assert float(est.lo) <= exact <= float(est.hi)
+        assert float(est.hi - est.lo) < 0.03
+
+
+def test_sequential_test_stops_early_when_clear(model):
+    x = copies(3)
+    mu, sigma, center = latent_params(model, x, None)
+    mu = mu + torch.tensor([[0.0], [1.0], [10.0]]) * (model.A @ model.top_direction)  # rho = 0, 1, 10
+    out = sequential_test(model, mu, sigma, center, r=4.0, m=0.5, alpha=0.01, schedule=[64, 256, 1024],
+                          seed=0, stream_ids=torch.arange(3))
+    assert out.decision.tolist() == [stats.ROBUST, stats.NOT_ROBUST, stats.NOT_ROBUST]
+    assert out.n.tolist() == [64, 64, 64]
+
+
+def test_bisection_driver_with_deterministic_tests():
+    """With a noiseless test (robust iff radius < true margin), the bracket holds the truth and is
+    narrower than the tolerance; margin 0 and at-cap points are reported as such."""
+    truth = torch.tensor([0.0, 0.37, 2.5, 7.9, 12.0], dtype=torch.float64)
+
+    def test(radius, idx, step):
+        robust = radius < truth[idx] if step > 0 else truth[idx] > 0
+        dec = torch.where(robust, stats.ROBUST, stats.NOT_ROBUST)
+        return SequentialOutcome(dec, robust.long() * 10, torch.full_like(dec, 10))
+
+    res = bisect_margin(test, 5, m=0.5, max_radius=10.0, tolerance=0.01)
+    assert res.n_tests == n_margin_tests(10.0, 0.01) == 2 + 10
+    assert float(res.hi[0]) == 0.0 and float(res.margin[0]) == 0.0
+    assert bool(res.at_cap[4]) and float(res.margin[4]) == 10.0 and float(res.lo[4]) == 10.0
+    for i in (1, 2, 3):
+        assert res.lo[i] <= truth[i] <= res.hi[i]
+        assert res.hi[i] - res.lo[i] <= 0.01
+    assert not res.undecided.any()
+
+
+def test_bisection_undecided_keeps_certified_interval_honest():
+    """An undecided test moves the point estimate but never the certified bounds."""
+    def test(radius, idx, step):
+        dec = torch.where(radius < 1.0, stats.ROBUST, stats.NOT_ROBUST)
+        dec[(radius - 1.25).abs() < 1e-9] = stats.UNDECIDED  # the step at 1.25 hits the cap
+        k = torch.where(radius < 1.0, 10, 0)
+        k[(radius - 1.25).abs() < 1e-9] = 6  # p_hat = 0.6 > m: guessed robust (wrongly)
+        return SequentialOutcome(dec, k, torch.full_like(dec, 10))
+
+    res = bisect_margin(test, 1, m=0.5, max_radius=10.0, tolerance=0.1)
+    assert bool(res.undecided[0])
+    assert float(res.lo[0]) <= 1.0 <= float(res.hi[0])
+
+
+def test_margin_interval_contains_exact_and_is_narrow(model):
+    exact = model.exact_margin(4.0)
+    res = estimate_margin(model, copies(4), OracleAttack(), {}, r=4.0, confidence=0.95, tolerance=0.01,
+                          samples_initial=256, samples_max=2 ** 15, seed=1)
+    assert (res.lo <= exact).all() and (res.hi >= exact).all()
+    assert ((res.hi - res.lo) <= 0.05 * exact).all()  # within a few percent of the margin
+    assert ((res.margin - exact).abs() <= 0.02 * exact).all()
+    assert (res.samples > 0).all() and not res.at_cap.any()
+
+
+def test_margin_coverage_at_least_nominal(model):
+    """Over 60 independent streams, misses of [lo, hi] around the exact margin are no more than a
+    Binomial(60, alpha) allows at the 0.999 level (coverage >= nominal, Bonferroni makes it conservative)."""
+    exact = model.exact_margin(4.0)
+    n, confidence = 60, 0.8
+    res = estimate_margin(model, copies(n), OracleAttack(), {}, r=4.0, confidence=confidence, tolerance=0.05,
+                          samples_initial=64, samples_max=4096, seed=7, point_ids=torch.arange(n))
+    misses = int(((res.lo > exact) | (res.hi < exact)).sum())
+    assert misses <= sps.binom.ppf(0.999, n, 1 - confidence)
+    # and the intervals are informative, not trivially wide
+    assert float((res.hi - res.lo).median()) < 0.2
+
+
+def test_margin_zero_and_cap(model):
+    """r below the minimum r: not r-robust at x itself -> margin 0; r huge -> robust at the cap."""
+    small = estimate_margin(model, copies(2), OracleAttack(), {}, r=0.5, tolerance=0.1, seed=0)
+    assert (small.margin == 0).all() and (small.hi == 0).all() and not small.at_cap.any()
+    big = estimate_margin(model, copies(2), OracleAttack(), {}, r=200.0, max_radius=5.0, tolerance=0.1, seed=0)
+    assert big.at_cap.all() and (big.margin == 5.0).all() and (big.lo == 5.0).all()
+
+
+def test_margin_is_batch_independent(model):
+    a = estimate_margin(model, copies(3), OracleAttack(), {}, r=4.0, tolerance=0.05, seed=2,
+                        point_ids=torch.tensor([5, 6, 7]))
+    b = estimate_margin(model, copies(1), OracleAttack(), {}, r=4.0, tolerance=0.05, seed=2,
+                        point_ids=torch.tensor([6]))
+    assert float(a.lo[1]) == float(b.lo[0]) and float(a.hi[1]) == float(b.hi[0])
+    assert int(a.samples[1]) == int(b.samples[0])
+
+
+def test_warm_start_is_passed_and_shrunk(model):
+    seen = []
+
+    class Recording(OracleAttack):
+        def __call__(self, model, x, radius, *, params, generator, init=None):
+            seen.append((radius.clone(), None if init is None else init.flatten(1).norm(dim=1)))
+            return super().__call__(model, x, radius, params=params, generator=generator, init=init)
+
+    estimate_margin(model, copies(1), Recording(), {}, r=4.0, tolerance=1.0, seed=0)
+    assert len(seen) >= 3
+    for radius, init_norm in seen[1:]:
+        assert init_norm is not None and (init_norm <= radius + 1e-5).all()
+        assert (init_norm > 0).all()
+
+
+# --- Theorem 1 ---------------------------------------------------------------------------------
+def test_theorem1_formula_matches_closed_form(model):
+    for r in (2.5, 4.0):
+        p0 = torch.tensor([model.exact_worst_probability(0.0, r)])
+        jac = jacobian_frobenius(model, copies(1)).value
+        bound, status = theorem1_bound(torch.tensor([model.s]), p0, jac, m=0.5)
+        assert status == ["ok"]
+        assert float(bound) == pytest.approx(model.exact_bound(r), abs=1e-6)
+        assert float(bound) < model.exact_margin(r)  # the bound lies below the exact margin
+
+
+def test_theorem1_bound_from_samples_brackets_closed_form(model):
+    """With CP endpoints of p0 the bound brackets the closed form; with 2^18 samples the point bound
+    is within 1e-3 (its standard error here is ~3e-4)."""
+    r = 2.5
+    n = 2 ** 18
+    est = estimate_probability(model, copies(1), None, r=r, n_samples=n, confidence=0.999, seed=11)
+    exact_p0 = model.exact_worst_probability(0.0, r)
+    assert float(est.lo) <= exact_p0 <= float(est.hi)
+    jac = torch.tensor([model.frobenius])
+    sig = torch.tensor([model.s])
+    lo, _ = theorem1_bound(sig, est.lo, jac)
+    hi, _ = theorem1_bound(sig, est.hi, jac)
+    point, _ = theorem1_bound(sig, est.p, jac)
+    assert float(lo) <= model.exact_bound(r) <= float(hi)
+    assert float(point) == pytest.approx(model.exact_bound(r), abs=1e-3)
+
+
+def test_theorem1_vacuous_cases():
+    bound, status = theorem1_bound(torch.tensor([0.5, 0.0, 0.5, 0.5]), torch.tensor([0.4, 0.9, 0.9, 0.5]),
+                                   torch.tensor([1.0, 1.0, 0.0, 1.0]), m=0.5)
+    assert status == ["vacuous_p0", "vacuous_sigma", "unbounded", "vacuous_p0"]
+    assert torch.isnan(bound).all()
+    # general m: sigma * (probit(p0) - probit(m)) / J
+    bound, status = theorem1_bound(torch.tensor([2.0]), torch.tensor([0.9], dtype=torch.float64), torch.tensor([4.0]), m=0.7)
+    expected = 2.0 * (sps.norm.ppf(0.9) - sps.norm.ppf(0.7)) / 4.0
+    assert status == ["ok"] and float(bound) == pytest.approx(expected, rel=1e-12)
+    assert math.isfinite(expected)

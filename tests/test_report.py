@@ -1,0 +1,288 @@
+"""The report, its figures and the claims, built from a synthetic results database (no training).
+
+The synthetic runs are made so that every claim's answer is known: R, sigma and the likelihood under
+attack grow with beta, ||J_mu||_F shrinks with beta, mu-attacks do more damage than sigma-attacks, the
+bound is a noisy 0.8 * R; but R *shrinks* with tau, so that claim must come out "not supported".
+"""
+from __future__ import annotations
+
+import math
+import random
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+
+from robbench import claims as claims_mod
+from robbench import figures
+from robbench.report import (REPORT_DIR, likelihood_curves_data, load_runs, recon_examples, reference_radius,
+                             likelihood_levels, write_report)
+from robbench.store import ResultRow, ResultStore
+
+BETAS = (0.1, 1.0, 10.0)
+TAUS = (0.0, 0.5, 1.0)
+SEEDS = (0, 1)
+POINTS = tuple(range(8))
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _margin(beta: float, seed: int, point: int) -> float:
+    # grows with beta, with a point/seed wiggle far smaller than the gaps between configurations
+    return 0.5 + 0.4 * math.log10(beta * 10) + 0.01 * point + 0.005 * seed
+
+
+def _rows_beta(rng: random.Random) -> tuple[list[ResultRow], dict]:
+    rows = []
+    lik_jobs = {1.0: [], 2.0: []}
+    for beta in BETAS:
+        label = f"beta_vae(beta={beta})"
+        for seed in SEEDS:
+            for p in POINTS:
+                r = _margin(beta, seed, p)
+                rows.append(ResultRow(f"m-{beta}-{seed}", p, label, seed, "max_damage", "margin", "ok",
+                                      {"margin": r, "margin_lo": r - 0.05, "margin_hi": r + 0.05, "undecided": False,
+                                       "samples": 512}, None, 0.1))
+                vacuous = beta == 0.1 and p == 0 and seed == 0
+                rows.append(ResultRow(f"b-{beta}-{seed}", p, label, seed, "", "bound", "ok",
+                                      {"bound": None if vacuous else 0.8 * r + rng.uniform(-0.02, 0.02),
+                                       "bound_status": "vacuous" if vacuous else "ok", "p0_lo": 0.9,
+                                       "min_sigma": 0.1 * beta ** 0.5, "mean_sigma": 0.2 * beta ** 0.5 + 0.001 * p,
+                                       "jacobian_frobenius": 5.0 / beta ** 0.5 + 0.01 * p}, None, 0.1))
+                grid = [0.5 * k for k in range(11)]
+                p_curve = [1.0 / (1.0 + math.exp(4.0 * (t - r))) for t in grid]
+                rows.append(ResultRow(f"s-{beta}-{seed}", p, label, seed, "max_damage", "sweep", "ok",
+                                      {"sweep_norms": grid, "sweep_p": p_curve,
+                                       "sweep_p_lo": [max(0.0, v - 0.05) for v in p_curve],
+                                       "sweep_p_hi": [min(1.0, v + 0.05) for v in p_curve],
+                                       "sweep_crossing": r, "damage": 1.0}, None, 0.1))
+                for radius, key in ((1.0, f"l1-{beta}-{seed}"), (2.0, f"l2-{beta}-{seed}")):
+                    clean = -100.0
+                    attacked = clean - 30.0 * radius / beta ** 0.5 - 0.1 * p
+                    rows.append(ResultRow(key, p, label, seed, "max_damage", "likelihood", "ok",
+                                          {"loglik_clean": clean, "loglik_attack": attacked,
+                                           "loglik_noise": clean - 5.0 * radius,
+                                           "degradation_attack": abs(attacked - clean) / abs(clean),
+                                           "degradation_noise": 5.0 * radius / 100.0, "damage": 2.0}, None, 0.1))
+                    lik_jobs[radius].append(key)
+    return rows, lik_jobs
+
+
+def _rows_tau() -> list[ResultRow]:
+    rows = []
+    for tau in TAUS:
+        for p in POINTS:
+            r = 2.0 - tau + 0.01 * p  # shrinks with tau: the claim must not be supported
+            rows.append(ResultRow(f"t-{tau}", p, f"sigma_offset_vae(tau={tau})", 0, "max_damage", "margin", "ok",
+                                  {"margin": r, "margin_lo": r - 0.1, "margin_hi": r + 0.1}, None, 0.1))
+    return rows
+
+
+def _rows_routes() -> list[ResultRow]:
+    rows = []
+    for beta in BETAS:
+        for route, scale in (("mu", 3.0), ("sigma", 0.5), ("both", 3.2)):
+            for p in POINTS:
+                rows.append(ResultRow(f"d-{beta}-{route}", p, f"beta_vae(beta={beta})", 0,
+                                      f"max_damage(route={route})", "damage", "ok",
+                                      {"damage": scale + 0.1 * p}, None, 0.1))
+    return rows
+
+
+def _config(**over) -> dict:
+    cfg = {"models": ["beta_vae"], "attacks": ["max_damage"], "estimators": ["margin"], "points": len(POINTS),
+           "model_seeds": list(SEEDS), "r": 4.0, "m": 0.5, "train": {"epochs": 1}, "estimator_params": {}}
+    cfg.update(over)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> Path:
+    """Two run directories under one root (beta sweep + likelihood at two radii; tau; routes)."""
+    root = tmp_path_factory.mktemp("runs")
+    rng = random.Random(0)
+    beta_rows, lik_jobs = _rows_beta(rng)
+    store = ResultStore(root / "beta")
+    store.write(beta_rows)
+    plain = sorted({r.job_key for r in beta_rows if r.estimator != "likelihood"})
+    store.record_run(_config(estimators=["margin", "bound", "sweep"]), plain)
+    for radius in (1.0, 2.0):
+        store.record_run(_config(estimators=["likelihood"],
+                                 estimator_params={"likelihood": {"radius": radius, "noise_sigma": radius / 10}}),
+                         sorted(set(lik_jobs[radius])))
+    store.record_model("k0", "beta_vae(beta=1.0)", 0, {"test_elbo": -120.0})
+    store.close()
+    # arrays for the first margin job of each beta: x, an attacked x, a reconstruction
+    for beta in BETAS:
+        folder = root / "beta" / "arrays" / f"m-{beta}-0"
+        folder.mkdir(parents=True)
+        for p in POINTS[:3]:
+            x = torch.zeros(1, 28, 28)
+            x[0, 8:20, 12:16] = 1.0
+            delta = torch.full_like(x, 0.01 * (p + 1))
+            torch.save({"x": x, "x_adv": (x + delta).clamp(0, 1), "recon_adv": x * 0.8}, folder / f"{p}.pt")
+    store = ResultStore(root / "tau")
+    store.write(_rows_tau())
+    store.record_run(_config(models=["sigma_offset_vae"]), [f"t-{t}" for t in TAUS])
+    store.close()
+    store = ResultStore(root / "routes")
+    store.write(_rows_routes())
+    store.record_run(_config(estimators=["damage"]), sorted({r.job_key for r in _rows_routes()}))
+    store.close()
+    return root
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, f"{path} is not a PNG"
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
+
+
+def test_report_builds_all_figures_and_fills_claims_from_data(runs: Path) -> None:
+    md = write_report(runs)
+    assert md == runs / REPORT_DIR / "report.md"
+    text = md.read_text()
+    pngs = sorted((runs / REPORT_DIR).glob("*.png"))
+    assert [p.stem for p in pngs] == sorted(
+        ["fig1_8_reconstructions", "fig4_damage_by_route", "fig5_7left_sweep", "fig6abc_bound_vs_margin",
+         "fig6def_degradation_vs_margin", "fig7_9b_likelihood", "fig9acd_distributions"])
+    for png in pngs:
+        w, h = _png_size(png)
+        assert w > 200 and h > 150
+        assert f"({png.name})" in text  # linked from the markdown
+    assert "Not produced" not in text
+    html = (runs / REPORT_DIR / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == len(pngs)  # self-contained
+    # the claims table holds the numbers computed from the rows
+    mean_r_01 = sum(_margin(0.1, s, p) for s in SEEDS for p in POINTS) / (len(SEEDS) * len(POINTS))
+    assert f"beta=0.1: {mean_r_01:.3g} [" in text and "claimed increasing: strictly increasing" in text
+    for statement, verdict in (("R grows with β", "supported"), ("grows with the σ offset τ", "not supported")):
+        line = next(ln for ln in text.splitlines() if statement in ln)
+        assert f"| {verdict} |" in line
+
+
+def test_claim_verdicts_and_numbers(runs: Path) -> None:
+    data = load_runs(runs)
+    from robbench.report import claim_rows
+    result = {c.key: c for c in claims_mod.check_claims(claim_rows(data))}
+    assert {k: c.verdict for k, c in result.items()} == {
+        "R_beta": "supported", "R_tau": "not supported", "sigma_beta": "supported", "jacobian_beta": "supported",
+        "routes": "supported", "bound": "supported", "loglik_beta": "supported"}
+    # R vs beta: per-configuration means are the exact means of the stored margins
+    table = result["R_beta"].table
+    for row, beta in zip(table, BETAS):
+        expected = sum(_margin(beta, s, p) for s in SEEDS for p in POINTS) / 16
+        assert row["mean"] == pytest.approx(expected, abs=1e-12)
+        assert row["n"] == 16 and row["lo"] < row["mean"] < row["hi"]
+    # routes: mu 3.0 + 0.1 p against sigma 0.5 + 0.1 p -> paired difference exactly 2.5, zero-width interval
+    for row in result["routes"].table:
+        assert row["diff"] == pytest.approx(2.5) and row["mu"] == pytest.approx(3.35)
+        assert row["both"] == pytest.approx(3.55) and row["estimator"] == "damage"
+    # bound: 47 non-vacuous pairs (one vacuous), strong correlation
+    assert "n=47" in result["bound"].evidence and "1 vacuous" in result["bound"].evidence
+    # likelihood claim reads only the reference radius (1.0): 16 points per beta, not 32
+    assert [row["n"] for row in result["loglik_beta"].table] == [16, 16, 16]
+    assert result["loglik_beta"].table[0]["mean"] == pytest.approx(-100 - 30 / 0.1 ** 0.5 - 0.35)
+
+
+def test_claims_not_tested_and_figures_skipped_without_data(tmp_path: Path) -> None:
+    store = ResultStore(tmp_path)
+    store.write([ResultRow("e", p, "vae", 0, "", "encoder_stats", "ok",
+                           {"min_sigma": 0.1, "mean_sigma": 0.2 + 0.01 * p, "jacobian_frobenius": 3.0}, None, 0.1)
+                 for p in range(4)])
+    store.record_run(_config(models=["vae"], estimators=["encoder_stats"]), ["e"])
+    store.close()
+    text = write_report(tmp_path).read_text()
+    verdicts = {c.key: c.verdict for c in claims_mod.check_claims(load_runs(tmp_path).rows)}
+    assert set(verdicts.values()) == {"not tested in this run"}
+    assert text.count("not tested in this run") == len(verdicts)
+    assert [p.stem for p in (tmp_path / REPORT_DIR).glob("*.png")] == ["fig9acd_distributions"]
+    assert "Not produced: this run has no data for it. To produce it, run estimator sweep" in text
+    assert text.count("Not produced") == 6
+
+
+def test_likelihood_levels_come_from_each_jobs_config(runs: Path) -> None:
+    data = load_runs(runs)
+    levels = likelihood_levels(data)["beta_vae(beta=1.0)"]
+    assert sorted(levels) == [1.0, 2.0]
+    assert reference_radius(levels, 1.0) == 1.0 and reference_radius(levels, 1.7) == 2.0
+    noise, attack, n_levels = likelihood_curves_data(data)
+    assert n_levels == 2
+    lv = {x.level: x.values for x in attack["beta_vae"]["beta_vae(beta=10.0)"]}
+    assert sorted(lv) == [1.0, 2.0] and len(lv[2.0]) == 16
+    assert sorted(x.level for x in noise["beta_vae"]["beta_vae(beta=10.0)"]) == [0.1, 0.2]
+
+
+def test_recon_examples_read_stored_arrays(runs: Path) -> None:
+    examples = recon_examples(load_runs(runs))
+    assert list(examples) == [f"beta_vae(beta={b})" for b in BETAS]
+    ex = examples["beta_vae(beta=1.0)"]
+    assert len(ex) == 3
+    # ||delta|| of point 1 = 0.02 on the 28*28 - 48 pixels that are not already at 1
+    assert ex[1].note.startswith(f"‖δ‖={0.02 * math.sqrt(28 * 28 - 48):.2f}")
+    assert f"R={_margin(1.0, 0, 1):.2f}" in ex[1].note
+
+
+def test_parse_label_and_route() -> None:
+    assert claims_mod.parse_label("beta_vae(beta=1.0)") == ("beta_vae", {"beta": 1.0})
+    assert claims_mod.parse_label("vae") == ("vae", {})
+    assert claims_mod.parse_label("x(a=1, b=relu)") == ("x", {"a": 1.0, "b": "relu"})
+    assert claims_mod.attack_route("max_damage") == "both"
+    assert claims_mod.attack_route("max_damage(route=sigma)") == "sigma"
+    assert claims_mod.attack_route("latent") is None
+
+
+def test_as_image_shapes() -> None:
+    assert figures.as_image(torch.rand(1, 28, 28).numpy()).shape == (28, 28)
+    assert figures.as_image(torch.rand(784).numpy()).shape == (28, 28)
+    assert figures.as_image(torch.rand(3, 32, 32).numpy()).shape == (32, 32, 3)
+    assert figures.as_image(torch.full((4,), 2.0).numpy()).max() == 1.0
+
+
+def test_missing_directory_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="results.sqlite"):
+        write_report(tmp_path)
+
+
+# --- the reproduce command's ready configs ---------------------------------------------------------
+def test_ready_configs_validate_against_the_plugins() -> None:
+    from robbench.config import build_config, model_configs, validate_against_plugins
+    from robbench.plugins import get_registries
+    from robbench.reproduce import EXPERIMENTS, LIKELIHOOD_LEVELS, experiments
+
+    regs = get_registries()
+    for quick in (False, True):
+        exps = {e.name: e for e in experiments(quick=quick, data_dir="/data/mnist")}
+        assert tuple(exps) == EXPERIMENTS
+        for exp in exps.values():
+            for values in exp.configs:
+                cfg = build_config(values)
+                validate_against_plugins(cfg, regs)
+                assert cfg.data_dir == "/data/mnist" and cfg.r == 4.0 and cfg.m == 0.5
+                assert cfg.points == (8 if quick else 25) and len(cfg.model_seeds) == (1 if quick else 3)
+        labels = {m.label for m in model_configs(build_config(exps["beta"].configs[0]), regs)}
+        assert labels == {"beta_vae(beta=0.1)", "beta_vae(beta=1.0)", "beta_vae(beta=10.0)"}
+        labels = {m.label for m in model_configs(build_config(exps["tau"].configs[0]), regs)}
+        assert labels == {f"sigma_offset_vae(tau={t})" for t in (0.0, 0.1, 0.5, 1.0)}
+        assert exps["routes"].configs[0]["attack_params"] == {"max_damage": {"route": ["mu", "sigma", "both"]}}
+    full = experiments()
+    levels = [c["estimator_params"]["likelihood"] for c in full[-1].configs]
+    assert [(lv["radius"], lv["noise_sigma"]) for lv in levels] == list(LIKELIHOOD_LEVELS)
+    # quick overrides touch only the estimators an experiment uses
+    quick = {e.name: e for e in experiments(quick=True)}
+    assert quick["beta"].configs[0]["estimator_params"]["margin"]["samples_max"] == 1024
+    assert "margin" not in (quick["routes"].configs[0].get("estimator_params") or {})
+
+
+def test_reproduce_rejects_unknown_experiment(tmp_path: Path) -> None:
+    import argparse
+
+    from robbench.config import ConfigError
+    from robbench.reproduce import add_arguments, run
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--quick", "--out", str(tmp_path), "--only", "beta,gamma"])
+    with pytest.raises(ConfigError, match="gamma"):
+        run(args)
