@@ -45,7 +45,8 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="robbench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="robbench", description="Benchmark the adversarial robustness of VAEs (Camuto et al., AISTATS 2021).")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run_arguments(sub.add_parser("run", help="train/load models and estimate their robustness"))
     _add_run_arguments(sub.add_parser("train", help="train (or find cached) models without evaluating"))

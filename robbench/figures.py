@@ -139,11 +139,23 @@ class SweepCurve:
     margin: float | None = None
 
 
+def first_crossing(norms: Sequence[float], p: Sequence[float], m: float) -> float | None:
+    """The first norm where the curve p falls to m or below, linearly interpolated; None if it never does."""
+    for j, value in enumerate(p):
+        if value <= m:
+            if j == 0:
+                return float(norms[0])
+            t = (p[j - 1] - m) / (p[j - 1] - value)
+            return float(norms[j - 1] + t * (norms[j] - norms[j - 1]))
+    return None
+
+
 def sweeps(groups: dict[str, dict[str, list[SweepCurve]]], m: float, path: Path) -> Path:
     """Paper Fig. 5 and 7-left. ``groups``: panel title (a model family) -> model label -> one
     SweepCurve per point (same norm grid). Per group two panels: left, one point (the first) per
-    model with its interval band; right, the mean p_r over points with a +-1 sd band. The m line is
-    dashed, the crossings (R along the direction) are marked with dotted verticals."""
+    model with its interval band and the bisection margin R (triangle); right, the mean p_r over points
+    with a +-1 sd band. The m line is dashed; dotted verticals mark where a curve falls to m (left: R
+    along that point's direction; right: where the mean curve does)."""
     fig, axes = plt.subplots(len(groups), 2, figsize=(10, 3.4 * len(groups)), squeeze=False)
     for (title, models), (ax_one, ax_mean) in zip(groups.items(), axes):
         colors = plt.cm.viridis(np.linspace(0.0, 0.9, max(len(models), 1)))
@@ -162,9 +174,9 @@ def sweeps(groups: dict[str, dict[str, list[SweepCurve]]], m: float, path: Path)
             norms = np.asarray(first.norms[:length], dtype=float)
             ax_mean.plot(norms, mean, color=color, label=f"{model} (n={len(curves)})")
             ax_mean.fill_between(norms, np.clip(mean - sd, 0, 1), np.clip(mean + sd, 0, 1), color=color, alpha=0.15)
-            crossings = [c.crossing for c in curves if c.crossing is not None]
-            if crossings:
-                ax_mean.axvline(float(np.mean(crossings)), color=color, linestyle=":")
+            crossing = first_crossing(norms, mean, m)
+            if crossing is not None:
+                ax_mean.axvline(crossing, color=color, linestyle=":")
         for ax, sub in ((ax_one, "one input x, fixed direction"), (ax_mean, "mean ± sd over inputs")):
             ax.axhline(m, color="red", linestyle="--", linewidth=1, label=f"m = {m:g}")
             ax.set_ylim(-0.02, 1.02)
@@ -173,7 +185,7 @@ def sweeps(groups: dict[str, dict[str, list[SweepCurve]]], m: float, path: Path)
             ax.set_title(f"{title}: {sub}", fontsize=9)
             ax.legend(fontsize=7)
     fig.suptitle("p_r versus perturbation size along a fixed attack direction "
-                 "(dotted: where p_r falls to m, i.e. R along that direction; ▼: bisection R)")
+                 "(dotted: where the curve falls to m; ▼: the bisection margin R of that input)")
     fig.tight_layout()
     return _save(fig, path)
 

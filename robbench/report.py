@@ -367,7 +367,7 @@ FIGURES = [
     FigureSpec("fig1_8_reconstructions", "Fig. 1 / 8 — attacked inputs and their reconstructions",
                "Each model block shows the original input, the input perturbed by a maximum-damage attack, and "
                "the reconstruction of the perturbed input; more robust models reconstruct closer to the original.",
-               "the margin estimator's stored arrays (x, x_adv, recon_adv; config key keep_arrays > 0)", _draw_recon),
+               "estimator margin storing its arrays x, x_adv, recon_adv (config key keep_arrays > 0)", _draw_recon),
     FigureSpec("fig4_damage_by_route", "Fig. 4 — damage of attacks on μ, σ or both",
                "Distribution over points of the adversarial damage (L2 distance between the reconstruction of "
                "the attacked input and g(μ(x))) when the attack reaches only μ(x), only σ(x), or both.",
@@ -459,7 +459,7 @@ def build_blocks(data: RunData, out_dir: Path) -> tuple[list[Block], list[Claim]
             blocks.append(Block("p", f"Not drawn: {type(err).__name__}: {err}"))
             continue
         if drawn is None:
-            blocks.append(Block("p", f"Not produced: this run has no data for it. To produce it, run {spec.needs}."))
+            blocks.append(Block("p", f"Not produced: this run has no data for it. It needs {spec.needs}."))
         else:
             png, extra = drawn
             blocks.append(Block("image", text=f"{spec.caption} {extra}".strip(), path=png))

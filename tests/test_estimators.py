@@ -181,3 +181,17 @@ def test_auto_choice_by_size():
     with pytest.raises(ValueError):
         jacobian_frobenius(enc, x, method="bogus")
     assert math.isfinite(float(jacobian_frobenius(enc, x, method="hutchinson").stderr[0]))
+
+
+def test_margin_with_real_max_damage_attack(model):
+    """The built-in maximum-damage attack finds (nearly) the worst direction of the linear model: the
+    upper end is a genuine witness (>= exact margin) and the estimate is within a few percent."""
+    from robbench.plugins import get_registries
+    attack = get_registries().attacks.get("max_damage")
+    ctx = ctx_for(model, "margin", attack, tolerance=0.02, samples_max=2 ** 13)
+    ctx.attack_params = dict(attack.defaults)
+    rows = EST["margin"](ctx, x2())
+    exact = model.exact_margin(4.0)
+    for row in rows:
+        assert row["margin_hi"] >= exact
+        assert row["margin"] == pytest.approx(exact, rel=0.05)

@@ -198,7 +198,7 @@ def test_claims_not_tested_and_figures_skipped_without_data(tmp_path: Path) -> N
     assert set(verdicts.values()) == {"not tested in this run"}
     assert text.count("not tested in this run") == len(verdicts)
     assert [p.stem for p in (tmp_path / REPORT_DIR).glob("*.png")] == ["fig9acd_distributions"]
-    assert "Not produced: this run has no data for it. To produce it, run estimator sweep" in text
+    assert "Not produced: this run has no data for it. It needs estimator sweep" in text
     assert text.count("Not produced") == 6
 
 
