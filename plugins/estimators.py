@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from robbench import stats
+from robbench import montecarlo, stats
 from robbench.hookspecs import hookimpl
 from robbench.jacobian import jacobian_frobenius
 from robbench.margin import estimate_margin, estimate_probability, latent_params, theorem1_bound
@@ -78,10 +78,32 @@ def _margin(ctx: EstimationContext, x: Tensor) -> list[Row]:
         samples_initial=int(p["samples_initial"]), samples_max=int(p["samples_max"]),
         samples_growth=int(p["samples_growth"]), seed=stats.derive_seed(seed, "margin"),
         point_ids=_ids(ctx, x), backend=backend, sigma_at=str(p["sigma_at"]), warm_start=bool(p["warm_start"]),
-        warm_attack_params=_warm_params(ctx, p))
+        warm_attack_params=_warm_params(ctx, p), stop_when_undecided=bool(p["stop_when_undecided"]))
     return [{"margin": _f(res.margin[i]), "margin_lo": _f(res.lo[i]), "margin_hi": _f(res.hi[i]),
              "undecided": bool(res.undecided[i]), "at_cap": bool(res.at_cap[i]), "samples": int(res.samples[i]),
              "p0": _f(res.p0[i])} for i in range(x.shape[0])]
+
+
+def _adversarial_arrays(ctx: EstimationContext, x: Tensor, delta: Tensor) -> list[dict[str, Tensor]]:
+    """Per point: clean input, attacked input and both mean reconstructions (kept for report figures)."""
+    with torch.no_grad():
+        recon = ctx.model.decode(ctx.model.encode(x)[0])
+        recon_adv = ctx.model.decode(ctx.model.encode(x + delta)[0])
+    return [{"x": x[i], "x_adv": x[i] + delta[i], "recon": recon[i], "recon_adv": recon_adv[i]}
+            for i in range(x.shape[0])]
+
+
+def _margin_with_arrays(ctx: EstimationContext, x: Tensor) -> list[Row]:
+    """The margin, plus the attack's worst input at the first radius found not robust (R_hi)."""
+    rows = _margin(ctx, x)
+    if not ctx.params["keep_adversarial"]:
+        return rows
+    radius = torch.tensor([row["margin_hi"] or 0.0 for row in rows], dtype=x.dtype, device=x.device)
+    gen = torch.Generator(device=x.device).manual_seed(stats.derive_seed(_run(ctx)[4], "margin", "arrays"))
+    delta = ctx.attack(ctx.model, x, radius, params=ctx.attack_params, generator=gen).delta.detach()
+    for row, arrays in zip(rows, _adversarial_arrays(ctx, x, delta)):
+        row["_arrays"] = arrays
+    return rows
 
 
 def _warm_params(ctx: EstimationContext, p: dict[str, Any]) -> dict[str, Any]:
@@ -103,6 +125,31 @@ def _validate_margin(params: dict[str, Any]) -> None:
                          f"{params['samples_initial']}, {params['samples_max']}")
     if params["sigma_at"] not in ("clean", "perturbed"):
         raise ValueError(f"sigma_at must be 'clean' or 'perturbed', got {params['sigma_at']!r}")
+
+
+# --- damage at a fixed radius (paper Fig. 4) ---------------------------------------------------
+def _damage(ctx: EstimationContext, x: Tensor) -> list[Row]:
+    """Expected damage E_eta ||g(mu_r + eta * sigma_r) - g(mu(x))|| of the attack at a fixed radius, where
+    (mu_r, sigma_r) follow the attack's ``route`` (both / mu / sigma), next to the same expectation at
+    delta = 0 (what encoder noise alone does)."""
+    r, m, confidence, backend, seed = _run(ctx)
+    p = ctx.params
+    delta, mean_recon_damage = _attack(ctx, x, float(p["radius"]), "damage")
+    route = str(ctx.attack_params.get("route", "both"))
+    engine_seed = stats.derive_seed(seed, "damage")
+    with torch.no_grad():
+        mu_c, sig_c = ctx.model.encode(x)
+        mu_a, sig_a = ctx.model.encode(x + delta)
+        mu_r, sig_r = {"both": (mu_a, sig_a), "mu": (mu_a, sig_c), "sigma": (mu_c, sig_a)}[route]
+        center = ctx.model.decode(mu_c).flatten(1)
+        attacked = montecarlo.sample_distances(ctx.model, mu_r, sig_r, center, int(p["samples"]), seed=engine_seed,
+                                               stream_ids=_ids(ctx, x), backend=backend).mean(1).cpu()
+        clean = montecarlo.sample_distances(ctx.model, mu_c, sig_c, center, int(p["samples"]), seed=engine_seed,
+                                            stream_ids=_ids(ctx, x), backend=backend).mean(1).cpu()
+    norms = delta.flatten(1).norm(dim=1).cpu()
+    arrays = _adversarial_arrays(ctx, x, delta)
+    return [{"damage": _f(attacked[i]), "damage_clean": _f(clean[i]), "damage_mean_recon": _f(mean_recon_damage[i]),
+             "delta_norm": _f(norms[i]), "route": route, "_arrays": arrays[i]} for i in range(x.shape[0])]
 
 
 # --- encoder statistics and the Theorem 1 bound -----------------------------------------------
@@ -254,13 +301,18 @@ def _sweep(ctx: EstimationContext, x: Tensor) -> list[Row]:
 # --- registration ------------------------------------------------------------------------------
 MARGIN_DEFAULTS = {"max_radius": 10.0, "tolerance": 0.05, "rel_tolerance": None, "samples_initial": 128,
                    "samples_max": 8192, "samples_growth": 4, "sigma_at": "clean", "warm_start": True,
-                   "warm_steps": 10, "warm_restarts": 0}
+                   "warm_steps": 10, "warm_restarts": 0, "stop_when_undecided": True}
 
 ESTIMATORS = [
     BuiltinEstimator(
         "margin", "robustness margin R(x) by batched bisection with a sequential Clopper-Pearson test per "
         "radius; margin, [margin_lo, margin_hi] at the run confidence, samples, undecided, at_cap",
-        _margin, dict(MARGIN_DEFAULTS), needs_attack=True, validate=_validate_margin),
+        _margin_with_arrays, {**MARGIN_DEFAULTS, "keep_adversarial": True}, needs_attack=True,
+        validate=_validate_margin),
+    BuiltinEstimator(
+        "damage", "paper Fig. 4: expected damage E||g(mu_r + eta sigma_r) - g(mu(x))|| of the attack at a fixed "
+        "radius along its route (damage), the same at delta = 0 (damage_clean), and ||delta||",
+        _damage, {"radius": 10.0, "samples": 256}, needs_attack=True),
     BuiltinEstimator(
         "bound", "Theorem 1 lower bound min sigma * (probit(p0_lo) - probit(m)) / ||J_mu||_F, with p0_lo the "
         "lower confidence bound of p_r(x, 0); None when vacuous (bound_status says why)",

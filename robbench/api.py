@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from robbench.plugins import get_registries
-from robbench.protocols import EstimationContext, VAEModel
+from robbench.protocols import ARRAYS_KEY, EstimationContext, VAEModel
 
 RUN_WIDE_DEFAULTS: dict[str, Any] = {"r": 4.0, "m": 0.5, "confidence": 0.95, "backend": "auto", "seed": 0}
 ID_COLUMNS = ("attack", "estimator", "point")
@@ -30,6 +30,9 @@ class ResultTable:
     that need no attack; ``point`` is the point's id (its index in ``data`` unless ``point_ids`` given)."""
 
     rows: list[dict[str, Any]] = field(default_factory=list)
+    # Tensors some estimators return for figures (e.g. margin: x, x_adv, recon, recon_adv), keyed by
+    # (attack, estimator, point).
+    arrays: dict[tuple[str | None, str, int], dict[str, Any]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -132,5 +135,8 @@ def evaluate(model: VAEModel, data: Tensor, attacks: Sequence[str] = ("max_damag
                 if len(results) != x.shape[0]:
                     raise RuntimeError(f"estimator {e_name!r} returned {len(results)} rows for {x.shape[0]} points")
                 for pid, metrics in zip(bid.tolist(), results):
+                    arrays = metrics.pop(ARRAYS_KEY, None)
+                    if arrays:
+                        table.arrays[(a_name, e_name, pid)] = arrays
                     table.rows.append({"attack": a_name, "estimator": e_name, "point": pid, **metrics})
     return table

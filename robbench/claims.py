@@ -14,8 +14,8 @@ Verdicts:
 - mu- vs sigma-attacks: *supported* when, for every model, the paired mean damage difference
   (route mu minus route sigma, same points) has a 95% interval above 0; *partly supported* when the
   mean of mu exceeds sigma for most models; otherwise *not supported*.
-- bound vs margin: *supported* when the pooled Pearson rho >= 0.5 with p < 0.05; *partly supported*
-  when rho > 0 with p < 0.05; otherwise *not supported*.
+- bound vs margin: *supported* when the pooled Pearson rho >= 0.5 with p < 0.05 and most models'
+  own rho is positive; *partly supported* when the pooled rho > 0 with p < 0.05; otherwise *not supported*.
 """
 from __future__ import annotations
 
@@ -277,7 +277,10 @@ def bound_claim(rows: list[ResultRow]) -> Claim:
         below = sum(bb <= rr for bb, rr in pairs[model])
         table.append({"config": model, "n": len(b), "pearson": rho, "bound_below_margin": below})
     rho, p = _pearson([p[0] for p in pooled], [p[1] for p in pooled])
-    if math.isfinite(rho) and rho >= 0.5 and p < 0.05:
+    per_model_rho = [t["pearson"] for t in table if math.isfinite(t["pearson"])]
+    # pooling across configurations alone could make a correlation out of between-model differences
+    within = not per_model_rho or sum(r > 0 for r in per_model_rho) > len(per_model_rho) / 2
+    if math.isfinite(rho) and rho >= 0.5 and p < 0.05 and within:
         verdict = SUPPORTED
     elif math.isfinite(rho) and rho > 0 and p < 0.05:
         verdict = PARTLY
@@ -285,7 +288,9 @@ def bound_claim(rows: list[ResultRow]) -> Claim:
         verdict = NOT_SUPPORTED
     below = sum(t["bound_below_margin"] for t in table)
     per_model = "; ".join(f"{t['config']}: ρ={_fmt(t['pearson'])} (n={t['n']})" for t in table)
-    evidence = (f"pooled Pearson ρ={_fmt(rho)} ({_pvalue_text(p)}, n={len(pooled)}); {per_model}; "
+    positive = sum(r > 0 for r in per_model_rho)
+    evidence = (f"pooled Pearson ρ={_fmt(rho)} ({_pvalue_text(p)}, n={len(pooled)}); ρ > 0 within "
+                f"{positive}/{len(per_model_rho)} models: {per_model}; "
                 f"bound ≤ R at {below}/{len(pooled)} points; {vacuous} vacuous bounds left out.")
     return Claim("bound", statement, verdict, evidence, table)
 
@@ -326,7 +331,8 @@ def check_claims(rows: list[ResultRow]) -> list[Claim]:
         routes_claim(rows),
         bound_claim(rows),
         trend_claim(rows, key="loglik_beta",
-                    statement="The likelihood of x under an attacked embedding, log p(x|z*), grows with β.",
+                    statement="The likelihood of x under an attacked embedding, log p(x|z*), grows with β "
+                              "(at the largest attack norm L run).",
                     family="beta_vae", param="beta", metric="loglik_attack", estimators=("likelihood",),
                     direction=+1, symbol="log p(x|z*)", how_to_test=f"estimator likelihood, {beta_cfg}"),
     ]

@@ -199,8 +199,11 @@ def bound_vs_margin(pairs: dict[str, Sequence[tuple[float, float]]], path: Path)
         b = np.array([p[0] for p in pts], dtype=float)
         r = np.array([p[1] for p in pts], dtype=float)
         ax.scatter(b, r, s=12, alpha=0.7)
-        top = float(max(b.max(initial=0.0), r.max(initial=0.0))) * 1.05 or 1.0
-        ax.plot([0, top], [0, top], color="red", linewidth=1, label="y = x")
+        # axes follow the data (the bound is often far below R); y = x is drawn across the bound's range
+        right = float(b.max(initial=0.0)) * 1.1 or 1.0
+        ax.plot([0, right], [0, right], color="red", linewidth=1, label="y = x")
+        ax.set_xlim(0, right)
+        ax.set_ylim(0, max(float(r.max(initial=0.0)), right) * 1.05)
         rho = math.nan
         if len(b) >= 2 and np.ptp(b) > 0:
             slope, intercept = np.polyfit(b, r, 1)

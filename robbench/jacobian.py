@@ -44,7 +44,7 @@ def jacobian_frobenius_exact(model: VAEModel, x: Tensor, *, max_elements: int = 
         xs = x[start:start + chunk].detach()
         try:
             jac = torch.func.vmap(torch.func.jacrev(_mu_single(model)))(xs)  # (b, k, *input_shape)
-            out.append(jac.flatten(1).double().pow(2).sum(1).sqrt())
+            out.append(jac.detach().flatten(1).double().pow(2).sum(1).sqrt())
         except (RuntimeError, NotImplementedError):
             out.append(_exact_by_rows(model, xs))
     return torch.cat(out).cpu()
@@ -60,7 +60,7 @@ def _exact_by_rows(model: VAEModel, x: Tensor) -> Tensor:
         for i in range(mu.shape[1]):
             (g,) = torch.autograd.grad(mu[:, i].sum(), xg, retain_graph=True)
             total += g.flatten(1).double().pow(2).sum(1)
-    return total.sqrt().cpu()
+    return total.detach().sqrt().cpu()
 
 
 def jacobian_frobenius_hutchinson(model: VAEModel, x: Tensor, *, n_probes: int = 64,

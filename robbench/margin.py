@@ -116,7 +116,8 @@ def sequential_test(model: VAEModel, mu: Tensor, sigma: Tensor, center: Tensor, 
 class MarginResult:
     """Per point (B,) tensors, radii in input-space L2 units.
 
-    margin: point estimate (midpoint of the final bisection bracket); lo, hi: the interval that holds
+    margin: point estimate (midpoint of the final bisection bracket, or the radius whose test was
+    undecided when the bisection stops there); lo, hi: the interval that holds
     with the stated confidence (lo moves only on a confident ROBUST decision, hi only on a confident
     NOT_ROBUST one); samples: decoder samples used; undecided: some test hit the sample cap (its side
     was then guessed from the point estimate for ``margin``, but not used for lo/hi); at_cap: still
@@ -144,10 +145,13 @@ def n_margin_tests(max_radius: float, tolerance: float) -> int:
 
 
 def bisect_margin(test: TestFn, batch: int, *, m: float, max_radius: float, tolerance: float,
-                  rel_tolerance: float | None = None) -> MarginResult:
+                  rel_tolerance: float | None = None, stop_when_undecided: bool = False) -> MarginResult:
     """Batched bisection driver. ``test(radius (b,), idx (b,), step)`` decides, for points ``idx``,
     whether p_r at the worst perturbation of norm <= radius exceeds m. A point stops when its bracket
-    is narrower than ``tolerance`` (or ``rel_tolerance`` times its upper end)."""
+    is narrower than ``tolerance`` (or ``rel_tolerance`` times its upper end), or, with
+    ``stop_when_undecided``, at the first radius > 0 whose test hits the sample cap: p_r is then within
+    sampling error of m there, so that radius is the point estimate, and radii closer to the margin
+    would mostly be undecided too (saving their attacks and samples)."""
     n_tests = n_margin_tests(max_radius, tolerance)
     lo = torch.zeros(batch, dtype=torch.float64)
     hi = torch.full((batch,), float(max_radius), dtype=torch.float64)
@@ -187,6 +191,10 @@ def bisect_margin(test: TestFn, batch: int, *, m: float, max_radius: float, tole
         robust, out = run(step, idx, mid)
         lo[idx[robust]] = mid[robust]
         hi[idx[~robust]] = mid[~robust]
+        if stop_when_undecided:
+            unsure = out.decision == stats.UNDECIDED
+            lo[idx[unsure]] = hi[idx[unsure]] = mid[unsure]
+            active[idx[unsure]] = False
         sure_up = out.decision == stats.ROBUST
         sure_down = out.decision == stats.NOT_ROBUST
         lo_c[idx[sure_up]] = torch.maximum(lo_c[idx[sure_up]], mid[sure_up])
@@ -222,7 +230,8 @@ def estimate_margin(model: VAEModel, x: Tensor, attack: Attack, attack_params: d
                     samples_initial: int = 128, samples_max: int = 8192, samples_growth: int = 4,
                     seed: int = 0, point_ids: Tensor | None = None, backend: str = "auto",
                     sigma_at: str = "clean", warm_start: bool = True,
-                    warm_attack_params: dict[str, Any] | None = None) -> MarginResult:
+                    warm_attack_params: dict[str, Any] | None = None,
+                    stop_when_undecided: bool = False) -> MarginResult:
     """Margins of all points of x (B, *input_shape) at once, each with its own confidence interval.
 
     At each radius the attack (its own torch generator, independent of the estimation samples) looks
@@ -263,7 +272,7 @@ def estimate_margin(model: VAEModel, x: Tensor, attack: Attack, attack_params: d
     if sigma_at not in ("clean", "perturbed"):
         raise ValueError(f"sigma_at must be 'clean' or 'perturbed', got {sigma_at!r}")
     return bisect_margin(test, batch, m=m, max_radius=max_radius, tolerance=tolerance,
-                         rel_tolerance=rel_tolerance)
+                         rel_tolerance=rel_tolerance, stop_when_undecided=stop_when_undecided)
 
 
 # --- Theorem 1 ---------------------------------------------------------------------------------

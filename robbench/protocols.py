@@ -157,6 +157,12 @@ class EstimationContext:
     device: torch.device
 
 
+# An estimator may put {name: Tensor} under this key of a point's dict (e.g. the adversarial input and its
+# reconstruction): the runner keeps them as files for the first points and the API as ``ResultTable.arrays``,
+# instead of storing them with the numbers.
+ARRAYS_KEY = "_arrays"
+
+
 class Estimator(Protocol):
     """A registered estimator: returns one flat dict of numbers/strings per point.
 

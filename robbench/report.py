@@ -257,13 +257,12 @@ def degradation_pairs(data: RunData) -> dict[str, list[tuple[float, float]]]:
 
 
 def claim_rows(data: RunData) -> list[ResultRow]:
-    """The rows the claims read: likelihood rows only at each model's reference radius (so results at
-    several attack radii are not pooled)."""
-    default = float(_likelihood_defaults()["radius"])
+    """The rows the claims read: likelihood rows only at each model's largest attack radius (the paper's
+    claim is about large L; results at several radii must not be pooled)."""
     keep: set[str] = set()
     for levels in likelihood_levels(data).values():
         if levels:
-            keep |= {row.job_key for _, _, row in levels[reference_radius(levels, default)]["attack"]}
+            keep |= {row.job_key for _, _, row in levels[max(levels)]["attack"]}
     return [r for r in data.rows if r.estimator != "likelihood" or r.job_key in keep]
 
 

@@ -22,13 +22,8 @@ from robbench.config import (AttackConfig, ConfigError, ModelConfig, RunConfig, 
 from robbench.paths import cache_dir
 from robbench.leaderboard import write_leaderboard
 from robbench.plugins import Registries
-from robbench.protocols import DataOptions, EstimationContext, SplitData
+from robbench.protocols import ARRAYS_KEY, DataOptions, EstimationContext, SplitData
 from robbench.store import ResultRow, ResultStore
-
-
-# An estimator may put {name: Tensor} under this key of a point's dict (e.g. the adversarial input and its
-# reconstruction); the runner saves them for the first ``keep_arrays`` points instead of storing them as numbers.
-ARRAYS_KEY = "_arrays"
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ def test_registered_names_and_flags():
     from robbench.plugins import get_registries
     regs = get_registries()
     expected = {"margin": True, "bound": False, "encoder_stats": False, "min_r": False, "likelihood": True,
-                "sweep": True, "probability": True}
+                "sweep": True, "probability": True, "damage": True}
     for name, needs in expected.items():
         assert regs.estimators.get(name).needs_attack is needs
     with pytest.raises(ValueError, match="tolerance"):
@@ -195,3 +195,45 @@ def test_margin_with_real_max_damage_attack(model):
     for row in rows:
         assert row["margin_hi"] >= exact
         assert row["margin"] == pytest.approx(exact, rel=0.05)
+
+
+@pytest.mark.slow
+def test_bound_below_empirical_margin_on_trained_mnist_beta_vae(tmp_path):
+    """Theorem 1 on a trained MNIST beta-VAE (beta = 1): the bound lies below the empirical margin
+    (max_damage attack) for most points, and the Fig. 6 fit statistics are finite."""
+    from robbench.api import evaluate
+    from robbench.plugins import get_registries
+    from robbench.protocols import DataOptions
+    from robbench.stats import pearson_and_slope
+    from robbench.training import TrainConfig, train_or_load
+
+    regs = get_registries()
+    data = regs.datasets.get("mnist").load(DataOptions(seed=0))
+    family = regs.models.get("beta_vae")
+    trained = train_or_load(family, {**family.defaults, "beta": 1.0}, data, TrainConfig(epochs=5),
+                            cache_dir=tmp_path, device=torch.device("cpu"), progress=False)
+    table = evaluate(trained.model, data.test_x[:25], attacks=["max_damage"], estimators=["margin", "bound"])
+    margins = table.select(estimator="margin").column("margin")
+    bounds = table.select(estimator="bound").column("bound")
+    below = sum(b is not None and b <= r for b, r in zip(bounds, margins))
+    assert below >= 0.8 * len(margins)
+    fit = pearson_and_slope(bounds, margins)
+    assert fit.n >= 20 and math.isfinite(fit.slope)
+
+
+def test_damage_estimator_matches_noncentral_chi(model):
+    """Route mu: ||Delta|| / (w s) is a non-central chi with k dof and non-centrality ||A delta|| / s."""
+    from scipy import stats as sps
+
+    rho = 0.3
+    rows = EST["damage"](ctx_for(model, "damage", OracleAttack(), radius=rho, samples=20000), x2())
+    k, s, w = model.latent_dim, model.s, model.w
+    lam = (model.sigma_max * rho / s) ** 2
+    expected = w * s * sps.ncx2.expect(math.sqrt, args=(k, lam))
+    clean = w * s * sps.chi.mean(k)
+    for row in rows:
+        assert row["damage"] == pytest.approx(expected, rel=0.01)
+        assert row["damage_clean"] == pytest.approx(clean, rel=0.01)
+        assert row["delta_norm"] == pytest.approx(rho, rel=1e-5)
+        arrays = row["_arrays"]
+        assert torch.allclose(arrays["x_adv"] - arrays["x"], rho * model.top_direction.view(1, 8, 8), atol=1e-6)

@@ -94,6 +94,21 @@ def test_bisection_undecided_keeps_certified_interval_honest():
     assert float(res.lo[0]) <= 1.0 <= float(res.hi[0])
 
 
+def test_bisection_stops_at_first_undecided_radius_when_asked():
+    calls = []
+
+    def test(radius, idx, step):
+        calls.append(step)
+        dec = torch.where(radius < 1.0, stats.ROBUST, stats.NOT_ROBUST)
+        dec[(radius - 1.25).abs() < 1e-9] = stats.UNDECIDED
+        return SequentialOutcome(dec, torch.where(radius < 1.0, 10, 4), torch.full_like(dec, 10))
+
+    res = bisect_margin(test, 1, m=0.5, max_radius=10.0, tolerance=0.1, stop_when_undecided=True)
+    assert float(res.margin[0]) == 1.25 and bool(res.undecided[0])
+    assert float(res.lo[0]) == 0.0 and float(res.hi[0]) == 2.5  # certified ends from decided steps only
+    assert calls == [0, 1, 2, 3]  # radii 0, 5, 2.5, 1.25, then stop
+
+
 def test_margin_interval_contains_exact_and_is_narrow(model):
     exact = model.exact_margin(4.0)
     res = estimate_margin(model, copies(4), OracleAttack(), {}, r=4.0, confidence=0.95, tolerance=0.01,
@@ -105,10 +120,10 @@ def test_margin_interval_contains_exact_and_is_narrow(model):
 
 
 def test_margin_coverage_at_least_nominal(model):
-    """Over 60 independent streams, misses of [lo, hi] around the exact margin are no more than a
-    Binomial(60, alpha) allows at the 0.999 level (coverage >= nominal, Bonferroni makes it conservative)."""
+    """Over 200 independent streams, misses of [lo, hi] around the exact margin are no more than a
+    Binomial(200, alpha) allows at the 0.999 level (coverage >= nominal, Bonferroni makes it conservative)."""
     exact = model.exact_margin(4.0)
-    n, confidence = 60, 0.8
+    n, confidence = 200, 0.8
     res = estimate_margin(model, copies(n), OracleAttack(), {}, r=4.0, confidence=confidence, tolerance=0.05,
                           samples_initial=64, samples_max=4096, seed=7, point_ids=torch.arange(n))
     misses = int(((res.lo > exact) | (res.hi < exact)).sum())

@@ -181,9 +181,9 @@ def test_claim_verdicts_and_numbers(runs: Path) -> None:
         assert row["both"] == pytest.approx(3.55) and row["estimator"] == "damage"
     # bound: 47 non-vacuous pairs (one vacuous), strong correlation
     assert "n=47" in result["bound"].evidence and "1 vacuous" in result["bound"].evidence
-    # likelihood claim reads only the reference radius (1.0): 16 points per beta, not 32
+    # likelihood claim reads only the largest attack radius (2.0): 16 points per beta, not 32
     assert [row["n"] for row in result["loglik_beta"].table] == [16, 16, 16]
-    assert result["loglik_beta"].table[0]["mean"] == pytest.approx(-100 - 30 / 0.1 ** 0.5 - 0.35)
+    assert result["loglik_beta"].table[0]["mean"] == pytest.approx(-100 - 60 / 0.1 ** 0.5 - 0.35)
 
 
 def test_claims_not_tested_and_figures_skipped_without_data(tmp_path: Path) -> None:
@@ -286,3 +286,31 @@ def test_reproduce_rejects_unknown_experiment(tmp_path: Path) -> None:
     args = parser.parse_args(["--quick", "--out", str(tmp_path), "--only", "beta,gamma"])
     with pytest.raises(ConfigError, match="gamma"):
         run(args)
+
+
+def test_end_to_end_with_real_estimators(tmp_path: Path) -> None:
+    """A real (tiny) run through the runner and the built-in estimators, then the report: the keys the
+    estimators write are the keys the report reads. The analytic model needs no training."""
+    from rich.console import Console
+
+    from robbench.config import build_config, validate_against_plugins
+    from robbench.plugins import get_registries
+    from robbench.runner import Runner
+
+    regs = get_registries()
+    cfg = build_config({
+        "models": ["linear_gaussian"], "attacks": ["max_damage"], "points": 3,
+        "estimators": ["margin", "bound", "encoder_stats", "sweep", "likelihood"],
+        "attack_params": {"max_damage": {"steps": 5, "eta_samples": 2}},
+        "estimator_params": {"margin": {"tolerance": 0.2, "samples_max": 256, "samples_initial": 64},
+                             "bound": {"p0_samples": 256},
+                             "sweep": {"grid_points": 6, "samples": 64}}})
+    validate_against_plugins(cfg, regs)
+    Runner(cfg, regs, tmp_path / "run", console=Console(quiet=True), progress=False).run().close()
+    text = write_report(tmp_path).read_text()
+    drawn = {p.stem for p in (tmp_path / REPORT_DIR).glob("*.png")}
+    assert {"fig5_7left_sweep", "fig6abc_bound_vs_margin", "fig6def_degradation_vs_margin",
+            "fig7_9b_likelihood", "fig9acd_distributions"} <= drawn
+    for png in drawn:
+        _png_size(tmp_path / REPORT_DIR / f"{png}.png")
+    assert "| linear_gaussian | max_damage |" in text  # the leaderboard
