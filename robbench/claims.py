@@ -14,8 +14,9 @@ Verdicts:
 - mu- vs sigma-attacks: *supported* when, for every model, the paired mean damage difference
   (route mu minus route sigma, same points) has a 95% interval above 0; *partly supported* when the
   mean of mu exceeds sigma for most models; otherwise *not supported*.
-- bound vs margin: *supported* when the pooled Pearson rho >= 0.5 with p < 0.05 and most models'
-  own rho is positive; *partly supported* when the pooled rho > 0 with p < 0.05; otherwise *not supported*.
+- bound vs margin: *supported* when the pooled Pearson rho >= 0.5 with p < 0.05 and the median rho
+  within one configuration is >= 0.5 too; *partly supported* when the pooled rho > 0 with p < 0.05;
+  otherwise *not supported*.
 """
 from __future__ import annotations
 
@@ -277,10 +278,12 @@ def bound_claim(rows: list[ResultRow]) -> Claim:
         below = sum(bb <= rr for bb, rr in pairs[model])
         table.append({"config": model, "n": len(b), "pearson": rho, "bound_below_margin": below})
     rho, p = _pearson([p[0] for p in pooled], [p[1] for p in pooled])
-    per_model_rho = [t["pearson"] for t in table if math.isfinite(t["pearson"])]
-    # pooling across configurations alone could make a correlation out of between-model differences
-    within = not per_model_rho or sum(r > 0 for r in per_model_rho) > len(per_model_rho) / 2
-    if math.isfinite(rho) and rho >= 0.5 and p < 0.05 and within:
+    per_model_rho = sorted(t["pearson"] for t in table if math.isfinite(t["pearson"]))
+    # pooling across configurations alone can make a correlation out of between-model differences, so
+    # the typical correlation within one configuration (the paper's Fig. 6 panels) must be strong too
+    median = per_model_rho[len(per_model_rho) // 2] if len(per_model_rho) % 2 else (
+        sum(per_model_rho[len(per_model_rho) // 2 - 1:len(per_model_rho) // 2 + 1]) / 2 if per_model_rho else rho)
+    if math.isfinite(rho) and rho >= 0.5 and p < 0.05 and median >= 0.5:
         verdict = SUPPORTED
     elif math.isfinite(rho) and rho > 0 and p < 0.05:
         verdict = PARTLY
@@ -288,9 +291,8 @@ def bound_claim(rows: list[ResultRow]) -> Claim:
         verdict = NOT_SUPPORTED
     below = sum(t["bound_below_margin"] for t in table)
     per_model = "; ".join(f"{t['config']}: ρ={_fmt(t['pearson'])} (n={t['n']})" for t in table)
-    positive = sum(r > 0 for r in per_model_rho)
-    evidence = (f"pooled Pearson ρ={_fmt(rho)} ({_pvalue_text(p)}, n={len(pooled)}); ρ > 0 within "
-                f"{positive}/{len(per_model_rho)} models: {per_model}; "
+    evidence = (f"pooled Pearson ρ={_fmt(rho)} ({_pvalue_text(p)}, n={len(pooled)}); median ρ within one "
+                f"configuration {_fmt(median)}: {per_model}; "
                 f"bound ≤ R at {below}/{len(pooled)} points; {vacuous} vacuous bounds left out.")
     return Claim("bound", statement, verdict, evidence, table)
 

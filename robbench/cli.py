@@ -1,4 +1,4 @@
-"""The ``robbench`` command line: run, train, plugins, leaderboard, bench, report.
+"""The ``robbench`` command line: run, train, plugins, leaderboard, bench, report, reproduce.
 
 Every name and value is checked against the registered plugins before any work starts; a bad one
 exits with status 2 and a message saying what is allowed. Precedence: defaults < --config YAML < flags.
@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench_module.add_arguments(bench)
     report = sub.add_parser("report", help="write report.md/.html with the paper's figures for a run directory")
     report.add_argument("run_dir", type=Path)
+    reproduce = sub.add_parser("reproduce", help="run the paper's MNIST experiments and write the report")
+    from robbench import reproduce as reproduce_module
+    reproduce_module.add_arguments(reproduce)
     return parser
 
 
@@ -135,7 +138,8 @@ def cmd_leaderboard(args: argparse.Namespace, console: Console) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    console = Console()
+    # Wide tables stay readable when the output goes to a file or a CI log (rich assumes 80 columns there).
+    console = Console() if sys.stdout.isatty() else Console(width=200)
     try:
         if args.command in ("run", "train"):
             return cmd_run(args, console, evaluate=args.command == "run")
@@ -146,6 +150,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "bench":
             from robbench import bench as bench_module
             return bench_module.run(args)
+        if args.command == "reproduce":
+            from robbench import reproduce as reproduce_module
+            return reproduce_module.run(args)
         if args.command == "report":
             from robbench.report import write_report
             write_report(args.run_dir, console=console)

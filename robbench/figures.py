@@ -72,31 +72,32 @@ class ReconExample:
 
 
 def reconstructions(examples: dict[str, list[ReconExample]], path: Path) -> Path:
-    """Paper Fig. 1/8. One block of three rows per model (original, attacked input, reconstruction of
-    the attacked input), one column per point."""
+    """Paper Fig. 1/8. One row per model; per point a triple (original, attacked input, reconstruction
+    of the attacked input) left to right, as in the paper's Fig. 1, with the note under the triple."""
     models = list(examples)
-    cols = max(len(v) for v in examples.values())
-    rows = 3 * len(models)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols + 1.6, 1.35 * rows), squeeze=False)
-    row_names = ("original", "attacked", "reconstruction")
+    points = max(len(v) for v in examples.values())
+    fig = plt.figure(figsize=(3.3 * points + 1.2, 1.45 * len(models) + 0.6))
+    outer = fig.add_gridspec(len(models), points, wspace=0.12, hspace=0.45)
+    titles = ("original", "attacked", "recon.")
     for i, model in enumerate(models):
-        for j in range(cols):
-            for k in range(3):
-                ax = axes[3 * i + k, j]
+        for j in range(points):
+            if j >= len(examples[model]):
+                continue
+            ex = examples[model][j]
+            inner = outer[i, j].subgridspec(1, 3, wspace=0.04)
+            for k, array in enumerate((ex.x, ex.x_adv, ex.recon_adv)):
+                ax = fig.add_subplot(inner[0, k])
+                img = as_image(array)
+                ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0.0, vmax=1.0)
                 ax.set_xticks([])
                 ax.set_yticks([])
-                if j >= len(examples[model]):
-                    ax.set_visible(False)
-                    continue
-                ex = examples[model][j]
-                img = as_image((ex.x, ex.x_adv, ex.recon_adv)[k])
-                ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0.0, vmax=1.0)
-                if k == 2 and ex.note:
-                    ax.set_xlabel(ex.note, fontsize=7)
-                if j == 0:
-                    ax.set_ylabel(f"{model}\n{row_names[k]}" if k == 1 else row_names[k], fontsize=8)
-    fig.suptitle("Originals, maximum-damage attacked inputs, and reconstructions of the attacked inputs")
-    fig.tight_layout()
+                if i == 0:
+                    ax.set_title(titles[k], fontsize=7)
+                if k == 0 and j == 0:
+                    ax.set_ylabel(_short(model), fontsize=8)
+                if k == 1 and ex.note:
+                    ax.set_xlabel(ex.note.replace("\n", "  "), fontsize=7)
+    fig.suptitle("Originals, maximum-damage attacked inputs, and reconstructions of the attacked inputs", y=0.95)
     return _save(fig, path)
 
 

@@ -13,7 +13,6 @@ import base64
 import html
 import json
 import math
-import sqlite3
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from robbench.claims import (Claim, attack_route, bound_pairs, check_claims, dam
 from robbench.store import ResultRow, ResultStore
 
 REPORT_DIR = "report"
-MAX_RECON_POINTS = 6
+MAX_RECON_POINTS = 4
 LIKELIHOOD_FALLBACK = {"radius": 1.0, "noise_sigma": 0.3}
 
 
@@ -43,6 +42,7 @@ class RunData:
     configs: list[dict[str, Any]]                           # every recorded RunConfig (as dicts)
     job_config: dict[str, dict[str, Any]] = field(default_factory=dict)   # job key -> its RunConfig
     arrays: dict[str, dict[int, Path]] = field(default_factory=dict)      # job key -> point -> .pt file
+    dir_configs: dict[Path, list[dict[str, Any]]] = field(default_factory=dict)  # run dir -> its RunConfigs
 
     @property
     def ok(self) -> list[ResultRow]:
@@ -59,15 +59,6 @@ def find_run_dirs(path: Path) -> list[Path]:
     return found
 
 
-def _recorded_runs(run_dir: Path) -> list[tuple[dict[str, Any], list[str]]]:
-    """Every (config, job keys) the runs table holds, oldest first (read-only)."""
-    conn = sqlite3.connect(f"file:{Path(run_dir) / ResultStore.FILENAME}?mode=ro", uri=True)
-    try:
-        return [(json.loads(c), json.loads(j)) for c, j in conn.execute("SELECT config, jobs FROM runs ORDER BY id")]
-    finally:
-        conn.close()
-
-
 def load_runs(path: Path) -> RunData:
     """Merge the run directories at or below ``path``. A (job, point) result found twice keeps an ok row."""
     run_dirs = find_run_dirs(path)
@@ -81,12 +72,13 @@ def load_runs(path: Path) -> RunData:
                 if key not in rows or (rows[key].status != "ok" and row.status == "ok"):
                     rows[key] = row
             data.models.update(store.models())
+            for config, jobs in store.runs():
+                data.configs.append(config)
+                data.dir_configs.setdefault(run_dir, []).append(config)
+                for job in jobs:
+                    data.job_config[job] = config
         finally:
             store.close()
-        for config, jobs in _recorded_runs(run_dir):
-            data.configs.append(config)
-            for job in jobs:
-                data.job_config[job] = config
         arrays_root = run_dir / "arrays"
         if arrays_root.is_dir():
             for job_dir in sorted(arrays_root.iterdir()):
@@ -309,8 +301,10 @@ def _draw_recon(data: RunData, path: Path) -> tuple[Path, str] | None:
     if not examples:
         return None
     return figures.reconstructions(examples, path), (
-        "Under each triple: the attack norm ‖δ‖ and, where measured, the margin R at that point; the "
-        "reconstruction stays close to the original where ‖δ‖ < R.")
+        "Under each triple: the attack norm ‖δ‖ and, where measured, the margin R at that point. The margin "
+        "estimator keeps the attack at the smallest radius it found not robust (just above R), so every "
+        "reconstruction shows what a just-sufficient attack does; more robust models need visibly larger "
+        "perturbations for the same effect.")
 
 
 def _draw_routes(data: RunData, path: Path) -> tuple[Path, str] | None:
@@ -406,7 +400,7 @@ def _config_summary(data: RunData) -> list[list[str]]:
 
     cells = []
     for run_dir in data.run_dirs:
-        configs = [c for c, _ in _recorded_runs(run_dir)]
+        configs = data.dir_configs.get(run_dir, [])
         if not configs:
             continue
         cells.append([str(run_dir), " ".join(filter(None, [union(configs, "models"), params(configs, "model_params")])),

@@ -123,6 +123,11 @@ class ResultStore:
         cur = self._conn.execute("SELECT model_key, model, model_seed, info FROM models")
         return {key: {"model": label, "model_seed": seed, **json.loads(info)} for key, label, seed, info in cur}
 
+    def runs(self) -> list[tuple[dict[str, Any], list[str]]]:
+        """(config, job keys) of every invocation recorded in this directory, oldest first."""
+        cur = self._conn.execute("SELECT config, jobs FROM runs ORDER BY id")
+        return [(json.loads(config), json.loads(jobs)) for config, jobs in cur]
+
     def latest_run(self) -> tuple[dict[str, Any], list[str]] | None:
         row = self._conn.execute("SELECT config, jobs FROM runs ORDER BY id DESC LIMIT 1").fetchone()
         return (json.loads(row[0]), json.loads(row[1])) if row else None

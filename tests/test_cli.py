@@ -53,5 +53,5 @@ def test_leaderboard_of_a_non_run_directory(tmp_path, capsys):
 def test_console_script_is_installed():
     done = subprocess.run(["robbench", "--help"], capture_output=True, text=True)
     assert done.returncode == 0
-    for command in ("run", "train", "plugins", "leaderboard", "bench", "report"):
+    for command in ("run", "train", "plugins", "leaderboard", "bench", "report", "reproduce"):
         assert command in done.stdout

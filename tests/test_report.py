@@ -260,12 +260,12 @@ def test_ready_configs_validate_against_the_plugins() -> None:
                 cfg = build_config(values)
                 validate_against_plugins(cfg, regs)
                 assert cfg.data_dir == "/data/mnist" and cfg.r == 4.0 and cfg.m == 0.5
-                assert cfg.points == (8 if quick else 25) and len(cfg.model_seeds) == (1 if quick else 3)
+                assert cfg.points == (8 if quick else 25) and len(cfg.model_seeds) == (1 if quick else 5)
         labels = {m.label for m in model_configs(build_config(exps["beta"].configs[0]), regs)}
         assert labels == {"beta_vae(beta=0.1)", "beta_vae(beta=1.0)", "beta_vae(beta=10.0)"}
         labels = {m.label for m in model_configs(build_config(exps["tau"].configs[0]), regs)}
         assert labels == {f"sigma_offset_vae(tau={t})" for t in (0.0, 0.1, 0.5, 1.0)}
-        assert exps["routes"].configs[0]["attack_params"] == {"max_damage": {"route": ["mu", "sigma", "both"]}}
+        assert exps["routes"].configs[0]["attack_params"]["max_damage"]["route"] == ["mu", "sigma", "both"]
     full = experiments()
     levels = [c["estimator_params"]["likelihood"] for c in full[-1].configs]
     assert [(lv["radius"], lv["noise_sigma"]) for lv in levels] == list(LIKELIHOOD_LEVELS)
