@@ -80,8 +80,8 @@ def experiments(*, quick: bool = False, data_dir: str | None = None,
     from robbench.config import load_yaml
 
     extra = dict(overrides or {})
-    if data_dir is not None:
-        extra["data_dir"] = str(data_dir)
+    if data_dir is not None:  # the full MNIST IDX files replace the embedded 5,000 digits
+        extra.update(data_dir=str(data_dir), dataset="mnist_full")
     quick_over = load_yaml(CONFIG_DIR / "quick.yaml") if quick else {}
     out = []
     for name in EXPERIMENTS:

@@ -259,7 +259,7 @@ def test_ready_configs_validate_against_the_plugins() -> None:
             for values in exp.configs:
                 cfg = build_config(values)
                 validate_against_plugins(cfg, regs)
-                assert cfg.data_dir == "/data/mnist" and cfg.r == 4.0 and cfg.m == 0.5
+                assert cfg.data_dir == "/data/mnist" and cfg.dataset == "mnist_full" and cfg.r == 4.0 and cfg.m == 0.5
                 assert cfg.points == (8 if quick else 25) and len(cfg.model_seeds) == (1 if quick else 5)
         labels = {m.label for m in model_configs(build_config(exps["beta"].configs[0]), regs)}
         assert labels == {"beta_vae(beta=0.1)", "beta_vae(beta=1.0)", "beta_vae(beta=10.0)"}
