@@ -4,8 +4,11 @@ Rows are data (:class:`BenchRow`); :func:`render` turns them into a rich table, 
 Standard workload: MLP decoder 10 -> 512 -> 512 -> 784 (ReLU, sigmoid output; seeded random weights),
 B = 64 points, S in {256, 1024, 10^4, 10^5}, r = 4. ``--model module:callable`` benchmarks a user's own
 model (the callable returns an ``nn.Module`` with ``latent_dim`` and ``decoder`` or ``decode``).
-GFLOP counts 2 * (multiply-adds of the decoder's linear layers) per sample; the peak is this machine's
-measured large-GEMM throughput in the precision the backend computes in.
+GFLOP counts 2 * (multiply-adds of the decoder's linear layers) per sample ("effective": work a full
+decode would do); "executed" leaves out the last layers the Lipschitz screen skipped. The peak is this
+machine's measured large-GEMM throughput in the precision of the backend's last layer (hidden layers are
+always fp32). Rechecked: fraction of the bf16 last-layer samples recomputed in fp32; screened: fraction of
+all samples decided with no last-layer work.
 """
 from __future__ import annotations
 
@@ -60,6 +63,9 @@ class BenchRow:
     speedup_vs_torch: float | None
     peak_mem_mib: float
     recheck_fraction: float | None
+    screen: bool = False
+    screened_fraction: float | None = None
+    executed_gflops: float | None = None
 
 
 def decoder_flops(model: nn.Module, D: int) -> float:
@@ -68,6 +74,13 @@ def decoder_flops(model: nn.Module, D: int) -> float:
     if not isinstance(dec, nn.Module):
         return 0.0
     return float(sum(2 * m.in_features * m.out_features for m in dec.modules() if isinstance(m, nn.Linear)))
+
+
+def last_layer_flops(model: nn.Module) -> float:
+    """FLOPs per sample of the decoder's last linear layer (0 when unknown)."""
+    dec = getattr(model, "decoder", None)
+    lins = [m for m in dec.modules() if isinstance(m, nn.Linear)] if isinstance(dec, nn.Module) else []
+    return float(2 * lins[-1].in_features * lins[-1].out_features) if lins else 0.0
 
 
 def measure_peak(dtype: torch.dtype, *, n: int = 2048, k: int = 512, m: int = 768, seconds: float = 1.0) -> float:
@@ -118,7 +131,7 @@ class _PeakRSS:
 
 
 def run_case(model: nn.Module, name: str, backend: str, precision: str, B: int, S: int, radius: float | str,
-             seed: int = 0, repeats: int = 1) -> BenchRow:
+             seed: int = 0, repeats: int = 1, screen: bool = True) -> BenchRow:
     """Time count_within once per repeat (best kept) for one configuration."""
     gen = torch.Generator().manual_seed(seed)
     mu = torch.randn(B, model.latent_dim, generator=gen)
@@ -130,7 +143,7 @@ def run_case(model: nn.Module, name: str, backend: str, precision: str, B: int, 
         r = montecarlo.sample_distances(model, mu, sigma, center, 64, seed=seed + 1).median(1).values
     else:
         r = torch.full((B,), float(radius))
-    best, rech, mem = math.inf, None, 0.0
+    best, rech, mem, screened = math.inf, None, 0.0, None
     for _ in range(repeats):
         with _PeakRSS() as rss:
             t0 = time.perf_counter()
@@ -139,12 +152,16 @@ def run_case(model: nn.Module, name: str, backend: str, precision: str, B: int, 
             else:
                 res = kernels.count_within(model, mu, sigma, center, montecarlo._radius_sq(r, B, mu.device), S,
                                            seed=seed, stream_ids=torch.arange(B), backend=backend,
-                                           precision=precision)
+                                           precision=precision, screen=screen)
                 rech = res.recheck_fraction if precision == "bf16" else None
+                screened = res.screened / res.total if res.total else 0.0
             elapsed = time.perf_counter() - t0
         best, mem = min(best, elapsed), max(mem, rss.peak_mib)
     gflop = decoder_flops(model, D) * B * S / 1e9
-    return BenchRow(name, backend, precision, B, S, D, best, B * S / best, gflop, gflop / best, None, None, mem, rech)
+    executed = gflop - (screened or 0.0) * last_layer_flops(model) * B * S / 1e9
+    return BenchRow(name, backend, precision, B, S, D, best, B * S / best, gflop, gflop / best, None, None, mem, rech,
+                    screen=backend != "torch" and screen, screened_fraction=screened,
+                    executed_gflops=executed / best)
 
 
 def render(rows: list[BenchRow], peaks: dict[str, float]) -> "rich.table.Table":  # noqa: F821
@@ -153,15 +170,18 @@ def render(rows: list[BenchRow], peaks: dict[str, float]) -> "rich.table.Table":
 
     table = Table(title=f"robbench Monte Carlo engine (measured GEMM peak: "
                         + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()) + ")")
-    for head in ("model", "backend", "precision", "B", "S", "D", "time [s]", "samples/s", "GFLOP/s", "% peak",
-                 "speed-up", "peak mem [MiB]", "rechecked"):
+    for head in ("model", "backend", "precision", "screen", "B", "S", "D", "time [s]", "samples/s", "GFLOP/s eff.",
+                 "GFLOP/s exec.", "% peak (eff.)", "speed-up", "peak mem [MiB]", "screened", "rechecked"):
         table.add_column(head, justify="left" if head in ("model", "backend", "precision") else "right")
     for r in rows:
-        table.add_row(r.model, r.backend, r.precision, str(r.B), str(r.S), str(r.D), f"{r.seconds:.3f}",
-                      f"{r.samples_per_s:,.0f}", f"{r.gflops:.1f}",
+        table.add_row(r.model, r.backend, r.precision, "yes" if r.screen else "no", str(r.B), str(r.S), str(r.D),
+                      f"{r.seconds:.3f}", f"{r.samples_per_s:,.0f}", f"{r.gflops:.1f}",
+                      "-" if r.executed_gflops is None else f"{r.executed_gflops:.1f}",
                       "-" if r.peak_fraction is None else f"{100 * r.peak_fraction:.0f}%",
                       "-" if r.speedup_vs_torch is None else f"{r.speedup_vs_torch:.2f}x",
-                      f"{r.peak_mem_mib:.0f}", "-" if r.recheck_fraction is None else f"{100 * r.recheck_fraction:.1f}%")
+                      f"{r.peak_mem_mib:.0f}",
+                      "-" if r.screened_fraction is None else f"{100 * r.screened_fraction:.1f}%",
+                      "-" if r.recheck_fraction is None else f"{100 * r.recheck_fraction:.1f}%")
     return table
 
 
@@ -192,6 +212,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                         "bisection's hardest case) (default: %(default)s)")
     parser.add_argument("--model", help="module:callable returning your own model (default: standard workload)")
     parser.add_argument("--repeats", type=int, default=1, help="runs per row, best kept (default: %(default)s)")
+    parser.add_argument("--screen", choices=["on", "off", "both"], default="on",
+                        help="Lipschitz screen before the last layer for compiled backends (default: %(default)s)")
+    parser.add_argument("--threads", type=int, help="torch/OpenMP threads (default: torch's default)")
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
 
 
@@ -199,6 +222,8 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     console = Console()
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
     model, name = (load_model(args.model), args.model) if args.model else (StandardDecoderVAE(), "standard-mlp")
     backends = args.backend or montecarlo.available_backends()
     if any(b != "torch" for b in backends) and not kernels.cpp_available(warn=True):
@@ -212,14 +237,19 @@ def run(args: argparse.Namespace) -> int:
     for S in (int(s) for s in args.samples.split(",")):
         base = None
         for backend in backends:
+            screens = [True] if backend == "torch" else {"on": [True], "off": [False], "both": [False, True]}[
+                getattr(args, "screen", "on")]
             for precision in (["fp32"] if backend == "torch" else precisions):
-                row = run_case(model, name, backend, precision, args.points, S, radius, repeats=args.repeats)
-                row.peak_fraction = row.gflops / peaks[precision] if row.gflop else None
-                if backend == "torch":
-                    base = row.seconds
-                row.speedup_vs_torch = base / row.seconds if base else None
-                rows.append(row)
-                console.print(f"  {backend}/{precision} S={S}: {row.seconds:.3f} s", style="dim")
+                for screen in screens:
+                    row = run_case(model, name, backend, precision, args.points, S, radius, repeats=args.repeats,
+                                   screen=screen)
+                    row.peak_fraction = row.gflops / peaks[precision] if row.gflop else None
+                    if backend == "torch":
+                        base = row.seconds
+                    row.speedup_vs_torch = base / row.seconds if base else None
+                    rows.append(row)
+                    console.print(f"  {backend}/{precision}{'/screen' if row.screen else ''} S={S}: "
+                                  f"{row.seconds:.3f} s", style="dim")
     console.print(render(rows, peaks))
     if args.json:
         args.json.write_text(json.dumps({"peaks_gflops": peaks, "rows": [asdict(r) for r in rows]}, indent=2))

@@ -5,7 +5,8 @@ The extension is built with ninja on first use (``torch.utils.cpp_extension.load
 fails; when no compiler is available robbench says so once and the engine falls back to ``torch``.
 
 Ops (schemas in ``csrc/cpu/montecarlo_cpu.cpp``):
-- ``robbench::mlp_count(z-free inputs...) -> (counts, rechecked)``: the fused MLP path;
+- ``robbench::mlp_count(z-free inputs...) -> (counts, stats)``: the fused MLP path (Lipschitz screen,
+  bf16 last layer with a rigorous band, fp32 recheck; see ``csrc/common/bounds.h``);
 - ``robbench::mlp_sq_distances(...) -> Tensor``: fp32 squared distances of the same samples;
 - ``robbench::count_le(Tensor y, Tensor center, Tensor r2, int rows_per_point) -> Tensor``: the fused
   distance-threshold-count epilogue for any decoder (generic path);
@@ -116,7 +117,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("robbench::mlp_count")
     def _(mu, sigma, center, r2, ka, kb, n, offset, weights_t, biases, acts, precision, chunk_rows):
-        return mu.new_empty((mu.shape[0],), dtype=torch.int64), mu.new_empty((2,), dtype=torch.int64)
+        return mu.new_empty((mu.shape[0],), dtype=torch.int64), mu.new_empty((3,), dtype=torch.int64)
 
     @torch.library.register_fake("robbench::count_le")
     def _(y, center, r2):
@@ -130,6 +131,7 @@ def _register_fakes() -> None:
 # Typed wrappers
 # ---------------------------------------------------------------------------------------------
 PRECISIONS = {"fp32": 0, "bf16": 1}
+SCREEN_BIT = 2  # op code bit: Lipschitz screen before the last layer
 
 
 def bf16_supported() -> bool:
@@ -142,28 +144,36 @@ def bf16_supported() -> bool:
 
 
 def default_precision() -> str:
-    """fp32 unless ROBBENCH_PRECISION=bf16: the worst-case bf16 band is still too wide to pay off
-    (benchmarks/README.md); decisions are identical either way."""
+    """fp32 unless ROBBENCH_PRECISION=bf16 (and the CPU has native bf16). Decisions are identical either
+    way; with the Lipschitz screen on, the bf16 last layer ties with fp32 at r = 4 and costs ~7 % at the
+    median radius on 2 idle cores (benchmarks/README.md), so it is opt-in."""
     want = os.environ.get("ROBBENCH_PRECISION", "fp32")
     return "bf16" if want == "bf16" and bf16_supported() else "fp32"
 
 
 @dataclass
 class CountResult:
-    """counts: (B,) int64; rechecked: samples recomputed in fp32 after the bf16 pass; bf16_samples:
-    samples that went through the bf16 pass (the op falls back to fp32 when the bound leaves most
-    samples undecided); total: all samples."""
+    """counts: (B,) int64; screened: samples decided "inside" by the Lipschitz screen with no
+    last-layer work; bf16_samples: samples whose last layer went through the bf16 pass (the op returns
+    to the fp32 last layer for the rest of a call when the band leaves most samples undecided);
+    rechecked: bf16-pass samples recomputed in fp32; total: all samples."""
 
     counts: Tensor
     rechecked: int
     bf16_samples: int
     total: int
     precision: str
+    screened: int = 0
 
     @property
     def recheck_fraction(self) -> float:
-        """Fraction of the bf16-pass samples that had to be recomputed in fp32 (0 for fp32)."""
+        """Fraction of the bf16-pass samples that had to be recomputed in fp32 (0 without a bf16 pass)."""
         return self.rechecked / self.bf16_samples if self.bf16_samples else 0.0
+
+    @property
+    def last_layer_fraction(self) -> float:
+        """Fraction of all samples whose last layer was computed at all (bf16 or fp32)."""
+        return 1.0 - self.screened / self.total if self.total else 0.0
 
 
 def normals(ka: Tensor, kb: Tensor, j: Tensor, k: int) -> Tensor:
@@ -173,11 +183,13 @@ def normals(ka: Tensor, kb: Tensor, j: Tensor, k: int) -> Tensor:
 
 def count_within(model: nn.Module, mu: Tensor, sigma: Tensor, center: Tensor, r2: Tensor, n_samples: int, *,
                  seed: int, stream_ids: Tensor, sample_offset: int = 0, backend: str = "cpp",
-                 chunk_size: int | None = None, precision: str | None = None) -> CountResult:
+                 chunk_size: int | None = None, precision: str | None = None,
+                 screen: bool = True) -> CountResult:
     """Compiled count (see montecarlo.count_within; here r2: (B,) float32 squared radii).
     MLP decoders run fully fused; any other decoder is decoded by torch and only the distance /
-    threshold / count epilogue runs compiled. ``precision``: "fp32" or "bf16" (default: see
-    :func:`default_precision`); both give the same decisions as the fp32 torch reference."""
+    threshold / count epilogue runs compiled. ``precision``: "fp32" or "bf16" last layer (default: see
+    :func:`default_precision`); ``screen``: decide samples certainly inside by a Lipschitz bound before
+    the last layer. Every combination gives the same decisions as the fp32 torch reference."""
     from robbench import montecarlo, rng
 
     if backend == "cuda":
@@ -193,8 +205,8 @@ def count_within(model: nn.Module, mu: Tensor, sigma: Tensor, center: Tensor, r2
     if isinstance(plan, montecarlo.MLPPlan):
         counts, stats = torch.ops.robbench.mlp_count(
             mu, sigma, center, r2, ka, kb, n_samples, sample_offset, plan.weights_t, plan.biases, plan.acts,
-            PRECISIONS[precision], rows)
-        return CountResult(counts, int(stats[0]), int(stats[1]), B * n_samples, precision)
+            PRECISIONS[precision] | (SCREEN_BIT if screen else 0), rows)
+        return CountResult(counts, int(stats[0]), int(stats[1]), B * n_samples, precision, int(stats[2]))
     counts = torch.zeros(B, dtype=torch.int64)
     for blk in montecarlo._blocks(B, n_samples, max(rows, montecarlo.MIN_GEMM_ROWS)):
         npts, ns = blk.p1 - blk.p0, blk.s1 - blk.s0

@@ -5,7 +5,9 @@ Samples z_bj = mu_b + eta_bj * sigma_b use the counter-based RNG of :mod:`robben
 not depend on chunking, batching or backend, and ``sample_offset`` continues a stream.
 
 Backends: ``torch`` (pure PyTorch, fp32, the reference), ``cpp`` (compiled CPU op, see
-:mod:`robbench.kernels`), ``cuda``; ``auto`` picks the fastest available for the tensors' device.
+:mod:`robbench.kernels`: same hidden layers, then a Lipschitz screen and a bf16 last layer whose
+rigorous error band decides most samples, fp32 recheck of the rest: identical decisions), ``cuda``;
+``auto`` picks the fastest available for the tensors' device.
 
 Why the torch path is shaped the way it is (it defines "the fp32 computation" the other backends must
 reproduce decision for decision):

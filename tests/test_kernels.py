@@ -90,11 +90,12 @@ CASES = [(seed, shape) for seed in range(4) for shape in (
     dict(k=4, hidden=(32,), d=64, scale=6.0, bias=-3.0),
     dict(k=8, hidden=(96, 64), d=50, final=nn.ReLU),
 )]
+MODES = [("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)]
 
 
 @pytest.mark.parametrize("seed,shape", CASES)
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_counts_equal_reference_with_boundary_radii(seed, shape, precision):
+@pytest.mark.parametrize("precision,screen", MODES)
+def test_counts_equal_reference_with_boundary_radii(seed, shape, precision, screen):
     """Radii are quantiles of the reference's own distances, so samples sit exactly on the boundary."""
     model = MLPVAE(seed=seed, **shape)
     B, n = 6, 240
@@ -104,23 +105,97 @@ def test_counts_equal_reference_with_boundary_radii(seed, shape, precision):
     r = ref_d.sort(1).values[torch.arange(B), (q * (n - 1)).long()]  # an actual sample distance per point
     ref = montecarlo.count_within(model, mu, sigma, center, r, n, seed=seed, backend="torch")
     res = kernels.count_within(model, mu, sigma, center, montecarlo._radius_sq(r, B, mu.device), n, seed=seed,
-                               stream_ids=torch.arange(B), precision=precision, chunk_size=128)
+                               stream_ids=torch.arange(B), precision=precision, screen=screen, chunk_size=128)
     assert torch.equal(res.counts, ref)
     assert (ref_d == r[:, None]).any(1).all()  # each radius is some sample's distance: boundary stress
     assert 0.0 <= res.recheck_fraction <= 1.0
+    assert res.screened + res.bf16_samples <= res.total
+    assert (res.screened == 0) or screen
 
 
-def test_bf16_pass_decides_far_samples_without_recheck():
-    """A radius far outside every sample: the bound decides everything in bf16 (the worst-case bound is
-    ~100x the observed bf16 error on this model, so only radii far from the samples are decided)."""
+def _sq_dists(model, mu, sigma, center, n, seed):
+    """The torch reference's fp32 squared distances (B, n), and the compiled op's (must be identical)."""
+    B = mu.shape[0]
+    ref = torch.empty(B, n)
+    for blk, d2 in montecarlo._torch_sq_distances(model, mu, sigma, center, n, seed, torch.arange(B), 0, 2048):
+        ref[blk.p0:blk.p1, blk.s0:blk.s1] = d2
+    return ref, kernels.sample_sq_distances(model, mu, sigma, center, n, seed=seed, stream_ids=torch.arange(B))
+
+
+@pytest.mark.parametrize("precision,screen", MODES)
+@pytest.mark.parametrize("shape", [dict(k=6, hidden=(40, 48), d=70, scale=3.0, bias=-2.0),
+                                   dict(k=8, hidden=(96, 64), d=50, final=nn.ReLU)])
+def test_squared_radius_one_ulp_either_side_of_a_sample(precision, screen, shape):
+    """The most adversarial radii: r2 equal to a sample's fp32 squared distance (inside) and the next float
+    below it (outside), for many samples at once; chunk sizes exercise row compaction below 64 rows."""
+    model = MLPVAE(seed=3, **shape)
+    B, n = 8, 300
+    mu, sigma, center = _points(model, B, 7)
+    d2, d2_cpp = _sq_dists(model, mu, sigma, center, n, 5)
+    assert torch.equal(d2, d2_cpp)
+    for rank in (1, n // 2, n - 2):
+        exact = d2.sort(1).values[:, rank]
+        for r2 in (exact, torch.nextafter(exact, torch.zeros(())), torch.nextafter(exact, torch.full((), 1e30))):
+            want = (d2 <= r2[:, None]).sum(1)
+            for chunk in (64, 1000):
+                res = kernels.count_within(model, mu, sigma, center, r2.contiguous(), n, seed=5,
+                                           stream_ids=torch.arange(B), precision=precision, screen=screen,
+                                           chunk_size=chunk)
+                assert torch.equal(res.counts, want), (rank, chunk)
+
+
+def test_bf16_band_decides_far_samples_without_recheck():
+    """Radii far outside / inside every sample: the element-wise band decides everything in bf16."""
     model = MLPVAE(scale=3.0, bias=-2.0)
     mu, sigma, center = _points(model, 4, 0)
     d = montecarlo.sample_distances(model, mu, sigma, center, 200, seed=0, backend="torch")
-    for r, expect in ((float(d.max()) * 10, 200),):
+    for r, expect in ((float(d.max()) * 1.5, 200), (float(d.min()) * 0.5, 0)):
         res = kernels.count_within(model, mu, sigma, center, montecarlo._radius_sq(r, 4, mu.device), 200, seed=0,
-                                   stream_ids=torch.arange(4), precision="bf16")
+                                   stream_ids=torch.arange(4), precision="bf16", screen=False)
         assert res.counts.tolist() == [expect] * 4
-        assert res.bf16_samples == 800 and res.recheck_fraction < 0.05
+        assert res.bf16_samples == 800 and res.rechecked == 0 and res.screened == 0
+
+
+def test_bf16_band_width_is_within_a_small_factor_of_the_observed_error():
+    """The band is rigorous but must be useful: on a 3-layer decoder with D = 200, a radius 30% below
+    every sample's distance is decided for every sample without a recheck."""
+    model = MLPVAE(k=10, hidden=(128, 128), d=200, scale=2.0, bias=-1.0, seed=1)
+    mu, sigma, center = _points(model, 4, 2)
+    d = montecarlo.sample_distances(model, mu, sigma, center, 256, seed=1, backend="torch")
+    r = d.min(1).values * 0.7
+    res = kernels.count_within(model, mu, sigma, center, montecarlo._radius_sq(r, 4, mu.device), 256, seed=1,
+                               stream_ids=torch.arange(4), precision="bf16", screen=False)
+    assert res.counts.tolist() == [0] * 4 and res.rechecked == 0
+
+
+def test_screen_decides_radii_beyond_the_lipschitz_bound():
+    """A radius far beyond every sample: all samples are screened (no last-layer work), counts are all n."""
+    model = MLPVAE(scale=0.3)
+    mu, sigma, center = _points(model, 3, 0)
+    plan = montecarlo.decoder_plan(model, center.shape[1])
+    lip = 0.25 * float(torch.linalg.matrix_norm(plan.weights[-1].double(), 2))
+    d = montecarlo.sample_distances(model, mu, sigma, center, 150, seed=2, backend="torch")
+    r = 4.0 * float(d.max()) + lip * 100.0
+    res = kernels.count_within(model, mu, sigma, center, montecarlo._radius_sq(r, 3, mu.device), 150, seed=2,
+                               stream_ids=torch.arange(3), precision="fp32", screen=True)
+    assert res.counts.tolist() == [150] * 3 and res.screened == 450 and res.bf16_samples == 0
+    # a radius inside every sample: the screen (an upper bound) decides nothing, the last layer runs
+    res = kernels.count_within(model, mu, sigma, center, montecarlo._radius_sq(float(d.min()) / 2, 3, mu.device),
+                               150, seed=2, stream_ids=torch.arange(3), precision="fp32", screen=True)
+    assert res.counts.tolist() == [0] * 3 and res.screened == 0
+
+
+def test_gemm_rows_do_not_depend_on_the_other_rows():
+    """The recheck and the compacted fp32 last layer rely on MKL giving a row the same fp32 values whatever
+    the other rows of a GEMM with >= 64 rows are (checked against the full-block product)."""
+    g = torch.Generator().manual_seed(0)
+    for K, N in ((512, 800), (48, 96), (33, 32)):
+        w, b, h = torch.randn(K, N, generator=g), torch.randn(N, generator=g), torch.rand(2048, K, generator=g)
+        full = torch.addmm(b, h, w)
+        for q in (1, 5, 63, 64, 100, 1000, 2047):
+            idx = torch.randperm(2048, generator=g)[:q]
+            hq = torch.cat([h[idx], h.new_zeros(max(0, 64 - q), K)])
+            assert torch.equal(torch.addmm(b, hq, w)[:q], full[idx]), (K, N, q)
 
 
 def test_generic_epilogue_counts():
@@ -159,3 +234,47 @@ def test_auto_backend_and_fallback(monkeypatch):
     assert montecarlo.resolve_backend("auto", torch.device("cpu")) == "torch"
     with pytest.raises(RuntimeError, match="unavailable"):
         montecarlo.resolve_backend("cpp", torch.device("cpu"))
+
+
+def test_bench_rows_report_screen_and_executed_work():
+    """robbench bench's row for a radius beyond every sample: all screened, executed < effective FLOPs."""
+    from robbench import bench
+
+    model = MLPVAE()
+    row = bench.run_case(model, "tiny", "cpp", "fp32", 4, 64, 100.0, screen=True)
+    assert row.screen and row.screened_fraction == 1.0 and row.recheck_fraction is None
+    flops = bench.decoder_flops(model, 70)
+    assert row.gflop == pytest.approx(flops * 4 * 64 / 1e9)
+    assert row.executed_gflops == pytest.approx((flops - bench.last_layer_flops(model)) * 4 * 64 / 1e9 / row.seconds)
+    off = bench.run_case(model, "tiny", "cpp", "bf16", 4, 64, 100.0, screen=False)
+    assert not off.screen and off.screened_fraction == 0.0 and off.recheck_fraction == 0.0
+
+
+class _SeqVAE(nn.Module):
+    def __init__(self, decoder: nn.Sequential, k: int, d: int):
+        super().__init__()
+        self.decoder, self.latent_dim, self.input_shape = decoder, k, (d,)
+
+    def decode(self, z):
+        return self.decoder(z).view(-1, *self.input_shape)
+
+
+@pytest.mark.parametrize("layers", ["linear-sigmoid", "identity-out", "relu-out"])
+def test_counts_equal_reference_for_other_mlp_shapes(layers):
+    """No hidden layer (the last layer's input is z itself), an identity output, a ReLU output."""
+    torch.manual_seed(0)
+    k, d = {"linear-sigmoid": (5, 40), "identity-out": (4, 20), "relu-out": (3, 30)}[layers]
+    dec = {"linear-sigmoid": lambda: nn.Sequential(nn.Linear(k, d), nn.Sigmoid()),
+           "identity-out": lambda: nn.Sequential(nn.Linear(k, 33), nn.ReLU(), nn.Linear(33, d)),
+           "relu-out": lambda: nn.Sequential(nn.Linear(k, 64), nn.ReLU(), nn.Linear(64, d), nn.ReLU())}[layers]()
+    model = _SeqVAE(dec, k, d)
+    B, n = 5, 300
+    mu, sigma, center = _points(model, B, 11)
+    dist = montecarlo.sample_distances(model, mu, sigma, center, n, seed=3)
+    for q in (0.0, 0.5, 1.0):
+        r = dist.quantile(q, dim=1)
+        ref = montecarlo.count_within(model, mu, sigma, center, r, n, seed=3, backend="torch")
+        for precision, screen in MODES:
+            res = kernels.count_within(model, mu, sigma, center, montecarlo._radius_sq(r, B, mu.device), n, seed=3,
+                                       stream_ids=torch.arange(B), precision=precision, screen=screen, chunk_size=100)
+            assert torch.equal(res.counts, ref), (q, precision, screen)

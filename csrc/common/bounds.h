@@ -1,111 +1,91 @@
-// Rigorous per-sample bound on |d_bf16 - d_fp32| for an MLP decoder, and the decision it allows.
+// Certain decisions without the fp32 final layer: a Lipschitz screen and an element-wise bf16 band.
 //
-// Notation (Higham, "Accuracy and Stability of Numerical Algorithms", ch. 2-3): u = 2^-8 is the unit
-// roundoff of bf16, v = 2^-24 that of fp32, g_n = n v / (1 - n v). Exact arithmetic with the fp32
-// weights W_l, b_l defines h_l (h_0 = z, identical in both paths). Per layer with K inputs:
-//   bf16 path  ã = Σ_k Ŵ_jk ĥ_k + b̂_j accumulated in fp32, Ŵ = W(1+ε), b̂ = b(1+ε), |ε| <= u, and
-//              ĥ = h̃(1+ε'), |ε'| <= u2 = 2u + u^2 (rounding of the previous fp32 value to bf16,
-//              counted twice in case a library rounds before and after adding the bias).
-//   => ||ã - a||_2 <= ||W||_2 E + (c + g(1+c)) |||W|||_2 ||h̃|| + (u + g(1+u)) ||b||,
-//      c = (1+u)(1+u2) - 1, g = g_{K+1}, E = ||h̃ - h||, ||h̃|| <= ||ĥ|| / (1 - u2).
-//   fp32 path  ||â - a|| <= ||W||_2 F + g |||W|||_2 ||h_f|| + g ||b||, ||h_f|| <= ||h̃|| + E + F.
-//   ReLU is 1-Lipschitz, sigmoid 1/4-Lipschitz (+ its evaluation error <= 4v per element, <= 4v sqrt(n)).
-//   Last layer, per output j (Cauchy-Schwarz on row j): |ã_j - a_j| <= ||W_j|| (E + (c+g(1+c))||h̃||)
-//      + (u + g(1+u)) |b_j| + u/(1-u) |ã_j| (bf16 output rounding); |â_j - a_j| <= ||W_j|| (F + g||h_f||)
-//      + g |b_j|. With Δ_j their sum, |ỹ_j - ŷ_j| <= Δ_j max_{|t - ã_j| <= Δ_j} σ'(t) + 8v(|ỹ_j| + Δ_j),
-//      where σ'(t) <= min(1/4, e^{-|t|}) and e^{-|t|} <= e^Δ m/(1-m), m = min(ỹ, 1-ỹ) (so no exp is needed).
-//   Distances: the reference d_f^2 = fl(Σ (ŷ - c)^2) lies within a factor 1 ± q, q = g_{D+2}, of
-//      ||ŷ - c||^2, and | ||ŷ - c|| - ||ỹ - c|| | <= E_y = ||ỹ - ŷ||_2.
-// So the fp32 comparison d_f^2 <= r^2 is certainly true when (1+q)(||ỹ-c|| + E_y)^2 < r^2 and certainly
-// false when (1-q)(||ỹ-c|| - E_y)_+^2 > r^2; otherwise the sample is recomputed in fp32.
-// Float evaluation of the bound itself (<= ~10 roundings per term, sums of <= D terms) is covered by
-// inflating E_y by 1e-3 relative and the norms' sums by q.
+// Setting. The hidden layers are computed in fp32 with exactly the reference's ATen calls, so the
+// input h (K,) of the last layer is bit-identical to the reference's. Only the last layer
+// y = act(W h + b) (W: (D, K) rows W_j, act = sigmoid / ReLU / identity) is skipped or approximated.
+// Notation: v = 2^-24 (fp32 unit roundoff), u = 2^-8 (bf16), g_n = n v / (1 - n v) (Higham, "Accuracy
+// and Stability of Numerical Algorithms", Lemma 3.1: a sum of n products in any order and any
+// association, FMA or not, is within g_n Σ|W_jk h_k| of the exact value).
+//
+// The reference.  a_j = W_j h + b_j exactly; its fp32 GEMM gives ã_j with
+//     |ã_j - a_j| <= g_{K+1} (Σ_k |W_jk h_k| + |b_j|) <= g_{K+1} (||W_j|| ||h|| + |b_j|)       (Cauchy-Schwarz)
+// y_j = act~(ã_j), where ATen's sigmoid is within a few ulps of σ: |act~(t) - act(t)| <= ev = 16 v
+// (ReLU / identity: ev = 0). The reference's squared distance fl(Σ_j (y_j - c_j)^2) (D squares, D - 1
+// additions of nonnegative terms, any order) lies in [(1 - q) S, (1 + q) S], S = ||y - c||^2, q = g_{D+2}.
+// So fl(d^2) <= r2 is certainly true when (1 + q) U^2 < r2 for an upper bound U >= ||y - c||, and
+// certainly false when (1 - q) L^2 > r2 for a lower bound L <= ||y - c||.
+//
+// 1. Lipschitz screen (no final layer at all). For any reference hidden vector h_c (we use the
+//    reference hidden vector of mu_b, the point's own latent mean):
+//       ||y - c|| <= ||y - act(a)|| + ||act(a) - act(a_c)|| + ||act(a_c) - c||
+//                 <= sqrt(D) max_j (λ g_{K+1}(||W_j|| ||h|| + |b_j|) + ev) + λ ||W||_2 ||h - h_c|| + off_b,
+//    λ = Lipschitz constant of act (1/4 for sigmoid), ||W||_2 from an SVD in float64 (inflated by
+//    1e-6 relative, far above LAPACK's error), off_b = ||act(W h_c + b) - c_b|| evaluated in float64
+//    (inflated by 1e-9 relative, plus sqrt(D) (λ (K+2) 2^-52 (max_j||W_j|| ||h_c|| + max|b|) + 1e-15)
+//    for the float64 GEMM and exp). Samples with (1 + q) U^2 < r2 are "inside" with no
+//    final-layer work. Only an upper bound exists, so the screen never decides "outside".
+//
+// 2. bf16 band. The final layer of the remaining rows is one bf16 GEMM s = fl_bf16(Σ_k Ŵ_jk ĥ_k) with
+//    Ŵ = bf16(W), ĥ = bf16(h) (round to nearest), products exact in fp32, fp32 accumulation (oneDNN,
+//    AVX512-BF16; subnormals may be flushed: <= 2^-100 absolute in total here), the result rounded to
+//    bf16 (|rounding| <= u |s_j|); then a_j = fl(s_j + b_j) in fp32 (<= v |a_j|). With δW = W - Ŵ and
+//    δh = h - ĥ (both known exactly), Ŵĥ - Wh = -Ŵ δh - δW h, hence by Cauchy-Schwarz per output j:
+//       |a_j - ã_j| <= Δ_j = ||δW_j|| ||h|| + ||Ŵ_j|| (||δh|| + g_K ||ĥ||) + u |s_j| + v |a_j|
+//                           + g_{K+1} (||W_j|| ||h|| + |b_j|) + 2^-100.
+//    The row norms of W, Ŵ, δW are float64 computations inflated by 1e-6; the per-sample squared norms
+//    (||h||^2, ||h - h_c||^2, ||ĥ||^2, ||δh||^2) are fp32 sums of K squares in any order, within a
+//    factor 1 + g_{K+2} of the exact value: they are inflated by 1 + 2 g_{K+2} (norm_slack()).
+//    Through the activation (mean value theorem, ξ between ã_j and a_j): |y_j - ŷ_j| <= e_j =
+//    σ'(ξ) Δ_j + 2 ev, and since |d ln σ'/dt| = |1 - 2σ| <= 1, σ'(ξ) <= σ'(a_j) e^{Δ_j} with
+//    σ'(a_j) = σ(1 - σ) <= ŷ_j (1 - ŷ_j) + 32 v (ŷ_j within ev of σ(a_j)) and e^Δ <= 1 + Δ + Δ^2 for
+//    Δ <= 1; capped at 1/4. (ReLU / identity: e_j = Δ_j.)
+//    Then | ||y - c|| - ||ŷ - c|| | <= ||e||, giving U = ||ŷ - c|| + ||e||, L = (||ŷ - c|| - ||e||)_+.
+//    The per-element terms are evaluated in fp32 (<= 10 roundings each: inflated by 1e-5) and summed in
+//    fp32 in any order (D nonnegative terms: relative error < g_D, inflated by 2 g_{D+2} + 1e-6).
+// Samples that neither bound decides get the reference's own fp32 final layer (recheck).
 #pragma once
 #include <ATen/ATen.h>
 
-#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
 namespace robbench {
 
-struct LayerConst {
-  double spectral = 0;  // upper bound on ||W||_2
-  double abs_norm = 0;  // upper bound on || |W| ||_2
-  double bias_norm = 0;
-  double g = 0;         // g_{K+1}
-  double lipschitz = 1;
-  double act_eval = 0;  // activation evaluation error bound (l2)
-};
-
-struct BoundModel {
+struct LastLayerBound {
   static constexpr double u = 1.0 / 256.0;
-  static constexpr double u2 = 2.0 * u + u * u;
   static constexpr double v = 1.0 / 16777216.0;
-  std::vector<LayerConst> layers;  // all but the last
-  LayerConst last;
-  std::vector<float> row_norm;     // ||W_j|| of the last layer, (D,)
-  std::vector<float> bias_abs;     // |b_j| of the last layer, (D,)
-  int64_t last_act = 0;
-  int64_t D = 0;
-  double q = 0;
+  at::Tensor wt_bf16;             // (K, P) bf16(W^T), for the bf16 GEMM
+  std::vector<float> rW, rdW, rWf, babs, bias;  // (D,): ||Ŵ_j||, ||δW_j||, ||W_j||, |b_j|, b_j
+  double spectral = 0;            // >= ||W[:D]||_2
+  double maxW = 0, maxb = 0;      // max_j ||W_j||, max_j |b_j|
+  double gK = 0, gK1 = 0, q = 0;  // g_K, g_{K+1}, g_{D+2}
+  double lip = 1, ev = 0;         // Lipschitz constant and evaluation error of act
+  int64_t act = 0, K = 0, D = 0, P = 0;
 
   static double gamma(double n) { return n * v / (1.0 - n * v); }
+  // Upper bound on a norm from an fp32 sum of K squares (any order), see above.
+  double norm_up(float sum_sq) const { return std::sqrt(static_cast<double>(sum_sq) * (1 + 2 * gamma(K + 2))); }
+  static LastLayerBound make(const at::Tensor& wt, const at::Tensor& b, int64_t act, int64_t D);
 
-  static LayerConst layer_const(const at::Tensor& wt, const at::Tensor& b, int64_t act) {
-    at::Tensor w = wt.to(at::kDouble).t();  // (out, in)
-    LayerConst c;
-    // LAPACK's SVD in float64 is accurate to ~1e-15 relative; 1e-6 covers it many times over.
-    c.spectral = at::linalg_matrix_norm(w, 2).item<double>() * (1 + 1e-6) + 1e-300;
-    const double fro = at::linalg_matrix_norm(w, "fro").item<double>();
-    const double l1 = w.abs().sum(0).max().item<double>(), linf = w.abs().sum(1).max().item<double>();
-    c.abs_norm = std::min(fro, std::sqrt(l1 * linf)) * (1 + 1e-6);
-    c.bias_norm = b.to(at::kDouble).norm().item<double>() * (1 + 1e-6);
-    c.g = gamma(static_cast<double>(w.size(1) + 1));
-    c.lipschitz = act == 2 ? 0.25 : 1.0;
-    c.act_eval = act == 2 ? 4 * v * std::sqrt(static_cast<double>(w.size(0))) : 0.0;
-    return c;
+  // Screen bound U for one sample: ||h||, ||h - h_c|| (float64), off_b.
+  double screen_upper(double norm_h, double dist_h, double off) const;
+
+  // bf16 band for one sample: s = bf16 GEMM row (P,), a = fl(s + b) (P,), y = act~(a) (P,), cen (D,),
+  // per-sample norms ||h||, ||ĥ||, ||δh||. Returns 1 (inside), 0 (outside) or -1 (undecided).
+  int8_t decide(const at::BFloat16* s, const float* a, const float* y, const float* cen, double norm_h,
+                double norm_hb, double norm_dh, double r2) const;
+
+  // 1 when (1 + q) U^2 < r2 (certainly inside), 0 when (1 - q) L^2 > r2 (certainly outside), else -1.
+  int8_t classify(double upper, double lower, double r2) const {
+    if ((1 + q) * upper * upper * (1 + 1e-12) < r2) return 1;
+    if ((1 - q) * lower * lower * (1 - 1e-12) > r2) return 0;
+    return -1;
   }
-
-  static BoundModel from_weights(const std::vector<at::Tensor>& wts, const std::vector<at::Tensor>& bs,
-                                 const std::vector<int64_t>& acts, int64_t D) {
-    BoundModel m;
-    for (size_t l = 0; l + 1 < wts.size(); ++l) m.layers.push_back(layer_const(wts[l], bs[l], acts[l]));
-    m.last = layer_const(wts.back(), bs.back(), acts.back());
-    at::Tensor wl = wts.back().to(at::kDouble).t().narrow(0, 0, D);  // (D, in)
-    at::Tensor rn = (wl.norm(2, {1}) * (1 + 1e-6)).to(at::kFloat).contiguous();
-    at::Tensor ba = bs.back().narrow(0, 0, D).abs().contiguous();
-    m.row_norm.assign(rn.data_ptr<float>(), rn.data_ptr<float>() + D);
-    m.bias_abs.assign(ba.data_ptr<float>(), ba.data_ptr<float>() + D);
-    m.last_act = acts.back();
-    m.D = D;
-    m.q = gamma(static_cast<double>(D + 2));
-    return m;
-  }
-
-  // Propagate (E, F) through the hidden layers; norms[l] = ||ĥ_l|| (input of layer l, l = 0..L-1).
-  // Returns {E, F, H} at the input of the last layer.
-  void propagate(const double* norms, double* E_out, double* F_out, double* H_out) const {
-    const double c = (1 + u) * (1 + u2) - 1;
-    double E = 0, F = 0;
-    for (size_t l = 0; l < layers.size(); ++l) {
-      const LayerConst& L = layers[l];
-      const double H = norms[l] / (1 - u2);
-      const double Hf = H + E + F;
-      const double eb = L.spectral * E + (c + L.g * (1 + c)) * L.abs_norm * H + (u + L.g * (1 + u)) * L.bias_norm;
-      const double ef = L.spectral * F + L.g * L.abs_norm * Hf + L.g * L.bias_norm;
-      E = L.lipschitz * eb + L.act_eval;
-      F = L.lipschitz * ef + L.act_eval;
-    }
-    *E_out = E;
-    *F_out = F;
-    *H_out = norms[layers.size()] / (1 - u2);
-  }
-
-  // One sample: a = last-layer bf16 pre-activations (P >= D), y = act(a) in fp32 (computed by ATen),
-  // c = centre (D,), norms as in propagate. Returns 1 (inside), 0 (outside) or -1 (recheck in fp32).
-  int8_t decide(const at::BFloat16* a, const float* y, const float* cen, const double* norms, double r2) const;
 };
+
+// Per-row fp32 sums of squares: ||h||^2 and (hc != nullptr) ||h - hc||^2; ||ĥ||^2 and ||h - ĥ||^2.
+void sq_norms(const float* h, const float* hc, int64_t K, float* s2, float* d2);
+void bf16_sq_norms(const float* h, const uint16_t* hb, int64_t K, float* sb, float* sd);
 
 }  // namespace robbench

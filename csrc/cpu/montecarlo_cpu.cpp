@@ -2,12 +2,16 @@
 //
 // mlp_count: for B points, count samples z_bj = mu_b + eta_bj * sigma_b (counter-based RNG, rng.h)
 // whose MLP-decoded output lies within sqrt(r2_b) of center_b; blocks of rows, never B x S x D.
-//   precision 0 ("fp32"): the same ATen calls, block shapes and element alignment as the torch
-//   reference in robbench/montecarlo.py, hence bit-identical squared distances.
-//   precision 1 ("bf16"): bf16 GEMMs (fp32 accumulation, oneDNN/AVX512-BF16), a per-sample rigorous
-//   bound on |d_bf16 - d_fp32| (see bounds.h), and an fp32 recomputation of exactly the samples whose
-//   bf16 distance cannot decide the comparison. Decisions equal precision 0's.
-//   stats = [samples rechecked in fp32, samples that went through the bf16 pass].
+// The hidden layers always run with the same ATen calls, block shapes and element alignment as the
+// torch reference in robbench/montecarlo.py, so the last layer's input is bit-identical to the
+// reference's. `precision` selects how the last layer is done (bounds.h has the analysis):
+//   bit 1 ("screen"): a Lipschitz bound decides "inside" for samples whose hidden vector is close
+//     enough to that of mu_b, with no last-layer work at all;
+//   bit 0 ("bf16"): the remaining samples' last layer is one bf16 GEMM (fp32 accumulation,
+//     oneDNN/AVX512-BF16) with a rigorous element-wise bound on the difference to the fp32 reference;
+//     samples the bound cannot decide are recomputed with the reference's fp32 last layer.
+//   0: the reference's pipeline unchanged. Every mode gives exactly the reference's decisions.
+//   stats = [samples rechecked in fp32, samples through the bf16 last layer, samples screened].
 // mlp_sq_distances: the fp32 squared distances (B, n) of the same samples.
 // count_le: the generic path's fused epilogue (distance, threshold, count) for any decoder output.
 // normals: the RNG itself (tests compare it bit for bit with robbench/rng.py).
@@ -18,8 +22,11 @@
 #include <algorithm>
 #include <cmath>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <vector>
+
+#include <c10/util/BFloat16.h>
 
 #include "common/bounds.h"
 #include "common/rng.h"
@@ -144,29 +151,67 @@ Weights unpack(at::TensorList wts, at::TensorList bs, at::IntArrayRef acts, int6
   return w;
 }
 
-// The bound's constants need an SVD per layer: cache them per weight set. The key includes a checksum
+// The last layer's bound constants need an SVD: cache them per weight set. The key includes a checksum
 // of the values, so a new weight tensor allocated at a freed address cannot hit a stale entry.
-const BoundModel& cached_bound(const Weights& w, int64_t D) {
+std::shared_ptr<const LastLayerBound> cached_bound(const Weights& w, int64_t D) {
   static std::mutex mutex;
-  static std::map<std::vector<double>, BoundModel> cache;
+  static std::map<std::vector<double>, std::shared_ptr<const LastLayerBound>> cache;
   std::vector<double> key{static_cast<double>(D)};
   for (size_t l = 0; l < w.wts.size(); ++l) {
     key.push_back(static_cast<double>(reinterpret_cast<uintptr_t>(w.wts[l].data_ptr())));
     key.push_back(static_cast<double>(w.wts[l].numel()));
-    key.push_back(w.wts[l].to(at::kDouble).sum().item<double>());
-    key.push_back(w.wts[l].to(at::kDouble).abs().sum().item<double>());
-    key.push_back(w.bs[l].to(at::kDouble).sum().item<double>());
+    // float sums (vectorised, no float64 copy): a changed weight set at a reused address would have to
+    // keep both sums bit for bit to alias
+    key.push_back(w.wts[l].sum().item<double>());
+    key.push_back(w.wts[l].abs().sum().item<double>());
+    key.push_back(w.bs[l].sum().item<double>());
     key.push_back(static_cast<double>(w.acts[l]));
   }
   std::lock_guard<std::mutex> lock(mutex);
   auto it = cache.find(key);
   if (it == cache.end()) {
     if (cache.size() > 16) cache.clear();
-    it = cache.emplace(key, BoundModel::from_weights(w.wts, w.bs, w.acts, D)).first;
+    auto made = std::make_shared<const LastLayerBound>(
+        LastLayerBound::make(w.wts.back(), w.bs.back(), w.acts.back(), D));
+    it = cache.emplace(key, std::move(made)).first;
   }
   return it->second;
 }
 
+// Hidden layers (all but the last) with the reference's ATen calls: (rows, K) fp32.
+at::Tensor hidden_fp32(const at::Tensor& z, const Weights& w) {
+  at::Tensor h = z;
+  for (size_t l = 0; l + 1 < w.wts.size(); ++l) {
+    h = at::addmm(w.bs[l], h, w.wts[l]);
+    activate_(h, w.acts[l]);
+  }
+  return h;
+}
+
+// The reference's fp32 final layer and distance epilogue for rows idx (block-relative) of h, counted
+// into counts. The GEMM sees >= 64 rows; MKL's result for a row does not depend on the other rows then
+// (tests/test_kernels.py checks this bit for bit against the full-block reference).
+void fp32_final_count(const at::Tensor& h, const std::vector<int64_t>& idx, int64_t m, const Block& blk,
+                      const at::Tensor& center, const at::Tensor& r2, const Weights& w, at::Tensor& counts) {
+  const int64_t q = static_cast<int64_t>(idx.size()), ns = blk.s1 - blk.s0, D = center.size(1);
+  if (q == 0) return;
+  at::Tensor hr = h;
+  at::Tensor rows;
+  if (q == m) {
+    rows = at::arange(m, counts.options());
+  } else {
+    rows = at::from_blob(const_cast<int64_t*>(idx.data()), {q}, at::kLong).clone();
+    hr = h.index_select(0, rows);
+    if (q < kMinGemmRows) hr = at::cat({hr, at::zeros({kMinGemmRows - q, hr.size(1)}, hr.options())});
+  }
+  at::Tensor out = at::addmm(w.bs.back(), hr, w.wts.back());
+  activate_(out, w.acts.back());
+  at::Tensor pts = at::floor_divide(rows, ns) + blk.p0;
+  at::Tensor y = out.narrow(0, 0, q).narrow(1, 0, D);
+  y.sub_(center.index_select(0, pts));
+  at::Tensor inside = (y.mul_(y).sum(1) <= r2.index_select(0, pts));
+  counts.index_add_(0, pts, inside.to(at::kLong));
+}
 }  // namespace
 
 at::Tensor normals_cpu(const at::Tensor& ka, const at::Tensor& kb, const at::Tensor& j, int64_t k) {
@@ -210,7 +255,7 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
   check_inputs(mu_, sigma_, center_, ka_, kb_);
   TORCH_CHECK(r2_.dim() == 1 && r2_.size(0) == mu_.size(0) && r2_.scalar_type() == at::kFloat,
               "r2 must be (B,) float32");
-  TORCH_CHECK(precision == 0 || precision == 1, "precision must be 0 (fp32) or 1 (bf16 + fp32 recheck)");
+  TORCH_CHECK(precision >= 0 && precision <= 3, "precision must be 0..3 (bit 0: bf16 band, bit 1: screen)");
   TORCH_CHECK(n >= 0 && offset >= 0 && offset + n <= (int64_t(1) << 32), "sample indices must lie in [0, 2^32)");
   at::Tensor mu = mu_.contiguous(), sigma = sigma_.contiguous(), center = center_.contiguous();
   at::Tensor r2 = r2_.contiguous(), ka = ka_.contiguous(), kb = kb_.contiguous();
@@ -219,83 +264,130 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
   at::Tensor counts = at::zeros({B}, mu.options().dtype(at::kLong));
   int64_t* cp = counts.data_ptr<int64_t>();
   const float* r2p = r2.data_ptr<float>();
-  int64_t rechecked = 0, bf16_rows = 0;
-  // The bound is worst-case (all roundings aligned); when it leaves most samples undecided the bf16
-  // pass only adds work, so after the first block the op falls back to fp32 (same decisions).
-  bool use_bf16 = precision == 1;
+  const float* cen = center.data_ptr<float>();
+  int64_t rechecked = 0, bf16_rows = 0, screened = 0;
+  bool use_bf16 = (precision & 1) != 0;
+  bool screen = (precision & 2) != 0;
+  const bool any_bound = use_bf16 || screen;
+  const bool screen_requested = screen;
+  // held by shared_ptr: another thread's call may evict the cache entry meanwhile
+  const std::shared_ptr<const LastLayerBound> bound_ref = any_bound ? cached_bound(w, D) : nullptr;
+  const LastLayerBound* bound = bound_ref.get();
+  const int64_t K = w.wts.back().size(0);
 
-  const BoundModel* bound = nullptr;
-  std::vector<at::Tensor> wts_bf, bs_bf;
-  if (precision == 1) {
-    bound = &cached_bound(w, D);
-    for (size_t l = 0; l < w.wts.size(); ++l) {
-      wts_bf.push_back(w.wts[l].to(at::kBFloat16));
-      bs_bf.push_back(w.bs[l].to(at::kBFloat16));
-    }
+  // Screen constants per point: the reference hidden vector h_c of mu_b and off_b = ||act(W h_c + b) - c_b||
+  // in float64 (bounds.h, part 1).
+  at::Tensor hc;
+  std::vector<double> off(B, 0.0);
+  if (screen_requested && B > 0) {
+    at::Tensor mpad = mu;
+    if (B < kMinGemmRows) mpad = at::cat({mu, at::zeros({kMinGemmRows - B, mu.size(1)}, mu.options())});
+    hc = hidden_fp32(mpad, w).narrow(0, 0, B).contiguous();
+    at::Tensor hcd = hc.to(at::kDouble);
+    at::Tensor ac = at::addmm(w.bs.back().narrow(0, 0, D).to(at::kDouble), hcd,
+                              w.wts.back().narrow(1, 0, D).to(at::kDouble));
+    at::Tensor yc = w.acts.back() == kSigmoid ? ac.sigmoid() : (w.acts.back() == kRelu ? ac.relu() : ac);
+    at::Tensor o = (yc - center.to(at::kDouble)).norm(2, {1}).contiguous();
+    at::Tensor hn = hcd.norm(2, {1}).contiguous();
+    const double sqD = std::sqrt(static_cast<double>(D));
+    for (int64_t b = 0; b < B; ++b)
+      off[b] = o.data_ptr<double>()[b] * (1 + 1e-9) +
+               sqD * (bound->lip * (K + 2) * std::ldexp(1.0, -52) * (bound->maxW * hn.data_ptr<double>()[b] +
+                                                                      bound->maxb) + 1e-15);
   }
 
   for (const Block& blk : make_blocks(B, n, chunk_rows)) {
     const int64_t ns = blk.s1 - blk.s0, m = (blk.p1 - blk.p0) * ns;
     at::Tensor z = latents(mu, sigma, ka.data_ptr<int64_t>(), kb.data_ptr<int64_t>(), blk, offset, kMinGemmRows);
-    if (!use_bf16) {
+    if (!any_bound) {
       at::Tensor d2 = block_sq_fp32(z, center, blk, w.wts, w.bs, w.acts);
       counts.slice(0, blk.p0, blk.p1).add_((d2 <= r2.slice(0, blk.p0, blk.p1).unsqueeze(1)).sum(1));
       continue;
     }
-    // bf16 forward; per row the norm of each hidden layer's input, for the error bound
-    at::Tensor h = z.to(at::kBFloat16);
-    std::vector<at::Tensor> norms;  // (M,) float64 each: ||input of layer l||
-    norms.push_back(z.narrow(0, 0, m).to(at::kDouble).norm(2, {1}));
-    for (size_t l = 0; l < w.wts.size(); ++l) {
-      h = at::addmm(bs_bf[l], h, wts_bf[l]);
-      if (l + 1 < w.wts.size()) {
-        activate_(h, w.acts[l]);
-        norms.push_back(h.narrow(0, 0, m).to(at::kDouble).norm(2, {1}));
-      }
+    at::Tensor h = hidden_fp32(z, w);  // bit-identical to the reference's last-layer input
+    if (!screen && !use_bf16) {
+      std::vector<int64_t> all(m);
+      for (int64_t r = 0; r < m; ++r) all[r] = r;
+      fp32_final_count(h, all, m, blk, center, r2, w, counts);
+      continue;
     }
-    // fused epilogue: activation, distance, bound, decision
-    std::vector<int8_t> decision(m);  // 1 inside, 0 outside, -1 recheck
-    at::Tensor yf = h.to(at::kFloat);
-    activate_(yf, w.acts.back());
-    const float* yp = yf.data_ptr<float>();
-    const at::BFloat16* ap = h.data_ptr<at::BFloat16>();
-    const int64_t P = h.size(1);
-    const float* cen = center.data_ptr<float>();
-    std::vector<const double*> np;
-    for (auto& t : norms) np.push_back(t.data_ptr<double>());
-    at::parallel_for(0, m, 16, [&](int64_t r0, int64_t r1) {
-      std::vector<double> hn(np.size());
+    const float* hp = h.data_ptr<float>();
+    // Lipschitz screen: per row ||h|| and ||h - h_c||
+    std::vector<double> nh(m);
+    std::vector<int8_t> state(m, -1);  // 1 inside (decided), -1 undecided
+    const float* hcp = screen ? hc.data_ptr<float>() : nullptr;
+    at::parallel_for(0, m, 64, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t b = blk.p0 + r / ns;
-        for (size_t l = 0; l < np.size(); ++l) hn[l] = np[l][r];
-        decision[r] = bound->decide(ap + r * P, yp + r * P, cen + b * D, hn.data(), static_cast<double>(r2p[b]));
+        float s2, d2 = 0.f;
+        sq_norms(hp + r * K, screen ? hcp + b * K : nullptr, K, &s2, &d2);
+        nh[r] = bound->norm_up(s2);
+        if (screen) {
+          const double U = bound->screen_upper(nh[r], bound->norm_up(d2), off[b]);
+          state[r] = bound->classify(U, 0.0, static_cast<double>(r2p[b])) == 1 ? 1 : -1;
+        }
+      }
+    });
+    std::vector<int64_t> rest;
+    for (int64_t r = 0; r < m; ++r) {
+      if (state[r] == 1) cp[blk.p0 + r / ns] += 1;
+      else rest.push_back(r);
+    }
+    screened += m - static_cast<int64_t>(rest.size());
+    // A screen that decides little costs more (norms, row gathers) than it saves: off for the rest.
+    if (screen && 8 * (m - static_cast<int64_t>(rest.size())) < m) screen = false;
+    if (!use_bf16 || rest.empty()) {
+      fp32_final_count(h, rest, m, blk, center, r2, w, counts);
+      continue;
+    }
+    // bf16 final layer for the remaining rows, element-wise band (bounds.h, part 2)
+    const int64_t q = static_cast<int64_t>(rest.size()), P = bound->P;
+    at::Tensor hq = h.narrow(0, 0, q);
+    if (q < m) hq = h.index_select(0, at::from_blob(rest.data(), {q}, at::kLong));
+    at::Tensor hb = hq.to(at::kBFloat16);
+    const float* hqp = hq.data_ptr<float>();
+    const uint16_t* hbp = reinterpret_cast<const uint16_t*>(hb.data_ptr<at::BFloat16>());
+    std::vector<double> nhb(q), ndh(q);
+    at::parallel_for(0, q, 64, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        float sb, sd;
+        bf16_sq_norms(hqp + i * K, hbp + i * K, K, &sb, &sd);
+        nhb[i] = bound->norm_up(sb);
+        ndh[i] = bound->norm_up(sd);
+      }
+    });
+    at::Tensor s = at::mm(hb, bound->wt_bf16);                        // (q, P) bf16
+    at::Tensor a = s.to(at::kFloat).add_(w.bs.back());              // fl(s + b)
+    at::Tensor y = a.clone();
+    activate_(y, w.acts.back());
+    const at::BFloat16* sp = s.data_ptr<at::BFloat16>();
+    const float* ap = a.data_ptr<float>();
+    const float* yp = y.data_ptr<float>();
+    std::vector<int8_t> dec(q);
+    at::parallel_for(0, q, 16, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t r = rest[i], b = blk.p0 + r / ns;
+        dec[i] = bound->decide(sp + i * P, ap + i * P, yp + i * P, cen + b * D, nh[r], nhb[i], ndh[i],
+                               static_cast<double>(r2p[b]));
       }
     });
     std::vector<int64_t> redo;
-    for (int64_t r = 0; r < m; ++r) {
-      const int64_t b = blk.p0 + r / ns;
-      if (decision[r] == 1) cp[b] += 1;
-      else if (decision[r] < 0) redo.push_back(r);
+    for (int64_t i = 0; i < q; ++i) {
+      if (dec[i] == 1) cp[blk.p0 + rest[i] / ns] += 1;
+      else if (dec[i] < 0) redo.push_back(rest[i]);
     }
     rechecked += static_cast<int64_t>(redo.size());
-    bf16_rows += m;
-    if (2 * static_cast<int64_t>(redo.size()) > m) use_bf16 = false;
-    if (redo.empty()) continue;
-    // fp32 recomputation of the undecided rows, same ATen path as the reference
-    const int64_t q = static_cast<int64_t>(redo.size());
-    at::Tensor idx = at::from_blob(redo.data(), {q}, at::kLong).clone();
-    at::Tensor zr = z.index_select(0, idx);
-    if (q < kMinGemmRows) zr = at::cat({zr, at::zeros({kMinGemmRows - q, zr.size(1)}, zr.options())});
-    at::Tensor out = mlp_forward_fp32(zr, w.wts, w.bs, w.acts);
-    at::Tensor pts = at::floor_divide(idx, ns) + blk.p0;
-    at::Tensor y = out.narrow(0, 0, q).narrow(1, 0, D);
-    y.sub_(center.index_select(0, pts));
-    at::Tensor inside = (y.mul_(y).sum(1) <= r2.index_select(0, pts));
-    counts.index_add_(0, pts, inside.to(at::kLong));
+    bf16_rows += q;
+    // The band is worst-case: when it leaves more than a quarter of the rows undecided the bf16 pass
+    // (about 0.75 of an fp32 last layer here, conversions included) no longer pays, so the rest of the
+    // call runs the fp32 final layer (same decisions).
+    if (4 * static_cast<int64_t>(redo.size()) > q) use_bf16 = false;
+    fp32_final_count(h, redo, m, blk, center, r2, w, counts);
   }
-  at::Tensor stats = at::empty({2}, counts.options());
+  at::Tensor stats = at::empty({3}, counts.options());
   stats[0] = rechecked;
   stats[1] = bf16_rows;
+  stats[2] = screened;
   return {counts, stats};
 }
 
