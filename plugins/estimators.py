@@ -300,7 +300,7 @@ def _sweep(ctx: EstimationContext, x: Tensor) -> list[Row]:
 
 # --- registration ------------------------------------------------------------------------------
 MARGIN_DEFAULTS = {"max_radius": 10.0, "tolerance": 0.05, "rel_tolerance": None, "samples_initial": 128,
-                   "samples_max": 8192, "samples_growth": 4, "sigma_at": "clean", "warm_start": True,
+                   "samples_max": 32768, "samples_growth": 4, "sigma_at": "clean", "warm_start": True,
                    "warm_steps": 10, "warm_restarts": 0, "stop_when_undecided": True}
 
 ESTIMATORS = [

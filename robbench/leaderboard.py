@@ -150,7 +150,7 @@ def render_rich(records: list[dict[str, Any]], title: str = "robbench leaderboar
     table = Table(title=title, header_style="bold")
     cols = _visible_columns(records)
     for _, header, fmt in cols:
-        table.add_column(header, justify="left" if fmt == "s" else "right", no_wrap=fmt == "s")
+        table.add_column(header, justify="left" if fmt == "s" else "right", no_wrap=fmt in ("s", "ci"))
     for rec in records:
         table.add_row(*(_cell(rec, key, fmt) for key, _, fmt in cols))
     return table

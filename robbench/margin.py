@@ -227,7 +227,7 @@ def fit_warm_start(x: Tensor, delta: Tensor, radius: Tensor) -> Tensor:
 def estimate_margin(model: VAEModel, x: Tensor, attack: Attack, attack_params: dict[str, Any], *,
                     r: float, m: float = 0.5, confidence: float = 0.95, max_radius: float = 10.0,
                     tolerance: float = 0.05, rel_tolerance: float | None = None,
-                    samples_initial: int = 128, samples_max: int = 8192, samples_growth: int = 4,
+                    samples_initial: int = 128, samples_max: int = 32768, samples_growth: int = 4,
                     seed: int = 0, point_ids: Tensor | None = None, backend: str = "auto",
                     sigma_at: str = "clean", warm_start: bool = True,
                     warm_attack_params: dict[str, Any] | None = None,
