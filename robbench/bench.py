@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from robbench import terminal
 from robbench import kernels, montecarlo
 
 STANDARD_SAMPLES = (256, 1024, 10_000, 100_000)
@@ -219,9 +220,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    console = Console()
+    console = terminal.console()
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     model, name = (load_model(args.model), args.model) if args.model else (StandardDecoderVAE(), "standard-mlp")

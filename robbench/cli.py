@@ -15,6 +15,7 @@ from rich.table import Table
 
 from robbench.config import (ConfigError, RunConfig, build_config, load_yaml, parse_param_flag,
                              validate_against_plugins)
+from robbench import terminal
 from robbench.plugins import get_registries
 from robbench.registry import UnknownNameError
 
@@ -138,8 +139,7 @@ def cmd_leaderboard(args: argparse.Namespace, console: Console) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    # Wide tables stay readable when the output goes to a file or a CI log (rich assumes 80 columns there).
-    console = Console() if sys.stdout.isatty() else Console(width=200)
+    console = terminal.console()
     try:
         if args.command in ("run", "train"):
             return cmd_run(args, console, evaluate=args.command == "run")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
+from robbench import terminal
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 EXPERIMENTS = ("beta", "tau", "routes", "likelihood")
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     from robbench.report import write_report
     from robbench.runner import Runner
 
-    console = Console()
+    console = terminal.console()
     out = Path(args.out) if args.out else Path("runs") / ("reproduce-quick" if args.quick else "reproduce")
     only = set(EXPERIMENTS if not getattr(args, "only", None) else [s.strip() for s in args.only.split(",")])
     unknown = only - set(EXPERIMENTS)

@@ -17,6 +17,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from robbench import terminal
 from robbench.config import (AttackConfig, ConfigError, ModelConfig, RunConfig, attack_configs,
                              estimator_params, model_configs, stable_hash)
 from robbench.paths import cache_dir
@@ -88,7 +89,7 @@ class Runner:
     def __init__(self, cfg: RunConfig, regs: Registries, run_dir: Path, *, console: Console | None = None,
                  retrain: bool = False, progress: bool = True):
         self.cfg, self.regs, self.run_dir = cfg, regs, Path(run_dir)
-        self.console = console or Console()
+        self.console = console or terminal.console()
         self.retrain, self.progress = retrain, progress
         self.device = resolve_device(cfg.device)
         self.jobs = plan_jobs(cfg, regs)
@@ -172,6 +173,7 @@ class Runner:
                 bar.update(task, description=name)
                 store.write(self._run_batch(model, model_cfg, job, ids, data))
                 bar.advance(task, len(ids))
+            bar.update(task, description="estimated")
 
     def _run_batch(self, model: torch.nn.Module, model_cfg: ModelConfig, job: Job, ids: list[int],
                    data: SplitData) -> list[ResultRow]:

@@ -21,6 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
+from robbench import terminal
 from robbench.protocols import ModelFamily, SplitData
 
 # Bump when a change to training or to the built-in models changes what a given config trains to.
@@ -173,7 +174,7 @@ def _progress(enabled: bool, description: str):
 
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("loss {task.fields[loss]:>9.2f}  held-out ELBO {task.fields[elbo]:>9.2f}"),
-                    TimeElapsedColumn(), disable=not enabled, transient=False)
+                    TimeElapsedColumn(), console=terminal.console(), disable=not enabled, transient=False)
 
 
 def train_model(model: nn.Module, data: SplitData, cfg: TrainConfig, *, device: torch.device,
