@@ -242,8 +242,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     from robbench import kernels
 
     if backend == "auto":
-        if device.type == "cuda" and kernels.cuda_available():
-            return "cuda"
+        # "cuda" is only used when asked for by name until its kernels have been validated on a GPU.
         if device.type == "cpu" and kernels.cpp_available(warn=True):
             return "cpp"
         return "torch"

@@ -145,7 +145,9 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cuda(const at::Tensor& mu, const at
                                                   int64_t offset, at::TensorList weights_t, at::TensorList biases,
                                                   at::IntArrayRef acts, int64_t precision, int64_t chunk_rows) {
   check_cuda(mu, "mu");
-  TORCH_CHECK(precision == 0 || precision == 1, "precision must be 0 or 1");
+  // Bits 0 (bf16 band) and 1 (Lipschitz screen) only skip work on the CPU; the GPU path always computes
+  // the fp32 last layer, which gives the reference's decisions by definition.
+  TORCH_CHECK(precision >= 0 && precision <= 3, "precision must be 0..3 (bit 0: bf16 band, bit 1: screen)");
   const int64_t B = mu.size(0);
   at::Tensor counts = at::zeros({B}, mu.options().dtype(at::kLong));
   at::Tensor r2c = r2.contiguous();
@@ -157,7 +159,7 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cuda(const at::Tensor& mu, const at
         d2.data_ptr<float>(), r2c.data_ptr<float>(), blk.p0, ns, m,
         reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>()));
   }
-  return {counts, at::zeros({2}, counts.options())};
+  return {counts, at::zeros({3}, counts.options())};  // rechecked, bf16 samples, screened: none here
 }
 
 at::Tensor count_le_cuda(const at::Tensor& y_, const at::Tensor& center_, const at::Tensor& r2_) {
