@@ -106,8 +106,10 @@ class Runner:
             by_model.setdefault(model_key(self.cfg, job.model), []).append(job)
         for model_cfg in model_configs(self.cfg, self.regs):
             jobs = by_model.get(model_key(self.cfg, model_cfg), [])
-            pending = {job.key: [int(p) for p in point_ids if int(p) not in store.done_points(job.key)]
-                       for job in jobs}
+            pending = {}
+            for job in jobs:
+                done = store.done_points(job.key)
+                pending[job.key] = [int(p) for p in point_ids if int(p) not in done]
             if evaluate and not any(pending.values()):
                 self.console.print(f"[dim]{model_cfg.label} seed {model_cfg.seed}: all results stored, skipped[/dim]")
                 continue
@@ -128,32 +130,27 @@ class Runner:
         key = model_key(self.cfg, model_cfg)
         t = self.cfg.train
         self.console.print(f"[bold]{model_cfg.label}[/bold] seed {model_cfg.seed}")
-        if not family.trainable:  # ready-built (analytic or loaded from a file): nothing to train
-            try:
-                model = family.build(dict(model_cfg.params), data.input_shape)
-            except Exception as err:
-                store.record_model(key, model_cfg.label, model_cfg.seed, {"error": _describe(err)})
-                self.console.print(f"[red]  building the model failed: {_describe(err)}[/red]")
-                return None
-            store.record_model(key, model_cfg.label, model_cfg.seed, {"ready_built": True})
-            self.console.print("  ready-built model (no training)")
-            return model.to(self.device).eval()
         try:
             trained = train_or_load(
                 family, model_cfg.params, data,
                 TrainConfig(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, seed=model_cfg.seed,
                             patience=t.patience),
                 cache_dir=cache_dir() / "models", device=self.device, retrain=self.retrain,
-                progress=self.progress)
+                progress=self.progress, dataset_name=self.cfg.dataset)
         except Exception as err:  # a broken model fails its own rows only
             store.record_model(key, model_cfg.label, model_cfg.seed, {"error": _describe(err)})
             self.console.print(f"[red]  training failed: {_describe(err)}[/red]")
             return None
+        elbo = trained.test_elbo if math.isfinite(trained.test_elbo) else None
         store.record_model(key, model_cfg.label, model_cfg.seed,
-                           {"test_elbo": trained.test_elbo, "train_seconds": trained.train_seconds,
-                            "from_cache": trained.from_cache, "cache_key": trained.cache_key})
-        how = "loaded from cache" if trained.from_cache else f"trained in {trained.train_seconds:.1f}s"
-        self.console.print(f"  {how}, test ELBO {trained.test_elbo:.1f} nats")
+                           {"test_elbo": elbo, "train_seconds": trained.train_seconds,
+                            "from_cache": trained.from_cache, "cache_key": trained.cache_key,
+                            "ready_built": not family.trainable})
+        if not family.trainable:
+            how = "ready-built (no training)"
+        else:
+            how = "loaded from cache" if trained.from_cache else f"trained in {trained.train_seconds:.1f}s"
+        self.console.print(f"  {how}" + (f", test ELBO {elbo:.1f} nats" if elbo is not None else ""))
         return trained.model.to(self.device).eval()
 
     def _evaluate_model(self, model: torch.nn.Module, model_cfg: ModelConfig, jobs: list[Job],
