@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from robbench.config import (ConfigError, RunConfig, build_config, load_yaml, parse_param_flag,
@@ -121,7 +122,9 @@ def cmd_plugins(console: Console) -> int:
     for kind, registry in regs.by_kind().items():
         for name in registry.names():
             obj = registry.get(name)
-            table.add_row(kind, name, registry.source(name), getattr(obj, "description", "").split("\n")[0])
+            # Plugin text is shown as written: escape it so "[lo, hi]" is not read as rich markup.
+            table.add_row(kind, name, escape(registry.source(name)),
+                          escape(getattr(obj, "description", "").split("\n")[0]))
     console.print(table)
     return 0
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from scipy import stats as scipy_stats
 
@@ -152,7 +153,7 @@ def render_rich(records: list[dict[str, Any]], title: str = "robbench leaderboar
     for _, header, fmt in cols:
         table.add_column(header, justify="left" if fmt == "s" else "right", no_wrap=fmt in ("s", "ci"))
     for rec in records:
-        table.add_row(*(_cell(rec, key, fmt) for key, _, fmt in cols))
+        table.add_row(*(escape(_cell(rec, key, fmt)) for key, _, fmt in cols))
     return table
 
 
@@ -195,5 +196,5 @@ def write_leaderboard(store: ResultStore, run_dir: Path, *,
         console.print(render_rich(records, title=f"robbench leaderboard — {run_dir}"))
         failures = [(rec["model"], rec["attack"], err) for rec in records for err in rec.get("errors", [])]
         for model, attack, err in failures:
-            console.print(f"[red]failed rows for {model} / {attack}: {err}[/red]")
+            console.print(f"[red]failed rows for {escape(model)} / {escape(attack)}: {escape(err)}[/red]")
     return records

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from robbench import terminal
@@ -139,7 +140,7 @@ class Runner:
                 progress=self.progress, dataset_name=self.cfg.dataset)
         except Exception as err:  # a broken model fails its own rows only
             store.record_model(key, model_cfg.label, model_cfg.seed, {"error": _describe(err)})
-            self.console.print(f"[red]  training failed: {_describe(err)}[/red]")
+            self.console.print(f"[red]  training failed: {escape(_describe(err))}[/red]")
             return None
         elbo = trained.test_elbo if math.isfinite(trained.test_elbo) else None
         store.record_model(key, model_cfg.label, model_cfg.seed,
@@ -188,7 +189,7 @@ class Runner:
             error = None
         except Exception as err:
             results, error = [{} for _ in ids], _describe(err)
-            self.console.print(f"[red]  {job.estimator} failed on {model_cfg.label}: {error}[/red]")
+            self.console.print(f"[red]  {job.estimator} failed on {escape(model_cfg.label)}: {escape(error)}[/red]")
         seconds = (time.perf_counter() - start) / len(ids)
         rows = []
         for point, metrics in zip(ids, results):
@@ -226,7 +227,7 @@ class Runner:
     def _fail_rows(self, store: ResultStore, jobs: list[Job], pending: dict[str, list[int]], message: str) -> None:
         store.write(ResultRow(job.key, p, job.model.label, job.model.seed, job.attack_label, job.estimator,
                               "error", {}, message, 0.0) for job in jobs for p in pending[job.key])
-        self.console.print(f"[red]  {message}[/red]")
+        self.console.print(f"[red]  {escape(message)}[/red]")
 
 
 def arrays_dir(run_dir: Path, job_key: str) -> Path:
