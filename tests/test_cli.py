@@ -55,3 +55,21 @@ def test_console_script_is_installed():
     assert done.returncode == 0
     for command in ("run", "train", "plugins", "leaderboard", "bench", "report", "reproduce"):
         assert command in done.stdout
+
+
+def test_train_command_trains_and_caches_without_evaluating(tmp_path, monkeypatch, capsys):
+    import json
+    import sqlite3
+
+    monkeypatch.setenv("ROBBENCH_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    args = ["train", "--dataset", "digits", "--models", "vae", "--epochs", "1", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    assert "trained in" in capsys.readouterr().out
+    assert list((tmp_path / "cache" / "models").glob("vae-*.pt"))
+    with sqlite3.connect(out / "results.sqlite") as db:
+        assert db.execute("SELECT COUNT(*) FROM results").fetchone()[0] == 0
+        (info,) = db.execute("SELECT info FROM models").fetchone()
+    assert json.loads(info)["test_elbo"] < 0
+    assert main(args) == 0  # the second time the checkpoint comes from the cache
+    assert "loaded from cache" in capsys.readouterr().out
