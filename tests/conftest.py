@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 HERE = Path(__file__).parent
 
@@ -43,3 +44,12 @@ def fresh_plugins(monkeypatch: pytest.MonkeyPatch, thirdparty_path: Path):
     monkeypatch.setattr(plugins, "_registries", None)
     yield plugins
     sys.modules.pop("robbench_tp_demo", None)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny networks run fastest single-threaded (and do not fight other processes for the cores)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -11,13 +11,7 @@ from robbench.analytic import LinearGaussianVAE
 from robbench.protocols import ModelFamily
 from robbench_plugins import models, networks
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks run fastest single-threaded (and do not fight other processes for the cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 FAMILIES = {f.name: f for f in models.families()}

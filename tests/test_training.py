@@ -17,13 +17,7 @@ CPU = torch.device("cpu")
 FAMILIES = {f.name: f for f in models.families()}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks run fastest single-threaded (and do not fight other processes for the cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
