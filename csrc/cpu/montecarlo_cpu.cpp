@@ -29,6 +29,7 @@
 #include <c10/util/BFloat16.h>
 
 #include "common/bounds.h"
+#include "common/blocks.h"
 #include "common/rng.h"
 
 namespace robbench {
@@ -55,21 +56,6 @@ void activate_(at::Tensor& x, int64_t act) {
   }
 }
 
-struct Block {
-  int64_t p0, p1, s0, s1;
-};
-
-// Mirror of montecarlo._blocks.
-std::vector<Block> make_blocks(int64_t B, int64_t n, int64_t rows) {
-  rows = std::max(rows, kMinGemmRows);
-  int64_t c = (B * n > rows) ? rows / std::max<int64_t>(1, B) : n;
-  c = std::max<int64_t>(1, std::min(n, c));
-  const int64_t nb = std::max<int64_t>(1, std::min(B, rows / c));
-  std::vector<Block> out;
-  for (int64_t p0 = 0; p0 < B; p0 += nb)
-    for (int64_t s0 = 0; s0 < n; s0 += c) out.push_back({p0, std::min(B, p0 + nb), s0, std::min(n, s0 + c)});
-  return out;
-}
 
 // z rows (point-major) of a block, zero-padded to at least pad_to rows: (max(m, pad_to), k) fp32.
 at::Tensor latents(const at::Tensor& mu, const at::Tensor& sigma, const int64_t* ka, const int64_t* kb,
@@ -240,7 +226,7 @@ at::Tensor mlp_sq_distances_cpu(const at::Tensor& mu_, const at::Tensor& sigma_,
   at::Tensor ka = ka_.contiguous(), kb = kb_.contiguous();
   Weights w = unpack(weights_t, biases, acts, mu.size(1), center.size(1));
   at::Tensor out = at::empty({mu.size(0), n}, mu.options());
-  for (const Block& blk : make_blocks(mu.size(0), n, chunk_rows)) {
+  for (const Block& blk : make_blocks(mu.size(0), n, chunk_rows, kMinGemmRows)) {
     at::Tensor z = latents(mu, sigma, ka.data_ptr<int64_t>(), kb.data_ptr<int64_t>(), blk, offset, kMinGemmRows);
     out.slice(0, blk.p0, blk.p1).slice(1, blk.s0, blk.s1).copy_(block_sq_fp32(z, center, blk, w.wts, w.bs, w.acts));
   }
@@ -296,7 +282,7 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
                                                                       bound->maxb) + 1e-15);
   }
 
-  for (const Block& blk : make_blocks(B, n, chunk_rows)) {
+  for (const Block& blk : make_blocks(B, n, chunk_rows, kMinGemmRows)) {
     const int64_t ns = blk.s1 - blk.s0, m = (blk.p1 - blk.p0) * ns;
     at::Tensor z = latents(mu, sigma, ka.data_ptr<int64_t>(), kb.data_ptr<int64_t>(), blk, offset, kMinGemmRows);
     if (!any_bound) {

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "common/blocks.h"
 #include "common/rng.h"
 
 namespace robbench {
@@ -72,20 +73,6 @@ inline unsigned blocks_for(int64_t n, int64_t per = kThreads) {
   return static_cast<unsigned>((n + per - 1) / per);
 }
 
-struct Block {
-  int64_t p0, p1, s0, s1;
-};
-
-std::vector<Block> make_blocks(int64_t B, int64_t n, int64_t rows) {
-  rows = std::max(rows, kMinRows);
-  int64_t c = (B * n > rows) ? rows / std::max<int64_t>(1, B) : n;
-  c = std::max<int64_t>(1, std::min(n, c));
-  const int64_t nb = std::max<int64_t>(1, std::min(B, rows / c));
-  std::vector<Block> out;
-  for (int64_t p0 = 0; p0 < B; p0 += nb)
-    for (int64_t s0 = 0; s0 < n; s0 += c) out.push_back({p0, std::min(B, p0 + nb), s0, std::min(n, s0 + c)});
-  return out;
-}
 
 // Block rows' squared distances (m,) in fp32 on the device.
 at::Tensor block_sq(const at::Tensor& mu, const at::Tensor& sigma, const at::Tensor& center, const at::Tensor& ka,
@@ -131,7 +118,7 @@ at::Tensor mlp_sq_distances_cuda(const at::Tensor& mu, const at::Tensor& sigma, 
                                  int64_t chunk_rows) {
   check_cuda(mu, "mu");
   at::Tensor out = at::empty({mu.size(0), n}, mu.options());
-  for (const Block& blk : make_blocks(mu.size(0), n, chunk_rows)) {
+  for (const Block& blk : make_blocks(mu.size(0), n, chunk_rows, kMinRows)) {
     at::Tensor d2 = block_sq(mu.contiguous(), sigma.contiguous(), center.contiguous(), ka.contiguous(),
                              kb.contiguous(), blk, offset, weights_t, biases, acts);
     out.slice(0, blk.p0, blk.p1).slice(1, blk.s0, blk.s1).copy_(d2.view({blk.p1 - blk.p0, blk.s1 - blk.s0}));
@@ -151,7 +138,7 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cuda(const at::Tensor& mu, const at
   const int64_t B = mu.size(0);
   at::Tensor counts = at::zeros({B}, mu.options().dtype(at::kLong));
   at::Tensor r2c = r2.contiguous();
-  for (const Block& blk : make_blocks(B, n, chunk_rows)) {
+  for (const Block& blk : make_blocks(B, n, chunk_rows, kMinRows)) {
     const int64_t ns = blk.s1 - blk.s0, m = (blk.p1 - blk.p0) * ns;
     at::Tensor d2 = block_sq(mu.contiguous(), sigma.contiguous(), center.contiguous(), ka.contiguous(),
                              kb.contiguous(), blk, offset, weights_t, biases, acts);
