@@ -66,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any]]:
-    """Merge defaults, the YAML file and the flags; returns the config and the raw merged mapping."""
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """Merge defaults, the YAML file and the flags into a validated RunConfig."""
     regs = get_registries()
     values: dict[str, Any] = load_yaml(args.config) if args.config else {}
     flags = {"models": args.models, "attacks": args.attacks, "estimators": args.estimators,
@@ -87,7 +87,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[RunConfig, dict[str, Any
         values.setdefault(section, {}).setdefault(name, {})[key] = value
     cfg = build_config(values)
     validate_against_plugins(cfg, regs)
-    return cfg, values
+    return cfg
 
 
 def default_run_dir(cfg: RunConfig, config_path: Path | None) -> Path:
@@ -98,10 +98,9 @@ def default_run_dir(cfg: RunConfig, config_path: Path | None) -> Path:
 
 def cmd_run(args: argparse.Namespace, console: Console, *, evaluate: bool) -> int:
     from robbench.leaderboard import write_leaderboard
-    from robbench.runner import Runner, resolve_device
+    from robbench.runner import Runner
 
-    cfg, _ = config_from_args(args)
-    resolve_device(cfg.device)
+    cfg = config_from_args(args)
     run_dir = args.out or default_run_dir(cfg, args.config)
     runner = Runner(cfg, get_registries(), run_dir, console=console, retrain=args.retrain,
                     progress=not args.no_progress)
