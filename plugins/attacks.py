@@ -24,7 +24,7 @@ from torch import Tensor
 
 from robbench.hookspecs import hookimpl
 from robbench.projection import (as_radius, finalize, flat_norm, lbfgs_ascent, projected_gradient_ascent,
-                                 random_start)
+                                 random_start, point_normals)
 from robbench.protocols import AttackResult
 
 ROUTES = ("both", "mu", "sigma")
@@ -92,16 +92,20 @@ def _merged(defaults: dict[str, Any], params: dict[str, Any] | None) -> dict[str
 # Shared driver: starts, optimiser choice, final feasibility and damage
 # ---------------------------------------------------------------------------------------------
 def _starts(x: Tensor, radius: Tensor, init: Tensor | None, restarts: int,
-            generator: torch.Generator) -> list[Tensor]:
+            generator: torch.Generator, point_ids: Tensor) -> list[Tensor]:
     """The warm start (if any) first, then ``restarts`` random starts; at least one start."""
     starts = [] if init is None else [init.to(device=x.device, dtype=x.dtype).view_as(x)]
     n_random = max(restarts, 0 if starts else 1)
-    starts += [random_start(x, radius, generator) for _ in range(n_random)]
+    starts += [random_start(x, radius, generator, point_ids) for _ in range(n_random)]
     return starts
 
 
+def _point_ids(point_ids: Tensor | None, x: Tensor) -> Tensor:
+    return torch.arange(x.shape[0]) if point_ids is None else point_ids.cpu().long()
+
+
 def _optimise(objective, x: Tensor, radius: Tensor, p: dict[str, Any], generator: torch.Generator,
-              init: Tensor | None) -> Tensor:
+              init: Tensor | None, point_ids: Tensor) -> Tensor:
     """Run the chosen optimiser on the points with radius > 0; returns a feasible delta (B, *shape)."""
     _check_choice("optimizer", p["optimizer"], OPTIMIZERS)
     delta = torch.zeros_like(x)
@@ -110,7 +114,7 @@ def _optimise(objective, x: Tensor, radius: Tensor, p: dict[str, Any], generator
         idx = active.nonzero().squeeze(1)
         xa, ra = x[idx], radius[idx]
         ia = None if init is None else init.to(device=x.device, dtype=x.dtype).view_as(x)[idx]
-        starts = _starts(xa, ra, ia, int(p["restarts"]), generator)
+        starts = _starts(xa, ra, ia, int(p["restarts"]), generator, point_ids[idx.cpu()])
 
         def obj(rows: Tensor, d: Tensor) -> Tensor:
             return objective(idx[rows], xa[rows], d)
@@ -162,7 +166,8 @@ class MaxDamageAttack:
         "route": "both", "objective": "expectation", "eta_samples": 8, **_OPT_DEFAULTS})
 
     def __call__(self, model: Any, x: Tensor, radius: Tensor, *, params: dict[str, Any] | None = None,
-                 generator: torch.Generator, init: Tensor | None = None) -> AttackResult:
+                 generator: torch.Generator, init: Tensor | None = None,
+                 point_ids: Tensor | None = None) -> AttackResult:
         p = _merged(self.defaults, params)
         _check_choice("route", p["route"], ROUTES)
         _check_choice("objective", p["objective"], OBJECTIVES)
@@ -173,8 +178,8 @@ class MaxDamageAttack:
             mu_c, sig_c = model.encode(x)
             center = _decode_flat(model, mu_c)
         n_eta = int(p["eta_samples"]) if p["objective"] == "expectation" else 0
-        eta = torch.randn((max(n_eta, 1), x.shape[0], model.latent_dim), generator=generator,
-                          device=x.device, dtype=x.dtype)
+        ids = _point_ids(point_ids, x)
+        eta = point_normals(generator, ids, max(n_eta, 1), model.latent_dim, x)  # (S, B, k), per point
         route = p["route"]
 
         def objective(rows: Tensor, xr: Tensor, d: Tensor) -> Tensor:
@@ -192,7 +197,7 @@ class MaxDamageAttack:
             dist = ((recon - center[rows]).pow(2).sum(2) + 1e-12).sqrt()
             return dist.mean(0)
 
-        delta = _optimise(objective, x, radius, p, generator, init)
+        delta = _optimise(objective, x, radius, p, generator, init, ids)
         return _result(model, x, delta)
 
 
@@ -233,7 +238,8 @@ class LatentAttack:
                                                               **_OPT_DEFAULTS})
 
     def __call__(self, model: Any, x: Tensor, radius: Tensor, *, params: dict[str, Any] | None = None,
-                 generator: torch.Generator, init: Tensor | None = None) -> AttackResult:
+                 generator: torch.Generator, init: Tensor | None = None,
+                 point_ids: Tensor | None = None) -> AttackResult:
         p = _merged(self.defaults, params)
         _check_choice("distance", p["distance"], ("kl", "mean"))
         radius = _check_inputs(model, x, radius)
@@ -246,7 +252,7 @@ class LatentAttack:
                 return -_kl_diag(mu, sig, mu_t[rows], sig_t[rows])
             return -(mu - mu_t[rows]).pow(2).sum(1)
 
-        return _result(model, x, _optimise(objective, x, radius, p, generator, init))
+        return _result(model, x, _optimise(objective, x, radius, p, generator, init, _point_ids(point_ids, x)))
 
 
 @dataclass
@@ -261,7 +267,8 @@ class OutputAttack:
     defaults: dict[str, Any] = field(default_factory=lambda: {"targets": None, **_OPT_DEFAULTS})
 
     def __call__(self, model: Any, x: Tensor, radius: Tensor, *, params: dict[str, Any] | None = None,
-                 generator: torch.Generator, init: Tensor | None = None) -> AttackResult:
+                 generator: torch.Generator, init: Tensor | None = None,
+                 point_ids: Tensor | None = None) -> AttackResult:
         p = _merged(self.defaults, params)
         radius = _check_inputs(model, x, radius)
         with torch.no_grad():
@@ -272,7 +279,7 @@ class OutputAttack:
             mu, _ = model.encode(xr + d)
             return -(_decode_flat(model, mu) - recon_t[rows]).pow(2).sum(1)
 
-        return _result(model, x, _optimise(objective, x, radius, p, generator, init))
+        return _result(model, x, _optimise(objective, x, radius, p, generator, init, _point_ids(point_ids, x)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -288,10 +295,11 @@ class NoiseAttack:
     defaults: dict[str, Any] = field(default_factory=dict)
 
     def __call__(self, model: Any, x: Tensor, radius: Tensor, *, params: dict[str, Any] | None = None,
-                 generator: torch.Generator, init: Tensor | None = None) -> AttackResult:
+                 generator: torch.Generator, init: Tensor | None = None,
+                 point_ids: Tensor | None = None) -> AttackResult:
         _merged(self.defaults, params)
         radius = _check_inputs(model, x, radius)
-        delta = finalize(x, random_start(x, radius, generator), radius)
+        delta = finalize(x, random_start(x, radius, generator, _point_ids(point_ids, x)), radius)
         return _result(model, x, delta)
 
 

@@ -21,7 +21,7 @@ from robbench import montecarlo, stats
 from robbench.hookspecs import hookimpl
 from robbench.jacobian import jacobian_frobenius
 from robbench.margin import estimate_margin, estimate_probability, latent_params, theorem1_bound
-from robbench.protocols import EstimationContext
+from robbench.protocols import EstimationContext, call_attack
 
 Row = dict[str, Any]
 
@@ -48,7 +48,8 @@ def _attack(ctx: EstimationContext, x: Tensor, radius: float, tag: str) -> tuple
         raise ValueError("this estimator needs an attack (ctx.attack is None)")
     gen = torch.Generator(device=x.device).manual_seed(stats.derive_seed(_run(ctx)[4], tag, "attack"))
     rad = torch.full((x.shape[0],), float(radius), dtype=x.dtype, device=x.device)
-    result = ctx.attack(ctx.model, x, rad, params=ctx.attack_params, generator=gen)
+    result = call_attack(ctx.attack, ctx.model, x, rad, params=ctx.attack_params, generator=gen,
+                         point_ids=_ids(ctx, x))
     return result.delta.detach(), result.damage.detach().cpu()
 
 
@@ -100,7 +101,8 @@ def _margin_with_arrays(ctx: EstimationContext, x: Tensor) -> list[Row]:
         return rows
     radius = torch.tensor([row["margin_hi"] or 0.0 for row in rows], dtype=x.dtype, device=x.device)
     gen = torch.Generator(device=x.device).manual_seed(stats.derive_seed(_run(ctx)[4], "margin", "arrays"))
-    delta = ctx.attack(ctx.model, x, radius, params=ctx.attack_params, generator=gen).delta.detach()
+    delta = call_attack(ctx.attack, ctx.model, x, radius, params=ctx.attack_params, generator=gen,
+                        point_ids=_ids(ctx, x)).delta.detach()
     for row, arrays in zip(rows, _adversarial_arrays(ctx, x, delta)):
         row["_arrays"] = arrays
     return rows

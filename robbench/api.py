@@ -71,7 +71,9 @@ class ResultTable:
 
 def _merge(kind: str, plugin: Any, given: dict[str, Any]) -> dict[str, Any]:
     defaults = dict(getattr(plugin, "defaults", {}))
-    unknown = sorted(set(given) - set(defaults) - set(RUN_WIDE_DEFAULTS))
+    # Estimators may override run-wide keys (r, m, ...) for themselves; attacks have no such keys.
+    run_wide = set(RUN_WIDE_DEFAULTS) if kind == "estimator" else set()
+    unknown = sorted(set(given) - set(defaults) - run_wide)
     if unknown:
         raise ValueError(f"unknown parameter(s) {', '.join(map(repr, unknown))} for {kind} {plugin.name!r}; "
                          f"allowed: {', '.join(sorted(defaults)) or '(none)'}")

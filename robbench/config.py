@@ -225,7 +225,8 @@ def _merge_params(plugin: Any, given: dict[str, Any], sweep: tuple[str, ...],
             raise ConfigError(f"unknown parameter {key!r} for {plugin.name}; allowed: "
                               f"{', '.join(sorted(defaults)) or '(none)'}")
         _check_param_type(plugin.name, key, value, defaults[key], key in sweep)
-    merged = {**defaults, **given}
+    # 1 and 1.0 must name the same model (labels, job keys and checkpoints are hashed from these values).
+    merged = {**defaults, **{key: _as_default_type(value, defaults[key]) for key, value in given.items()}}
     validate = getattr(plugin, "validate", None)
     if validate is not None:
         for combo in _expand(merged, sweep):
@@ -249,6 +250,16 @@ def _check_param_type(owner: str, key: str, value: Any, default: Any, sweepable:
             kind = "a number" if _is_number(example) else type(example).__name__
             raise ConfigError(f"bad value for {owner}.{key}: {v!r}; allowed: {kind} like {example!r}"
                               + (" or a list of them" if sweepable else ""))
+
+
+def _as_default_type(value: Any, default: Any) -> Any:
+    """Whole numbers given for a float parameter (or a list of floats) become floats."""
+    example = default[0] if isinstance(default, list) and default else default
+    if not isinstance(example, float):
+        return value
+    if isinstance(value, list):
+        return [float(v) if _is_number(v) else v for v in value]
+    return float(value) if _is_number(value) else value
 
 
 def _compatible(value: Any, default: Any) -> bool:
@@ -297,8 +308,8 @@ def attack_configs(cfg: RunConfig, regs: Registries) -> list[AttackConfig]:
     for name in cfg.attacks:
         attack = regs.attacks.get(name)
         given = cfg.attack_params.get(name, {})
-        sweep = tuple(k for k, v in given.items()
-                      if isinstance(v, list) and not isinstance(attack.defaults.get(k), (list, tuple)))
+        sweep = tuple(k for k, v in given.items()  # a list for a scalar parameter; not for list/None ones
+                      if isinstance(v, list) and isinstance(attack.defaults.get(k), (str, int, float, bool)))
         merged = _merge_params(attack, given, sweep=sweep)
         for combo in _expand(merged, sweep):
             out.append(AttackConfig(name, combo, sweep))

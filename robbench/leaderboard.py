@@ -186,8 +186,13 @@ def write_leaderboard(store: ResultStore, run_dir: Path, *,
                       console: Console | None = None) -> list[dict[str, Any]]:
     """Aggregate the latest configuration's results in ``store`` and write leaderboard.{md,csv,json}."""
     latest = store.latest_run()
-    rows = store.rows(latest[1] if latest else None)
-    records = leaderboard_rows(rows, store.models())
+    if latest is None:
+        rows, models = store.rows(), store.models()
+    else:  # only what the latest invocation asked for: its jobs, its points, its models
+        points = set(latest.points)
+        rows = [row for row in store.rows(latest.jobs) if row.point_id in points]
+        models = {key: info for key, info in store.models().items() if key in set(latest.model_keys)}
+    records = leaderboard_rows(rows, models)
     run_dir = Path(run_dir)
     (run_dir / "leaderboard.md").write_text(render_markdown(records))
     (run_dir / "leaderboard.csv").write_text(render_csv(records))

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from robbench import stats
-from robbench.protocols import Attack, VAEModel
+from robbench.protocols import Attack, VAEModel, call_attack
 
 
 def _engine():
@@ -259,7 +259,8 @@ def estimate_margin(model: VAEModel, x: Tensor, attack: Attack, attack_params: d
             init = fit_warm_start(xs, last_delta[dev_idx], rad) if warm else None
             params = {**attack_params, **(warm_attack_params or {})} if warm else attack_params
             gen = torch.Generator(device=x.device).manual_seed(stats.derive_seed(seed, "margin-attack", step))
-            result = attack(model, xs, rad, params=params, generator=gen, init=init)
+            result = call_attack(attack, model, xs, rad, params=params, generator=gen, init=init,
+                                 point_ids=point_ids[idx])
             delta = result.delta.detach()
             last_delta[dev_idx] = delta
             with torch.no_grad():

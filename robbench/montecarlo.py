@@ -95,10 +95,24 @@ def _mlp_layers(decoder: nn.Module) -> list[tuple[nn.Linear, int]] | None:
     return layers or None
 
 
+@torch.no_grad()
+def _decoder_is_decode(model: nn.Module, decoder: nn.Module) -> bool:
+    """Whether ``model.decoder`` computes what ``model.decode`` returns (flattened), checked on a probe batch:
+    a model whose ``decoder`` gives logits while ``decode`` applies a sigmoid must not be decoded through it."""
+    first = next((m for m in decoder.modules() if isinstance(m, nn.Linear)), None)
+    if first is None:
+        return False
+    probe = torch.randn(4, first.in_features, generator=torch.Generator().manual_seed(0)).to(first.weight)
+    try:
+        return torch.allclose(decoder(probe).flatten(1), model.decode(probe).flatten(1), rtol=1e-5, atol=1e-6)
+    except Exception:  # shapes or types that do not line up: decode() is the only safe path
+        return False
+
+
 def decoder_plan(model: nn.Module, out_dim: int) -> MLPPlan | GenericPlan:
-    """The decoder of ``model`` as an :class:`MLPPlan` (``model.decoder`` made of Linear/ReLU/Sigmoid)
-    or a :class:`GenericPlan` (``model.decoder`` or ``model.decode(z).flatten(1)``). Cached per model
-    and invalidated when any parameter changes."""
+    """The decoder of ``model`` as an :class:`MLPPlan` (``model.decoder`` made of Linear/ReLU/Sigmoid and
+    computing exactly what ``model.decode`` returns) or else a :class:`GenericPlan` over
+    ``model.decode(z).flatten(1)``. Cached per model and invalidated when any parameter changes."""
     decoder = getattr(model, "decoder", None)
     params = list(decoder.parameters()) if isinstance(decoder, nn.Module) else []
     key = tuple((p.data_ptr(), p._version) for p in params)
@@ -108,7 +122,7 @@ def decoder_plan(model: nn.Module, out_dim: int) -> MLPPlan | GenericPlan:
         cached = None
     if cached is not None and cached[0] == key:
         return cached[1]
-    layers = _mlp_layers(decoder) if isinstance(decoder, nn.Module) else None
+    layers = _mlp_layers(decoder) if isinstance(decoder, nn.Module) and _decoder_is_decode(model, decoder) else None
     plan: MLPPlan | GenericPlan
     if layers is not None:
         ws, wts, bs, acts = [], [], [], []
@@ -128,10 +142,10 @@ def decoder_plan(model: nn.Module, out_dim: int) -> MLPPlan | GenericPlan:
         plan = MLPPlan(ws, wts, bs, acts, in_dim=layers[0][0].in_features, out_dim=layers[-1][0].out_features)
         if plan.out_dim != out_dim:
             raise ValueError(f"model.decoder maps to {plan.out_dim} features but the centre has {out_dim}")
-    elif isinstance(decoder, nn.Module):
-        plan = GenericPlan(lambda z, d=decoder: d(z).flatten(1).float(), out_dim)
     else:
-        plan = GenericPlan(lambda z, m=model: m.decode(z).flatten(1).float(), out_dim)
+        # The protocol's decode() is the reference; a weak reference keeps the plan cache from holding the model.
+        ref = weakref.ref(model)
+        plan = GenericPlan(lambda z: ref().decode(z).flatten(1).float(), out_dim)
     try:
         _PLANS[model] = (key, plan)
     except TypeError:

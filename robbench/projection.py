@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from robbench import rng
+
 # finalize() aims slightly inside the ball so that round-off can never push ||delta|| past L.
 _RADIUS_SLACK = 1e-6
 
@@ -107,9 +109,17 @@ def finalize(x: Tensor, delta: Tensor, radius: Tensor) -> Tensor:
     return delta * scale.to(delta.dtype).view(-1, *([1] * (delta.dim() - 1)))
 
 
-def random_start(x: Tensor, radius: Tensor, generator: torch.Generator) -> Tensor:
+def point_normals(generator: torch.Generator, point_ids: Tensor, n: int, dim: int, like: Tensor) -> Tensor:
+    """(n, B, dim) standard normals drawn per point from a counter-based stream (robbench.rng) whose seed
+    is one draw of ``generator``: a point gets the same numbers whatever batch it is in."""
+    seed = int(torch.randint(0, 2 ** 31 - 1, (1,), generator=generator, device=generator.device))
+    eta = rng.sample_normals(seed, point_ids.cpu().long(), n, dim)  # (B, n, dim)
+    return eta.transpose(0, 1).to(device=like.device, dtype=like.dtype)
+
+
+def random_start(x: Tensor, radius: Tensor, generator: torch.Generator, point_ids: Tensor) -> Tensor:
     """A Gaussian direction scaled to norm radius, then clipped into the box (norm can only shrink)."""
-    v = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    v = point_normals(generator, point_ids, 1, x[0].numel(), x)[0].view_as(x)
     v = v * (radius / flat_norm(v).clamp_min(1e-12)).view(-1, *([1] * (x.dim() - 1)))
     return torch.maximum(torch.minimum(v, 1.0 - x), -x)
 

@@ -10,6 +10,7 @@ Conventions used throughout robbench:
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol, runtime_checkable
@@ -130,9 +131,33 @@ class Attack(Protocol):
         params: dict[str, Any],
         generator: torch.Generator,
         init: Tensor | None = None,
+        point_ids: Tensor | None = None,
     ) -> AttackResult:
         """x: (B, *input_shape) in [0, 1]; radius: (B,) L2 budgets; ``init`` an optional warm start
-        delta (B, *input_shape). Must be deterministic given ``generator``."""
+        delta (B, *input_shape); ``point_ids`` (B,) the points' test-set indices. Must be deterministic
+        given ``generator``; an attack that draws its random numbers per point from ``point_ids``
+        (``robbench.rng``) gives every point the same result however the points are batched. Accepting
+        ``point_ids`` is optional: :func:`call_attack` passes it only to attacks that take it."""
+
+
+def call_attack(attack: Attack, model: VAEModel, x: Tensor, radius: Tensor, *, params: dict[str, Any],
+                generator: torch.Generator, init: Tensor | None = None,
+                point_ids: Tensor | None = None) -> AttackResult:
+    """Call ``attack``, passing ``point_ids`` when its ``__call__`` accepts that keyword."""
+    kwargs: dict[str, Any] = {"params": params, "generator": generator}
+    if init is not None:
+        kwargs["init"] = init
+    if point_ids is not None and _accepts(attack, "point_ids"):
+        kwargs["point_ids"] = point_ids
+    return attack(model, x, radius, **kwargs)
+
+
+def _accepts(fn: Any, name: str) -> bool:
+    try:
+        parameters = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 # ---------------------------------------------------------------------------------------------

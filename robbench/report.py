@@ -72,11 +72,11 @@ def load_runs(path: Path) -> RunData:
                 if key not in rows or (rows[key].status != "ok" and row.status == "ok"):
                     rows[key] = row
             data.models.update(store.models())
-            for config, jobs in store.runs():
-                data.configs.append(config)
-                data.dir_configs.setdefault(run_dir, []).append(config)
-                for job in jobs:
-                    data.job_config[job] = config
+            for run in store.runs():
+                data.configs.append(run.config)
+                data.dir_configs.setdefault(run_dir, []).append(run.config)
+                for job in run.jobs:
+                    data.job_config[job] = run.config
         finally:
             store.close()
         arrays_root = run_dir / "arrays"

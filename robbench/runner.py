@@ -25,7 +25,7 @@ from robbench.paths import cache_dir
 from robbench.leaderboard import write_leaderboard
 from robbench.plugins import Registries
 from robbench.protocols import ARRAYS_KEY, DataOptions, EstimationContext, SplitData
-from robbench.store import ResultRow, ResultStore
+from robbench.store import ResultRow, ResultStore, RunRecord
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class Job:
 
 def model_key(cfg: RunConfig, model: ModelConfig) -> str:
     return stable_hash({"family": model.family, "params": model.params, "seed": model.seed,
-                        "train": cfg.to_dict()["train"], "dataset": cfg.dataset})
+                        "train": cfg.to_dict()["train"], "dataset": cfg.dataset, "data_dir": cfg.data_dir})
 
 
 def plan_jobs(cfg: RunConfig, regs: Registries) -> list[Job]:
@@ -98,10 +98,13 @@ class Runner:
     # --- public --------------------------------------------------------------------------------
     def run(self, *, evaluate: bool = True) -> ResultStore:
         """Train/load every model and (if ``evaluate``) run every pending job. Returns the store."""
-        store = ResultStore(self.run_dir)
-        store.record_run(self.cfg.to_dict(), [job.key for job in self.jobs])
+        # Data and points first: an invocation that cannot start writes nothing.
         data = load_data(self.cfg, self.regs)
         point_ids = select_points(data, self.cfg.points, self.cfg.seed)
+        store = ResultStore(self.run_dir)
+        store.record_run(RunRecord(self.cfg.to_dict(), [job.key for job in self.jobs],
+                                   sorted({model_key(self.cfg, job.model) for job in self.jobs}),
+                                   [int(p) for p in point_ids]))
         by_model: dict[str, list[Job]] = {}
         for job in self.jobs:
             by_model.setdefault(model_key(self.cfg, job.model), []).append(job)
@@ -109,7 +112,8 @@ class Runner:
             jobs = by_model.get(model_key(self.cfg, model_cfg), [])
             pending = {}
             for job in jobs:
-                done = store.done_points(job.key)
+                # --retrain recomputes every result: stored ones came from the previous weights.
+                done = set() if self.retrain else store.done_points(job.key)
                 pending[job.key] = [int(p) for p in point_ids if int(p) not in done]
             if evaluate and not any(pending.values()):
                 self.console.print(f"[dim]{model_cfg.label} seed {model_cfg.seed}: all results stored, skipped[/dim]")
@@ -120,7 +124,9 @@ class Runner:
                 continue
             if evaluate:
                 self._evaluate_model(model, model_cfg, jobs, pending, data, store)
-                write_leaderboard(store, self.run_dir)
+                write_leaderboard(store, self.run_dir)  # after each model: a crash keeps a current board
+        if evaluate:
+            write_leaderboard(store, self.run_dir)
         return store
 
     # --- steps ---------------------------------------------------------------------------------
@@ -204,7 +210,8 @@ class Runner:
         if not arrays:
             return
         folder = arrays_dir(self.run_dir, job.key)
-        if folder.exists() and len(list(folder.iterdir())) >= self.cfg.keep_arrays:
+        kept = len(list(folder.iterdir())) if folder.exists() else 0
+        if kept >= self.cfg.keep_arrays:
             return
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in arrays.items()}

@@ -40,9 +40,21 @@ CREATE TABLE IF NOT EXISTS runs (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
     started     REAL NOT NULL,
     config      TEXT NOT NULL,     -- JSON of the RunConfig
-    jobs        TEXT NOT NULL      -- JSON list of the job keys this configuration defines
+    jobs        TEXT NOT NULL,     -- JSON list of the job keys this configuration defines
+    model_keys  TEXT NOT NULL,     -- JSON list of the models (model_key) it evaluates
+    points      TEXT NOT NULL      -- JSON list of the test-set indices it evaluates
 );
 """
+
+
+@dataclass
+class RunRecord:
+    """What one invocation asked for: its configuration, job keys, model keys and points."""
+
+    config: dict[str, Any]
+    jobs: list[str]
+    model_keys: list[str]
+    points: list[int]
 
 
 @dataclass
@@ -81,10 +93,11 @@ class ResultStore:
         self._conn.close()
 
     # --- writing -------------------------------------------------------------------------------
-    def record_run(self, config: dict[str, Any], jobs: list[str]) -> None:
+    def record_run(self, run: RunRecord) -> None:
         with self._conn:
-            self._conn.execute("INSERT INTO runs (started, config, jobs) VALUES (?, ?, ?)",
-                               (time.time(), json.dumps(config, default=str), json.dumps(jobs)))
+            self._conn.execute("INSERT INTO runs (started, config, jobs, model_keys, points) VALUES (?, ?, ?, ?, ?)",
+                               (time.time(), json.dumps(run.config, default=str), json.dumps(run.jobs),
+                                json.dumps(run.model_keys), json.dumps(run.points)))
 
     def record_model(self, model_key: str, model: str, model_seed: int, info: dict[str, Any]) -> None:
         with self._conn:
@@ -98,7 +111,7 @@ class ResultStore:
             self._conn.executemany(
                 "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [(r.job_key, r.point_id, r.model, r.model_seed, r.attack, r.estimator, r.status,
-                  json.dumps(_json_safe(r.metrics)), r.error, r.seconds, now) for r in rows])
+                  json.dumps(_json_safe(r.metrics), default=_plain), r.error, r.seconds, now) for r in rows])
 
     # --- reading -------------------------------------------------------------------------------
     def done_points(self, job_key: str) -> set[int]:
@@ -123,14 +136,21 @@ class ResultStore:
         cur = self._conn.execute("SELECT model_key, model, model_seed, info FROM models")
         return {key: {"model": label, "model_seed": seed, **json.loads(info)} for key, label, seed, info in cur}
 
-    def runs(self) -> list[tuple[dict[str, Any], list[str]]]:
-        """(config, job keys) of every invocation recorded in this directory, oldest first."""
-        cur = self._conn.execute("SELECT config, jobs FROM runs ORDER BY id")
-        return [(json.loads(config), json.loads(jobs)) for config, jobs in cur]
+    def runs(self) -> list[RunRecord]:
+        """Every invocation recorded in this directory, oldest first."""
+        cur = self._conn.execute("SELECT config, jobs, model_keys, points FROM runs ORDER BY id")
+        return [RunRecord(*(json.loads(field) for field in row)) for row in cur]
 
-    def latest_run(self) -> tuple[dict[str, Any], list[str]] | None:
-        row = self._conn.execute("SELECT config, jobs FROM runs ORDER BY id DESC LIMIT 1").fetchone()
-        return (json.loads(row[0]), json.loads(row[1])) if row else None
+    def latest_run(self) -> RunRecord | None:
+        runs = self.runs()
+        return runs[-1] if runs else None
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and arrays, tensors: their Python value (a plugin's estimator may return them)."""
+    if hasattr(value, "tolist"):
+        return _json_safe(value.tolist())
+    return str(value)
 
 
 def _json_safe(value: Any) -> Any:

@@ -113,3 +113,34 @@ def test_to_csv_roundtrip(tmp_path):
     rows = list(csv.DictReader(io.StringIO(text)))
     assert list(rows[0]) == ["attack", "estimator", "point", "sweep_p", "bound", "margin"]
     assert json.loads(rows[0]["sweep_p"]) == [1.0, 0.5] and rows[0]["bound"] == "" and rows[1]["margin"] == "0.25"
+
+
+def test_run_wide_keys_are_not_attack_parameters(model):
+    x = torch.full((1, 1, 8, 8), 0.5)
+    with pytest.raises(ValueError, match="unknown parameter.*'seed'.*max_damage"):
+        evaluate(model, x, attacks=["max_damage"], estimators=["encoder_stats", "probability"],
+                 attack_params={"max_damage": {"seed": 3}})
+
+
+def test_attack_based_results_do_not_depend_on_batching():
+    """Attacks draw their random numbers per point (from point_ids), so a point's margin is the same
+    alone or in a batch (floats may differ in the last bits: matrix products depend on the batch size)."""
+    from robbench_plugins import models
+
+    family = {f.name: f for f in models.families()}["vae"]
+    torch.manual_seed(0)
+    sharp = family.build(dict(family.defaults), (1, 8, 8)).eval()
+    with torch.no_grad():
+        for module in sharp.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.mul_(3.0)  # a sensitive model, so margins fall inside (0, max_radius)
+    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    kw = dict(attacks=["max_damage"], estimators=["margin", "damage"], r=2.0,
+              estimator_params={"margin": {"samples_max": 4096}, "damage": {"radius": 0.5, "samples": 64}})
+    together, alone = evaluate(sharp, x, **kw), evaluate(sharp, x, batch_size=1, **kw)
+    margins = together.select(estimator="margin")
+    assert len({m for m in margins.column("margin")}) > 1 and max(margins.column("margin")) < 10.0
+    assert margins.column("margin") == alone.select(estimator="margin").column("margin")
+    assert margins.column("margin_lo") == alone.select(estimator="margin").column("margin_lo")
+    assert together.select(estimator="damage").column("damage") == pytest.approx(
+        alone.select(estimator="damage").column("damage"), rel=1e-5)

@@ -169,9 +169,11 @@ def test_expectation_objective_on_linear_model_also_finds_it():
     model = LinearGaussianVAE((1, 8, 8), 4, seed=0)
     radius = torch.tensor([0.3, 0.6])
     x = torch.full((2, 1, 8, 8), 0.5)
-    res = MaxDamageAttack()(model, x, radius, params={"route": "both", "eta_samples": 16}, generator=gen(1))
+    res = MaxDamageAttack()(model, x, radius, params={"route": "both", "eta_samples": 256}, generator=gen(1))
     # sigma is constant, so route both == route mu and the expected distance is maximised by the
-    # same direction (it is increasing in ||A delta||)
+    # same direction (it is increasing in ||A delta||). The attack maximises a sample mean over
+    # eta_samples draws: with 16 draws its maximiser can sit visibly off that direction (0.83 of the
+    # optimum seen for one draw), with 256 the sample mean is close to the expectation.
     assert bool((res.damage >= 0.98 * model.w * model.sigma_max * radius).all())
 
 

@@ -69,3 +69,13 @@ def test_param_flag_parses_yaml_values(regs):
         parse_param_flag("nope.x=1", regs)
     with pytest.raises(ConfigError, match="expected NAME.KEY=VALUE"):
         parse_param_flag("beta=1", regs)
+
+
+def test_whole_numbers_name_the_same_model_as_floats(regs):
+    from robbench.runner import model_key
+
+    given = build_config({"model_params": {"beta_vae": {"beta": [0.1, 1, 10]}}})
+    default = build_config({})
+    assert [m.label for m in model_configs(given, regs)] == [m.label for m in model_configs(default, regs)]
+    assert [model_key(given, m) for m in model_configs(given, regs)] == \
+        [model_key(default, m) for m in model_configs(default, regs)]

@@ -156,3 +156,42 @@ def test_validation_messages():
         montecarlo.count_within(model, mu, sigma, center, 1.0, 10, seed=0, backend="nope")
     with pytest.raises(ValueError, match="radius"):
         montecarlo.count_within(model, mu, sigma, center, torch.ones(5), 10, seed=0, backend="torch")
+
+
+class LogitsDecoderVAE(torch.nn.Module):
+    """``decoder`` returns logits and ``decode`` applies the sigmoid: the engine must follow decode()."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.input_shape, self.latent_dim = (1, 4, 4), 3
+        self.decoder = torch.nn.Sequential(torch.nn.Linear(3, 16))
+
+    def decode(self, z):
+        return torch.sigmoid(self.decoder(z)).view(-1, *self.input_shape)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_engine_decodes_through_decode_not_a_mismatched_decoder(backend):
+    model = LogitsDecoderVAE()
+    mu, sigma = torch.zeros(2, 3), torch.ones(2, 3)
+    center = model.decode(mu).flatten(1)
+    d = montecarlo.sample_distances(model, mu, sigma, center, 64, seed=3, backend=backend)
+    z = mu[:, None, :] + rng.sample_normals(3, torch.arange(2), 64, 3) * sigma[:, None, :]
+    brute = (model.decode(z.reshape(-1, 3)).flatten(1).view(2, 64, -1) - center[:, None]).norm(dim=2)
+    torch.testing.assert_close(d, brute, rtol=1e-5, atol=1e-6)
+
+
+def test_plan_cache_does_not_keep_models_alive():
+    import gc
+    import weakref
+
+    from robbench.analytic import LinearGaussianVAE
+
+    model = LinearGaussianVAE()
+    mu, sigma = model.encode(torch.full((1, 1, 8, 8), 0.5))
+    montecarlo.count_within(model, mu, sigma, model.decode(mu).flatten(1), 1.0, 16, seed=0, backend="torch")
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None

@@ -18,7 +18,7 @@ from robbench import claims as claims_mod
 from robbench import figures
 from robbench.report import (REPORT_DIR, likelihood_curves_data, load_runs, recon_examples, reference_radius,
                              likelihood_levels, write_report)
-from robbench.store import ResultRow, ResultStore
+from robbench.store import RunRecord, ResultRow, ResultStore
 
 BETAS = (0.1, 1.0, 10.0)
 TAUS = (0.0, 0.5, 1.0)
@@ -26,6 +26,11 @@ SEEDS = (0, 1)
 POINTS = tuple(range(8))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
+
+
+def _record_run(store, config, jobs):
+    """The report reads each run's config and job keys; models and points are not needed here."""
+    store.record_run(RunRecord(config, jobs, [], []))
 
 def _margin(beta: float, seed: int, point: int) -> float:
     # grows with beta, with a point/seed wiggle far smaller than the gaps between configurations
@@ -105,9 +110,9 @@ def runs(tmp_path_factory) -> Path:
     store = ResultStore(root / "beta")
     store.write(beta_rows)
     plain = sorted({r.job_key for r in beta_rows if r.estimator != "likelihood"})
-    store.record_run(_config(estimators=["margin", "bound", "sweep"]), plain)
+    _record_run(store, _config(estimators=["margin", "bound", "sweep"]), plain)
     for radius in (1.0, 2.0):
-        store.record_run(_config(estimators=["likelihood"],
+        _record_run(store, _config(estimators=["likelihood"],
                                  estimator_params={"likelihood": {"radius": radius, "noise_sigma": radius / 10}}),
                          sorted(set(lik_jobs[radius])))
     store.record_model("k0", "beta_vae(beta=1.0)", 0, {"test_elbo": -120.0})
@@ -123,11 +128,11 @@ def runs(tmp_path_factory) -> Path:
             torch.save({"x": x, "x_adv": (x + delta).clamp(0, 1), "recon_adv": x * 0.8}, folder / f"{p}.pt")
     store = ResultStore(root / "tau")
     store.write(_rows_tau())
-    store.record_run(_config(models=["sigma_offset_vae"]), [f"t-{t}" for t in TAUS])
+    _record_run(store, _config(models=["sigma_offset_vae"]), [f"t-{t}" for t in TAUS])
     store.close()
     store = ResultStore(root / "routes")
     store.write(_rows_routes())
-    store.record_run(_config(estimators=["damage"]), sorted({r.job_key for r in _rows_routes()}))
+    _record_run(store, _config(estimators=["damage"]), sorted({r.job_key for r in _rows_routes()}))
     store.close()
     return root
 
@@ -191,7 +196,7 @@ def test_claims_not_tested_and_figures_skipped_without_data(tmp_path: Path) -> N
     store.write([ResultRow("e", p, "vae", 0, "", "encoder_stats", "ok",
                            {"min_sigma": 0.1, "mean_sigma": 0.2 + 0.01 * p, "jacobian_frobenius": 3.0}, None, 0.1)
                  for p in range(4)])
-    store.record_run(_config(models=["vae"], estimators=["encoder_stats"]), ["e"])
+    _record_run(store, _config(models=["vae"], estimators=["encoder_stats"]), ["e"])
     store.close()
     text = write_report(tmp_path).read_text()
     verdicts = {c.key: c.verdict for c in claims_mod.check_claims(load_runs(tmp_path).rows)}

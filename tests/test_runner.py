@@ -128,3 +128,47 @@ def test_points_are_a_stable_prefix(plugin, fresh_plugins, tmp_path):
     plugin.counting.seen.clear()
     _run(_config(regs, estimators=["counting"], points=8), regs, tmp_path)
     assert len(first) == 4 and len(plugin.counting.seen) == 4 and first.isdisjoint(plugin.counting.seen)
+
+
+def test_leaderboard_shows_only_the_latest_invocation(plugin, fresh_plugins, tmp_path):
+    regs = fresh_plugins.get_registries()
+    _run(_config(regs, estimators=["counting"], points=8), regs, tmp_path)
+    _run(_config(regs, estimators=["counting"], points=3), regs, tmp_path)
+    board = json.loads((tmp_path / "leaderboard.json").read_text())
+    assert [rec["points"] for rec in board] == [3]
+
+
+def test_an_invocation_that_cannot_start_writes_nothing(plugin, fresh_plugins, tmp_path):
+    from robbench.config import ConfigError
+
+    regs = fresh_plugins.get_registries()
+    _run(_config(regs, estimators=["counting"], points=4), regs, tmp_path)
+    before = (tmp_path / "leaderboard.json").read_text()
+    with pytest.raises(ConfigError, match="test split holds only 40 points"):
+        _run(_config(regs, estimators=["counting"], points=5000), regs, tmp_path / "new")
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(ConfigError):
+        _run(_config(regs, estimators=["counting"], points=5000), regs, tmp_path)
+    from robbench.leaderboard import write_leaderboard
+    write_leaderboard(ResultStore.open_existing(tmp_path), tmp_path)
+    assert (tmp_path / "leaderboard.json").read_text() == before
+
+
+def test_retrain_recomputes_stored_results(plugin, fresh_plugins, tmp_path):
+    regs = fresh_plugins.get_registries()
+    cfg = _config(regs, estimators=["counting"], points=4)
+    _run(cfg, regs, tmp_path)
+    plugin.counting.seen = []
+    Runner(cfg, regs, tmp_path, console=Console(quiet=True), progress=False, retrain=True).run()
+    assert len(plugin.counting.seen) == 4
+
+
+def test_numpy_metrics_are_stored_not_fatal(tmp_path):
+    import numpy as np
+
+    from robbench.store import ResultRow
+
+    store = ResultStore(tmp_path)
+    store.write([ResultRow("j", 0, "m", 0, "", "e", "ok",
+                           {"flag": np.bool_(True), "x": np.float32(0.5), "v": np.arange(2)}, None, 0.1)])
+    assert store.rows()[0].metrics == {"flag": True, "x": 0.5, "v": [0, 1]}
