@@ -24,7 +24,7 @@ from torch import Tensor
 
 from robbench.hookspecs import hookimpl
 from robbench.projection import (as_radius, finalize, flat_norm, lbfgs_ascent, projected_gradient_ascent,
-                                 random_start, point_normals)
+                                 point_normals, random_start)
 from robbench.protocols import AttackResult
 
 ROUTES = ("both", "mu", "sigma")
@@ -105,9 +105,11 @@ def _point_ids(point_ids: Tensor | None, x: Tensor) -> Tensor:
 
 
 def _optimise(objective, x: Tensor, radius: Tensor, p: dict[str, Any], generator: torch.Generator,
-              init: Tensor | None, point_ids: Tensor) -> Tensor:
-    """Run the chosen optimiser on the points with radius > 0; returns a feasible delta (B, *shape)."""
+              init: Tensor | None, point_ids: Tensor | None) -> Tensor:
+    """Run the chosen optimiser on the points with radius > 0; returns a feasible delta (B, *shape).
+    Random starts are drawn per point id (default: position in the batch)."""
     _check_choice("optimizer", p["optimizer"], OPTIMIZERS)
+    point_ids = _point_ids(point_ids, x)
     delta = torch.zeros_like(x)
     active = radius > 0
     if bool(active.any()):
@@ -252,7 +254,7 @@ class LatentAttack:
                 return -_kl_diag(mu, sig, mu_t[rows], sig_t[rows])
             return -(mu - mu_t[rows]).pow(2).sum(1)
 
-        return _result(model, x, _optimise(objective, x, radius, p, generator, init, _point_ids(point_ids, x)))
+        return _result(model, x, _optimise(objective, x, radius, p, generator, init, point_ids))
 
 
 @dataclass
@@ -279,7 +281,7 @@ class OutputAttack:
             mu, _ = model.encode(xr + d)
             return -(_decode_flat(model, mu) - recon_t[rows]).pow(2).sum(1)
 
-        return _result(model, x, _optimise(objective, x, radius, p, generator, init, _point_ids(point_ids, x)))
+        return _result(model, x, _optimise(objective, x, radius, p, generator, init, point_ids))
 
 
 # ---------------------------------------------------------------------------------------------
