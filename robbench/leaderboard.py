@@ -189,9 +189,9 @@ def write_leaderboard(store: ResultStore, run_dir: Path, *,
     if latest is None:
         rows, models = store.rows(), store.models()
     else:  # only what the latest invocation asked for: its jobs, its points, its models
-        points = set(latest.points)
+        points, model_keys = set(latest.points), set(latest.model_keys)
         rows = [row for row in store.rows(latest.jobs) if row.point_id in points]
-        models = {key: info for key, info in store.models().items() if key in set(latest.model_keys)}
+        models = {key: info for key, info in store.models().items() if key in model_keys}
     records = leaderboard_rows(rows, models)
     run_dir = Path(run_dir)
     (run_dir / "leaderboard.md").write_text(render_markdown(records))

@@ -105,6 +105,7 @@ class Runner:
         store.record_run(RunRecord(self.cfg.to_dict(), [job.key for job in self.jobs],
                                    sorted({model_key(self.cfg, job.model) for job in self.jobs}),
                                    [int(p) for p in point_ids]))
+        board_current = False
         by_model: dict[str, list[Job]] = {}
         for job in self.jobs:
             by_model.setdefault(model_key(self.cfg, job.model), []).append(job)
@@ -121,11 +122,13 @@ class Runner:
             model = self._train_or_load(model_cfg, data, store)
             if model is None:
                 self._fail_rows(store, jobs, pending, "model could not be trained or loaded (see models table)")
+                board_current = False
                 continue
             if evaluate:
                 self._evaluate_model(model, model_cfg, jobs, pending, data, store)
                 write_leaderboard(store, self.run_dir)  # after each model: a crash keeps a current board
-        if evaluate:
+                board_current = True
+        if evaluate and not board_current:  # all results were stored already, or failures came last
             write_leaderboard(store, self.run_dir)
         return store
 
