@@ -17,6 +17,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from robbench.config import merge_params
 from robbench.plugins import get_registries
 from robbench.protocols import ARRAYS_KEY, EstimationContext, VAEModel
 
@@ -69,19 +70,12 @@ class ResultTable:
         return text
 
 
-def _merge(kind: str, plugin: Any, given: dict[str, Any]) -> dict[str, Any]:
-    defaults = dict(getattr(plugin, "defaults", {}))
-    # Estimators may override run-wide keys (r, m, ...) for themselves; attacks have no such keys.
-    run_wide = set(RUN_WIDE_DEFAULTS) if kind == "estimator" else set()
-    unknown = sorted(set(given) - set(defaults) - run_wide)
-    if unknown:
-        raise ValueError(f"unknown parameter(s) {', '.join(map(repr, unknown))} for {kind} {plugin.name!r}; "
-                         f"allowed: {', '.join(sorted(defaults)) or '(none)'}")
-    merged = {**defaults, **given}
-    validate = getattr(plugin, "validate", None)
-    if validate is not None:
-        validate(merged)
-    return merged
+def _merge(plugin: Any, given: dict[str, Any], *, run_wide_allowed: bool) -> dict[str, Any]:
+    """The plugin's defaults with ``given``, checked like a config file's (names, types, ``validate``).
+    Estimators may also override run-wide keys (r, m, ...) for themselves; attacks have no such keys."""
+    own = {k: v for k, v in given.items() if not (run_wide_allowed and k in RUN_WIDE_DEFAULTS)}
+    overrides = {k: v for k, v in given.items() if k not in own}
+    return {**merge_params(plugin, own), **overrides}
 
 
 def evaluate(model: VAEModel, data: Tensor, attacks: Sequence[str] = ("max_damage",),
@@ -114,8 +108,9 @@ def evaluate(model: VAEModel, data: Tensor, attacks: Sequence[str] = ("max_damag
             raise ValueError(f"estimator_params given for {name!r}, which is not among estimators={list(estimators)}")
     atk = {name: regs.attacks.get(name) for name in attacks}
     est = {name: regs.estimators.get(name) for name in estimators}
-    a_params = {name: _merge("attack", a, attack_params.get(name, {})) for name, a in atk.items()}
-    e_params = {name: {**run, **_merge("estimator", e, estimator_params.get(name, {}))} for name, e in est.items()}
+    a_params = {name: _merge(a, attack_params.get(name, {}), run_wide_allowed=False) for name, a in atk.items()}
+    e_params = {name: {**run, **_merge(e, estimator_params.get(name, {}), run_wide_allowed=True)}
+                for name, e in est.items()}
 
     dev = torch.device(device) if device is not None else data.device
     data = data.to(dev)

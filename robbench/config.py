@@ -210,12 +210,12 @@ def validate_against_plugins(cfg: RunConfig, regs: Registries) -> None:
     model_configs(cfg, regs)
     attack_configs(cfg, regs)
     for name in cfg.estimators:
-        _merge_params(regs.estimators.get(name), cfg.estimator_params.get(name, {}), sweep=(),
+        merge_params(regs.estimators.get(name), cfg.estimator_params.get(name, {}), sweep=(),
                       reserved=RUN_WIDE_KEYS)
 
 
-def _merge_params(plugin: Any, given: dict[str, Any], sweep: tuple[str, ...],
-                  reserved: tuple[str, ...] = ()) -> dict[str, Any]:
+def merge_params(plugin: Any, given: dict[str, Any], sweep: tuple[str, ...] = (),
+                 reserved: tuple[str, ...] = ()) -> dict[str, Any]:
     """The plugin's defaults updated with ``given``; checks names and (loosely) types."""
     defaults = dict(getattr(plugin, "defaults", {}))
     for key, value in given.items():
@@ -294,7 +294,7 @@ def model_configs(cfg: RunConfig, regs: Registries) -> list[ModelConfig]:
     out: list[ModelConfig] = []
     for name in cfg.models:
         family = regs.models.get(name)
-        merged = _merge_params(family, cfg.model_params.get(name, {}), sweep=tuple(family.sweep))
+        merged = merge_params(family, cfg.model_params.get(name, {}), sweep=tuple(family.sweep))
         swept = tuple(k for k in family.sweep if isinstance(merged.get(k), list))
         for combo in _expand(merged, tuple(family.sweep)):
             for seed in cfg.model_seeds if family.trainable else [cfg.model_seeds[0]]:
@@ -310,7 +310,7 @@ def attack_configs(cfg: RunConfig, regs: Registries) -> list[AttackConfig]:
         given = cfg.attack_params.get(name, {})
         sweep = tuple(k for k, v in given.items()  # a list for a scalar parameter; not for list/None ones
                       if isinstance(v, list) and isinstance(attack.defaults.get(k), (str, int, float, bool)))
-        merged = _merge_params(attack, given, sweep=sweep)
+        merged = merge_params(attack, given, sweep=sweep)
         for combo in _expand(merged, sweep):
             out.append(AttackConfig(name, combo, sweep))
     return out
@@ -318,7 +318,7 @@ def attack_configs(cfg: RunConfig, regs: Registries) -> list[AttackConfig]:
 
 def estimator_params(cfg: RunConfig, regs: Registries, name: str) -> dict[str, Any]:
     est = regs.estimators.get(name)
-    merged = _merge_params(est, cfg.estimator_params.get(name, {}), sweep=(), reserved=RUN_WIDE_KEYS)
+    merged = merge_params(est, cfg.estimator_params.get(name, {}), sweep=(), reserved=RUN_WIDE_KEYS)
     return {**merged, **cfg.run_wide()}
 
 
