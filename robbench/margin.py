@@ -19,14 +19,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from robbench import stats
+from robbench import montecarlo, stats
 from robbench.protocols import Attack, VAEModel, call_attack
-
-
-def _engine():
-    # Imported lazily: the engine module is the one place samples are decoded.
-    from robbench import montecarlo
-    return montecarlo
 
 
 # --- p_r at a fixed perturbation ---------------------------------------------------------------
@@ -63,7 +57,7 @@ def estimate_probability(model: VAEModel, x: Tensor, delta: Tensor | None, *, r:
     """p_r(x, delta) from ``n_samples`` fresh decoder samples per point with a two-sided Clopper-Pearson
     interval at ``confidence``. delta None means delta = 0. Use a ``seed`` not used by the attack."""
     mu, sigma, center = latent_params(model, x, delta, sigma_at)
-    k = _engine().count_within(model, mu, sigma, center, r, n_samples, seed=seed, stream_ids=stream_ids,
+    k = montecarlo.count_within(model, mu, sigma, center, r, n_samples, seed=seed, stream_ids=stream_ids,
                                backend=backend).cpu()
     n = torch.full_like(k, n_samples)
     lo, hi = stats.clopper_pearson(k, n, confidence)
@@ -91,7 +85,6 @@ def sequential_test(model: VAEModel, mu: Tensor, sigma: Tensor, center: Tensor, 
     undecided points, at the cumulative sizes in ``schedule``. ``alpha`` is this test's error budget,
     split over the looks. Samples continue one counter-based stream (sample_offset), so a look reuses
     the earlier samples. mu, sigma: (B, k); center: (B, D); stream_ids: (B,)."""
-    mc = _engine()
     batch = mu.shape[0]
     alpha_look = stats.split_alpha(alpha, len(schedule))
     k = torch.zeros(batch, dtype=torch.int64)
@@ -102,7 +95,7 @@ def sequential_test(model: VAEModel, mu: Tensor, sigma: Tensor, center: Tensor, 
         if todo.numel() == 0:
             break
         done_so_far = int(n[todo[0]])  # every undecided point has seen the same number of samples
-        k[todo] += mc.count_within(model, mu[todo], sigma[todo], center[todo], r, size - done_so_far,
+        k[todo] += montecarlo.count_within(model, mu[todo], sigma[todo], center[todo], r, size - done_so_far,
                                    seed=seed, stream_ids=stream_ids[todo], sample_offset=done_so_far,
                                    backend=backend).cpu()
         n[todo] = size
