@@ -118,9 +118,10 @@ at::Tensor mlp_sq_distances_cuda(const at::Tensor& mu, const at::Tensor& sigma, 
                                  int64_t chunk_rows) {
   check_cuda(mu, "mu");
   at::Tensor out = at::empty({mu.size(0), n}, mu.options());
+  const at::Tensor muc = mu.contiguous(), sc = sigma.contiguous(), cc = center.contiguous();
+  const at::Tensor kac = ka.contiguous(), kbc = kb.contiguous();
   for (const Block& blk : make_blocks(mu.size(0), n, chunk_rows, kMinRows)) {
-    at::Tensor d2 = block_sq(mu.contiguous(), sigma.contiguous(), center.contiguous(), ka.contiguous(),
-                             kb.contiguous(), blk, offset, weights_t, biases, acts);
+    at::Tensor d2 = block_sq(muc, sc, cc, kac, kbc, blk, offset, weights_t, biases, acts);
     out.slice(0, blk.p0, blk.p1).slice(1, blk.s0, blk.s1).copy_(d2.view({blk.p1 - blk.p0, blk.s1 - blk.s0}));
   }
   return out;
@@ -138,10 +139,11 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cuda(const at::Tensor& mu, const at
   const int64_t B = mu.size(0);
   at::Tensor counts = at::zeros({B}, mu.options().dtype(at::kLong));
   at::Tensor r2c = r2.contiguous();
+  const at::Tensor muc = mu.contiguous(), sc = sigma.contiguous(), cc = center.contiguous();
+  const at::Tensor kac = ka.contiguous(), kbc = kb.contiguous();
   for (const Block& blk : make_blocks(B, n, chunk_rows, kMinRows)) {
     const int64_t ns = blk.s1 - blk.s0, m = (blk.p1 - blk.p0) * ns;
-    at::Tensor d2 = block_sq(mu.contiguous(), sigma.contiguous(), center.contiguous(), ka.contiguous(),
-                             kb.contiguous(), blk, offset, weights_t, biases, acts);
+    at::Tensor d2 = block_sq(muc, sc, cc, kac, kbc, blk, offset, weights_t, biases, acts);
     threshold_count_kernel<<<blocks_for(m), kThreads>>>(
         d2.data_ptr<float>(), r2c.data_ptr<float>(), blk.p0, ns, m,
         reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>()));
