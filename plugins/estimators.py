@@ -2,11 +2,12 @@
 fixed-direction sweep, and p_r at an attack's perturbation.
 
 Each is called as ``est(ctx, x)`` on a batch x: (B, *input_shape) and returns B flat dicts. Run-wide
-params in ``ctx.params``: ``r``, ``m``, ``confidence``, ``backend``, ``seed``. Random streams are derived
+settings are ``ctx.run`` (``r`` the output-space radius, ``m``, ``confidence``, ``backend``, ``seed``);
+``ctx.params`` holds only the estimator's own parameters. Random streams are derived
 from the run seed, the estimator name and the point id (``ctx.point_ids``), so Monte Carlo results do
 not depend on how points are batched; attacks get their own torch generator, so the samples an attack
 uses are never those that estimate p_r. Floats that would be NaN/inf are reported as None.
-See /work/notes/estimators_readme.md (README section) for how to read the intervals.
+The README's "Estimators" section says how to read the intervals.
 """
 from __future__ import annotations
 
@@ -32,12 +33,6 @@ def _f(value: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def _run(ctx: EstimationContext) -> tuple[float, float, float, str, int]:
-    p = ctx.params
-    return (float(p.get("r", 4.0)), float(p.get("m", 0.5)), float(p.get("confidence", 0.95)),
-            str(p.get("backend", "auto")), int(p.get("seed", ctx.seed)))
-
-
 def _ids(ctx: EstimationContext, x: Tensor) -> Tensor:
     return torch.arange(x.shape[0]) if ctx.point_ids is None else ctx.point_ids.cpu().long()
 
@@ -46,7 +41,7 @@ def _attack(ctx: EstimationContext, x: Tensor, radius: float, tag: str) -> tuple
     """Run ctx.attack at one radius for all points; returns (delta, damage)."""
     if ctx.attack is None:
         raise ValueError("this estimator needs an attack (ctx.attack is None)")
-    gen = torch.Generator(device=x.device).manual_seed(stats.derive_seed(_run(ctx)[4], tag, "attack"))
+    gen = torch.Generator(device=x.device).manual_seed(stats.derive_seed(ctx.run.seed, tag, "attack"))
     rad = torch.full((x.shape[0],), float(radius), dtype=x.dtype, device=x.device)
     result = call_attack(ctx.attack, ctx.model, x, rad, params=ctx.attack_params, generator=gen,
                          point_ids=_ids(ctx, x))
@@ -70,15 +65,15 @@ class BuiltinEstimator:
 
 # --- margin ------------------------------------------------------------------------------------
 def _margin(ctx: EstimationContext, x: Tensor) -> list[Row]:
-    r, m, confidence, backend, seed = _run(ctx)
+    run = ctx.run
     p = ctx.params
     res = estimate_margin(
-        ctx.model, x, ctx.attack, ctx.attack_params, r=r, m=m, confidence=confidence,
+        ctx.model, x, ctx.attack, ctx.attack_params, r=run.r, m=run.m, confidence=run.confidence,
         max_radius=float(p["max_radius"]), tolerance=float(p["tolerance"]),
         rel_tolerance=None if p.get("rel_tolerance") is None else float(p["rel_tolerance"]),
         samples_initial=int(p["samples_initial"]), samples_max=int(p["samples_max"]),
-        samples_growth=int(p["samples_growth"]), seed=stats.derive_seed(seed, "margin"),
-        point_ids=_ids(ctx, x), backend=backend, sigma_at=str(p["sigma_at"]), warm_start=bool(p["warm_start"]),
+        samples_growth=int(p["samples_growth"]), seed=stats.derive_seed(run.seed, "margin"),
+        point_ids=_ids(ctx, x), backend=run.backend, sigma_at=str(p["sigma_at"]), warm_start=bool(p["warm_start"]),
         warm_attack_params=_warm_params(ctx, p), stop_when_undecided=bool(p["stop_when_undecided"]))
     return [{"margin": _f(res.margin[i]), "margin_lo": _f(res.lo[i]), "margin_hi": _f(res.hi[i]),
              "undecided": bool(res.undecided[i]), "at_cap": bool(res.at_cap[i]), "samples": int(res.samples[i]),
@@ -100,7 +95,7 @@ def _margin_with_arrays(ctx: EstimationContext, x: Tensor) -> list[Row]:
     if not ctx.params["keep_adversarial"]:
         return rows
     radius = torch.tensor([row["margin_hi"] or 0.0 for row in rows], dtype=x.dtype, device=x.device)
-    gen = torch.Generator(device=x.device).manual_seed(stats.derive_seed(_run(ctx)[4], "margin", "arrays"))
+    gen = torch.Generator(device=x.device).manual_seed(stats.derive_seed(ctx.run.seed, "margin", "arrays"))
     delta = call_attack(ctx.attack, ctx.model, x, radius, params=ctx.attack_params, generator=gen,
                         point_ids=_ids(ctx, x)).delta.detach()
     for row, arrays in zip(rows, _adversarial_arrays(ctx, x, delta)):
@@ -134,20 +129,20 @@ def _damage(ctx: EstimationContext, x: Tensor) -> list[Row]:
     """Expected damage E_eta ||g(mu_r + eta * sigma_r) - g(mu(x))|| of the attack at a fixed radius, where
     (mu_r, sigma_r) follow the attack's ``route`` (both / mu / sigma), next to the same expectation at
     delta = 0 (what encoder noise alone does)."""
-    r, m, confidence, backend, seed = _run(ctx)
+    run = ctx.run
     p = ctx.params
     delta, mean_recon_damage = _attack(ctx, x, float(p["radius"]), "damage")
     route = str(ctx.attack_params.get("route", "both"))
-    engine_seed = stats.derive_seed(seed, "damage")
+    engine_seed = stats.derive_seed(run.seed, "damage")
     with torch.no_grad():
         mu_c, sig_c = ctx.model.encode(x)
         mu_a, sig_a = ctx.model.encode(x + delta)
         mu_r, sig_r = {"both": (mu_a, sig_a), "mu": (mu_a, sig_c), "sigma": (mu_c, sig_a)}[route]
         center = ctx.model.decode(mu_c).flatten(1)
         attacked = montecarlo.sample_distances(ctx.model, mu_r, sig_r, center, int(p["samples"]), seed=engine_seed,
-                                               stream_ids=_ids(ctx, x), backend=backend).mean(1).cpu()
+                                               stream_ids=_ids(ctx, x), backend=run.backend).mean(1).cpu()
         clean = montecarlo.sample_distances(ctx.model, mu_c, sig_c, center, int(p["samples"]), seed=engine_seed,
-                                            stream_ids=_ids(ctx, x), backend=backend).mean(1).cpu()
+                                            stream_ids=_ids(ctx, x), backend=run.backend).mean(1).cpu()
     norms = delta.flatten(1).norm(dim=1).cpu()
     arrays = _adversarial_arrays(ctx, x, delta)
     return [{"damage": _f(attacked[i]), "damage_clean": _f(clean[i]), "damage_mean_recon": _f(mean_recon_damage[i]),
@@ -165,7 +160,7 @@ def _encoder_rows(ctx: EstimationContext, x: Tensor) -> tuple[list[Row], Tensor,
     sigma = sigma.detach().cpu().double()
     jac = jacobian_frobenius(ctx.model, x, method=str(p["jacobian_method"]), n_probes=int(p["jacobian_probes"]),
                              exact_max_elements=int(p["jacobian_exact_max"]),
-                             seed=stats.derive_seed(_run(ctx)[4], "jacobian"))
+                             seed=stats.derive_seed(ctx.run.seed, "jacobian"))
     min_sigma = sigma.min(1).values
     rows = [{"min_sigma": _f(min_sigma[i]), "mean_sigma": _f(sigma[i].mean()),
              "jacobian_frobenius": _f(jac.value[i]), "jacobian_stderr": _f(jac.stderr[i]),
@@ -178,15 +173,15 @@ def _encoder_stats(ctx: EstimationContext, x: Tensor) -> list[Row]:
 
 
 def _bound(ctx: EstimationContext, x: Tensor) -> list[Row]:
-    r, m, confidence, backend, seed = _run(ctx)
+    run = ctx.run
     n = int(ctx.params["p0_samples"])
     rows, min_sigma, jac = _encoder_rows(ctx, x)
-    est = estimate_probability(ctx.model, x, None, r=r, n_samples=n, confidence=confidence,
-                               seed=stats.derive_seed(seed, "bound-p0"), stream_ids=_ids(ctx, x), backend=backend)
+    est = estimate_probability(ctx.model, x, None, r=run.r, n_samples=n, confidence=run.confidence,
+                               seed=stats.derive_seed(run.seed, "bound-p0"), stream_ids=_ids(ctx, x), backend=run.backend)
     # One-sided lower bound: the bound then holds (to first order) with probability >= confidence.
-    p0_lo = stats.cp_lower(est.k, est.n, 1.0 - confidence)
-    bound, status = theorem1_bound(min_sigma, p0_lo, jac, m)
-    bound_point, _ = theorem1_bound(min_sigma, est.p, jac, m)
+    p0_lo = stats.cp_lower(est.k, est.n, 1.0 - run.confidence)
+    bound, status = theorem1_bound(min_sigma, p0_lo, jac, run.m)
+    bound_point, _ = theorem1_bound(min_sigma, est.p, jac, run.m)
     for i, row in enumerate(rows):
         row.update({"bound": _f(bound[i]), "bound_status": status[i], "bound_point": _f(bound_point[i]),
                     "p0": _f(est.p[i]), "p0_lo": _f(p0_lo[i]), "p0_samples": n})
@@ -195,16 +190,14 @@ def _bound(ctx: EstimationContext, x: Tensor) -> list[Row]:
 
 # --- minimum r ---------------------------------------------------------------------------------
 def _min_r(ctx: EstimationContext, x: Tensor) -> list[Row]:
-    r, m, confidence, backend, seed = _run(ctx)
+    run = ctx.run
     n = int(ctx.params["samples"])
     mu, sigma, center = latent_params(ctx.model, x, None)
-    from robbench import montecarlo  # the engine (imported when used)
-
-    dist = montecarlo.sample_distances(ctx.model, mu, sigma, center, n, seed=stats.derive_seed(seed, "min_r"),
+    dist = montecarlo.sample_distances(ctx.model, mu, sigma, center, n, seed=stats.derive_seed(run.seed, "min_r"),
                                        stream_ids=_ids(ctx, x), backend="torch").cpu().double()
     dist, _ = dist.sort(1)
-    point = min(n, max(1, math.ceil(m * n)))  # the empirical m-quantile (1-based order statistic)
-    lo_i, hi_i = stats.quantile_ci_indices(n, m, confidence)
+    point = min(n, max(1, math.ceil(run.m * n)))  # the empirical m-quantile (1-based order statistic)
+    lo_i, hi_i = stats.quantile_ci_indices(n, run.m, run.confidence)
     rows = []
     for b in range(x.shape[0]):
         rows.append({"min_r": _f(dist[b, point - 1]),
@@ -223,14 +216,13 @@ def _loglik_at(ctx: EstimationContext, x: Tensor, x_star: Tensor) -> Tensor:
 
 
 def _likelihood(ctx: EstimationContext, x: Tensor) -> list[Row]:
-    seed = _run(ctx)[4]
     p = ctx.params
     clean = _loglik_at(ctx, x, x)
     delta, damage = _attack(ctx, x, float(p["radius"]), "likelihood")
     attacked = _loglik_at(ctx, x, x + delta)
     # Per-point noise streams: results do not depend on batching.
     noise = torch.stack([torch.randn(x[0].shape, generator=torch.Generator().manual_seed(
-        stats.derive_seed(seed, "likelihood-noise", int(i)))) for i in _ids(ctx, x)]).to(x)
+        stats.derive_seed(ctx.run.seed, "likelihood-noise", int(i)))) for i in _ids(ctx, x)]).to(x)
     x_noise = x + float(p["noise_sigma"]) * noise
     if p["clamp_noise"]:
         x_noise = x_noise.clamp(0.0, 1.0)
@@ -247,14 +239,14 @@ def _likelihood(ctx: EstimationContext, x: Tensor) -> list[Row]:
 
 # --- p_r at the attack's perturbation ----------------------------------------------------------
 def _probability(ctx: EstimationContext, x: Tensor) -> list[Row]:
-    r, m, confidence, backend, seed = _run(ctx)
+    run = ctx.run
     p = ctx.params
     delta, damage = _attack(ctx, x, float(p["radius"]), "probability")
-    est = estimate_probability(ctx.model, x, delta, r=r, n_samples=int(p["samples"]), confidence=confidence,
-                               seed=stats.derive_seed(seed, "probability-mc"), stream_ids=_ids(ctx, x),
-                               backend=backend, sigma_at=str(p["sigma_at"]))
+    est = estimate_probability(ctx.model, x, delta, r=run.r, n_samples=int(p["samples"]), confidence=run.confidence,
+                               seed=stats.derive_seed(run.seed, "probability-mc"), stream_ids=_ids(ctx, x),
+                               backend=run.backend, sigma_at=str(p["sigma_at"]))
     return [{"p": _f(est.p[i]), "p_lo": _f(est.lo[i]), "p_hi": _f(est.hi[i]), "samples": int(est.n[i]),
-             "robust": bool(est.lo[i] > m), "damage": _f(damage[i]),
+             "robust": bool(est.lo[i] > run.m), "damage": _f(damage[i]),
              "delta_norm": _f(delta[i].flatten().norm())} for i in range(x.shape[0])]
 
 
@@ -271,7 +263,7 @@ def _crossing(norms: list[float], p: list[float], m: float) -> float | None:
 
 
 def _sweep(ctx: EstimationContext, x: Tensor) -> list[Row]:
-    r, m, confidence, backend, seed = _run(ctx)
+    run = ctx.run
     p = ctx.params
     delta, damage = _attack(ctx, x, float(p["direction_radius"]), "sweep")
     norms_d = delta.flatten(1).norm(dim=1)
@@ -283,8 +275,8 @@ def _sweep(ctx: EstimationContext, x: Tensor) -> list[Row]:
         x_t = x + t * direction
         if p["clamp"]:
             x_t = x_t.clamp(0.0, 1.0)
-        est = estimate_probability(ctx.model, x, x_t - x, r=r, n_samples=int(p["samples"]), confidence=confidence,
-                                   seed=stats.derive_seed(seed, "sweep-mc", j), stream_ids=ids, backend=backend,
+        est = estimate_probability(ctx.model, x, x_t - x, r=run.r, n_samples=int(p["samples"]), confidence=run.confidence,
+                                   seed=stats.derive_seed(run.seed, "sweep-mc", j), stream_ids=ids, backend=run.backend,
                                    sigma_at=str(p["sigma_at"]))
         for b in range(x.shape[0]):
             curves["p"][b].append(float(est.p[b]))
@@ -295,7 +287,7 @@ def _sweep(ctx: EstimationContext, x: Tensor) -> list[Row]:
         zero_direction = bool(norms_d[b] <= 1e-12)
         rows.append({"sweep_norms": grid, "sweep_p": curves["p"][b], "sweep_p_lo": curves["lo"][b],
                      "sweep_p_hi": curves["hi"][b],
-                     "sweep_crossing": None if zero_direction else _crossing(grid, curves["p"][b], m),
+                     "sweep_crossing": None if zero_direction else _crossing(grid, curves["p"][b], run.m),
                      "damage": _f(damage[b])})
     return rows
 

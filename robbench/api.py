@@ -18,10 +18,10 @@ import torch
 from torch import Tensor
 
 from robbench.config import merge_params
+from robbench.execute import Batch, Executor, JobSpec, LocalExecutor
 from robbench.plugins import get_registries
-from robbench.protocols import ARRAYS_KEY, EstimationContext, VAEModel
-
-RUN_WIDE_DEFAULTS: dict[str, Any] = {"r": 4.0, "m": 0.5, "confidence": 0.95, "backend": "auto", "seed": 0}
+from robbench.protocols import VAEModel
+from robbench.settings import RunSettings
 ID_COLUMNS = ("attack", "estimator", "point")
 
 
@@ -70,34 +70,36 @@ class ResultTable:
         return text
 
 
-def _merge(plugin: Any, given: dict[str, Any], *, run_wide_allowed: bool) -> dict[str, Any]:
-    """The plugin's defaults with ``given``, checked like a config file's (names, types, ``validate``).
-    Estimators may also override run-wide keys (r, m, ...) for themselves; attacks have no such keys."""
-    own = {k: v for k, v in given.items() if not (run_wide_allowed and k in RUN_WIDE_DEFAULTS)}
+def _merge(plugin: Any, given: dict[str, Any], *, run_wide_allowed: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the plugin's defaults with ``given``, checked like a config file's (names, types, ``validate``),
+    run-wide overrides). Estimators may override run-wide settings (r, m, ...) for themselves; attacks
+    have no such keys."""
+    own = {k: v for k, v in given.items() if not (run_wide_allowed and k in RunSettings.HASHED)}
     overrides = {k: v for k, v in given.items() if k not in own}
-    return {**merge_params(plugin, own), **overrides}
+    return merge_params(plugin, own), overrides
 
 
 def evaluate(model: VAEModel, data: Tensor, attacks: Sequence[str] = ("max_damage",),
              estimators: Sequence[str] = ("margin",), *, attack_params: dict[str, dict[str, Any]] | None = None,
              estimator_params: dict[str, dict[str, Any]] | None = None, point_ids: Tensor | None = None,
              batch_size: int | None = None, device: torch.device | str | None = None,
-             **run_params: Any) -> ResultTable:
+             executor: Executor | None = None, **run_params: Any) -> ResultTable:
     """Run each estimator on ``data`` (B, *input_shape) in [0, 1], once per attack for estimators that
     need one and once otherwise. Names are looked up in the plugin registries and validated, with the
     parameters, before any work starts.
 
-    run_params: run-wide keys ``r`` (4.0), ``m`` (0.5), ``confidence`` (0.95), ``backend`` ("auto"),
-    ``seed`` (0); they reach every estimator and may be overridden per estimator in ``estimator_params``.
+    run_params: run-wide settings ``r`` (output-space radius), ``m``, ``confidence``, ``backend``,
+    ``seed`` (defaults: :class:`robbench.settings.RunSettings`); they reach every estimator as
+    ``ctx.run`` and may be overridden per estimator in ``estimator_params``.
     ``attack_params`` / ``estimator_params``: {name: {key: value}} over the plugin's defaults.
-    ``batch_size``: points per estimator call (default all at once).
+    ``batch_size``: points per estimator call (default all at once). ``executor``: where batches run
+    (default :class:`robbench.execute.LocalExecutor`); estimator errors are raised, not recorded.
     """
-    unknown = sorted(set(run_params) - set(RUN_WIDE_DEFAULTS))
+    unknown = sorted(set(run_params) - set(RunSettings.HASHED))
     if unknown:
         raise TypeError(f"evaluate() got unknown run-wide parameter(s) {', '.join(map(repr, unknown))}; "
-                        f"allowed: {', '.join(RUN_WIDE_DEFAULTS)}; use attack_params= / estimator_params= "
+                        f"allowed: {', '.join(RunSettings.HASHED)}; use attack_params= / estimator_params= "
                         "for plugin parameters")
-    run = {**RUN_WIDE_DEFAULTS, **run_params}
     regs = get_registries()
     attack_params, estimator_params = dict(attack_params or {}), dict(estimator_params or {})
     for name in attack_params:
@@ -108,32 +110,28 @@ def evaluate(model: VAEModel, data: Tensor, attacks: Sequence[str] = ("max_damag
             raise ValueError(f"estimator_params given for {name!r}, which is not among estimators={list(estimators)}")
     atk = {name: regs.attacks.get(name) for name in attacks}
     est = {name: regs.estimators.get(name) for name in estimators}
-    a_params = {name: _merge(a, attack_params.get(name, {}), run_wide_allowed=False) for name, a in atk.items()}
-    e_params = {name: {**run, **_merge(e, estimator_params.get(name, {}), run_wide_allowed=True)}
-                for name, e in est.items()}
+    a_params = {name: _merge(a, attack_params.get(name, {}), run_wide_allowed=False)[0] for name, a in atk.items()}
 
     dev = torch.device(device) if device is not None else data.device
+    run = RunSettings(device=str(dev)).with_overrides(run_params)
     data = data.to(dev)
     ids = torch.arange(data.shape[0]) if point_ids is None else torch.as_tensor(point_ids).long()
     if ids.shape[0] != data.shape[0]:
         raise ValueError(f"point_ids has {ids.shape[0]} entries for {data.shape[0]} points")
-    step = batch_size or data.shape[0]
-    table = ResultTable()
+    jobs = []
     for e_name, estimator in est.items():
-        pairs = [(a_name, atk[a_name]) for a_name in attacks] if estimator.needs_attack else [(None, None)]
-        for a_name, attack in pairs:
-            for start in range(0, data.shape[0], step):
-                x, bid = data[start:start + step], ids[start:start + step]
-                params = dict(e_params[e_name])
-                ctx = EstimationContext(model=model, attack=attack,
-                                        attack_params=a_params[a_name] if a_name else {}, params=params,
-                                        point_ids=bid, seed=int(params["seed"]), device=dev)
-                results = estimator(ctx, x)
-                if len(results) != x.shape[0]:
-                    raise RuntimeError(f"estimator {e_name!r} returned {len(results)} rows for {x.shape[0]} points")
-                for pid, metrics in zip(bid.tolist(), results):
-                    arrays = metrics.pop(ARRAYS_KEY, None)
-                    if arrays:
-                        table.arrays[(a_name, e_name, pid)] = arrays
-                    table.rows.append({"attack": a_name, "estimator": e_name, "point": pid, **metrics})
+        params, overrides = _merge(estimator, estimator_params.get(e_name, {}), run_wide_allowed=True)
+        e_run = run.with_overrides(overrides)
+        for a_name in (attacks if estimator.needs_attack else [None]):
+            jobs.append(JobSpec(e_name, a_name, a_params[a_name] if a_name else {}, params, e_run))
+    step = batch_size or data.shape[0]
+    batches = [Batch(job, ids[start:start + step].tolist(), data[start:start + step])
+               for job in jobs for start in range(0, data.shape[0], step)]
+    table = ResultTable()
+    for batch, results in (executor or LocalExecutor(registries=regs, raise_errors=True)).map(model, batches):
+        for res in results:
+            if res.arrays:
+                table.arrays[(batch.job.attack, batch.job.estimator, res.point)] = res.arrays
+            table.rows.append({"attack": batch.job.attack, "estimator": batch.job.estimator, "point": res.point,
+                               **res.metrics})
     return table

@@ -17,8 +17,9 @@ import yaml
 
 from robbench.plugins import Registries
 from robbench.registry import UnknownNameError
+from robbench.settings import RUN_WIDE_KEYS, RunSettings
 
-RUN_WIDE_KEYS = ("r", "m", "confidence", "backend", "seed")
+_RUN = RunSettings()  # the run-wide defaults, defined once in robbench.settings
 BACKENDS = ("auto", "torch", "cpp", "cuda")
 
 
@@ -46,21 +47,23 @@ class RunConfig:
     points: int = 25
     point_batch: int = 25
     keep_arrays: int = 8  # points per job whose tensors (adversarial inputs, ...) are kept for reports
-    seed: int = 0
+    seed: int = _RUN.seed
     model_seeds: list[int] = field(default_factory=lambda: [0])
-    r: float = 4.0
-    m: float = 0.5
-    confidence: float = 0.95
-    backend: str = "auto"
-    device: str = "cpu"
+    r: float = _RUN.r  # output-space radius of r-robustness
+    m: float = _RUN.m
+    confidence: float = _RUN.confidence
+    backend: str = _RUN.backend
+    device: str = _RUN.device
     train: TrainSettings = field(default_factory=TrainSettings)
     model_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     attack_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     estimator_params: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def run_wide(self) -> dict[str, Any]:
-        return {"r": self.r, "m": self.m, "confidence": self.confidence, "backend": self.backend,
-                "seed": self.seed}
+    def run_settings(self) -> RunSettings:
+        """The run-wide settings every estimator sees as ``ctx.run``."""
+        # Values as given (not cast): job keys hash them, and stored results must keep their keys.
+        return RunSettings(r=self.r, m=self.m, confidence=self.confidence, backend=self.backend,
+                           seed=self.seed, device=self.device)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -317,9 +320,10 @@ def attack_configs(cfg: RunConfig, regs: Registries) -> list[AttackConfig]:
 
 
 def estimator_params(cfg: RunConfig, regs: Registries, name: str) -> dict[str, Any]:
+    """The estimator's own parameters (its defaults with the config's values); run-wide settings are
+    separate (:meth:`RunConfig.run_settings`)."""
     est = regs.estimators.get(name)
-    merged = merge_params(est, cfg.estimator_params.get(name, {}), sweep=(), reserved=RUN_WIDE_KEYS)
-    return {**merged, **cfg.run_wide()}
+    return merge_params(est, cfg.estimator_params.get(name, {}), sweep=(), reserved=RUN_WIDE_KEYS)
 
 
 def parse_param_flag(flag: str, regs: Registries) -> tuple[str, str, str, Any]:

@@ -18,6 +18,8 @@ from typing import Any, Callable, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from robbench.settings import RunSettings
+
 
 # ---------------------------------------------------------------------------------------------
 # Models
@@ -108,7 +110,7 @@ class DatasetSpec:
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class AttackResult:
-    """delta: (B, *input_shape) with ||delta_b||_2 <= radius_b and x + delta in [0, 1];
+    """delta: (B, *input_shape) with ||delta_b||_2 <= rho_b and x + delta in [0, 1];
     damage: (B,) the achieved objective, ||g(.) - g(mu(x))||_2 in output units."""
 
     delta: Tensor
@@ -126,21 +128,21 @@ class Attack(Protocol):
         self,
         model: VAEModel,
         x: Tensor,
-        radius: Tensor,
+        rho: Tensor,
         *,
         params: dict[str, Any],
         generator: torch.Generator,
         init: Tensor | None = None,
         point_ids: Tensor | None = None,
     ) -> AttackResult:
-        """x: (B, *input_shape) in [0, 1]; radius: (B,) L2 budgets; ``init`` an optional warm start
+        """x: (B, *input_shape) in [0, 1]; rho: (B,) input-space L2 budgets (passed positionally); ``init`` an optional warm start
         delta (B, *input_shape); ``point_ids`` (B,) the points' test-set indices. Must be deterministic
         given ``generator``; an attack that draws its random numbers per point from ``point_ids``
         (``robbench.rng``) gives every point the same result however the points are batched. Accepting
         ``point_ids`` is optional: :func:`call_attack` passes it only to attacks that take it."""
 
 
-def call_attack(attack: Attack, model: VAEModel, x: Tensor, radius: Tensor, *, params: dict[str, Any],
+def call_attack(attack: Attack, model: VAEModel, x: Tensor, rho: Tensor, *, params: dict[str, Any],
                 generator: torch.Generator, init: Tensor | None = None,
                 point_ids: Tensor | None = None) -> AttackResult:
     """Call ``attack``, passing ``point_ids`` when its ``__call__`` accepts that keyword."""
@@ -149,7 +151,7 @@ def call_attack(attack: Attack, model: VAEModel, x: Tensor, radius: Tensor, *, p
         kwargs["init"] = init
     if point_ids is not None and _accepts(attack, "point_ids"):
         kwargs["point_ids"] = point_ids
-    return attack(model, x, radius, **kwargs)
+    return attack(model, x, rho, **kwargs)
 
 
 def _accepts(fn: Any, name: str) -> bool:
@@ -167,10 +169,12 @@ def _accepts(fn: Any, name: str) -> bool:
 class EstimationContext:
     """Everything an estimator may use for one (model, attack) pair on a batch of points.
 
-    ``params`` holds the estimator's parameters merged with the run-wide ones
-    (``r``, ``m``, ``confidence``, ``backend``, ``seed``). ``attack`` is None for estimators with
-    ``needs_attack = False``. ``point_ids`` are the test-set indices of the points (B,), used to seed
-    per-point random streams so results do not depend on batching.
+    ``run`` holds the run-wide settings (:class:`robbench.settings.RunSettings`: ``ctx.run.r``,
+    ``.m``, ``.confidence``, ``.backend``, ``.seed``, ``.device``); ``params`` only the estimator's own
+    parameters (its ``defaults`` merged with what the user gave). ``attack`` is None for estimators with
+    ``needs_attack = False``; ``attack_params`` are the attack's merged parameters. ``point_ids`` are
+    the test-set indices of the points (B,), used to seed per-point random streams so results do not
+    depend on batching.
     """
 
     model: VAEModel
@@ -178,8 +182,16 @@ class EstimationContext:
     attack_params: dict[str, Any]
     params: dict[str, Any]
     point_ids: Tensor
-    seed: int
-    device: torch.device
+    run: RunSettings = field(default_factory=RunSettings)
+
+    @property
+    def seed(self) -> int:
+        """The run seed (``run.seed``)."""
+        return self.run.seed
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.run.device)
 
 
 # An estimator may put {name: Tensor} under this key of a point's dict (e.g. the adversarial input and its
@@ -192,7 +204,7 @@ class Estimator(Protocol):
     """A registered estimator: returns one flat dict of numbers/strings per point.
 
     Keys are metric names (e.g. ``margin``, ``margin_lo``, ``margin_hi``, ``bound``, ``min_sigma``);
-    values are float, int, str or None. The leaderboard aggregates known keys.
+    values are float, int, str or None.
     """
 
     name: str

@@ -7,8 +7,6 @@ marks only its own rows as errors (with the message) and the run goes on.
 from __future__ import annotations
 
 import math
-import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,26 +19,35 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from robbench import terminal
 from robbench.config import (AttackConfig, ConfigError, ModelConfig, RunConfig, attack_configs,
                              estimator_params, model_configs, stable_hash)
-from robbench.paths import cache_dir
+from robbench.execute import Batch, Executor, JobSpec, LocalExecutor, PointResult, describe_error
 from robbench.leaderboard import write_leaderboard
+from robbench.paths import cache_dir
 from robbench.plugins import Registries
-from robbench.protocols import ARRAYS_KEY, DataOptions, EstimationContext, SplitData
+from robbench.protocols import DataOptions, SplitData
+from robbench.settings import RunSettings
 from robbench.store import ResultRow, ResultStore, RunRecord
 
 
 @dataclass(frozen=True)
 class Job:
-    """One (model configuration, attack, estimator) triple; ``attack`` is None for attack-free estimators."""
+    """One (model configuration, attack, estimator) triple; ``attack`` is None for attack-free estimators.
+    ``params``: the estimator's own parameters; ``run``: the run-wide settings."""
 
     key: str
     model: ModelConfig
     attack: AttackConfig | None
     estimator: str
     params: dict[str, Any]
+    run: RunSettings
 
     @property
     def attack_label(self) -> str:
         return self.attack.label if self.attack else ""
+
+    def spec(self) -> JobSpec:
+        """The job as plain data for :func:`robbench.execute.evaluate_batch` (and remote workers)."""
+        return JobSpec(self.estimator, self.attack.name if self.attack else None,
+                       dict(self.attack.params) if self.attack else {}, dict(self.params), self.run, self.key)
 
 
 def model_key(cfg: RunConfig, model: ModelConfig) -> str:
@@ -51,15 +58,18 @@ def model_key(cfg: RunConfig, model: ModelConfig) -> str:
 def plan_jobs(cfg: RunConfig, regs: Registries) -> list[Job]:
     """Every job the configuration defines, in execution order (grouped by model)."""
     attacks = attack_configs(cfg, regs)
+    run = cfg.run_settings()
     jobs = []
     for model in model_configs(cfg, regs):
         for name in cfg.estimators:
             est = regs.estimators.get(name)
             params = estimator_params(cfg, regs, name)
             for attack in attacks if est.needs_attack else [None]:
-                identity = {"model": model_key(cfg, model), "estimator": name, "params": params,
+                # The key hashes the result-defining settings with the estimator's own parameters (as one
+                # mapping, the layout older run directories were keyed by, so they keep resuming).
+                identity = {"model": model_key(cfg, model), "estimator": name, "params": {**params, **run.hashed()},
                             "attack": None if attack is None else [attack.name, attack.params]}
-                jobs.append(Job(stable_hash(identity), model, attack, name, params))
+                jobs.append(Job(stable_hash(identity), model, attack, name, params, run))
     return jobs
 
 
@@ -85,14 +95,17 @@ def load_data(cfg: RunConfig, regs: Registries) -> SplitData:
 
 
 class Runner:
-    """Executes a RunConfig into a run directory."""
+    """Executes a RunConfig into a run directory. The runner is the coordinator: it trains or loads the
+    models, hands batches to an :class:`~robbench.execute.Executor` (local by default) and is the only
+    writer of the results store, the arrays and the leaderboard."""
 
     def __init__(self, cfg: RunConfig, regs: Registries, run_dir: Path, *, console: Console | None = None,
-                 retrain: bool = False, progress: bool = True):
+                 retrain: bool = False, progress: bool = True, executor: Executor | None = None):
         self.cfg, self.regs, self.run_dir = cfg, regs, Path(run_dir)
         self.console = console or terminal.console()
         self.retrain, self.progress = retrain, progress
         self.device = resolve_device(cfg.device)
+        self.executor = executor or LocalExecutor(registries=regs)
         self.jobs = plan_jobs(cfg, regs)
 
     # --- public --------------------------------------------------------------------------------
@@ -100,22 +113,13 @@ class Runner:
         """Train/load every model and (if ``evaluate``) run every pending job. Returns the store."""
         # Data and points first: an invocation that cannot start writes nothing.
         data = load_data(self.cfg, self.regs)
-        point_ids = select_points(data, self.cfg.points, self.cfg.seed)
+        point_ids = [int(p) for p in select_points(data, self.cfg.points, self.cfg.seed)]
         store = ResultStore(self.run_dir)
         store.record_run(RunRecord(self.cfg.to_dict(), [job.key for job in self.jobs],
-                                   sorted({model_key(self.cfg, job.model) for job in self.jobs}),
-                                   [int(p) for p in point_ids]))
+                                   sorted({model_key(self.cfg, job.model) for job in self.jobs}), point_ids))
         board_current = False
-        by_model: dict[str, list[Job]] = {}
-        for job in self.jobs:
-            by_model.setdefault(model_key(self.cfg, job.model), []).append(job)
-        for model_cfg in model_configs(self.cfg, self.regs):
-            jobs = by_model.get(model_key(self.cfg, model_cfg), [])
-            pending = {}
-            for job in jobs:
-                # --retrain recomputes every result: stored ones came from the previous weights.
-                done = set() if self.retrain else store.done_points(job.key)
-                pending[job.key] = [int(p) for p in point_ids if int(p) not in done]
+        for model_cfg, jobs in self._jobs_by_model():
+            pending = self._pending(store, jobs, point_ids)
             if evaluate and not any(pending.values()):
                 self.console.print(f"[dim]{model_cfg.label} seed {model_cfg.seed}: all results stored, skipped[/dim]")
                 continue
@@ -133,6 +137,20 @@ class Runner:
         return store
 
     # --- steps ---------------------------------------------------------------------------------
+    def _jobs_by_model(self) -> list[tuple[ModelConfig, list[Job]]]:
+        by_key: dict[str, list[Job]] = {}
+        for job in self.jobs:
+            by_key.setdefault(model_key(self.cfg, job.model), []).append(job)
+        return [(m, by_key.get(model_key(self.cfg, m), [])) for m in model_configs(self.cfg, self.regs)]
+
+    def _pending(self, store: ResultStore, jobs: list[Job], point_ids: list[int]) -> dict[str, list[int]]:
+        """Per job key, the points still to evaluate (--retrain: all, stored ones came from old weights)."""
+        pending = {}
+        for job in jobs:
+            done = set() if self.retrain else store.done_points(job.key)
+            pending[job.key] = [p for p in point_ids if p not in done]
+        return pending
+
     def _train_or_load(self, model_cfg: ModelConfig, data: SplitData, store: ResultStore) -> torch.nn.Module | None:
         from robbench.training import TrainConfig, train_or_load
 
@@ -148,8 +166,8 @@ class Runner:
                 cache_dir=cache_dir() / "models", device=self.device, retrain=self.retrain,
                 progress=self.progress, dataset_name=self.cfg.dataset)
         except Exception as err:  # a broken model fails its own rows only
-            store.record_model(key, model_cfg.label, model_cfg.seed, {"error": _describe(err)})
-            self.console.print(f"[red]  training failed: {escape(_describe(err))}[/red]")
+            store.record_model(key, model_cfg.label, model_cfg.seed, {"error": describe_error(err)})
+            self.console.print(f"[red]  training failed: {escape(describe_error(err))}[/red]")
             return None
         elbo = trained.test_elbo if math.isfinite(trained.test_elbo) else None
         store.record_model(key, model_cfg.label, model_cfg.seed,
@@ -163,49 +181,41 @@ class Runner:
         self.console.print(f"  {how}" + (f", test ELBO {elbo:.1f} nats" if elbo is not None else ""))
         return trained.model.to(self.device).eval()
 
+    def _batches(self, jobs: list[Job], pending: dict[str, list[int]], data: SplitData) -> list[Batch]:
+        """Each job's pending points in slices of ``point_batch``, inputs on the CPU (the executor moves them)."""
+        step = self.cfg.point_batch
+        return [Batch(job.spec(), chunk, data.test_x[chunk]) for job in jobs
+                for ids in [pending[job.key]] for chunk in (ids[i:i + step] for i in range(0, len(ids), step))]
+
     def _evaluate_model(self, model: torch.nn.Module, model_cfg: ModelConfig, jobs: list[Job],
                         pending: dict[str, list[int]], data: SplitData, store: ResultStore) -> None:
         check = self._nonfinite_encoder(model, data, [p for ps in pending.values() for p in ps])
         if check:
             self._fail_rows(store, jobs, pending, check)
             return
-        batches = [(job, ids[i:i + self.cfg.point_batch]) for job in jobs
-                   for ids in [pending[job.key]] for i in range(0, len(ids), self.cfg.point_batch)]
+        batches = self._batches(jobs, pending, data)
+        by_key = {job.key: job for job in jobs}
         with Progress(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=self.console, disable=not self.progress,
                       transient=False) as bar:
-            task = bar.add_task("estimating", total=sum(len(ids) for _, ids in batches))
-            for job, ids in batches:
-                name = f"{job.estimator}" + (f" × {job.attack_label}" if job.attack else "")
-                bar.update(task, description=name)
-                store.write(self._run_batch(model, model_cfg, job, ids, data))
-                bar.advance(task, len(ids))
+            task = bar.add_task("estimating", total=sum(len(b.point_ids) for b in batches))
+            for batch, results in self.executor.map(model, batches):
+                job = by_key[batch.job.key]
+                bar.update(task, description=job.estimator + (f" × {job.attack_label}" if job.attack else ""))
+                store.write(self._rows(job, results))
+                bar.advance(task, len(batch.point_ids))
             bar.update(task, description="estimated")
 
-    def _run_batch(self, model: torch.nn.Module, model_cfg: ModelConfig, job: Job, ids: list[int],
-                   data: SplitData) -> list[ResultRow]:
-        estimator = self.regs.estimators.get(job.estimator)
-        attack = self.regs.attacks.get(job.attack.name) if job.attack else None
-        x = data.test_x[ids].to(self.device)
-        ctx = EstimationContext(model=model, attack=attack, attack_params=job.attack.params if job.attack else {},
-                                params=dict(job.params), point_ids=torch.tensor(ids), seed=self.cfg.seed,
-                                device=self.device)
-        start = time.perf_counter()
-        try:
-            results = estimator(ctx, x)
-            if len(results) != len(ids):
-                raise RuntimeError(f"estimator {job.estimator} returned {len(results)} results for {len(ids)} points")
-            error = None
-        except Exception as err:
-            results, error = [{} for _ in ids], _describe(err)
-            self.console.print(f"[red]  {job.estimator} failed on {escape(model_cfg.label)}: {escape(error)}[/red]")
-        seconds = (time.perf_counter() - start) / len(ids)
+    def _rows(self, job: Job, results: list[PointResult]) -> list[ResultRow]:
+        """Store rows for one batch's results; keeps the first points' arrays and reports a failed batch."""
+        errors = {r.error for r in results if r.error and not r.metrics}
+        for error in sorted(errors):
+            self.console.print(f"[red]  {job.estimator} failed on {escape(job.model.label)}: {escape(error)}[/red]")
         rows = []
-        for point, metrics in zip(ids, results):
-            self._save_arrays(job, point, metrics.pop(ARRAYS_KEY, None))
-            problem = error or _nonfinite_metric(metrics)
-            rows.append(ResultRow(job.key, point, model_cfg.label, model_cfg.seed, job.attack_label,
-                                  job.estimator, "error" if problem else "ok", metrics, problem, seconds))
+        for res in results:
+            self._save_arrays(job, res.point, res.arrays)
+            rows.append(ResultRow(job.key, res.point, job.model.label, job.model.seed, job.attack_label,
+                                  job.estimator, "ok" if res.ok else "error", res.metrics, res.error, res.seconds))
         return rows
 
     def _save_arrays(self, job: Job, point: int, arrays: dict[str, torch.Tensor] | None) -> None:
@@ -229,7 +239,7 @@ class Runner:
             with torch.no_grad():
                 mu, sigma = model.encode(data.test_x[sorted(set(ids))].to(self.device))
         except Exception as err:
-            return f"encode() raised {_describe(err)}"
+            return f"encode() raised {describe_error(err)}"
         if not (torch.isfinite(mu).all() and torch.isfinite(sigma).all()):
             return "model produced NaN or infinity in encode(x)"
         return None
@@ -244,16 +254,3 @@ def arrays_dir(run_dir: Path, job_key: str) -> Path:
     """Where the tensors an estimator returned under ``ARRAYS_KEY`` are kept: one ``<point>.pt`` each
     (load with ``torch.load(path, weights_only=True)``)."""
     return Path(run_dir) / "arrays" / job_key
-
-
-def _nonfinite_metric(metrics: dict[str, Any]) -> str | None:
-    for key, value in metrics.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            return f"non-finite value for {key!r}: {value}"
-    return None
-
-
-def _describe(err: BaseException) -> str:
-    where = traceback.extract_tb(err.__traceback__)[-1] if err.__traceback__ else None
-    place = f" ({Path(where.filename).name}:{where.lineno})" if where else ""
-    return f"{type(err).__name__}: {err}{place}"

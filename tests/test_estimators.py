@@ -11,10 +11,11 @@ from torch import nn
 from robbench.analytic import LinearGaussianVAE
 from robbench.jacobian import jacobian_frobenius, jacobian_frobenius_exact, jacobian_frobenius_hutchinson
 from robbench.protocols import AttackResult, EstimationContext
+from robbench.settings import RunSettings
 from robbench_plugins import estimators as builtin
 
 EST = {e.name: e for e in builtin.ESTIMATORS}
-RUN = {"r": 4.0, "m": 0.5, "confidence": 0.95, "backend": "auto", "seed": 0}
+RUN = RunSettings()
 
 
 class OracleAttack:
@@ -31,9 +32,11 @@ def model() -> LinearGaussianVAE:
 
 
 def ctx_for(model, name, attack=None, ids=(0, 1), **params) -> EstimationContext:
+    """A context for estimator ``name``; run-wide keys among ``params`` (r, m, ...) go to ``ctx.run``."""
     est = EST[name]
-    return EstimationContext(model=model, attack=attack, attack_params={}, params={**est.defaults, **RUN, **params},
-                             point_ids=torch.tensor(list(ids)), seed=0, device=torch.device("cpu"))
+    run = {k: params.pop(k) for k in list(params) if k in RunSettings.keys()}
+    return EstimationContext(model=model, attack=attack, attack_params={}, params={**est.defaults, **params},
+                             point_ids=torch.tensor(list(ids)), run=RUN.with_overrides(run))
 
 
 def x2() -> torch.Tensor:

@@ -1,0 +1,149 @@
+"""The execution seam: one function evaluates a batch of (job, points) into per-point results, and an
+executor decides where batches run.
+
+- :class:`JobSpec` describes a job in plain, picklable data: estimator and attack *names*, their merged
+  parameters and the :class:`~robbench.settings.RunSettings`. A worker process rebuilds everything
+  else from the plugin registries.
+- :func:`evaluate_batch` runs one estimator on one batch of points and returns one
+  :class:`PointResult` per point. It writes nothing: ``Runner`` and ``robbench.evaluate`` both call it,
+  and only the coordinator (the runner) writes the results store.
+- An :class:`Executor` maps :class:`Batch` es to results. :class:`LocalExecutor` runs them one after
+  the other in this process; a cluster executor (e.g. Ray) would ship the model once, call
+  :func:`evaluate_batch` in its workers and yield results as they come back, in any order.
+"""
+from __future__ import annotations
+
+import math
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+from robbench.plugins import Registries, get_registries
+from robbench.protocols import ARRAYS_KEY, EstimationContext, VAEModel
+from robbench.settings import RunSettings
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One (estimator, attack) evaluation, as plain data.
+
+    key: the job's content hash ("" where results are not stored); estimator / attack: registered
+    names (attack None for estimators with ``needs_attack = False``); attack_params / params: the
+    plugins' merged parameters; run: the run-wide settings.
+    """
+
+    estimator: str
+    attack: str | None
+    attack_params: dict[str, Any]
+    params: dict[str, Any]
+    run: RunSettings
+    key: str = ""
+
+
+@dataclass
+class Batch:
+    """A job and the points to evaluate it on: point_ids (B,) test-set indices, x (B, *input_shape)."""
+
+    job: JobSpec
+    point_ids: list[int]
+    x: Tensor
+
+
+@dataclass
+class PointResult:
+    """One point's outcome: the estimator's metrics (arrays split off), or the error that replaced them.
+    seconds: the batch's wall time divided by its points."""
+
+    point: int
+    metrics: dict[str, Any]
+    arrays: dict[str, Tensor] | None = None
+    error: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def evaluate_batch(job: JobSpec, model: VAEModel, x: Tensor, point_ids: Sequence[int], *,
+                   registries: Registries | None = None, raise_errors: bool = False) -> list[PointResult]:
+    """Run ``job`` on x: (B, *input_shape) in [0, 1] (moved to ``job.run.device``) with test-set ids
+    ``point_ids`` (B,). Returns B results in the order of ``point_ids``. An estimator that raises or
+    returns the wrong number of rows fails every point of the batch (with the message), unless
+    ``raise_errors``; a non-finite float metric fails its own point."""
+    regs = registries or get_registries()
+    estimator = regs.estimators.get(job.estimator)
+    attack = regs.attacks.get(job.attack) if job.attack is not None else None
+    device = torch.device(job.run.device)
+    ids = [int(p) for p in point_ids]
+    ctx = EstimationContext(model=model, attack=attack, attack_params=dict(job.attack_params),
+                            params=dict(job.params), point_ids=torch.tensor(ids, dtype=torch.int64), run=job.run)
+    start = time.perf_counter()
+    try:
+        results = estimator(ctx, x.to(device))
+        if len(results) != len(ids):
+            raise RuntimeError(f"estimator {job.estimator!r} returned {len(results)} rows for {len(ids)} points")
+        error = None
+    except Exception as err:
+        if raise_errors:
+            raise
+        results, error = [{} for _ in ids], describe_error(err)
+    seconds = (time.perf_counter() - start) / max(1, len(ids))
+    out = []
+    for point, metrics in zip(ids, results):
+        metrics = dict(metrics)
+        arrays = metrics.pop(ARRAYS_KEY, None) or None
+        problem = error or (None if raise_errors else nonfinite_metric(metrics))
+        out.append(PointResult(point, metrics, arrays, problem, seconds))
+    return out
+
+
+class Executor(Protocol):
+    """Decides where batches run. ``map`` yields every batch exactly once with its results, in any
+    order; it never writes the store (the caller does, as results arrive)."""
+
+    def map(self, model: VAEModel, batches: Iterable[Batch]) -> Iterator[tuple[Batch, list[PointResult]]]:
+        """Evaluate each batch with ``model`` (already on the batches' device for local execution)."""
+
+
+@dataclass
+class LocalExecutor:
+    """Runs batches in this process, one after another, in the given order."""
+
+    registries: Registries | None = None
+    raise_errors: bool = False
+
+    def map(self, model: VAEModel, batches: Iterable[Batch]) -> Iterator[tuple[Batch, list[PointResult]]]:
+        for batch in batches:
+            yield batch, evaluate_batch(batch.job, model, batch.x, batch.point_ids, registries=self.registries,
+                                        raise_errors=self.raise_errors)
+
+
+EXECUTORS: dict[str, type] = {"local": LocalExecutor}
+
+
+def make_executor(name: str = "local", **options: Any) -> Executor:
+    """An executor by name (``local`` here; others register in :data:`EXECUTORS`)."""
+    if name not in EXECUTORS:
+        raise ValueError(f"unknown executor {name!r}; available: {', '.join(sorted(EXECUTORS))}")
+    return EXECUTORS[name](**options)
+
+
+def nonfinite_metric(metrics: dict[str, Any]) -> str | None:
+    """The first float metric that is NaN or infinite, described; None when all are finite."""
+    for key, value in metrics.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"non-finite value for {key!r}: {value}"
+    return None
+
+
+def describe_error(err: BaseException) -> str:
+    """``Type: message (file:line)`` of the innermost frame, for the results store."""
+    where = traceback.extract_tb(err.__traceback__)[-1] if err.__traceback__ else None
+    place = f" ({Path(where.filename).name}:{where.lineno})" if where else ""
+    return f"{type(err).__name__}: {err}{place}"

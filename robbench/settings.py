@@ -1,0 +1,64 @@
+"""Run-wide settings: the one typed object every estimator reads as ``ctx.run``.
+
+Two radii appear in robbench and are kept apart by name:
+- ``r`` is the **output-space** radius of r-robustness: p_r = P(||g(z) - g(mu(x))||_2 <= r), in the
+  units of the decoder output (flattened image, L2);
+- ``rho`` is an **input-space** radius: the L2 norm of a perturbation delta of x, what attacks are
+  given and what the robustness margin R measures.
+
+The defaults live here and only here; ``RunConfig`` (YAML keys / flags) and ``robbench.evaluate``
+take theirs from :class:`RunSettings`.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Settings shared by every estimator of a run (plugin parameters are separate).
+
+    r: output-space radius of r-robustness (L2, decoder-output units), > 0;
+    m: probability threshold, in (0, 1): x is r-robust when p_r > m;
+    confidence: level of every reported interval, in (0, 1);
+    backend: Monte Carlo backend name ("auto" or a registered backend, see :mod:`robbench.backends`);
+    seed: root of every random stream (points, attacks, Monte Carlo);
+    device: torch device name the estimators run on ("cpu", "cuda", "cuda:N").
+    """
+
+    r: float = 4.0
+    m: float = 0.5
+    confidence: float = 0.95
+    backend: str = "auto"
+    seed: int = 0
+    device: str = "cpu"
+
+    # Keys that define results (job keys hash them); the device does not change a number.
+    HASHED = ("r", "m", "confidence", "backend", "seed")
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        return asdict(cls())
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def hashed(self) -> dict[str, Any]:
+        """The result-defining settings as a plain dict (what job keys are computed from)."""
+        return {k: getattr(self, k) for k in self.HASHED}
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "RunSettings":
+        """A copy with some settings replaced (e.g. one estimator's own ``r``); unknown keys raise TypeError."""
+        unknown = sorted(set(overrides) - set(self.keys()))
+        if unknown:
+            raise TypeError(f"unknown run-wide setting(s) {', '.join(map(repr, unknown))}; "
+                            f"allowed: {', '.join(self.keys())}")
+        return replace(self, **overrides)
+
+
+RUN_WIDE_KEYS: tuple[str, ...] = RunSettings.keys()
