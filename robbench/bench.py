@@ -23,10 +23,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from rich.table import Table
 from torch import nn
 
-from robbench import terminal
-from robbench import kernels, montecarlo
+from robbench import kernels, montecarlo, terminal
+from robbench.backends import Backend
+from robbench.decoding import DEFAULT_CHUNK_ROWS
+from robbench.plugins import get_registries
 
 STANDARD_SAMPLES = (256, 1024, 10_000, 100_000)
 
@@ -131,9 +134,12 @@ class _PeakRSS:
         return (self.peak - self.base) / 2 ** 20
 
 
-def run_case(model: nn.Module, name: str, backend: str, precision: str, B: int, S: int, radius: float | str,
-             seed: int = 0, repeats: int = 1, screen: bool = True) -> BenchRow:
-    """Time count_within once per repeat (best kept) for one configuration."""
+def run_case(model: nn.Module, name: str, backend: str | Backend, precision: str, B: int, S: int,
+             radius: float | str, seed: int = 0, repeats: int = 1, screen: bool = True) -> BenchRow:
+    """Time one backend's count_within once per repeat (best kept) for one configuration. ``backend``:
+    a registered name or a backend object; ``radius``: the output-space r, or "median"."""
+    impl = get_registries().backends.get(backend) if isinstance(backend, str) else backend
+    has_screen = bool(getattr(impl, "has_screen", False))
     gen = torch.Generator().manual_seed(seed)
     mu = torch.randn(B, model.latent_dim, generator=gen)
     sigma = 0.3 + 0.5 * torch.rand(B, model.latent_dim, generator=gen)
@@ -144,32 +150,29 @@ def run_case(model: nn.Module, name: str, backend: str, precision: str, B: int, 
         r = montecarlo.sample_distances(model, mu, sigma, center, 64, seed=seed + 1).median(1).values
     else:
         r = torch.full((B,), float(radius))
+    r2 = montecarlo.radius_sq(r, B, mu.device)
     best, rech, mem, screened = math.inf, None, 0.0, None
     for _ in range(repeats):
         with _PeakRSS() as rss:
             t0 = time.perf_counter()
-            if backend == "torch":
-                montecarlo.count_within(model, mu, sigma, center, r, S, seed=seed, backend="torch")
-            else:
-                res = kernels.count_within(model, mu, sigma, center, montecarlo._radius_sq(r, B, mu.device), S,
-                                           seed=seed, stream_ids=torch.arange(B), backend=backend,
-                                           precision=precision, screen=screen)
-                rech = res.recheck_fraction if precision == "bf16" else None
-                screened = res.screened / res.total if res.total else 0.0
+            with torch.no_grad():
+                res = impl.count_within(model, mu, sigma, center, r2, S, seed=seed, stream_ids=torch.arange(B),
+                                        sample_offset=0, chunk_rows=DEFAULT_CHUNK_ROWS, precision=precision,
+                                        screen=screen)
             elapsed = time.perf_counter() - t0
+        rech = res.recheck_fraction if precision == "bf16" else None
+        screened = res.screened / res.total if has_screen and res.total else None
         best, mem = min(best, elapsed), max(mem, rss.peak_mib)
     gflop = decoder_flops(model, D) * B * S / 1e9
     executed = gflop - (screened or 0.0) * last_layer_flops(model) * B * S / 1e9
-    return BenchRow(name, backend, precision, B, S, D, best, B * S / best, gflop, gflop / best, None, None, mem, rech,
-                    screen=backend != "torch" and screen, screened_fraction=screened,
+    return BenchRow(name, impl.name, precision, B, S, D, best, B * S / best, gflop, gflop / best, None, None, mem,
+                    rech, screen=has_screen and screen, screened_fraction=screened,
                     executed_gflops=executed / best)
 
 
-def render(rows: list[BenchRow], peaks: dict[str, float]) -> "rich.table.Table":  # noqa: F821
+def render(rows: list[BenchRow], peaks: dict[str, float]) -> Table:
     """Fixed headers and number formats."""
-    from rich.table import Table
-
-    table = Table(title=f"robbench Monte Carlo engine (measured GEMM peak: "
+    table = Table(title="robbench Monte Carlo engine (measured GEMM peak: "
                         + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()) + ")")
     for head in ("model", "backend", "precision", "screen", "B", "S", "D", "time [s]", "samples/s", "GFLOP/s eff.",
                  "GFLOP/s exec.", "% peak (eff.)", "speed-up", "peak mem [MiB]", "screened", "rechecked"):
@@ -202,8 +205,9 @@ def load_model(spec: str) -> nn.Module:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", action="append", choices=["torch", "cpp", "cuda"],
-                        help="backends to time (repeatable; default: all available)")
+    parser.add_argument("--backend", action="append",
+                        help="backends to time, by registered name (repeatable or comma-separated; default: all "
+                             "available on the CPU)")
     parser.add_argument("--precision", action="append", choices=["fp32", "bf16"],
                         help="precisions for compiled backends (default: fp32 and, where supported, bf16)")
     parser.add_argument("--samples", default=",".join(map(str, STANDARD_SAMPLES)),
@@ -219,14 +223,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
 
 
+REFERENCE = "torch"  # the engine's reference backend: speed-ups are relative to it
+
+
+def _chosen_backends(requested: list[str] | None) -> list[Backend]:
+    """The backends to time, reference first: the requested names (validated against the registry,
+    ConfigError naming the allowed ones) or every backend available on the CPU."""
+    from robbench.config import ConfigError
+
+    registry = get_registries().backends
+    if requested:
+        names = [n.strip() for item in requested for n in item.split(",") if n.strip()]
+        for n in names:
+            if n not in registry:
+                raise ConfigError(f"bad value for '--backend': {n!r}; allowed: {', '.join(registry.names())}")
+        names = [n for n in names if registry.get(n).unavailable(torch.device("cpu"), warn=True) is None
+                 or n == REFERENCE]
+    else:
+        names = montecarlo.available_backends("cpu")
+    names = sorted(dict.fromkeys(names), key=lambda n: n != REFERENCE)
+    return [registry.get(n) for n in names]
+
+
 def run(args: argparse.Namespace) -> int:
     console = terminal.console()
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     model, name = (load_model(args.model), args.model) if args.model else (StandardDecoderVAE(), "standard-mlp")
-    backends = args.backend or montecarlo.available_backends()
-    if any(b != "torch" for b in backends) and not kernels.cpp_available(warn=True):
-        backends = ["torch"]
+    backends = _chosen_backends(args.backend)
     precisions = args.precision or (["fp32", "bf16"] if kernels.bf16_supported() else ["fp32"])
     radius: float | str = args.radius if args.radius == "median" else float(args.radius)
     peaks = {"fp32": measure_peak(torch.float32)}
@@ -236,18 +260,18 @@ def run(args: argparse.Namespace) -> int:
     for S in (int(s) for s in args.samples.split(",")):
         base = None
         for backend in backends:
-            screens = [True] if backend == "torch" else {"on": [True], "off": [False], "both": [False, True]}[
-                getattr(args, "screen", "on")]
-            for precision in (["fp32"] if backend == "torch" else precisions):
+            screen_modes = {"on": [True], "off": [False], "both": [False, True]}[getattr(args, "screen", "on")]
+            screens = screen_modes if getattr(backend, "has_screen", False) else [True]
+            for precision in [p for p in precisions if p in backend.precisions] or [backend.precisions[0]]:
                 for screen in screens:
                     row = run_case(model, name, backend, precision, args.points, S, radius, repeats=args.repeats,
                                    screen=screen)
-                    row.peak_fraction = row.gflops / peaks[precision] if row.gflop else None
-                    if backend == "torch":
+                    row.peak_fraction = row.gflops / peaks[precision] if row.gflop and precision in peaks else None
+                    if backend.name == REFERENCE:
                         base = row.seconds
                     row.speedup_vs_torch = base / row.seconds if base else None
                     rows.append(row)
-                    console.print(f"  {backend}/{precision}{'/screen' if row.screen else ''} S={S}: "
+                    console.print(f"  {backend.name}/{precision}{'/screen' if row.screen else ''} S={S}: "
                                   f"{row.seconds:.3f} s", style="dim")
     console.print(render(rows, peaks))
     if args.json:

@@ -36,7 +36,7 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--r", type=float, help="r of r-robustness (default 4)")
     p.add_argument("--m", type=float, help="probability threshold m (default 0.5)")
     p.add_argument("--confidence", type=float, help="confidence of the reported intervals (default 0.95)")
-    p.add_argument("--backend", help="Monte Carlo backend: auto, torch, cpp, cuda (default auto)")
+    p.add_argument("--backend", help="Monte Carlo backend: auto (default) or a registered one (robbench plugins lists them)")
     p.add_argument("--device", help="cpu or cuda[:N] (default cpu)")
     p.add_argument("--epochs", type=int, help="training epochs (default 15)")
     p.add_argument("--param", action="append", default=[], metavar="NAME.KEY=VALUE",

@@ -20,7 +20,6 @@ from robbench.registry import UnknownNameError
 from robbench.settings import RUN_WIDE_KEYS, RunSettings
 
 _RUN = RunSettings()  # the run-wide defaults, defined once in robbench.settings
-BACKENDS = ("auto", "torch", "cpp", "cuda")
 
 
 class ConfigError(ValueError):
@@ -171,7 +170,8 @@ def _check_types(cfg: RunConfig) -> None:
     need(_is_number(cfg.m) and 0 < cfg.m < 1, "m", cfg.m, "a number in (0, 1)")
     need(_is_number(cfg.confidence) and 0 < cfg.confidence < 1, "confidence", cfg.confidence,
          "a number in (0, 1)")
-    need(cfg.backend in BACKENDS, "backend", cfg.backend, ", ".join(BACKENDS))
+    need(isinstance(cfg.backend, str) and cfg.backend != "", "backend", cfg.backend,
+         "auto or the name of a registered backend")
     need(isinstance(cfg.device, str) and (cfg.device == "cpu" or cfg.device.startswith("cuda")),
          "device", cfg.device, "cpu, cuda or cuda:N")
     t = cfg.train
@@ -194,6 +194,9 @@ def _is_number(value: Any) -> bool:
 # --- checking names and plugin parameters against the registries ------------------------------------
 def validate_against_plugins(cfg: RunConfig, regs: Registries) -> None:
     """Check every plugin name and parameter; raises UnknownNameError or ConfigError."""
+    if cfg.backend != "auto" and cfg.backend not in regs.backends:
+        raise ConfigError(f"bad value for 'backend': {cfg.backend!r}; allowed: "
+                          + ", ".join(["auto"] + regs.backends.names()))
     regs.datasets.get(cfg.dataset)
     for name in cfg.models:
         regs.models.get(name)

@@ -46,3 +46,11 @@ def register_attacks(register: Callable) -> None:
 def register_estimators(register: Callable) -> None:
     """Register estimators: call ``register(estimator)`` with an object meeting
     :class:`robbench.protocols.Estimator` (``--estimators``)."""
+
+
+# --- Monte Carlo backends ---------------------------------------------------------------------
+@hookspec
+def register_backends(register: Callable) -> None:
+    """Register Monte Carlo backends: call ``register(backend)`` with an object meeting
+    :class:`robbench.backends.Backend` (``--backend``, ``robbench bench --backend``). ``--backend auto``
+    picks the available backend with the highest ``auto_priority``."""

@@ -4,9 +4,13 @@ The extension is built with ninja on first use (``torch.utils.cpp_extension.load
 ``$ROBBENCH_CACHE/ext`` (default ``~/.cache/robbench/ext``). Importing this module never builds or
 fails; when no compiler is available robbench says so once and the engine falls back to ``torch``.
 
+The backends ``cpp`` and ``cuda`` (:class:`CppBackend`, :class:`CudaBackend`) wrap these ops; they know
+the decoder plan (:mod:`robbench.decoding`), not the CLI or the config.
+
 Ops (schemas in ``csrc/cpu/montecarlo_cpu.cpp``):
-- ``robbench::mlp_count(z-free inputs...) -> (counts, stats)``: the fused MLP path (Lipschitz screen,
-  bf16 last layer with a rigorous band, fp32 recheck; see ``csrc/common/bounds.h``);
+- ``robbench::mlp_count(z-free inputs..., precision, screen, chunk_rows) -> (counts, stats)``: the fused
+  MLP path (Lipschitz screen, bf16 last layer with a rigorous band, fp32 recheck; see
+  ``csrc/common/bounds.h``);
 - ``robbench::mlp_sq_distances(...) -> Tensor``: fp32 squared distances of the same samples;
 - ``robbench::count_le(Tensor y, Tensor center, Tensor r2, int rows_per_point) -> Tensor``: the fused
   distance-threshold-count epilogue for any decoder (generic path);
@@ -19,21 +23,23 @@ import shutil
 import sys
 import threading
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from robbench import paths, rng
+from robbench.backends import CountResult, TorchBackend
+from robbench.decoding import DEFAULT_CHUNK_ROWS, MLPPlan, decoded_blocks, decoder_plan
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 _LOCK = threading.Lock()
 _STATE: dict = {"loaded": False, "error": None, "warned": False}
 
 
-def cache_dir() -> Path:
-    """Where the built extension lives: $ROBBENCH_CACHE/ext or ~/.cache/robbench/ext."""
-    base = os.environ.get("ROBBENCH_CACHE")
-    return (Path(base) if base else Path.home() / ".cache" / "robbench") / "ext"
+def ext_dir() -> Path:
+    """Where the built extension lives: ``paths.cache_dir() / "ext"``."""
+    return paths.cache_dir() / "ext"
 
 
 def compiler_available() -> bool:
@@ -61,7 +67,7 @@ def _build() -> None:
     with_cuda = torch.cuda.is_available() and bool(cuda_sources()) and cpp_extension.CUDA_HOME is not None
     if with_cuda:
         sources += [str(p) for p in cuda_sources()]
-    build_dir = cache_dir() / ("robbench_ops_cuda" if with_cuda else "robbench_ops")
+    build_dir = ext_dir() / ("robbench_ops_cuda" if with_cuda else "robbench_ops")
     build_dir.mkdir(parents=True, exist_ok=True)
     # -ffp-contract=off: no FMA contraction, so the RNG and epilogue round exactly like the torch ops.
     cflags = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-fno-fast-math", f"-I{CSRC}"]
@@ -128,7 +134,7 @@ def _register_fakes() -> None:
         return mu.new_empty((mu.shape[0], n))
 
     @torch.library.register_fake("robbench::mlp_count")
-    def _(mu, sigma, center, r2, ka, kb, n, offset, weights_t, biases, acts, precision, chunk_rows):
+    def _(mu, sigma, center, r2, ka, kb, n, offset, weights_t, biases, acts, precision, screen, chunk_rows):
         return mu.new_empty((mu.shape[0],), dtype=torch.int64), mu.new_empty((3,), dtype=torch.int64)
 
     @torch.library.register_fake("robbench::count_le")
@@ -142,8 +148,7 @@ def _register_fakes() -> None:
 # ---------------------------------------------------------------------------------------------
 # Typed wrappers
 # ---------------------------------------------------------------------------------------------
-PRECISIONS = {"fp32": 0, "bf16": 1}
-SCREEN_BIT = 2  # op code bit: Lipschitz screen before the last layer
+PRECISIONS = {"fp32": 0, "bf16": 1}  # the op's ``precision`` argument
 
 
 def bf16_supported() -> bool:
@@ -163,31 +168,6 @@ def default_precision() -> str:
     return "bf16" if want == "bf16" and bf16_supported() else "fp32"
 
 
-@dataclass
-class CountResult:
-    """counts: (B,) int64; screened: samples decided "inside" by the Lipschitz screen with no
-    last-layer work; bf16_samples: samples whose last layer went through the bf16 pass (the op returns
-    to the fp32 last layer for the rest of a call when the band leaves most samples undecided);
-    rechecked: bf16-pass samples recomputed in fp32; total: all samples."""
-
-    counts: Tensor
-    rechecked: int
-    bf16_samples: int
-    total: int
-    precision: str
-    screened: int = 0
-
-    @property
-    def recheck_fraction(self) -> float:
-        """Fraction of the bf16-pass samples that had to be recomputed in fp32 (0 without a bf16 pass)."""
-        return self.rechecked / self.bf16_samples if self.bf16_samples else 0.0
-
-    @property
-    def last_layer_fraction(self) -> float:
-        """Fraction of all samples whose last layer was computed at all (bf16 or fp32)."""
-        return 1.0 - self.screened / self.total if self.total else 0.0
-
-
 def normals(ka: Tensor, kb: Tensor, j: Tensor, k: int) -> Tensor:
     """robbench::normals: (N,) keys and sample indices -> (N, k) float32 (== robbench.rng.normals)."""
     return torch.ops.robbench.normals(ka, kb, j, k)
@@ -202,28 +182,23 @@ def count_within(model: nn.Module, mu: Tensor, sigma: Tensor, center: Tensor, r2
     threshold / count epilogue runs compiled. ``precision``: "fp32" or "bf16" last layer (default: see
     :func:`default_precision`); ``screen``: decide samples certainly inside by a Lipschitz bound before
     the last layer. Every combination gives the same decisions as the fp32 torch reference."""
-    from robbench import montecarlo, rng
-
     if backend == "cuda":
         _warn_cuda_unvalidated()
     precision = precision or default_precision()
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; known: {sorted(PRECISIONS)}")
     load(warn=True)
-    plan = montecarlo.decoder_plan(model, center.shape[1])
-    ka, kb = rng.stream_keys(seed, stream_ids)
-    rows = chunk_size or montecarlo.DEFAULT_CHUNK_ROWS
+    plan = decoder_plan(model, center.shape[1])
+    rows = chunk_size or DEFAULT_CHUNK_ROWS
     B = mu.shape[0]
-    if isinstance(plan, montecarlo.MLPPlan):
+    if isinstance(plan, MLPPlan):
+        ka, kb = rng.stream_keys(seed, stream_ids)
         counts, stats = torch.ops.robbench.mlp_count(
             mu, sigma, center, r2, ka, kb, n_samples, sample_offset, plan.weights_t, plan.biases, plan.acts,
-            PRECISIONS[precision] | (SCREEN_BIT if screen else 0), rows)
+            PRECISIONS[precision], bool(screen), rows)
         return CountResult(counts, int(stats[0]), int(stats[1]), B * n_samples, precision, int(stats[2]))
-    counts = torch.zeros(B, dtype=torch.int64)
-    for blk in montecarlo._blocks(B, n_samples, max(rows, montecarlo.MIN_GEMM_ROWS)):
-        npts, ns = blk.p1 - blk.p0, blk.s1 - blk.s0
-        z = montecarlo._latents(mu, sigma, ka, kb, blk, sample_offset, montecarlo.MIN_GEMM_ROWS)
-        y = plan.fn(z)[: npts * ns].reshape(npts, ns, -1)
+    counts = torch.zeros(B, dtype=torch.int64, device=mu.device)
+    for blk, y in decoded_blocks(plan, mu, sigma, n_samples, seed, stream_ids, sample_offset, rows):
         counts[blk.p0:blk.p1] += torch.ops.robbench.count_le(y, center[blk.p0:blk.p1], r2[blk.p0:blk.p1])
     return CountResult(counts, 0, 0, B * n_samples, "fp32")
 
@@ -233,17 +208,61 @@ def sample_sq_distances(model: nn.Module, mu: Tensor, sigma: Tensor, center: Ten
                         chunk_size: int | None = None) -> Tensor:
     """(B, n_samples) fp32 squared distances of the same samples (MLP decoders: bit-identical to the
     torch reference; other decoders: computed by the torch reference)."""
-    from robbench import montecarlo, rng
-
     if backend == "cuda":
         _warn_cuda_unvalidated()
     load(warn=True)
-    plan = montecarlo.decoder_plan(model, center.shape[1])
-    if not isinstance(plan, montecarlo.MLPPlan):
-        return montecarlo.sample_distances(model, mu, sigma, center, n_samples, seed=seed, stream_ids=stream_ids,
-                                           sample_offset=sample_offset, backend="torch",
-                                           chunk_size=chunk_size).square_()
+    plan = decoder_plan(model, center.shape[1])
+    rows = chunk_size or DEFAULT_CHUNK_ROWS
+    if not isinstance(plan, MLPPlan):
+        return TorchBackend().sq_distances(model, mu, sigma, center, n_samples, seed=seed, stream_ids=stream_ids,
+                                           sample_offset=sample_offset, chunk_rows=rows)
     ka, kb = rng.stream_keys(seed, stream_ids)
     return torch.ops.robbench.mlp_sq_distances(mu, sigma, center, ka, kb, n_samples, sample_offset,
-                                               plan.weights_t, plan.biases, plan.acts,
-                                               chunk_size or montecarlo.DEFAULT_CHUNK_ROWS)
+                                               plan.weights_t, plan.biases, plan.acts, rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# The backends over these ops
+# ---------------------------------------------------------------------------------------------
+class CppBackend:
+    """``cpp``: the compiled CPU ops (fused RNG, reference hidden layers, Lipschitz screen, optional bf16
+    last layer with fp32 recheck): the same decisions as ``torch``, faster."""
+
+    name = "cpp"
+    description = ("compiled CPU op (csrc/cpu): fused RNG and hidden layers, Lipschitz screen, optional bf16 "
+                   "last layer with fp32 recheck; decisions equal the torch reference's")
+    precisions = ("fp32", "bf16")
+    auto_priority = 10
+    has_screen = True  # optional attribute: the Lipschitz screen can be switched off (bench --screen)
+
+    def unavailable(self, device: torch.device, *, warn: bool = False) -> str | None:
+        if device.type != "cpu":
+            return f"runs on the CPU only, not {device}"
+        return None if cpp_available(warn=warn) else f"the compiled extension is unavailable ({build_error()})"
+
+    def count_within(self, model, mu, sigma, center, r2, n_samples, *, seed, stream_ids, sample_offset=0,
+                     chunk_rows=DEFAULT_CHUNK_ROWS, precision=None, screen=True) -> CountResult:
+        return count_within(model, mu, sigma, center, r2, n_samples, seed=seed, stream_ids=stream_ids,
+                            sample_offset=sample_offset, backend=self.name, chunk_size=chunk_rows,
+                            precision=precision, screen=screen)
+
+    def sq_distances(self, model, mu, sigma, center, n_samples, *, seed, stream_ids, sample_offset=0,
+                     chunk_rows=DEFAULT_CHUNK_ROWS) -> Tensor:
+        return sample_sq_distances(model, mu, sigma, center, n_samples, seed=seed, stream_ids=stream_ids,
+                                   sample_offset=sample_offset, backend=self.name, chunk_size=chunk_rows)
+
+
+class CudaBackend(CppBackend):
+    """``cuda``: the same ops' CUDA implementations (csrc/cuda). Not yet validated on a GPU, so
+    ``auto`` never picks it (``auto_priority = None``); it runs when asked for by name, with a warning."""
+
+    name = "cuda"
+    description = "compiled CUDA op (csrc/cuda); only when asked for by name until validated on a GPU"
+    precisions = ("fp32",)
+    auto_priority = None
+    has_screen = False  # the GPU path computes every last layer
+
+    def unavailable(self, device: torch.device, *, warn: bool = False) -> str | None:
+        if device.type != "cuda":
+            return f"runs on CUDA devices only, not {device}"
+        return None if cuda_available() else "no CUDA device or no CUDA build of the extension"

@@ -27,10 +27,11 @@ class Registries:
     datasets: Registry = field(default_factory=lambda: Registry("dataset"))
     attacks: Registry = field(default_factory=lambda: Registry("attack"))
     estimators: Registry = field(default_factory=lambda: Registry("estimator"))
+    backends: Registry = field(default_factory=lambda: Registry("backend"))
 
     def by_kind(self) -> dict[str, Registry]:
         return {"model": self.models, "dataset": self.datasets, "attack": self.attacks,
-                "estimator": self.estimators}
+                "estimator": self.estimators, "backend": self.backends}
 
 
 _manager: pluggy.PluginManager | None = None
@@ -43,6 +44,9 @@ def get_plugin_manager() -> pluggy.PluginManager:
     if _manager is None:
         pm = pluggy.PluginManager("robbench")
         pm.add_hookspecs(hookspecs)
+        from robbench import engine_backends  # the engine's own backends: always registered
+
+        pm.register(engine_backends, name="robbench.engine_backends")
         only = os.environ.get("ROBBENCH_PLUGINS")
         if only:
             _load_selected(pm, {n.strip() for n in only.split(",") if n.strip()})
@@ -74,6 +78,10 @@ def _plugin_source(pm: pluggy.PluginManager, plugin: Any) -> str:
     for loaded, dist in pm.list_plugin_distinfo():
         if loaded is plugin:
             return f"{dist.metadata['name']} {dist.version}"
+    if getattr(plugin, "__name__", "") == "robbench.engine_backends":
+        from robbench import __version__
+
+        return f"robbench {__version__} (engine)"
     return f"(registered by hand: {pm.get_name(plugin)})"
 
 
@@ -85,7 +93,8 @@ def get_registries() -> Registries:
     pm = get_plugin_manager()
     regs = Registries()
     hooks = {"model": pm.hook.register_models, "dataset": pm.hook.register_datasets,
-             "attack": pm.hook.register_attacks, "estimator": pm.hook.register_estimators}
+             "attack": pm.hook.register_attacks, "estimator": pm.hook.register_estimators,
+             "backend": pm.hook.register_backends}
     for kind, hook in hooks.items():
         registry = regs.by_kind()[kind]
         for impl in hook.get_hookimpls():

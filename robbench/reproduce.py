@@ -47,7 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="directory with the full MNIST IDX files (default: the embedded 5,000 digits)")
     parser.add_argument("--only", default=None,
                         help=f"comma-separated subset of the experiments: {', '.join(EXPERIMENTS)}")
-    parser.add_argument("--backend", default=None, help="Monte Carlo backend: auto, torch, cpp, cuda")
+    parser.add_argument("--backend", default=None, help="Monte Carlo backend: auto or a registered one")
     parser.add_argument("--device", default=None, help="cpu or cuda[:N]")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 

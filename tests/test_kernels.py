@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from robbench import kernels, montecarlo, rng
+from robbench import decoding, kernels, montecarlo, rng
+from robbench.backends import sq_distance_blocks
 
 pytestmark = pytest.mark.skipif(not kernels.compiler_available(), reason="no C++ compiler/ninja: cpp backend skipped")
 
@@ -43,9 +44,34 @@ def _points(model, B, seed):
 
 
 def _mlp_args(model, mu, sigma, center, n, seed):
-    plan = montecarlo.decoder_plan(model, center.shape[1])
+    plan = decoding.decoder_plan(model, center.shape[1])
     ka, kb = rng.stream_keys(seed, torch.arange(mu.shape[0]))
     return plan, ka, kb
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"mu": lambda t: t.double()}, "mu must be Float"),
+    ({"sigma": lambda t: t[:, :2]}, "sigma must have mu's shape"),
+    ({"center": lambda t: t.double()}, "center must be Float"),
+    ({"ka": lambda t: t.int()}, "ka must be Long"),
+    ({"r2": lambda t: t[:2]}, "r2 must be \\(B,\\)"),
+    ({"w0": lambda t: t.double()}, "weights_t\\[0\\] must be Float"),
+    ({"precision": lambda p: 3}, "precision must be 0 \\(fp32\\) or 1 \\(bf16\\)"),
+    ({"chunk_rows": lambda c: 0}, "chunk_rows must be positive"),
+])
+def test_ops_name_the_bad_argument(bad, message):
+    """csrc/common/checks.h: every tensor argument's dtype/shape is checked, and the error names it."""
+    model = MLPVAE()
+    mu, sigma, center = _points(model, 3, 0)
+    plan, ka, kb = _mlp_args(model, mu, sigma, center, 10, 1)
+    args = {"mu": mu, "sigma": sigma, "center": center, "r2": torch.full((3,), 0.3), "ka": ka, "kb": kb,
+            "w0": plan.weights_t[0], "precision": 0, "chunk_rows": 64}
+    (key, change), = bad.items()
+    args[key] = change(args[key])
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.robbench.mlp_count(args["mu"], args["sigma"], args["center"], args["r2"], args["ka"], args["kb"],
+                                     10, 0, [args["w0"], *plan.weights_t[1:]], plan.biases, plan.acts,
+                                     args["precision"], True, args["chunk_rows"])
 
 
 def test_normals_bit_exact_with_python():
@@ -66,7 +92,9 @@ def test_opcheck_all_ops():
         (torch.ops.robbench.mlp_sq_distances.default,
          (mu, sigma, center, ka, kb, 50, 7, plan.weights_t, plan.biases, plan.acts, 64)),
         (torch.ops.robbench.mlp_count.default,
-         (mu, sigma, center, r2, ka, kb, 50, 7, plan.weights_t, plan.biases, plan.acts, 1, 64)),
+         (mu, sigma, center, r2, ka, kb, 50, 7, plan.weights_t, plan.biases, plan.acts, 1, True, 64)),
+        (torch.ops.robbench.mlp_count.default,
+         (mu, sigma, center, r2, ka, kb, 50, 7, plan.weights_t, plan.biases, plan.acts, 0, False, 64)),
         (torch.ops.robbench.count_le.default, (torch.rand(3, 20, 70, generator=g), center, r2)),
     ]
     for op, args in cases:
@@ -104,7 +132,7 @@ def test_counts_equal_reference_with_boundary_radii(seed, shape, precision, scre
     q = torch.tensor([0.01, 0.3, 0.5, 0.5, 0.7, 0.99])
     r = ref_d.sort(1).values[torch.arange(B), (q * (n - 1)).long()]  # an actual sample distance per point
     ref = montecarlo.count_within(model, mu, sigma, center, r, n, seed=seed, backend="torch")
-    res = kernels.count_within(model, mu, sigma, center, montecarlo._radius_sq(r, B, mu.device), n, seed=seed,
+    res = kernels.count_within(model, mu, sigma, center, montecarlo.radius_sq(r, B, mu.device), n, seed=seed,
                                stream_ids=torch.arange(B), precision=precision, screen=screen, chunk_size=128)
     assert torch.equal(res.counts, ref)
     assert (ref_d == r[:, None]).any(1).all()  # each radius is some sample's distance: boundary stress
@@ -117,7 +145,7 @@ def _sq_dists(model, mu, sigma, center, n, seed):
     """The torch reference's fp32 squared distances (B, n), and the compiled op's (must be identical)."""
     B = mu.shape[0]
     ref = torch.empty(B, n)
-    for blk, d2 in montecarlo._torch_sq_distances(model, mu, sigma, center, n, seed, torch.arange(B), 0, 2048):
+    for blk, d2 in sq_distance_blocks(model, mu, sigma, center, n, seed, torch.arange(B), 0, 2048):
         ref[blk.p0:blk.p1, blk.s0:blk.s1] = d2
     return ref, kernels.sample_sq_distances(model, mu, sigma, center, n, seed=seed, stream_ids=torch.arange(B))
 
@@ -150,7 +178,7 @@ def test_bf16_band_decides_far_samples_without_recheck():
     mu, sigma, center = _points(model, 4, 0)
     d = montecarlo.sample_distances(model, mu, sigma, center, 200, seed=0, backend="torch")
     for r, expect in ((float(d.max()) * 1.5, 200), (float(d.min()) * 0.5, 0)):
-        res = kernels.count_within(model, mu, sigma, center, montecarlo._radius_sq(r, 4, mu.device), 200, seed=0,
+        res = kernels.count_within(model, mu, sigma, center, montecarlo.radius_sq(r, 4, mu.device), 200, seed=0,
                                    stream_ids=torch.arange(4), precision="bf16", screen=False)
         assert res.counts.tolist() == [expect] * 4
         assert res.bf16_samples == 800 and res.rechecked == 0 and res.screened == 0
@@ -163,7 +191,7 @@ def test_bf16_band_width_is_within_a_small_factor_of_the_observed_error():
     mu, sigma, center = _points(model, 4, 2)
     d = montecarlo.sample_distances(model, mu, sigma, center, 256, seed=1, backend="torch")
     r = d.min(1).values * 0.7
-    res = kernels.count_within(model, mu, sigma, center, montecarlo._radius_sq(r, 4, mu.device), 256, seed=1,
+    res = kernels.count_within(model, mu, sigma, center, montecarlo.radius_sq(r, 4, mu.device), 256, seed=1,
                                stream_ids=torch.arange(4), precision="bf16", screen=False)
     assert res.counts.tolist() == [0] * 4 and res.rechecked == 0
 
@@ -172,15 +200,15 @@ def test_screen_decides_radii_beyond_the_lipschitz_bound():
     """A radius far beyond every sample: all samples are screened (no last-layer work), counts are all n."""
     model = MLPVAE(scale=0.3)
     mu, sigma, center = _points(model, 3, 0)
-    plan = montecarlo.decoder_plan(model, center.shape[1])
+    plan = decoding.decoder_plan(model, center.shape[1])
     lip = 0.25 * float(torch.linalg.matrix_norm(plan.weights[-1].double(), 2))
     d = montecarlo.sample_distances(model, mu, sigma, center, 150, seed=2, backend="torch")
     r = 4.0 * float(d.max()) + lip * 100.0
-    res = kernels.count_within(model, mu, sigma, center, montecarlo._radius_sq(r, 3, mu.device), 150, seed=2,
+    res = kernels.count_within(model, mu, sigma, center, montecarlo.radius_sq(r, 3, mu.device), 150, seed=2,
                                stream_ids=torch.arange(3), precision="fp32", screen=True)
     assert res.counts.tolist() == [150] * 3 and res.screened == 450 and res.bf16_samples == 0
     # a radius inside every sample: the screen (an upper bound) decides nothing, the last layer runs
-    res = kernels.count_within(model, mu, sigma, center, montecarlo._radius_sq(float(d.min()) / 2, 3, mu.device),
+    res = kernels.count_within(model, mu, sigma, center, montecarlo.radius_sq(float(d.min()) / 2, 3, mu.device),
                                150, seed=2, stream_ids=torch.arange(3), precision="fp32", screen=True)
     assert res.counts.tolist() == [0] * 3 and res.screened == 0
 
@@ -275,6 +303,6 @@ def test_counts_equal_reference_for_other_mlp_shapes(layers):
         r = dist.quantile(q, dim=1)
         ref = montecarlo.count_within(model, mu, sigma, center, r, n, seed=3, backend="torch")
         for precision, screen in MODES:
-            res = kernels.count_within(model, mu, sigma, center, montecarlo._radius_sq(r, B, mu.device), n, seed=3,
+            res = kernels.count_within(model, mu, sigma, center, montecarlo.radius_sq(r, B, mu.device), n, seed=3,
                                        stream_ids=torch.arange(B), precision=precision, screen=screen, chunk_size=100)
             assert torch.equal(res.counts, ref), (q, precision, screen)

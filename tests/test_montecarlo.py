@@ -8,7 +8,7 @@ import torch
 from scipy import stats
 from torch import nn
 
-from robbench import montecarlo, rng
+from robbench import decoding, montecarlo, rng
 from robbench.analytic import LinearGaussianVAE
 
 
@@ -144,7 +144,7 @@ def test_linear_gaussian_probability_matches_noncentral_chi_square():
 
 def test_chunked_memory_is_flat_in_samples():
     """The engine never materialises (B, S, D): a block holds at most chunk_size rows."""
-    blocks = list(montecarlo._blocks(64, 100_000, 2048))
+    blocks = list(decoding.blocks(64, 100_000, 2048))
     assert max((b.p1 - b.p0) * (b.s1 - b.s0) for b in blocks) <= 2048
     assert sum((b.p1 - b.p0) * (b.s1 - b.s0) for b in blocks) == 64 * 100_000
 

@@ -1,5 +1,5 @@
 // How a (points x samples) workload is cut into blocks of about `rows` decoded rows: the same plan as
-// robbench/montecarlo.py's _blocks, so every backend decodes the same rows together (GEMM results can
+// robbench/decoding.py's blocks, so every backend decodes the same rows together (GEMM results can
 // depend on the block shape; the plan keeps them bit-identical). Host code only.
 #pragma once
 #include <algorithm>

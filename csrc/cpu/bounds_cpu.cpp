@@ -1,6 +1,7 @@
 // The constants and per-sample decisions of bounds.h (see there for the analysis). Any summation
 // order is covered by the analysis, so the loops may use SIMD reductions.
 #include "common/bounds.h"
+#include "common/decoder.h"
 
 #include <c10/util/BFloat16.h>
 
@@ -12,7 +13,6 @@
 namespace robbench {
 
 namespace {
-constexpr int64_t kSigmoid = 2;
 
 template <bool kSig>
 inline void band_sums_impl(const uint16_t* s_bits, const float* a, const float* y, const float* cen,
@@ -169,8 +169,8 @@ LastLayerBound LastLayerBound::make(const at::Tensor& wt, const at::Tensor& b, i
   m.gK = gamma(static_cast<double>(m.K));
   m.gK1 = gamma(static_cast<double>(m.K + 1));
   m.q = gamma(static_cast<double>(D + 2));
-  m.lip = act == kSigmoid ? 0.25 : 1.0;
-  m.ev = act == kSigmoid ? 16 * v : 0.0;
+  m.lip = act == kActSigmoid ? 0.25 : 1.0;
+  m.ev = act == kActSigmoid ? 16 * v : 0.0;
   return m;
 }
 
@@ -188,7 +188,7 @@ int8_t LastLayerBound::decide(const at::BFloat16* s, const float* a, const float
   const float g_b = static_cast<float>(gK1 * (1 + 1e-6));
   float d2f, e2f;
   band_sums(reinterpret_cast<const uint16_t*>(s), a, y, cen, rW.data(), rdW.data(), rWf.data(), babs.data(), D,
-            act == kSigmoid, k_dw, k_w, k_wf, g_b, static_cast<float>(2 * ev), &d2f, &e2f);
+            act == kActSigmoid, k_dw, k_w, k_wf, g_b, static_cast<float>(2 * ev), &d2f, &e2f);
   const double sl = 2 * q + 1e-6;  // fp32 sums of D nonnegative terms, any order (bounds.h)
   const double E = std::sqrt(static_cast<double>(e2f) * (1 + sl)) * (1 + 1e-12) + 1e-30;
   const double dist = std::sqrt(static_cast<double>(d2f));

@@ -4,13 +4,14 @@
 // whose MLP-decoded output lies within sqrt(r2_b) of center_b; blocks of rows, never B x S x D.
 // The hidden layers always run with the same ATen calls, block shapes and element alignment as the
 // torch reference in robbench/montecarlo.py, so the last layer's input is bit-identical to the
-// reference's. `precision` selects how the last layer is done (bounds.h has the analysis):
-//   bit 1 ("screen"): a Lipschitz bound decides "inside" for samples whose hidden vector is close
+// reference's. Two arguments select how the last layer is done (bounds.h has the analysis):
+//   `screen`: a Lipschitz bound decides "inside" for samples whose hidden vector is close
 //     enough to that of mu_b, with no last-layer work at all;
-//   bit 0 ("bf16"): the remaining samples' last layer is one bf16 GEMM (fp32 accumulation,
+//   `precision` 1 (bf16): the remaining samples' last layer is one bf16 GEMM (fp32 accumulation,
 //     oneDNN/AVX512-BF16) with a rigorous element-wise bound on the difference to the fp32 reference;
 //     samples the bound cannot decide are recomputed with the reference's fp32 last layer.
-//   0: the reference's pipeline unchanged. Every mode gives exactly the reference's decisions.
+//   precision 0 (fp32) without screen: the reference's pipeline unchanged. Every mode gives exactly
+//   the reference's decisions.
 //   stats = [samples rechecked in fp32, samples through the bf16 last layer, samples screened].
 // mlp_sq_distances: the fp32 squared distances (B, n) of the same samples.
 // count_le: the generic path's fused epilogue (distance, threshold, count) for any decoder output.
@@ -28,22 +29,22 @@
 
 #include <c10/util/BFloat16.h>
 
-#include "common/bounds.h"
 #include "common/blocks.h"
+#include "common/bounds.h"
+#include "common/checks.h"
+#include "common/decoder.h"
 #include "common/rng.h"
 
 namespace robbench {
 namespace {
 
-constexpr int64_t kMinGemmRows = 64;
 constexpr int64_t kPiece = 32768;
-enum Act : int64_t { kNone = 0, kRelu = 1, kSigmoid = 2 };
 
-// Same split as montecarlo._pieces: every ATen thread chunk starts at a multiple of 32 elements.
+// Same split as decoding._pieces: every ATen thread chunk starts at a multiple of 32 elements.
 void activate_(at::Tensor& x, int64_t act) {
-  if (act == kRelu) {
+  if (act == kActRelu) {
     x.relu_();
-  } else if (act == kSigmoid) {
+  } else if (act == kActSigmoid) {
     at::Tensor flat = x.view({-1});
     const int64_t n = flat.numel();
     int64_t threads = std::max<int64_t>(1, at::get_num_threads());
@@ -61,6 +62,8 @@ void activate_(at::Tensor& x, int64_t act) {
 at::Tensor latents(const at::Tensor& mu, const at::Tensor& sigma, const int64_t* ka, const int64_t* kb,
                    const Block& blk, int64_t offset, int64_t pad_to) {
   const int64_t k = mu.size(1), ns = blk.s1 - blk.s0, m = (blk.p1 - blk.p0) * ns;
+  ROBBENCH_ASSERT_CONTIGUOUS(mu);
+  ROBBENCH_ASSERT_CONTIGUOUS(sigma);
   at::Tensor z = at::zeros({std::max(m, pad_to), k}, mu.options());
   float* zp = z.data_ptr<float>();
   const float* mup = mu.data_ptr<float>();
@@ -90,7 +93,7 @@ at::Tensor mlp_forward_fp32(const at::Tensor& z, const std::vector<at::Tensor>& 
   return h;
 }
 
-// fp32 squared distances of a block, exactly as montecarlo._torch_sq_distances: (points, samples).
+// fp32 squared distances of a block, exactly as backends.sq_distance_blocks: (points, samples).
 at::Tensor block_sq_fp32(const at::Tensor& z, const at::Tensor& center, const Block& blk,
                          const std::vector<at::Tensor>& wts, const std::vector<at::Tensor>& bs,
                          const std::vector<int64_t>& acts) {
@@ -101,39 +104,19 @@ at::Tensor block_sq_fp32(const at::Tensor& z, const at::Tensor& center, const Bl
   return y.mul_(y).sum(2);
 }
 
-void check_inputs(const at::Tensor& mu, const at::Tensor& sigma, const at::Tensor& center, const at::Tensor& ka,
-                  const at::Tensor& kb) {
-  TORCH_CHECK(mu.dim() == 2 && mu.scalar_type() == at::kFloat, "mu must be (B, k) float32");
-  TORCH_CHECK(sigma.sizes() == mu.sizes() && sigma.scalar_type() == at::kFloat, "sigma must match mu");
-  TORCH_CHECK(center.dim() == 2 && center.size(0) == mu.size(0) && center.scalar_type() == at::kFloat,
-              "center must be (B, D) float32");
-  TORCH_CHECK(ka.dim() == 1 && ka.size(0) == mu.size(0) && ka.scalar_type() == at::kLong,
-              "ka must be (B,) int64");
-  TORCH_CHECK(kb.sizes() == ka.sizes() && kb.scalar_type() == at::kLong, "kb must be (B,) int64");
-}
-
 struct Weights {
   std::vector<at::Tensor> wts, bs;
   std::vector<int64_t> acts;
 };
 
 Weights unpack(at::TensorList wts, at::TensorList bs, at::IntArrayRef acts, int64_t k, int64_t D) {
-  TORCH_CHECK(!wts.empty() && wts.size() == bs.size() && wts.size() == acts.size(),
-              "weights_t, biases and acts must have one entry per layer");
+  check_mlp(wts, bs, acts, k, D, at::Device(at::kCPU));
   Weights w;
-  int64_t in = k;
   for (size_t l = 0; l < wts.size(); ++l) {
-    TORCH_CHECK(wts[l].dim() == 2 && wts[l].size(0) == in && wts[l].scalar_type() == at::kFloat,
-                "weights_t[", l, "] must be (", in, ", out) float32");
-    TORCH_CHECK(wts[l].size(1) % 32 == 0, "weights_t[", l, "] width must be padded to a multiple of 32");
-    TORCH_CHECK(bs[l].dim() == 1 && bs[l].size(0) == wts[l].size(1), "biases[", l, "] must be (out,)");
-    TORCH_CHECK(acts[l] >= 0 && acts[l] <= 2, "acts[", l, "] must be 0 (none), 1 (relu) or 2 (sigmoid)");
     w.wts.push_back(wts[l].contiguous());
     w.bs.push_back(bs[l].contiguous());
     w.acts.push_back(acts[l]);
-    in = wts[l].size(1);
   }
-  TORCH_CHECK(in >= D, "the last layer has fewer outputs than center has features");
   return w;
 }
 
@@ -201,9 +184,12 @@ void fp32_final_count(const at::Tensor& h, const std::vector<int64_t>& idx, int6
 }  // namespace
 
 at::Tensor normals_cpu(const at::Tensor& ka, const at::Tensor& kb, const at::Tensor& j, int64_t k) {
-  TORCH_CHECK(ka.dim() == 1 && ka.scalar_type() == at::kLong, "ka must be (N,) int64");
-  TORCH_CHECK(kb.sizes() == ka.sizes() && j.sizes() == ka.sizes(), "kb and j must match ka");
-  TORCH_CHECK(k >= 1, "k must be positive");
+  const at::Device cpu(at::kCPU);
+  check_tensor(ka, "ka", at::kLong, cpu, 1);
+  check_tensor(kb, "kb", at::kLong, cpu, 1);
+  check_tensor(j, "j", at::kLong, cpu, 1);
+  TORCH_CHECK(kb.sizes() == ka.sizes() && j.sizes() == ka.sizes(), "kb and j must match ka's shape ", ka.sizes());
+  TORCH_CHECK(k >= 1, "k must be positive, got ", k);
   at::Tensor kac = ka.contiguous(), kbc = kb.contiguous(), jc = j.contiguous();
   const int64_t n = ka.size(0);
   at::Tensor out = at::empty({n, k}, ka.options().dtype(at::kFloat));
@@ -221,7 +207,8 @@ at::Tensor mlp_sq_distances_cpu(const at::Tensor& mu_, const at::Tensor& sigma_,
                                 const at::Tensor& ka_, const at::Tensor& kb_, int64_t n, int64_t offset,
                                 at::TensorList weights_t, at::TensorList biases, at::IntArrayRef acts,
                                 int64_t chunk_rows) {
-  check_inputs(mu_, sigma_, center_, ka_, kb_);
+  check_sampling_inputs(mu_, sigma_, center_, ka_, kb_, at::kCPU);
+  check_samples(n, offset, chunk_rows);
   at::Tensor mu = mu_.contiguous(), sigma = sigma_.contiguous(), center = center_.contiguous();
   at::Tensor ka = ka_.contiguous(), kb = kb_.contiguous();
   Weights w = unpack(weights_t, biases, acts, mu.size(1), center.size(1));
@@ -237,23 +224,25 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
                                                  const at::Tensor& center_, const at::Tensor& r2_,
                                                  const at::Tensor& ka_, const at::Tensor& kb_, int64_t n,
                                                  int64_t offset, at::TensorList weights_t, at::TensorList biases,
-                                                 at::IntArrayRef acts, int64_t precision, int64_t chunk_rows) {
-  check_inputs(mu_, sigma_, center_, ka_, kb_);
-  TORCH_CHECK(r2_.dim() == 1 && r2_.size(0) == mu_.size(0) && r2_.scalar_type() == at::kFloat,
-              "r2 must be (B,) float32");
-  TORCH_CHECK(precision >= 0 && precision <= 3, "precision must be 0..3 (bit 0: bf16 band, bit 1: screen)");
-  TORCH_CHECK(n >= 0 && offset >= 0 && offset + n <= (int64_t(1) << 32), "sample indices must lie in [0, 2^32)");
+                                                 at::IntArrayRef acts, int64_t precision, bool screen_arg,
+                                                 int64_t chunk_rows) {
+  check_sampling_inputs(mu_, sigma_, center_, ka_, kb_, at::kCPU);
+  check_r2(r2_, mu_.size(0), mu_.device());
+  check_precision(precision);
+  check_samples(n, offset, chunk_rows);
   at::Tensor mu = mu_.contiguous(), sigma = sigma_.contiguous(), center = center_.contiguous();
   at::Tensor r2 = r2_.contiguous(), ka = ka_.contiguous(), kb = kb_.contiguous();
   const int64_t B = mu.size(0), D = center.size(1);
   Weights w = unpack(weights_t, biases, acts, mu.size(1), D);
   at::Tensor counts = at::zeros({B}, mu.options().dtype(at::kLong));
+  ROBBENCH_ASSERT_CONTIGUOUS(r2);
+  ROBBENCH_ASSERT_CONTIGUOUS(center);
   int64_t* cp = counts.data_ptr<int64_t>();
   const float* r2p = r2.data_ptr<float>();
   const float* cen = center.data_ptr<float>();
   int64_t rechecked = 0, bf16_rows = 0, screened = 0;
-  bool use_bf16 = (precision & 1) != 0;
-  bool screen = (precision & 2) != 0;
+  bool use_bf16 = precision == kBf16;
+  bool screen = screen_arg;
   const bool any_bound = use_bf16 || screen;
   const bool screen_requested = screen;
   // held by shared_ptr: another thread's call may evict the cache entry meanwhile
@@ -272,7 +261,7 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
     at::Tensor hcd = hc.to(at::kDouble);
     at::Tensor ac = at::addmm(w.bs.back().narrow(0, 0, D).to(at::kDouble), hcd,
                               w.wts.back().narrow(1, 0, D).to(at::kDouble));
-    at::Tensor yc = w.acts.back() == kSigmoid ? ac.sigmoid() : (w.acts.back() == kRelu ? ac.relu() : ac);
+    at::Tensor yc = w.acts.back() == kActSigmoid ? ac.sigmoid() : (w.acts.back() == kActRelu ? ac.relu() : ac);
     at::Tensor o = (yc - center.to(at::kDouble)).norm(2, {1}).contiguous();
     at::Tensor hn = hcd.norm(2, {1}).contiguous();
     const double sqD = std::sqrt(static_cast<double>(D));
@@ -378,11 +367,14 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
 }
 
 at::Tensor count_le_cpu(const at::Tensor& y_, const at::Tensor& center_, const at::Tensor& r2_) {
-  TORCH_CHECK(y_.dim() == 3 && y_.scalar_type() == at::kFloat, "y must be (B, S, D) float32");
-  TORCH_CHECK(center_.dim() == 2 && center_.size(0) == y_.size(0) && center_.size(1) == y_.size(2),
-              "center must be (B, D) matching y");
-  TORCH_CHECK(r2_.dim() == 1 && r2_.size(0) == y_.size(0), "r2 must be (B,)");
-  at::Tensor y = y_.contiguous(), center = center_.contiguous().to(at::kFloat), r2 = r2_.contiguous().to(at::kFloat);
+  const at::Device cpu(at::kCPU);
+  check_tensor(y_, "y", at::kFloat, cpu, 3);
+  check_tensor(center_, "center", at::kFloat, cpu, 2);
+  TORCH_CHECK(center_.size(0) == y_.size(0) && center_.size(1) == y_.size(2), "center must be (B, D) matching y ",
+              y_.sizes());
+  check_r2(r2_, y_.size(0), cpu);
+  at::Tensor y = y_.contiguous(), center = center_.contiguous(), r2 = r2_.contiguous();
+  ROBBENCH_ASSERT_CONTIGUOUS(y);
   const int64_t B = y.size(0), S = y.size(1), D = y.size(2);
   at::Tensor counts = at::zeros({B}, y.options().dtype(at::kLong));
   const float *yp = y.data_ptr<float>(), *cp = center.data_ptr<float>(), *rp = r2.data_ptr<float>();
@@ -410,7 +402,8 @@ TORCH_LIBRARY(robbench, m) {
   m.def("mlp_sq_distances(Tensor mu, Tensor sigma, Tensor center, Tensor ka, Tensor kb, int n, int offset, "
         "Tensor[] weights_t, Tensor[] biases, int[] acts, int chunk_rows) -> Tensor");
   m.def("mlp_count(Tensor mu, Tensor sigma, Tensor center, Tensor r2, Tensor ka, Tensor kb, int n, int offset, "
-        "Tensor[] weights_t, Tensor[] biases, int[] acts, int precision, int chunk_rows) -> (Tensor, Tensor)");
+        "Tensor[] weights_t, Tensor[] biases, int[] acts, int precision, bool screen, int chunk_rows) -> "
+        "(Tensor, Tensor)");
   m.def("count_le(Tensor y, Tensor center, Tensor r2) -> Tensor");
 }
 

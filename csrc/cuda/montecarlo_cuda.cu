@@ -2,8 +2,9 @@
 //
 // Same semantics as the CPU ops: counter-based normals (common/rng.h, bit-exact with robbench/rng.py),
 // the MLP decoder through ATen (cuBLAS) in fp32, and a fused distance / threshold / count epilogue
-// kernel, in blocks of rows so memory is flat in S. Precision 1 (bf16 + recheck) is served by the fp32
-// path on the GPU for now (decisions are identical by definition; stats report no bf16 samples).
+// kernel, in blocks of rows so memory is flat in S. Precision 1 (bf16 + recheck) and the screen are
+// served by the fp32 path on the GPU for now (decisions are identical by definition; stats report no
+// bf16 or screened samples). Arguments are checked with common/checks.h, like the CPU ops.
 // Only core ATen headers are used (no c10/cuda), so this file also compiles against a CPU-only torch
 // (CI compiles it with nvcc wherever nvcc exists); kernels are launched on the legacy default stream.
 // NOTE: never run on a GPU during development (no GPU was available); see benchmarks/README.md.
@@ -14,12 +15,13 @@
 #include <vector>
 
 #include "common/blocks.h"
+#include "common/checks.h"
+#include "common/decoder.h"
 #include "common/rng.h"
 
 namespace robbench {
 namespace {
 
-constexpr int64_t kMinRows = 64;
 constexpr int kThreads = 256;
 
 __global__ void latents_kernel(const float* __restrict__ mu, const float* __restrict__ sigma,
@@ -79,31 +81,35 @@ at::Tensor block_sq(const at::Tensor& mu, const at::Tensor& sigma, const at::Ten
                     const at::Tensor& kb, const Block& blk, int64_t offset, at::TensorList wts, at::TensorList bs,
                     at::IntArrayRef acts) {
   const int64_t k = mu.size(1), ns = blk.s1 - blk.s0, m = (blk.p1 - blk.p0) * ns, D = center.size(1);
-  at::Tensor z = at::zeros({std::max(m, kMinRows), k}, mu.options());
+  ROBBENCH_ASSERT_CONTIGUOUS(mu);
+  ROBBENCH_ASSERT_CONTIGUOUS(sigma);
+  ROBBENCH_ASSERT_CONTIGUOUS(center);
+  at::Tensor z = at::zeros({std::max(m, kMinGemmRows), k}, mu.options());
   latents_kernel<<<blocks_for(m), kThreads>>>(mu.data_ptr<float>(), sigma.data_ptr<float>(),
                                                ka.data_ptr<int64_t>(), kb.data_ptr<int64_t>(), blk.p0, ns,
                                                offset + blk.s0, k, m, z.data_ptr<float>());
   at::Tensor h = z;
   for (size_t l = 0; l < wts.size(); ++l) {
     h = at::addmm(bs[l], h, wts[l]);
-    if (acts[l] == 1) h.relu_();
-    else if (acts[l] == 2) h.sigmoid_();
+    if (acts[l] == kActRelu) h.relu_();
+    else if (acts[l] == kActSigmoid) h.sigmoid_();
   }
+  TORCH_INTERNAL_ASSERT(h.is_contiguous() && h.size(1) >= D, "decoded block must be contiguous with >= D columns");
   at::Tensor d2 = at::empty({m}, mu.options());
   sq_distance_kernel<<<blocks_for(m * 32), kThreads>>>(h.data_ptr<float>(), h.size(1), center.data_ptr<float>(),
                                                         D, blk.p0, ns, m, d2.data_ptr<float>());
   return d2;
 }
 
-void check_cuda(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
-}
-
 }  // namespace
 
 at::Tensor normals_cuda(const at::Tensor& ka, const at::Tensor& kb, const at::Tensor& j, int64_t k) {
-  check_cuda(ka, "ka");
-  TORCH_CHECK(kb.sizes() == ka.sizes() && j.sizes() == ka.sizes(), "kb and j must match ka");
+  TORCH_CHECK(ka.defined() && ka.is_cuda(), "ka must be a CUDA tensor");
+  check_tensor(ka, "ka", at::kLong, ka.device(), 1);
+  check_tensor(kb, "kb", at::kLong, ka.device(), 1);
+  check_tensor(j, "j", at::kLong, ka.device(), 1);
+  TORCH_CHECK(kb.sizes() == ka.sizes() && j.sizes() == ka.sizes(), "kb and j must match ka's shape ", ka.sizes());
+  TORCH_CHECK(k >= 1, "k must be positive, got ", k);
   at::Tensor kac = ka.contiguous(), kbc = kb.contiguous(), jc = j.contiguous();
   at::Tensor out = at::empty({ka.size(0), k}, ka.options().dtype(at::kFloat));
   normals_kernel<<<blocks_for(ka.size(0)), kThreads>>>(kac.data_ptr<int64_t>(), kbc.data_ptr<int64_t>(),
@@ -116,11 +122,13 @@ at::Tensor mlp_sq_distances_cuda(const at::Tensor& mu, const at::Tensor& sigma, 
                                  const at::Tensor& ka, const at::Tensor& kb, int64_t n, int64_t offset,
                                  at::TensorList weights_t, at::TensorList biases, at::IntArrayRef acts,
                                  int64_t chunk_rows) {
-  check_cuda(mu, "mu");
+  check_sampling_inputs(mu, sigma, center, ka, kb, at::kCUDA);
+  check_mlp(weights_t, biases, acts, mu.size(1), center.size(1), mu.device());
+  check_samples(n, offset, chunk_rows);
   at::Tensor out = at::empty({mu.size(0), n}, mu.options());
   const at::Tensor muc = mu.contiguous(), sc = sigma.contiguous(), cc = center.contiguous();
   const at::Tensor kac = ka.contiguous(), kbc = kb.contiguous();
-  for (const Block& blk : make_blocks(mu.size(0), n, chunk_rows, kMinRows)) {
+  for (const Block& blk : make_blocks(mu.size(0), n, chunk_rows, kMinGemmRows)) {
     at::Tensor d2 = block_sq(muc, sc, cc, kac, kbc, blk, offset, weights_t, biases, acts);
     out.slice(0, blk.p0, blk.p1).slice(1, blk.s0, blk.s1).copy_(d2.view({blk.p1 - blk.p0, blk.s1 - blk.s0}));
   }
@@ -131,17 +139,22 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cuda(const at::Tensor& mu, const at
                                                   const at::Tensor& center, const at::Tensor& r2,
                                                   const at::Tensor& ka, const at::Tensor& kb, int64_t n,
                                                   int64_t offset, at::TensorList weights_t, at::TensorList biases,
-                                                  at::IntArrayRef acts, int64_t precision, int64_t chunk_rows) {
-  check_cuda(mu, "mu");
-  // Bits 0 (bf16 band) and 1 (Lipschitz screen) only skip work on the CPU; the GPU path always computes
-  // the fp32 last layer, which gives the reference's decisions by definition.
-  TORCH_CHECK(precision >= 0 && precision <= 3, "precision must be 0..3 (bit 0: bf16 band, bit 1: screen)");
+                                                  at::IntArrayRef acts, int64_t precision, bool screen,
+                                                  int64_t chunk_rows) {
+  check_sampling_inputs(mu, sigma, center, ka, kb, at::kCUDA);
+  check_r2(r2, mu.size(0), mu.device());
+  check_mlp(weights_t, biases, acts, mu.size(1), center.size(1), mu.device());
+  check_precision(precision);
+  check_samples(n, offset, chunk_rows);
+  // bf16 and the Lipschitz screen only skip work on the CPU; the GPU path always computes the fp32 last
+  // layer, which gives the reference's decisions by definition.
+  (void)screen;
   const int64_t B = mu.size(0);
   at::Tensor counts = at::zeros({B}, mu.options().dtype(at::kLong));
   at::Tensor r2c = r2.contiguous();
   const at::Tensor muc = mu.contiguous(), sc = sigma.contiguous(), cc = center.contiguous();
   const at::Tensor kac = ka.contiguous(), kbc = kb.contiguous();
-  for (const Block& blk : make_blocks(B, n, chunk_rows, kMinRows)) {
+  for (const Block& blk : make_blocks(B, n, chunk_rows, kMinGemmRows)) {
     const int64_t ns = blk.s1 - blk.s0, m = (blk.p1 - blk.p0) * ns;
     at::Tensor d2 = block_sq(muc, sc, cc, kac, kbc, blk, offset, weights_t, biases, acts);
     threshold_count_kernel<<<blocks_for(m), kThreads>>>(
@@ -152,8 +165,14 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cuda(const at::Tensor& mu, const at
 }
 
 at::Tensor count_le_cuda(const at::Tensor& y_, const at::Tensor& center_, const at::Tensor& r2_) {
-  check_cuda(y_, "y");
+  TORCH_CHECK(y_.defined() && y_.is_cuda(), "y must be a CUDA tensor");
+  check_tensor(y_, "y", at::kFloat, y_.device(), 3);
+  check_tensor(center_, "center", at::kFloat, y_.device(), 2);
+  TORCH_CHECK(center_.size(0) == y_.size(0) && center_.size(1) == y_.size(2), "center must be (B, D) matching y ",
+              y_.sizes());
+  check_r2(r2_, y_.size(0), y_.device());
   at::Tensor y = y_.contiguous(), center = center_.contiguous(), r2 = r2_.contiguous();
+  ROBBENCH_ASSERT_CONTIGUOUS(y);
   const int64_t B = y.size(0), S = y.size(1), D = y.size(2), m = B * S;
   at::Tensor d2 = at::empty({m}, y.options());
   sq_distance_kernel<<<blocks_for(m * 32), kThreads>>>(y.data_ptr<float>(), D, center.data_ptr<float>(), D, 0, S,
