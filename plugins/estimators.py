@@ -22,7 +22,7 @@ from robbench import montecarlo, stats
 from robbench.hookspecs import hookimpl
 from robbench.jacobian import jacobian_frobenius
 from robbench.margin import estimate_margin, estimate_probability, latent_params, theorem1_bound
-from robbench.protocols import EstimationContext, call_attack
+from robbench.protocols import EstimationContext, MetricColumn, call_attack
 
 Row = dict[str, Any]
 
@@ -58,6 +58,7 @@ class BuiltinEstimator:
     defaults: dict[str, Any] = field(default_factory=dict)
     needs_attack: bool = False
     validate: Callable[[dict[str, Any]], None] | None = None
+    columns: tuple[MetricColumn, ...] = ()  # how its metrics appear in leaderboards
 
     def __call__(self, ctx: EstimationContext, x: Tensor) -> list[Row]:
         return self.fn(ctx, x)
@@ -297,39 +298,64 @@ MARGIN_DEFAULTS = {"max_radius": 10.0, "tolerance": 0.05, "rel_tolerance": None,
                    "samples_max": 32768, "samples_growth": 4, "sigma_at": "clean", "warm_start": True,
                    "warm_steps": 10, "warm_restarts": 0, "stop_when_undecided": True}
 
+# Leaderboard columns. ``order`` keeps the established layout: margin, bound, damage, encoder, min r, likelihood.
+_MARGIN_COLUMNS = (
+    MetricColumn("margin_mean", "mean R", "margin", "mean", "higher", ".3f", rank=True, order=10),
+    MetricColumn("margin", "R {level}% CI", "margin", "ci", "higher", ".3f", order=11),
+    MetricColumn("undecided", "undecided", "undecided", "count_true", "lower", "d", order=12))
+_ENCODER_COLUMNS = (
+    MetricColumn("min_sigma_mean", "mean min σ", "min_sigma", "mean", "higher", ".4f", order=40),
+    MetricColumn("mean_sigma_mean", "mean σ", "mean_sigma", "mean", "higher", ".4f", order=41),
+    MetricColumn("jacobian_mean", "mean ‖J_μ‖_F", "jacobian_frobenius", "mean", "lower", ".2f", order=42))
+_BOUND_COLUMNS = (
+    MetricColumn("bound_mean", "mean bound", "bound", "mean", "higher", ".3f", order=20),
+    MetricColumn("vacuous", "vacuous", "bound", "count_missing", "lower", "d", order=21),
+    MetricColumn("pearson", "ρ(bound,R)", "bound", "pearson", "higher", ".2f", paired=("margin", "margin"), order=22),
+    MetricColumn("slope", "slope", "bound", "slope", None, ".2f", paired=("margin", "margin"), order=23))
+# Every estimator that reports the attack's "damage" pools it into one column, as it always has.
+_DAMAGE_COLUMN = MetricColumn("damage_mean", "mean damage", "damage", "mean", "lower", ".2f", order=30)
+_LIKELIHOOD_COLUMNS = (
+    MetricColumn("loglik_attack_mean", "log p(x|z*) attack", "loglik_attack", "mean", "higher", ".1f", order=60),
+    MetricColumn("degradation_attack_mean", "degradation attack", "degradation_attack", "mean", "lower", ".3f",
+                 order=61),
+    MetricColumn("degradation_noise_mean", "degradation noise", "degradation_noise", "mean", "lower", ".3f",
+                 order=62))
+
 ESTIMATORS = [
     BuiltinEstimator(
         "margin", "robustness margin R(x) by batched bisection with a sequential Clopper-Pearson test per "
         "radius; margin, [margin_lo, margin_hi] at the run confidence, samples, undecided, at_cap",
         _margin_with_arrays, {**MARGIN_DEFAULTS, "keep_adversarial": True}, needs_attack=True,
-        validate=_validate_margin),
+        validate=_validate_margin, columns=_MARGIN_COLUMNS),
     BuiltinEstimator(
         "damage", "paper Fig. 4: expected damage E||g(mu_r + eta sigma_r) - g(mu(x))|| of the attack at a fixed "
         "radius along its route (damage), the same at delta = 0 (damage_clean), and ||delta||",
-        _damage, {"radius": 10.0, "samples": 256}, needs_attack=True),
+        _damage, {"radius": 10.0, "samples": 256}, needs_attack=True, columns=(_DAMAGE_COLUMN,)),
     BuiltinEstimator(
         "bound", "Theorem 1 lower bound min sigma * (probit(p0_lo) - probit(m)) / ||J_mu||_F, with p0_lo the "
         "lower confidence bound of p_r(x, 0); None when vacuous (bound_status says why)",
-        _bound, {"p0_samples": 4096, **_JACOBIAN_DEFAULTS}),
+        _bound, {"p0_samples": 4096, **_JACOBIAN_DEFAULTS}, columns=_BOUND_COLUMNS + _ENCODER_COLUMNS),
     BuiltinEstimator(
         "encoder_stats", "encoder sigma summaries and ||J_mu(x)||_F (exact or Hutchinson)",
-        _encoder_stats, dict(_JACOBIAN_DEFAULTS)),
+        _encoder_stats, dict(_JACOBIAN_DEFAULTS), columns=_ENCODER_COLUMNS),
     BuiltinEstimator(
         "min_r", "smallest r with p_r(x, 0) > m: the m-quantile of ||Delta(x)|| with an order-statistic "
-        "confidence interval", _min_r, {"samples": 4096}),
+        "confidence interval", _min_r, {"samples": 4096},
+        columns=(MetricColumn("min_r_mean", "mean min r", "min_r", "mean", "lower", ".3f", order=50),)),
     BuiltinEstimator(
         "likelihood", "log p(x | mu(x*)) and its relative degradation for x* = x + attack(radius) and "
         "x* = x + N(0, noise_sigma^2) noise", _likelihood,
-        {"radius": 1.0, "noise_sigma": 0.3, "clamp_noise": True}, needs_attack=True),
+        {"radius": 1.0, "noise_sigma": 0.3, "clamp_noise": True}, needs_attack=True,
+        columns=_LIKELIHOOD_COLUMNS + (_DAMAGE_COLUMN,)),
     BuiltinEstimator(
         "sweep", "p_r along the attack's direction at direction_radius, over a grid of norms (paper Fig. 5), "
         "with CP intervals and the interpolated crossing of m", _sweep,
         {"direction_radius": 1.0, "grid_max": 5.0, "grid_points": 26, "samples": 1024, "clamp": False,
-         "sigma_at": "clean"}, needs_attack=True),
+         "sigma_at": "clean"}, needs_attack=True, columns=(_DAMAGE_COLUMN,)),
     BuiltinEstimator(
         "probability", "p_r(x, delta) at the attack's delta of norm <= radius, with a two-sided CP interval "
         "from samples independent of the attack", _probability,
-        {"radius": 1.0, "samples": 4096, "sigma_at": "clean"}, needs_attack=True),
+        {"radius": 1.0, "samples": 4096, "sigma_at": "clean"}, needs_attack=True, columns=(_DAMAGE_COLUMN,)),
 ]
 
 

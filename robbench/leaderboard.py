@@ -1,8 +1,11 @@
-"""Leaderboards: views over a run's result database.
+"""Leaderboards: views over a run's result database, built from the columns estimators declare.
 
 ``leaderboard_rows`` aggregates the stored per-point results into one record per (model
-configuration, attack); the ``render_*`` functions are pure formatters of those records (rich table,
-Markdown, CSV, JSON) with fixed headers and number formats. Uncertainty sits next to each estimate.
+configuration, attack); which metrics appear, how they summarise (mean, interval, counts, correlation)
+and how they format comes from each estimator's :class:`~robbench.protocols.MetricColumn` declarations,
+so a third-party estimator's columns appear like the built-in ones and this module names no metric.
+The ``render_*`` functions are pure formatters of those records (rich table, Markdown, CSV, JSON) with
+fixed headers and number formats. Uncertainty sits next to each estimate.
 """
 from __future__ import annotations
 
@@ -11,46 +14,39 @@ import io
 import json
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from scipy import stats as scipy_stats
 
+from robbench.protocols import MetricColumn
+from robbench.settings import RunSettings
+from robbench.stats import pearson_and_slope
 from robbench.store import ResultRow, ResultStore
 
-# (record key, header, format) in display order; a column is shown only when some record has it.
-COLUMNS: list[tuple[str, str, str]] = [
-    ("model", "model", "s"),
-    ("attack", "attack", "s"),
-    ("margin_mean", "mean R", ".3f"),
-    ("margin_ci", "R 95% CI", "ci"),
-    ("undecided", "undecided", "d"),
-    ("bound_mean", "mean bound", ".3f"),
-    ("vacuous", "vacuous", "d"),
-    ("pearson", "ρ(bound,R)", ".2f"),
-    ("slope", "slope", ".2f"),
-    ("damage_mean", "mean damage", ".2f"),
-    ("min_sigma_mean", "mean min σ", ".4f"),
-    ("mean_sigma_mean", "mean σ", ".4f"),
-    ("jacobian_mean", "mean ‖J_μ‖_F", ".2f"),
-    ("min_r_mean", "mean min r", ".3f"),
-    ("loglik_attack_mean", "log p(x|z*) attack", ".1f"),
-    ("degradation_attack_mean", "degradation attack", ".3f"),
-    ("degradation_noise_mean", "degradation noise", ".3f"),
-    ("test_elbo", "test ELBO", ".1f"),
-    ("seeds", "seeds", "d"),
-    ("points", "points", "d"),
-    ("failed", "failed", "d"),
-    ("seconds", "wall s", ".1f"),
-]
+Declarations = dict[str, list[MetricColumn]]  # estimator name -> the columns it declares
 
-_MEAN_METRICS = {"damage": "damage_mean", "min_sigma": "min_sigma_mean", "mean_sigma": "mean_sigma_mean",
-                 "jacobian_frobenius": "jacobian_mean", "min_r": "min_r_mean",
-                 "loglik_attack": "loglik_attack_mean", "degradation_attack": "degradation_attack_mean",
-                 "degradation_noise": "degradation_noise_mean"}
+
+@dataclass(frozen=True)
+class DisplayColumn:
+    """A rendered column: the record key, its heading and format ("s" text, "ci" an interval whose
+    ends are ``<key>_lo`` / ``<key>_hi`` formatted with ``spec``)."""
+
+    key: str
+    header: str
+    format: str
+    spec: str = ""
+
+
+# The harness's own columns (not metrics): before and after the estimators' columns.
+HEAD = [DisplayColumn("model", "model", "s"), DisplayColumn("attack", "attack", "s")]
+TAIL = [DisplayColumn("test_elbo", "test ELBO", ".1f"), DisplayColumn("seeds", "seeds", "d"),
+        DisplayColumn("points", "points", "d"), DisplayColumn("failed", "failed", "d"),
+        DisplayColumn("seconds", "wall s", ".1f")]
 
 
 def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
@@ -68,10 +64,46 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
 
 
-def leaderboard_rows(rows: list[ResultRow], models: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """Aggregate per-point results into one record per (model label, attack label), sorted by mean R."""
-    from robbench.stats import pearson_and_slope
+# --- declarations ------------------------------------------------------------------------------
+def registered_declarations(names: Iterable[str] | None = None) -> Declarations:
+    """The columns the registered estimators declare (all, or those in ``names`` that are registered)."""
+    from robbench.plugins import get_registries
 
+    estimators = get_registries().estimators
+    wanted = estimators.names() if names is None else [n for n in names if n in estimators]
+    return {n: list(getattr(estimators.get(n), "columns", ()) or ()) for n in wanted}
+
+
+def merged_columns(declarations: Declarations) -> list[MetricColumn]:
+    """One column per key (the first declaration wins), ordered by ``order`` then first appearance."""
+    seen: dict[str, MetricColumn] = {}
+    for columns in declarations.values():
+        for col in columns:
+            seen.setdefault(col.key, col)
+    ranked = sorted(enumerate(seen.values()), key=lambda item: (item[1].order, item[0]))
+    return [col for _, col in ranked]
+
+
+def display_columns(declarations: Declarations, confidence: float = RunSettings.confidence) -> list[DisplayColumn]:
+    """Every column a leaderboard of these estimators may show, in display order."""
+    level = f"{100 * confidence:g}"
+    metric = [DisplayColumn(c.key, c.header.replace("{level}", level), "ci" if c.aggregation == "ci" else c.format,
+                            c.format) for c in merged_columns(declarations)]
+    return HEAD + metric + TAIL
+
+
+# --- aggregation -------------------------------------------------------------------------------
+def leaderboard_rows(rows: list[ResultRow], models: dict[str, dict[str, Any]] | None = None,
+                     declarations: Declarations | None = None,
+                     confidence: float = RunSettings.confidence) -> list[dict[str, Any]]:
+    """Aggregate per-point results into one record per (model label, attack label), best first by the
+    ranking column (the one declared with ``rank=True``), then by model label. ``declarations``:
+    estimator -> columns (default: what the registered estimators of these rows declare)."""
+    if declarations is None:
+        declarations = registered_declarations(sorted({r.estimator for r in rows}))
+    columns = merged_columns(declarations)
+    readers = {col.key: {name for name, cols in declarations.items() if any(c.key == col.key for c in cols)}
+               for col in columns}
     by_model: dict[str, list[ResultRow]] = defaultdict(list)
     for row in rows:
         by_model[row.model].append(row)
@@ -86,13 +118,15 @@ def leaderboard_rows(rows: list[ResultRow], models: dict[str, dict[str, Any]] | 
         attacks = sorted({r.attack for r in model_rows if r.attack}) or [""]
         for attack in attacks:
             group = shared + [r for r in model_rows if r.attack == attack and attack]
-            records.append(_aggregate(model, attack, group, elbos.get(model), pearson_and_slope))
-    records.sort(key=lambda rec: (rec.get("margin_mean") is None, -(rec.get("margin_mean") or 0.0), rec["model"]))
-    return records
+            rec = _structure(model, attack, group, elbos.get(model))
+            ok = [r for r in group if r.status == "ok"]
+            for col in columns:
+                rec.update(_aggregate(col, [r for r in ok if r.estimator in readers[col.key]], ok, confidence))
+            records.append(rec)
+    return sorted(records, key=_ranking(columns))
 
 
-def _aggregate(model: str, attack: str, group: list[ResultRow], elbos: list[float] | None,
-               pearson_and_slope: Any) -> dict[str, Any]:
+def _structure(model: str, attack: str, group: list[ResultRow], elbos: list[float] | None) -> dict[str, Any]:
     ok = [r for r in group if r.status == "ok"]
     rec: dict[str, Any] = {"model": model, "attack": attack or "—",
                            "seeds": len({r.model_seed for r in group}),
@@ -102,73 +136,96 @@ def _aggregate(model: str, attack: str, group: list[ResultRow], elbos: list[floa
     errors = sorted({r.error for r in group if r.error})
     if errors:
         rec["errors"] = errors
-    margins = {(r.model_seed, r.point_id): _number(r.metrics.get("margin")) for r in ok if r.estimator == "margin"}
-    margin_values = [v for v in margins.values() if v is not None]
-    if margin_values:
-        mean, lo, hi = mean_ci(margin_values)
-        rec.update(margin_mean=mean, margin_lo=lo, margin_hi=hi,
-                   undecided=sum(bool(r.metrics.get("undecided")) for r in ok if r.estimator == "margin"))
-    bound_rows = [r for r in ok if r.estimator == "bound"]
-    if bound_rows:
-        bounds = {(r.model_seed, r.point_id): _number(r.metrics.get("bound")) for r in bound_rows}
-        finite = [v for v in bounds.values() if v is not None]
-        rec["vacuous"] = len(bounds) - len(finite)
-        if finite:
-            rec["bound_mean"] = sum(finite) / len(finite)
-        pairs = [(bounds[k], margins[k]) for k in bounds if bounds[k] is not None and margins.get(k) is not None]
-        if len(pairs) >= 3:
-            fit = pearson_and_slope([p[0] for p in pairs], [p[1] for p in pairs])
-            if _number(fit.pearson) is not None:
-                rec.update(pearson=fit.pearson, slope=fit.slope)
-    for metric, column in _MEAN_METRICS.items():
-        values = [v for r in ok for v in [_number(r.metrics.get(metric))] if v is not None]
-        if values:
-            rec[column] = sum(values) / len(values)
     if elbos:
         rec["test_elbo"] = sum(elbos) / len(elbos)
     return rec
 
 
+def _aggregate(col: MetricColumn, rows: list[ResultRow], ok: list[ResultRow], confidence: float) -> dict[str, Any]:
+    """The record entries of one column over the rows of the estimators declaring it ({} when none)."""
+    if not rows:
+        return {}
+    values = [v for r in rows for v in [_number(r.metrics.get(col.metric))] if v is not None]
+    if col.aggregation == "mean":
+        return {col.key: sum(values) / len(values)} if values else {}
+    if col.aggregation == "ci":
+        if not values:
+            return {}
+        _, lo, hi = mean_ci(values, confidence)
+        return {f"{col.key}_lo": lo, f"{col.key}_hi": hi}
+    if col.aggregation == "count_true":
+        return {col.key: sum(bool(r.metrics.get(col.metric)) for r in rows)}
+    if col.aggregation == "count_missing":
+        return {col.key: sum(_number(r.metrics.get(col.metric)) is None for r in rows)}
+    # pearson / slope against another estimator's metric, point by point
+    xs = {(r.model_seed, r.point_id): _number(r.metrics.get(col.metric)) for r in rows}
+    other_est, other_metric = col.paired
+    ys = {(r.model_seed, r.point_id): _number(r.metrics.get(other_metric)) for r in ok if r.estimator == other_est}
+    pairs = [(xs[k], ys[k]) for k in xs if xs[k] is not None and ys.get(k) is not None]
+    if len(pairs) < 3:
+        return {}
+    fit = pearson_and_slope([p[0] for p in pairs], [p[1] for p in pairs])
+    if _number(fit.pearson) is None:
+        return {}
+    return {col.key: fit.pearson if col.aggregation == "pearson" else fit.slope}
+
+
+def _ranking(columns: list[MetricColumn]):
+    rank = next((c for c in columns if c.rank), None)
+    sign = -1.0 if rank is None or rank.direction != "lower" else 1.0
+
+    def key(rec: dict[str, Any]) -> tuple:
+        value = rec.get(rank.key) if rank is not None else None
+        return (value is None, sign * (value or 0.0), rec["model"])
+    return key
+
+
 # --- rendering ---------------------------------------------------------------------------------
-def _visible_columns(records: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
-    def present(key: str) -> bool:
-        probe = "margin_mean" if key == "margin_ci" else key
+def _visible(records: list[dict[str, Any]], columns: list[DisplayColumn]) -> list[DisplayColumn]:
+    def present(col: DisplayColumn) -> bool:
+        probe = f"{col.key}_lo" if col.format == "ci" else col.key
         return any(probe in rec for rec in records)
-    return [col for col in COLUMNS if present(col[0])]
+    return [col for col in columns if present(col)]
 
 
-def _cell(rec: dict[str, Any], key: str, fmt: str) -> str:
-    if fmt == "ci":
-        lo, hi = rec.get("margin_lo"), rec.get("margin_hi")
-        return "—" if lo is None or not math.isfinite(lo) else f"[{lo:.3f}, {hi:.3f}]"
-    value = rec.get(key)
+def _columns_for(records: list[dict[str, Any]], columns: list[DisplayColumn] | None) -> list[DisplayColumn]:
+    return _visible(records, columns if columns is not None else display_columns(registered_declarations()))
+
+
+def _cell(rec: dict[str, Any], col: DisplayColumn) -> str:
+    if col.format == "ci":
+        lo, hi = rec.get(f"{col.key}_lo"), rec.get(f"{col.key}_hi")
+        return "—" if lo is None or not math.isfinite(lo) else f"[{lo:{col.spec}}, {hi:{col.spec}}]"
+    value = rec.get(col.key)
     if value is None:
         return "—"
-    return format(value, fmt) if fmt != "s" else str(value)
+    return format(value, col.format) if col.format != "s" else str(value)
 
 
-def render_rich(records: list[dict[str, Any]], title: str = "robbench leaderboard") -> Table:
+def render_rich(records: list[dict[str, Any]], columns: list[DisplayColumn] | None = None,
+                title: str = "robbench leaderboard") -> Table:
     table = Table(title=title, header_style="bold")
-    cols = _visible_columns(records)
-    for _, header, fmt in cols:
-        table.add_column(header, justify="left" if fmt == "s" else "right", no_wrap=fmt in ("s", "ci"))
+    cols = _columns_for(records, columns)
+    for col in cols:
+        table.add_column(col.header, justify="left" if col.format == "s" else "right",
+                         no_wrap=col.format in ("s", "ci"))
     for rec in records:
-        table.add_row(*(escape(_cell(rec, key, fmt)) for key, _, fmt in cols))
+        table.add_row(*(escape(_cell(rec, col)) for col in cols))
     return table
 
 
-def render_markdown(records: list[dict[str, Any]]) -> str:
-    cols = _visible_columns(records)
-    lines = ["| " + " | ".join(h for _, h, _ in cols) + " |",
-             "|" + "|".join(":---" if f == "s" else "---:" for _, _, f in cols) + "|"]
-    lines += ["| " + " | ".join(_cell(rec, k, f) for k, _, f in cols) + " |" for rec in records]
+def render_markdown(records: list[dict[str, Any]], columns: list[DisplayColumn] | None = None) -> str:
+    cols = _columns_for(records, columns)
+    lines = ["| " + " | ".join(c.header for c in cols) + " |",
+             "|" + "|".join(":---" if c.format == "s" else "---:" for c in cols) + "|"]
+    lines += ["| " + " | ".join(_cell(rec, c) for c in cols) + " |" for rec in records]
     return "\n".join(lines) + "\n"
 
 
-def render_csv(records: list[dict[str, Any]]) -> str:
-    keys = [k for k, _, f in _visible_columns(records) if f != "ci"]
-    if any("margin_mean" in rec for rec in records):
-        keys[keys.index("margin_mean") + 1:keys.index("margin_mean") + 1] = ["margin_lo", "margin_hi"]
+def render_csv(records: list[dict[str, Any]], columns: list[DisplayColumn] | None = None) -> str:
+    keys = []
+    for col in _columns_for(records, columns):
+        keys += [f"{col.key}_lo", f"{col.key}_hi"] if col.format == "ci" else [col.key]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -182,6 +239,15 @@ def render_json(records: list[dict[str, Any]]) -> str:
     return json.dumps(clean, indent=2) + "\n"
 
 
+def store_declarations(store: ResultStore, estimators: Iterable[str]) -> Declarations:
+    """The columns recorded in the store for these estimators; estimators an older store has no record
+    of fall back to what their registered plugin declares now."""
+    names = sorted(set(estimators))
+    recorded = store.columns()
+    missing = [n for n in names if n not in recorded]
+    return {**{n: recorded[n] for n in names if n in recorded}, **registered_declarations(missing)}
+
+
 def write_leaderboard(store: ResultStore, run_dir: Path, *,
                       console: Console | None = None) -> list[dict[str, Any]]:
     """Aggregate the latest configuration's results in ``store`` and write leaderboard.{md,csv,json}."""
@@ -192,13 +258,16 @@ def write_leaderboard(store: ResultStore, run_dir: Path, *,
         points, model_keys = set(latest.points), set(latest.model_keys)
         rows = [row for row in store.rows(latest.jobs) if row.point_id in points]
         models = {key: info for key, info in store.models().items() if key in model_keys}
-    records = leaderboard_rows(rows, models)
+    confidence = float((latest.config if latest else {}).get("confidence", RunSettings.confidence))
+    declarations = store_declarations(store, {r.estimator for r in rows})
+    records = leaderboard_rows(rows, models, declarations, confidence)
+    columns = display_columns(declarations, confidence)
     run_dir = Path(run_dir)
-    (run_dir / "leaderboard.md").write_text(render_markdown(records))
-    (run_dir / "leaderboard.csv").write_text(render_csv(records))
+    (run_dir / "leaderboard.md").write_text(render_markdown(records, columns))
+    (run_dir / "leaderboard.csv").write_text(render_csv(records, columns))
     (run_dir / "leaderboard.json").write_text(render_json(records))
     if console is not None:
-        console.print(render_rich(records, title=f"robbench leaderboard — {run_dir}"))
+        console.print(render_rich(records, columns, title=f"robbench leaderboard — {run_dir}"))
         failures = [(rec["model"], rec["attack"], err) for rec in records for err in rec.get("errors", [])]
         for model, attack, err in failures:
             console.print(f"[red]failed rows for {escape(model)} / {escape(attack)}: {escape(err)}[/red]")

@@ -200,17 +200,74 @@ class EstimationContext:
 ARRAYS_KEY = "_arrays"
 
 
+AGGREGATIONS = ("mean", "ci", "count_true", "count_missing", "pearson", "slope")
+DIRECTIONS = ("higher", "lower", None)
+
+
+@dataclass(frozen=True)
+class MetricColumn:
+    """How one of an estimator's per-point metrics summarises into a leaderboard column.
+
+    key: the record key the column writes (``margin_mean``; for ``ci`` the prefix of ``<key>_lo`` and
+    ``<key>_hi``); header: the column heading, where ``{level}`` becomes the run's confidence in percent;
+    metric: the per-point key it reads; aggregation, over the points of one (model, attack) row:
+      ``mean``: mean of the finite values; ``ci``: Student-t interval of that mean at the run's
+      confidence; ``count_true``: points whose value is true; ``count_missing``: points whose value is
+      None or not finite (e.g. a vacuous bound); ``pearson`` / ``slope``: correlation / least-squares
+      slope of (metric, ``paired``'s metric) over the points that have both (needs 3);
+    direction: "higher" or "lower" is better (None: neither); format: a format spec (".3f", "d");
+    paired: ``(estimator, metric)`` of the y values for ``pearson`` / ``slope``;
+    rank: the column's default leaderboard ranking (at most one column should set it: rows sort by it,
+    best first by ``direction``); order: position hint, lower first (ties keep registration order).
+    Several estimators may declare the same ``key``: the column then pools their points.
+    """
+
+    key: str
+    header: str
+    metric: str
+    aggregation: str = "mean"
+    direction: str | None = None
+    format: str = ".3f"
+    paired: tuple[str, str] | None = None
+    rank: bool = False
+    order: float = 100.0
+
+    def __post_init__(self) -> None:
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"column {self.key!r}: unknown aggregation {self.aggregation!r}; "
+                             f"allowed: {', '.join(AGGREGATIONS)}")
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"column {self.key!r}: direction must be 'higher', 'lower' or None, "
+                             f"got {self.direction!r}")
+        if (self.aggregation in ("pearson", "slope")) != (self.paired is not None):
+            raise ValueError(f"column {self.key!r}: 'paired' is needed by, and only by, pearson and slope")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "header": self.header, "metric": self.metric, "aggregation": self.aggregation,
+                "direction": self.direction, "format": self.format,
+                "paired": list(self.paired) if self.paired else None, "rank": self.rank, "order": self.order}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MetricColumn":
+        data = dict(data)
+        if data.get("paired") is not None:
+            data["paired"] = tuple(data["paired"])
+        return cls(**data)
+
+
 class Estimator(Protocol):
     """A registered estimator: returns one flat dict of numbers/strings per point.
 
     Keys are metric names (e.g. ``margin``, ``margin_lo``, ``margin_hi``, ``bound``, ``min_sigma``);
-    values are float, int, str or None.
+    values are float, int, str or None. ``columns`` (optional) declares how metrics appear in
+    leaderboards (:class:`MetricColumn`); the leaderboard knows no metric by name.
     """
 
     name: str
     description: str
     defaults: dict[str, Any]
     needs_attack: bool
+    columns: tuple[MetricColumn, ...]
 
     def __call__(self, ctx: EstimationContext, x: Tensor) -> list[dict[str, Any]]:
         """x: (B, *input_shape) in [0, 1]; returns B dicts."""

@@ -44,6 +44,13 @@ class Job:
     def attack_label(self) -> str:
         return self.attack.label if self.attack else ""
 
+    def row(self, point: int, status: str, metrics: dict[str, Any], error: str | None, seconds: float) -> ResultRow:
+        """The store row of one point's result: labels for display, family / parameters as data."""
+        return ResultRow(self.key, point, self.model.label, self.model.seed, self.attack_label, self.estimator,
+                         status, metrics, error, seconds, self.model.family, dict(self.model.params),
+                         self.attack.name if self.attack else None,
+                         dict(self.attack.params) if self.attack else None)
+
     def spec(self) -> JobSpec:
         """The job as plain data for :func:`robbench.execute.evaluate_batch` (and remote workers)."""
         return JobSpec(self.estimator, self.attack.name if self.attack else None,
@@ -117,6 +124,9 @@ class Runner:
         store = ResultStore(self.run_dir)
         store.record_run(RunRecord(self.cfg.to_dict(), [job.key for job in self.jobs],
                                    sorted({model_key(self.cfg, job.model) for job in self.jobs}), point_ids))
+        for name in self.cfg.estimators:  # the leaderboard is rebuilt from these, plugin installed or not
+            columns = getattr(self.regs.estimators.get(name), "columns", ()) or ()
+            store.record_columns(name, [col.to_dict() for col in columns])
         board_current = False
         for model_cfg, jobs in self._jobs_by_model():
             pending = self._pending(store, jobs, point_ids)
@@ -214,8 +224,7 @@ class Runner:
         rows = []
         for res in results:
             self._save_arrays(job, res.point, res.arrays)
-            rows.append(ResultRow(job.key, res.point, job.model.label, job.model.seed, job.attack_label,
-                                  job.estimator, "ok" if res.ok else "error", res.metrics, res.error, res.seconds))
+            rows.append(job.row(res.point, "ok" if res.ok else "error", res.metrics, res.error, res.seconds))
         return rows
 
     def _save_arrays(self, job: Job, point: int, arrays: dict[str, torch.Tensor] | None) -> None:
@@ -245,8 +254,7 @@ class Runner:
         return None
 
     def _fail_rows(self, store: ResultStore, jobs: list[Job], pending: dict[str, list[int]], message: str) -> None:
-        store.write(ResultRow(job.key, p, job.model.label, job.model.seed, job.attack_label, job.estimator,
-                              "error", {}, message, 0.0) for job in jobs for p in pending[job.key])
+        store.write(job.row(p, "error", {}, message, 0.0) for job in jobs for p in pending[job.key])
         self.console.print(f"[red]  {escape(message)}[/red]")
 
 

@@ -1,9 +1,11 @@
 """The results database: one SQLite file per run directory, written as results are produced.
 
 Each row is one (job, point) result, where a job is a (model configuration + seed, attack, estimator)
-triple identified by a hash of everything that determines its numbers. A rerun skips the rows that
-are already ``ok``; rows with ``error`` are retried. Every write is its own committed transaction, so
-a run killed half-way keeps everything it reported.
+triple identified by a hash of everything that determines its numbers. Beside the display labels a row
+keeps the model family, its parameters and the attack's name and parameters as JSON, so readers never
+parse labels. A rerun skips the rows that are already ``ok``; rows with ``error`` are retried. Every
+write is its own committed transaction, so a run killed half-way keeps everything it reported.
+Stores written before a column existed are migrated in place on open (the new columns are NULL there).
 """
 from __future__ import annotations
 
@@ -28,7 +30,15 @@ CREATE TABLE IF NOT EXISTS results (
     error       TEXT,
     seconds     REAL NOT NULL,     -- wall time attributed to this point
     created     REAL NOT NULL,
+    model_family  TEXT,            -- e.g. beta_vae (NULL in stores written before it was kept)
+    model_params  TEXT,            -- JSON of the family's parameters for this configuration
+    attack_name   TEXT,            -- registered attack name, NULL for estimators that use no attack
+    attack_params TEXT,            -- JSON of the attack's parameters
     PRIMARY KEY (job_key, point_id)
+);
+CREATE TABLE IF NOT EXISTS columns (
+    estimator   TEXT PRIMARY KEY,
+    columns     TEXT NOT NULL      -- JSON list of the estimator's leaderboard column declarations
 );
 CREATE TABLE IF NOT EXISTS models (
     model_key   TEXT PRIMARY KEY,  -- model label + seed + training setup
@@ -57,8 +67,18 @@ class RunRecord:
     points: list[int]
 
 
+# Columns added to ``results`` after its first release, with their SQL types (migrated on open).
+_ADDED_COLUMNS = {"model_family": "TEXT", "model_params": "TEXT", "attack_name": "TEXT", "attack_params": "TEXT"}
+_RESULT_FIELDS = ("job_key, point_id, model, model_seed, attack, estimator, status, metrics, error, seconds, "
+                  "model_family, model_params, attack_name, attack_params")
+
+
 @dataclass
 class ResultRow:
+    """One (job, point) result. ``model`` / ``attack`` are display labels; ``model_family``,
+    ``model_params``, ``attack_name`` and ``attack_params`` what they were made from (None when a row
+    comes from a store older than these fields)."""
+
     job_key: str
     point_id: int
     model: str
@@ -69,6 +89,10 @@ class ResultRow:
     metrics: dict[str, Any]
     error: str | None
     seconds: float
+    model_family: str | None = None
+    model_params: dict[str, Any] | None = None
+    attack_name: str | None = None
+    attack_params: dict[str, Any] | None = None
 
 
 class ResultStore:
@@ -81,7 +105,15 @@ class ResultStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._conn = sqlite3.connect(self.path)
         self._conn.executescript(SCHEMA)
+        self._migrate()
         self._conn.commit()
+
+    def _migrate(self) -> None:
+        """Add the columns older stores lack (their rows keep NULL there)."""
+        have = {row[1] for row in self._conn.execute("PRAGMA table_info(results)")}
+        for name, kind in _ADDED_COLUMNS.items():
+            if name not in have:
+                self._conn.execute(f"ALTER TABLE results ADD COLUMN {name} {kind}")
 
     @classmethod
     def open_existing(cls, run_dir: Path) -> "ResultStore":
@@ -104,14 +136,23 @@ class ResultStore:
             self._conn.execute("INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?)",
                                (model_key, model, model_seed, json.dumps(info, default=str)))
 
+    def record_columns(self, estimator: str, columns: list[dict[str, Any]]) -> None:
+        """Keep an estimator's leaderboard column declarations (``MetricColumn.to_dict()``), so the
+        leaderboard of this directory can be rebuilt without the plugin installed."""
+        with self._conn:
+            self._conn.execute("INSERT OR REPLACE INTO columns VALUES (?, ?)", (estimator, json.dumps(columns)))
+
     def write(self, rows: Iterable[ResultRow]) -> None:
         """Insert or replace rows in one committed transaction."""
         now = time.time()
         with self._conn:
             self._conn.executemany(
-                "INSERT OR REPLACE INTO results VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT OR REPLACE INTO results ({_RESULT_FIELDS}, created) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [(r.job_key, r.point_id, r.model, r.model_seed, r.attack, r.estimator, r.status,
-                  json.dumps(_json_safe(r.metrics), default=_plain), r.error, r.seconds, now) for r in rows])
+                  json.dumps(_json_safe(r.metrics), default=_plain), r.error, r.seconds, r.model_family,
+                  _json_or_null(r.model_params), r.attack_name, _json_or_null(r.attack_params), now)
+                 for r in rows])
 
     # --- reading -------------------------------------------------------------------------------
     def done_points(self, job_key: str) -> set[int]:
@@ -120,7 +161,7 @@ class ResultStore:
 
     def rows(self, job_keys: Iterable[str] | None = None) -> list[ResultRow]:
         if job_keys is None:
-            cur = self._conn.execute("SELECT * FROM results ORDER BY rowid")
+            cur = self._conn.execute(f"SELECT {_RESULT_FIELDS} FROM results ORDER BY rowid")
             raw = cur.fetchall()
         else:
             keys = list(job_keys)
@@ -129,8 +170,17 @@ class ResultStore:
                 chunk = keys[start:start + 500]
                 marks = ",".join("?" * len(chunk))
                 raw += self._conn.execute(
-                    f"SELECT * FROM results WHERE job_key IN ({marks}) ORDER BY rowid", chunk).fetchall()
-        return [ResultRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], json.loads(r[7]), r[8], r[9]) for r in raw]
+                    f"SELECT {_RESULT_FIELDS} FROM results WHERE job_key IN ({marks}) ORDER BY rowid",
+                    chunk).fetchall()
+        return [ResultRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], json.loads(r[7]), r[8], r[9], r[10],
+                          _loads_or_none(r[11]), r[12], _loads_or_none(r[13])) for r in raw]
+
+    def columns(self) -> dict[str, list[Any]]:
+        """Estimator -> its recorded leaderboard columns (as ``MetricColumn`` objects)."""
+        from robbench.protocols import MetricColumn
+
+        cur = self._conn.execute("SELECT estimator, columns FROM columns")
+        return {name: [MetricColumn.from_dict(c) for c in json.loads(text)] for name, text in cur}
 
     def models(self) -> dict[str, dict[str, Any]]:
         cur = self._conn.execute("SELECT model_key, model, model_seed, info FROM models")
@@ -144,6 +194,14 @@ class ResultStore:
     def latest_run(self) -> RunRecord | None:
         runs = self.runs()
         return runs[-1] if runs else None
+
+
+def _json_or_null(value: Any) -> str | None:
+    return None if value is None else json.dumps(_json_safe(value), default=_plain, sort_keys=True)
+
+
+def _loads_or_none(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
 
 
 def _plain(value: Any) -> Any:

@@ -57,3 +57,35 @@ def test_renderers_agree():
     table = list(csv.DictReader(io.StringIO(render_csv(records))))
     assert float(table[0]["margin_lo"]) == pytest.approx(records[0]["margin_lo"])
     assert json.loads(render_json(records))[1]["model"] == "small"
+
+
+def test_columns_come_from_declarations_not_names():
+    """A made-up estimator's declarations alone decide the columns, their order, format and ranking."""
+    from robbench.leaderboard import display_columns
+    from robbench.protocols import MetricColumn
+
+    decl = {"speed": [MetricColumn("speed_mean", "mean speed", "speed", "mean", "lower", ".1f", rank=True),
+                      MetricColumn("speed", "speed {level}% CI", "speed", "ci", "lower", ".2f"),
+                      MetricColumn("stalled", "stalled", "stalled", "count_true", "lower", "d", order=1)]}
+    rows = [_row(model, "", "speed", p, {"speed": v * (1 + p), "stalled": p == 0, "margin": 99.0})
+            for model, v in (("slow", 10.0), ("fast", 1.0)) for p in range(3)]
+    records = leaderboard_rows(rows, None, decl, confidence=0.9)
+    assert [r["model"] for r in records] == ["fast", "slow"]  # direction "lower": the smallest first
+    assert records[0]["speed_mean"] == pytest.approx(2.0) and records[0]["stalled"] == 1
+    assert "margin_mean" not in records[0]  # not declared by this estimator: not a column
+    lo, hi = records[0]["speed_lo"], records[0]["speed_hi"]
+    assert (lo + hi) / 2 == pytest.approx(2.0) and hi - 2.0 == pytest.approx(2.919985580355516 / math.sqrt(3))
+    md = render_markdown(records, display_columns(decl, 0.9))
+    assert md.splitlines()[0] == "| model | attack | stalled | mean speed | speed 90% CI | seeds | points | failed | wall s |"
+    assert f"| fast | — | 1 | 2.0 | [{lo:.2f}, {hi:.2f}] |" in md
+
+
+def test_bad_declarations_are_rejected():
+    from robbench.protocols import MetricColumn
+
+    with pytest.raises(ValueError, match="unknown aggregation 'median'"):
+        MetricColumn("x", "x", "x", "median")
+    with pytest.raises(ValueError, match="paired"):
+        MetricColumn("x", "x", "x", "pearson")
+    col = MetricColumn("r", "ρ", "bound", "pearson", paired=("margin", "margin"))
+    assert MetricColumn.from_dict(col.to_dict()) == col

@@ -74,10 +74,13 @@ def test_cli_lists_plugins_with_kind_and_distribution(subprocess_env):
 def test_thirdparty_plugin_runs_through_robbench_run(subprocess_env, tmp_path):
     out_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "robbench.cli", "run", "--dataset", "tp_blobs", "--models", "tp_linear",
-           "--attacks", "tp_constant", "--estimators", "tp_damage,encoder_stats", "--points", "6",
-           "--out", str(out_dir), "--no-progress"]
+           "--attacks", "tp_constant", "--estimators", "tp_damage,encoder_stats,bound", "--points", "6",
+           "--backend", "tp_naive", "--param", "bound.p0_samples=256", "--out", str(out_dir), "--no-progress"]
     done = subprocess.run(cmd, env=subprocess_env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr + done.stdout
+    # The third-party estimator's own column is in the printed table and the files, next to built-in ones.
+    assert "mean tp damage" in done.stdout and "mean bound" in done.stdout
+    assert "| mean tp damage |" in (out_dir / "leaderboard.md").read_text()
     records = json.loads((out_dir / "leaderboard.json").read_text())
     assert len(records) == 1
     rec = records[0]
@@ -88,5 +91,23 @@ def test_thirdparty_plugin_runs_through_robbench_run(subprocess_env, tmp_path):
     model = LinearGaussianVAE((1, 8, 8), 4)
     u = torch.full((64,), 1 / 8.0)
     expected = float((model.W @ (model.A @ u)).norm()) * 0.1
-    assert rec["damage_mean"] == pytest.approx(expected, rel=1e-4)
+    assert rec["tp_damage_mean"] == pytest.approx(expected, rel=1e-4) and "damage_mean" not in rec
+    assert rec["bound_mean"] > 0  # p_r(x, 0) decoded by the third-party backend tp_naive
     assert rec["min_sigma_mean"] == pytest.approx(0.5, rel=1e-6)
+
+
+def test_thirdparty_backend_shows_up_in_robbench_bench(subprocess_env, tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "robbench.cli", "bench", "--backend", "torch,tp_naive", "--samples", "64",
+           "--points", "2", "--json", str(out)]
+    done = subprocess.run(cmd, env=subprocess_env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert "tp_naive" in done.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["backend"] for r in rows] == ["torch", "tp_naive"] and rows[1]["speedup_vs_torch"] > 0
+
+
+def test_bench_rejects_an_unknown_backend(subprocess_env):
+    done = subprocess.run([sys.executable, "-m", "robbench.cli", "bench", "--backend", "nope", "--samples", "8"],
+                          env=subprocess_env, capture_output=True, text=True)
+    assert done.returncode == 2 and "'nope'; allowed:" in done.stderr and "tp_naive" in done.stderr

@@ -8,9 +8,10 @@ import math
 
 import torch
 
-from robbench import hookimpl
+from robbench import hookimpl, rng
 from robbench.analytic import LinearGaussianVAE
-from robbench.protocols import AttackResult, DatasetSpec, ModelFamily, SplitData
+from robbench.backends import CountResult
+from robbench.protocols import AttackResult, DatasetSpec, MetricColumn, ModelFamily, SplitData
 
 
 def _blobs(options):
@@ -40,18 +41,53 @@ class ConstantAttack:
 
 
 class DamageAtRadius:
-    """Reports the attack's damage at one radius."""
+    """Reports the attack's damage at one radius, and declares its own leaderboard column."""
 
     name = "tp_damage"
     description = "third-party demo estimator: attack damage at a fixed radius"
     defaults = {"radius": 0.1}
     needs_attack = True
+    columns = (MetricColumn("tp_damage_mean", "mean tp damage", "damage", "mean", "lower", ".4f"),)
 
     def __call__(self, ctx, x):
         radius = torch.full((len(x),), float(ctx.params["radius"]))
         result = ctx.attack(ctx.model, x, radius, params=ctx.attack_params,
                             generator=torch.Generator().manual_seed(ctx.seed))
         return [{"damage": float(d)} for d in result.damage]
+
+
+class NaiveBackend:
+    """A Monte Carlo backend with no chunking: every sample of every point through model.decode at once.
+    It draws the same samples as robbench's backends (robbench.rng), so its counts agree with theirs."""
+
+    name = "tp_naive"
+    description = "third-party demo backend: all samples decoded at once"
+    precisions = ("fp32",)
+    auto_priority = None  # only when asked for by name
+
+    def unavailable(self, device, *, warn=False):
+        return None
+
+    def sq_distances(self, model, mu, sigma, center, n_samples, *, seed, stream_ids, sample_offset=0,
+                     chunk_rows=2048):
+        B, k = mu.shape
+        ka, kb = rng.stream_keys(seed, stream_ids)
+        j = torch.arange(sample_offset, sample_offset + n_samples, device=mu.device).repeat(B)
+        eta = rng.normals(ka.repeat_interleave(n_samples), kb.repeat_interleave(n_samples), j, k)
+        z = (eta.view(B, n_samples, k) * sigma[:, None] + mu[:, None]).view(-1, k)
+        y = model.decode(z).flatten(1).view(B, n_samples, -1)
+        return ((y - center[:, None]) ** 2).sum(2)
+
+    def count_within(self, model, mu, sigma, center, r2, n_samples, *, seed, stream_ids, sample_offset=0,
+                     chunk_rows=2048, precision=None, screen=True):
+        d2 = self.sq_distances(model, mu, sigma, center, n_samples, seed=seed, stream_ids=stream_ids,
+                               sample_offset=sample_offset)
+        return CountResult((d2 <= r2[:, None]).sum(1), 0, 0, d2.numel(), "fp32")
+
+
+@hookimpl
+def register_backends(register):
+    register(NaiveBackend())
 
 
 @hookimpl
