@@ -276,8 +276,8 @@ def _family(name: str, description: str, build: Callable[[dict[str, Any], tuple[
 # Ready-built families
 # ---------------------------------------------------------------------------------------------
 def build_linear_gaussian(params: dict[str, Any], input_shape: tuple[int, ...]) -> nn.Module:
-    """The analytic :class:`robbench.analytic.LinearGaussianVAE` for ``input_shape`` (no training)."""
-    from robbench.analytic import LinearGaussianVAE
+    """The analytic :class:`robbench_plugins.analytic.LinearGaussianVAE` for ``input_shape`` (no training)."""
+    from robbench_plugins.analytic import LinearGaussianVAE
 
     p = {**LINEAR_GAUSSIAN_DEFAULTS, **params}
     return LinearGaussianVAE(tuple(input_shape), int(p["latent_dim"]), s=float(p["s"]), w=float(p["w"]),

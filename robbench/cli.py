@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="write report.md/.html with the paper's figures for a run directory")
     report.add_argument("run_dir", type=Path)
     reproduce = sub.add_parser("reproduce", help="run the paper's MNIST experiments and write the report")
-    from robbench import reproduce as reproduce_module
+    from robbench.paper import reproduce as reproduce_module
     reproduce_module.add_arguments(reproduce)
     return parser
 
@@ -153,10 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from robbench import bench as bench_module
             return bench_module.run(args)
         if args.command == "reproduce":
-            from robbench import reproduce as reproduce_module
+            from robbench.paper import reproduce as reproduce_module
             return reproduce_module.run(args)
         if args.command == "report":
-            from robbench.report import write_report
+            from robbench.paper.report import write_report
             write_report(args.run_dir, console=console)
             return 0
     except (UnknownNameError, ConfigError, FileNotFoundError) as err:

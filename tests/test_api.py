@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from robbench import plugins
-from robbench.analytic import LinearGaussianVAE
+from robbench_plugins.analytic import LinearGaussianVAE
 from robbench.api import ResultTable, evaluate
 from robbench.hookspecs import hookimpl
 from robbench.protocols import AttackResult

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from robbench.analytic import LinearGaussianVAE
+from robbench_plugins.analytic import LinearGaussianVAE
 from robbench.projection import finalize, flat_norm, project_ball_box
 from robbench_plugins.attacks import (ATTACKS, LatentAttack, MaxDamageAttack, NoiseAttack, OutputAttack,
                                       expected_damage, mean_damage, register_attacks)

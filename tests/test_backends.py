@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from robbench import hookimpl, montecarlo
-from robbench.analytic import LinearGaussianVAE
+from robbench_plugins.analytic import LinearGaussianVAE
 from robbench.backends import Backend, CountResult, TorchBackend
 
 

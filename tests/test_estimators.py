@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from robbench.analytic import LinearGaussianVAE
+from robbench_plugins.analytic import LinearGaussianVAE
 from robbench.jacobian import jacobian_frobenius, jacobian_frobenius_exact, jacobian_frobenius_hutchinson
 from robbench.protocols import AttackResult, EstimationContext
 from robbench.settings import RunSettings

@@ -7,7 +7,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from robbench.analytic import LinearGaussianVAE
+from robbench_plugins.analytic import LinearGaussianVAE
 from robbench.config import build_config, validate_against_plugins
 from robbench.execute import Batch, JobSpec, LocalExecutor, PointResult, evaluate_batch, make_executor
 from robbench.plugins import get_registries

@@ -13,7 +13,7 @@ import torch
 from scipy import stats as sps
 
 from robbench import stats
-from robbench.analytic import LinearGaussianVAE
+from robbench_plugins.analytic import LinearGaussianVAE
 from robbench.jacobian import jacobian_frobenius
 from robbench.margin import (bisect_margin, estimate_margin, estimate_probability, n_margin_tests,
                              SequentialOutcome, sequential_test, latent_params, theorem1_bound)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from robbench.analytic import LinearGaussianVAE
+from robbench_plugins.analytic import LinearGaussianVAE
 from robbench.protocols import ModelFamily
 from robbench_plugins import models, networks
 

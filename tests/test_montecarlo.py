@@ -9,7 +9,7 @@ from scipy import stats
 from torch import nn
 
 from robbench import decoding, montecarlo, rng
-from robbench.analytic import LinearGaussianVAE
+from robbench_plugins.analytic import LinearGaussianVAE
 
 
 class TinyMLPVAE(nn.Module):
@@ -186,7 +186,7 @@ def test_plan_cache_does_not_keep_models_alive():
     import gc
     import weakref
 
-    from robbench.analytic import LinearGaussianVAE
+    from robbench_plugins.analytic import LinearGaussianVAE
 
     model = LinearGaussianVAE()
     mu, sigma = model.encode(torch.full((1, 1, 8, 8), 0.5))

@@ -86,7 +86,7 @@ def test_thirdparty_plugin_runs_through_robbench_run(subprocess_env, tmp_path):
     rec = records[0]
     assert rec["model"] == "tp_linear" and rec["attack"] == "tp_constant" and rec["points"] == 6
     # The linear model's damage for a uniform shift of norm L is ||W A u|| L, the same for every point.
-    from robbench.analytic import LinearGaussianVAE
+    from robbench_plugins.analytic import LinearGaussianVAE
     import torch
     model = LinearGaussianVAE((1, 8, 8), 4)
     u = torch.full((64,), 1 / 8.0)

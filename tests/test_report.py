@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from robbench import claims as claims_mod
-from robbench import figures
-from robbench.report import (REPORT_DIR, likelihood_curves_data, load_runs, recon_examples, reference_radius,
+from robbench.paper import claims as claims_mod
+from robbench.paper import figures
+from robbench.paper.report import (REPORT_DIR, likelihood_curves_data, load_runs, recon_examples, reference_radius,
                              likelihood_levels, write_report)
 from robbench.store import RunRecord, ResultRow, ResultStore
 
@@ -169,7 +169,7 @@ def test_report_builds_all_figures_and_fills_claims_from_data(runs: Path) -> Non
 
 def test_claim_verdicts_and_numbers(runs: Path) -> None:
     data = load_runs(runs)
-    from robbench.report import claim_rows
+    from robbench.paper.report import claim_rows
     result = {c.key: c for c in claims_mod.check_claims(claim_rows(data))}
     assert {k: c.verdict for k, c in result.items()} == {
         "R_beta": "supported", "R_tau": "not supported", "sigma_beta": "supported", "jacobian_beta": "supported",
@@ -254,7 +254,7 @@ def test_missing_directory_is_an_error(tmp_path: Path) -> None:
 def test_ready_configs_validate_against_the_plugins() -> None:
     from robbench.config import build_config, model_configs, validate_against_plugins
     from robbench.plugins import get_registries
-    from robbench.reproduce import EXPERIMENTS, LIKELIHOOD_LEVELS, experiments
+    from robbench.paper.reproduce import EXPERIMENTS, LIKELIHOOD_LEVELS, experiments
 
     regs = get_registries()
     for quick in (False, True):
@@ -284,7 +284,7 @@ def test_reproduce_rejects_unknown_experiment(tmp_path: Path) -> None:
     import argparse
 
     from robbench.config import ConfigError
-    from robbench.reproduce import add_arguments, run
+    from robbench.paper.reproduce import add_arguments, run
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)

@@ -7,7 +7,7 @@ import pytest
 from rich.console import Console
 
 from robbench import hookimpl
-from robbench.analytic import LinearGaussianVAE
+from robbench_plugins.analytic import LinearGaussianVAE
 from robbench.config import build_config, validate_against_plugins
 from robbench.protocols import ModelFamily
 from robbench.runner import Runner

@@ -9,7 +9,7 @@ import math
 import torch
 
 from robbench import hookimpl, rng
-from robbench.analytic import LinearGaussianVAE
+from robbench_plugins.analytic import LinearGaussianVAE
 from robbench.backends import CountResult
 from robbench.protocols import AttackResult, DatasetSpec, MetricColumn, ModelFamily, SplitData
 

@@ -1,6 +1,6 @@
 """``robbench reproduce``: run the paper's MNIST experiments from the ready configs, then write the report.
 
-Experiments (each a ready config in ``robbench/configs``, run into its own sub-directory of ``--out``):
+Experiments (each a ready config in ``robbench/paper/configs``, run into its own sub-directory of ``--out``):
 
 - ``beta``       β-VAE β ∈ {0.1, 1, 10}: margins, bound, encoder statistics, fixed-direction sweeps;
 - ``tau``        σ-offset VAE τ ∈ {0, 0.1, 0.5, 1}: the same estimators;
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     from robbench.config import ConfigError, build_config, validate_against_plugins
     from robbench.plugins import get_registries
     from robbench.registry import UnknownNameError
-    from robbench.report import write_report
+    from robbench.paper.report import write_report
     from robbench.runner import Runner
 
     console = terminal.console()

@@ -2,7 +2,7 @@
 
 Every function is pure: plain records in (lists, dicts, numpy arrays — see each docstring), one PNG
 written to ``path``, ``path`` returned. They know nothing about the results database; the report
-(:mod:`robbench.report`) extracts the records. Model labels such as ``beta_vae(beta=1.0)`` are shown as
+(:mod:`robbench.paper.report`) extracts the records. Model labels such as ``beta_vae(beta=1.0)`` are shown as
 given; dictionaries are drawn in their iteration order (callers sort them).
 """
 from __future__ import annotations

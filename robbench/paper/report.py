@@ -21,8 +21,8 @@ from typing import Any, Callable
 
 from rich.console import Console
 
-from robbench import figures
-from robbench.claims import (Claim, attack_route, bound_pairs, check_claims, damage_by_route, label_sort_key,
+from robbench.paper import figures
+from robbench.paper.claims import (Claim, attack_route, bound_pairs, check_claims, damage_by_route, label_sort_key,
                              parse_label, point_values, preferred_attack)
 from robbench.store import ResultRow, ResultStore
 
