@@ -107,7 +107,7 @@ load_fashion_mnist = _idx_loader("fashion_mnist", ("fashion_mnist", "fashion-mni
 def load_cifar10(options: DataOptions) -> SplitData:
     """CIFAR-10 from the binary version (cifar-10-batches-bin/*.bin), (3, 32, 32), standard split."""
     root = datafiles.resolve_data_dir(options.data_dir, "cifar10")
-    train_paths, test_path = datafiles.find_cifar10_files(root)
+    train_paths, test_path = datafiles.find_cifar10_files(root, "cifar10")
     batches = [datafiles.read_cifar10_batch(p) for p in train_paths]
     train_x = np.concatenate([b[0] for b in batches])
     train_y = np.concatenate([b[1] for b in batches])

@@ -17,7 +17,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from robbench.config import merge_params
+from robbench.config import default_selection, merge_params
 from robbench.execute import Batch, Executor, JobSpec, LocalExecutor
 from robbench.plugins import get_registries
 from robbench.protocols import VAEModel
@@ -79,14 +79,16 @@ def _merge(plugin: Any, given: dict[str, Any], *, run_wide_allowed: bool) -> tup
     return merge_params(plugin, own), overrides
 
 
-def evaluate(model: VAEModel, data: Tensor, attacks: Sequence[str] = ("max_damage",),
-             estimators: Sequence[str] = ("margin",), *, attack_params: dict[str, dict[str, Any]] | None = None,
+def evaluate(model: VAEModel, data: Tensor, attacks: Sequence[str] | None = None,
+             estimators: Sequence[str] | None = None, *, attack_params: dict[str, dict[str, Any]] | None = None,
              estimator_params: dict[str, dict[str, Any]] | None = None, point_ids: Tensor | None = None,
              batch_size: int | None = None, device: torch.device | str | None = None,
              executor: Executor | None = None, **run_params: Any) -> ResultTable:
     """Run each estimator on ``data`` (B, *input_shape) in [0, 1], once per attack for estimators that
     need one and once otherwise. Names are looked up in the plugin registries and validated, with the
-    parameters, before any work starts.
+    parameters, before any work starts. ``attacks`` / ``estimators`` left as None take the run defaults
+    (the plugins' ``default_run`` hook; with robbench's built-in plugins: the maximum-damage attack and
+    the margin, bound and encoder-statistics estimators).
 
     run_params: run-wide settings ``r`` (output-space radius), ``m``, ``confidence``, ``backend``,
     ``seed`` (defaults: :class:`robbench.settings.RunSettings`); they reach every estimator as
@@ -101,6 +103,9 @@ def evaluate(model: VAEModel, data: Tensor, attacks: Sequence[str] = ("max_damag
                         f"allowed: {', '.join(RunSettings.HASHED)}; use attack_params= / estimator_params= "
                         "for plugin parameters")
     regs = get_registries()
+    defaults = default_selection()
+    attacks = list(defaults.get("attacks", [])) if attacks is None else list(attacks)
+    estimators = list(defaults.get("estimators", [])) if estimators is None else list(estimators)
     attack_params, estimator_params = dict(attack_params or {}), dict(estimator_params or {})
     for name in attack_params:
         if name not in attacks:

@@ -38,10 +38,11 @@ class TrainSettings:
 class RunConfig:
     """Everything that defines a run. Field names are the YAML keys."""
 
-    models: list[str] = field(default_factory=lambda: ["beta_vae"])
-    attacks: list[str] = field(default_factory=lambda: ["max_damage"])
-    estimators: list[str] = field(default_factory=lambda: ["margin", "bound", "encoder_stats"])
-    dataset: str = "mnist"
+    # Empty here: build_config fills what the user leaves out from the plugins' ``default_run`` hook.
+    models: list[str] = field(default_factory=list)
+    attacks: list[str] = field(default_factory=list)
+    estimators: list[str] = field(default_factory=list)
+    dataset: str = ""
     data_dir: str | None = None
     points: int = 25
     point_batch: int = 25
@@ -116,13 +117,25 @@ def load_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
+def default_selection() -> dict[str, Any]:
+    """What the plugins' ``default_run`` hook answers for models / attacks / estimators / dataset ({} if none)."""
+    from robbench.plugins import get_plugin_manager
+
+    answer = get_plugin_manager().hook.default_run()
+    return {k: v for k, v in (answer or {}).items() if k in SELECTION_KEYS}
+
+
+SELECTION_KEYS = ("models", "attacks", "estimators", "dataset")
+
+
 def build_config(values: dict[str, Any]) -> RunConfig:
-    """Turn a plain mapping (YAML + flags merged) into a RunConfig, checking keys and value types."""
+    """Turn a plain mapping (YAML + flags merged) into a RunConfig, checking keys and value types.
+    Models, attacks, estimators and the data set the mapping leaves out come from :func:`default_selection`."""
     known = {f.name: f for f in fields(RunConfig)}
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise ConfigError(f"unknown config key {unknown[0]!r}; allowed keys: {', '.join(sorted(known))}")
-    values = dict(values)
+    values = {**default_selection(), **values}
     if "train" in values:
         values["train"] = _build_train(values["train"])
     for key in ("models", "attacks", "estimators", "model_seeds"):
@@ -158,6 +171,11 @@ def _check_types(cfg: RunConfig) -> None:
         value = getattr(cfg, key)
         need(isinstance(value, list) and all(isinstance(v, str) for v in value), key, value,
              "a list of plugin names")
+    for key in ("models", "estimators"):
+        need(bool(getattr(cfg, key)), key, getattr(cfg, key),
+             "at least one plugin name (no plugin's default_run hook supplies a default)")
+    need(isinstance(cfg.dataset, str) and cfg.dataset != "", "dataset", cfg.dataset,
+         "a data set name (no plugin's default_run hook supplies a default)")
     need(isinstance(cfg.points, int) and cfg.points > 0, "points", cfg.points, "a positive integer")
     need(isinstance(cfg.point_batch, int) and cfg.point_batch > 0, "point_batch", cfg.point_batch,
          "a positive integer")

@@ -121,14 +121,15 @@ def find_idx_files(root: Path, subdirs: Sequence[str], dataset: str) -> dict[str
                         f"{where}. robbench never downloads data.")
 
 
-def find_cifar10_files(root: Path) -> tuple[list[Path], Path]:
-    """The five training batches and the test batch of CIFAR-10's binary version."""
-    dirs = [root / "cifar-10-batches-bin", root / "cifar10" / "cifar-10-batches-bin", root / "cifar10", root]
+def find_cifar10_files(root: Path, dataset: str) -> tuple[list[Path], Path]:
+    """The five training batches and the test batch of CIFAR-10's binary version, in ``root`` or its
+    ``cifar-10-batches-bin`` / ``<dataset>`` sub-directories."""
+    dirs = [root / "cifar-10-batches-bin", root / dataset / "cifar-10-batches-bin", root / dataset, root]
     for d in dirs:
         paths = [d / n for n in CIFAR10_TRAIN] + [d / CIFAR10_TEST]
         if all(p.is_file() for p in paths):
             return paths[:-1], paths[-1]
     names = ", ".join(CIFAR10_TRAIN + [CIFAR10_TEST])
-    raise DataFileError(f"data set 'cifar10': expected the binary-version files {names} in one of: "
+    raise DataFileError(f"data set {dataset!r}: expected the binary-version files {names} in one of: "
                         f"{', '.join(str(d) for d in dirs)} (the 'CIFAR-10 binary version' archive, "
                         f"not the Python pickles). robbench never downloads data.")

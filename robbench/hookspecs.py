@@ -54,3 +54,12 @@ def register_backends(register: Callable) -> None:
     """Register Monte Carlo backends: call ``register(backend)`` with an object meeting
     :class:`robbench.backends.Backend` (``--backend``, ``robbench bench --backend``). ``--backend auto``
     picks the available backend with the highest ``auto_priority``."""
+
+
+# --- defaults ---------------------------------------------------------------------------------
+@hookspec(firstresult=True)
+def default_run() -> dict | None:
+    """The selection used for what a user leaves out: a mapping with any of ``models``, ``attacks``,
+    ``estimators`` (lists of registered names) and ``dataset`` (a name). Single answer
+    (``firstresult=True``): the first plugin returning a mapping decides. robbench's built-in plugins
+    answer with the paper's main experiment; the harness itself names no plugin."""
