@@ -238,10 +238,11 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
-def make_validator(family: str, defaults: dict[str, Any], sweep: tuple[str, ...]
-                   ) -> Callable[[dict[str, Any]], None]:
+def make_validator(family: str, defaults: dict[str, Any], sweep: tuple[str, ...],
+                   extra: Callable[[dict[str, Any]], None] | None = None) -> Callable[[dict[str, Any]], None]:
     """A ``validate(params)`` for a family: unknown keys and bad values raise ValueError naming them;
-    keys in ``sweep`` may hold a list of values, each checked."""
+    keys in ``sweep`` may hold a list of values, each checked. ``extra(merged_params)`` adds the family's
+    own cross-parameter checks (it raises ValueError with a message the family's name is put before)."""
 
     def validate(params: dict[str, Any]) -> None:
         for key, value in params.items():
@@ -255,21 +256,30 @@ def make_validator(family: str, defaults: dict[str, Any], sweep: tuple[str, ...]
             for v in values:
                 if not check(v):
                     raise ValueError(f"model {family!r}: parameter {key}={v!r} must be {expected}")
-        lg = {**defaults, **params}
-        if family == "linear_gaussian" and lg.get("singular_values") is not None \
-                and len(lg["singular_values"]) != lg["latent_dim"]:
-            raise ValueError(f"model {family!r}: singular_values={lg['singular_values']!r} must have "
-                             f"latent_dim={lg['latent_dim']} entries")
-        if family == "from_file" and not params.get("path", defaults.get("path")):
-            raise ValueError(f"model {family!r}: parameter 'path' is required (a checkpoint saved by robbench)")
+        if extra is not None:
+            try:
+                extra({**defaults, **params})
+            except ValueError as err:
+                raise ValueError(f"model {family!r}: {err}") from None
 
     return validate
 
 
 def _family(name: str, description: str, build: Callable[[dict[str, Any], tuple[int, ...]], nn.Module],
-            defaults: dict[str, Any], sweep: tuple[str, ...] = (), trainable: bool = True) -> ModelFamily:
+            defaults: dict[str, Any], sweep: tuple[str, ...] = (), trainable: bool = True,
+            extra: Callable[[dict[str, Any]], None] | None = None) -> ModelFamily:
     return ModelFamily(name=name, description=description, build=build, defaults=defaults, sweep=sweep,
-                       trainable=trainable, validate=make_validator(name, defaults, sweep))
+                       trainable=trainable, validate=make_validator(name, defaults, sweep, extra))
+
+
+def _check_singular_values(p: dict[str, Any]) -> None:
+    if p.get("singular_values") is not None and len(p["singular_values"]) != p["latent_dim"]:
+        raise ValueError(f"singular_values={p['singular_values']!r} must have latent_dim={p['latent_dim']} entries")
+
+
+def _check_path(p: dict[str, Any]) -> None:
+    if not p.get("path"):
+        raise ValueError("parameter 'path' is required (a checkpoint saved by robbench)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,9 +334,9 @@ def families() -> list[ModelFamily]:
         _family("fixed_sigma_vae", "VAE with input-independent encoder sigma, learned or set.",
                 vae_build(FixedSigmaVAE, "sigma"), {**c, "sigma": None}, sweep=("sigma",)),
         _family("linear_gaussian", "Analytic linear-Gaussian VAE with closed-form margins (no training).",
-                build_linear_gaussian, dict(LINEAR_GAUSSIAN_DEFAULTS), trainable=False),
+                build_linear_gaussian, dict(LINEAR_GAUSSIAN_DEFAULTS), trainable=False, extra=_check_singular_values),
         _family("from_file", "A model loaded from a robbench checkpoint file (parameter 'path').",
-                build_from_file, {"path": ""}, trainable=False),
+                build_from_file, {"path": ""}, trainable=False, extra=_check_path),
     ]
 
 

@@ -214,11 +214,18 @@ def render_rich(records: list[dict[str, Any]], columns: list[DisplayColumn] | No
     return table
 
 
-def render_markdown(records: list[dict[str, Any]], columns: list[DisplayColumn] | None = None) -> str:
+def table_cells(records: list[dict[str, Any]], columns: list[DisplayColumn] | None = None
+                ) -> tuple[list[str], list[list[str]], list[bool]]:
+    """(headers, formatted cells per record, which columns are text) of the visible columns: what every
+    table renderer (here and in reports) lays out."""
     cols = _columns_for(records, columns)
-    lines = ["| " + " | ".join(c.header for c in cols) + " |",
-             "|" + "|".join(":---" if c.format == "s" else "---:" for c in cols) + "|"]
-    lines += ["| " + " | ".join(_cell(rec, c) for c in cols) + " |" for rec in records]
+    return [c.header for c in cols], [[_cell(rec, c) for c in cols] for rec in records], [c.format == "s" for c in cols]
+
+
+def render_markdown(records: list[dict[str, Any]], columns: list[DisplayColumn] | None = None) -> str:
+    head, cells, text = table_cells(records, columns)
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(":---" if t else "---:" for t in text) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
     return "\n".join(lines) + "\n"
 
 

@@ -124,6 +124,7 @@ class Runner:
         store = ResultStore(self.run_dir)
         store.record_run(RunRecord(self.cfg.to_dict(), [job.key for job in self.jobs],
                                    sorted({model_key(self.cfg, job.model) for job in self.jobs}), point_ids))
+        store.record_jobs((job.key, job.estimator, job.params, job.run.to_dict()) for job in self.jobs)
         for name in self.cfg.estimators:  # the leaderboard is rebuilt from these, plugin installed or not
             columns = getattr(self.regs.estimators.get(name), "columns", ()) or ()
             store.record_columns(name, [col.to_dict() for col in columns])

@@ -36,6 +36,12 @@ CREATE TABLE IF NOT EXISTS results (
     attack_params TEXT,            -- JSON of the attack's parameters
     PRIMARY KEY (job_key, point_id)
 );
+CREATE TABLE IF NOT EXISTS jobs (
+    job_key     TEXT PRIMARY KEY,
+    estimator   TEXT NOT NULL,
+    params      TEXT NOT NULL,     -- JSON: the estimator's merged parameters (defaults included)
+    run         TEXT NOT NULL      -- JSON: the run-wide settings (r, m, confidence, backend, seed, device)
+);
 CREATE TABLE IF NOT EXISTS columns (
     estimator   TEXT PRIMARY KEY,
     columns     TEXT NOT NULL      -- JSON list of the estimator's leaderboard column declarations
@@ -135,6 +141,20 @@ class ResultStore:
         with self._conn:
             self._conn.execute("INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?)",
                                (model_key, model, model_seed, json.dumps(info, default=str)))
+
+    def record_jobs(self, jobs: Iterable[tuple[str, str, dict[str, Any], dict[str, Any]]]) -> None:
+        """Keep each job's (key, estimator, merged parameters, run settings): what its numbers mean,
+        readable without the plugin that made them."""
+        with self._conn:
+            self._conn.executemany("INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?)",
+                                   [(key, est, _json_or_null(params), _json_or_null(run))
+                                    for key, est, params, run in jobs])
+
+    def job_params(self) -> dict[str, dict[str, Any]]:
+        """Job key -> {"estimator", "params", "run"} for the jobs recorded (none in older stores)."""
+        cur = self._conn.execute("SELECT job_key, estimator, params, run FROM jobs")
+        return {key: {"estimator": est, "params": json.loads(params), "run": json.loads(run)}
+                for key, est, params, run in cur}
 
     def record_columns(self, estimator: str, columns: list[dict[str, Any]]) -> None:
         """Keep an estimator's leaderboard column declarations (``MetricColumn.to_dict()``), so the

@@ -319,3 +319,13 @@ def test_end_to_end_with_real_estimators(tmp_path: Path) -> None:
     for png in drawn:
         _png_size(tmp_path / REPORT_DIR / f"{png}.png")
     assert "| linear_gaussian | max_damage |" in text  # the leaderboard
+
+
+def test_claims_read_family_and_parameters_from_the_store_not_the_label():
+    from robbench.paper.claims import model_info
+    from robbench.store import ResultRow
+
+    new = ResultRow("k", 0, "my label", 0, "", "encoder_stats", "ok", {}, None, 0.1, "beta_vae", {"beta": 2})
+    old = ResultRow("j", 0, "beta_vae(beta=1.0)", 0, "", "encoder_stats", "ok", {}, None, 0.1)
+    assert model_info([new, old]) == {"my label": ("beta_vae", {"beta": 2.0}),
+                                      "beta_vae(beta=1.0)": ("beta_vae", {"beta": 1.0})}

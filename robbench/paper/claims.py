@@ -70,6 +70,21 @@ def parse_label(label: str) -> tuple[str, dict[str, Any]]:
     return match.group("name").strip(), params
 
 
+def model_info(rows: Iterable[ResultRow]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Model label -> (family, parameters) as the store keeps them beside the label; rows from stores
+    older than that fall back to :func:`parse_label`."""
+    out: dict[str, tuple[str, dict[str, Any]]] = {}
+    for row in rows:
+        if row.model not in out or (row.model_family is not None and out[row.model][0] != row.model_family):
+            if row.model_family is not None:
+                params = {k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+                          for k, v in (row.model_params or {}).items()}
+                out[row.model] = (row.model_family, params)
+            else:
+                out.setdefault(row.model, parse_label(row.model))
+    return out
+
+
 def attack_route(label: str) -> str | None:
     """The max_damage route of an attack label: ``max_damage(route=mu)`` -> mu; plain ``max_damage`` -> both."""
     name, params = parse_label(label)
@@ -144,9 +159,10 @@ def trend_claim(rows: list[ResultRow], *, key: str, statement: str, family: str,
                 how_to_test: str) -> Claim:
     """Does ``metric`` grow (direction +1) or shrink (-1) with the ``family``'s parameter ``param``?"""
     values = point_values(rows, metric, estimators)
+    info = model_info(rows)
     configs: dict[float, list[float]] = defaultdict(list)
     for model, points in values.items():
-        name, params = parse_label(model)
+        name, params = info.get(model) or parse_label(model)
         if name == family and isinstance(params.get(param), float):
             configs[params[param]].extend(points.values())
     if len(configs) < 2:

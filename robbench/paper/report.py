@@ -28,7 +28,6 @@ from robbench.store import ResultRow, ResultStore
 
 REPORT_DIR = "report"
 MAX_RECON_POINTS = 4
-LIKELIHOOD_FALLBACK = {"radius": 1.0, "noise_sigma": 0.3}
 
 
 # --- loading and merging run directories -----------------------------------------------------------
@@ -43,6 +42,8 @@ class RunData:
     job_config: dict[str, dict[str, Any]] = field(default_factory=dict)   # job key -> its RunConfig
     arrays: dict[str, dict[int, Path]] = field(default_factory=dict)      # job key -> point -> .pt file
     dir_configs: dict[Path, list[dict[str, Any]]] = field(default_factory=dict)  # run dir -> its RunConfigs
+    job_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # job key -> merged estimator params
+    columns: dict[str, list[Any]] = field(default_factory=dict)  # estimator -> recorded leaderboard columns
 
     @property
     def ok(self) -> list[ResultRow]:
@@ -72,6 +73,8 @@ def load_runs(path: Path) -> RunData:
                 if key not in rows or (rows[key].status != "ok" and row.status == "ok"):
                     rows[key] = row
             data.models.update(store.models())
+            data.job_params.update({key: job["params"] for key, job in store.job_params().items()})
+            data.columns.update(store.columns())
             for run in store.runs():
                 data.configs.append(run.config)
                 data.dir_configs.setdefault(run_dir, []).append(run.config)
@@ -168,16 +171,20 @@ def sweep_groups(data: RunData) -> dict[str, dict[str, list[figures.SweepCurve]]
 
 
 def _likelihood_params(data: RunData, job_key: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    """The job's merged parameters as the store recorded them; for stores older than that record, the
+    registered estimator's defaults with the run configuration's values."""
+    if job_key in data.job_params:
+        return data.job_params[job_key]
     config = data.job_config.get(job_key, {})
     return {**defaults, **(config.get("estimator_params", {}) or {}).get("likelihood", {})}
 
 
 def _likelihood_defaults() -> dict[str, Any]:
-    try:
-        from robbench.plugins import get_registries
-        return {**LIKELIHOOD_FALLBACK, **get_registries().estimators.get("likelihood").defaults}
-    except Exception:  # plugins unavailable: the documented defaults
-        return dict(LIKELIHOOD_FALLBACK)
+    """The registered likelihood estimator's defaults ({} when it is not installed)."""
+    from robbench.plugins import get_registries
+
+    estimators = get_registries().estimators
+    return dict(estimators.get("likelihood").defaults) if "likelihood" in estimators else {}
 
 
 def likelihood_levels(data: RunData) -> dict[str, dict[float, dict[str, list[tuple[float, float, ResultRow]]]]]:
@@ -196,6 +203,8 @@ def likelihood_levels(data: RunData) -> dict[str, dict[float, dict[str, list[tup
             if row.attack != want:
                 continue
             params = _likelihood_params(data, row.job_key, defaults)
+            if "radius" not in params or "noise_sigma" not in params:
+                continue  # an old store whose estimator is no longer installed: the levels are unknown
             radius, noise = float(params["radius"]), float(params["noise_sigma"])
             for kind, level, key in (("attack", radius, "loglik_attack"), ("noise", noise, "loglik_noise")):
                 value = row.metrics.get(key)
@@ -231,7 +240,7 @@ def likelihood_curves_data(data: RunData) -> tuple[dict, dict, int]:
 def degradation_pairs(data: RunData) -> dict[str, list[tuple[float, float]]]:
     """model -> [(R, degradation_attack)] at the reference likelihood radius, paired by (seed, point)."""
     margins = point_values(data.ok, "margin", ("margin",))
-    default = float(_likelihood_defaults()["radius"])
+    default = float(_likelihood_defaults().get("radius", math.inf))  # no default: the smallest radius run
     out: dict[str, list[tuple[float, float]]] = {}
     for model, levels in likelihood_levels(data).items():
         if model not in margins or not levels:
@@ -336,8 +345,9 @@ def _draw_degradation(data: RunData, path: Path) -> tuple[Path, str] | None:
     pairs = degradation_pairs(data)
     if not pairs:
         return None
-    radius = float(_likelihood_defaults()["radius"])
-    return figures.degradation_vs_margin(pairs, path), f"Attack norm L = {radius:g} where run (else the closest run)."
+    radius = _likelihood_defaults().get("radius")
+    where = f"Attack norm L = {float(radius):g} where run (else the closest run)." if radius is not None else ""
+    return figures.degradation_vs_margin(pairs, path), where
 
 
 def _draw_likelihood(data: RunData, path: Path) -> tuple[Path, str] | None:
@@ -415,16 +425,27 @@ def _config_summary(data: RunData) -> list[list[str]]:
 
 
 def _leaderboard_blocks(data: RunData) -> list[Block]:
-    from robbench.leaderboard import leaderboard_rows, render_markdown
+    from robbench.leaderboard import display_columns, leaderboard_rows, table_cells
 
     try:
-        records = leaderboard_rows(data.rows, data.models)
-        markdown = render_markdown(records)
+        declarations = {**data.columns}
+        declarations.update({k: v for k, v in _registered_columns(data).items() if k not in declarations})
+        records = leaderboard_rows(data.rows, data.models, declarations, _run_confidence(data))
+        head, cells, _ = table_cells(records, display_columns(declarations, _run_confidence(data)))
     except Exception as err:  # the report still shows the figures and claims
         return [Block("p", f"The leaderboard could not be built: {type(err).__name__}: {err}")]
-    lines = [ln for ln in markdown.strip().splitlines() if ln.strip()]
-    split = [[c.strip() for c in ln.strip().strip("|").split("|")] for ln in lines]
-    return [Block("table", head=split[0], cells=split[2:])]
+    return [Block("table", head=head, cells=cells)]
+
+
+def _registered_columns(data: RunData) -> dict[str, list[Any]]:
+    from robbench.leaderboard import registered_declarations
+
+    return registered_declarations(sorted({r.estimator for r in data.rows}))
+
+
+def _run_confidence(data: RunData) -> float:
+    levels = {float(c.get("confidence", 0.95)) for c in data.configs}
+    return levels.pop() if len(levels) == 1 else 0.95
 
 
 def build_blocks(data: RunData, out_dir: Path) -> tuple[list[Block], list[Claim]]:
@@ -440,7 +461,7 @@ def build_blocks(data: RunData, out_dir: Path) -> tuple[list[Block], list[Claim]
     blocks += [Block("h2", "The paper's claims in this run"),
                Block("p", "Verdicts are computed from the stored results: per-configuration means with 95% "
                           "Student-t intervals, Spearman rank correlations over points, paired differences. "
-                          "See robbench/claims.py for the exact rules."),
+                          "See robbench/paper/claims.py for the exact rules."),
                Block("table", head=["claim", "verdict", "evidence"],
                      cells=[[c.statement, c.verdict, c.evidence] for c in claims])]
     blocks += [Block("h2", "Figures")]
@@ -457,7 +478,7 @@ def build_blocks(data: RunData, out_dir: Path) -> tuple[list[Block], list[Claim]
             png, extra = drawn
             blocks.append(Block("image", text=f"{spec.caption} {extra}".strip(), path=png))
     blocks += [Block("h2", "Leaderboard"),
-               Block("p", "Per (model configuration, attack): mean R with its 95% interval over points and "
+               Block("p", f"Per (model configuration, attack): mean R with its {100 * _run_confidence(data):g}% interval over points and "
                           "seeds, and the means of the other estimators.")]
     blocks += _leaderboard_blocks(data)
     return blocks, claims
