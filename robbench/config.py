@@ -18,6 +18,7 @@ import yaml
 from robbench.plugins import Registries
 from robbench.registry import UnknownNameError
 from robbench.settings import RUN_WIDE_KEYS, RunSettings
+from robbench.training import TrainConfig
 
 _RUN = RunSettings()  # the run-wide defaults, defined once in robbench.settings
 
@@ -26,12 +27,22 @@ class ConfigError(ValueError):
     """A configuration value that is not allowed; the message says which key, which value, what is allowed."""
 
 
+_TRAIN = TrainConfig()  # training defaults, defined once in robbench.training
+
+
 @dataclass
 class TrainSettings:
-    epochs: int = 15
-    batch_size: int = 128
-    lr: float = 1e-3
-    patience: int | None = None
+    """The ``train:`` section of a config: the :class:`~robbench.training.TrainConfig` fields a user sets
+    (same defaults); each model's training seed is added by :meth:`for_seed`."""
+
+    epochs: int = _TRAIN.epochs
+    batch_size: int = _TRAIN.batch_size
+    lr: float = _TRAIN.lr
+    patience: int | None = _TRAIN.patience
+
+    def for_seed(self, seed: int) -> TrainConfig:
+        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=seed,
+                           patience=self.patience)
 
 
 @dataclass

@@ -163,17 +163,14 @@ class Runner:
         return pending
 
     def _train_or_load(self, model_cfg: ModelConfig, data: SplitData, store: ResultStore) -> torch.nn.Module | None:
-        from robbench.training import TrainConfig, train_or_load
+        from robbench.training import train_or_load
 
         family = self.regs.models.get(model_cfg.family)
         key = model_key(self.cfg, model_cfg)
-        t = self.cfg.train
         self.console.print(f"[bold]{model_cfg.label}[/bold] seed {model_cfg.seed}")
         try:
             trained = train_or_load(
-                family, model_cfg.params, data,
-                TrainConfig(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, seed=model_cfg.seed,
-                            patience=t.patience),
+                family, model_cfg.params, data, self.cfg.train.for_seed(model_cfg.seed),
                 cache_dir=cache_dir() / "models", device=self.device, retrain=self.retrain,
                 progress=self.progress, dataset_name=self.cfg.dataset)
         except Exception as err:  # a broken model fails its own rows only

@@ -83,3 +83,11 @@ def test_whole_numbers_name_the_same_model_as_floats(regs):
     assert [m.label for m in model_configs(given, regs)] == [m.label for m in model_configs(default, regs)]
     assert [model_key(given, m) for m in model_configs(given, regs)] == \
         [model_key(default, m) for m in model_configs(default, regs)]
+
+
+def test_train_section_shares_the_training_defaults():
+    from robbench.config import TrainSettings
+    from robbench.training import TrainConfig
+
+    assert TrainSettings().for_seed(3) == TrainConfig(seed=3)
+    assert build_config({"train": {"epochs": 2}}).train.for_seed(1) == TrainConfig(epochs=2, seed=1)
