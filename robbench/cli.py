@@ -19,6 +19,7 @@ from robbench.config import (ConfigError, RunConfig, build_config, load_yaml, pa
 from robbench import terminal
 from robbench.plugins import get_registries
 from robbench.registry import UnknownNameError
+from robbench.settings import RunSettings
 
 USAGE_ERROR = 2
 
@@ -31,13 +32,13 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", help="data set name (default mnist: 5,000 embedded digits)")
     p.add_argument("--data-dir", help="directory with local data files (MNIST/Fashion-MNIST IDX, CIFAR-10 binary)")
     p.add_argument("--points", type=int, help="number of test points to evaluate (default 25)")
-    p.add_argument("--seed", type=int, help="seed for point selection, attacks and Monte Carlo (default 0)")
+    p.add_argument("--seed", type=int, help=f"seed for point selection, attacks and Monte Carlo (default {RunSettings.seed})")
     p.add_argument("--model-seeds", help="comma-separated training seeds per configuration (default 0)")
-    p.add_argument("--r", type=float, help="r of r-robustness (default 4)")
-    p.add_argument("--m", type=float, help="probability threshold m (default 0.5)")
-    p.add_argument("--confidence", type=float, help="confidence of the reported intervals (default 0.95)")
+    p.add_argument("--r", type=float, help=f"r of r-robustness, the output-space radius (default {RunSettings.r:g})")
+    p.add_argument("--m", type=float, help=f"probability threshold m (default {RunSettings.m})")
+    p.add_argument("--confidence", type=float, help=f"confidence of the reported intervals (default {RunSettings.confidence})")
     p.add_argument("--backend", help="Monte Carlo backend: auto (default) or a registered one (robbench plugins lists them)")
-    p.add_argument("--device", help="cpu or cuda[:N] (default cpu)")
+    p.add_argument("--device", help=f"cpu or cuda[:N] (default {RunSettings.device})")
     p.add_argument("--epochs", type=int, help="training epochs (default 15)")
     p.add_argument("--param", action="append", default=[], metavar="NAME.KEY=VALUE",
                    help="plugin parameter, VALUE in YAML syntax, e.g. beta_vae.beta=[0.1,1,10]; repeatable")

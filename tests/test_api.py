@@ -144,3 +144,24 @@ def test_attack_based_results_do_not_depend_on_batching():
     assert margins.column("margin_lo") == alone.select(estimator="margin").column("margin_lo")
     assert together.select(estimator="damage").column("damage") == pytest.approx(
         alone.select(estimator="damage").column("damage"), rel=1e-5)
+
+
+def test_evaluate_runs_its_batches_through_the_given_executor(model):
+    """robbench.evaluate and the runner share evaluate_batch; where batches run is the executor's choice."""
+    from robbench.execute import LocalExecutor
+
+    class Recording(LocalExecutor):
+        def __init__(self):
+            super().__init__(raise_errors=True)
+            self.jobs = []
+
+        def map(self, model, batches):
+            for batch, results in super().map(model, batches):
+                self.jobs.append((batch.job.estimator, batch.job.run.r, batch.point_ids))
+                yield batch, results
+
+    x = torch.full((3, 1, 8, 8), 0.5)
+    rec = Recording()
+    table = evaluate(model, x, attacks=[], estimators=["encoder_stats"], batch_size=2, r=2.5, executor=rec)
+    assert rec.jobs == [("encoder_stats", 2.5, [0, 1]), ("encoder_stats", 2.5, [2])]
+    assert table.rows == evaluate(model, x, attacks=[], estimators=["encoder_stats"]).rows

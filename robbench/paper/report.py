@@ -24,6 +24,7 @@ from rich.console import Console
 from robbench.paper import figures
 from robbench.paper.claims import (Claim, attack_route, bound_pairs, check_claims, damage_by_route, label_sort_key,
                              parse_label, point_values, preferred_attack)
+from robbench.settings import RunSettings
 from robbench.store import ResultRow, ResultStore
 
 REPORT_DIR = "report"
@@ -105,8 +106,8 @@ def _by_family(models: list[str]) -> dict[str, list[str]]:
 
 
 def _run_m(data: RunData) -> float:
-    ms = {float(c.get("m", 0.5)) for c in data.configs}
-    return ms.pop() if len(ms) == 1 else 0.5
+    ms = {float(c.get("m", RunSettings.m)) for c in data.configs}
+    return ms.pop() if len(ms) == 1 else RunSettings.m
 
 
 def recon_examples(data: RunData) -> dict[str, list[figures.ReconExample]]:
@@ -444,8 +445,8 @@ def _registered_columns(data: RunData) -> dict[str, list[Any]]:
 
 
 def _run_confidence(data: RunData) -> float:
-    levels = {float(c.get("confidence", 0.95)) for c in data.configs}
-    return levels.pop() if len(levels) == 1 else 0.95
+    levels = {float(c.get("confidence", RunSettings.confidence)) for c in data.configs}
+    return levels.pop() if len(levels) == 1 else RunSettings.confidence
 
 
 def build_blocks(data: RunData, out_dir: Path) -> tuple[list[Block], list[Claim]]:
