@@ -39,6 +39,7 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--confidence", type=float, help=f"confidence of the reported intervals (default {RunSettings.confidence})")
     p.add_argument("--backend", help="Monte Carlo backend: auto (default) or a registered one (robbench plugins lists them)")
     p.add_argument("--device", help=f"cpu or cuda[:N] (default {RunSettings.device})")
+    p.add_argument("--executor", help="where batches run: local (default) or another registered executor")
     p.add_argument("--epochs", type=int, help="training epochs (default 15)")
     p.add_argument("--param", action="append", default=[], metavar="NAME.KEY=VALUE",
                    help="plugin parameter, VALUE in YAML syntax, e.g. beta_vae.beta=[0.1,1,10]; repeatable")
@@ -74,7 +75,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     flags = {"models": args.models, "attacks": args.attacks, "estimators": args.estimators,
              "dataset": args.dataset, "data_dir": args.data_dir, "points": args.points, "seed": args.seed,
              "r": args.r, "m": args.m, "confidence": args.confidence, "backend": args.backend,
-             "device": args.device}
+             "device": args.device, "executor": args.executor}
     values.update({k: v for k, v in flags.items() if v is not None})
     if args.model_seeds is not None:
         try:

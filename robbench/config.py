@@ -65,6 +65,7 @@ class RunConfig:
     confidence: float = _RUN.confidence
     backend: str = _RUN.backend
     device: str = _RUN.device
+    executor: str = "local"  # where batches run: a name in robbench.execute.EXECUTORS
     train: TrainSettings = field(default_factory=TrainSettings)
     model_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     attack_params: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -203,6 +204,9 @@ def _check_types(cfg: RunConfig) -> None:
          "auto or the name of a registered backend")
     need(isinstance(cfg.device, str) and (cfg.device == "cpu" or cfg.device.startswith("cuda")),
          "device", cfg.device, "cpu, cuda or cuda:N")
+    from robbench.execute import EXECUTORS
+
+    need(cfg.executor in EXECUTORS, "executor", cfg.executor, ", ".join(sorted(EXECUTORS)))
     t = cfg.train
     need(isinstance(t.epochs, int) and t.epochs > 0, "train.epochs", t.epochs, "a positive integer")
     need(isinstance(t.batch_size, int) and t.batch_size > 0, "train.batch_size", t.batch_size,

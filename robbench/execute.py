@@ -124,11 +124,13 @@ class LocalExecutor:
                                         raise_errors=self.raise_errors)
 
 
+# Executors by name (the ``executor`` config key / ``--executor``). Each is constructed as
+# ``cls(registries=...)``; a cluster executor adds its class here.
 EXECUTORS: dict[str, type] = {"local": LocalExecutor}
 
 
 def make_executor(name: str = "local", **options: Any) -> Executor:
-    """An executor by name (``local`` here; others register in :data:`EXECUTORS`)."""
+    """An executor by name, constructed with ``options`` (the runner passes ``registries=``)."""
     if name not in EXECUTORS:
         raise ValueError(f"unknown executor {name!r}; available: {', '.join(sorted(EXECUTORS))}")
     return EXECUTORS[name](**options)

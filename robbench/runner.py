@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from robbench import terminal
 from robbench.config import (AttackConfig, ConfigError, ModelConfig, RunConfig, attack_configs,
                              estimator_params, model_configs, stable_hash)
-from robbench.execute import Batch, Executor, JobSpec, LocalExecutor, PointResult, describe_error
+from robbench.execute import Batch, Executor, JobSpec, PointResult, describe_error, make_executor
 from robbench.leaderboard import write_leaderboard
 from robbench.paths import cache_dir
 from robbench.plugins import Registries
@@ -112,7 +112,7 @@ class Runner:
         self.console = console or terminal.console()
         self.retrain, self.progress = retrain, progress
         self.device = resolve_device(cfg.device)
-        self.executor = executor or LocalExecutor(registries=regs)
+        self.executor = executor or make_executor(cfg.executor, registries=regs)
         self.jobs = plan_jobs(cfg, regs)
 
     # --- public --------------------------------------------------------------------------------

@@ -95,3 +95,24 @@ def test_job_keys_hash_run_settings_but_not_the_device(fresh_plugins):
 
 def test_point_result_ok():
     assert PointResult(0, {}).ok and not PointResult(0, {}, error="boom").ok
+
+
+def test_executor_is_chosen_by_name_in_the_config(fresh_plugins, tmp_path, monkeypatch):
+    from robbench import execute
+    from robbench.config import ConfigError
+
+    class Named(LocalExecutor):
+        used = 0
+
+        def map(self, model, batches):
+            Named.used += 1
+            yield from super().map(model, batches)
+
+    monkeypatch.setitem(execute.EXECUTORS, "named_test", Named)
+    regs = fresh_plugins.get_registries()
+    cfg = build_config({"dataset": "tp_blobs", "models": ["tp_linear"], "attacks": [], "points": 2,
+                        "estimators": ["encoder_stats"], "executor": "named_test"})
+    Runner(cfg, regs, tmp_path, console=Console(quiet=True), progress=False).run()
+    assert Named.used == 1 and len(ResultStore.open_existing(tmp_path).rows()) == 2
+    with pytest.raises(ConfigError, match="'executor': 'ray'; allowed: local"):
+        build_config({"executor": "ray"})
