@@ -47,11 +47,13 @@ class JobSpec:
 
 @dataclass
 class Batch:
-    """A job and the points to evaluate it on: point_ids (B,) test-set indices, x (B, *input_shape)."""
+    """A job and the points to evaluate it on: point_ids (B,) test-set indices, x (B, *input_shape);
+    model_key: which of the run's models it runs on ("" when there is only the caller's one)."""
 
     job: JobSpec
     point_ids: list[int]
     x: Tensor
+    model_key: str = ""
 
 
 @dataclass

@@ -9,23 +9,25 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from robbench import terminal
 from robbench.config import (AttackConfig, ConfigError, ModelConfig, RunConfig, attack_configs,
                              estimator_params, model_configs, stable_hash)
-from robbench.execute import Batch, Executor, JobSpec, PointResult, describe_error, make_executor
+from robbench.execute import Batch, Executor, JobSpec, PointResult, make_executor
 from robbench.leaderboard import write_leaderboard
 from robbench.paths import cache_dir
 from robbench.plugins import Registries
+from robbench.prepare import ModelSpec, describe_prepared
+from robbench.progress import TaskDisplay
 from robbench.protocols import DataOptions, SplitData
 from robbench.settings import RunSettings
 from robbench.store import ResultRow, ResultStore, RunRecord
+from robbench.work import Event, ModelReady, ModelWork, WorkExecutor, run_in_process
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,16 @@ class Job:
         """The job as plain data for :func:`robbench.execute.evaluate_batch` (and remote workers)."""
         return JobSpec(self.estimator, self.attack.name if self.attack else None,
                        dict(self.attack.params) if self.attack else {}, dict(self.params), self.run, self.key)
+
+
+@dataclass
+class _ModelPlan:
+    """What the coordinator tracks per model: its work, jobs, pending points and batches still out."""
+
+    work: ModelWork
+    jobs: list[Job]
+    pending: dict[str, list[int]]
+    left: int
 
 
 def model_key(cfg: RunConfig, model: ModelConfig) -> str:
@@ -102,18 +114,24 @@ def load_data(cfg: RunConfig, regs: Registries) -> SplitData:
 
 
 class Runner:
-    """Executes a RunConfig into a run directory. The runner is the coordinator: it trains or loads the
-    models, hands batches to an :class:`~robbench.execute.Executor` (local by default) and is the only
-    writer of the results store, the arrays and the leaderboard."""
+    """Executes a RunConfig into a run directory. The runner is the coordinator: it plans one
+    :class:`~robbench.work.ModelWork` per model with pending points, lets the executor prepare the models
+    and run the batches (local by default: models trained or loaded here, batches through
+    :class:`~robbench.execute.LocalExecutor`; a :class:`~robbench.work.WorkExecutor` such as the Ray
+    executor places both itself), and is the only writer of the results store, the arrays and the
+    leaderboard, each result as soon as its event arrives."""
 
     def __init__(self, cfg: RunConfig, regs: Registries, run_dir: Path, *, console: Console | None = None,
                  retrain: bool = False, progress: bool = True, executor: Executor | None = None):
         self.cfg, self.regs, self.run_dir = cfg, regs, Path(run_dir)
         self.console = console or terminal.console()
         self.retrain, self.progress = retrain, progress
-        self.device = resolve_device(cfg.device)
         self.executor = executor or make_executor(cfg.executor, registries=regs)
+        # A remote executor places work on its own devices; a local one needs this machine's.
+        self.device = (resolve_device(cfg.device) if getattr(self.executor, "runs_here", True)
+                       else torch.device(cfg.device))
         self.jobs = plan_jobs(cfg, regs)
+        self.by_key = {job.key: job for job in self.jobs}
 
     # --- public --------------------------------------------------------------------------------
     def run(self, *, evaluate: bool = True) -> ResultStore:
@@ -128,21 +146,23 @@ class Runner:
         for name in self.cfg.estimators:  # the leaderboard is rebuilt from these, plugin installed or not
             columns = getattr(self.regs.estimators.get(name), "columns", ()) or ()
             store.record_columns(name, [col.to_dict() for col in columns])
+        work, plans = self._plan_work(store, data, point_ids, evaluate)
         board_current = False
-        for model_cfg, jobs in self._jobs_by_model():
-            pending = self._pending(store, jobs, point_ids)
-            if evaluate and not any(pending.values()):
-                self.console.print(f"[dim]{model_cfg.label} seed {model_cfg.seed}: all results stored, skipped[/dim]")
-                continue
-            model = self._train_or_load(model_cfg, data, store)
-            if model is None:
-                self._fail_rows(store, jobs, pending, "model could not be trained or loaded (see models table)")
-                board_current = False
-                continue
-            if evaluate:
-                self._evaluate_model(model, model_cfg, jobs, pending, data, store)
-                write_leaderboard(store, self.run_dir)  # after each model: a crash keeps a current board
-                board_current = True
+        with TaskDisplay(self.console, len(work) + sum(len(w.batches) for w in work), self.progress) as display:
+            for event in self._events(work, data):
+                plan = plans[event.work.model.key if isinstance(event, ModelReady) else event.batch.model_key]
+                if isinstance(event, ModelReady):
+                    finished = self._model_ready(store, plan, event)
+                    display.model(event.problem is not None, skipped=len(plan.work.batches) if event.problem else 0)
+                else:
+                    store.write(self._rows(self.by_key[event.batch.job.key], event.results))
+                    plan.left -= 1
+                    finished = plan.left == 0
+                    display.batch(event.failed)
+                display.running(event.running)
+                if evaluate and finished:  # after each model: a crash keeps a current board
+                    write_leaderboard(store, self.run_dir)
+                board_current = finished
         if evaluate and not board_current:  # all results were stored already, or failures came last
             write_leaderboard(store, self.run_dir)
         return store
@@ -162,57 +182,48 @@ class Runner:
             pending[job.key] = [p for p in point_ids if p not in done]
         return pending
 
-    def _train_or_load(self, model_cfg: ModelConfig, data: SplitData, store: ResultStore) -> torch.nn.Module | None:
-        from robbench.training import train_or_load
+    def _plan_work(self, store: ResultStore, data: SplitData, point_ids: list[int],
+                   evaluate: bool) -> tuple[list[ModelWork], dict[str, "_ModelPlan"]]:
+        """One ModelWork per model with something to do (``evaluate``: pending points), in config order."""
+        work, plans = [], {}
+        for model_cfg, jobs in self._jobs_by_model():
+            pending = self._pending(store, jobs, point_ids)
+            if evaluate and not any(pending.values()):
+                self.console.print(f"[dim]{model_cfg.label} seed {model_cfg.seed}: all results stored, skipped[/dim]")
+                continue
+            item = ModelWork(self._model_spec(model_cfg), self._batches(jobs, pending, data) if evaluate else [])
+            work.append(item)
+            plans[item.model.key] = _ModelPlan(item, jobs, pending, len(item.batches))
+        return work, plans
 
-        family = self.regs.models.get(model_cfg.family)
-        key = model_key(self.cfg, model_cfg)
-        self.console.print(f"[bold]{model_cfg.label}[/bold] seed {model_cfg.seed}")
-        try:
-            trained = train_or_load(
-                family, model_cfg.params, data, self.cfg.train.for_seed(model_cfg.seed),
-                cache_dir=cache_dir() / "models", device=self.device, retrain=self.retrain,
-                progress=self.progress, dataset_name=self.cfg.dataset)
-        except Exception as err:  # a broken model fails its own rows only
-            store.record_model(key, model_cfg.label, model_cfg.seed, {"error": describe_error(err)})
-            self.console.print(f"[red]  training failed: {escape(describe_error(err))}[/red]")
-            return None
-        elbo = trained.test_elbo if math.isfinite(trained.test_elbo) else None
-        store.record_model(key, model_cfg.label, model_cfg.seed,
-                           {"test_elbo": elbo, "train_seconds": trained.train_seconds,
-                            "from_cache": trained.from_cache, "cache_key": trained.cache_key,
-                            "ready_built": not family.trainable})
-        if not family.trainable:
-            how = "ready-built (no training)"
-        else:
-            how = "loaded from cache" if trained.from_cache else f"trained in {trained.train_seconds:.1f}s"
-        self.console.print(f"  {how}" + (f", test ELBO {elbo:.1f} nats" if elbo is not None else ""))
-        return trained.model.to(self.device).eval()
+    def _model_spec(self, model_cfg: ModelConfig) -> ModelSpec:
+        return ModelSpec(model_key(self.cfg, model_cfg), model_cfg.label, model_cfg.seed, model_cfg.family,
+                         dict(model_cfg.params), self.cfg.train.for_seed(model_cfg.seed), self.cfg.dataset,
+                         str(self.device), self.retrain)
+
+    def _events(self, work: list[ModelWork], data: SplitData) -> Iterator[Event]:
+        if isinstance(self.executor, WorkExecutor):
+            return self.executor.run(work, data, progress=self.progress)
+        return run_in_process(self.executor, work, data, self.regs, cache_dir=cache_dir() / "models",
+                              progress=self.progress)
+
+    def _model_ready(self, store: ResultStore, plan: "_ModelPlan", event: ModelReady) -> bool:
+        """Record the model; fail its pending rows if it cannot be used. True when the model has no batch left."""
+        spec = event.work.model
+        store.record_model(spec.key, spec.label, spec.seed, event.info)
+        line = describe_prepared(event.info)
+        colour = "red" if "error" in event.info else "default"
+        self.console.print(f"[bold]{escape(spec.label)}[/bold] seed {spec.seed}: [{colour}]{escape(line)}[/{colour}]")
+        if event.problem is not None:
+            self._fail_rows(store, plan.jobs, plan.pending, event.problem)
+            plan.left = 0
+        return plan.left == 0
 
     def _batches(self, jobs: list[Job], pending: dict[str, list[int]], data: SplitData) -> list[Batch]:
         """Each job's pending points in slices of ``point_batch``, inputs on the CPU (the executor moves them)."""
         step = self.cfg.point_batch
-        return [Batch(job.spec(), chunk, data.test_x[chunk]) for job in jobs
+        return [Batch(job.spec(), chunk, data.test_x[chunk], model_key(self.cfg, job.model)) for job in jobs
                 for ids in [pending[job.key]] for chunk in (ids[i:i + step] for i in range(0, len(ids), step))]
-
-    def _evaluate_model(self, model: torch.nn.Module, model_cfg: ModelConfig, jobs: list[Job],
-                        pending: dict[str, list[int]], data: SplitData, store: ResultStore) -> None:
-        check = self._nonfinite_encoder(model, data, [p for ps in pending.values() for p in ps])
-        if check:
-            self._fail_rows(store, jobs, pending, check)
-            return
-        batches = self._batches(jobs, pending, data)
-        by_key = {job.key: job for job in jobs}
-        with Progress(TextColumn("  {task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=self.console, disable=not self.progress,
-                      transient=False) as bar:
-            task = bar.add_task("estimating", total=sum(len(b.point_ids) for b in batches))
-            for batch, results in self.executor.map(model, batches):
-                job = by_key[batch.job.key]
-                bar.update(task, description=job.estimator + (f" × {job.attack_label}" if job.attack else ""))
-                store.write(self._rows(job, results))
-                bar.advance(task, len(batch.point_ids))
-            bar.update(task, description="estimated")
 
     def _rows(self, job: Job, results: list[PointResult]) -> list[ResultRow]:
         """Store rows for one batch's results; keeps the first points' arrays and reports a failed batch."""
@@ -238,18 +249,6 @@ class Runner:
         tmp = folder / f"{point}.pt.tmp"
         torch.save(tensors, tmp)
         tmp.replace(folder / f"{point}.pt")
-
-    def _nonfinite_encoder(self, model: torch.nn.Module, data: SplitData, ids: list[int]) -> str | None:
-        if not ids:
-            return None
-        try:
-            with torch.no_grad():
-                mu, sigma = model.encode(data.test_x[sorted(set(ids))].to(self.device))
-        except Exception as err:
-            return f"encode() raised {describe_error(err)}"
-        if not (torch.isfinite(mu).all() and torch.isfinite(sigma).all()):
-            return "model produced NaN or infinity in encode(x)"
-        return None
 
     def _fail_rows(self, store: ResultStore, jobs: list[Job], pending: dict[str, list[int]], message: str) -> None:
         store.write(job.row(p, "error", {}, message, 0.0) for job in jobs for p in pending[job.key])

@@ -111,9 +111,13 @@ def cache_key(family: ModelFamily, params: dict[str, Any], data: SplitData, cfg:
 def save_checkpoint(path: Path, model: nn.Module, family: ModelFamily, params: dict[str, Any],
                     **meta: Any) -> None:
     """Atomically write a checkpoint dict (state dict + everything needed to rebuild the model)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
+    write_checkpoint(path, checkpoint_payload(model, family, params, **meta))
+
+
+def checkpoint_payload(model: nn.Module, family: ModelFamily, params: dict[str, Any], **meta: Any) -> dict[str, Any]:
+    """The checkpoint as a plain dict of CPU tensors and JSON values (what a file holds, and what a remote
+    executor ships to its workers)."""
+    return {
         "format": CHECKPOINT_FORMAT,
         "family": family.name,
         "params": json.loads(json.dumps(params)),  # plain JSON types: loadable with weights_only=True
@@ -121,6 +125,12 @@ def save_checkpoint(path: Path, model: nn.Module, family: ModelFamily, params: d
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "meta": json.loads(json.dumps(meta, default=repr)),
     }
+
+
+def write_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Atomically write a :func:`checkpoint_payload` to ``path`` (temporary file, then ``os.replace``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -131,6 +141,17 @@ def save_checkpoint(path: Path, model: nn.Module, family: ModelFamily, params: d
         raise
 
 
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint file's payload (``weights_only=True``, CPU tensors); checks the format."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a robbench checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    return ckpt
+
+
 def load_checkpoint_file(path: str | os.PathLike, get_family: Callable[[str], ModelFamily], *,
                          expected_input_shape: tuple[int, ...] | None = None,
                          device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -138,20 +159,28 @@ def load_checkpoint_file(path: str | os.PathLike, get_family: Callable[[str], Mo
 
     ``get_family(name)`` looks up the family that built it (e.g. ``get_registries().models.get``).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    ckpt = torch.load(path, map_location=device, weights_only=True)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a robbench checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    ckpt = read_checkpoint(path)
     input_shape = tuple(ckpt["input_shape"])
     if expected_input_shape is not None and tuple(expected_input_shape) != input_shape:
         raise ValueError(f"checkpoint {path} was trained on inputs of shape {input_shape}, "
                          f"but the data set has shape {tuple(expected_input_shape)}")
-    model = get_family(ckpt["family"]).build(ckpt["params"], input_shape)
-    model.load_state_dict(ckpt["state_dict"])
+    return model_from_payload(ckpt, get_family, device=device)
+
+
+def model_from_payload(payload: dict[str, Any], get_family: Callable[[str], ModelFamily], *,
+                       device: torch.device | str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model a :func:`checkpoint_payload` describes; returns (model in eval mode, meta)."""
+    model = get_family(payload["family"]).build(payload["params"], tuple(payload["input_shape"]))
+    model.load_state_dict(payload["state_dict"])
     model.to(device).eval()
-    return model, dict(ckpt.get("meta", {}), family=ckpt["family"], params=ckpt["params"])
+    return model, dict(payload.get("meta", {}), family=payload["family"], params=payload["params"])
+
+
+def checkpoint_path(family: ModelFamily, params: dict[str, Any], data: SplitData, cfg: TrainConfig, *,
+                    cache_dir: Path, dataset_name: str = "") -> tuple[str, Path]:
+    """(cache key, file) of a trainable family's checkpoint in ``cache_dir``."""
+    key = cache_key(family, params, data, cfg, dataset_name)
+    return key, Path(cache_dir) / f"{family.name}-{key[:20]}.pt"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,24 +290,41 @@ def train_or_load(family: ModelFamily, params: dict[str, Any], data: SplitData, 
     if family.validate is not None:
         family.validate(params)
     if not family.trainable:
+        return build_or_train(family, params, data, cfg, device=device)[0]
+    key, path = checkpoint_path(family, params, data, cfg, cache_dir=cache_dir, dataset_name=dataset_name)
+    if path.is_file() and not retrain:
+        try:
+            trained = trained_from_payload(read_checkpoint(path), family, data, device=device, path=path)
+            trained.cache_key = key
+            return trained
+        except Exception as err:  # a corrupt or stale file is retrained rather than fatal
+            import warnings
+            warnings.warn(f"could not load cached checkpoint {path} ({err}); retraining")
+    trained, payload = build_or_train(family, params, data, cfg, device=device, progress=progress,
+                                      dataset_name=dataset_name)
+    write_checkpoint(path, payload)
+    trained.path = path
+    return trained
+
+
+def build_or_train(family: ModelFamily, params: dict[str, Any], data: SplitData, cfg: TrainConfig, *,
+                   device: torch.device, progress: bool = True,
+                   dataset_name: str = "") -> tuple[TrainedModel, dict[str, Any]]:
+    """The model for (family, params, data, cfg) without touching the cache: a ready-built family is built
+    and its test ELBO evaluated, a trainable one is trained. Returns (the model, frozen on ``device``, and
+    its :func:`checkpoint_payload`, which a trainable family's cache file holds)."""
+    device = torch.device(device)
+    if family.validate is not None:
+        family.validate(params)
+    if not family.trainable:
         model = family.build(params, data.input_shape).to(device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
             elbo = evaluate_elbo(model, data.test_x, 1024, device) if hasattr(model, "loss") else math.nan
-        return TrainedModel(_freeze(model), elbo, 0.0, False, "")
+        payload = checkpoint_payload(model, family, params, test_elbo=elbo, train_seconds=0.0, cache_key="")
+        return TrainedModel(_freeze(model), elbo, 0.0, False, ""), payload
 
     key = cache_key(family, params, data, cfg, dataset_name)
-    path = Path(cache_dir) / f"{family.name}-{key[:20]}.pt"
-    if path.is_file() and not retrain:
-        try:
-            model, meta = load_checkpoint_file(path, lambda _name: family, device=device,
-                                               expected_input_shape=data.input_shape)
-            return TrainedModel(_freeze(model), float(meta["test_elbo"]), float(meta["train_seconds"]),
-                                True, key, path, list(meta.get("history", [])))
-        except Exception as err:  # a corrupt or stale file is retrained rather than fatal
-            import warnings
-            warnings.warn(f"could not load cached checkpoint {path} ({err}); retraining")
-
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # weight initialisation
         model = family.build(params, data.input_shape)
@@ -287,7 +333,18 @@ def train_or_load(family: ModelFamily, params: dict[str, Any], data: SplitData, 
     test_elbo, history = train_model(model, data, cfg, device=device, progress=progress,
                                      description=label.strip())
     seconds = time.perf_counter() - start
-    save_checkpoint(path, model, family, params, test_elbo=test_elbo, train_seconds=seconds,
-                    history=history, train_config=asdict(cfg), dataset=dataset_name, cache_key=key,
-                    code_version=CODE_VERSION)
-    return TrainedModel(_freeze(model), test_elbo, seconds, False, key, path, history)
+    payload = checkpoint_payload(model, family, params, test_elbo=test_elbo, train_seconds=seconds,
+                                 history=history, train_config=asdict(cfg), dataset=dataset_name, cache_key=key,
+                                 code_version=CODE_VERSION)
+    return TrainedModel(_freeze(model), test_elbo, seconds, False, key, None, history), payload
+
+
+def trained_from_payload(payload: dict[str, Any], family: ModelFamily, data: SplitData, *,
+                         device: torch.device | str, path: Path | None = None) -> TrainedModel:
+    """A cached checkpoint as a :class:`TrainedModel` (``from_cache`` True), checked against the data's shape."""
+    if tuple(payload["input_shape"]) != tuple(data.input_shape):
+        raise ValueError(f"checkpoint was trained on inputs of shape {tuple(payload['input_shape'])}, "
+                         f"but the data set has shape {tuple(data.input_shape)}")
+    model, meta = model_from_payload(payload, lambda _name: family, device=device)
+    return TrainedModel(_freeze(model), float(meta["test_elbo"]), float(meta["train_seconds"]), True,
+                        str(meta.get("cache_key", "")), path, list(meta.get("history", [])))

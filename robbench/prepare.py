@@ -1,0 +1,124 @@
+"""Getting one (model configuration, seed) ready for estimation, wherever that happens.
+
+- :class:`ModelSpec` describes the model in plain, picklable data (family *name*, parameters, training
+  settings); a worker process rebuilds the family from its plugin registries.
+- :func:`prepare_model` is what the local executor does: train or load through the checkpoint cache,
+  then check the encoder on the points to evaluate.
+- :func:`prepare_shipped` is what a remote worker does: build the model from a cached checkpoint the
+  coordinator sent, or train it without touching any cache (the coordinator writes the checkpoint), then
+  run the same check. Both return a :class:`Prepared` whose ``info`` goes to the ``models`` table.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from robbench.execute import describe_error
+from robbench.plugins import Registries
+from robbench.protocols import ModelFamily, SplitData
+from robbench.training import (TrainConfig, TrainedModel, build_or_train, train_or_load, trained_from_payload)
+
+TRAINING_FAILED = "model could not be trained or loaded (see models table)"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model to get ready. key: the run's model key (see :func:`robbench.runner.model_key`);
+    label / seed: as stored; family / params: registered name and one value per parameter; train: the
+    training settings (its seed is the model seed); dataset: the data set's name (part of the cache key);
+    device: torch device name; retrain: ignore cached checkpoints."""
+
+    key: str
+    label: str
+    seed: int
+    family: str
+    params: dict[str, Any]
+    train: TrainConfig
+    dataset: str
+    device: str = "cpu"
+    retrain: bool = False
+
+
+@dataclass
+class Prepared:
+    """A model made ready, or why not. model: frozen, on the spec's device (None when it failed);
+    info: the ``models`` table entry (test ELBO, seconds, cache key, ... or ``error``); problem: the
+    message its result rows fail with (None when estimation may proceed); payload: the checkpoint
+    (:func:`robbench.training.checkpoint_payload`) when this call trained it, for the coordinator's cache."""
+
+    model: nn.Module | None
+    info: dict[str, Any]
+    problem: str | None = None
+    payload: dict[str, Any] | None = field(default=None, repr=False)
+
+
+def prepare_model(spec: ModelSpec, data: SplitData, regs: Registries, *, cache_dir: Any, progress: bool,
+                  check_ids: list[int]) -> Prepared:
+    """Train or load ``spec`` through the checkpoint cache in ``cache_dir`` (in this process), then check
+    that the encoder is finite on test points ``check_ids``. Failures are reported, never raised."""
+    try:
+        family = regs.models.get(spec.family)
+        trained = train_or_load(family, spec.params, data, spec.train, cache_dir=cache_dir,
+                                device=torch.device(spec.device), retrain=spec.retrain, progress=progress,
+                                dataset_name=spec.dataset)
+    except Exception as err:  # a broken model fails its own rows only
+        return Prepared(None, {"error": describe_error(err)}, TRAINING_FAILED)
+    return _checked(trained, family, data, check_ids, spec.device)
+
+
+def prepare_shipped(spec: ModelSpec, data: SplitData, regs: Registries, cached: dict[str, Any] | None, *,
+                    check_ids: list[int]) -> Prepared:
+    """On a worker: rebuild ``spec`` from the ``cached`` checkpoint payload, or (None) train it without a
+    cache; then the same check as :func:`prepare_model`. ``Prepared.payload`` carries the checkpoint."""
+    device = torch.device(spec.device)
+    try:
+        family = regs.models.get(spec.family)
+        if cached is not None:
+            trained, payload = trained_from_payload(cached, family, data, device=device), cached
+        else:
+            trained, payload = build_or_train(family, spec.params, data, spec.train, device=device, progress=False,
+                                              dataset_name=spec.dataset)
+    except Exception as err:
+        return Prepared(None, {"error": describe_error(err)}, TRAINING_FAILED)
+    prepared = _checked(trained, family, data, check_ids, spec.device)
+    prepared.payload = payload
+    return prepared
+
+
+def describe_prepared(info: dict[str, Any]) -> str:
+    """One line for the console: how the model was obtained, and its test ELBO."""
+    if "error" in info:
+        return f"training failed: {info['error']}"
+    if info.get("ready_built"):
+        how = "ready-built (no training)"
+    else:
+        how = "loaded from cache" if info.get("from_cache") else f"trained in {info['train_seconds']:.1f}s"
+    elbo = info.get("test_elbo")
+    return how + (f", test ELBO {elbo:.1f} nats" if elbo is not None else "")
+
+
+def _checked(trained: TrainedModel, family: ModelFamily, data: SplitData, check_ids: list[int],
+             device: str) -> Prepared:
+    elbo = trained.test_elbo if math.isfinite(trained.test_elbo) else None
+    info = {"test_elbo": elbo, "train_seconds": trained.train_seconds, "from_cache": trained.from_cache,
+            "cache_key": trained.cache_key, "ready_built": not family.trainable}
+    model = trained.model.to(device).eval()
+    return Prepared(model, info, encoder_problem(model, data, check_ids, device))
+
+
+def encoder_problem(model: nn.Module, data: SplitData, ids: list[int], device: str) -> str | None:
+    """Why the encoder cannot be used on test points ``ids`` (it raises, or yields NaN/inf), or None."""
+    if not ids:
+        return None
+    try:
+        with torch.no_grad():
+            mu, sigma = model.encode(data.test_x[sorted(set(ids))].to(device))
+    except Exception as err:
+        return f"encode() raised {describe_error(err)}"
+    if not (torch.isfinite(mu).all() and torch.isfinite(sigma).all()):
+        return "model produced NaN or infinity in encode(x)"
+    return None
