@@ -39,7 +39,9 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--confidence", type=float, help=f"confidence of the reported intervals (default {RunSettings.confidence})")
     p.add_argument("--backend", help="Monte Carlo backend: auto (default) or a registered one (robbench plugins lists them)")
     p.add_argument("--device", help=f"cpu or cuda[:N] (default {RunSettings.device})")
-    p.add_argument("--executor", help="where batches run: local (default) or another registered executor")
+    p.add_argument("--executor", help="where models train and batches run: local or ray (default local)")
+    p.add_argument("--ray-address", help="executor ray: join this cluster (auto, HOST:PORT or ray://HOST:PORT); "
+                                         "default: start a local Ray sized to this machine")
     p.add_argument("--epochs", type=int, help="training epochs (default 15)")
     p.add_argument("--param", action="append", default=[], metavar="NAME.KEY=VALUE",
                    help="plugin parameter, VALUE in YAML syntax, e.g. beta_vae.beta=[0.1,1,10]; repeatable")
@@ -75,7 +77,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     flags = {"models": args.models, "attacks": args.attacks, "estimators": args.estimators,
              "dataset": args.dataset, "data_dir": args.data_dir, "points": args.points, "seed": args.seed,
              "r": args.r, "m": args.m, "confidence": args.confidence, "backend": args.backend,
-             "device": args.device, "executor": args.executor}
+             "device": args.device, "executor": args.executor, "ray_address": args.ray_address}
     values.update({k: v for k, v in flags.items() if v is not None})
     if args.model_seeds is not None:
         try:
@@ -98,14 +100,28 @@ def default_run_dir(cfg: RunConfig, config_path: Path | None) -> Path:
     return Path("runs") / f"{'+'.join(cfg.models)}__{'+'.join(cfg.attacks)}__{cfg.dataset}"
 
 
+def executor_for(cfg: RunConfig) -> Any:
+    """The executor the configuration names (None: the runner's local default)."""
+    from robbench.execute import ExecutorUnavailable, executor_class
+
+    if cfg.executor == "local":
+        return None
+    try:
+        cls = executor_class(cfg.executor)
+    except ExecutorUnavailable as err:
+        raise ConfigError(f"bad value for 'executor': {cfg.executor!r}; {err}") from None
+    return cls(address=cfg.ray_address)
+
+
 def cmd_run(args: argparse.Namespace, console: Console, *, evaluate: bool) -> int:
     from robbench.leaderboard import write_leaderboard
     from robbench.runner import Runner
 
     cfg = config_from_args(args)
+    executor = executor_for(cfg)  # before any work: a missing optional dependency exits 2 here
     run_dir = args.out or default_run_dir(cfg, args.config)
     runner = Runner(cfg, get_registries(), run_dir, console=console, retrain=args.retrain,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, executor=executor)
     console.print(f"robbench: {len(runner.jobs)} jobs × {cfg.points} points → {run_dir}")
     store = runner.run(evaluate=evaluate)
     if evaluate:

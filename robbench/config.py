@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from robbench.execute import EXECUTORS
 from robbench.plugins import Registries
 from robbench.registry import UnknownNameError
 from robbench.settings import RUN_WIDE_KEYS, RunSettings
@@ -65,7 +66,8 @@ class RunConfig:
     confidence: float = _RUN.confidence
     backend: str = _RUN.backend
     device: str = _RUN.device
-    executor: str = "local"  # where batches run: a name in robbench.execute.EXECUTORS
+    executor: str = "local"  # where models train and batches run: local (this process) or ray
+    ray_address: str | None = None  # executor ray: None starts a local Ray, "auto" / "ray://host:port" joins one
     train: TrainSettings = field(default_factory=TrainSettings)
     model_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     attack_params: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -204,9 +206,12 @@ def _check_types(cfg: RunConfig) -> None:
          "auto or the name of a registered backend")
     need(isinstance(cfg.device, str) and (cfg.device == "cpu" or cfg.device.startswith("cuda")),
          "device", cfg.device, "cpu, cuda or cuda:N")
-    from robbench.execute import EXECUTORS
-
     need(cfg.executor in EXECUTORS, "executor", cfg.executor, ", ".join(sorted(EXECUTORS)))
+    need(cfg.ray_address is None or (isinstance(cfg.ray_address, str) and cfg.ray_address.strip() != ""),
+         "ray_address", cfg.ray_address, "null, auto, host:port or ray://host:port")
+    if cfg.ray_address is not None and cfg.executor != "ray":
+        raise ConfigError(f"'ray_address' is set ({cfg.ray_address!r}) but 'executor' is {cfg.executor!r}; "
+                          "allowed: ray_address only with executor: ray")
     t = cfg.train
     need(isinstance(t.epochs, int) and t.epochs > 0, "train.epochs", t.epochs, "a positive integer")
     need(isinstance(t.batch_size, int) and t.batch_size > 0, "train.batch_size", t.batch_size,

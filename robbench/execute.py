@@ -13,6 +13,7 @@ executor decides where batches run.
 """
 from __future__ import annotations
 
+import importlib
 import math
 import time
 import traceback
@@ -126,16 +127,36 @@ class LocalExecutor:
                                         raise_errors=self.raise_errors)
 
 
-# Executors by name (the ``executor`` config key / ``--executor``). Each is constructed as
-# ``cls(registries=...)``; a cluster executor adds its class here.
-EXECUTORS: dict[str, type] = {"local": LocalExecutor}
+# Executors by name (the ``executor`` config key / ``--executor``), as "module:Class" so that an optional
+# dependency (Ray) is imported only when its executor is asked for; each is constructed as
+# ``cls(registries=..., **options)``. INSTALL says how to get what an executor needs.
+EXECUTORS: dict[str, str] = {"local": "robbench.execute:LocalExecutor", "ray": "robbench.executors.ray:RayExecutor"}
+INSTALL = {"ray": 'pip install "robbench[ray]"  (from a checkout: pip install -e ".[ray]")'}
+
+
+class ExecutorUnavailable(RuntimeError):
+    """An executor whose optional dependency is not installed; the message says how to install it."""
+
+
+def executor_class(name: str) -> type:
+    """The class of the executor called ``name``; ValueError for an unknown name, ExecutorUnavailable
+    when its dependency is missing."""
+    if name not in EXECUTORS:
+        raise ValueError(f"unknown executor {name!r}; available: {', '.join(sorted(EXECUTORS))}")
+    module, _, attr = EXECUTORS[name].partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except ImportError as err:
+        missing = (err.name or "").split(".")[0]
+        if not missing or missing == "robbench":
+            raise
+        raise ExecutorUnavailable(f"the {name} executor needs {missing!r}, which is not installed; "
+                                  f"install it with: {INSTALL.get(name, 'pip install ' + missing)}") from None
 
 
 def make_executor(name: str = "local", **options: Any) -> Executor:
-    """An executor by name, constructed with ``options`` (the runner passes ``registries=``)."""
-    if name not in EXECUTORS:
-        raise ValueError(f"unknown executor {name!r}; available: {', '.join(sorted(EXECUTORS))}")
-    return EXECUTORS[name](**options)
+    """An executor by name (see :data:`EXECUTORS`), built with ``options``."""
+    return executor_class(name)(**options)
 
 
 def nonfinite_metric(metrics: dict[str, Any]) -> str | None:

@@ -1,0 +1,240 @@
+"""The Ray executor: models and batches as Ray tasks, results written by the coordinator only.
+
+This is the only robbench module that imports ``ray`` (install with ``pip install "robbench[ray]"``).
+
+- **Where.** ``address=None`` starts a local Ray instance sized to this machine (all its CPUs and GPUs);
+  ``"auto"``, ``"HOST:PORT"`` or ``"ray://HOST:PORT"`` joins a running cluster. If Ray is already
+  initialised in this process (a notebook, a test), that instance is used as it is.
+- **Tasks.** One task per (model configuration, seed) makes the model ready: it trains it, or rebuilds it
+  from the cached checkpoint the coordinator ships; then one task per batch evaluates it with
+  :func:`robbench.execute.evaluate_batch`, exactly as the local executor does. Each task declares
+  ``num_cpus=task_cpus`` (and runs torch with that many threads) and, when the run's device is CUDA,
+  ``num_gpus=task_gpus``; Ray picks the GPU, so ``cuda:N`` means "a GPU" here.
+- **Models are trained once.** The coordinator looks the checkpoint up in its cache; a model that is
+  not there is trained by one task, whose checkpoint the coordinator then writes to its cache. Batch
+  tasks receive the checkpoint through Ray's object store (a reference, fetched once per worker process,
+  which keeps the two most recent models built).
+- **Only the coordinator writes.** Workers return results; :meth:`RayExecutor.run` yields each one as
+  its task finishes, and the runner writes it to ``results.sqlite`` at once, so a killed coordinator
+  resumes like a local run.
+- **Faults.** A task whose worker dies, or that raises outside the estimator, is retried up to
+  ``max_retries`` times; then its rows (a model's pending rows, or a batch's) fail with the error stored.
+  An estimator's own exception fails its rows at once, as locally (retrying would fail again).
+- **What workers need.** robbench and every plugin the run uses, installed on every node (workers find
+  plugins through the same entry points); see the README for a third-party plugin through ``runtime_env``.
+"""
+from __future__ import annotations
+
+import uuid
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence
+
+import ray
+import torch
+from ray.exceptions import RayError, RayTaskError
+from torch import nn
+
+from robbench.execute import Batch, JobSpec, PointResult, describe_error, evaluate_batch
+from robbench.paths import cache_dir
+from robbench.plugins import get_registries
+from robbench.prepare import TRAINING_FAILED, ModelSpec, prepare_shipped
+from robbench.protocols import SplitData, VAEModel
+from robbench.training import checkpoint_path, model_from_payload, read_checkpoint, write_checkpoint
+from robbench.work import BatchDone, Event, ModelReady, ModelWork
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side
+# ---------------------------------------------------------------------------------------------
+_MODELS: OrderedDict[str, nn.Module] = OrderedDict()  # this worker process's built models, newest last
+_KEEP_MODELS = 2
+
+
+def _worker_device(name: str) -> str:
+    # Ray sets CUDA_VISIBLE_DEVICES to the GPU it assigned the task: inside, that GPU is "cuda".
+    return "cuda" if name.startswith("cuda") else name
+
+
+def _prepare_task(spec: ModelSpec, data: SplitData, cached: dict[str, Any] | None, check_ids: list[int],
+                  threads: int) -> tuple[dict[str, Any] | None, tuple[dict[str, Any], str | None]]:
+    """Make one model ready on this worker. Returns (checkpoint payload or None, (models-table info, problem))."""
+    torch.set_num_threads(threads)
+    spec = replace(spec, device=_worker_device(spec.device))
+    prepared = prepare_shipped(spec, data, get_registries(), cached, check_ids=check_ids)
+    payload = prepared.payload if cached is None and prepared.problem is None else None
+    return payload, (prepared.info, prepared.problem)
+
+
+def _estimate_task(holder: list[Any], model_key: str, job: JobSpec, x: torch.Tensor, point_ids: list[int],
+                   threads: int) -> list[PointResult]:
+    """Evaluate one batch. ``holder[0]``: an object reference to the model's checkpoint payload (or to a
+    live model, for :meth:`RayExecutor.map`), kept in a list so Ray does not fetch it when the model is
+    already built in this process."""
+    torch.set_num_threads(threads)
+    job = replace(job, run=replace(job.run, device=_worker_device(job.run.device)))
+    return evaluate_batch(job, _worker_model(model_key, holder[0], job.run.device), x, point_ids)
+
+
+def _worker_model(key: str, ref: Any, device: str) -> nn.Module:
+    if key in _MODELS:
+        _MODELS.move_to_end(key)
+        return _MODELS[key]
+    shipped = ray.get(ref)
+    if isinstance(shipped, dict):
+        model, _ = model_from_payload(shipped, get_registries().models.get, device=device)
+    else:
+        model = shipped.to(device).eval()
+    model.requires_grad_(False)  # as the local executor's models: attacks differentiate inputs only
+    _MODELS[key] = model
+    while len(_MODELS) > _KEEP_MODELS:
+        _MODELS.popitem(last=False)
+    return model
+
+
+_prepare_remote = ray.remote(_prepare_task)
+_estimate_remote = ray.remote(_estimate_task)
+
+
+# ---------------------------------------------------------------------------------------------
+# Coordinator side
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class RayExecutor:
+    """Runs a run's models and batches as Ray tasks (see the module docstring).
+
+    address: None (start a local Ray), "auto", "HOST:PORT" or "ray://HOST:PORT"; task_cpus: CPUs each
+    task declares (and torch threads it uses); task_gpus: GPUs each task declares when the device is CUDA
+    (fractions share a GPU); max_retries: retries of a task whose worker died or that raised;
+    init_options: extra ``ray.init`` keywords when this executor starts Ray itself.
+    """
+
+    address: str | None = None
+    task_cpus: float = 1.0
+    task_gpus: float = 1.0
+    max_retries: int = 2
+    init_options: dict[str, Any] = field(default_factory=dict)
+    runs_here = False  # the coordinator's own device is not where work runs
+
+    # --- batch level: robbench.evaluate(..., executor=RayExecutor()) ------------------------------
+    def map(self, model: VAEModel, batches: Iterable[Batch]) -> Iterator[tuple[Batch, list[PointResult]]]:
+        """Evaluate batches of one live model (shipped once through the object store), in completion order."""
+        self.connect()
+        holder, key = [ray.put(model)], f"live-{uuid.uuid4().hex}"
+        pending = {self._submit_batch(holder, key, batch): batch for batch in batches}
+        while pending:
+            ref = self._next(pending)
+            batch = pending.pop(ref)
+            yield batch, self._batch_results(ref, batch)
+
+    # --- run level: the runner's WorkExecutor -------------------------------------------------------
+    def run(self, work: Sequence[ModelWork], data: SplitData, *, progress: bool = False) -> Iterator[Event]:
+        """Prepare every model (a task each), then run its batches (a task each); yield events as tasks
+        finish. Writes only checkpoints the workers trained, into the coordinator's cache."""
+        self.connect()
+        data_ref = ray.put(data)
+        models: dict[Any, tuple[ModelWork, Any, bool]] = {}  # report ref -> (work, checkpoint ref, built by the task)
+        batches: dict[Any, Batch] = {}
+        for item in work:
+            cached = self._cached_payload(item.model, data)
+            cached_ref = None if cached is None else ray.put(cached)
+            payload_ref, report_ref = self._options(_prepare_remote, item.model.device, num_returns=2).remote(
+                item.model, data_ref, cached_ref, item.check_ids, self._threads())
+            models[report_ref] = (item, payload_ref if cached_ref is None else cached_ref, cached_ref is None)
+        while models or batches:
+            ref = self._next({**models, **batches})
+            if ref in batches:
+                batch = batches.pop(ref)
+                yield BatchDone(batch, self._batch_results(ref, batch), running=len(models) + len(batches))
+                continue
+            item, model_ref, built = models.pop(ref)
+            info, problem = self._model_report(ref)
+            if problem is None and built:
+                self._store_checkpoint(item.model, data, model_ref, info)
+            if problem is None:
+                holder = [model_ref]
+                for batch in item.batches:
+                    batches[self._submit_batch(holder, item.model.key, batch)] = batch
+            yield ModelReady(item, info, problem, running=len(models) + len(batches))
+
+    # --- helpers ------------------------------------------------------------------------------------
+    def connect(self) -> None:
+        """Use the Ray instance of this process, or join ``address``, or start a local one."""
+        if ray.is_initialized():
+            return
+        quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": "warning"}
+        if self.address is None:
+            ray.init(**{**quiet, **self.init_options})
+        else:
+            ray.init(address=self.address, **quiet)
+
+    def _options(self, remote: Any, device: str, **extra: Any) -> Any:
+        gpus = self.task_gpus if device.startswith("cuda") else 0
+        return remote.options(num_cpus=self.task_cpus, num_gpus=gpus, max_retries=self.max_retries,
+                              retry_exceptions=True, **extra)
+
+    def _threads(self) -> int:
+        return max(1, int(self.task_cpus))
+
+    def _submit_batch(self, holder: list[Any], model_key: str, batch: Batch) -> Any:
+        return self._options(_estimate_remote, batch.job.run.device).remote(
+            holder, model_key, batch.job, batch.x, batch.point_ids, self._threads())
+
+    @staticmethod
+    def _next(pending: dict[Any, Any]) -> Any:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        return ready[0]
+
+    def _batch_results(self, ref: Any, batch: Batch) -> list[PointResult]:
+        try:
+            return ray.get(ref)
+        except RayError as err:
+            message = self._describe(err)
+            return [PointResult(p, {}, None, message) for p in batch.point_ids]
+
+    def _model_report(self, ref: Any) -> tuple[dict[str, Any], str | None]:
+        try:
+            return ray.get(ref)
+        except RayError as err:
+            return {"error": self._describe(err)}, TRAINING_FAILED
+
+    def _describe(self, err: RayError) -> str:
+        """The task's own exception when it raised, else Ray's first line (worker died, node lost, ...)."""
+        cause = getattr(err, "cause", None) if isinstance(err, RayTaskError) else None
+        text = describe_error(cause) if isinstance(cause, BaseException) else \
+            f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        return f"{text} [ray task failed after {self.max_retries} retries]"
+
+    def _cached_payload(self, spec: ModelSpec, data: SplitData) -> dict[str, Any] | None:
+        """The coordinator's cached checkpoint of ``spec`` (None: train it, or a ready-built family)."""
+        path = self._checkpoint_file(spec, data)
+        if path is None or spec.retrain or not path.is_file():
+            return None
+        try:
+            return read_checkpoint(path)
+        except Exception as err:  # a corrupt or stale file is retrained rather than fatal
+            warnings.warn(f"could not load cached checkpoint {path} ({err}); retraining")
+            return None
+
+    def _checkpoint_file(self, spec: ModelSpec, data: SplitData) -> Path | None:
+        try:
+            family = get_registries().models.get(spec.family)
+        except Exception:  # an unknown family fails in its task, with the message stored
+            return None
+        if not family.trainable:
+            return None
+        return checkpoint_path(family, spec.params, data, spec.train, cache_dir=cache_dir() / "models",
+                               dataset_name=spec.dataset)[1]
+
+    def _store_checkpoint(self, spec: ModelSpec, data: SplitData, payload_ref: Any, info: dict[str, Any]) -> None:
+        """Write a checkpoint a worker trained into the coordinator's cache (the only writer of files);
+        nothing for a ready-built family."""
+        path = self._checkpoint_file(spec, data)
+        if path is None:
+            return
+        try:
+            write_checkpoint(path, ray.get(payload_ref))
+        except Exception as err:  # the results stand without the cache file; say so in the models table
+            info["cache_error"] = describe_error(err)
