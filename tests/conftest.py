@@ -12,17 +12,21 @@ import torch
 HERE = Path(__file__).parent
 
 
-@pytest.fixture
-def thirdparty_path(tmp_path: Path) -> Path:
-    """A directory that holds an 'installed' third-party plugin: module + .dist-info with its entry point."""
-    site = tmp_path / "site"
-    site.mkdir()
+def install_thirdparty(site: Path) -> Path:
+    """Make ``site`` hold an 'installed' third-party plugin: module + .dist-info with its entry point."""
+    site.mkdir(parents=True, exist_ok=True)
     shutil.copy(HERE / "thirdparty_plugin.py", site / "robbench_tp_demo.py")
     info = site / "robbench_tp_demo-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: robbench-tp-demo\nVersion: 0.1\n")
     (info / "entry_points.txt").write_text("[robbench]\ntp_demo = robbench_tp_demo\n")
     return site
+
+
+@pytest.fixture
+def thirdparty_path(tmp_path: Path) -> Path:
+    """A directory that holds an 'installed' third-party plugin (see :func:`install_thirdparty`)."""
+    return install_thirdparty(tmp_path / "site")
 
 
 @pytest.fixture

@@ -5,6 +5,9 @@ Written to a temporary directory as module ``robbench_tp_demo`` next to a ``.dis
 party's package would leave behind.
 """
 import math
+import os
+import signal
+import time
 
 import torch
 
@@ -90,6 +93,35 @@ def register_backends(register):
     register(NaiveBackend())
 
 
+class PixelMean:
+    """Mean pixel of each point, after an optional sleep. Fault injection for executor tests: when the
+    file named by $ROBBENCH_TP_KILL exists, a call SIGKILLs its own process (a worker dying mid-task) --
+    once (the call that removes the file) or, if the file says "always", every time."""
+
+    name = "tp_pixel_mean"
+    description = "third-party demo estimator: mean pixel (sleeps `seconds` per batch; fault injection via $ROBBENCH_TP_KILL)"
+    defaults = {"seconds": 0.0}
+    needs_attack = False
+
+    def __call__(self, ctx, x):
+        _maybe_die(os.environ.get("ROBBENCH_TP_KILL"))
+        time.sleep(float(ctx.params["seconds"]))
+        return [{"pixel_mean": float(xi.mean())} for xi in x]
+
+
+def _maybe_die(marker):
+    if not marker or not os.path.exists(marker):
+        return
+    try:
+        with open(marker) as f:
+            always = f.read().strip() == "always"
+        if not always:
+            os.remove(marker)  # only one process wins the removal, so only one dies
+    except OSError:
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
 @hookimpl
 def register_models(register):
     register(ModelFamily(name="tp_linear", description="third-party demo: a ready linear-Gaussian VAE",
@@ -110,3 +142,4 @@ def register_attacks(register):
 @hookimpl
 def register_estimators(register):
     register(DamageAtRadius())
+    register(PixelMean())
