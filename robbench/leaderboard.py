@@ -264,6 +264,11 @@ def write_leaderboard(store: ResultStore, run_dir: Path, *,
     else:  # only what the latest invocation asked for: its jobs, its points, its models
         points, model_keys = set(latest.points), set(latest.model_keys)
         rows = [row for row in store.rows(latest.jobs) if row.point_id in points]
+        # In planned order (jobs, then points), not the order rows were written: means are float sums, so
+        # rows that came back from a remote executor, or a resumed run, in another order must not change
+        # the last digits. The planned order is the order a fresh local run writes.
+        job_at, point_at = {key: i for i, key in enumerate(latest.jobs)}, {p: i for i, p in enumerate(latest.points)}
+        rows.sort(key=lambda row: (job_at[row.job_key], point_at[row.point_id]))
         models = {key: info for key, info in store.models().items() if key in model_keys}
     confidence = float((latest.config if latest else {}).get("confidence", RunSettings.confidence))
     declarations = store_declarations(store, {r.estimator for r in rows})

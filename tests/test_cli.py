@@ -73,3 +73,25 @@ def test_train_command_trains_and_caches_without_evaluating(tmp_path, monkeypatc
     assert json.loads(info)["test_elbo"] < 0
     assert main(args) == 0  # the second time the checkpoint comes from the cache
     assert "loaded from cache" in capsys.readouterr().out
+
+
+def test_ray_executor_without_ray_exits_2_with_the_install_hint(tmp_path, monkeypatch, capsys):
+    """As if Ray were not installed: rejected before any work, with the extra to install."""
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now raises ModuleNotFoundError
+    monkeypatch.delitem(sys.modules, "robbench.executors.ray", raising=False)
+    out = tmp_path / "run"
+    assert main(["run", "--executor", "ray", "--points", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "bad value for 'executor': 'ray'" in err and 'pip install "robbench[ray]"' in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--executor", "dask"], "bad value for 'executor': 'dask'; allowed: local, ray"),
+    (["--ray-address", "auto"], "'ray_address' is set ('auto') but 'executor' is 'local'"),
+])
+def test_bad_executor_settings_exit_2(tmp_path, capsys, args, expected):
+    out = tmp_path / "run"
+    assert main(["run", *args, "--out", str(out)]) == 2
+    assert expected in capsys.readouterr().err
+    assert not out.exists()
