@@ -108,7 +108,7 @@ class RayExecutor:
     address: None (start a local Ray), "auto", "HOST:PORT" or "ray://HOST:PORT"; task_cpus: CPUs each
     task declares (and torch threads it uses); task_gpus: GPUs each task declares when the device is CUDA
     (fractions share a GPU); max_retries: retries of a task whose worker died or that raised;
-    init_options: extra ``ray.init`` keywords when this executor starts Ray itself.
+    init_options: extra ``ray.init`` keywords (e.g. ``runtime_env``) when this executor connects Ray.
     """
 
     address: str | None = None
@@ -165,10 +165,7 @@ class RayExecutor:
         if ray.is_initialized():
             return
         quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": "warning"}
-        if self.address is None:
-            ray.init(**{**quiet, **self.init_options})
-        else:
-            ray.init(address=self.address, **quiet)
+        ray.init(**({} if self.address is None else {"address": self.address}), **{**quiet, **self.init_options})
 
     def _options(self, remote: Any, device: str, **extra: Any) -> Any:
         gpus = self.task_gpus if device.startswith("cuda") else 0
