@@ -6,7 +6,6 @@ marks only its own rows as errors (with the message) and the run goes on.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -139,6 +138,7 @@ class Runner:
         # Data and points first: an invocation that cannot start writes nothing.
         data = load_data(self.cfg, self.regs)
         point_ids = [int(p) for p in select_points(data, self.cfg.points, self.cfg.seed)]
+        self._array_points = set(point_ids[:self.cfg.keep_arrays])
         store = ResultStore(self.run_dir)
         store.record_run(RunRecord(self.cfg.to_dict(), [job.key for job in self.jobs],
                                    sorted({model_key(self.cfg, job.model) for job in self.jobs}), point_ids))
@@ -240,10 +240,10 @@ class Runner:
         """Keep an estimator's tensors (e.g. adversarial inputs) for the first points, for reports."""
         if not arrays:
             return
-        folder = arrays_dir(self.run_dir, job.key)
-        kept = len(list(folder.iterdir())) if folder.exists() else 0
-        if kept >= self.cfg.keep_arrays:
+        # The first keep_arrays points of the planned order: the same files whatever order results arrive in.
+        if point not in self._array_points:
             return
+        folder = arrays_dir(self.run_dir, job.key)
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().cpu().contiguous() for k, v in arrays.items()}
         tmp = folder / f"{point}.pt.tmp"
