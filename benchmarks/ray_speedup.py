@@ -8,7 +8,8 @@ per-task overhead. A benchmark, not a test: it prints figures, it asserts nothin
 What is timed (same machine, same cache, results checked equal):
 1. the models are trained once first (``robbench train``-like, not timed), so both runs load them, and
    the C++ kernel is built (or loaded) first, so neither run pays for compiling it;
-2. the local run (one process, as ``robbench run``);
+2. the local run (one process, as ``robbench run``, torch's default threads), and again with one torch
+   thread (what each Ray task uses: the speed-up that parallel tasks alone bring);
 3. the Ray run on a local Ray with ``--cpus`` CPUs (default: all of this machine's), Ray's start-up
    timed apart;
 4. per-task overhead: the same one-point batch evaluated ``--tasks`` times in this process (with torch's
@@ -111,11 +112,18 @@ def beta_speedup(quick: bool, console: Console) -> dict[str, float]:
     Runner(cfg, regs, out / "train", console=quiet, progress=False).run(evaluate=False).close()
     train_s = time.perf_counter() - t0
     timings = {}
-    for name, executor in (("local", None), ("ray", RayExecutor())):
+    default_threads = torch.get_num_threads()
+    # local: as `robbench run` (torch's default threads); local_1thread: one thread, as each Ray task uses.
+    for name, executor, threads in (("local", None, default_threads), ("local_1thread", None, 1),
+                                    ("ray", RayExecutor(), default_threads)):
         console.print(f"beta{' (quick)' if quick else ''}: {name} run ...")
-        t0 = time.perf_counter()
-        Runner(cfg, regs, out / name, console=quiet, progress=False, executor=executor).run().close()
-        timings[name] = time.perf_counter() - t0
+        torch.set_num_threads(threads)
+        try:
+            t0 = time.perf_counter()
+            Runner(cfg, regs, out / name, console=quiet, progress=False, executor=executor).run().close()
+            timings[name] = time.perf_counter() - t0
+        finally:
+            torch.set_num_threads(default_threads)
     rows = {}
     for name in timings:
         store = ResultStore.open_existing(out / name)
@@ -125,9 +133,11 @@ def beta_speedup(quick: bool, console: Console) -> dict[str, float]:
     models = len({(job.model.label, job.model.seed) for job in jobs})
     batches = len(jobs) * -(-cfg.points // cfg.point_batch)
     return {"beta_models": models, "beta_ray_tasks": models + batches, "beta_rows": len(rows["local"]),
-            "beta_results_equal": rows["local"] == rows["ray"], "beta_pretrain_s": train_s, "kernel_load_s": kernel_s,
-            "beta_local_s": timings["local"], "beta_ray_s": timings["ray"],
-            "beta_speedup": timings["local"] / timings["ray"]}
+            "beta_results_equal": rows["local"] == rows["ray"] == rows["local_1thread"],
+            "beta_pretrain_s": train_s, "kernel_load_s": kernel_s,
+            "beta_local_s": timings["local"], "beta_local_1thread_s": timings["local_1thread"],
+            "beta_ray_s": timings["ray"], "beta_speedup": timings["local"] / timings["ray"],
+            "beta_speedup_vs_1thread": timings["local_1thread"] / timings["ray"]}
 
 
 if __name__ == "__main__":

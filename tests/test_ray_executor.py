@@ -2,6 +2,7 @@
 a worker killed mid-task is survived, a killed coordinator resumes, bounded retries end in error rows."""
 from __future__ import annotations
 
+import io
 import os
 import signal
 import sqlite3
@@ -47,8 +48,9 @@ def _config(regs, **values):
     return cfg
 
 
-def _run(cfg, regs, run_dir, executor=None):
-    store = Runner(cfg, regs, run_dir, console=Console(quiet=True), progress=False, executor=executor).run()
+def _run(cfg, regs, run_dir, executor=None, console=None):
+    store = Runner(cfg, regs, run_dir, console=console or Console(quiet=True), progress=console is not None,
+                   executor=executor).run()
     store.close()
 
 
@@ -120,8 +122,9 @@ def test_a_task_that_keeps_dying_fails_its_rows_after_bounded_retries(fresh_plug
     regs = fresh_plugins.get_registries()
     cfg = _config(regs, attacks=[], estimators=["tp_pixel_mean", "encoder_stats"], points=2)
     marker.write_text("always")
+    shown = io.StringIO()
     try:
-        _run(cfg, regs, tmp_path / "run", RayExecutor(max_retries=1))
+        _run(cfg, regs, tmp_path / "run", RayExecutor(max_retries=1), Console(file=shown, width=200))
     finally:
         marker.unlink(missing_ok=True)
     rows = ResultStore.open_existing(tmp_path / "run").rows()
@@ -130,6 +133,8 @@ def test_a_task_that_keeps_dying_fails_its_rows_after_bounded_retries(fresh_plug
     failed = by_estimator["tp_pixel_mean"]
     assert all(r.status == "error" for r in failed)
     assert "after 1 retries" in failed[0].error and "Worker" in failed[0].error  # Ray's worker-died error
+    # The coordinator's one display: 3 tasks (the model, a batch per job), the dying one counted as failed.
+    assert "3/3" in shown.getvalue() and "failed 1" in shown.getvalue()
 
 
 def test_coordinator_killed_mid_run_resumes_without_duplicates(ray_cluster, tmp_path):

@@ -125,9 +125,9 @@ class RayExecutor:
         holder, key = [ray.put(model)], f"live-{uuid.uuid4().hex}"
         pending = {self._submit_batch(holder, key, batch): batch for batch in batches}
         while pending:
-            ref = self._next(pending)
-            batch = pending.pop(ref)
-            yield batch, self._batch_results(ref, batch)
+            for ref in self._ready(pending):
+                batch = pending.pop(ref)
+                yield batch, self._batch_results(ref, batch)
 
     # --- run level: the runner's WorkExecutor -------------------------------------------------------
     def run(self, work: Sequence[ModelWork], data: SplitData, *, progress: bool = False) -> Iterator[Event]:
@@ -144,20 +144,20 @@ class RayExecutor:
                 item.model, data_ref, cached_ref, item.check_ids, self._threads())
             models[report_ref] = (item, payload_ref if cached_ref is None else cached_ref, cached_ref is None)
         while models or batches:
-            ref = self._next({**models, **batches})
-            if ref in batches:
-                batch = batches.pop(ref)
-                yield BatchDone(batch, self._batch_results(ref, batch), running=len(models) + len(batches))
-                continue
-            item, model_ref, built = models.pop(ref)
-            info, problem = self._model_report(ref)
-            if problem is None and built:
-                self._store_checkpoint(item.model, data, model_ref, info)
-            if problem is None:
-                holder = [model_ref]
-                for batch in item.batches:
-                    batches[self._submit_batch(holder, item.model.key, batch)] = batch
-            yield ModelReady(item, info, problem, running=len(models) + len(batches))
+            for ref in self._ready({**models, **batches}):
+                if ref in batches:
+                    batch = batches.pop(ref)
+                    yield BatchDone(batch, self._batch_results(ref, batch), running=len(models) + len(batches))
+                    continue
+                item, model_ref, built = models.pop(ref)
+                info, problem = self._model_report(ref)
+                if problem is None and built:
+                    self._store_checkpoint(item.model, data, model_ref, info)
+                if problem is None:
+                    holder = [model_ref]
+                    for batch in item.batches:
+                        batches[self._submit_batch(holder, item.model.key, batch)] = batch
+                yield ModelReady(item, info, problem, running=len(models) + len(batches))
 
     # --- helpers ------------------------------------------------------------------------------------
     def connect(self) -> None:
@@ -180,9 +180,12 @@ class RayExecutor:
             holder, model_key, batch.job, batch.x, batch.point_ids, self._threads())
 
     @staticmethod
-    def _next(pending: dict[Any, Any]) -> Any:
-        ready, _ = ray.wait(list(pending), num_returns=1)
-        return ready[0]
+    def _ready(pending: dict[Any, Any]) -> list[Any]:
+        """Every finished task of ``pending``, waiting until there is at least one."""
+        refs = list(pending)
+        ready, _ = ray.wait(refs, num_returns=1)
+        more, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        return list(dict.fromkeys(ready + more))
 
     def _batch_results(self, ref: Any, batch: Batch) -> list[PointResult]:
         try:
