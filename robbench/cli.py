@@ -100,25 +100,12 @@ def default_run_dir(cfg: RunConfig, config_path: Path | None) -> Path:
     return Path("runs") / f"{'+'.join(cfg.models)}__{'+'.join(cfg.attacks)}__{cfg.dataset}"
 
 
-def executor_for(cfg: RunConfig) -> Any:
-    """The executor the configuration names (None: the runner's local default)."""
-    from robbench.execute import ExecutorUnavailable, executor_class
-
-    if cfg.executor == "local":
-        return None
-    try:
-        cls = executor_class(cfg.executor)
-    except ExecutorUnavailable as err:
-        raise ConfigError(f"bad value for 'executor': {cfg.executor!r}; {err}") from None
-    return cls(address=cfg.ray_address)
-
-
 def cmd_run(args: argparse.Namespace, console: Console, *, evaluate: bool) -> int:
     from robbench.leaderboard import write_leaderboard
     from robbench.runner import Runner
 
     cfg = config_from_args(args)
-    executor = executor_for(cfg)  # before any work: a missing optional dependency exits 2 here
+    executor = cfg.make_executor()  # before any work: a missing optional dependency exits 2 here
     run_dir = args.out or default_run_dir(cfg, args.config)
     runner = Runner(cfg, get_registries(), run_dir, console=console, retrain=args.retrain,
                     progress=not args.no_progress, executor=executor)

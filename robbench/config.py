@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from robbench.execute import EXECUTORS
+from robbench.execute import EXECUTORS, ExecutorUnavailable, configured_executor
 from robbench.plugins import Registries
 from robbench.registry import UnknownNameError
 from robbench.settings import RUN_WIDE_KEYS, RunSettings
@@ -81,6 +81,14 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def make_executor(self) -> Any:
+        """The executor the ``executor`` / ``ray_address`` keys name (None: the runner's local default);
+        an optional dependency that is not installed is a ConfigError naming the install command."""
+        try:
+            return configured_executor(self.executor, self.ray_address)
+        except ExecutorUnavailable as err:
+            raise ConfigError(f"bad value for 'executor': {self.executor!r}; {err}") from None
 
 
 @dataclass(frozen=True)

@@ -159,6 +159,14 @@ def make_executor(name: str = "local", **options: Any) -> Executor:
     return executor_class(name)(**options)
 
 
+def configured_executor(name: str, ray_address: str | None = None) -> Executor | None:
+    """The executor of a run configuration's ``executor`` / ``ray_address`` keys (None: the runner's local
+    default). Imports an optional dependency here, before any work, so a missing one fails early."""
+    if name == "local":
+        return None
+    return make_executor(name, address=ray_address)  # the only remote executor so far: Ray
+
+
 def nonfinite_metric(metrics: dict[str, Any]) -> str | None:
     """The first float metric that is NaN or infinite, described; None when all are finite."""
     for key, value in metrics.items():

@@ -49,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated subset of the experiments: {', '.join(EXPERIMENTS)}")
     parser.add_argument("--backend", default=None, help="Monte Carlo backend: auto or a registered one")
     parser.add_argument("--device", default=None, help="cpu or cuda[:N]")
+    parser.add_argument("--executor", default=None, help="local (default) or ray (see robbench run --help)")
+    parser.add_argument("--ray-address", default=None, help="executor ray: join this cluster (auto, HOST:PORT, ray://...)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -112,7 +114,9 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise ConfigError(f"bad value for --only: {', '.join(sorted(unknown))}; allowed: {', '.join(EXPERIMENTS)}")
     overrides = {k: v for k, v in (("backend", getattr(args, "backend", None)),
-                                   ("device", getattr(args, "device", None))) if v is not None}
+                                   ("device", getattr(args, "device", None)),
+                                   ("executor", getattr(args, "executor", None)),
+                                   ("ray_address", getattr(args, "ray_address", None))) if v is not None}
     regs = get_registries()
     timings: dict[str, float] = {}
     start = time.perf_counter()
@@ -127,9 +131,10 @@ def run(args: argparse.Namespace) -> int:
             except (ConfigError, UnknownNameError) as err:
                 console.print(f"[yellow]reproduce: skipping experiment {exp.name}: {err}[/yellow]")
                 break
+            executor = cfg.make_executor()  # before the experiment's work; one Ray instance serves them all
             console.rule(f"{exp.name} → {out / exp.name}")
-            Runner(cfg, regs, out / exp.name, console=console,
-                   progress=not getattr(args, "no_progress", False)).run().close()
+            Runner(cfg, regs, out / exp.name, console=console, progress=not getattr(args, "no_progress", False),
+                   executor=executor).run().close()
         timings[exp.name] = time.perf_counter() - t0
     if not any((out / name / "results.sqlite").exists() for name in EXPERIMENTS):
         console.print("[red]reproduce: no experiment ran; nothing to report[/red]")
