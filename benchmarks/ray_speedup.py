@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpus", type=int, default=os.cpu_count(), help="CPUs of the local Ray (default: all)")
     parser.add_argument("--tasks", type=int, default=30, help="tasks for the overhead measurement")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument("--skip-default-threads", action="store_true",
+                        help="time the local run with one torch thread only (not also with torch's default)")
     args = parser.parse_args(argv)
 
     import ray
@@ -48,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     figures = {"cpus": args.cpus, "machine_cpus": os.cpu_count(), "ray_start_s": time.perf_counter() - t0,
                "torch_threads_local": torch.get_num_threads(), "quick": args.quick}
     figures.update(task_overhead(RayExecutor(), args.tasks))
-    figures.update(beta_speedup(args.quick, console))
+    figures.update(beta_speedup(args.quick, console, default_threads=not args.skip_default_threads))
     ray.shutdown()
     print(json.dumps(figures, indent=2))
     if args.json:
@@ -88,7 +90,7 @@ def task_overhead(executor, tasks: int) -> dict[str, float]:
     return timings
 
 
-def beta_speedup(quick: bool, console: Console) -> dict[str, float]:
+def beta_speedup(quick: bool, console: Console, *, default_threads: bool = True) -> dict[str, float]:
     """Wall seconds of the beta config run locally and on Ray (models trained beforehand), results compared."""
     from robbench.config import build_config, validate_against_plugins
     from robbench.executors.ray import RayExecutor
@@ -112,10 +114,11 @@ def beta_speedup(quick: bool, console: Console) -> dict[str, float]:
     Runner(cfg, regs, out / "train", console=quiet, progress=False).run(evaluate=False).close()
     train_s = time.perf_counter() - t0
     timings = {}
-    default_threads = torch.get_num_threads()
+    threads_now = torch.get_num_threads()
     # local: as `robbench run` (torch's default threads); local_1thread: one thread, as each Ray task uses.
-    for name, executor, threads in (("local", None, default_threads), ("local_1thread", None, 1),
-                                    ("ray", RayExecutor(), default_threads)):
+    runs = [("local", None, threads_now)] if default_threads else []
+    runs += [("local_1thread", None, 1), ("ray", RayExecutor(), threads_now)]
+    for name, executor, threads in runs:
         console.print(f"beta{' (quick)' if quick else ''}: {name} run ...")
         torch.set_num_threads(threads)
         try:
@@ -123,7 +126,7 @@ def beta_speedup(quick: bool, console: Console) -> dict[str, float]:
             Runner(cfg, regs, out / name, console=quiet, progress=False, executor=executor).run().close()
             timings[name] = time.perf_counter() - t0
         finally:
-            torch.set_num_threads(default_threads)
+            torch.set_num_threads(threads_now)
     rows = {}
     for name in timings:
         store = ResultStore.open_existing(out / name)
@@ -132,12 +135,14 @@ def beta_speedup(quick: bool, console: Console) -> dict[str, float]:
     jobs = Runner(cfg, regs, out / "local", console=quiet, progress=False).jobs
     models = len({(job.model.label, job.model.seed) for job in jobs})
     batches = len(jobs) * -(-cfg.points // cfg.point_batch)
-    return {"beta_models": models, "beta_ray_tasks": models + batches, "beta_rows": len(rows["local"]),
-            "beta_results_equal": rows["local"] == rows["ray"] == rows["local_1thread"],
-            "beta_pretrain_s": train_s, "kernel_load_s": kernel_s,
-            "beta_local_s": timings["local"], "beta_local_1thread_s": timings["local_1thread"],
-            "beta_ray_s": timings["ray"], "beta_speedup": timings["local"] / timings["ray"],
-            "beta_speedup_vs_1thread": timings["local_1thread"] / timings["ray"]}
+    figures = {"beta_models": models, "beta_ray_tasks": models + batches, "beta_rows": len(rows["ray"]),
+               "beta_results_equal": all(r == rows["ray"] for r in rows.values()),
+               "beta_pretrain_s": train_s, "kernel_load_s": kernel_s,
+               "beta_local_1thread_s": timings["local_1thread"], "beta_ray_s": timings["ray"],
+               "beta_speedup_vs_1thread": timings["local_1thread"] / timings["ray"]}
+    if "local" in timings:
+        figures.update(beta_local_s=timings["local"], beta_speedup=timings["local"] / timings["ray"])
+    return figures
 
 
 if __name__ == "__main__":
