@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def task_overhead(executor, tasks: int) -> dict[str, float]:
     """Seconds per one-point batch: in this process, and as a Ray task round trip (one at a time)."""
-    from robbench.analytic import LinearGaussianVAE
+    from robbench_plugins.analytic import LinearGaussianVAE
     from robbench.execute import Batch, JobSpec, LocalExecutor
     from robbench.plugins import get_registries
     from robbench.settings import RunSettings
@@ -95,7 +95,7 @@ def beta_speedup(quick: bool, console: Console, *, default_threads: bool = True)
     from robbench.config import build_config, validate_against_plugins
     from robbench.executors.ray import RayExecutor
     from robbench.plugins import get_registries
-    from robbench.reproduce import experiments
+    from robbench.paper.reproduce import experiments
     from robbench.runner import Runner
     from robbench.store import ResultStore
 
