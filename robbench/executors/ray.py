@@ -25,7 +25,6 @@ This is the only robbench module that imports ``ray`` (install with ``pip instal
 """
 from __future__ import annotations
 
-import uuid
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
@@ -68,17 +67,20 @@ def _prepare_task(spec: ModelSpec, data: SplitData, cached: dict[str, Any] | Non
     return payload, (prepared.info, prepared.problem)
 
 
-def _estimate_task(holder: list[Any], model_key: str, job: JobSpec, x: torch.Tensor, point_ids: list[int],
+def _estimate_task(holder: list[Any], job: JobSpec, x: torch.Tensor, point_ids: list[int],
                    threads: int) -> list[PointResult]:
     """Evaluate one batch. ``holder[0]``: an object reference to the model's checkpoint payload (or to a
     live model, for :meth:`RayExecutor.map`), kept in a list so Ray does not fetch it when the model is
     already built in this process."""
     torch.set_num_threads(threads)
     job = replace(job, run=replace(job.run, device=_worker_device(job.run.device)))
-    return evaluate_batch(job, _worker_model(model_key, holder[0], job.run.device), x, point_ids)
+    return evaluate_batch(job, _worker_model(holder[0], job.run.device), x, point_ids)
 
 
-def _worker_model(key: str, ref: Any, device: str) -> nn.Module:
+def _worker_model(ref: Any, device: str) -> nn.Module:
+    """The model behind ``ref``, built once per worker process (keyed by the object, so two different
+    checkpoints can never be confused, whatever the run or model key)."""
+    key = f"{ref.hex()}@{device}"
     if key in _MODELS:
         _MODELS.move_to_end(key)
         return _MODELS[key]
@@ -122,8 +124,8 @@ class RayExecutor:
     def map(self, model: VAEModel, batches: Iterable[Batch]) -> Iterator[tuple[Batch, list[PointResult]]]:
         """Evaluate batches of one live model (shipped once through the object store), in completion order."""
         self.connect()
-        holder, key = [ray.put(model)], f"live-{uuid.uuid4().hex}"
-        pending = {self._submit_batch(holder, key, batch): batch for batch in batches}
+        holder = [ray.put(model)]
+        pending = {self._submit_batch(holder, batch): batch for batch in batches}
         while pending:
             for ref in self._ready(pending):
                 batch = pending.pop(ref)
@@ -156,7 +158,7 @@ class RayExecutor:
                 if problem is None:
                     holder = [model_ref]
                     for batch in item.batches:
-                        batches[self._submit_batch(holder, item.model.key, batch)] = batch
+                        batches[self._submit_batch(holder, batch)] = batch
                 yield ModelReady(item, info, problem, running=len(models) + len(batches))
 
     # --- helpers ------------------------------------------------------------------------------------
@@ -175,9 +177,9 @@ class RayExecutor:
     def _threads(self) -> int:
         return max(1, int(self.task_cpus))
 
-    def _submit_batch(self, holder: list[Any], model_key: str, batch: Batch) -> Any:
+    def _submit_batch(self, holder: list[Any], batch: Batch) -> Any:
         return self._options(_estimate_remote, batch.job.run.device).remote(
-            holder, model_key, batch.job, batch.x, batch.point_ids, self._threads())
+            holder, batch.job, batch.x, batch.point_ids, self._threads())
 
     @staticmethod
     def _ready(pending: dict[Any, Any]) -> list[Any]:
