@@ -15,6 +15,7 @@ import pytest
 from rich.console import Console
 
 from conftest import install_thirdparty
+from robbench import hookimpl
 from robbench.config import build_config, validate_against_plugins
 from robbench.runner import Runner
 from robbench.store import ResultStore
@@ -135,6 +136,40 @@ def test_a_task_that_keeps_dying_fails_its_rows_after_bounded_retries(fresh_plug
     assert "after 1 retries" in failed[0].error and "Worker" in failed[0].error  # Ray's worker-died error
     # The coordinator's one display: 3 tasks (the model, a batch per job), the dying one counted as failed.
     assert "3/3" in shown.getvalue() and "failed 1" in shown.getvalue()
+
+
+class CoordinatorOnly:
+    """An estimator registered in this process only: Ray workers do not have it (a plugin missing on a node)."""
+
+    name = "coordinator_only"
+    description = "test: exists on the coordinator, not on the workers"
+    defaults = {}
+    needs_attack = False
+
+    def __call__(self, ctx, x):
+        return [{"one": 1.0} for _ in x]
+
+
+class CoordinatorOnlyPlugin:
+    @hookimpl
+    def register_estimators(self, register):
+        register(CoordinatorOnly())
+
+
+def test_a_task_that_raises_is_retried_then_fails_its_rows_with_the_error(fresh_plugins, ray_cluster, tmp_path):
+    plugin = CoordinatorOnlyPlugin()
+    fresh_plugins.register_plugin(plugin, name="coordinator-only")
+    try:
+        regs = fresh_plugins.get_registries()
+        cfg = _config(regs, attacks=[], estimators=["coordinator_only", "encoder_stats"], points=2)
+        _run(cfg, regs, tmp_path / "run", RayExecutor(max_retries=1))
+    finally:
+        fresh_plugins.unregister_plugin(plugin)
+    rows = ResultStore.open_existing(tmp_path / "run").rows()
+    failed = [r for r in rows if r.estimator == "coordinator_only"]
+    assert len(rows) == 4 and all(r.status == "ok" for r in rows if r.estimator == "encoder_stats")
+    assert len(failed) == 2 and all(r.status == "error" for r in failed)
+    assert "unknown estimator 'coordinator_only'" in failed[0].error and "after 1 retries" in failed[0].error
 
 
 def test_coordinator_killed_mid_run_resumes_without_duplicates(ray_cluster, tmp_path):

@@ -25,6 +25,7 @@ This is the only robbench module that imports ``ray`` (install with ``pip instal
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
@@ -50,6 +51,22 @@ from robbench.work import BatchDone, Event, ModelReady, ModelWork
 # ---------------------------------------------------------------------------------------------
 _MODELS: OrderedDict[str, nn.Module] = OrderedDict()  # this worker process's built models, newest last
 _KEEP_MODELS = 2
+
+
+class WorkerError(RuntimeError):
+    """An exception raised in a task, as its description only: plugin exceptions may not survive pickling
+    (a custom ``__init__``), and the coordinator needs the message for the failed rows."""
+
+
+def _plain_errors(task):
+    """Run ``task`` with any exception re-raised as a :class:`WorkerError` (still retried by Ray)."""
+    @functools.wraps(task)
+    def run(*args: Any) -> Any:
+        try:
+            return task(*args)
+        except Exception as err:
+            raise WorkerError(describe_error(err)) from None
+    return run
 
 
 def _worker_device(name: str) -> str:
@@ -96,8 +113,8 @@ def _worker_model(ref: Any, device: str) -> nn.Module:
     return model
 
 
-_prepare_remote = ray.remote(_prepare_task)
-_estimate_remote = ray.remote(_estimate_task)
+_prepare_remote = ray.remote(_plain_errors(_prepare_task))
+_estimate_remote = ray.remote(_plain_errors(_estimate_task))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,10 +220,15 @@ class RayExecutor:
             return {"error": self._describe(err)}, TRAINING_FAILED
 
     def _describe(self, err: RayError) -> str:
-        """The task's own exception when it raised, else Ray's first line (worker died, node lost, ...)."""
+        """The task's own error when it raised, else Ray's first line (worker died, node lost, ...)."""
         cause = getattr(err, "cause", None) if isinstance(err, RayTaskError) else None
-        text = describe_error(cause) if isinstance(cause, BaseException) else \
-            f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        if isinstance(cause, WorkerError):
+            text = str(cause)
+        elif isinstance(cause, BaseException):
+            text = describe_error(cause)
+        else:
+            lines = str(err).strip().splitlines()
+            text = f"{type(err).__name__}: {lines[0] if lines else ''}"
         return f"{text} [ray task failed after {self.max_retries} retries]"
 
     def _cached_payload(self, spec: ModelSpec, data: SplitData) -> dict[str, Any] | None:
