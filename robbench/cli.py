@@ -105,10 +105,9 @@ def cmd_run(args: argparse.Namespace, console: Console, *, evaluate: bool) -> in
     from robbench.runner import Runner
 
     cfg = config_from_args(args)
-    executor = cfg.make_executor()  # before any work: a missing optional dependency exits 2 here
     run_dir = args.out or default_run_dir(cfg, args.config)
     runner = Runner(cfg, get_registries(), run_dir, console=console, retrain=args.retrain,
-                    progress=not args.no_progress, executor=executor)
+                    progress=not args.no_progress)
     console.print(f"robbench: {len(runner.jobs)} jobs × {cfg.points} points → {run_dir}")
     store = runner.run(evaluate=evaluate)
     if evaluate:

@@ -82,11 +82,11 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def make_executor(self) -> Any:
-        """The executor the ``executor`` / ``ray_address`` keys name (None: the runner's local default);
-        an optional dependency that is not installed is a ConfigError naming the install command."""
+    def make_executor(self, registries: Registries | None = None) -> Any:
+        """The executor the ``executor`` / ``ray_address`` keys name, built with ``registries``; an optional
+        dependency that is not installed is a ConfigError naming the install command."""
         try:
-            return configured_executor(self.executor, self.ray_address)
+            return configured_executor(self.executor, registries=registries, ray_address=self.ray_address)
         except ExecutorUnavailable as err:
             raise ConfigError(f"bad value for 'executor': {self.executor!r}; {err}") from None
 

@@ -127,10 +127,10 @@ class LocalExecutor:
                                         raise_errors=self.raise_errors)
 
 
-# Executors by name (the ``executor`` config key / ``--executor``), as "module:Class" so that an optional
-# dependency (Ray) is imported only when its executor is asked for; each is constructed as
+# Executors by name (the ``executor`` config key / ``--executor``): a class, or "module:Class" so that an
+# optional dependency (Ray) is imported only when its executor is asked for; each is constructed as
 # ``cls(registries=..., **options)``. INSTALL says how to get what an executor needs.
-EXECUTORS: dict[str, str] = {"local": "robbench.execute:LocalExecutor", "ray": "robbench.executors.ray:RayExecutor"}
+EXECUTORS: dict[str, type | str] = {"local": "robbench.execute:LocalExecutor", "ray": "robbench.executors.ray:RayExecutor"}
 INSTALL = {"ray": 'pip install "robbench[ray]"  (from a checkout: pip install -e ".[ray]")'}
 
 
@@ -143,6 +143,8 @@ def executor_class(name: str) -> type:
     when its dependency is missing."""
     if name not in EXECUTORS:
         raise ValueError(f"unknown executor {name!r}; available: {', '.join(sorted(EXECUTORS))}")
+    if not isinstance(EXECUTORS[name], str):
+        return EXECUTORS[name]
     module, _, attr = EXECUTORS[name].partition(":")
     try:
         return getattr(importlib.import_module(module), attr)
@@ -159,12 +161,14 @@ def make_executor(name: str = "local", **options: Any) -> Executor:
     return executor_class(name)(**options)
 
 
-def configured_executor(name: str, ray_address: str | None = None) -> Executor | None:
-    """The executor of a run configuration's ``executor`` / ``ray_address`` keys (None: the runner's local
-    default). Imports an optional dependency here, before any work, so a missing one fails early."""
-    if name == "local":
-        return None
-    return make_executor(name, address=ray_address)  # the only remote executor so far: Ray
+def configured_executor(name: str, *, registries: Registries | None = None,
+                        ray_address: str | None = None) -> Executor:
+    """The executor of a run configuration's ``executor`` / ``ray_address`` keys. Imports an optional
+    dependency here, before any work, so a missing one fails early (ExecutorUnavailable)."""
+    options: dict[str, Any] = {"registries": registries}
+    if ray_address is not None:  # the configuration allows an address only with executor: ray
+        options["address"] = ray_address
+    return make_executor(name, **options)
 
 
 def nonfinite_metric(metrics: dict[str, Any]) -> str | None:

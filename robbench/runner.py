@@ -17,7 +17,7 @@ from rich.markup import escape
 from robbench import terminal
 from robbench.config import (AttackConfig, ConfigError, ModelConfig, RunConfig, attack_configs,
                              estimator_params, model_configs, stable_hash)
-from robbench.execute import Batch, Executor, JobSpec, PointResult, make_executor
+from robbench.execute import Batch, Executor, JobSpec, PointResult
 from robbench.leaderboard import write_leaderboard
 from robbench.paths import cache_dir
 from robbench.plugins import Registries
@@ -125,7 +125,8 @@ class Runner:
         self.cfg, self.regs, self.run_dir = cfg, regs, Path(run_dir)
         self.console = console or terminal.console()
         self.retrain, self.progress = retrain, progress
-        self.executor = executor or make_executor(cfg.executor, registries=regs)
+        # Before any work: a configured executor whose dependency is missing is a ConfigError (exit 2).
+        self.executor = executor or cfg.make_executor(regs)
         # A remote executor places work on its own devices; a local one needs this machine's.
         self.device = (resolve_device(cfg.device) if getattr(self.executor, "runs_here", True)
                        else torch.device(cfg.device))

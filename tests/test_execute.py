@@ -114,5 +114,5 @@ def test_executor_is_chosen_by_name_in_the_config(fresh_plugins, tmp_path, monke
                         "estimators": ["encoder_stats"], "executor": "named_test"})
     Runner(cfg, regs, tmp_path, console=Console(quiet=True), progress=False).run()
     assert Named.used == 1 and len(ResultStore.open_existing(tmp_path).rows()) == 2
-    with pytest.raises(ConfigError, match="'executor': 'ray'; allowed: local"):
-        build_config({"executor": "ray"})
+    with pytest.raises(ConfigError, match="'executor': 'dask'; allowed: local, named_test, ray"):
+        build_config({"executor": "dask"})

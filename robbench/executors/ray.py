@@ -39,7 +39,7 @@ from torch import nn
 
 from robbench.execute import Batch, JobSpec, PointResult, describe_error, evaluate_batch
 from robbench.paths import cache_dir
-from robbench.plugins import get_registries
+from robbench.plugins import Registries, get_registries
 from robbench.prepare import TRAINING_FAILED, ModelSpec, prepare_shipped
 from robbench.protocols import SplitData, VAEModel
 from robbench.training import checkpoint_path, model_from_payload, read_checkpoint, write_checkpoint
@@ -124,13 +124,15 @@ _estimate_remote = ray.remote(_plain_errors(_estimate_task))
 class RayExecutor:
     """Runs a run's models and batches as Ray tasks (see the module docstring).
 
-    address: None (start a local Ray), "auto", "HOST:PORT" or "ray://HOST:PORT"; task_cpus: CPUs each
+    address: None (start a local Ray), "auto", "HOST:PORT" or "ray://HOST:PORT"; registries: the
+    coordinator's (for cache look-ups; workers use their own plugin registries); task_cpus: CPUs each
     task declares (and torch threads it uses); task_gpus: GPUs each task declares when the device is CUDA
     (fractions share a GPU); max_retries: retries of a task whose worker died or that raised;
     init_options: extra ``ray.init`` keywords (e.g. ``runtime_env``) when this executor connects Ray.
     """
 
     address: str | None = None
+    registries: Registries | None = None
     task_cpus: float = 1.0
     task_gpus: float = 1.0
     max_retries: int = 2
@@ -244,7 +246,7 @@ class RayExecutor:
 
     def _checkpoint_file(self, spec: ModelSpec, data: SplitData) -> Path | None:
         try:
-            family = get_registries().models.get(spec.family)
+            family = (self.registries or get_registries()).models.get(spec.family)
         except Exception:  # an unknown family fails in its task, with the message stored
             return None
         if not family.trainable:

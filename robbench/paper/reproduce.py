@@ -131,10 +131,9 @@ def run(args: argparse.Namespace) -> int:
             except (ConfigError, UnknownNameError) as err:
                 console.print(f"[yellow]reproduce: skipping experiment {exp.name}: {err}[/yellow]")
                 break
-            executor = cfg.make_executor()  # before the experiment's work; one Ray instance serves them all
             console.rule(f"{exp.name} → {out / exp.name}")
-            Runner(cfg, regs, out / exp.name, console=console, progress=not getattr(args, "no_progress", False),
-                   executor=executor).run().close()
+            Runner(cfg, regs, out / exp.name, console=console,
+                   progress=not getattr(args, "no_progress", False)).run().close()
         timings[exp.name] = time.perf_counter() - t0
     if not any((out / name / "results.sqlite").exists() for name in EXPERIMENTS):
         console.print("[red]reproduce: no experiment ran; nothing to report[/red]")
