@@ -47,6 +47,14 @@ class LinearGaussianVAE(nn.Module):
     def decode(self, z: Tensor) -> Tensor:
         return (z @ self.W.T + self.b).view(-1, *self.input_shape)
 
+    def encoder_mean_layers(self) -> list[nn.Module]:
+        """mu(x) as plain modules (Flatten, Linear(A, c)), for the certified bounds (robbench.bounds)."""
+        lin = nn.Linear(self.A.shape[1], self.A.shape[0])
+        with torch.no_grad():
+            lin.weight.copy_(self.A)
+            lin.bias.copy_(self.c)
+        return [nn.Flatten(), lin]
+
     def log_likelihood(self, x: Tensor, recon: Tensor) -> Tensor:
         sq = (x - recon).flatten(1).pow(2).sum(1)
         return -0.5 * sq - 0.5 * x[0].numel() * math.log(2 * math.pi)

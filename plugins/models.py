@@ -70,6 +70,21 @@ class VAE(nn.Module):
         """log p(x | z) with decoder mean ``recon``; x, recon: (B, *input_shape); returns (B,) nats."""
         return self.likelihood.log_prob(x.flatten(1), recon.flatten(1))
 
+    def encoder_mean_layers(self) -> list[nn.Module]:
+        """mu(x) as a plain module list (the encoder with its last layer cut to the k mean outputs), for
+        the certified bounds of :mod:`robbench.bounds`. Raises ValueError for an encoder that is not an
+        ``nn.Sequential`` ending in ``nn.Linear``."""
+        layers = list(self.encoder.children()) if isinstance(self.encoder, nn.Sequential) else []
+        if not layers or not isinstance(layers[-1], nn.Linear):
+            raise ValueError(f"{type(self).__name__}: encoder is not an nn.Sequential ending in nn.Linear")
+        last, k = layers[-1], self.latent_dim
+        head = nn.Linear(last.in_features, k, bias=last.bias is not None)
+        with torch.no_grad():
+            head.weight.copy_(last.weight[:k])
+            if last.bias is not None:
+                head.bias.copy_(last.bias[:k])
+        return [*layers[:-1], head]
+
     def loss(self, x: Tensor) -> tuple[Tensor, dict[str, float]]:
         """One-sample reparameterised objective on a batch; returns (scalar, logs incl. ``elbo``)."""
         mu, sigma = self.encode(x)
