@@ -44,7 +44,7 @@ def describe(module: nn.Module) -> tuple[str, dict]:
             raise ValueError(f"ELU with alpha={module.alpha} < 0 is not supported")
         return "elu", {"alpha": float(module.alpha)}
     if isinstance(module, nn.Softplus):
-        return "softplus", {"beta": float(module.beta)}
+        return "softplus", {"beta": float(module.beta), "threshold": float(module.threshold)}
     if isinstance(module, nn.Sigmoid):
         return "sigmoid", {}
     if isinstance(module, nn.Tanh):
@@ -121,8 +121,9 @@ def derivative_range(kind: str, p: dict, lo: Tensor, hi: Tensor) -> tuple[Tensor
         high = torch.where(has_pos, torch.maximum(cands_high, one), cands_high)
         return low, high
     if kind == "softplus":
-        b = p["beta"]
-        return torch.sigmoid(b * lo), torch.sigmoid(b * hi)
+        b, t = p["beta"], p.get("threshold", 20.0)
+        # torch's Softplus is the identity (slope 1) where beta * x > threshold
+        return torch.sigmoid(b * lo), torch.where(b * hi > t, torch.ones_like(hi), torch.sigmoid(b * hi))
     if kind == "sigmoid":
         def sp(v: Tensor) -> Tensor:
             s = torch.sigmoid(v)

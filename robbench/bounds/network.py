@@ -103,7 +103,10 @@ def dense_steps(layers: Sequence[nn.Module], input_shape: tuple[int, ...], *,
         elif isinstance(layer, MaxMin):
             steps.append(PairSort())
         else:
-            kind, params = activations.describe(layer)  # raises ValueError for unknown modules
+            try:
+                kind, params = activations.describe(layer)
+            except ValueError as exc:
+                raise UnsupportedNetwork(str(exc)) from None
             steps.append(Elementwise(kind, params))
     return steps
 
