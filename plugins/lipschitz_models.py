@@ -19,7 +19,7 @@ the certificate takes it at the clean input. ``constrain_decoder: true`` builds 
 layers (1-Lipschitz up to the final Sigmoid); otherwise it is the plain MLP decoder of the other families.
 
 Parameters (besides ``latent_dim``, ``hidden``, ``layers``, ``likelihood``, ``obs_sigma`` shared with the
-other families): ``lipschitz`` (sweep, default 1.0), ``sigma_floor`` (sweep, default 0.1), ``constraint``,
+other families): ``lipschitz`` (sweep, default 1.0), ``sigma_floor`` (sweep, default 1.0), ``constraint``,
 ``activation`` (``groupsort`` or any activation of the other families), ``bjorck_iters`` (default 4),
 ``beta`` (KL weight, default 1), ``constrain_decoder`` (default false).
 """
@@ -111,7 +111,7 @@ class LipschitzVAE(VAE):
 
 
 DEFAULTS: dict[str, Any] = {"latent_dim": 10, "hidden": 256, "layers": 1, "likelihood": "auto", "obs_sigma": None,
-                            "lipschitz": 1.0, "sigma_floor": 0.1, "constraint": "bjorck", "activation": "groupsort",
+                            "lipschitz": 1.0, "sigma_floor": 1.0, "constraint": "bjorck", "activation": "groupsort",
                             "bjorck_iters": 4, "beta": 1.0, "constrain_decoder": False}
 
 

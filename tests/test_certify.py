@@ -273,3 +273,41 @@ def test_lipschitz_vae_parameters_are_validated():
         with pytest.raises(ValueError, match=match):
             fam.validate(bad)
     fam.validate({"lipschitz": [1.0, 2.0], "sigma_floor": [0.1, 0.5], "activation": "relu", "hidden": 33})
+
+
+# --- leaderboard and sandwich -------------------------------------------------------------------
+def _rows_with_certificates():
+    from robbench.store import ResultRow
+
+    rows = []
+    for p, (margin, cert, bound) in enumerate([(2.0, 1.0, 0.5), (4.0, 1.0, None), (1.0, 0.0, 0.2)]):
+        rows.append(ResultRow("m", p, "lip", 0, "max_damage", "margin", "ok",
+                              {"margin": margin, "margin_lo": margin - 0.1, "margin_hi": margin + 0.1}, None, 0.1))
+        rows.append(ResultRow("c", p, "lip", 0, "", "certified", "ok",
+                              {"r_cert": cert, "r_cert_status": "ok" if cert else "vacuous",
+                               "r_cert_method": "lipschitz" if cert else None}, None, 0.1))
+        rows.append(ResultRow("b", p, "lip", 0, "", "bound", "ok", {"bound": bound}, None, 0.1))
+    return rows
+
+
+def test_leaderboard_shows_r_cert_beside_r_with_ratio():
+    from robbench.leaderboard import leaderboard_rows, render_markdown
+
+    (rec,) = leaderboard_rows(_rows_with_certificates())
+    assert rec["r_cert_mean"] == pytest.approx(2.0 / 3)
+    assert rec["r_cert_ratio"] == pytest.approx((0.5 + 0.25 + 0.0) / 3)
+    assert rec["r_cert_above_r"] == 0
+    assert "mean R_cert" in render_markdown([rec]) and "R_cert/R" in render_markdown([rec])
+
+
+def test_sandwich_points_summary_and_figure(tmp_path):
+    from robbench.sandwich import draw_sandwich, sandwich_points, summarise
+
+    groups = sandwich_points(_rows_with_certificates())
+    pts = groups["lip"]
+    assert [p.margin for p in pts] == [1.0, 2.0, 4.0]  # sorted by R
+    assert pts[1].r_cert == 1.0 and pts[1].bound == 0.5 and pts[2].bound is None
+    s = summarise(pts)
+    assert s.points == 3 and s.violations == 0 and s.vacuous == 1 and s.methods == {"lipschitz": 2}
+    assert s.max_ratio == 0.5 and s.ratio == pytest.approx(0.25)
+    assert draw_sandwich(groups, tmp_path / "s.png").stat().st_size > 1000

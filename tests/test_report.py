@@ -94,6 +94,18 @@ def _rows_routes() -> list[ResultRow]:
     return rows
 
 
+def _rows_certified() -> list[ResultRow]:
+    """certified + margin for one model (no bound rows: they would enter the Theorem 1 claim's numbers)."""
+    rows = []
+    for p in POINTS:
+        r = 1.0 + 0.1 * p
+        rows.append(ResultRow("c-m", p, "lipschitz_vae", 0, "max_damage", "margin", "ok",
+                              {"margin": r, "margin_lo": r - 0.05, "margin_hi": r + 0.05}, None, 0.1))
+        rows.append(ResultRow("c-c", p, "lipschitz_vae", 0, "", "certified", "ok",
+                              {"r_cert": 0.6 * r, "r_cert_status": "ok", "r_cert_method": "lipschitz"}, None, 0.1))
+    return rows
+
+
 def _config(**over) -> dict:
     cfg = {"models": ["beta_vae"], "attacks": ["max_damage"], "estimators": ["margin"], "points": len(POINTS),
            "model_seeds": list(SEEDS), "r": 4.0, "m": 0.5, "train": {"epochs": 1}, "estimator_params": {}}
@@ -130,6 +142,10 @@ def runs(tmp_path_factory) -> Path:
     store.write(_rows_tau())
     _record_run(store, _config(models=["sigma_offset_vae"]), [f"t-{t}" for t in TAUS])
     store.close()
+    store = ResultStore(root / "certified")
+    store.write(_rows_certified())
+    _record_run(store, _config(models=["lipschitz_vae"], estimators=["margin", "certified"]), ["c-m", "c-c"])
+    store.close()
     store = ResultStore(root / "routes")
     store.write(_rows_routes())
     _record_run(store, _config(estimators=["damage"]), sorted({r.job_key for r in _rows_routes()}))
@@ -150,7 +166,7 @@ def test_report_builds_all_figures_and_fills_claims_from_data(runs: Path) -> Non
     text = md.read_text()
     pngs = sorted((runs / REPORT_DIR).glob("*.png"))
     assert [p.stem for p in pngs] == sorted(
-        ["fig1_8_reconstructions", "fig4_damage_by_route", "fig5_7left_sweep", "fig6abc_bound_vs_margin",
+        ["certified_sandwich", "fig1_8_reconstructions", "fig4_damage_by_route", "fig5_7left_sweep", "fig6abc_bound_vs_margin",
          "fig6def_degradation_vs_margin", "fig7_9b_likelihood", "fig9acd_distributions"])
     for png in pngs:
         w, h = _png_size(png)
@@ -204,7 +220,7 @@ def test_claims_not_tested_and_figures_skipped_without_data(tmp_path: Path) -> N
     assert text.count("not tested in this run") == len(verdicts)
     assert [p.stem for p in (tmp_path / REPORT_DIR).glob("*.png")] == ["fig9acd_distributions"]
     assert "Not produced: this run has no data for it. It needs estimator sweep" in text
-    assert text.count("Not produced") == 6
+    assert text.count("Not produced") == 7  # every figure but fig9acd (incl. the certified sandwich)
 
 
 def test_likelihood_levels_come_from_each_jobs_config(runs: Path) -> None:
