@@ -37,6 +37,17 @@ def _f(value: Any) -> float | None:
     return v if math.isfinite(v) else None
 
 
+def _settings(ctx: EstimationContext) -> tuple[float, float, float, str, int]:
+    """(r, m, confidence, backend, seed): the run-wide settings, from ``ctx.run`` where the harness
+    provides one, else from the merged ``ctx.params``."""
+    run = getattr(ctx, "run", None)
+    if run is not None:
+        return float(run.r), float(run.m), float(run.confidence), str(run.backend), int(run.seed)
+    p = ctx.params
+    return (float(p.get("r", 4.0)), float(p.get("m", 0.5)), float(p.get("confidence", 0.95)),
+            str(p.get("backend", "auto")), int(p.get("seed", ctx.seed)))
+
+
 def _validate(params: dict[str, Any]) -> None:
     methods = params["methods"]
     if isinstance(methods, str):
@@ -66,16 +77,14 @@ class CertifiedEstimator:
 
     def __call__(self, ctx: EstimationContext, x: Tensor) -> list[dict[str, Any]]:
         p = ctx.params
-        r, m = float(p.get("r", 4.0)), float(p.get("m", 0.5))
-        confidence = float(p.get("confidence", 0.95))
-        seed = int(p.get("seed", ctx.seed))
+        r, m, confidence, backend, seed = _settings(ctx)
         methods = (p["methods"],) if isinstance(p["methods"], str) else tuple(p["methods"])
         ids = torch.arange(x.shape[0]) if ctx.point_ids is None else ctx.point_ids.cpu().long()
         t0 = time.perf_counter()
         n = int(p["samples"])
         est = estimate_probability(ctx.model, x, None, r=r, n_samples=n, confidence=confidence,
                                    seed=stats.derive_seed(seed, "certified-p0"), stream_ids=ids,
-                                   backend=str(p.get("backend", "auto")))
+                                   backend=backend)
         # one-sided: the certificate needs only p_r(x, 0) >= p_lo, with probability >= confidence
         p_lo = stats.cp_lower(est.k, est.n, 1.0 - confidence)
         with torch.no_grad():
