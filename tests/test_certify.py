@@ -311,3 +311,22 @@ def test_sandwich_points_summary_and_figure(tmp_path):
     assert s.points == 3 and s.violations == 0 and s.vacuous == 1 and s.methods == {"lipschitz": 2}
     assert s.max_ratio == 0.5 and s.ratio == pytest.approx(0.25)
     assert draw_sandwich(groups, tmp_path / "s.png").stat().st_size > 1000
+
+
+def test_lipschitz_vae_constrained_decoder_trains_samples_and_reloads(digits, tmp_path_factory):
+    from robbench import montecarlo
+    from robbench.plugins import get_registries
+    from robbench.training import load_checkpoint_file
+
+    fam = lipschitz_models.family()
+    params = {**fam.defaults, "latent_dim": 3, "hidden": 16, "constrain_decoder": True, "constraint": "spectral"}
+    cache = tmp_path_factory.mktemp("cache")
+    result = train_or_load(fam, params, digits, TrainConfig(epochs=1, batch_size=64, seed=0), cache_dir=cache,
+                           device=CPU, progress=False)
+    model = result.model
+    x = digits.test_x[:3]
+    mu, sigma = model.encode(x)
+    k = montecarlo.count_within(model, mu, sigma, model.decode(mu).flatten(1), 1.0, 64, seed=0, backend="torch")
+    assert k.shape == (3,) and bool((k >= 0).all() and (k <= 64).all())
+    again, _ = load_checkpoint_file(result.path, get_registries().models.get)
+    assert torch.allclose(again.encode(x)[0], mu) and torch.allclose(again.decode(mu), model.decode(mu))
