@@ -26,7 +26,7 @@ from robbench import stats
 from robbench.certify import METHODS, EncoderCertifier, probit_gap
 from robbench.hookspecs import hookimpl
 from robbench.margin import estimate_probability
-from robbench.protocols import EstimationContext
+from robbench.protocols import EstimationContext, MetricColumn
 
 DEFAULTS: dict[str, Any] = {"samples": 8192, "methods": list(METHODS), "max_radius": 10.0, "rel_tol": 1e-3,
                             "max_elements": 1 << 25}
@@ -35,17 +35,6 @@ DEFAULTS: dict[str, Any] = {"samples": 8192, "methods": list(METHODS), "max_radi
 def _f(value: Any) -> float | None:
     v = float(value)
     return v if math.isfinite(v) else None
-
-
-def _settings(ctx: EstimationContext) -> tuple[float, float, float, str, int]:
-    """(r, m, confidence, backend, seed): the run-wide settings, from ``ctx.run`` where the harness
-    provides one, else from the merged ``ctx.params``."""
-    run = getattr(ctx, "run", None)
-    if run is not None:
-        return float(run.r), float(run.m), float(run.confidence), str(run.backend), int(run.seed)
-    p = ctx.params
-    return (float(p.get("r", 4.0)), float(p.get("m", 0.5)), float(p.get("confidence", 0.95)),
-            str(p.get("backend", "auto")), int(p.get("seed", ctx.seed)))
 
 
 def _validate(params: dict[str, Any]) -> None:
@@ -71,13 +60,22 @@ class CertifiedEstimator:
                    "Lipschitz, sigma-folded Lipschitz, local interval Jacobian); status vacuous when p_lo <= m")
     defaults = DEFAULTS
     needs_attack = False
+    # beside the attack margin (order 10-12): both sides of every point's margin, and whether they cross
+    columns = (
+        MetricColumn("r_cert_mean", "mean R_cert", "r_cert", "mean", "higher", ".3f", order=13),
+        MetricColumn("r_cert_ratio", "R_cert/R", "r_cert", "ratio", "higher", ".2f", paired=("margin", "margin"),
+                     order=14),
+        MetricColumn("r_cert_above_r", "R_cert>R", "r_cert", "count_above", "lower", "d",
+                     paired=("margin", "margin"), order=15),
+    )
 
     def validate(self, params: dict[str, Any]) -> None:
         _validate(params)
 
     def __call__(self, ctx: EstimationContext, x: Tensor) -> list[dict[str, Any]]:
         p = ctx.params
-        r, m, confidence, backend, seed = _settings(ctx)
+        run = ctx.run
+        r, m, confidence, backend, seed = run.r, run.m, run.confidence, run.backend, run.seed
         methods = (p["methods"],) if isinstance(p["methods"], str) else tuple(p["methods"])
         ids = torch.arange(x.shape[0]) if ctx.point_ids is None else ctx.point_ids.cpu().long()
         t0 = time.perf_counter()

@@ -157,11 +157,16 @@ def _aggregate(col: MetricColumn, rows: list[ResultRow], ok: list[ResultRow], co
         return {col.key: sum(bool(r.metrics.get(col.metric)) for r in rows)}
     if col.aggregation == "count_missing":
         return {col.key: sum(_number(r.metrics.get(col.metric)) is None for r in rows)}
-    # pearson / slope against another estimator's metric, point by point
+    # pearson / slope / ratio / count_above against another estimator's metric, point by point
     xs = {(r.model_seed, r.point_id): _number(r.metrics.get(col.metric)) for r in rows}
     other_est, other_metric = col.paired
     ys = {(r.model_seed, r.point_id): _number(r.metrics.get(other_metric)) for r in ok if r.estimator == other_est}
     pairs = [(xs[k], ys[k]) for k in xs if xs[k] is not None and ys.get(k) is not None]
+    if col.aggregation == "ratio":
+        ratios = [x / y for x, y in pairs if y > 0]
+        return {col.key: sum(ratios) / len(ratios)} if ratios else {}
+    if col.aggregation == "count_above":
+        return {col.key: sum(x > y for x, y in pairs)} if pairs else {}
     if len(pairs) < 3:
         return {}
     fit = pearson_and_slope([p[0] for p in pairs], [p[1] for p in pairs])

@@ -200,7 +200,8 @@ class EstimationContext:
 ARRAYS_KEY = "_arrays"
 
 
-AGGREGATIONS = ("mean", "ci", "count_true", "count_missing", "pearson", "slope")
+AGGREGATIONS = ("mean", "ci", "count_true", "count_missing", "pearson", "slope", "ratio", "count_above")
+PAIRED_AGGREGATIONS = ("pearson", "slope", "ratio", "count_above")
 DIRECTIONS = ("higher", "lower", None)
 
 
@@ -214,9 +215,11 @@ class MetricColumn:
       ``mean``: mean of the finite values; ``ci``: Student-t interval of that mean at the run's
       confidence; ``count_true``: points whose value is true; ``count_missing``: points whose value is
       None or not finite (e.g. a vacuous bound); ``pearson`` / ``slope``: correlation / least-squares
-      slope of (metric, ``paired``'s metric) over the points that have both (needs 3);
+      slope of (metric, ``paired``'s metric) over the points that have both (needs 3); ``ratio``: mean over
+      those points of metric / paired metric (where the paired value is > 0); ``count_above``: how many of
+      them have metric > paired metric;
     direction: "higher" or "lower" is better (None: neither); format: a format spec (".3f", "d");
-    paired: ``(estimator, metric)`` of the y values for ``pearson`` / ``slope``;
+    paired: ``(estimator, metric)`` of the y values for the paired aggregations;
     rank: the column's default leaderboard ranking (at most one column should set it: rows sort by it,
     best first by ``direction``); order: position hint, lower first (ties keep registration order).
     Several estimators may declare the same ``key``: the column then pools their points.
@@ -239,8 +242,9 @@ class MetricColumn:
         if self.direction not in DIRECTIONS:
             raise ValueError(f"column {self.key!r}: direction must be 'higher', 'lower' or None, "
                              f"got {self.direction!r}")
-        if (self.aggregation in ("pearson", "slope")) != (self.paired is not None):
-            raise ValueError(f"column {self.key!r}: 'paired' is needed by, and only by, pearson and slope")
+        if (self.aggregation in PAIRED_AGGREGATIONS) != (self.paired is not None):
+            raise ValueError(f"column {self.key!r}: 'paired' is needed by, and only by, "
+                             f"{', '.join(PAIRED_AGGREGATIONS)}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"key": self.key, "header": self.header, "metric": self.metric, "aggregation": self.aggregation,

@@ -10,7 +10,7 @@ from scipy import special
 from torch import nn
 
 from robbench import api
-from robbench.analytic import LinearGaussianVAE
+from robbench_plugins.analytic import LinearGaussianVAE
 from robbench.bounds import activations, ball, network, spectral
 from robbench.certify import METHODS, EncoderCertifier, largest_certified, probit_gap
 from robbench.protocols import DataOptions, SplitData
@@ -301,7 +301,7 @@ def test_leaderboard_shows_r_cert_beside_r_with_ratio():
 
 
 def test_sandwich_points_summary_and_figure(tmp_path):
-    from robbench.sandwich import draw_sandwich, sandwich_points, summarise
+    from robbench.paper.sandwich import draw_sandwich, sandwich_points, summarise
 
     groups = sandwich_points(_rows_with_certificates())
     pts = groups["lip"]

@@ -368,7 +368,7 @@ def _draw_distributions(data: RunData, path: Path) -> tuple[Path, str] | None:
 
 
 def _draw_sandwich(data: RunData, path: Path) -> tuple[Path, str] | None:
-    from robbench.sandwich import draw_sandwich, sandwich_points, summarise
+    from robbench.paper.sandwich import draw_sandwich, sandwich_points, summarise
 
     groups = sandwich_points(data.ok)
     groups = {m: groups[m] for m in sorted(groups, key=label_sort_key)
