@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from robbench.hookspecs import hookimpl
+from robbench.inputrange import input_range
 from robbench.projection import (as_radius, finalize, flat_norm, lbfgs_ascent, projected_gradient_ascent,
                                  point_normals, random_start)
 from robbench.protocols import AttackResult
@@ -92,11 +93,11 @@ def _merged(defaults: dict[str, Any], params: dict[str, Any] | None) -> dict[str
 # Shared driver: starts, optimiser choice, final feasibility and damage
 # ---------------------------------------------------------------------------------------------
 def _starts(x: Tensor, radius: Tensor, init: Tensor | None, restarts: int,
-            generator: torch.Generator, point_ids: Tensor) -> list[Tensor]:
+            generator: torch.Generator, point_ids: Tensor, box: tuple[float, float]) -> list[Tensor]:
     """The warm start (if any) first, then ``restarts`` random starts; at least one start."""
     starts = [] if init is None else [init.to(device=x.device, dtype=x.dtype).view_as(x)]
     n_random = max(restarts, 0 if starts else 1)
-    starts += [random_start(x, radius, generator, point_ids) for _ in range(n_random)]
+    starts += [random_start(x, radius, generator, point_ids, box=box) for _ in range(n_random)]
     return starts
 
 
@@ -105,8 +106,9 @@ def _point_ids(point_ids: Tensor | None, x: Tensor) -> Tensor:
 
 
 def _optimise(objective, x: Tensor, radius: Tensor, p: dict[str, Any], generator: torch.Generator,
-              init: Tensor | None, point_ids: Tensor | None) -> Tensor:
-    """Run the chosen optimiser on the points with radius > 0; returns a feasible delta (B, *shape).
+              init: Tensor | None, point_ids: Tensor | None, box: tuple[float, float] = (0.0, 1.0)) -> Tensor:
+    """Run the chosen optimiser on the points with radius > 0; returns a feasible delta (B, *shape)
+    with x + delta in ``box`` (the model's declared input range).
     Random starts are drawn per point id (default: position in the batch)."""
     _check_choice("optimizer", p["optimizer"], OPTIMIZERS)
     point_ids = _point_ids(point_ids, x)
@@ -116,18 +118,18 @@ def _optimise(objective, x: Tensor, radius: Tensor, p: dict[str, Any], generator
         idx = active.nonzero().squeeze(1)
         xa, ra = x[idx], radius[idx]
         ia = None if init is None else init.to(device=x.device, dtype=x.dtype).view_as(x)[idx]
-        starts = _starts(xa, ra, ia, int(p["restarts"]), generator, point_ids[idx.cpu()])
+        starts = _starts(xa, ra, ia, int(p["restarts"]), generator, point_ids[idx.cpu()], box)
 
         def obj(rows: Tensor, d: Tensor) -> Tensor:
             return objective(idx[rows], xa[rows], d)
 
         if p["optimizer"] == "pgd":
             best, _ = projected_gradient_ascent(obj, xa, ra, starts, steps=int(p["steps"]),
-                                                step_size=float(p["step_size"]))
+                                                step_size=float(p["step_size"]), box=box)
         else:
-            best, _ = lbfgs_ascent(obj, xa, ra, starts, max_iter=int(p["steps"]))
+            best, _ = lbfgs_ascent(obj, xa, ra, starts, max_iter=int(p["steps"]), box=box)
         delta[idx] = best.detach()
-    return finalize(x, delta, radius)
+    return finalize(x, delta, radius, box=box)
 
 
 def _check_inputs(model: Any, x: Tensor, radius: Tensor | float) -> Tensor:
@@ -199,24 +201,24 @@ class MaxDamageAttack:
             dist = ((recon - center[rows]).pow(2).sum(2) + 1e-12).sqrt()
             return dist.mean(0)
 
-        delta = _optimise(objective, x, radius, p, generator, init, ids)
+        delta = _optimise(objective, x, radius, p, generator, init, ids, input_range(model))
         return _result(model, x, delta)
 
 
 # ---------------------------------------------------------------------------------------------
 # Target attacks (Tabacof et al. 2016; Gondim-Ribeiro et al. 2018)
 # ---------------------------------------------------------------------------------------------
-def _targets(x: Tensor, p: dict[str, Any]) -> Tensor:
+def _targets(x: Tensor, p: dict[str, Any], box: tuple[float, float] = (0.0, 1.0)) -> Tensor:
     """The target image of each point: ``targets`` when given, else the batch rolled by one (point b
     gets point b-1's image, another digit class for almost every MNIST test batch); a batch of one
-    point has no other image, so it gets its negative 1 - x."""
+    point has no other image, so it gets its negative lo + hi - x (1 - x for [0, 1] images)."""
     t = p.get("targets")
     if t is not None:
         t = torch.as_tensor(t, device=x.device, dtype=x.dtype)
         if t.shape != x.shape:
             raise ValueError(f"targets must have x's shape {tuple(x.shape)}, got {tuple(t.shape)}")
         return t
-    return x.roll(1, 0) if x.shape[0] > 1 else 1.0 - x
+    return x.roll(1, 0) if x.shape[0] > 1 else (box[0] + box[1]) - x
 
 
 def _kl_diag(mu_q: Tensor, sig_q: Tensor, mu_p: Tensor, sig_p: Tensor) -> Tensor:
@@ -246,7 +248,7 @@ class LatentAttack:
         _check_choice("distance", p["distance"], ("kl", "mean"))
         radius = _check_inputs(model, x, radius)
         with torch.no_grad():
-            mu_t, sig_t = model.encode(_targets(x, p))
+            mu_t, sig_t = model.encode(_targets(x, p, input_range(model)))
 
         def objective(rows: Tensor, xr: Tensor, d: Tensor) -> Tensor:
             mu, sig = model.encode(xr + d)
@@ -254,7 +256,8 @@ class LatentAttack:
                 return -_kl_diag(mu, sig, mu_t[rows], sig_t[rows])
             return -(mu - mu_t[rows]).pow(2).sum(1)
 
-        return _result(model, x, _optimise(objective, x, radius, p, generator, init, point_ids))
+        return _result(model, x, _optimise(objective, x, radius, p, generator, init, point_ids,
+                                           input_range(model)))
 
 
 @dataclass
@@ -274,14 +277,15 @@ class OutputAttack:
         p = _merged(self.defaults, params)
         radius = _check_inputs(model, x, radius)
         with torch.no_grad():
-            mu_t, _ = model.encode(_targets(x, p))
+            mu_t, _ = model.encode(_targets(x, p, input_range(model)))
             recon_t = _decode_flat(model, mu_t)
 
         def objective(rows: Tensor, xr: Tensor, d: Tensor) -> Tensor:
             mu, _ = model.encode(xr + d)
             return -(_decode_flat(model, mu) - recon_t[rows]).pow(2).sum(1)
 
-        return _result(model, x, _optimise(objective, x, radius, p, generator, init, point_ids))
+        return _result(model, x, _optimise(objective, x, radius, p, generator, init, point_ids,
+                                           input_range(model)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,7 +305,8 @@ class NoiseAttack:
                  point_ids: Tensor | None = None) -> AttackResult:
         _merged(self.defaults, params)
         radius = _check_inputs(model, x, radius)
-        delta = finalize(x, random_start(x, radius, generator, _point_ids(point_ids, x)), radius)
+        box = input_range(model)
+        delta = finalize(x, random_start(x, radius, generator, _point_ids(point_ids, x), box=box), radius, box=box)
         return _result(model, x, delta)
 
 

@@ -105,9 +105,20 @@ load_fashion_mnist = _idx_loader("fashion_mnist", ("fashion_mnist", "fashion-mni
 
 
 def load_cifar10(options: DataOptions) -> SplitData:
-    """CIFAR-10 from the binary version (cifar-10-batches-bin/*.bin), (3, 32, 32), standard split."""
+    """CIFAR-10 from the binary version (cifar-10-batches-bin/*.bin) or, failing that, torchvision's python
+    version (cifar-10-batches-py, read with a restricted unpickler), (3, 32, 32), standard split."""
     root = datafiles.resolve_data_dir(options.data_dir, "cifar10")
-    train_paths, test_path = datafiles.find_cifar10_files(root, "cifar10")
+    try:
+        train_paths, test_path = datafiles.find_cifar10_files(root, "cifar10")
+    except datafiles.DataFileError as err:
+        from robbench_plugins.imagedata import load_cifar10_python  # torchvision's cifar-10-batches-py
+
+        arrays = load_cifar10_python(root)
+        if arrays is None:
+            raise datafiles.DataFileError(f"{err} Also looked for torchvision's python version "
+                                          f"(cifar-10-batches-py/data_batch_1..5, test_batch).") from None
+        train_x, train_y, test_x, test_y = arrays
+        return _to_split(_unit(train_x), train_y, _unit(test_x), test_y)
     batches = [datafiles.read_cifar10_batch(p) for p in train_paths]
     train_x = np.concatenate([b[0] for b in batches])
     train_y = np.concatenate([b[1] for b in batches])
@@ -122,7 +133,7 @@ DATASETS = [
     DatasetSpec("mnist_full", "Full MNIST (60k/10k) from IDX files in the data directory.", load_mnist_full, "mlp"),
     DatasetSpec("fashion_mnist", "Fashion-MNIST (60k/10k) from IDX files in the data directory.",
                 load_fashion_mnist, "mlp"),
-    DatasetSpec("cifar10", "CIFAR-10 (50k/10k, 3x32x32) from the binary version in the data directory.",
+    DatasetSpec("cifar10", "CIFAR-10 (50k/10k, 3x32x32) from the binary or the python version in the data directory.",
                 load_cifar10, "conv"),
 ]
 

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from robbench import montecarlo, stats
 from robbench.hookspecs import hookimpl
+from robbench.inputrange import clamp_box, input_range
 from robbench.jacobian import jacobian_frobenius
 from robbench.margin import estimate_margin, estimate_probability, latent_params, theorem1_bound
 from robbench.protocols import EstimationContext, MetricColumn, call_attack
@@ -59,6 +60,10 @@ class BuiltinEstimator:
     needs_attack: bool = False
     validate: Callable[[dict[str, Any]], None] | None = None
     columns: tuple[MetricColumn, ...] = ()  # how its metrics appear in leaderboards
+    # Parameters that are input-space L2 sizes / per-pixel sizes: with ``units: rms`` the harness scales them
+    # (robbench.units).
+    input_sizes: tuple[str, ...] = ()
+    pixel_sizes: tuple[str, ...] = ()
 
     def __call__(self, ctx: EstimationContext, x: Tensor) -> list[Row]:
         return self.fn(ctx, x)
@@ -226,7 +231,7 @@ def _likelihood(ctx: EstimationContext, x: Tensor) -> list[Row]:
         stats.derive_seed(ctx.run.seed, "likelihood-noise", int(i)))) for i in _ids(ctx, x)]).to(x)
     x_noise = x + float(p["noise_sigma"]) * noise
     if p["clamp_noise"]:
-        x_noise = x_noise.clamp(0.0, 1.0)
+        x_noise = clamp_box(x_noise, input_range(ctx.model))
     noisy = _loglik_at(ctx, x, x_noise)
     denom = clean.abs()
     rows = []
@@ -275,7 +280,7 @@ def _sweep(ctx: EstimationContext, x: Tensor) -> list[Row]:
     for j, t in enumerate(grid):
         x_t = x + t * direction
         if p["clamp"]:
-            x_t = x_t.clamp(0.0, 1.0)
+            x_t = clamp_box(x_t, input_range(ctx.model))
         est = estimate_probability(ctx.model, x, x_t - x, r=run.r, n_samples=int(p["samples"]), confidence=run.confidence,
                                    seed=stats.derive_seed(run.seed, "sweep-mc", j), stream_ids=ids, backend=run.backend,
                                    sigma_at=str(p["sigma_at"]))
@@ -326,11 +331,12 @@ ESTIMATORS = [
         "margin", "robustness margin R(x) by batched bisection with a sequential Clopper-Pearson test per "
         "radius; margin, [margin_lo, margin_hi] at the run confidence, samples, undecided, at_cap",
         _margin_with_arrays, {**MARGIN_DEFAULTS, "keep_adversarial": True}, needs_attack=True,
-        validate=_validate_margin, columns=_MARGIN_COLUMNS),
+        validate=_validate_margin, columns=_MARGIN_COLUMNS, input_sizes=("max_radius", "tolerance")),
     BuiltinEstimator(
         "damage", "paper Fig. 4: expected damage E||g(mu_r + eta sigma_r) - g(mu(x))|| of the attack at a fixed "
         "radius along its route (damage), the same at delta = 0 (damage_clean), and ||delta||",
-        _damage, {"radius": 10.0, "samples": 256}, needs_attack=True, columns=(_DAMAGE_COLUMN,)),
+        _damage, {"radius": 10.0, "samples": 256}, needs_attack=True, columns=(_DAMAGE_COLUMN,),
+        input_sizes=("radius",)),
     BuiltinEstimator(
         "bound", "Theorem 1 lower bound min sigma * (probit(p0_lo) - probit(m)) / ||J_mu||_F, with p0_lo the "
         "lower confidence bound of p_r(x, 0); None when vacuous (bound_status says why)",
@@ -346,16 +352,18 @@ ESTIMATORS = [
         "likelihood", "log p(x | mu(x*)) and its relative degradation for x* = x + attack(radius) and "
         "x* = x + N(0, noise_sigma^2) noise", _likelihood,
         {"radius": 1.0, "noise_sigma": 0.3, "clamp_noise": True}, needs_attack=True,
-        columns=_LIKELIHOOD_COLUMNS + (_DAMAGE_COLUMN,)),
+        columns=_LIKELIHOOD_COLUMNS + (_DAMAGE_COLUMN,), input_sizes=("radius",), pixel_sizes=("noise_sigma",)),
     BuiltinEstimator(
         "sweep", "p_r along the attack's direction at direction_radius, over a grid of norms (paper Fig. 5), "
         "with CP intervals and the interpolated crossing of m", _sweep,
         {"direction_radius": 1.0, "grid_max": 5.0, "grid_points": 26, "samples": 1024, "clamp": False,
-         "sigma_at": "clean"}, needs_attack=True, columns=(_DAMAGE_COLUMN,)),
+         "sigma_at": "clean"}, needs_attack=True, columns=(_DAMAGE_COLUMN,),
+        input_sizes=("direction_radius", "grid_max")),
     BuiltinEstimator(
         "probability", "p_r(x, delta) at the attack's delta of norm <= radius, with a two-sided CP interval "
         "from samples independent of the attack", _probability,
-        {"radius": 1.0, "samples": 4096, "sigma_at": "clean"}, needs_attack=True, columns=(_DAMAGE_COLUMN,)),
+        {"radius": 1.0, "samples": 4096, "sigma_at": "clean"}, needs_attack=True, columns=(_DAMAGE_COLUMN,),
+        input_sizes=("radius",)),
 ]
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -19,9 +20,11 @@ from torch import Tensor
 
 from robbench.config import default_selection, merge_params
 from robbench.execute import Batch, Executor, JobSpec, LocalExecutor
+from robbench.inputrange import check_in_range, input_range
 from robbench.plugins import get_registries
 from robbench.protocols import VAEModel
 from robbench.settings import RunSettings
+from robbench.units import absolute_settings, cap_warning
 ID_COLUMNS = ("attack", "estimator", "point")
 
 
@@ -69,6 +72,15 @@ class ResultTable:
             Path(path).write_text(text)
         return text
 
+    def to_pandas(self) -> Any:
+        """A ``pandas.DataFrame`` with one row per result and :attr:`columns` as columns (pandas is an
+        optional dependency: ``pip install pandas``)."""
+        try:
+            import pandas as pd
+        except ImportError:
+            raise ImportError("ResultTable.to_pandas() needs pandas: pip install pandas") from None
+        return pd.DataFrame([{c: row.get(c) for c in self.columns} for row in self.rows], columns=self.columns)
+
 
 def _merge(plugin: Any, given: dict[str, Any], *, run_wide_allowed: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the plugin's defaults with ``given``, checked like a config file's (names, types, ``validate``),
@@ -84,15 +96,18 @@ def evaluate(model: VAEModel, data: Tensor, attacks: Sequence[str] | None = None
              estimator_params: dict[str, dict[str, Any]] | None = None, point_ids: Tensor | None = None,
              batch_size: int | None = None, device: torch.device | str | None = None,
              executor: Executor | None = None, **run_params: Any) -> ResultTable:
-    """Run each estimator on ``data`` (B, *input_shape) in [0, 1], once per attack for estimators that
-    need one and once otherwise. Names are looked up in the plugin registries and validated, with the
-    parameters, before any work starts. ``attacks`` / ``estimators`` left as None take the run defaults
-    (the plugins' ``default_run`` hook; with robbench's built-in plugins: the maximum-damage attack and
-    the margin, bound and encoder-statistics estimators).
+    """Run each estimator on ``data`` (B, *input_shape) in the model's declared input range ([0, 1]
+    unless ``model.input_range`` says otherwise; a ValueError names the range when data leaves it), once
+    per attack for estimators that need one and once otherwise. The model is put in eval mode. Names are
+    looked up in the plugin registries and validated, with the parameters, before any work starts.
+    ``attacks`` / ``estimators`` left as None take the run defaults (the plugins' ``default_run`` hook;
+    with robbench's built-in plugins: the maximum-damage attack and the margin, bound and
+    encoder-statistics estimators). A ``RuntimeWarning`` says when a share of margins hit the attack cap.
 
     run_params: run-wide settings ``r`` (output-space radius), ``m``, ``confidence``, ``backend``,
-    ``seed`` (defaults: :class:`robbench.settings.RunSettings`); they reach every estimator as
-    ``ctx.run`` and may be overridden per estimator in ``estimator_params``.
+    ``seed``, ``units`` ("l2", or "rms": r and the estimators' input sizes per pixel RMS of the range
+    width, see :mod:`robbench.units`) (defaults: :class:`robbench.settings.RunSettings`); they reach
+    every estimator as ``ctx.run`` and may be overridden per estimator in ``estimator_params``.
     ``attack_params`` / ``estimator_params``: {name: {key: value}} over the plugin's defaults.
     ``batch_size``: points per estimator call (default all at once). ``executor``: where batches run
     (default :class:`robbench.execute.LocalExecutor`); estimator errors are raised, not recorded.
@@ -117,6 +132,9 @@ def evaluate(model: VAEModel, data: Tensor, attacks: Sequence[str] | None = None
     est = {name: regs.estimators.get(name) for name in estimators}
     a_params = {name: _merge(a, attack_params.get(name, {}), run_wide_allowed=False)[0] for name, a in atk.items()}
 
+    if isinstance(model, torch.nn.Module):
+        model.eval()  # dropout / batch-norm in inference mode, as the runner does
+    check_in_range(data, input_range(model))
     dev = torch.device(device) if device is not None else data.device
     run = RunSettings(device=str(dev)).with_overrides(run_params)
     data = data.to(dev)
@@ -139,4 +157,10 @@ def evaluate(model: VAEModel, data: Tensor, attacks: Sequence[str] | None = None
                 table.arrays[(batch.job.attack, batch.job.estimator, res.point)] = res.arrays
             table.rows.append({"attack": batch.job.attack, "estimator": batch.job.estimator, "point": res.point,
                                **res.metrics})
+    for job in jobs:
+        cap = absolute_settings(est[job.estimator], job.params, job.run, model)[0].get("max_radius")
+        warning = cap_warning(f"{job.estimator} / {job.attack}",
+                              table.select(attack=job.attack, estimator=job.estimator).rows, cap)
+        if warning:
+            warnings.warn(warning, RuntimeWarning, stacklevel=2)
     return table

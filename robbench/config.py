@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from robbench.execute import EXECUTORS, ExecutorUnavailable, configured_executor
+from robbench.inputrange import UNITS
 from robbench.plugins import Registries
 from robbench.registry import UnknownNameError
 from robbench.settings import RUN_WIDE_KEYS, RunSettings
@@ -66,6 +67,7 @@ class RunConfig:
     confidence: float = _RUN.confidence
     backend: str = _RUN.backend
     device: str = _RUN.device
+    units: str = _RUN.units  # "rms": r and estimators' input sizes per pixel RMS of the range width (robbench.units)
     executor: str = "local"  # where models train and batches run: local (this process) or ray
     ray_address: str | None = None  # executor ray: None starts a local Ray, "auto" / "ray://host:port" joins one
     train: TrainSettings = field(default_factory=TrainSettings)
@@ -77,7 +79,7 @@ class RunConfig:
         """The run-wide settings every estimator sees as ``ctx.run``."""
         # Values as given (not cast): job keys hash them, and stored results must keep their keys.
         return RunSettings(r=self.r, m=self.m, confidence=self.confidence, backend=self.backend,
-                           seed=self.seed, device=self.device)
+                           seed=self.seed, device=self.device, units=self.units)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -212,6 +214,7 @@ def _check_types(cfg: RunConfig) -> None:
          "a number in (0, 1)")
     need(isinstance(cfg.backend, str) and cfg.backend != "", "backend", cfg.backend,
          "auto or the name of a registered backend")
+    need(cfg.units in UNITS, "units", cfg.units, ", ".join(UNITS))
     need(isinstance(cfg.device, str) and (cfg.device == "cpu" or cfg.device.startswith("cuda")),
          "device", cfg.device, "cpu, cuda or cuda:N")
     need(cfg.executor in EXECUTORS, "executor", cfg.executor, ", ".join(sorted(EXECUTORS)))

@@ -24,9 +24,12 @@ from typing import Any, Iterable, Iterator, Protocol, Sequence
 import torch
 from torch import Tensor
 
+from robbench.imagefit import fit_if_needed
+from robbench.inputrange import DEFAULT_RANGE, input_range
 from robbench.plugins import Registries, get_registries
 from robbench.protocols import ARRAYS_KEY, EstimationContext, VAEModel
 from robbench.settings import RunSettings
+from robbench.units import absolute_settings
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,9 @@ class JobSpec:
     params: dict[str, Any]
     run: RunSettings
     key: str = ""
+    # The input range batch inputs are in when they must still be fitted to the model's shape and declared
+    # range (the runner's data sets: [0, 1]); None: they are already as the model takes them (evaluate()).
+    data_range: tuple[float, float] | None = None
 
 
 @dataclass
@@ -75,7 +81,7 @@ class PointResult:
 
 def evaluate_batch(job: JobSpec, model: VAEModel, x: Tensor, point_ids: Sequence[int], *,
                    registries: Registries | None = None, raise_errors: bool = False) -> list[PointResult]:
-    """Run ``job`` on x: (B, *input_shape) in [0, 1] (moved to ``job.run.device``) with test-set ids
+    """Run ``job`` on x: (B, *input_shape) in the model's input range (moved to ``job.run.device``) with test-set ids
     ``point_ids`` (B,). Returns B results in the order of ``point_ids``. An estimator that raises or
     returns the wrong number of rows fails every point of the batch (with the message), unless
     ``raise_errors``; a non-finite float metric fails its own point."""
@@ -84,11 +90,13 @@ def evaluate_batch(job: JobSpec, model: VAEModel, x: Tensor, point_ids: Sequence
     attack = regs.attacks.get(job.attack) if job.attack is not None else None
     device = torch.device(job.run.device)
     ids = [int(p) for p in point_ids]
+    params, run = absolute_settings(estimator, job.params, job.run, model)  # units: rms -> L2 sizes
     ctx = EstimationContext(model=model, attack=attack, attack_params=dict(job.attack_params),
-                            params=dict(job.params), point_ids=torch.tensor(ids, dtype=torch.int64), run=job.run)
+                            params=params, point_ids=torch.tensor(ids, dtype=torch.int64), run=run)
+    box = input_range(model)
     start = time.perf_counter()
     try:
-        results = estimator(ctx, x.to(device))
+        results = estimator(ctx, fit_if_needed(x.to(device), job.data_range, model))
         if len(results) != len(ids):
             raise RuntimeError(f"estimator {job.estimator!r} returned {len(results)} rows for {len(ids)} points")
         error = None
@@ -101,6 +109,8 @@ def evaluate_batch(job: JobSpec, model: VAEModel, x: Tensor, point_ids: Sequence
     for point, metrics in zip(ids, results):
         metrics = dict(metrics)
         arrays = metrics.pop(ARRAYS_KEY, None) or None
+        if arrays and box != DEFAULT_RANGE:  # so figures can map the images back to [0, 1]
+            arrays = {**arrays, "input_range": torch.tensor(box)}
         problem = error or (None if raise_errors else nonfinite_metric(metrics))
         out.append(PointResult(point, metrics, arrays, problem, seconds))
     return out

@@ -245,24 +245,22 @@ def render_csv(records: list[dict[str, Any]], columns: list[DisplayColumn] | Non
     return buf.getvalue()
 
 
-def render_json(records: list[dict[str, Any]]) -> str:
+LEADERBOARD_FORMAT = "robbench-leaderboard/1"
+
+
+def render_json(records: list[dict[str, Any]], provenance: dict[str, Any] | None = None) -> str:
+    """{"format", "settings", "models", "environment", "rows": [one record per model and attack]}; the
+    provenance parts are null for a run directory written before they were recorded."""
     clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
              for rec in records]
-    return json.dumps(clean, indent=2) + "\n"
+    prov = provenance or {}
+    doc = {"format": LEADERBOARD_FORMAT, "settings": prov.get("settings"), "run": prov.get("run"),
+           "models": prov.get("models"), "environment": prov.get("environment"), "rows": clean}
+    return json.dumps(doc, indent=2, default=str) + "\n"
 
 
-def store_declarations(store: ResultStore, estimators: Iterable[str]) -> Declarations:
-    """The columns recorded in the store for these estimators; estimators an older store has no record
-    of fall back to what their registered plugin declares now."""
-    names = sorted(set(estimators))
-    recorded = store.columns()
-    missing = [n for n in names if n not in recorded]
-    return {**{n: recorded[n] for n in names if n in recorded}, **registered_declarations(missing)}
-
-
-def write_leaderboard(store: ResultStore, run_dir: Path, *,
-                      console: Console | None = None) -> list[dict[str, Any]]:
-    """Aggregate the latest configuration's results in ``store`` and write leaderboard.{md,csv,json}."""
+def latest_board(store: ResultStore) -> tuple[list[dict[str, Any]], list[DisplayColumn]]:
+    """(records, display columns) of what the latest invocation asked for: its jobs, its points, its models."""
     latest = store.latest_run()
     if latest is None:
         rows, models = store.rows(), store.models()
@@ -277,12 +275,31 @@ def write_leaderboard(store: ResultStore, run_dir: Path, *,
         models = {key: info for key, info in store.models().items() if key in model_keys}
     confidence = float((latest.config if latest else {}).get("confidence", RunSettings.confidence))
     declarations = store_declarations(store, {r.estimator for r in rows})
-    records = leaderboard_rows(rows, models, declarations, confidence)
-    columns = display_columns(declarations, confidence)
+    return leaderboard_rows(rows, models, declarations, confidence), display_columns(declarations, confidence)
+
+
+def sort_records(records: list[dict[str, Any]], declarations: Declarations) -> list[dict[str, Any]]:
+    """Leaderboard order (the declared ranking column, best first, then model) of records from anywhere."""
+    return sorted(records, key=_ranking(merged_columns(declarations)))
+
+
+def store_declarations(store: ResultStore, estimators: Iterable[str]) -> Declarations:
+    """The columns recorded in the store for these estimators; estimators an older store has no record
+    of fall back to what their registered plugin declares now."""
+    names = sorted(set(estimators))
+    recorded = store.columns()
+    missing = [n for n in names if n not in recorded]
+    return {**{n: recorded[n] for n in names if n in recorded}, **registered_declarations(missing)}
+
+
+def write_leaderboard(store: ResultStore, run_dir: Path, *,
+                      console: Console | None = None) -> list[dict[str, Any]]:
+    """Aggregate the latest configuration's results in ``store`` and write leaderboard.{md,csv,json}."""
+    records, columns = latest_board(store)
     run_dir = Path(run_dir)
     (run_dir / "leaderboard.md").write_text(render_markdown(records, columns))
     (run_dir / "leaderboard.csv").write_text(render_csv(records, columns))
-    (run_dir / "leaderboard.json").write_text(render_json(records))
+    (run_dir / "leaderboard.json").write_text(render_json(records, store.provenance()))
     if console is not None:
         console.print(render_rich(records, columns, title=f"robbench leaderboard — {run_dir}"))
         failures = [(rec["model"], rec["attack"], err) for rec in records for err in rec.get("errors", [])]

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from robbench import montecarlo, stats
+from robbench.inputrange import input_range
 from robbench.protocols import Attack, VAEModel, call_attack
 
 
@@ -205,13 +206,14 @@ def bisect_margin(test: TestFn, batch: int, *, m: float, max_radius: float, tole
     return MarginResult(margin, lo_c, hi_c, samples, undecided, at_cap, p0, n_tests)
 
 
-def fit_warm_start(x: Tensor, delta: Tensor, radius: Tensor) -> Tensor:
-    """Rescale each delta_b along its direction to norm radius_b, or less where the box [0, 1] stops it
-    first (scaling down always stays in the box, since x and x + delta are in it)."""
+def fit_warm_start(x: Tensor, delta: Tensor, radius: Tensor, box: tuple[float, float] = (0.0, 1.0)) -> Tensor:
+    """Rescale each delta_b along its direction to norm radius_b, or less where the box [lo, hi] (the
+    model's declared input range) stops it first (scaling down always stays in the box, since x and
+    x + delta are in it)."""
     flat_d, flat_x = delta.flatten(1), x.flatten(1)
     norms = flat_d.norm(dim=1).clamp(min=1e-12)
-    pos = torch.where(flat_d > 0, (1 - flat_x) / flat_d.clamp(min=1e-30), torch.full_like(flat_d, float("inf")))
-    neg = torch.where(flat_d < 0, -flat_x / flat_d.clamp(max=-1e-30), torch.full_like(flat_d, float("inf")))
+    pos = torch.where(flat_d > 0, (box[1] - flat_x) / flat_d.clamp(min=1e-30), torch.full_like(flat_d, float("inf")))
+    neg = torch.where(flat_d < 0, (box[0] - flat_x) / flat_d.clamp(max=-1e-30), torch.full_like(flat_d, float("inf")))
     box = torch.minimum(pos, neg).min(dim=1).values  # largest t with x + t delta in the box
     scale = torch.minimum(radius.to(delta.dtype) / norms, box.clamp(min=1.0))
     return delta * scale.view(-1, *([1] * (delta.dim() - 1)))
@@ -249,7 +251,7 @@ def estimate_margin(model: VAEModel, x: Tensor, attack: Attack, attack_params: d
             xs = x[dev_idx]
             rad = radius.to(device=x.device, dtype=x.dtype)
             warm = warm_start and step > 1
-            init = fit_warm_start(xs, last_delta[dev_idx], rad) if warm else None
+            init = fit_warm_start(xs, last_delta[dev_idx], rad, input_range(model)) if warm else None
             params = {**attack_params, **(warm_attack_params or {})} if warm else attack_params
             gen = torch.Generator(device=x.device).manual_seed(stats.derive_seed(seed, "margin-attack", step))
             result = call_attack(attack, model, xs, rad, params=params, generator=gen, init=init,

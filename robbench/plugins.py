@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from importlib import metadata
 from typing import Any
 
 import pluggy
@@ -34,12 +35,26 @@ class Registries:
                 "estimator": self.estimators, "backend": self.backends}
 
 
+@dataclass(frozen=True)
+class PluginFailure:
+    """An entry point that could not be loaded (or whose registration hook raised): it is skipped."""
+
+    name: str          # entry-point name
+    target: str        # what it points at, e.g. "my_package.robbench_plugin"
+    source: str        # "distribution version"
+    error: str         # "ExceptionType: message"
+
+
 _manager: pluggy.PluginManager | None = None
 _registries: Registries | None = None
+_sources: dict[str, str] = {}          # plugin name in the manager -> "distribution version"
+_failures: list[PluginFailure] = []
 
 
 def get_plugin_manager() -> pluggy.PluginManager:
-    """The process-wide plugin manager, with the entry-point group loaded once."""
+    """The process-wide plugin manager, with the entry-point group loaded once. An entry point that
+    fails to import is recorded (:func:`plugin_failures`) and skipped, so one broken plugin does not
+    stop every command."""
     global _manager
     if _manager is None:
         pm = pluggy.PluginManager("robbench")
@@ -48,17 +63,41 @@ def get_plugin_manager() -> pluggy.PluginManager:
 
         pm.register(engine_backends, name="robbench.engine_backends")
         only = os.environ.get("ROBBENCH_PLUGINS")
-        if only:
-            _load_selected(pm, {n.strip() for n in only.split(",") if n.strip()})
-        else:
-            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        _failures.clear()
+        _load_entry_points(pm, {n.strip() for n in only.split(",") if n.strip()} if only else None)
         _manager = pm
     return _manager
 
 
-def _load_selected(pm: pluggy.PluginManager, names: set[str]) -> None:
-    for name in sorted(names):
-        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP, name=name)
+def _load_entry_points(pm: pluggy.PluginManager, names: set[str] | None) -> None:
+    seen: set[str] = set()
+    for dist in metadata.distributions():
+        for ep in dist.entry_points:
+            if ep.group != ENTRY_POINT_GROUP or (names is not None and ep.name not in names):
+                continue
+            if ep.name in seen or pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
+                continue  # a distribution found twice on sys.path loads once, like pluggy's own loader
+            seen.add(ep.name)
+            source = f"{dist.metadata['name']} {dist.version}"
+            try:
+                plugin = ep.load()
+            except Exception as err:  # an ImportError, or anything the module raises on import
+                _failures.append(PluginFailure(ep.name, ep.value, source, f"{type(err).__name__}: {err}"))
+                continue
+            pm.register(plugin, name=ep.name)
+            _sources[ep.name] = source
+
+
+def plugin_distributions() -> list[str]:
+    """Names of the distributions the loaded entry-point plugins came from."""
+    get_plugin_manager()
+    return sorted({source.rsplit(" ", 1)[0] for source in _sources.values()})
+
+
+def plugin_failures() -> list[PluginFailure]:
+    """The entry points that failed to load or to register, with their errors (after loading)."""
+    get_registries()
+    return list(_failures)
 
 
 def register_plugin(plugin: Any, name: str | None = None) -> None:
@@ -75,14 +114,14 @@ def unregister_plugin(plugin: Any) -> None:
 
 
 def _plugin_source(pm: pluggy.PluginManager, plugin: Any) -> str:
-    for loaded, dist in pm.list_plugin_distinfo():
-        if loaded is plugin:
-            return f"{dist.metadata['name']} {dist.version}"
+    name = pm.get_name(plugin)
+    if name in _sources:
+        return _sources[name]
     if getattr(plugin, "__name__", "") == "robbench.engine_backends":
         from robbench import __version__
 
         return f"robbench {__version__} (engine)"
-    return f"(registered by hand: {pm.get_name(plugin)})"
+    return f"(registered by hand: {name})"
 
 
 def get_registries() -> Registries:
@@ -95,14 +134,22 @@ def get_registries() -> Registries:
     hooks = {"model": pm.hook.register_models, "dataset": pm.hook.register_datasets,
              "attack": pm.hook.register_attacks, "estimator": pm.hook.register_estimators,
              "backend": pm.hook.register_backends}
+    broken: set[str] = set()
     for kind, hook in hooks.items():
         registry = regs.by_kind()[kind]
         for impl in hook.get_hookimpls():
             source = _plugin_source(pm, impl.plugin)
+            if impl.plugin_name in broken:
+                continue
 
             def register(obj: Any, _registry: Registry = registry, _source: str = source) -> None:
                 _registry.add(obj.name, obj, _source)
 
-            impl.function(register=register)
+            try:
+                impl.function(register=register)
+            except ImportError as err:  # e.g. a hook importing the plugin's own model code lazily
+                broken.add(impl.plugin_name)
+                _failures.append(PluginFailure(impl.plugin_name, f"register_{kind}s", source,
+                                               f"{type(err).__name__}: {err}"))
     _registries = regs
     return regs

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from robbench.execute import describe_error
+from robbench.imagefit import fit_if_needed
+from robbench.inputrange import input_range
 from robbench.plugins import Registries
 from robbench.protocols import ModelFamily, SplitData
 from robbench.training import (TrainConfig, TrainedModel, build_or_train, train_or_load, trained_from_payload)
@@ -116,7 +118,8 @@ def encoder_problem(model: nn.Module, data: SplitData, ids: list[int], device: s
         return None
     try:
         with torch.no_grad():
-            mu, sigma = model.encode(data.test_x[sorted(set(ids))].to(device))
+            x = data.test_x[sorted(set(ids))].to(device)
+            mu, sigma = model.encode(fit_if_needed(x, input_range(data), model))  # to the model's shape/range
     except Exception as err:
         return f"encode() raised {describe_error(err)}"
     if not (torch.isfinite(mu).all() and torch.isfinite(sigma).all()):

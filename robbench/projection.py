@@ -1,8 +1,9 @@
 """Feasible sets of input perturbations and the optimisers attacks share.
 
 The feasible set of an attack on a point x with budget L is
-    C(x, L) = {delta : ||delta||_2 <= L} ∩ {delta : 0 <= x + delta <= 1},
-the intersection of an L2 ball with the pixel box shifted by -x. Both contain 0, which the code relies
+    C(x, L) = {delta : ||delta||_2 <= L} ∩ {delta : lo <= x + delta <= hi},
+the intersection of an L2 ball with the pixel box shifted by -x; the box is the model's declared input
+range (``robbench.inputrange``; [0, 1] by default, every function takes it as ``box=(lo, hi)``). Both contain 0, which the code relies
 on: scaling a feasible delta towards 0 keeps it feasible.
 
 - :func:`project_ball_box` is the exact Euclidean projection onto C (sorting the clip breakpoints), not
@@ -51,7 +52,8 @@ def as_radius(radius: Tensor | float, x: Tensor) -> Tensor:
     return r.contiguous()
 
 
-def project_ball_box(v: Tensor, x: Tensor, radius: Tensor, *, max_iter: int = 100) -> Tensor:
+def project_ball_box(v: Tensor, x: Tensor, radius: Tensor, *, max_iter: int = 100,
+                     box: tuple[float, float] = (0.0, 1.0)) -> Tensor:
     """Exact Euclidean projection of v onto C(x, radius) (see module docstring), batched.
 
     KKT: the projection is clip(t v, -x, 1 - x) for the t* in [0, 1] where its norm reaches the radius
@@ -64,7 +66,7 @@ def project_ball_box(v: Tensor, x: Tensor, radius: Tensor, *, max_iter: int = 10
     """
     shape, dtype = v.shape, v.dtype
     vf, xf = v.flatten(1).double(), x.flatten(1).double()
-    lo, hi = -xf, 1.0 - xf
+    lo, hi = box[0] - xf, box[1] - xf
     r2 = radius.double().pow(2)[:, None]
     full = torch.maximum(torch.minimum(vf, hi), lo)  # t = 1
     need = full.pow(2).sum(1, keepdim=True) > r2
@@ -88,15 +90,16 @@ def project_ball_box(v: Tensor, x: Tensor, radius: Tensor, *, max_iter: int = 10
     return torch.maximum(torch.minimum(t * vf, hi), lo).to(dtype).view(shape)
 
 
-def finalize(x: Tensor, delta: Tensor, radius: Tensor) -> Tensor:
+def finalize(x: Tensor, delta: Tensor, radius: Tensor, *, box: tuple[float, float] = (0.0, 1.0)) -> Tensor:
     """Make delta strictly feasible despite round-off: ||delta_b|| <= radius_b (checked in float64)
-    and 0 <= x + delta <= 1 elementwise (exactly, as computed by ``x + delta``). radius 0 gives 0."""
+    and lo <= x + delta <= hi elementwise (exactly, as computed by ``x + delta``). radius 0 gives 0."""
+    lo, hi = float(box[0]), float(box[1])
     # Box first, touching only the offending pixels: a round trip (x + delta) - x would cost an ulp of
     # x in every pixel, which dwarfs tiny radii.
-    delta = torch.where(x + delta < 0, -x, delta)
-    delta = torch.where(x + delta > 1, 1.0 - x, delta)
-    for _ in range(8):  # fl(x + fl(1 - x)) can exceed 1 by an ulp: step towards 0 until it does not
-        bad = ((x + delta) > 1) | ((x + delta) < 0)
+    delta = torch.where(x + delta < lo, lo - x, delta)
+    delta = torch.where(x + delta > hi, hi - x, delta)
+    for _ in range(8):  # fl(x + fl(hi - x)) can exceed hi by an ulp: step towards 0 until it does not
+        bad = ((x + delta) > hi) | ((x + delta) < lo)
         if not bool(bad.any()):
             break
         delta = torch.where(bad, torch.nextafter(delta, torch.zeros_like(delta)), delta)
@@ -117,11 +120,12 @@ def point_normals(generator: torch.Generator, point_ids: Tensor, n: int, dim: in
     return eta.transpose(0, 1).to(device=like.device, dtype=like.dtype)
 
 
-def random_start(x: Tensor, radius: Tensor, generator: torch.Generator, point_ids: Tensor) -> Tensor:
+def random_start(x: Tensor, radius: Tensor, generator: torch.Generator, point_ids: Tensor, *,
+                 box: tuple[float, float] = (0.0, 1.0)) -> Tensor:
     """A Gaussian direction scaled to norm radius, then clipped into the box (norm can only shrink)."""
     v = point_normals(generator, point_ids, 1, x[0].numel(), x)[0].view_as(x)
     v = v * (radius / flat_norm(v).clamp_min(1e-12)).view(-1, *([1] * (x.dim() - 1)))
-    return torch.maximum(torch.minimum(v, 1.0 - x), -x)
+    return torch.maximum(torch.minimum(v, box[1] - x), box[0] - x)
 
 
 def _grad(value: Tensor, wrt: Tensor) -> Tensor:
@@ -140,7 +144,8 @@ def cosine_step(step: int, n_steps: int, base: float, floor: float = 0.05) -> fl
 
 
 def projected_gradient_ascent(objective: Objective, x: Tensor, radius: Tensor, starts: list[Tensor], *,
-                              steps: int, step_size: float) -> tuple[Tensor, Tensor]:
+                              steps: int, step_size: float,
+                              box: tuple[float, float] = (0.0, 1.0)) -> tuple[Tensor, Tensor]:
     """Maximise ``objective`` over C(x, radius) for every point, from every start, all batched.
 
     Each step moves delta by step_t * radius along the L2-normalised gradient and projects exactly
@@ -154,7 +159,7 @@ def projected_gradient_ascent(objective: Objective, x: Tensor, radius: Tensor, s
     rr = radius.repeat(R)
     rows = torch.arange(B, device=x.device).repeat(R)
     view = (-1,) + (1,) * (x.dim() - 1)
-    delta = project_ball_box(torch.cat(starts, 0), xr, rr)
+    delta = project_ball_box(torch.cat(starts, 0), xr, rr, box=box)
     best = delta.detach().clone()
     best_val = torch.full((B * R,), -math.inf, device=x.device, dtype=x.dtype)
     for step in range(steps + 1):
@@ -171,7 +176,7 @@ def projected_gradient_ascent(objective: Objective, x: Tensor, radius: Tensor, s
         g = torch.nan_to_num(grad)
         g = g / flat_norm(g).clamp_min(1e-20).view(view)
         alpha = cosine_step(step, steps, step_size)
-        delta = project_ball_box(d.detach() + alpha * rr.view(view) * g, xr, rr)
+        delta = project_ball_box(d.detach() + alpha * rr.view(view) * g, xr, rr, box=box)
     # pick the best start per point
     vals = best_val.view(R, B)
     pick = vals.argmax(0)
@@ -180,7 +185,7 @@ def projected_gradient_ascent(objective: Objective, x: Tensor, radius: Tensor, s
 
 
 def lbfgs_ascent(objective: Objective, x: Tensor, radius: Tensor, starts: list[Tensor], *,
-                 max_iter: int) -> tuple[Tensor, Tensor]:
+                 max_iter: int, box: tuple[float, float] = (0.0, 1.0)) -> tuple[Tensor, Tensor]:
     """Maximise ``objective`` over C(x, radius) with scipy's L-BFGS-B, one problem per point and start.
 
     L-BFGS-B enforces the pixel box as simple bounds on u (= the delta it proposes); the L2 ball is
@@ -199,8 +204,8 @@ def lbfgs_ascent(objective: Objective, x: Tensor, radius: Tensor, starts: list[T
         if L == 0.0:
             best_val[b] = float(objective(torch.tensor([b], device=x.device), best[b:b + 1]).detach())
             continue
-        lo = (-x[b]).flatten().double().cpu().numpy()
-        hi = (1.0 - x[b]).flatten().double().cpu().numpy()
+        lo = (box[0] - x[b]).flatten().double().cpu().numpy()
+        hi = (box[1] - x[b]).flatten().double().cpu().numpy()
         bounds = list(zip(lo, hi))
         row = torch.tensor([b], device=x.device)
 
@@ -220,7 +225,7 @@ def lbfgs_ascent(objective: Objective, x: Tensor, radius: Tensor, starts: list[T
         from scipy.optimize import minimize  # local: scipy is only needed for this optimiser
 
         for start in starts:
-            u0 = project_ball_box(start[b:b + 1], x[b:b + 1], radius[b:b + 1]).flatten()
+            u0 = project_ball_box(start[b:b + 1], x[b:b + 1], radius[b:b + 1], box=box).flatten()
             res = minimize(fun, u0.double().cpu().numpy(), jac=True, method="L-BFGS-B", bounds=bounds,
                            options={"maxiter": max_iter})
             u = torch.from_numpy(res.x).to(device=x.device, dtype=x.dtype)

@@ -4,7 +4,8 @@ A plugin registers one of these objects through a hook in :mod:`robbench.hookspe
 ever talks to plugins through them, so this module (with ``hookspecs.py``) is the whole contract.
 
 Conventions used throughout robbench:
-- images are float tensors in [0, 1] of shape ``(B, *input_shape)``, e.g. ``(B, 1, 28, 28)``;
+- images are float tensors of shape ``(B, *input_shape)``, e.g. ``(B, 1, 28, 28)``, in the model's
+  declared ``input_range`` ([0, 1] unless the model says otherwise; :mod:`robbench.inputrange`);
 - latents are ``(B, k)``; ``sigma`` is the encoder standard deviation (not the variance);
 - norms are Euclidean norms of the flattened tensors, in input-space or output-space units.
 """
@@ -28,14 +29,16 @@ from robbench.settings import RunSettings
 class VAEModel(Protocol):
     """A trained (or trainable) VAE; in practice an ``nn.Module``.
 
-    Attributes: ``input_shape`` (tuple, without batch), ``latent_dim`` (int).
+    Attributes: ``input_shape`` (tuple, without batch), ``latent_dim`` (int), and optionally
+    ``input_range`` (lo, hi): the box its inputs live in (default [0, 1]; a diffusers autoencoder
+    declares (-1, 1)). Attacks keep x + delta inside it; data are mapped onto it.
     """
 
     input_shape: tuple[int, ...]
     latent_dim: int
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x: (B, *input_shape) in [0, 1]; returns (mu, sigma), each (B, latent_dim), sigma >= 0."""
+        """x: (B, *input_shape) in the input range; returns (mu, sigma), each (B, latent_dim), sigma >= 0."""
 
     def decode(self, z: Tensor) -> Tensor:
         """z: (N, latent_dim); returns the decoder mean g(z), (N, *input_shape)."""
@@ -74,12 +77,14 @@ class ModelFamily:
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class SplitData:
-    """Images in [0, 1] as float32 tensors (N, *input_shape), labels as int64 (N,)."""
+    """Images as float32 tensors (N, *input_shape) in ``input_range`` ([0, 1] unless the data set
+    declares otherwise), labels as int64 (N,)."""
 
     train_x: Tensor
     train_y: Tensor
     test_x: Tensor
     test_y: Tensor
+    input_range: tuple[float, float] = (0.0, 1.0)
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -110,7 +115,8 @@ class DatasetSpec:
 # ---------------------------------------------------------------------------------------------
 @dataclass
 class AttackResult:
-    """delta: (B, *input_shape) with ||delta_b||_2 <= rho_b and x + delta in [0, 1];
+    """delta: (B, *input_shape) with ||delta_b||_2 <= rho_b and x + delta in the model's input range
+    (``robbench.inputrange.input_range(model)``, [0, 1] by default);
     damage: (B,) the achieved objective, ||g(.) - g(mu(x))||_2 in output units."""
 
     delta: Tensor
@@ -135,7 +141,7 @@ class Attack(Protocol):
         init: Tensor | None = None,
         point_ids: Tensor | None = None,
     ) -> AttackResult:
-        """x: (B, *input_shape) in [0, 1]; rho: (B,) input-space L2 budgets (passed positionally); ``init`` an optional warm start
+        """x: (B, *input_shape) in the model's input range; rho: (B,) input-space L2 budgets (passed positionally); ``init`` an optional warm start
         delta (B, *input_shape); ``point_ids`` (B,) the points' test-set indices. Must be deterministic
         given ``generator``; an attack that draws its random numbers per point from ``point_ids``
         (``robbench.rng``) gives every point the same result however the points are batched. Accepting
@@ -274,4 +280,4 @@ class Estimator(Protocol):
     columns: tuple[MetricColumn, ...]
 
     def __call__(self, ctx: EstimationContext, x: Tensor) -> list[dict[str, Any]]:
-        """x: (B, *input_shape) in [0, 1]; returns B dicts."""
+        """x: (B, *input_shape) in the model's input range; returns B dicts."""

@@ -21,10 +21,13 @@ from robbench.execute import Batch, Executor, JobSpec, PointResult
 from robbench.leaderboard import write_leaderboard
 from robbench.paths import cache_dir
 from robbench.plugins import Registries
+from robbench.inputrange import DEFAULT_RANGE, check_in_range, input_range, to_range
 from robbench.prepare import ModelSpec, describe_prepared
 from robbench.progress import TaskDisplay
 from robbench.protocols import DataOptions, SplitData
+from robbench.provenance import run_provenance
 from robbench.settings import RunSettings
+from robbench.units import cap_warning
 from robbench.store import ResultRow, ResultStore, RunRecord
 from robbench.work import Event, ModelReady, ModelWork, WorkExecutor, run_in_process
 
@@ -55,7 +58,8 @@ class Job:
     def spec(self) -> JobSpec:
         """The job as plain data for :func:`robbench.execute.evaluate_batch` (and remote workers)."""
         return JobSpec(self.estimator, self.attack.name if self.attack else None,
-                       dict(self.attack.params) if self.attack else {}, dict(self.params), self.run, self.key)
+                       dict(self.attack.params) if self.attack else {}, dict(self.params), self.run, self.key,
+                       data_range=DEFAULT_RANGE)  # load_data maps every data set onto [0, 1]
 
 
 @dataclass
@@ -108,8 +112,22 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_data(cfg: RunConfig, regs: Registries) -> SplitData:
+    """The data set's split, mapped onto [0, 1] when it declares another input range (trainable models
+    work in [0, 1]; ready-built ones get their shape and declared range through
+    :func:`robbench.imagefit.fit_if_needed`)."""
     spec = regs.datasets.get(cfg.dataset)
-    return spec.load(DataOptions(data_dir=Path(cfg.data_dir) if cfg.data_dir else None, seed=0))
+    data = spec.load(DataOptions(data_dir=Path(cfg.data_dir) if cfg.data_dir else None, seed=0))
+    box = input_range(data)
+    for part in (data.train_x, data.test_x):
+        if isinstance(part, torch.Tensor):  # lazily read images are decoded into [0, 1] by construction
+            try:
+                check_in_range(part, box, what=f"data set {cfg.dataset!r}")
+            except ValueError as err:
+                raise ConfigError(f"{err}; a data set in another range declares it as SplitData.input_range") from None
+    if box != DEFAULT_RANGE:
+        data = SplitData(to_range(data.train_x, box, DEFAULT_RANGE), data.train_y,
+                         to_range(data.test_x, box, DEFAULT_RANGE), data.test_y)
+    return data
 
 
 class Runner:
@@ -140,10 +158,12 @@ class Runner:
         data = load_data(self.cfg, self.regs)
         point_ids = [int(p) for p in select_points(data, self.cfg.points, self.cfg.seed)]
         self._array_points = set(point_ids[:self.cfg.keep_arrays])
+        self._produced: dict[str, list[dict[str, Any]]] = {}  # job key -> metrics of this invocation's ok rows
         store = ResultStore(self.run_dir)
         store.record_run(RunRecord(self.cfg.to_dict(), [job.key for job in self.jobs],
                                    sorted({model_key(self.cfg, job.model) for job in self.jobs}), point_ids))
         store.record_jobs((job.key, job.estimator, job.params, job.run.to_dict()) for job in self.jobs)
+        store.record_provenance(run_provenance(self.cfg, self.regs, model_configs(self.cfg, self.regs)))
         for name in self.cfg.estimators:  # the leaderboard is rebuilt from these, plugin installed or not
             columns = getattr(self.regs.estimators.get(name), "columns", ()) or ()
             store.record_columns(name, [col.to_dict() for col in columns])
@@ -160,6 +180,8 @@ class Runner:
                     plan.left -= 1
                     finished = plan.left == 0
                     display.batch(event.failed)
+                    if finished:
+                        self._warn_cap(plan.jobs)
                 display.running(event.running)
                 if evaluate and finished:  # after each model: a crash keeps a current board
                     write_leaderboard(store, self.run_dir)
@@ -235,10 +257,12 @@ class Runner:
         for res in results:
             self._save_arrays(job, res.point, res.arrays)
             rows.append(job.row(res.point, "ok" if res.ok else "error", res.metrics, res.error, res.seconds))
+        self._produced.setdefault(job.key, []).extend(res.metrics for res in results if res.ok)
         return rows
 
     def _save_arrays(self, job: Job, point: int, arrays: dict[str, torch.Tensor] | None) -> None:
-        """Keep an estimator's tensors (e.g. adversarial inputs) for the first points, for reports."""
+        """Keep an estimator's tensors (e.g. adversarial inputs) for the first points, for reports (a model
+        with a declared input range other than [0, 1] has it in them as ``input_range``)."""
         if not arrays:
             return
         # The first keep_arrays points of the planned order: the same files whatever order results arrive in.
@@ -250,6 +274,16 @@ class Runner:
         tmp = folder / f"{point}.pt.tmp"
         torch.save(tensors, tmp)
         tmp.replace(folder / f"{point}.pt")
+
+    def _warn_cap(self, jobs: list[Job]) -> None:
+        """Warn for each job of a finished model whose margins (this invocation's) often hit the cap."""
+        for job in jobs:
+            cap = job.params.get("max_radius")
+            shown = f"{cap} (units: {job.run.units})" if job.run.units != "l2" else cap
+            label = f"{job.model.label} seed {job.model.seed} / {job.attack_label or '-'} / {job.estimator}"
+            warning = cap_warning(label, self._produced.get(job.key, []), shown)
+            if warning:
+                self.console.print(f"[yellow]warning: {escape(warning)}[/yellow]")
 
     def _fail_rows(self, store: ResultStore, jobs: list[Job], pending: dict[str, list[int]], message: str) -> None:
         store.write(job.row(p, "error", {}, message, 0.0) for job in jobs for p in pending[job.key])

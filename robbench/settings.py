@@ -24,7 +24,10 @@ class RunSettings:
     confidence: level of every reported interval, in (0, 1);
     backend: Monte Carlo backend name ("auto" or a registered backend, see :mod:`robbench.backends`);
     seed: root of every random stream (points, attacks, Monte Carlo);
-    device: torch device name the estimators run on ("cpu", "cuda", "cuda:N").
+    device: torch device name the estimators run on ("cpu", "cuda", "cuda:N");
+    units: "l2" (r and every size as given) or "rms": r and the input-space sizes an estimator declares
+    are per-pixel RMS values in units of the model's input-range width, turned into L2 sizes just
+    before the estimator runs (:mod:`robbench.units`).
     """
 
     r: float = 4.0
@@ -33,9 +36,10 @@ class RunSettings:
     backend: str = "auto"
     seed: int = 0
     device: str = "cpu"
+    units: str = "l2"
 
     # Keys that define results (job keys hash them); the device does not change a number.
-    HASHED = ("r", "m", "confidence", "backend", "seed")
+    HASHED = ("r", "m", "confidence", "backend", "seed", "units")
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:
@@ -49,8 +53,9 @@ class RunSettings:
         return asdict(self)
 
     def hashed(self) -> dict[str, Any]:
-        """The result-defining settings as a plain dict (what job keys are computed from)."""
-        return {k: getattr(self, k) for k in self.HASHED}
+        """The result-defining settings as a plain dict (what job keys are computed from). ``units`` is left
+        out at its default, so results stored before it existed keep their keys."""
+        return {k: getattr(self, k) for k in self.HASHED if not (k == "units" and self.units == "l2")}
 
     def with_overrides(self, overrides: dict[str, Any]) -> "RunSettings":
         """A copy with some settings replaced (e.g. one estimator's own ``r``); unknown keys raise TypeError."""

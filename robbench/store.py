@@ -60,6 +60,11 @@ CREATE TABLE IF NOT EXISTS runs (
     model_keys  TEXT NOT NULL,     -- JSON list of the models (model_key) it evaluates
     points      TEXT NOT NULL      -- JSON list of the test-set indices it evaluates
 );
+CREATE TABLE IF NOT EXISTS provenance (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    recorded    REAL NOT NULL,
+    info        TEXT NOT NULL      -- JSON: comparability settings, models, environment (robbench.provenance)
+);
 """
 
 
@@ -136,6 +141,17 @@ class ResultStore:
             self._conn.execute("INSERT INTO runs (started, config, jobs, model_keys, points) VALUES (?, ?, ?, ?, ?)",
                                (time.time(), json.dumps(run.config, default=str), json.dumps(run.jobs),
                                 json.dumps(run.model_keys), json.dumps(run.points)))
+
+    def record_provenance(self, info: dict[str, Any]) -> None:
+        """Store what an invocation ran with (see :mod:`robbench.provenance`)."""
+        with self._conn:
+            self._conn.execute("INSERT INTO provenance (recorded, info) VALUES (?, ?)",
+                               (time.time(), json.dumps(info, default=str)))
+
+    def provenance(self) -> dict[str, Any] | None:
+        """The latest provenance record, or None for a run directory written before they existed."""
+        row = self._conn.execute("SELECT info FROM provenance ORDER BY id DESC LIMIT 1").fetchone()
+        return json.loads(row[0]) if row else None
 
     def record_model(self, model_key: str, model: str, model_seed: int, info: dict[str, Any]) -> None:
         with self._conn:

@@ -83,6 +83,9 @@ def data_fingerprint(data: SplitData) -> str:
     """sha256 of the split's shapes, labels and (a strided subset of at most ~2M) pixel values."""
     h = hashlib.sha256()
     for t in (data.train_x, data.train_y, data.test_x, data.test_y):
+        if hasattr(t, "fingerprint"):  # lazily read images (robbench_plugins.imagedata): files, not pixels
+            h.update(t.fingerprint().encode())
+            continue
         flat = t.detach().reshape(-1)
         h.update(str((tuple(t.shape), str(t.dtype))).encode())
         step = max(1, flat.numel() // 2_000_000)

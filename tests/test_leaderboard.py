@@ -56,7 +56,7 @@ def test_renderers_agree():
     assert "| big | max_damage | 2.000 | [-0.484, 4.484] |" in md
     table = list(csv.DictReader(io.StringIO(render_csv(records))))
     assert float(table[0]["margin_lo"]) == pytest.approx(records[0]["margin_lo"])
-    assert json.loads(render_json(records))[1]["model"] == "small"
+    assert json.loads(render_json(records))["rows"][1]["model"] == "small"
 
 
 def test_columns_come_from_declarations_not_names():

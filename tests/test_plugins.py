@@ -81,7 +81,7 @@ def test_thirdparty_plugin_runs_through_robbench_run(subprocess_env, tmp_path):
     # The third-party estimator's own column is in the printed table and the files, next to built-in ones.
     assert "mean tp damage" in done.stdout and "mean bound" in done.stdout
     assert "| mean tp damage |" in (out_dir / "leaderboard.md").read_text()
-    records = json.loads((out_dir / "leaderboard.json").read_text())
+    records = json.loads((out_dir / "leaderboard.json").read_text())["rows"]
     assert len(records) == 1
     rec = records[0]
     assert rec["model"] == "tp_linear" and rec["attack"] == "tp_constant" and rec["points"] == 6

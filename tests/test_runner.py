@@ -114,7 +114,7 @@ def test_broken_models_fail_only_their_rows(plugin, fresh_plugins, tmp_path):
     assert all(r.status == "error" for r in by_model["broken_model"])
     assert "ZeroDivisionError" in json.dumps(store.models())
     assert len(by_model["tp_linear"]) == 8 and all(r.status == "ok" for r in by_model["tp_linear"])
-    board = json.loads((tmp_path / "leaderboard.json").read_text())
+    board = json.loads((tmp_path / "leaderboard.json").read_text())["rows"]
     failed = {rec["model"]: rec["failed"] for rec in board}
     assert failed == {"nan_model": 8, "broken_model": 8, "tp_linear": 0}
     assert any("NaN" in e for rec in board if rec["model"] == "nan_model" for e in rec["errors"])
@@ -134,7 +134,7 @@ def test_leaderboard_shows_only_the_latest_invocation(plugin, fresh_plugins, tmp
     regs = fresh_plugins.get_registries()
     _run(_config(regs, estimators=["counting"], points=8), regs, tmp_path)
     _run(_config(regs, estimators=["counting"], points=3), regs, tmp_path)
-    board = json.loads((tmp_path / "leaderboard.json").read_text())
+    board = json.loads((tmp_path / "leaderboard.json").read_text())["rows"]
     assert [rec["points"] for rec in board] == [3]
 
 

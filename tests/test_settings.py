@@ -25,4 +25,6 @@ def test_settings_are_frozen_and_overrides_are_checked():
 
 
 def test_hashed_settings_leave_out_the_device():
-    assert set(RunSettings().hashed()) == set(RUN_WIDE_KEYS) - {"device"}
+    # units is hashed only when not the default, so results stored before it existed keep their keys
+    assert set(RunSettings().hashed()) == set(RUN_WIDE_KEYS) - {"device", "units"}
+    assert set(RunSettings(units="rms").hashed()) == set(RUN_WIDE_KEYS) - {"device"}

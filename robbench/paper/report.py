@@ -25,6 +25,7 @@ from robbench.paper import figures
 from robbench.paper.claims import (Claim, attack_route, bound_pairs, check_claims, damage_by_route, label_sort_key,
                              parse_label, point_values, preferred_attack)
 from robbench.settings import RunSettings
+from robbench.inputrange import to_range
 from robbench.store import ResultRow, ResultStore
 
 REPORT_DIR = "report"
@@ -141,8 +142,11 @@ def recon_examples(data: RunData) -> dict[str, list[figures.ReconExample]]:
                 note = f"‖δ‖={float((x_adv - x).flatten().norm()):.2f}"
                 if isinstance(margins.get(point), (int, float)):
                     note += f"\nR={margins[point]:.2f}"
-                examples.append(figures.ReconExample(x.numpy(), x_adv.numpy(), arrays["recon_adv"].float().numpy(),
-                                                     note))
+                recon_adv = arrays["recon_adv"].float()
+                if "input_range" in arrays:  # images of a model with a declared range: shown mapped onto [0, 1]
+                    box = tuple(float(v) for v in arrays["input_range"])
+                    x, x_adv, recon_adv = (to_range(t, box, (0.0, 1.0)) for t in (x, x_adv, recon_adv))
+                examples.append(figures.ReconExample(x.numpy(), x_adv.numpy(), recon_adv.numpy(), note))
             if examples:
                 out[model] = examples
                 break

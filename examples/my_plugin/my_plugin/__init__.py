@@ -1,0 +1,1 @@
+"""An example robbench plugin package (see robbench_plugin.py)."""

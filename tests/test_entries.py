@@ -1,0 +1,103 @@
+"""Self-describing results: provenance in the store and leaderboard.json, export, merge, --version,
+ResultTable.to_pandas."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import robbench
+from robbench import cli
+from robbench.entries import ENTRY_FORMAT, EntryError, MergeError, check_comparable, load_entries, validate_entry
+from robbench.store import ResultStore
+
+
+def _run(tmp_path, name: str, *extra: str):
+    out = tmp_path / name
+    code = cli.main(["run", "--dataset", "digits", "--models", "linear_gaussian", "--estimators", "encoder_stats,min_r",
+                     "--param", "min_r.samples=64", "--points", "3", "--backend", "torch", "--out", str(out), "--no-progress", *extra])
+    assert code == 0
+    return out
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ROBBENCH_CACHE", str(tmp_path / "cache"))
+
+
+def test_runs_record_settings_versions_device_and_commit(tmp_path, cache):
+    out = _run(tmp_path, "a", "--r", "3.0")
+    board = json.loads((out / "leaderboard.json").read_text())
+    assert board["format"] == "robbench-leaderboard/1"
+    assert board["settings"]["r"] == 3.0 and board["settings"]["dataset"] == "digits"
+    assert board["settings"]["estimators"]["min_r"]["params"]["samples"] == 64
+    env = board["environment"]
+    assert env["robbench"] == robbench.__version__
+    assert env["torch"]["version"] == torch.__version__ and "cuda" in env["torch"]
+    assert env["device"]["name"] == "cpu" and env["packages"]["numpy"]
+    assert env["git"] is None or len(env["git"]["commit"]) == 40
+    assert board["models"]["linear_gaussian"]["family"] == "linear_gaussian"
+    store = ResultStore.open_existing(out)
+    assert store.provenance()["settings"] == board["settings"]
+    store.close()
+
+
+def test_export_writes_one_valid_entry_per_model_configuration(tmp_path, cache):
+    out = _run(tmp_path, "a")
+    assert cli.main(["export", str(out)]) == 0
+    def no_nan(token):
+        raise AssertionError(f"non-standard JSON constant {token}")
+
+    entries = json.loads((out / "entries.json").read_text(), parse_constant=no_nan)
+    assert len(entries) == 1
+    (entry,) = entries
+    assert validate_entry(entry) is entry and entry["format"] == ENTRY_FORMAT
+    assert entry["model"] == "linear_gaussian" and entry["params"]["s"] == 0.5
+    assert entry["results"][0]["points"] == 3
+    broken = dict(entry)
+    del broken["settings"]
+    with pytest.raises(EntryError, match="missing field 'settings'"):
+        validate_entry(broken)
+
+
+def test_merge_refuses_runs_with_different_r_and_names_it(tmp_path, cache, capsys):
+    a = _run(tmp_path, "a", "--r", "4.0")
+    b = _run(tmp_path, "b", "--r", "2.0")
+    with pytest.raises(MergeError, match=r"r differs \(4\.0 in .*a; 2\.0 in .*b\)"):
+        check_comparable(load_entries(a) + load_entries(b))
+    capsys.readouterr()
+    assert cli.main(["leaderboard", "--merge", str(a), str(b)]) == 2
+    err = capsys.readouterr().err
+    assert "refusing to merge" in err and "r differs" in err
+
+
+def test_merge_of_comparable_runs_writes_one_leaderboard(tmp_path, cache):
+    a = _run(tmp_path, "a")
+    b = _run(tmp_path, "b", "--param", "linear_gaussian.s=0.25")
+    cli.main(["export", str(b), "--out", str(tmp_path / "b.json")])
+    merged = tmp_path / "merged"
+    assert cli.main(["leaderboard", "--merge", str(a), str(tmp_path / "b.json"), "--out", str(merged)]) == 0
+    doc = json.loads((merged / "leaderboard.json").read_text())
+    assert len(doc["rows"]) == 2 and doc["settings"]["r"] == 4.0
+    sigmas = sorted(rec["min_sigma_mean"] for rec in doc["rows"])
+    assert sigmas == pytest.approx([0.25, 0.5])
+
+
+def test_version_flag(capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"robbench {robbench.__version__}"
+
+
+def test_result_table_to_pandas():
+    pd = pytest.importorskip("pandas")
+    from robbench.api import ResultTable
+
+    table = ResultTable([{"attack": None, "estimator": "bound", "point": 0, "bound": 0.5},
+                         {"attack": "a", "estimator": "margin", "point": 1, "margin": 1.5}])
+    frame = table.to_pandas()
+    assert isinstance(frame, pd.DataFrame)
+    assert list(frame.columns) == ["attack", "estimator", "point", "bound", "margin"]
+    assert frame.loc[1, "margin"] == 1.5 and pd.isna(frame.loc[0, "margin"])
