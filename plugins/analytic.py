@@ -16,7 +16,10 @@ from torch import Tensor, nn
 
 
 class LinearGaussianVAE(nn.Module):
-    """input_shape: image shape (C, H, W) or (D,); latent_dim k <= D. Gaussian decoder with unit variance."""
+    """input_shape: image shape (C, H, W) or (D,); latent_dim k <= D. Gaussian decoder with unit variance.
+    Defined on all of R^D (``input_bounds = None``): its closed forms assume no pixel box."""
+
+    input_bounds = None
 
     def __init__(self, input_shape: tuple[int, ...] = (1, 8, 8), latent_dim: int = 4, *,
                  s: float = 0.5, w: float = 2.0, singular_values: list[float] | None = None,

@@ -26,6 +26,7 @@ from robbench.hookspecs import hookimpl
 from robbench.inputrange import input_range
 from robbench.projection import (as_radius, finalize, flat_norm, lbfgs_ascent, projected_gradient_ascent,
                                  point_normals, random_start)
+from robbench.paramspec import Param
 from robbench.protocols import AttackResult
 
 ROUTES = ("both", "mu", "sigma")
@@ -148,6 +149,12 @@ _OPT_DEFAULTS: dict[str, Any] = {
     "restarts": 1,        # random starts, in addition to ``init`` when one is given
     "step_size": 0.5,     # first pgd step as a fraction of the radius (cosine-decayed to 5% of it)
 }
+_OPT_CONSTRAINTS: dict[str, Param] = {
+    "optimizer": Param("str", choices=OPTIMIZERS),
+    "steps": Param("int", lo=1),
+    "restarts": Param("int", lo=0),
+    "step_size": Param("float", lo=0, lo_open=True),
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,6 +175,9 @@ class MaxDamageAttack:
     description: str = "maximum-damage attack (Eq. 5): push the reconstruction of x+delta away from g(mu(x))"
     defaults: dict[str, Any] = field(default_factory=lambda: {
         "route": "both", "objective": "expectation", "eta_samples": 8, **_OPT_DEFAULTS})
+    constraints: dict[str, Param] = field(default_factory=lambda: {
+        "route": Param("str", choices=ROUTES), "objective": Param("str", choices=OBJECTIVES),
+        "eta_samples": Param("int", lo=1), **_OPT_CONSTRAINTS})
 
     def __call__(self, model: Any, x: Tensor, radius: Tensor, *, params: dict[str, Any] | None = None,
                  generator: torch.Generator, init: Tensor | None = None,
@@ -240,6 +250,8 @@ class LatentAttack:
     description: str = "latent-space attack: match the posterior of x+delta to that of a target image"
     defaults: dict[str, Any] = field(default_factory=lambda: {"distance": "kl", "targets": None,
                                                               **_OPT_DEFAULTS})
+    constraints: dict[str, Param] = field(default_factory=lambda: {
+        "distance": Param("str", choices=("kl", "mean")), **_OPT_CONSTRAINTS})
 
     def __call__(self, model: Any, x: Tensor, radius: Tensor, *, params: dict[str, Any] | None = None,
                  generator: torch.Generator, init: Tensor | None = None,
@@ -270,6 +282,7 @@ class OutputAttack:
     name: str = "output"
     description: str = "output-space attack: pull the reconstruction of x+delta towards a target's"
     defaults: dict[str, Any] = field(default_factory=lambda: {"targets": None, **_OPT_DEFAULTS})
+    constraints: dict[str, Param] = field(default_factory=lambda: dict(_OPT_CONSTRAINTS))
 
     def __call__(self, model: Any, x: Tensor, radius: Tensor, *, params: dict[str, Any] | None = None,
                  generator: torch.Generator, init: Tensor | None = None,

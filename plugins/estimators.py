@@ -23,6 +23,7 @@ from robbench.hookspecs import hookimpl
 from robbench.inputrange import clamp_box, input_range
 from robbench.jacobian import jacobian_frobenius
 from robbench.margin import estimate_margin, estimate_probability, latent_params, theorem1_bound
+from robbench.paramspec import Param
 from robbench.protocols import EstimationContext, MetricColumn, call_attack
 
 Row = dict[str, Any]
@@ -64,6 +65,7 @@ class BuiltinEstimator:
     # (robbench.units).
     input_sizes: tuple[str, ...] = ()
     pixel_sizes: tuple[str, ...] = ()
+    constraints: dict[str, Param] = field(default_factory=dict)  # what each parameter accepts
 
     def __call__(self, ctx: EstimationContext, x: Tensor) -> list[Row]:
         return self.fn(ctx, x)
@@ -157,6 +159,8 @@ def _damage(ctx: EstimationContext, x: Tensor) -> list[Row]:
 
 # --- encoder statistics and the Theorem 1 bound -----------------------------------------------
 _JACOBIAN_DEFAULTS = {"jacobian_method": "auto", "jacobian_probes": 64, "jacobian_exact_max": 1 << 20}
+_JACOBIAN_CONSTRAINTS = {"jacobian_method": Param("str", choices=("auto", "exact", "hutchinson")),
+                         "jacobian_probes": Param("int", lo=1), "jacobian_exact_max": Param("int", lo=1)}
 
 
 def _encoder_rows(ctx: EstimationContext, x: Tensor) -> tuple[list[Row], Tensor, Tensor]:
@@ -302,6 +306,15 @@ def _sweep(ctx: EstimationContext, x: Tensor) -> list[Row]:
 MARGIN_DEFAULTS = {"max_radius": 10.0, "tolerance": 0.05, "rel_tolerance": None, "samples_initial": 128,
                    "samples_max": 32768, "samples_growth": 4, "sigma_at": "clean", "warm_start": True,
                    "warm_steps": 10, "warm_restarts": 0, "stop_when_undecided": True}
+SAMPLES = Param("int", lo=1, hi=2 ** 31)  # Monte Carlo sample counts (the RNG streams hold 2^32 samples)
+SIGMA_AT = Param("str", choices=("clean", "perturbed"))
+RADIUS = Param("float", lo=0)
+MARGIN_CONSTRAINTS = {"max_radius": Param("float", lo=0, lo_open=True), "tolerance": Param("float", lo=0, lo_open=True),
+                      "rel_tolerance": Param("float", lo=0, hi=1, lo_open=True, nullable=True),
+                      "samples_initial": SAMPLES, "samples_max": SAMPLES, "samples_growth": Param("int", lo=2),
+                      "sigma_at": SIGMA_AT, "warm_start": Param("bool"), "warm_steps": Param("int", lo=1, nullable=True),
+                      "warm_restarts": Param("int", lo=0, nullable=True), "stop_when_undecided": Param("bool"),
+                      "keep_adversarial": Param("bool")}
 
 # Leaderboard columns. ``order`` keeps the established layout: margin, bound, damage, encoder, min r, likelihood.
 _MARGIN_COLUMNS = (
@@ -331,39 +344,46 @@ ESTIMATORS = [
         "margin", "robustness margin R(x) by batched bisection with a sequential Clopper-Pearson test per "
         "radius; margin, [margin_lo, margin_hi] at the run confidence, samples, undecided, at_cap",
         _margin_with_arrays, {**MARGIN_DEFAULTS, "keep_adversarial": True}, needs_attack=True,
-        validate=_validate_margin, columns=_MARGIN_COLUMNS, input_sizes=("max_radius", "tolerance")),
+        validate=_validate_margin, columns=_MARGIN_COLUMNS, input_sizes=("max_radius", "tolerance"),
+        constraints=MARGIN_CONSTRAINTS),
     BuiltinEstimator(
         "damage", "paper Fig. 4: expected damage E||g(mu_r + eta sigma_r) - g(mu(x))|| of the attack at a fixed "
         "radius along its route (damage), the same at delta = 0 (damage_clean), and ||delta||",
         _damage, {"radius": 10.0, "samples": 256}, needs_attack=True, columns=(_DAMAGE_COLUMN,),
-        input_sizes=("radius",)),
+        input_sizes=("radius",), constraints={"radius": RADIUS, "samples": SAMPLES}),
     BuiltinEstimator(
         "bound", "Theorem 1 lower bound min sigma * (probit(p0_lo) - probit(m)) / ||J_mu||_F, with p0_lo the "
         "lower confidence bound of p_r(x, 0); None when vacuous (bound_status says why)",
-        _bound, {"p0_samples": 4096, **_JACOBIAN_DEFAULTS}, columns=_BOUND_COLUMNS + _ENCODER_COLUMNS),
+        _bound, {"p0_samples": 4096, **_JACOBIAN_DEFAULTS}, columns=_BOUND_COLUMNS + _ENCODER_COLUMNS,
+        constraints={"p0_samples": SAMPLES, **_JACOBIAN_CONSTRAINTS}),
     BuiltinEstimator(
         "encoder_stats", "encoder sigma summaries and ||J_mu(x)||_F (exact or Hutchinson)",
-        _encoder_stats, dict(_JACOBIAN_DEFAULTS), columns=_ENCODER_COLUMNS),
+        _encoder_stats, dict(_JACOBIAN_DEFAULTS), columns=_ENCODER_COLUMNS, constraints=dict(_JACOBIAN_CONSTRAINTS)),
     BuiltinEstimator(
         "min_r", "smallest r with p_r(x, 0) > m: the m-quantile of ||Delta(x)|| with an order-statistic "
         "confidence interval", _min_r, {"samples": 4096},
-        columns=(MetricColumn("min_r_mean", "mean min r", "min_r", "mean", "lower", ".3f", order=50),)),
+        columns=(MetricColumn("min_r_mean", "mean min r", "min_r", "mean", "lower", ".3f", order=50),),
+        constraints={"samples": SAMPLES}),
     BuiltinEstimator(
         "likelihood", "log p(x | mu(x*)) and its relative degradation for x* = x + attack(radius) and "
         "x* = x + N(0, noise_sigma^2) noise", _likelihood,
         {"radius": 1.0, "noise_sigma": 0.3, "clamp_noise": True}, needs_attack=True,
-        columns=_LIKELIHOOD_COLUMNS + (_DAMAGE_COLUMN,), input_sizes=("radius",), pixel_sizes=("noise_sigma",)),
+        columns=_LIKELIHOOD_COLUMNS + (_DAMAGE_COLUMN,), input_sizes=("radius",), pixel_sizes=("noise_sigma",),
+        constraints={"radius": RADIUS, "noise_sigma": Param("float", lo=0), "clamp_noise": Param("bool")}),
     BuiltinEstimator(
         "sweep", "p_r along the attack's direction at direction_radius, over a grid of norms (paper Fig. 5), "
         "with CP intervals and the interpolated crossing of m", _sweep,
         {"direction_radius": 1.0, "grid_max": 5.0, "grid_points": 26, "samples": 1024, "clamp": False,
          "sigma_at": "clean"}, needs_attack=True, columns=(_DAMAGE_COLUMN,),
-        input_sizes=("direction_radius", "grid_max")),
+        input_sizes=("direction_radius", "grid_max"),
+        constraints={"direction_radius": Param("float", lo=0, lo_open=True),
+                     "grid_max": Param("float", lo=0, lo_open=True), "grid_points": Param("int", lo=2, hi=10_000),
+                     "samples": SAMPLES, "clamp": Param("bool"), "sigma_at": SIGMA_AT}),
     BuiltinEstimator(
         "probability", "p_r(x, delta) at the attack's delta of norm <= radius, with a two-sided CP interval "
         "from samples independent of the attack", _probability,
         {"radius": 1.0, "samples": 4096, "sigma_at": "clean"}, needs_attack=True, columns=(_DAMAGE_COLUMN,),
-        input_sizes=("radius",)),
+        input_sizes=("radius",), constraints={"radius": RADIUS, "samples": SAMPLES, "sigma_at": SIGMA_AT}),
 ]
 
 

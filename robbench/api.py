@@ -18,6 +18,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from robbench.checks import checked
 from robbench.config import default_selection, merge_params
 from robbench.execute import Batch, Executor, JobSpec, LocalExecutor
 from robbench.inputrange import check_in_range, input_range
@@ -135,6 +136,7 @@ def evaluate(model: VAEModel, data: Tensor, attacks: Sequence[str] | None = None
     if isinstance(model, torch.nn.Module):
         model.eval()  # dropout / batch-norm in inference mode, as the runner does
     check_in_range(data, input_range(model))
+    model = checked(model)  # NaN/inf from encode or decode raises PluginOutputError where it appears
     dev = torch.device(device) if device is not None else data.device
     run = RunSettings(device=str(dev)).with_overrides(run_params)
     data = data.to(dev)

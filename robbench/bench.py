@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import math
 import os
@@ -28,6 +29,7 @@ from torch import nn
 
 from robbench import kernels, montecarlo, terminal
 from robbench.backends import Backend
+from robbench.config import ConfigError
 from robbench.decoding import DEFAULT_CHUNK_ROWS
 from robbench.plugins import get_registries
 
@@ -190,18 +192,67 @@ def render(rows: list[BenchRow], peaks: dict[str, float]) -> Table:
 
 
 def load_model(spec: str) -> nn.Module:
-    """``module:callable`` (or ``path/to/file.py:callable``) returning an nn.Module."""
+    """``module:callable`` (or ``path/to/file.py:callable``) returning a model with ``decode`` and
+    ``latent_dim``; ConfigError (exit 2) naming what went wrong otherwise."""
     mod_name, _, attr = spec.partition(":")
-    if not attr:
-        raise ValueError(f"--model must look like module:callable, got {spec!r}")
-    if mod_name.endswith(".py"):
-        spec_ = importlib.util.spec_from_file_location(Path(mod_name).stem, mod_name)
-        module = importlib.util.module_from_spec(spec_)
-        spec_.loader.exec_module(module)
-    else:
-        module = importlib.import_module(mod_name)
-    model = getattr(module, attr)()
+    if not mod_name or not attr:
+        raise ConfigError(f"bad value for --model: {spec!r}; allowed: module:callable or path/to/file.py:callable")
+    try:
+        if mod_name.endswith(".py"):
+            spec_ = importlib.util.spec_from_file_location(Path(mod_name).stem, mod_name)
+            if spec_ is None or not Path(mod_name).is_file():
+                raise FileNotFoundError(f"no file {mod_name}")
+            module = importlib.util.module_from_spec(spec_)
+            spec_.loader.exec_module(module)
+        else:
+            module = importlib.import_module(mod_name)
+    except Exception as err:  # noqa: BLE001 - whatever the import raised, it is the user's input
+        raise ConfigError(f"bad value for --model: {spec!r}; cannot import {mod_name!r} "
+                          f"({type(err).__name__}: {err})") from None
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ConfigError(f"bad value for --model: {spec!r}; {mod_name!r} has no callable {attr!r}")
+    try:
+        model = factory()
+    except Exception as err:  # noqa: BLE001
+        raise ConfigError(f"bad value for --model: {spec!r}; calling {attr}() with no arguments failed "
+                          f"({type(err).__name__}: {err})") from None
+    if not (isinstance(model, nn.Module) and callable(getattr(model, "decode", None))
+            and isinstance(getattr(model, "latent_dim", None), int)):
+        raise ConfigError(f"bad value for --model: {spec!r}; {attr}() returned {type(model).__name__}, "
+                          "expected an nn.Module with decode(z) and an integer latent_dim")
     return model.eval()
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed; give an integer >= 1")
+    return value
+
+
+def _sample_list(text: str) -> list[int]:
+    """Comma-separated S values, each an integer >= 1."""
+    try:
+        return [_positive_int(part.strip()) for part in text.split(",")]
+    except argparse.ArgumentTypeError as err:
+        raise argparse.ArgumentTypeError(f"{text!r}: {err}; allowed: comma-separated integers >= 1, "
+                                         "e.g. 256,1024") from None
+
+
+def _radius(text: str) -> float | str:
+    if text == "median":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed; give a finite number > 0 or 'median'")
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -210,16 +261,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "available on the CPU)")
     parser.add_argument("--precision", action="append", choices=["fp32", "bf16"],
                         help="precisions for compiled backends (default: fp32 and, where supported, bf16)")
-    parser.add_argument("--samples", default=",".join(map(str, STANDARD_SAMPLES)),
-                        help="comma-separated S values (default: %(default)s)")
-    parser.add_argument("--points", type=int, default=64, help="B (default: %(default)s)")
-    parser.add_argument("--radius", default="4.0", help="r, or 'median' (each point's median distance: the "
-                                                        "bisection's hardest case) (default: %(default)s)")
+    parser.add_argument("--samples", type=_sample_list, default=list(STANDARD_SAMPLES),
+                        help=f"comma-separated S values (default: {','.join(map(str, STANDARD_SAMPLES))})")
+    parser.add_argument("--points", type=_positive_int, default=64, help="B (default: %(default)s)")
+    parser.add_argument("--radius", type=_radius, default=4.0,
+                        help="r, or 'median' (each point's median distance: the bisection's hardest case) "
+                             "(default: %(default)s)")
     parser.add_argument("--model", help="module:callable returning your own model (default: standard workload)")
-    parser.add_argument("--repeats", type=int, default=1, help="runs per row, best kept (default: %(default)s)")
+    parser.add_argument("--repeats", type=_positive_int, default=1, help="runs per row, best kept (default: %(default)s)")
     parser.add_argument("--screen", choices=["on", "off", "both"], default="on",
                         help="Lipschitz screen before the last layer for compiled backends (default: %(default)s)")
-    parser.add_argument("--threads", type=int, help="torch/OpenMP threads (default: torch's default)")
+    parser.add_argument("--threads", type=_positive_int, help="torch/OpenMP threads (default: torch's default)")
     parser.add_argument("--json", type=Path, help="also write the rows to this JSON file")
 
 
@@ -252,12 +304,12 @@ def run(args: argparse.Namespace) -> int:
     model, name = (load_model(args.model), args.model) if args.model else (StandardDecoderVAE(), "standard-mlp")
     backends = _chosen_backends(args.backend)
     precisions = args.precision or (["fp32", "bf16"] if kernels.bf16_supported() else ["fp32"])
-    radius: float | str = args.radius if args.radius == "median" else float(args.radius)
+    radius: float | str = args.radius
     peaks = {"fp32": measure_peak(torch.float32)}
     if "bf16" in precisions:
         peaks["bf16"] = measure_peak(torch.bfloat16)
     rows: list[BenchRow] = []
-    for S in (int(s) for s in args.samples.split(",")):
+    for S in args.samples:
         base = None
         for backend in backends:
             screen_modes = {"on": [True], "off": [False], "both": [False, True]}[getattr(args, "screen", "on")]

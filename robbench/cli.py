@@ -6,6 +6,7 @@ exits with status 2 and a message saying what is allowed. Precedence: defaults <
 from __future__ import annotations
 
 import argparse
+import sqlite3
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -15,42 +16,69 @@ from rich.markup import escape
 from rich.table import Table
 
 from robbench.config import (ConfigError, RunConfig, build_config, load_yaml, parse_param_flag,
-                             validate_against_plugins)
-from robbench import terminal
+                             validate_against_plugins, validate_runtime)
+from robbench import rundir, terminal
 from robbench.entries import EntryError, MergeError
 from robbench.plugins import get_registries
+from robbench.locks import FileLock
 from robbench.registry import UnknownNameError
+from robbench.rundir import RunDirError
 from robbench.settings import RunSettings
+from robbench.store import StoreError
 
 USAGE_ERROR = 2
 
 
-def _add_run_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, help="YAML file with RunConfig keys (flags override it)")
-    p.add_argument("--models", help="comma-separated model families, e.g. beta_vae,vae (default beta_vae)")
-    p.add_argument("--attacks", help="comma-separated attacks (default max_damage)")
-    p.add_argument("--estimators", help="comma-separated estimators (default margin,bound,encoder_stats)")
-    p.add_argument("--dataset", help="data set name (default mnist: 5,000 embedded digits)")
-    p.add_argument("--data-dir", help="directory with local data files (MNIST/Fashion-MNIST IDX, CIFAR-10 binary)")
-    p.add_argument("--points", type=int, help="number of test points to evaluate (default 25)")
-    p.add_argument("--seed", type=int, help=f"seed for point selection, attacks and Monte Carlo (default {RunSettings.seed})")
-    p.add_argument("--model-seeds", help="comma-separated training seeds per configuration (default 0)")
-    p.add_argument("--r", type=float, help=f"r of r-robustness, the output-space radius (default {RunSettings.r:g})")
-    p.add_argument("--m", type=float, help=f"probability threshold m (default {RunSettings.m})")
-    p.add_argument("--confidence", type=float, help=f"confidence of the reported intervals (default {RunSettings.confidence})")
-    p.add_argument("--backend", help="Monte Carlo backend: auto (default) or a registered one (robbench plugins lists them)")
-    p.add_argument("--device", help=f"cpu or cuda[:N] (default {RunSettings.device})")
-    p.add_argument("--units", help="l2 (default) or rms: r and the estimators' input sizes (e.g. margin.max_radius) "
-                                   "as per-pixel RMS of the input-range width")
-    p.add_argument("--executor", help="where models train and batches run: local or ray (default local)")
-    p.add_argument("--ray-address", help="executor ray: join this cluster (auto, HOST:PORT or ray://HOST:PORT); "
-                                         "default: start a local Ray sized to this machine")
-    p.add_argument("--epochs", type=int, help="training epochs (default 15)")
-    p.add_argument("--param", action="append", default=[], metavar="NAME.KEY=VALUE",
-                   help="plugin parameter, VALUE in YAML syntax, e.g. beta_vae.beta=[0.1,1,10]; repeatable")
-    p.add_argument("--out", type=Path, help="run directory (default runs/<models>__<attacks>__<dataset>)")
-    p.add_argument("--retrain", action="store_true", help="train even when a cached checkpoint exists")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+def _backend_choices() -> str:
+    """``{auto,torch,cpp,...}``: the registered backends, for --backend's help."""
+    try:
+        return "{" + ",".join(["auto"] + get_registries().backends.names()) + "}"
+    except Exception:  # noqa: BLE001 - a broken plugin must not break --help; validation reports it
+        return "NAME"
+
+
+# Flags of `run`; `train` takes only those marked True (it trains models and evaluates nothing).
+def _add_run_arguments(p: argparse.ArgumentParser, *, train: bool = False) -> None:
+    def add(*names: str, used_by_train: bool, **kwargs: Any) -> None:
+        if used_by_train or not train:
+            p.add_argument(*names, **kwargs)
+
+    add("--config", used_by_train=True, type=Path, help="YAML file with RunConfig keys (flags override it)")
+    add("--models", used_by_train=True, help="comma-separated model families, e.g. beta_vae,vae (default beta_vae)")
+    add("--attacks", used_by_train=False, help="comma-separated attacks (default max_damage)")
+    add("--estimators", used_by_train=False, help="comma-separated estimators (default margin,bound,encoder_stats)")
+    add("--dataset", used_by_train=True, help="data set name (default mnist: 5,000 embedded digits)")
+    add("--data-dir", used_by_train=True,
+        help="directory with local data files (MNIST/Fashion-MNIST IDX, CIFAR-10 binary)")
+    add("--points", used_by_train=False, type=int, help="number of test points to evaluate (default 25)")
+    add("--seed", used_by_train=False, type=int,
+        help=f"seed for point selection, attacks and Monte Carlo (default {RunSettings.seed})")
+    add("--model-seeds", used_by_train=True, help="comma-separated training seeds per configuration (default 0)")
+    add("--r", used_by_train=False, type=float,
+        help=f"r of r-robustness, the output-space radius (default {RunSettings.r:g})")
+    add("--m", used_by_train=False, type=float, help=f"probability threshold m (default {RunSettings.m})")
+    add("--confidence", used_by_train=False, type=float,
+        help=f"confidence of the reported intervals (default {RunSettings.confidence})")
+    if not train:
+        p.add_argument("--backend", metavar=_backend_choices(),
+                       help="Monte Carlo backend: auto (default) or a registered one (robbench plugins lists them)")
+    add("--device", used_by_train=True, metavar="{cpu,cuda,cuda:N}",
+        help=f"where models run (default {RunSettings.device})")
+    add("--units", used_by_train=False,
+        help="l2 (default) or rms: r and the estimators' input sizes (e.g. margin.max_radius) "
+             "as per-pixel RMS of the input-range width")
+    add("--executor", used_by_train=True, help="where models train and batches run: local or ray (default local)")
+    add("--ray-address", used_by_train=True,
+        help="executor ray: join this cluster (auto, HOST:PORT or ray://HOST:PORT); "
+             "default: start a local Ray sized to this machine")
+    add("--epochs", used_by_train=True, type=int, help="training epochs (default 15)")
+    add("--param", used_by_train=True, action="append", default=[], metavar="NAME.KEY=VALUE",
+        help="plugin parameter, VALUE in YAML syntax, e.g. beta_vae.beta=[0.1,1,10]; repeatable")
+    add("--out", used_by_train=True, type=Path, help="run directory (default runs/<models>__<attacks>__<dataset>)")
+    add("--retrain", used_by_train=True, action="store_true", help="train even when a cached checkpoint exists")
+    add("--no-progress", used_by_train=True, action="store_true", help="no progress bars")
+    add("--dry-run", used_by_train=True, action="store_true",
+        help="check the configuration and print the jobs it defines; train and write nothing")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"robbench {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run_arguments(sub.add_parser("run", help="train/load models and estimate their robustness"))
-    _add_run_arguments(sub.add_parser("train", help="train (or find cached) models without evaluating"))
+    _add_run_arguments(sub.add_parser("train", help="train (or find cached) models without evaluating"), train=True)
     sub.add_parser("plugins", help="list every registered model, data set, attack and estimator")
     lb = sub.add_parser("leaderboard", help="show and rewrite the leaderboard of a run directory, or merge several")
     lb.add_argument("run_dir", type=Path, nargs="?")
@@ -86,25 +114,35 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     """Merge defaults, the YAML file and the flags into a validated RunConfig."""
     regs = get_registries()
     values: dict[str, Any] = load_yaml(args.config) if args.config else {}
-    flags = {"models": args.models, "attacks": args.attacks, "estimators": args.estimators,
-             "dataset": args.dataset, "data_dir": args.data_dir, "points": args.points, "seed": args.seed,
-             "r": args.r, "m": args.m, "confidence": args.confidence, "backend": args.backend,
-             "device": args.device, "units": args.units, "executor": args.executor,
-             "ray_address": args.ray_address}
+    flags = {key: getattr(args, key, None) for key in ("models", "attacks", "estimators", "dataset", "data_dir",
+                                                      "points", "seed", "r", "m", "confidence", "backend",
+                                                      "device", "units", "executor", "ray_address")}
     values.update({k: v for k, v in flags.items() if v is not None})
     if args.model_seeds is not None:
         try:
             values["model_seeds"] = [int(s) for s in args.model_seeds.split(",")]
         except ValueError:
             raise ConfigError(f"bad value for 'model_seeds': {args.model_seeds!r}; allowed: integers like 0,1,2") from None
-    if args.epochs is not None:
-        values["train"] = {**values.get("train", {}), "epochs": args.epochs}
+    if getattr(args, "epochs", None) is not None:
+        values["train"] = {**_mapping("train", values.get("train")), "epochs": args.epochs}
     for flag in args.param:
         section, name, key, value = parse_param_flag(flag, regs)
-        values.setdefault(section, {}).setdefault(name, {})[key] = value
+        params = values[section] = _mapping(section, values.get(section))
+        params[name] = _mapping(f"{section}.{name}", params.get(name))
+        params[name][key] = value
     cfg = build_config(values)
     validate_against_plugins(cfg, regs)
+    validate_runtime(cfg, regs)
     return cfg
+
+
+def _mapping(key: str, value: Any) -> dict[str, Any]:
+    """A copy of ``value`` when it is a mapping or absent (None), for a flag to add to; else ConfigError."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"bad value for {key!r}: {value!r}; allowed: a mapping (flags add keys to it)")
+    return dict(value)
 
 
 def default_run_dir(cfg: RunConfig, config_path: Path | None) -> Path:
@@ -126,12 +164,20 @@ def cmd_run(args: argparse.Namespace, console: Console, *, evaluate: bool) -> in
     run_dir = args.out or default_run_dir(cfg, args.config)
     runner = Runner(cfg, get_registries(), run_dir, console=console, retrain=args.retrain,
                     progress=not args.no_progress)
-    console.print(f"robbench: {len(runner.jobs)} jobs × {cfg.points} points → {run_dir}")
-    store = runner.run(evaluate=evaluate)
-    if evaluate:
-        write_leaderboard(store, run_dir, console=console)
-        console.print(f"results: {store.path}; leaderboard.md/.csv/.json in {run_dir}")
-    store.close()
+    jobs = len(runner.jobs) if evaluate else len({(job.model.label, job.model.seed) for job in runner.jobs})
+    what = f"{jobs} jobs × {cfg.points} points" if evaluate else f"{jobs} models"
+    if args.dry_run:
+        console.print(f"robbench: configuration valid: {what} → {run_dir} (dry run: nothing done)")
+        return 0
+    console.print(f"robbench: {what} → {run_dir}")
+    with rundir.claimed(run_dir):  # one invocation per run directory at a time
+        store = runner.run(evaluate=evaluate)
+        try:
+            if evaluate:
+                write_leaderboard(store, run_dir, console=console)
+                console.print(f"results: {store.path}; leaderboard.md/.csv/.json in {run_dir}")
+        finally:
+            store.close()
     return 0
 
 
@@ -176,8 +222,20 @@ def cmd_leaderboard(args: argparse.Namespace, console: Console) -> int:
     if args.run_dir is None:
         raise ConfigError("robbench leaderboard: give a RUN_DIR, or --merge DIR [DIR ...]")
     store = ResultStore.open_existing(args.run_dir)
-    write_leaderboard(store, args.run_dir, console=console)
-    store.close()
+    # While a run holds the directory it rewrites the files itself: then only show the board.
+    lock = FileLock(Path(args.run_dir) / rundir.LOCK_NAME)
+    try:
+        free = lock.try_acquire()
+    except OSError:  # a read-only directory: show, do not write
+        free = False
+    try:
+        write_leaderboard(store, args.run_dir, console=console, write_files=free)
+        if not free:
+            console.print(f"[yellow]note: leaderboard files not rewritten: {escape(str(args.run_dir))} is in use "
+                          "or not writable[/yellow]")
+    finally:
+        lock.release()
+        store.close()
     return 0
 
 
@@ -232,8 +290,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             from robbench.paper.report import write_report
             write_report(args.run_dir, console=console)
             return 0
-    except (UnknownNameError, ConfigError, FileNotFoundError, EntryError, MergeError) as err:
+    except (UnknownNameError, ConfigError, FileNotFoundError, EntryError, MergeError, RunDirError,
+            StoreError) as err:
         print(f"robbench: error: {err}", file=sys.stderr)
+        return USAGE_ERROR
+    except sqlite3.DatabaseError as err:  # a results.sqlite damaged after it was opened
+        print(f"robbench: error: the results database cannot be used: {err}", file=sys.stderr)
         return USAGE_ERROR
     parser.error(f"unknown command {args.command}")
     return USAGE_ERROR

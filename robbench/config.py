@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ import yaml
 
 from robbench.execute import EXECUTORS, ExecutorUnavailable, configured_executor
 from robbench.inputrange import UNITS
+from robbench import paramspec
 from robbench.plugins import Registries
 from robbench.registry import UnknownNameError
 from robbench.settings import RUN_WIDE_KEYS, RunSettings
@@ -128,11 +131,18 @@ def stable_hash(obj: Any) -> str:
 
 # --- loading -----------------------------------------------------------------------------------
 def load_yaml(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"--config {path} is a directory; give a YAML file")
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
-    except yaml.YAMLError as err:
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not a text (UTF-8) file; give a YAML file") from None
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read: {err.strerror or err}") from None
+    except (yaml.YAMLError, ValueError, RecursionError) as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
     if data is None:
         return {}
@@ -156,7 +166,7 @@ def build_config(values: dict[str, Any]) -> RunConfig:
     """Turn a plain mapping (YAML + flags merged) into a RunConfig, checking keys and value types.
     Models, attacks, estimators and the data set the mapping leaves out come from :func:`default_selection`."""
     known = {f.name: f for f in fields(RunConfig)}
-    unknown = sorted(set(values) - set(known))
+    unknown = sorted((k for k in values if k not in known), key=repr)
     if unknown:
         raise ConfigError(f"unknown config key {unknown[0]!r}; allowed keys: {', '.join(sorted(known))}")
     values = {**default_selection(), **values}
@@ -181,7 +191,7 @@ def _build_train(value: Any) -> TrainSettings:
         raise ConfigError(f"config key 'train' must be a mapping, got {value!r}")
     allowed = {f.name for f in fields(TrainSettings)}
     for key in value:
-        if key not in allowed:
+        if not isinstance(key, str) or key not in allowed:
             raise ConfigError(f"unknown key 'train.{key}'; allowed: {', '.join(sorted(allowed))}")
     return TrainSettings(**value)
 
@@ -200,22 +210,23 @@ def _check_types(cfg: RunConfig) -> None:
              "at least one plugin name (no plugin's default_run hook supplies a default)")
     need(isinstance(cfg.dataset, str) and cfg.dataset != "", "dataset", cfg.dataset,
          "a data set name (no plugin's default_run hook supplies a default)")
-    need(isinstance(cfg.points, int) and cfg.points > 0, "points", cfg.points, "a positive integer")
-    need(isinstance(cfg.point_batch, int) and cfg.point_batch > 0, "point_batch", cfg.point_batch,
+    need(cfg.data_dir is None or isinstance(cfg.data_dir, str), "data_dir", cfg.data_dir, "null or a directory path")
+    need(_is_int(cfg.points) and cfg.points > 0, "points", cfg.points, "a positive integer")
+    need(_is_int(cfg.point_batch) and cfg.point_batch > 0, "point_batch", cfg.point_batch,
          "a positive integer")
-    need(isinstance(cfg.keep_arrays, int) and cfg.keep_arrays >= 0, "keep_arrays", cfg.keep_arrays,
+    need(_is_int(cfg.keep_arrays) and cfg.keep_arrays >= 0, "keep_arrays", cfg.keep_arrays,
          "a non-negative integer")
-    need(isinstance(cfg.seed, int), "seed", cfg.seed, "an integer")
-    need(isinstance(cfg.model_seeds, list) and cfg.model_seeds and all(isinstance(s, int) for s in cfg.model_seeds),
+    need(_is_int(cfg.seed), "seed", cfg.seed, "an integer")
+    need(isinstance(cfg.model_seeds, list) and cfg.model_seeds and all(_is_int(s) for s in cfg.model_seeds),
          "model_seeds", cfg.model_seeds, "a non-empty list of integers")
-    need(_is_number(cfg.r) and cfg.r > 0, "r", cfg.r, "a positive number")
+    need(_is_number(cfg.r) and math.isfinite(cfg.r) and cfg.r > 0, "r", cfg.r, "a finite positive number")
     need(_is_number(cfg.m) and 0 < cfg.m < 1, "m", cfg.m, "a number in (0, 1)")
     need(_is_number(cfg.confidence) and 0 < cfg.confidence < 1, "confidence", cfg.confidence,
          "a number in (0, 1)")
     need(isinstance(cfg.backend, str) and cfg.backend != "", "backend", cfg.backend,
          "auto or the name of a registered backend")
-    need(cfg.units in UNITS, "units", cfg.units, ", ".join(UNITS))
-    need(isinstance(cfg.device, str) and (cfg.device == "cpu" or cfg.device.startswith("cuda")),
+    need(isinstance(cfg.units, str) and cfg.units in UNITS, "units", cfg.units, ", ".join(UNITS))
+    need(isinstance(cfg.device, str) and (cfg.device == "cpu" or re.fullmatch(r"cuda(:\d+)?", cfg.device) is not None),
          "device", cfg.device, "cpu, cuda or cuda:N")
     need(cfg.executor in EXECUTORS, "executor", cfg.executor, ", ".join(sorted(EXECUTORS)))
     need(cfg.ray_address is None or (isinstance(cfg.ray_address, str) and cfg.ray_address.strip() != ""),
@@ -224,20 +235,25 @@ def _check_types(cfg: RunConfig) -> None:
         raise ConfigError(f"'ray_address' is set ({cfg.ray_address!r}) but 'executor' is {cfg.executor!r}; "
                           "allowed: ray_address only with executor: ray")
     t = cfg.train
-    need(isinstance(t.epochs, int) and t.epochs > 0, "train.epochs", t.epochs, "a positive integer")
-    need(isinstance(t.batch_size, int) and t.batch_size > 0, "train.batch_size", t.batch_size,
+    need(_is_int(t.epochs) and t.epochs > 0, "train.epochs", t.epochs, "a positive integer")
+    need(_is_int(t.batch_size) and t.batch_size > 0, "train.batch_size", t.batch_size,
          "a positive integer")
-    need(_is_number(t.lr) and t.lr > 0, "train.lr", t.lr, "a positive number")
-    need(t.patience is None or (isinstance(t.patience, int) and t.patience > 0), "train.patience",
+    need(_is_number(t.lr) and math.isfinite(t.lr) and t.lr > 0, "train.lr", t.lr, "a finite positive number")
+    need(t.patience is None or (_is_int(t.patience) and t.patience > 0), "train.patience",
          t.patience, "null or a positive integer")
     for key in ("model_params", "attack_params", "estimator_params"):
         value = getattr(cfg, key)
-        need(isinstance(value, dict) and all(isinstance(v, dict) for v in value.values()), key, value,
-             "a mapping from plugin name to a mapping of parameters")
+        need(isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, dict) for k, v in value.items()),
+             key, value, "a mapping from plugin name to a mapping of parameters")
 
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    """An int that is not a bool (YAML ``true`` is not a count)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # --- checking names and plugin parameters against the registries ------------------------------------
@@ -273,13 +289,25 @@ def merge_params(plugin: Any, given: dict[str, Any], sweep: tuple[str, ...] = ()
                  reserved: tuple[str, ...] = ()) -> dict[str, Any]:
     """The plugin's defaults updated with ``given``; checks names and (loosely) types."""
     defaults = dict(getattr(plugin, "defaults", {}))
+    constraints = dict(getattr(plugin, "constraints", None) or {})
+    given = dict(given)
     for key, value in given.items():
         if key in reserved:
             raise ConfigError(f"{plugin.name}.{key} is a run-wide setting; set it with the top-level key {key!r}")
-        if key not in defaults:
+        if not isinstance(key, str) or key not in defaults:
             raise ConfigError(f"unknown parameter {key!r} for {plugin.name}; allowed: "
                               f"{', '.join(sorted(defaults)) or '(none)'}")
-        _check_param_type(plugin.name, key, value, defaults[key], key in sweep)
+        if key in sweep and isinstance(defaults[key], list) and not isinstance(value, list):
+            value = given[key] = [value]  # one value of a swept parameter: a sweep over one value
+        if key not in constraints:  # only the default's type to go by
+            _check_param_type(plugin.name, key, value, defaults[key], key in sweep)
+            continue
+        if key in sweep and isinstance(value, list) and not value:
+            raise ConfigError(f"{plugin.name}.{key}: an empty list sweeps over nothing; give at least one value")
+        for v in (value if key in sweep and isinstance(value, list) else [value]):
+            problem = paramspec.check(plugin.name, key, v, constraints[key])
+            if problem:
+                raise ConfigError(problem)
     # 1 and 1.0 must name the same model (labels, job keys and checkpoints are hashed from these values).
     merged = {**defaults, **{key: _as_default_type(value, defaults[key]) for key, value in given.items()}}
     validate = getattr(plugin, "validate", None)
@@ -287,7 +315,7 @@ def merge_params(plugin: Any, given: dict[str, Any], sweep: tuple[str, ...] = ()
         for combo in _expand(merged, sweep):
             try:
                 validate(combo)
-            except ValueError as err:
+            except (ValueError, TypeError) as err:
                 raise ConfigError(f"{plugin.name}: {err}") from None
     return merged
 
@@ -395,3 +423,38 @@ def parse_param_flag(flag: str, regs: Registries) -> tuple[str, str, str, Any]:
         raise ConfigError(f"--param {flag!r}: no model, attack or estimator is called {name!r}; "
                           f"available: {', '.join(available)}")
     return sections[0][0], name, key, value
+
+
+def validate_runtime(cfg: RunConfig, regs: Registries) -> None:
+    """The device and Monte Carlo backend are usable on this machine; ConfigError before any work otherwise.
+    ``cpp`` is checked for a compiler only (building it is the run's first work, with its own fallback)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if cfg.device.startswith("cuda"):
+        if not cuda:
+            raise ConfigError(f"bad value for 'device': {cfg.device!r}; CUDA is not available here (allowed: cpu)")
+        index = int(cfg.device.split(":")[1]) if ":" in cfg.device else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigError(f"bad value for 'device': {cfg.device!r}; this machine has "
+                              f"{torch.cuda.device_count()} CUDA device(s) (allowed: cpu, cuda:0 .. "
+                              f"cuda:{torch.cuda.device_count() - 1})")
+    if cfg.backend == "auto":
+        return
+    allowed = ", ".join(["auto"] + [n for n in regs.backends.names() if n != cfg.backend])
+    if cfg.backend == "cuda" and not cuda:
+        raise ConfigError(f"bad value for 'backend': 'cuda'; CUDA is not available here (allowed: {allowed})")
+    if cfg.backend == "cpp":
+        from robbench import kernels
+
+        if cfg.device != "cpu":
+            raise ConfigError(f"bad value for 'backend': 'cpp' with device {cfg.device!r}; it runs on the CPU "
+                              f"only (allowed: {allowed})")
+        if not kernels.compiler_available():
+            raise ConfigError("bad value for 'backend': 'cpp'; no C++ compiler and ninja were found to build "
+                              f"the compiled kernels here (allowed: {allowed})")
+        return
+    why = regs.backends.get(cfg.backend).unavailable(torch.device(cfg.device))
+    if why:
+        raise ConfigError(f"bad value for 'backend': {cfg.backend!r} with device {cfg.device!r}: {why} "
+                          f"(allowed: {allowed})")

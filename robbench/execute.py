@@ -26,6 +26,7 @@ from torch import Tensor
 
 from robbench.imagefit import fit_if_needed
 from robbench.inputrange import DEFAULT_RANGE, input_range
+from robbench.checks import PluginOutputError, checked
 from robbench.plugins import Registries, get_registries
 from robbench.protocols import ARRAYS_KEY, EstimationContext, VAEModel
 from robbench.settings import RunSettings
@@ -84,8 +85,12 @@ def evaluate_batch(job: JobSpec, model: VAEModel, x: Tensor, point_ids: Sequence
     """Run ``job`` on x: (B, *input_shape) in the model's input range (moved to ``job.run.device``) with test-set ids
     ``point_ids`` (B,). Returns B results in the order of ``point_ids``. An estimator that raises or
     returns the wrong number of rows fails every point of the batch (with the message), unless
-    ``raise_errors``; a non-finite float metric fails its own point."""
+    ``raise_errors``; a non-finite float metric fails its own point. The model is wrapped in
+    :class:`robbench.checks.CheckedModel`; an invalid attack result or a NaN from the model
+    (:class:`~robbench.checks.PluginOutputError`) reruns the batch point by point, so it fails only the
+    points it occurs on."""
     regs = registries or get_registries()
+    model = checked(model)  # NaN/inf from encode or decode fails the points that saw it (no-op if wrapped)
     estimator = regs.estimators.get(job.estimator)
     attack = regs.attacks.get(job.attack) if job.attack is not None else None
     device = torch.device(job.run.device)
@@ -100,6 +105,13 @@ def evaluate_batch(job: JobSpec, model: VAEModel, x: Tensor, point_ids: Sequence
         if len(results) != len(ids):
             raise RuntimeError(f"estimator {job.estimator!r} returned {len(results)} rows for {len(ids)} points")
         error = None
+    except PluginOutputError as err:
+        if raise_errors:
+            raise
+        if len(ids) > 1:  # a plugin broke its contract: rerun point by point so only the broken points fail
+            return [res for i, p in enumerate(ids)
+                    for res in evaluate_batch(job, model, x[i:i + 1], [p], registries=regs)]
+        results, error = [{}], describe_error(err)
     except Exception as err:
         if raise_errors:
             raise
@@ -132,6 +144,7 @@ class LocalExecutor:
     raise_errors: bool = False
 
     def map(self, model: VAEModel, batches: Iterable[Batch]) -> Iterator[tuple[Batch, list[PointResult]]]:
+        model = checked(model)  # once per model, so per-model caches (the decoder plan) are kept
         for batch in batches:
             yield batch, evaluate_batch(batch.job, model, batch.x, batch.point_ids, registries=self.registries,
                                         raise_errors=self.raise_errors)

@@ -3,6 +3,8 @@
 The extension is built with ninja on first use (``torch.utils.cpp_extension.load``) and cached under
 ``$ROBBENCH_CACHE/ext`` (default ``~/.cache/robbench/ext``). Importing this module never builds or
 fails; when no compiler is available robbench says so once and the engine falls back to ``torch``.
+Builds are serialised by :func:`build_lock`, which also clears the lock file a killed build leaves (torch
+would wait for it forever) and bounds the wait for a build running in another process.
 
 The backends ``cpp`` and ``cuda`` (:class:`CppBackend`, :class:`CudaBackend`) wrap these ops; they know
 the decoder plan (:mod:`robbench.decoding`), not the CLI or the config.
@@ -23,15 +25,20 @@ import shutil
 import sys
 import threading
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import Tensor, nn
 
-from robbench import paths, rng
+from robbench import faults, paths, rng
 from robbench.backends import CountResult, TorchBackend
 from robbench.decoding import DEFAULT_CHUNK_ROWS, MLPPlan, decoded_blocks, decoder_plan
+from robbench.locks import FileLock
 
+BUILD_WAIT_ENV = "ROBBENCH_BUILD_WAIT"
+DEFAULT_BUILD_WAIT = 600
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 _LOCK = threading.Lock()
 _STATE: dict = {"loaded": False, "error": None, "warned": False}
@@ -71,10 +78,46 @@ def _build() -> None:
     build_dir.mkdir(parents=True, exist_ok=True)
     # -ffp-contract=off: no FMA contraction, so the RNG and epilogue round exactly like the torch ops.
     cflags = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-fno-fast-math", f"-I{CSRC}"]
-    cpp_extension.load(name="robbench_ops", sources=sources, build_directory=str(build_dir),
-                       extra_cflags=cflags, extra_cuda_cflags=["-O3", "-std=c++20", "--fmad=false", f"-I{CSRC}"],
-                       extra_ldflags=["-fopenmp"], with_cuda=with_cuda, is_python_module=False,
-                       verbose=os.environ.get("ROBBENCH_VERBOSE_BUILD") == "1")
+    with build_lock(build_dir):
+        faults.reached("ext-build")
+        cpp_extension.load(name="robbench_ops", sources=sources, build_directory=str(build_dir),
+                           extra_cflags=cflags, extra_cuda_cflags=["-O3", "-std=c++20", "--fmad=false", f"-I{CSRC}"],
+                           extra_ldflags=["-fopenmp"], with_cuda=with_cuda, is_python_module=False,
+                           verbose=os.environ.get("ROBBENCH_VERBOSE_BUILD") == "1")
+
+
+def build_wait_seconds() -> float:
+    """How long to wait for another process's build: $ROBBENCH_BUILD_WAIT seconds (default 600)."""
+    try:
+        return max(0.0, float(os.environ.get(BUILD_WAIT_ENV, DEFAULT_BUILD_WAIT)))
+    except ValueError:
+        return float(DEFAULT_BUILD_WAIT)
+
+
+@contextmanager
+def build_lock(build_dir: Path) -> Iterator[None]:
+    """Hold ``<build_dir>.build.lock`` while building. torch's own ``build_dir/lock`` is a plain file that
+    a killed build leaves behind, after which torch waits for it forever; every robbench build takes this
+    kernel-released lock first, so a torch lock found while holding it is stale and is removed. A build
+    still running in another process is waited for at most :func:`build_wait_seconds`, then the caller
+    falls back to the torch backend (RuntimeError)."""
+    lock = FileLock(build_dir.parent / f"{build_dir.name}.build.lock")
+    if not lock.try_acquire():
+        wait = build_wait_seconds()
+        print(f"robbench: {lock.describe_holder()} is building the compiled kernels in {build_dir}; "
+              f"waiting up to {wait:.0f} s (${BUILD_WAIT_ENV})", file=sys.stderr)
+        if not lock.acquire(wait):
+            raise RuntimeError(f"{lock.describe_holder()} held the build lock {lock.path} for more than "
+                               f"{wait:.0f} s")
+    try:
+        stale = build_dir / "lock"
+        if stale.exists():
+            print(f"robbench: removing the stale build lock {stale} (left by a build that was killed; "
+                  "no process is building)", file=sys.stderr)
+            stale.unlink(missing_ok=True)
+        yield
+    finally:
+        lock.release()
 
 
 def load(*, warn: bool = False) -> bool:

@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import math
+import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ from rich.markup import escape
 from rich.table import Table
 from scipy import stats as scipy_stats
 
+from robbench import faults
 from robbench.protocols import MetricColumn
 from robbench.settings import RunSettings
 from robbench.stats import pearson_and_slope
@@ -116,9 +118,11 @@ def leaderboard_rows(rows: list[ResultRow], models: dict[str, dict[str, Any]] | 
     for model, model_rows in by_model.items():
         shared = [r for r in model_rows if r.attack == ""]
         attacks = sorted({r.attack for r in model_rows if r.attack}) or [""]
-        for attack in attacks:
+        for i, attack in enumerate(attacks):
             group = shared + [r for r in model_rows if r.attack == attack and attack]
-            rec = _structure(model, attack, group, elbos.get(model))
+            # Rows of attack-free estimators appear in every attack's record (their metrics belong to the
+            # model), but their failures and time are counted once, on the first record.
+            rec = _structure(model, attack, group, elbos.get(model), count_shared=i == 0)
             ok = [r for r in group if r.status == "ok"]
             for col in columns:
                 rec.update(_aggregate(col, [r for r in ok if r.estimator in readers[col.key]], ok, confidence))
@@ -126,14 +130,16 @@ def leaderboard_rows(rows: list[ResultRow], models: dict[str, dict[str, Any]] | 
     return sorted(records, key=_ranking(columns))
 
 
-def _structure(model: str, attack: str, group: list[ResultRow], elbos: list[float] | None) -> dict[str, Any]:
+def _structure(model: str, attack: str, group: list[ResultRow], elbos: list[float] | None,
+               count_shared: bool = True) -> dict[str, Any]:
     ok = [r for r in group if r.status == "ok"]
+    counted = group if count_shared else [r for r in group if r.attack]
     rec: dict[str, Any] = {"model": model, "attack": attack or "—",
                            "seeds": len({r.model_seed for r in group}),
                            "points": len({(r.model_seed, r.point_id) for r in ok}),
-                           "failed": sum(r.status != "ok" for r in group),
-                           "seconds": sum(r.seconds for r in group)}
-    errors = sorted({r.error for r in group if r.error})
+                           "failed": sum(r.status != "ok" for r in counted),
+                           "seconds": sum(r.seconds for r in counted)}
+    errors = sorted({r.error for r in counted if r.error})
     if errors:
         rec["errors"] = errors
     if elbos:
@@ -292,17 +298,42 @@ def store_declarations(store: ResultStore, estimators: Iterable[str]) -> Declara
     return {**{n: recorded[n] for n in names if n in recorded}, **registered_declarations(missing)}
 
 
-def write_leaderboard(store: ResultStore, run_dir: Path, *,
-                      console: Console | None = None) -> list[dict[str, Any]]:
-    """Aggregate the latest configuration's results in ``store`` and write leaderboard.{md,csv,json}."""
+def write_leaderboard(store: ResultStore, run_dir: Path, *, console: Console | None = None,
+                      write_files: bool = True) -> list[dict[str, Any]]:
+    """Aggregate the latest configuration's results in ``store``, write leaderboard.{md,csv,json} (unless
+    ``write_files`` is False) and print the board to ``console`` when given."""
     records, columns = latest_board(store)
     run_dir = Path(run_dir)
-    (run_dir / "leaderboard.md").write_text(render_markdown(records, columns))
-    (run_dir / "leaderboard.csv").write_text(render_csv(records, columns))
-    (run_dir / "leaderboard.json").write_text(render_json(records, store.provenance()))
+    # All three files are written to temporaries first and renamed only then, so a kill leaves the
+    # previous complete set (or, mid-rename, files of two consecutive boards), never a missing file.
+    texts = {"leaderboard.md": render_markdown(records, columns), "leaderboard.csv": render_csv(records, columns),
+             "leaderboard.json": render_json(records, store.provenance())}
+    if write_files:
+        for name, text in texts.items():
+            (run_dir / f"{name}.tmp").write_text(text)
+        faults.reached("leaderboard-write")
+        for name in texts:
+            os.replace(run_dir / f"{name}.tmp", run_dir / name)
+    latest = store.latest_run()
+    models = {k: v for k, v in store.models().items() if latest is None or k in set(latest.model_keys)}
     if console is not None:
         console.print(render_rich(records, columns, title=f"robbench leaderboard — {run_dir}"))
         failures = [(rec["model"], rec["attack"], err) for rec in records for err in rec.get("errors", [])]
         for model, attack, err in failures:
             console.print(f"[red]failed rows for {escape(model)} / {escape(attack)}: {escape(err)}[/red]")
+        no_elbo = missing_elbo(store, latest, models)
+        if no_elbo:
+            console.print(f"[yellow]note: test ELBO not shown for {', '.join(map(escape, no_elbo))}: "
+                          f"the store's models table has no record of {'it' if len(no_elbo) == 1 else 'them'}"
+                          f"{' (the table is missing)' if 'models' in store.missing_tables else ''}; "
+                          "rerun the same `robbench run` command to record it again[/yellow]")
     return records
+
+
+def missing_elbo(store: ResultStore, latest: Any, models: dict[str, dict[str, Any]]) -> list[str]:
+    """Model labels of the latest invocation that have result rows but no record in the models table."""
+    if latest is None:
+        return []
+    recorded = {info.get("model") for info in models.values()}
+    labels = sorted({row.model for row in store.rows(latest.jobs)})
+    return [label for label in labels if label not in recorded]

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from robbench.settings import RunSettings
+from robbench.paramspec import Param  # noqa: F401  (plugins declare ``constraints`` with it)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,7 +125,9 @@ class AttackResult:
 
 
 class Attack(Protocol):
-    """A registered attack. ``defaults`` lists its parameters (documented by the plugin)."""
+    """A registered attack. ``defaults`` lists its parameters (documented by the plugin); an optional
+    ``constraints`` maps parameter names to :class:`~robbench.paramspec.Param` (type, bounds, choices),
+    checked with every given value before any work starts."""
 
     name: str
     description: str
@@ -151,13 +154,21 @@ class Attack(Protocol):
 def call_attack(attack: Attack, model: VAEModel, x: Tensor, rho: Tensor, *, params: dict[str, Any],
                 generator: torch.Generator, init: Tensor | None = None,
                 point_ids: Tensor | None = None) -> AttackResult:
-    """Call ``attack``, passing ``point_ids`` when its ``__call__`` accepts that keyword."""
+    """Call ``attack``, passing ``point_ids`` when its ``__call__`` accepts that keyword, and check its
+    result (shape, finite, ||delta|| <= rho, x + delta in [0, 1]; see :mod:`robbench.checks`): an
+    invalid result raises :class:`robbench.checks.PluginOutputError`."""
     kwargs: dict[str, Any] = {"params": params, "generator": generator}
     if init is not None:
         kwargs["init"] = init
     if point_ids is not None and _accepts(attack, "point_ids"):
         kwargs["point_ids"] = point_ids
-    return attack(model, x, rho, **kwargs)
+    result = attack(model, x, rho, **kwargs)
+    from robbench.checks import check_attack_result  # the harness trusts no attack's output
+    from robbench.inputrange import input_range
+
+    check_attack_result(getattr(attack, "name", type(attack).__name__), result, x, rho, point_ids,
+                        bounds=None if getattr(model, "input_bounds", ()) is None else input_range(model))
+    return result
 
 
 def _accepts(fn: Any, name: str) -> bool:
@@ -270,7 +281,8 @@ class Estimator(Protocol):
 
     Keys are metric names (e.g. ``margin``, ``margin_lo``, ``margin_hi``, ``bound``, ``min_sigma``);
     values are float, int, str or None. ``columns`` (optional) declares how metrics appear in
-    leaderboards (:class:`MetricColumn`); the leaderboard knows no metric by name.
+    leaderboards (:class:`MetricColumn`); the leaderboard knows no metric by name. Optional
+    ``constraints``: as for :class:`Attack`.
     """
 
     name: str

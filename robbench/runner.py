@@ -14,7 +14,8 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
-from robbench import terminal
+from robbench import faults, terminal
+from robbench.checks import PluginOutputError, checked
 from robbench.config import (AttackConfig, ConfigError, ModelConfig, RunConfig, attack_configs,
                              estimator_params, model_configs, stable_hash)
 from robbench.execute import Batch, Executor, JobSpec, PointResult
@@ -177,6 +178,7 @@ class Runner:
                     display.model(event.problem is not None, skipped=len(plan.work.batches) if event.problem else 0)
                 else:
                     store.write(self._rows(self.by_key[event.batch.job.key], event.results))
+                    faults.reached("rows-written")
                     plan.left -= 1
                     finished = plan.left == 0
                     display.batch(event.failed)
@@ -250,9 +252,13 @@ class Runner:
 
     def _rows(self, job: Job, results: list[PointResult]) -> list[ResultRow]:
         """Store rows for one batch's results; keeps the first points' arrays and reports a failed batch."""
-        errors = {r.error for r in results if r.error and not r.metrics}
-        for error in sorted(errors):
-            self.console.print(f"[red]  {job.estimator} failed on {escape(job.model.label)}: {escape(error)}[/red]")
+        errors = sorted({r.error for r in results if r.error and not r.metrics})
+        if errors:
+            failed = sum(1 for r in results if r.error and not r.metrics)
+            some = f" for {failed} of {len(results)} points" if failed < len(results) else ""
+            more = f" (and {len(errors) - 1} similar)" if len(errors) > 1 else ""
+            self.console.print(f"[red]  {job.estimator} failed on {escape(job.model.label)}{some}: "
+                               f"{escape(errors[0])}{more}[/red]")
         rows = []
         for res in results:
             self._save_arrays(job, res.point, res.arrays)

@@ -106,18 +106,80 @@ class ResultRow:
     attack_params: dict[str, Any] | None = None
 
 
+# Written into the SQLite header of every store robbench creates ("RBNC"); a store from before it was
+# introduced is recognised by its tables.
+APPLICATION_ID = 0x52424E43
+TABLES = {"results", "jobs", "columns", "models", "runs"}
+RESULT_COLUMNS = ["job_key", "point_id", "model", "model_seed", "attack", "estimator", "status", "metrics",
+                  "error", "seconds", "created"]  # the first columns of every version's results table
+
+
+class StoreError(Exception):
+    """A results file robbench must not use: not SQLite, corrupt, or another program's database."""
+
+
+def check_store_file(path: Path) -> None:
+    """Raise :class:`StoreError` unless ``path`` is absent, empty, or a store robbench created.
+    Reads only: a database robbench did not create is never written to."""
+    path = Path(path)
+    if not path.exists() or (path.is_file() and path.stat().st_size == 0):
+        return
+    if not path.is_file():
+        raise StoreError(f"{path} is not a file, so it is not a robbench results store")
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        try:
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            columns = [row[1] for row in conn.execute("PRAGMA table_info(results)")]
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as err:
+        raise StoreError(f"{path} is not a robbench results store: it cannot be read as SQLite ({err}); "
+                         "it is corrupt or another program's file") from None
+    if app_id == APPLICATION_ID:
+        return
+    foreign = sorted(tables - TABLES - {"sqlite_sequence"})
+    later = columns[len(RESULT_COLUMNS):]
+    if app_id != 0 or foreign or columns[:len(RESULT_COLUMNS)] != RESULT_COLUMNS or \
+            any(c not in _ADDED_COLUMNS for c in later):
+        what = f"application id {app_id:#x}" if app_id else \
+            f"tables {', '.join(sorted(tables)) or '(none)'}"
+        raise StoreError(f"{path} is not a robbench store ({what}); robbench never writes to a database "
+                         "it did not create: move it away or choose another run directory")
+
+
 class ResultStore:
-    """A thin, typed layer over the run's SQLite database."""
+    """A thin, typed layer over the run's SQLite database.
+
+    Opening checks the file first (:func:`check_store_file`): another program's database is refused,
+    never modified. ``read_only`` stores (leaderboard, report) do not create tables or write anything.
+    """
 
     FILENAME = "results.sqlite"
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, *, read_only: bool = False):
         self.path = Path(run_dir) / self.FILENAME
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._conn = sqlite3.connect(self.path)
-        self._conn.executescript(SCHEMA)
-        self._migrate()
-        self._conn.commit()
+        self.read_only = read_only
+        check_store_file(self.path)
+        try:
+            self._conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True) if read_only else None
+            if self._conn is None or self._lacks_columns():  # an older robbench store is migrated once
+                if self._conn is not None:
+                    self._conn.close()
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._conn = sqlite3.connect(self.path)
+                self._conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                self._conn.executescript(SCHEMA)
+                self._migrate()
+                self._conn.commit()
+            self.tables = {row[0] for row in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        except sqlite3.DatabaseError as err:
+            raise StoreError(f"{self.path} cannot be used: {err} (corrupt?)") from None
+
+    def _lacks_columns(self) -> bool:
+        have = {row[1] for row in self._conn.execute("PRAGMA table_info(results)")}
+        return any(name not in have for name in _ADDED_COLUMNS)
 
     def _migrate(self) -> None:
         """Add the columns older stores lack (their rows keep NULL there)."""
@@ -128,9 +190,15 @@ class ResultStore:
 
     @classmethod
     def open_existing(cls, run_dir: Path) -> "ResultStore":
+        """The store of an existing run directory, read-only."""
         if not (Path(run_dir) / cls.FILENAME).exists():
             raise FileNotFoundError(f"{run_dir} holds no {cls.FILENAME}: is it a robbench run directory?")
-        return cls(run_dir)
+        return cls(run_dir, read_only=True)
+
+    @property
+    def missing_tables(self) -> set[str]:
+        """Tables a robbench store should hold but this one does not (e.g. a lost ``models`` table)."""
+        return TABLES - self.tables
 
     def close(self) -> None:
         self._conn.close()
@@ -219,11 +287,15 @@ class ResultStore:
         return {name: [MetricColumn.from_dict(c) for c in json.loads(text)] for name, text in cur}
 
     def models(self) -> dict[str, dict[str, Any]]:
+        if "models" not in self.tables:
+            return {}
         cur = self._conn.execute("SELECT model_key, model, model_seed, info FROM models")
         return {key: {"model": label, "model_seed": seed, **json.loads(info)} for key, label, seed, info in cur}
 
     def runs(self) -> list[RunRecord]:
         """Every invocation recorded in this directory, oldest first."""
+        if "runs" not in self.tables:
+            return []
         cur = self._conn.execute("SELECT config, jobs, model_keys, points FROM runs ORDER BY id")
         return [RunRecord(*(json.loads(field) for field in row)) for row in cur]
 

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from robbench import terminal
+from robbench import faults, terminal
 from robbench.protocols import ModelFamily, SplitData
 
 # Bump when a change to training or to the built-in models changes what a given config trains to.
@@ -131,13 +131,17 @@ def checkpoint_payload(model: nn.Module, family: ModelFamily, params: dict[str, 
 
 
 def write_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Atomically write a :func:`checkpoint_payload` to ``path`` (temporary file, then ``os.replace``)."""
+    """Atomically write a :func:`checkpoint_payload` to ``path`` (temporary file, then ``os.replace``),
+    first removing temporaries that killed writers left in the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    clean_stale_temporaries(path.parent)
+    # The writer's pid is in the temporary's name, so a file left by a killed writer can be recognised.
+    fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
+        faults.reached("checkpoint-save")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -153,6 +157,35 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a robbench checkpoint (expected format {CHECKPOINT_FORMAT!r})")
     return ckpt
+STALE_TMP_SECONDS = 24 * 3600  # a temporary this old is stale even if its pid now names another process
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def clean_stale_temporaries(folder: Path) -> list[Path]:
+    """Remove checkpoint temporaries (``<name>.<pid>.<random>.tmp``) whose writer is gone or that are older
+    than a day (also older ones without a pid in the name). Returns what was removed."""
+    removed = []
+    now = time.time()
+    for tmp in Path(folder).glob("*.tmp") if Path(folder).is_dir() else []:
+        parts = tmp.name.split(".")
+        pid = int(parts[-3]) if len(parts) >= 4 and parts[-3].isdigit() else None
+        try:
+            old = now - tmp.stat().st_mtime > STALE_TMP_SECONDS
+        except FileNotFoundError:
+            continue
+        if old or (pid is not None and pid != os.getpid() and not _pid_alive(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
 
 
 def load_checkpoint_file(path: str | os.PathLike, get_family: Callable[[str], ModelFamily], *,

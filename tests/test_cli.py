@@ -50,11 +50,30 @@ def test_leaderboard_of_a_non_run_directory(tmp_path, capsys):
     assert "is it a robbench run directory" in capsys.readouterr().err
 
 
-def test_console_script_is_installed():
-    done = subprocess.run(["robbench", "--help"], capture_output=True, text=True)
-    assert done.returncode == 0
-    for command in ("run", "train", "plugins", "leaderboard", "bench", "report", "reproduce"):
-        assert command in done.stdout
+def _console_script() -> str:
+    """The ``robbench`` script of the environment running the tests: next to ``sys.executable`` (a venv's
+    python run without activating the venv has no robbench on PATH), else on PATH."""
+    import shutil
+    from pathlib import Path
+
+    here = Path(sys.executable).parent
+    for name in ("robbench", "robbench.exe"):
+        if (here / name).is_file():
+            return str(here / name)
+    found = shutil.which("robbench")
+    assert found, f"no robbench console script next to {sys.executable} nor on PATH"
+    return found
+
+
+@pytest.mark.parametrize("command", [[_console_script()], [sys.executable, "-m", "robbench"]],
+                         ids=["console-script", "python-m"])
+def test_console_script_and_python_m_work(command):
+    done = subprocess.run([*command, "--help"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    for name in ("run", "train", "plugins", "leaderboard", "bench", "report", "reproduce"):
+        assert name in done.stdout
+    bad = subprocess.run([*command, "run", "--models", "nosuch", "--dry-run"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown model 'nosuch'" in bad.stderr
 
 
 def test_train_command_trains_and_caches_without_evaluating(tmp_path, monkeypatch, capsys):

@@ -104,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
     from robbench.config import ConfigError, build_config, validate_against_plugins
     from robbench.plugins import get_registries
     from robbench.registry import UnknownNameError
+    from robbench import rundir
     from robbench.paper.report import write_report
     from robbench.runner import Runner
 
@@ -132,8 +133,9 @@ def run(args: argparse.Namespace) -> int:
                 console.print(f"[yellow]reproduce: skipping experiment {exp.name}: {err}[/yellow]")
                 break
             console.rule(f"{exp.name} → {out / exp.name}")
-            Runner(cfg, regs, out / exp.name, console=console,
-                   progress=not getattr(args, "no_progress", False)).run().close()
+            with rundir.claimed(out / exp.name):
+                Runner(cfg, regs, out / exp.name, console=console,
+                       progress=not getattr(args, "no_progress", False)).run().close()
         timings[exp.name] = time.perf_counter() - t0
     if not any((out / name / "results.sqlite").exists() for name in EXPERIMENTS):
         console.print("[red]reproduce: no experiment ran; nothing to report[/red]")
