@@ -41,7 +41,10 @@ def check_attack_result(name: str, result: Any, x: Tensor, radius: Tensor,
     """Raise :class:`PluginOutputError` unless ``result`` is a valid attack result for x (B, *shape) and
     radius (B,): see the module docstring for the tolerances. ``bounds``: the input box, None for none."""
     where = f"attack {name!r} returned an invalid result"
-    delta, damage = getattr(result, "delta", None), getattr(result, "damage", None)
+    try:
+        delta, damage = result.delta, result.damage
+    except AttributeError:
+        delta = damage = None
     if not isinstance(delta, Tensor) or not isinstance(damage, Tensor):
         raise PluginOutputError(f"{where}: expected an AttackResult with tensors delta and damage, "
                                 f"got {type(result).__name__}")
