@@ -39,7 +39,7 @@ def built_extension() -> Path | None:
     """The compiled extension's build folder (built once if needed), or None without a compiler."""
     if not kernels.load():
         return None
-    return kernels.cache_dir() / "robbench_ops"
+    return kernels.ext_dir() / "robbench_ops"
 
 
 def _cache(root: Path, built: Path | None) -> Path:
