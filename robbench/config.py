@@ -228,7 +228,8 @@ def _check_types(cfg: RunConfig) -> None:
     need(isinstance(cfg.units, str) and cfg.units in UNITS, "units", cfg.units, ", ".join(UNITS))
     need(isinstance(cfg.device, str) and (cfg.device == "cpu" or re.fullmatch(r"cuda(:\d+)?", cfg.device) is not None),
          "device", cfg.device, "cpu, cuda or cuda:N")
-    need(cfg.executor in EXECUTORS, "executor", cfg.executor, ", ".join(sorted(EXECUTORS)))
+    need(isinstance(cfg.executor, str) and cfg.executor in EXECUTORS, "executor", cfg.executor,
+         ", ".join(sorted(EXECUTORS)))
     need(cfg.ray_address is None or (isinstance(cfg.ray_address, str) and cfg.ray_address.strip() != ""),
          "ray_address", cfg.ray_address, "null, auto, host:port or ray://host:port")
     if cfg.ray_address is not None and cfg.executor != "ray":

@@ -211,9 +211,12 @@ class Runner:
                    evaluate: bool) -> tuple[list[ModelWork], dict[str, "_ModelPlan"]]:
         """One ModelWork per model with something to do (``evaluate``: pending points), in config order."""
         work, plans = [], {}
+        recorded = store.models()
         for model_cfg, jobs in self._jobs_by_model():
             pending = self._pending(store, jobs, point_ids)
-            if evaluate and not any(pending.values()):
+            # A model whose record (test ELBO) was lost is prepared again to restore it, even when all its
+            # results are stored.
+            if evaluate and not any(pending.values()) and model_key(self.cfg, model_cfg) in recorded:
                 self.console.print(f"[dim]{model_cfg.label} seed {model_cfg.seed}: all results stored, skipped[/dim]")
                 continue
             item = ModelWork(self._model_spec(model_cfg), self._batches(jobs, pending, data) if evaluate else [])
