@@ -189,7 +189,7 @@ def test_an_attack_that_overshoots_fails_its_rows_with_the_error(cache, tmp_path
     assert main(["run", *FAST, "--attacks", "bad_norm", *MARGIN, "--out", str(out)]) == 0
     rows = _rows(out)
     assert rows and all(status == "error" and "exceeds the radius" in error for _, _, status, _, error in rows)
-    board = json.loads((out / "leaderboard.json").read_text())
+    board = json.loads((out / "leaderboard.json").read_text())["rows"]
     assert board[0]["failed"] == 3 and "margin_mean" not in board[0]
 
 
@@ -523,9 +523,9 @@ def test_lost_models_table_is_reported_then_restored(cache, tmp_path, capsys):
     capsys.readouterr()
     assert main(["leaderboard", str(out)]) == 0
     assert "test ELBO not shown for vae" in capsys.readouterr().out
-    assert "test_elbo" not in json.loads((out / "leaderboard.json").read_text())[0]
+    assert "test_elbo" not in json.loads((out / "leaderboard.json").read_text())["rows"][0]
     assert main(args) == 0  # the rerun loads the cached model again to restore its record
-    assert json.loads((out / "leaderboard.json").read_text())[0]["test_elbo"] < 0
+    assert json.loads((out / "leaderboard.json").read_text())["rows"][0]["test_elbo"] < 0
 
 
 def test_attack_free_failures_are_counted_once():
