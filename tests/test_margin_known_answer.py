@@ -1,6 +1,6 @@
 """Known-answer tests of the margin estimator with its DEFAULT settings and the DEFAULT attack.
 
-Linear-Gaussian VAEs (robbench.analytic) in two noise-dominated configurations, where the earlier attack
+Linear-Gaussian VAEs (robbench_plugins.analytic) in two noise-dominated configurations, where the earlier attack
 (eta fixed for the whole call, 10 steps at warm-started radii) stopped short of the worst delta and the
 absolute tolerance 0.05 was +-5-20% of R. Here the real ``max_damage`` attack has to find the worst
 delta itself (no oracle). Every point is an independent stream (its own point id: its own attack draws
@@ -12,8 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from robbench.analytic import LinearGaussianVAE
+from robbench_plugins.analytic import LinearGaussianVAE
 from robbench.protocols import EstimationContext
+from robbench.settings import RunSettings
 from robbench_plugins.attacks import MaxDamageAttack
 from robbench_plugins.estimators import ESTIMATORS
 
@@ -38,9 +39,8 @@ def outcome(request):
     model = LinearGaussianVAE(**kwargs)
     torch.set_num_threads(1)
     ctx = EstimationContext(model=model, attack=MaxDamageAttack(), attack_params=dict(MaxDamageAttack().defaults),
-                            params={**MARGIN.defaults, "r": r, "m": 0.5, "confidence": CONFIDENCE, "backend": "auto",
-                                    "seed": 0, "keep_adversarial": False},
-                            point_ids=torch.arange(STREAMS), seed=0, device=torch.device("cpu"))
+                            params={**MARGIN.defaults, "keep_adversarial": False}, point_ids=torch.arange(STREAMS),
+                            run=RunSettings(r=r, m=0.5, confidence=CONFIDENCE, backend="auto", seed=0))
     rows = MARGIN(ctx, torch.full((STREAMS, *model.input_shape), 0.5))
     return model, r, rows
 
