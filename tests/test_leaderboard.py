@@ -108,7 +108,7 @@ def test_censored_points_are_never_averaged_as_values():
     assert math.isinf(rec["margin_mean_ci_hi"]) and rec["margin_median"] == 3.0
     md = render_markdown([rec])
     assert "≥ 5.200" in md and ", ∞)" in md
-    assert json.loads(render_json([rec]))[0]["margin_mean_ci_hi"] == "inf"
+    assert json.loads(render_json([rec]))["rows"][0]["margin_mean_ci_hi"] == "inf"
     # more than half censored: no median
     more = rows + [_row("m", "a", "margin", 5, {"margin": None, "margin_lo": 10.0, "censored": True})]
     assert leaderboard_rows(more)[0]["margin_median"] is None
