@@ -87,8 +87,10 @@ def test_margin_vs_linear_scan(benchmark):
 
     from robbench_plugins.estimators import MARGIN_DEFAULTS
 
-    # The margin estimator's own defaults: cheaper attack settings once warm-started from the last radius.
-    warm = {"steps": MARGIN_DEFAULTS["warm_steps"], "restarts": MARGIN_DEFAULTS["warm_restarts"]}
+    # The margin estimator's own defaults for warm-started radii (warm_steps None: the attack's own steps).
+    warm = {"restarts": MARGIN_DEFAULTS["warm_restarts"]}
+    if MARGIN_DEFAULTS["warm_steps"] is not None:
+        warm["steps"] = MARGIN_DEFAULTS["warm_steps"]
 
     def ours():
         return margin_mod.estimate_margin(model, x, attack, params, r=R, m=M, max_radius=MAX_RADIUS,

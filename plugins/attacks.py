@@ -23,9 +23,10 @@ import torch
 from torch import Tensor
 
 from robbench.hookspecs import hookimpl
+from robbench import rng, stats
 from robbench.inputrange import input_range
 from robbench.projection import (as_radius, finalize, flat_norm, lbfgs_ascent, projected_gradient_ascent,
-                                 point_normals, random_start)
+                                 point_normals, random_start, stall_ascent)
 from robbench.paramspec import Param
 from robbench.protocols import AttackResult
 
@@ -165,19 +166,44 @@ class MaxDamageAttack:
     """argmax_{||delta|| <= L, x+delta in [0,1]} ||g(mu_r + eta * sigma_r) - g(mu(x))||_2 (paper Eq. 5).
 
     Params: ``route`` which encoder outputs delta reaches ("both": mu(x+delta), sigma(x+delta);
-    "mu": mu(x+delta), sigma(x); "sigma": mu(x), sigma(x+delta)); ``objective`` "expectation" (mean
-    over ``eta_samples`` draws of eta, fixed for the whole call, so the objective is a deterministic
-    function of delta) or "mean" (eta = 0: the distance between mean reconstructions; sigma plays no
+    "mu": mu(x+delta), sigma(x); "sigma": mu(x), sigma(x+delta)); ``objective`` "expectation" (the mean
+    distance over eta) or "mean" (eta = 0: the distance between mean reconstructions; sigma plays no
     part, so route "sigma" requires "expectation"); plus the optimiser parameters of _OPT_DEFAULTS.
+
+    The default optimiser (``optimizer="pgd"``, ``eta_redraw=True``) is built to converge at a small cost:
+      1. random starts are first pre-solved on the deterministic mean-decoder objective
+         (``presolve_steps``, one decoder pass per step, from steps of ``step_size`` times the radius;
+         a warm start ``init`` from ``warm_step_size``); the candidates (the warm start itself too: it
+         may have moved off the mean optimum towards the expectation's) are scored on common draws of
+         eta and the best one per point is refined;
+      2. a stochastic refinement then follows the expectation objective with ``eta_samples`` fresh draws
+         of eta at every step (antithetic pairs eta, -eta: their noise largely cancels where sigma
+         dominates), so the iterates follow E_eta, not one fixed sample of it, from steps of
+         ``refine_step_size`` times the radius;
+      3. every ``check_every`` steps each point is scored on ``eval_samples`` fixed (common) draws; a
+         point whose score rose by less than ``stall_tol`` (relative) returns to its best iterate and
+         halves its step, and stops once the step is below ``min_step`` (fraction of the radius): so
+         warm-started radii take the steps they need, at most ``steps``; the best scored iterate is
+         returned (:func:`robbench.projection.stall_ascent`).
+    ``eta_redraw=False`` (or ``optimizer="lbfgs"``) is the earlier attack: ``eta_samples`` draws fixed for
+    the whole call and a fixed number of steps, the best iterate on that one sample of eta.
     """
 
     name: str = "max_damage"
     description: str = "maximum-damage attack (Eq. 5): push the reconstruction of x+delta away from g(mu(x))"
     defaults: dict[str, Any] = field(default_factory=lambda: {
-        "route": "both", "objective": "expectation", "eta_samples": 8, **_OPT_DEFAULTS})
+        "route": "both", "objective": "expectation", "eta_samples": 4, "eta_redraw": True,
+        "eval_samples": 8, "presolve_steps": 60, "presolve_min_step": 0.05, "check_every": 4, "stall_tol": 0.0,
+        "min_step": 0.01,
+        **_OPT_DEFAULTS, "step_size": 2.0, "warm_step_size": 0.5, "refine_step_size": 0.25})
     constraints: dict[str, Param] = field(default_factory=lambda: {
         "route": Param("str", choices=ROUTES), "objective": Param("str", choices=OBJECTIVES),
-        "eta_samples": Param("int", lo=1), **_OPT_CONSTRAINTS})
+        "eta_samples": Param("int", lo=1), "eta_redraw": Param("bool"), "eval_samples": Param("int", lo=1),
+        "presolve_steps": Param("int", lo=0), "presolve_min_step": Param("float", lo=0, lo_open=True),
+        "check_every": Param("int", lo=1), "stall_tol": Param("float", lo=0),
+        "min_step": Param("float", lo=0, lo_open=True), **_OPT_CONSTRAINTS,
+        "warm_step_size": Param("float", lo=0, lo_open=True),
+        "refine_step_size": Param("float", lo=0, lo_open=True)})
 
     def __call__(self, model: Any, x: Tensor, radius: Tensor, *, params: dict[str, Any] | None = None,
                  generator: torch.Generator, init: Tensor | None = None,
@@ -185,34 +211,107 @@ class MaxDamageAttack:
         p = _merged(self.defaults, params)
         _check_choice("route", p["route"], ROUTES)
         _check_choice("objective", p["objective"], OBJECTIVES)
+        _check_choice("optimizer", p["optimizer"], OPTIMIZERS)
         if p["route"] == "sigma" and p["objective"] == "mean":
             raise ValueError("route='sigma' needs objective='expectation': at eta = 0 sigma has no effect")
+        for key in ("eta_samples", "eval_samples", "check_every"):
+            if int(p[key]) < 1:
+                raise ValueError(f"attack parameter {key}={p[key]!r}; expected an integer >= 1")
         radius = _check_inputs(model, x, radius)
         with torch.no_grad():
             mu_c, sig_c = model.encode(x)
             center = _decode_flat(model, mu_c)
-        n_eta = int(p["eta_samples"]) if p["objective"] == "expectation" else 0
         ids = _point_ids(point_ids, x)
-        eta = point_normals(generator, ids, max(n_eta, 1), model.latent_dim, x)  # (S, B, k), per point
         route = p["route"]
+        expectation = p["objective"] == "expectation"
 
-        def objective(rows: Tensor, xr: Tensor, d: Tensor) -> Tensor:
+        def damage(rows: Tensor, xr: Tensor, d: Tensor, eta: Tensor | None) -> Tensor:
+            """Mean over eta (S, N, k) of the distance, or the eta = 0 distance when eta is None."""
             need_mu = route in ("both", "mu")
-            need_sig = route in ("both", "sigma") and n_eta > 0
+            need_sig = route in ("both", "sigma") and eta is not None
             if need_mu or need_sig:
                 mu_a, sig_a = model.encode(xr + d)
             mu = mu_a if need_mu else mu_c[rows]
-            if n_eta == 0:
+            if eta is None:
                 return flat_norm(_decode_flat(model, mu) - center[rows])
             sig = sig_a if need_sig else sig_c[rows]
-            z = mu.unsqueeze(0) + eta[:, rows] * sig.unsqueeze(0)  # (S, N, k)
-            recon = _decode_flat(model, z.reshape(-1, z.shape[-1])).view(n_eta, rows.shape[0], -1)
+            z = mu.unsqueeze(0) + eta * sig.unsqueeze(0)  # (S, N, k)
+            recon = _decode_flat(model, z.reshape(-1, z.shape[-1])).view(eta.shape[0], rows.shape[0], -1)
             # sqrt with a floor: the norm is not differentiable where the distance is exactly 0
-            dist = ((recon - center[rows]).pow(2).sum(2) + 1e-12).sqrt()
-            return dist.mean(0)
+            return ((recon - center[rows]).pow(2).sum(2) + 1e-12).sqrt().mean(0)
 
-        delta = _optimise(objective, x, radius, p, generator, init, ids, input_range(model))
-        return _result(model, x, delta)
+        if p["optimizer"] == "lbfgs" or not p["eta_redraw"]:
+            n_eta = int(p["eta_samples"]) if expectation else 0
+            eta = point_normals(generator, ids, max(n_eta, 1), model.latent_dim, x)  # fixed for the call
+
+            def fixed(rows: Tensor, xr: Tensor, d: Tensor) -> Tensor:
+                return damage(rows, xr, d, eta[:, rows] if n_eta else None)
+
+            return _result(model, x, _optimise(fixed, x, radius, p, generator, init, ids, input_range(model)))
+        return _result(model, x, self._converged(damage, model, x, radius, p, generator, init, ids, expectation))
+
+    @staticmethod
+    def _converged(damage, model: Any, x: Tensor, radius: Tensor, p: dict[str, Any], generator: torch.Generator,
+                   init: Tensor | None, ids: Tensor, expectation: bool) -> Tensor:
+        """Pre-solve, stochastic refinement and stall stopping (see the class docstring)."""
+        box = input_range(model)  # every start, iterate and the result keep x + delta in the declared range
+        delta = torch.zeros_like(x)
+        active = radius > 0
+        if not bool(active.any()):
+            return finalize(x, delta, radius, box=box)
+        idx = active.nonzero().squeeze(1)
+        xa, ra, ia = x[idx], radius[idx], ids[idx.cpu()]
+        k = model.latent_dim
+        # Per-point counter-based streams (robbench.rng): a point's draws do not depend on its batch.
+        base = int(torch.randint(0, 2 ** 31 - 1, (1,), generator=generator, device=generator.device))
+        half = (int(p["eta_samples"]) + 1) // 2
+
+        def antithetic(seed: int, rows: Tensor, n_half: int, offset: int = 0) -> Tensor:
+            e = rng.sample_normals(seed, ia[rows.cpu()], n_half, k, sample_offset=offset)  # (N, n, k)
+            e = e.transpose(0, 1).to(device=x.device, dtype=x.dtype)
+            return torch.cat([e, -e], 0)
+
+        eval_eta = antithetic(stats.derive_seed(base, "eval"), torch.arange(len(idx)),
+                              (int(p["eval_samples"]) + 1) // 2) if expectation else None
+
+        def mean_obj(rows: Tensor, d: Tensor, step: int = 0) -> Tensor:
+            return damage(idx[rows], xa[rows], d, None)
+
+        def evaluate(rows: Tensor, d: Tensor) -> Tensor:
+            return damage(idx[rows], xa[rows], d, None if eval_eta is None else eval_eta[:, rows])
+
+        def stochastic(rows: Tensor, d: Tensor, step: int) -> Tensor:
+            eta = antithetic(stats.derive_seed(base, "steps"), rows, half, offset=step * half)
+            return damage(idx[rows], xa[rows], d, eta)
+
+        ia_init = None if init is None else init.to(device=x.device, dtype=x.dtype).view_as(x)[idx]
+        n_random = max(int(p["restarts"]), 0 if ia_init is not None else 1)
+        gen_starts = torch.Generator(device=x.device).manual_seed(stats.derive_seed(base, "starts"))
+        starts = ([] if ia_init is None else [ia_init]) + [random_start(xa, ra, gen_starts, ia, box=box)
+                                                           for _ in range(n_random)]
+        knobs = {"check_every": int(p["check_every"]), "stall_tol": float(p["stall_tol"]),
+                 "min_step": float(p["min_step"]), "box": box}
+        if not expectation:
+            best, _ = stall_ascent(mean_obj, mean_obj, xa, ra, starts, steps=int(p["presolve_steps"]) + int(p["steps"]),
+                                   step_size=float(p["step_size"]), **knobs)
+        else:
+            if int(p["presolve_steps"]) > 0:
+                # A warm start is pre-solved from smaller steps (it is near the worst delta of a nearby
+                # radius) and stays a candidate itself: on a non-linear decoder the mean-decoder optimum
+                # can be a worse delta for the expectation than the previous radius's refined one.
+                pre = {**knobs, "min_step": float(p["presolve_min_step"])}  # refinement polishes further
+                solved = [stall_ascent(mean_obj, mean_obj, xa, ra, [s], steps=int(p["presolve_steps"]),
+                                       step_size=float(p["warm_step_size"] if warm else p["step_size"]), **pre)[0]
+                          for s, warm in zip(starts, [ia_init is not None] + [False] * n_random)]
+                starts = ([] if ia_init is None else [ia_init]) + solved
+            if len(starts) > 1:  # refine only the best candidate per point (scored on the common draws)
+                scores = torch.stack([evaluate(torch.arange(len(idx), device=x.device), s) for s in starts])
+                pick = scores.argmax(0)
+                starts = [torch.stack(starts)[pick, torch.arange(len(idx), device=x.device)]]
+            best, _ = stall_ascent(stochastic, evaluate, xa, ra, starts, steps=int(p["steps"]),
+                                   step_size=float(p["refine_step_size"]), **knobs)
+        delta[idx] = best.detach()
+        return finalize(x, delta, radius, box=box)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -72,20 +72,83 @@ class BuiltinEstimator:
 
 
 # --- margin ------------------------------------------------------------------------------------
-def _margin(ctx: EstimationContext, x: Tensor) -> list[Row]:
+def _margin_result(ctx: EstimationContext, x: Tensor, attack: Any, attack_params: dict[str, Any]) -> Any:
     run = ctx.run
     p = ctx.params
-    res = estimate_margin(
-        ctx.model, x, ctx.attack, ctx.attack_params, r=run.r, m=run.m, confidence=run.confidence,
+    return estimate_margin(
+        ctx.model, x, attack, attack_params, r=run.r, m=run.m, confidence=run.confidence,
         max_radius=float(p["max_radius"]), tolerance=float(p["tolerance"]),
         rel_tolerance=None if p.get("rel_tolerance") is None else float(p["rel_tolerance"]),
         samples_initial=int(p["samples_initial"]), samples_max=int(p["samples_max"]),
         samples_growth=int(p["samples_growth"]), seed=stats.derive_seed(run.seed, "margin"),
         point_ids=_ids(ctx, x), backend=run.backend, sigma_at=str(p["sigma_at"]), warm_start=bool(p["warm_start"]),
-        warm_attack_params=_warm_params(ctx, p), stop_when_undecided=bool(p["stop_when_undecided"]))
-    return [{"margin": _f(res.margin[i]), "margin_lo": _f(res.lo[i]), "margin_hi": _f(res.hi[i]),
-             "undecided": bool(res.undecided[i]), "at_cap": bool(res.at_cap[i]), "samples": int(res.samples[i]),
-             "p0": _f(res.p0[i])} for i in range(x.shape[0])]
+        warm_attack_params=_warm_params(attack_params, p), stop_when_undecided=bool(p["stop_when_undecided"]))
+
+
+def _margin_rows(res: Any, x: Tensor, keep_witness: bool) -> list[Row]:
+    """Per point: the estimate and its interval, censoring, and the witness behind margin_hi.
+
+    A point still robust at the cap is censored: R >= max_radius, so ``margin`` is None (unknown, never a
+    number to average), ``margin_lo`` the cap and ``margin_hi`` None (+inf)."""
+    norms = res.witness_delta.flatten(1).norm(dim=1).cpu()
+    rows = []
+    for i in range(x.shape[0]):
+        censored = bool(res.at_cap[i])
+        has = bool(torch.isfinite(res.witness_radius[i]))
+        row = {"margin": None if censored else _f(res.margin[i]), "margin_lo": _f(res.lo[i]),
+               "margin_hi": _f(res.hi[i]), "censored": censored, "at_cap": censored,
+               "undecided": bool(res.undecided[i]), "samples": int(res.samples[i]), "p0": _f(res.p0[i]),
+               "witness_radius": _f(res.witness_radius[i]) if has else None,
+               "witness_norm": _f(norms[i]) if has else None,
+               "witness_k": int(res.witness_k[i]) if has else None,
+               "witness_n": int(res.witness_n[i]) if has else None,
+               "witness_p_hi": _f(res.witness_p_hi[i]) if has else None}
+        if keep_witness and has:
+            row["witness_delta"] = [float(v) for v in res.witness_delta[i].flatten().cpu().tolist()]
+        rows.append(row)
+    return rows
+
+
+def _portfolio(ctx: EstimationContext) -> list[tuple[str, Any, dict[str, Any]]]:
+    """(label, attack, params) of every attack the margin is taken over: ctx.attack, plus with
+    ``portfolio`` the other attacks of the run (ctx.params["portfolio_attacks"], set by the runner)."""
+    own = (getattr(ctx.attack, "name", "attack"), ctx.attack, ctx.attack_params)
+    extra = ctx.params.get("portfolio_attacks") or []
+    return [own] + [tuple(a) for a in extra] if ctx.params.get("portfolio") else [own]
+
+
+def _margin(ctx: EstimationContext, x: Tensor) -> list[Row]:
+    """The margin for ctx.attack, or with ``portfolio`` the per-point smallest over several attacks.
+
+    Each attack gives an upper estimate of R (a stronger attack can only lower it), so the per-point
+    minimum is the best estimate the portfolio offers; the point's interval and witness are those of
+    the attack that set it (``margin_attack``; a point censored under every attack stays censored)."""
+    keep = bool(ctx.params.get("keep_witness", True))
+    best: list[Row] | None = None
+    witness = None
+    for label, attack, params in _portfolio(ctx):
+        res = _margin_result(ctx, x, attack, params)
+        rows = _margin_rows(res, x, keep)
+        for row in rows:
+            row["margin_attack"] = label
+        if best is None:
+            best, witness = rows, res.witness_delta.clone()
+            continue
+        for i, row in enumerate(rows):
+            if _smaller(row, best[i]):
+                best[i] = row
+                witness[i] = res.witness_delta[i]
+    assert best is not None and witness is not None
+    for i, row in enumerate(best):
+        row["_witness"] = witness[i]
+    return best
+
+
+def _smaller(a: Row, b: Row) -> bool:
+    """Does estimate a lower the margin below b? Censored rows count as +inf (ties keep b)."""
+    va = math.inf if a["censored"] else a["margin"]
+    vb = math.inf if b["censored"] else b["margin"]
+    return va < vb
 
 
 def _adversarial_arrays(ctx: EstimationContext, x: Tensor, delta: Tensor) -> list[dict[str, Tensor]]:
@@ -98,24 +161,22 @@ def _adversarial_arrays(ctx: EstimationContext, x: Tensor, delta: Tensor) -> lis
 
 
 def _margin_with_arrays(ctx: EstimationContext, x: Tensor) -> list[Row]:
-    """The margin, plus the attack's worst input at the first radius found not robust (R_hi)."""
+    """The margin, plus (for report figures) the witness input: x + the delta whose test set margin_hi
+    (delta = 0 for censored points, which have none)."""
     rows = _margin(ctx, x)
+    witness = torch.stack([row.pop("_witness") for row in rows]).to(x)
     if not ctx.params["keep_adversarial"]:
         return rows
-    radius = torch.tensor([row["margin_hi"] or 0.0 for row in rows], dtype=x.dtype, device=x.device)
-    gen = torch.Generator(device=x.device).manual_seed(stats.derive_seed(ctx.run.seed, "margin", "arrays"))
-    delta = call_attack(ctx.attack, ctx.model, x, radius, params=ctx.attack_params, generator=gen,
-                        point_ids=_ids(ctx, x)).delta.detach()
-    for row, arrays in zip(rows, _adversarial_arrays(ctx, x, delta)):
+    for row, arrays in zip(rows, _adversarial_arrays(ctx, x, witness)):
         row["_arrays"] = arrays
     return rows
 
 
-def _warm_params(ctx: EstimationContext, p: dict[str, Any]) -> dict[str, Any]:
-    """Cheaper attack settings for warm-started radii, for the attack keys that exist (steps, restarts)."""
+def _warm_params(attack_params: dict[str, Any], p: dict[str, Any]) -> dict[str, Any]:
+    """Attack settings for warm-started radii, for the attack keys that exist (steps, restarts)."""
     out = {}
     for key, attack_key in (("warm_steps", "steps"), ("warm_restarts", "restarts")):
-        if p.get(key) is not None and attack_key in ctx.attack_params:
+        if p.get(key) is not None and attack_key in attack_params:
             out[attack_key] = int(p[key])
     return out
 
@@ -125,6 +186,9 @@ def _validate_margin(params: dict[str, Any]) -> None:
         raise ValueError(f"max_radius must be > 0, got {params['max_radius']}")
     if not 0 < params["tolerance"] < params["max_radius"]:
         raise ValueError(f"tolerance must be in (0, max_radius), got {params['tolerance']}")
+    rel = params.get("rel_tolerance")
+    if rel is not None and not 0 < rel < 1:
+        raise ValueError(f"rel_tolerance must be in (0, 1) or null, got {rel}")
     if not 1 <= params["samples_initial"] <= params["samples_max"]:
         raise ValueError("need 1 <= samples_initial <= samples_max, got "
                          f"{params['samples_initial']}, {params['samples_max']}")
@@ -303,9 +367,11 @@ def _sweep(ctx: EstimationContext, x: Tensor) -> list[Row]:
 
 
 # --- registration ------------------------------------------------------------------------------
-MARGIN_DEFAULTS = {"max_radius": 10.0, "tolerance": 0.05, "rel_tolerance": None, "samples_initial": 128,
+# tolerance is an absolute floor for margins near 0; rel_tolerance (1% of R) is what usually stops a point.
+MARGIN_DEFAULTS = {"max_radius": 10.0, "tolerance": 0.001, "rel_tolerance": 0.01, "samples_initial": 128,
                    "samples_max": 32768, "samples_growth": 4, "sigma_at": "clean", "warm_start": True,
-                   "warm_steps": 10, "warm_restarts": 0, "stop_when_undecided": True}
+                   "warm_steps": None, "warm_restarts": 0, "stop_when_undecided": True,
+                   "keep_witness": True, "portfolio": False}
 SAMPLES = Param("int", lo=1, hi=2 ** 31)  # Monte Carlo sample counts (the RNG streams hold 2^32 samples)
 SIGMA_AT = Param("str", choices=("clean", "perturbed"))
 RADIUS = Param("float", lo=0)
@@ -314,20 +380,29 @@ MARGIN_CONSTRAINTS = {"max_radius": Param("float", lo=0, lo_open=True), "toleran
                       "samples_initial": SAMPLES, "samples_max": SAMPLES, "samples_growth": Param("int", lo=2),
                       "sigma_at": SIGMA_AT, "warm_start": Param("bool"), "warm_steps": Param("int", lo=1, nullable=True),
                       "warm_restarts": Param("int", lo=0, nullable=True), "stop_when_undecided": Param("bool"),
-                      "keep_adversarial": Param("bool")}
+                      "keep_adversarial": Param("bool"), "keep_witness": Param("bool"), "portfolio": Param("bool")}
 
 # Leaderboard columns. ``order`` keeps the established layout: margin, bound, damage, encoder, min r, likelihood.
+# Censored margins (R >= cap) enter at the cap as lower limits: the mean is then a restricted mean (a lower
+# bound, shown "≥"), the interval [lo, inf). The interval of the mean is margin_mean_ci_lo/hi in records,
+# never margin_lo/hi, which name one point's bracket in the stored rows.
+_CENSORED = {"censored": "censored", "censored_value": "margin_lo"}
 _MARGIN_COLUMNS = (
-    MetricColumn("margin_mean", "mean R", "margin", "mean", "higher", ".3f", rank=True, order=10),
-    MetricColumn("margin", "R {level}% CI", "margin", "ci", "higher", ".3f", order=11),
+    MetricColumn("margin_mean", "mean R", "margin", "mean", "higher", ".3f", rank=True, order=10, **_CENSORED),
+    MetricColumn("margin_mean_ci", "R {level}% CI", "margin", "ci", "higher", ".3f", order=11, **_CENSORED),
+    MetricColumn("margin_median", "median R", "margin", "median", "higher", ".3f", order=11.5, **_CENSORED),
+    MetricColumn("censored", "R ≥ cap", "censored", "count_true", None, "d", order=11.7),
     MetricColumn("undecided", "undecided", "undecided", "count_true", "lower", "d", order=12))
 _ENCODER_COLUMNS = (
     MetricColumn("min_sigma_mean", "mean min σ", "min_sigma", "mean", "higher", ".4f", order=40),
     MetricColumn("mean_sigma_mean", "mean σ", "mean_sigma", "mean", "higher", ".4f", order=41),
     MetricColumn("jacobian_mean", "mean ‖J_μ‖_F", "jacobian_frobenius", "mean", "lower", ".2f", order=42))
+_UNBOUNDED = ("bound_status", "unbounded")  # a zero Jacobian: the bound is +inf
 _BOUND_COLUMNS = (
-    MetricColumn("bound_mean", "mean bound", "bound", "mean", "higher", ".3f", order=20),
-    MetricColumn("vacuous", "vacuous", "bound", "count_missing", "lower", "d", order=21),
+    MetricColumn("bound_mean", "mean bound (p0 LCB)", "bound", "mean", "higher", ".3f", order=20, infinite=_UNBOUNDED),
+    MetricColumn("bound_point_mean", "mean bound (p0 point)", "bound_point", "mean", "higher", ".3f", order=20.5,
+                 infinite=_UNBOUNDED),
+    MetricColumn("vacuous", "vacuous", "bound", "count_missing", "lower", "d", order=21, infinite=_UNBOUNDED),
     MetricColumn("pearson", "ρ(bound,R)", "bound", "pearson", "higher", ".2f", paired=("margin", "margin"), order=22),
     MetricColumn("slope", "slope", "bound", "slope", None, ".2f", paired=("margin", "margin"), order=23))
 # Every estimator that reports the attack's "damage" pools it into one column, as it always has.
@@ -341,8 +416,10 @@ _LIKELIHOOD_COLUMNS = (
 
 ESTIMATORS = [
     BuiltinEstimator(
-        "margin", "robustness margin R(x) by batched bisection with a sequential Clopper-Pearson test per "
-        "radius; margin, [margin_lo, margin_hi] at the run confidence, samples, undecided, at_cap",
+        "margin", "robustness margin R(x) (an upper estimate: a stronger attack can only lower it) by batched "
+        "bisection with a sequential Clopper-Pearson test per radius; margin, [margin_lo (given the attack), "
+        "margin_hi (witness delta stored)], censored (R >= max_radius), samples, undecided; portfolio=true "
+        "takes the per-point smallest over all the run's attacks (margin_attack)",
         _margin_with_arrays, {**MARGIN_DEFAULTS, "keep_adversarial": True}, needs_attack=True,
         validate=_validate_margin, columns=_MARGIN_COLUMNS, input_sizes=("max_radius", "tolerance"),
         constraints=MARGIN_CONSTRAINTS),
@@ -353,7 +430,8 @@ ESTIMATORS = [
         input_sizes=("radius",), constraints={"radius": RADIUS, "samples": SAMPLES}),
     BuiltinEstimator(
         "bound", "Theorem 1 lower bound min sigma * (probit(p0_lo) - probit(m)) / ||J_mu||_F, with p0_lo the "
-        "lower confidence bound of p_r(x, 0); None when vacuous (bound_status says why)",
+        "lower confidence bound of p_r(x, 0) (bound_point: the same with the point estimate p0); None when vacuous "
+        "or unbounded (bound_status says which; unbounded, a zero Jacobian, means +inf)",
         _bound, {"p0_samples": 4096, **_JACOBIAN_DEFAULTS}, columns=_BOUND_COLUMNS + _ENCODER_COLUMNS,
         constraints={"p0_samples": SAMPLES, **_JACOBIAN_CONSTRAINTS}),
     BuiltinEstimator(

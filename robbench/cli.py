@@ -242,7 +242,7 @@ def cmd_leaderboard(args: argparse.Namespace, console: Console) -> int:
 def cmd_merge(args: argparse.Namespace, console: Console) -> int:
     import json
 
-    from robbench.entries import merge
+    from robbench.entries import _clean, merge
     from robbench.leaderboard import render_csv, render_markdown, render_rich
 
     sources = ([args.run_dir] if args.run_dir else []) + list(args.merge)
@@ -253,7 +253,7 @@ def cmd_merge(args: argparse.Namespace, console: Console) -> int:
         (args.out / "leaderboard.md").write_text(render_markdown(records, columns))
         (args.out / "leaderboard.csv").write_text(render_csv(records, columns))
         doc = {"format": "robbench-leaderboard/1", "settings": settings,
-               "sources": [str(s) for s in sources], "rows": records}
+               "sources": [str(s) for s in sources], "rows": [_clean(rec) for rec in records]}
         (args.out / "leaderboard.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
         console.print(f"merged leaderboard.md/.csv/.json in {args.out}")
     return 0

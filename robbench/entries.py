@@ -137,8 +137,12 @@ def check_comparable(entries: list[dict[str, Any]]) -> None:
 
 
 def _clean(value: Any) -> Any:
-    """JSON-ready: NaN/infinity -> None (standard JSON), tuples -> lists, other objects -> str."""
+    """JSON-ready: NaN -> None, +/-infinity -> "inf"/"-inf" (as in leaderboard.json: an open interval end
+    of censored margins, an unbounded bound; standard JSON has no infinity), tuples -> lists, other
+    objects -> str."""
     if isinstance(value, float):
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
         return {str(k): _clean(v) for k, v in value.items()}
@@ -152,6 +156,13 @@ def _clean(value: Any) -> Any:
 def _short(value: Any, limit: int = 120) -> str:
     text = json.dumps(value, sort_keys=True, default=str)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _number_back(key: str, value: Any) -> Any:
+    """A record value read from JSON: "inf"/"-inf" (written by :func:`_clean`) back to floats."""
+    if key not in ("model", "attack") and value in ("inf", "-inf"):
+        return math.inf if value == "inf" else -math.inf
+    return value
 
 
 def merge(sources: list[Path]) -> tuple[list[dict[str, Any]], list[Any], dict[str, Any]]:
@@ -168,7 +179,7 @@ def merge(sources: list[Path]) -> tuple[list[dict[str, Any]], list[Any], dict[st
     records = []
     for entry in entries:
         for rec in entry["results"]:
-            rec = dict(rec)
+            rec = {k: _number_back(k, v) for k, v in rec.items()}
             if labels[entry["model"]] > 1:
                 rec["model"] = f"{rec['model']} [{entry.get('source', '?')}]"
             records.append(rec)

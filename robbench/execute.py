@@ -33,6 +33,10 @@ from robbench.settings import RunSettings
 from robbench.units import absolute_settings
 
 
+# attack_params key of a portfolio job (robbench.runner.portfolio_attack): [[attack name, params], ...]
+PORTFOLIO_KEY = "portfolio_members"
+
+
 @dataclass(frozen=True)
 class JobSpec:
     """One (estimator, attack) evaluation, as plain data.
@@ -92,11 +96,16 @@ def evaluate_batch(job: JobSpec, model: VAEModel, x: Tensor, point_ids: Sequence
     regs = registries or get_registries()
     model = checked(model)  # NaN/inf from encode or decode fails the points that saw it (no-op if wrapped)
     estimator = regs.estimators.get(job.estimator)
-    attack = regs.attacks.get(job.attack) if job.attack is not None else None
+    params, attack_params = dict(job.params), dict(job.attack_params)
+    if PORTFOLIO_KEY in attack_params:  # the estimator gets the first member and the rest in its params
+        members = [(name, regs.attacks.get(name), dict(p)) for name, p in attack_params[PORTFOLIO_KEY]]
+        (_, attack, attack_params), params["portfolio_attacks"] = members[0], members[1:]
+    else:
+        attack = regs.attacks.get(job.attack) if job.attack is not None else None
     device = torch.device(job.run.device)
     ids = [int(p) for p in point_ids]
-    params, run = absolute_settings(estimator, job.params, job.run, model)  # units: rms -> L2 sizes
-    ctx = EstimationContext(model=model, attack=attack, attack_params=dict(job.attack_params),
+    params, run = absolute_settings(estimator, params, job.run, model)  # units: rms -> L2 sizes
+    ctx = EstimationContext(model=model, attack=attack, attack_params=attack_params,
                             params=params, point_ids=torch.tensor(ids, dtype=torch.int64), run=run)
     box = input_range(model)
     start = time.perf_counter()

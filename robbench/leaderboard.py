@@ -62,6 +62,23 @@ def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float, flo
     return mean, mean - half, mean + half
 
 
+def clustered_mean_ci(values: dict[tuple[int, int], float], level: float = 0.95
+                      ) -> tuple[float, float, float, str]:
+    """Mean over points and an interval that respects the design: points are nested in trained networks
+    (seeds), so with >= 2 seeds the interval is the Student-t interval over the per-seed means (the
+    network is the unit; df = seeds - 1); with one seed it is the t interval over points, which speaks
+    for that one network only. values: {(seed, point): value}. Returns (mean, lo, hi, unit)."""
+    by_seed: dict[int, list[float]] = defaultdict(list)
+    for (seed, _), v in values.items():
+        by_seed[seed].append(v)
+    mean = sum(values.values()) / len(values)
+    if len(by_seed) < 2:
+        _, lo, hi = mean_ci(list(values.values()), level)
+        return mean, lo, hi, "point"
+    _, lo, hi = mean_ci([sum(v) / len(v) for v in by_seed.values()], level)
+    return mean, lo, hi, "seed"
+
+
 def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
 
@@ -151,18 +168,12 @@ def _aggregate(col: MetricColumn, rows: list[ResultRow], ok: list[ResultRow], co
     """The record entries of one column over the rows of the estimators declaring it ({} when none)."""
     if not rows:
         return {}
-    values = [v for r in rows for v in [_number(r.metrics.get(col.metric))] if v is not None]
-    if col.aggregation == "mean":
-        return {col.key: sum(values) / len(values)} if values else {}
-    if col.aggregation == "ci":
-        if not values:
-            return {}
-        _, lo, hi = mean_ci(values, confidence)
-        return {f"{col.key}_lo": lo, f"{col.key}_hi": hi}
+    if col.aggregation in ("mean", "ci", "median"):
+        return _summary(col, rows, confidence)
     if col.aggregation == "count_true":
         return {col.key: sum(bool(r.metrics.get(col.metric)) for r in rows)}
     if col.aggregation == "count_missing":
-        return {col.key: sum(_number(r.metrics.get(col.metric)) is None for r in rows)}
+        return {col.key: sum(_number(r.metrics.get(col.metric)) is None and not _infinite(col, r) for r in rows)}
     # pearson / slope / ratio / count_above against another estimator's metric, point by point
     xs = {(r.model_seed, r.point_id): _number(r.metrics.get(col.metric)) for r in rows}
     other_est, other_metric = col.paired
@@ -179,6 +190,40 @@ def _aggregate(col: MetricColumn, rows: list[ResultRow], ok: list[ResultRow], co
     if _number(fit.pearson) is None:
         return {}
     return {col.key: fit.pearson if col.aggregation == "pearson" else fit.slope}
+
+
+def _infinite(col: MetricColumn, row: ResultRow) -> bool:
+    return col.infinite is not None and row.metrics.get(col.infinite[0]) == col.infinite[1]
+
+
+def _summary(col: MetricColumn, rows: list[ResultRow], confidence: float) -> dict[str, Any]:
+    """mean / ci / median of a column, censoring- and seed-aware (see :class:`MetricColumn`)."""
+    values: dict[tuple[int, int], float] = {}
+    censored = infinite = 0
+    for r in rows:
+        if col.censored is not None and r.metrics.get(col.censored):
+            limit = _number(r.metrics.get(col.censored_value)) if col.censored_value else None
+            if limit is not None:
+                values[(r.model_seed, r.point_id)] = limit
+                censored += 1
+        elif _infinite(col, r):
+            infinite += 1
+        elif _number(r.metrics.get(col.metric)) is not None:
+            values[(r.model_seed, r.point_id)] = float(r.metrics[col.metric])
+    if col.aggregation == "mean" and infinite:
+        return {col.key: math.inf}
+    if not values:
+        return {}
+    flag = {f"{col.key}_lower_bound": True} if censored else {}
+    if col.aggregation == "mean":
+        return {col.key: sum(values.values()) / len(values), **flag}
+    if col.aggregation == "median":
+        ordered, n = sorted(values.values()), len(values)
+        if censored >= n / 2:  # censored values sit at the top of the order: the median is unknown
+            return {col.key: None}
+        return {col.key: ordered[n // 2] if n % 2 else 0.5 * (ordered[n // 2 - 1] + ordered[n // 2])}
+    _, lo, hi, unit = clustered_mean_ci(values, confidence)
+    return {f"{col.key}_lo": lo, f"{col.key}_hi": math.inf if censored else hi, f"{col.key}_unit": unit}
 
 
 def _ranking(columns: list[MetricColumn]):
@@ -206,11 +251,20 @@ def _columns_for(records: list[dict[str, Any]], columns: list[DisplayColumn] | N
 def _cell(rec: dict[str, Any], col: DisplayColumn) -> str:
     if col.format == "ci":
         lo, hi = rec.get(f"{col.key}_lo"), rec.get(f"{col.key}_hi")
-        return "—" if lo is None or not math.isfinite(lo) else f"[{lo:{col.spec}}, {hi:{col.spec}}]"
+        if lo is None or not math.isfinite(lo):
+            return "—"
+        unit = " (seeds)" if rec.get(f"{col.key}_unit") == "seed" else ""
+        end = "∞)" if hi is None or math.isinf(hi) else f"{hi:{col.spec}}]"
+        return f"[{lo:{col.spec}}, {end}{unit}"
     value = rec.get(col.key)
     if value is None:
         return "—"
-    return format(value, col.format) if col.format != "s" else str(value)
+    if isinstance(value, float) and math.isinf(value):
+        return "∞" if value > 0 else "-∞"
+    if col.format == "s":
+        return str(value)
+    # a restricted mean (censored points at their lower limit) is a lower bound of the mean
+    return ("≥ " if rec.get(f"{col.key}_lower_bound") else "") + format(value, col.format)
 
 
 def render_rich(records: list[dict[str, Any]], columns: list[DisplayColumn] | None = None,
@@ -243,7 +297,9 @@ def render_markdown(records: list[dict[str, Any]], columns: list[DisplayColumn] 
 def render_csv(records: list[dict[str, Any]], columns: list[DisplayColumn] | None = None) -> str:
     keys = []
     for col in _columns_for(records, columns):
-        keys += [f"{col.key}_lo", f"{col.key}_hi"] if col.format == "ci" else [col.key]
+        keys += [f"{col.key}_lo", f"{col.key}_hi", f"{col.key}_unit"] if col.format == "ci" else [col.key]
+        if any(f"{col.key}_lower_bound" in rec for rec in records):
+            keys.append(f"{col.key}_lower_bound")
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -256,9 +312,13 @@ LEADERBOARD_FORMAT = "robbench-leaderboard/1"
 
 def render_json(records: list[dict[str, Any]], provenance: dict[str, Any] | None = None) -> str:
     """{"format", "settings", "models", "environment", "rows": [one record per model and attack]}; the
-    provenance parts are null for a run directory written before they were recorded."""
-    clean = [{k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
-             for rec in records]
+    provenance parts are null for a run directory written before they were recorded. In the rows +inf
+    (an open interval end, an unbounded bound) is written as the string "inf", NaN as null."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, float) and math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return None if isinstance(v, float) and math.isnan(v) else v
+    clean = [{k: plain(v) for k, v in rec.items()} for rec in records]
     prov = provenance or {}
     doc = {"format": LEADERBOARD_FORMAT, "settings": prov.get("settings"), "run": prov.get("run"),
            "models": prov.get("models"), "environment": prov.get("environment"), "rows": clean}

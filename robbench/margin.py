@@ -110,12 +110,16 @@ def sequential_test(model: VAEModel, mu: Tensor, sigma: Tensor, center: Tensor, 
 class MarginResult:
     """Per point (B,) tensors, radii in input-space L2 units.
 
-    margin: point estimate (midpoint of the final bisection bracket, or the radius whose test was
-    undecided when the bisection stops there); lo, hi: the interval that holds
-    with the stated confidence (lo moves only on a confident ROBUST decision, hi only on a confident
-    NOT_ROBUST one); samples: decoder samples used; undecided: some test hit the sample cap (its side
-    was then guessed from the point estimate for ``margin``, but not used for lo/hi); at_cap: still
-    robust at ``max_radius`` (margin reported as the cap); p0: the estimate of p_r(x, 0).
+    margin: point estimate: where the straight line through (lo, p_hat(lo)) and (hi, p_hat(hi)) of the
+    final bracket crosses m (the midpoint when an end has no estimate), so it lies on no dyadic grid;
+    with ``stop_when_undecided`` the bracket ends at the radius whose test hit the sample cap, on the
+    side its p_hat points to. lo, hi: the interval that holds with the stated confidence *for this
+    attack* (lo moves only on a confident ROBUST decision at the attack's delta, so it is conditional on
+    the attack: a stronger attack can only lower R; hi only on a confident NOT_ROBUST one, backed by the
+    witness delta of that test); samples: decoder samples used; undecided: some test hit the sample cap
+    (its side was then guessed from the point estimate for ``margin``, but not used for lo/hi); at_cap:
+    still robust at ``max_radius``: censored, R >= max_radius (margin = lo = cap, hi = inf); p0: the
+    estimate of p_r(x, 0). witness_*: filled by :func:`estimate_margin` (see there).
     """
 
     margin: Tensor
@@ -126,6 +130,11 @@ class MarginResult:
     at_cap: Tensor
     p0: Tensor
     n_tests: int
+    witness_delta: Tensor | None = None
+    witness_radius: Tensor | None = None
+    witness_k: Tensor | None = None
+    witness_n: Tensor | None = None
+    witness_p_hi: Tensor | None = None
 
 
 TestFn = Callable[[Tensor, Tensor, int], SequentialOutcome]
@@ -150,6 +159,8 @@ def bisect_margin(test: TestFn, batch: int, *, m: float, max_radius: float, tole
     lo = torch.zeros(batch, dtype=torch.float64)
     hi = torch.full((batch,), float(max_radius), dtype=torch.float64)
     lo_c, hi_c = lo.clone(), hi.clone()
+    nan = torch.full((batch,), float("nan"), dtype=torch.float64)
+    p_lo, p_hi = nan.clone(), nan.clone()  # p_hat at the ends of the bisection bracket (NaN: not tested)
     samples = torch.zeros(batch, dtype=torch.int64)
     undecided = torch.zeros(batch, dtype=torch.bool)
     at_cap = torch.zeros(batch, dtype=torch.bool)
@@ -167,6 +178,7 @@ def bisect_margin(test: TestFn, batch: int, *, m: float, max_radius: float, tole
     # Step 0: unperturbed. Not r-robust at x itself means margin 0.
     robust, out = run(0, all_idx, torch.zeros(batch, dtype=torch.float64))
     p0[:] = out.p
+    p_lo[:] = out.p
     fail = ~robust
     hi[fail] = 0.0
     hi_c[out.decision == stats.NOT_ROBUST] = 0.0
@@ -185,10 +197,10 @@ def bisect_margin(test: TestFn, batch: int, *, m: float, max_radius: float, tole
         robust, out = run(step, idx, mid)
         lo[idx[robust]] = mid[robust]
         hi[idx[~robust]] = mid[~robust]
+        p_lo[idx[robust]] = out.p[robust]
+        p_hi[idx[~robust]] = out.p[~robust]
         if stop_when_undecided:
-            unsure = out.decision == stats.UNDECIDED
-            lo[idx[unsure]] = hi[idx[unsure]] = mid[unsure]
-            active[idx[unsure]] = False
+            active[idx[out.decision == stats.UNDECIDED]] = False
         sure_up = out.decision == stats.ROBUST
         sure_down = out.decision == stats.NOT_ROBUST
         lo_c[idx[sure_up]] = torch.maximum(lo_c[idx[sure_up]], mid[sure_up])
@@ -197,13 +209,25 @@ def bisect_margin(test: TestFn, batch: int, *, m: float, max_radius: float, tole
     if idx.numel():
         robust, out = run(n_tests - 1, idx, hi[idx].clone())
         ok = idx[robust]
+        p_hi[idx[~robust]] = out.p[~robust]
         lo[ok] = hi[ok]
         at_cap[ok] = True
         lo_c[idx[out.decision == stats.ROBUST]] = max_radius
         hi_c[idx[out.decision == stats.NOT_ROBUST]] = torch.minimum(
             hi_c[idx[out.decision == stats.NOT_ROBUST]], torch.tensor(float(max_radius), dtype=torch.float64))
-    margin = torch.where(at_cap, lo, 0.5 * (lo + hi))
-    return MarginResult(margin, lo_c, hi_c, samples, undecided, at_cap, p0, n_tests)
+    hi_c[at_cap] = float("inf")  # censored: R >= cap
+    return MarginResult(crossing(lo, hi, p_lo, p_hi, m, at_cap), lo_c, hi_c, samples, undecided, at_cap, p0,
+                        n_tests)
+
+
+def crossing(lo: Tensor, hi: Tensor, p_lo: Tensor, p_hi: Tensor, m: float, at_cap: Tensor) -> Tensor:
+    """Point estimate of R in each bracket [lo, hi]: where the line through (lo, p_lo) and (hi, p_hi)
+    crosses m, clamped into the bracket; the midpoint where an end has no estimate (NaN) or the
+    estimates do not straddle m; lo (= the cap) for censored points. All (B,) float64."""
+    straddle = (p_lo > m) & (p_hi <= m)
+    t = ((p_lo - m) / (p_lo - p_hi).clamp_min(1e-12)).clamp(0.0, 1.0)
+    est = torch.where(straddle, lo + t * (hi - lo), 0.5 * (lo + hi))
+    return torch.where(at_cap, lo, est)
 
 
 def fit_warm_start(x: Tensor, delta: Tensor, radius: Tensor, box: tuple[float, float] = (0.0, 1.0)) -> Tensor:
@@ -232,21 +256,33 @@ def estimate_margin(model: VAEModel, x: Tensor, attack: Attack, attack_params: d
     At each radius the attack (its own torch generator, independent of the estimation samples) looks
     for the worst delta, warm-started from the point's previous worst delta shrunk into the new ball;
     a sequential test then decides p_r(x, delta) > m with fresh samples (seed derived from ``seed``
-    and the step). ``warm_attack_params`` override ``attack_params`` for warm-started calls (e.g. fewer
-    steps and no random restart: the previous worst delta is already close). Radii in input-space L2 units.
+    and the step). ``warm_attack_params`` override ``attack_params`` for warm-started calls.
+    A point stops when its bracket is narrower than ``tolerance`` or than ``rel_tolerance`` times its
+    upper end. Radii in input-space L2 units.
+
+    The upper end ``hi`` of each point's interval is backed by a witness: the delta (norm <= hi) whose
+    test decided NOT_ROBUST at the smallest such radius, returned as ``witness_delta`` with that test's
+    counts (``witness_k`` of ``witness_n`` samples within r) and its one-sided upper Clopper-Pearson
+    bound ``witness_p_hi`` <= m at the test's error budget (NaN / zeros where no test decided so).
     """
     batch = x.shape[0]
     point_ids = torch.arange(batch) if point_ids is None else point_ids.cpu().long()
     schedule = stats.sample_schedule(samples_initial, samples_max, samples_growth)
     alpha_test = stats.split_alpha(1.0 - confidence, n_margin_tests(max_radius, tolerance))
+    alpha_look = stats.split_alpha(alpha_test, len(schedule))
     with torch.no_grad():
         mu0, sigma0, center = latent_params(model, x, None)
     last_delta = torch.zeros_like(x)
+    witness = torch.zeros_like(x)
+    w_radius = torch.full((batch,), float("nan"), dtype=torch.float64)
+    w_k = torch.zeros(batch, dtype=torch.int64)
+    w_n = torch.zeros(batch, dtype=torch.int64)
 
     def test(radius: Tensor, idx: Tensor, step: int) -> SequentialOutcome:
         dev_idx = idx.to(x.device)
         if step == 0:  # radius 0: no attack
             mu, sigma = mu0[dev_idx], sigma0[dev_idx]
+            delta = torch.zeros_like(x[dev_idx])
         else:
             xs = x[dev_idx]
             rad = radius.to(device=x.device, dtype=x.dtype)
@@ -261,14 +297,25 @@ def estimate_margin(model: VAEModel, x: Tensor, attack: Attack, attack_params: d
             with torch.no_grad():
                 mu, sigma1 = model.encode(xs + delta)
             sigma = sigma0[dev_idx] if sigma_at == "clean" else sigma1
-        return sequential_test(model, mu, sigma, center[dev_idx], r=r, m=m, alpha=alpha_test,
-                               schedule=schedule, seed=stats.derive_seed(seed, "margin-mc", step),
-                               stream_ids=point_ids[idx], backend=backend)
+        out = sequential_test(model, mu, sigma, center[dev_idx], r=r, m=m, alpha=alpha_test,
+                              schedule=schedule, seed=stats.derive_seed(seed, "margin-mc", step),
+                              stream_ids=point_ids[idx], backend=backend)
+        # hi only ever moves down, on a NOT_ROBUST decision: keep the delta of the smallest such radius
+        new = (out.decision == stats.NOT_ROBUST) & ~(w_radius[idx] <= radius)
+        sel = idx[new]
+        witness[sel.to(x.device)] = delta[new.to(x.device)]
+        w_radius[sel], w_k[sel], w_n[sel] = radius[new].double(), out.k[new], out.n[new]
+        return out
 
     if sigma_at not in ("clean", "perturbed"):
         raise ValueError(f"sigma_at must be 'clean' or 'perturbed', got {sigma_at!r}")
-    return bisect_margin(test, batch, m=m, max_radius=max_radius, tolerance=tolerance,
-                         rel_tolerance=rel_tolerance, stop_when_undecided=stop_when_undecided)
+    res = bisect_margin(test, batch, m=m, max_radius=max_radius, tolerance=tolerance,
+                        rel_tolerance=rel_tolerance, stop_when_undecided=stop_when_undecided)
+    has = torch.isfinite(w_radius)
+    res.witness_delta, res.witness_radius, res.witness_k, res.witness_n = witness, w_radius, w_k, w_n
+    res.witness_p_hi = torch.where(has, stats.cp_upper(w_k, w_n.clamp(min=1), alpha_look),
+                                   torch.full_like(w_radius, float("nan")))
+    return res
 
 
 # --- Theorem 1 ---------------------------------------------------------------------------------
@@ -278,9 +325,9 @@ def theorem1_bound(min_sigma: Tensor, p0: Tensor, jacobian_frobenius: Tensor, m:
     the paper's Theorem 1, and the general m follows from the same Neyman-Pearson half-space argument).
 
     p0 should be a lower confidence bound of p_r(x, 0) so the bound holds with that confidence.
-    Returns (B,) float64 bounds (NaN where vacuous) and a status per point: "ok", "vacuous_p0"
-    (p0 <= m: not r-robust even unperturbed), "vacuous_sigma" (min sigma = 0: deterministic encoder),
-    "unbounded" (zero Jacobian)."""
+    Returns (B,) float64 bounds (NaN where vacuous, +inf where unbounded) and a status per point: "ok",
+    "vacuous_p0" (p0 <= m: not r-robust even unperturbed), "vacuous_sigma" (min sigma = 0: deterministic
+    encoder), "unbounded" (zero Jacobian: no first-order change of mu, the bound is +inf)."""
     min_sigma = min_sigma.detach().cpu().double()
     jac = jacobian_frobenius.detach().cpu().double()
     p0 = p0.detach().cpu().double()
@@ -298,4 +345,5 @@ def theorem1_bound(min_sigma: Tensor, p0: Tensor, jacobian_frobenius: Tensor, m:
             status.append("ok")
     bound = torch.where(torch.tensor([s == "ok" for s in status], dtype=torch.bool), bound,
                         torch.full_like(bound, float("nan")))
+    bound[torch.tensor([s == "unbounded" for s in status], dtype=torch.bool)] = float("inf")
     return bound, status

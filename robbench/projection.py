@@ -235,3 +235,63 @@ def lbfgs_ascent(objective: Objective, x: Tensor, radius: Tensor, starts: list[T
                 best_val[b] = val
                 best[b] = cand[0]
     return best, best_val
+
+
+StochasticObjective = Callable[[Tensor, Tensor, int], Tensor]
+"""objective(rows, delta, step) -> (N,): a fresh Monte Carlo estimate of the value to maximise at each
+optimisation step (e.g. new eta draws), differentiable in delta; ``rows`` as for :data:`Objective`."""
+
+
+def stall_ascent(objective: StochasticObjective, evaluate: Objective, x: Tensor, radius: Tensor,
+                 starts: list[Tensor], *, steps: int, step_size: float, check_every: int = 4,
+                 stall_tol: float = 1e-3, min_step: float = 0.02,
+                 box: tuple[float, float] = (0.0, 1.0)) -> tuple[Tensor, Tensor]:
+    """Projected (stochastic) gradient ascent over C(x, radius) with per-row step halving and stall stop.
+
+    Steps follow ``objective`` (which may redraw its randomness at every step: the iterates then follow
+    the expected objective, not one fixed sample of it), normalised L2 steps of ``alpha * radius`` and the
+    exact projection; alpha starts at ``step_size``. Every ``check_every`` steps each active row is scored
+    with ``evaluate`` (a fixed function, e.g. common random numbers, so scores of iterates compare
+    fairly). A row whose score did not beat its best by more than ``stall_tol`` (relative) goes back to
+    its best iterate and halves alpha (as APGD does); it stops once alpha < ``min_step``. So a row gets
+    the steps it needs, at most ``steps``, and stopped rows cost no decoder passes. Every iterate
+    satisfies x + delta in ``box`` (the model's declared input range).
+    starts: list of R tensors (B, *shape). Returns the best scored iterate per point over all starts
+    and its score: (delta (B, *shape), (B,)).
+    """
+    B, R = x.shape[0], len(starts)
+    xr = x.repeat(R, *([1] * (x.dim() - 1)))
+    rr = radius.repeat(R)
+    rows = torch.arange(B, device=x.device).repeat(R)
+    view = (-1,) + (1,) * (x.dim() - 1)
+    delta = project_ball_box(torch.cat(starts, 0), xr, rr, box=box)
+    with torch.no_grad():
+        best_val = evaluate(rows, delta).detach()
+    best = delta.detach().clone()
+    alpha = torch.full((B * R,), float(step_size), dtype=x.dtype, device=x.device)
+    active = alpha >= min_step
+    for step in range(steps):
+        idx = active.nonzero().squeeze(1)
+        if idx.numel() == 0:
+            break
+        d = delta[idx].detach().requires_grad_(True)
+        with torch.enable_grad():
+            grad = _grad(objective(rows[idx], d, step).sum(), d)
+        g = torch.nan_to_num(grad)
+        g = g / flat_norm(g).clamp_min(1e-20).view(view)
+        move = (alpha[idx] * rr[idx]).view(view) * g
+        delta[idx] = project_ball_box(d.detach() + move, xr[idx], rr[idx], box=box)
+        if (step + 1) % check_every == 0 or step == steps - 1:
+            with torch.no_grad():
+                val = evaluate(rows[idx], delta[idx]).detach()
+            gain = val - best_val[idx] > stall_tol * best_val[idx].abs()
+            better = val > best_val[idx]
+            best_val[idx[better]] = val[better]
+            best[idx[better]] = delta[idx[better]]
+            stalled = idx[~gain]
+            delta[stalled] = best[stalled]
+            alpha[stalled] *= 0.5
+            active &= alpha >= min_step
+    vals = best_val.view(R, B)
+    pick = vals.argmax(0)
+    return best[pick * B + torch.arange(B, device=x.device)], vals.max(0).values

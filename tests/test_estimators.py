@@ -43,6 +43,24 @@ def x2() -> torch.Tensor:
     return torch.full((2, 1, 8, 8), 0.5)
 
 
+def test_margin_censored_at_the_cap_and_witness_retests(model):
+    """max_radius below the margin: censored (no value, open interval); above it: the stored witness
+    delta, tested again with fresh samples, is not r-robust."""
+    from robbench.margin import estimate_probability
+
+    exact = model.exact_margin(4.0)
+    capped = EST["margin"](ctx_for(model, "margin", OracleAttack(), max_radius=0.5 * exact, tolerance=0.01), x2())
+    for row in capped:
+        assert row["censored"] and row["margin"] is None and row["margin_hi"] is None
+        assert row["margin_lo"] == 0.5 * exact and row["witness_radius"] is None and "witness_delta" not in row
+    rows = EST["margin"](ctx_for(model, "margin", OracleAttack(), samples_max=2 ** 14), x2())
+    for i, row in enumerate(rows):
+        delta = torch.tensor(row["witness_delta"]).view(1, *model.input_shape)
+        assert row["witness_radius"] == row["margin_hi"] and row["witness_p_hi"] <= 0.5
+        est = estimate_probability(model, x2()[i:i + 1], delta, r=4.0, n_samples=20000, seed=99)
+        assert float(est.hi) <= 0.5 + 0.02  # near the margin p_r is close to m, and not above it
+
+
 def test_registered_names_and_flags():
     from robbench.plugins import get_registries
     regs = get_registries()

@@ -55,7 +55,8 @@ def test_renderers_agree():
     assert md.splitlines()[0].startswith("| model | attack | mean R | R 95% CI |")
     assert "| big | max_damage | 2.000 | [-0.484, 4.484] |" in md
     table = list(csv.DictReader(io.StringIO(render_csv(records))))
-    assert float(table[0]["margin_lo"]) == pytest.approx(records[0]["margin_lo"])
+    assert float(table[0]["margin_mean_ci_lo"]) == pytest.approx(records[0]["margin_mean_ci_lo"])
+    assert "margin_lo" not in table[0]  # the per-point bracket is not the interval of the mean
     assert json.loads(render_json(records))["rows"][1]["model"] == "small"
 
 
@@ -83,9 +84,52 @@ def test_columns_come_from_declarations_not_names():
 def test_bad_declarations_are_rejected():
     from robbench.protocols import MetricColumn
 
-    with pytest.raises(ValueError, match="unknown aggregation 'median'"):
-        MetricColumn("x", "x", "x", "median")
+    with pytest.raises(ValueError, match="unknown aggregation 'mode'"):
+        MetricColumn("x", "x", "x", "mode")
     with pytest.raises(ValueError, match="paired"):
         MetricColumn("x", "x", "x", "pearson")
     col = MetricColumn("r", "ρ", "bound", "pearson", paired=("margin", "margin"))
     assert MetricColumn.from_dict(col.to_dict()) == col
+    col = MetricColumn("m", "m", "margin", "mean", censored="censored", censored_value="margin_lo",
+                       infinite=("status", "unbounded"))
+    assert MetricColumn.from_dict(col.to_dict()) == col
+
+
+def test_censored_points_are_never_averaged_as_values():
+    """Two points robust at the cap 10: counted, the mean becomes a restricted mean shown as a lower
+    bound with an open interval, the median stays exact (fewer than half censored)."""
+    rows = [_row("m", "a", "margin", p, {"margin": v, "margin_lo": v - 0.1, "margin_hi": v + 0.1, "censored": False})
+            for p, v in enumerate([1.0, 2.0, 3.0])]
+    rows += [_row("m", "a", "margin", p, {"margin": None, "margin_lo": 10.0, "margin_hi": None, "censored": True})
+             for p in (3, 4)]
+    (rec,) = leaderboard_rows(rows)
+    assert rec["censored"] == 2 and rec["margin_mean_lower_bound"]
+    assert rec["margin_mean"] == pytest.approx((1 + 2 + 3 + 10 + 10) / 5)
+    assert math.isinf(rec["margin_mean_ci_hi"]) and rec["margin_median"] == 3.0
+    md = render_markdown([rec])
+    assert "≥ 5.200" in md and ", ∞)" in md
+    assert json.loads(render_json([rec]))["rows"][0]["margin_mean_ci_hi"] == "inf"
+    # more than half censored: no median
+    more = rows + [_row("m", "a", "margin", 5, {"margin": None, "margin_lo": 10.0, "censored": True})]
+    assert leaderboard_rows(more)[0]["margin_median"] is None
+
+
+def test_interval_of_the_mean_clusters_by_seed():
+    """With several trained networks the interval is over per-seed means (the network is the unit)."""
+    rows = [_row("m", "a", "margin", p, {"margin": base + 0.01 * p}, seed=seed)
+            for seed, base in enumerate([1.0, 2.0, 3.0]) for p in range(20)]
+    (rec,) = leaderboard_rows(rows)
+    means = [1.095, 2.095, 3.095]
+    assert rec["margin_mean_ci_unit"] == "seed"
+    _, lo, hi = mean_ci(means)
+    assert rec["margin_mean_ci_lo"] == pytest.approx(lo) and rec["margin_mean_ci_hi"] == pytest.approx(hi)
+    _, lo_points, _ = mean_ci([r.metrics["margin"] for r in rows])
+    assert rec["margin_mean_ci_lo"] < lo_points  # 60 "independent" points would claim far too much
+
+
+def test_zero_jacobian_bound_is_infinite():
+    rows = [_row("m", "", "bound", 0, {"bound": None, "bound_status": "unbounded", "bound_point": None}),
+            _row("m", "", "bound", 1, {"bound": 0.5, "bound_status": "ok", "bound_point": 0.6})]
+    (rec,) = leaderboard_rows(rows)
+    assert math.isinf(rec["bound_mean"]) and rec["vacuous"] == 0
+    assert "∞" in render_markdown([rec])

@@ -177,7 +177,7 @@ def test_report_builds_all_figures_and_fills_claims_from_data(runs: Path) -> Non
     assert html.count("data:image/png;base64,") == len(pngs)  # self-contained
     # the claims table holds the numbers computed from the rows
     mean_r_01 = sum(_margin(0.1, s, p) for s in SEEDS for p in POINTS) / (len(SEEDS) * len(POINTS))
-    assert f"beta=0.1: {mean_r_01:.3g} [" in text and "claimed increasing: strictly increasing" in text
+    assert f"beta=0.1: {mean_r_01:.3g} [" in text and "trend test over 6 trained networks" in text
     for statement, verdict in (("R grows with β", "supported"), ("grows with the σ offset τ", "not supported")):
         line = next(ln for ln in text.splitlines() if statement in ln)
         assert f"| {verdict} |" in line
@@ -205,6 +205,37 @@ def test_claim_verdicts_and_numbers(runs: Path) -> None:
     # likelihood claim reads only the largest attack radius (2.0): 16 points per beta, not 32
     assert [row["n"] for row in result["loglik_beta"].table] == [16, 16, 16]
     assert result["loglik_beta"].table[0]["mean"] == pytest.approx(-100 - 60 / 0.1 ** 0.5 - 0.35)
+
+
+def _net_rows(label: str, level_means: dict[int, float], points: int = 25) -> list[ResultRow]:
+    return [ResultRow(f"{label}-{seed}", p, label, seed, "max_damage", "margin", "ok",
+                      {"margin": mean + 0.001 * p}, None, 0.1)
+            for seed, mean in level_means.items() for p in range(points)]
+
+
+def test_trend_claim_takes_the_network_as_the_unit() -> None:
+    """Means that rise with beta across 2 x 25 points per configuration but wobble from seed to seed:
+    over 150 'independent' points the trend looks certain; over 6 networks it is not significant."""
+    rows = (_net_rows("beta_vae(beta=0.1)", {0: 1.0, 1: 1.5}) + _net_rows("beta_vae(beta=1.0)", {0: 1.1, 1: 1.6})
+            + _net_rows("beta_vae(beta=10.0)", {0: 1.2, 1: 1.7}))
+    claim = next(c for c in claims_mod.check_claims(rows) if c.key == "R_beta")
+    assert claim.verdict == "partly supported", claim.evidence
+    assert "over 6 trained networks" in claim.evidence
+    assert all(row["networks"] == 2 and row["ci_unit"] == "seed" for row in claim.table)
+    from scipy import stats as sps
+    xs = [b for b in (0.1, 1.0, 10.0) for _ in range(50)]
+    ys = [r.metrics["margin"] for r in rows]
+    assert sps.spearmanr(xs, ys).pvalue < 0.05  # what counting points as independent would have said
+
+
+def test_identical_configurations_count_once_in_pooled_statistics() -> None:
+    rows = []
+    for label in ("beta_vae(beta=1.0)", "sigma_offset_vae(tau=0.0)"):  # the same networks, same numbers
+        for p in range(6):
+            rows.append(ResultRow(f"m-{label}", p, label, 0, "max_damage", "margin", "ok", {"margin": 1.0 + p}, None, 0))
+            rows.append(ResultRow(f"b-{label}", p, label, 0, "", "bound", "ok", {"bound": 0.5 + 0.3 * p}, None, 0))
+    claim = next(c for c in claims_mod.check_claims(rows) if c.key == "bound")
+    assert "n=6" in claim.evidence and [t["config"] for t in claim.table] == ["beta_vae(beta=1.0)"]
 
 
 def test_claims_not_tested_and_figures_skipped_without_data(tmp_path: Path) -> None:

@@ -172,3 +172,24 @@ def test_numpy_metrics_are_stored_not_fatal(tmp_path):
     store.write([ResultRow("j", 0, "m", 0, "", "e", "ok",
                            {"flag": np.bool_(True), "x": np.float32(0.5), "v": np.arange(2)}, None, 0.1)])
     assert store.rows()[0].metrics == {"flag": True, "x": 0.5, "v": [0, 1]}
+
+
+def test_margin_portfolio_takes_the_per_point_worst_attack(plugin, fresh_plugins, tmp_path):
+    """--attacks max_damage,noise with margin.portfolio=true: one job per model whose per-point margin is
+    the smaller of the two single-attack margins (same Monte Carlo streams), naming the attack that set it."""
+    regs = fresh_plugins.get_registries()
+    params = {"rel_tolerance": 0.05, "samples_max": 1024, "keep_witness": False}
+    common = {"attacks": ["max_damage", "noise"], "estimators": ["margin"], "points": 4, "point_batch": 4}
+    single = _run(_config(regs, **common, estimator_params={"margin": params}), regs, tmp_path / "single").rows()
+    both = _run(_config(regs, **common, estimator_params={"margin": {**params, "portfolio": True}}), regs,
+                tmp_path / "portfolio").rows()
+    assert {r.attack for r in both} == {"portfolio(max_damage+noise)"} and len(both) == 4
+    by_attack = {(r.attack, r.point_id): r.metrics for r in single}
+    setters = []
+    for row in both:
+        md, noise = by_attack[("max_damage", row.point_id)], by_attack[("noise", row.point_id)]
+        assert row.metrics["margin"] == min(md["margin"], noise["margin"])
+        setters.append(row.metrics["margin_attack"])
+        chosen = md if row.metrics["margin_attack"] == "max_damage" else noise
+        assert row.metrics["margin_hi"] == chosen["margin_hi"]
+    assert "max_damage" in setters  # the noise direction is far from the worst one

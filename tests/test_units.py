@@ -106,3 +106,23 @@ def test_a_data_set_outside_its_declared_range_is_refused_and_a_declared_one_is_
         assert cli.main(args + ["--dataset", "signed_declared", "--out", str(tmp_path / "b")]) == 0
     finally:
         unregister_plugin(plugin)
+
+
+def test_margin_tolerances_under_rms_units_absolute_floor_scales_relative_one_does_not():
+    """issue 13's margin has an absolute floor ``tolerance`` (an input-space L2 size: scaled by rms) and a
+    unitless ``rel_tolerance`` (a fraction of R: left as given)."""
+    from robbench.plugins import get_registries
+
+    margin = get_registries().estimators.get("margin")
+    assert "tolerance" in margin.input_sizes and "max_radius" in margin.input_sizes
+    assert "rel_tolerance" not in margin.input_sizes and "rel_tolerance" not in margin.pixel_sizes
+
+    class Model:
+        input_shape = (3, 8, 8)
+        input_range = (-1.0, 1.0)
+
+    scale = math.sqrt(192) * 2
+    out, _ = absolute_settings(margin, {"max_radius": 0.5, "tolerance": 0.001, "rel_tolerance": 0.01},
+                               RunSettings(r=0.1, units="rms"), Model())
+    assert out["tolerance"] == pytest.approx(0.001 * scale) and out["max_radius"] == pytest.approx(0.5 * scale)
+    assert out["rel_tolerance"] == 0.01

@@ -7,16 +7,22 @@ differences. A claim whose data the run lacks is reported as ``not tested in thi
 what would test it.
 
 Verdicts:
-- trends (R, sigma, ||J_mu||_F, likelihood vs beta or tau): *supported* when the configuration means are
-  strictly ordered in the claimed direction and the Spearman correlation over all points agrees at
-  p < 0.05; *partly supported* when the means lean the claimed way (Spearman of means > 0) but not both;
-  otherwise *not supported*.
+- trends (R, sigma, ||J_mu||_F, likelihood vs beta or tau): points are nested in trained networks
+  (seeds), so the unit of the trend test is the network: *supported* when the Spearman correlation
+  between the parameter and the per-network mean agrees with the claimed direction at p < 0.05 (with a
+  single network per configuration the points are the units, and the evidence says so: it then speaks
+  for those networks only); *partly supported* when the configuration means lean the claimed way
+  (Spearman of the means in the claimed direction) without a significant trend; otherwise *not
+  supported*. Per-configuration intervals are over per-seed means (see
+  :func:`robbench.leaderboard.clustered_mean_ci`). Censored margins (R >= cap) enter at the cap: rank
+  tests treat them as the largest values, which they are.
 - mu- vs sigma-attacks: *supported* when, for every model, the paired mean damage difference
   (route mu minus route sigma, same points) has a 95% interval above 0; *partly supported* when the
   mean of mu exceeds sigma for most models; otherwise *not supported*.
 - bound vs margin: *supported* when the pooled Pearson rho >= 0.5 with p < 0.05 and the median rho
   within one configuration is >= 0.5 too; *partly supported* when the pooled rho > 0 with p < 0.05;
-  otherwise *not supported*.
+  otherwise *not supported*. Identical configurations reached by two families (the sigma-offset VAE with
+  tau = 0 is the beta = 1 VAE: same networks, same numbers) are counted once in the pooled statistics.
 """
 from __future__ import annotations
 
@@ -28,7 +34,7 @@ from typing import Any, Iterable
 
 from scipy import stats as scipy_stats
 
-from robbench.leaderboard import mean_ci
+from robbench.leaderboard import clustered_mean_ci, mean_ci
 from robbench.store import ResultRow
 
 SUPPORTED = "supported"
@@ -100,6 +106,13 @@ def _number(value: Any) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
+def _value(row: ResultRow, metric: str) -> float | None:
+    """The metric's number; a censored margin (R >= cap, stored as None) counts as its cap."""
+    if metric == "margin" and row.metrics.get("censored"):
+        return _number(row.metrics.get("margin_lo"))
+    return _number(row.metrics.get(metric))
+
+
 def preferred_attack(labels: Iterable[str]) -> str | None:
     """The attack whose margins stand for a model: plain max_damage, else route both, else the first."""
     labels = sorted(set(labels))
@@ -116,7 +129,7 @@ def point_values(rows: list[ResultRow], metric: str, estimators: tuple[str, ...]
     model's :func:`preferred_attack`; otherwise that attack label exactly."""
     by_model: dict[str, list[ResultRow]] = defaultdict(list)
     for row in rows:
-        if row.status == "ok" and row.estimator in estimators and _number(row.metrics.get(metric)) is not None:
+        if row.status == "ok" and row.estimator in estimators and _value(row, metric) is not None:
             by_model[row.model].append(row)
     out: dict[str, dict[PointKey, float]] = {}
     for model, model_rows in by_model.items():
@@ -126,7 +139,7 @@ def point_values(rows: list[ResultRow], metric: str, estimators: tuple[str, ...]
                 continue
             labels = {r.attack for r in chosen}
             want = attack if attack is not None else ("" if "" in labels else preferred_attack(labels))
-            values = {(r.model_seed, r.point_id): float(r.metrics[metric]) for r in chosen if r.attack == want}
+            values = {(r.model_seed, r.point_id): _value(r, metric) for r in chosen if r.attack == want}
             if values:
                 out[model] = values
                 break
@@ -157,32 +170,43 @@ def _pvalue_text(p: float) -> str:
 def trend_claim(rows: list[ResultRow], *, key: str, statement: str, family: str, param: str,
                 metric: str, estimators: tuple[str, ...], direction: int, symbol: str,
                 how_to_test: str) -> Claim:
-    """Does ``metric`` grow (direction +1) or shrink (-1) with the ``family``'s parameter ``param``?"""
+    """Does ``metric`` grow (direction +1) or shrink (-1) with the ``family``'s parameter ``param``?
+    Tested with the network (training seed) as the unit when there are several per configuration."""
     values = point_values(rows, metric, estimators)
     info = model_info(rows)
-    configs: dict[float, list[float]] = defaultdict(list)
+    configs: dict[float, dict[tuple[str, int, int], float]] = defaultdict(dict)
     for model, points in values.items():
         name, params = info.get(model) or parse_label(model)
         if name == family and isinstance(params.get(param), float):
-            configs[params[param]].extend(points.values())
+            configs[params[param]].update({(model, s, p): v for (s, p), v in points.items()})
     if len(configs) < 2:
         return Claim(key, statement, NOT_TESTED,
                      f"needs {metric} for at least two {family} configurations ({how_to_test}); "
                      f"this run has {len(configs)}.")
     levels = sorted(configs)
-    table = []
+    table, networks = [], []
     for level in levels:
-        mean, lo, hi = mean_ci(configs[level])
+        by_net: dict[tuple[str, int], list[float]] = defaultdict(list)
+        for (model, seed, _), v in configs[level].items():
+            by_net[(model, seed)].append(v)
+        mean, lo, hi, unit = clustered_mean_ci({(hash(k[:2]), k[2]): v for k, v in configs[level].items()})
+        networks += [(level, sum(v) / len(v)) for v in by_net.values()]
         table.append({"config": f"{family}({param}={level:g})", param: level, "n": len(configs[level]),
-                      "mean": mean, "lo": lo, "hi": hi})
+                      "networks": len(by_net), "mean": mean, "lo": lo, "hi": hi, "ci_unit": unit})
     means = [t["mean"] for t in table]
     rho_means, _ = _spearman(levels, means)
-    xs = [level for level in levels for _ in configs[level]]
-    ys = [v for level in levels for v in configs[level]]
-    rho_points, p_points = _spearman(xs, ys)
-    ordered = all(direction * (b - a) > 0 for a, b in zip(means, means[1:]))
-    significant = math.isfinite(rho_points) and direction * rho_points > 0 and p_points < 0.05
-    if ordered and significant:
+    by_network = len(networks) > len(levels)  # some configuration has several trained networks
+    if by_network:
+        rho, p_value = _spearman([n[0] for n in networks], [n[1] for n in networks])
+        unit_text = f"over {len(networks)} trained networks (per-seed means)"
+    else:
+        xs = [level for level in levels for _ in configs[level]]
+        ys = [v for level in levels for v in configs[level].values()]
+        rho, p_value = _spearman(xs, ys)
+        unit_text = (f"over {len(ys)} points of one network per configuration (speaks for these networks "
+                     "only; train several seeds to test the configurations)")
+    significant = math.isfinite(rho) and direction * rho > 0 and p_value < 0.05
+    if significant:
         verdict = SUPPORTED
     elif math.isfinite(rho_means) and direction * rho_means > 0:
         verdict = PARTLY
@@ -190,9 +214,9 @@ def trend_claim(rows: list[ResultRow], *, key: str, statement: str, family: str,
         verdict = NOT_SUPPORTED
     chain = ", ".join(f"{param}={t[param]:g}: {_ci_text(t['mean'], t['lo'], t['hi'])}" for t in table)
     claimed = "increasing" if direction > 0 else "decreasing"
-    evidence = (f"mean {symbol} (95% CI) by {param}: {chain}; claimed {claimed}: "
-                f"{'strictly ' + claimed if ordered else 'not strictly ' + claimed}, Spearman of means "
-                f"{_fmt(rho_means)}, over {len(ys)} points Spearman {_fmt(rho_points)} ({_pvalue_text(p_points)}).")
+    evidence = (f"mean {symbol} (95% CI{', over seeds' if by_network else ''}) by {param}: {chain}; claimed "
+                f"{claimed}: Spearman of means {_fmt(rho_means)}, trend test {unit_text}: Spearman "
+                f"{_fmt(rho)} ({_pvalue_text(p_value)}).")
     return Claim(key, statement, verdict, evidence, table)
 
 
@@ -282,6 +306,7 @@ def bound_pairs(rows: list[ResultRow]) -> tuple[dict[str, list[tuple[float, floa
 def bound_claim(rows: list[ResultRow]) -> Claim:
     statement = "The Theorem 1 bound correlates strongly with the empirical margin R."
     pairs, vacuous = bound_pairs(rows)
+    pairs = distinct_configurations(pairs)
     pooled = [p for model in pairs for p in pairs[model]]
     if len(pooled) < 3:
         return Claim("bound", statement, NOT_TESTED,
@@ -311,6 +336,21 @@ def bound_claim(rows: list[ResultRow]) -> Claim:
                 f"configuration {_fmt(median)}: {per_model}; "
                 f"bound ≤ R at {below}/{len(pooled)} points; {vacuous} vacuous bounds left out.")
     return Claim("bound", statement, verdict, evidence, table)
+
+
+def distinct_configurations(per_model: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """Keep one of several model labels with identical per-point data: one configuration reached by two
+    families (sigma_offset_vae(tau=0.0) is beta_vae(beta=1.0), trained and evaluated identically) must
+    count once in pooled statistics. The first label in sort order is kept."""
+    out: dict[str, list[Any]] = {}
+    seen: list[list[Any]] = []
+    for model in sorted(per_model, key=label_sort_key):
+        data = sorted(per_model[model])
+        if data in seen:
+            continue
+        seen.append(data)
+        out[model] = per_model[model]
+    return out
 
 
 def _pearson(x: list[float], y: list[float]) -> tuple[float, float]:

@@ -62,30 +62,36 @@ def as_image(array: np.ndarray) -> np.ndarray:
 # --- Fig. 1 / 8: originals, attacked inputs, reconstructions -----------------------------------
 @dataclass
 class ReconExample:
-    """One attacked point: the clean input x, the attacked input x + delta, and its reconstruction
-    (any shape :func:`as_image` accepts); ``note`` is printed under the triple (e.g. ||delta|| and R)."""
+    """One attacked point: the clean input x, the attacked input x + delta, its reconstruction and (when
+    stored) the clean reconstruction g(mu(x)) (any shape :func:`as_image` accepts); ``note`` is printed
+    under the attacked input (e.g. ||delta|| and R)."""
 
     x: np.ndarray
     x_adv: np.ndarray
     recon_adv: np.ndarray
     note: str = ""
+    recon: np.ndarray | None = None
 
 
 def reconstructions(examples: dict[str, list[ReconExample]], path: Path) -> Path:
-    """Paper Fig. 1/8. One row per model; per point a triple (original, attacked input, reconstruction
-    of the attacked input) left to right, as in the paper's Fig. 1, with the note under the triple."""
+    """Paper Fig. 1/8. One row per model; per point (original, its clean reconstruction when stored,
+    attacked input, reconstruction of the attacked input) left to right, so the attack's effect is seen
+    against what the model does without it; the note goes under the attacked input."""
     models = list(examples)
     points = max(len(v) for v in examples.values())
-    fig = plt.figure(figsize=(3.3 * points + 1.2, 1.45 * len(models) + 0.6))
+    clean = all(ex.recon is not None for v in examples.values() for ex in v)
+    panels = 4 if clean else 3
+    fig = plt.figure(figsize=((1.1 * panels) * points + 1.2, 1.45 * len(models) + 0.6))
     outer = fig.add_gridspec(len(models), points, wspace=0.12, hspace=0.45)
-    titles = ("original", "attacked", "recon.")
+    titles = ("original", "recon.", "attacked", "recon. att.") if clean else ("original", "attacked", "recon.")
     for i, model in enumerate(models):
         for j in range(points):
             if j >= len(examples[model]):
                 continue
             ex = examples[model][j]
-            inner = outer[i, j].subgridspec(1, 3, wspace=0.04)
-            for k, array in enumerate((ex.x, ex.x_adv, ex.recon_adv)):
+            inner = outer[i, j].subgridspec(1, panels, wspace=0.04)
+            arrays = (ex.x, ex.recon, ex.x_adv, ex.recon_adv) if clean else (ex.x, ex.x_adv, ex.recon_adv)
+            for k, array in enumerate(arrays):
                 ax = fig.add_subplot(inner[0, k])
                 img = as_image(array)
                 ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0.0, vmax=1.0)
@@ -95,9 +101,10 @@ def reconstructions(examples: dict[str, list[ReconExample]], path: Path) -> Path
                     ax.set_title(titles[k], fontsize=7)
                 if k == 0 and j == 0:
                     ax.set_ylabel(_short(model), fontsize=8)
-                if k == 1 and ex.note:
+                if k == panels - 2 and ex.note:
                     ax.set_xlabel(ex.note.replace("\n", "  "), fontsize=7)
-    fig.suptitle("Originals, maximum-damage attacked inputs, and reconstructions of the attacked inputs", y=0.95)
+    fig.suptitle("Originals, " + ("their reconstructions, " if clean else "") + "attacked inputs "
+                 "and the reconstructions of the attacked inputs", y=0.95)
     return _save(fig, path)
 
 

@@ -143,10 +143,14 @@ def recon_examples(data: RunData) -> dict[str, list[figures.ReconExample]]:
                 if isinstance(margins.get(point), (int, float)):
                     note += f"\nR={margins[point]:.2f}"
                 recon_adv = arrays["recon_adv"].float()
+                recon = arrays["recon"].float() if "recon" in arrays else None
                 if "input_range" in arrays:  # images of a model with a declared range: shown mapped onto [0, 1]
                     box = tuple(float(v) for v in arrays["input_range"])
                     x, x_adv, recon_adv = (to_range(t, box, (0.0, 1.0)) for t in (x, x_adv, recon_adv))
-                examples.append(figures.ReconExample(x.numpy(), x_adv.numpy(), recon_adv.numpy(), note))
+                    if recon is not None:
+                        recon = to_range(recon, box, (0.0, 1.0))
+                examples.append(figures.ReconExample(x.numpy(), x_adv.numpy(), recon_adv.numpy(), note,
+                                                     recon.numpy() if recon is not None else None))
             if examples:
                 out[model] = examples
                 break
@@ -390,8 +394,9 @@ def _draw_sandwich(data: RunData, path: Path) -> tuple[Path, str] | None:
 
 FIGURES = [
     FigureSpec("fig1_8_reconstructions", "Fig. 1 / 8 — attacked inputs and their reconstructions",
-               "Each model block shows the original input, the input perturbed by a maximum-damage attack, and "
-               "the reconstruction of the perturbed input; more robust models reconstruct closer to the original.",
+               "Per point: the original input, its reconstruction g(μ(x)), the attacked input x + δ and the "
+               "reconstruction of the attacked input. For margin jobs δ is the witness behind R_hi: the smallest-"
+               "radius perturbation whose test found p_r ≤ m (‖δ‖ and R under it).",
                "estimator margin storing its arrays x, x_adv, recon_adv (config key keep_arrays > 0)", _draw_recon),
     FigureSpec("fig4_damage_by_route", "Fig. 4 — damage of attacks on μ, σ or both",
                "Distribution over points of the adversarial damage (L2 distance between the reconstruction of "

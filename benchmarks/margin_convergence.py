@@ -1,0 +1,199 @@
+"""Does the margin attack converge? R with the default attack versus R with 10x its budget, and the cost
+of the default attack versus the earlier one, on the main command's models (or any run config).
+
+    python benchmarks/margin_convergence.py                       # the three beta-VAEs of the quick start
+    python benchmarks/margin_convergence.py --points 10 --json out.json
+    python benchmarks/margin_convergence.py --models sigma_offset_vae --param sigma_offset_vae.tau=[0,1]
+
+Variants (each the margin estimator's defaults unless said otherwise; same points, same seeds, so the
+Monte Carlo streams are common and differences come from the attack):
+  default     the default max_damage attack (mean-decoder pre-solve, eta redrawn per step, stall stop)
+  steps_x10   10x pre-solve and refinement steps, 10x smaller stall tolerance and final step
+  eta_x10     10x eta draws per step and for scoring
+  old         the earlier attack and bisection: eta fixed for the whole call (8 draws), 40 steps cold and
+              10 warm, absolute tolerance 0.05 (kept for the cost ratio; its R is biased upwards)
+Reported per model: mean R, the change of mean R and the mean |change| of R per point relative to
+``default`` (the convergence criterion: <= 1% when the budget is multiplied by 10), attack and Monte
+Carlo seconds, decoder samples per point. Models come from the model cache (trained when missing).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from robbench import stats
+from robbench.cli import _add_run_arguments, config_from_args
+from robbench.config import model_configs
+from robbench.margin import estimate_margin
+from robbench.paths import cache_dir
+from robbench.plugins import get_registries
+from robbench.protocols import call_attack
+from robbench.runner import load_data, select_points
+
+OLD_MARGIN = {"tolerance": 0.05, "rel_tolerance": None, "warm_steps": 10}
+OLD_ATTACK = {"eta_redraw": False, "step_size": 0.5, "steps": 40}
+
+
+def variants(attack_defaults: dict[str, Any]) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
+    """name -> (attack params, margin overrides)."""
+    d = attack_defaults
+    return {
+        "default": ({}, {}),
+        "steps_x10": ({"presolve_steps": 10 * d["presolve_steps"], "steps": 10 * d["steps"],
+                       "stall_tol": d["stall_tol"] / 10, "min_step": d["min_step"] / 10}, {}),
+        "eta_x10": ({"eta_samples": 10 * d["eta_samples"], "eval_samples": 10 * d["eval_samples"]}, {}),
+        "old": (OLD_ATTACK, OLD_MARGIN),
+    }
+
+
+class Counting(torch.nn.Module):
+    """The model, counting the rows that go through encode() and decode() (a load-independent cost)."""
+
+    def __init__(self, model: Any):
+        super().__init__()
+        self.model = model
+        self.input_shape, self.latent_dim = model.input_shape, model.latent_dim
+        self.decoder = getattr(model, "decoder", None)  # the engine's compiled path reads the plan
+        self.rows = {"encode": 0, "decode": 0}
+
+    def encode(self, x):
+        self.rows["encode"] += x.shape[0]
+        return self.model.encode(x)
+
+    def decode(self, z):
+        self.rows["decode"] += z.shape[0]
+        return self.model.decode(z)
+
+    def log_likelihood(self, x, recon):
+        return self.model.log_likelihood(x, recon)
+
+
+@dataclass
+class Timed:
+    """Wraps an attack and adds up the wall and CPU seconds spent in it, and the encoder/decoder rows."""
+
+    attack: Any
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0
+    rows: int = 0
+
+    def __post_init__(self) -> None:
+        self.name, self.description, self.defaults = self.attack.name, self.attack.description, self.attack.defaults
+
+    def __call__(self, model, x, radius, *, params, generator, init=None, point_ids=None):
+        start, cpu = time.perf_counter(), time.process_time()
+        before = sum(model.rows.values()) if isinstance(model, Counting) else 0
+        try:
+            return call_attack(self.attack, model, x, radius, params=params, generator=generator, init=init,
+                               point_ids=point_ids)
+        finally:
+            self.seconds += time.perf_counter() - start
+            self.cpu_seconds += time.process_time() - cpu
+            if isinstance(model, Counting):
+                self.rows += sum(model.rows.values()) - before
+
+
+def measure(model, x, ids, attack, attack_params, margin_params, run) -> dict[str, Any]:
+    timed = Timed(attack)
+    model = Counting(model)
+    p = margin_params
+    warm = {} if p.get("warm_steps") is None else {"steps": int(p["warm_steps"])}
+    warm["restarts"] = int(p["warm_restarts"])
+    start = time.perf_counter()
+    res = estimate_margin(model, x, timed, attack_params, r=run["r"], m=run["m"], confidence=run["confidence"],
+                          max_radius=p["max_radius"], tolerance=p["tolerance"], rel_tolerance=p["rel_tolerance"],
+                          samples_initial=p["samples_initial"], samples_max=p["samples_max"],
+                          samples_growth=p["samples_growth"], seed=stats.derive_seed(run["seed"], "margin"),
+                          point_ids=ids, backend=run["backend"], warm_attack_params=warm,
+                          stop_when_undecided=p["stop_when_undecided"])
+    total = time.perf_counter() - start
+    margin = torch.where(res.at_cap, torch.full_like(res.margin, float("nan")), res.margin)
+    return {"margin": margin.tolist(), "attack_s": timed.seconds, "attack_cpu_s": timed.cpu_seconds,
+            "attack_rows": timed.rows, "mc_s": total - timed.seconds,
+            "samples_per_point": float(res.samples.double().mean()), "censored": int(res.at_cap.sum())}
+
+
+def compare(base: list[float], other: list[float]) -> dict[str, float]:
+    pairs = [(b, o) for b, o in zip(base, other) if b == b and o == o and b > 0]
+    mean_b = sum(b for b, _ in pairs) / len(pairs)
+    mean_o = sum(o for _, o in pairs) / len(pairs)
+    return {"mean_change": mean_o / mean_b - 1.0,
+            "mean_abs_change": sum(abs(o / b - 1.0) for b, o in pairs) / len(pairs)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    _add_run_arguments(parser)
+    parser.add_argument("--variants", default="default,steps_x10,eta_x10,old")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the variants this many times, interleaved, and keep each one's fastest run "
+                             "(timings on a shared machine swing with its load; margins do not change)")
+    parser.add_argument("--attack-base", default="{}", help="JSON overrides of the attack's defaults that every "
+                        "variant starts from, e.g. '{\"refine_step_size\": 0.2}' (to tune the defaults)")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+    cfg = config_from_args(args)
+    regs = get_registries()
+    from robbench.training import TrainConfig, train_or_load
+
+    data = load_data(cfg, regs)
+    ids = select_points(data, cfg.points, cfg.seed)
+    x = data.test_x[ids]
+    margin_defaults = dict(regs.estimators.get("margin").defaults)
+    attack = regs.attacks.get("max_damage")
+    base = {**attack.defaults, **json.loads(args.attack_base)}
+    run = {"r": cfg.r, "m": cfg.m, "confidence": cfg.confidence, "backend": cfg.backend, "seed": cfg.seed}
+    chosen = variants(base)
+    names = args.variants.split(",")
+    out = {"threads": torch.get_num_threads(), "torch": torch.__version__, "points": cfg.points, "models": []}
+    for mc in model_configs(cfg, regs):
+        family = regs.models.get(mc.family)
+        t = cfg.train
+        trained = train_or_load(family, mc.params, data,
+                                TrainConfig(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, seed=mc.seed,
+                                            patience=t.patience),
+                                cache_dir=cache_dir() / "models", device=torch.device("cpu"), progress=False,
+                                dataset_name=cfg.dataset)
+        model = trained.model.eval()
+        rec: dict[str, Any] = {"model": mc.label, "seed": mc.seed}
+        for _ in range(max(args.repeat, 1)):
+            for name in names:  # interleaved, so a change of load hits every variant alike
+                attack_params, overrides = chosen[name]
+                res = measure(model, x, ids, attack, {**base, **attack_params},
+                              {**margin_defaults, **overrides}, run)
+                if name in rec:
+                    for key in ("attack_s", "attack_cpu_s", "mc_s"):
+                        res[key] = min(res[key], rec[name][key])
+                rec[name] = res
+        for name in names:
+            if name != "default" and "default" in rec:
+                rec[name].update(compare(rec["default"]["margin"], rec[name]["margin"]))
+        out["models"].append(rec)
+        print(f"{mc.label} seed {mc.seed}")
+        for name in names:
+            v = rec[name]
+            finite = [m for m in v["margin"] if m == m]
+            line = (f"  {name:10s} mean R {sum(finite) / max(len(finite), 1):.4f}  attack {v['attack_s']:6.2f} s"
+                    f" (cpu {v['attack_cpu_s']:6.2f} s, {v['attack_rows'] / 1e6:6.2f} M enc/dec rows)"
+                    f"  MC {v['mc_s']:6.2f} s  samples/point {v['samples_per_point']:8.0f}")
+            if "mean_change" in v:
+                line += f"  vs default: mean R {100 * v['mean_change']:+.2f}%  mean |dR| {100 * v['mean_abs_change']:.2f}%"
+            print(line, flush=True)
+        if "old" in rec and "default" in rec:
+            d, o = rec["default"], rec["old"]
+            print(f"  attack cost default / old: wall {d['attack_s'] / o['attack_s']:.2f}x, "
+                  f"cpu {d['attack_cpu_s'] / o['attack_cpu_s']:.2f}x, enc/dec rows {d['attack_rows'] / o['attack_rows']:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
