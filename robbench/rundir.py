@@ -47,7 +47,11 @@ def clean_temporaries(path: Path) -> list[Path]:
 
 @contextmanager
 def claimed(path: str | Path) -> Iterator[Path]:
-    """Prepare ``path``, hold its lock for the duration, and clean stale temporaries first."""
+    """Prepare ``path``, hold its lock for the duration, and clean stale temporaries first.
+
+    A directory this call created and nothing was written to (a run refused before any work) is removed
+    again, so a run that cannot start leaves nothing behind."""
+    created = not Path(path).exists()
     path = prepare(path)
     lock = FileLock(path / LOCK_NAME)
     try:
@@ -61,4 +65,9 @@ def claimed(path: str | Path) -> Iterator[Path]:
         clean_temporaries(path)
         yield path
     finally:
-        lock.release()
+        lock.release()  # also unlinks the lock file
+        if created:
+            try:
+                path.rmdir()  # only succeeds while the directory is empty
+            except OSError:
+                pass
