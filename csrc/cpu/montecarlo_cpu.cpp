@@ -10,8 +10,9 @@
 //   `precision` 1 (bf16): the remaining samples' last layer is one bf16 GEMM (fp32 accumulation,
 //     oneDNN/AVX512-BF16) with a rigorous element-wise bound on the difference to the fp32 reference;
 //     samples the bound cannot decide are recomputed with the reference's fp32 last layer.
-//   precision 0 (fp32) without screen: the reference's pipeline unchanged. Every mode gives exactly
-//   the reference's decisions.
+//   precision 0 (fp32) without screen: the reference's layers (same ATen calls), then a fused distance
+//   pass with a rigorous summation band (fp32_final_count). Every mode gives exactly the reference's
+//   decisions.
 //   stats = [samples rechecked in fp32, samples through the bf16 last layer, samples screened].
 // mlp_sq_distances: the fp32 squared distances (B, n) of the same samples.
 // count_le: the generic path's fused epilogue (distance, threshold, count) for any decoder output.
@@ -341,11 +342,6 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
   for (const Block& blk : make_blocks(B, n, chunk_rows, kMinGemmRows)) {
     const int64_t ns = blk.s1 - blk.s0, m = (blk.p1 - blk.p0) * ns;
     at::Tensor z = latents(mu, sigma, ka.data_ptr<int64_t>(), kb.data_ptr<int64_t>(), blk, offset, kMinGemmRows);
-    if (!any_bound) {
-      at::Tensor d2 = block_sq_fp32(z, center, blk, w.wts, w.bs, w.acts);
-      counts.slice(0, blk.p0, blk.p1).add_((d2 <= r2.slice(0, blk.p0, blk.p1).unsqueeze(1)).sum(1));
-      continue;
-    }
     at::Tensor h = hidden_fp32(z, w);  // bit-identical to the reference's last-layer input
     if (!screen && !use_bf16) {
       std::vector<int64_t> all(m);
