@@ -8,7 +8,7 @@ GFLOP counts 2 * (multiply-adds of the decoder's linear layers) per sample ("eff
 decode would do); "executed" leaves out the last layers the Lipschitz screen skipped. The peak is this
 machine's measured large-GEMM throughput (2048^3 ``torch.mm``, same thread count) in the precision of the
 backend's last layer (hidden layers are always fp32); "% peak" is the executed rate over it.
-``--margin``: the end-to-end margin benchmark (:mod:`robbench.margin_bench`) and the standard workload at
+``--margin``: the end-to-end margin benchmark (:mod:`robbench.paper.margin_bench`) and the standard workload at
 the median radius, backends interleaved, repeated. Rechecked: fraction of the bf16 last-layer samples recomputed in fp32; screened: fraction of
 all samples decided with no last-layer work.
 """
@@ -353,7 +353,7 @@ def run(args: argparse.Namespace) -> int:
     console = terminal.console()
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    if getattr(args, "margin", False):
+    if args.margin:
         return run_margin(args, console)
     model, name = (load_model(args.model), args.model) if args.model else (StandardDecoderVAE(), "standard-mlp")
     backends = _chosen_backends(args.backend)
@@ -393,7 +393,7 @@ def run(args: argparse.Namespace) -> int:
 def run_margin(args: argparse.Namespace, console) -> int:
     """``bench --margin``: the end-to-end margin benchmark, then the standard workload at the median radius.
     Peaks are measured before and after (best kept); every row is checked for identical decisions."""
-    from robbench import margin_bench
+    from robbench.paper import margin_bench
 
     backends = [b.name for b in _chosen_backends(args.backend)]
     repeats = args.repeats if args.repeats > 1 else 3

@@ -9,7 +9,8 @@ import pytest
 import torch
 import yaml
 
-from robbench import bench, hookimpl, margin_bench, montecarlo
+from robbench import bench, hookimpl, montecarlo
+from robbench.paper import margin_bench
 from robbench.backends import CountResult, TorchBackend
 from robbench.cli import main
 from robbench.plugins import get_registries
