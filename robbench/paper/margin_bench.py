@@ -153,9 +153,11 @@ def run_margin_once(job: JobSpec, model: nn.Module, x: torch.Tensor, point_ids: 
 
 
 def margin_rows(cfg: RunConfig, regs: Registries, backends: Sequence[str], *, repeats: int = 2,
-                peaks: dict[str, float] | None = None, progress: Any = None) -> list[MarginRow]:
+                peaks: dict[str, float] | None = None, progress: Any = None,
+                between: Any = None) -> list[MarginRow]:
     """Run the margin job of ``cfg`` on each of its models with each backend, ``repeats`` times,
-    backends interleaved (order rotated per repetition). Raises AssertionError when two runs of a model
+    backends interleaved (order rotated per repetition); ``between()`` (if given) runs after each run
+    (the CLI re-measures the GEMM peak there: on a shared machine one window can be slow). Raises AssertionError when two runs of a model
     give different margins, intervals or sample counts."""
     from robbench.runner import load_data, select_points
 
@@ -193,6 +195,8 @@ def margin_rows(cfg: RunConfig, regs: Registries, backends: Sequence[str], *, re
                 rows.append(row)
                 if progress is not None:
                     progress(row)
+                if between is not None:
+                    between()
     return rows
 
 
