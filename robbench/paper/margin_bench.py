@@ -156,7 +156,8 @@ def margin_rows(cfg: RunConfig, regs: Registries, backends: Sequence[str], *, re
                 peaks: dict[str, float] | None = None, progress: Any = None,
                 between: Any = None) -> list[MarginRow]:
     """Run the margin job of ``cfg`` on each of its models with each backend, ``repeats`` times,
-    backends interleaved (order rotated per repetition); ``between()`` (if given) runs after each run
+    backends interleaved (order rotated per repetition). Every metric of every point must be identical
+    across backends and repetitions; ``between()`` (if given) runs after each run
     (the CLI re-measures the GEMM peak there: on a shared machine one window can be slow). Raises AssertionError when two runs of a model
     give different margins, intervals or sample counts."""
     from robbench.runner import load_data, select_points
@@ -174,7 +175,10 @@ def margin_rows(cfg: RunConfig, regs: Registries, backends: Sequence[str], *, re
             order = list(backends[rep % len(backends):]) + list(backends[:rep % len(backends)])
             for name in order:
                 info, metrics = run_margin_once(job, model, x, point_ids, name, regs)
-                got = [{k: m.get(k) for k in MARGIN_KEYS} for m in metrics]
+                missing = [k for k in MARGIN_KEYS if k not in metrics[0]]
+                if missing:
+                    raise RuntimeError(f"the margin job's rows lack {missing}; got {sorted(metrics[0])}")
+                got = [dict(m) for m in metrics]  # every metric: identical decisions give identical rows
                 if reference is None:
                     reference = (name, got)
                 elif got != reference[1]:
