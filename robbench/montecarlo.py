@@ -14,6 +14,11 @@ that every backend shares are in :mod:`robbench.decoding`.
 """
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
 import torch
 from torch import Tensor, nn
 
@@ -22,6 +27,35 @@ from robbench.decoding import DEFAULT_CHUNK_ROWS
 from robbench.plugins import get_registries
 
 AUTO = "auto"
+
+
+@dataclass
+class CallRecord:
+    """One :func:`count_within` call as seen by an :func:`observe` block: the backend that ran it, B points,
+    samples = B * n_samples decoded (or screened), wall seconds, screened samples and the last-layer
+    precision the backend reported."""
+
+    backend: str
+    points: int
+    samples: int
+    seconds: float
+    screened: int
+    precision: str
+
+
+_observers: list[list[CallRecord]] = []
+
+
+@contextmanager
+def observe() -> Iterator[list[CallRecord]]:
+    """Record every :func:`count_within` call made inside the block (for benchmarks: where a run's Monte
+    Carlo time goes). Costs one clock read per call; nothing is recorded outside such a block."""
+    records: list[CallRecord] = []
+    _observers.append(records)
+    try:
+        yield records
+    finally:
+        _observers.remove(records)
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
@@ -99,8 +133,15 @@ def count_within(model: nn.Module, mu: Tensor, sigma: Tensor, center: Tensor, r:
     mu, sigma, center, stream_ids = _prepare(mu, sigma, center, stream_ids, n_samples, sample_offset)
     r2 = radius_sq(r, mu.shape[0], mu.device)
     chosen = get_backend(backend, mu.device)
-    return chosen.count_within(model, mu, sigma, center, r2, n_samples, seed=seed, stream_ids=stream_ids,
-                               sample_offset=sample_offset, chunk_rows=chunk_size or DEFAULT_CHUNK_ROWS).counts
+    start = time.perf_counter()
+    result = chosen.count_within(model, mu, sigma, center, r2, n_samples, seed=seed, stream_ids=stream_ids,
+                                 sample_offset=sample_offset, chunk_rows=chunk_size or DEFAULT_CHUNK_ROWS)
+    if _observers:
+        record = CallRecord(chosen.name, mu.shape[0], mu.shape[0] * n_samples, time.perf_counter() - start,
+                            int(result.screened), str(result.precision))
+        for records in _observers:
+            records.append(record)
+    return result.counts
 
 
 @torch.no_grad()

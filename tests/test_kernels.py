@@ -172,6 +172,24 @@ def test_squared_radius_one_ulp_either_side_of_a_sample(precision, screen, shape
                 assert torch.equal(res.counts, want), (rank, chunk)
 
 
+@pytest.mark.parametrize("fused", ["0", "1"])
+def test_fused_epilogue_and_the_reference_epilogue_decide_alike_at_one_ulp(fused, monkeypatch):
+    """The fp32 last layer's fused distance pass (double sum, rigorous band, reference epilogue for the
+    rows inside it) and the unfused reference epilogue (ROBBENCH_FUSED_EPILOGUE=0) at radii where every
+    decision is a tie or one ulp from it: both must give the reference's counts."""
+    monkeypatch.setenv("ROBBENCH_FUSED_EPILOGUE", fused)
+    model = MLPVAE(seed=4, k=6, hidden=(40, 48), d=70, scale=3.0, bias=-2.0)
+    B, n = 6, 200
+    mu, sigma, center = _points(model, B, 11)
+    d2, _ = _sq_dists(model, mu, sigma, center, n, 2)
+    for rank in (0, n // 2, n - 1):
+        exact = d2.sort(1).values[:, rank]
+        for r2 in (exact, torch.nextafter(exact, torch.zeros(())), torch.nextafter(exact, torch.full((), 1e30))):
+            res = kernels.count_within(model, mu, sigma, center, r2.contiguous(), n, seed=2,
+                                       stream_ids=torch.arange(B), precision="fp32", screen=False)
+            assert torch.equal(res.counts, (d2 <= r2[:, None]).sum(1)), rank
+
+
 def test_bf16_band_decides_far_samples_without_recheck():
     """Radii far outside / inside every sample: the element-wise band decides everything in bf16."""
     model = MLPVAE(scale=3.0, bias=-2.0)

@@ -1,0 +1,95 @@
+"""``robbench bench --margin`` on tiny settings: the split adds up, samples are accounted for, margins are
+compared across backends (a backend that decides differently is caught), and --json carries the
+environment. Correctness only: no timing is asserted."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from robbench import bench, hookimpl, montecarlo
+from robbench.paper import margin_bench
+from robbench.backends import CountResult, TorchBackend
+from robbench.cli import main
+from robbench.plugins import get_registries
+
+TINY = {"dataset": "digits", "points": 2, "model_params": {"beta_vae": {"beta": [1.0]}},
+        "train": {"epochs": 1},
+        "estimator_params": {"margin": {"samples_max": 1024, "tolerance": 0.5}}}
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY))
+    return path
+
+
+def test_margin_rows_split_adds_up_and_samples_are_accounted(tiny_config):
+    cfg = margin_bench.margin_config(tiny_config)
+    rows = margin_bench.margin_rows(cfg, get_registries(), ["torch"], repeats=2, peaks={"fp32": 100.0})
+    assert [(r.backend, r.repeat) for r in rows] == [("torch", 0), ("torch", 1)]
+    for r in rows:
+        assert r.whole_s == pytest.approx(r.attack_s + r.montecarlo_s + r.other_s)
+        assert r.attack_s > 0 and r.montecarlo_s > 0 and r.mc_calls > 0
+        # every decoder sample of the margin job goes through count_within and is counted per point
+        assert r.mc_samples == pytest.approx(r.samples_per_point * r.points)
+        assert r.gflop > 0 and r.peak_fraction == pytest.approx(r.gflops / 100.0)
+        assert r.margins == rows[0].margins and all(m is not None for m in r.margins)
+
+
+class WrongBackend(TorchBackend):
+    """The reference, except that it counts one sample fewer for every point: decisions differ."""
+
+    name = "test_wrong"
+    description = "test: miscounts"
+    auto_priority = None
+
+    def count_within(self, *args, **kwargs) -> CountResult:
+        res = super().count_within(*args, **kwargs)
+        res.counts = (res.counts - 1).clamp(min=0)
+        return res
+
+
+class WrongPlugin:
+    @hookimpl
+    def register_backends(self, register):
+        register(WrongBackend())
+
+
+def test_different_margins_across_backends_are_an_error(tiny_config, fresh_plugins):
+    plugin = WrongPlugin()
+    fresh_plugins.register_plugin(plugin, name="wrong-backend")
+    try:
+        cfg = margin_bench.margin_config(tiny_config)
+        cfg.estimator_params["margin"] = {**cfg.estimator_params["margin"], "samples_initial": 8, "samples_max": 8}
+        with pytest.raises(AssertionError, match="backend test_wrong .* gives point"):
+            margin_bench.margin_rows(cfg, fresh_plugins.get_registries(), ["torch", "test_wrong"], repeats=1)
+    finally:
+        fresh_plugins.unregister_plugin(plugin)
+
+
+def test_cli_margin_json_carries_rows_summary_and_environment(tiny_config, tmp_path):
+    out = tmp_path / "bench.json"
+    backends = ",".join(montecarlo.available_backends("cpu"))
+    assert main(["bench", "--margin", "--margin-config", str(tiny_config), "--backend", backends, "--repeats", "2",
+                 "--points", "4", "--samples", "128", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    env = doc["environment"]
+    assert env["torch"] == torch.__version__ and env["threads"] == torch.get_num_threads()
+    assert {"cpu", "cpu_flags", "commit", "date"} <= set(env)
+    rows = doc["margin_rows"]
+    assert {r["backend"] for r in rows} == set(backends.split(","))
+    assert all(r["environment"] == env for r in rows + doc["standard_median_rows"])
+    assert len({json.dumps(r["margins"]) for r in rows}) == 1  # identical margins, every backend and repeat
+    assert all(0 < r["peak_fraction"] for r in rows)
+    assert "beta_vae(beta=1.0) / torch" in doc["summary"]
+
+
+def test_measured_peak_is_a_large_product_and_percent_uses_executed_work():
+    assert bench.measure_peak(torch.float32, n=256, seconds=0.05) > 0
+    row = bench.run_case(bench.StandardDecoderVAE(), "std", "torch", "fp32", 2, 16, 4.0)
+    assert row.executed_gflops == pytest.approx(row.gflops)  # torch screens nothing
+    assert len(row.counts_sha1) == 40
