@@ -15,7 +15,8 @@ from robbench.backends import CountResult, TorchBackend
 from robbench.cli import main
 from robbench.plugins import get_registries
 
-TINY = {"dataset": "digits", "points": 2, "model_params": {"beta_vae": {"beta": [1.0]}},
+TINY = {"dataset": "digits", "points": 2, "r": 1.0,  # r = 4 leaves every 8x8 digit robust at the cap (censored)
+        "model_params": {"beta_vae": {"beta": [1.0]}},
         "train": {"epochs": 1},
         "estimator_params": {"margin": {"samples_max": 1024, "tolerance": 0.5}}}
 
