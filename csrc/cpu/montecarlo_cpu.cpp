@@ -22,6 +22,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cmath>
 #include <cstdlib>
 #include <string>
@@ -36,6 +37,7 @@
 #include "common/bounds.h"
 #include "common/checks.h"
 #include "common/decoder.h"
+#include "common/early_exit.h"
 #include "common/rng.h"
 
 namespace robbench {
@@ -164,6 +166,62 @@ at::Tensor hidden_fp32(const at::Tensor& z, const Weights& w) {
 bool fused_epilogue_enabled() {
   const char* v = std::getenv("ROBBENCH_FUSED_EPILOGUE");
   return v == nullptr || std::string(v) != "0";
+}
+
+// ROBBENCH_EARLY_EXIT=0 turns the per-sample early exit of the fp32 last layer off (A/B in one process),
+// =force keeps it on where it does not pay (tests); ROBBENCH_EXIT_COLUMNS sets the widths of its column
+// blocks (comma-separated, the last one repeats; default 64,64,128).
+int early_exit_mode() {  // 0 off, 1 adaptive, 2 forced
+  const char* v = std::getenv("ROBBENCH_EARLY_EXIT");
+  if (v == nullptr) return 1;
+  const std::string s(v);
+  return s == "0" ? 0 : (s == "force" ? 2 : 1);
+}
+
+// The early exit costs more than it saves when it computes most columns anyway (a decoder whose samples
+// sit close to r relative to the tail bound: beta = 10 computed 93 % of the columns in
+// benchmarks/levers.py). A call stops using it after a block when more than kExitMaxShare of the
+// columns were needed, and later calls on the same last layer skip it, probing again every
+// kExitProbeEvery calls. Only speed depends on this memory (a stale entry for a reused address included).
+constexpr double kExitMaxShare = 0.6;
+constexpr int kExitProbeEvery = 16;
+struct ExitMemory {
+  std::mutex mutex;
+  std::map<std::pair<const void*, int64_t>, std::pair<int, double>> last;  // -> (calls since probe, share)
+};
+ExitMemory& exit_memory() {
+  static ExitMemory m;
+  return m;
+}
+bool exit_worth_trying(const at::Tensor& wt) {
+  ExitMemory& mem = exit_memory();
+  std::lock_guard<std::mutex> lock(mem.mutex);
+  auto it = mem.last.find({wt.data_ptr(), wt.numel()});
+  if (it == mem.last.end() || it->second.second <= kExitMaxShare) return true;
+  if (++it->second.first >= kExitProbeEvery) {
+    it->second.first = 0;
+    return true;
+  }
+  return false;
+}
+void exit_remember(const at::Tensor& wt, double share) {
+  ExitMemory& mem = exit_memory();
+  std::lock_guard<std::mutex> lock(mem.mutex);
+  if (mem.last.size() > 64) mem.last.clear();
+  mem.last[{wt.data_ptr(), wt.numel()}] = {0, share};
+}
+std::vector<int64_t> early_exit_columns() {
+  const char* v = std::getenv("ROBBENCH_EXIT_COLUMNS");
+  std::vector<int64_t> w;
+  for (const char* s = v; s != nullptr && *s;) {
+    char* end = nullptr;
+    const long long x = std::strtoll(s, &end, 10);
+    if (end == s) break;
+    if (x >= 8) w.push_back(x);
+    s = *end == ',' ? end + 1 : end;
+  }
+  if (w.empty()) w = {64, 64, 128};
+  return w;
 }
 
 // The reference's fp32 final layer for rows idx (block-relative) of h, then the distance epilogue fused
@@ -308,7 +366,7 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
   int64_t* cp = counts.data_ptr<int64_t>();
   const float* r2p = r2.data_ptr<float>();
   const float* cen = center.data_ptr<float>();
-  int64_t rechecked = 0, bf16_rows = 0, screened = 0;
+  int64_t rechecked = 0, bf16_rows = 0, screened = 0, exit_rows = 0, exit_columns = 0, exit_rechecked = 0;
   bool use_bf16 = precision == kBf16;
   bool screen = screen_arg;
   const bool any_bound = use_bf16 || screen;
@@ -322,10 +380,30 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
   // in float64 (bounds.h, part 1).
   at::Tensor hc;
   std::vector<double> off(B, 0.0);
-  if (screen_requested && B > 0) {
+  const int exit_mode = early_exit_mode();
+  const bool early = precision == kFp32 && exit_mode > 0 && B > 0 &&
+                     (exit_mode == 2 || exit_worth_trying(w.wts.back()));
+  if ((screen_requested || early) && B > 0) {
     at::Tensor mpad = mu;
     if (B < kMinGemmRows) mpad = at::cat({mu, at::zeros({kMinGemmRows - B, mu.size(1)}, mu.options())});
     hc = hidden_fp32(mpad, w).narrow(0, 0, B).contiguous();
+  }
+  // fp32 last layer with per-sample early exit (early_exit.h); undecided rows get fp32_final_count
+  std::unique_ptr<EarlyExit> exit_plan;
+  if (early) exit_plan = std::make_unique<EarlyExit>(w.wts.back(), w.bs.back(), w.acts.back(), hc, center,
+                                                     early_exit_columns());
+  auto final_count = [&](const at::Tensor& h, const std::vector<int64_t>& rows, int64_t m, const Block& blk) {
+    if (exit_plan && !rows.empty()) {
+      std::vector<int64_t> left = exit_plan->run(h, rows, blk, r2p, cp, &exit_columns);
+      exit_rows += static_cast<int64_t>(rows.size());
+      fp32_final_count(h, left, m, blk, center, r2, w, counts);
+      exit_rechecked += static_cast<int64_t>(left.size());
+      if (exit_mode == 1 && exit_rows >= 1024 && exit_columns > kExitMaxShare * exit_rows * D) exit_plan.reset();
+    } else {
+      fp32_final_count(h, rows, m, blk, center, r2, w, counts);
+    }
+  };
+  if (screen_requested && B > 0) {
     at::Tensor hcd = hc.to(at::kDouble);
     at::Tensor ac = at::addmm(w.bs.back().narrow(0, 0, D).to(at::kDouble), hcd,
                               w.wts.back().narrow(1, 0, D).to(at::kDouble));
@@ -346,7 +424,7 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
     if (!screen && !use_bf16) {
       std::vector<int64_t> all(m);
       for (int64_t r = 0; r < m; ++r) all[r] = r;
-      fp32_final_count(h, all, m, blk, center, r2, w, counts);
+      final_count(h, all, m, blk);
       continue;
     }
     const float* hp = h.data_ptr<float>();
@@ -375,7 +453,7 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
     // A screen that decides little costs more (norms, row gathers) than it saves: off for the rest.
     if (screen && 8 * (m - static_cast<int64_t>(rest.size())) < m) screen = false;
     if (!use_bf16 || rest.empty()) {
-      fp32_final_count(h, rest, m, blk, center, r2, w, counts);
+      final_count(h, rest, m, blk);
       continue;
     }
     // bf16 final layer for the remaining rows, element-wise band (bounds.h, part 2)
@@ -426,6 +504,11 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
   stats[0] = rechecked;
   stats[1] = bf16_rows;
   stats[2] = screened;
+  if (exit_rows > 0) exit_remember(w.wts.back(), static_cast<double>(exit_columns) / (exit_rows * D));
+  if (std::getenv("ROBBENCH_EXIT_STATS") != nullptr && exit_rows > 0)  // benchmarks/levers.py reads this
+    fprintf(stderr, "robbench early exit: rows %lld columns %lld of %lld rechecked %lld\n",
+            static_cast<long long>(exit_rows), static_cast<long long>(exit_columns),
+            static_cast<long long>(exit_rows * D), static_cast<long long>(exit_rechecked));
   return {counts, stats};
 }
 
