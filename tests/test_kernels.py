@@ -324,3 +324,92 @@ def test_counts_equal_reference_for_other_mlp_shapes(layers):
             res = kernels.count_within(model, mu, sigma, center, montecarlo.radius_sq(r, B, mu.device), n, seed=3,
                                        stream_ids=torch.arange(B), precision=precision, screen=screen, chunk_size=100)
             assert torch.equal(res.counts, ref), (q, precision, screen)
+
+
+# ---------------------------------------------------------------------------------------------
+# Early exit of the fp32 last layer (csrc/common/early_exit.h)
+# ---------------------------------------------------------------------------------------------
+def _exit_stats(text: str) -> tuple[int, int, int, int]:
+    """(rows, columns computed, columns of a full last layer, rechecked) summed over the op's stats lines."""
+    tot = [0, 0, 0, 0]
+    for line in text.splitlines():
+        if line.startswith("robbench early exit:"):
+            f = line.split()
+            for i, v in enumerate((f[4], f[6], f[8], f[10])):
+                tot[i] += int(v)
+    return tuple(tot)
+
+
+def _mnist_like(seed=0):
+    """The trained decoders' shape (k = 10, one hidden layer of 256, D = 784) with sharp, partly saturated
+    outputs, as a trained MNIST decoder has."""
+    return MLPVAE(seed=seed, k=10, hidden=(256,), d=784, scale=4.0, bias=-3.0)
+
+
+@pytest.mark.parametrize("mode", ["force", "1"])
+def test_early_exit_decides_each_sample_like_the_reference_near_the_median(mode, monkeypatch, capfd):
+    """Sample by sample: every point is one sample (B copies of one latent with distinct streams), with r2
+    at that sample's own fp32 squared distance scaled by 1 +- eps, eps from 0 (every decision a tie: all
+    must reach the reference) through the width of the early exit's band (~1e-3 relative here) to far
+    outside it; and a common radius at the median distance (p ~ 0.5, where margin tests spend samples)."""
+    monkeypatch.setenv("ROBBENCH_EARLY_EXIT", mode)
+    monkeypatch.setenv("ROBBENCH_EXIT_STATS", "1")
+    model = _mnist_like()
+    B = 128
+    mu0, sigma0, center0 = _points(model, 1, 5)
+    mu, sigma, center = mu0.expand(B, -1).contiguous(), sigma0.expand(B, -1).contiguous(), \
+        center0.expand(B, -1).contiguous()
+    d2, d2_cpp = _sq_dists(model, mu, sigma, center, 1, 4)  # (B, 1): one sample per point
+    assert torch.equal(d2, d2_cpp)
+    d2 = d2[:, 0]
+    radii = [d2.median().expand(B).contiguous()]
+    for eps in (0.0, 1e-6, 1e-4, 1e-3, 3e-3, 1e-2, 0.1, 0.6):
+        for sign in (1, -1):
+            radii.append((d2 * (1 + sign * eps)).contiguous())
+    radii.append(torch.nextafter(d2, torch.zeros(())).contiguous())
+    capfd.readouterr()
+    for r2 in radii:
+        res = kernels.count_within(model, mu, sigma, center, r2, 1, seed=4, stream_ids=torch.arange(B),
+                                   precision="fp32", screen=False)
+        assert torch.equal(res.counts, (d2 <= r2).long())  # each point's count is one sample's decision
+    rows, cols, full, rechecked = _exit_stats(capfd.readouterr().err)
+    if mode == "force":
+        assert rows == B * len(radii) and full == rows * 784
+        assert cols < 0.95 * full  # the exit decided samples before their last column
+        assert B <= rechecked < rows  # the ties all went to the reference; far radii did not
+
+
+def test_early_exit_counts_equal_reference_at_the_median_radius_with_screen_and_blocks(monkeypatch, capfd):
+    """Many samples per point at the median radius, with and without the Lipschitz screen, block sizes that
+    put one or several points in a block: counts equal the torch reference's; the exit did decide."""
+    monkeypatch.setenv("ROBBENCH_EARLY_EXIT", "force")
+    monkeypatch.setenv("ROBBENCH_EXIT_STATS", "1")
+    model = _mnist_like(seed=1)
+    B, n = 5, 400
+    mu, sigma, center = _points(model, B, 2)
+    r = montecarlo.sample_distances(model, mu, sigma, center, 100, seed=9).median(1).values
+    ref = montecarlo.count_within(model, mu, sigma, center, r, n, seed=3, backend="torch")
+    capfd.readouterr()
+    for screen in (False, True):
+        for chunk in (128, 2048):
+            res = kernels.count_within(model, mu, sigma, center, montecarlo.radius_sq(r, B, mu.device), n, seed=3,
+                                       stream_ids=torch.arange(B), precision="fp32", screen=screen,
+                                       chunk_size=chunk)
+            assert torch.equal(res.counts, ref), (screen, chunk)
+    rows, cols, full, _ = _exit_stats(capfd.readouterr().err)
+    assert rows > 0 and cols < 0.9 * full
+
+
+def test_early_exit_column_widths_and_off_switch_agree(monkeypatch):
+    """Other column-block schedules (ROBBENCH_EXIT_COLUMNS) and the exit switched off give the same counts."""
+    model = _mnist_like(seed=2)
+    B, n = 4, 300
+    mu, sigma, center = _points(model, B, 3)
+    r = montecarlo.sample_distances(model, mu, sigma, center, 100, seed=1).median(1).values
+    ref = montecarlo.count_within(model, mu, sigma, center, r, n, seed=6, backend="torch")
+    for mode, widths in (("0", "64"), ("force", "8"), ("force", "100,300"), ("force", "784"), ("1", "junk")):
+        monkeypatch.setenv("ROBBENCH_EARLY_EXIT", mode)
+        monkeypatch.setenv("ROBBENCH_EXIT_COLUMNS", widths)
+        res = kernels.count_within(model, mu, sigma, center, montecarlo.radius_sq(r, B, mu.device), n, seed=6,
+                                   stream_ids=torch.arange(B), precision="fp32", screen=False)
+        assert torch.equal(res.counts, ref), (mode, widths)

@@ -73,7 +73,7 @@ class EarlyExit {
   double tb(const Point& pt, int64_t j, double delta) const;
   int grid_index(double s, double delta) const;
 
-  at::Tensor wt_, b_, hc_, center_;
+  at::Tensor wt_, b_, hc_, center_, wd_, bd_;  // wd_, bd_: float64 W (D, K) and b (D,), made on first use
   int64_t K_, D_, act_, nc_;
   std::vector<int64_t> start_;       // (nc + 1,) first column of each block, then D
   at::Tensor out_buf_, h_buf_[2];    // reused workspaces (fresh large allocations page-fault every time)

@@ -67,15 +67,31 @@ void EarlyExit::prepare(int64_t p, double delta_typ) {
   Point& pt = pts_[p];
   at::Tensor hcp = hc_[p].to(at::kDouble);
   pt.hcn = hcp.norm().item<double>() * (1 + 1e-9);
-  at::Tensor ac = (at::mv(wt_.narrow(1, 0, D_).to(at::kDouble).t(), hcp) + b_.narrow(0, 0, D_).to(at::kDouble))
-                      .contiguous();
+  if (!wd_.defined()) {
+    wd_ = wt_.narrow(1, 0, D_).to(at::kDouble).t().contiguous();  // (D, K), once per call
+    bd_ = b_.narrow(0, 0, D_).to(at::kDouble);
+  }
+  at::Tensor ac = (at::mv(wd_, hcp) + bd_).contiguous();
   pt.ac.assign(ac.data_ptr<double>(), ac.data_ptr<double>() + D_);
   pt.eps.resize(D_);
   for (int64_t j = 0; j < D_; ++j) pt.eps[j] = gc_ * (rowW_[j] * pt.hcn + babs_[j]) * 2 + 1e-300;
   const float* cen = center_.data_ptr<float>() + p * D_;
   pt.c.assign(cen, cen + D_);  // original order while the order is chosen
   std::vector<double> t(D_);
-  for (int64_t j = 0; j < D_; ++j) t[j] = tb(pt, j, delta_typ);
+  // Order by an estimate of E[(y_j - c_j)^2]: the linearisation act'(a_cj)^2 ||W_j||^2 delta^2 / K (h - h_c
+  // of norm delta in a random direction), capped by the bound t_j(delta). Ordering by t_j alone puts the
+  // saturated units first when delta is large (their interval covers [0, 1]), which contribute least.
+  for (int64_t j = 0; j < D_; ++j) {
+    double slope = 1.0;
+    if (act_ == kActSigmoid) {
+      const double y = act_d(act_, pt.ac[j]);
+      slope = y * (1 - y);
+    } else if (act_ == kActRelu) {
+      slope = pt.ac[j] > 0 ? 1.0 : 0.5;
+    }
+    const double lin = slope * rowW_[j] * delta_typ;
+    t[j] = std::min(lin * lin / static_cast<double>(K_), tb(pt, j, delta_typ));
+  }
   pt.order.resize(D_);
   std::iota(pt.order.begin(), pt.order.end(), 0);
   std::stable_sort(pt.order.begin(), pt.order.end(), [&](int64_t a, int64_t b) { return t[a] > t[b]; });
