@@ -23,7 +23,8 @@ class CountResult:
     """counts: (B,) int64; screened: samples decided "inside" by a screen with no last-layer work;
     bf16_samples: samples whose last layer went through a bf16 pass (a backend may return to fp32 for
     the rest of a call when its band leaves most samples undecided); rechecked: bf16-pass samples
-    recomputed in fp32; total: all samples; precision: of the last layer."""
+    recomputed in fp32; total: all samples; precision: of the last layer; last_layer_saved: last layers
+    not computed by an early exit, in samples (columns skipped / D, less the samples it recomputed)."""
 
     counts: Tensor
     rechecked: int
@@ -31,6 +32,7 @@ class CountResult:
     total: int
     precision: str
     screened: int = 0
+    last_layer_saved: float = 0.0
 
     @property
     def recheck_fraction(self) -> float:

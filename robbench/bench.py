@@ -211,7 +211,8 @@ def run_case(model: nn.Module, name: str, backend: str | Backend, precision: str
         best, mem = min(best, elapsed), max(mem, rss.peak_mib)
         digest = hashlib.sha1(res.counts.cpu().to(torch.int64).numpy().tobytes()).hexdigest()
     gflop = decoder_flops(model, D) * B * S / 1e9
-    executed = gflop - (screened or 0.0) * last_layer_flops(model) * B * S / 1e9
+    saved = getattr(res, "last_layer_saved", 0.0)  # early exit: last layers not computed, in samples
+    executed = gflop - ((screened or 0.0) * B * S + saved) * last_layer_flops(model) / 1e9
     return BenchRow(name, impl.name, precision, B, S, D, best, B * S / best, gflop, gflop / best, None, None, mem,
                     rech, screen=has_screen and screen, screened_fraction=screened,
                     executed_gflops=executed / best, counts_sha1=digest)

@@ -12,7 +12,8 @@ the decoder plan (:mod:`robbench.decoding`), not the CLI or the config.
 Ops (schemas in ``csrc/cpu/montecarlo_cpu.cpp``):
 - ``robbench::mlp_count(z-free inputs..., precision, screen, chunk_rows) -> (counts, stats)``: the fused
   MLP path (Lipschitz screen, bf16 last layer with a rigorous band, fp32 recheck; see
-  ``csrc/common/bounds.h``);
+  ``csrc/common/bounds.h``; fp32 last layer with a per-sample early exit, ``csrc/common/early_exit.h``;
+  ``ROBBENCH_EARLY_EXIT=0`` turns it off for A/B runs);
 - ``robbench::mlp_sq_distances(...) -> Tensor``: fp32 squared distances of the same samples;
 - ``robbench::count_le(Tensor y, Tensor center, Tensor r2, int rows_per_point) -> Tensor``: the fused
   distance-threshold-count epilogue for any decoder (generic path);
@@ -178,7 +179,7 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("robbench::mlp_count")
     def _(mu, sigma, center, r2, ka, kb, n, offset, weights_t, biases, acts, precision, screen, chunk_rows):
-        return mu.new_empty((mu.shape[0],), dtype=torch.int64), mu.new_empty((3,), dtype=torch.int64)
+        return mu.new_empty((mu.shape[0],), dtype=torch.int64), mu.new_empty((6,), dtype=torch.int64)
 
     @torch.library.register_fake("robbench::count_le")
     def _(y, center, r2):
@@ -239,7 +240,9 @@ def count_within(model: nn.Module, mu: Tensor, sigma: Tensor, center: Tensor, r2
         counts, stats = torch.ops.robbench.mlp_count(
             mu, sigma, center, r2, ka, kb, n_samples, sample_offset, plan.weights_t, plan.biases, plan.acts,
             PRECISIONS[precision], bool(screen), rows)
-        return CountResult(counts, int(stats[0]), int(stats[1]), B * n_samples, precision, int(stats[2]))
+        s = [int(v) for v in stats.tolist()]
+        saved = s[3] - s[4] / center.shape[1] - s[5]  # early exit: last layers not computed, in samples
+        return CountResult(counts, s[0], s[1], B * n_samples, precision, s[2], saved)
     counts = torch.zeros(B, dtype=torch.int64, device=mu.device)
     for blk, y in decoded_blocks(plan, mu, sigma, n_samples, seed, stream_ids, sample_offset, rows):
         counts[blk.p0:blk.p1] += torch.ops.robbench.count_le(y, center[blk.p0:blk.p1], r2[blk.p0:blk.p1])

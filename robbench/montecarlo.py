@@ -32,8 +32,8 @@ AUTO = "auto"
 @dataclass
 class CallRecord:
     """One :func:`count_within` call as seen by an :func:`observe` block: the backend that ran it, B points,
-    samples = B * n_samples decoded (or screened), wall seconds, screened samples and the last-layer
-    precision the backend reported."""
+    samples = B * n_samples decoded (or screened), wall seconds, screened samples, the last-layer
+    precision the backend reported and the last layers an early exit did not compute (in samples)."""
 
     backend: str
     points: int
@@ -41,6 +41,7 @@ class CallRecord:
     seconds: float
     screened: int
     precision: str
+    last_layer_saved: float = 0.0
 
 
 _observers: list[list[CallRecord]] = []
@@ -138,7 +139,8 @@ def count_within(model: nn.Module, mu: Tensor, sigma: Tensor, center: Tensor, r:
                                  sample_offset=sample_offset, chunk_rows=chunk_size or DEFAULT_CHUNK_ROWS)
     if _observers:
         record = CallRecord(chosen.name, mu.shape[0], mu.shape[0] * n_samples, time.perf_counter() - start,
-                            int(result.screened), str(result.precision))
+                            int(result.screened), str(result.precision),
+                            float(getattr(result, "last_layer_saved", 0.0)))
         for records in _observers:
             records.append(record)
     return result.counts

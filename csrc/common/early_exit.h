@@ -67,6 +67,7 @@ class EarlyExit {
     std::vector<double> c;                 // (D,) the center in block order
     std::map<int, std::vector<double>> tails;  // grid index -> T after each block (nc,)
     std::vector<int64_t> order;            // column order
+    at::Tensor rw_ord, bb_ord, ac_t, eps_t, c_t;  // float64 (D,) in block order, for the tail tables
   };
   void prepare(int64_t p, double delta_typ);
   const std::vector<double>& tail(int64_t p, int g);

@@ -13,7 +13,10 @@
 //   precision 0 (fp32) without screen: the reference's layers (same ATen calls), then a fused distance
 //   pass with a rigorous summation band (fp32_final_count). Every mode gives exactly the reference's
 //   decisions.
-//   stats = [samples rechecked in fp32, samples through the bf16 last layer, samples screened].
+//   precision 0 (fp32): the last layer of the samples left goes through a per-sample early exit first
+//     (early_exit.h: exact columns in blocks, rigorous bound on the rest, reference for the undecided).
+//   stats = [samples rechecked in fp32, samples through the bf16 last layer, samples screened,
+//            samples through the early exit, last-layer columns it computed, of those samples rechecked].
 // mlp_sq_distances: the fp32 squared distances (B, n) of the same samples.
 // count_le: the generic path's fused epilogue (distance, threshold, count) for any decoder output.
 // normals: the RNG itself (tests compare it bit for bit with robbench/rng.py).
@@ -500,10 +503,13 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
     if (4 * static_cast<int64_t>(redo.size()) > q) use_bf16 = false;
     fp32_final_count(h, redo, m, blk, center, r2, w, counts);
   }
-  at::Tensor stats = at::empty({3}, counts.options());
+  at::Tensor stats = at::empty({6}, counts.options());
   stats[0] = rechecked;
   stats[1] = bf16_rows;
   stats[2] = screened;
+  stats[3] = exit_rows;       // samples through the early exit
+  stats[4] = exit_columns;    // last-layer columns (of D) it computed for them
+  stats[5] = exit_rechecked;  // of those samples, recomputed by the reference's full fp32 last layer
   if (exit_rows > 0) exit_remember(w.wts.back(), static_cast<double>(exit_columns) / (exit_rows * D));
   if (std::getenv("ROBBENCH_EXIT_STATS") != nullptr && exit_rows > 0)  // benchmarks/levers.py reads this
     fprintf(stderr, "robbench early exit: rows %lld columns %lld of %lld rechecked %lld\n",

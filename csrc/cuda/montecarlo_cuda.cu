@@ -161,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cuda(const at::Tensor& mu, const at
         d2.data_ptr<float>(), r2c.data_ptr<float>(), blk.p0, ns, m,
         reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>()));
   }
-  return {counts, at::zeros({3}, counts.options())};  // rechecked, bf16 samples, screened: none here
+  return {counts, at::zeros({6}, counts.options())};  // the CPU op's stats (rechecked, ..., early exit): none here
 }
 
 at::Tensor count_le_cuda(const at::Tensor& y_, const at::Tensor& center_, const at::Tensor& r2_) {

@@ -10,7 +10,8 @@ split: time inside the attack (a timing wrapper around the registered attack), i
 bisection bookkeeping). The margins of every backend and repetition must be identical (asserted).
 
 Throughput during the Monte Carlo phase: executed decoder FLOPs (2 x multiply-adds of the linear layers
-per decoded sample, the last layer left out for samples a screen decided without it) per Monte Carlo
+per decoded sample, the last layer left out for samples a screen decided without it and the columns an
+early exit skipped) per Monte Carlo
 second, against the measured large-GEMM peak of the precision the backend used (:func:`measure_peak`).
 """
 from __future__ import annotations
@@ -78,6 +79,7 @@ class MarginRow:
     peak_gflops: float | None
     peak_fraction: float | None
     margins: list[float | None] = dataclasses.field(default_factory=list)
+    exit_saved_fraction: float = 0.0  # last layers an early exit did not compute / mc_samples
 
 
 def linear_flops(model: nn.Module) -> tuple[float, float]:
@@ -147,6 +149,7 @@ def run_margin_once(job: JobSpec, model: nn.Module, x: torch.Tensor, point_ids: 
     info = {"whole_s": whole, "attack_s": timed.seconds, "montecarlo_s": mc, "other_s": whole - timed.seconds - mc,
             "mc_samples": sum(c.samples for c in calls), "mc_calls": len(calls),
             "screened": sum(c.screened for c in calls),
+            "exit_saved": sum(c.last_layer_saved for c in calls),
             "precision": ",".join(sorted({c.precision for c in calls})) or "-",
             "backend": ",".join(sorted(names)) or backend}
     return info, [r.metrics for r in results]
@@ -186,7 +189,7 @@ def margin_rows(cfg: RunConfig, regs: Registries, backends: Sequence[str], *, re
                     raise AssertionError(f"{label}: backend {name} (repeat {rep}) gives point {point_ids[bad]} "
                                          f"{got[bad]}, backend {reference[0]} gave {reference[1][bad]}")
                 screened = info["screened"]
-                gflop = (flops * info["mc_samples"] - last * screened) / 1e9
+                gflop = (flops * info["mc_samples"] - last * (screened + info["exit_saved"])) / 1e9
                 gflops = gflop / info["montecarlo_s"] if info["montecarlo_s"] > 0 else 0.0
                 peak = (peaks or {}).get(info["precision"])
                 samples = [m.get("samples") or 0 for m in metrics]
@@ -195,7 +198,8 @@ def margin_rows(cfg: RunConfig, regs: Registries, backends: Sequence[str], *, re
                                 info["mc_samples"], info["mc_calls"], info["precision"],
                                 screened / info["mc_samples"] if info["mc_samples"] else 0.0, gflop, gflops, peak,
                                 gflops / peak if peak and gflop else None,
-                                [m.get("margin") for m in metrics])
+                                [m.get("margin") for m in metrics],
+                                info["exit_saved"] / info["mc_samples"] if info["mc_samples"] else 0.0)
                 rows.append(row)
                 if progress is not None:
                     progress(row)
@@ -237,12 +241,12 @@ def render(rows: Sequence[MarginRow], peaks: dict[str, float], threads: int) -> 
     table = Table(title=f"robbench margin benchmark ({threads} threads; measured GEMM peak: "
                         + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()) + ")")
     for head in ("model", "backend", "rep", "points", "whole [s]", "attack [s]", "Monte Carlo [s]", "other [s]",
-                 "samples/point", "precision", "screened", "GFLOP/s (MC)", "% peak"):
+                 "samples/point", "precision", "screened", "exit skip", "GFLOP/s (MC)", "% peak"):
         table.add_column(head, justify="left" if head in ("model", "backend", "precision") else "right")
     for r in rows:
         table.add_row(r.model, r.backend, str(r.repeat), str(r.points), f"{r.whole_s:.2f}", f"{r.attack_s:.2f}",
                       f"{r.montecarlo_s:.2f}", f"{r.other_s:.2f}", f"{r.samples_per_point:,.0f}", r.precision,
-                      f"{100 * r.screened_fraction:.1f}%", f"{r.gflops:.1f}",
+                      f"{100 * r.screened_fraction:.1f}%", f"{100 * r.exit_saved_fraction:.0f}%", f"{r.gflops:.1f}",
                       "-" if r.peak_fraction is None else f"{100 * r.peak_fraction:.0f}%")
     return table
 
