@@ -78,8 +78,9 @@ void EarlyExit::prepare(int64_t p, double delta_typ) {
   const float* cen = center_.data_ptr<float>() + p * D_;
   pt.c.assign(cen, cen + D_);  // original order while the order is chosen
   std::vector<double> t(D_);
-  // Order by an estimate of E[(y_j - c_j)^2]: the linearisation act'(a_cj)^2 ||W_j||^2 delta^2 / K (h - h_c
-  // of norm delta in a random direction), capped by the bound t_j(delta). Ordering by t_j alone puts the
+  // Order by an estimate of E[(y_j - c_j)^2]: the offset (act(a_cj) - c_j)^2 (an attacked point's mean
+  // decodes away from the center) plus the linearisation act'(a_cj)^2 ||W_j||^2 delta^2 / K (h - h_c of
+  // norm delta in a random direction), capped by the bound t_j(delta). Ordering by t_j alone puts the
   // saturated units first when delta is large (their interval covers [0, 1]), which contribute least.
   for (int64_t j = 0; j < D_; ++j) {
     double slope = 1.0;
@@ -89,8 +90,8 @@ void EarlyExit::prepare(int64_t p, double delta_typ) {
     } else if (act_ == kActRelu) {
       slope = pt.ac[j] > 0 ? 1.0 : 0.5;
     }
-    const double lin = slope * rowW_[j] * delta_typ;
-    t[j] = std::min(lin * lin / static_cast<double>(K_), tb(pt, j, delta_typ));
+    const double lin = slope * rowW_[j] * delta_typ, off = act_d(act_, pt.ac[j]) - pt.c[j];
+    t[j] = std::min(off * off + lin * lin / static_cast<double>(K_), tb(pt, j, delta_typ));
   }
   pt.order.resize(D_);
   std::iota(pt.order.begin(), pt.order.end(), 0);
