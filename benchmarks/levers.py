@@ -4,11 +4,14 @@ Workloads: the main command's trained beta-VAEs (25 test points, mu / sigma of t
 point's radius = the median of its sample distances, i.e. p_r ~ 0.5: where the margin's sequential tests
 spend their samples) and the standard decoder workload (B = 64) at the median radius. Variants: ``torch``
 (reference), ``cpp`` with the fused distance epilogue off (ROBBENCH_FUSED_EPILOGUE=0: the reference's
-four-pass epilogue after the same GEMM) and on (default), and on with 4x larger blocks (GEMM rows).
-Counts of every variant are asserted equal.
+four-pass epilogue after the same GEMM) and on, both without the early exit (ROBBENCH_EARLY_EXIT=0), and
+``cpp`` as shipped (fused epilogue + per-sample early exit of the last layer, adaptive). Counts of every
+variant are asserted equal. (4x larger blocks were measured and dropped: benchmarks/README.md.)
 
 Run: ``ROBBENCH_CACHE=... python benchmarks/levers.py [--samples 4096] [--repeats 5] [--json out.json]``.
-Prints per workload the median and min-max of each variant's time and of the per-repetition ratios.
+Prints per workload the median and min-max of each variant's time and of the per-repetition ratios. Times
+are CPU seconds of this process (``time.process_time``): with ``--threads 1`` that is the work done,
+much less disturbed by other jobs on a shared machine than wall time.
 """
 from __future__ import annotations
 
@@ -25,9 +28,9 @@ from robbench import bench, montecarlo
 from robbench.paper import margin_bench
 from robbench.plugins import get_registries
 
-# (label, backend, ROBBENCH_FUSED_EPILOGUE, chunk rows: decoded rows per block = GEMM M)
-VARIANTS = (("torch", "torch", "1", 2048), ("cpp, epilogue unfused", "cpp", "0", 2048),
-            ("cpp, fused epilogue", "cpp", "1", 2048), ("cpp, fused, 8192-row blocks", "cpp", "1", 8192))
+# (label, backend, ROBBENCH_FUSED_EPILOGUE, ROBBENCH_EARLY_EXIT)
+VARIANTS = (("torch", "torch", "1", "1"), ("cpp, epilogue unfused", "cpp", "0", "0"),
+            ("cpp, fused epilogue", "cpp", "1", "0"), ("cpp, fused + early exit", "cpp", "1", "1"))
 
 
 def workloads(points: int) -> list[tuple[str, torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -66,20 +69,22 @@ def main() -> None:
         r = montecarlo.sample_distances(model, mu, sigma, center, 256, seed=99).median(1).values
         times: dict[str, list[float]] = {v[0]: [] for v in VARIANTS}
         counts = {}
-        for label, backend, fused, chunk in VARIANTS:  # warm-up (extension load, cached bound constants)
+        for label, backend, fused, early in VARIANTS:  # warm-up (extension load, cached bound constants)
             os.environ["ROBBENCH_FUSED_EPILOGUE"] = fused
+            os.environ["ROBBENCH_EARLY_EXIT"] = early
             montecarlo.count_within(model, mu, sigma, center, r, 64, seed=1, backend=backend)
         for rep in range(args.repeats):
             order = VARIANTS[rep % len(VARIANTS):] + VARIANTS[:rep % len(VARIANTS)]
-            for label, backend, fused, chunk in order:
+            for label, backend, fused, early in order:
                 os.environ["ROBBENCH_FUSED_EPILOGUE"] = fused
-                t0 = time.perf_counter()
-                c = montecarlo.count_within(model, mu, sigma, center, r, args.samples, seed=7, backend=backend,
-                                            chunk_size=chunk)
-                times[label].append(time.perf_counter() - t0)
+                os.environ["ROBBENCH_EARLY_EXIT"] = early
+                t0 = time.process_time()  # CPU time of this (1-thread) process: less sensitive to load
+                c = montecarlo.count_within(model, mu, sigma, center, r, args.samples, seed=7, backend=backend)
+                times[label].append(time.process_time() - t0)
                 counts.setdefault(label, c)
                 assert torch.equal(c, counts["torch"] if "torch" in counts else c), f"{name}: {label} differs"
         os.environ.pop("ROBBENCH_FUSED_EPILOGUE", None)
+        os.environ.pop("ROBBENCH_EARLY_EXIT", None)
         assert all(torch.equal(c, counts["torch"]) for c in counts.values()), f"{name}: counts differ"
         ref = times["torch"]
         row = {}
@@ -91,8 +96,8 @@ def main() -> None:
         unf, fus = times["cpp, epilogue unfused"], times["cpp, fused epilogue"]
         lever = [a / b for a, b in zip(unf, fus)]
         row["fused_vs_unfused"] = {"median": statistics.median(lever), "min": min(lever), "max": max(lever)}
-        big = [a / b for a, b in zip(fus, times["cpp, fused, 8192-row blocks"])]
-        row["8192_vs_2048_rows"] = {"median": statistics.median(big), "min": min(big), "max": max(big)}
+        ex = [a / b for a, b in zip(fus, times["cpp, fused + early exit"])]
+        row["early_exit_vs_fused"] = {"median": statistics.median(ex), "min": min(ex), "max": max(ex)}
         results["workloads"][name] = row
         print(name, f"p~{(counts['torch'].double() / args.samples).mean():.2f}")
         for label, v in row.items():

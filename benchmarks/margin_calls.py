@@ -1,0 +1,107 @@
+"""Replay the Monte Carlo calls of a real margin run, per backend variant, in one process.
+
+``robbench bench --margin`` times whole margin runs in wall-clock seconds, which a shared machine
+distorts (one slow window can double a run). This script records every ``count_within`` call the main
+command's margin job makes on each trained beta-VAE (mu, sigma, center, r2, samples, seeds: the exact
+Monte Carlo workload, attacked points included), then replays the recorded calls with ``torch``, ``cpp``
+without the early exit of the last layer (ROBBENCH_EARLY_EXIT=0) and ``cpp`` as shipped, interleaved,
+order rotated, measuring CPU seconds of this process (use ``--threads 1``). Counts of every call are
+asserted equal to torch's, call by call.
+
+Run: ``ROBBENCH_CACHE=... python benchmarks/margin_calls.py [--repeats 2] [--threads 1] [--json out.json]``.
+Prints per model the minimum over repetitions of each variant's total and the torch/variant ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from robbench import bench, kernels
+from robbench.backends import TorchBackend
+from robbench.execute import evaluate_batch
+from robbench.paper import margin_bench
+from robbench.plugins import get_registries
+
+# (label, backend, ROBBENCH_EARLY_EXIT)
+VARIANTS = (("torch", "torch", "1"), ("cpp, no early exit", "cpp", "0"), ("cpp", "cpp", "1"))
+
+
+def record_calls() -> list[tuple[str, torch.nn.Module, list[dict[str, Any]]]]:
+    """Run the margin job of the main command once per trained model (backend cpp) and keep every
+    count_within call's arguments: [(model label, model, [call kwargs])]."""
+    from robbench.runner import load_data, select_points
+
+    regs = get_registries()
+    cfg = margin_bench.margin_config(None)
+    job = margin_bench.margin_job(cfg, regs)
+    spec = dataclasses.replace(job, run=dataclasses.replace(job.run, backend="cpp"))
+    data = load_data(cfg, regs)
+    ids = [int(p) for p in select_points(data, cfg.points, cfg.seed)]
+    out: list[tuple[str, torch.nn.Module, list[dict[str, Any]]]] = []
+    original = kernels.CppBackend.count_within
+
+    def recording(self, model, mu, sigma, center, r2, n_samples, **kw):
+        out[-1][2].append(dict(mu=mu.clone(), sigma=sigma.clone(), center=center.clone(), r2=r2.clone(),
+                               n_samples=n_samples, **{k: v.clone() if torch.is_tensor(v) else v
+                                                       for k, v in kw.items()}))
+        return original(self, model, mu, sigma, center, r2, n_samples, **kw)
+
+    kernels.CppBackend.count_within = recording
+    try:
+        for label, model in margin_bench.trained_models(cfg, regs, data):
+            out.append((label, model, []))
+            evaluate_batch(spec, model, data.test_x[ids], ids, registries=regs, raise_errors=True)
+    finally:
+        kernels.CppBackend.count_within = original
+    return out
+
+
+def replay(model: torch.nn.Module, calls: list[dict[str, Any]], repeats: int) -> dict[str, Any]:
+    """CPU seconds of the calls per variant (min over repetitions, all repetitions), counts asserted equal."""
+    backends = {"torch": TorchBackend(), "cpp": kernels.CppBackend()}
+    times: dict[str, list[float]] = {v[0]: [] for v in VARIANTS}
+    reference = None
+    for rep in range(repeats):
+        for label, backend, early in VARIANTS[rep % len(VARIANTS):] + VARIANTS[:rep % len(VARIANTS)]:
+            os.environ["ROBBENCH_EARLY_EXIT"] = early
+            start = time.process_time()
+            counts = [backends[backend].count_within(model, **c).counts for c in calls]
+            times[label].append(time.process_time() - start)
+            if reference is None:
+                reference = (label, counts)
+            assert all(torch.equal(a, b) for a, b in zip(counts, reference[1])), \
+                f"{label} counts differ from {reference[0]}'s"
+    os.environ.pop("ROBBENCH_EARLY_EXIT", None)
+    best = {k: min(v) for k, v in times.items()}
+    return {"calls": len(calls), "samples": sum(c["mu"].shape[0] * c["n_samples"] for c in calls),
+            "cpu_s": times, "min_cpu_s": best,
+            "torch_over": {k: best["torch"] / v for k, v in best.items() if v > 0}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads (default 1)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    results: dict[str, Any] = {"environment": bench.environment(), "models": {}}
+    for label, model, calls in record_calls():
+        row = replay(model, calls, args.repeats)
+        results["models"][label] = row
+        print(f"{label}: {row['calls']} calls, {row['samples']:,} samples; min CPU s "
+              + ", ".join(f"{k} {v:.2f}" for k, v in row["min_cpu_s"].items()) + "; torch / variant "
+              + ", ".join(f"{k} {v:.2f}x" for k, v in row["torch_over"].items()), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
