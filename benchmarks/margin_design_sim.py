@@ -78,16 +78,17 @@ def summarize(res, R: float) -> dict:
     return {"rms_err_pct": 100 * float(np.sqrt((err ** 2).mean())), "mean_err_pct": 100 * float(err.mean()),
             "max_abs_err_pct": 100 * float(np.abs(err).max()), "within_1pct": float((np.abs(err) <= 0.01).mean()),
             "coverage": cover, "width_median_pct": 100 * float(np.median(width)),
+            "tests_mean": float(res.tests.double().mean()) if res.tests is not None else float("nan"),
             "samples_mean": float(res.samples.double().mean()), "samples_median": float(res.samples.double().median())}
 
 
 DESIGNS = {  # name: overrides of the defaults below
     "old (refine 0, cap 32768)": dict(refine=0, samples_locate=32768, stop_when_undecided=True),
-    "refine 2, locate 2048": dict(refine=2, samples_locate=2048, stop_when_undecided=False),
+    "new (refine 2, locate 2048)": dict(refine=2, samples_locate=2048, stop_when_undecided=True),
+    "refine 2, locate 2048, follow p_hat": dict(refine=2, samples_locate=2048, stop_when_undecided=False),
+    "refine 1": dict(refine=1, samples_locate=2048, stop_when_undecided=True),
+    "refine 3": dict(refine=3, samples_locate=2048, stop_when_undecided=True),
     "old, cap 8192": dict(refine=0, samples_locate=8192, samples_max=8192, stop_when_undecided=True),
-    "old, cap 4096 growth 2": dict(refine=0, samples_locate=4096, samples_max=4096, stop_when_undecided=True,
-                                   growth=2),
-    "refine 2, rel_tol 0.005": dict(refine=2, samples_locate=2048, stop_when_undecided=False, rel_tolerance=0.005),
 }
 
 
@@ -108,7 +109,7 @@ def main() -> None:
             out.append(row)
             print(f"{cname:14s} R={R:.4f} {dname:28s} rms {row['rms_err_pct']:.2f}% mean {row['mean_err_pct']:+.2f}% "
                   f"max {row['max_abs_err_pct']:.2f}% cover {row['coverage']:.3f} width {row['width_median_pct']:.1f}% "
-                  f"samples {row['samples_mean']:.0f} (median {row['samples_median']:.0f})", flush=True)
+                  f"samples {row['samples_mean']:.0f} (median {row['samples_median']:.0f}) tests {row['tests_mean']:.1f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"streams": args.streams, "settings": base, "rows": out}, f, indent=1)

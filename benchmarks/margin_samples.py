@@ -8,8 +8,9 @@ how many Monte Carlo samples they draw.
 Designs (the margin estimator's defaults unless said otherwise):
   bisect     the earlier design: sequential tests up to samples_max (32768) at every bisection radius,
              stop at the first undecided one, straight-line crossing of the final bracket (refine 0)
-  refine     the defaults: tests capped at samples_locate (2048) while bisecting, then `refine` top-ups
-             at the fitted crossing, probit-linear fit of the tests near it
+  refine     the defaults: tests capped at samples_locate (2048) while bisecting, stop at the first
+             undecided one, then `refine` (2) top-ups at the fitted crossing, probit-linear fit of the
+             tests near it
   reference  refine with 5x finer target (rel_tolerance 0.002: standard error ~0.1% of R), 3 rounds
              of up to 2^17 samples, with another seed (independent attack draws and Monte Carlo
              streams): the yardstick the other designs' margins are compared with
@@ -39,7 +40,8 @@ from robbench.runner import load_data, select_points
 DESIGNS: dict[str, dict[str, Any]] = {
     "bisect": {"refine": 0, "samples_locate": None, "stop_when_undecided": True},
     "refine": {},
-    "reference": {"refine": 3, "rel_tolerance": 0.002, "samples_max": 2 ** 17, "samples_locate": 8192},
+    "reference": {"refine": 3, "rel_tolerance": 0.002, "samples_max": 2 ** 17, "samples_locate": 8192,
+                  "stop_when_undecided": False},
 }
 
 
@@ -57,7 +59,8 @@ def measure(model, x, ids, attack, attack_params, p, run) -> dict[str, Any]:
     nan = torch.full_like(res.margin, float("nan"))
     return {"margin": torch.where(res.at_cap, nan, res.margin).tolist(), "lo": res.lo.tolist(),
             "hi": res.hi.tolist(), "samples": res.samples.tolist(), "attack_rows": timed.rows,
-            "attack_s": timed.seconds, "undecided": int(res.undecided.sum())}
+            "attack_s": timed.seconds, "undecided": int(res.undecided.sum()),
+            "tests_per_point": float(res.tests.double().mean())}
 
 
 def summary(v: dict[str, Any], ref: dict[str, Any] | None) -> dict[str, float]:
@@ -117,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             rec[name]["summary"] = sm = summary(rec[name], ref if name != "reference" else None)
             line = (f"  {name:9s} samples/point {sm['samples_mean']:8.0f} (median {sm['samples_median']:7.0f})  "
-                    f"attack rows {rec[name]['attack_rows'] / 1e6:6.2f} M  width median {sm['width_median_pct']:6.2f}%")
+                    f"tests/point {rec[name]['tests_per_point']:4.1f}  attack rows {rec[name]['attack_rows'] / 1e6:6.2f} M  width median {sm['width_median_pct']:6.2f}%")
             if "rms_diff_pct" in sm:
                 line += (f"  vs reference: rms {sm['rms_diff_pct']:.2f}%  max {sm['max_abs_diff_pct']:.2f}%  "
                          f"mean {sm['mean_diff_pct']:+.2f}%  ref in [lo, hi] {sm['ref_in_interval']:.2f}")

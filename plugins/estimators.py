@@ -377,7 +377,7 @@ def _sweep(ctx: EstimationContext, x: Tensor) -> list[Row]:
 MARGIN_DEFAULTS = {"max_radius": 10.0, "tolerance": 0.001, "rel_tolerance": 0.01, "samples_initial": 128,
                    "samples_max": 32768, "samples_growth": 4, "samples_locate": 2048, "refine": 2,
                    "sigma_at": "clean", "warm_start": True,
-                   "warm_steps": None, "warm_restarts": 0, "stop_when_undecided": False,
+                   "warm_steps": None, "warm_restarts": 0, "stop_when_undecided": True,
                    "keep_witness": True, "portfolio": False}
 SAMPLES = Param("int", lo=1, hi=2 ** 31)  # Monte Carlo sample counts (the RNG streams hold 2^32 samples)
 SIGMA_AT = Param("str", choices=("clean", "perturbed"))

@@ -141,6 +141,7 @@ class MarginResult:
     witness_k: Tensor | None = None
     witness_n: Tensor | None = None
     witness_p_hi: Tensor | None = None
+    tests: Tensor | None = None  # (B,) int64: tests (so attack calls, less radius 0) each point saw
 
 
 # test(radius (b,), idx (b,), step[, n]): n None runs the sequential schedule; an int n draws exactly n
@@ -185,6 +186,7 @@ def bisect_margin(test: TestFn, batch: int, *, m: float, max_radius: float, tole
     nan = torch.full((batch,), float("nan"), dtype=torch.float64)
     p_lo, p_hi = nan.clone(), nan.clone()  # p_hat at the ends of the bisection bracket (NaN: not tested)
     samples = torch.zeros(batch, dtype=torch.int64)
+    tests = torch.zeros(batch, dtype=torch.int64)
     undecided = torch.zeros(batch, dtype=torch.bool)
     at_cap = torch.zeros(batch, dtype=torch.bool)
     p0 = torch.zeros(batch, dtype=torch.float64)
@@ -194,6 +196,7 @@ def bisect_margin(test: TestFn, batch: int, *, m: float, max_radius: float, tole
     def run(step: int, idx: Tensor, radius: Tensor, n: int | None = None) -> tuple[Tensor, Tensor]:
         out = test(radius, idx, step) if n is None else test(radius, idx, step, n)
         samples[idx] += out.n
+        tests[idx] += 1
         # with refine, the capped locating tests end undecided near R by design: only a test that used
         # samples_max and still straddles m flags the point
         undecided[idx] |= (out.decision == stats.UNDECIDED) & ((out.n >= samples_max) if refine else True)
@@ -244,7 +247,7 @@ def bisect_margin(test: TestFn, batch: int, *, m: float, max_radius: float, tole
         margin = _refine(run, history, margin, lo_c, hi_c, (hi > 0) & ~at_cap, m=m, max_radius=max_radius,
                          tolerance=tolerance, rel_tolerance=rel_tolerance, rounds=refine, first_step=base_tests,
                          samples_min=samples_min, samples_max=samples_max)
-    return MarginResult(margin, lo_c, hi_c, samples, undecided, at_cap, p0, n_tests)
+    return MarginResult(margin, lo_c, hi_c, samples, undecided, at_cap, p0, n_tests, tests=tests)
 
 
 def _target_width(estimate: Tensor, tolerance: float, rel_tolerance: float | None) -> Tensor:

@@ -277,14 +277,14 @@ def test_refine_samples_follow_the_slope_and_stay_in_range():
 @pytest.mark.parametrize("k, p0", [(32, 0.80), (4, 0.80), (8, 0.99)])
 def test_refined_design_is_accurate_honest_and_cheaper_on_exact_curves(k, p0):
     """1,000 independent streams per curve (Binomial counts from the exact p(rho)): the refined design's
-    estimates have an RMS error <= 0.7% of R (its target: a standard error of half the 1% tolerance) and
-    all are within 2.5%; [lo, hi] holds R at >= the stated 95%; and it draws fewer samples than the
+    estimates have an RMS error <= 0.7% of R (its target: a standard error of half the 1% tolerance), no
+    bias to speak of, and 99% are within 2%; [lo, hi] holds R at >= the stated 95%; and it draws fewer samples than the
     design without refinement at its full sample cap."""
     p, R = ncx2_curve(k, p0)
     common = dict(m=0.5, max_radius=10.0, tolerance=0.001, rel_tolerance=0.01)
     streams = 1000
     out = {}
-    for refine, cap, stop in [(2, 2048, False), (0, 32768, True)]:
+    for refine, cap, stop in [(2, 2048, True), (0, 32768, True)]:
         schedule = stats.sample_schedule(128, cap, 4)
         test = binomial_test(p, confidence=0.95, refine=refine, schedule=schedule, seed=refine,
                              **{k_: v for k_, v in common.items() if k_ != "rel_tolerance"})
@@ -292,7 +292,9 @@ def test_refined_design_is_accurate_honest_and_cheaper_on_exact_curves(k, p0):
                                     samples_max=32768, **common)
     res = out[2]
     err = res.margin / R - 1
-    assert float(err.pow(2).mean().sqrt()) <= 0.007 and float(err.abs().max()) <= 0.025, err.abs().max()
+    assert float(err.pow(2).mean().sqrt()) <= 0.007 and abs(float(err.mean())) <= 0.002
+    # the tail: 99% within 2% (the old design's own worst streams reach 2.3-3.4% on these curves)
+    assert float(err.abs().quantile(0.99)) <= 0.02 and float(err.abs().max()) <= 0.04, err.abs().max()
     assert float(((res.lo <= R) & (res.hi >= R)).double().mean()) >= 0.95
     assert res.n_tests == n_margin_tests(10.0, 0.001, 2)
     assert float(res.samples.double().mean()) < 0.75 * float(out[0].samples.double().mean())
@@ -302,7 +304,8 @@ def test_estimate_margin_refined_with_the_oracle_attack(model):
     """The refined design through estimate_margin (attack, witness, fixed-count top-ups)."""
     exact = model.exact_margin(4.0)
     res = estimate_margin(model, copies(8), OracleAttack(), {}, r=4.0, rel_tolerance=0.01, tolerance=0.001,
-                          samples_locate=2048, refine=2, seed=5, point_ids=torch.arange(8))
+                          samples_locate=2048, refine=2, stop_when_undecided=True, seed=5,
+                          point_ids=torch.arange(8))
     assert ((res.margin - exact).abs() <= 0.02 * exact).all()
     assert (res.lo <= exact).all() and (res.hi >= exact).all()
     has = torch.isfinite(res.witness_radius)
