@@ -311,3 +311,24 @@ def test_estimate_margin_refined_with_the_oracle_attack(model):
     has = torch.isfinite(res.witness_radius)
     assert (res.witness_radius[has] == res.hi[has]).all() and (res.witness_p_hi[has] <= 0.5).all()
     assert res.n_tests == n_margin_tests(10.0, 0.001, 2)
+
+
+def test_with_refine_only_an_undecided_test_of_samples_max_flags_the_point():
+    """Locating tests end undecided near R by design (their cap is small); a top-up that used samples_max
+    and still straddles m is what marks a point undecided. The fake p(rho) is exactly m on [0.3, 3]."""
+    def test(radius, idx, step, n=None):
+        below, above = radius < 0.3, radius > 3.0
+        p = torch.where(below, 0.9, torch.where(above, 0.1, 0.5))
+        size = 64 if n is None else n
+        k = (p * size).round().long()
+        dec = torch.where(below, stats.ROBUST, torch.where(above, stats.NOT_ROBUST, stats.UNDECIDED))
+        return SequentialOutcome(dec, k, torch.full_like(k, size))
+
+    common = dict(m=0.5, max_radius=10.0, tolerance=0.001, rel_tolerance=0.01, stop_when_undecided=True)
+    flat = bisect_margin(test, 1, refine=2, samples_min=64, samples_max=4096, **common)
+    # a shallow fitted slope asks for more than samples_max; the top-ups there stay undecided
+    assert bool(flat.undecided[0]) and int(flat.samples[0]) > 4096
+    assert 0.3 <= float(flat.margin[0]) <= 3.0 and float(flat.lo[0]) <= 0.3 and float(flat.hi[0]) >= 3.0
+    roomy = bisect_margin(test, 1, refine=2, samples_min=64, samples_max=2 ** 20, **common)
+    assert not bool(roomy.undecided[0])  # its locating test (64 samples) ended undecided, but no top-up did
+    assert bool(bisect_margin(test, 1, refine=0, **common).undecided[0])  # refine 0: any capped undecided test
