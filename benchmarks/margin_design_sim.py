@@ -7,7 +7,7 @@ schedule, error budget and decision rule as :func:`robbench.margin.estimate_marg
 design (bisection, refinement, point estimate, interval) is checked in isolation: error of ``margin``
 against the exact R, coverage of [margin_lo, margin_hi], samples per point, interval width.
 
-    python benchmarks/margin_design_sim.py [--streams 2000] [--refine 0 2] [--json out.json]
+    python benchmarks/margin_design_sim.py [--streams 2000] [--seed 0] [--json out.json]
 """
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ from scipy import stats as sps
 from robbench import stats
 from robbench.margin import SequentialOutcome, bisect_margin, n_margin_tests
 
-# name: (latent dim k, r / (w s) threshold scale, sigma_max / s): p_r(rho) = P(ncx2_k(lambda) <= t),
-# lambda = (sigma_max rho / s)^2. Chosen by p(0): 0.8 (the known-answer tests), 0.55 (p0 near m: small
-# margin, shallow start), 0.99 (a steep curve far from m).
+# name: (latent dim k, p_r(x, 0)): p_r(rho) = P(ncx2_k(lambda = rho^2) <= t) with t the chi2_k quantile of
+# p_r(x, 0) (sigma_max = s = w = 1). 0.8: as in the known-answer tests; 0.55: p0 near m (small, shallow
+# margin); 0.99: a steep curve far from m.
 CURVES = {"p0=0.80,k=32": (32, 0.80), "p0=0.55,k=32": (32, 0.55), "p0=0.99,k=8": (8, 0.99),
           "p0=0.80,k=4": (4, 0.80)}
 
@@ -68,7 +68,8 @@ def run(p, *, stop_when_undecided: bool, streams: int, m: float, confidence: flo
         return SequentialOutcome(torch.from_numpy(dec), torch.from_numpy(k), torch.from_numpy(used))
 
     return bisect_margin(test, streams, m=m, max_radius=max_radius, tolerance=tolerance, rel_tolerance=rel_tolerance,
-                         stop_when_undecided=stop_when_undecided, refine=refine, samples_min=samples_initial, samples_max=samples_max)
+                         stop_when_undecided=stop_when_undecided, refine=refine, samples_min=samples_initial,
+                         samples_max=samples_max)
 
 
 def summarize(res, R: float) -> dict:

@@ -384,7 +384,8 @@ def estimate_margin(model: VAEModel, x: Tensor, attack: Attack, attack_params: d
                     r: float, m: float = 0.5, confidence: float = 0.95, max_radius: float = 10.0,
                     tolerance: float = 0.05, rel_tolerance: float | None = None,
                     samples_initial: int = 128, samples_max: int = 32768, samples_growth: int = 4,
-                    samples_locate: int | None = None, refine: int = 0, seed: int = 0, point_ids: Tensor | None = None, backend: str = "auto",
+                    samples_locate: int | None = None, refine: int = 0, seed: int = 0,
+                    point_ids: Tensor | None = None, backend: str = "auto",
                     sigma_at: str = "clean", warm_start: bool = True,
                     warm_attack_params: dict[str, Any] | None = None,
                     stop_when_undecided: bool = False) -> MarginResult:
