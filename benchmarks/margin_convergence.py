@@ -36,7 +36,8 @@ from robbench.plugins import get_registries
 from robbench.protocols import call_attack
 from robbench.runner import load_data, select_points
 
-OLD_MARGIN = {"tolerance": 0.05, "rel_tolerance": None, "warm_steps": 10}
+OLD_MARGIN = {"tolerance": 0.05, "rel_tolerance": None, "warm_steps": 10, "refine": 0, "samples_locate": None,
+              "stop_when_undecided": True}
 OLD_ATTACK = {"eta_redraw": False, "step_size": 0.5, "steps": 40}
 
 
@@ -111,7 +112,8 @@ def measure(model, x, ids, attack, attack_params, margin_params, run) -> dict[st
                           samples_initial=p["samples_initial"], samples_max=p["samples_max"],
                           samples_growth=p["samples_growth"], seed=stats.derive_seed(run["seed"], "margin"),
                           point_ids=ids, backend=run["backend"], warm_attack_params=warm,
-                          stop_when_undecided=p["stop_when_undecided"])
+                          stop_when_undecided=p["stop_when_undecided"], samples_locate=p.get("samples_locate"),
+                          refine=int(p.get("refine", 0)))
     total = time.perf_counter() - start
     margin = torch.where(res.at_cap, torch.full_like(res.margin, float("nan")), res.margin)
     return {"margin": margin.tolist(), "attack_s": timed.seconds, "attack_cpu_s": timed.cpu_seconds,

@@ -80,7 +80,9 @@ def _margin_result(ctx: EstimationContext, x: Tensor, attack: Any, attack_params
         max_radius=float(p["max_radius"]), tolerance=float(p["tolerance"]),
         rel_tolerance=None if p.get("rel_tolerance") is None else float(p["rel_tolerance"]),
         samples_initial=int(p["samples_initial"]), samples_max=int(p["samples_max"]),
-        samples_growth=int(p["samples_growth"]), seed=stats.derive_seed(run.seed, "margin"),
+        samples_growth=int(p["samples_growth"]),
+        samples_locate=None if p.get("samples_locate") is None else int(p["samples_locate"]),
+        refine=int(p.get("refine", 0)), seed=stats.derive_seed(run.seed, "margin"),
         point_ids=_ids(ctx, x), backend=run.backend, sigma_at=str(p["sigma_at"]), warm_start=bool(p["warm_start"]),
         warm_attack_params=_warm_params(attack_params, p), stop_when_undecided=bool(p["stop_when_undecided"]))
 
@@ -192,6 +194,10 @@ def _validate_margin(params: dict[str, Any]) -> None:
     if not 1 <= params["samples_initial"] <= params["samples_max"]:
         raise ValueError("need 1 <= samples_initial <= samples_max, got "
                          f"{params['samples_initial']}, {params['samples_max']}")
+    locate = params.get("samples_locate")
+    if locate is not None and not params["samples_initial"] <= locate:
+        raise ValueError(f"samples_locate must be null or >= samples_initial ({params['samples_initial']}), "
+                         f"got {locate}")
     if params["sigma_at"] not in ("clean", "perturbed"):
         raise ValueError(f"sigma_at must be 'clean' or 'perturbed', got {params['sigma_at']!r}")
 
@@ -369,7 +375,8 @@ def _sweep(ctx: EstimationContext, x: Tensor) -> list[Row]:
 # --- registration ------------------------------------------------------------------------------
 # tolerance is an absolute floor for margins near 0; rel_tolerance (1% of R) is what usually stops a point.
 MARGIN_DEFAULTS = {"max_radius": 10.0, "tolerance": 0.001, "rel_tolerance": 0.01, "samples_initial": 128,
-                   "samples_max": 32768, "samples_growth": 4, "sigma_at": "clean", "warm_start": True,
+                   "samples_max": 32768, "samples_growth": 4, "samples_locate": 2048, "refine": 2,
+                   "sigma_at": "clean", "warm_start": True,
                    "warm_steps": None, "warm_restarts": 0, "stop_when_undecided": True,
                    "keep_witness": True, "portfolio": False}
 SAMPLES = Param("int", lo=1, hi=2 ** 31)  # Monte Carlo sample counts (the RNG streams hold 2^32 samples)
@@ -378,6 +385,7 @@ RADIUS = Param("float", lo=0)
 MARGIN_CONSTRAINTS = {"max_radius": Param("float", lo=0, lo_open=True), "tolerance": Param("float", lo=0, lo_open=True),
                       "rel_tolerance": Param("float", lo=0, hi=1, lo_open=True, nullable=True),
                       "samples_initial": SAMPLES, "samples_max": SAMPLES, "samples_growth": Param("int", lo=2),
+                      "samples_locate": Param("int", lo=1, hi=2 ** 31, nullable=True), "refine": Param("int", lo=0, hi=16),
                       "sigma_at": SIGMA_AT, "warm_start": Param("bool"), "warm_steps": Param("int", lo=1, nullable=True),
                       "warm_restarts": Param("int", lo=0, nullable=True), "stop_when_undecided": Param("bool"),
                       "keep_adversarial": Param("bool"), "keep_witness": Param("bool"), "portfolio": Param("bool")}

@@ -7,14 +7,17 @@ through :func:`robbench.montecarlo.count_within`.
 Margin: R(x) = the largest rho such that the attack finds no delta with ||delta|| <= rho and p_r <= m.
 Bisection over rho for all points at once; at each radius a sequential test draws samples until a
 Clopper-Pearson bound clears m (or a cap is hit: "undecided"). The error budget alpha = 1 - confidence
-is split (Bonferroni) over every test a point can see (radius 0, the cap, each bisection step) and over
-the looks of each sequential test, so all decisions of a point hold together with probability >= 1 - alpha.
+is split (Bonferroni) over every test a point can see (radius 0, the cap, each bisection step, each
+refinement top-up) and over the looks of each sequential test, so all decisions of a point hold together
+with probability >= 1 - alpha. With ``refine`` the bisection only locates the crossing (cheap capped
+tests); fixed-count top-ups at the fitted crossing, sized from the fitted slope, then buy the accuracy of
+the point estimate (a probit-linear fit of the tests near the crossing).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -113,12 +116,15 @@ class MarginResult:
     margin: point estimate: where the straight line through (lo, p_hat(lo)) and (hi, p_hat(hi)) of the
     final bracket crosses m (the midpoint when an end has no estimate), so it lies on no dyadic grid;
     with ``stop_when_undecided`` the bracket ends at the radius whose test hit the sample cap, on the
-    side its p_hat points to. lo, hi: the interval that holds with the stated confidence *for this
-    attack* (lo moves only on a confident ROBUST decision at the attack's delta, so it is conditional on
-    the attack: a stronger attack can only lower R; hi only on a confident NOT_ROBUST one, backed by the
-    witness delta of that test); samples: decoder samples used; undecided: some test hit the sample cap
-    (its side was then guessed from the point estimate for ``margin``, but not used for lo/hi); at_cap:
-    still robust at ``max_radius``: censored, R >= max_radius (margin = lo = cap, hi = inf); p0: the
+    side its p_hat points to; with ``refine``, where the probit-linear fit of the tests near the
+    crossing crosses m (:func:`probit_crossing`), clamped into [lo, hi]. lo, hi: the interval that
+    holds with the stated confidence *for this attack* (lo moves only on a confident ROBUST decision at
+    the attack's delta, so it is conditional on the attack: a stronger attack can only lower R; hi only
+    on a confident NOT_ROBUST one, backed by the witness delta of that test); samples: decoder samples
+    used; undecided: some test hit the sample cap (with ``refine``: a test of ``samples_max`` samples,
+    i.e. a top-up at its largest size) with m inside its interval (its side was then guessed from the
+    point estimate, but not used for lo/hi); at_cap: still robust at ``max_radius``: censored,
+    R >= max_radius (margin = lo = cap, hi = inf); p0: the
     estimate of p_r(x, 0). witness_*: filled by :func:`estimate_margin` (see there).
     """
 
@@ -135,43 +141,71 @@ class MarginResult:
     witness_k: Tensor | None = None
     witness_n: Tensor | None = None
     witness_p_hi: Tensor | None = None
+    tests: Tensor | None = None  # (B,) int64: tests (so attack calls, less radius 0) each point saw
 
 
-TestFn = Callable[[Tensor, Tensor, int], SequentialOutcome]
+# test(radius (b,), idx (b,), step[, n]): n None runs the sequential schedule; an int n draws exactly n
+# samples for every point and decides once, at the error budget of one look (a refinement top-up).
+TestFn = Callable[..., SequentialOutcome]
 
 
-def n_margin_tests(max_radius: float, tolerance: float) -> int:
-    """Tests a point can see: radius 0, the cap, and ceil(log2(max_radius / tolerance)) bisections."""
+def n_margin_tests(max_radius: float, tolerance: float, refine: int = 0) -> int:
+    """Tests a point can see: radius 0, the cap, ceil(log2(max_radius / tolerance)) bisections and
+    ``refine`` refinement top-ups."""
     if tolerance <= 0 or max_radius <= 0:
         raise ValueError(f"max_radius and tolerance must be > 0, got {max_radius}, {tolerance}")
-    return 2 + max(0, math.ceil(math.log2(max_radius / tolerance)))
+    if refine < 0:
+        raise ValueError(f"refine must be >= 0, got {refine}")
+    return 2 + max(0, math.ceil(math.log2(max_radius / tolerance))) + refine
 
 
 def bisect_margin(test: TestFn, batch: int, *, m: float, max_radius: float, tolerance: float,
-                  rel_tolerance: float | None = None, stop_when_undecided: bool = False) -> MarginResult:
+                  rel_tolerance: float | None = None, stop_when_undecided: bool = False, refine: int = 0,
+                  samples_min: int = 128, samples_max: int = 32768) -> MarginResult:
     """Batched bisection driver. ``test(radius (b,), idx (b,), step)`` decides, for points ``idx``,
     whether p_r at the worst perturbation of norm <= radius exceeds m. A point stops when its bracket
     is narrower than ``tolerance`` (or ``rel_tolerance`` times its upper end), or, with
     ``stop_when_undecided``, at the first radius > 0 whose test hits the sample cap: p_r is then within
     sampling error of m there, so that radius is the point estimate, and radii closer to the margin
-    would mostly be undecided too (saving their attacks and samples)."""
-    n_tests = n_margin_tests(max_radius, tolerance)
+    would mostly be undecided too (saving their attacks and samples).
+
+    ``refine`` > 0 (the bisection then only has to *locate* the crossing): for every point with a
+    crossing inside (0, cap) whose confident interval is still wider than the target width (the larger
+    of ``tolerance`` and ``rel_tolerance`` times R), ``refine`` rounds each test one radius, the current
+    estimate, with a fixed count ``test(radius, idx, step, n)``, n chosen from the fitted slope so that
+    all rounds together give the estimate a standard error of about half the target width
+    (:func:`refine_samples`, within [samples_min, samples_max]). The estimate is then the crossing of a
+    weighted probit-linear fit of all of the point's tests near it (:func:`probit_crossing`). Each
+    top-up is one more test of the error budget (``n_margin_tests(..., refine)``); a confident decision
+    there moves lo / hi like any other."""
+    base_tests = n_margin_tests(max_radius, tolerance)
+    n_tests = base_tests + refine
     lo = torch.zeros(batch, dtype=torch.float64)
     hi = torch.full((batch,), float(max_radius), dtype=torch.float64)
     lo_c, hi_c = lo.clone(), hi.clone()
     nan = torch.full((batch,), float("nan"), dtype=torch.float64)
     p_lo, p_hi = nan.clone(), nan.clone()  # p_hat at the ends of the bisection bracket (NaN: not tested)
     samples = torch.zeros(batch, dtype=torch.int64)
+    tests = torch.zeros(batch, dtype=torch.int64)
     undecided = torch.zeros(batch, dtype=torch.bool)
     at_cap = torch.zeros(batch, dtype=torch.bool)
     p0 = torch.zeros(batch, dtype=torch.float64)
     active = torch.ones(batch, dtype=torch.bool)
+    history: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []  # (idx, radius, k, n) of every test
 
-    def run(step: int, idx: Tensor, radius: Tensor) -> tuple[Tensor, Tensor]:
-        out = test(radius, idx, step)
+    def run(step: int, idx: Tensor, radius: Tensor, n: int | None = None) -> tuple[Tensor, Tensor]:
+        out = test(radius, idx, step) if n is None else test(radius, idx, step, n)
         samples[idx] += out.n
-        undecided[idx] |= out.decision == stats.UNDECIDED
-        robust = (out.decision == stats.ROBUST) | ((out.decision == stats.UNDECIDED) & (out.p > m))
+        tests[idx] += 1
+        # with refine, the capped locating tests end undecided near R by design: only a test that used
+        # samples_max and still straddles m flags the point
+        undecided[idx] |= (out.decision == stats.UNDECIDED) & ((out.n >= samples_max) if refine else True)
+        history.append((idx, radius.double(), out.k, out.n))
+        sure_up = out.decision == stats.ROBUST
+        sure_down = out.decision == stats.NOT_ROBUST
+        lo_c[idx[sure_up]] = torch.maximum(lo_c[idx[sure_up]], radius[sure_up].double())
+        hi_c[idx[sure_down]] = torch.minimum(hi_c[idx[sure_down]], radius[sure_down].double())
+        robust = sure_up | ((out.decision == stats.UNDECIDED) & (out.p > m))
         return robust, out
 
     all_idx = torch.arange(batch)
@@ -181,11 +215,10 @@ def bisect_margin(test: TestFn, batch: int, *, m: float, max_radius: float, tole
     p_lo[:] = out.p
     fail = ~robust
     hi[fail] = 0.0
-    hi_c[out.decision == stats.NOT_ROBUST] = 0.0
     active &= robust
     # Bisection over [0, cap]; the cap itself is tested last, only for points robust at every radius so
     # far (margins are usually far below the cap, so this saves an attack at the largest radius).
-    for step in range(1, n_tests - 1):
+    for step in range(1, base_tests - 1):
         width = hi - lo
         need = width > tolerance
         if rel_tolerance is not None:
@@ -201,23 +234,127 @@ def bisect_margin(test: TestFn, batch: int, *, m: float, max_radius: float, tole
         p_hi[idx[~robust]] = out.p[~robust]
         if stop_when_undecided:
             active[idx[out.decision == stats.UNDECIDED]] = False
-        sure_up = out.decision == stats.ROBUST
-        sure_down = out.decision == stats.NOT_ROBUST
-        lo_c[idx[sure_up]] = torch.maximum(lo_c[idx[sure_up]], mid[sure_up])
-        hi_c[idx[sure_down]] = torch.minimum(hi_c[idx[sure_down]], mid[sure_down])
     idx = all_idx[active & (hi >= max_radius)]
     if idx.numel():
-        robust, out = run(n_tests - 1, idx, hi[idx].clone())
+        robust, out = run(base_tests - 1, idx, hi[idx].clone())
         ok = idx[robust]
         p_hi[idx[~robust]] = out.p[~robust]
         lo[ok] = hi[ok]
         at_cap[ok] = True
-        lo_c[idx[out.decision == stats.ROBUST]] = max_radius
-        hi_c[idx[out.decision == stats.NOT_ROBUST]] = torch.minimum(
-            hi_c[idx[out.decision == stats.NOT_ROBUST]], torch.tensor(float(max_radius), dtype=torch.float64))
     hi_c[at_cap] = float("inf")  # censored: R >= cap
-    return MarginResult(crossing(lo, hi, p_lo, p_hi, m, at_cap), lo_c, hi_c, samples, undecided, at_cap, p0,
-                        n_tests)
+    margin = crossing(lo, hi, p_lo, p_hi, m, at_cap)
+    if refine > 0:
+        margin = _refine(run, history, margin, lo_c, hi_c, (hi > 0) & ~at_cap, m=m, max_radius=max_radius,
+                         tolerance=tolerance, rel_tolerance=rel_tolerance, rounds=refine, first_step=base_tests,
+                         samples_min=samples_min, samples_max=samples_max)
+    return MarginResult(margin, lo_c, hi_c, samples, undecided, at_cap, p0, n_tests, tests=tests)
+
+
+def _target_width(estimate: Tensor, tolerance: float, rel_tolerance: float | None) -> Tensor:
+    """The bracket width the bisection aims at: max(tolerance, rel_tolerance * R) per point (B,)."""
+    width = torch.full_like(estimate, float(tolerance))
+    if rel_tolerance is not None:
+        width = torch.maximum(width, rel_tolerance * estimate.abs())
+    return width
+
+
+def _refine(run: Callable[..., tuple[Tensor, SequentialOutcome]], history: list, margin: Tensor, lo_c: Tensor,
+            hi_c: Tensor, has_crossing: Tensor, *, m: float, max_radius: float, tolerance: float,
+            rel_tolerance: float | None, rounds: int, first_step: int, samples_min: int, samples_max: int
+            ) -> Tensor:
+    """The refinement rounds of :func:`bisect_margin` (see there); returns the new estimates (B,)."""
+    batch = margin.shape[0]
+    all_idx = torch.arange(batch)
+    todo = has_crossing & ((hi_c - lo_c) > _target_width(margin, tolerance, rel_tolerance))
+    estimate = margin.clone()
+    for j in range(rounds):
+        fit = probit_crossing(*_stack(history, batch), m, estimate)
+        estimate = torch.where(torch.isfinite(fit.crossing) & todo, fit.crossing, estimate)
+        estimate = torch.minimum(torch.maximum(estimate, lo_c), hi_c.clamp(max=max_radius))
+        sd = 0.5 * _target_width(estimate, tolerance, rel_tolerance)
+        n_all = refine_samples(fit, sd, m, rounds - j, samples_min, samples_max)
+        for n in n_all[todo & (n_all > 0)].unique().tolist():
+            idx = all_idx[todo & (n_all == n)]
+            run(first_step + j, idx, estimate[idx].clone(), int(n))
+    fit = probit_crossing(*_stack(history, batch), m, estimate)
+    final = torch.where(torch.isfinite(fit.crossing) & todo, fit.crossing, margin)
+    return torch.where(todo, torch.minimum(torch.maximum(final, lo_c), hi_c.clamp(max=max_radius)), margin)
+
+
+def _stack(history: list, batch: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Dense (T, B) radius / k / n of the tests in ``history`` (NaN radius, n = 0 where a point had none)."""
+    radius = torch.full((len(history), batch), float("nan"), dtype=torch.float64)
+    k = torch.zeros((len(history), batch), dtype=torch.int64)
+    n = torch.zeros((len(history), batch), dtype=torch.int64)
+    for t, (idx, rad, kk, nn) in enumerate(history):
+        radius[t, idx], k[t, idx], n[t, idx] = rad, kk, nn
+    return radius, k, n
+
+
+class ProbitFit(NamedTuple):
+    """Per point (B,) float64: the fitted crossing of m, dp/drho there, and the standard error of the
+    fitted probit at the crossing (NaN where the fit is not usable)."""
+
+    crossing: Tensor
+    slope: Tensor
+    z_se: Tensor
+
+
+def refine_samples(fit: ProbitFit, sd: Tensor, m: float, rounds_left: int, samples_min: int, samples_max: int
+                   ) -> Tensor:
+    """Samples for one refinement round at the fitted crossing, per point (B,) int64: what is still
+    missing for a standard error ``sd`` (radius units) of the crossing, m (1 - m) / (sd * slope)^2 minus
+    the effective count the fit already holds there, shared over the rounds left; rounded up to a
+    half-octave grid of multiples of 64 (points with the same n share one test call) within
+    [samples_min, samples_max]; samples_max where the fit is unusable, 0 where nothing is missing."""
+    zc = float(stats.probit(m))
+    phi2 = math.exp(-zc * zc) / (2.0 * math.pi)
+    have = m * (1.0 - m) / (phi2 * fit.z_se.clamp_min(1e-300) ** 2)
+    need = (m * (1.0 - m) / (sd * fit.slope.abs()).clamp_min(1e-300) ** 2 - have) / rounds_left
+    need = torch.where(torch.isfinite(need), need, torch.full_like(need, float(samples_max)))
+    n = 64.0 * torch.ceil(torch.pow(2.0, torch.ceil(2.0 * torch.log2(need.clamp_min(64.0) / 64.0)) / 2.0))
+    n = n.clamp(float(samples_min), float(samples_max)).long()
+    return torch.where(need > 0, n, torch.zeros_like(n))
+
+
+def probit_crossing(radius: Tensor, k: Tensor, n: Tensor, m: float, center: Tensor, window: float = 0.25
+                    ) -> ProbitFit:
+    """Local fit of p_r(rho) near each point's crossing: weighted least squares of probit(p~) on rho,
+    p~ = (k + 1/2) / (n + 1), weights n phi(z)^2 / (p~ (1 - p~)) (the inverse delta-method variance of
+    probit(p_hat)), over the tests with |rho - center| <= window * center, widened to the nearest test
+    above center with p_hat <= m and the nearest below with p_hat > m. radius, k, n: (T, B) with NaN
+    radius / n = 0 for no test; center: (B,). The crossing is clamped into the range of the radii used;
+    NaN where fewer than two distinct radii are usable or the fitted slope is not negative."""
+    tested = torch.isfinite(radius) & (n > 0)
+    nf = n.double().clamp_min(1.0)
+    pt = (k.double() + 0.5) / (nf + 1.0)
+    # the window reaches at least to the nearest radius on each side whose p_hat is on the far side of m,
+    # so a fit misled by one noisy test still sees a sign change
+    inf = torch.full_like(radius, float("inf"))
+    above = torch.where(tested & (radius > center) & (pt <= m), radius, inf).amin(0)
+    below = torch.where(tested & (radius < center) & (pt > m), radius, -inf).amax(0)
+    lo_w = torch.minimum(center - window * center.abs(), below)
+    hi_w = torch.maximum(center + window * center.abs(), above.nan_to_num(posinf=-1.0))
+    used = tested & (radius >= lo_w) & (radius <= hi_w)
+    z = stats.probit(pt)
+    phi = torch.exp(-0.5 * z * z) / math.sqrt(2.0 * math.pi)
+    w = torch.where(used, nf * phi * phi / (pt * (1.0 - pt)), torch.zeros_like(pt))
+    x = torch.where(used, radius, torch.zeros_like(radius))
+    sw = w.sum(0).clamp_min(1e-300)
+    xm = (w * x).sum(0) / sw
+    zm = (w * z).sum(0) / sw
+    sxx = (w * (x - xm) ** 2).sum(0)
+    sxz = (w * (x - xm) * (z - zm)).sum(0)
+    zc = float(stats.probit(m))
+    nan = torch.full_like(sw, float("nan"))
+    b = torch.where(sxx > 1e-12 * sw * (xm * xm).clamp_min(1e-300), sxz / sxx.clamp_min(1e-300), nan)
+    ok = b < 0
+    # interpolation only: a shallow or noisy fit may not extrapolate beyond the radii it saw
+    lo_r, hi_r = torch.where(used, radius, inf).amin(0), torch.where(used, radius, -inf).amax(0)
+    cross = torch.where(ok, torch.minimum(torch.maximum(xm + (zc - zm) / b, lo_r), hi_r), nan)
+    slope = torch.where(ok, b * math.exp(-0.5 * zc * zc) / math.sqrt(2.0 * math.pi), nan)
+    z_se = torch.where(ok, torch.sqrt(1.0 / sw + (cross - xm) ** 2 / sxx.clamp_min(1e-300)), nan)
+    return ProbitFit(cross, slope, z_se)
 
 
 def crossing(lo: Tensor, hi: Tensor, p_lo: Tensor, p_hi: Tensor, m: float, at_cap: Tensor) -> Tensor:
@@ -247,7 +384,8 @@ def estimate_margin(model: VAEModel, x: Tensor, attack: Attack, attack_params: d
                     r: float, m: float = 0.5, confidence: float = 0.95, max_radius: float = 10.0,
                     tolerance: float = 0.05, rel_tolerance: float | None = None,
                     samples_initial: int = 128, samples_max: int = 32768, samples_growth: int = 4,
-                    seed: int = 0, point_ids: Tensor | None = None, backend: str = "auto",
+                    samples_locate: int | None = None, refine: int = 0, seed: int = 0,
+                    point_ids: Tensor | None = None, backend: str = "auto",
                     sigma_at: str = "clean", warm_start: bool = True,
                     warm_attack_params: dict[str, Any] | None = None,
                     stop_when_undecided: bool = False) -> MarginResult:
@@ -258,7 +396,9 @@ def estimate_margin(model: VAEModel, x: Tensor, attack: Attack, attack_params: d
     a sequential test then decides p_r(x, delta) > m with fresh samples (seed derived from ``seed``
     and the step). ``warm_attack_params`` override ``attack_params`` for warm-started calls.
     A point stops when its bracket is narrower than ``tolerance`` or than ``rel_tolerance`` times its
-    upper end. Radii in input-space L2 units.
+    upper end. Radii in input-space L2 units. ``samples_locate`` caps the sequential tests of the
+    bisection (default ``samples_max``); ``refine`` > 0 adds that many fixed-count top-ups at the fitted
+    crossing (see :func:`bisect_margin`), each at most ``samples_max`` samples.
 
     The upper end ``hi`` of each point's interval is backed by a witness: the delta (norm <= hi) whose
     test decided NOT_ROBUST at the smallest such radius, returned as ``witness_delta`` with that test's
@@ -267,8 +407,9 @@ def estimate_margin(model: VAEModel, x: Tensor, attack: Attack, attack_params: d
     """
     batch = x.shape[0]
     point_ids = torch.arange(batch) if point_ids is None else point_ids.cpu().long()
-    schedule = stats.sample_schedule(samples_initial, samples_max, samples_growth)
-    alpha_test = stats.split_alpha(1.0 - confidence, n_margin_tests(max_radius, tolerance))
+    locate = samples_max if samples_locate is None else min(int(samples_locate), samples_max)
+    schedule = stats.sample_schedule(samples_initial, locate, samples_growth)
+    alpha_test = stats.split_alpha(1.0 - confidence, n_margin_tests(max_radius, tolerance, refine))
     alpha_look = stats.split_alpha(alpha_test, len(schedule))
     with torch.no_grad():
         mu0, sigma0, center = latent_params(model, x, None)
@@ -278,7 +419,7 @@ def estimate_margin(model: VAEModel, x: Tensor, attack: Attack, attack_params: d
     w_k = torch.zeros(batch, dtype=torch.int64)
     w_n = torch.zeros(batch, dtype=torch.int64)
 
-    def test(radius: Tensor, idx: Tensor, step: int) -> SequentialOutcome:
+    def test(radius: Tensor, idx: Tensor, step: int, n: int | None = None) -> SequentialOutcome:
         dev_idx = idx.to(x.device)
         if step == 0:  # radius 0: no attack
             mu, sigma = mu0[dev_idx], sigma0[dev_idx]
@@ -297,8 +438,10 @@ def estimate_margin(model: VAEModel, x: Tensor, attack: Attack, attack_params: d
             with torch.no_grad():
                 mu, sigma1 = model.encode(xs + delta)
             sigma = sigma0[dev_idx] if sigma_at == "clean" else sigma1
-        out = sequential_test(model, mu, sigma, center[dev_idx], r=r, m=m, alpha=alpha_test,
-                              schedule=schedule, seed=stats.derive_seed(seed, "margin-mc", step),
+        # a top-up (n given) draws n samples and decides once, at the budget of one look
+        out = sequential_test(model, mu, sigma, center[dev_idx], r=r, m=m,
+                              alpha=alpha_test if n is None else alpha_look,
+                              schedule=schedule if n is None else [n], seed=stats.derive_seed(seed, "margin-mc", step),
                               stream_ids=point_ids[idx], backend=backend)
         # hi only ever moves down, on a NOT_ROBUST decision: keep the delta of the smallest such radius
         new = (out.decision == stats.NOT_ROBUST) & ~(w_radius[idx] <= radius)
@@ -310,7 +453,8 @@ def estimate_margin(model: VAEModel, x: Tensor, attack: Attack, attack_params: d
     if sigma_at not in ("clean", "perturbed"):
         raise ValueError(f"sigma_at must be 'clean' or 'perturbed', got {sigma_at!r}")
     res = bisect_margin(test, batch, m=m, max_radius=max_radius, tolerance=tolerance,
-                        rel_tolerance=rel_tolerance, stop_when_undecided=stop_when_undecided)
+                        rel_tolerance=rel_tolerance, stop_when_undecided=stop_when_undecided, refine=refine,
+                        samples_min=samples_initial, samples_max=samples_max)
     has = torch.isfinite(w_radius)
     res.witness_delta, res.witness_radius, res.witness_k, res.witness_n = witness, w_radius, w_k, w_n
     res.witness_p_hi = torch.where(has, stats.cp_upper(w_k, w_n.clamp(min=1), alpha_look),

@@ -284,6 +284,8 @@ def test_checked_model_is_transparent_for_valid_models():
     ("bound.p0_samples=0", "an integer >= 1 and <= 2147483648"),
     ("bound.jacobian_method=magic", "one of 'auto', 'exact', 'hutchinson'"),
     ("margin.samples_growth=1", "an integer >= 2"),
+    ("margin.refine=-1", "an integer >= 0 and <= 16"),
+    ("margin.samples_locate=0", "null or an integer >= 1"),
     ("margin.rel_tolerance=abc", "null or a number > 0 and <= 1"),
     ("margin.sigma_at=both", "one of 'clean', 'perturbed'"),
     ("margin.warm_start=3", "true or false"),
