@@ -11,7 +11,8 @@ Monte Carlo streams are common and differences come from the attack):
   steps_x10   10x pre-solve and refinement steps, 10x smaller stall tolerance and final step
   eta_x10     10x eta draws per step and for scoring
   old         the earlier attack and bisection: eta fixed for the whole call (8 draws), 40 steps cold and
-              10 warm, absolute tolerance 0.05 (kept for the cost ratio; its R is biased upwards)
+              10 warm, absolute tolerance 0.05, no screening (kept for the cost ratio; its R is biased upwards)
+  old_eta4    ``old`` with 4 fixed draws (what ``old`` ran with while the default eta_samples was 4)
 Reported per model: mean R, the change of mean R and the mean |change| of R per point relative to
 ``default`` (the convergence criterion: <= 1% when the budget is multiplied by 10), attack and Monte
 Carlo seconds, decoder samples per point. Models come from the model cache (trained when missing).
@@ -37,8 +38,8 @@ from robbench.protocols import call_attack
 from robbench.runner import load_data, select_points
 
 OLD_MARGIN = {"tolerance": 0.05, "rel_tolerance": None, "warm_steps": 10, "refine": 0, "samples_locate": None,
-              "stop_when_undecided": True}
-OLD_ATTACK = {"eta_redraw": False, "step_size": 0.5, "steps": 40}
+              "stop_when_undecided": True, "screen_samples": 0}
+OLD_ATTACK = {"eta_redraw": False, "step_size": 0.5, "steps": 40, "eta_samples": 8}
 
 
 def variants(attack_defaults: dict[str, Any]) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
@@ -47,9 +48,12 @@ def variants(attack_defaults: dict[str, Any]) -> dict[str, tuple[dict[str, Any],
     return {
         "default": ({}, {}),
         "steps_x10": ({"presolve_steps": 10 * d["presolve_steps"], "steps": 10 * d["steps"],
+                       "warm_presolve_steps": 10 * d["warm_presolve_steps"],
+                       "warm_refine_steps": 10 * d["warm_refine_steps"],
                        "stall_tol": d["stall_tol"] / 10, "min_step": d["min_step"] / 10}, {}),
         "eta_x10": ({"eta_samples": 10 * d["eta_samples"], "eval_samples": 10 * d["eval_samples"]}, {}),
         "old": (OLD_ATTACK, OLD_MARGIN),
+        "old_eta4": ({**OLD_ATTACK, "eta_samples": 4}, OLD_MARGIN),
     }
 
 
@@ -87,12 +91,12 @@ class Timed:
     def __post_init__(self) -> None:
         self.name, self.description, self.defaults = self.attack.name, self.attack.description, self.attack.defaults
 
-    def __call__(self, model, x, radius, *, params, generator, init=None, point_ids=None):
+    def __call__(self, model, x, radius, *, params, generator, init=None, point_ids=None, init_radius=None):
         start, cpu = time.perf_counter(), time.process_time()
         before = sum(model.rows.values()) if isinstance(model, Counting) else 0
         try:
             return call_attack(self.attack, model, x, radius, params=params, generator=generator, init=init,
-                               point_ids=point_ids)
+                               point_ids=point_ids, init_radius=init_radius)
         finally:
             self.seconds += time.perf_counter() - start
             self.cpu_seconds += time.process_time() - cpu
@@ -113,7 +117,8 @@ def measure(model, x, ids, attack, attack_params, margin_params, run) -> dict[st
                           samples_growth=p["samples_growth"], seed=stats.derive_seed(run["seed"], "margin"),
                           point_ids=ids, backend=run["backend"], warm_attack_params=warm,
                           stop_when_undecided=p["stop_when_undecided"], samples_locate=p.get("samples_locate"),
-                          refine=int(p.get("refine", 0)))
+                          refine=int(p.get("refine", 0)), screen_samples=int(p.get("screen_samples", 0)),
+                          screen_share=float(p.get("screen_share", 0.1)))
     total = time.perf_counter() - start
     margin = torch.where(res.at_cap, torch.full_like(res.margin, float("nan")), res.margin)
     return {"margin": margin.tolist(), "attack_s": timed.seconds, "attack_cpu_s": timed.cpu_seconds,
@@ -132,14 +137,18 @@ def compare(base: list[float], other: list[float]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     _add_run_arguments(parser)
-    parser.add_argument("--variants", default="default,steps_x10,eta_x10,old")
+    parser.add_argument("--variants", default="default,steps_x10,eta_x10,old,old_eta4")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run the variants this many times, interleaved, and keep each one's fastest run "
                              "(timings on a shared machine swing with its load; margins do not change)")
     parser.add_argument("--attack-base", default="{}", help="JSON overrides of the attack's defaults that every "
                         "variant starts from, e.g. '{\"refine_step_size\": 0.2}' (to tune the defaults)")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (1 gives the steadiest timings on a shared machine)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     cfg = config_from_args(args)
     regs = get_registries()
     from robbench.training import TrainConfig, train_or_load
@@ -187,9 +196,11 @@ def main(argv: list[str] | None = None) -> int:
             if "mean_change" in v:
                 line += f"  vs default: mean R {100 * v['mean_change']:+.2f}%  mean |dR| {100 * v['mean_abs_change']:.2f}%"
             print(line, flush=True)
-        if "old" in rec and "default" in rec:
-            d, o = rec["default"], rec["old"]
-            print(f"  attack cost default / old: wall {d['attack_s'] / o['attack_s']:.2f}x, "
+        for ref in ("old", "old_eta4"):
+            if ref not in rec or "default" not in rec:
+                continue
+            d, o = rec["default"], rec[ref]
+            print(f"  attack cost default / {ref}: wall {d['attack_s'] / o['attack_s']:.2f}x, "
                   f"cpu {d['attack_cpu_s'] / o['attack_cpu_s']:.2f}x, enc/dec rows {d['attack_rows'] / o['attack_rows']:.2f}x")
     if args.json:
         with open(args.json, "w") as f:

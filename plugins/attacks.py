@@ -172,14 +172,19 @@ class MaxDamageAttack:
 
     The default optimiser (``optimizer="pgd"``, ``eta_redraw=True``) is built to converge at a small cost:
       1. random starts are first pre-solved on the deterministic mean-decoder objective
-         (``presolve_steps``, one decoder pass per step, from steps of ``step_size`` times the radius;
-         a warm start ``init`` from ``warm_step_size``); the candidates (the warm start itself too: it
-         may have moved off the mean optimum towards the expectation's) are scored on common draws of
-         eta and the best one per point is refined;
+         (``presolve_steps``, one decoder pass per step, all starts in one batched pass, from steps of
+         ``step_size`` times the radius), and a warm start ``init`` too (``warm_presolve_steps``, from
+         ``warm_step_size``: large steps act like power iteration, which separates nearly equal top
+         directions of a linear encoder); the candidates (the warm start itself too: it may have moved off
+         the mean optimum towards the expectation's) are scored on common draws of eta and the best one
+         per point is refined;
       2. a stochastic refinement then follows the expectation objective with ``eta_samples`` fresh draws
          of eta at every step (antithetic pairs eta, -eta: their noise largely cancels where sigma
          dominates), so the iterates follow E_eta, not one fixed sample of it, from steps of
-         ``refine_step_size`` times the radius;
+         ``refine_step_size`` times the radius; a warm start (found at ``init_radius``, then rescaled) from
+         ``warm_scale`` times the relative radius change |radius / init_radius - 1| (the optimum moves
+         about as far as the radius; ``warm_refine_step_size`` when init_radius is not given), at most
+         ``warm_refine_steps`` (and ``steps``) steps;
       3. every ``check_every`` steps each point is scored on ``eval_samples`` fixed (common) draws; a
          point whose score rose by less than ``stall_tol`` (relative) returns to its best iterate and
          halves its step, and stops once the step is below ``min_step`` (fraction of the radius): so
@@ -192,10 +197,12 @@ class MaxDamageAttack:
     name: str = "max_damage"
     description: str = "maximum-damage attack (Eq. 5): push the reconstruction of x+delta away from g(mu(x))"
     defaults: dict[str, Any] = field(default_factory=lambda: {
-        "route": "both", "objective": "expectation", "eta_samples": 4, "eta_redraw": True,
-        "eval_samples": 8, "presolve_steps": 60, "presolve_min_step": 0.05, "check_every": 4, "stall_tol": 0.0,
+        "route": "both", "objective": "expectation", "eta_samples": 2, "eta_redraw": True,
+        "eval_samples": 4, "presolve_steps": 60, "presolve_min_step": 0.05, "check_every": 4, "stall_tol": 0.0,
         "min_step": 0.01,
-        **_OPT_DEFAULTS, "step_size": 2.0, "warm_step_size": 0.5, "refine_step_size": 0.25})
+        **_OPT_DEFAULTS, "step_size": 2.0, "warm_step_size": 0.5, "refine_step_size": 0.25,
+        "warm_presolve_steps": 60, "warm_refine_steps": 40, "warm_refine_step_size": 0.25,
+        "warm_scale": 1.0})
     constraints: dict[str, Param] = field(default_factory=lambda: {
         "route": Param("str", choices=ROUTES), "objective": Param("str", choices=OBJECTIVES),
         "eta_samples": Param("int", lo=1), "eta_redraw": Param("bool"), "eval_samples": Param("int", lo=1),
@@ -203,11 +210,13 @@ class MaxDamageAttack:
         "check_every": Param("int", lo=1), "stall_tol": Param("float", lo=0),
         "min_step": Param("float", lo=0, lo_open=True), **_OPT_CONSTRAINTS,
         "warm_step_size": Param("float", lo=0, lo_open=True),
-        "refine_step_size": Param("float", lo=0, lo_open=True)})
+        "refine_step_size": Param("float", lo=0, lo_open=True),
+        "warm_presolve_steps": Param("int", lo=0), "warm_refine_steps": Param("int", lo=1),
+        "warm_refine_step_size": Param("float", lo=0, lo_open=True), "warm_scale": Param("float", lo=0)})
 
     def __call__(self, model: Any, x: Tensor, radius: Tensor, *, params: dict[str, Any] | None = None,
                  generator: torch.Generator, init: Tensor | None = None,
-                 point_ids: Tensor | None = None) -> AttackResult:
+                 point_ids: Tensor | None = None, init_radius: Tensor | None = None) -> AttackResult:
         p = _merged(self.defaults, params)
         _check_choice("route", p["route"], ROUTES)
         _check_choice("objective", p["objective"], OBJECTIVES)
@@ -248,11 +257,12 @@ class MaxDamageAttack:
                 return damage(rows, xr, d, eta[:, rows] if n_eta else None)
 
             return _result(model, x, _optimise(fixed, x, radius, p, generator, init, ids, input_range(model)))
-        return _result(model, x, self._converged(damage, model, x, radius, p, generator, init, ids, expectation))
+        return _result(model, x, self._converged(damage, model, x, radius, p, generator, init, ids, expectation,
+                                                 init_radius))
 
     @staticmethod
     def _converged(damage, model: Any, x: Tensor, radius: Tensor, p: dict[str, Any], generator: torch.Generator,
-                   init: Tensor | None, ids: Tensor, expectation: bool) -> Tensor:
+                   init: Tensor | None, ids: Tensor, expectation: bool, init_radius: Tensor | None = None) -> Tensor:
         """Pre-solve, stochastic refinement and stall stopping (see the class docstring)."""
         box = input_range(model)  # every start, iterate and the result keep x + delta in the declared range
         delta = torch.zeros_like(x)
@@ -285,33 +295,52 @@ class MaxDamageAttack:
             return damage(idx[rows], xa[rows], d, eta)
 
         ia_init = None if init is None else init.to(device=x.device, dtype=x.dtype).view_as(x)[idx]
-        n_random = max(int(p["restarts"]), 0 if ia_init is not None else 1)
+        warm = ia_init is not None
+        n_random = max(int(p["restarts"]), 0 if warm else 1)
         gen_starts = torch.Generator(device=x.device).manual_seed(stats.derive_seed(base, "starts"))
-        starts = ([] if ia_init is None else [ia_init]) + [random_start(xa, ra, gen_starts, ia, box=box)
-                                                           for _ in range(n_random)]
-        knobs = {"check_every": int(p["check_every"]), "stall_tol": float(p["stall_tol"]),
-                 "min_step": float(p["min_step"]), "box": box}
+        randoms = [random_start(xa, ra, gen_starts, ia, box=box) for _ in range(n_random)]
+        knobs = {"stall_tol": float(p["stall_tol"]), "min_step": float(p["min_step"]), "box": box}
+        check = int(p["check_every"])
+        warm_step = warm_first_step(ra, None if init_radius is None else init_radius.to(ra)[idx], p)
         if not expectation:
+            starts = ([ia_init] if warm else []) + randoms
             best, _ = stall_ascent(mean_obj, mean_obj, xa, ra, starts, steps=int(p["presolve_steps"]) + int(p["steps"]),
-                                   step_size=float(p["step_size"]), **knobs)
+                                   step_size=float(p["step_size"]), check_every=check, **knobs)
         else:
-            if int(p["presolve_steps"]) > 0:
-                # A warm start is pre-solved from smaller steps (it is near the worst delta of a nearby
-                # radius) and stays a candidate itself: on a non-linear decoder the mean-decoder optimum
-                # can be a worse delta for the expectation than the previous radius's refined one.
-                pre = {**knobs, "min_step": float(p["presolve_min_step"])}  # refinement polishes further
-                solved = [stall_ascent(mean_obj, mean_obj, xa, ra, [s], steps=int(p["presolve_steps"]),
-                                       step_size=float(p["warm_step_size"] if warm else p["step_size"]), **pre)[0]
-                          for s, warm in zip(starts, [ia_init is not None] + [False] * n_random)]
-                starts = ([] if ia_init is None else [ia_init]) + solved
-            if len(starts) > 1:  # refine only the best candidate per point (scored on the common draws)
-                scores = torch.stack([evaluate(torch.arange(len(idx), device=x.device), s) for s in starts])
+            pre = {**knobs, "min_step": float(p["presolve_min_step"]), "check_every": int(p["check_every"])}
+            # Random starts are pre-solved on the deterministic mean-decoder objective (cheap: no eta);
+            # all of them in one batched pass, each start's own best kept (per_start).
+            solved = (list(stall_ascent(mean_obj, mean_obj, xa, ra, randoms, steps=int(p["presolve_steps"]),
+                                        step_size=float(p["step_size"]), per_start=True, **pre)[0].split(len(idx)))
+                      if randoms and int(p["presolve_steps"]) > 0 else randoms)
+            candidates = ([ia_init] if warm else []) + solved
+            if warm and int(p["warm_presolve_steps"]) > 0:
+                # the warm start pre-solved from smaller steps stays beside the warm start itself: on a
+                # non-linear decoder the mean-decoder optimum can be a worse delta for the expectation
+                candidates.append(stall_ascent(mean_obj, mean_obj, xa, ra, [ia_init],
+                                               steps=int(p["warm_presolve_steps"]),
+                                               step_size=float(p["warm_step_size"]), **pre)[0])
+            if len(candidates) > 1:  # refine only the best candidate per point (scored on the common draws)
+                scores = torch.stack([evaluate(torch.arange(len(idx), device=x.device), s) for s in candidates])
                 pick = scores.argmax(0)
-                starts = [torch.stack(starts)[pick, torch.arange(len(idx), device=x.device)]]
-            best, _ = stall_ascent(stochastic, evaluate, xa, ra, starts, steps=int(p["steps"]),
-                                   step_size=float(p["refine_step_size"]), **knobs)
+                candidates = [torch.stack(candidates)[pick, torch.arange(len(idx), device=x.device)]]
+            best, _ = stall_ascent(stochastic, evaluate, xa, ra, candidates,
+                                   steps=min(int(p["steps"]), int(p["warm_refine_steps"])) if warm else int(p["steps"]),
+                                   step_size=warm_step if warm else float(p["refine_step_size"]),
+                                   check_every=check, **knobs)
         delta[idx] = best.detach()
         return finalize(x, delta, radius, box=box)
+
+
+def warm_first_step(radius: Tensor, init_radius: Tensor | None, p: dict[str, Any]) -> Tensor | float:
+    """First refinement step (fraction of the radius) of a warm-started point: the optimum moves about
+    as far as the radius does, so ``warm_scale`` times the relative radius change
+    |radius / init_radius - 1|, between ``min_step`` and ``refine_step_size``; ``warm_refine_step_size``
+    itself when the previous radius is unknown. radius, init_radius: (B,)."""
+    if init_radius is None or float(p["warm_scale"]) <= 0:
+        return float(p["warm_refine_step_size"])
+    change = (radius / init_radius.clamp_min(1e-30) - 1.0).abs()
+    return (float(p["warm_scale"]) * change).clamp(min=float(p["min_step"]), max=float(p["refine_step_size"]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -84,7 +84,8 @@ def _margin_result(ctx: EstimationContext, x: Tensor, attack: Any, attack_params
         samples_locate=None if p.get("samples_locate") is None else int(p["samples_locate"]),
         refine=int(p.get("refine", 0)), seed=stats.derive_seed(run.seed, "margin"),
         point_ids=_ids(ctx, x), backend=run.backend, sigma_at=str(p["sigma_at"]), warm_start=bool(p["warm_start"]),
-        warm_attack_params=_warm_params(attack_params, p), stop_when_undecided=bool(p["stop_when_undecided"]))
+        warm_attack_params=_warm_params(attack_params, p), stop_when_undecided=bool(p["stop_when_undecided"]),
+        screen_samples=int(p["screen_samples"]), screen_share=float(p["screen_share"]))
 
 
 def _margin_rows(res: Any, x: Tensor, keep_witness: bool) -> list[Row]:
@@ -378,7 +379,7 @@ MARGIN_DEFAULTS = {"max_radius": 10.0, "tolerance": 0.001, "rel_tolerance": 0.01
                    "samples_max": 32768, "samples_growth": 4, "samples_locate": 2048, "refine": 2,
                    "sigma_at": "clean", "warm_start": True,
                    "warm_steps": None, "warm_restarts": 0, "stop_when_undecided": True,
-                   "keep_witness": True, "portfolio": False}
+                   "keep_witness": True, "portfolio": False, "screen_samples": 0, "screen_share": 0.1}
 SAMPLES = Param("int", lo=1, hi=2 ** 31)  # Monte Carlo sample counts (the RNG streams hold 2^32 samples)
 SIGMA_AT = Param("str", choices=("clean", "perturbed"))
 RADIUS = Param("float", lo=0)
@@ -388,7 +389,8 @@ MARGIN_CONSTRAINTS = {"max_radius": Param("float", lo=0, lo_open=True), "toleran
                       "samples_locate": Param("int", lo=1, hi=2 ** 31, nullable=True), "refine": Param("int", lo=0, hi=16),
                       "sigma_at": SIGMA_AT, "warm_start": Param("bool"), "warm_steps": Param("int", lo=1, nullable=True),
                       "warm_restarts": Param("int", lo=0, nullable=True), "stop_when_undecided": Param("bool"),
-                      "keep_adversarial": Param("bool"), "keep_witness": Param("bool"), "portfolio": Param("bool")}
+                      "keep_adversarial": Param("bool"), "keep_witness": Param("bool"), "portfolio": Param("bool"),
+                      "screen_samples": Param("int", lo=0), "screen_share": Param("float", lo=0, hi=1, hi_open=True)}
 
 # Leaderboard columns. ``order`` keeps the established layout: margin, bound, damage, encoder, min r, likelihood.
 # Censored margins (R >= cap) enter at the cap as lower limits: the mean is then a restricted mean (a lower

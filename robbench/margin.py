@@ -24,6 +24,7 @@ from torch import Tensor
 
 from robbench import montecarlo, stats
 from robbench.inputrange import input_range
+from robbench.projection import finalize
 from robbench.protocols import Attack, VAEModel, call_attack
 
 
@@ -388,7 +389,8 @@ def estimate_margin(model: VAEModel, x: Tensor, attack: Attack, attack_params: d
                     point_ids: Tensor | None = None, backend: str = "auto",
                     sigma_at: str = "clean", warm_start: bool = True,
                     warm_attack_params: dict[str, Any] | None = None,
-                    stop_when_undecided: bool = False) -> MarginResult:
+                    stop_when_undecided: bool = False, screen_samples: int = 0,
+                    screen_share: float = 0.1) -> MarginResult:
     """Margins of all points of x (B, *input_shape) at once, each with its own confidence interval.
 
     At each radius the attack (its own torch generator, independent of the estimation samples) looks
@@ -409,57 +411,106 @@ def estimate_margin(model: VAEModel, x: Tensor, attack: Attack, attack_params: d
     point_ids = torch.arange(batch) if point_ids is None else point_ids.cpu().long()
     locate = samples_max if samples_locate is None else min(int(samples_locate), samples_max)
     schedule = stats.sample_schedule(samples_initial, locate, samples_growth)
-    alpha_test = stats.split_alpha(1.0 - confidence, n_margin_tests(max_radius, tolerance, refine))
+    screen_schedule = [n for n in schedule if n <= screen_samples]
+    alpha_test, alpha_screen = split_screen_alpha(1.0 - confidence, n_margin_tests(max_radius, tolerance, refine),
+                                                  screen_share if screen_schedule else 0.0)
     alpha_look = stats.split_alpha(alpha_test, len(schedule))
     with torch.no_grad():
         mu0, sigma0, center = latent_params(model, x, None)
     last_delta = torch.zeros_like(x)
+    last_radius = torch.zeros(batch, dtype=torch.float64)
     witness = torch.zeros_like(x)
     w_radius = torch.full((batch,), float("nan"), dtype=torch.float64)
     w_k = torch.zeros(batch, dtype=torch.int64)
     w_n = torch.zeros(batch, dtype=torch.int64)
+    w_p_hi = torch.full((batch,), float("nan"), dtype=torch.float64)
+    screen_n = torch.zeros(batch, dtype=torch.int64)  # samples of screening tests that did not decide
 
-    def test(radius: Tensor, idx: Tensor, step: int, n: int | None = None) -> SequentialOutcome:
-        dev_idx = idx.to(x.device)
-        if step == 0:  # radius 0: no attack
-            mu, sigma = mu0[dev_idx], sigma0[dev_idx]
-            delta = torch.zeros_like(x[dev_idx])
-        else:
-            xs = x[dev_idx]
-            rad = radius.to(device=x.device, dtype=x.dtype)
-            warm = warm_start and step > 1
-            init = fit_warm_start(xs, last_delta[dev_idx], rad, input_range(model)) if warm else None
-            params = {**attack_params, **(warm_attack_params or {})} if warm else attack_params
-            gen = torch.Generator(device=x.device).manual_seed(stats.derive_seed(seed, "margin-attack", step))
-            result = call_attack(attack, model, xs, rad, params=params, generator=gen, init=init,
-                                 point_ids=point_ids[idx])
-            delta = result.delta.detach()
-            last_delta[dev_idx] = delta
-            with torch.no_grad():
-                mu, sigma1 = model.encode(xs + delta)
-            sigma = sigma0[dev_idx] if sigma_at == "clean" else sigma1
-        # a top-up (n given) draws n samples and decides once, at the budget of one look
-        out = sequential_test(model, mu, sigma, center[dev_idx], r=r, m=m,
-                              alpha=alpha_test if n is None else alpha_look,
-                              schedule=schedule if n is None else [n], seed=stats.derive_seed(seed, "margin-mc", step),
-                              stream_ids=point_ids[idx], backend=backend)
+    def record_witness(idx: Tensor, radius: Tensor, delta: Tensor, out: SequentialOutcome, a_look: float) -> None:
         # hi only ever moves down, on a NOT_ROBUST decision: keep the delta of the smallest such radius
         new = (out.decision == stats.NOT_ROBUST) & ~(w_radius[idx] <= radius)
         sel = idx[new]
         witness[sel.to(x.device)] = delta[new.to(x.device)]
         w_radius[sel], w_k[sel], w_n[sel] = radius[new].double(), out.k[new], out.n[new]
-        return out
+        w_p_hi[sel] = stats.cp_upper(out.k[new], out.n[new].clamp(min=1), a_look)
+
+    def mc_test(idx: Tensor, delta: Tensor, alpha: float, sizes: list[int], tag: str, step: int) -> SequentialOutcome:
+        dev_idx = idx.to(x.device)
+        with torch.no_grad():
+            mu, sig_pert = model.encode(x[dev_idx] + delta)
+        sigma = sigma0[dev_idx] if sigma_at == "clean" else sig_pert
+        return sequential_test(model, mu, sigma, center[dev_idx], r=r, m=m, alpha=alpha, schedule=sizes,
+                               seed=stats.derive_seed(seed, tag, step), stream_ids=point_ids[idx], backend=backend)
+
+    def test(radius: Tensor, idx: Tensor, step: int, n: int | None = None) -> SequentialOutcome:
+        dev_idx = idx.to(x.device)
+        # a top-up (n given) draws n samples and decides once, at the budget of one look
+        alpha, sizes = (alpha_test, schedule) if n is None else (alpha_look, [n])
+        if step == 0:  # radius 0: no attack
+            out = sequential_test(model, mu0[dev_idx], sigma0[dev_idx], center[dev_idx], r=r, m=m,
+                                  alpha=alpha, schedule=sizes, seed=stats.derive_seed(seed, "margin-mc", step),
+                                  stream_ids=point_ids[idx], backend=backend)
+            record_witness(idx, radius, torch.zeros_like(x[dev_idx]), out, alpha_look)
+            return out
+        xs = x[dev_idx]
+        rad = radius.to(device=x.device, dtype=x.dtype)
+        warm = warm_start and step > 1
+        box = input_range(model)
+        init = fit_warm_start(xs, last_delta[dev_idx], rad, box) if warm else None
+        attack_rows = torch.ones(len(idx), dtype=torch.bool)
+        screened = None
+        if warm and screen_schedule and n is None:
+            # Screen: the previous radius's delta rescaled costs no attack, and any delta with a confident
+            # NOT_ROBUST decision is a valid witness (hi may move down); only the rest are attacked.
+            cand = finalize(xs, init, rad, box=box)
+            screened = mc_test(idx, cand, alpha_screen, screen_schedule, "margin-screen", step)
+            attack_rows = screened.decision != stats.NOT_ROBUST
+            screen_n[idx[attack_rows]] += screened.n[attack_rows]
+            record_witness(idx[~attack_rows], radius[~attack_rows], cand[~attack_rows.to(x.device)],
+                           SequentialOutcome(screened.decision[~attack_rows], screened.k[~attack_rows],
+                                             screened.n[~attack_rows]), stats.split_alpha(alpha_screen, len(screen_schedule)))
+            # last_delta / last_radius stay those of the last attacked radius: the next warm start is an
+            # optimised delta, and its radius change is measured from where it was optimised
+        if screened is not None and not bool(attack_rows.any()):
+            return screened
+        sub = attack_rows.nonzero().squeeze(1)
+        a_idx, a_dev = idx[sub], sub.to(x.device)
+        params = {**attack_params, **(warm_attack_params or {})} if warm else attack_params
+        gen = torch.Generator(device=x.device).manual_seed(stats.derive_seed(seed, "margin-attack", step))
+        result = call_attack(attack, model, xs[a_dev], rad[a_dev], params=params, generator=gen,
+                             init=None if init is None else init[a_dev], point_ids=point_ids[a_idx],
+                             init_radius=last_radius[a_idx].to(rad) if warm else None)
+        delta = result.delta.detach()
+        last_delta[a_idx.to(x.device)] = delta
+        last_radius[a_idx] = radius[sub].double()
+        out = mc_test(a_idx, delta, alpha, sizes, "margin-mc", step)
+        record_witness(a_idx, radius[sub], delta, out, alpha_look)
+        if screened is None:
+            return out
+        merged = SequentialOutcome(screened.decision.clone(), screened.k.clone(), screened.n.clone())
+        merged.decision[sub], merged.k[sub], merged.n[sub] = out.decision, out.k, out.n
+        return merged
 
     if sigma_at not in ("clean", "perturbed"):
         raise ValueError(f"sigma_at must be 'clean' or 'perturbed', got {sigma_at!r}")
     res = bisect_margin(test, batch, m=m, max_radius=max_radius, tolerance=tolerance,
                         rel_tolerance=rel_tolerance, stop_when_undecided=stop_when_undecided, refine=refine,
                         samples_min=samples_initial, samples_max=samples_max)
-    has = torch.isfinite(w_radius)
     res.witness_delta, res.witness_radius, res.witness_k, res.witness_n = witness, w_radius, w_k, w_n
-    res.witness_p_hi = torch.where(has, stats.cp_upper(w_k, w_n.clamp(min=1), alpha_look),
-                                   torch.full_like(w_radius, float("nan")))
+    res.witness_p_hi = w_p_hi
+    res.samples = res.samples + screen_n  # screening samples of tests that went on to the attack
     return res
+
+
+def split_screen_alpha(alpha: float, n_tests: int, screen_share: float) -> tuple[float, float]:
+    """(error budget per margin test, per screening test): each of the ``n_tests`` radii a point can see may
+    also get one screening test (the previous radius's delta, before any attack), so ``screen_share`` of
+    ``alpha`` is split over ``n_tests`` screening tests and the rest over the margin tests (Bonferroni;
+    screening decisions are few and easy, so a small share costs the margin tests almost nothing)."""
+    if not 0.0 <= screen_share < 1.0:
+        raise ValueError(f"screen_share must be in [0, 1), got {screen_share}")
+    per_test = stats.split_alpha(alpha * (1.0 - screen_share), n_tests)
+    return per_test, (stats.split_alpha(alpha * screen_share, n_tests) if screen_share > 0 else 0.0)
 
 
 # --- Theorem 1 ---------------------------------------------------------------------------------

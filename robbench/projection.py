@@ -243,21 +243,22 @@ optimisation step (e.g. new eta draws), differentiable in delta; ``rows`` as for
 
 
 def stall_ascent(objective: StochasticObjective, evaluate: Objective, x: Tensor, radius: Tensor,
-                 starts: list[Tensor], *, steps: int, step_size: float, check_every: int = 4,
-                 stall_tol: float = 1e-3, min_step: float = 0.02,
+                 starts: list[Tensor], *, steps: int, step_size: float | Tensor, check_every: int = 4,
+                 stall_tol: float = 1e-3, min_step: float = 0.02, per_start: bool = False,
                  box: tuple[float, float] = (0.0, 1.0)) -> tuple[Tensor, Tensor]:
     """Projected (stochastic) gradient ascent over C(x, radius) with per-row step halving and stall stop.
 
     Steps follow ``objective`` (which may redraw its randomness at every step: the iterates then follow
     the expected objective, not one fixed sample of it), normalised L2 steps of ``alpha * radius`` and the
-    exact projection; alpha starts at ``step_size``. Every ``check_every`` steps each active row is scored
+    exact projection; alpha starts at ``step_size`` (a float, or (B,) per point). Every ``check_every`` steps each active row is scored
     with ``evaluate`` (a fixed function, e.g. common random numbers, so scores of iterates compare
     fairly). A row whose score did not beat its best by more than ``stall_tol`` (relative) goes back to
     its best iterate and halves alpha (as APGD does); it stops once alpha < ``min_step``. So a row gets
     the steps it needs, at most ``steps``, and stopped rows cost no decoder passes. Every iterate
     satisfies x + delta in ``box`` (the model's declared input range).
     starts: list of R tensors (B, *shape). Returns the best scored iterate per point over all starts
-    and its score: (delta (B, *shape), (B,)).
+    and its score: (delta (B, *shape), (B,)); with ``per_start`` every start's own best and score,
+    (delta (R * B, *shape), (R * B,)) in the order of ``starts``.
     """
     B, R = x.shape[0], len(starts)
     xr = x.repeat(R, *([1] * (x.dim() - 1)))
@@ -268,7 +269,7 @@ def stall_ascent(objective: StochasticObjective, evaluate: Objective, x: Tensor,
     with torch.no_grad():
         best_val = evaluate(rows, delta).detach()
     best = delta.detach().clone()
-    alpha = torch.full((B * R,), float(step_size), dtype=x.dtype, device=x.device)
+    alpha = torch.as_tensor(step_size, dtype=x.dtype, device=x.device).expand(B).repeat(R)  # (B * R,)
     active = alpha >= min_step
     for step in range(steps):
         idx = active.nonzero().squeeze(1)
@@ -292,6 +293,8 @@ def stall_ascent(objective: StochasticObjective, evaluate: Objective, x: Tensor,
             delta[stalled] = best[stalled]
             alpha[stalled] *= 0.5
             active &= alpha >= min_step
+    if per_start:
+        return best, best_val
     vals = best_val.view(R, B)
     pick = vals.argmax(0)
     return best[pick * B + torch.arange(B, device=x.device)], vals.max(0).values

@@ -153,8 +153,10 @@ class Attack(Protocol):
 
 def call_attack(attack: Attack, model: VAEModel, x: Tensor, rho: Tensor, *, params: dict[str, Any],
                 generator: torch.Generator, init: Tensor | None = None,
-                point_ids: Tensor | None = None) -> AttackResult:
-    """Call ``attack``, passing ``point_ids`` when its ``__call__`` accepts that keyword, and check its
+                point_ids: Tensor | None = None, init_radius: Tensor | None = None) -> AttackResult:
+    """Call ``attack``, passing ``point_ids`` and ``init_radius`` (B,) (the radius at which ``init`` was
+    found, before it was rescaled to ``rho``: lets an attack size its work to the radius change) when its
+    ``__call__`` accepts that keyword, and check its
     result (shape, finite, ||delta|| <= rho, x + delta in [0, 1]; see :mod:`robbench.checks`): an
     invalid result raises :class:`robbench.checks.PluginOutputError`."""
     kwargs: dict[str, Any] = {"params": params, "generator": generator}
@@ -162,6 +164,8 @@ def call_attack(attack: Attack, model: VAEModel, x: Tensor, rho: Tensor, *, para
         kwargs["init"] = init
     if point_ids is not None and _accepts(attack, "point_ids"):
         kwargs["point_ids"] = point_ids
+    if init is not None and init_radius is not None and _accepts(attack, "init_radius"):
+        kwargs["init_radius"] = init_radius
     result = attack(model, x, rho, **kwargs)
     from robbench.checks import check_attack_result  # the harness trusts no attack's output
     from robbench.inputrange import input_range

@@ -7,7 +7,7 @@ import torch
 from robbench_plugins.analytic import LinearGaussianVAE
 from robbench.projection import finalize, flat_norm, project_ball_box
 from robbench_plugins.attacks import (ATTACKS, LatentAttack, MaxDamageAttack, NoiseAttack, OutputAttack,
-                                      expected_damage, mean_damage, register_attacks)
+                                      expected_damage, mean_damage, register_attacks, warm_first_step)
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 FAST = {"steps": 15}
@@ -120,6 +120,26 @@ def test_deterministic_given_generator_and_warm_start_is_kept():
     # an init outside the ball is projected into it
     far = attack(model, x, radius, params={**p, "steps": 0, "restarts": 0}, generator=gen(0), init=10 * best)
     assert_feasible(x, far.delta, radius)
+
+
+def test_warm_refinement_step_follows_the_radius_change():
+    """A warm start found at init_radius is refined from warm_scale * |radius / init_radius - 1| of the
+    radius, clamped to [min_step, refine_step_size]; without init_radius from warm_refine_step_size."""
+    p = dict(MaxDamageAttack().defaults)
+    radius = torch.tensor([1.0, 1.0, 1.0, 2.0])
+    step = warm_first_step(radius, torch.tensor([1.02, 1.001, 4.0, 2.0 / 1.1]), p)
+    expected = [p["warm_scale"] * (1 / 1.02 - 1) * -1, p["min_step"], p["refine_step_size"], p["warm_scale"] * 0.1]
+    assert step.tolist() == pytest.approx(expected)
+    assert warm_first_step(radius, None, p) == p["warm_refine_step_size"]
+    # and the attack takes init_radius: a warm start at the optimum stays there with a tiny radius change
+    model = LinearGaussianVAE((1, 8, 8), 4, seed=2)
+    x = torch.full((2, 1, 8, 8), 0.5)
+    r = torch.tensor([0.3, 0.5])
+    best = model.top_direction.view(1, 1, 8, 8) * r.view(-1, 1, 1, 1)
+    res = MaxDamageAttack()(model, x, r, params={"restarts": 0}, generator=gen(0), init=best, init_radius=r * 1.01)
+    assert_feasible(x, res.delta, r)
+    cos = torch.nn.functional.cosine_similarity(res.delta.flatten(1), best.flatten(1))
+    assert (cos.abs() > 0.999).all()
 
 
 def test_bad_parameters_are_rejected():

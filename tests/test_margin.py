@@ -16,7 +16,7 @@ from robbench import stats
 from robbench_plugins.analytic import LinearGaussianVAE
 from robbench.jacobian import jacobian_frobenius
 from robbench.margin import (bisect_margin, estimate_margin, estimate_probability, n_margin_tests,
-                             SequentialOutcome, sequential_test, latent_params, theorem1_bound)
+                             SequentialOutcome, sequential_test, latent_params, split_screen_alpha, theorem1_bound)
 from robbench.protocols import AttackResult
 
 
@@ -164,6 +164,46 @@ def test_warm_start_is_passed_and_shrunk(model):
     for radius, init_norm in seen[1:]:
         assert init_norm is not None and (init_norm <= radius + 1e-5).all()
         assert (init_norm > 0).all()
+
+
+def test_screening_skips_attacks_where_the_previous_delta_is_already_a_witness(model):
+    """With screen_samples, a radius first tests the previous radius's delta rescaled: points it already
+    shows NOT_ROBUST are not attacked. The intervals still contain the exact margin, every witness backs
+    its radius (norm <= radius, CP upper bound <= m), and warm calls learn the radius of their init."""
+    calls: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []
+
+    class Counting(OracleAttack):
+        def __call__(self, model, x, radius, *, params, generator, init=None, init_radius=None):
+            calls.append((x.shape[0], radius.clone(), None if init_radius is None else init_radius.clone()))
+            return super().__call__(model, x, radius, params=params, generator=generator, init=init)
+
+    exact = model.exact_margin(4.0)
+    kw = dict(r=4.0, confidence=0.95, tolerance=0.05, samples_initial=256, samples_max=2 ** 13, seed=1,
+              point_ids=torch.arange(4))
+    plain = estimate_margin(model, copies(4), Counting(), {}, **kw)
+    attacked_plain, calls_plain = sum(c[0] for c in calls), list(calls)
+    calls.clear()
+    screened = estimate_margin(model, copies(4), Counting(), {}, screen_samples=256, **kw)
+    assert sum(c[0] for c in calls) < attacked_plain  # some radii needed no attack
+    for res in (plain, screened):
+        assert (res.lo <= exact).all() and (res.hi >= exact).all()
+        assert ((res.margin - exact).abs() <= 0.05 * exact).all()
+        has = torch.isfinite(res.witness_radius)
+        assert has.all()
+        assert (res.witness_delta.flatten(1).norm(dim=1)[has].double() <= res.witness_radius[has] + 1e-9).all()
+        assert (res.witness_p_hi[has] <= 0.5).all()
+    # the first (cold) call has no init; warm calls get the radius their init was found at, not their own
+    assert calls_plain[0][2] is None
+    assert all(ir is not None and not torch.equal(ir.to(rad), rad) for _, rad, ir in calls_plain[1:])
+
+
+def test_screen_alpha_split_keeps_the_total_error_budget():
+    per_test, per_screen = split_screen_alpha(0.05, 12, 0.1)
+    assert per_test * 12 + per_screen * 12 == pytest.approx(0.05)
+    assert per_screen == pytest.approx(0.005 / 12)
+    assert split_screen_alpha(0.05, 12, 0.0) == (pytest.approx(0.05 / 12), 0.0)
+    with pytest.raises(ValueError, match="screen_share"):
+        split_screen_alpha(0.05, 12, 1.0)
 
 
 # --- Theorem 1 ---------------------------------------------------------------------------------
