@@ -197,8 +197,8 @@ class MaxDamageAttack:
     name: str = "max_damage"
     description: str = "maximum-damage attack (Eq. 5): push the reconstruction of x+delta away from g(mu(x))"
     defaults: dict[str, Any] = field(default_factory=lambda: {
-        "route": "both", "objective": "expectation", "eta_samples": 2, "eta_redraw": True,
-        "eval_samples": 4, "presolve_steps": 60, "presolve_min_step": 0.05, "check_every": 4, "stall_tol": 0.0,
+        "route": "both", "objective": "expectation", "eta_samples": 4, "eta_redraw": True,
+        "eval_samples": 8, "presolve_steps": 60, "presolve_min_step": 0.05, "check_every": 4, "stall_tol": 0.0,
         "min_step": 0.01,
         **_OPT_DEFAULTS, "step_size": 2.0, "warm_step_size": 0.5, "refine_step_size": 0.25,
         "warm_presolve_steps": 60, "warm_refine_steps": 40, "warm_refine_step_size": 0.25,

@@ -145,8 +145,7 @@ def test_attack_based_results_do_not_depend_on_batching():
     # converged attack's stall stopping takes another path on last-bit differences of the matrix products.
     for key in ("margin_lo", "margin_hi", "samples"):
         assert margins.column(key) == alone.select(estimator="margin").column(key)
-    # (4.3% at most here with 2 eta draws per step; the bracket ends' p_hat move, never the decisions)
-    assert margins.column("margin") == pytest.approx(alone.select(estimator="margin").column("margin"), rel=0.05)
+    assert margins.column("margin") == pytest.approx(alone.select(estimator="margin").column("margin"), rel=0.03)
     assert together.select(estimator="damage").column("damage") == pytest.approx(
         alone.select(estimator="damage").column("damage"), rel=1e-5)
 
