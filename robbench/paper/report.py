@@ -10,6 +10,7 @@ A figure whose data the run lacks is replaced by a line saying which estimator/c
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import json
 import math
@@ -266,6 +267,49 @@ def degradation_pairs(data: RunData) -> dict[str, list[tuple[float, float]]]:
     return dict(sorted(out.items(), key=lambda kv: label_sort_key(kv[0])))
 
 
+@dataclass
+class RowGroups:
+    """The rows split by what they measure: ``main`` (the most common run seed and training settings:
+    every figure, the leaderboard and the claims), ``retest`` (the main training settings with another run
+    seed: the same points measured again with independent streams) and ``variants`` (other training
+    settings, by a description of how they differ, e.g. "epochs 60, patience 5")."""
+
+    main: list[ResultRow]
+    retest: list[ResultRow] = field(default_factory=list)
+    variants: dict[str, list[ResultRow]] = field(default_factory=dict)
+
+
+def _train_difference(train: dict[str, Any], main: dict[str, Any]) -> str:
+    keys = sorted(k for k in set(train) | set(main) if train.get(k) != main.get(k))
+    return ", ".join(f"{k} {train.get(k)}" for k in keys) or "as the main runs"
+
+
+def split_rows(data: RunData) -> RowGroups:
+    """Split ``data.rows`` by (run seed, training settings) of the run that wrote them (see RowGroups).
+    Rows whose run configuration was not recorded count as main."""
+    def setup(row: ResultRow) -> tuple[Any, str]:
+        cfg = data.job_config.get(row.job_key)
+        if cfg is None:
+            return None, "null"
+        return cfg.get("seed"), json.dumps(cfg.get("train") or {}, sort_keys=True)
+
+    counts: dict[tuple[Any, str], int] = defaultdict(int)
+    for row in data.rows:
+        counts[setup(row)] += 1
+    main_seed, main_train = max(counts, key=lambda k: (counts[k], str(k)))
+    groups = RowGroups([])
+    for row in data.rows:
+        seed, train = setup(row)
+        if seed is None or (seed, train) == (main_seed, main_train):
+            groups.main.append(row)
+        elif train == main_train:
+            groups.retest.append(row)
+        else:
+            name = _train_difference(json.loads(train), json.loads(main_train))
+            groups.variants.setdefault(name, []).append(row)
+    return groups
+
+
 def claim_rows(data: RunData) -> list[ResultRow]:
     """The rows the claims read: likelihood rows only at each model's largest attack radius (the paper's
     claim is about large L; results at several radii must not be pooled)."""
@@ -489,11 +533,17 @@ def build_blocks(data: RunData, out_dir: Path) -> tuple[list[Block], list[Claim]
                          "Theoretical Understanding of the Robustness of Variational Autoencoders”."),
               Block("table", head=["run directory", "models", "attacks", "estimators", "points", "seeds",
                                    "r, m", "epochs", "runs"], cells=_config_summary(data))]
-    claims = check_claims(claim_rows(data))
+    groups = split_rows(data)
+    extra = len(data.rows) - len(groups.main)
+    data = dataclasses.replace(data, rows=groups.main)  # figures and the leaderboard: the main runs only
+    claims = check_claims(claim_rows(data), retest=groups.retest, variants=groups.variants)
     blocks += [Block("h2", "The paper's claims in this run"),
                Block("p", "Verdicts are computed from the stored results: per-configuration means with 95% "
                           "Student-t intervals, Spearman rank correlations over points, paired differences. "
-                          "See robbench/paper/claims.py for the exact rules."),
+                          "See robbench/paper/claims.py for the exact rules."
+                          + (f" {extra} rows of retest runs (another run seed: {len(groups.retest)}) and of other "
+                             f"training settings ({', '.join(sorted(groups.variants)) or 'none'}) enter the claims "
+                             "only; figures and the leaderboard show the main runs." if extra else "")),
                Block("table", head=["claim", "verdict", "evidence"],
                      cells=[[c.statement, c.verdict, c.evidence] for c in claims])]
     blocks += [Block("h2", "Figures")]
