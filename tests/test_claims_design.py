@@ -154,3 +154,25 @@ def test_report_splits_retest_and_training_variants_from_the_main_runs(tmp_path:
     assert by_key["R_tau_paired[epochs 60, patience 5]"].verdict == "supported"
     assert by_key["R_tau_paired"].verdict == "not tested in this run"  # the main runs have no tau family
     assert all("reliability_R" in t for t in by_key["bound"].table)
+
+
+def test_point_seed_remeasures_the_same_points_with_other_streams(tmp_path: Path) -> None:
+    """A retest run (seed 1, point_seed 0) evaluates exactly the points of the seed-0 run; its Monte Carlo
+    streams differ (p0 of the bound differs at the same points); seed 1 alone picks other points."""
+    from rich.console import Console
+
+    from robbench.config import build_config
+    from robbench.plugins import get_registries
+    from robbench.runner import Runner
+
+    regs = get_registries()
+    stored = {}
+    for name, over in (("a", {"seed": 0}), ("b", {"seed": 1, "point_seed": 0}), ("c", {"seed": 1})):
+        cfg = build_config({"models": ["linear_gaussian"], "estimators": ["bound"], "points": 6,
+                            "estimator_params": {"bound": {"p0_samples": 64}}, **over})
+        Runner(cfg, regs, tmp_path / name, console=Console(quiet=True), progress=False).run().close()
+        store = ResultStore.open_existing(tmp_path / name)
+        stored[name] = {r.point_id: r.metrics["p0"] for r in store.rows()}
+        store.close()
+    assert set(stored["a"]) == set(stored["b"]) != set(stored["c"])
+    assert any(stored["a"][k] != stored["b"][k] for k in stored["a"])
