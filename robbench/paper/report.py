@@ -159,7 +159,9 @@ def recon_examples(data: RunData) -> dict[str, list[figures.ReconExample]]:
 
 
 def sweep_groups(data: RunData) -> dict[str, dict[str, list[figures.SweepCurve]]]:
-    """family -> model -> one SweepCurve per (seed, point) from the sweep estimator (preferred attack)."""
+    """panel title -> model -> one SweepCurve per (seed, point) from the sweep estimator. The title is the
+    model family; where a family was swept along several attacks' directions (e.g. max_damage and the
+    random ``noise`` direction of paper Fig. 7 left), one panel per attack, titled "family — attack"."""
     rows = [r for r in data.ok if r.estimator == "sweep" and isinstance(r.metrics.get("sweep_p"), list)]
     margins = point_values(data.ok, "margin", ("margin",))
     per_model: dict[str, list[ResultRow]] = defaultdict(list)
@@ -167,16 +169,19 @@ def sweep_groups(data: RunData) -> dict[str, dict[str, list[figures.SweepCurve]]
         per_model[row.model].append(row)
     out: dict[str, dict[str, list[figures.SweepCurve]]] = {}
     for family, models in _by_family(list(per_model)).items():
-        group = {}
-        for model in models:
-            attacks = {r.attack for r in per_model[model]}
-            want = preferred_attack(attacks)
-            chosen = sorted((r for r in per_model[model] if r.attack == want), key=lambda r: (r.model_seed, r.point_id))
-            group[model] = [figures.SweepCurve(
-                norms=r.metrics["sweep_norms"], p=r.metrics["sweep_p"], lo=r.metrics.get("sweep_p_lo"),
-                hi=r.metrics.get("sweep_p_hi"), crossing=r.metrics.get("sweep_crossing"),
-                margin=margins.get(model, {}).get((r.model_seed, r.point_id))) for r in chosen]
-        out[family] = group
+        attacks = sorted({r.attack for model in models for r in per_model[model]},
+                         key=lambda a: (a != preferred_attack({r.attack for m in models for r in per_model[m]}), a))
+        for attack in attacks:
+            group = {}
+            for model in models:
+                chosen = sorted((r for r in per_model[model] if r.attack == attack),
+                                key=lambda r: (r.model_seed, r.point_id))
+                if chosen:
+                    group[model] = [figures.SweepCurve(
+                        norms=r.metrics["sweep_norms"], p=r.metrics["sweep_p"], lo=r.metrics.get("sweep_p_lo"),
+                        hi=r.metrics.get("sweep_p_hi"), crossing=r.metrics.get("sweep_crossing"),
+                        margin=margins.get(model, {}).get((r.model_seed, r.point_id))) for r in chosen]
+            out[family if len(attacks) == 1 else f"{family} — {attack} direction"] = group
     return out
 
 
@@ -449,7 +454,9 @@ FIGURES = [
     FigureSpec("fig5_7left_sweep", "Fig. 5 / 7-left — p_r versus ‖δ‖ along a fixed direction",
                "For a fixed input and attack direction, the probability that a reconstruction falls within r of "
                "g(μ(x)) as the perturbation grows; the dashed line is m, the dotted verticals mark where p_r falls "
-               "to m (the margin R along that direction).",
+               "to m (the margin R along that direction); triangles: the margin R of the margin estimator (the worst "
+               "direction its attack found). Panels titled “— noise direction” follow a random direction (attack "
+               "noise), as the paper's Fig. 7 left.",
                "estimator sweep (with an attack, e.g. max_damage)", _draw_sweeps),
     FigureSpec("fig6abc_bound_vs_margin", "Fig. 6 a–c — Theorem 1 bound versus empirical margin",
                "Each dot is a network–input pair; orange: least-squares line; red: y = x (points above it "
