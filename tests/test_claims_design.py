@@ -154,6 +154,11 @@ def test_report_splits_retest_and_training_variants_from_the_main_runs(tmp_path:
     assert by_key["R_tau_paired[epochs 60, patience 5]"].verdict == "supported"
     assert by_key["R_tau_paired"].verdict == "not tested in this run"  # the main runs have no tau family
     assert all("reliability_R" in t for t in by_key["bound"].table)
+    tables = {b.text: b for b in blocks if b.kind == "h3"}
+    assert "Bound and margin within each configuration" in tables
+    assert any("Paired by seed" in t and "epochs 60, patience 5" in t for t in tables)
+    detail = next(b for b in blocks if b.kind == "table" and b.head and b.head[-1] == "seed 4")
+    assert detail.cells[-1][2] == "0.220 [0.200, 0.240]" and detail.cells[-1][3] == "5/5"
 
 
 def test_point_seed_remeasures_the_same_points_with_other_streams(tmp_path: Path) -> None:

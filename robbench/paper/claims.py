@@ -261,7 +261,7 @@ def paired_trend_claim(rows: list[ResultRow], *, key: str, statement: str, famil
         table.append({"config": f"{family}({param}={lv:g})", param: lv, "seeds": len(seeds),
                       "mean": sum(mean_of[(lv, s)] for s in seeds) / len(seeds), "diff": d_mean, "diff_lo": d_lo,
                       "diff_hi": d_hi, "seeds_up": sum(d * direction > 0 for d in diffs),
-                      "per_seed": [mean_of[(lv, s)] for s in seeds]})
+                      "per_seed": [mean_of[(lv, s)] for s in seeds], "seed_ids": list(seeds)})
     slopes = [_slope(levels, [mean_of[(lv, s)] for lv in levels]) for s in seeds]
     s_mean, s_lo, s_hi = mean_ci(slopes)
     p_value = _one_sample_p(slopes)

@@ -553,6 +553,7 @@ def build_blocks(data: RunData, out_dir: Path) -> tuple[list[Block], list[Claim]
                              "only; figures and the leaderboard show the main runs." if extra else "")),
                Block("table", head=["claim", "verdict", "evidence"],
                      cells=[[c.statement, c.verdict, c.evidence] for c in claims])]
+    blocks += _claim_detail_blocks(claims)
     blocks += [Block("h2", "Figures")]
     for spec in FIGURES:
         blocks.append(Block("h3", spec.title))
@@ -571,6 +572,45 @@ def build_blocks(data: RunData, out_dir: Path) -> tuple[list[Block], list[Claim]
                           "seeds, and the means of the other estimators.")]
     blocks += _leaderboard_blocks(data)
     return blocks, claims
+
+
+def _num(value: Any, spec: str = ".2f") -> str:
+    return "—" if not isinstance(value, (int, float)) or not math.isfinite(value) else format(value, spec)
+
+
+def _claim_detail_blocks(claims: list[Claim]) -> list[Block]:
+    """Per-configuration tables behind the bound claim (reliability, corrected ρ, ρ with each factor) and
+    behind the paired τ claims (per-seed means and paired differences)."""
+    from robbench.paper.claims import BOUND_FACTORS
+
+    blocks: list[Block] = []
+    bound = next((c for c in claims if c.key == "bound" and c.table), None)
+    if bound is not None:
+        head = ["configuration", "n", "ρ(bound, R)", "rel(R)", "rel(bound)", "ρ corrected"]
+        head += [f"ρ(R, {label})" for _, label in BOUND_FACTORS]
+        cells = [[t["config"], str(t["n"]), _num(t["pearson"]), _num(t.get("reliability_R")),
+                  _num(t.get("reliability_bound")), _num(t.get("pearson_corrected"))]
+                 + [_num(t.get(f"pearson_{name}")) for name, _ in BOUND_FACTORS] for t in bound.table]
+        blocks += [Block("h3", "Bound and margin within each configuration"),
+                   Block("p", "Pearson correlations over the configuration's points (networks × inputs). rel: "
+                              "test–retest reliability, the correlation between two measurements of the same "
+                              "points with independent attack and Monte Carlo streams (— where no retest ran); "
+                              "ρ corrected = ρ / √(rel(R) · rel(bound)). The last columns correlate R with each "
+                              "factor of the bound min σ · (Φ⁻¹(p0) − Φ⁻¹(m)) / ‖J_μ‖_F."),
+                   Block("table", head=head, cells=cells)]
+    for claim in claims:
+        if not claim.key.startswith(("R_tau_paired", "sweep_noise_tau")) or not claim.table:
+            continue
+        seeds = claim.table[0]["seeds"]
+        head = ["configuration", "mean", "paired Δ (95% CI over seeds)", "seeds up"] + [
+            f"seed {s}" for s in claim.table[0]["seed_ids"]]
+        cells = [[t["config"], _num(t["mean"], ".3f"),
+                  "—" if t is claim.table[0] else f"{_num(t['diff'], '.3f')} [{_num(t['diff_lo'], '.3f')}, "
+                                                  f"{_num(t['diff_hi'], '.3f')}]",
+                  "—" if t is claim.table[0] else f"{t['seeds_up']}/{seeds}"]
+                 + [_num(v, ".3f") for v in t["per_seed"]] for t in claim.table]
+        blocks += [Block("h3", f"Paired by seed: {claim.statement}"), Block("table", head=head, cells=cells)]
+    return blocks
 
 
 # --- rendering ---------------------------------------------------------------------------------------
