@@ -134,7 +134,7 @@ def _record(store: ResultStore, rows: list[ResultRow], **config) -> None:
 
 
 def test_report_splits_retest_and_training_variants_from_the_main_runs(tmp_path: Path) -> None:
-    from robbench.paper.report import build_blocks, load_runs, split_rows
+    from robbench.paper.report import build_blocks, load_runs, main_models, split_rows
 
     rng = random.Random(3)
     main = _bound_rows(rng, 2.0, "a", points=80)
@@ -144,10 +144,13 @@ def test_report_splits_retest_and_training_variants_from_the_main_runs(tmp_path:
                             ("long", long, {"train": {"epochs": 60, "patience": 5}})):
         store = ResultStore(tmp_path / name)
         _record(store, rows, **cfg)
+        store.record_model(f"key-{name}", "sigma_offset_vae(tau=0.0)", 0, {"test_elbo": -120.0 if name == "long" else -130.0})
         store.close()
     data = load_runs(tmp_path)
     groups = split_rows(data)
     assert len(groups.main) == len(main) and len(groups.retest) == len(retest)
+    # the leaderboard's test ELBO must not average in the models trained otherwise (same label)
+    assert set(main_models(data, groups.main_train)) == {"key-main", "key-retest"}
     assert list(groups.variants) == ["epochs 60, patience 5"] and len(groups.variants["epochs 60, patience 5"]) == len(long)
     blocks, claims = build_blocks(data, tmp_path / "out")
     by_key = {c.key: c for c in claims}

@@ -47,6 +47,7 @@ class RunData:
     dir_configs: dict[Path, list[dict[str, Any]]] = field(default_factory=dict)  # run dir -> its RunConfigs
     job_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # job key -> merged estimator params
     columns: dict[str, list[Any]] = field(default_factory=dict)  # estimator -> recorded leaderboard columns
+    model_dirs: dict[str, Path] = field(default_factory=dict)  # model_key -> the run dir that recorded it
 
     @property
     def ok(self) -> list[ResultRow]:
@@ -75,7 +76,9 @@ def load_runs(path: Path) -> RunData:
                 key = (row.job_key, row.point_id)
                 if key not in rows or (rows[key].status != "ok" and row.status == "ok"):
                     rows[key] = row
-            data.models.update(store.models())
+            models = store.models()
+            data.models.update(models)
+            data.model_dirs.update({key: run_dir for key in models})
             data.job_params.update({key: job["params"] for key, job in store.job_params().items()})
             data.columns.update(store.columns())
             for run in store.runs():
@@ -282,6 +285,7 @@ class RowGroups:
     main: list[ResultRow]
     retest: list[ResultRow] = field(default_factory=list)
     variants: dict[str, list[ResultRow]] = field(default_factory=dict)
+    main_train: str = "null"  # the main runs' training settings (JSON)
 
 
 def _train_difference(train: dict[str, Any], main: dict[str, Any]) -> str:
@@ -302,7 +306,7 @@ def split_rows(data: RunData) -> RowGroups:
     for row in data.rows:
         counts[setup(row)] += 1
     main_seed, main_train = max(counts, key=lambda k: (counts[k], str(k)))
-    groups = RowGroups([])
+    groups = RowGroups([], main_train=main_train)
     for row in data.rows:
         seed, train = setup(row)
         if seed is None or (seed, train) == (main_seed, main_train):
@@ -313,6 +317,15 @@ def split_rows(data: RunData) -> RowGroups:
             name = _train_difference(json.loads(train), json.loads(main_train))
             groups.variants.setdefault(name, []).append(row)
     return groups
+
+
+def main_models(data: RunData, main_train: str) -> dict[str, dict[str, Any]]:
+    """The trained models of run directories that ran with the main training settings (a directory of
+    another training setting, e.g. tau_long, holds models with the same labels but other test ELBOs)."""
+    def main_dir(run_dir: Path | None) -> bool:
+        configs = data.dir_configs.get(run_dir, []) if run_dir is not None else []
+        return not configs or any(json.dumps(c.get("train") or {}, sort_keys=True) == main_train for c in configs)
+    return {key: info for key, info in data.models.items() if main_dir(data.model_dirs.get(key))}
 
 
 def claim_rows(data: RunData) -> list[ResultRow]:
@@ -542,7 +555,8 @@ def build_blocks(data: RunData, out_dir: Path) -> tuple[list[Block], list[Claim]
                                    "r, m", "epochs", "runs"], cells=_config_summary(data))]
     groups = split_rows(data)
     extra = len(data.rows) - len(groups.main)
-    data = dataclasses.replace(data, rows=groups.main)  # figures and the leaderboard: the main runs only
+    # figures and the leaderboard: the main runs only (models trained otherwise have the same labels)
+    data = dataclasses.replace(data, rows=groups.main, models=main_models(data, groups.main_train))
     claims = check_claims(claim_rows(data), retest=groups.retest, variants=groups.variants)
     blocks += [Block("h2", "The paper's claims in this run"),
                Block("p", "Verdicts are computed from the stored results: per-configuration means with 95% "
