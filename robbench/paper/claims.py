@@ -23,6 +23,14 @@ Verdicts:
   within one configuration is >= 0.5 too; *partly supported* when the pooled rho > 0 with p < 0.05;
   otherwise *not supported*. Identical configurations reached by two families (the sigma-offset VAE with
   tau = 0 is the beta = 1 VAE: same networks, same numbers) are counted once in the pooled statistics.
+  With retest rows (the same points and networks measured with another run seed) the within-configuration
+  rho is corrected for attenuation, rho / sqrt(rel_R * rel_bound), each reliability being the Pearson
+  correlation between the two measurements (:mod:`robbench.paper.reliability`), and the median corrected
+  rho replaces the median rho in the rule. R's correlation with each factor of the bound is reported.
+- trends paired by training seed (tau): each configuration's network is paired with the lowest level's
+  network of the same seed; *supported* when a one-sample t test of the per-seed slopes (mean R on the
+  parameter) is significant (p < 0.05) in the claimed direction, *partly supported* when their mean has
+  the claimed sign, otherwise *not supported* (:func:`paired_trend_claim`).
 """
 from __future__ import annotations
 
