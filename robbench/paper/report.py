@@ -172,8 +172,9 @@ def sweep_groups(data: RunData) -> dict[str, dict[str, list[figures.SweepCurve]]
         per_model[row.model].append(row)
     out: dict[str, dict[str, list[figures.SweepCurve]]] = {}
     for family, models in _by_family(list(per_model)).items():
-        attacks = sorted({r.attack for model in models for r in per_model[model]},
-                         key=lambda a: (a != preferred_attack({r.attack for m in models for r in per_model[m]}), a))
+        present = {r.attack for model in models for r in per_model[model]}
+        first = preferred_attack(present)
+        attacks = sorted(present, key=lambda a: (a != first, a))
         for attack in attacks:
             group = {}
             for model in models:
@@ -305,6 +306,8 @@ def split_rows(data: RunData) -> RowGroups:
     counts: dict[tuple[Any, str], int] = defaultdict(int)
     for row in data.rows:
         counts[setup(row)] += 1
+    if not counts:
+        return RowGroups([])
     main_seed, main_train = max(counts, key=lambda k: (counts[k], str(k)))
     groups = RowGroups([], main_train=main_train)
     for row in data.rows:
