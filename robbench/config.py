@@ -64,6 +64,9 @@ class RunConfig:
     point_batch: int = 25
     keep_arrays: int = 8  # points per job whose tensors (adversarial inputs, ...) are kept for reports
     seed: int = _RUN.seed
+    # Seed of the point selection alone; None: ``seed``. A second run with another ``seed`` and the same
+    # ``point_seed`` re-measures the same points with independent attack and Monte Carlo streams (test-retest).
+    point_seed: int | None = None
     model_seeds: list[int] = field(default_factory=lambda: [0])
     r: float = _RUN.r  # output-space radius of r-robustness
     m: float = _RUN.m
@@ -77,6 +80,10 @@ class RunConfig:
     model_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     attack_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     estimator_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def points_seed(self) -> int:
+        """The seed that selects the evaluation points: ``point_seed``, else ``seed``."""
+        return self.seed if self.point_seed is None else self.point_seed
 
     def run_settings(self) -> RunSettings:
         """The run-wide settings every estimator sees as ``ctx.run``."""
@@ -217,6 +224,7 @@ def _check_types(cfg: RunConfig) -> None:
     need(_is_int(cfg.keep_arrays) and cfg.keep_arrays >= 0, "keep_arrays", cfg.keep_arrays,
          "a non-negative integer")
     need(_is_int(cfg.seed), "seed", cfg.seed, "an integer")
+    need(cfg.point_seed is None or _is_int(cfg.point_seed), "point_seed", cfg.point_seed, "null or an integer")
     need(isinstance(cfg.model_seeds, list) and cfg.model_seeds and all(_is_int(s) for s in cfg.model_seeds),
          "model_seeds", cfg.model_seeds, "a non-empty list of integers")
     need(_is_number(cfg.r) and math.isfinite(cfg.r) and cfg.r > 0, "r", cfg.r, "a finite positive number")

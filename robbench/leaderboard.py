@@ -172,6 +172,8 @@ def _aggregate(col: MetricColumn, rows: list[ResultRow], ok: list[ResultRow], co
         return _summary(col, rows, confidence)
     if col.aggregation == "count_true":
         return {col.key: sum(bool(r.metrics.get(col.metric)) for r in rows)}
+    if col.aggregation == "tally":
+        return _tally(col, rows)
     if col.aggregation == "count_missing":
         return {col.key: sum(_number(r.metrics.get(col.metric)) is None and not _infinite(col, r) for r in rows)}
     # pearson / slope / ratio / count_above against another estimator's metric, point by point
@@ -190,6 +192,19 @@ def _aggregate(col: MetricColumn, rows: list[ResultRow], ok: list[ResultRow], co
     if _number(fit.pearson) is None:
         return {}
     return {col.key: fit.pearson if col.aggregation == "pearson" else fit.slope}
+
+
+def _tally(col: MetricColumn, rows: list[ResultRow]) -> dict[str, Any]:
+    """"a 14, b 11": points per distinct text value, most frequent first; {} when there is none or every
+    value is the row's own attack label (a single attack, not a portfolio)."""
+    counts: dict[str, int] = defaultdict(int)
+    for r in rows:
+        value = r.metrics.get(col.metric)
+        if isinstance(value, str):
+            counts[value] += 1
+    if not counts or set(counts) <= {r.attack for r in rows}:
+        return {}
+    return {col.key: ", ".join(f"{v} {n}" for v, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))}
 
 
 def _infinite(col: MetricColumn, row: ResultRow) -> bool:

@@ -221,7 +221,8 @@ class EstimationContext:
 ARRAYS_KEY = "_arrays"
 
 
-AGGREGATIONS = ("mean", "ci", "median", "count_true", "count_missing", "pearson", "slope", "ratio", "count_above")
+AGGREGATIONS = ("mean", "ci", "median", "count_true", "count_missing", "tally", "pearson", "slope", "ratio",
+                "count_above")
 PAIRED_AGGREGATIONS = ("pearson", "slope", "ratio", "count_above")
 DIRECTIONS = ("higher", "lower", None)
 
@@ -235,7 +236,9 @@ class MetricColumn:
     metric: the per-point key it reads; aggregation, over the points of one (model, attack) row:
       ``mean``: mean of the finite values; ``ci``: Student-t interval of that mean at the run's
       confidence; ``count_true``: points whose value is true; ``count_missing``: points whose value is
-      None or not finite (e.g. a vacuous bound); ``pearson`` / ``slope``: correlation / least-squares
+      None or not finite (e.g. a vacuous bound); ``tally``: how many points hold each distinct text
+      value, most frequent first ("latent 14, max_damage 11"; format "s"), left out where every value is
+      the row's attack label (one attack set them all by construction); ``pearson`` / ``slope``: correlation / least-squares
       slope of (metric, ``paired``'s metric) over the points that have both (needs 3); ``ratio``: mean over
       those points of metric / paired metric (where the paired value is > 0); ``count_above``: how many of
       them have metric > paired metric;

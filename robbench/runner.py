@@ -169,7 +169,7 @@ class Runner:
         """Train/load every model and (if ``evaluate``) run every pending job. Returns the store."""
         # Data and points first: an invocation that cannot start writes nothing.
         data = load_data(self.cfg, self.regs)
-        point_ids = [int(p) for p in select_points(data, self.cfg.points, self.cfg.seed)]
+        point_ids = [int(p) for p in select_points(data, self.cfg.points, self.cfg.points_seed())]
         self._array_points = set(point_ids[:self.cfg.keep_arrays])
         self._produced: dict[str, list[dict[str, Any]]] = {}  # job key -> metrics of this invocation's ok rows
         store = ResultStore(self.run_dir)

@@ -38,6 +38,7 @@ def test_attack_parameter_list_sweeps(regs):
     ({"points": 0}, "'points': 0"),
     ({"m": 1.5}, "'m': 1.5"),
     ({"pointz": 3}, "unknown config key 'pointz'"),
+    ({"point_seed": "a"}, "'point_seed': 'a'"),
     ({"train": {"epochs": -1}}, "'train.epochs': -1"),
     ({"train": {"epoch": 1}}, "unknown key 'train.epoch'"),
 ])

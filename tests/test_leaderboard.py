@@ -133,3 +133,20 @@ def test_zero_jacobian_bound_is_infinite():
     (rec,) = leaderboard_rows(rows)
     assert math.isinf(rec["bound_mean"]) and rec["vacuous"] == 0
     assert "∞" in render_markdown([rec])
+
+
+def test_portfolio_rows_count_which_attack_set_each_margin():
+    """margin.portfolio=true: each stored row names the attack that set its margin (margin_attack); the
+    leaderboard tallies them, most frequent first, and leaves the column out for a single attack."""
+    label = "portfolio(max_damage+latent)"
+    setters = ["latent", "max_damage", "latent", "latent", "max_damage"]
+    rows = [_row("m", label, "margin", p, {"margin": 1.0 + p, "margin_attack": a}) for p, a in enumerate(setters)]
+    rows += [_row("m", "max_damage", "margin", p, {"margin": 2.0 + p, "margin_attack": "max_damage"})
+             for p in range(3)]
+    records = {rec["attack"]: rec for rec in leaderboard_rows(rows)}
+    assert records[label]["margin_set_by"] == "latent 3, max_damage 2"
+    assert "margin_set_by" not in records["max_damage"]
+    md = render_markdown(list(records.values()))
+    assert "R set by" in md.splitlines()[0] and "| latent 3, max_damage 2 |" in md
+    assert json.loads(render_json([records[label]]))["rows"][0]["margin_set_by"] == "latent 3, max_damage 2"
+    assert "margin_set_by" in next(csv.DictReader(io.StringIO(render_csv([records[label]]))))

@@ -188,7 +188,8 @@ def test_claim_verdicts_and_numbers(runs: Path) -> None:
     from robbench.paper.report import claim_rows
     result = {c.key: c for c in claims_mod.check_claims(claim_rows(data))}
     assert {k: c.verdict for k, c in result.items()} == {
-        "R_beta": "supported", "R_tau": "not supported", "sigma_beta": "supported", "jacobian_beta": "supported",
+        "R_beta": "supported", "R_tau": "not supported", "R_tau_paired": "not tested in this run",
+        "sweep_noise_tau": "not tested in this run", "sigma_beta": "supported", "jacobian_beta": "supported",
         "routes": "supported", "bound": "supported", "loglik_beta": "supported"}
     # R vs beta: per-configuration means are the exact means of the stored margins
     table = result["R_beta"].table
@@ -318,8 +319,18 @@ def test_ready_configs_validate_against_the_plugins() -> None:
         labels = {m.label for m in model_configs(build_config(exps["tau"].configs[0]), regs)}
         assert labels == {f"sigma_offset_vae(tau={t})" for t in (0.0, 0.1, 0.5, 1.0)}
         assert exps["routes"].configs[0]["attack_params"]["max_damage"]["route"] == ["mu", "sigma", "both"]
-    full = experiments()
-    levels = [c["estimator_params"]["likelihood"] for c in full[-1].configs]
+        # retest: the same points and networks as beta / tau (tau > 0), other streams, margin and bound only,
+        # with the same margin settings as the runs it re-measures
+        for values, base in zip(exps["retest"].configs, ("beta", "tau")):
+            cfg, orig = build_config(values), build_config(exps[base].configs[0])
+            assert (cfg.seed, cfg.points_seed(), orig.points_seed()) == (1, 0, 0)
+            assert cfg.estimators == ["margin", "bound"]
+            assert cfg.estimator_params["margin"] == orig.estimator_params["margin"] and cfg.train == orig.train
+        assert exps["retest"].configs[1]["model_params"]["sigma_offset_vae"]["tau"] == [0.1, 0.5, 1.0]
+        assert build_config(exps["tau_long"].configs[0]).train.patience == 5
+        assert exps["tau_noise"].configs[0]["attacks"] == ["noise"]
+    full = {e.name: e for e in experiments()}
+    levels = [c["estimator_params"]["likelihood"] for c in full["likelihood"].configs]
     assert [(lv["radius"], lv["noise_sigma"]) for lv in levels] == list(LIKELIHOOD_LEVELS)
     # quick overrides touch only the estimators an experiment uses
     quick = {e.name: e for e in experiments(quick=True)}

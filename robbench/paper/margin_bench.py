@@ -167,7 +167,7 @@ def margin_rows(cfg: RunConfig, regs: Registries, backends: Sequence[str], *, re
 
     job = margin_job(cfg, regs)
     data = load_data(cfg, regs)
-    point_ids = [int(p) for p in select_points(data, cfg.points, cfg.seed)]
+    point_ids = [int(p) for p in select_points(data, cfg.points, cfg.points_seed())]
     x = data.test_x[point_ids].to(cfg.device)
     rows: list[MarginRow] = []
     for label, model in trained_models(cfg, regs, data):

@@ -10,6 +10,7 @@ A figure whose data the run lacks is replaced by a line saying which estimator/c
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import json
 import math
@@ -46,6 +47,7 @@ class RunData:
     dir_configs: dict[Path, list[dict[str, Any]]] = field(default_factory=dict)  # run dir -> its RunConfigs
     job_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # job key -> merged estimator params
     columns: dict[str, list[Any]] = field(default_factory=dict)  # estimator -> recorded leaderboard columns
+    model_dirs: dict[str, Path] = field(default_factory=dict)  # model_key -> the run dir that recorded it
 
     @property
     def ok(self) -> list[ResultRow]:
@@ -74,7 +76,9 @@ def load_runs(path: Path) -> RunData:
                 key = (row.job_key, row.point_id)
                 if key not in rows or (rows[key].status != "ok" and row.status == "ok"):
                     rows[key] = row
-            data.models.update(store.models())
+            models = store.models()
+            data.models.update(models)
+            data.model_dirs.update({key: run_dir for key in models})
             data.job_params.update({key: job["params"] for key, job in store.job_params().items()})
             data.columns.update(store.columns())
             for run in store.runs():
@@ -158,7 +162,9 @@ def recon_examples(data: RunData) -> dict[str, list[figures.ReconExample]]:
 
 
 def sweep_groups(data: RunData) -> dict[str, dict[str, list[figures.SweepCurve]]]:
-    """family -> model -> one SweepCurve per (seed, point) from the sweep estimator (preferred attack)."""
+    """panel title -> model -> one SweepCurve per (seed, point) from the sweep estimator. The title is the
+    model family; where a family was swept along several attacks' directions (e.g. max_damage and the
+    random ``noise`` direction of paper Fig. 7 left), one panel per attack, titled "family — attack"."""
     rows = [r for r in data.ok if r.estimator == "sweep" and isinstance(r.metrics.get("sweep_p"), list)]
     margins = point_values(data.ok, "margin", ("margin",))
     per_model: dict[str, list[ResultRow]] = defaultdict(list)
@@ -166,16 +172,20 @@ def sweep_groups(data: RunData) -> dict[str, dict[str, list[figures.SweepCurve]]
         per_model[row.model].append(row)
     out: dict[str, dict[str, list[figures.SweepCurve]]] = {}
     for family, models in _by_family(list(per_model)).items():
-        group = {}
-        for model in models:
-            attacks = {r.attack for r in per_model[model]}
-            want = preferred_attack(attacks)
-            chosen = sorted((r for r in per_model[model] if r.attack == want), key=lambda r: (r.model_seed, r.point_id))
-            group[model] = [figures.SweepCurve(
-                norms=r.metrics["sweep_norms"], p=r.metrics["sweep_p"], lo=r.metrics.get("sweep_p_lo"),
-                hi=r.metrics.get("sweep_p_hi"), crossing=r.metrics.get("sweep_crossing"),
-                margin=margins.get(model, {}).get((r.model_seed, r.point_id))) for r in chosen]
-        out[family] = group
+        present = {r.attack for model in models for r in per_model[model]}
+        first = preferred_attack(present)
+        attacks = sorted(present, key=lambda a: (a != first, a))
+        for attack in attacks:
+            group = {}
+            for model in models:
+                chosen = sorted((r for r in per_model[model] if r.attack == attack),
+                                key=lambda r: (r.model_seed, r.point_id))
+                if chosen:
+                    group[model] = [figures.SweepCurve(
+                        norms=r.metrics["sweep_norms"], p=r.metrics["sweep_p"], lo=r.metrics.get("sweep_p_lo"),
+                        hi=r.metrics.get("sweep_p_hi"), crossing=r.metrics.get("sweep_crossing"),
+                        margin=margins.get(model, {}).get((r.model_seed, r.point_id))) for r in chosen]
+            out[family if len(attacks) == 1 else f"{family} — {attack} direction"] = group
     return out
 
 
@@ -264,6 +274,61 @@ def degradation_pairs(data: RunData) -> dict[str, list[tuple[float, float]]]:
         if pairs:
             out[model] = pairs
     return dict(sorted(out.items(), key=lambda kv: label_sort_key(kv[0])))
+
+
+@dataclass
+class RowGroups:
+    """The rows split by what they measure: ``main`` (the most common run seed and training settings:
+    every figure, the leaderboard and the claims), ``retest`` (the main training settings with another run
+    seed: the same points measured again with independent streams) and ``variants`` (other training
+    settings, by a description of how they differ, e.g. "epochs 60, patience 5")."""
+
+    main: list[ResultRow]
+    retest: list[ResultRow] = field(default_factory=list)
+    variants: dict[str, list[ResultRow]] = field(default_factory=dict)
+    main_train: str = "null"  # the main runs' training settings (JSON)
+
+
+def _train_difference(train: dict[str, Any], main: dict[str, Any]) -> str:
+    keys = sorted(k for k in set(train) | set(main) if train.get(k) != main.get(k))
+    return ", ".join(f"{k} {train.get(k)}" for k in keys) or "as the main runs"
+
+
+def split_rows(data: RunData) -> RowGroups:
+    """Split ``data.rows`` by (run seed, training settings) of the run that wrote them (see RowGroups).
+    Rows whose run configuration was not recorded count as main."""
+    def setup(row: ResultRow) -> tuple[Any, str]:
+        cfg = data.job_config.get(row.job_key)
+        if cfg is None:
+            return None, "null"
+        return cfg.get("seed"), json.dumps(cfg.get("train") or {}, sort_keys=True)
+
+    counts: dict[tuple[Any, str], int] = defaultdict(int)
+    for row in data.rows:
+        counts[setup(row)] += 1
+    if not counts:
+        return RowGroups([])
+    main_seed, main_train = max(counts, key=lambda k: (counts[k], str(k)))
+    groups = RowGroups([], main_train=main_train)
+    for row in data.rows:
+        seed, train = setup(row)
+        if seed is None or (seed, train) == (main_seed, main_train):
+            groups.main.append(row)
+        elif train == main_train:
+            groups.retest.append(row)
+        else:
+            name = _train_difference(json.loads(train), json.loads(main_train))
+            groups.variants.setdefault(name, []).append(row)
+    return groups
+
+
+def main_models(data: RunData, main_train: str) -> dict[str, dict[str, Any]]:
+    """The trained models of run directories that ran with the main training settings (a directory of
+    another training setting, e.g. tau_long, holds models with the same labels but other test ELBOs)."""
+    def main_dir(run_dir: Path | None) -> bool:
+        configs = data.dir_configs.get(run_dir, []) if run_dir is not None else []
+        return not configs or any(json.dumps(c.get("train") or {}, sort_keys=True) == main_train for c in configs)
+    return {key: info for key, info in data.models.items() if main_dir(data.model_dirs.get(key))}
 
 
 def claim_rows(data: RunData) -> list[ResultRow]:
@@ -405,7 +470,9 @@ FIGURES = [
     FigureSpec("fig5_7left_sweep", "Fig. 5 / 7-left — p_r versus ‖δ‖ along a fixed direction",
                "For a fixed input and attack direction, the probability that a reconstruction falls within r of "
                "g(μ(x)) as the perturbation grows; the dashed line is m, the dotted verticals mark where p_r falls "
-               "to m (the margin R along that direction).",
+               "to m (the margin R along that direction); triangles: the margin R of the margin estimator (the worst "
+               "direction its attack found). Panels titled “— noise direction” follow a random direction (attack "
+               "noise), as the paper's Fig. 7 left.",
                "estimator sweep (with an attack, e.g. max_damage)", _draw_sweeps),
     FigureSpec("fig6abc_bound_vs_margin", "Fig. 6 a–c — Theorem 1 bound versus empirical margin",
                "Each dot is a network–input pair; orange: least-squares line; red: y = x (points above it "
@@ -489,13 +556,21 @@ def build_blocks(data: RunData, out_dir: Path) -> tuple[list[Block], list[Claim]
                          "Theoretical Understanding of the Robustness of Variational Autoencoders”."),
               Block("table", head=["run directory", "models", "attacks", "estimators", "points", "seeds",
                                    "r, m", "epochs", "runs"], cells=_config_summary(data))]
-    claims = check_claims(claim_rows(data))
+    groups = split_rows(data)
+    extra = len(data.rows) - len(groups.main)
+    # figures and the leaderboard: the main runs only (models trained otherwise have the same labels)
+    data = dataclasses.replace(data, rows=groups.main, models=main_models(data, groups.main_train))
+    claims = check_claims(claim_rows(data), retest=groups.retest, variants=groups.variants)
     blocks += [Block("h2", "The paper's claims in this run"),
                Block("p", "Verdicts are computed from the stored results: per-configuration means with 95% "
                           "Student-t intervals, Spearman rank correlations over points, paired differences. "
-                          "See robbench/paper/claims.py for the exact rules."),
+                          "See robbench/paper/claims.py for the exact rules."
+                          + (f" {extra} rows of retest runs (another run seed: {len(groups.retest)}) and of other "
+                             f"training settings ({', '.join(sorted(groups.variants)) or 'none'}) enter the claims "
+                             "only; figures and the leaderboard show the main runs." if extra else "")),
                Block("table", head=["claim", "verdict", "evidence"],
                      cells=[[c.statement, c.verdict, c.evidence] for c in claims])]
+    blocks += _claim_detail_blocks(claims)
     blocks += [Block("h2", "Figures")]
     for spec in FIGURES:
         blocks.append(Block("h3", spec.title))
@@ -514,6 +589,45 @@ def build_blocks(data: RunData, out_dir: Path) -> tuple[list[Block], list[Claim]
                           "seeds, and the means of the other estimators.")]
     blocks += _leaderboard_blocks(data)
     return blocks, claims
+
+
+def _num(value: Any, spec: str = ".2f") -> str:
+    return "—" if not isinstance(value, (int, float)) or not math.isfinite(value) else format(value, spec)
+
+
+def _claim_detail_blocks(claims: list[Claim]) -> list[Block]:
+    """Per-configuration tables behind the bound claim (reliability, corrected ρ, ρ with each factor) and
+    behind the paired τ claims (per-seed means and paired differences)."""
+    from robbench.paper.claims import BOUND_FACTORS
+
+    blocks: list[Block] = []
+    bound = next((c for c in claims if c.key == "bound" and c.table), None)
+    if bound is not None:
+        head = ["configuration", "n", "ρ(bound, R)", "rel(R)", "rel(bound)", "ρ corrected"]
+        head += [f"ρ(R, {label})" for _, label in BOUND_FACTORS]
+        cells = [[t["config"], str(t["n"]), _num(t["pearson"]), _num(t.get("reliability_R")),
+                  _num(t.get("reliability_bound")), _num(t.get("pearson_corrected"))]
+                 + [_num(t.get(f"pearson_{name}")) for name, _ in BOUND_FACTORS] for t in bound.table]
+        blocks += [Block("h3", "Bound and margin within each configuration"),
+                   Block("p", "Pearson correlations over the configuration's points (networks × inputs). rel: "
+                              "test–retest reliability, the correlation between two measurements of the same "
+                              "points with independent attack and Monte Carlo streams (— where no retest ran); "
+                              "ρ corrected = ρ / √(rel(R) · rel(bound)). The last columns correlate R with each "
+                              "factor of the bound min σ · (Φ⁻¹(p0) − Φ⁻¹(m)) / ‖J_μ‖_F."),
+                   Block("table", head=head, cells=cells)]
+    for claim in claims:
+        if not claim.key.startswith(("R_tau_paired", "sweep_noise_tau")) or not claim.table:
+            continue
+        seeds = claim.table[0]["seeds"]
+        head = ["configuration", "mean", "paired Δ (95% CI over seeds)", "seeds up"] + [
+            f"seed {s}" for s in claim.table[0]["seed_ids"]]
+        cells = [[t["config"], _num(t["mean"], ".3f"),
+                  "—" if t is claim.table[0] else f"{_num(t['diff'], '.3f')} [{_num(t['diff_lo'], '.3f')}, "
+                                                  f"{_num(t['diff_hi'], '.3f')}]",
+                  "—" if t is claim.table[0] else f"{t['seeds_up']}/{seeds}"]
+                 + [_num(v, ".3f") for v in t["per_seed"]] for t in claim.table]
+        blocks += [Block("h3", f"Paired by seed: {claim.statement}"), Block("table", head=head, cells=cells)]
+    return blocks
 
 
 # --- rendering ---------------------------------------------------------------------------------------

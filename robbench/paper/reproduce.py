@@ -5,7 +5,11 @@ Experiments (each a ready config in ``robbench/paper/configs``, run into its own
 - ``beta``       β-VAE β ∈ {0.1, 1, 10}: margins, bound, encoder statistics, fixed-direction sweeps;
 - ``tau``        σ-offset VAE τ ∈ {0, 0.1, 0.5, 1}: the same estimators;
 - ``routes``     maximum-damage attacks on μ, σ or both (Fig. 4);
-- ``likelihood`` likelihood under attack and noise, once per (radius, noise sd) level.
+- ``likelihood`` likelihood under attack and noise, once per (radius, noise sd) level;
+- ``tau_long``   the τ family trained up to 60 epochs with early stopping (patience 5): margins, encoder statistics;
+- ``tau_noise``  the τ family: p_r along a fixed random direction (attack ``noise``, estimator ``sweep``; Fig. 7 left);
+- ``retest``     margins and bounds of ``beta`` and ``tau`` (τ > 0) measured again on the same points and networks
+                 with independent attack and Monte Carlo streams (``configs/retest.yaml``): their reliability.
 
 Models are trained once and cached (by configuration hash), so later experiments reuse them.
 ``--quick`` applies ``configs/quick.yaml`` on top of each config (fewer points, one seed, short training)
@@ -24,7 +28,9 @@ from typing import Any
 from robbench import terminal
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-EXPERIMENTS = ("beta", "tau", "routes", "likelihood")
+EXPERIMENTS = ("beta", "tau", "routes", "likelihood", "tau_long", "tau_noise", "retest")
+RETEST_OF = ("beta", "tau")  # the experiments ``retest`` re-measures
+RETEST_TAU = [0.1, 0.5, 1.0]  # tau = 0 is the beta = 1 VAE, retested with the beta family
 # (attack radius L, noise sd) per likelihood run: the curves of Fig. 7 centre/right and 9b.
 LIKELIHOOD_LEVELS = ((0.5, 0.1), (1.0, 0.3), (2.0, 0.5), (4.0, 0.8))
 QUICK_LIKELIHOOD_LEVELS = ((1.0, 0.3), (3.0, 0.6))
@@ -87,6 +93,20 @@ def experiments(*, quick: bool = False, data_dir: str | None = None,
     quick_over = load_yaml(CONFIG_DIR / "quick.yaml") if quick else {}
     out = []
     for name in EXPERIMENTS:
+        if name == "retest":
+            retest = load_yaml(CONFIG_DIR / "retest.yaml")
+            configs = []
+            for base in RETEST_OF:
+                values = _apply_overrides(_apply_overrides(load_yaml(CONFIG_DIR / f"{base}.yaml"), quick_over), extra)
+                values = _deep_merge(values, retest)
+                values["estimator_params"] = {k: v for k, v in (values.get("estimator_params") or {}).items()
+                                              if k in values["estimators"]}
+                if base == "tau":
+                    values["model_params"] = _deep_merge(values["model_params"],
+                                                         {"sigma_offset_vae": {"tau": list(RETEST_TAU)}})
+                configs.append(values)
+            out.append(Experiment(name, configs))
+            continue
         values = _apply_overrides(_apply_overrides(load_yaml(CONFIG_DIR / f"{name}.yaml"), quick_over), extra)
         if name == "likelihood":
             levels = QUICK_LIKELIHOOD_LEVELS if quick else LIKELIHOOD_LEVELS
