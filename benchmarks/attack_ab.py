@@ -18,11 +18,7 @@ import torch
 sys.path.insert(0, "benchmarks")
 import margin_convergence as mcv  # noqa: E402
 from robbench.cli import _add_run_arguments, config_from_args
-from robbench.config import model_configs
-from robbench.paths import cache_dir
 from robbench.plugins import get_registries
-from robbench.runner import load_data, select_points
-from robbench.training import TrainConfig, train_or_load
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,20 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     cfg = config_from_args(args)
     regs = get_registries()
-    data = load_data(cfg, regs)
-    ids = select_points(data, cfg.points, cfg.seed)
-    x = data.test_x[ids]
+    data, x, ids, run = mcv.margin_inputs(cfg, regs)
     margin_defaults = dict(regs.estimators.get("margin").defaults)
     attack = regs.attacks.get("max_damage")
-    run = {"r": cfg.r, "m": cfg.m, "confidence": cfg.confidence, "backend": cfg.backend, "seed": cfg.seed}
     cands = {"ref": json.loads(args.ref), **json.loads(args.cands)}
-    for mc in model_configs(cfg, regs):
-        t = cfg.train
-        model = train_or_load(regs.models.get(mc.family), mc.params, data,
-                              TrainConfig(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, seed=mc.seed,
-                                          patience=t.patience),
-                              cache_dir=cache_dir() / "models", device=torch.device("cpu"), progress=False,
-                              dataset_name=cfg.dataset).model.eval()
+    for mc, model in mcv.trained_models(cfg, regs, data):
         res = {}
         for name, cand in cands.items():
             cand = dict(cand)

@@ -24,7 +24,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -126,6 +126,30 @@ def measure(model, x, ids, attack, attack_params, margin_params, run) -> dict[st
             "samples_per_point": float(res.samples.double().mean()), "censored": int(res.at_cap.sum())}
 
 
+def margin_inputs(cfg: Any, regs: Any) -> tuple[Any, torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """The run config's data, its evaluation points x (B, *input_shape) with their ids (B,), and the run
+    settings the margin estimator takes (r, m, confidence, backend, seed)."""
+    data = load_data(cfg, regs)
+    ids = select_points(data, cfg.points, cfg.points_seed())
+    run = {"r": cfg.r, "m": cfg.m, "confidence": cfg.confidence, "backend": cfg.backend, "seed": cfg.seed}
+    return data, data.test_x[ids], ids, run
+
+
+def trained_models(cfg: Any, regs: Any, data: Any) -> Iterator[tuple[Any, torch.nn.Module]]:
+    """(model config, trained model in eval mode) for every model of the run config: from the model cache,
+    trained with the config's training settings on first use."""
+    from robbench.training import TrainConfig, train_or_load
+
+    t = cfg.train
+    for mc in model_configs(cfg, regs):
+        trained = train_or_load(regs.models.get(mc.family), mc.params, data,
+                                TrainConfig(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, seed=mc.seed,
+                                            patience=t.patience),
+                                cache_dir=cache_dir() / "models", device=torch.device("cpu"), progress=False,
+                                dataset_name=cfg.dataset)
+        yield mc, trained.model.eval()
+
+
 def compare(base: list[float], other: list[float]) -> dict[str, float]:
     pairs = [(b, o) for b, o in zip(base, other) if b == b and o == o and b > 0]
     mean_b = sum(b for b, _ in pairs) / len(pairs)
@@ -151,27 +175,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     cfg = config_from_args(args)
     regs = get_registries()
-    from robbench.training import TrainConfig, train_or_load
-
-    data = load_data(cfg, regs)
-    ids = select_points(data, cfg.points, cfg.seed)
-    x = data.test_x[ids]
+    data, x, ids, run = margin_inputs(cfg, regs)
     margin_defaults = dict(regs.estimators.get("margin").defaults)
     attack = regs.attacks.get("max_damage")
     base = {**attack.defaults, **json.loads(args.attack_base)}
-    run = {"r": cfg.r, "m": cfg.m, "confidence": cfg.confidence, "backend": cfg.backend, "seed": cfg.seed}
     chosen = variants(base)
     names = args.variants.split(",")
     out = {"threads": torch.get_num_threads(), "torch": torch.__version__, "points": cfg.points, "models": []}
-    for mc in model_configs(cfg, regs):
-        family = regs.models.get(mc.family)
-        t = cfg.train
-        trained = train_or_load(family, mc.params, data,
-                                TrainConfig(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, seed=mc.seed,
-                                            patience=t.patience),
-                                cache_dir=cache_dir() / "models", device=torch.device("cpu"), progress=False,
-                                dataset_name=cfg.dataset)
-        model = trained.model.eval()
+    for mc, model in trained_models(cfg, regs, data):
         rec: dict[str, Any] = {"model": mc.label, "seed": mc.seed}
         for _ in range(max(args.repeat, 1)):
             for name in names:  # interleaved, so a change of load hits every variant alike

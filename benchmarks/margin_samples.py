@@ -28,14 +28,11 @@ from typing import Any
 
 import torch
 
-from margin_convergence import Counting, Timed
+from margin_convergence import Counting, Timed, margin_inputs, trained_models
 from robbench import stats
 from robbench.cli import _add_run_arguments, config_from_args
-from robbench.config import model_configs
 from robbench.margin import estimate_margin
-from robbench.paths import cache_dir
 from robbench.plugins import get_registries
-from robbench.runner import load_data, select_points
 
 DESIGNS: dict[str, dict[str, Any]] = {
     "bisect": {"refine": 0, "samples_locate": None, "stop_when_undecided": True},
@@ -91,25 +88,13 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     cfg = config_from_args(args)
     regs = get_registries()
-    from robbench.training import TrainConfig, train_or_load
-
-    data = load_data(cfg, regs)
-    ids = select_points(data, cfg.points, cfg.seed)
-    x = data.test_x[ids]
+    data, x, ids, run = margin_inputs(cfg, regs)
     defaults = dict(regs.estimators.get("margin").defaults)
     attack = regs.attacks.get("max_damage")
-    run = {"r": cfg.r, "m": cfg.m, "confidence": cfg.confidence, "backend": cfg.backend, "seed": cfg.seed}
     names = args.designs.split(",")
     out: dict[str, Any] = {"threads": torch.get_num_threads(), "torch": torch.__version__, "points": cfg.points,
                            "designs": {n: DESIGNS[n] for n in names}, "models": []}
-    for mc in model_configs(cfg, regs):
-        t = cfg.train
-        trained = train_or_load(regs.models.get(mc.family), mc.params, data,
-                                TrainConfig(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, seed=mc.seed,
-                                            patience=t.patience),
-                                cache_dir=cache_dir() / "models", device=torch.device("cpu"), progress=False,
-                                dataset_name=cfg.dataset)
-        model = trained.model.eval()
+    for mc, model in trained_models(cfg, regs, data):
         rec: dict[str, Any] = {"model": mc.label, "seed": mc.seed}
         for name in names:  # the reference draws its own attack and Monte Carlo streams (another seed)
             seed = stats.derive_seed(cfg.seed, "reference") if name == "reference" else cfg.seed
