@@ -43,6 +43,8 @@ from typing import Any, Iterable
 from scipy import stats as scipy_stats
 
 from robbench.leaderboard import clustered_mean_ci, mean_ci
+from robbench.paper.reliability import disattenuate, pearson, pearson_test, retest_reliability
+from robbench.stats import pearson_and_slope
 from robbench.store import ResultRow
 
 SUPPORTED = "supported"
@@ -270,7 +272,7 @@ def paired_trend_claim(rows: list[ResultRow], *, key: str, statement: str, famil
                       "mean": sum(mean_of[(lv, s)] for s in seeds) / len(seeds), "diff": d_mean, "diff_lo": d_lo,
                       "diff_hi": d_hi, "seeds_up": sum(d * direction > 0 for d in diffs),
                       "per_seed": [mean_of[(lv, s)] for s in seeds], "seed_ids": list(seeds)})
-    slopes = [_slope(levels, [mean_of[(lv, s)] for lv in levels]) for s in seeds]
+    slopes = [pearson_and_slope(levels, [mean_of[(lv, s)] for lv in levels]).slope for s in seeds]
     s_mean, s_lo, s_hi = mean_ci(slopes)
     p_value = _one_sample_p(slopes)
     if math.isfinite(p_value) and direction * s_mean > 0 and p_value < 0.05:
@@ -289,13 +291,6 @@ def paired_trend_claim(rows: list[ResultRow], *, key: str, statement: str, famil
                 f"{_pvalue_text(p_value)}; {sum(x * direction > 0 for x in slopes)}/{len(seeds)} seeds "
                 f"{claimed}).")
     return Claim(key, statement, verdict, evidence, table)
-
-
-def _slope(x: list[float], y: list[float]) -> float:
-    """Least-squares slope of y on x."""
-    mx, my = sum(x) / len(x), sum(y) / len(y)
-    sxx = sum((a - mx) ** 2 for a in x)
-    return sum((a - mx) * (b - my) for a, b in zip(x, y)) / sxx if sxx > 0 else math.nan
 
 
 def _one_sample_p(values: list[float]) -> float:
@@ -420,8 +415,6 @@ def bound_claim(rows: list[ResultRow], retest: list[ResultRow] | None = None) ->
     same points and networks measured again with independent streams) each configuration's correlation is
     also corrected for the test-retest unreliability of R and of the bound (:mod:`reliability`); R's
     correlation with each factor of the bound is reported within configurations."""
-    from robbench.paper.reliability import disattenuate, pearson, retest_reliability
-
     statement = "The Theorem 1 bound correlates strongly with the empirical margin R."
     pairs, vacuous = bound_pairs(rows)
     pairs = distinct_configurations(pairs)
@@ -437,7 +430,7 @@ def bound_claim(rows: list[ResultRow], retest: list[ResultRow] | None = None) ->
     table = []
     for model in sorted(pairs, key=label_sort_key):
         b, r = zip(*pairs[model])
-        rho = _pearson(list(b), list(r))[0] if len(b) >= 3 else math.nan
+        rho = pearson(list(b), list(r))
         below = sum(bb <= rr for bb, rr in pairs[model])
         rec: dict[str, Any] = {"config": model, "n": len(b), "pearson": rho, "bound_below_margin": below}
         keys = [k for k in factors.get(model, {}) if k in margins.get(model, {})]
@@ -450,7 +443,7 @@ def bound_claim(rows: list[ResultRow], retest: list[ResultRow] | None = None) ->
             rec["reliability_bound"], _ = retest_reliability(first_b, {k: v["bound"] for k, v in bounds2[model].items()})
             rec["pearson_corrected"] = disattenuate(rho, rec["reliability_R"], rec["reliability_bound"])
         table.append(rec)
-    rho, p = _pearson([p[0] for p in pooled], [p[1] for p in pooled])
+    rho, p = pearson_test([p[0] for p in pooled], [p[1] for p in pooled])
     # pooling across configurations alone can make a correlation out of between-model differences, so
     # the typical correlation within one configuration (the paper's Fig. 6 panels) must be strong too;
     # corrected for measurement noise when a retest measured it (for at least half of the configurations)
@@ -496,13 +489,6 @@ def distinct_configurations(per_model: dict[str, list[Any]]) -> dict[str, list[A
         seen.append(data)
         out[model] = per_model[model]
     return out
-
-
-def _pearson(x: list[float], y: list[float]) -> tuple[float, float]:
-    if len(x) < 3 or len(set(x)) < 2 or len(set(y)) < 2:
-        return math.nan, math.nan
-    res = scipy_stats.pearsonr(x, y)
-    return float(res.statistic), float(res.pvalue)
 
 
 def label_sort_key(label: str) -> tuple[str, tuple]:

@@ -15,11 +15,17 @@ from typing import Hashable
 from scipy import stats as scipy_stats
 
 
+def pearson_test(x: list[float], y: list[float]) -> tuple[float, float]:
+    """Pearson correlation and its two-sided p value; (NaN, NaN) with fewer than 3 pairs or a constant side."""
+    if len(x) < 3 or len(set(x)) < 2 or len(set(y)) < 2:
+        return math.nan, math.nan
+    res = scipy_stats.pearsonr(x, y)
+    return float(res.statistic), float(res.pvalue)
+
+
 def pearson(x: list[float], y: list[float]) -> float:
     """Pearson correlation; NaN with fewer than 3 pairs or a constant side."""
-    if len(x) < 3 or len(set(x)) < 2 or len(set(y)) < 2:
-        return math.nan
-    return float(scipy_stats.pearsonr(x, y).statistic)
+    return pearson_test(x, y)[0]
 
 
 def retest_reliability(first: dict[Hashable, float], second: dict[Hashable, float]) -> tuple[float, int]:
