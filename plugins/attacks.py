@@ -299,15 +299,15 @@ class MaxDamageAttack:
         n_random = max(int(p["restarts"]), 0 if warm else 1)
         gen_starts = torch.Generator(device=x.device).manual_seed(stats.derive_seed(base, "starts"))
         randoms = [random_start(xa, ra, gen_starts, ia, box=box) for _ in range(n_random)]
-        knobs = {"stall_tol": float(p["stall_tol"]), "min_step": float(p["min_step"]), "box": box}
-        check = int(p["check_every"])
+        knobs = {"check_every": int(p["check_every"]), "stall_tol": float(p["stall_tol"]),
+                 "min_step": float(p["min_step"]), "box": box}
         warm_step = warm_first_step(ra, None if init_radius is None else init_radius.to(ra)[idx], p)
         if not expectation:
             starts = ([ia_init] if warm else []) + randoms
             best, _ = stall_ascent(mean_obj, mean_obj, xa, ra, starts, steps=int(p["presolve_steps"]) + int(p["steps"]),
-                                   step_size=float(p["step_size"]), check_every=check, **knobs)
+                                   step_size=float(p["step_size"]), **knobs)
         else:
-            pre = {**knobs, "min_step": float(p["presolve_min_step"]), "check_every": int(p["check_every"])}
+            pre = {**knobs, "min_step": float(p["presolve_min_step"])}  # refinement polishes further
             # Random starts are pre-solved on the deterministic mean-decoder objective (cheap: no eta);
             # all of them in one batched pass, each start's own best kept (per_start).
             solved = (list(stall_ascent(mean_obj, mean_obj, xa, ra, randoms, steps=int(p["presolve_steps"]),
@@ -327,7 +327,7 @@ class MaxDamageAttack:
             best, _ = stall_ascent(stochastic, evaluate, xa, ra, candidates,
                                    steps=min(int(p["steps"]), int(p["warm_refine_steps"])) if warm else int(p["steps"]),
                                    step_size=warm_step if warm else float(p["refine_step_size"]),
-                                   check_every=check, **knobs)
+                                   **knobs)
         delta[idx] = best.detach()
         return finalize(x, delta, radius, box=box)
 
