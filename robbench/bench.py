@@ -93,17 +93,28 @@ def last_layer_flops(model: nn.Module) -> float:
     return float(2 * lins[-1].in_features * lins[-1].out_features) if lins else 0.0
 
 
-def measure_peak(dtype: torch.dtype, *, n: int = 2048, seconds: float = 1.0) -> float:
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued work (CUDA kernels run asynchronously; a timer around a launch alone
+    measures the launch). No-op on the CPU."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def measure_peak(dtype: torch.dtype, *, n: int = 2048, seconds: float = 1.0,
+                 device: torch.device | str = "cpu") -> float:
     """Measured matrix-product throughput (GFLOP/s) of a large square (n x n) @ (n x n) ``torch.mm`` in
-    ``dtype`` at the current torch thread count: best of repeated timed products over ``seconds``. Large so
-    that the library's GEMM runs at its steady rate (a small product under-reports the peak, which made the
-    old "% peak" column exceed 100 %)."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    ``dtype`` on ``device`` (on the CPU at the current torch thread count): best of repeated timed products
+    over ``seconds``. Large so that the library's GEMM runs at its steady rate (a small product under-reports
+    the peak, which made the old "% peak" column exceed 100 %)."""
+    a, b = torch.randn(n, n).to(device, dtype), torch.randn(n, n).to(device, dtype)
     torch.mm(a, b)
+    synchronize(device)
     best, t_end = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < t_end:
         t0 = time.perf_counter()
         torch.mm(a, b)
+        synchronize(device)
         best = max(best, 2 * n ** 3 / (time.perf_counter() - t0) / 1e9)
     return best
 
@@ -181,14 +192,18 @@ class _PeakRSS:
 
 
 def run_case(model: nn.Module, name: str, backend: str | Backend, precision: str, B: int, S: int,
-             radius: float | str, seed: int = 0, repeats: int = 1, screen: bool = True) -> BenchRow:
+             radius: float | str, seed: int = 0, repeats: int = 1, screen: bool = True,
+             device: torch.device | str = "cpu") -> BenchRow:
     """Time one backend's count_within once per repeat (best kept) for one configuration. ``backend``:
-    a registered name or a backend object; ``radius``: the output-space r, or "median"."""
+    a registered name or a backend object; ``radius``: the output-space r, or "median"; ``device``: where
+    the points live (the model must already be there); CUDA work is synchronised before and after each
+    timed call, and ``peak_mem_mib`` is then the device's peak allocation above the start."""
     impl = get_registries().backends.get(backend) if isinstance(backend, str) else backend
     has_screen = bool(getattr(impl, "has_screen", False))
-    gen = torch.Generator().manual_seed(seed)
-    mu = torch.randn(B, model.latent_dim, generator=gen)
-    sigma = 0.3 + 0.5 * torch.rand(B, model.latent_dim, generator=gen)
+    dev = torch.device(device)
+    gen = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same points on every device
+    mu = torch.randn(B, model.latent_dim, generator=gen).to(dev)
+    sigma = (0.3 + 0.5 * torch.rand(B, model.latent_dim, generator=gen)).to(dev)
     with torch.no_grad():
         center = model.decode(mu).flatten(1)
     D = center.shape[1]
@@ -199,16 +214,22 @@ def run_case(model: nn.Module, name: str, backend: str | Backend, precision: str
     r2 = montecarlo.radius_sq(r, B, mu.device)
     best, rech, mem, screened = math.inf, None, 0.0, None
     for _ in range(repeats):
+        if dev.type == "cuda":
+            synchronize(dev)
+            base = torch.cuda.memory_allocated(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
         with _PeakRSS() as rss:
             t0 = time.perf_counter()
             with torch.no_grad():
-                res = impl.count_within(model, mu, sigma, center, r2, S, seed=seed, stream_ids=torch.arange(B),
-                                        sample_offset=0, chunk_rows=DEFAULT_CHUNK_ROWS, precision=precision,
-                                        screen=screen)
+                res = impl.count_within(model, mu, sigma, center, r2, S, seed=seed,
+                                        stream_ids=torch.arange(B, device=dev), sample_offset=0,
+                                        chunk_rows=DEFAULT_CHUNK_ROWS, precision=precision, screen=screen)
+            synchronize(dev)
             elapsed = time.perf_counter() - t0
         rech = res.recheck_fraction if precision == "bf16" else None
         screened = res.screened / res.total if has_screen and res.total else None
-        best, mem = min(best, elapsed), max(mem, rss.peak_mib)
+        peak = (torch.cuda.max_memory_allocated(dev) - base) / 2 ** 20 if dev.type == "cuda" else rss.peak_mib
+        best, mem = min(best, elapsed), max(mem, peak)
         digest = hashlib.sha1(res.counts.cpu().to(torch.int64).numpy().tobytes()).hexdigest()
     gflop = decoder_flops(model, D) * B * S / 1e9
     saved = getattr(res, "last_layer_saved", 0.0)  # early exit: last layers not computed, in samples

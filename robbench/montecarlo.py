@@ -50,7 +50,8 @@ _observers: list[list[CallRecord]] = []
 @contextmanager
 def observe() -> Iterator[list[CallRecord]]:
     """Record every :func:`count_within` call made inside the block (for benchmarks: where a run's Monte
-    Carlo time goes). Costs one clock read per call; nothing is recorded outside such a block."""
+    Carlo time goes). Costs one clock read per call (on CUDA also a device synchronisation before and after
+    it, so the call's own kernels are what is timed); nothing is recorded outside such a block."""
     records: list[CallRecord] = []
     _observers.append(records)
     try:
@@ -134,9 +135,14 @@ def count_within(model: nn.Module, mu: Tensor, sigma: Tensor, center: Tensor, r:
     mu, sigma, center, stream_ids = _prepare(mu, sigma, center, stream_ids, n_samples, sample_offset)
     r2 = radius_sq(r, mu.shape[0], mu.device)
     chosen = get_backend(backend, mu.device)
+    timing_cuda = bool(_observers) and mu.is_cuda  # CUDA runs asynchronously: time the work, not the launch
+    if timing_cuda:
+        torch.cuda.synchronize(mu.device)
     start = time.perf_counter()
     result = chosen.count_within(model, mu, sigma, center, r2, n_samples, seed=seed, stream_ids=stream_ids,
                                  sample_offset=sample_offset, chunk_rows=chunk_size or DEFAULT_CHUNK_ROWS)
+    if timing_cuda:
+        torch.cuda.synchronize(mu.device)
     if _observers:
         record = CallRecord(chosen.name, mu.shape[0], mu.shape[0] * n_samples, time.perf_counter() - start,
                             int(result.screened), str(result.precision),

@@ -48,11 +48,19 @@ class TimedAttack:
         return getattr(self.inner, name)
 
     def __call__(self, model: Any, x: torch.Tensor, rho: torch.Tensor, **kwargs: Any) -> Any:
+        _sync(x)
         start = time.perf_counter()
         try:
             return call_attack(self.inner, model, x, rho, **kwargs)
         finally:
+            _sync(x)
             self.seconds += time.perf_counter() - start
+
+
+def _sync(x: torch.Tensor) -> None:
+    """Wait for queued CUDA work on x's device before reading a clock (no-op on the CPU)."""
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
 
 
 @dataclass
@@ -141,8 +149,10 @@ def run_margin_once(job: JobSpec, model: nn.Module, x: torch.Tensor, point_ids: 
     timed_regs, timed = _timed_registries(regs, job.attack)
     spec = dataclasses.replace(job, run=dataclasses.replace(job.run, backend=backend))
     with montecarlo.observe() as calls:
+        _sync(x)
         start = time.perf_counter()
         results = evaluate_batch(spec, model, x, point_ids, registries=timed_regs, raise_errors=True)
+        _sync(x)
         whole = time.perf_counter() - start
     mc = sum(c.seconds for c in calls)
     names = {c.backend for c in calls}
