@@ -303,10 +303,13 @@ def margin(device: torch.device, compiled: str, *, config: Path | None, repeats:
 
     cfg = margin_bench.margin_config(config)
     cfg.device = str(device)
-    rows = margin_bench.margin_rows(cfg, get_registries(), [REFERENCE, compiled], repeats=repeats, peaks=peak,
-                                    progress=lambda r: _say(f"  margin {r.model} {r.backend} rep {r.repeat}: "
-                                                            f"{r.whole_s:.2f} s (attack {r.attack_s:.2f}, "
-                                                            f"MC {r.montecarlo_s:.2f})"))
+    try:
+        rows = margin_bench.margin_rows(cfg, get_registries(), [REFERENCE, compiled], repeats=repeats, peaks=peak,
+                                        progress=lambda r: _say(f"  margin {r.model} {r.backend} rep {r.repeat}: "
+                                                                f"{r.whole_s:.2f} s (attack {r.attack_s:.2f}, "
+                                                                f"MC {r.montecarlo_s:.2f})"))
+    except AssertionError as err:  # margin_bench's check: a backend gave another margin, interval or count
+        return {"ok": False, "identical_margins": False, "error": f"AssertionError: {err}"[:2000]}
     summary = margin_bench.summarize(rows, REFERENCE)
     return {"models": list(cfg.models), "dataset": cfg.dataset, "points": cfg.points, "repeats": repeats,
             "identical_margins": True, "summary": summary, "rows": [asdict(r) for r in rows], "ok": True}
@@ -322,8 +325,8 @@ def verdict(doc: dict[str, Any]) -> dict[str, Any]:
     compiled = doc["compiled_backend"]
     reasons: list[str] = []
     val = phases.get("validate", {})
-    validated = bool(val.get("ok"))
-    if not validated:
+    validated = bool(val.get("ok")) and phases.get("margin", {}).get("identical_margins") is not False
+    if not val.get("ok"):
         reasons.append("validation " + ("failed: " + val["error"] if "error" in val else "found differing decisions"))
     ratios: dict[str, float] = {}
     for r in phases.get("standard", {}).get("rows", []):
@@ -377,10 +380,13 @@ def summary_lines(doc: dict[str, Any]) -> list[str]:
             lines.append(f"  build: ok in {ph['seconds']:.1f} s")
         elif name == "validate":
             bad = [(c["decoder"], sum(r["mismatches"] for r in c["per_sample"]),
-                    sum(r["count_mismatches"] for r in c["per_point"])) for c in ph["cases"] if not c["ok"]]
+                    sum(r["count_mismatches"] for r in c["per_point"]),
+                    sorted({r["radius"] for r in c["per_sample"] if r["mismatches"]}))
+                   for c in ph["cases"] if not c["ok"]]
             lines.append(f"  validate: {'identical decisions' if ph['ok'] else 'DIFFERENT decisions'} "
                          f"({ph['decisions_checked']:,} decisions, normals bit-exact: {ph['normals_bit_exact']})"
-                         + "".join(f"; {d}: {a} per-sample, {b} per-point mismatches" for d, a, b in bad))
+                         + "".join(f"; {d}: {a} per-sample mismatches (radii {', '.join(rs) or '-'}), "
+                                   f"{b} per-point count mismatches" for d, a, b, rs in bad))
             for c in ph["cases"]:
                 sq = c["sq_distances"]
                 lines.append(f"    {c['decoder']}: squared distances bit-identical {sq['bit_identical']}/"
