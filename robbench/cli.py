@@ -71,6 +71,8 @@ def _add_run_arguments(p: argparse.ArgumentParser, *, train: bool = False) -> No
     add("--ray-address", used_by_train=True,
         help="executor ray: join this cluster (auto, HOST:PORT or ray://HOST:PORT); "
              "default: start a local Ray sized to this machine")
+    add("--threads", used_by_train=True, type=int,
+        help="torch CPU threads for estimation in this process (default: torch's default; local executor)")
     add("--epochs", used_by_train=True, type=int, help="training epochs (default 15)")
     add("--param", used_by_train=True, action="append", default=[], metavar="NAME.KEY=VALUE",
         help="plugin parameter, VALUE in YAML syntax, e.g. beta_vae.beta=[0.1,1,10]; repeatable")
@@ -116,7 +118,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     values: dict[str, Any] = load_yaml(args.config) if args.config else {}
     flags = {key: getattr(args, key, None) for key in ("models", "attacks", "estimators", "dataset", "data_dir",
                                                       "points", "seed", "r", "m", "confidence", "backend",
-                                                      "device", "units", "executor", "ray_address")}
+                                                      "device", "units", "executor", "ray_address",
+                                                      "threads")}
     values.update({k: v for k, v in flags.items() if v is not None})
     if args.model_seeds is not None:
         try:

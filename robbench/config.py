@@ -76,6 +76,9 @@ class RunConfig:
     units: str = _RUN.units  # "rms": r and estimators' input sizes per pixel RMS of the range width (robbench.units)
     executor: str = "local"  # where models train and batches run: local (this process) or ray
     ray_address: str | None = None  # executor ray: None starts a local Ray, "auto" / "ray://host:port" joins one
+    # torch CPU threads while this process estimates (local executor); None: torch's default. Changes no
+    # result (not part of any job or model key); recorded in the run's provenance.
+    threads: int | None = None
     train: TrainSettings = field(default_factory=TrainSettings)
     model_params: dict[str, dict[str, Any]] = field(default_factory=dict)
     attack_params: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -240,6 +243,8 @@ def _check_types(cfg: RunConfig) -> None:
          ", ".join(sorted(EXECUTORS)))
     need(cfg.ray_address is None or (isinstance(cfg.ray_address, str) and cfg.ray_address.strip() != ""),
          "ray_address", cfg.ray_address, "null, auto, host:port or ray://host:port")
+    need(cfg.threads is None or (_is_int(cfg.threads) and cfg.threads > 0), "threads", cfg.threads,
+         "null or a positive integer")
     if cfg.ray_address is not None and cfg.executor != "ray":
         raise ConfigError(f"'ray_address' is set ({cfg.ray_address!r}) but 'executor' is {cfg.executor!r}; "
                           "allowed: ray_address only with executor: ray")

@@ -103,6 +103,7 @@ def run_provenance(cfg: Any, regs: Any, models: list[Any]) -> dict[str, Any]:
     """The record a run stores: settings, model configurations (label -> family, params) and environment."""
     return {"settings": comparability_settings(cfg, regs),
             "run": {"points": cfg.points, "seed": cfg.seed, "model_seeds": cfg.model_seeds,
-                    "backend": cfg.backend, "device": cfg.device, "train": cfg.to_dict()["train"]},
+                    "backend": cfg.backend, "device": cfg.device, "threads": getattr(cfg, "threads", None),
+                    "train": cfg.to_dict()["train"]},
             "models": {m.label: {"family": m.family, "params": m.params} for m in models},
             "environment": environment(cfg.device)}

@@ -166,7 +166,19 @@ class Runner:
 
     # --- public --------------------------------------------------------------------------------
     def run(self, *, evaluate: bool = True) -> ResultStore:
-        """Train/load every model and (if ``evaluate``) run every pending job. Returns the store."""
+        """Train/load every model and (if ``evaluate``) run every pending job. Returns the store.
+        ``cfg.threads``, when set, is torch's CPU thread count in this process for the whole invocation
+        (restored afterwards); training keeps its own setting (``TrainConfig.threads``) and remote workers
+        theirs."""
+        before = torch.get_num_threads()
+        if self.cfg.threads is not None:
+            torch.set_num_threads(self.cfg.threads)
+        try:
+            return self._run(evaluate)
+        finally:
+            torch.set_num_threads(before)
+
+    def _run(self, evaluate: bool) -> ResultStore:
         # Data and points first: an invocation that cannot start writes nothing.
         data = load_data(self.cfg, self.regs)
         point_ids = [int(p) for p in select_points(data, self.cfg.points, self.cfg.points_seed())]

@@ -116,3 +116,42 @@ def test_infinite_values_survive_export_and_merge_as_inf():
                      "bound_mean": "-inf", "x": None}
     back = {k: _number_back(k, v) for k, v in json.loads(json.dumps(clean)).items()}
     assert back["margin_mean_ci_hi"] == math.inf and back["bound_mean"] == -math.inf and back["model"] == "m"
+
+
+def test_threads_flag_and_key_are_used_for_the_run_and_recorded(tmp_path, cache, monkeypatch):
+    """--threads N: torch runs the estimation with N threads (seen from inside an estimate), the provenance
+    records the request and the count in effect, and the process's setting is restored afterwards; the YAML
+    key does the same; a bad value exits 2 before any work."""
+    from robbench import montecarlo
+
+    seen: list[int] = []
+
+    def spying(real):
+        def spy(*args, **kwargs):
+            seen.append(torch.get_num_threads())
+            return real(*args, **kwargs)
+        return spy
+
+    for name in ("count_within", "sample_distances"):  # min_r decodes through the latter
+        monkeypatch.setattr(montecarlo, name, spying(getattr(montecarlo, name)))
+    before = torch.get_num_threads()
+    target = 2 if before != 2 else 3
+    out = _run(tmp_path, "a", "--threads", str(target))
+    assert seen and set(seen) == {target}
+    assert torch.get_num_threads() == before
+    board = json.loads((out / "leaderboard.json").read_text())
+    store = ResultStore.open_existing(out)
+    prov = store.provenance()
+    store.close()
+    assert prov["run"]["threads"] == target and prov["environment"]["device"]["threads"] == target
+    assert board["environment"]["device"]["threads"] == target
+    config = tmp_path / "c.yaml"
+    config.write_text("threads: 1\n")
+    seen.clear()
+    out = _run(tmp_path, "b", "--config", str(config))
+    assert set(seen) == {1}
+    store = ResultStore.open_existing(out)
+    assert store.provenance()["run"]["threads"] == 1
+    store.close()
+    assert cli.main(["run", "--threads", "0", "--out", str(tmp_path / "c")]) == 2
+    assert not (tmp_path / "c").exists()
