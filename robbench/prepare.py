@@ -99,6 +99,9 @@ def describe_prepared(info: dict[str, Any]) -> str:
         how = "ready-built (no training)"
     else:
         how = "loaded from cache" if info.get("from_cache") else f"trained in {info['train_seconds']:.1f}s"
+        trained, best = info.get("epochs_trained"), info.get("best_epoch")
+        if trained is not None and (trained < (info.get("epochs") or 0) or best != trained):
+            how += f" ({trained} of {info['epochs']} epochs; early stopping kept the weights of epoch {best})"
     elbo = info.get("test_elbo")
     return how + (f", test ELBO {elbo:.1f} nats" if elbo is not None else "")
 
@@ -108,6 +111,8 @@ def _checked(trained: TrainedModel, family: ModelFamily, data: SplitData, check_
     elbo = trained.test_elbo if math.isfinite(trained.test_elbo) else None
     info = {"test_elbo": elbo, "train_seconds": trained.train_seconds, "from_cache": trained.from_cache,
             "cache_key": trained.cache_key, "ready_built": not family.trainable}
+    if trained.epochs_trained is not None:  # how long it trained (early stopping may stop before the budget)
+        info.update(epochs=trained.epochs, epochs_trained=trained.epochs_trained, best_epoch=trained.best_epoch)
     model = trained.model.to(device).eval()
     return Prepared(model, info, encoder_problem(model, data, check_ids, device))
 

@@ -65,7 +65,9 @@ class TrainConfig:
 @dataclass
 class TrainedModel:
     """model: in eval mode with parameters frozen (requires_grad False); test_elbo: mean per-example ELBO
-    in nats on the test split (NaN when the model has no loss); history: per-epoch test ELBO."""
+    in nats on the test split (NaN when the model has no loss); history: per-epoch test ELBO (validation
+    ELBO with early stopping); epochs / epochs_trained / best_epoch: see :func:`epochs_summary` (None for
+    ready-built models)."""
 
     model: nn.Module
     test_elbo: float
@@ -74,6 +76,21 @@ class TrainedModel:
     cache_key: str
     path: Path | None = None
     history: list[float] = field(default_factory=list)
+    epochs: int | None = None
+    epochs_trained: int | None = None
+    best_epoch: int | None = None
+
+
+def epochs_summary(history: list[float], cfg: TrainConfig | dict[str, Any]) -> dict[str, int | bool]:
+    """How long a model trained, from its per-epoch scores: ``epochs`` (the budget), ``epochs_trained`` (the
+    epochs actually run: fewer than the budget when early stopping stopped it), ``best_epoch`` (1-based epoch
+    whose weights were kept: the first best validation ELBO with ``patience``, else the last epoch) and
+    ``stopped_early``."""
+    get = cfg.get if isinstance(cfg, dict) else lambda k, default=None: getattr(cfg, k, default)
+    trained = len(history)
+    best = (max(range(trained), key=lambda i: (history[i], -i)) + 1) if get("patience") and trained else trained
+    budget = int(get("epochs", trained) or trained)
+    return {"epochs": budget, "epochs_trained": trained, "best_epoch": best, "stopped_early": trained < budget}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,10 +386,12 @@ def build_or_train(family: ModelFamily, params: dict[str, Any], data: SplitData,
     test_elbo, history = train_model(model, data, cfg, device=device, progress=progress,
                                      description=label.strip())
     seconds = time.perf_counter() - start
+    epochs = epochs_summary(history, cfg)
     payload = checkpoint_payload(model, family, params, test_elbo=test_elbo, train_seconds=seconds,
                                  history=history, train_config=asdict(cfg), dataset=dataset_name, cache_key=key,
-                                 code_version=CODE_VERSION)
-    return TrainedModel(_freeze(model), test_elbo, seconds, False, key, None, history), payload
+                                 code_version=CODE_VERSION, **epochs)
+    return TrainedModel(_freeze(model), test_elbo, seconds, False, key, None, history, epochs["epochs"],
+                        epochs["epochs_trained"], epochs["best_epoch"]), payload
 
 
 def trained_from_payload(payload: dict[str, Any], family: ModelFamily, data: SplitData, *,
@@ -382,5 +401,10 @@ def trained_from_payload(payload: dict[str, Any], family: ModelFamily, data: Spl
         raise ValueError(f"checkpoint was trained on inputs of shape {tuple(payload['input_shape'])}, "
                          f"but the data set has shape {tuple(data.input_shape)}")
     model, meta = model_from_payload(payload, lambda _name: family, device=device)
+    history = list(meta.get("history", []))
+    # checkpoints written before epochs were stored: derived from the history and the training settings
+    epochs = {k: meta[k] for k in ("epochs", "epochs_trained", "best_epoch") if k in meta} or \
+        (epochs_summary(history, meta.get("train_config") or {}) if history else {})
     return TrainedModel(_freeze(model), float(meta["test_elbo"]), float(meta["train_seconds"]), True,
-                        str(meta.get("cache_key", "")), path, list(meta.get("history", [])))
+                        str(meta.get("cache_key", "")), path, history, epochs.get("epochs"),
+                        epochs.get("epochs_trained"), epochs.get("best_epoch"))

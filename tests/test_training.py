@@ -170,3 +170,69 @@ def test_mnist_sigma_grows_with_beta_and_offset_floors_sigma(tmp_path):
     offset = train_or_load(FAMILIES["sigma_offset_vae"], p, data, cfg, cache_dir=tmp_path, device=CPU,
                            progress=False)
     assert float(offset.model.encode(data.test_x)[1].min()) >= 0.5
+
+
+def test_early_stopping_epochs_are_stored_with_the_checkpoint_and_reported(small, tmp_path):
+    """How long a model trained is kept: epochs budget, epochs actually run, the epoch whose weights were
+    kept. In the checkpoint's metadata (read back from the cache, and derived for checkpoints written
+    before it was stored), in the console line, and in the report's per-run table."""
+    from types import SimpleNamespace
+
+    from robbench.paper.report import _epochs_trained
+    from robbench.prepare import describe_prepared
+    from robbench.protocols import ModelFamily
+
+    family = ModelFamily(name="scripted", description="test",
+                         build=lambda p, s: ScriptedModel([1.0, 3.0, 2.0, 2.5, 9.0, 9.0], steps_per_epoch=4))
+    cfg = TrainConfig(epochs=6, batch_size=64, lr=0.01, patience=2)
+    trained = train_or_load(family, {}, small, cfg, cache_dir=tmp_path, device=CPU, progress=False)
+    assert (trained.epochs, trained.epochs_trained, trained.best_epoch) == (6, 4, 2)
+    meta = training.read_checkpoint(trained.path)["meta"]
+    assert (meta["epochs"], meta["epochs_trained"], meta["best_epoch"], meta["stopped_early"]) == (6, 4, 2, True)
+    cached = train_or_load(family, {}, small, cfg, cache_dir=tmp_path, device=CPU, progress=False)
+    assert cached.from_cache and (cached.epochs, cached.epochs_trained, cached.best_epoch) == (6, 4, 2)
+    payload = training.read_checkpoint(trained.path)  # as an older release wrote it: history only
+    for key in ("epochs", "epochs_trained", "best_epoch", "stopped_early"):
+        del payload["meta"][key]
+    training.write_checkpoint(trained.path, payload)
+    old = train_or_load(family, {}, small, cfg, cache_dir=tmp_path, device=CPU, progress=False)
+    assert old.from_cache and (old.epochs, old.epochs_trained, old.best_epoch) == (6, 4, 2)
+    # without early stopping every epoch runs and the last one's weights are kept
+    assert training.epochs_summary([1.0, 3.0, 2.0], TrainConfig(epochs=3)) == \
+        {"epochs": 3, "epochs_trained": 3, "best_epoch": 3, "stopped_early": False}
+
+    line = describe_prepared({"train_seconds": 1.25, "test_elbo": -80.0, "epochs": 6, "epochs_trained": 4,
+                              "best_epoch": 2})
+    assert line == ("trained in 1.2s (4 of 6 epochs; early stopping kept the weights of epoch 2), "
+                    "test ELBO -80.0 nats")
+    full = describe_prepared({"train_seconds": 1.25, "test_elbo": -80.0, "epochs": 6, "epochs_trained": 6,
+                              "best_epoch": 6})
+    assert full == "trained in 1.2s, test ELBO -80.0 nats"  # the usual line when every epoch ran
+
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    data = SimpleNamespace(models={"m1": {"epochs": 60, "epochs_trained": 12}, "m2": {"epochs": 60, "epochs_trained": 31},
+                                   "m3": {"epochs": 15, "epochs_trained": 15}, "m4": {"test_elbo": -1.0}},
+                           model_dirs={"m1": run_a, "m2": run_a, "m3": run_b, "m4": tmp_path / "c"})
+    assert _epochs_trained(data, run_a) == "12-31 of 60"
+    assert _epochs_trained(data, run_b) == "15"
+    assert _epochs_trained(data, tmp_path / "c") == "—"
+
+
+def test_models_table_records_the_epochs_trained(tmp_path, monkeypatch):
+    """`robbench train` with early stopping: the run's models table holds epochs, epochs_trained and
+    best_epoch for each trained model."""
+    from robbench.cli import main
+    from robbench.store import ResultStore
+
+    monkeypatch.setenv("ROBBENCH_CACHE", str(tmp_path / "cache"))
+    config = tmp_path / "c.yaml"
+    config.write_text("train: {epochs: 3, patience: 1, batch_size: 256}\n"
+                      "model_params: {vae: {latent_dim: 2, hidden: 16}}\n")
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(config), "--dataset", "digits", "--models", "vae", "--out", str(out),
+                 "--no-progress"]) == 0
+    store = ResultStore.open_existing(out)
+    (info,) = store.models().values()
+    store.close()
+    assert info["epochs"] == 3 and 1 <= info["epochs_trained"] <= 3
+    assert 1 <= info["best_epoch"] <= info["epochs_trained"]

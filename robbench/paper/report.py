@@ -519,8 +519,20 @@ def _config_summary(data: RunData) -> list[list[str]]:
                       union([{"v": [c.get("model_seeds")]} for c in configs], "v"),
                       union([{"v": [f"r={c.get('r')}, m={c.get('m')}"]} for c in configs], "v"),
                       union([{"v": [(c.get("train") or {}).get("epochs")]} for c in configs], "v"),
-                      str(len(configs))])
+                      _epochs_trained(data, run_dir), str(len(configs))])
     return cells
+
+
+def _epochs_trained(data: RunData, run_dir: Path) -> str:
+    """The epochs the run directory's models actually trained ("12-31 of 60" when early stopping cut
+    some short; "—" when none was recorded, e.g. ready-built models or checkpoints older than the record)."""
+    infos = [info for key, info in data.models.items() if data.model_dirs.get(key) == run_dir]
+    done = sorted(int(i["epochs_trained"]) for i in infos if isinstance(i.get("epochs_trained"), int))
+    if not done:
+        return "—"
+    budgets = sorted({int(i["epochs"]) for i in infos if isinstance(i.get("epochs"), int)})
+    span = f"{done[0]}" if done[0] == done[-1] else f"{done[0]}-{done[-1]}"
+    return span + (f" of {budgets[-1]}" if budgets and done[0] < budgets[-1] else "")
 
 
 def _leaderboard_blocks(data: RunData) -> list[Block]:
@@ -555,7 +567,7 @@ def build_blocks(data: RunData, out_dir: Path) -> tuple[list[Block], list[Claim]
                          f"{len(data.rows) - len(data.ok)} failed. Paper: Camuto et al. 2021, “Towards a "
                          "Theoretical Understanding of the Robustness of Variational Autoencoders”."),
               Block("table", head=["run directory", "models", "attacks", "estimators", "points", "seeds",
-                                   "r, m", "epochs", "runs"], cells=_config_summary(data))]
+                                   "r, m", "epochs", "epochs trained", "runs"], cells=_config_summary(data))]
     groups = split_rows(data)
     extra = len(data.rows) - len(groups.main)
     # figures and the leaderboard: the main runs only (models trained otherwise have the same labels)
