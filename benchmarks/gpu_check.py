@@ -294,9 +294,10 @@ def standard(device: torch.device, compiled: str, *, points: int, samples: list[
 # Phase 4: end-to-end margin benchmark
 # ---------------------------------------------------------------------------------------------
 def margin(device: torch.device, compiled: str, *, config: Path | None, repeats: int,
-           peak: dict[str, float]) -> dict[str, Any]:
+           peak: dict[str, float], on_row: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """``robbench bench --margin``'s margin rows on ``device`` (models trained there), both backends
-    interleaved; margin_bench asserts identical margins, intervals and sample counts."""
+    interleaved; margin_bench asserts identical margins, intervals and sample counts. ``on_row`` receives
+    each row as it is measured (so a run cut short keeps them)."""
     from dataclasses import asdict
 
     from robbench.paper import margin_bench
@@ -306,14 +307,21 @@ def margin(device: torch.device, compiled: str, *, config: Path | None, repeats:
     cfg.device = str(device)
     try:
         rows = margin_bench.margin_rows(cfg, get_registries(), [REFERENCE, compiled], repeats=repeats, peaks=peak,
-                                        progress=lambda r: _say(f"  margin {r.model} {r.backend} rep {r.repeat}: "
-                                                                f"{r.whole_s:.2f} s (attack {r.attack_s:.2f}, "
-                                                                f"MC {r.montecarlo_s:.2f})"))
+                                        progress=lambda r: _progress(r, on_row))
     except AssertionError as err:  # margin_bench's check: a backend gave another margin, interval or count
         return {"ok": False, "identical_margins": False, "error": f"AssertionError: {err}"[:2000]}
     summary = margin_bench.summarize(rows, REFERENCE)
     return {"models": list(cfg.models), "dataset": cfg.dataset, "points": cfg.points, "repeats": repeats,
             "identical_margins": True, "summary": summary, "rows": [asdict(r) for r in rows], "ok": True}
+
+
+def _progress(row: Any, on_row: Callable[[dict[str, Any]], None] | None) -> None:
+    from dataclasses import asdict
+
+    _say(f"  margin {row.model} {row.backend} rep {row.repeat}: {row.whole_s:.2f} s (attack {row.attack_s:.2f}, "
+         f"MC {row.montecarlo_s:.2f})")
+    if on_row is not None:
+        on_row(asdict(row))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -510,8 +518,13 @@ def main(argv: list[str] | None = None) -> int:
             peak = {"fp32": measure_peak(torch.float32, n=256 if args.quick else (8192 if device.type == "cuda"
                                                                                   else 2048),
                                          seconds=0.05 if args.quick else 1.0, device=device)}
+            def on_row(row: dict[str, Any]) -> None:  # kept if the run is cut short inside this phase
+                doc["phases"].setdefault("margin_partial", {"rows": []})["rows"].append(row)
+                save()
+
             res = margin(device, compiled, config=margin_cfg, repeats=max(repeats - 1, 1) if not args.quick else 1,
-                         peak=peak)
+                         peak=peak, on_row=on_row)
+            doc["phases"].pop("margin_partial", None)
             res["peak_gflops"] = peak
             return res
         phase("margin", run_margin)

@@ -10,6 +10,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 ROBBENCH_VERBOSE_BUILD=1 ROBBENCH_CACHE=${ROBBENCH_CACHE:-/tmp/robbench_cache}
+# cuBLAS run-to-run reproducibility (the margin phase asserts identical margins across repetitions too)
+export CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}
 PY=${PYTHON:-python3}
 { date -u +%FT%TZ; uname -a; nvidia-smi; nvcc --version
   "$PY" -c 'import sys, torch; print(sys.version); print("torch", torch.__version__, "cuda", torch.version.cuda,
