@@ -36,6 +36,7 @@ from robbench.paths import cache_dir
 from robbench.plugins import get_registries
 from robbench.protocols import call_attack
 from robbench.runner import load_data, select_points
+from robbench_plugins import fused_attack
 
 OLD_MARGIN = {"tolerance": 0.05, "rel_tolerance": None, "warm_steps": 10, "refine": 0, "samples_locate": None,
               "stop_when_undecided": True, "screen_samples": 0}
@@ -93,15 +94,28 @@ class Timed:
 
     def __call__(self, model, x, radius, *, params, generator, init=None, point_ids=None, init_radius=None):
         start, cpu = time.perf_counter(), time.process_time()
-        before = sum(model.rows.values()) if isinstance(model, Counting) else 0
+        counted = isinstance(model, Counting)
+        before = sum(model.rows.values()) + sum(fused_attack.ROWS.values()) if counted else 0
         try:
-            return call_attack(self.attack, model, x, radius, params=params, generator=generator, init=init,
-                               point_ids=point_ids, init_radius=init_radius)
+            return call_attack(self.attack, _fused_target(model, params, x), x, radius, params=params,
+                               generator=generator, init=init, point_ids=point_ids, init_radius=init_radius)
         finally:
             self.seconds += time.perf_counter() - start
             self.cpu_seconds += time.process_time() - cpu
-            if isinstance(model, Counting):
-                self.rows += sum(model.rows.values()) - before
+            if counted:
+                self.rows += sum(model.rows.values()) + sum(fused_attack.ROWS.values()) - before
+
+
+def _fused_target(model: Any, params: dict[str, Any], x: torch.Tensor) -> Any:
+    """The model to hand the attack: the wrapped one when max_damage's compiled engine will run on it (it
+    reads the networks, not encode/decode, and counts its rows in fused_attack.ROWS), else ``model``."""
+    if not isinstance(model, Counting):
+        return model
+    p = params or {}
+    converged = p.get("eta_redraw", True) and p.get("optimizer", "pgd") == "pgd"
+    if converged and fused_attack.resolve_engine(p.get("engine", "auto"), model.model, x) is not None:
+        return model.model
+    return model
 
 
 def measure(model, x, ids, attack, attack_params, margin_params, run) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from robbench.projection import (as_radius, finalize, flat_norm, lbfgs_ascent, p
                                  point_normals, random_start, stall_ascent)
 from robbench.paramspec import Param
 from robbench.protocols import AttackResult
+from robbench_plugins import fused_attack
 
 ROUTES = ("both", "mu", "sigma")
 OBJECTIVES = ("expectation", "mean")
@@ -202,7 +203,7 @@ class MaxDamageAttack:
         "min_step": 0.01,
         **_OPT_DEFAULTS, "step_size": 2.0, "warm_step_size": 0.5, "refine_step_size": 0.25,
         "warm_presolve_steps": 60, "warm_refine_steps": 40, "warm_refine_step_size": 0.25,
-        "warm_scale": 1.0})
+        "warm_scale": 1.0, "engine": "auto"})
     constraints: dict[str, Param] = field(default_factory=lambda: {
         "route": Param("str", choices=ROUTES), "objective": Param("str", choices=OBJECTIVES),
         "eta_samples": Param("int", lo=1), "eta_redraw": Param("bool"), "eval_samples": Param("int", lo=1),
@@ -212,7 +213,8 @@ class MaxDamageAttack:
         "warm_step_size": Param("float", lo=0, lo_open=True),
         "refine_step_size": Param("float", lo=0, lo_open=True),
         "warm_presolve_steps": Param("int", lo=0), "warm_refine_steps": Param("int", lo=1),
-        "warm_refine_step_size": Param("float", lo=0, lo_open=True), "warm_scale": Param("float", lo=0)})
+        "warm_refine_step_size": Param("float", lo=0, lo_open=True), "warm_scale": Param("float", lo=0),
+        "engine": Param("str", choices=fused_attack.ENGINES)})
 
     def __call__(self, model: Any, x: Tensor, radius: Tensor, *, params: dict[str, Any] | None = None,
                  generator: torch.Generator, init: Tensor | None = None,
@@ -250,6 +252,9 @@ class MaxDamageAttack:
             return ((recon - center[rows]).pow(2).sum(2) + 1e-12).sqrt().mean(0)
 
         if p["optimizer"] == "lbfgs" or not p["eta_redraw"]:
+            if p["engine"] == "compiled":
+                raise ValueError("attack parameter engine='compiled' runs the default optimiser only "
+                                 "(optimizer='pgd', eta_redraw=True); use engine='auto' or 'torch'")
             n_eta = int(p["eta_samples"]) if expectation else 0
             eta = point_normals(generator, ids, max(n_eta, 1), model.latent_dim, x)  # fixed for the call
 
@@ -257,13 +262,22 @@ class MaxDamageAttack:
                 return damage(rows, xr, d, eta[:, rows] if n_eta else None)
 
             return _result(model, x, _optimise(fixed, x, radius, p, generator, init, ids, input_range(model)))
+        spec = fused_attack.resolve_engine(p["engine"], model, x)
+
+        def fused(idx: Tensor, ra: Tensor) -> fused_attack.FusedObjective:  # the compiled engine on points idx
+            return fused_attack.FusedObjective(spec, x[idx], center[idx], mu_c[idx], sig_c[idx], ra, route,
+                                               input_range(model))
+
         return _result(model, x, self._converged(damage, model, x, radius, p, generator, init, ids, expectation,
-                                                 init_radius))
+                                                 init_radius, None if spec is None else fused))
 
     @staticmethod
     def _converged(damage, model: Any, x: Tensor, radius: Tensor, p: dict[str, Any], generator: torch.Generator,
-                   init: Tensor | None, ids: Tensor, expectation: bool, init_radius: Tensor | None = None) -> Tensor:
-        """Pre-solve, stochastic refinement and stall stopping (see the class docstring)."""
+                   init: Tensor | None, ids: Tensor, expectation: bool, init_radius: Tensor | None = None,
+                   fused: Any = None) -> Tensor:
+        """Pre-solve, stochastic refinement and stall stopping (see the class docstring). ``fused(idx, radius)``
+        (the compiled engine) gives a :class:`fused_attack.FusedObjective` on the points idx: every step and
+        score is then one call of its op."""
         box = input_range(model)  # every start, iterate and the result keep x + delta in the declared range
         delta = torch.zeros_like(x)
         active = radius > 0
@@ -294,6 +308,23 @@ class MaxDamageAttack:
             eta = antithetic(stats.derive_seed(base, "steps"), rows, half, offset=step * half)
             return damage(idx[rows], xa[rows], d, eta)
 
+        mean_step = stochastic_step = None  # the compiled engine's steps (None: autograd)
+        if fused is not None:
+            op = fused(idx, ra)  # rows below index xa, as the op's points
+            keys = rng.stream_keys(stats.derive_seed(base, "steps"), ia)
+
+            def mean_obj(rows: Tensor, d: Tensor, step: int = 0) -> Tensor:
+                return op.value(rows, d)
+
+            def evaluate(rows: Tensor, d: Tensor) -> Tensor:
+                return op.value(rows, d, eval_eta)
+
+            def mean_step(rows: Tensor, d: Tensor, step_len: Tensor, step: int) -> Tensor:
+                return op.step(rows, d, step_len)
+
+            def stochastic_step(rows: Tensor, d: Tensor, step_len: Tensor, step: int) -> Tensor:
+                return op.step(rows, d, step_len, keys=keys, j0=step * half, n_half=half)
+
         ia_init = None if init is None else init.to(device=x.device, dtype=x.dtype).view_as(x)[idx]
         warm = ia_init is not None
         n_random = max(int(p["restarts"]), 0 if warm else 1)
@@ -305,13 +336,13 @@ class MaxDamageAttack:
         if not expectation:
             starts = ([ia_init] if warm else []) + randoms
             best, _ = stall_ascent(mean_obj, mean_obj, xa, ra, starts, steps=int(p["presolve_steps"]) + int(p["steps"]),
-                                   step_size=float(p["step_size"]), **knobs)
+                                   step_size=float(p["step_size"]), stepper=mean_step, **knobs)
         else:
             pre = {**knobs, "min_step": float(p["presolve_min_step"])}  # refinement polishes further
             # Random starts are pre-solved on the deterministic mean-decoder objective (cheap: no eta);
             # all of them in one batched pass, each start's own best kept (per_start).
             solved = (list(stall_ascent(mean_obj, mean_obj, xa, ra, randoms, steps=int(p["presolve_steps"]),
-                                        step_size=float(p["step_size"]), per_start=True, **pre)[0].split(len(idx)))
+                                        step_size=float(p["step_size"]), per_start=True, stepper=mean_step, **pre)[0].split(len(idx)))
                       if randoms and int(p["presolve_steps"]) > 0 else randoms)
             candidates = ([ia_init] if warm else []) + solved
             if warm and int(p["warm_presolve_steps"]) > 0:
@@ -319,7 +350,7 @@ class MaxDamageAttack:
                 # non-linear decoder the mean-decoder optimum can be a worse delta for the expectation
                 candidates.append(stall_ascent(mean_obj, mean_obj, xa, ra, [ia_init],
                                                steps=int(p["warm_presolve_steps"]),
-                                               step_size=float(p["warm_step_size"]), **pre)[0])
+                                               step_size=float(p["warm_step_size"]), stepper=mean_step, **pre)[0])
             if len(candidates) > 1:  # refine only the best candidate per point (scored on the common draws)
                 scores = torch.stack([evaluate(torch.arange(len(idx), device=x.device), s) for s in candidates])
                 pick = scores.argmax(0)
@@ -327,7 +358,7 @@ class MaxDamageAttack:
             best, _ = stall_ascent(stochastic, evaluate, xa, ra, candidates,
                                    steps=min(int(p["steps"]), int(p["warm_refine_steps"])) if warm else int(p["steps"]),
                                    step_size=warm_step if warm else float(p["refine_step_size"]),
-                                   **knobs)
+                                   stepper=stochastic_step, **knobs)
         delta[idx] = best.detach()
         return finalize(x, delta, radius, box=box)
 

@@ -242,10 +242,16 @@ StochasticObjective = Callable[[Tensor, Tensor, int], Tensor]
 optimisation step (e.g. new eta draws), differentiable in delta; ``rows`` as for :data:`Objective`."""
 
 
-def stall_ascent(objective: StochasticObjective, evaluate: Objective, x: Tensor, radius: Tensor,
+Stepper = Callable[[Tensor, Tensor, Tensor, int], Tensor]
+"""stepper(rows, delta, step_len, step) -> the next iterate (N, *shape): delta moved by step_len (N,) input
+units along the L2-normalised gradient of the step's objective and projected exactly onto C (what
+:func:`stall_ascent` does with autograd and :func:`project_ball_box`, done by the caller, e.g. a compiled op)."""
+
+
+def stall_ascent(objective: StochasticObjective | None, evaluate: Objective, x: Tensor, radius: Tensor,
                  starts: list[Tensor], *, steps: int, step_size: float | Tensor, check_every: int = 4,
                  stall_tol: float = 1e-3, min_step: float = 0.02, per_start: bool = False,
-                 box: tuple[float, float] = (0.0, 1.0)) -> tuple[Tensor, Tensor]:
+                 box: tuple[float, float] = (0.0, 1.0), stepper: Stepper | None = None) -> tuple[Tensor, Tensor]:
     """Projected (stochastic) gradient ascent over C(x, radius) with per-row step halving and stall stop.
 
     Steps follow ``objective`` (which may redraw its randomness at every step: the iterates then follow
@@ -256,6 +262,7 @@ def stall_ascent(objective: StochasticObjective, evaluate: Objective, x: Tensor,
     its best iterate and halves alpha (as APGD does); it stops once alpha < ``min_step``. So a row gets
     the steps it needs, at most ``steps``, and stopped rows cost no decoder passes. Every iterate
     satisfies x + delta in ``box`` (the model's declared input range).
+    ``stepper`` (optional) replaces the autograd step (``objective`` is then unused and may be None).
     starts: list of R tensors (B, *shape). Returns the best scored iterate per point over all starts
     and its score: (delta (B, *shape), (B,)); with ``per_start`` every start's own best and score,
     (delta (R * B, *shape), (R * B,)) in the order of ``starts``.
@@ -275,13 +282,16 @@ def stall_ascent(objective: StochasticObjective, evaluate: Objective, x: Tensor,
         idx = active.nonzero().squeeze(1)
         if idx.numel() == 0:
             break
-        d = delta[idx].detach().requires_grad_(True)
-        with torch.enable_grad():
-            grad = _grad(objective(rows[idx], d, step).sum(), d)
-        g = torch.nan_to_num(grad)
-        g = g / flat_norm(g).clamp_min(1e-20).view(view)
-        move = (alpha[idx] * rr[idx]).view(view) * g
-        delta[idx] = project_ball_box(d.detach() + move, xr[idx], rr[idx], box=box)
+        step_len = alpha[idx] * rr[idx]
+        if stepper is not None:
+            delta[idx] = stepper(rows[idx], delta[idx], step_len, step)
+        else:
+            d = delta[idx].detach().requires_grad_(True)
+            with torch.enable_grad():
+                grad = _grad(objective(rows[idx], d, step).sum(), d)
+            g = torch.nan_to_num(grad)
+            g = g / flat_norm(g).clamp_min(1e-20).view(view)
+            delta[idx] = project_ball_box(d.detach() + step_len.view(view) * g, xr[idx], rr[idx], box=box)
         if (step + 1) % check_every == 0 or step == steps - 1:
             with torch.no_grad():
                 val = evaluate(rows[idx], delta[idx]).detach()

@@ -1,0 +1,331 @@
+// robbench::mlp_attack_step: one step of the maximum-damage attack (plugins/attacks.py) on an MLP VAE,
+// fused: encoder forward of x + delta, decoder forward over the eta draws, the objective, its gradient
+// with respect to delta (a hand-written backward through ATen's own backward functions, no autograd),
+// the normalised step and the exact projection onto {||delta|| <= radius} ∩ {lo <= x + delta <= hi}.
+// Python (robbench_plugins.fused_attack) calls it once per optimisation step; every other model takes
+// the autograd path, which this op reproduces up to float rounding (tests/test_fused_attack.py).
+//
+// Shapes: B points, N rows (rows[n] indexes the point of row n; several rows may share a point),
+// D input features, E encoder outputs, k latents, F decoder outputs, S eta draws.
+//   x (B, D), delta (N, D), rows (N,) int64, center (B, F) = g(mu(x)), mu_fix / sig_fix (B, k) = the
+//   clean encoder outputs (used where the route or the model keeps them fixed).
+//   eta: (S, B, k) fixed draws, or, when n_half > 0, antithetic draws computed here from the
+//   counter-based RNG (rng.h, bit-exact with robbench.rng): for row n, samples j0 .. j0 + n_half - 1 of
+//   stream (ka, kb)[rows[n]], then their negatives (S = 2 n_half); S = 0 and n_half = 0: eta = 0.
+//   Objective per row: mean_s sqrt(||g(mu_r + eta_s * sigma_r) - center||^2 + 1e-12), or with eta = 0
+//   the plain distance ||g(mu_r) - center||.
+//   route: 0 = both (mu, sigma of x + delta), 1 = mu (sigma clean), 2 = sigma (mu clean).
+//   sigma_kind: 0 = the encoder outputs [mu | pre] and sigma = softplus(pre) + sigma_offset (E = 2k);
+//   1 = the encoder outputs mu (E = k) and sigma = sig_fix does not depend on x.
+//   mode 0: (value (N,), an empty tensor); 1: (value, gradient (N, D)); 2: (value, new delta (N, D)): the move
+//   step_len[n] * g / ||g|| (g the gradient with non-finite entries zeroed), projected exactly (in
+//   float64) onto the feasible set of radius[n] (rows' own radii).
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/rng.h"
+
+namespace robbench {
+namespace {
+
+// Activation codes of robbench_plugins.fused_attack.ACT_CODES.
+enum AttackAct : int64_t {
+  kAttNone = 0, kAttRelu = 1, kAttSigmoid = 2, kAttElu = 3, kAttLeakyRelu = 4, kAttTanh = 5,
+  kAttSoftplus = 6, kAttGelu = 7
+};
+constexpr int64_t kAttActMax = kAttGelu;
+
+at::Tensor act_forward(const at::Tensor& pre, int64_t act) {
+  switch (act) {
+    case kAttRelu: return at::relu(pre);
+    case kAttSigmoid: return at::sigmoid(pre);
+    case kAttElu: return at::elu(pre);
+    case kAttLeakyRelu: return at::leaky_relu(pre, 0.01);
+    case kAttTanh: return at::tanh(pre);
+    case kAttSoftplus: return at::softplus(pre, 1.0, 20.0);
+    case kAttGelu: return at::gelu(pre);
+    default: return pre;
+  }
+}
+
+// d loss / d pre from d loss / d out, with ATen's own backward formulas (those autograd uses).
+at::Tensor act_backward(const at::Tensor& grad, const at::Tensor& pre, const at::Tensor& out, int64_t act) {
+  switch (act) {
+    case kAttRelu: return at::threshold_backward(grad, out, 0);
+    case kAttSigmoid: return at::sigmoid_backward(grad, out);
+    case kAttElu: return at::elu_backward(grad, 1.0, 1.0, 1.0, false, pre);
+    case kAttLeakyRelu: return at::leaky_relu_backward(grad, pre, 0.01, false);
+    case kAttTanh: return at::tanh_backward(grad, out);
+    case kAttSoftplus: return at::softplus_backward(grad, pre, 1.0, 20.0);
+    case kAttGelu: return at::gelu_backward(grad, pre);
+    default: return grad;
+  }
+}
+
+struct Mlp {
+  at::TensorList w, b;
+  at::IntArrayRef acts;
+};
+
+// Forward through the layers, keeping every pre-activation and output for the backward pass.
+at::Tensor mlp_forward(const Mlp& net, at::Tensor h, std::vector<at::Tensor>* pres, std::vector<at::Tensor>* outs) {
+  for (size_t l = 0; l < net.w.size(); ++l) {
+    at::Tensor pre = at::addmm(net.b[l], h, net.w[l].t());
+    h = act_forward(pre, net.acts[l]);
+    if (pres) {
+      pres->push_back(pre);
+      outs->push_back(h);
+    }
+  }
+  return h;
+}
+
+at::Tensor mlp_backward(const Mlp& net, at::Tensor g, const std::vector<at::Tensor>& pres,
+                        const std::vector<at::Tensor>& outs) {
+  for (size_t l = net.w.size(); l-- > 0;) {
+    g = act_backward(g, pres[l], outs[l], net.acts[l]);
+    g = at::mm(g, net.w[l]);
+  }
+  return g;
+}
+
+void check_mlp_layers(const Mlp& net, const std::string& name, int64_t in) {
+  const at::Device cpu(at::kCPU);
+  TORCH_CHECK(!net.w.empty() && net.w.size() == net.b.size() && net.w.size() == net.acts.size(),
+              name, "_w, ", name, "_b and ", name, "_acts must have one entry per layer");
+  for (size_t l = 0; l < net.w.size(); ++l) {
+    check_tensor(net.w[l], name + "_w[" + std::to_string(l) + "]", at::kFloat, cpu, 2);
+    check_tensor(net.b[l], name + "_b[" + std::to_string(l) + "]", at::kFloat, cpu, 1);
+    TORCH_CHECK(net.w[l].size(1) == in, name, "_w[", l, "] must be (out, ", in, "), got ", net.w[l].sizes());
+    TORCH_CHECK(net.b[l].size(0) == net.w[l].size(0), name, "_b[", l, "] must be (", net.w[l].size(0), ",)");
+    TORCH_CHECK(net.acts[l] >= 0 && net.acts[l] <= kAttActMax, name, "_acts[", l, "] must be an activation code 0..",
+                kAttActMax, ", got ", net.acts[l]);
+    in = net.w[l].size(0);
+  }
+}
+
+int64_t mlp_out(const Mlp& net) { return net.w.back().size(0); }
+
+// Exact Euclidean projection of v onto {||d|| <= r} ∩ {lo - x <= d <= hi - x} for one row, in float64:
+// the same fixed point iteration as robbench.projection.project_ball_box (see its docstring).
+void project_row(const float* v, const float* x, double r, double lo_box, double hi_box, int64_t D, float* out) {
+  const double r2 = r * r;
+  double full2 = 0.0;
+  for (int64_t i = 0; i < D; ++i) {
+    const double xi = x[i], vi = v[i];
+    const double f = std::max(std::min(vi, hi_box - xi), lo_box - xi);
+    full2 += f * f;
+  }
+  double t = 1.0;
+  if (full2 > r2) {
+    for (int it = 0; it < 100; ++it) {
+      double c = 0.0, s = 0.0;
+      for (int64_t i = 0; i < D; ++i) {
+        const double xi = x[i], vi = v[i];
+        const double lo = lo_box - xi, hi = hi_box - xi, tv = t * vi;
+        if (tv > hi || tv < lo) {
+          const double face = vi > 0 ? hi : lo;
+          c += face * face;
+        } else {
+          s += vi * vi;
+        }
+      }
+      double t_next = std::min(std::sqrt(std::max(r2 - c, 0.0) / std::max(s, 1e-300)), 1.0);
+      if (it > 0) t_next = std::max(t_next, t);  // after the first solve t only rises
+      if (t_next == t) break;
+      t = t_next;
+    }
+  }
+  for (int64_t i = 0; i < D; ++i) {
+    const double xi = x[i];
+    out[i] = static_cast<float>(std::max(std::min(t * static_cast<double>(v[i]), hi_box - xi), lo_box - xi));
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> mlp_attack_step_cpu(
+    const at::Tensor& x_, const at::Tensor& delta_, const at::Tensor& rows_, const at::Tensor& center_,
+    const at::Tensor& mu_fix_, const at::Tensor& sig_fix_, const at::Tensor& eta_, const at::Tensor& ka_,
+    const at::Tensor& kb_, int64_t j0, int64_t n_half, at::TensorList enc_w, at::TensorList enc_b,
+    at::IntArrayRef enc_acts, at::TensorList dec_w, at::TensorList dec_b, at::IntArrayRef dec_acts, int64_t route,
+    int64_t sigma_kind, double sigma_offset, const at::Tensor& step_len_, const at::Tensor& radius_, double lo_box,
+    double hi_box, int64_t mode) {
+  const at::Device cpu(at::kCPU);
+  check_tensor(x_, "x", at::kFloat, cpu, 2);
+  check_tensor(delta_, "delta", at::kFloat, cpu, 2);
+  check_tensor(rows_, "rows", at::kLong, cpu, 1);
+  check_tensor(center_, "center", at::kFloat, cpu, 2);
+  check_tensor(mu_fix_, "mu_fix", at::kFloat, cpu, 2);
+  check_tensor(sig_fix_, "sig_fix", at::kFloat, cpu, 2);
+  const int64_t B = x_.size(0), D = x_.size(1), N = delta_.size(0), k = mu_fix_.size(1);
+  TORCH_CHECK(delta_.size(1) == D, "delta must be (N, ", D, "), got ", delta_.sizes());
+  TORCH_CHECK(rows_.size(0) == N, "rows must be (N,) with N = ", N, ", got ", rows_.sizes());
+  TORCH_CHECK(center_.size(0) == B && mu_fix_.size(0) == B && sig_fix_.sizes() == mu_fix_.sizes(),
+              "center, mu_fix and sig_fix must have B = ", B, " rows (mu_fix, sig_fix: (B, k))");
+  TORCH_CHECK(route >= 0 && route <= 2, "route must be 0 (both), 1 (mu) or 2 (sigma), got ", route);
+  TORCH_CHECK(sigma_kind == 0 || sigma_kind == 1, "sigma_kind must be 0 (softplus head) or 1 (fixed), got ",
+              sigma_kind);
+  TORCH_CHECK(mode >= 0 && mode <= 2, "mode must be 0 (value), 1 (gradient) or 2 (step), got ", mode);
+  TORCH_CHECK(n_half >= 0 && j0 >= 0 && j0 + n_half <= (int64_t(1) << 32),
+              "j0 and n_half: sample indices must lie in [0, 2^32)");
+  if (N > 0) {
+    const auto r = at::aminmax(rows_);
+    TORCH_CHECK(std::get<0>(r).item<int64_t>() >= 0 && std::get<1>(r).item<int64_t>() < B,
+                "rows must index the B = ", B, " points");
+  }
+  const Mlp enc{enc_w, enc_b, enc_acts}, dec{dec_w, dec_b, dec_acts};
+  check_mlp_layers(enc, "enc", D);
+  check_mlp_layers(dec, "dec", k);
+  TORCH_CHECK(mlp_out(enc) == (sigma_kind == 0 ? 2 * k : k), "the encoder must output ", sigma_kind == 0 ? 2 * k : k,
+              " features for sigma_kind ", sigma_kind, ", got ", mlp_out(enc));
+  TORCH_CHECK(center_.size(1) == mlp_out(dec), "center must be (B, ", mlp_out(dec), ")");
+  int64_t S = 0;
+  if (n_half > 0) {
+    check_tensor(ka_, "ka", at::kLong, cpu, 1);
+    check_tensor(kb_, "kb", at::kLong, cpu, 1);
+    TORCH_CHECK(ka_.size(0) == B && kb_.size(0) == B, "ka and kb must be (B,) with B = ", B);
+    S = 2 * n_half;
+  } else if (eta_.numel() > 0) {
+    check_tensor(eta_, "eta", at::kFloat, cpu, 3);
+    TORCH_CHECK(eta_.size(1) == B && eta_.size(2) == k, "eta must be (S, ", B, ", ", k, "), got ", eta_.sizes());
+    S = eta_.size(0);
+  }
+  TORCH_CHECK(S > 0 || route != 2, "route 2 (sigma) needs eta draws: at eta = 0 sigma has no effect");
+  if (mode == 2) {
+    check_tensor(step_len_, "step_len", at::kFloat, cpu, 1);
+    check_tensor(radius_, "radius", at::kFloat, cpu, 1);
+    TORCH_CHECK(step_len_.size(0) == N && radius_.size(0) == N, "step_len and radius must be (N,) with N = ", N);
+  }
+
+  at::Tensor rows = rows_.contiguous();
+  at::Tensor xg = x_.index_select(0, rows).contiguous();
+  at::Tensor delta = delta_.contiguous();
+  at::Tensor center = center_.index_select(0, rows);
+
+  // Encoder (the route decides whether it is needed at all).
+  const bool mu_from_enc = route != 2;
+  const bool sig_from_enc = route != 1 && S > 0 && sigma_kind == 0;
+  std::vector<at::Tensor> enc_pre, enc_out;
+  at::Tensor mu, sig, sig_pre;
+  if (mu_from_enc || sig_from_enc) {
+    at::Tensor out = mlp_forward(enc, xg + delta, &enc_pre, &enc_out);
+    mu = mu_from_enc ? out.narrow(1, 0, k) : mu_fix_.index_select(0, rows);
+    if (sig_from_enc) {
+      sig_pre = out.narrow(1, k, k);
+      sig = at::softplus(sig_pre, 1.0, 20.0) + sigma_offset;
+    }
+  } else {
+    mu = mu_fix_.index_select(0, rows);
+  }
+  if (S > 0 && !sig.defined()) sig = sig_fix_.index_select(0, rows);
+
+  // eta (S, N, k)
+  at::Tensor eta;
+  if (n_half > 0) {
+    eta = at::empty({S, N, k}, x_.options());
+    at::Tensor kac = ka_.contiguous(), kbc = kb_.contiguous();
+    const int64_t *pa = kac.data_ptr<int64_t>(), *pb = kbc.data_ptr<int64_t>(), *pr = rows.data_ptr<int64_t>();
+    float* pe = eta.data_ptr<float>();
+    at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n)
+        for (int64_t s = 0; s < n_half; ++s) {
+          float* e = pe + (s * N + n) * k;
+          normals_row(static_cast<uint32_t>(pa[pr[n]]), static_cast<uint32_t>(pb[pr[n]]),
+                      static_cast<uint32_t>(j0 + s), k, e);
+          float* neg = pe + ((s + n_half) * N + n) * k;
+          for (int64_t i = 0; i < k; ++i) neg[i] = -e[i];
+        }
+    });
+  } else if (S > 0) {
+    eta = eta_.index_select(1, rows);
+  }
+
+  // Decoder over the draws and the objective.
+  at::Tensor z = S > 0 ? (mu.unsqueeze(0) + eta * sig.unsqueeze(0)).reshape({S * N, k}) : mu.contiguous();
+  std::vector<at::Tensor> dec_pre, dec_out;
+  const bool grad = mode > 0;
+  at::Tensor y = mlp_forward(dec, z, grad ? &dec_pre : nullptr, grad ? &dec_out : nullptr);
+  const int64_t F = y.size(1);
+  at::Tensor diff = y.view({std::max<int64_t>(S, 1), N, F}) - center.unsqueeze(0);
+  at::Tensor d2 = diff.square().sum(2);  // (S or 1, N)
+  at::Tensor dist = S > 0 ? (d2 + 1e-12).sqrt() : d2.sqrt();
+  at::Tensor value = dist.mean(0);
+  if (mode == 0) return {value, at::empty({0}, x_.options())};
+
+  // Backward: d value / d y, then through the decoder, the latent sample and the encoder.
+  at::Tensor inv = dist.reciprocal() / static_cast<double>(std::max<int64_t>(S, 1));
+  if (S == 0) inv = at::where(dist > 0, inv, at::zeros_like(inv));  // the norm has no gradient at 0
+  at::Tensor gz = mlp_backward(dec, (diff * inv.unsqueeze(2)).view({-1, F}), dec_pre, dec_out);  // (S N, k)
+  at::Tensor gdelta;
+  if (mu_from_enc || sig_from_enc) {
+    at::Tensor gz3 = gz.view({std::max<int64_t>(S, 1), N, k});
+    std::vector<at::Tensor> parts;
+    parts.push_back(mu_from_enc ? gz3.sum(0) : at::zeros({N, k}, x_.options()));
+    if (sigma_kind == 0)
+      parts.push_back(sig_from_enc ? at::softplus_backward((gz3 * eta).sum(0), sig_pre, 1.0, 20.0)
+                                   : at::zeros({N, k}, x_.options()));
+    gdelta = mlp_backward(enc, at::cat(parts, 1), enc_pre, enc_out);
+  } else {
+    gdelta = at::zeros({N, D}, x_.options());
+  }
+  if (mode == 1) return {value, gdelta};
+
+  // The normalised step and the projection.
+  at::Tensor g = at::nan_to_num(gdelta, 0.0, 0.0, 0.0);
+  g = g / g.norm(2, {1}, true).clamp_min(1e-20);
+  at::Tensor v = (delta + step_len_.view({-1, 1}) * g).contiguous();
+  at::Tensor out = at::empty_like(v);
+  at::Tensor rad = radius_.to(at::kDouble).contiguous();
+  ROBBENCH_ASSERT_CONTIGUOUS(xg);
+  const float *pv = v.data_ptr<float>(), *px = xg.data_ptr<float>();
+  const double* prad = rad.data_ptr<double>();
+  float* po = out.data_ptr<float>();
+  at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) project_row(pv + n * D, px + n * D, prad[n], lo_box, hi_box, D, po + n * D);
+  });
+  return {value, out};
+}
+
+// project_ball_box for (N, D) rows: tests compare it with robbench.projection.project_ball_box.
+at::Tensor project_ball_box_cpu(const at::Tensor& v_, const at::Tensor& x_, const at::Tensor& radius_, double lo_box,
+                                double hi_box) {
+  const at::Device cpu(at::kCPU);
+  check_tensor(v_, "v", at::kFloat, cpu, 2);
+  check_tensor(x_, "x", at::kFloat, cpu, 2);
+  check_tensor(radius_, "radius", at::kFloat, cpu, 1);
+  TORCH_CHECK(x_.sizes() == v_.sizes(), "x must have v's shape ", v_.sizes());
+  TORCH_CHECK(radius_.size(0) == v_.size(0), "radius must be (N,) with N = ", v_.size(0));
+  at::Tensor v = v_.contiguous(), x = x_.contiguous(), rad = radius_.to(at::kDouble).contiguous();
+  at::Tensor out = at::empty_like(v);
+  const int64_t N = v.size(0), D = v.size(1);
+  const float *pv = v.data_ptr<float>(), *px = x.data_ptr<float>();
+  const double* prad = rad.data_ptr<double>();
+  float* po = out.data_ptr<float>();
+  at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) project_row(pv + n * D, px + n * D, prad[n], lo_box, hi_box, D, po + n * D);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(robbench, m) {
+  m.def("mlp_attack_step(Tensor x, Tensor delta, Tensor rows, Tensor center, Tensor mu_fix, Tensor sig_fix, "
+        "Tensor eta, Tensor ka, Tensor kb, int j0, int n_half, Tensor[] enc_w, Tensor[] enc_b, int[] enc_acts, "
+        "Tensor[] dec_w, Tensor[] dec_b, int[] dec_acts, int route, int sigma_kind, float sigma_offset, "
+        "Tensor step_len, Tensor radius, float lo, float hi, int mode) -> (Tensor, Tensor)");
+  m.def("project_ball_box(Tensor v, Tensor x, Tensor radius, float lo, float hi) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(robbench, CPU, m) {
+  m.impl("mlp_attack_step", &mlp_attack_step_cpu);
+  m.impl("project_ball_box", &project_ball_box_cpu);
+}
+
+}  // namespace robbench
