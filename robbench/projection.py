@@ -278,31 +278,38 @@ def stall_ascent(objective: StochasticObjective | None, evaluate: Objective, x: 
     best = delta.detach().clone()
     alpha = torch.as_tensor(step_size, dtype=x.dtype, device=x.device).expand(B).repeat(R)  # (B * R,)
     active = alpha >= min_step
+
+    def gather() -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """The active rows and their state; it changes only at checks, so it is gathered only then."""
+        i = active.nonzero().squeeze(1)
+        return i, rows[i], xr[i], rr[i], alpha[i] * rr[i], delta[i]
+
+    idx, rows_a, x_a, r_a, step_len, cur = gather()  # cur: the active rows' iterates (delta[idx])
     for step in range(steps):
-        idx = active.nonzero().squeeze(1)
         if idx.numel() == 0:
             break
-        step_len = alpha[idx] * rr[idx]
         if stepper is not None:
-            delta[idx] = stepper(rows[idx], delta[idx], step_len, step)
+            cur = stepper(rows_a, cur, step_len, step)
         else:
-            d = delta[idx].detach().requires_grad_(True)
+            d = cur.detach().requires_grad_(True)
             with torch.enable_grad():
-                grad = _grad(objective(rows[idx], d, step).sum(), d)
+                grad = _grad(objective(rows_a, d, step).sum(), d)
             g = torch.nan_to_num(grad)
             g = g / flat_norm(g).clamp_min(1e-20).view(view)
-            delta[idx] = project_ball_box(d.detach() + step_len.view(view) * g, xr[idx], rr[idx], box=box)
+            cur = project_ball_box(d.detach() + step_len.view(view) * g, x_a, r_a, box=box)
         if (step + 1) % check_every == 0 or step == steps - 1:
             with torch.no_grad():
-                val = evaluate(rows[idx], delta[idx]).detach()
+                val = evaluate(rows_a, cur).detach()
+            delta[idx] = cur
             gain = val - best_val[idx] > stall_tol * best_val[idx].abs()
             better = val > best_val[idx]
             best_val[idx[better]] = val[better]
-            best[idx[better]] = delta[idx[better]]
+            best[idx[better]] = cur[better]
             stalled = idx[~gain]
             delta[stalled] = best[stalled]
             alpha[stalled] *= 0.5
             active &= alpha >= min_step
+            idx, rows_a, x_a, r_a, step_len, cur = gather()
     if per_start:
         return best, best_val
     vals = best_val.view(R, B)

@@ -23,9 +23,12 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -74,10 +77,39 @@ struct Mlp {
   at::IntArrayRef acts;
 };
 
+// oneDNN's fp32 linear (mkldnn::_linear_pointwise, the op torch.compile's CPU code calls): on this
+// project's CPUs (AVX-512) about twice MKL's sgemm throughput at these small row counts, same fp32
+// arithmetic (another summation order). Unavailable (a build without oneDNN) or ROBBENCH_ATTACK_GEMM=mkl
+// (A/B runs): at::mm / at::addmm.
+using LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view,
+                            c10::List<std::optional<at::Scalar>>, std::optional<c10::string_view>);
+
+const c10::TypedOperatorHandle<LinearFn>* dnnl_linear_op() {
+  static const c10::TypedOperatorHandle<LinearFn>* handle = []() -> const c10::TypedOperatorHandle<LinearFn>* {
+    const char* env = std::getenv("ROBBENCH_ATTACK_GEMM");
+    if ((env && std::string(env) == "mkl") || !at::hasMKLDNN()) return nullptr;
+    try {
+      auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+      return new c10::TypedOperatorHandle<LinearFn>(op.typed<LinearFn>());
+    } catch (const std::exception&) {
+      return nullptr;
+    }
+  }();
+  return handle;
+}
+
+// x (M, in) w^T + b for w (out, in), b (out,) or undefined.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+  if (const auto* op = dnnl_linear_op())
+    return op->call(x, w, b.defined() ? std::optional<at::Tensor>(b) : std::nullopt, "none",
+                    c10::List<std::optional<at::Scalar>>(), std::nullopt);
+  return b.defined() ? at::addmm(b, x, w.t()) : at::mm(x, w.t());
+}
+
 // Forward through the layers, keeping every pre-activation and output for the backward pass.
 at::Tensor mlp_forward(const Mlp& net, at::Tensor h, std::vector<at::Tensor>* pres, std::vector<at::Tensor>* outs) {
   for (size_t l = 0; l < net.w.size(); ++l) {
-    at::Tensor pre = at::addmm(net.b[l], h, net.w[l].t());
+    at::Tensor pre = linear(h, net.w[l], net.b[l]);
     h = act_forward(pre, net.acts[l]);
     if (pres) {
       pres->push_back(pre);
@@ -87,11 +119,12 @@ at::Tensor mlp_forward(const Mlp& net, at::Tensor h, std::vector<at::Tensor>* pr
   return h;
 }
 
+// g: d loss / d output of the last layer (or / d its pre-activation when `last_done`).
 at::Tensor mlp_backward(const Mlp& net, at::Tensor g, const std::vector<at::Tensor>& pres,
-                        const std::vector<at::Tensor>& outs) {
+                        const std::vector<at::Tensor>& outs, bool last_done = false) {
   for (size_t l = net.w.size(); l-- > 0;) {
-    g = act_backward(g, pres[l], outs[l], net.acts[l]);
-    g = at::mm(g, net.w[l]);
+    if (!(last_done && l + 1 == net.w.size())) g = act_backward(g, pres[l], outs[l], net.acts[l]);
+    g = linear(g, net.w[l].t(), at::Tensor());
   }
   return g;
 }
@@ -147,6 +180,51 @@ void project_row(const float* v, const float* x, double r, double lo_box, double
     const double xi = x[i];
     out[i] = static_cast<float>(std::max(std::min(t * static_cast<double>(v[i]), hi_box - xi), lo_box - xi));
   }
+}
+
+// The objective's epilogue, fused: y (S' N, F) decoder outputs (S' = max(S, 1), draw-major), center (N, F).
+// value[n] = mean_s sqrt(||y_sn - c_n||^2 + floor) (floor 1e-12 with draws, 0 without). With gpre, also
+// d value / d pre of the decoder's last layer when it ends in a sigmoid (y (1 - y) (y - c) / (S' dist)),
+// or d value / d y otherwise; a zero distance (no draws) has gradient 0.
+at::Tensor distance_epilogue(const at::Tensor& y, const at::Tensor& center, int64_t S, bool sigmoid_last,
+                             at::Tensor* gpre) {
+  const int64_t Sp = std::max<int64_t>(S, 1), N = center.size(0), F = center.size(1);
+  const double floor = S > 0 ? 1e-12 : 0.0;
+  ROBBENCH_ASSERT_CONTIGUOUS(y);
+  ROBBENCH_ASSERT_CONTIGUOUS(center);
+  at::Tensor dist = at::empty({Sp, N}, y.options());
+  const float *py = y.data_ptr<float>(), *pc = center.data_ptr<float>();
+  float* pd = dist.data_ptr<float>();
+  float* pg = nullptr;
+  if (gpre) {
+    *gpre = at::empty_like(y);
+    pg = gpre->data_ptr<float>();
+  }
+  at::parallel_for(0, Sp * N, 16, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* yr = py + r * F;
+      const float* cr = pc + (r % N) * F;
+      float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t i = 0; i < F; ++i) {
+        const float e = yr[i] - cr[i];
+        acc += e * e;
+      }
+      const float d = static_cast<float>(std::sqrt(static_cast<double>(acc) + floor));
+      pd[r] = d;
+      if (!pg) continue;
+      const float scale = d > 0 ? 1.0f / (d * static_cast<float>(Sp)) : 0.0f;
+      float* gr = pg + r * F;
+      if (sigmoid_last) {
+#pragma omp simd
+        for (int64_t i = 0; i < F; ++i) gr[i] = (yr[i] - cr[i]) * scale * (yr[i] * (1.0f - yr[i]));
+      } else {
+#pragma omp simd
+        for (int64_t i = 0; i < F; ++i) gr[i] = (yr[i] - cr[i]) * scale;
+      }
+    }
+  });
+  return dist.mean(0);
 }
 
 std::tuple<at::Tensor, at::Tensor> mlp_attack_step_cpu(
@@ -250,18 +328,16 @@ std::tuple<at::Tensor, at::Tensor> mlp_attack_step_cpu(
   at::Tensor z = S > 0 ? (mu.unsqueeze(0) + eta * sig.unsqueeze(0)).reshape({S * N, k}) : mu.contiguous();
   std::vector<at::Tensor> dec_pre, dec_out;
   const bool grad = mode > 0;
-  at::Tensor y = mlp_forward(dec, z, grad ? &dec_pre : nullptr, grad ? &dec_out : nullptr);
-  const int64_t F = y.size(1);
-  at::Tensor diff = y.view({std::max<int64_t>(S, 1), N, F}) - center.unsqueeze(0);
-  at::Tensor d2 = diff.square().sum(2);  // (S or 1, N)
-  at::Tensor dist = S > 0 ? (d2 + 1e-12).sqrt() : d2.sqrt();
-  at::Tensor value = dist.mean(0);
+  at::Tensor y = mlp_forward(dec, z, grad ? &dec_pre : nullptr, grad ? &dec_out : nullptr).contiguous();
+  center = center.contiguous();
+  // With a sigmoid last layer the epilogue also applies the sigmoid's derivative (fused).
+  const bool sigmoid_last = dec.acts.back() == kAttSigmoid;
+  at::Tensor gy;
+  at::Tensor value = distance_epilogue(y, center, S, sigmoid_last, grad ? &gy : nullptr);
   if (mode == 0) return {value, at::empty({0}, x_.options())};
 
-  // Backward: d value / d y, then through the decoder, the latent sample and the encoder.
-  at::Tensor inv = dist.reciprocal() / static_cast<double>(std::max<int64_t>(S, 1));
-  if (S == 0) inv = at::where(dist > 0, inv, at::zeros_like(inv));  // the norm has no gradient at 0
-  at::Tensor gz = mlp_backward(dec, (diff * inv.unsqueeze(2)).view({-1, F}), dec_pre, dec_out);  // (S N, k)
+  // Backward through the decoder, the latent sample and the encoder.
+  at::Tensor gz = mlp_backward(dec, gy, dec_pre, dec_out, sigmoid_last);  // (S N, k)
   at::Tensor gdelta;
   if (mu_from_enc || sig_from_enc) {
     at::Tensor gz3 = gz.view({std::max<int64_t>(S, 1), N, k});
