@@ -14,7 +14,8 @@
 //   stream (ka, kb)[rows[n]], then their negatives (S = 2 n_half); S = 0 and n_half = 0: eta = 0.
 //   Objective per row: mean_s sqrt(||g(mu_r + eta_s * sigma_r) - center||^2 + 1e-12), or with eta = 0
 //   the plain distance ||g(mu_r) - center||.
-//   route: 0 = both (mu, sigma of x + delta), 1 = mu (sigma clean), 2 = sigma (mu clean).
+//   route: 0 = both (mu, sigma of x + delta), 1 = mu (sigma clean), 2 = sigma (mu clean; with eta = 0 the
+//   value does not depend on delta and the gradient is 0, as in the autograd path).
 //   sigma_kind: 0 = the encoder outputs [mu | pre] and sigma = softplus(pre) + sigma_offset (E = 2k);
 //   1 = the encoder outputs mu (E = k) and sigma = sig_fix does not depend on x.
 //   mode 0: (value (N,), an empty tensor); 1: (value, gradient (N, D)); 2: (value, new delta (N, D)): the move
@@ -274,7 +275,6 @@ std::tuple<at::Tensor, at::Tensor> mlp_attack_step_cpu(
     TORCH_CHECK(eta_.size(1) == B && eta_.size(2) == k, "eta must be (S, ", B, ", ", k, "), got ", eta_.sizes());
     S = eta_.size(0);
   }
-  TORCH_CHECK(S > 0 || route != 2, "route 2 (sigma) needs eta draws: at eta = 0 sigma has no effect");
   if (mode == 2) {
     check_tensor(step_len_, "step_len", at::kFloat, cpu, 1);
     check_tensor(radius_, "radius", at::kFloat, cpu, 1);

@@ -1,0 +1,183 @@
+"""The compiled engine of max_damage (robbench::mlp_attack_step): gradient, draws, step and projection
+against the torch engine's autograd path, and the engine choice."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from robbench import kernels, rng
+from robbench.projection import project_ball_box
+from robbench_plugins import fused_attack as fa
+from robbench_plugins import models
+from robbench_plugins.analytic import LinearGaussianVAE
+from robbench_plugins.attacks import MaxDamageAttack, _decode_flat
+
+pytestmark = pytest.mark.skipif(not kernels.cpp_available(), reason="compiled extension unavailable")
+
+SHAPE = (1, 28, 28)
+
+
+def _model(family=models.VAE, act="relu", layers=1, hidden=256, **extra):
+    """A model of the built-ins' trained shape (784 -> hidden -> 2k, k -> hidden -> 784), random weights
+    scaled up so that activations leave their linear range."""
+    torch.manual_seed(0)
+    m = models.build_model(family, {"activation": act, "layers": layers, "hidden": hidden}, SHAPE, **extra).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(3.0)
+    return m
+
+
+def _inputs(m, B=4, N=6):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand((B, *SHAPE), generator=gen)
+    with torch.no_grad():
+        mu_c, sig_c = m.encode(x)
+        center = _decode_flat(m, mu_c)
+    rows = torch.tensor([0, 1, 2, 3, 1, 0][:N])
+    delta = 0.05 * torch.randn((N, *SHAPE), generator=gen)
+    return x, mu_c, sig_c, center, rows, delta
+
+
+def _autograd(m, x, mu_c, sig_c, center, rows, delta, eta, route):
+    """The torch engine's objective (plugins/attacks.py damage) and its autograd gradient."""
+    d = delta.clone().requires_grad_(True)
+    mu_a, sig_a = m.encode(x[rows] + d)
+    mu = mu_c[rows] if route == "sigma" else mu_a
+    if eta is None:
+        v = (_decode_flat(m, mu) - center[rows]).norm(dim=1)
+    else:
+        sig = sig_c[rows] if route == "mu" else sig_a
+        z = mu.unsqueeze(0) + eta[:, rows] * sig.unsqueeze(0)
+        rec = _decode_flat(m, z.reshape(-1, z.shape[-1])).view(eta.shape[0], len(rows), -1)
+        v = ((rec - center[rows]).pow(2).sum(2) + 1e-12).sqrt().mean(0)
+    (g,) = torch.autograd.grad(v.sum(), d, allow_unused=True)
+    return v.detach(), torch.zeros_like(d) if g is None else g
+
+
+CASES = [  # (family, activation, layers, route, extra)
+    (models.VAE, "relu", 1, "both", {}),
+    (models.VAE, "relu", 2, "mu", {"tau": 0.5}),
+    (models.VAE, "elu", 1, "sigma", {}),
+    (models.VAE, "gelu", 1, "both", {}),
+    (models.VAE, "tanh", 2, "both", {}),
+    (models.VAE, "softplus", 1, "sigma", {"tau": 0.1}),
+    (models.VAE, "leaky_relu", 1, "mu", {}),
+    (models.BetaTCVAE, "relu", 1, "both", {"beta": 6.0}),
+    (models.FixedSigmaVAE, "relu", 1, "both", {"sigma": 0.3}),
+    (models.Autoencoder, "elu", 1, "mu", {}),
+]
+
+
+@pytest.mark.parametrize("family,act,layers,route,extra", CASES)
+def test_value_and_gradient_equal_autograd(family, act, layers, route, extra):
+    m = _model(family, act, layers, **extra)
+    spec = fa.fused_spec(m)
+    assert spec is not None
+    x, mu_c, sig_c, center, rows, delta = _inputs(m)
+    op = fa.FusedObjective(spec, x, center, mu_c, sig_c, torch.full((4,), 2.0), route, (0.0, 1.0))
+    eta = torch.randn(4, 4, m.latent_dim, generator=torch.Generator().manual_seed(2))
+    for e in (eta, None):
+        v_ref, g_ref = _autograd(m, x, mu_c, sig_c, center, rows, delta, e, route)
+        v, g = op.value(rows, delta, e), op.gradient(rows, delta, e).view_as(delta)
+        torch.testing.assert_close(v, v_ref, rtol=1e-5, atol=1e-5)  # at distance 0 (sigma, eta = 0) the
+        # two engines round g(mu(x)) differently
+        if route == "sigma" and e is None:  # at eta = 0 sigma has no effect: no gradient on either engine
+            assert float(g.abs().max()) == 0.0 and float(g_ref.abs().max()) == 0.0
+            continue
+        assert float(g_ref.norm()) > 0
+        # fp32 rounding of differently ordered sums: relative to the gradient's norm
+        assert float((g - g_ref).norm() / g_ref.norm().clamp_min(1e-30)) < 1e-4
+
+
+def test_step_uses_the_rng_streams_and_the_exact_projection():
+    """A stochastic step: antithetic draws j0.. of robbench.rng (bit for bit), normalised gradient step,
+    then robbench.projection.project_ball_box; the result equals the Python composition."""
+    m = _model()
+    x, mu_c, sig_c, center, rows, delta = _inputs(m)
+    radius = torch.tensor([0.5, 1.0, 3.0, 0.2])
+    op = fa.FusedObjective(fa.fused_spec(m), x, center, mu_c, sig_c, radius, "both", (0.0, 1.0))
+    ids = torch.tensor([7, 11, 13, 17])
+    keys = rng.stream_keys(123, ids)
+    half, j0 = 2, 6
+    e = rng.sample_normals(123, ids, half, m.latent_dim, sample_offset=j0).transpose(0, 1)
+    eta = torch.cat([e, -e], 0)  # (4, B, k): what plugins/attacks.py's torch engine draws
+    step_len = torch.tensor([0.1, 0.3, 1.0, 0.05, 0.2, 0.4])
+    new = op.step(rows, delta, step_len, keys=keys, j0=j0, n_half=half)
+    same_eta = op.step(rows, delta, step_len, eta=eta)
+    assert torch.equal(new, same_eta)
+    _, g = _autograd(m, x, mu_c, sig_c, center, rows, delta, eta, "both")
+    g = g / g.flatten(1).norm(dim=1).clamp_min(1e-20).view(-1, 1, 1, 1)
+    ref = project_ball_box(delta + step_len.view(-1, 1, 1, 1) * g, x[rows], radius[rows])
+    torch.testing.assert_close(new, ref, rtol=0, atol=2e-5)
+    assert bool((new.flatten(1).norm(dim=1) <= radius[rows] * (1 + 1e-5)).all())
+    assert bool(((x[rows] + new >= -1e-6) & (x[rows] + new <= 1 + 1e-6)).all())
+
+
+@pytest.mark.parametrize("box", [(0.0, 1.0), (-1.0, 1.0)])
+def test_projection_op_equals_python(box):
+    gen = torch.Generator().manual_seed(3)
+    n, d = 40, 300
+    x = torch.rand(n, d, generator=gen) * (box[1] - box[0]) + box[0]
+    v = torch.randn(n, d, generator=gen) * torch.logspace(-2, 1, n).view(-1, 1)
+    radius = torch.rand(n, generator=gen) * 3
+    radius[0] = 0.0
+    ours = torch.ops.robbench.project_ball_box(v, x, radius, *box)
+    ref = project_ball_box(v, x, radius, box=box)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+
+
+def test_the_compiled_attack_matches_the_torch_engine():
+    """The whole converged attack on both engines: the same delta up to float rounding (a small MLP VAE,
+    warm start and cold start)."""
+    torch.manual_seed(0)
+    m = models.build_model(models.VAE, {"hidden": 32, "latent_dim": 4}, (1, 8, 8)).eval()
+    x = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    radius = torch.tensor([0.5, 1.0, 1.5, 0.0, 2.0])
+    attack = MaxDamageAttack()
+    out = {}
+    for engine in ("torch", "compiled"):
+        cold = attack(m, x, radius, params={"engine": engine, "steps": 12, "presolve_steps": 12},
+                      generator=torch.Generator().manual_seed(5))
+        warm = attack(m, x, radius * 1.1, params={"engine": engine, "warm_presolve_steps": 8, "warm_refine_steps": 8},
+                      generator=torch.Generator().manual_seed(6), init=cold.delta, init_radius=radius)
+        out[engine] = (cold, warm)
+    for a, b in zip(out["torch"], out["compiled"]):
+        torch.testing.assert_close(a.damage, b.damage, rtol=2e-3, atol=1e-5)
+        assert float((a.delta - b.delta).norm()) <= 0.02 * float(a.delta.norm())
+
+
+def test_engine_choice():
+    attack = MaxDamageAttack()
+    lg = LinearGaussianVAE((1, 4, 4), 2)
+    x = torch.rand(2, 1, 4, 4)
+    gen = torch.Generator().manual_seed(0)
+    assert fa.fused_spec(lg) is None
+    assert fa.resolve_engine("auto", lg, x) is None
+    with pytest.raises(ValueError, match="not a supported MLP VAE"):
+        attack(lg, x, torch.ones(2), params={"engine": "compiled"}, generator=gen)
+    attack(lg, x, torch.ones(2), params={"engine": "auto", "steps": 2, "presolve_steps": 2}, generator=gen)
+    mlp = models.build_model(models.VAE, {"hidden": 16, "latent_dim": 2}, (1, 4, 4))
+    assert fa.resolve_engine("auto", mlp, x) is not None
+    assert fa.resolve_engine("torch", mlp, x) is None
+    assert fa.resolve_engine("auto", mlp, x.double()) is None
+    with pytest.raises(ValueError, match="default optimiser only"):
+        attack(mlp, x, torch.ones(2), params={"engine": "compiled", "eta_redraw": False}, generator=gen)
+    with pytest.raises(ValueError, match="engine"):
+        fa.resolve_engine("fast", mlp, x)
+
+
+def test_unsupported_networks_fall_back():
+    conv = models.build_model(models.VAE, {"architecture": "conv", "conv_channels": [4], "hidden": 8}, (3, 8, 8))
+    assert fa.fused_spec(conv) is None
+    odd = models.build_model(models.VAE, {"hidden": 8, "latent_dim": 2}, (1, 4, 4))
+    odd.encoder[2] = torch.nn.LeakyReLU(0.2)  # not the default slope the op hard-codes
+    assert fa.fused_spec(odd) is None
+
+    class OwnEncode(models.VAE):  # a subclass with its own encode: the op cannot know what it does
+        def encode(self, x):
+            mu, sig = super().encode(x)
+            return mu * 2, sig
+
+    own = models.build_model(OwnEncode, {"hidden": 8, "latent_dim": 2}, (1, 4, 4))
+    assert fa.fused_spec(own) is None
