@@ -82,6 +82,7 @@ struct Mlp {
 // project's CPUs (AVX-512) about twice MKL's sgemm throughput at these small row counts, same fp32
 // arithmetic (another summation order). Unavailable (a build without oneDNN) or ROBBENCH_ATTACK_GEMM=mkl
 // (A/B runs): at::mm / at::addmm.
+constexpr int64_t kDnnlMinWeights = 32768;
 using LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view,
                             c10::List<std::optional<at::Scalar>>, std::optional<c10::string_view>);
 
@@ -99,19 +100,33 @@ const c10::TypedOperatorHandle<LinearFn>* dnnl_linear_op() {
   return handle;
 }
 
-// x (M, in) w^T + b for w (out, in), b (out,) or undefined.
-at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
-  if (const auto* op = dnnl_linear_op())
-    return op->call(x, w, b.defined() ? std::optional<at::Tensor>(b) : std::nullopt, "none",
+// x (M, in) w^T + b for w (out, in), b (out,) or undefined. Small weights (the latent and head layers) stay
+// with at::mm, whose fixed cost per call is lower.
+// With `fused_act` (relu, sigmoid or tanh, whose backward needs only the output) oneDNN applies the
+// activation too when it runs the product; *fused tells whether it did.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, int64_t act = kAttNone,
+                  bool* fused = nullptr) {
+  const auto* op = w.numel() >= kDnnlMinWeights ? dnnl_linear_op() : nullptr;
+  if (fused) *fused = false;
+  if (op) {
+    const char* attr = "none";
+    if (fused && (act == kAttRelu || act == kAttSigmoid || act == kAttTanh)) {
+      attr = act == kAttRelu ? "relu" : act == kAttSigmoid ? "sigmoid" : "tanh";
+      *fused = true;
+    }
+    return op->call(x, w, b.defined() ? std::optional<at::Tensor>(b) : std::nullopt, attr,
                     c10::List<std::optional<at::Scalar>>(), std::nullopt);
+  }
   return b.defined() ? at::addmm(b, x, w.t()) : at::mm(x, w.t());
 }
 
-// Forward through the layers, keeping every pre-activation and output for the backward pass.
+// Forward through the layers, keeping every pre-activation and output for the backward pass (a layer
+// whose activation oneDNN applied keeps its output as "pre": act_backward reads only the output there).
 at::Tensor mlp_forward(const Mlp& net, at::Tensor h, std::vector<at::Tensor>* pres, std::vector<at::Tensor>* outs) {
   for (size_t l = 0; l < net.w.size(); ++l) {
-    at::Tensor pre = linear(h, net.w[l], net.b[l]);
-    h = act_forward(pre, net.acts[l]);
+    bool fused = false;
+    at::Tensor pre = linear(h, net.w[l], net.b[l], net.acts[l], &fused);
+    h = fused ? pre : act_forward(pre, net.acts[l]);
     if (pres) {
       pres->push_back(pre);
       outs->push_back(h);
