@@ -167,7 +167,7 @@ class FusedObjective:
             self.x, delta.flatten(1), rows, self.center, self.mu_c, self.sig_c,
             self._empty if eta is None else eta, ka, kb, j0, n_half, *s.enc, *s.dec, self.route, s.sigma_kind,
             s.sigma_offset, self._empty if step_len is None else step_len.float(),
-            self._empty if step_len is None else self.radius[rows], self.box[0], self.box[1], mode)
+            self.radius, self.box[0], self.box[1], mode)
 
     def value(self, rows: Tensor, delta: Tensor, eta: Tensor | None = None) -> Tensor:
         """Objective per row (N,): mean over eta (S, B, k) of the distance, or the eta = 0 distance."""

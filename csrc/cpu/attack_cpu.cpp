@@ -20,7 +20,7 @@
 //   1 = the encoder outputs mu (E = k) and sigma = sig_fix does not depend on x.
 //   mode 0: (value (N,), an empty tensor); 1: (value, gradient (N, D)); 2: (value, new delta (N, D)): the move
 //   step_len[n] * g / ||g|| (g the gradient with non-finite entries zeroed), projected exactly (in
-//   float64) onto the feasible set of radius[n] (rows' own radii).
+//   float64) onto the feasible set of radius (B,)[rows[n]].
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -293,13 +293,21 @@ std::tuple<at::Tensor, at::Tensor> mlp_attack_step_cpu(
   if (mode == 2) {
     check_tensor(step_len_, "step_len", at::kFloat, cpu, 1);
     check_tensor(radius_, "radius", at::kFloat, cpu, 1);
-    TORCH_CHECK(step_len_.size(0) == N && radius_.size(0) == N, "step_len and radius must be (N,) with N = ", N);
+    TORCH_CHECK(step_len_.size(0) == N, "step_len must be (N,) with N = ", N);
+    TORCH_CHECK(radius_.size(0) == B, "radius must be (B,) with B = ", B);
   }
 
   at::Tensor rows = rows_.contiguous();
-  at::Tensor xg = x_.index_select(0, rows).contiguous();
+  // rows = 0..B-1 (every point active, the common case): no gathers
+  bool identity = N == B;
+  if (identity) {
+    const int64_t* pr = rows.data_ptr<int64_t>();
+    for (int64_t n = 0; n < N && identity; ++n) identity = pr[n] == n;
+  }
+  auto gather = [&](const at::Tensor& t, int64_t dim) { return identity ? t : t.index_select(dim, rows); };
+  at::Tensor xg = gather(x_, 0).contiguous();
   at::Tensor delta = delta_.contiguous();
-  at::Tensor center = center_.index_select(0, rows);
+  at::Tensor center = gather(center_, 0);
 
   // Encoder (the route decides whether it is needed at all).
   const bool mu_from_enc = route != 2;
@@ -308,15 +316,15 @@ std::tuple<at::Tensor, at::Tensor> mlp_attack_step_cpu(
   at::Tensor mu, sig, sig_pre;
   if (mu_from_enc || sig_from_enc) {
     at::Tensor out = mlp_forward(enc, xg + delta, &enc_pre, &enc_out);
-    mu = mu_from_enc ? out.narrow(1, 0, k) : mu_fix_.index_select(0, rows);
+    mu = mu_from_enc ? out.narrow(1, 0, k) : gather(mu_fix_, 0);
     if (sig_from_enc) {
       sig_pre = out.narrow(1, k, k);
       sig = at::softplus(sig_pre, 1.0, 20.0) + sigma_offset;
     }
   } else {
-    mu = mu_fix_.index_select(0, rows);
+    mu = gather(mu_fix_, 0);
   }
-  if (S > 0 && !sig.defined()) sig = sig_fix_.index_select(0, rows);
+  if (S > 0 && !sig.defined()) sig = gather(sig_fix_, 0);
 
   // eta (S, N, k)
   at::Tensor eta;
@@ -336,7 +344,7 @@ std::tuple<at::Tensor, at::Tensor> mlp_attack_step_cpu(
         }
     });
   } else if (S > 0) {
-    eta = eta_.index_select(1, rows);
+    eta = gather(eta_, 1);
   }
 
   // Decoder over the draws and the objective.
@@ -372,13 +380,14 @@ std::tuple<at::Tensor, at::Tensor> mlp_attack_step_cpu(
   g = g / g.norm(2, {1}, true).clamp_min(1e-20);
   at::Tensor v = (delta + step_len_.view({-1, 1}) * g).contiguous();
   at::Tensor out = at::empty_like(v);
-  at::Tensor rad = radius_.to(at::kDouble).contiguous();
+  at::Tensor rad = radius_.contiguous();
   ROBBENCH_ASSERT_CONTIGUOUS(xg);
-  const float *pv = v.data_ptr<float>(), *px = xg.data_ptr<float>();
-  const double* prad = rad.data_ptr<double>();
+  const float *pv = v.data_ptr<float>(), *px = xg.data_ptr<float>(), *prad = rad.data_ptr<float>();
+  const int64_t* pr = rows.data_ptr<int64_t>();
   float* po = out.data_ptr<float>();
   at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) project_row(pv + n * D, px + n * D, prad[n], lo_box, hi_box, D, po + n * D);
+    for (int64_t n = n0; n < n1; ++n)
+      project_row(pv + n * D, px + n * D, static_cast<double>(prad[pr[n]]), lo_box, hi_box, D, po + n * D);
   });
   return {value, out};
 }
