@@ -18,6 +18,10 @@ Ops (schemas in ``csrc/cpu/montecarlo_cpu.cpp``):
 - ``robbench::count_le(Tensor y, Tensor center, Tensor r2, int rows_per_point) -> Tensor``: the fused
   distance-threshold-count epilogue for any decoder (generic path);
 - ``robbench::normals(...)``: the counter-based RNG (bit-exact with :mod:`robbench.rng`).
+
+The same build also carries the ``max_damage`` attack's compiled step (``csrc/cpu/attack_cpu.cpp``:
+``robbench::mlp_attack_step``, ``robbench::project_ball_box``; schemas there, wrapper
+:mod:`robbench_plugins.fused_attack`): every ``csrc/cpu/*.cpp`` is compiled into one extension.
 """
 from __future__ import annotations
 
