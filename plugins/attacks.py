@@ -276,8 +276,8 @@ class MaxDamageAttack:
                    init: Tensor | None, ids: Tensor, expectation: bool, init_radius: Tensor | None = None,
                    fused: Any = None) -> Tensor:
         """Pre-solve, stochastic refinement and stall stopping (see the class docstring). ``fused(idx, radius)``
-        (the compiled engine) gives a :class:`fused_attack.FusedObjective` on the points idx: every step and
-        score is then one call of its op."""
+        (the compiled engine) gives a :class:`fused_attack.FusedObjective` on the points idx: each ascent
+        is then one call of its op."""
         box = input_range(model)  # every start, iterate and the result keep x + delta in the declared range
         delta = torch.zeros_like(x)
         active = radius > 0
@@ -308,22 +308,22 @@ class MaxDamageAttack:
             eta = antithetic(stats.derive_seed(base, "steps"), rows, half, offset=step * half)
             return damage(idx[rows], xa[rows], d, eta)
 
-        mean_step = stochastic_step = None  # the compiled engine's steps (None: autograd)
-        if fused is not None:
-            op = fused(idx, ra)  # rows below index xa, as the op's points
+        op = None if fused is None else fused(idx, ra)  # the compiled engine; rows index xa as its points
+        if op is not None:
             keys = rng.stream_keys(stats.derive_seed(base, "steps"), ia)
-
-            def mean_obj(rows: Tensor, d: Tensor, step: int = 0) -> Tensor:
-                return op.value(rows, d)
 
             def evaluate(rows: Tensor, d: Tensor) -> Tensor:
                 return op.value(rows, d, eval_eta)
 
-            def mean_step(rows: Tensor, d: Tensor, step_len: Tensor, step: int) -> Tensor:
-                return op.step(rows, d, step_len)
-
-            def stochastic_step(rows: Tensor, d: Tensor, step_len: Tensor, step: int) -> Tensor:
-                return op.step(rows, d, step_len, keys=keys, j0=step * half, n_half=half)
+        def ascent(stochastic_steps: bool, starts: list[Tensor], **kw: Any) -> tuple[Tensor, Tensor]:
+            """stall_ascent on the expectation with fresh draws per step (scored on the common draws), or
+            on the mean-decoder objective; on the compiled engine the whole loop is one op call."""
+            if op is not None:
+                return op.stall_ascent(starts, keys=keys if stochastic_steps else None,
+                                       n_half=half if stochastic_steps else 0,
+                                       eval_eta=eval_eta if stochastic_steps else None, **kw)
+            objective, score = (stochastic, evaluate) if stochastic_steps else (mean_obj, mean_obj)
+            return stall_ascent(objective, score, xa, ra, starts, box=box, **kw)
 
         ia_init = None if init is None else init.to(device=x.device, dtype=x.dtype).view_as(x)[idx]
         warm = ia_init is not None
@@ -331,34 +331,32 @@ class MaxDamageAttack:
         gen_starts = torch.Generator(device=x.device).manual_seed(stats.derive_seed(base, "starts"))
         randoms = [random_start(xa, ra, gen_starts, ia, box=box) for _ in range(n_random)]
         knobs = {"check_every": int(p["check_every"]), "stall_tol": float(p["stall_tol"]),
-                 "min_step": float(p["min_step"]), "box": box}
+                 "min_step": float(p["min_step"])}
         warm_step = warm_first_step(ra, None if init_radius is None else init_radius.to(ra)[idx], p)
         if not expectation:
             starts = ([ia_init] if warm else []) + randoms
-            best, _ = stall_ascent(mean_obj, mean_obj, xa, ra, starts, steps=int(p["presolve_steps"]) + int(p["steps"]),
-                                   step_size=float(p["step_size"]), stepper=mean_step, **knobs)
+            best, _ = ascent(False, starts, steps=int(p["presolve_steps"]) + int(p["steps"]),
+                             step_size=float(p["step_size"]), **knobs)
         else:
             pre = {**knobs, "min_step": float(p["presolve_min_step"])}  # refinement polishes further
             # Random starts are pre-solved on the deterministic mean-decoder objective (cheap: no eta);
             # all of them in one batched pass, each start's own best kept (per_start).
-            solved = (list(stall_ascent(mean_obj, mean_obj, xa, ra, randoms, steps=int(p["presolve_steps"]),
-                                        step_size=float(p["step_size"]), per_start=True, stepper=mean_step, **pre)[0].split(len(idx)))
+            solved = (list(ascent(False, randoms, steps=int(p["presolve_steps"]), step_size=float(p["step_size"]),
+                                  per_start=True, **pre)[0].split(len(idx)))
                       if randoms and int(p["presolve_steps"]) > 0 else randoms)
             candidates = ([ia_init] if warm else []) + solved
             if warm and int(p["warm_presolve_steps"]) > 0:
                 # the warm start pre-solved from smaller steps stays beside the warm start itself: on a
                 # non-linear decoder the mean-decoder optimum can be a worse delta for the expectation
-                candidates.append(stall_ascent(mean_obj, mean_obj, xa, ra, [ia_init],
-                                               steps=int(p["warm_presolve_steps"]),
-                                               step_size=float(p["warm_step_size"]), stepper=mean_step, **pre)[0])
+                candidates.append(ascent(False, [ia_init], steps=int(p["warm_presolve_steps"]),
+                                         step_size=float(p["warm_step_size"]), **pre)[0])
             if len(candidates) > 1:  # refine only the best candidate per point (scored on the common draws)
                 scores = torch.stack([evaluate(torch.arange(len(idx), device=x.device), s) for s in candidates])
                 pick = scores.argmax(0)
                 candidates = [torch.stack(candidates)[pick, torch.arange(len(idx), device=x.device)]]
-            best, _ = stall_ascent(stochastic, evaluate, xa, ra, candidates,
-                                   steps=min(int(p["steps"]), int(p["warm_refine_steps"])) if warm else int(p["steps"]),
-                                   step_size=warm_step if warm else float(p["refine_step_size"]),
-                                   stepper=stochastic_step, **knobs)
+            best, _ = ascent(True, candidates,
+                             steps=min(int(p["steps"]), int(p["warm_refine_steps"])) if warm else int(p["steps"]),
+                             step_size=warm_step if warm else float(p["refine_step_size"]), **knobs)
         delta[idx] = best.detach()
         return finalize(x, delta, radius, box=box)
 

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from robbench.projection import project_ball_box
+
 ENGINES = ("auto", "torch", "compiled")
 
 # Activation codes of csrc/cpu/attack_cpu.cpp (AttackAct); only default-parameter modules qualify.
@@ -168,6 +170,35 @@ class FusedObjective:
             self._empty if eta is None else eta, ka, kb, j0, n_half, *s.enc, *s.dec, self.route, s.sigma_kind,
             s.sigma_offset, self._empty if step_len is None else step_len.float(),
             self.radius, self.box[0], self.box[1], mode)
+
+    def stall_ascent(self, starts: list[Tensor], *, steps: int, step_size: float | Tensor, check_every: int = 4,
+                     stall_tol: float = 1e-3, min_step: float = 0.02, per_start: bool = False,
+                     keys: tuple[Tensor, Tensor] | None = None, n_half: int = 0,
+                     eval_eta: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """:func:`robbench.projection.stall_ascent` on these points with the op's steps (antithetic draws
+        ``step * n_half ..`` of the streams ``keys``; n_half 0: eta = 0) and scores (``eval_eta`` (S, B, k);
+        None: eta = 0), the whole loop in one op call: the same contract, arguments and decisions.
+        starts: R tensors (B, *shape). Returns (delta (B, *shape), (B,)), or every start's (per_start)."""
+        B, R = self.x.shape[0], len(starts)
+        shape = starts[0].shape[1:]
+        xr = self.x.repeat(R, 1)
+        rows = torch.arange(B).repeat(R)
+        delta = project_ball_box(torch.cat(starts, 0).flatten(1), xr, self.radius.repeat(R), box=self.box)
+        alpha = torch.as_tensor(step_size, dtype=torch.float32).expand(B).repeat(R).contiguous()
+        ka, kb = keys if keys is not None else (self._no_keys, self._no_keys)
+        s = self.spec
+        best, best_val, counts = torch.ops.robbench.mlp_stall_ascent(
+            self.x, delta, rows, self.center, self.mu_c, self.sig_c, self._empty if eval_eta is None else eval_eta,
+            ka, kb, n_half, *s.enc, *s.dec, self.route, s.sigma_kind, s.sigma_offset, self.radius, alpha, int(steps),
+            int(check_every), float(stall_tol), float(min_step), self.box[0], self.box[1])
+        ROWS["encode"] += int(counts[0])
+        ROWS["decode"] += int(counts[1])
+        best = best.view(R * B, *shape)
+        if per_start:
+            return best, best_val
+        vals = best_val.view(R, B)
+        pick = vals.argmax(0)
+        return best[pick * B + torch.arange(B)], vals.max(0).values
 
     def value(self, rows: Tensor, delta: Tensor, eta: Tensor | None = None) -> Tensor:
         """Objective per row (N,): mean over eta (S, B, k) of the distance, or the eta = 0 distance."""

@@ -259,61 +259,84 @@ at::Tensor distance_epilogue(const at::Tensor& y, const at::Tensor& center, int6
   return dist.mean(0);
 }
 
-std::tuple<at::Tensor, at::Tensor> mlp_attack_step_cpu(
-    const at::Tensor& x_, const at::Tensor& delta_, const at::Tensor& rows_, const at::Tensor& center_,
-    const at::Tensor& mu_fix_, const at::Tensor& sig_fix_, const at::Tensor& eta_, const at::Tensor& ka_,
-    const at::Tensor& kb_, int64_t j0, int64_t n_half, at::TensorList enc_w, at::TensorList enc_b,
-    at::IntArrayRef enc_acts, at::TensorList dec_w, at::TensorList dec_b, at::IntArrayRef dec_acts, int64_t route,
-    int64_t sigma_kind, double sigma_offset, const at::Tensor& step_len_, const at::Tensor& radius_, double lo_box,
-    double hi_box, int64_t mode) {
-  const OneThread one_thread;
+// The validated inputs every call shares (see the file comment for the shapes).
+struct Problem {
+  at::Tensor x, center, mu_fix, sig_fix, ka, kb, radius;
+  Mlp enc, dec;
+  int64_t route, sigma_kind;
+  double sigma_offset, lo_box, hi_box;
+  int64_t B, D, k;
+};
+
+Problem make_problem(const at::Tensor& x, const at::Tensor& center, const at::Tensor& mu_fix, const at::Tensor& sig_fix,
+                     const at::Tensor& ka, const at::Tensor& kb, int64_t n_half, at::TensorList enc_w,
+                     at::TensorList enc_b, at::IntArrayRef enc_acts, at::TensorList dec_w, at::TensorList dec_b,
+                     at::IntArrayRef dec_acts, int64_t route, int64_t sigma_kind, double sigma_offset,
+                     const at::Tensor& radius, bool need_radius, double lo_box, double hi_box) {
   const at::Device cpu(at::kCPU);
-  check_tensor(x_, "x", at::kFloat, cpu, 2);
-  check_tensor(delta_, "delta", at::kFloat, cpu, 2);
-  check_tensor(rows_, "rows", at::kLong, cpu, 1);
-  check_tensor(center_, "center", at::kFloat, cpu, 2);
-  check_tensor(mu_fix_, "mu_fix", at::kFloat, cpu, 2);
-  check_tensor(sig_fix_, "sig_fix", at::kFloat, cpu, 2);
-  const int64_t B = x_.size(0), D = x_.size(1), N = delta_.size(0), k = mu_fix_.size(1);
-  TORCH_CHECK(delta_.size(1) == D, "delta must be (N, ", D, "), got ", delta_.sizes());
-  TORCH_CHECK(rows_.size(0) == N, "rows must be (N,) with N = ", N, ", got ", rows_.sizes());
-  TORCH_CHECK(center_.size(0) == B && mu_fix_.size(0) == B && sig_fix_.sizes() == mu_fix_.sizes(),
+  check_tensor(x, "x", at::kFloat, cpu, 2);
+  check_tensor(center, "center", at::kFloat, cpu, 2);
+  check_tensor(mu_fix, "mu_fix", at::kFloat, cpu, 2);
+  check_tensor(sig_fix, "sig_fix", at::kFloat, cpu, 2);
+  const int64_t B = x.size(0), D = x.size(1), k = mu_fix.size(1);
+  TORCH_CHECK(center.size(0) == B && mu_fix.size(0) == B && sig_fix.sizes() == mu_fix.sizes(),
               "center, mu_fix and sig_fix must have B = ", B, " rows (mu_fix, sig_fix: (B, k))");
   TORCH_CHECK(route >= 0 && route <= 2, "route must be 0 (both), 1 (mu) or 2 (sigma), got ", route);
   TORCH_CHECK(sigma_kind == 0 || sigma_kind == 1, "sigma_kind must be 0 (softplus head) or 1 (fixed), got ",
               sigma_kind);
-  TORCH_CHECK(mode >= 0 && mode <= 2, "mode must be 0 (value), 1 (gradient) or 2 (step), got ", mode);
-  TORCH_CHECK(n_half >= 0 && j0 >= 0 && j0 + n_half <= (int64_t(1) << 32),
-              "j0 and n_half: sample indices must lie in [0, 2^32)");
-  if (N > 0) {
-    const auto r = at::aminmax(rows_);
-    TORCH_CHECK(std::get<0>(r).item<int64_t>() >= 0 && std::get<1>(r).item<int64_t>() < B,
-                "rows must index the B = ", B, " points");
-  }
   const Mlp enc{enc_w, enc_b, enc_acts}, dec{dec_w, dec_b, dec_acts};
   check_mlp_layers(enc, "enc", D);
   check_mlp_layers(dec, "dec", k);
   TORCH_CHECK(mlp_out(enc) == (sigma_kind == 0 ? 2 * k : k), "the encoder must output ", sigma_kind == 0 ? 2 * k : k,
               " features for sigma_kind ", sigma_kind, ", got ", mlp_out(enc));
-  TORCH_CHECK(center_.size(1) == mlp_out(dec), "center must be (B, ", mlp_out(dec), ")");
-  int64_t S = 0;
+  TORCH_CHECK(center.size(1) == mlp_out(dec), "center must be (B, ", mlp_out(dec), ")");
   if (n_half > 0) {
-    check_tensor(ka_, "ka", at::kLong, cpu, 1);
-    check_tensor(kb_, "kb", at::kLong, cpu, 1);
-    TORCH_CHECK(ka_.size(0) == B && kb_.size(0) == B, "ka and kb must be (B,) with B = ", B);
-    S = 2 * n_half;
-  } else if (eta_.numel() > 0) {
-    check_tensor(eta_, "eta", at::kFloat, cpu, 3);
-    TORCH_CHECK(eta_.size(1) == B && eta_.size(2) == k, "eta must be (S, ", B, ", ", k, "), got ", eta_.sizes());
-    S = eta_.size(0);
+    check_tensor(ka, "ka", at::kLong, cpu, 1);
+    check_tensor(kb, "kb", at::kLong, cpu, 1);
+    TORCH_CHECK(ka.size(0) == B && kb.size(0) == B, "ka and kb must be (B,) with B = ", B);
   }
-  if (mode == 2) {
-    check_tensor(step_len_, "step_len", at::kFloat, cpu, 1);
-    check_tensor(radius_, "radius", at::kFloat, cpu, 1);
-    TORCH_CHECK(step_len_.size(0) == N, "step_len must be (N,) with N = ", N);
-    TORCH_CHECK(radius_.size(0) == B, "radius must be (B,) with B = ", B);
+  if (need_radius) {
+    check_tensor(radius, "radius", at::kFloat, cpu, 1);
+    TORCH_CHECK(radius.size(0) == B, "radius must be (B,) with B = ", B);
   }
+  return Problem{x.contiguous(), center.contiguous(), mu_fix.contiguous(), sig_fix.contiguous(),
+                 n_half > 0 ? ka.contiguous() : ka, n_half > 0 ? kb.contiguous() : kb,
+                 need_radius ? radius.contiguous() : radius, enc, dec, route, sigma_kind, sigma_offset, lo_box,
+                 hi_box, B, D, k};
+}
 
+// rows (N,) in [0, B); delta (N, D); eta (S, B, k) fixed draws (used when n_half == 0; empty: eta = 0).
+void check_call(const Problem& P, const at::Tensor& rows, const at::Tensor& delta, const at::Tensor& eta, int64_t j0,
+                int64_t n_half) {
+  const at::Device cpu(at::kCPU);
+  check_tensor(delta, "delta", at::kFloat, cpu, 2);
+  check_tensor(rows, "rows", at::kLong, cpu, 1);
+  const int64_t N = delta.size(0);
+  TORCH_CHECK(delta.size(1) == P.D, "delta must be (N, ", P.D, "), got ", delta.sizes());
+  TORCH_CHECK(rows.size(0) == N, "rows must be (N,) with N = ", N, ", got ", rows.sizes());
+  TORCH_CHECK(n_half >= 0 && j0 >= 0 && j0 + n_half <= (int64_t(1) << 32),
+              "j0 and n_half: sample indices must lie in [0, 2^32)");
+  if (N > 0) {
+    const auto r = at::aminmax(rows);
+    TORCH_CHECK(std::get<0>(r).item<int64_t>() >= 0 && std::get<1>(r).item<int64_t>() < P.B,
+                "rows must index the B = ", P.B, " points");
+  }
+  if (n_half == 0 && eta.numel() > 0) {
+    check_tensor(eta, "eta", at::kFloat, cpu, 3);
+    TORCH_CHECK(eta.size(1) == P.B && eta.size(2) == P.k, "eta must be (S, ", P.B, ", ", P.k, "), got ", eta.sizes());
+  }
+}
+
+// One evaluation (mode 0), gradient (1) or projected step (2) on rows of the problem (checked inputs).
+std::tuple<at::Tensor, at::Tensor> core(const Problem& P, const at::Tensor& rows_, const at::Tensor& delta_,
+                                        const at::Tensor& eta_, int64_t j0, int64_t n_half, const at::Tensor& step_len_,
+                                        int64_t mode) {
+  const at::Tensor &x_ = P.x, &center_ = P.center, &mu_fix_ = P.mu_fix, &sig_fix_ = P.sig_fix, &ka_ = P.ka,
+                   &kb_ = P.kb, &radius_ = P.radius;
+  const Mlp &enc = P.enc, &dec = P.dec;
+  const int64_t route = P.route, sigma_kind = P.sigma_kind, B = P.B, D = P.D, k = P.k, N = delta_.size(0);
+  const double sigma_offset = P.sigma_offset, lo_box = P.lo_box, hi_box = P.hi_box;
+  const int64_t S = n_half > 0 ? 2 * n_half : (eta_.numel() > 0 ? eta_.size(0) : 0);
   at::Tensor rows = rows_.contiguous();
   // rows = 0..B-1 (every point active, the common case): no gathers
   bool identity = N == B;
@@ -393,7 +416,7 @@ std::tuple<at::Tensor, at::Tensor> mlp_attack_step_cpu(
   if (mode == 1) return {value, gdelta};
 
   // The normalised step and the projection.
-  at::Tensor g = at::nan_to_num(gdelta, 0.0, 0.0, 0.0);
+  at::Tensor g = at::nan_to_num(gdelta);  // as torch.nan_to_num in the autograd path
   g = g / g.norm(2, {1}, true).clamp_min(1e-20);
   at::Tensor v = (delta + step_len_.view({-1, 1}) * g).contiguous();
   at::Tensor out = at::empty_like(v);
@@ -407,6 +430,121 @@ std::tuple<at::Tensor, at::Tensor> mlp_attack_step_cpu(
       project_row(pv + n * D, px + n * D, static_cast<double>(prad[pr[n]]), lo_box, hi_box, D, po + n * D);
   });
   return {value, out};
+}
+
+
+std::tuple<at::Tensor, at::Tensor> mlp_attack_step_cpu(
+    const at::Tensor& x_, const at::Tensor& delta_, const at::Tensor& rows_, const at::Tensor& center_,
+    const at::Tensor& mu_fix_, const at::Tensor& sig_fix_, const at::Tensor& eta_, const at::Tensor& ka_,
+    const at::Tensor& kb_, int64_t j0, int64_t n_half, at::TensorList enc_w, at::TensorList enc_b,
+    at::IntArrayRef enc_acts, at::TensorList dec_w, at::TensorList dec_b, at::IntArrayRef dec_acts, int64_t route,
+    int64_t sigma_kind, double sigma_offset, const at::Tensor& step_len_, const at::Tensor& radius_, double lo_box,
+    double hi_box, int64_t mode) {
+  const OneThread one_thread;
+  TORCH_CHECK(mode >= 0 && mode <= 2, "mode must be 0 (value), 1 (gradient) or 2 (step), got ", mode);
+  const Problem P = make_problem(x_, center_, mu_fix_, sig_fix_, ka_, kb_, n_half, enc_w, enc_b, enc_acts, dec_w, dec_b,
+                                 dec_acts, route, sigma_kind, sigma_offset, radius_, mode == 2, lo_box, hi_box);
+  check_call(P, rows_, delta_, eta_, j0, n_half);
+  if (mode == 2) {
+    check_tensor(step_len_, "step_len", at::kFloat, at::Device(at::kCPU), 1);
+    TORCH_CHECK(step_len_.size(0) == delta_.size(0), "step_len must be (N,) with N = ", delta_.size(0));
+  }
+  return core(P, rows_, delta_, eta_, j0, n_half, step_len_, mode);
+}
+
+// robbench.projection.stall_ascent with the op's steps and scores, the whole loop here (same decisions,
+// same order of updates): delta0 (R B, D) the projected starts, rows (R B,) their points, alpha0 (R B,)
+// first steps (fractions of the radius). Steps use n_half antithetic draws j0 = step * n_half of the
+// points' streams (n_half 0: eta = 0); scores use eval_eta (S, B, k) (empty: eta = 0).
+// Returns every row's best scored iterate and its score, and the rows it ran through the encoder and the
+// decoder: ((R B, D), (R B,), (2,) int64).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_stall_ascent_cpu(
+    const at::Tensor& x_, const at::Tensor& delta0_, const at::Tensor& rows_, const at::Tensor& center_,
+    const at::Tensor& mu_fix_, const at::Tensor& sig_fix_, const at::Tensor& eval_eta_, const at::Tensor& ka_,
+    const at::Tensor& kb_, int64_t n_half, at::TensorList enc_w, at::TensorList enc_b, at::IntArrayRef enc_acts,
+    at::TensorList dec_w, at::TensorList dec_b, at::IntArrayRef dec_acts, int64_t route, int64_t sigma_kind,
+    double sigma_offset, const at::Tensor& radius_, const at::Tensor& alpha0_, int64_t steps, int64_t check_every,
+    double stall_tol, double min_step, double lo_box, double hi_box) {
+  const OneThread one_thread;
+  const Problem P = make_problem(x_, center_, mu_fix_, sig_fix_, ka_, kb_, n_half, enc_w, enc_b, enc_acts, dec_w, dec_b,
+                                 dec_acts, route, sigma_kind, sigma_offset, radius_, true, lo_box, hi_box);
+  check_call(P, rows_, delta0_, eval_eta_, 0, 0);
+  TORCH_CHECK(n_half >= 0 && steps * n_half < (int64_t(1) << 32), "steps * n_half must stay below 2^32");
+  TORCH_CHECK(steps >= 0 && check_every >= 1, "steps must be >= 0 and check_every >= 1");
+  check_tensor(alpha0_, "alpha0", at::kFloat, at::Device(at::kCPU), 1);
+  const int64_t M = delta0_.size(0);
+  TORCH_CHECK(alpha0_.size(0) == M, "alpha0 must be (N,) with N = ", M);
+  const at::Tensor none = at::empty({0}, x_.options());
+  at::Tensor rows = rows_.contiguous();
+  at::Tensor delta = delta0_.contiguous().clone();
+  at::Tensor best = delta.clone();
+  const int64_t S_eval = eval_eta_.numel() > 0 ? eval_eta_.size(0) : 1;
+  int64_t enc_rows = M, dec_rows = M * S_eval;
+  at::Tensor best_val = std::get<0>(core(P, rows, delta, eval_eta_, 0, 0, none, 0)).contiguous();
+  at::Tensor alpha = alpha0_.contiguous().clone();
+  float *pbv = best_val.data_ptr<float>(), *pal = alpha.data_ptr<float>(), *pd = delta.data_ptr<float>(),
+        *pb = best.data_ptr<float>();
+  const float *prad = P.radius.data_ptr<float>();
+  const int64_t* prow = rows.data_ptr<int64_t>();
+  const int64_t D = P.D;
+  const float min_step_f = static_cast<float>(min_step), tol_f = static_cast<float>(stall_tol);
+  std::vector<char> active(M);
+  for (int64_t i = 0; i < M; ++i) active[i] = pal[i] >= min_step_f;
+
+  at::Tensor idx, rows_a, step_len, cur;
+  auto gather = [&]() {
+    std::vector<int64_t> ids;
+    for (int64_t i = 0; i < M; ++i)
+      if (active[i]) ids.push_back(i);
+    const int64_t n = static_cast<int64_t>(ids.size());
+    idx = at::empty({n}, rows.options());
+    rows_a = at::empty({n}, rows.options());
+    step_len = at::empty({n}, x_.options());
+    cur = at::empty({n, D}, x_.options());
+    int64_t *pi = idx.data_ptr<int64_t>(), *pr = rows_a.data_ptr<int64_t>();
+    float *ps = step_len.data_ptr<float>(), *pc = cur.data_ptr<float>();
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t i = ids[j];
+      pi[j] = i;
+      pr[j] = prow[i];
+      ps[j] = pal[i] * prad[prow[i]];  // alpha * radius in float32, as in stall_ascent
+      std::copy(pd + i * D, pd + (i + 1) * D, pc + j * D);
+    }
+  };
+  gather();
+  for (int64_t step = 0; step < steps; ++step) {
+    const int64_t n = idx.size(0);
+    if (n == 0) break;
+    cur = std::get<1>(core(P, rows_a, cur, none, step * n_half, n_half, step_len, 2)).contiguous();
+    enc_rows += n;
+    dec_rows += n * (n_half > 0 ? 2 * n_half : 1);
+    if ((step + 1) % check_every != 0 && step != steps - 1) continue;
+    enc_rows += n;
+    dec_rows += n * S_eval;
+    at::Tensor val = std::get<0>(core(P, rows_a, cur, eval_eta_, 0, 0, none, 0)).contiguous();
+    const float *pv = val.data_ptr<float>(), *pc = cur.data_ptr<float>();
+    const int64_t* pi = idx.data_ptr<int64_t>();
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t i = pi[j];
+      const float bv = pbv[i], v = pv[j];
+      const bool gain = v - bv > tol_f * std::fabs(bv);
+      std::copy(pc + j * D, pc + (j + 1) * D, pd + i * D);
+      if (v > bv) {
+        pbv[i] = v;
+        std::copy(pc + j * D, pc + (j + 1) * D, pb + i * D);
+      }
+      if (!gain) {  // back to the best iterate, half the step
+        std::copy(pb + i * D, pb + (i + 1) * D, pd + i * D);
+        pal[i] *= 0.5f;
+      }
+      active[i] = active[i] && pal[i] >= min_step_f;
+    }
+    gather();
+  }
+  at::Tensor counts = at::empty({2}, rows.options());
+  counts[0] = enc_rows;
+  counts[1] = dec_rows;
+  return {best, best_val, counts};
 }
 
 // project_ball_box for (N, D) rows: tests compare it with robbench.projection.project_ball_box.
@@ -437,11 +575,17 @@ TORCH_LIBRARY_FRAGMENT(robbench, m) {
         "Tensor eta, Tensor ka, Tensor kb, int j0, int n_half, Tensor[] enc_w, Tensor[] enc_b, int[] enc_acts, "
         "Tensor[] dec_w, Tensor[] dec_b, int[] dec_acts, int route, int sigma_kind, float sigma_offset, "
         "Tensor step_len, Tensor radius, float lo, float hi, int mode) -> (Tensor, Tensor)");
+  m.def("mlp_stall_ascent(Tensor x, Tensor delta0, Tensor rows, Tensor center, Tensor mu_fix, Tensor sig_fix, "
+        "Tensor eval_eta, Tensor ka, Tensor kb, int n_half, Tensor[] enc_w, Tensor[] enc_b, int[] enc_acts, "
+        "Tensor[] dec_w, Tensor[] dec_b, int[] dec_acts, int route, int sigma_kind, float sigma_offset, "
+        "Tensor radius, Tensor alpha0, int steps, int check_every, float stall_tol, float min_step, float lo, "
+        "float hi) -> (Tensor, Tensor, Tensor)");
   m.def("project_ball_box(Tensor v, Tensor x, Tensor radius, float lo, float hi) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(robbench, CPU, m) {
   m.impl("mlp_attack_step", &mlp_attack_step_cpu);
+  m.impl("mlp_stall_ascent", &mlp_stall_ascent_cpu);
   m.impl("project_ball_box", &project_ball_box_cpu);
 }
 
