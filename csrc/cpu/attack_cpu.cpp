@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <optional>
 #include <string>
 #include <vector>
@@ -388,7 +389,18 @@ std::tuple<at::Tensor, at::Tensor> core(const Problem& P, const at::Tensor& rows
   }
 
   // Decoder over the draws and the objective.
-  at::Tensor z = S > 0 ? (mu.unsqueeze(0) + eta * sig.unsqueeze(0)).reshape({S * N, k}) : mu.contiguous();
+  at::Tensor z;
+  if (S > 0) {  // z = mu + eta * sigma, (S N, k)
+    z = at::empty({S * N, k}, x_.options());
+    const at::Tensor muc = mu.contiguous(), sigc = sig.contiguous(), etac = eta.contiguous();
+    const float *pm = muc.data_ptr<float>(), *ps = sigc.data_ptr<float>(), *pe = etac.data_ptr<float>();
+    float* pz = z.data_ptr<float>();
+    for (int64_t s = 0; s < S; ++s)
+      for (int64_t j = 0; j < N * k; ++j) pz[s * N * k + j] = pm[j] + pe[s * N * k + j] * ps[j];
+    eta = etac;
+  } else {
+    z = mu.contiguous();
+  }
   std::vector<at::Tensor> dec_pre, dec_out;
   const bool grad = mode > 0;
   at::Tensor y = mlp_forward(dec, z, grad ? &dec_pre : nullptr, grad ? &dec_out : nullptr).contiguous();
@@ -403,32 +415,65 @@ std::tuple<at::Tensor, at::Tensor> core(const Problem& P, const at::Tensor& rows
   at::Tensor gz = mlp_backward(dec, gy, dec_pre, dec_out, sigmoid_last);  // (S N, k)
   at::Tensor gdelta;
   if (mu_from_enc || sig_from_enc) {
-    at::Tensor gz3 = gz.view({std::max<int64_t>(S, 1), N, k});
-    std::vector<at::Tensor> parts;
-    parts.push_back(mu_from_enc ? gz3.sum(0) : at::zeros({N, k}, x_.options()));
-    if (sigma_kind == 0)
-      parts.push_back(sig_from_enc ? at::softplus_backward((gz3 * eta).sum(0), sig_pre, 1.0, 20.0)
-                                   : at::zeros({N, k}, x_.options()));
-    gdelta = mlp_backward(enc, at::cat(parts, 1), enc_pre, enc_out);
+    // d/d encoder outputs: [sum_s gz | softplus'(pre) * sum_s gz * eta] (zeros for what delta does not reach)
+    const int64_t E = sigma_kind == 0 ? 2 * k : k, Sp = std::max<int64_t>(S, 1);
+    at::Tensor gout = at::zeros({N, E}, x_.options());
+    const at::Tensor gzc = gz.contiguous();
+    const float* pgz = gzc.data_ptr<float>();
+    float* pgo = gout.data_ptr<float>();
+    const at::Tensor sp = sig_from_enc ? sig_pre.contiguous() : at::Tensor();
+    const float* pe = sig_from_enc ? eta.data_ptr<float>() : nullptr;
+    const float* pp = sig_from_enc ? sp.data_ptr<float>() : nullptr;
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t i = 0; i < k; ++i) {
+        float gm = 0.0f, gs = 0.0f;
+        for (int64_t s = 0; s < Sp; ++s) {
+          const int64_t j = (s * N + n) * k + i;
+          gm += pgz[j];
+          if (pe) gs += pgz[j] * pe[j];
+        }
+        if (mu_from_enc) pgo[n * E + i] = gm;
+        if (pe) {  // softplus_backward(beta 1, threshold 20), as autograd computes it
+          const float x = pp[n * k + i];
+          const float ez = std::exp(x);
+          pgo[n * E + k + i] = x > 20.0f ? gs : gs * ez / (ez + 1.0f);
+        }
+      }
+    gdelta = mlp_backward(enc, gout, enc_pre, enc_out);
   } else {
     gdelta = at::zeros({N, D}, x_.options());
   }
   if (mode == 1) return {value, gdelta};
 
-  // The normalised step and the projection.
-  at::Tensor g = at::nan_to_num(gdelta);  // as torch.nan_to_num in the autograd path
-  g = g / g.norm(2, {1}, true).clamp_min(1e-20);
-  at::Tensor v = (delta + step_len_.view({-1, 1}) * g).contiguous();
-  at::Tensor out = at::empty_like(v);
-  at::Tensor rad = radius_.contiguous();
+  // The normalised step and the projection, per row: g with non-finite entries replaced as
+  // torch.nan_to_num does (nan 0, +-inf the largest finite floats), v = delta + step_len * g / max(||g||,
+  // 1e-20) in float32, then the exact projection.
+  gdelta = gdelta.contiguous();
+  at::Tensor v = at::empty_like(delta);
+  at::Tensor out = at::empty_like(delta);
+  at::Tensor step_len = step_len_.contiguous();
   ROBBENCH_ASSERT_CONTIGUOUS(xg);
-  const float *pv = v.data_ptr<float>(), *px = xg.data_ptr<float>(), *prad = rad.data_ptr<float>();
+  ROBBENCH_ASSERT_CONTIGUOUS(delta);
+  const float *pg = gdelta.data_ptr<float>(), *pdl = delta.data_ptr<float>(), *px = xg.data_ptr<float>(),
+              *prad = radius_.data_ptr<float>(), *psl = step_len.data_ptr<float>();
   const int64_t* pr = rows.data_ptr<int64_t>();
-  float* po = out.data_ptr<float>();
-  at::parallel_for(0, N, 8, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n)
-      project_row(pv + n * D, px + n * D, static_cast<double>(prad[pr[n]]), lo_box, hi_box, D, po + n * D);
-  });
+  float *pv = v.data_ptr<float>(), *po = out.data_ptr<float>();
+  constexpr float kMax = std::numeric_limits<float>::max();
+  for (int64_t n = 0; n < N; ++n) {
+    float* vr = pv + n * D;
+    const float* gr = pg + n * D;
+    double sq = 0.0;
+    for (int64_t i = 0; i < D; ++i) {
+      const float gi = std::isnan(gr[i]) ? 0.0f : std::min(std::max(gr[i], -kMax), kMax);
+      vr[i] = gi;
+      sq += static_cast<double>(gi) * gi;
+    }
+    const float norm = std::max(static_cast<float>(std::sqrt(sq)), 1e-20f);
+    const float sl = psl[n];
+    const float* dr = pdl + n * D;
+    for (int64_t i = 0; i < D; ++i) vr[i] = dr[i] + sl * (vr[i] / norm);
+    project_row(vr, px + n * D, static_cast<double>(prad[pr[n]]), lo_box, hi_box, D, po + n * D);
+  }
   return {value, out};
 }
 
