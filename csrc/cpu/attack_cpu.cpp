@@ -329,26 +329,36 @@ void check_call(const Problem& P, const at::Tensor& rows, const at::Tensor& delt
 }
 
 // One evaluation (mode 0), gradient (1) or projected step (2) on rows of the problem (checked inputs).
-std::tuple<at::Tensor, at::Tensor> core(const Problem& P, const at::Tensor& rows_, const at::Tensor& delta_,
-                                        const at::Tensor& eta_, int64_t j0, int64_t n_half, const at::Tensor& step_len_,
-                                        int64_t mode) {
-  const at::Tensor &x_ = P.x, &center_ = P.center, &mu_fix_ = P.mu_fix, &sig_fix_ = P.sig_fix, &ka_ = P.ka,
-                   &kb_ = P.kb, &radius_ = P.radius;
-  const Mlp &enc = P.enc, &dec = P.dec;
-  const int64_t route = P.route, sigma_kind = P.sigma_kind, B = P.B, D = P.D, k = P.k, N = delta_.size(0);
-  const double sigma_offset = P.sigma_offset, lo_box = P.lo_box, hi_box = P.hi_box;
-  const int64_t S = n_half > 0 ? 2 * n_half : (eta_.numel() > 0 ? eta_.size(0) : 0);
+// The rows of one call and the point data gathered for them (rows = 0..B-1: no copies).
+struct RowSet {
+  at::Tensor rows, xg, center, mu, sig, eta;  // eta: the fixed draws (S, N, k), or empty
+};
+
+RowSet row_set(const Problem& P, const at::Tensor& rows_, const at::Tensor& eta) {
   at::Tensor rows = rows_.contiguous();
-  // rows = 0..B-1 (every point active, the common case): no gathers
-  bool identity = N == B;
-  if (identity) {
-    const int64_t* pr = rows.data_ptr<int64_t>();
-    for (int64_t n = 0; n < N && identity; ++n) identity = pr[n] == n;
-  }
-  auto gather = [&](const at::Tensor& t, int64_t dim) { return identity ? t : t.index_select(dim, rows); };
-  at::Tensor xg = gather(x_, 0).contiguous();
+  const int64_t N = rows.size(0);
+  bool identity = N == P.B;
+  const int64_t* pr = rows.data_ptr<int64_t>();
+  for (int64_t n = 0; n < N && identity; ++n) identity = pr[n] == n;
+  auto gather = [&](const at::Tensor& t, int64_t dim) { return identity ? t : t.index_select(dim, rows).contiguous(); };
+  return RowSet{rows, gather(P.x, 0), gather(P.center, 0), gather(P.mu_fix, 0), gather(P.sig_fix, 0),
+                eta.numel() > 0 ? gather(eta, 1) : eta};
+}
+
+// One evaluation (mode 0), gradient (1) or projected step (2) on the rows R (checked inputs); the draws
+// are R.eta when fixed_eta, else antithetic from the streams (n_half > 0), else eta = 0.
+std::tuple<at::Tensor, at::Tensor> core(const Problem& P, const RowSet& R, const at::Tensor& delta_, bool fixed_eta,
+                                        int64_t j0, int64_t n_half, const at::Tensor& step_len_, int64_t mode) {
+  const at::Tensor &x_ = P.x, &ka_ = P.ka, &kb_ = P.kb, &radius_ = P.radius;
+  const Mlp &enc = P.enc, &dec = P.dec;
+  const int64_t route = P.route, sigma_kind = P.sigma_kind, D = P.D, k = P.k, N = delta_.size(0);
+  const double sigma_offset = P.sigma_offset, lo_box = P.lo_box, hi_box = P.hi_box;
+  const bool use_eta = fixed_eta && n_half == 0 && R.eta.numel() > 0;
+  const int64_t S = n_half > 0 ? 2 * n_half : (use_eta ? R.eta.size(0) : 0);
+  const at::Tensor& rows = R.rows;
+  const at::Tensor& xg = R.xg;
   at::Tensor delta = delta_.contiguous();
-  at::Tensor center = gather(center_, 0);
+  at::Tensor center = R.center;
 
   // Encoder (the route decides whether it is needed at all).
   const bool mu_from_enc = route != 2;
@@ -357,15 +367,15 @@ std::tuple<at::Tensor, at::Tensor> core(const Problem& P, const at::Tensor& rows
   at::Tensor mu, sig, sig_pre;
   if (mu_from_enc || sig_from_enc) {
     at::Tensor out = mlp_forward(enc, xg + delta, &enc_pre, &enc_out);
-    mu = mu_from_enc ? out.narrow(1, 0, k) : gather(mu_fix_, 0);
+    mu = mu_from_enc ? out.narrow(1, 0, k) : R.mu;
     if (sig_from_enc) {
       sig_pre = out.narrow(1, k, k);
       sig = at::softplus(sig_pre, 1.0, 20.0) + sigma_offset;
     }
   } else {
-    mu = gather(mu_fix_, 0);
+    mu = R.mu;
   }
-  if (S > 0 && !sig.defined()) sig = gather(sig_fix_, 0);
+  if (S > 0 && !sig.defined()) sig = R.sig;
 
   // eta (S, N, k)
   at::Tensor eta;
@@ -385,7 +395,7 @@ std::tuple<at::Tensor, at::Tensor> core(const Problem& P, const at::Tensor& rows
         }
     });
   } else if (S > 0) {
-    eta = gather(eta_, 1);
+    eta = R.eta;
   }
 
   // Decoder over the draws and the objective.
@@ -494,7 +504,8 @@ std::tuple<at::Tensor, at::Tensor> mlp_attack_step_cpu(
     check_tensor(step_len_, "step_len", at::kFloat, at::Device(at::kCPU), 1);
     TORCH_CHECK(step_len_.size(0) == delta_.size(0), "step_len must be (N,) with N = ", delta_.size(0));
   }
-  return core(P, rows_, delta_, eta_, j0, n_half, step_len_, mode);
+  return core(P, row_set(P, rows_, n_half > 0 ? at::empty({0}, x_.options()) : eta_), delta_, true, j0, n_half,
+              step_len_, mode);
 }
 
 // robbench.projection.stall_ascent with the op's steps and scores, the whole loop here (same decisions,
@@ -525,7 +536,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_stall_ascent_cpu(
   at::Tensor best = delta.clone();
   const int64_t S_eval = eval_eta_.numel() > 0 ? eval_eta_.size(0) : 1;
   int64_t enc_rows = M, dec_rows = M * S_eval;
-  at::Tensor best_val = std::get<0>(core(P, rows, delta, eval_eta_, 0, 0, none, 0)).contiguous();
+  at::Tensor best_val = std::get<0>(core(P, row_set(P, rows, eval_eta_), delta, true, 0, 0, none, 0)).contiguous();
   at::Tensor alpha = alpha0_.contiguous().clone();
   float *pbv = best_val.data_ptr<float>(), *pal = alpha.data_ptr<float>(), *pd = delta.data_ptr<float>(),
         *pb = best.data_ptr<float>();
@@ -537,6 +548,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_stall_ascent_cpu(
   for (int64_t i = 0; i < M; ++i) active[i] = pal[i] >= min_step_f;
 
   at::Tensor idx, rows_a, step_len, cur;
+  RowSet active_rows;
   auto gather = [&]() {
     std::vector<int64_t> ids;
     for (int64_t i = 0; i < M; ++i)
@@ -555,18 +567,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_stall_ascent_cpu(
       ps[j] = pal[i] * prad[prow[i]];  // alpha * radius in float32, as in stall_ascent
       std::copy(pd + i * D, pd + (i + 1) * D, pc + j * D);
     }
+    active_rows = row_set(P, rows_a, eval_eta_);  // gathered once per active set, not per call
   };
   gather();
   for (int64_t step = 0; step < steps; ++step) {
     const int64_t n = idx.size(0);
     if (n == 0) break;
-    cur = std::get<1>(core(P, rows_a, cur, none, step * n_half, n_half, step_len, 2)).contiguous();
+    cur = std::get<1>(core(P, active_rows, cur, false, step * n_half, n_half, step_len, 2)).contiguous();
     enc_rows += n;
     dec_rows += n * (n_half > 0 ? 2 * n_half : 1);
     if ((step + 1) % check_every != 0 && step != steps - 1) continue;
     enc_rows += n;
     dec_rows += n * S_eval;
-    at::Tensor val = std::get<0>(core(P, rows_a, cur, eval_eta_, 0, 0, none, 0)).contiguous();
+    at::Tensor val = std::get<0>(core(P, active_rows, cur, true, 0, 0, none, 0)).contiguous();
     const float *pv = val.data_ptr<float>(), *pc = cur.data_ptr<float>();
     const int64_t* pi = idx.data_ptr<int64_t>();
     for (int64_t j = 0; j < n; ++j) {
