@@ -181,3 +181,33 @@ def test_unsupported_networks_fall_back():
 
     own = models.build_model(OwnEncode, {"hidden": 8, "latent_dim": 2}, (1, 4, 4))
     assert fa.fused_spec(own) is None
+
+
+@pytest.mark.parametrize("stochastic,stall_tol", [(False, 0.0), (True, 0.0), (True, 1e-3)])
+def test_the_op_loop_equals_stall_ascent_on_the_op_steps(stochastic, stall_tol):
+    """robbench::mlp_stall_ascent (the whole loop in C++) makes exactly the decisions of
+    robbench.projection.stall_ascent driven by the same op's steps and scores."""
+    from robbench.projection import stall_ascent
+
+    m = _model(hidden=64)
+    B = 4
+    x, mu_c, sig_c, center, _, _ = _inputs(m, B=B)
+    radius = torch.tensor([0.5, 1.0, 2.0, 3.0])
+    op = fa.FusedObjective(fa.fused_spec(m), x, center, mu_c, sig_c, radius, "both", (0.0, 1.0))
+    gen = torch.Generator().manual_seed(8)
+    starts = [0.3 * torch.randn((B, *SHAPE), generator=gen) for _ in range(2)]
+    keys = rng.stream_keys(5, torch.arange(B)) if stochastic else None
+    half = 2 if stochastic else 0
+    eval_eta = torch.randn(8, B, m.latent_dim, generator=gen) if stochastic else None
+    knobs = {"steps": 30, "step_size": torch.tensor([0.5, 0.25, 0.1, 0.05]), "check_every": 3,
+             "stall_tol": stall_tol, "min_step": 0.01}
+
+    def step(rows, d, step_len, i):
+        return op.step(rows, d, step_len, keys=keys, j0=i * half, n_half=half)
+
+    for per_start in (True, False):
+        ref = stall_ascent(None, lambda rows, d: op.value(rows, d, eval_eta), x, radius, starts,
+                           stepper=step, per_start=per_start, **knobs)
+        ours = op.stall_ascent(starts, keys=keys, n_half=half, eval_eta=eval_eta, per_start=per_start, **knobs)
+        assert torch.equal(ours[1], ref[1])
+        assert torch.equal(ours[0], ref[0])
