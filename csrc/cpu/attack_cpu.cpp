@@ -99,7 +99,6 @@ struct Mlp {
 // project's CPUs (AVX-512) about twice MKL's sgemm throughput at these small row counts, same fp32
 // arithmetic (another summation order). Unavailable (a build without oneDNN) or ROBBENCH_ATTACK_GEMM=mkl
 // (A/B runs): at::mm / at::addmm.
-constexpr int64_t kDnnlMinWeights = 32768;
 using LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view,
                             c10::List<std::optional<at::Scalar>>, std::optional<c10::string_view>);
 
@@ -117,13 +116,14 @@ const c10::TypedOperatorHandle<LinearFn>* dnnl_linear_op() {
   return handle;
 }
 
-// x (M, in) w^T + b for w (out, in), b (out,) or undefined. Small weights (the latent and head layers) stay
-// with at::mm, whose fixed cost per call is lower.
+// x (M, in) w^T + b for w (out, in), b (out,) or undefined. Every product goes through oneDNN, small ones
+// too: MKL keeps its own thread count (torch's mkl_set_num_threads) whatever the OpenMP guard says, and at
+// 2 threads its parallel regions kept an OpenMP worker spinning beside every step (attack 2.5-5x slower).
 // With `fused_act` (relu, sigmoid or tanh, whose backward needs only the output) oneDNN applies the
 // activation too when it runs the product; *fused tells whether it did.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, int64_t act = kAttNone,
                   bool* fused = nullptr) {
-  const auto* op = w.numel() >= kDnnlMinWeights ? dnnl_linear_op() : nullptr;
+  const auto* op = dnnl_linear_op();
   if (fused) *fused = false;
   if (op) {
     const char* attr = "none";
