@@ -37,6 +37,8 @@
 #include "common/checks.h"
 #include "common/rng.h"
 
+#include <dlfcn.h>
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -47,13 +49,33 @@ namespace {
 // The op runs on the calling thread alone: at 25-200 rows per product a split across threads costs more in
 // synchronisation than it saves, and on a loaded machine oneDNN's and MKL's OpenMP regions wait for
 // descheduled threads (measured: a pre-solve step 3-30 ms at 2 threads against 0.4 ms at 1). The guard
-// sets the calling thread's OpenMP thread count (torch's own libgomp) to 1 and restores it.
+// sets the calling thread's OpenMP thread count (torch's own libgomp) to 1, and MKL's thread-local count
+// (MKL keeps its own, set by torch: MKL_Set_Num_Threads_Local, the C entry of mkl_set_num_threads_local,
+// looked up at run time, absent in builds without MKL), and restores both.
+using MklLocalFn = int (*)(int);
+
+MklLocalFn mkl_local_threads() {
+  static const MklLocalFn fn = reinterpret_cast<MklLocalFn>(dlsym(RTLD_DEFAULT, "MKL_Set_Num_Threads_Local"));
+  return fn;
+}
+
 struct OneThread {
 #ifdef _OPENMP
   int prev = omp_get_max_threads();
-  OneThread() { omp_set_num_threads(1); }
-  ~OneThread() { omp_set_num_threads(prev); }
 #endif
+  int mkl_prev = 0;
+  OneThread() {
+#ifdef _OPENMP
+    omp_set_num_threads(1);
+#endif
+    if (auto fn = mkl_local_threads()) mkl_prev = fn(1);
+  }
+  ~OneThread() {
+#ifdef _OPENMP
+    omp_set_num_threads(prev);
+#endif
+    if (auto fn = mkl_local_threads()) fn(mkl_prev);  // 0 restores "use the global setting"
+  }
 };
 
 // Activation codes of robbench_plugins.fused_attack.ACT_CODES.
@@ -99,6 +121,7 @@ struct Mlp {
 // project's CPUs (AVX-512) about twice MKL's sgemm throughput at these small row counts, same fp32
 // arithmetic (another summation order). Unavailable (a build without oneDNN) or ROBBENCH_ATTACK_GEMM=mkl
 // (A/B runs): at::mm / at::addmm.
+constexpr int64_t kDnnlMinWeights = 32768;
 using LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view,
                             c10::List<std::optional<at::Scalar>>, std::optional<c10::string_view>);
 
@@ -116,14 +139,13 @@ const c10::TypedOperatorHandle<LinearFn>* dnnl_linear_op() {
   return handle;
 }
 
-// x (M, in) w^T + b for w (out, in), b (out,) or undefined. Every product goes through oneDNN, small ones
-// too: MKL keeps its own thread count (torch's mkl_set_num_threads) whatever the OpenMP guard says, and at
-// 2 threads its parallel regions kept an OpenMP worker spinning beside every step (attack 2.5-5x slower).
+// x (M, in) w^T + b for w (out, in), b (out,) or undefined. Small weights (the latent and head layers) go
+// to at::mm (MKL), whose fixed cost per call is lower; OneThread keeps MKL on this thread.
 // With `fused_act` (relu, sigmoid or tanh, whose backward needs only the output) oneDNN applies the
 // activation too when it runs the product; *fused tells whether it did.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, int64_t act = kAttNone,
                   bool* fused = nullptr) {
-  const auto* op = dnnl_linear_op();
+  const auto* op = w.numel() >= kDnnlMinWeights ? dnnl_linear_op() : nullptr;
   if (fused) *fused = false;
   if (op) {
     const char* attr = "none";
