@@ -11,11 +11,13 @@ Monte Carlo streams are common and differences come from the attack):
   steps_x10   10x pre-solve and refinement steps, 10x smaller stall tolerance and final step
   eta_x10     10x eta draws per step and for scoring
   old         the earlier attack and bisection: eta fixed for the whole call (8 draws), 40 steps cold and
-              10 warm, absolute tolerance 0.05, no screening (kept for the cost ratio; its R is biased upwards)
+              10 warm, absolute tolerance 0.05, no screening (kept for the cost ratio; its R is biased upwards;
+              it always runs on the torch engine, as when issue 14's table was measured)
   old_eta4    ``old`` with 4 fixed draws (what ``old`` ran with while the default eta_samples was 4)
 Reported per model: mean R, the change of mean R and the mean |change| of R per point relative to
 ``default`` (the convergence criterion: <= 1% when the budget is multiplied by 10), attack and Monte
 Carlo seconds, decoder samples per point. Models come from the model cache (trained when missing).
+Rows on max_damage's compiled engine are those its op reports (robbench_plugins.fused_attack.ROWS).
 """
 from __future__ import annotations
 
