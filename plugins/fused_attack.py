@@ -1,11 +1,12 @@
-"""The compiled engine of the ``max_damage`` attack: one fused op call per optimisation step on MLP VAEs.
+"""The compiled engine of the ``max_damage`` attack: one op call per ascent on MLP VAEs.
 
-``torch.ops.robbench.mlp_attack_step`` (csrc/cpu/attack_cpu.cpp) computes, for all active rows, the
+``torch.ops.robbench.mlp_attack_step`` (csrc/cpu/attack_cpu.cpp) computes, for the given rows, the
 encoder forward of x + delta, the decoder forward over the eta draws (drawn inside the op from the same
 counter-based streams as :mod:`robbench.rng`, bit for bit), the objective, its gradient with respect to
 delta (hand-written backward, no autograd graph), the normalised step and the exact ball-and-box
-projection. The attack's Python loop (:func:`robbench.projection.stall_ascent`) calls it once per step.
-What it computes equals the ``torch`` engine's autograd path up to float rounding
+projection. ``torch.ops.robbench.mlp_stall_ascent`` runs :func:`robbench.projection.stall_ascent`'s whole
+loop over those steps (same decisions, same order; :meth:`FusedObjective.stall_ascent`), which is what the
+attack calls. What it computes equals the ``torch`` engine's autograd path up to float rounding
 (tests/test_fused_attack.py).
 
 Supported: the built-in :class:`~robbench_plugins.models.VAE` family members whose encoder and decoder
@@ -158,8 +159,9 @@ class FusedObjective:
         self._empty = torch.empty(0)
         self._no_keys = torch.empty(0, dtype=torch.int64)
 
-    def _call(self, rows: Tensor, delta: Tensor, *, eta: Tensor | None = None, keys: tuple[Tensor, Tensor] | None = None,
-              j0: int = 0, n_half: int = 0, step_len: Tensor | None = None, mode: int = 0) -> tuple[Tensor, Tensor]:
+    def _call(self, rows: Tensor, delta: Tensor, *, eta: Tensor | None = None,
+              keys: tuple[Tensor, Tensor] | None = None, j0: int = 0, n_half: int = 0,
+              step_len: Tensor | None = None, mode: int = 0) -> tuple[Tensor, Tensor]:
         s = self.spec
         ka, kb = keys if keys is not None else (self._no_keys, self._no_keys)
         n = rows.shape[0]

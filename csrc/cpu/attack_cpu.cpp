@@ -2,8 +2,9 @@
 // fused: encoder forward of x + delta, decoder forward over the eta draws, the objective, its gradient
 // with respect to delta (a hand-written backward through ATen's own backward functions, no autograd),
 // the normalised step and the exact projection onto {||delta|| <= radius} ∩ {lo <= x + delta <= hi}.
-// Python (robbench_plugins.fused_attack) calls it once per optimisation step; every other model takes
-// the autograd path, which this op reproduces up to float rounding (tests/test_fused_attack.py).
+// robbench::mlp_stall_ascent runs robbench.projection.stall_ascent's whole loop over these steps (one call
+// per ascent, from robbench_plugins.fused_attack); every other model takes the autograd path, which these
+// ops reproduce up to float rounding (tests/test_fused_attack.py).
 //
 // Shapes: B points, N rows (rows[n] indexes the point of row n; several rows may share a point),
 // D input features, E encoder outputs, k latents, F decoder outputs, S eta draws.
