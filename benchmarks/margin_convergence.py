@@ -184,9 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attack-base", default="{}", help="JSON overrides of the attack's defaults that every "
                         "variant starts from, e.g. '{\"refine_step_size\": 0.2}' (to tune the defaults)")
     parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads (1 gives the steadiest timings on a shared machine)")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # --threads comes with the run arguments (1: steadiest timings when shared)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     cfg = config_from_args(args)

@@ -82,8 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_run_arguments(parser)
     parser.add_argument("--designs", default="bisect,refine,reference")
     parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # --threads comes with the run arguments
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = config_from_args(args)
