@@ -253,6 +253,21 @@ def test_generic_epilogue_counts():
     assert torch.ops.robbench.count_le(y, center, r2).tolist() == [21, 21, 21]
 
 
+@pytest.mark.parametrize("D", [30, 784])
+def test_generic_epilogue_matches_reference_at_ties(D):
+    """count_le decides each sample as the reference's fp32 sub/mul/sum does, also at r^2 equal to the
+    sample's own squared distance, one ulp either side and 1e-6 away (where summation order matters)."""
+    g = torch.Generator().manual_seed(D)
+    y, center = torch.rand(4, 64, D, generator=g), torch.rand(4, D, generator=g)
+    d2 = (y - center[:, None]).mul_(y - center[:, None]).sum(2)  # the reference's expression
+    for k in range(0, 64, 7):
+        own = d2[:, k].clone()
+        for r2 in (own, torch.nextafter(own, torch.zeros_like(own)), torch.nextafter(own, own + 1),
+                   own * (1 - 1e-6), own * (1 + 1e-6)):
+            want = (d2 <= r2[:, None]).sum(1)
+            assert torch.equal(torch.ops.robbench.count_le(y, center, r2), want), (D, k)
+
+
 def test_generic_decoder_through_cpp_backend():
     class Generic(MLPVAE):
         def __init__(self):

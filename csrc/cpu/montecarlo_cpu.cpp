@@ -520,6 +520,11 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
   return {counts, stats};
 }
 
+// The generic path's epilogue: the reference computes t_d = fl(fl(y_d - c_d)^2) and sums them in fp32
+// (ATen's reduction); here the same terms are summed in double and a sample is decided where the
+// reference's fp32 sum is certainly on one side of r^2 (the band of fp32_final_count); the few samples
+// inside the band (ties, one ulp away) get the reference's own sub/mul/sum on their gathered rows, whose
+// per-row results do not depend on the other rows. So the counts are the reference's, ties included.
 at::Tensor count_le_cpu(const at::Tensor& y_, const at::Tensor& center_, const at::Tensor& r2_) {
   const at::Device cpu(at::kCPU);
   check_tensor(y_, "y", at::kFloat, cpu, 3);
@@ -532,22 +537,46 @@ at::Tensor count_le_cpu(const at::Tensor& y_, const at::Tensor& center_, const a
   const int64_t B = y.size(0), S = y.size(1), D = y.size(2);
   at::Tensor counts = at::zeros({B}, y.options().dtype(at::kLong));
   const float *yp = y.data_ptr<float>(), *cp = center.data_ptr<float>(), *rp = r2.data_ptr<float>();
-  int64_t* out = counts.data_ptr<int64_t>();
-  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      int64_t c = 0;
-      for (int64_t s = 0; s < S; ++s) {
-        const float* row = yp + (b * S + s) * D;
-        float acc = 0.f;
-        for (int64_t d = 0; d < D; ++d) {
-          const float diff = row[d] - cp[b * D + d];
-          acc += diff * diff;
+  const double u = std::ldexp(1.0, -24);
+  const double band = (D + 4) * u / (1.0 - (D + 4) * u);
+  std::vector<int8_t> dec(B * S);
+  at::parallel_for(0, B * S, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / S;
+      const float* row = yp + i * D;
+      const float* c = cp + b * D;
+      double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      int64_t d = 0;
+      for (; d + 8 <= D; d += 8) {
+        for (int j = 0; j < 8; ++j) {
+          const float diff = row[d + j] - c[d + j];
+          lane[j] += static_cast<double>(diff * diff);
         }
-        c += acc <= rp[b];
       }
-      out[b] = c;
+      double acc = 0.0;
+      for (; d < D; ++d) {
+        const float diff = row[d] - c[d];
+        acc += static_cast<double>(diff * diff);
+      }
+      for (int j = 0; j < 8; ++j) acc += lane[j];
+      const double lim = static_cast<double>(rp[b]);
+      dec[i] = acc * (1.0 + band) <= lim ? 1 : (acc * (1.0 - band) > lim ? 0 : -1);
     }
   });
+  int64_t* out = counts.data_ptr<int64_t>();
+  std::vector<int64_t> amb, amb_pts;
+  for (int64_t i = 0; i < B * S; ++i) {
+    if (dec[i] == 1) out[i / S] += 1;
+    else if (dec[i] < 0) { amb.push_back(i); amb_pts.push_back(i / S); }
+  }
+  if (amb.empty()) return counts;
+  const int64_t na = static_cast<int64_t>(amb.size());
+  at::Tensor sel = at::from_blob(amb.data(), {na}, at::kLong).clone();
+  at::Tensor pts = at::from_blob(amb_pts.data(), {na}, at::kLong).clone();
+  at::Tensor ya = y.view({B * S, D}).index_select(0, sel);
+  ya.sub_(center.index_select(0, pts));
+  at::Tensor inside = ya.mul_(ya).sum(1) <= r2.index_select(0, pts);
+  counts.index_add_(0, pts, inside.to(at::kLong));
   return counts;
 }
 
