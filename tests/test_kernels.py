@@ -428,3 +428,73 @@ def test_early_exit_column_widths_and_off_switch_agree(monkeypatch):
         res = kernels.count_within(model, mu, sigma, center, montecarlo.radius_sq(r, B, mu.device), n, seed=6,
                                    stream_ids=torch.arange(B), precision="fp32", screen=False)
         assert torch.equal(res.counts, ref), (mode, widths)
+
+
+# ---------------------------------------------------------------------------------------------
+# bf16 last layer with the spectral / projected band (csrc/common/bounds.h, part 3)
+# ---------------------------------------------------------------------------------------------
+def _trained_like(seed=0):
+    """The trained decoders' shape (k = 10, 256 hidden, D = 784) with what makes their bf16 band tight or
+    loose: a last layer with decaying singular values (12 .. 0.6, Frobenius norm ~26, as measured on the
+    trained beta-VAEs) and ~80 % saturated output units."""
+    m = MLPVAE(seed=seed, k=10, hidden=(256,), d=784)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        q1, _ = torch.linalg.qr(torch.randn(784, 256, generator=g))
+        q2, _ = torch.linalg.qr(torch.randn(256, 256, generator=g))
+        m.decoder[-2].weight.copy_(q1 @ torch.diag(12.0 * (torch.arange(256) + 1.0) ** -0.55) @ q2.T)
+        bias = torch.full((784,), -6.0)
+        bias[torch.randperm(784, generator=g)[:160]] = 0.5
+        m.decoder[-2].bias.copy_(bias)
+        m.decoder[0].weight.mul_(2.0)
+    return m
+
+
+def test_bf16_band_decides_each_sample_like_the_reference_across_its_edges():
+    """Sample by sample on the trained decoders' shape: one sample per point, r2 at that sample's own fp32
+    squared distance x (1 +- eps) for a dense geometric sweep of eps (1e-7 .. 0.56, 4 per decade), so that
+    samples fall just inside and just outside the band's edge (the sweep must cross it: some radius leaves
+    part of the samples undecided), exact ties and one ulp below. Every decision equals the reference's;
+    ties all went to the fp32 recheck; far radii none."""
+    model = _trained_like(seed=3)
+    B = 96
+    mu0, sigma0, center0 = _points(model, 1, 7)
+    mu, sigma, center = mu0.expand(B, -1).contiguous(), sigma0.expand(B, -1).contiguous(), \
+        center0.expand(B, -1).contiguous()
+    d2, d2_cpp = _sq_dists(model, mu, sigma, center, 1, 11)
+    assert torch.equal(d2, d2_cpp)
+    d2 = d2[:, 0]
+    partial = 0
+    for eps in [0.0] + [10 ** (e / 4) for e in range(-28, 0)]:
+        for sign in ((1,) if eps == 0 else (1, -1)):
+            r2 = (d2 * (1 + sign * eps)).contiguous()
+            res = kernels.count_within(model, mu, sigma, center, r2, 1, seed=11, stream_ids=torch.arange(B),
+                                       precision="bf16", screen=False)
+            assert torch.equal(res.counts, (d2 <= r2).long()), (eps, sign)
+            assert res.bf16_samples == B
+            if eps == 0:
+                assert res.rechecked == B  # a tie is never decided by a band of positive width
+            if eps >= 0.5:
+                assert res.rechecked == 0
+            partial += 0 < res.rechecked < B
+    assert partial >= 2  # the sweep put samples on both sides of the band's edge
+    r2 = torch.nextafter(d2, torch.zeros(())).contiguous()
+    res = kernels.count_within(model, mu, sigma, center, r2, 1, seed=11, stream_ids=torch.arange(B),
+                               precision="bf16", screen=False)
+    assert torch.equal(res.counts, (d2 <= r2).long()) and res.rechecked == B
+
+
+@pytest.mark.parametrize("chunk", [128, 2048])
+def test_bf16_counts_equal_reference_at_the_median_radius(chunk):
+    """Many samples per point at the median radius (p ~ 0.5, where the margin's tests spend samples), trained
+    decoder shape, with and without the screen; blocks below and above the band's 128-row chunks."""
+    model = _trained_like(seed=4)
+    B, n = 5, 400
+    mu, sigma, center = _points(model, B, 8)
+    r = montecarlo.sample_distances(model, mu, sigma, center, 100, seed=2).median(1).values
+    ref = montecarlo.count_within(model, mu, sigma, center, r, n, seed=5, backend="torch")
+    for screen in (False, True):
+        res = kernels.count_within(model, mu, sigma, center, montecarlo.radius_sq(r, B, mu.device), n, seed=5,
+                                   stream_ids=torch.arange(B), precision="bf16", screen=screen, chunk_size=chunk)
+        assert torch.equal(res.counts, ref), screen
+        assert res.bf16_samples > 0 and res.rechecked < res.bf16_samples

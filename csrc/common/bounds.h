@@ -42,6 +42,27 @@
 //    Then | ||y - c|| - ||ŷ - c|| | <= ||e||, giving U = ||ŷ - c|| + ||e||, L = (||ŷ - c|| - ||e||)_+.
 //    The per-element terms are evaluated in fp32 (<= 10 roundings each: inflated by 1e-5) and summed in
 //    fp32 in any order (D nonnegative terms: relative error < g_D, inflated by 2 g_{D+2} + 1e-6).
+//
+// 3. Tighter bf16 band (session 3). The per-row Cauchy-Schwarz terms ||δW_j|| ||h|| and ||Ŵ_j|| ||δh||
+//    assume δh aligned with every row at once; measured, the band was ~25x the observed error. Write
+//    t_j for the slope bound above (e_j = t_j Δ_j + 2 ev) and split Δ_j = |(δW h)_j| + |(Ŵ δh)_j| + ρ_j
+//    (ρ_j: the remaining terms of Δ_j: g_K ||Ŵ_j|| ||ĥ||, u |s_j|, v |a_j|, the reference's own error,
+//    2^-100). By the triangle inequality in R^D
+//       ||e|| <= ||t∘(δW h)|| + ||t∘(Ŵ δh)|| + ||t∘ρ + 2 ev||,
+//    and for any threshold τ, splitting the units into L = {t_j <= τ} and H = {t_j > τ},
+//       ||t∘x|| <= sqrt(Σ_L t_j^2 x_j^2) + max_H t_j ||x||       (||x_H|| <= ||x||),
+//    with |(δW h)_j| <= ||δW_j|| ||h||, ||δW h|| <= ||δW||_2 ||h|| (δW is rounding noise: ||δW||_2 is ~10x
+//    below its Frobenius norm), |(Ŵ δh)_j| <= ||Ŵ_j|| ||δh|| and ||Ŵ δh|| <= N(δh) below. Six thresholds
+//    (∞, 1/16, 1/64, 1/256, 1/1024, 0) are accumulated in the same pass; the smallest bound is used, and
+//    also the part-2 bound ||e|| when it is smaller (both rigorous). On MNIST decoders most output units
+//    are saturated (t_j tiny), so H is small and the spectral factors apply only to it.
+//    N(δh): Ŵ (rows < D) has a few large singular values. With V (K x k, k <= 16, the leading right
+//    singular vectors, stored in fp32 and used as exact numbers), M = Ŵ V and R = Ŵ - M V^T (both
+//    float64), Ŵ δh = M (V^T δh) + R δh exactly, so ||Ŵ δh|| <= sqrt(Σ_l λ_l p_l^2) + ||R||_2 ||δh||, where
+//    λ_l = G_ll + Σ_{m != l} |G_lm| (G = M^T M; p^T G p <= Σ λ_l p_l^2 since 2|p_l p_m| <= p_l^2 + p_m^2) and
+//    |p_l| <= |fl(V_l . δh)| + g_K ||V_l|| ||δh|| (the fp32 GEMM that computes it, any order). λ and
+//    ||R||_2 are inflated by 1e-9 / 1e-6 relative plus 1e-12 ||Ŵ||_F (float64 rounding of M, G, R); also
+//    N(δh) <= ||Ŵ||_2 ||δh||. Term sums are fp32 sums of nonnegative terms (inflated as above).
 // Samples that neither bound decides get the reference's own fp32 final layer (recheck).
 #pragma once
 #include <ATen/ATen.h>
@@ -62,6 +83,13 @@ struct LastLayerBound {
   double gK = 0, gK1 = 0, q = 0;  // g_K, g_{K+1}, g_{D+2}
   double lip = 1, ev = 0;         // Lipschitz constant and evaluation error of act
   int64_t act = 0, K = 0, D = 0, P = 0;
+  // part 3: ||δW||_2, ||Ŵ||_2 (rows < D), V (K, k) fp32, λ (k,), ||R||_2 (inflated), max_l ||V_l||
+  double spec_dW = 0, spec_Wb = 0, rho_R = 0, vmax = 0;
+  at::Tensor vk;
+  std::vector<double> lam;
+
+  // Upper bound on ||Ŵ δh|| from p = fl(δh V) (k,) and ||δh|| (part 3).
+  double norm_w_dh(const float* p, double norm_dh) const;
 
   static double gamma(double n) { return n * v / (1.0 - n * v); }
   // Upper bound on a norm from an fp32 sum of K squares (any order), see above.
@@ -73,8 +101,9 @@ struct LastLayerBound {
 
   // bf16 band for one sample: s = bf16 GEMM row (P,), a = fl(s + b) (P,), y = act~(a) (P,), cen (D,),
   // per-sample norms ||h||, ||ĥ||, ||δh||. Returns 1 (inside), 0 (outside) or -1 (undecided).
+  // norm_wdh >= ||Ŵ δh|| (norm_w_dh) enables the part-3 band; pass a negative value for part 2 only.
   int8_t decide(const at::BFloat16* s, const float* a, const float* y, const float* cen, double norm_h,
-                double norm_hb, double norm_dh, double r2) const;
+                double norm_hb, double norm_dh, double r2, double norm_wdh = -1.0) const;
 
   // 1 when (1 + q) U^2 < r2 (certainly inside), 0 when (1 - q) L^2 > r2 (certainly outside), else -1.
   int8_t classify(double upper, double lower, double r2) const {

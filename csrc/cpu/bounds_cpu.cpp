@@ -9,53 +9,78 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 namespace robbench {
 
 namespace {
 
+// Thresholds τ of the part-3 band (bounds.h); index 0 is τ = ∞ (every unit in L).
+constexpr int kTaus = 6;
+constexpr float kTau[kTaus] = {3.0e38f, 1.0f / 16, 1.0f / 64, 1.0f / 256, 1.0f / 1024, 0.0f};
+
+// Per-sample sums of one band pass: d2 = Σ (y - c)^2, e2 = Σ e_j^2 (part 2), f2 = Σ (t_j ρ_j + 2 ev)^2,
+// and per threshold: A = Σ_L t^2 ||δW_j||^2, B = Σ_L t^2 ||Ŵ_j||^2, M = max_H t (part 3).
+struct BandSums {
+  float d2 = 0, e2 = 0, f2 = 0;
+  float A[kTaus] = {}, B[kTaus] = {}, M[kTaus] = {};
+};
+
+struct BandArgs {
+  const float *rW, *rdW, *rWf, *babs;
+  float k_dw, k_w, k_w3, k_wf, g_b, ev2;  // k_w: ||δh|| + g_K ||ĥ|| (part 2); k_w3: g_K ||ĥ|| (part 3)
+};
+
 template <bool kSig>
-inline void band_sums_impl(const uint16_t* s_bits, const float* a, const float* y, const float* cen,
-                           const float* rW, const float* rdW, const float* rWf, const float* babs, int64_t D,
-                           float k_dw, float k_w, float k_wf, float g_b, float ev2, float* d2_out,
-                           float* e2_out) {
+inline void band_sums_impl(const uint16_t* s_bits, const float* a, const float* y, const float* cen, int64_t D,
+                           const BandArgs& g, BandSums* out) {
   const float u = 1.0f / 256.0f, v = 1.0f / 16777216.0f;
-  float d2 = 0.f, e2 = 0.f;
-#pragma omp simd reduction(+ : d2, e2)
   for (int64_t j = 0; j < D; ++j) {
     const float sj = __builtin_bit_cast(float, static_cast<uint32_t>(s_bits[j]) << 16);
     const float diff = y[j] - cen[j];
-    d2 += diff * diff;
-    // Δ_j, each term's few roundings covered by the factor 1 + 1e-5
+    out->d2 += diff * diff;
+    // Δ_j and ρ_j, each term's few roundings covered by the factor 1 + 1e-5
     const float abs_s = sj < 0.f ? -sj : sj, abs_a = a[j] < 0.f ? -a[j] : a[j];
-    const float delta =
-        (rdW[j] * k_dw + rW[j] * k_w + rWf[j] * k_wf + babs[j] * g_b + u * abs_s + v * abs_a + 1e-30f) * 1.00001f;
-    float e = delta;
+    const float common = g.rWf[j] * g.k_wf + g.babs[j] * g.g_b + u * abs_s + v * abs_a + 1e-30f;
+    const float delta = (g.rdW[j] * g.k_dw + g.rW[j] * g.k_w + common) * 1.00001f;
+    const float rho = (g.rW[j] * g.k_w3 + common) * 1.00001f;
+    float t = 1.0f;
     if constexpr (kSig) {
       const float m = y[j] * (1.0f - y[j]) + 32.0f * v;
-      float t = m * (1.0f + delta + delta * delta) * 1.00001f;
+      t = m * (1.0f + delta + delta * delta) * 1.00001f;
       t = delta <= 1.0f ? t : 0.25f;
-      const float slope = t < 0.25f ? t : 0.25f;
-      e = (slope * delta + ev2) * 1.00001f;
+      t = t < 0.25f ? t : 0.25f;
     }
-    e2 += e * e;
+    const float e = kSig ? (t * delta + g.ev2) * 1.00001f : delta;
+    const float f = kSig ? (t * rho + g.ev2) * 1.00001f : rho;
+    out->e2 += e * e;
+    out->f2 += f * f;
+    const float tdw = t * g.rdW[j], tw = t * g.rW[j];
+    const float a2 = tdw * tdw * 1.00001f, b2 = tw * tw * 1.00001f;
+    for (int k = 0; k < kTaus; ++k) {
+      if (t <= kTau[k]) {
+        out->A[k] += a2;
+        out->B[k] += b2;
+      } else if (t > out->M[k]) {
+        out->M[k] = t;
+      }
+    }
   }
-  *d2_out = d2;
-  *e2_out = e2;
 }
 
 // The same sums with AVX-512 intrinsics (GCC does not if-convert the sigmoid variant of the loop).
 // Lane sums are added in a different order than the scalar loop: the analysis covers any order.
 __attribute__((target("avx512f,avx512bw,avx512vl")))
-void band_sums_avx512(const uint16_t* s_bits, const float* a, const float* y, const float* cen, const float* rW,
-                      const float* rdW, const float* rWf, const float* babs, int64_t D, bool sigmoid, float k_dw,
-                      float k_w, float k_wf, float g_b, float ev2, float* d2_out, float* e2_out) {
+void band_sums_avx512(const uint16_t* s_bits, const float* a, const float* y, const float* cen, int64_t D,
+                      bool sigmoid, const BandArgs& g, BandSums* out) {
   const __m512 vu = _mm512_set1_ps(1.0f / 256.0f), vv = _mm512_set1_ps(1.0f / 16777216.0f);
   const __m512 one = _mm512_set1_ps(1.0f), quarter = _mm512_set1_ps(0.25f), infl = _mm512_set1_ps(1.00001f);
   const __m512 tiny = _mm512_set1_ps(1e-30f), v32 = _mm512_set1_ps(32.0f / 16777216.0f);
-  const __m512 kdw = _mm512_set1_ps(k_dw), kw = _mm512_set1_ps(k_w), kwf = _mm512_set1_ps(k_wf);
-  const __m512 gb = _mm512_set1_ps(g_b), vev2 = _mm512_set1_ps(ev2);
-  __m512 d2 = _mm512_setzero_ps(), e2 = _mm512_setzero_ps();
+  const __m512 kdw = _mm512_set1_ps(g.k_dw), kw = _mm512_set1_ps(g.k_w), kw3 = _mm512_set1_ps(g.k_w3);
+  const __m512 kwf = _mm512_set1_ps(g.k_wf), gb = _mm512_set1_ps(g.g_b), vev2 = _mm512_set1_ps(g.ev2);
+  __m512 d2 = _mm512_setzero_ps(), e2 = _mm512_setzero_ps(), f2 = _mm512_setzero_ps();
+  __m512 A[kTaus], B[kTaus], M[kTaus];
+  for (int k = 0; k < kTaus; ++k) A[k] = B[k] = M[k] = _mm512_setzero_ps();
   int64_t j = 0;
   for (; j + 16 <= D; j += 16) {
     const __m512i sb = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s_bits + j)));
@@ -63,50 +88,67 @@ void band_sums_avx512(const uint16_t* s_bits, const float* a, const float* y, co
     const __m512 yj = _mm512_loadu_ps(y + j), aj = _mm512_loadu_ps(a + j);
     const __m512 diff = _mm512_sub_ps(yj, _mm512_loadu_ps(cen + j));
     d2 = _mm512_add_ps(d2, _mm512_mul_ps(diff, diff));
-    __m512 delta = _mm512_mul_ps(_mm512_loadu_ps(rdW + j), kdw);
-    delta = _mm512_add_ps(delta, _mm512_mul_ps(_mm512_loadu_ps(rW + j), kw));
-    delta = _mm512_add_ps(delta, _mm512_mul_ps(_mm512_loadu_ps(rWf + j), kwf));
-    delta = _mm512_add_ps(delta, _mm512_mul_ps(_mm512_loadu_ps(babs + j), gb));
-    delta = _mm512_add_ps(delta, _mm512_mul_ps(vu, _mm512_abs_ps(sj)));
-    delta = _mm512_add_ps(delta, _mm512_mul_ps(vv, _mm512_abs_ps(aj)));
-    delta = _mm512_mul_ps(_mm512_add_ps(delta, tiny), infl);
-    __m512 e = delta;
+    const __m512 rdw = _mm512_loadu_ps(g.rdW + j), rw = _mm512_loadu_ps(g.rW + j);
+    __m512 common = _mm512_mul_ps(_mm512_loadu_ps(g.rWf + j), kwf);
+    common = _mm512_add_ps(common, _mm512_mul_ps(_mm512_loadu_ps(g.babs + j), gb));
+    common = _mm512_add_ps(common, _mm512_mul_ps(vu, _mm512_abs_ps(sj)));
+    common = _mm512_add_ps(common, _mm512_mul_ps(vv, _mm512_abs_ps(aj)));
+    common = _mm512_add_ps(common, tiny);
+    __m512 delta = _mm512_add_ps(_mm512_mul_ps(rdw, kdw), _mm512_mul_ps(rw, kw));
+    delta = _mm512_mul_ps(_mm512_add_ps(delta, common), infl);
+    const __m512 rho = _mm512_mul_ps(_mm512_add_ps(_mm512_mul_ps(rw, kw3), common), infl);
+    __m512 t = one, e = delta, f = rho;
     if (sigmoid) {
       const __m512 m = _mm512_add_ps(_mm512_mul_ps(yj, _mm512_sub_ps(one, yj)), v32);
-      __m512 t = _mm512_mul_ps(_mm512_mul_ps(m, _mm512_add_ps(_mm512_add_ps(one, delta), _mm512_mul_ps(delta, delta))), infl);
+      t = _mm512_mul_ps(_mm512_mul_ps(m, _mm512_add_ps(_mm512_add_ps(one, delta), _mm512_mul_ps(delta, delta))), infl);
       t = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(delta, one, _CMP_LE_OQ), quarter, t);  // Δ > 1 (or NaN): 1/4
       t = _mm512_min_ps(t, quarter);
       e = _mm512_mul_ps(_mm512_add_ps(_mm512_mul_ps(t, delta), vev2), infl);
+      f = _mm512_mul_ps(_mm512_add_ps(_mm512_mul_ps(t, rho), vev2), infl);
     }
     e2 = _mm512_add_ps(e2, _mm512_mul_ps(e, e));
+    f2 = _mm512_add_ps(f2, _mm512_mul_ps(f, f));
+    const __m512 tdw = _mm512_mul_ps(t, rdw), tw = _mm512_mul_ps(t, rw);
+    const __m512 a2 = _mm512_mul_ps(_mm512_mul_ps(tdw, tdw), infl), b2 = _mm512_mul_ps(_mm512_mul_ps(tw, tw), infl);
+    for (int k = 0; k < kTaus; ++k) {
+      // L: t <= τ (a NaN t lands in H, where max ignores it only if ... t is never NaN: 1/4 cap above)
+      const __mmask16 low = _mm512_cmp_ps_mask(t, _mm512_set1_ps(kTau[k]), _CMP_LE_OQ);
+      A[k] = _mm512_mask_add_ps(A[k], low, A[k], a2);
+      B[k] = _mm512_mask_add_ps(B[k], low, B[k], b2);
+      M[k] = _mm512_mask_max_ps(M[k], static_cast<__mmask16>(~low), M[k], t);
+    }
   }
-  float d2s = _mm512_reduce_add_ps(d2), e2s = _mm512_reduce_add_ps(e2);
+  out->d2 = _mm512_reduce_add_ps(d2);
+  out->e2 = _mm512_reduce_add_ps(e2);
+  out->f2 = _mm512_reduce_add_ps(f2);
+  for (int k = 0; k < kTaus; ++k) {
+    out->A[k] = _mm512_reduce_add_ps(A[k]);
+    out->B[k] = _mm512_reduce_add_ps(B[k]);
+    out->M[k] = _mm512_reduce_max_ps(M[k]);
+  }
   if (j < D) {
-    float d2t, e2t;
-    if (sigmoid)
-      band_sums_impl<true>(s_bits + j, a + j, y + j, cen + j, rW + j, rdW + j, rWf + j, babs + j, D - j, k_dw, k_w,
-                           k_wf, g_b, ev2, &d2t, &e2t);
-    else
-      band_sums_impl<false>(s_bits + j, a + j, y + j, cen + j, rW + j, rdW + j, rWf + j, babs + j, D - j, k_dw, k_w,
-                            k_wf, g_b, ev2, &d2t, &e2t);
-    d2s += d2t;
-    e2s += e2t;
+    BandSums tail;
+    BandArgs gt{g.rW + j, g.rdW + j, g.rWf + j, g.babs + j, g.k_dw, g.k_w, g.k_w3, g.k_wf, g.g_b, g.ev2};
+    if (sigmoid) band_sums_impl<true>(s_bits + j, a + j, y + j, cen + j, D - j, gt, &tail);
+    else band_sums_impl<false>(s_bits + j, a + j, y + j, cen + j, D - j, gt, &tail);
+    out->d2 += tail.d2;
+    out->e2 += tail.e2;
+    out->f2 += tail.f2;
+    for (int k = 0; k < kTaus; ++k) {
+      out->A[k] += tail.A[k];
+      out->B[k] += tail.B[k];
+      out->M[k] = std::max(out->M[k], tail.M[k]);
+    }
   }
-  *d2_out = d2s;
-  *e2_out = e2s;
 }
 
-void band_sums(const uint16_t* s_bits, const float* a, const float* y, const float* cen, const float* rW,
-               const float* rdW, const float* rWf, const float* babs, int64_t D, bool sigmoid, float k_dw,
-               float k_w, float k_wf, float g_b, float ev2, float* d2_out, float* e2_out) {
+void band_sums(const uint16_t* s_bits, const float* a, const float* y, const float* cen, int64_t D, bool sigmoid,
+               const BandArgs& g, BandSums* out) {
   static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                              __builtin_cpu_supports("avx512vl");
-  if (avx512)
-    band_sums_avx512(s_bits, a, y, cen, rW, rdW, rWf, babs, D, sigmoid, k_dw, k_w, k_wf, g_b, ev2, d2_out, e2_out);
-  else if (sigmoid)
-    band_sums_impl<true>(s_bits, a, y, cen, rW, rdW, rWf, babs, D, k_dw, k_w, k_wf, g_b, ev2, d2_out, e2_out);
-  else
-    band_sums_impl<false>(s_bits, a, y, cen, rW, rdW, rWf, babs, D, k_dw, k_w, k_wf, g_b, ev2, d2_out, e2_out);
+  if (avx512) band_sums_avx512(s_bits, a, y, cen, D, sigmoid, g, out);
+  else if (sigmoid) band_sums_impl<true>(s_bits, a, y, cen, D, g, out);
+  else band_sums_impl<false>(s_bits, a, y, cen, D, g, out);
 }
 }  // namespace
 
@@ -169,6 +211,25 @@ LastLayerBound LastLayerBound::make(const at::Tensor& wt, const at::Tensor& b, i
   m.gK = gamma(static_cast<double>(m.K));
   m.gK1 = gamma(static_cast<double>(m.K + 1));
   m.q = gamma(static_cast<double>(D + 2));
+  // part 3 (bounds.h): ||δW||_2, ||Ŵ||_2, the leading right singular vectors V of Ŵ, λ and ||R||_2
+  {
+    const double fro = wb.norm().item<double>();
+    m.spec_dW = at::linalg_matrix_norm(w - wb, 2).item<double>() * inf + 1e-12 * fro + 1e-300;
+    m.spec_Wb = at::linalg_matrix_norm(wb, 2).item<double>() * inf + 1e-12 * fro + 1e-300;
+    const int64_t k = std::min<int64_t>({16, m.K, D});
+    auto svd = at::linalg_svd(wb, false);
+    m.vk = std::get<2>(svd).narrow(0, 0, k).t().to(at::kFloat).contiguous();  // (K, k) fp32: exact numbers
+    at::Tensor v = m.vk.to(at::kDouble);
+    at::Tensor M = at::mm(wb, v);                                            // (D, k)
+    at::Tensor G = at::mm(M.t(), M);
+    at::Tensor lam = (G.abs().sum(1) * (1 + 1e-9) + 1e-12 * fro * fro).contiguous();  // >= G_ll + Σ|G_lm|
+    m.lam.assign(lam.data_ptr<double>(), lam.data_ptr<double>() + k);
+    at::Tensor R = wb - at::mm(M, v.t());
+    const double vmax = v.norm(2, {0}).max().item<double>() * inf;
+    m.vmax = vmax;
+    m.rho_R = at::linalg_matrix_norm(R, 2).item<double>() * inf +
+              1e-12 * fro * (1 + std::sqrt(static_cast<double>(k)) * vmax) + 1e-300;
+  }
   m.lip = act == kActSigmoid ? 0.25 : 1.0;
   m.ev = act == kActSigmoid ? 16 * v : 0.0;
   return m;
@@ -179,19 +240,48 @@ double LastLayerBound::screen_upper(double norm_h, double dist_h, double off) co
   return (lip * spectral * dist_h * (1 + 1e-9) + off + ref) * (1 + 1e-12);
 }
 
+double LastLayerBound::norm_w_dh(const float* p, double norm_dh) const {
+  // |p_l| <= |fl(V_l . δh)| + g_K ||V_l|| ||δh|| (any-order fp32 dot product); sum in float64
+  const double slack = gK * vmax * norm_dh * (1 + 1e-9);
+  double acc = 0;
+  for (size_t l = 0; l < lam.size(); ++l) {
+    const double pl = std::fabs(static_cast<double>(p[l])) + slack;
+    acc += lam[l] * pl * pl;
+  }
+  const double viaV = std::sqrt(acc) * (1 + 1e-12) + rho_R * norm_dh * (1 + 1e-12);
+  return std::min(viaV, spec_Wb * norm_dh * (1 + 1e-12));
+}
+
 int8_t LastLayerBound::decide(const at::BFloat16* s, const float* a, const float* y, const float* cen,
-                              double norm_h, double norm_hb, double norm_dh, double r2) const {
+                              double norm_h, double norm_hb, double norm_dh, double r2, double norm_wdh) const {
   const double inf = 1 + 1e-9;
-  const float k_dw = static_cast<float>(norm_h * inf * (1 + 1e-6));
-  const float k_w = static_cast<float>((norm_dh + gK * norm_hb) * inf * (1 + 1e-6));
-  const float k_wf = static_cast<float>(gK1 * norm_h * inf * (1 + 1e-6));
-  const float g_b = static_cast<float>(gK1 * (1 + 1e-6));
-  float d2f, e2f;
-  band_sums(reinterpret_cast<const uint16_t*>(s), a, y, cen, rW.data(), rdW.data(), rWf.data(), babs.data(), D,
-            act == kActSigmoid, k_dw, k_w, k_wf, g_b, static_cast<float>(2 * ev), &d2f, &e2f);
+  BandArgs g;
+  g.rW = rW.data();
+  g.rdW = rdW.data();
+  g.rWf = rWf.data();
+  g.babs = babs.data();
+  g.k_dw = static_cast<float>(norm_h * inf * (1 + 1e-6));
+  g.k_w = static_cast<float>((norm_dh + gK * norm_hb) * inf * (1 + 1e-6));
+  g.k_w3 = static_cast<float>(gK * norm_hb * inf * (1 + 1e-6));
+  g.k_wf = static_cast<float>(gK1 * norm_h * inf * (1 + 1e-6));
+  g.g_b = static_cast<float>(gK1 * (1 + 1e-6));
+  g.ev2 = static_cast<float>(2 * ev);
+  BandSums bs;
+  band_sums(reinterpret_cast<const uint16_t*>(s), a, y, cen, D, act == kActSigmoid, g, &bs);
   const double sl = 2 * q + 1e-6;  // fp32 sums of D nonnegative terms, any order (bounds.h)
-  const double E = std::sqrt(static_cast<double>(e2f) * (1 + sl)) * (1 + 1e-12) + 1e-30;
-  const double dist = std::sqrt(static_cast<double>(d2f));
+  auto up = [&](float sum) { return std::sqrt(static_cast<double>(sum) * (1 + sl)) * (1 + 1e-12); };
+  double E = up(bs.e2);
+  if (norm_wdh >= 0) {  // part 3: the smallest threshold bound, when smaller than part 2's
+    double best = std::numeric_limits<double>::infinity();
+    for (int k = 0; k < kTaus; ++k) {
+      const double mk = static_cast<double>(bs.M[k]);
+      const double v3 = (up(bs.A[k]) + mk * spec_dW) * norm_h + up(bs.B[k]) * norm_dh + mk * norm_wdh;
+      best = std::min(best, v3 * (1 + 1e-12));
+    }
+    E = std::min(E, (best + up(bs.f2)) * (1 + 1e-12));
+  }
+  E += 1e-30;
+  const double dist = std::sqrt(static_cast<double>(bs.d2));
   const double hi = dist * std::sqrt(1 + sl) * (1 + 1e-12) + E;
   const double lo = std::max(0.0, dist * std::sqrt(1 - sl) * (1 - 1e-12) - E);
   return classify(hi, lo, r2);

@@ -312,6 +312,18 @@ void fp32_final_count(const at::Tensor& h, const std::vector<int64_t>& idx, int6
   at::Tensor inside = (y.mul_(y).sum(1) <= r2.index_select(0, pts));
   counts.index_add_(0, pts, inside.to(at::kLong));
 }
+// Rows per chunk of the bf16 pass: its (rows, P) fp32 intermediates (a, y) stay in L2.
+constexpr int64_t kBandRows = 128;
+
+// Workspaces of the bf16 pass, allocated once per call (fresh large allocations page-fault every time).
+struct BandBuffers {
+  at::Tensor hq, hb, dh, pv, s, a, y;
+  static BandBuffers make(int64_t rows, int64_t K, int64_t P, int64_t k, const at::TensorOptions& o) {
+    return {at::empty({rows, K}, o), at::empty({rows, K}, o.dtype(at::kBFloat16)), at::empty({rows, K}, o),
+            at::empty({rows, k}, o), at::empty({rows, P}, o.dtype(at::kBFloat16)), at::empty({rows, P}, o),
+            at::empty({rows, P}, o)};
+  }
+};
 }  // namespace
 
 at::Tensor normals_cpu(const at::Tensor& ka, const at::Tensor& kb, const at::Tensor& j, int64_t k) {
@@ -422,6 +434,7 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
                                                                       bound->maxb) + 1e-15);
   }
 
+  BandBuffers bb;
   for (const Block& blk : make_blocks(B, n, chunk_rows, kMinGemmRows)) {
     const int64_t ns = blk.s1 - blk.s0, m = (blk.p1 - blk.p0) * ns;
     at::Tensor z = latents(mu, sigma, ka.data_ptr<int64_t>(), kb.data_ptr<int64_t>(), blk, offset, kMinGemmRows);
@@ -461,48 +474,70 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
       final_count(h, rest, m, blk);
       continue;
     }
-    // bf16 final layer for the remaining rows, element-wise band (bounds.h, part 2)
-    const int64_t q = static_cast<int64_t>(rest.size()), P = bound->P;
-    at::Tensor hq = h.narrow(0, 0, q);
-    if (q < m) hq = h.index_select(0, at::from_blob(rest.data(), {q}, at::kLong));
-    at::Tensor hb = hq.to(at::kBFloat16);
-    const float* hqp = hq.data_ptr<float>();
-    const uint16_t* hbp = reinterpret_cast<const uint16_t*>(hb.data_ptr<at::BFloat16>());
-    std::vector<double> nhb(q), ndh(q);
-    at::parallel_for(0, q, 64, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        float sb, sd;
-        bf16_sq_norms(hqp + i * K, hbp + i * K, K, &sb, &sd);
-        nhb[i] = bound->norm_up(sb);
-        ndh[i] = bound->norm_up(sd);
-      }
-    });
-    at::Tensor s = at::mm(hb, bound->wt_bf16);                        // (q, P) bf16
-    at::Tensor a = s.to(at::kFloat).add_(w.bs.back());              // fl(s + b)
-    at::Tensor y = a.clone();
-    activate_(y, w.acts.back());
-    const at::BFloat16* sp = s.data_ptr<at::BFloat16>();
-    const float* ap = a.data_ptr<float>();
-    const float* yp = y.data_ptr<float>();
-    std::vector<int8_t> dec(q);
-    at::parallel_for(0, q, 16, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t r = rest[i], b = blk.p0 + r / ns;
-        dec[i] = bound->decide(sp + i * P, ap + i * P, yp + i * P, cen + b * D, nh[r], nhb[i], ndh[i],
-                               static_cast<double>(r2p[b]));
-      }
-    });
+    // bf16 final layer for the remaining rows, element-wise band (bounds.h, parts 2 and 3), in chunks of
+    // kBandRows rows so that the (rows, P) intermediates stay in cache, in buffers reused across blocks
+    const int64_t q = static_cast<int64_t>(rest.size()), P = bound->P, nk = bound->vk.size(1);
+    if (!bb.s.defined()) bb = BandBuffers::make(kBandRows, K, P, nk, h.options());
     std::vector<int64_t> redo;
-    for (int64_t i = 0; i < q; ++i) {
-      if (dec[i] == 1) cp[blk.p0 + rest[i] / ns] += 1;
-      else if (dec[i] < 0) redo.push_back(rest[i]);
+    for (int64_t c0 = 0; c0 < q; c0 += kBandRows) {
+      const int64_t nc = std::min(kBandRows, q - c0);
+      at::Tensor hq = bb.hq.narrow(0, 0, nc), hb = bb.hb.narrow(0, 0, nc), dh = bb.dh.narrow(0, 0, nc);
+      at::index_select_out(hq, h, 0, at::from_blob(rest.data() + c0, {nc}, at::kLong));
+      hb.copy_(hq);  // round to nearest even
+      const float* hqp = hq.data_ptr<float>();
+      const uint16_t* hbp = reinterpret_cast<const uint16_t*>(hb.data_ptr<at::BFloat16>());
+      float* dhp = dh.data_ptr<float>();
+      std::vector<double> nhb(nc), ndh(nc);
+      at::parallel_for(0, nc, 32, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          float sb, sd;
+          bf16_sq_norms(hqp + i * K, hbp + i * K, K, &sb, &sd);
+          nhb[i] = bound->norm_up(sb);
+          ndh[i] = bound->norm_up(sd);
+          for (int64_t k = 0; k < K; ++k)  // δh = h - ĥ, exact in fp32
+            dhp[i * K + k] = hqp[i * K + k] - __builtin_bit_cast(float, static_cast<uint32_t>(hbp[i * K + k]) << 16);
+        }
+      });
+      at::Tensor pv = bb.pv.narrow(0, 0, nc), sv = bb.s.narrow(0, 0, nc);
+      at::mm_out(pv, dh, bound->vk);            // (nc, k): p = fl(δh V)
+      at::mm_out(sv, hb, bound->wt_bf16);       // (nc, P) bf16
+      at::Tensor a = bb.a.narrow(0, 0, nc), y = bb.y.narrow(0, 0, nc);
+      const at::BFloat16* sp = sv.data_ptr<at::BFloat16>();
+      const uint16_t* sbits = reinterpret_cast<const uint16_t*>(sp);
+      const float* bp = w.bs.back().data_ptr<float>();
+      float* apw = a.data_ptr<float>();
+      at::parallel_for(0, nc, 32, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+#pragma omp simd
+          for (int64_t j = 0; j < P; ++j)  // fl(s + b), s widened exactly
+            apw[i * P + j] = __builtin_bit_cast(float, static_cast<uint32_t>(sbits[i * P + j]) << 16) + bp[j];
+        }
+      });
+      if (w.acts.back() == kActSigmoid) at::sigmoid_out(y, a);
+      else if (w.acts.back() == kActRelu) at::relu_out(y, a);
+      else y.copy_(a);
+      const float* ap = a.data_ptr<float>();
+      const float* yp = y.data_ptr<float>();
+      const float* pvp = pv.data_ptr<float>();
+      std::vector<int8_t> dec(nc);
+      at::parallel_for(0, nc, 16, [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t r = rest[c0 + i], b = blk.p0 + r / ns;
+          dec[i] = bound->decide(sp + i * P, ap + i * P, yp + i * P, cen + b * D, nh[r], nhb[i], ndh[i],
+                                 static_cast<double>(r2p[b]), bound->norm_w_dh(pvp + i * nk, ndh[i]));
+        }
+      });
+      for (int64_t i = 0; i < nc; ++i) {
+        if (dec[i] == 1) cp[blk.p0 + rest[c0 + i] / ns] += 1;
+        else if (dec[i] < 0) redo.push_back(rest[c0 + i]);
+      }
     }
     rechecked += static_cast<int64_t>(redo.size());
     bf16_rows += q;
-    // The band is worst-case: when it leaves more than a quarter of the rows undecided the bf16 pass
-    // (about 0.75 of an fp32 last layer here, conversions included) no longer pays, so the rest of the
-    // call runs the fp32 final layer (same decisions).
-    if (4 * static_cast<int64_t>(redo.size()) > q) use_bf16 = false;
+    // The band is worst-case: when it leaves more than half of the rows undecided the bf16 pass
+    // (about 0.35 of an fp32 last layer, conversions and band included) no longer pays, so the rest of
+    // the call runs the fp32 final layer (same decisions).
+    if (2 * static_cast<int64_t>(redo.size()) > q) use_bf16 = false;
     fp32_final_count(h, redo, m, blk, center, r2, w, counts);
   }
   at::Tensor stats = at::empty({6}, counts.options());
