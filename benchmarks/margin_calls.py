@@ -4,9 +4,11 @@
 distorts (one slow window can double a run). This script records every ``count_within`` call the main
 command's margin job makes on each trained beta-VAE (mu, sigma, center, r2, samples, seeds: the exact
 Monte Carlo workload, attacked points included), then replays the recorded calls with ``torch``, ``cpp``
-without the early exit of the last layer (ROBBENCH_EARLY_EXIT=0) and ``cpp`` as shipped, interleaved,
-order rotated, measuring CPU seconds of this process (use ``--threads 1``). Counts of every call are
-asserted equal to torch's, call by call.
+with an fp32 last layer (ROBBENCH_PRECISION=fp32), the same with the early exit (ROBBENCH_EARLY_EXIT=1)
+and ``cpp`` as shipped (bf16 last layer with the rigorous band where the CPU has native bf16),
+interleaved, order rotated, measuring CPU seconds of this process (use ``--threads 1``). Counts of every
+call are asserted equal to torch's, call by call; per variant it also reports the bf16-pass samples and
+how many of them the band left to the fp32 recheck.
 
 Run: ``ROBBENCH_CACHE=... python benchmarks/margin_calls.py [--repeats 2] [--threads 1] [--json out.json]``.
 Prints per model the minimum over repetitions of each variant's total and the torch/variant ratios.
@@ -29,8 +31,11 @@ from robbench.execute import evaluate_batch
 from robbench.paper import margin_bench
 from robbench.plugins import get_registries
 
-# (label, backend, ROBBENCH_EARLY_EXIT)
-VARIANTS = (("torch", "torch", "1"), ("cpp, no early exit", "cpp", "0"), ("cpp", "cpp", "1"))
+# (label, backend, environment)
+VARIANTS = (("torch", "torch", {}), ("cpp fp32", "cpp", {"ROBBENCH_PRECISION": "fp32"}),
+            ("cpp fp32 + early exit", "cpp", {"ROBBENCH_PRECISION": "fp32", "ROBBENCH_EARLY_EXIT": "1"}),
+            ("cpp", "cpp", {}))
+ENV_KEYS = ("ROBBENCH_PRECISION", "ROBBENCH_EARLY_EXIT")
 
 
 def record_calls() -> list[tuple[str, torch.nn.Module, list[dict[str, Any]]]]:
@@ -67,21 +72,29 @@ def replay(model: torch.nn.Module, calls: list[dict[str, Any]], repeats: int) ->
     """CPU seconds of the calls per variant (min over repetitions, all repetitions), counts asserted equal."""
     backends = {"torch": TorchBackend(), "cpp": kernels.CppBackend()}
     times: dict[str, list[float]] = {v[0]: [] for v in VARIANTS}
+    band: dict[str, list[int]] = {}
     reference = None
-    for rep in range(repeats):
-        for label, backend, early in VARIANTS[rep % len(VARIANTS):] + VARIANTS[:rep % len(VARIANTS)]:
-            os.environ["ROBBENCH_EARLY_EXIT"] = early
-            start = time.process_time()
-            counts = [backends[backend].count_within(model, **c).counts for c in calls]
-            times[label].append(time.process_time() - start)
-            if reference is None:
-                reference = (label, counts)
-            assert all(torch.equal(a, b) for a, b in zip(counts, reference[1])), \
-                f"{label} counts differ from {reference[0]}'s"
-    os.environ.pop("ROBBENCH_EARLY_EXIT", None)
+    saved = {k: os.environ.pop(k) for k in ENV_KEYS if k in os.environ}
+    try:
+        for rep in range(repeats):
+            for label, backend, env in VARIANTS[rep % len(VARIANTS):] + VARIANTS[:rep % len(VARIANTS)]:
+                os.environ.update(env)
+                start = time.process_time()
+                results = [backends[backend].count_within(model, **c) for c in calls]
+                times[label].append(time.process_time() - start)
+                for k in env:
+                    os.environ.pop(k)
+                counts = [r.counts for r in results]
+                band[label] = [sum(r.bf16_samples for r in results), sum(r.rechecked for r in results)]
+                if reference is None:
+                    reference = (label, counts)
+                assert all(torch.equal(a, b) for a, b in zip(counts, reference[1])), \
+                    f"{label} counts differ from {reference[0]}'s"
+    finally:
+        os.environ.update(saved)
     best = {k: min(v) for k, v in times.items()}
     return {"calls": len(calls), "samples": sum(c["mu"].shape[0] * c["n_samples"] for c in calls),
-            "cpu_s": times, "min_cpu_s": best,
+            "cpu_s": times, "min_cpu_s": best, "bf16_samples_rechecked": band,
             "torch_over": {k: best["torch"] / v for k, v in best.items() if v > 0}}
 
 
@@ -98,7 +111,9 @@ def main() -> None:
         results["models"][label] = row
         print(f"{label}: {row['calls']} calls, {row['samples']:,} samples; min CPU s "
               + ", ".join(f"{k} {v:.2f}" for k, v in row["min_cpu_s"].items()) + "; torch / variant "
-              + ", ".join(f"{k} {v:.2f}x" for k, v in row["torch_over"].items()), flush=True)
+              + ", ".join(f"{k} {v:.2f}x" for k, v in row["torch_over"].items()) + "; bf16 pass / rechecked "
+              + ", ".join(f"{k} {v[0]:,}/{v[1]:,}" for k, v in row["bf16_samples_rechecked"].items() if v[0]),
+              flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
 

@@ -453,9 +453,9 @@ def run_margin(args: argparse.Namespace, console) -> int:
         raise AssertionError("standard workload at the median radius: backends gave different counts: "
                              + ", ".join(f"{r.backend} {r.counts_sha1[:10]}" for r in std_rows))
     remeasure()
-    for r in rows:
-        r.peak_gflops = peaks.get(r.precision)
-        r.peak_fraction = r.gflops / r.peak_gflops if r.peak_gflops and r.gflop else None
+    for r in rows:  # final peaks (best windows); mixed-precision runs: each part at its own peak
+        r.peak_gflops = peaks.get("bf16" if r.bf16_gflop else "fp32")
+        r.peak_fraction = margin_bench.peak_fraction(r, peaks)
     ref = sorted(r.seconds for r in std_rows if r.backend == REFERENCE)
     for r in std_rows:
         r.peak_fraction = r.executed_gflops / peaks["fp32"] if r.executed_gflops else None

@@ -33,7 +33,8 @@ AUTO = "auto"
 class CallRecord:
     """One :func:`count_within` call as seen by an :func:`observe` block: the backend that ran it, B points,
     samples = B * n_samples decoded (or screened), wall seconds, screened samples, the last-layer
-    precision the backend reported and the last layers an early exit did not compute (in samples)."""
+    precision the backend reported, the last layers an early exit did not compute (in samples), the
+    samples whose last layer ran in bf16 and, of those, the ones recomputed in fp32."""
 
     backend: str
     points: int
@@ -42,6 +43,8 @@ class CallRecord:
     screened: int
     precision: str
     last_layer_saved: float = 0.0
+    bf16_samples: int = 0
+    rechecked: int = 0
 
 
 _observers: list[list[CallRecord]] = []
@@ -146,7 +149,8 @@ def count_within(model: nn.Module, mu: Tensor, sigma: Tensor, center: Tensor, r:
     if _observers:
         record = CallRecord(chosen.name, mu.shape[0], mu.shape[0] * n_samples, time.perf_counter() - start,
                             int(result.screened), str(result.precision),
-                            float(getattr(result, "last_layer_saved", 0.0)))
+                            float(getattr(result, "last_layer_saved", 0.0)), int(result.bf16_samples),
+                            int(result.rechecked))
         for records in _observers:
             records.append(record)
     return result.counts

@@ -171,12 +171,15 @@ bool fused_epilogue_enabled() {
   return v == nullptr || std::string(v) != "0";
 }
 
-// ROBBENCH_EARLY_EXIT=0 turns the per-sample early exit of the fp32 last layer off (A/B in one process),
-// =force keeps it on where it does not pay (tests); ROBBENCH_EXIT_COLUMNS sets the widths of its column
-// blocks (comma-separated, the last one repeats; default 64,64,128).
+// The per-sample early exit of the fp32 last layer is opt-in: ROBBENCH_EARLY_EXIT=1 (adaptive) or =force
+// (on where it does not pay; tests). On the margin workload's calls (a few thousand samples, 128-1536 per
+// point) it lost: replayed at 1 thread 1.01-1.12x torch with it vs 1.07-1.14x without, at 2 threads
+// 0.81-1.29x vs 1.29-1.32x (its per-point GEMMs of 128 x 64 and short parallel loops; benchmarks/README.md).
+// ROBBENCH_EXIT_COLUMNS sets the widths of its column blocks (comma-separated, the last one repeats;
+// default 64,64,128).
 int early_exit_mode() {  // 0 off, 1 adaptive, 2 forced
   const char* v = std::getenv("ROBBENCH_EARLY_EXIT");
-  if (v == nullptr) return 1;
+  if (v == nullptr) return 0;
   const std::string s(v);
   return s == "0" ? 0 : (s == "force" ? 2 : 1);
 }

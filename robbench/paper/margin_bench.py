@@ -11,8 +11,9 @@ bisection bookkeeping). The margins of every backend and repetition must be iden
 
 Throughput during the Monte Carlo phase: executed decoder FLOPs (2 x multiply-adds of the linear layers
 per decoded sample, the last layer left out for samples a screen decided without it and the columns an
-early exit skipped) per Monte Carlo
-second, against the measured large-GEMM peak of the precision the backend used (:func:`measure_peak`).
+early exit skipped, counted twice for bf16-pass samples recomputed in fp32) per Monte Carlo second;
+"% peak" (:func:`peak_fraction`) is that work's time at the measured large-GEMM peaks of the precisions it
+ran in (bf16 last layers at the bf16 peak, the rest at the fp32 peak) over the Monte Carlo time.
 """
 from __future__ import annotations
 
@@ -88,6 +89,18 @@ class MarginRow:
     peak_fraction: float | None
     margins: list[float | None] = dataclasses.field(default_factory=list)
     exit_saved_fraction: float = 0.0  # last layers an early exit did not compute / mc_samples
+    bf16_gflop: float = 0.0  # of gflop, the last layers run in bf16 (the rest, rechecks included, is fp32)
+
+
+def peak_fraction(row: MarginRow, peaks: dict[str, float]) -> float | None:
+    """Executed work over the time it would take at the measured peaks, each part at its own precision's
+    peak (bf16 last layers at the bf16 peak; hidden layers, fp32 last layers and fp32 rechecks at the fp32
+    peak): the fraction of the peak of the precisions used that the Monte Carlo phase reached."""
+    fp32 = row.gflop - row.bf16_gflop
+    if not row.gflop or row.montecarlo_s <= 0 or "fp32" not in peaks or (row.bf16_gflop and "bf16" not in peaks):
+        return None
+    ideal = fp32 / peaks["fp32"] + (row.bf16_gflop / peaks["bf16"] if row.bf16_gflop else 0.0)
+    return ideal / row.montecarlo_s
 
 
 def linear_flops(model: nn.Module) -> tuple[float, float]:
@@ -160,6 +173,7 @@ def run_margin_once(job: JobSpec, model: nn.Module, x: torch.Tensor, point_ids: 
             "mc_samples": sum(c.samples for c in calls), "mc_calls": len(calls),
             "screened": sum(c.screened for c in calls),
             "exit_saved": sum(c.last_layer_saved for c in calls),
+            "bf16_samples": sum(c.bf16_samples for c in calls), "rechecked": sum(c.rechecked for c in calls),
             "precision": ",".join(sorted({c.precision for c in calls})) or "-",
             "backend": ",".join(sorted(names)) or backend}
     return info, [r.metrics for r in results]
@@ -199,17 +213,21 @@ def margin_rows(cfg: RunConfig, regs: Registries, backends: Sequence[str], *, re
                     raise AssertionError(f"{label}: backend {name} (repeat {rep}) gives point {point_ids[bad]} "
                                          f"{got[bad]}, backend {reference[0]} gave {reference[1][bad]}")
                 screened = info["screened"]
-                gflop = (flops * info["mc_samples"] - last * (screened + info["exit_saved"])) / 1e9
+                # executed: every decoded sample's hidden layers, the last layers not skipped (screen, early
+                # exit) and the fp32 recomputations of bf16-pass samples the band left undecided
+                gflop = (flops * info["mc_samples"] - last * (screened + info["exit_saved"])
+                         + last * info["rechecked"]) / 1e9
                 gflops = gflop / info["montecarlo_s"] if info["montecarlo_s"] > 0 else 0.0
-                peak = (peaks or {}).get(info["precision"])
+                peak = (peaks or {}).get("bf16" if info["bf16_samples"] else "fp32")
                 samples = [m.get("samples") or 0 for m in metrics]
                 row = MarginRow(label, info["backend"], rep, len(point_ids), info["whole_s"], info["attack_s"],
                                 info["montecarlo_s"], info["other_s"], sum(samples) / max(1, len(samples)),
                                 info["mc_samples"], info["mc_calls"], info["precision"],
                                 screened / info["mc_samples"] if info["mc_samples"] else 0.0, gflop, gflops, peak,
-                                gflops / peak if peak and gflop else None,
-                                [m.get("margin") for m in metrics],
-                                info["exit_saved"] / info["mc_samples"] if info["mc_samples"] else 0.0)
+                                None, [m.get("margin") for m in metrics],
+                                info["exit_saved"] / info["mc_samples"] if info["mc_samples"] else 0.0,
+                                last * info["bf16_samples"] / 1e9)
+                row.peak_fraction = peak_fraction(row, peaks or {})
                 rows.append(row)
                 if progress is not None:
                     progress(row)
