@@ -6,8 +6,9 @@ B = 64 points, S in {256, 1024, 10^4, 10^5}, r = 4. ``--model module:callable`` 
 model (the callable returns an ``nn.Module`` with ``latent_dim`` and ``decoder`` or ``decode``).
 GFLOP counts 2 * (multiply-adds of the decoder's linear layers) per sample ("effective": work a full
 decode would do); "executed" leaves out the last layers the Lipschitz screen skipped. The peak is this
-machine's measured large-GEMM throughput (2048^3 ``torch.mm``, same thread count) in the precision of the
-backend's last layer (hidden layers are always fp32); "% peak" is the executed rate over it.
+machine's measured large-GEMM throughput (2048^3 ``torch.mm``, same thread count) per precision; "% peak"
+is the executed work's time at those peaks (bf16 last layers at the bf16 peak, hidden layers and fp32 last
+layers, fp32 rechecks of bf16 rows included, at the fp32 peak) over the measured time.
 ``--margin``: the end-to-end margin benchmark (:mod:`robbench.paper.margin_bench`) and the standard workload at
 the median radius, backends interleaved, repeated. Rechecked: fraction of the bf16 last-layer samples recomputed in fp32; screened: fraction of
 all samples decided with no last-layer work.
@@ -76,6 +77,17 @@ class BenchRow:
     screened_fraction: float | None = None
     executed_gflops: float | None = None
     counts_sha1: str = ""  # digest of the per-point counts of the last repeat: equal digests, equal decisions
+    bf16_gflop: float = 0.0  # of the executed GFLOP, the last layers run in bf16 (the rest is fp32)
+
+
+def row_peak_fraction(row: BenchRow, peaks: dict[str, float]) -> float | None:
+    """Executed work's time at the measured peaks (bf16 last layers at the bf16 peak, everything else, fp32
+    rechecks included, at the fp32 peak) over the measured time; None without a FLOP count or a peak."""
+    if not row.gflop or not row.executed_gflops or "fp32" not in peaks or (row.bf16_gflop and "bf16" not in peaks):
+        return None
+    executed = row.executed_gflops * row.seconds
+    ideal = (executed - row.bf16_gflop) / peaks["fp32"] + (row.bf16_gflop / peaks["bf16"] if row.bf16_gflop else 0.0)
+    return ideal / row.seconds
 
 
 def decoder_flops(model: nn.Module, D: int) -> float:
@@ -233,10 +245,12 @@ def run_case(model: nn.Module, name: str, backend: str | Backend, precision: str
         digest = hashlib.sha1(res.counts.cpu().to(torch.int64).numpy().tobytes()).hexdigest()
     gflop = decoder_flops(model, D) * B * S / 1e9
     saved = getattr(res, "last_layer_saved", 0.0)  # early exit: last layers not computed, in samples
-    executed = gflop - ((screened or 0.0) * B * S + saved) * last_layer_flops(model) / 1e9
+    last = last_layer_flops(model)
+    # executed: last layers skipped by the screen / early exit left out, fp32 rechecks of bf16 rows added
+    executed = gflop - ((screened or 0.0) * B * S + saved - res.rechecked) * last / 1e9
     return BenchRow(name, impl.name, precision, B, S, D, best, B * S / best, gflop, gflop / best, None, None, mem,
                     rech, screen=has_screen and screen, screened_fraction=screened,
-                    executed_gflops=executed / best, counts_sha1=digest)
+                    executed_gflops=executed / best, counts_sha1=digest, bf16_gflop=res.bf16_samples * last / 1e9)
 
 
 def render(rows: list[BenchRow], peaks: dict[str, float]) -> Table:
@@ -396,8 +410,7 @@ def run(args: argparse.Namespace) -> int:
                                    screen=screen)
                     # executed work only: screened samples did no last layer, so the effective rate is not
                     # something the hardware did (it printed 129-154 % of peak)
-                    row.peak_fraction = (row.executed_gflops / peaks[precision]
-                                         if row.gflop and row.executed_gflops and precision in peaks else None)
+                    row.peak_fraction = row_peak_fraction(row, peaks)
                     if backend.name == REFERENCE:
                         base = row.seconds
                     row.speedup_vs_torch = base / row.seconds if base else None
@@ -446,7 +459,7 @@ def run_margin(args: argparse.Namespace, console) -> int:
         order = backends[rep % len(backends):] + backends[:rep % len(backends)]
         for name in order:
             row = run_case(std, "standard-mlp", name, "fp32", args.points, S, "median", repeats=1)
-            row.peak_fraction = row.executed_gflops / peaks["fp32"] if row.executed_gflops else None
+            row.peak_fraction = row_peak_fraction(row, peaks)
             std_rows.append(row)
             remeasure()
     if len({r.counts_sha1 for r in std_rows}) > 1:
@@ -458,7 +471,7 @@ def run_margin(args: argparse.Namespace, console) -> int:
         r.peak_fraction = margin_bench.peak_fraction(r, peaks)
     ref = sorted(r.seconds for r in std_rows if r.backend == REFERENCE)
     for r in std_rows:
-        r.peak_fraction = r.executed_gflops / peaks["fp32"] if r.executed_gflops else None
+        r.peak_fraction = row_peak_fraction(r, peaks)
         r.speedup_vs_torch = ref[len(ref) // 2] / r.seconds if ref else None  # vs the reference's median
     summary = margin_bench.summarize(rows, REFERENCE)
     console.print(margin_bench.render(rows, peaks, threads))

@@ -94,3 +94,18 @@ def test_measured_peak_is_a_large_product_and_percent_uses_executed_work():
     row = bench.run_case(bench.StandardDecoderVAE(), "std", "torch", "fp32", 2, 16, 4.0)
     assert row.executed_gflops == pytest.approx(row.gflops)  # torch screens nothing
     assert len(row.counts_sha1) == 40
+
+
+def test_percent_peak_counts_each_precision_at_its_own_peak():
+    """Mixed runs: bf16 last layers at the bf16 peak, the rest (hidden layers, fp32 rechecks) at the fp32 peak;
+    a pure fp32 run is its rate over the fp32 peak; without the needed peak there is no figure."""
+    peaks = {"fp32": 100.0, "bf16": 400.0}
+    row = margin_bench.MarginRow("m", "cpp", 0, 1, 2.0, 0.5, 1.0, 0.5, 1.0, 10, 1, "bf16", 0.0, 10.0, 10.0, None,
+                                 None, bf16_gflop=8.0)
+    assert margin_bench.peak_fraction(row, peaks) == pytest.approx(2 / 100 + 8 / 400)
+    assert margin_bench.peak_fraction(row, {"fp32": 100.0}) is None
+    row.bf16_gflop = 0.0
+    assert margin_bench.peak_fraction(row, peaks) == pytest.approx(10 / 100)
+    std = bench.BenchRow("std", "cpp", "bf16", 1, 1, 1, 0.5, 2.0, 6.0, 12.0, None, None, 0.0, 0.1,
+                         executed_gflops=10.0, bf16_gflop=4.0)
+    assert bench.row_peak_fraction(std, peaks) == pytest.approx((1 / 100 + 4 / 400) / 0.5)

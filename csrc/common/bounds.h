@@ -61,7 +61,7 @@
 //    float64), Ŵ δh = M (V^T δh) + R δh exactly, so ||Ŵ δh|| <= sqrt(Σ_l λ_l p_l^2) + ||R||_2 ||δh||, where
 //    λ_l = G_ll + Σ_{m != l} |G_lm| (G = M^T M; p^T G p <= Σ λ_l p_l^2 since 2|p_l p_m| <= p_l^2 + p_m^2) and
 //    |p_l| <= |fl(V_l . δh)| + g_K ||V_l|| ||δh|| (the fp32 GEMM that computes it, any order). λ and
-//    ||R||_2 are inflated by 1e-9 / 1e-6 relative plus 1e-12 ||Ŵ||_F (float64 rounding of M, G, R); also
+//    ||R||_2 are inflated by 1e-9 / 1e-6 relative plus 1e-11 ||Ŵ||_F^2 / 1e-12 ||Ŵ||_F (float64 rounding of M, G, R); also
 //    N(δh) <= ||Ŵ||_2 ||δh||. Term sums are fp32 sums of nonnegative terms (inflated as above).
 // Samples that neither bound decides get the reference's own fp32 final layer (recheck).
 #pragma once

@@ -222,7 +222,7 @@ LastLayerBound LastLayerBound::make(const at::Tensor& wt, const at::Tensor& b, i
     at::Tensor v = m.vk.to(at::kDouble);
     at::Tensor M = at::mm(wb, v);                                            // (D, k)
     at::Tensor G = at::mm(M.t(), M);
-    at::Tensor lam = (G.abs().sum(1) * (1 + 1e-9) + 1e-12 * fro * fro).contiguous();  // >= G_ll + Σ|G_lm|
+    at::Tensor lam = (G.abs().sum(1) * (1 + 1e-9) + 1e-11 * fro * fro).contiguous();  // >= G_ll + Σ|G_lm|
     m.lam.assign(lam.data_ptr<double>(), lam.data_ptr<double>() + k);
     at::Tensor R = wb - at::mm(M, v.t());
     const double vmax = v.norm(2, {0}).max().item<double>() * inf;

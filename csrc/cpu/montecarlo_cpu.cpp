@@ -437,7 +437,7 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
                                                                       bound->maxb) + 1e-15);
   }
 
-  BandBuffers bb;
+  std::vector<BandBuffers> bbs;  // one set per thread
   for (const Block& blk : make_blocks(B, n, chunk_rows, kMinGemmRows)) {
     const int64_t ns = blk.s1 - blk.s0, m = (blk.p1 - blk.p0) * ns;
     at::Tensor z = latents(mu, sigma, ka.data_ptr<int64_t>(), kb.data_ptr<int64_t>(), blk, offset, kMinGemmRows);
@@ -478,21 +478,26 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
       continue;
     }
     // bf16 final layer for the remaining rows, element-wise band (bounds.h, parts 2 and 3), in chunks of
-    // kBandRows rows so that the (rows, P) intermediates stay in cache, in buffers reused across blocks
+    // kBandRows rows so that the (rows, P) intermediates stay in cache, in per-thread buffers reused across
+    // blocks. One parallel region over the chunks (each thread runs its chunks' GEMMs single-threaded):
+    // several short parallel regions per chunk cost a fork-join each, ruinous when a core is busy.
     const int64_t q = static_cast<int64_t>(rest.size()), P = bound->P, nk = bound->vk.size(1);
-    if (!bb.s.defined()) bb = BandBuffers::make(kBandRows, K, P, nk, h.options());
-    std::vector<int64_t> redo;
-    for (int64_t c0 = 0; c0 < q; c0 += kBandRows) {
-      const int64_t nc = std::min(kBandRows, q - c0);
-      at::Tensor hq = bb.hq.narrow(0, 0, nc), hb = bb.hb.narrow(0, 0, nc), dh = bb.dh.narrow(0, 0, nc);
-      at::index_select_out(hq, h, 0, at::from_blob(rest.data() + c0, {nc}, at::kLong));
-      hb.copy_(hq);  // round to nearest even
-      const float* hqp = hq.data_ptr<float>();
-      const uint16_t* hbp = reinterpret_cast<const uint16_t*>(hb.data_ptr<at::BFloat16>());
-      float* dhp = dh.data_ptr<float>();
-      std::vector<double> nhb(nc), ndh(nc);
-      at::parallel_for(0, nc, 32, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) {
+    const int64_t nchunks = (q + kBandRows - 1) / kBandRows;
+    while (static_cast<int64_t>(bbs.size()) < at::get_num_threads())
+      bbs.push_back(BandBuffers::make(kBandRows, K, P, nk, h.options()));
+    std::vector<int8_t> dec(q);
+    at::parallel_for(0, nchunks, 1, [&](int64_t k0, int64_t k1) {
+      BandBuffers& bb = bbs[std::min<int64_t>(at::get_thread_num(), static_cast<int64_t>(bbs.size()) - 1)];
+      for (int64_t ck = k0; ck < k1; ++ck) {
+        const int64_t c0 = ck * kBandRows, nc = std::min(kBandRows, q - c0);
+        at::Tensor hq = bb.hq.narrow(0, 0, nc), hb = bb.hb.narrow(0, 0, nc), dh = bb.dh.narrow(0, 0, nc);
+        at::index_select_out(hq, h, 0, at::from_blob(rest.data() + c0, {nc}, at::kLong));
+        hb.copy_(hq);  // round to nearest even
+        const float* hqp = hq.data_ptr<float>();
+        const uint16_t* hbp = reinterpret_cast<const uint16_t*>(hb.data_ptr<at::BFloat16>());
+        float* dhp = dh.data_ptr<float>();
+        std::vector<double> nhb(nc), ndh(nc);
+        for (int64_t i = 0; i < nc; ++i) {
           float sb, sd;
           bf16_sq_norms(hqp + i * K, hbp + i * K, K, &sb, &sd);
           nhb[i] = bound->norm_up(sb);
@@ -500,40 +505,36 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
           for (int64_t k = 0; k < K; ++k)  // δh = h - ĥ, exact in fp32
             dhp[i * K + k] = hqp[i * K + k] - __builtin_bit_cast(float, static_cast<uint32_t>(hbp[i * K + k]) << 16);
         }
-      });
-      at::Tensor pv = bb.pv.narrow(0, 0, nc), sv = bb.s.narrow(0, 0, nc);
-      at::mm_out(pv, dh, bound->vk);            // (nc, k): p = fl(δh V)
-      at::mm_out(sv, hb, bound->wt_bf16);       // (nc, P) bf16
-      at::Tensor a = bb.a.narrow(0, 0, nc), y = bb.y.narrow(0, 0, nc);
-      const at::BFloat16* sp = sv.data_ptr<at::BFloat16>();
-      const uint16_t* sbits = reinterpret_cast<const uint16_t*>(sp);
-      const float* bp = w.bs.back().data_ptr<float>();
-      float* apw = a.data_ptr<float>();
-      at::parallel_for(0, nc, 32, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) {
+        at::Tensor pv = bb.pv.narrow(0, 0, nc), sv = bb.s.narrow(0, 0, nc);
+        at::mm_out(pv, dh, bound->vk);       // (nc, k): p = fl(δh V)
+        at::mm_out(sv, hb, bound->wt_bf16);  // (nc, P) bf16
+        at::Tensor a = bb.a.narrow(0, 0, nc), y = bb.y.narrow(0, 0, nc);
+        const at::BFloat16* sp = sv.data_ptr<at::BFloat16>();
+        const uint16_t* sbits = reinterpret_cast<const uint16_t*>(sp);
+        const float* bp = w.bs.back().data_ptr<float>();
+        float* apw = a.data_ptr<float>();
+        for (int64_t i = 0; i < nc; ++i) {
 #pragma omp simd
           for (int64_t j = 0; j < P; ++j)  // fl(s + b), s widened exactly
             apw[i * P + j] = __builtin_bit_cast(float, static_cast<uint32_t>(sbits[i * P + j]) << 16) + bp[j];
         }
-      });
-      if (w.acts.back() == kActSigmoid) at::sigmoid_out(y, a);
-      else if (w.acts.back() == kActRelu) at::relu_out(y, a);
-      else y.copy_(a);
-      const float* ap = a.data_ptr<float>();
-      const float* yp = y.data_ptr<float>();
-      const float* pvp = pv.data_ptr<float>();
-      std::vector<int8_t> dec(nc);
-      at::parallel_for(0, nc, 16, [&](int64_t i0, int64_t i1) {
-        for (int64_t i = i0; i < i1; ++i) {
+        if (w.acts.back() == kActSigmoid) at::sigmoid_out(y, a);
+        else if (w.acts.back() == kActRelu) at::relu_out(y, a);
+        else y.copy_(a);
+        const float* ap = a.data_ptr<float>();
+        const float* yp = y.data_ptr<float>();
+        const float* pvp = pv.data_ptr<float>();
+        for (int64_t i = 0; i < nc; ++i) {
           const int64_t r = rest[c0 + i], b = blk.p0 + r / ns;
-          dec[i] = bound->decide(sp + i * P, ap + i * P, yp + i * P, cen + b * D, nh[r], nhb[i], ndh[i],
-                                 static_cast<double>(r2p[b]), bound->norm_w_dh(pvp + i * nk, ndh[i]));
+          dec[c0 + i] = bound->decide(sp + i * P, ap + i * P, yp + i * P, cen + b * D, nh[r], nhb[i], ndh[i],
+                                      static_cast<double>(r2p[b]), bound->norm_w_dh(pvp + i * nk, ndh[i]));
         }
-      });
-      for (int64_t i = 0; i < nc; ++i) {
-        if (dec[i] == 1) cp[blk.p0 + rest[c0 + i] / ns] += 1;
-        else if (dec[i] < 0) redo.push_back(rest[c0 + i]);
       }
+    });
+    std::vector<int64_t> redo;
+    for (int64_t i = 0; i < q; ++i) {
+      if (dec[i] == 1) cp[blk.p0 + rest[i] / ns] += 1;
+      else if (dec[i] < 0) redo.push_back(rest[i]);
     }
     rechecked += static_cast<int64_t>(redo.size());
     bf16_rows += q;
