@@ -278,12 +278,13 @@ def sample_sq_distances(model: nn.Module, mu: Tensor, sigma: Tensor, center: Ten
 # The backends over these ops
 # ---------------------------------------------------------------------------------------------
 class CppBackend:
-    """``cpp``: the compiled CPU ops (fused RNG, reference hidden layers, Lipschitz screen, optional bf16
+    """``cpp``: the compiled CPU ops (fused RNG, reference hidden layers, Lipschitz screen, bf16
     last layer with fp32 recheck): the same decisions as ``torch``, faster."""
 
     name = "cpp"
-    description = ("compiled CPU op (csrc/cpu): fused RNG and hidden layers, Lipschitz screen, optional bf16 "
-                   "last layer with fp32 recheck; decisions equal the torch reference's")
+    description = ("compiled CPU op (csrc/cpu): fused RNG and hidden layers, Lipschitz screen, bf16 last layer "
+                   "with a rigorous band and fp32 recheck (default where the CPU has native bf16); decisions "
+                   "equal the torch reference's")
     precisions = ("fp32", "bf16")
     auto_priority = 10
     has_screen = True  # optional attribute: the Lipschitz screen can be switched off (bench --screen)
