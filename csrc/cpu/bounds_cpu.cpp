@@ -16,8 +16,9 @@ namespace robbench {
 namespace {
 
 // Thresholds τ of the part-3 band (bounds.h); index 0 is τ = ∞ (every unit in L).
-constexpr int kTaus = 6;
-constexpr float kTau[kTaus] = {3.0e38f, 1.0f / 16, 1.0f / 64, 1.0f / 256, 1.0f / 1024, 0.0f};
+// τ = ∞ (index 0) and τ = 0 (last) need no masks: t is never NaN (capped at 1/4) and always > 0.
+constexpr int kTaus = 4;
+constexpr float kTau[kTaus] = {3.0e38f, 1.0f / 16, 1.0f / 256, 0.0f};
 
 // Per-sample sums of one band pass: d2 = Σ (y - c)^2, e2 = Σ e_j^2 (part 2), f2 = Σ (t_j ρ_j + 2 ev)^2,
 // and per threshold: A = Σ_L t^2 ||δW_j||^2, B = Σ_L t^2 ||Ŵ_j||^2, M = max_H t (part 3).
@@ -72,7 +73,7 @@ inline void band_sums_impl(const uint16_t* s_bits, const float* a, const float* 
 // Lane sums are added in a different order than the scalar loop: the analysis covers any order.
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 void band_sums_avx512(const uint16_t* s_bits, const float* a, const float* y, const float* cen, int64_t D,
-                      bool sigmoid, const BandArgs& g, BandSums* out) {
+                      bool sigmoid, bool part2, const BandArgs& g, BandSums* out) {
   const __m512 vu = _mm512_set1_ps(1.0f / 256.0f), vv = _mm512_set1_ps(1.0f / 16777216.0f);
   const __m512 one = _mm512_set1_ps(1.0f), quarter = _mm512_set1_ps(0.25f), infl = _mm512_set1_ps(1.00001f);
   const __m512 tiny = _mm512_set1_ps(1e-30f), v32 = _mm512_set1_ps(32.0f / 16777216.0f);
@@ -103,15 +104,17 @@ void band_sums_avx512(const uint16_t* s_bits, const float* a, const float* y, co
       t = _mm512_mul_ps(_mm512_mul_ps(m, _mm512_add_ps(_mm512_add_ps(one, delta), _mm512_mul_ps(delta, delta))), infl);
       t = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(delta, one, _CMP_LE_OQ), quarter, t);  // Δ > 1 (or NaN): 1/4
       t = _mm512_min_ps(t, quarter);
-      e = _mm512_mul_ps(_mm512_add_ps(_mm512_mul_ps(t, delta), vev2), infl);
+      if (part2) e = _mm512_mul_ps(_mm512_add_ps(_mm512_mul_ps(t, delta), vev2), infl);
       f = _mm512_mul_ps(_mm512_add_ps(_mm512_mul_ps(t, rho), vev2), infl);
     }
-    e2 = _mm512_add_ps(e2, _mm512_mul_ps(e, e));
+    if (part2) e2 = _mm512_add_ps(e2, _mm512_mul_ps(e, e));
     f2 = _mm512_add_ps(f2, _mm512_mul_ps(f, f));
     const __m512 tdw = _mm512_mul_ps(t, rdw), tw = _mm512_mul_ps(t, rw);
     const __m512 a2 = _mm512_mul_ps(_mm512_mul_ps(tdw, tdw), infl), b2 = _mm512_mul_ps(_mm512_mul_ps(tw, tw), infl);
-    for (int k = 0; k < kTaus; ++k) {
-      // L: t <= τ (a NaN t lands in H, where max ignores it only if ... t is never NaN: 1/4 cap above)
+    A[0] = _mm512_add_ps(A[0], a2);  // τ = ∞: every unit in L
+    B[0] = _mm512_add_ps(B[0], b2);
+    M[kTaus - 1] = _mm512_max_ps(M[kTaus - 1], t);  // τ = 0: every unit in H (t > 0)
+    for (int k = 1; k + 1 < kTaus; ++k) {  // L: t <= τ (t is never NaN: capped at 1/4 above)
       const __mmask16 low = _mm512_cmp_ps_mask(t, _mm512_set1_ps(kTau[k]), _CMP_LE_OQ);
       A[k] = _mm512_mask_add_ps(A[k], low, A[k], a2);
       B[k] = _mm512_mask_add_ps(B[k], low, B[k], b2);
@@ -143,10 +146,10 @@ void band_sums_avx512(const uint16_t* s_bits, const float* a, const float* y, co
 }
 
 void band_sums(const uint16_t* s_bits, const float* a, const float* y, const float* cen, int64_t D, bool sigmoid,
-               const BandArgs& g, BandSums* out) {
+               bool part2, const BandArgs& g, BandSums* out) {
   static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                              __builtin_cpu_supports("avx512vl");
-  if (avx512) band_sums_avx512(s_bits, a, y, cen, D, sigmoid, g, out);
+  if (avx512) band_sums_avx512(s_bits, a, y, cen, D, sigmoid, part2, g, out);
   else if (sigmoid) band_sums_impl<true>(s_bits, a, y, cen, D, g, out);
   else band_sums_impl<false>(s_bits, a, y, cen, D, g, out);
 }
@@ -267,18 +270,20 @@ int8_t LastLayerBound::decide(const at::BFloat16* s, const float* a, const float
   g.g_b = static_cast<float>(gK1 * (1 + 1e-6));
   g.ev2 = static_cast<float>(2 * ev);
   BandSums bs;
-  band_sums(reinterpret_cast<const uint16_t*>(s), a, y, cen, D, act == kActSigmoid, g, &bs);
+  band_sums(reinterpret_cast<const uint16_t*>(s), a, y, cen, D, act == kActSigmoid, norm_wdh < 0, g, &bs);
   const double sl = 2 * q + 1e-6;  // fp32 sums of D nonnegative terms, any order (bounds.h)
   auto up = [&](float sum) { return std::sqrt(static_cast<double>(sum) * (1 + sl)) * (1 + 1e-12); };
-  double E = up(bs.e2);
-  if (norm_wdh >= 0) {  // part 3: the smallest threshold bound, when smaller than part 2's
+  double E;
+  if (norm_wdh >= 0) {  // part 3 only (part 2's sum e2 is not accumulated then): the smallest threshold bound
     double best = std::numeric_limits<double>::infinity();
     for (int k = 0; k < kTaus; ++k) {
       const double mk = static_cast<double>(bs.M[k]);
       const double v3 = (up(bs.A[k]) + mk * spec_dW) * norm_h + up(bs.B[k]) * norm_dh + mk * norm_wdh;
       best = std::min(best, v3 * (1 + 1e-12));
     }
-    E = std::min(E, (best + up(bs.f2)) * (1 + 1e-12));
+    E = (best + up(bs.f2)) * (1 + 1e-12);
+  } else {
+    E = up(bs.e2);
   }
   E += 1e-30;
   const double dist = std::sqrt(static_cast<double>(bs.d2));
