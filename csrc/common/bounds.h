@@ -53,8 +53,8 @@
 //       ||t∘x|| <= sqrt(Σ_L t_j^2 x_j^2) + max_H t_j ||x||       (||x_H|| <= ||x||),
 //    with |(δW h)_j| <= ||δW_j|| ||h||, ||δW h|| <= ||δW||_2 ||h|| (δW is rounding noise: ||δW||_2 is ~10x
 //    below its Frobenius norm), |(Ŵ δh)_j| <= ||Ŵ_j|| ||δh|| and ||Ŵ δh|| <= N(δh) below. Four thresholds
-//    (∞, 1/16, 1/256, 0) are accumulated in the same pass; the smallest bound is used, and
-//    also the part-2 bound ||e|| when it is smaller (both rigorous). On MNIST decoders most output units
+//    (∞, 1/16, 1/256, 0) are accumulated in the same pass; the smallest bound is used (part 2 is
+//    not evaluated then: it never decided a sample more on the margin workload). On MNIST decoders most output units
 //    are saturated (t_j tiny), so H is small and the spectral factors apply only to it.
 //    N(δh): Ŵ (rows < D) has a few large singular values. With V (K x k, k <= 16, the leading right
 //    singular vectors, stored in fp32 and used as exact numbers), M = Ŵ V and R = Ŵ - M V^T (both
