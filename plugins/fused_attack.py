@@ -94,9 +94,15 @@ class FusedSpec:
 
 
 def fused_spec(model: Any) -> FusedSpec | None:
-    """The op's description of ``model``, or None when the op does not support it (see module doc)."""
+    """The op's description of ``model``, or None when the op does not support it (see module doc).
+    A model in the harness's output-checking wrapper (:class:`robbench.checks.CheckedModel`, which every
+    run uses) is described by the model inside: the op reads only its weights, and the attack's final
+    damage still goes through the wrapper's checked ``encode`` / ``decode``."""
+    from robbench.checks import CheckedModel
     from robbench_plugins.models import SIGMA_EPS, VAE, Autoencoder, FixedSigmaVAE
 
+    if isinstance(model, CheckedModel):
+        model = model.unwrapped
     if not isinstance(model, VAE) or type(model).decode is not VAE.decode:
         return None
     encode = type(model).encode

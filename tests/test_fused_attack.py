@@ -211,3 +211,23 @@ def test_the_op_loop_equals_stall_ascent_on_the_op_steps(stochastic, stall_tol):
         ours = op.stall_ascent(starts, keys=keys, n_half=half, eval_eta=eval_eta, per_start=per_start, **knobs)
         assert torch.equal(ours[1], ref[1])
         assert torch.equal(ours[0], ref[0])
+
+
+def test_models_in_the_harness_wrapper_run_on_the_compiled_engine():
+    """Every run wraps its model in robbench.checks.CheckedModel; the compiled engine must still see the
+    MLP VAE inside (it once did not, so runs silently took the torch engine)."""
+    from robbench.api import evaluate
+    from robbench.checks import checked
+
+    torch.manual_seed(0)
+    m = models.build_model(models.VAE, {"hidden": 32, "latent_dim": 4}, (1, 8, 8)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(3.0)  # sensitive, so the margins lie inside (0, max_radius)
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    assert fa.resolve_engine("auto", checked(m), x) is not None
+    before = fa.ROWS["decode"]
+    out = evaluate(m, x, attacks=["max_damage"], estimators=["margin"], r=2.0,
+                   estimator_params={"margin": {"samples_max": 1024}})
+    assert fa.ROWS["decode"] > before
+    assert all(0.0 < v < 10.0 for v in out.column("margin"))
