@@ -232,6 +232,28 @@ std::vector<int64_t> early_exit_columns() {
   return w;
 }
 
+// One sample's side of r^2 as the reference's fp32 sum of t_d = fl(fl(y_d - c_d)^2) decides it: the same
+// terms summed in double (error <= D 2^-53 relative, any order), then 1 (inside) / 0 (outside) where the
+// fp32 sum is certainly on that side (relative ``band``), -1 where only the reference's own sum can tell.
+inline int8_t band_decide(const float* y, const float* c, int64_t D, double band, float r2) {
+  double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // independent accumulators: the lanes vectorise
+  int64_t d = 0;
+  for (; d + 8 <= D; d += 8) {
+    for (int j = 0; j < 8; ++j) {
+      const float diff = y[d + j] - c[d + j];
+      lane[j] += static_cast<double>(diff * diff);
+    }
+  }
+  double acc = 0.0;
+  for (; d < D; ++d) {
+    const float diff = y[d] - c[d];
+    acc += static_cast<double>(diff * diff);
+  }
+  for (int j = 0; j < 8; ++j) acc += lane[j];
+  const double lim = static_cast<double>(r2);
+  return acc * (1.0 + band) <= lim ? 1 : (acc * (1.0 - band) > lim ? 0 : -1);
+}
+
 // The reference's fp32 final layer for rows idx (block-relative) of h, then the distance epilogue fused
 // into one pass over each output row, counted into counts. The GEMM sees >= 64 rows; MKL's result for a
 // row does not depend on the other rows then (tests/test_kernels.py checks this bit for bit against the
@@ -276,25 +298,7 @@ void fp32_final_count(const at::Tensor& h, const std::vector<int64_t>& idx, int6
   at::parallel_for(0, q, 16, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = blk.p0 + idx[i] / ns;
-      const float* y = op + i * P;
-      const float* c = cen + b * D;
-      // 8 independent accumulators (the double error bound holds in any order; lanes vectorise)
-      double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      int64_t d = 0;
-      for (; d + 8 <= D; d += 8) {
-        for (int j = 0; j < 8; ++j) {
-          const float diff = y[d + j] - c[d + j];
-          lane[j] += static_cast<double>(diff * diff);
-        }
-      }
-      double acc = 0.0;
-      for (; d < D; ++d) {
-        const float diff = y[d] - c[d];
-        acc += static_cast<double>(diff * diff);
-      }
-      for (int j = 0; j < 8; ++j) acc += lane[j];
-      const double lim = static_cast<double>(r2p[b]);
-      dec[i] = acc * (1.0 + band) <= lim ? 1 : (acc * (1.0 - band) > lim ? 0 : -1);
+      dec[i] = band_decide(op + i * P, cen + b * D, D, band, r2p[b]);
     }
   });
   int64_t* cp = counts.data_ptr<int64_t>();
@@ -582,24 +586,7 @@ at::Tensor count_le_cpu(const at::Tensor& y_, const at::Tensor& center_, const a
   at::parallel_for(0, B * S, 16, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / S;
-      const float* row = yp + i * D;
-      const float* c = cp + b * D;
-      double lane[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      int64_t d = 0;
-      for (; d + 8 <= D; d += 8) {
-        for (int j = 0; j < 8; ++j) {
-          const float diff = row[d + j] - c[d + j];
-          lane[j] += static_cast<double>(diff * diff);
-        }
-      }
-      double acc = 0.0;
-      for (; d < D; ++d) {
-        const float diff = row[d] - c[d];
-        acc += static_cast<double>(diff * diff);
-      }
-      for (int j = 0; j < 8; ++j) acc += lane[j];
-      const double lim = static_cast<double>(rp[b]);
-      dec[i] = acc * (1.0 + band) <= lim ? 1 : (acc * (1.0 - band) > lim ? 0 : -1);
+      dec[i] = band_decide(yp + i * D, cp + b * D, D, band, rp[b]);
     }
   });
   int64_t* out = counts.data_ptr<int64_t>();
