@@ -90,6 +90,47 @@ def test_value_and_gradient_equal_autograd(family, act, layers, route, extra):
         assert float((g - g_ref).norm() / g_ref.norm().clamp_min(1e-30)) < 1e-4
 
 
+
+def test_packed_weights_follow_in_place_changes_and_every_row_count(monkeypatch):
+    """The op packs the large weights for oneDNN once and caches the packed forms: a weight changed in
+    place (even through .data, which leaves its version counter alone) must never be served stale; one or
+    two rows take MKL, more take the packed oneDNN product; ROBBENCH_ATTACK_DNNL=plain (no packing) agrees."""
+    m = _model()
+    spec = fa.fused_spec(m)
+    x, mu_c, sig_c, center, _, _ = _inputs(m)
+    eta = torch.randn(4, 4, m.latent_dim, generator=torch.Generator().manual_seed(2))
+    gen = torch.Generator().manual_seed(3)
+    for n in (1, 2, 3, 6):
+        rows = torch.tensor([0, 1, 2, 3, 1, 0][:n])
+        delta = 0.05 * torch.randn((n, *SHAPE), generator=gen)
+        op = fa.FusedObjective(spec, x, center, mu_c, sig_c, torch.full((4,), 2.0), "both", (0.0, 1.0))
+        v_ref, g_ref = _autograd(m, x, mu_c, sig_c, center, rows, delta, eta, "both")
+        v, g = op.value(rows, delta, eta), op.gradient(rows, delta, eta).view_as(delta)
+        torch.testing.assert_close(v, v_ref, rtol=1e-5, atol=1e-5)
+        assert float((g - g_ref).norm() / g_ref.norm()) < 1e-4
+        monkeypatch.setenv("ROBBENCH_ATTACK_DNNL", "plain")
+        torch.testing.assert_close(op.value(rows, delta, eta), v, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(op.gradient(rows, delta, eta).view_as(delta), g, rtol=1e-4, atol=1e-6)
+        monkeypatch.delenv("ROBBENCH_ATTACK_DNNL")
+    rows = torch.tensor([0, 1, 2, 3])
+    delta = 0.05 * torch.randn((4, *SHAPE), generator=gen)
+    enc_w, dec_w = m.encoder[1].weight, m.decoder[-2].weight  # the two packed (oneDNN) layers
+    assert enc_w.numel() >= 32768 and dec_w.numel() >= 32768
+    for change in (lambda w: w.data.mul_(0.5), lambda w: w.data.add_(0.01)):
+        before = fa.FusedObjective(spec, x, center, mu_c, sig_c, torch.full((4,), 2.0), "both",
+                                   (0.0, 1.0)).gradient(rows, delta, eta)
+        with torch.no_grad():
+            change(enc_w)
+            change(dec_w)
+            mu_c, sig_c = m.encode(x)
+            center = _decode_flat(m, mu_c)
+        op = fa.FusedObjective(fa.fused_spec(m), x, center, mu_c, sig_c, torch.full((4,), 2.0), "both", (0.0, 1.0))
+        v_ref, g_ref = _autograd(m, x, mu_c, sig_c, center, rows, delta, eta, "both")
+        g = op.gradient(rows, delta, eta).view_as(delta)
+        torch.testing.assert_close(op.value(rows, delta, eta), v_ref, rtol=1e-5, atol=1e-5)
+        assert float((g - g_ref).norm() / g_ref.norm()) < 1e-4
+        assert float((g - before.view_as(delta)).norm() / g_ref.norm()) > 1e-3  # the change mattered
+
 def test_step_uses_the_rng_streams_and_the_exact_projection():
     """A stochastic step: antithetic draws j0.. of robbench.rng (bit for bit), normalised gradient step,
     then robbench.projection.project_ball_box; the result equals the Python composition."""

@@ -30,9 +30,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
+#include <mutex>
 #include <optional>
 #include <string>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "common/checks.h"
@@ -116,6 +120,9 @@ at::Tensor act_backward(const at::Tensor& grad, const at::Tensor& pre, const at:
 struct Mlp {
   at::TensorList w, b;
   at::IntArrayRef acts;
+  // oneDNN's pre-packed forms of w and of w^T (see packed_weight), per layer; undefined where the layer
+  // is small (MKL) or packing is off.
+  std::vector<at::Tensor> packed, packed_t;
 };
 
 // oneDNN's fp32 linear (mkldnn::_linear_pointwise, the op torch.compile's CPU code calls): on this
@@ -123,6 +130,7 @@ struct Mlp {
 // arithmetic (another summation order). Unavailable (a build without oneDNN) or ROBBENCH_ATTACK_GEMM=mkl
 // (A/B runs): at::mm / at::addmm.
 constexpr int64_t kDnnlMinWeights = 32768;
+constexpr int64_t kDnnlMinRows = 3;
 using LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view,
                             c10::List<std::optional<at::Scalar>>, std::optional<c10::string_view>);
 
@@ -140,13 +148,70 @@ const c10::TypedOperatorHandle<LinearFn>* dnnl_linear_op() {
   return handle;
 }
 
-// x (M, in) w^T + b for w (out, in), b (out,) or undefined. Small weights (the latent and head layers) go
-// to at::mm (MKL), whose fixed cost per call is lower; OneThread keeps MKL on this thread.
-// With `fused_act` (relu, sigmoid or tanh, whose backward needs only the output) oneDNN applies the
-// activation too when it runs the product; *fused tells whether it did.
+const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, std::optional<int64_t>)>* dnnl_reorder_op() {
+  using ReorderFn = at::Tensor(const at::Tensor&, std::optional<int64_t>);
+  static const c10::TypedOperatorHandle<ReorderFn>* handle = []() -> const c10::TypedOperatorHandle<ReorderFn>* {
+    try {
+      auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_reorder_linear_weight", "");
+      return new c10::TypedOperatorHandle<ReorderFn>(op.typed<ReorderFn>());
+    } catch (const std::exception&) {
+      return nullptr;
+    }
+  }();
+  return handle;
+}
+
+// oneDNN reorders a plain weight into its blocked layout on every product (~10-15 us of fixed cost at the
+// attack's 3-100 rows, a third of the product at a few rows); a weight pre-packed once
+// (mkldnn::_reorder_linear_weight, as torch.compile's freezing does) skips that, with the same results
+// (the same kernel). The cache keeps the packed forms of the last kKeep weights (and of their transposes,
+// for the backward products), each beside a copy of the weight it packed: a lookup compares the contents
+// (memcmp, ~15 us for a 784 x 256 weight here; once per op call), so a weight changed in place, through .data or not, is never served
+// stale, and a freed weight's address reused by another is harmless.
+struct PackedWeight {
+  at::Tensor copy, packed, packed_t;  // the weight w (out, in) as packed, w packed, w^T packed
+};
+constexpr size_t kKeep = 16;
+constexpr int64_t kPackBatchHint = 64;  // the layout oneDNN picks for this batch size serves 3-200 rows alike
+
+// (w packed, w^T packed) for the products x w^T and x w.
+std::pair<at::Tensor, at::Tensor> packed_weight(const at::Tensor& w) {
+  static std::mutex mutex;
+  static std::vector<PackedWeight> cache;  // most recently used last
+  const at::Tensor wc = w.contiguous();
+  const size_t bytes = static_cast<size_t>(wc.numel()) * sizeof(float);
+  std::lock_guard<std::mutex> lock(mutex);
+  for (size_t i = cache.size(); i-- > 0;) {
+    const PackedWeight& e = cache[i];
+    if (e.copy.sizes() == wc.sizes() && std::memcmp(e.copy.data_ptr<float>(), wc.data_ptr<float>(), bytes) == 0) {
+      PackedWeight hit = e;
+      cache.erase(cache.begin() + static_cast<std::ptrdiff_t>(i));
+      cache.push_back(hit);
+      return {hit.packed, hit.packed_t};
+    }
+  }
+  // x w = x (w^T)^T: for the backward products oneDNN packs the (in, out) weight w^T.
+  PackedWeight e{wc.clone(), dnnl_reorder_op()->call(wc, kPackBatchHint),
+                 dnnl_reorder_op()->call(wc.t().contiguous(), kPackBatchHint)};
+  if (cache.size() >= kKeep) cache.erase(cache.begin());
+  cache.push_back(e);
+  return {e.packed, e.packed_t};
+}
+
+// ROBBENCH_ATTACK_DNNL=plain (read at each op call, for interleaved A/B runs): oneDNN on the plain weights
+// at every row count, as before the cache.
+thread_local bool tl_plain_dnnl = false;
+
+void read_dnnl_mode() {
+  const char* env = std::getenv("ROBBENCH_ATTACK_DNNL");
+  tl_plain_dnnl = env && std::string(env) == "plain";
+}
+
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, int64_t act = kAttNone,
-                  bool* fused = nullptr) {
-  const auto* op = w.numel() >= kDnnlMinWeights ? dnnl_linear_op() : nullptr;
+                  bool* fused = nullptr, bool transposed = false, const at::Tensor& packed = at::Tensor()) {
+  const auto* op = w.numel() >= kDnnlMinWeights && (!packed.defined() || x.size(0) >= kDnnlMinRows)
+                       ? dnnl_linear_op()
+                       : nullptr;
   if (fused) *fused = false;
   if (op) {
     const char* attr = "none";
@@ -154,10 +219,22 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
       attr = act == kAttRelu ? "relu" : act == kAttSigmoid ? "sigmoid" : "tanh";
       *fused = true;
     }
-    return op->call(x, w, b.defined() ? std::optional<at::Tensor>(b) : std::nullopt, attr,
+    const at::Tensor weight = packed.defined() ? packed : (transposed ? w.t() : w);
+    return op->call(x, weight, b.defined() ? std::optional<at::Tensor>(b) : std::nullopt, attr,
                     c10::List<std::optional<at::Scalar>>(), std::nullopt);
   }
-  return b.defined() ? at::addmm(b, x, w.t()) : at::mm(x, w.t());
+  const at::Tensor wt = transposed ? w : w.t();
+  return b.defined() ? at::addmm(b, x, wt) : at::mm(x, wt);
+}
+
+// Fills net.packed / packed_t for the layers that go to oneDNN (once per op call: the lookup compares the
+// weights' contents), unless ROBBENCH_ATTACK_DNNL=plain or this build lacks oneDNN's reorder.
+void pack_layers(Mlp& net) {
+  if (tl_plain_dnnl || !dnnl_linear_op() || !dnnl_reorder_op()) return;
+  net.packed.assign(net.w.size(), at::Tensor());
+  net.packed_t.assign(net.w.size(), at::Tensor());
+  for (size_t l = 0; l < net.w.size(); ++l)
+    if (net.w[l].numel() >= kDnnlMinWeights) std::tie(net.packed[l], net.packed_t[l]) = packed_weight(net.w[l]);
 }
 
 // Forward through the layers, keeping every pre-activation and output for the backward pass (a layer
@@ -165,7 +242,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b,
 at::Tensor mlp_forward(const Mlp& net, at::Tensor h, std::vector<at::Tensor>* pres, std::vector<at::Tensor>* outs) {
   for (size_t l = 0; l < net.w.size(); ++l) {
     bool fused = false;
-    at::Tensor pre = linear(h, net.w[l], net.b[l], net.acts[l], &fused);
+    at::Tensor pre = linear(h, net.w[l], net.b[l], net.acts[l], &fused, false,
+                            net.packed.empty() ? at::Tensor() : net.packed[l]);
     h = fused ? pre : act_forward(pre, net.acts[l]);
     if (pres) {
       pres->push_back(pre);
@@ -180,7 +258,7 @@ at::Tensor mlp_backward(const Mlp& net, at::Tensor g, const std::vector<at::Tens
                         const std::vector<at::Tensor>& outs, bool last_done = false) {
   for (size_t l = net.w.size(); l-- > 0;) {
     if (!(last_done && l + 1 == net.w.size())) g = act_backward(g, pres[l], outs[l], net.acts[l]);
-    g = linear(g, net.w[l].t(), at::Tensor());
+    g = linear(g, net.w[l], at::Tensor(), kAttNone, nullptr, true, net.packed_t.empty() ? at::Tensor() : net.packed_t[l]);
   }
   return g;
 }
@@ -308,9 +386,11 @@ Problem make_problem(const at::Tensor& x, const at::Tensor& center, const at::Te
   TORCH_CHECK(route >= 0 && route <= 2, "route must be 0 (both), 1 (mu) or 2 (sigma), got ", route);
   TORCH_CHECK(sigma_kind == 0 || sigma_kind == 1, "sigma_kind must be 0 (softplus head) or 1 (fixed), got ",
               sigma_kind);
-  const Mlp enc{enc_w, enc_b, enc_acts}, dec{dec_w, dec_b, dec_acts};
+  Mlp enc{enc_w, enc_b, enc_acts}, dec{dec_w, dec_b, dec_acts};
   check_mlp_layers(enc, "enc", D);
   check_mlp_layers(dec, "dec", k);
+  pack_layers(enc);
+  pack_layers(dec);
   TORCH_CHECK(mlp_out(enc) == (sigma_kind == 0 ? 2 * k : k), "the encoder must output ", sigma_kind == 0 ? 2 * k : k,
               " features for sigma_kind ", sigma_kind, ", got ", mlp_out(enc));
   TORCH_CHECK(center.size(1) == mlp_out(dec), "center must be (B, ", mlp_out(dec), ")");
@@ -519,6 +599,7 @@ std::tuple<at::Tensor, at::Tensor> mlp_attack_step_cpu(
     int64_t sigma_kind, double sigma_offset, const at::Tensor& step_len_, const at::Tensor& radius_, double lo_box,
     double hi_box, int64_t mode) {
   const OneThread one_thread;
+  read_dnnl_mode();
   TORCH_CHECK(mode >= 0 && mode <= 2, "mode must be 0 (value), 1 (gradient) or 2 (step), got ", mode);
   const Problem P = make_problem(x_, center_, mu_fix_, sig_fix_, ka_, kb_, n_half, enc_w, enc_b, enc_acts, dec_w, dec_b,
                                  dec_acts, route, sigma_kind, sigma_offset, radius_, mode == 2, lo_box, hi_box);
@@ -545,6 +626,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_stall_ascent_cpu(
     double sigma_offset, const at::Tensor& radius_, const at::Tensor& alpha0_, int64_t steps, int64_t check_every,
     double stall_tol, double min_step, double lo_box, double hi_box) {
   const OneThread one_thread;
+  read_dnnl_mode();
   const Problem P = make_problem(x_, center_, mu_fix_, sig_fix_, ka_, kb_, n_half, enc_w, enc_b, enc_acts, dec_w, dec_b,
                                  dec_acts, route, sigma_kind, sigma_offset, radius_, true, lo_box, hi_box);
   check_call(P, rows_, delta0_, eval_eta_, 0, 0);
