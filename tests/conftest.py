@@ -57,3 +57,33 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def miscounting_backend(fresh_plugins) -> str:
+    """Registers backend ``test_miscount``: the torch reference with every point's count one lower, so its
+    decisions differ; yields its name (the benchmarks' cross-backend checks must catch it)."""
+    from robbench import hookimpl
+    from robbench.backends import CountResult, TorchBackend
+
+    class MiscountingBackend(TorchBackend):
+        name = "test_miscount"
+        description = "test: miscounts"
+        auto_priority = None
+
+        def count_within(self, *args, **kwargs) -> CountResult:
+            res = super().count_within(*args, **kwargs)
+            res.counts = (res.counts - 1).clamp(min=0)
+            return res
+
+    class MiscountPlugin:
+        @hookimpl
+        def register_backends(self, register):
+            register(MiscountingBackend())
+
+    plugin = MiscountPlugin()
+    fresh_plugins.register_plugin(plugin, name="miscount-backend")
+    try:
+        yield MiscountingBackend.name
+    finally:
+        fresh_plugins.unregister_plugin(plugin)

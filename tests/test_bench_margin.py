@@ -9,9 +9,8 @@ import pytest
 import torch
 import yaml
 
-from robbench import bench, hookimpl, montecarlo
+from robbench import bench, montecarlo
 from robbench.paper import margin_bench
-from robbench.backends import CountResult, TorchBackend
 from robbench.cli import main
 from robbench.plugins import get_registries
 
@@ -41,35 +40,11 @@ def test_margin_rows_split_adds_up_and_samples_are_accounted(tiny_config):
         assert r.margins == rows[0].margins and all(m is not None for m in r.margins)
 
 
-class WrongBackend(TorchBackend):
-    """The reference, except that it counts one sample fewer for every point: decisions differ."""
-
-    name = "test_wrong"
-    description = "test: miscounts"
-    auto_priority = None
-
-    def count_within(self, *args, **kwargs) -> CountResult:
-        res = super().count_within(*args, **kwargs)
-        res.counts = (res.counts - 1).clamp(min=0)
-        return res
-
-
-class WrongPlugin:
-    @hookimpl
-    def register_backends(self, register):
-        register(WrongBackend())
-
-
-def test_different_margins_across_backends_are_an_error(tiny_config, fresh_plugins):
-    plugin = WrongPlugin()
-    fresh_plugins.register_plugin(plugin, name="wrong-backend")
-    try:
-        cfg = margin_bench.margin_config(tiny_config)
-        cfg.estimator_params["margin"] = {**cfg.estimator_params["margin"], "samples_initial": 8, "samples_max": 8}
-        with pytest.raises(AssertionError, match="backend test_wrong .* gives point"):
-            margin_bench.margin_rows(cfg, fresh_plugins.get_registries(), ["torch", "test_wrong"], repeats=1)
-    finally:
-        fresh_plugins.unregister_plugin(plugin)
+def test_different_margins_across_backends_are_an_error(tiny_config, fresh_plugins, miscounting_backend):
+    cfg = margin_bench.margin_config(tiny_config)
+    cfg.estimator_params["margin"] = {**cfg.estimator_params["margin"], "samples_initial": 8, "samples_max": 8}
+    with pytest.raises(AssertionError, match=f"backend {miscounting_backend} .* gives point"):
+        margin_bench.margin_rows(cfg, fresh_plugins.get_registries(), ["torch", miscounting_backend], repeats=1)
 
 
 def test_cli_margin_json_carries_rows_summary_and_environment(tiny_config, tmp_path):

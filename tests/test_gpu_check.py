@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from robbench import hookimpl, kernels
-from robbench.backends import CountResult, TorchBackend
+from robbench import kernels
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 
@@ -56,32 +55,8 @@ def test_cpu_quick_run_records_every_phase_and_a_verdict(gpu_check, tmp_path, ca
     assert "auto may pick cpp:" in out and doc["summary"][-1] in out
 
 
-class MiscountingBackend(TorchBackend):
-    """The reference, except that every point's count is one lower: differing decisions."""
-
-    name = "test_miscount"
-    description = "test: miscounts"
-    auto_priority = None
-
-    def count_within(self, *args, **kwargs) -> CountResult:
-        res = super().count_within(*args, **kwargs)
-        res.counts = (res.counts - 1).clamp(min=0)
-        return res
-
-
-class MiscountPlugin:
-    @hookimpl
-    def register_backends(self, register):
-        register(MiscountingBackend())
-
-
-def test_validation_catches_a_backend_that_decides_differently(gpu_check, fresh_plugins, one_thread):
-    plugin = MiscountPlugin()
-    fresh_plugins.register_plugin(plugin, name="miscount-backend")
-    try:
-        res = gpu_check.validate(gpu_check.torch.device("cpu"), "test_miscount", per_sample=16, points=2, samples=32)
-    finally:
-        fresh_plugins.unregister_plugin(plugin)
+def test_validation_catches_a_backend_that_decides_differently(gpu_check, miscounting_backend, one_thread):
+    res = gpu_check.validate(gpu_check.torch.device("cpu"), miscounting_backend, per_sample=16, points=2, samples=32)
     assert not res["ok"] and all(not c["ok"] for c in res["cases"])
     # at a radius beyond every sample all 16 one-sample points are inside: each count is one short
     far = [r for c in res["cases"] for r in c["per_sample"] if r["radius"] == "own x (1+0.6)"]
