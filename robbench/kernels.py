@@ -285,9 +285,13 @@ class CppBackend:
     description = ("compiled CPU op (csrc/cpu): fused RNG and hidden layers, Lipschitz screen, bf16 last layer "
                    "with a rigorous band and fp32 recheck (default where the CPU has native bf16); decisions "
                    "equal the torch reference's")
-    precisions = ("fp32", "bf16")
     auto_priority = 10
     has_screen = True  # optional attribute: the Lipschitz screen can be switched off (bench --screen)
+
+    @property
+    def precisions(self) -> tuple[str, ...]:
+        """Both last-layer precisions, first the default on this CPU (:func:`default_precision`)."""
+        return ("bf16", "fp32") if default_precision() == "bf16" else ("fp32", "bf16")
 
     def unavailable(self, device: torch.device, *, warn: bool = False) -> str | None:
         if device.type != "cpu":

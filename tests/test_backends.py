@@ -53,6 +53,18 @@ def test_engine_backends_are_registered_through_the_hook(fresh_plugins):
     assert regs.backends.get("cuda").auto_priority is None  # not validated on a GPU: never chosen by auto
 
 
+def test_cpp_lists_its_default_precision_first(fresh_plugins, monkeypatch):
+    """Backend.precisions is "first the default": for cpp that depends on the CPU and ROBBENCH_PRECISION."""
+    from robbench import kernels
+
+    cpp = fresh_plugins.get_registries().backends.get("cpp")
+    for env in ("fp32", "bf16"):
+        monkeypatch.setenv("ROBBENCH_PRECISION", env)
+        assert cpp.precisions[0] == kernels.default_precision() and sorted(cpp.precisions) == ["bf16", "fp32"]
+    monkeypatch.setenv("ROBBENCH_PRECISION", "fp32")
+    assert cpp.precisions[0] == "fp32"
+
+
 def test_auto_prefers_the_highest_priority_and_explicit_names_are_checked(plugin):
     assert montecarlo.resolve_backend("auto", torch.device("cpu")) == "test_double"
     assert "test_double" in montecarlo.available_backends("cpu")
