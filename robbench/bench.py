@@ -431,7 +431,9 @@ def run_margin(args: argparse.Namespace, console) -> int:
     slow, which would push "% peak" over 100); every row is checked for identical decisions."""
     from robbench.paper import margin_bench
 
-    backends = [b.name for b in _chosen_backends(args.backend)]
+    chosen = _chosen_backends(args.backend)
+    backends = [b.name for b in chosen]
+    precision = {b.name: b.precisions[0] for b in chosen}  # each backend as a margin run uses it: its default
     repeats = args.repeats if args.repeats > 1 else 3
     threads = torch.get_num_threads()
     cfg = margin_bench.margin_config(args.margin_config)
@@ -458,7 +460,7 @@ def run_margin(args: argparse.Namespace, console) -> int:
     for rep in range(repeats):
         order = backends[rep % len(backends):] + backends[:rep % len(backends)]
         for name in order:
-            row = run_case(std, "standard-mlp", name, "fp32", args.points, S, "median", repeats=1)
+            row = run_case(std, "standard-mlp", name, precision[name], args.points, S, "median", repeats=1)
             row.peak_fraction = row_peak_fraction(row, peaks)
             std_rows.append(row)
             remeasure()

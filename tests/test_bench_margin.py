@@ -59,6 +59,8 @@ def test_cli_margin_json_carries_rows_summary_and_environment(tiny_config, tmp_p
     rows = doc["margin_rows"]
     assert {r["backend"] for r in rows} == set(backends.split(","))
     assert all(r["environment"] == env for r in rows + doc["standard_median_rows"])
+    regs = get_registries()  # the standard workload runs each backend in its default precision, as margins do
+    assert all(r["precision"] == regs.backends.get(r["backend"]).precisions[0] for r in doc["standard_median_rows"])
     assert len({json.dumps(r["margins"]) for r in rows}) == 1  # identical margins, every backend and repeat
     assert all(0 < r["peak_fraction"] for r in rows)
     assert "beta_vae(beta=1.0) / torch" in doc["summary"]
