@@ -64,6 +64,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    # the levers compared here are the fp32 last layer's; bf16 is the cpp default where native
+    os.environ["ROBBENCH_PRECISION"] = "fp32"
     results = {"environment": bench.environment(), "samples": args.samples, "workloads": {}}
     for name, model, mu, sigma, center in workloads(args.points):
         r = montecarlo.sample_distances(model, mu, sigma, center, 256, seed=99).median(1).values
