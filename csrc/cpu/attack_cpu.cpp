@@ -134,30 +134,29 @@ constexpr int64_t kDnnlMinRows = 3;
 using LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view,
                             c10::List<std::optional<at::Scalar>>, std::optional<c10::string_view>);
 
+// A registered op by name, typed; nullptr where this torch build lacks it (e.g. without oneDNN).
+template <class Fn>
+const c10::TypedOperatorHandle<Fn>* find_op(const char* name) {
+  try {
+    auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
+    return new c10::TypedOperatorHandle<Fn>(op.typed<Fn>());
+  } catch (const std::exception&) {
+    return nullptr;
+  }
+}
+
 const c10::TypedOperatorHandle<LinearFn>* dnnl_linear_op() {
   static const c10::TypedOperatorHandle<LinearFn>* handle = []() -> const c10::TypedOperatorHandle<LinearFn>* {
     const char* env = std::getenv("ROBBENCH_ATTACK_GEMM");
     if ((env && std::string(env) == "mkl") || !at::hasMKLDNN()) return nullptr;
-    try {
-      auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
-      return new c10::TypedOperatorHandle<LinearFn>(op.typed<LinearFn>());
-    } catch (const std::exception&) {
-      return nullptr;
-    }
+    return find_op<LinearFn>("mkldnn::_linear_pointwise");
   }();
   return handle;
 }
 
-const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, std::optional<int64_t>)>* dnnl_reorder_op() {
-  using ReorderFn = at::Tensor(const at::Tensor&, std::optional<int64_t>);
-  static const c10::TypedOperatorHandle<ReorderFn>* handle = []() -> const c10::TypedOperatorHandle<ReorderFn>* {
-    try {
-      auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_reorder_linear_weight", "");
-      return new c10::TypedOperatorHandle<ReorderFn>(op.typed<ReorderFn>());
-    } catch (const std::exception&) {
-      return nullptr;
-    }
-  }();
+using ReorderFn = at::Tensor(const at::Tensor&, std::optional<int64_t>);
+const c10::TypedOperatorHandle<ReorderFn>* dnnl_reorder_op() {
+  static const c10::TypedOperatorHandle<ReorderFn>* handle = find_op<ReorderFn>("mkldnn::_reorder_linear_weight");
   return handle;
 }
 
