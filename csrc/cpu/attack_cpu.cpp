@@ -43,6 +43,7 @@
 #include "common/rng.h"
 
 #include <dlfcn.h>
+#include <immintrin.h>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -201,13 +202,157 @@ std::pair<at::Tensor, at::Tensor> packed_weight(const at::Tensor& w) {
 // at every row count, as before the cache.
 thread_local bool tl_plain_dnnl = false;
 
+thread_local bool tl_scalar_projection_env = false;
+// The small-row kernels (below) take products on at most kSmallRows rows; ROBBENCH_ATTACK_SMALL=off turns them
+// off, ROBBENCH_ATTACK_SMALL=<n> sets the limit (A/B runs; read at each op call).
+constexpr int64_t kSmallRows = 64;
+thread_local bool tl_small_off = false;
+thread_local int64_t tl_small_rows = kSmallRows;
+
 void read_dnnl_mode() {
   const char* env = std::getenv("ROBBENCH_ATTACK_DNNL");
   tl_plain_dnnl = env && std::string(env) == "plain";
+  const char* proj = std::getenv("ROBBENCH_ATTACK_PROJ");
+  tl_scalar_projection_env = proj && std::string(proj) == "scalar";
+  const char* small = std::getenv("ROBBENCH_ATTACK_SMALL");
+  tl_small_off = small && std::string(small) == "off";
+  tl_small_rows = small && !tl_small_off ? std::atoi(small) : kSmallRows;
+}
+
+// Products on a few rows (the attack's late bisection steps run on 1-8 active rows, 4-32 decoder rows):
+// there the oneDNN / MKL calls cost mostly their fixed overhead (primitive lookup, allocation, a weight
+// layout of their own) and the read of the weight. These AVX-512 kernels read the weight w (out, in) as it
+// is, for both products: x w^T (forward: per output, dot products over in) and g w (backward: per input
+// column block, a sum over out of g-scaled weight rows), so the backward product of a layer finds its
+// weight still in L2 after the forward (decoder) or the next forward after the backward (encoder).
+// fp32 FMA arithmetic, another summation order than oneDNN's (float rounding). Rows <= kSmallRows only;
+// ROBBENCH_ATTACK_SMALL=off (read at each op call) turns them off for A/B runs.
+
+bool small_kernels_available() {
+  static const bool ok = __builtin_cpu_supports("avx512f");
+  return ok;
+}
+
+// y[r][c] = x_r . w_c (+ b_c) for R rows of x (stride K) and C rows of w (stride K); y stride ldy.
+template <int R, int C>
+__attribute__((target("avx512f"), always_inline)) inline void dot_block(const float* x, const float* w, int64_t K,
+                                                                         const float* b, float* y, int64_t ldy) {
+  __m512 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= K; i += 16) {
+    __m512 wv[C];
+    for (int c = 0; c < C; ++c) wv[c] = _mm512_loadu_ps(w + c * K + i);
+    for (int r = 0; r < R; ++r) {
+      const __m512 xv = _mm512_loadu_ps(x + r * K + i);
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
+    }
+  }
+  if (i < K) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (K - i)) - 1u);
+    __m512 wv[C];
+    for (int c = 0; c < C; ++c) wv[c] = _mm512_maskz_loadu_ps(m, w + c * K + i);
+    for (int r = 0; r < R; ++r) {
+      const __m512 xv = _mm512_maskz_loadu_ps(m, x + r * K + i);
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(xv, wv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) y[r * ldy + c] = _mm512_reduce_add_ps(acc[r][c]) + (b ? b[c] : 0.0f);
+}
+
+// y (N, M) = x (N, K) w^T + b, w (M, K) row-major. A block of weight rows stays in L1 over all rows of x;
+// 16 (4 x 4) or 8 (1 x 8) independent accumulators keep both FMA pipes busy.
+__attribute__((target("avx512f")))
+void small_forward(const float* x, int64_t N, int64_t K, const float* w, int64_t M, const float* b, float* y) {
+  const int64_t N4 = N / 4 * 4;
+  int64_t o = 0;
+  for (; o + 8 <= M; o += 8) {
+    const float* bo = b ? b + o : nullptr;
+    for (int64_t n = 0; n < N4; n += 4) {
+      dot_block<4, 4>(x + n * K, w + o * K, K, bo, y + n * M + o, M);
+      dot_block<4, 4>(x + n * K, w + (o + 4) * K, K, bo ? bo + 4 : nullptr, y + n * M + o + 4, M);
+    }
+    for (int64_t n = N4; n < N; ++n) dot_block<1, 8>(x + n * K, w + o * K, K, bo, y + n * M + o, M);
+  }
+  for (; o < M; ++o) {
+    const float* bo = b ? b + o : nullptr;
+    for (int64_t n = 0; n < N; ++n) dot_block<1, 1>(x + n * K, w + o * K, K, bo, y + n * M + o, M);
+  }
+}
+
+// out[r][i0 + 16 c + j] = sum_o g[r][o] w[o][i0 + 16 c + j] for R rows of g (stride M), C vectors of
+// columns (the last one masked by `last`), over all M rows of w (stride K).
+template <int R, int C>
+__attribute__((target("avx512f"), always_inline)) inline void axpy_block(const float* g, int64_t M, const float* w,
+                                                                          int64_t K, int64_t i0, __mmask16 last,
+                                                                          float* out) {
+  __m512 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (int64_t o = 0; o < M; ++o) {
+    const float* wo = w + o * K + i0;
+    __m512 wv[C];
+    for (int c = 0; c < C; ++c)
+      wv[c] = c + 1 < C ? _mm512_loadu_ps(wo + 16 * c) : _mm512_maskz_loadu_ps(last, wo + 16 * c);
+    for (int r = 0; r < R; ++r) {
+      const __m512 gv = _mm512_set1_ps(g[r * M + o]);
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(gv, wv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c)
+      if (c + 1 < C) _mm512_storeu_ps(out + r * K + i0 + 16 * c, acc[r][c]);
+      else _mm512_mask_storeu_ps(out + r * K + i0 + 16 * c, last, acc[r][c]);
+}
+
+// axpy_block over all columns: blocks of C vectors, then single vectors, the last one masked.
+template <int R, int C>
+__attribute__((target("avx512f"), always_inline)) inline void axpy_rows(const float* g, int64_t M, const float* w,
+                                                                         int64_t K, float* out) {
+  int64_t i = 0;
+  for (; i + 16 * C <= K; i += 16 * C) axpy_block<R, C>(g, M, w, K, i, 0xFFFF, out);
+  for (; i + 16 <= K; i += 16) axpy_block<R, 1>(g, M, w, K, i, 0xFFFF, out);
+  if (i < K) axpy_block<R, 1>(g, M, w, K, i, static_cast<__mmask16>((1u << (K - i)) - 1u), out);
+}
+
+// out (N, K) = g (N, M) w, w (M, K) row-major: the backward product of a layer with weight w. R x C = 16
+// (8 x 2, 4 x 4) or 8 (2 x 4, 1 x 8) independent accumulators.
+__attribute__((target("avx512f")))
+void small_backward(const float* g, int64_t N, int64_t M, const float* w, int64_t K, float* out) {
+  int64_t n = 0;
+  for (; n + 8 <= N; n += 8) axpy_rows<8, 2>(g + n * M, M, w, K, out + n * K);
+  for (; n + 4 <= N; n += 4) axpy_rows<4, 4>(g + n * M, M, w, K, out + n * K);
+  for (; n + 2 <= N; n += 2) axpy_rows<2, 4>(g + n * M, M, w, K, out + n * K);
+  for (; n < N; ++n) axpy_rows<1, 8>(g + n * M, M, w, K, out + n * K);
+}
+
+// The small-row product when it applies (AVX-512, rows <= kSmallRows, not switched off), else undefined.
+at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, bool transposed) {
+  const int64_t N = x.size(0);
+  if (tl_small_off || N > tl_small_rows || N == 0 || !small_kernels_available()) return at::Tensor();
+  const at::Tensor xc = x.contiguous(), wc = w.contiguous();
+  const int64_t M = wc.size(0), K = wc.size(1);
+  if (!transposed) {
+    at::Tensor y = at::empty({N, M}, xc.options());
+    const at::Tensor bc = b.defined() ? b.contiguous() : at::Tensor();
+    small_forward(xc.data_ptr<float>(), N, K, wc.data_ptr<float>(), M, bc.defined() ? bc.data_ptr<float>() : nullptr,
+                  y.data_ptr<float>());
+    return y;
+  }
+  TORCH_INTERNAL_ASSERT(!b.defined(), "the backward product has no bias");
+  at::Tensor out = at::empty({N, K}, xc.options());
+  small_backward(xc.data_ptr<float>(), N, M, wc.data_ptr<float>(), K, out.data_ptr<float>());
+  return out;
 }
 
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, int64_t act = kAttNone,
                   bool* fused = nullptr, bool transposed = false, const at::Tensor& packed = at::Tensor()) {
+  if (at::Tensor y = small_linear(x, w, b, transposed); y.defined()) {
+    if (fused) *fused = false;
+    return y;
+  }
   const auto* op = w.numel() >= kDnnlMinWeights && (!packed.defined() || x.size(0) >= kDnnlMinRows)
                        ? dnnl_linear_op()
                        : nullptr;
@@ -280,27 +425,52 @@ void check_mlp_layers(const Mlp& net, const std::string& name, int64_t in) {
 int64_t mlp_out(const Mlp& net) { return net.w.back().size(0); }
 
 // Exact Euclidean projection of v onto {||d|| <= r} ∩ {lo - x <= d <= hi - x} for one row, in float64:
-// the same fixed point iteration as robbench.projection.project_ball_box (see its docstring).
-void project_row(const float* v, const float* x, double r, double lo_box, double hi_box, int64_t D, float* out) {
+// the same fixed point iteration as robbench.projection.project_ball_box (see its docstring). The sums are
+// vectorised (omp simd: lane partial sums, added in another order than the Python reference, which the
+// fixed point absorbs to float64 rounding); ROBBENCH_ATTACK_PROJ=scalar runs the sequential loops (A/B).
+template <bool kSimd>
+__attribute__((always_inline)) inline void project_row_body(const float* v, const float* x, double r, double lo_box,
+                                                            double hi_box, int64_t D, float* out) {
   const double r2 = r * r;
   double full2 = 0.0;
-  for (int64_t i = 0; i < D; ++i) {
-    const double xi = x[i], vi = v[i];
-    const double f = std::max(std::min(vi, hi_box - xi), lo_box - xi);
-    full2 += f * f;
+  if constexpr (kSimd) {
+#pragma omp simd reduction(+ : full2)
+    for (int64_t i = 0; i < D; ++i) {
+      const double xi = x[i], vi = v[i];
+      const double f = std::max(std::min(vi, hi_box - xi), lo_box - xi);
+      full2 += f * f;
+    }
+  } else {
+    for (int64_t i = 0; i < D; ++i) {
+      const double xi = x[i], vi = v[i];
+      const double f = std::max(std::min(vi, hi_box - xi), lo_box - xi);
+      full2 += f * f;
+    }
   }
   double t = 1.0;
   if (full2 > r2) {
     for (int it = 0; it < 100; ++it) {
       double c = 0.0, s = 0.0;
-      for (int64_t i = 0; i < D; ++i) {
-        const double xi = x[i], vi = v[i];
-        const double lo = lo_box - xi, hi = hi_box - xi, tv = t * vi;
-        if (tv > hi || tv < lo) {
+      if constexpr (kSimd) {
+#pragma omp simd reduction(+ : c, s)
+        for (int64_t i = 0; i < D; ++i) {
+          const double xi = x[i], vi = v[i];
+          const double lo = lo_box - xi, hi = hi_box - xi, tv = t * vi;
+          const bool clipped = tv > hi || tv < lo;
           const double face = vi > 0 ? hi : lo;
-          c += face * face;
-        } else {
-          s += vi * vi;
+          c += clipped ? face * face : 0.0;
+          s += clipped ? 0.0 : vi * vi;
+        }
+      } else {
+        for (int64_t i = 0; i < D; ++i) {
+          const double xi = x[i], vi = v[i];
+          const double lo = lo_box - xi, hi = hi_box - xi, tv = t * vi;
+          if (tv > hi || tv < lo) {
+            const double face = vi > 0 ? hi : lo;
+            c += face * face;
+          } else {
+            s += vi * vi;
+          }
         }
       }
       double t_next = std::min(std::sqrt(std::max(r2 - c, 0.0) / std::max(s, 1e-300)), 1.0);
@@ -309,10 +479,27 @@ void project_row(const float* v, const float* x, double r, double lo_box, double
       t = t_next;
     }
   }
+#pragma omp simd
   for (int64_t i = 0; i < D; ++i) {
     const double xi = x[i];
     out[i] = static_cast<float>(std::max(std::min(t * static_cast<double>(v[i]), hi_box - xi), lo_box - xi));
   }
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void project_row_simd(const float* v, const float* x, double r, double lo_box, double hi_box, int64_t D, float* out) {
+  project_row_body<true>(v, x, r, lo_box, hi_box, D, out);
+}
+
+void project_row_scalar(const float* v, const float* x, double r, double lo_box, double hi_box, int64_t D,
+                        float* out) {
+  project_row_body<false>(v, x, r, lo_box, hi_box, D, out);
+}
+
+
+void project_row(const float* v, const float* x, double r, double lo_box, double hi_box, int64_t D, float* out) {
+  if (tl_scalar_projection_env) project_row_scalar(v, x, r, lo_box, hi_box, D, out);
+  else project_row_simd(v, x, r, lo_box, hi_box, D, out);
 }
 
 // The objective's epilogue, fused: y (S' N, F) decoder outputs (S' = max(S, 1), draw-major), center (N, F).
