@@ -91,34 +91,49 @@ def test_value_and_gradient_equal_autograd(family, act, layers, route, extra):
 
 
 
+# The op's product paths: AVX-512 small-row kernels (<= 64 rows, the default), oneDNN on packed weights,
+# oneDNN on plain weights (ROBBENCH_ATTACK_SMALL / ROBBENCH_ATTACK_DNNL, read at each op call).
+PRODUCT_PATHS = [{}, {"ROBBENCH_ATTACK_SMALL": "off"},
+                 {"ROBBENCH_ATTACK_SMALL": "off", "ROBBENCH_ATTACK_DNNL": "plain"}]
+
+
+def _set_env(monkeypatch, env):
+    for name in ("ROBBENCH_ATTACK_SMALL", "ROBBENCH_ATTACK_DNNL"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+
+
 def test_packed_weights_follow_in_place_changes_and_every_row_count(monkeypatch):
-    """The op packs the large weights for oneDNN once and caches the packed forms: a weight changed in
-    place (even through .data, which leaves its version counter alone) must never be served stale; one or
-    two rows take MKL, more take the packed oneDNN product; ROBBENCH_ATTACK_DNNL=plain (no packing) agrees."""
+    """Every product path equals autograd at 1-17 rows (4-68 decoder rows: small-row kernels, MKL at one or
+    two rows, packed oneDNN above). The op packs the large weights for oneDNN once and caches the packed
+    forms: a weight changed in place (even through .data, which leaves its version counter alone) must
+    never be served stale, on any path."""
     m = _model()
     spec = fa.fused_spec(m)
     x, mu_c, sig_c, center, _, _ = _inputs(m)
     eta = torch.randn(4, 4, m.latent_dim, generator=torch.Generator().manual_seed(2))
     gen = torch.Generator().manual_seed(3)
-    for n in (1, 2, 3, 6):
-        rows = torch.tensor([0, 1, 2, 3, 1, 0][:n])
+    for n in (1, 2, 3, 6, 17):
+        rows = torch.arange(n) % 4
         delta = 0.05 * torch.randn((n, *SHAPE), generator=gen)
         op = fa.FusedObjective(spec, x, center, mu_c, sig_c, torch.full((4,), 2.0), "both", (0.0, 1.0))
         v_ref, g_ref = _autograd(m, x, mu_c, sig_c, center, rows, delta, eta, "both")
-        v, g = op.value(rows, delta, eta), op.gradient(rows, delta, eta).view_as(delta)
-        torch.testing.assert_close(v, v_ref, rtol=1e-5, atol=1e-5)
-        assert float((g - g_ref).norm() / g_ref.norm()) < 1e-4
-        monkeypatch.setenv("ROBBENCH_ATTACK_DNNL", "plain")
-        torch.testing.assert_close(op.value(rows, delta, eta), v, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(op.gradient(rows, delta, eta).view_as(delta), g, rtol=1e-4, atol=1e-6)
-        monkeypatch.delenv("ROBBENCH_ATTACK_DNNL")
+        for env in PRODUCT_PATHS:
+            _set_env(monkeypatch, env)
+            v, g = op.value(rows, delta, eta), op.gradient(rows, delta, eta).view_as(delta)
+            torch.testing.assert_close(v, v_ref, rtol=1e-5, atol=1e-5)
+            assert float((g - g_ref).norm() / g_ref.norm()) < 1e-4, (n, env)
     rows = torch.tensor([0, 1, 2, 3])
     delta = 0.05 * torch.randn((4, *SHAPE), generator=gen)
     enc_w, dec_w = m.encoder[1].weight, m.decoder[-2].weight  # the two packed (oneDNN) layers
     assert enc_w.numel() >= 32768 and dec_w.numel() >= 32768
     for change in (lambda w: w.data.mul_(0.5), lambda w: w.data.add_(0.01)):
-        before = fa.FusedObjective(spec, x, center, mu_c, sig_c, torch.full((4,), 2.0), "both",
-                                   (0.0, 1.0)).gradient(rows, delta, eta)
+        before = {}
+        for i, env in enumerate(PRODUCT_PATHS):
+            _set_env(monkeypatch, env)
+            before[i] = fa.FusedObjective(spec, x, center, mu_c, sig_c, torch.full((4,), 2.0), "both",
+                                          (0.0, 1.0)).gradient(rows, delta, eta)
         with torch.no_grad():
             change(enc_w)
             change(dec_w)
@@ -126,10 +141,40 @@ def test_packed_weights_follow_in_place_changes_and_every_row_count(monkeypatch)
             center = _decode_flat(m, mu_c)
         op = fa.FusedObjective(fa.fused_spec(m), x, center, mu_c, sig_c, torch.full((4,), 2.0), "both", (0.0, 1.0))
         v_ref, g_ref = _autograd(m, x, mu_c, sig_c, center, rows, delta, eta, "both")
-        g = op.gradient(rows, delta, eta).view_as(delta)
-        torch.testing.assert_close(op.value(rows, delta, eta), v_ref, rtol=1e-5, atol=1e-5)
-        assert float((g - g_ref).norm() / g_ref.norm()) < 1e-4
-        assert float((g - before.view_as(delta)).norm() / g_ref.norm()) > 1e-3  # the change mattered
+        for i, env in enumerate(PRODUCT_PATHS):
+            _set_env(monkeypatch, env)
+            g = op.gradient(rows, delta, eta).view_as(delta)
+            torch.testing.assert_close(op.value(rows, delta, eta), v_ref, rtol=1e-5, atol=1e-5)
+            assert float((g - g_ref).norm() / g_ref.norm()) < 1e-4
+            assert float((g - before[i].view_as(delta)).norm() / g_ref.norm()) > 1e-3  # the change mattered
+
+
+@pytest.mark.parametrize("act", ["relu", "tanh"])
+def test_small_row_kernels_on_odd_shapes(monkeypatch, act):
+    """The small-row kernels' edges: widths that are not multiples of their 16-float vectors or of their
+    4- and 8-row / 4- and 8-output blocks (input 35, hidden 19, latent 3), from one row to past their
+    64-row limit; value and gradient equal autograd, with the kernels on, off, and at a lower limit."""
+    shape = (1, 5, 7)
+    torch.manual_seed(0)
+    m = models.build_model(models.VAE, {"activation": act, "layers": 2, "hidden": 19, "latent_dim": 3}, shape).eval()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand((5, *shape), generator=gen)
+    with torch.no_grad():
+        mu_c, sig_c = m.encode(x)
+        center = _decode_flat(m, mu_c)
+    op = fa.FusedObjective(fa.fused_spec(m), x, center, mu_c, sig_c, torch.full((5,), 2.0), "both", (0.0, 1.0))
+    eta = torch.randn(2, 5, 3, generator=gen)
+    for n in (1, 2, 3, 4, 5, 7, 8, 9, 13, 31, 33, 64, 65):
+        rows = torch.arange(n) % 5
+        delta = 0.1 * torch.randn((n, *shape), generator=gen)
+        for e in (eta, None):
+            v_ref, g_ref = _autograd(m, x, mu_c, sig_c, center, rows, delta, e, "both")
+            for env in ({}, {"ROBBENCH_ATTACK_SMALL": "off"}, {"ROBBENCH_ATTACK_SMALL": "5"}):
+                _set_env(monkeypatch, env)
+                v, g = op.value(rows, delta, e), op.gradient(rows, delta, e).view_as(delta)
+                torch.testing.assert_close(v, v_ref, rtol=1e-5, atol=1e-6)
+                assert float((g - g_ref).norm() / g_ref.norm()) < 1e-4, (n, env, e is None)
+
 
 def test_step_uses_the_rng_streams_and_the_exact_projection():
     """A stochastic step: antithetic draws j0.. of robbench.rng (bit for bit), normalised gradient step,
@@ -156,16 +201,22 @@ def test_step_uses_the_rng_streams_and_the_exact_projection():
 
 
 @pytest.mark.parametrize("box", [(0.0, 1.0), (-1.0, 1.0)])
-def test_projection_op_equals_python(box):
+@pytest.mark.parametrize("d", [300, 7, 785])
+def test_projection_op_equals_python(monkeypatch, box, d):
+    """The op's projection (vectorised sums; ROBBENCH_ATTACK_PROJ=scalar: sequential) equals the Python
+    reference, at widths with and without a partial vector at the end."""
     gen = torch.Generator().manual_seed(3)
-    n, d = 40, 300
+    n = 40
     x = torch.rand(n, d, generator=gen) * (box[1] - box[0]) + box[0]
     v = torch.randn(n, d, generator=gen) * torch.logspace(-2, 1, n).view(-1, 1)
     radius = torch.rand(n, generator=gen) * 3
     radius[0] = 0.0
-    ours = torch.ops.robbench.project_ball_box(v, x, radius, *box)
     ref = project_ball_box(v, x, radius, box=box)
+    ours = torch.ops.robbench.project_ball_box(v, x, radius, *box)
     torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+    assert bool((ours.norm(dim=1) < radius * (1 + 1e-6) + 1e-7).all())
+    monkeypatch.setenv("ROBBENCH_ATTACK_PROJ", "scalar")
+    torch.testing.assert_close(torch.ops.robbench.project_ball_box(v, x, radius, *box), ours, rtol=0, atol=1e-6)
 
 
 def test_the_compiled_attack_matches_the_torch_engine():

@@ -198,18 +198,17 @@ std::pair<at::Tensor, at::Tensor> packed_weight(const at::Tensor& w) {
   return {e.packed, e.packed_t};
 }
 
-// ROBBENCH_ATTACK_DNNL=plain (read at each op call, for interleaved A/B runs): oneDNN on the plain weights
-// at every row count, as before the cache.
+// A/B switches, read from the environment at each op call (so runs can be interleaved in one process):
+// ROBBENCH_ATTACK_DNNL=plain: oneDNN on the plain weights at every row count, as before the pack cache;
+// ROBBENCH_ATTACK_PROJ=scalar: the projection's sums in sequential order (project_row);
+// ROBBENCH_ATTACK_SMALL=off: no small-row kernels (small_linear); =<n>: they take products on <= n rows.
 thread_local bool tl_plain_dnnl = false;
-
 thread_local bool tl_scalar_projection_env = false;
-// The small-row kernels (below) take products on at most kSmallRows rows; ROBBENCH_ATTACK_SMALL=off turns them
-// off, ROBBENCH_ATTACK_SMALL=<n> sets the limit (A/B runs; read at each op call).
 constexpr int64_t kSmallRows = 64;
 thread_local bool tl_small_off = false;
 thread_local int64_t tl_small_rows = kSmallRows;
 
-void read_dnnl_mode() {
+void read_ab_switches() {
   const char* env = std::getenv("ROBBENCH_ATTACK_DNNL");
   tl_plain_dnnl = env && std::string(env) == "plain";
   const char* proj = std::getenv("ROBBENCH_ATTACK_PROJ");
@@ -219,14 +218,15 @@ void read_dnnl_mode() {
   tl_small_rows = small && !tl_small_off ? std::atoi(small) : kSmallRows;
 }
 
-// Products on a few rows (the attack's late bisection steps run on 1-8 active rows, 4-32 decoder rows):
-// there the oneDNN / MKL calls cost mostly their fixed overhead (primitive lookup, allocation, a weight
-// layout of their own) and the read of the weight. These AVX-512 kernels read the weight w (out, in) as it
-// is, for both products: x w^T (forward: per output, dot products over in) and g w (backward: per input
-// column block, a sum over out of g-scaled weight rows), so the backward product of a layer finds its
-// weight still in L2 after the forward (decoder) or the next forward after the backward (encoder).
-// fp32 FMA arithmetic, another summation order than oneDNN's (float rounding). Rows <= kSmallRows only;
-// ROBBENCH_ATTACK_SMALL=off (read at each op call) turns them off for A/B runs.
+// Products on up to kSmallRows rows. The attack's late bisection steps run on 1-8 active rows (4-32
+// decoder rows); there a oneDNN / MKL call costs mostly its fixed overhead (primitive lookup, allocation,
+// its own weight layout) and the read of the weight. These AVX-512 kernels read the weight w (out, in) as
+// it is, for both products: x w^T (forward: per output, dot products over in) and g w (backward: per
+// block of input columns, a sum over out of g-scaled weight rows). So there is no pack to look up, and the
+// backward product of a layer can find its weight still in L2 after the forward (decoder), or the next
+// forward after the backward (encoder). fp32 FMAs, summed in another order than oneDNN's (float rounding).
+// Measured (beta-VAE attack calls replayed, 1 thread): as fast as oneDNN's packed product up to ~256 rows,
+// cheaper below ~64 (see benchmarks/README.md); without AVX-512 the products go to oneDNN / MKL.
 
 bool small_kernels_available() {
   static const bool ok = __builtin_cpu_supports("avx512f");
@@ -785,7 +785,7 @@ std::tuple<at::Tensor, at::Tensor> mlp_attack_step_cpu(
     int64_t sigma_kind, double sigma_offset, const at::Tensor& step_len_, const at::Tensor& radius_, double lo_box,
     double hi_box, int64_t mode) {
   const OneThread one_thread;
-  read_dnnl_mode();
+  read_ab_switches();
   TORCH_CHECK(mode >= 0 && mode <= 2, "mode must be 0 (value), 1 (gradient) or 2 (step), got ", mode);
   const Problem P = make_problem(x_, center_, mu_fix_, sig_fix_, ka_, kb_, n_half, enc_w, enc_b, enc_acts, dec_w, dec_b,
                                  dec_acts, route, sigma_kind, sigma_offset, radius_, mode == 2, lo_box, hi_box);
@@ -812,7 +812,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_stall_ascent_cpu(
     double sigma_offset, const at::Tensor& radius_, const at::Tensor& alpha0_, int64_t steps, int64_t check_every,
     double stall_tol, double min_step, double lo_box, double hi_box) {
   const OneThread one_thread;
-  read_dnnl_mode();
+  read_ab_switches();
   const Problem P = make_problem(x_, center_, mu_fix_, sig_fix_, ka_, kb_, n_half, enc_w, enc_b, enc_acts, dec_w, dec_b,
                                  dec_acts, route, sigma_kind, sigma_offset, radius_, true, lo_box, hi_box);
   check_call(P, rows_, delta0_, eval_eta_, 0, 0);
@@ -899,6 +899,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_stall_ascent_cpu(
 // project_ball_box for (N, D) rows: tests compare it with robbench.projection.project_ball_box.
 at::Tensor project_ball_box_cpu(const at::Tensor& v_, const at::Tensor& x_, const at::Tensor& radius_, double lo_box,
                                 double hi_box) {
+  read_ab_switches();
   const at::Device cpu(at::kCPU);
   check_tensor(v_, "v", at::kFloat, cpu, 2);
   check_tensor(x_, "x", at::kFloat, cpu, 2);
