@@ -328,10 +328,15 @@ void small_backward(const float* g, int64_t N, int64_t M, const float* w, int64_
   for (; n < N; ++n) axpy_rows<1, 8>(g + n * M, M, w, K, out + n * K);
 }
 
+// True when the small-row kernels take every product on at most `rows` rows.
+bool small_kernels_cover(int64_t rows) {
+  return !tl_small_off && rows <= tl_small_rows && small_kernels_available();
+}
+
 // The small-row product when it applies (AVX-512, rows <= kSmallRows, not switched off), else undefined.
 at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, bool transposed) {
   const int64_t N = x.size(0);
-  if (tl_small_off || N > tl_small_rows || N == 0 || !small_kernels_available()) return at::Tensor();
+  if (N == 0 || !small_kernels_cover(N)) return at::Tensor();
   const at::Tensor xc = x.contiguous(), wc = w.contiguous();
   const int64_t M = wc.size(0), K = wc.size(1);
   if (!transposed) {
@@ -560,7 +565,7 @@ Problem make_problem(const at::Tensor& x, const at::Tensor& center, const at::Te
                      const at::Tensor& ka, const at::Tensor& kb, int64_t n_half, at::TensorList enc_w,
                      at::TensorList enc_b, at::IntArrayRef enc_acts, at::TensorList dec_w, at::TensorList dec_b,
                      at::IntArrayRef dec_acts, int64_t route, int64_t sigma_kind, double sigma_offset,
-                     const at::Tensor& radius, bool need_radius, double lo_box, double hi_box) {
+                     const at::Tensor& radius, bool need_radius, double lo_box, double hi_box, int64_t max_rows) {
   const at::Device cpu(at::kCPU);
   check_tensor(x, "x", at::kFloat, cpu, 2);
   check_tensor(center, "center", at::kFloat, cpu, 2);
@@ -575,8 +580,10 @@ Problem make_problem(const at::Tensor& x, const at::Tensor& center, const at::Te
   Mlp enc{enc_w, enc_b, enc_acts}, dec{dec_w, dec_b, dec_acts};
   check_mlp_layers(enc, "enc", D);
   check_mlp_layers(dec, "dec", k);
-  pack_layers(enc);
-  pack_layers(dec);
+  if (!small_kernels_cover(max_rows)) {  // else no product of the call goes to oneDNN: no pack lookup
+    pack_layers(enc);
+    pack_layers(dec);
+  }
   TORCH_CHECK(mlp_out(enc) == (sigma_kind == 0 ? 2 * k : k), "the encoder must output ", sigma_kind == 0 ? 2 * k : k,
               " features for sigma_kind ", sigma_kind, ", got ", mlp_out(enc));
   TORCH_CHECK(center.size(1) == mlp_out(dec), "center must be (B, ", mlp_out(dec), ")");
@@ -787,8 +794,10 @@ std::tuple<at::Tensor, at::Tensor> mlp_attack_step_cpu(
   const OneThread one_thread;
   read_ab_switches();
   TORCH_CHECK(mode >= 0 && mode <= 2, "mode must be 0 (value), 1 (gradient) or 2 (step), got ", mode);
+  const int64_t draws = n_half > 0 ? 2 * n_half : (eta_.numel() > 0 ? eta_.size(0) : 1);
   const Problem P = make_problem(x_, center_, mu_fix_, sig_fix_, ka_, kb_, n_half, enc_w, enc_b, enc_acts, dec_w, dec_b,
-                                 dec_acts, route, sigma_kind, sigma_offset, radius_, mode == 2, lo_box, hi_box);
+                                 dec_acts, route, sigma_kind, sigma_offset, radius_, mode == 2, lo_box, hi_box,
+                                 delta_.size(0) * draws);
   check_call(P, rows_, delta_, eta_, j0, n_half);
   if (mode == 2) {
     check_tensor(step_len_, "step_len", at::kFloat, at::Device(at::kCPU), 1);
@@ -813,8 +822,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_stall_ascent_cpu(
     double stall_tol, double min_step, double lo_box, double hi_box) {
   const OneThread one_thread;
   read_ab_switches();
+  const int64_t draws = std::max<int64_t>({2 * n_half, eval_eta_.numel() > 0 ? eval_eta_.size(0) : 1, 1});
   const Problem P = make_problem(x_, center_, mu_fix_, sig_fix_, ka_, kb_, n_half, enc_w, enc_b, enc_acts, dec_w, dec_b,
-                                 dec_acts, route, sigma_kind, sigma_offset, radius_, true, lo_box, hi_box);
+                                 dec_acts, route, sigma_kind, sigma_offset, radius_, true, lo_box, hi_box,
+                                 delta0_.size(0) * draws);
   check_call(P, rows_, delta0_, eval_eta_, 0, 0);
   TORCH_CHECK(n_half >= 0 && steps * n_half < (int64_t(1) << 32), "steps * n_half must stay below 2^32");
   TORCH_CHECK(steps >= 0 && check_every >= 1, "steps must be >= 0 and check_every >= 1");
