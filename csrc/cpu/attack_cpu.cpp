@@ -225,8 +225,8 @@ void read_ab_switches() {
 // block of input columns, a sum over out of g-scaled weight rows). So there is no pack to look up, and the
 // backward product of a layer can find its weight still in L2 after the forward (decoder), or the next
 // forward after the backward (encoder). fp32 FMAs, summed in another order than oneDNN's (float rounding).
-// Measured (beta-VAE attack calls replayed, 1 thread): as fast as oneDNN's packed product up to ~256 rows,
-// cheaper below ~64 (see benchmarks/README.md); without AVX-512 the products go to oneDNN / MKL.
+// The limit, 64 rows, was the fastest of 8 / 16 / 32 / 64 / 128 / 256 on recorded beta-VAE attack calls
+// (benchmarks/README.md, session 4); without AVX-512 every product goes to oneDNN / MKL as before.
 
 bool small_kernels_available() {
   static const bool ok = __builtin_cpu_supports("avx512f");
@@ -333,7 +333,7 @@ bool small_kernels_cover(int64_t rows) {
   return !tl_small_off && rows <= tl_small_rows && small_kernels_available();
 }
 
-// The small-row product when it applies (AVX-512, rows <= kSmallRows, not switched off), else undefined.
+// The small-row product x w^T + b, or x w when `transposed`, where the kernels cover x's rows; else undefined.
 at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b, bool transposed) {
   const int64_t N = x.size(0);
   if (N == 0 || !small_kernels_cover(N)) return at::Tensor();
@@ -500,7 +500,6 @@ void project_row_scalar(const float* v, const float* x, double r, double lo_box,
                         float* out) {
   project_row_body<false>(v, x, r, lo_box, hi_box, D, out);
 }
-
 
 void project_row(const float* v, const float* x, double r, double lo_box, double hi_box, int64_t D, float* out) {
   if (tl_scalar_projection_env) project_row_scalar(v, x, r, lo_box, hi_box, D, out);
