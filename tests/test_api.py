@@ -146,8 +146,12 @@ def test_attack_based_results_do_not_depend_on_batching():
     for key in ("margin_lo", "margin_hi", "samples"):
         assert margins.column(key) == alone.select(estimator="margin").column(key)
     assert margins.column("margin") == pytest.approx(alone.select(estimator="margin").column("margin"), rel=0.03)
+    # The damage estimate attacks at one radius: the same path alone or batched gives the same damage to the
+    # last bits, but last-bit differences of the clean encode/decode (torch's products depend on the batch
+    # size) can flip one stall decision of the stochastic ascent (seen: 1.5e-4 relative on one point).
+    # Other random streams (seed 1 instead of 0) move it by 0.9-4%, far outside this tolerance.
     assert together.select(estimator="damage").column("damage") == pytest.approx(
-        alone.select(estimator="damage").column("damage"), rel=1e-5)
+        alone.select(estimator="damage").column("damage"), rel=1e-3)
 
 
 def test_evaluate_runs_its_batches_through_the_given_executor(model):
