@@ -323,3 +323,78 @@ def test_models_in_the_harness_wrapper_run_on_the_compiled_engine():
                    estimator_params={"margin": {"samples_max": 1024}})
     assert fa.ROWS["decode"] > before
     assert all(0.0 < v < 10.0 for v in out.column("margin"))
+
+
+def _stall_op_args(op, starts, keys, n_half, eval_eta, steps=24, step_size=0.3):
+    """robbench::mlp_stall_ascent's arguments for these starts (as FusedObjective.stall_ascent builds them)."""
+    B, R = op.x.shape[0], len(starts)
+    delta = project_ball_box(torch.cat(starts, 0).flatten(1), op.x.repeat(R, 1), op.radius.repeat(R), box=op.box)
+    s = op.spec
+    return [op.x, delta, torch.arange(B).repeat(R), op.center, op.mu_c, op.sig_c, eval_eta, *keys, n_half, *s.enc,
+            *s.dec, op.route, s.sigma_kind, s.sigma_offset, op.radius, torch.full((R * B,), step_size), steps, 3,
+            1e-3, 0.02, *op.box]
+
+
+def _split_problem(B=8, R=2):
+    m = _model(hidden=64)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.rand((B, *SHAPE), generator=gen)
+    with torch.no_grad():
+        mu_c, sig_c = m.encode(x)
+        center = _decode_flat(m, mu_c)
+    op = fa.FusedObjective(fa.fused_spec(m), x, center, mu_c, sig_c, torch.linspace(0.5, 3.0, B), "both", (0.0, 1.0))
+    starts = [0.3 * torch.randn((B, *SHAPE), generator=gen) for _ in range(R)]
+    # 2 antithetic draws per step and 4 scoring draws: every decoder product has <= 64 rows (small kernels)
+    return op, starts, rng.stream_keys(5, torch.arange(B)), 2, torch.randn(4, B, m.latent_dim, generator=gen)
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_stall_loop_row_groups_run_the_whole_loop_independently(monkeypatch, two_threads):
+    """At 2 threads mlp_stall_ascent splits its rows into 2 groups, each running the whole loop on its own
+    thread: the result is exactly the two halves run as separate one-group calls, and (every product on the
+    batch-independent small-row kernels here) the one-group run on all rows."""
+    op, starts, keys, half, eval_eta = _split_problem()
+    args = _stall_op_args(op, starts, keys, half, eval_eta)
+    M = args[1].shape[0]
+    stall = torch.ops.robbench.mlp_stall_ascent
+    best, val, counts = stall(*args)
+    assert counts.tolist()[2] == 2
+    monkeypatch.setenv("ROBBENCH_ATTACK_SPLIT", "off")
+    halves = []
+    for a, b in ((0, M // 2), (M // 2, M)):
+        part = list(args)
+        part[1], part[2], part[20] = args[1][a:b], args[2][a:b], args[20][a:b]
+        halves.append(stall(*part))
+    assert all(h[2].tolist()[2] == 1 for h in halves)
+    assert torch.equal(best, torch.cat([h[0] for h in halves]))
+    assert torch.equal(val, torch.cat([h[1] for h in halves]))
+    assert counts[:2].tolist() == (halves[0][2] + halves[1][2])[:2].tolist()
+    one = stall(*args)
+    assert one[2].tolist()[2] == 1
+    assert torch.equal(best, one[0]) and torch.equal(val, one[1]) and torch.equal(counts[:2], one[2][:2])
+
+
+def test_the_split_switch_and_threshold(monkeypatch, two_threads):
+    """ROBBENCH_ATTACK_SPLIT=off keeps one group; =<n> asks n rows per group; the default splits from 8 rows
+    (4 per group); one intra-op thread never splits. The groups in use are the op's third count."""
+    op, starts, keys, half, eval_eta = _split_problem(B=3, R=2)  # 6 rows: below the default threshold
+    small = _stall_op_args(op, starts, keys, half, eval_eta, steps=4)
+    op, starts, keys, half, eval_eta = _split_problem(B=4, R=2)  # 8 rows
+    args = _stall_op_args(op, starts, keys, half, eval_eta, steps=4)
+    stall = torch.ops.robbench.mlp_stall_ascent
+    assert stall(*small)[2].tolist()[2] == 1
+    assert stall(*args)[2].tolist()[2] == 2
+    for env, groups in (("off", 1), ("5", 1), ("2", 2), ("1", 2)):
+        monkeypatch.setenv("ROBBENCH_ATTACK_SPLIT", env)
+        assert stall(*args)[2].tolist()[2] == groups, env
+    torch.set_num_threads(1)
+    assert stall(*args)[2].tolist()[2] == 1
+    monkeypatch.delenv("ROBBENCH_ATTACK_SPLIT")
+    assert stall(*args)[2].tolist()[2] == 1

@@ -806,39 +806,48 @@ std::tuple<at::Tensor, at::Tensor> mlp_attack_step_cpu(
               step_len_, mode);
 }
 
-// robbench.projection.stall_ascent with the op's steps and scores, the whole loop here (same decisions,
-// same order of updates): delta0 (R B, D) the projected starts, rows (R B,) their points, alpha0 (R B,)
-// first steps (fractions of the radius). Steps use n_half antithetic draws j0 = step * n_half of the
-// points' streams (n_half 0: eta = 0); scores use eval_eta (S, B, k) (empty: eta = 0).
-// Returns every row's best scored iterate and its score, and the rows it ran through the encoder and the
-// decoder: ((R B, D), (R B,), (2,) int64).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_stall_ascent_cpu(
-    const at::Tensor& x_, const at::Tensor& delta0_, const at::Tensor& rows_, const at::Tensor& center_,
-    const at::Tensor& mu_fix_, const at::Tensor& sig_fix_, const at::Tensor& eval_eta_, const at::Tensor& ka_,
-    const at::Tensor& kb_, int64_t n_half, at::TensorList enc_w, at::TensorList enc_b, at::IntArrayRef enc_acts,
-    at::TensorList dec_w, at::TensorList dec_b, at::IntArrayRef dec_acts, int64_t route, int64_t sigma_kind,
-    double sigma_offset, const at::Tensor& radius_, const at::Tensor& alpha0_, int64_t steps, int64_t check_every,
-    double stall_tol, double min_step, double lo_box, double hi_box) {
-  const OneThread one_thread;
-  read_ab_switches();
-  const int64_t draws = std::max<int64_t>({2 * n_half, eval_eta_.numel() > 0 ? eval_eta_.size(0) : 1, 1});
-  const Problem P = make_problem(x_, center_, mu_fix_, sig_fix_, ka_, kb_, n_half, enc_w, enc_b, enc_acts, dec_w, dec_b,
-                                 dec_acts, route, sigma_kind, sigma_offset, radius_, true, lo_box, hi_box,
-                                 delta0_.size(0) * draws);
-  check_call(P, rows_, delta0_, eval_eta_, 0, 0);
-  TORCH_CHECK(n_half >= 0 && steps * n_half < (int64_t(1) << 32), "steps * n_half must stay below 2^32");
-  TORCH_CHECK(steps >= 0 && check_every >= 1, "steps must be >= 0 and check_every >= 1");
-  check_tensor(alpha0_, "alpha0", at::kFloat, at::Device(at::kCPU), 1);
-  const int64_t M = delta0_.size(0);
-  TORCH_CHECK(alpha0_.size(0) == M, "alpha0 must be (N,) with N = ", M);
-  const at::Tensor none = at::empty({0}, x_.options());
+// The stall loop's rows split into groups, one thread each (mlp_stall_ascent). Every row's decisions (its
+// step halving, best iterate, active flag) depend on that row alone and all rows check at the same steps,
+// so T contiguous groups can each run the whole loop on their own thread, joined once at the end: no
+// per-step barrier (a split of each product across threads waited for descheduled threads on a loaded
+// machine: 10-70x slower steps, see OneThread). Inside a group everything stays on its thread.
+// Groups: min(torch's intra-op threads, rows / kSplitMinRows); ROBBENCH_ATTACK_SPLIT=off: one group,
+// =<n>: at least n rows per group (A/B runs; read at each call by read_split_switch).
+constexpr int64_t kSplitMinRows = 4;
+thread_local bool tl_split_off = false;
+thread_local int64_t tl_split_min_rows = kSplitMinRows;
+
+void read_split_switch() {
+  const char* env = std::getenv("ROBBENCH_ATTACK_SPLIT");
+  tl_split_off = env && std::string(env) == "off";
+  tl_split_min_rows = env && !tl_split_off ? std::max(1, std::atoi(env)) : kSplitMinRows;
+}
+
+// The number of row groups for a call on M rows from a thread with `threads` intra-op threads.
+int64_t split_groups(int64_t M, int64_t threads) {
+  if (tl_split_off || threads <= 1) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(threads, M / tl_split_min_rows));
+}
+
+struct StallResult {
+  at::Tensor best, best_val;
+  int64_t enc_rows, dec_rows;
+};
+
+// The stall loop on the rows given (rows (M,), delta0 (M, D) projected starts, alpha0 (M,)), on the
+// calling thread.
+StallResult stall_loop(const Problem& P, const at::Tensor& rows_, const at::Tensor& delta0, const at::Tensor& alpha0,
+                       const at::Tensor& eval_eta_, int64_t n_half, int64_t steps, int64_t check_every,
+                       double stall_tol, double min_step) {
+  const int64_t M = delta0.size(0);
+  const at::Tensor none = at::empty({0}, P.x.options());
   at::Tensor rows = rows_.contiguous();
-  at::Tensor delta = delta0_.contiguous().clone();
+  at::Tensor delta = delta0.contiguous().clone();
   at::Tensor best = delta.clone();
   const int64_t S_eval = eval_eta_.numel() > 0 ? eval_eta_.size(0) : 1;
   int64_t enc_rows = M, dec_rows = M * S_eval;
   at::Tensor best_val = std::get<0>(core(P, row_set(P, rows, eval_eta_), delta, true, 0, 0, none, 0)).contiguous();
-  at::Tensor alpha = alpha0_.contiguous().clone();
+  at::Tensor alpha = alpha0.contiguous().clone();
   float *pbv = best_val.data_ptr<float>(), *pal = alpha.data_ptr<float>(), *pd = delta.data_ptr<float>(),
         *pb = best.data_ptr<float>();
   const float *prad = P.radius.data_ptr<float>();
@@ -857,8 +866,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_stall_ascent_cpu(
     const int64_t n = static_cast<int64_t>(ids.size());
     idx = at::empty({n}, rows.options());
     rows_a = at::empty({n}, rows.options());
-    step_len = at::empty({n}, x_.options());
-    cur = at::empty({n, D}, x_.options());
+    step_len = at::empty({n}, P.x.options());
+    cur = at::empty({n, D}, P.x.options());
     int64_t *pi = idx.data_ptr<int64_t>(), *pr = rows_a.data_ptr<int64_t>();
     float *ps = step_len.data_ptr<float>(), *pc = cur.data_ptr<float>();
     for (int64_t j = 0; j < n; ++j) {
@@ -900,10 +909,77 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_stall_ascent_cpu(
     }
     gather();
   }
-  at::Tensor counts = at::empty({2}, rows.options());
-  counts[0] = enc_rows;
-  counts[1] = dec_rows;
-  return {best, best_val, counts};
+  return {best, best_val, enc_rows, dec_rows};
+}
+
+// robbench.projection.stall_ascent with the op's steps and scores, the whole loop here (same decisions,
+// same order of updates): delta0 (R B, D) the projected starts, rows (R B,) their points, alpha0 (R B,)
+// first steps (fractions of the radius). Steps use n_half antithetic draws j0 = step * n_half of the
+// points' streams (n_half 0: eta = 0); scores use eval_eta (S, B, k) (empty: eta = 0).
+// Returns every row's best scored iterate and its score, and (enc rows, dec rows, groups): the rows it
+// ran through the encoder and the decoder and the number of row groups (threads) it ran in:
+// ((R B, D), (R B,), (3,) int64).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_stall_ascent_cpu(
+    const at::Tensor& x_, const at::Tensor& delta0_, const at::Tensor& rows_, const at::Tensor& center_,
+    const at::Tensor& mu_fix_, const at::Tensor& sig_fix_, const at::Tensor& eval_eta_, const at::Tensor& ka_,
+    const at::Tensor& kb_, int64_t n_half, at::TensorList enc_w, at::TensorList enc_b, at::IntArrayRef enc_acts,
+    at::TensorList dec_w, at::TensorList dec_b, at::IntArrayRef dec_acts, int64_t route, int64_t sigma_kind,
+    double sigma_offset, const at::Tensor& radius_, const at::Tensor& alpha0_, int64_t steps, int64_t check_every,
+    double stall_tol, double min_step, double lo_box, double hi_box) {
+  const int64_t threads = at::get_num_threads();  // before OneThread: the caller's intra-op thread count
+  read_split_switch();
+  const int64_t groups = split_groups(delta0_.size(0), threads);
+  const OneThread one_thread;
+  read_ab_switches();
+  const int64_t draws = std::max<int64_t>({2 * n_half, eval_eta_.numel() > 0 ? eval_eta_.size(0) : 1, 1});
+  // Products run on a group's rows: the pack lookup is needed when the small kernels do not cover them.
+  const int64_t group_rows = (delta0_.size(0) + groups - 1) / groups;
+  const Problem P = make_problem(x_, center_, mu_fix_, sig_fix_, ka_, kb_, n_half, enc_w, enc_b, enc_acts, dec_w, dec_b,
+                                 dec_acts, route, sigma_kind, sigma_offset, radius_, true, lo_box, hi_box,
+                                 group_rows * draws);
+  check_call(P, rows_, delta0_, eval_eta_, 0, 0);
+  TORCH_CHECK(n_half >= 0 && steps * n_half < (int64_t(1) << 32), "steps * n_half must stay below 2^32");
+  TORCH_CHECK(steps >= 0 && check_every >= 1, "steps must be >= 0 and check_every >= 1");
+  check_tensor(alpha0_, "alpha0", at::kFloat, at::Device(at::kCPU), 1);
+  const int64_t M = delta0_.size(0);
+  TORCH_CHECK(alpha0_.size(0) == M, "alpha0 must be (N,) with N = ", M);
+  at::Tensor counts = at::zeros({3}, rows_.options());
+  int64_t* pc = counts.data_ptr<int64_t>();
+  pc[2] = groups;
+  if (groups == 1) {
+    StallResult r = stall_loop(P, rows_, delta0_, alpha0_, eval_eta_, n_half, steps, check_every, stall_tol, min_step);
+    pc[0] = r.enc_rows;
+    pc[1] = r.dec_rows;
+    return {r.best, r.best_val, counts};
+  }
+  // Group g: rows [g M / T, (g + 1) M / T), on the g-th thread of one parallel region (at::parallel_for
+  // over the groups, grain 1), each single-threaded inside (OneThread, this thread's A/B switches).
+  std::vector<StallResult> parts(groups);
+  {
+#ifdef _OPENMP
+    omp_set_num_threads(static_cast<int>(threads));  // the region's team (OneThread set 1 above; it restores)
+#endif
+    at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+      const OneThread inner;
+      read_ab_switches();
+      for (int64_t g = g0; g < g1; ++g) {
+        const int64_t a = g * M / groups, len = (g + 1) * M / groups - a;
+        parts[g] = stall_loop(P, rows_.narrow(0, a, len), delta0_.narrow(0, a, len), alpha0_.narrow(0, a, len),
+                              eval_eta_, n_half, steps, check_every, stall_tol, min_step);
+      }
+    });
+#ifdef _OPENMP
+    omp_set_num_threads(1);
+#endif
+  }
+  std::vector<at::Tensor> bests, vals;
+  for (const StallResult& r : parts) {
+    bests.push_back(r.best);
+    vals.push_back(r.best_val);
+    pc[0] += r.enc_rows;
+    pc[1] += r.dec_rows;
+  }
+  return {at::cat(bests, 0), at::cat(vals, 0), counts};
 }
 
 // project_ball_box for (N, D) rows: tests compare it with robbench.projection.project_ball_box.
