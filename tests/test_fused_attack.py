@@ -276,10 +276,14 @@ def test_unsupported_networks_fall_back():
 
 
 @pytest.mark.parametrize("stochastic,stall_tol", [(False, 0.0), (True, 0.0), (True, 1e-3)])
-def test_the_op_loop_equals_stall_ascent_on_the_op_steps(stochastic, stall_tol):
+def test_the_op_loop_equals_stall_ascent_on_the_op_steps(monkeypatch, stochastic, stall_tol):
     """robbench::mlp_stall_ascent (the whole loop in C++) makes exactly the decisions of
-    robbench.projection.stall_ascent driven by the same op's steps and scores."""
+    robbench.projection.stall_ascent driven by the same op's steps and scores. One row group (the split
+    across threads is tested below): the Python loop calls the op on all active rows at once, and a row's
+    last bits can depend on which rows share its call."""
     from robbench.projection import stall_ascent
+
+    monkeypatch.setenv("ROBBENCH_ATTACK_SPLIT", "off")
 
     m = _model(hidden=64)
     B = 4
@@ -344,7 +348,7 @@ def _split_problem(B=8, R=2):
         center = _decode_flat(m, mu_c)
     op = fa.FusedObjective(fa.fused_spec(m), x, center, mu_c, sig_c, torch.linspace(0.5, 3.0, B), "both", (0.0, 1.0))
     starts = [0.3 * torch.randn((B, *SHAPE), generator=gen) for _ in range(R)]
-    # 2 antithetic draws per step and 4 scoring draws: every decoder product has <= 64 rows (small kernels)
+    # 2 antithetic draws per step and 4 scoring draws: decoder products on <= 64 rows (small-row kernels)
     return op, starts, rng.stream_keys(5, torch.arange(B)), 2, torch.randn(4, B, m.latent_dim, generator=gen)
 
 
@@ -358,8 +362,8 @@ def two_threads():
 
 def test_stall_loop_row_groups_run_the_whole_loop_independently(monkeypatch, two_threads):
     """At 2 threads mlp_stall_ascent splits its rows into 2 groups, each running the whole loop on its own
-    thread: the result is exactly the two halves run as separate one-group calls, and (every product on the
-    batch-independent small-row kernels here) the one-group run on all rows."""
+    thread: the result is exactly the two halves run as separate one-group calls, and the one-group run on
+    all rows up to float rounding (a row's last bits can depend on the other rows of its call)."""
     op, starts, keys, half, eval_eta = _split_problem()
     args = _stall_op_args(op, starts, keys, half, eval_eta)
     M = args[1].shape[0]
@@ -378,7 +382,8 @@ def test_stall_loop_row_groups_run_the_whole_loop_independently(monkeypatch, two
     assert counts[:2].tolist() == (halves[0][2] + halves[1][2])[:2].tolist()
     one = stall(*args)
     assert one[2].tolist()[2] == 1
-    assert torch.equal(best, one[0]) and torch.equal(val, one[1]) and torch.equal(counts[:2], one[2][:2])
+    assert torch.allclose(val, one[1], rtol=1e-5, atol=0) and torch.allclose(best, one[0], rtol=0, atol=1e-5)
+    assert torch.equal(counts[:2], one[2][:2])  # the same stall decisions
 
 
 def test_the_split_switch_and_threshold(monkeypatch, two_threads):
