@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from robbench import rng
+from robbench.checks import CheckedModel
 
 DEFAULT_CHUNK_ROWS = 2048
 MIN_GEMM_ROWS = 64
@@ -124,7 +125,14 @@ def _mlp_plan(layers: list[tuple[nn.Linear, int]]) -> MLPPlan:
 def decoder_plan(model: nn.Module, out_dim: int) -> MLPPlan | GenericPlan:
     """The decoder of ``model`` as an :class:`MLPPlan` (``model.decoder`` made of Linear/ReLU/Sigmoid and
     computing exactly what ``model.decode`` returns) or else a :class:`GenericPlan` over
-    ``model.decode(z).flatten(1)``. Cached per model and invalidated when any parameter changes."""
+    ``model.decode(z).flatten(1)``. Cached per model and invalidated when any parameter changes. A model
+    wrapped in :class:`robbench.checks.CheckedModel` (every run wraps it anew) shares the wrapped model's
+    MLP plan, which never calls ``decode``: the same weight tensors in every run, so the compiled backends'
+    per-weight caches keep hitting."""
+    if isinstance(model, CheckedModel):
+        inner = decoder_plan(model.unwrapped, out_dim)
+        if isinstance(inner, MLPPlan):
+            return inner
     decoder = getattr(model, "decoder", None)
     params = list(decoder.parameters()) if isinstance(decoder, nn.Module) else []
     key = tuple((p.data_ptr(), p._version) for p in params)

@@ -17,7 +17,9 @@ Ops (schemas in ``csrc/cpu/montecarlo_cpu.cpp``):
 - ``robbench::mlp_sq_distances(...) -> Tensor``: fp32 squared distances of the same samples;
 - ``robbench::count_le(Tensor y, Tensor center, Tensor r2, int rows_per_point) -> Tensor``: the fused
   distance-threshold-count epilogue for any decoder (generic path);
-- ``robbench::normals(...)``: the counter-based RNG (bit-exact with :mod:`robbench.rng`).
+- ``robbench::normals(...)``: the counter-based RNG (bit-exact with :mod:`robbench.rng`);
+- ``robbench::last_layer_cache_stats() -> int[]``: [entries, hits, misses] of ``mlp_count``'s per-last-layer
+  cache (the band's SVD constants and the screen's float64 weights, keyed by the weights' contents).
 
 The same build also carries the ``max_damage`` attack's compiled step (``csrc/cpu/attack_cpu.cpp``:
 ``robbench::mlp_attack_step``, ``robbench::project_ball_box``; schemas there, wrapper

@@ -56,3 +56,35 @@ def test_a_decoder_that_is_not_decode_gets_a_generic_plan():
             return torch.sigmoid(self.decoder(z))  # decode applies one more sigmoid than the decoder
 
     assert isinstance(decoding.decoder_plan(Logits(), 5), decoding.GenericPlan)
+
+
+def test_checked_wrappers_share_the_wrapped_models_mlp_plan():
+    """Every run wraps the model in a new CheckedModel: its MLP plan (the weight tensors the compiled
+    backends cache per-weight work for) is the wrapped model's own, not rebuilt per wrapper."""
+    from robbench.checks import checked
+
+    model = TinyVAE()
+    first, second = checked(model), checked(model)
+    plan = decoding.decoder_plan(first, 5)
+    assert plan is decoding.decoder_plan(second, 5) is decoding.decoder_plan(model, 5)
+    with torch.no_grad():
+        model.decoder[0].weight.add_(1.0)  # a changed parameter still invalidates the shared plan
+    fresh = decoding.decoder_plan(checked(model), 5)
+    assert fresh is not plan and torch.equal(fresh.weights[0][:7, :3], model.decoder[0].weight)
+
+
+def test_checked_wrapper_of_a_non_mlp_decoder_keeps_its_checked_decode():
+    """A generic plan calls decode: through the wrapper, so a NaN still fails the point."""
+    import pytest
+
+    from robbench.checks import PluginOutputError, checked
+
+    class NaNDecode(TinyVAE):
+        def decode(self, z):
+            return torch.full((z.shape[0], 5), float("nan"))
+
+    wrapped = checked(NaNDecode())  # the plan holds it weakly
+    plan = decoding.decoder_plan(wrapped, 5)
+    assert isinstance(plan, decoding.GenericPlan)
+    with pytest.raises(PluginOutputError):
+        plan.fn(torch.zeros(2, 3))

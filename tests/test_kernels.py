@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from robbench import decoding, kernels, montecarlo, rng
-from robbench.backends import sq_distance_blocks
+from robbench.backends import TorchBackend, sq_distance_blocks
 
 pytestmark = pytest.mark.skipif(not kernels.compiler_available(), reason="no C++ compiler/ninja: cpp backend skipped")
 
@@ -498,3 +498,33 @@ def test_bf16_counts_equal_reference_at_the_median_radius(chunk):
                                    stream_ids=torch.arange(B), precision="bf16", screen=screen, chunk_size=chunk)
         assert torch.equal(res.counts, ref), screen
         assert res.bf16_samples > 0 and res.rechecked < res.bf16_samples
+
+
+def test_last_layer_cache_is_keyed_by_contents():
+    """The bf16 band's constants (an SVD) are cached per last layer by its contents: a plan rebuilt with new
+    tensors holding the same weights hits; the same tensor changed in place (two output units swapped:
+    every sum over its values unchanged) misses, and its counts are the reference's for the new weights."""
+    model = MLPVAE(k=5, hidden=(40,), d=60, scale=3.0, bias=-1.0, seed=11)
+    mu, sigma, center = _points(model, 3, 4)
+    r2 = torch.full((3,), 0.8)
+    plan, ka, kb = _mlp_args(model, mu, sigma, center, 200, 2)
+
+    def count(weights_t, biases):
+        return torch.ops.robbench.mlp_count(mu, sigma, center, r2, ka, kb, 200, 0, weights_t, biases, plan.acts,
+                                            1, True, 2048)[0]
+
+    stats = torch.ops.robbench.last_layer_cache_stats
+    count(plan.weights_t, plan.biases)
+    _, hits, misses = stats()
+    count([w.clone() for w in plan.weights_t], [b.clone() for b in plan.biases])  # new tensors, same values
+    assert stats()[1:] == [hits + 1, misses]
+    last = plan.weights_t[-1]
+    with torch.no_grad():
+        last[:, [0, 1]] = last[:, [1, 0]].clone()  # in place: same address, same sum and sum of |w|
+        model.decoder[-2].weight[[0, 1]] = model.decoder[-2].weight[[1, 0]].clone()
+        model.decoder[-2].bias[[0, 1]] = model.decoder[-2].bias[[1, 0]].clone()
+    plan.biases[-1][[0, 1]] = plan.biases[-1][[1, 0]].clone()
+    got = count(plan.weights_t, plan.biases)
+    assert stats()[2] == misses + 1
+    ref = TorchBackend().count_within(model, mu, sigma, center, r2, 200, seed=2, stream_ids=torch.arange(3))
+    assert torch.equal(got, ref.counts)

@@ -28,6 +28,7 @@
 #include <cstdio>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <map>
 #include <memory>
@@ -128,31 +129,78 @@ Weights unpack(at::TensorList wts, at::TensorList bs, at::IntArrayRef acts, int6
   return w;
 }
 
-// The last layer's bound constants need an SVD: cache them per weight set. The key includes a checksum
-// of the values, so a new weight tensor allocated at a freed address cannot hit a stale entry.
-std::shared_ptr<const LastLayerBound> cached_bound(const Weights& w, int64_t D) {
-  static std::mutex mutex;
-  static std::map<std::vector<double>, std::shared_ptr<const LastLayerBound>> cache;
-  std::vector<double> key{static_cast<double>(D)};
-  for (size_t l = 0; l < w.wts.size(); ++l) {
-    key.push_back(static_cast<double>(reinterpret_cast<uintptr_t>(w.wts[l].data_ptr())));
-    key.push_back(static_cast<double>(w.wts[l].numel()));
-    // float sums (vectorised, no float64 copy): a changed weight set at a reused address would have to
-    // keep both sums bit for bit to alias
-    key.push_back(w.wts[l].sum().item<double>());
-    key.push_back(w.wts[l].abs().sum().item<double>());
-    key.push_back(w.bs[l].sum().item<double>());
-    key.push_back(static_cast<double>(w.acts[l]));
+// What a call needs of its last layer beyond the weights: the bound constants (an SVD, ~40 ms at 1 thread)
+// and the screen's float64 copies of W^T[:, :D] and b[:D]. Made once per last layer and cached by its
+// contents: a call's last layer hits an entry only when its shape, activation, D and every byte of its
+// weights and bias equal the entry's own copies (memcmp, ~30 us for 800 KB). So a decoder plan rebuilt
+// with new tensors (each run wraps the model anew) finds its entry, and a changed weight set at a reused
+// address cannot alias a stale one.
+struct LastLayerEntry {
+  at::Tensor wt, b;  // private copies of the last layer it was made from: (K, P), (P,) fp32
+  int64_t act = 0, D = 0;
+  uint64_t sig = 0;  // a few sampled values: lookups memcmp only entries that match
+  std::shared_ptr<const LastLayerBound> bound;
+  at::Tensor wd, bd;  // float64 W^T[:, :D] (K, D) and b[:D] (D,): the screen's off_b
+};
+
+uint64_t layer_signature(const at::Tensor& wt, const at::Tensor& b, int64_t act, int64_t D) {
+  uint64_t h = 1469598103934665603ull;
+  auto mix = [&h](uint64_t x) { h = (h ^ x) * 1099511628211ull; };
+  mix(static_cast<uint64_t>(wt.size(0)));
+  mix(static_cast<uint64_t>(wt.size(1)));
+  mix(static_cast<uint64_t>(act));
+  mix(static_cast<uint64_t>(D));
+  const float* wp = wt.data_ptr<float>();
+  const int64_t n = wt.numel(), step = std::max<int64_t>(1, n / 61);
+  for (int64_t i = 0; i < n; i += step) mix(__builtin_bit_cast(uint32_t, wp[i]));
+  const float* bp = b.data_ptr<float>();
+  for (int64_t i = 0; i < b.numel(); i += std::max<int64_t>(1, b.numel() / 7)) mix(__builtin_bit_cast(uint32_t, bp[i]));
+  return h;
+}
+
+struct LastLayerCache {
+  std::mutex mutex;
+  std::vector<std::shared_ptr<const LastLayerEntry>> entries;  // at most 16, oldest first
+  int64_t hits = 0, misses = 0;
+};
+LastLayerCache& last_layer_cache() {
+  static LastLayerCache c;
+  return c;
+}
+
+std::shared_ptr<const LastLayerEntry> cached_last_layer(const Weights& w, int64_t D) {
+  LastLayerCache& cache = last_layer_cache();
+  const at::Tensor& wt = w.wts.back();
+  const at::Tensor& b = w.bs.back();
+  const int64_t act = w.acts.back();
+  ROBBENCH_ASSERT_CONTIGUOUS(wt);
+  ROBBENCH_ASSERT_CONTIGUOUS(b);
+  const uint64_t sig = layer_signature(wt, b, act, D);
+  {
+    std::lock_guard<std::mutex> lock(cache.mutex);
+    for (const auto& e : cache.entries) {
+      if (e->sig == sig && e->act == act && e->D == D && e->wt.sizes() == wt.sizes() && e->b.sizes() == b.sizes() &&
+          std::memcmp(e->wt.data_ptr<float>(), wt.data_ptr<float>(), wt.numel() * sizeof(float)) == 0 &&
+          std::memcmp(e->b.data_ptr<float>(), b.data_ptr<float>(), b.numel() * sizeof(float)) == 0) {
+        ++cache.hits;
+        return e;
+      }
+    }
   }
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = cache.find(key);
-  if (it == cache.end()) {
-    if (cache.size() > 16) cache.clear();
-    auto made = std::make_shared<const LastLayerBound>(
-        LastLayerBound::make(w.wts.back(), w.bs.back(), w.acts.back(), D));
-    it = cache.emplace(key, std::move(made)).first;
-  }
-  return it->second;
+  auto made = std::make_shared<LastLayerEntry>();  // outside the lock: another thread's call need not wait
+  made->wt = wt.clone();
+  made->b = b.clone();
+  made->act = act;
+  made->D = D;
+  made->sig = sig;
+  made->bound = std::make_shared<const LastLayerBound>(LastLayerBound::make(made->wt, made->b, act, D));
+  made->wd = made->wt.narrow(1, 0, D).to(at::kDouble);
+  made->bd = made->b.narrow(0, 0, D).to(at::kDouble);
+  std::lock_guard<std::mutex> lock(cache.mutex);
+  ++cache.misses;
+  if (cache.entries.size() >= 16) cache.entries.erase(cache.entries.begin());
+  cache.entries.push_back(made);
+  return made;
 }
 
 // Hidden layers (all but the last) with the reference's ATen calls: (rows, K) fp32.
@@ -396,8 +444,8 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
   const bool any_bound = use_bf16 || screen;
   const bool screen_requested = screen;
   // held by shared_ptr: another thread's call may evict the cache entry meanwhile
-  const std::shared_ptr<const LastLayerBound> bound_ref = any_bound ? cached_bound(w, D) : nullptr;
-  const LastLayerBound* bound = bound_ref.get();
+  const std::shared_ptr<const LastLayerEntry> last = any_bound ? cached_last_layer(w, D) : nullptr;
+  const LastLayerBound* bound = last ? last->bound.get() : nullptr;
   const int64_t K = w.wts.back().size(0);
 
   // Screen constants per point: the reference hidden vector h_c of mu_b and off_b = ||act(W h_c + b) - c_b||
@@ -429,8 +477,7 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
   };
   if (screen_requested && B > 0) {
     at::Tensor hcd = hc.to(at::kDouble);
-    at::Tensor ac = at::addmm(w.bs.back().narrow(0, 0, D).to(at::kDouble), hcd,
-                              w.wts.back().narrow(1, 0, D).to(at::kDouble));
+    at::Tensor ac = at::addmm(last->bd, hcd, last->wd);
     at::Tensor yc = w.acts.back() == kActSigmoid ? ac.sigmoid() : (w.acts.back() == kActRelu ? ac.relu() : ac);
     at::Tensor o = (yc - center.to(at::kDouble)).norm(2, {1}).contiguous();
     at::Tensor hn = hcd.norm(2, {1}).contiguous();
@@ -606,6 +653,14 @@ at::Tensor count_le_cpu(const at::Tensor& y_, const at::Tensor& center_, const a
   return counts;
 }
 
+// [entries, hits, misses] of the last-layer cache (cached_last_layer): tests check that a rebuilt plan with
+// the same weights hits and that changed contents at the same address miss.
+std::vector<int64_t> last_layer_cache_stats() {
+  LastLayerCache& cache = last_layer_cache();
+  std::lock_guard<std::mutex> lock(cache.mutex);
+  return {static_cast<int64_t>(cache.entries.size()), cache.hits, cache.misses};
+}
+
 TORCH_LIBRARY(robbench, m) {
   m.def("normals(Tensor ka, Tensor kb, Tensor j, int k) -> Tensor");
   m.def("mlp_sq_distances(Tensor mu, Tensor sigma, Tensor center, Tensor ka, Tensor kb, int n, int offset, "
@@ -614,6 +669,7 @@ TORCH_LIBRARY(robbench, m) {
         "Tensor[] weights_t, Tensor[] biases, int[] acts, int precision, bool screen, int chunk_rows) -> "
         "(Tensor, Tensor)");
   m.def("count_le(Tensor y, Tensor center, Tensor r2) -> Tensor");
+  m.def("last_layer_cache_stats() -> int[]", &last_layer_cache_stats);
 }
 
 TORCH_LIBRARY_IMPL(robbench, CPU, m) {
