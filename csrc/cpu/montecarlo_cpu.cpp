@@ -49,20 +49,20 @@ namespace {
 
 constexpr int64_t kPiece = 32768;
 
-// Same split as decoding._pieces: every ATen thread chunk starts at a multiple of 32 elements.
+// The reference's sigmoid (decoding.activate_) runs on pieces whose ATen thread chunks are kPiece elements
+// starting at multiples of 32, so every element takes the vectorised path. Here the same kPiece chunks run
+// in one parallel region, each one serial ATen sigmoid_ (ATen runs serially inside a parallel region):
+// the same element-wise results, one fork-join per activation instead of one per piece (up to 25 per
+// block), which on small calls and on a busy machine cost more than the sigmoid itself.
 void activate_(at::Tensor& x, int64_t act) {
   if (act == kActRelu) {
     x.relu_();
   } else if (act == kActSigmoid) {
     at::Tensor flat = x.view({-1});
-    const int64_t n = flat.numel();
-    int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-    int64_t pow2 = 1;
-    while (pow2 * 2 <= threads) pow2 *= 2;
-    const int64_t big = kPiece * pow2;
-    int64_t start = 0;
-    for (; n - start >= big; start += big) flat.slice(0, start, start + big).sigmoid_();
-    for (; start < n; start += kPiece) flat.slice(0, start, std::min(n, start + kPiece)).sigmoid_();
+    const int64_t n = flat.numel(), pieces = (n + kPiece - 1) / kPiece;
+    at::parallel_for(0, pieces, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) flat.slice(0, p * kPiece, std::min(n, (p + 1) * kPiece)).sigmoid_();
+    });
   }
 }
 
@@ -370,13 +370,21 @@ void fp32_final_count(const at::Tensor& h, const std::vector<int64_t>& idx, int6
 // Rows per chunk of the bf16 pass: its (rows, P) fp32 intermediates (a, y) stay in L2.
 constexpr int64_t kBandRows = 128;
 
-// Workspaces of the bf16 pass, allocated once per call (fresh large allocations page-fault every time).
+// Workspaces of the bf16 pass (~1.3 MB for the trained decoders). Each OS thread keeps its own across
+// calls (thread_local: concurrent calls from other threads never share one): fresh large allocations
+// page-fault on every touch, ~330 faults per thread and call when they were allocated per call.
 struct BandBuffers {
   at::Tensor hq, hb, dh, pv, s, a, y;
   static BandBuffers make(int64_t rows, int64_t K, int64_t P, int64_t k, const at::TensorOptions& o) {
     return {at::empty({rows, K}, o), at::empty({rows, K}, o.dtype(at::kBFloat16)), at::empty({rows, K}, o),
             at::empty({rows, k}, o), at::empty({rows, P}, o.dtype(at::kBFloat16)), at::empty({rows, P}, o),
             at::empty({rows, P}, o)};
+  }
+  static BandBuffers& local(int64_t rows, int64_t K, int64_t P, int64_t k, const at::TensorOptions& o) {
+    thread_local BandBuffers b;
+    if (!b.hq.defined() || b.hq.size(0) < rows || b.hq.size(1) != K || b.s.size(1) != P || b.pv.size(1) != k)
+      b = make(rows, K, P, k, o);
+    return b;
   }
 };
 }  // namespace
@@ -488,7 +496,6 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
                                                                       bound->maxb) + 1e-15);
   }
 
-  std::vector<BandBuffers> bbs;  // one set per thread
   for (const Block& blk : make_blocks(B, n, chunk_rows, kMinGemmRows)) {
     const int64_t ns = blk.s1 - blk.s0, m = (blk.p1 - blk.p0) * ns;
     at::Tensor z = latents(mu, sigma, ka.data_ptr<int64_t>(), kb.data_ptr<int64_t>(), blk, offset, kMinGemmRows);
@@ -529,18 +536,21 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
       continue;
     }
     // bf16 final layer for the remaining rows, element-wise band (bounds.h, parts 2 and 3), in chunks of
-    // kBandRows rows so that the (rows, P) intermediates stay in cache, in per-thread buffers reused across
-    // blocks. One parallel region over the chunks (each thread runs its chunks' GEMMs single-threaded):
+    // at most kBandRows rows so that the (rows, P) intermediates stay in cache, in per-thread buffers reused
+    // across blocks and calls. One parallel region over the chunks (each thread runs its chunks' GEMMs single-threaded):
     // several short parallel regions per chunk cost a fork-join each, ruinous when a core is busy.
     const int64_t q = static_cast<int64_t>(rest.size()), P = bound->P, nk = bound->vk.size(1);
-    const int64_t nchunks = (q + kBandRows - 1) / kBandRows;
-    while (static_cast<int64_t>(bbs.size()) < at::get_num_threads())
-      bbs.push_back(BandBuffers::make(kBandRows, K, P, nk, h.options()));
+    // As many chunks of at most kBandRows rows as a multiple of the threads: ATen splits the chunks into one
+    // contiguous range per thread, so 13 chunks on 2 threads (7:6) or 3 (2:1) leave one thread idle at the end.
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    const int64_t nchunks = ((q + kBandRows - 1) / kBandRows + threads - 1) / threads * threads;
+    const int64_t crows = (q + nchunks - 1) / nchunks;
     std::vector<int8_t> dec(q);
     at::parallel_for(0, nchunks, 1, [&](int64_t k0, int64_t k1) {
-      BandBuffers& bb = bbs[std::min<int64_t>(at::get_thread_num(), static_cast<int64_t>(bbs.size()) - 1)];
+      BandBuffers& bb = BandBuffers::local(kBandRows, K, P, nk, h.options());
       for (int64_t ck = k0; ck < k1; ++ck) {
-        const int64_t c0 = ck * kBandRows, nc = std::min(kBandRows, q - c0);
+        const int64_t c0 = ck * crows, nc = std::min(crows, q - c0);
+        if (nc <= 0) continue;
         at::Tensor hq = bb.hq.narrow(0, 0, nc), hb = bb.hb.narrow(0, 0, nc), dh = bb.dh.narrow(0, 0, nc);
         at::index_select_out(hq, h, 0, at::from_blob(rest.data() + c0, {nc}, at::kLong));
         hb.copy_(hq);  // round to nearest even
