@@ -154,7 +154,8 @@ uint64_t layer_signature(const at::Tensor& wt, const at::Tensor& b, int64_t act,
   const int64_t n = wt.numel(), step = std::max<int64_t>(1, n / 61);
   for (int64_t i = 0; i < n; i += step) mix(__builtin_bit_cast(uint32_t, wp[i]));
   const float* bp = b.data_ptr<float>();
-  for (int64_t i = 0; i < b.numel(); i += std::max<int64_t>(1, b.numel() / 7)) mix(__builtin_bit_cast(uint32_t, bp[i]));
+  const int64_t nb = b.numel(), bstep = std::max<int64_t>(1, nb / 7);
+  for (int64_t i = 0; i < nb; i += bstep) mix(__builtin_bit_cast(uint32_t, bp[i]));
   return h;
 }
 
@@ -536,9 +537,10 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
       continue;
     }
     // bf16 final layer for the remaining rows, element-wise band (bounds.h, parts 2 and 3), in chunks of
-    // at most kBandRows rows so that the (rows, P) intermediates stay in cache, in per-thread buffers reused
-    // across blocks and calls. One parallel region over the chunks (each thread runs its chunks' GEMMs single-threaded):
-    // several short parallel regions per chunk cost a fork-join each, ruinous when a core is busy.
+    // at most kBandRows rows so that the (rows, P) intermediates stay in cache, in per-thread buffers
+    // reused across blocks and calls. One parallel region over the chunks (each thread runs its chunks'
+    // GEMMs single-threaded): several short parallel regions per chunk cost a fork-join each, ruinous
+    // when a core is busy.
     const int64_t q = static_cast<int64_t>(rest.size()), P = bound->P, nk = bound->vk.size(1);
     // As many chunks of at most kBandRows rows as a multiple of the threads: ATen splits the chunks into one
     // contiguous range per thread, so 13 chunks on 2 threads (7:6) or 3 (2:1) leave one thread idle at the end.
