@@ -450,12 +450,26 @@ def _trained_like(seed=0):
     return m
 
 
-def test_bf16_band_decides_each_sample_like_the_reference_across_its_edges():
+def _band_stats(err):
+    """(bf16 rows, refined, rechecked, refined units) summed over the kernel's ROBBENCH_BAND_STATS lines."""
+    tot = [0, 0, 0, 0]
+    for line in err.splitlines():
+        if line.startswith("robbench bf16 band:"):
+            f = line.split()
+            for i, k in enumerate((4, 6, 8, 10)):
+                tot[i] += int(f[k])
+    return tuple(tot)
+
+
+def test_bf16_band_decides_each_sample_like_the_reference_across_its_edges(monkeypatch, capfd):
     """Sample by sample on the trained decoders' shape: one sample per point, r2 at that sample's own fp32
     squared distance x (1 +- eps) for a dense geometric sweep of eps (1e-7 .. 0.56, 4 per decade), so that
-    samples fall just inside and just outside the band's edge (the sweep must cross it: some radius leaves
-    part of the samples undecided), exact ties and one ulp below. Every decision equals the reference's;
-    ties all went to the fp32 recheck; far radii none."""
+    samples fall just inside and just outside the edges of the band and of its refinement (bounds.h
+    part 4; each radius runs with the refinement off and on), exact ties and one ulp below. Every
+    decision equals the reference's; the sweep crosses both edges (some radius leaves part of the band's
+    samples undecided; some radius has the refinement decide part of those and leave part); ties and one
+    ulp below all went to the fp32 recheck; far radii none."""
+    monkeypatch.setenv("ROBBENCH_BAND_STATS", "1")
     model = _trained_like(seed=3)
     B = 96
     mu0, sigma0, center0 = _points(model, 1, 7)
@@ -464,40 +478,64 @@ def test_bf16_band_decides_each_sample_like_the_reference_across_its_edges():
     d2, d2_cpp = _sq_dists(model, mu, sigma, center, 1, 11)
     assert torch.equal(d2, d2_cpp)
     d2 = d2[:, 0]
-    partial = 0
+
+    def run(r2, refine):
+        monkeypatch.setenv("ROBBENCH_BAND_REFINE", "1" if refine else "0")
+        capfd.readouterr()
+        res = kernels.count_within(model, mu, sigma, center, r2, 1, seed=11, stream_ids=torch.arange(B),
+                                   precision="bf16", screen=False)
+        rows, refined, rechecked, _ = _band_stats(capfd.readouterr().err)
+        assert torch.equal(res.counts, (d2 <= r2).long())
+        assert res.bf16_samples == B == rows and res.rechecked == rechecked
+        return refined, rechecked
+
+    partial_band = partial_refine = 0
+    total_off = total_on = 0
     for eps in [0.0] + [10 ** (e / 4) for e in range(-28, 0)]:
         for sign in ((1,) if eps == 0 else (1, -1)):
             r2 = (d2 * (1 + sign * eps)).contiguous()
-            res = kernels.count_within(model, mu, sigma, center, r2, 1, seed=11, stream_ids=torch.arange(B),
-                                       precision="bf16", screen=False)
-            assert torch.equal(res.counts, (d2 <= r2).long()), (eps, sign)
-            assert res.bf16_samples == B
+            _, off = run(r2, False)
+            refined, on = run(r2, True)
+            assert on <= off and refined <= off
             if eps == 0:
-                assert res.rechecked == B  # a tie is never decided by a band of positive width
+                assert off == on == B  # a tie is never decided by a band of positive width
             if eps >= 0.5:
-                assert res.rechecked == 0
-            partial += 0 < res.rechecked < B
-    assert partial >= 2  # the sweep put samples on both sides of the band's edge
+                assert off == 0
+            partial_band += 0 < off < B
+            partial_refine += 0 < on < off
+            total_off += off
+            total_on += on
+    assert partial_band >= 2 and partial_refine >= 2  # the sweep crossed both edges
+    assert total_on < total_off
     r2 = torch.nextafter(d2, torch.zeros(())).contiguous()
-    res = kernels.count_within(model, mu, sigma, center, r2, 1, seed=11, stream_ids=torch.arange(B),
-                               precision="bf16", screen=False)
-    assert torch.equal(res.counts, (d2 <= r2).long()) and res.rechecked == B
+    for refine in (False, True):
+        assert run(r2, refine)[1] == B
 
 
 @pytest.mark.parametrize("chunk", [128, 2048])
-def test_bf16_counts_equal_reference_at_the_median_radius(chunk):
+def test_bf16_counts_equal_reference_at_the_median_radius(chunk, monkeypatch, capfd):
     """Many samples per point at the median radius (p ~ 0.5, where the margin's tests spend samples), trained
-    decoder shape, with and without the screen; blocks below and above the band's 128-row chunks."""
+    decoder shape, with and without the screen, with and without the refinement (which merges the units of
+    up to four samples of a point); blocks below and above the band's 128-row chunks."""
+    monkeypatch.setenv("ROBBENCH_BAND_STATS", "1")
     model = _trained_like(seed=4)
     B, n = 5, 400
     mu, sigma, center = _points(model, B, 8)
     r = montecarlo.sample_distances(model, mu, sigma, center, 100, seed=2).median(1).values
     ref = montecarlo.count_within(model, mu, sigma, center, r, n, seed=5, backend="torch")
     for screen in (False, True):
-        res = kernels.count_within(model, mu, sigma, center, montecarlo.radius_sq(r, B, mu.device), n, seed=5,
-                                   stream_ids=torch.arange(B), precision="bf16", screen=screen, chunk_size=chunk)
-        assert torch.equal(res.counts, ref), screen
-        assert res.bf16_samples > 0 and res.rechecked < res.bf16_samples
+        rechecked = {}
+        for refine in ("0", "1"):
+            monkeypatch.setenv("ROBBENCH_BAND_REFINE", refine)
+            capfd.readouterr()
+            res = kernels.count_within(model, mu, sigma, center, montecarlo.radius_sq(r, B, mu.device), n,
+                                       seed=5, stream_ids=torch.arange(B), precision="bf16", screen=screen,
+                                       chunk_size=chunk)
+            _, refined, rechecked[refine], _ = _band_stats(capfd.readouterr().err)
+            assert torch.equal(res.counts, ref), (screen, refine)
+            assert res.bf16_samples > 0 and res.rechecked < res.bf16_samples
+            assert (refined > 0) == (refine == "1")
+        assert rechecked["1"] < rechecked["0"]
 
 
 def test_last_layer_cache_is_keyed_by_contents():

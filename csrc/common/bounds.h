@@ -63,7 +63,31 @@
 //    |p_l| <= |fl(V_l . δh)| + g_K ||V_l|| ||δh|| (the fp32 GEMM that computes it, any order). λ and
 //    ||R||_2 are inflated by 1e-9 / 1e-6 relative plus 1e-11 ||Ŵ||_F^2 / 1e-12 ||Ŵ||_F (float64 rounding of M, G, R); also
 //    N(δh) <= ||Ŵ||_2 ||δh||. Term sums are fp32 sums of nonnegative terms (inflated as above).
-// Samples that neither bound decides get the reference's own fp32 final layer (recheck).
+// 4. Refinement (session 4; sigmoid last layers). A sample the band leaves undecided is mostly undecided
+//    because of its unsaturated output units (large t_j). For such a sample a set H of units is recomputed
+//    in fp32 from the exact h: a'_j = fl(fl(Σ_k W_jk h_k) + b_j) (a dot product in any order, FMA or not,
+//    then the bias), y'_j = act~(a'_j) (ATen's sigmoid, within ev). Both a'_j and the reference's ã_j are
+//    sums of the K + 1 terms W_jk h_k, b_j, so each is within g_{K+1} (Σ_k |W_jk h_k| + |b_j|) of a_j:
+//       |a'_j - ã_j| <= Δ'_j = 2 g_{K+1} (||W_j|| ||h|| + |b_j|)          (Cauchy-Schwarz, inflated norms),
+//    and through the activation as in part 2 (mean value theorem, slope bound from y'_j):
+//       |y'_j - y_j| <= e'_j = t'_j Δ'_j + 2 ev,  t'_j = min(1/4, (y'_j (1 - y'_j) + 32 v)(1 + Δ'_j + Δ'_j^2))
+//    (1/4 if Δ'_j > 1), evaluated in fp32 (few roundings: factor 1 + 1e-5; Δ'_j ~ 2^-15 ||W_j|| ||h||).
+//    The other units L keep ŷ_j with the bounds of parts 2/3 restricted to L: with the slope bounds t_j
+//    of part 2 and any split L = L_hi ∪ L_lo,
+//       ||e_L|| <= sqrt(Σ_{L_lo} e_j^2) + max_{L_hi} t_j (||δW||_2 ||h|| + N(δh)) + ||t∘ρ + 2 ev||_{L_hi}
+//    (e_j = t_j Δ_j + 2 ev per element, part 2; the L_hi terms as in part 3, ||x_{L_hi}|| <= ||x||).
+//    The sample's output is ŷ on L and y' on H; the supports are disjoint, so
+//       ||y_ref - y_mix|| <= E = sqrt(Σ_H e'_j^2 + E_L^2),  E_L the bound above,
+//    and U = ||y_mix - c|| + E, L = (||y_mix - c|| - E)_+ are classified as in the other parts (fp32 sums of
+//    <= D nonnegative terms in any order: slack 2 g_{D+2} + 1e-6 as above).
+//    Choice of H and of the split (speed only, any choice is rigorous): units are bucketed by t at
+//    1/4, 1/8, 1/16, 1/64, 1/256, 1/1024, 1/8192 (per bucket Σ e^2, Σ (tρ + 2ev)^2, max t, count);
+//    H = the buckets above some threshold, L_hi the next buckets, L_lo the rest; the smallest H whose best
+//    split gives E_L <= T = κ | ||ŷ - c|| - r | (||ŷ - c|| from the band pass) is taken; up to four
+//    consecutive undecided samples of one point share the union of their H (a superset of a sample's H
+//    only adds exact units; its E_L still bounds the units left). No split, a tie, or |H| above a cap
+//    sends the sample to the fp32 reference. Only near-ties are left for it.
+// Samples that no bound decides get the reference's own fp32 final layer (recheck).
 #pragma once
 #include <ATen/ATen.h>
 
@@ -88,6 +112,10 @@ struct LastLayerBound {
   at::Tensor vk;
   std::vector<double> lam;
 
+  // part 4: W[:D] as (D, K) fp32 rows (the exact weights, for the refined units' dot products)
+  at::Tensor w_rows;
+  std::vector<float> rd2, bd2;  // (D,): 2 g_{K+1} ||W_j||, 2 g_{K+1} |b_j| (inflated)
+
   // Upper bound on ||Ŵ δh|| from p = fl(δh V) (k,) and ||δh|| (part 3).
   double norm_w_dh(const float* p, double norm_dh) const;
 
@@ -102,8 +130,24 @@ struct LastLayerBound {
   // bf16 band for one sample: s = bf16 GEMM row (P,), a = fl(s + b) (P,), y = act~(a) (P,), cen (D,),
   // per-sample norms ||h||, ||ĥ||, ||δh||. Returns 1 (inside), 0 (outside) or -1 (undecided).
   // norm_wdh >= ||Ŵ δh|| (norm_w_dh) enables the part-3 band; pass a negative value for part 2 only.
+  // dist_out (optional) receives ||ŷ - c|| as computed (fp32 sum), for the refinement's target.
   int8_t decide(const at::BFloat16* s, const float* a, const float* y, const float* cen, double norm_h,
-                double norm_hb, double norm_dh, double r2, double norm_wdh = -1.0) const;
+                double norm_hb, double norm_dh, double r2, double norm_wdh = -1.0,
+                double* dist_out = nullptr) const;
+
+  // Part 4, step 1 (sigmoid only): slope bounds t (D,) of one sample's bf16 outputs, the units H
+  // (indices < D, ascending) to recompute in fp32 so that the bound on the rest, written to *e_rest, is
+  // <= target; returns |H| (written to cols), or -1 when no split meets the target or |H| > max_cols.
+  int64_t refine_select(const at::BFloat16* s, const float* a, const float* y, double norm_h, double norm_hb,
+                        double norm_dh, double norm_wdh, double target, int64_t max_cols, float* t, int32_t* cols,
+                        double* e_rest) const;
+  // Step 2: logits fl(fl(W_j . h_r) + b_j) for j in cols[0..n) into out[r] (n,), for nr <= 4 rows h[r]
+  // (fp32 dot products; the rows share each load of W_j).
+  void refine_logits(const float* const* h, int nr, const int32_t* cols, int64_t n, float* const* out) const;
+  // Step 3, with yr = act~(logits): writes y'_j into y for j in H and decides with the mixed output, the
+  // bounds e'_j on H and e_rest on the rest. 1 inside, 0 outside, -1 undecided.
+  int8_t refine_decide(float* y, const float* cen, const int32_t* cols, int64_t n, const float* yr,
+                       double norm_h, double e_rest, double r2) const;
 
   // 1 when (1 + q) U^2 < r2 (certainly inside), 0 when (1 - q) L^2 > r2 (certainly outside), else -1.
   int8_t classify(double upper, double lower, double r2) const {

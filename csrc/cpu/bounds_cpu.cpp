@@ -153,6 +153,214 @@ void band_sums(const uint16_t* s_bits, const float* a, const float* y, const flo
   else if (sigmoid) band_sums_impl<true>(s_bits, a, y, cen, D, g, out);
   else band_sums_impl<false>(s_bits, a, y, cen, D, g, out);
 }
+
+bool has_avx512() {
+  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512vl");
+  return avx512;
+}
+
+// Part 4 (refinement): units are sorted into buckets by their slope bound t: bucket b holds
+// kTauR[b+1] < t <= kTauR[b] (the last one t <= kTauR[kBuckets-1]). Per bucket: Σ e_j^2 (part 2's
+// per-element bound), Σ f_j^2 (f = t ρ + 2 ev, part 3), max t and the count.
+constexpr int kBuckets = 7;
+constexpr float kTauR[kBuckets] = {0.25f, 1.0f / 8, 1.0f / 16, 1.0f / 64, 1.0f / 256, 1.0f / 1024, 1.0f / 8192};
+
+struct Buckets {
+  float e2[kBuckets] = {}, f2[kBuckets] = {}, tmax[kBuckets] = {};
+  int64_t n[kBuckets] = {};
+};
+
+// t_j into t (D,) and the bucket sums, with the expressions (and roundings) of band_sums_impl (sigmoid).
+void refine_buckets_impl(const uint16_t* s_bits, const float* a, const float* y, int64_t D, const BandArgs& g,
+                         float* tout, Buckets* out) {
+  const float u = 1.0f / 256.0f, v = 1.0f / 16777216.0f;
+  for (int64_t j = 0; j < D; ++j) {
+    const float sj = __builtin_bit_cast(float, static_cast<uint32_t>(s_bits[j]) << 16);
+    const float abs_s = sj < 0.f ? -sj : sj, abs_a = a[j] < 0.f ? -a[j] : a[j];
+    const float common = g.rWf[j] * g.k_wf + g.babs[j] * g.g_b + u * abs_s + v * abs_a + 1e-30f;
+    const float delta = (g.rdW[j] * g.k_dw + g.rW[j] * g.k_w + common) * 1.00001f;
+    const float rho = (g.rW[j] * g.k_w3 + common) * 1.00001f;
+    const float m = y[j] * (1.0f - y[j]) + 32.0f * v;
+    float t = m * (1.0f + delta + delta * delta) * 1.00001f;
+    t = delta <= 1.0f ? t : 0.25f;
+    t = t < 0.25f ? t : 0.25f;
+    const float e = (t * delta + g.ev2) * 1.00001f, f = (t * rho + g.ev2) * 1.00001f;
+    tout[j] = t;
+    int b = 0;
+    while (b + 1 < kBuckets && t <= kTauR[b + 1]) ++b;
+    out->e2[b] += e * e;
+    out->f2[b] += f * f;
+    out->tmax[b] = std::max(out->tmax[b], t);
+    out->n[b] += 1;
+  }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+void refine_buckets_avx512(const uint16_t* s_bits, const float* a, const float* y, int64_t D, const BandArgs& g,
+                           float* tout, Buckets* out) {
+  const __m512 vu = _mm512_set1_ps(1.0f / 256.0f), vv = _mm512_set1_ps(1.0f / 16777216.0f);
+  const __m512 one = _mm512_set1_ps(1.0f), quarter = _mm512_set1_ps(0.25f), infl = _mm512_set1_ps(1.00001f);
+  const __m512 tiny = _mm512_set1_ps(1e-30f), v32 = _mm512_set1_ps(32.0f / 16777216.0f);
+  const __m512 kdw = _mm512_set1_ps(g.k_dw), kw = _mm512_set1_ps(g.k_w), kw3 = _mm512_set1_ps(g.k_w3);
+  const __m512 kwf = _mm512_set1_ps(g.k_wf), gb = _mm512_set1_ps(g.g_b), vev2 = _mm512_set1_ps(g.ev2);
+  __m512 E[kBuckets], F[kBuckets], T[kBuckets];
+  int64_t cnt[kBuckets] = {};
+  for (int b = 0; b < kBuckets; ++b) E[b] = F[b] = T[b] = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= D; j += 16) {
+    const __m512i sb = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s_bits + j)));
+    const __m512 sj = _mm512_castsi512_ps(_mm512_slli_epi32(sb, 16));
+    const __m512 yj = _mm512_loadu_ps(y + j), aj = _mm512_loadu_ps(a + j);
+    const __m512 rw = _mm512_loadu_ps(g.rW + j);
+    __m512 common = _mm512_mul_ps(_mm512_loadu_ps(g.rWf + j), kwf);
+    common = _mm512_add_ps(common, _mm512_mul_ps(_mm512_loadu_ps(g.babs + j), gb));
+    common = _mm512_add_ps(common, _mm512_mul_ps(vu, _mm512_abs_ps(sj)));
+    common = _mm512_add_ps(common, _mm512_mul_ps(vv, _mm512_abs_ps(aj)));
+    common = _mm512_add_ps(common, tiny);
+    __m512 delta = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(g.rdW + j), kdw), _mm512_mul_ps(rw, kw));
+    delta = _mm512_mul_ps(_mm512_add_ps(delta, common), infl);
+    const __m512 rho = _mm512_mul_ps(_mm512_add_ps(_mm512_mul_ps(rw, kw3), common), infl);
+    const __m512 m = _mm512_add_ps(_mm512_mul_ps(yj, _mm512_sub_ps(one, yj)), v32);
+    __m512 t = _mm512_mul_ps(_mm512_mul_ps(m, _mm512_add_ps(_mm512_add_ps(one, delta), _mm512_mul_ps(delta, delta))), infl);
+    t = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(delta, one, _CMP_LE_OQ), quarter, t);  // Δ > 1 (or NaN): 1/4
+    t = _mm512_min_ps(t, quarter);
+    const __m512 e = _mm512_mul_ps(_mm512_add_ps(_mm512_mul_ps(t, delta), vev2), infl);
+    const __m512 f = _mm512_mul_ps(_mm512_add_ps(_mm512_mul_ps(t, rho), vev2), infl);
+    _mm512_storeu_ps(tout + j, t);
+    const __m512 e2 = _mm512_mul_ps(e, e), f2 = _mm512_mul_ps(f, f);
+    __mmask16 in = 0xFFFF;  // t <= kTauR[0] = 1/4 always (t is never NaN)
+    for (int b = 0; b < kBuckets; ++b) {
+      const __mmask16 below = b + 1 < kBuckets ? _mm512_cmp_ps_mask(t, _mm512_set1_ps(kTauR[b + 1]), _CMP_LE_OQ)
+                                               : static_cast<__mmask16>(0);
+      const __mmask16 here = static_cast<__mmask16>(in & ~below);
+      E[b] = _mm512_mask_add_ps(E[b], here, E[b], e2);
+      F[b] = _mm512_mask_add_ps(F[b], here, F[b], f2);
+      T[b] = _mm512_mask_max_ps(T[b], here, T[b], t);
+      cnt[b] += __builtin_popcount(here);
+      in = below;
+    }
+  }
+  for (int b = 0; b < kBuckets; ++b) {
+    out->e2[b] = _mm512_reduce_add_ps(E[b]);
+    out->f2[b] = _mm512_reduce_add_ps(F[b]);
+    out->tmax[b] = _mm512_reduce_max_ps(T[b]);
+    out->n[b] = cnt[b];
+  }
+  if (j < D) {
+    BandArgs gt{g.rW + j, g.rdW + j, g.rWf + j, g.babs + j, g.k_dw, g.k_w, g.k_w3, g.k_wf, g.g_b, g.ev2};
+    refine_buckets_impl(s_bits + j, a + j, y + j, D - j, gt, tout + j, out);
+  }
+}
+
+// out[c] = fl(fl(W_{cols[c]} . h) + b): K products summed in any order (FMA), then the bias.
+void dots_scalar(const float* W, int64_t K, const float* h, const int32_t* cols, int64_t n, const float* b,
+                 float* out) {
+  for (int64_t c = 0; c < n; ++c) {
+    const float* w = W + static_cast<int64_t>(cols[c]) * K;
+    float acc = 0.f;
+    for (int64_t k = 0; k < K; ++k) acc += w[k] * h[k];
+    out[c] = acc + b[cols[c]];
+  }
+}
+
+// NR rows x four columns per step (each W row loaded once for the NR rows), 16 lanes, masked tail over K.
+template <int NR>
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+void dots_avx512(const float* W, int64_t K, const float* const* h, const int32_t* cols, int64_t n, const float* b,
+                 float* const* out) {
+  const int64_t kfull = K & ~int64_t{15};
+  const __mmask16 tail = static_cast<__mmask16>((1u << (K - kfull)) - 1u);
+  int64_t c = 0;
+  for (; c + 4 <= n; c += 4) {
+    const float* w[4];
+    for (int q = 0; q < 4; ++q) w[q] = W + static_cast<int64_t>(cols[c + q]) * K;
+    __m512 acc[NR][4];
+    for (int r = 0; r < NR; ++r)
+      for (int q = 0; q < 4; ++q) acc[r][q] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < kfull; k += 16) {
+      __m512 wv[4];
+      for (int q = 0; q < 4; ++q) wv[q] = _mm512_loadu_ps(w[q] + k);
+      for (int r = 0; r < NR; ++r) {
+        const __m512 hv = _mm512_loadu_ps(h[r] + k);
+        for (int q = 0; q < 4; ++q) acc[r][q] = _mm512_fmadd_ps(wv[q], hv, acc[r][q]);
+      }
+    }
+    if (tail) {
+      __m512 wv[4];
+      for (int q = 0; q < 4; ++q) wv[q] = _mm512_maskz_loadu_ps(tail, w[q] + kfull);
+      for (int r = 0; r < NR; ++r) {
+        const __m512 hv = _mm512_maskz_loadu_ps(tail, h[r] + kfull);
+        for (int q = 0; q < 4; ++q) acc[r][q] = _mm512_fmadd_ps(wv[q], hv, acc[r][q]);
+      }
+    }
+    for (int r = 0; r < NR; ++r)
+      for (int q = 0; q < 4; ++q) out[r][c + q] = _mm512_reduce_add_ps(acc[r][q]) + b[cols[c + q]];
+  }
+  for (int r = 0; r < NR && c < n; ++r) dots_scalar(W, K, h[r], cols + c, n - c, b, out[r] + c);
+}
+
+// Indices j (ascending) with t[j] > th into cols; returns their count.
+int64_t select_above_scalar(const float* t, int64_t D, float th, int32_t* cols) {
+  int64_t n = 0;
+  for (int64_t j = 0; j < D; ++j)
+    if (t[j] > th) cols[n++] = static_cast<int32_t>(j);
+  return n;
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+int64_t select_above_avx512(const float* t, int64_t D, float th, int32_t* cols) {
+  const __m512 vth = _mm512_set1_ps(th);
+  const __m512i step = _mm512_set1_epi32(16);
+  __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t n = 0, j = 0;
+  for (; j + 16 <= D; j += 16) {
+    const __mmask16 m = _mm512_cmp_ps_mask(_mm512_loadu_ps(t + j), vth, _CMP_GT_OQ);
+    _mm512_mask_compressstoreu_epi32(cols + n, m, idx);
+    n += __builtin_popcount(m);
+    idx = _mm512_add_epi32(idx, step);
+  }
+  for (; j < D; ++j)
+    if (t[j] > th) cols[n++] = static_cast<int32_t>(j);
+  return n;
+}
+
+int64_t select_above(const float* t, int64_t D, float th, int32_t* cols) {
+  return has_avx512() ? select_above_avx512(t, D, th, cols) : select_above_scalar(t, D, th, cols);
+}
+
+// Σ_c e'_j^2 over the refined units j = cols[c] (sigmoid; bounds.h part 4), fp32, each e' with a few
+// roundings covered by the factor 1 + 1e-5.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+float refined_e2(const int32_t* cols, int64_t n, const float* rd2, const float* bd2, float nh, const float* yr,
+                 float ev2) {
+  const float v32 = 32.0f / 16777216.0f;
+  float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t c = 0; c < n; ++c) {
+    const int32_t j = cols[c];
+    const float d = (rd2[j] * nh + bd2[j]) * 1.00001f;
+    const float yj = yr[c];
+    float t = (yj * (1.0f - yj) + v32) * (1.0f + d + d * d) * 1.00001f;
+    t = t < 0.25f ? t : 0.25f;
+    t = d <= 1.0f ? t : 0.25f;
+    const float e = (t * d + ev2) * 1.00001f;
+    acc += e * e;
+  }
+  return acc;
+}
+
+// fp32 sum Σ (y - c)^2 over D units (any order).
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void mixed_sq_dist(const float* y, const float* cen, int64_t D, float* d2_out) {
+  float d2 = 0.f;
+#pragma omp simd reduction(+ : d2)
+  for (int64_t j = 0; j < D; ++j) {
+    const float d = y[j] - cen[j];
+    d2 += d * d;
+  }
+  *d2_out = d2;
+}
 }  // namespace
 
 __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -233,6 +441,16 @@ LastLayerBound LastLayerBound::make(const at::Tensor& wt, const at::Tensor& b, i
     m.rho_R = at::linalg_matrix_norm(R, 2).item<double>() * inf +
               1e-12 * fro * (1 + std::sqrt(static_cast<double>(k)) * vmax) + 1e-300;
   }
+  m.w_rows = wt.narrow(1, 0, D).t().contiguous();  // (D, K): W's rows, exact fp32 (part 4)
+  {
+    const double g2 = 2 * gamma(static_cast<double>(m.K + 1)) * (1 + 1e-6);
+    m.rd2.resize(D);
+    m.bd2.resize(D);
+    for (int64_t j = 0; j < D; ++j) {
+      m.rd2[j] = static_cast<float>(g2 * m.rWf[j]);
+      m.bd2[j] = static_cast<float>(g2 * m.babs[j]);
+    }
+  }
   m.lip = act == kActSigmoid ? 0.25 : 1.0;
   m.ev = act == kActSigmoid ? 16 * v : 0.0;
   return m;
@@ -256,7 +474,8 @@ double LastLayerBound::norm_w_dh(const float* p, double norm_dh) const {
 }
 
 int8_t LastLayerBound::decide(const at::BFloat16* s, const float* a, const float* y, const float* cen,
-                              double norm_h, double norm_hb, double norm_dh, double r2, double norm_wdh) const {
+                              double norm_h, double norm_hb, double norm_dh, double r2, double norm_wdh,
+                              double* dist_out) const {
   const double inf = 1 + 1e-9;
   BandArgs g;
   g.rW = rW.data();
@@ -287,6 +506,88 @@ int8_t LastLayerBound::decide(const at::BFloat16* s, const float* a, const float
   }
   E += 1e-30;
   const double dist = std::sqrt(static_cast<double>(bs.d2));
+  if (dist_out != nullptr) *dist_out = dist;
+  const double hi = dist * std::sqrt(1 + sl) * (1 + 1e-12) + E;
+  const double lo = std::max(0.0, dist * std::sqrt(1 - sl) * (1 - 1e-12) - E);
+  return classify(hi, lo, r2);
+}
+
+int64_t LastLayerBound::refine_select(const at::BFloat16* s, const float* a, const float* y, double norm_h,
+                                      double norm_hb, double norm_dh, double norm_wdh, double target,
+                                      int64_t max_cols, float* t, int32_t* cols, double* e_rest) const {
+  // a tie (or NaN) is for the reference; ReLU / identity have t = 1 everywhere: nothing to single out
+  if (!(target > 0) || act != kActSigmoid || norm_wdh < 0) return -1;
+  const double inf = 1 + 1e-9;
+  BandArgs g;  // the per-element terms of decide (parts 2 and 3)
+  g.rW = rW.data();
+  g.rdW = rdW.data();
+  g.rWf = rWf.data();
+  g.babs = babs.data();
+  g.k_dw = static_cast<float>(norm_h * inf * (1 + 1e-6));
+  g.k_w = static_cast<float>((norm_dh + gK * norm_hb) * inf * (1 + 1e-6));
+  g.k_w3 = static_cast<float>(gK * norm_hb * inf * (1 + 1e-6));
+  g.k_wf = static_cast<float>(gK1 * norm_h * inf * (1 + 1e-6));
+  g.g_b = static_cast<float>(gK1 * (1 + 1e-6));
+  g.ev2 = static_cast<float>(2 * ev);
+  Buckets bk;
+  const uint16_t* sb = reinterpret_cast<const uint16_t*>(s);
+  if (has_avx512()) refine_buckets_avx512(sb, a, y, D, g, t, &bk);
+  else refine_buckets_impl(sb, a, y, D, g, t, &bk);
+  const double sl = 2 * q + 1e-6;  // fp32 sums of nonnegative terms, any order (bounds.h)
+  auto up = [&](double sum) { return std::sqrt(sum * (1 + sl)) * (1 + 1e-12); };
+  const double spec = spec_dW * norm_h + norm_wdh;  // >= ||δW h|| + ||Ŵ δh||
+  // H = buckets < i (recomputed); the rest split into L_hi = buckets i..k-1 (spectral, max t) and
+  // L_lo = buckets >= k (per element). The smallest H whose best split meets the target.
+  int64_t nH = 0;
+  for (int i = 0; i < kBuckets; ++i) {
+    if (i > 0) nH += bk.n[i - 1];
+    if (nH > max_cols) return -1;
+    double best = std::numeric_limits<double>::infinity();
+    for (int k = i; k <= kBuckets; ++k) {
+      double lo = 0, hi_f = 0, mx = 0;
+      for (int b = k; b < kBuckets; ++b) lo += bk.e2[b];
+      for (int b = i; b < k; ++b) {
+        hi_f += bk.f2[b];
+        mx = std::max(mx, static_cast<double>(bk.tmax[b]));
+      }
+      best = std::min(best, (up(lo) + mx * spec + up(hi_f)) * (1 + 1e-12));
+    }
+    if (best <= target) {
+      *e_rest = best;
+      return i > 0 ? select_above(t, D, kTauR[i], cols) : 0;
+    }
+  }
+  return -1;
+}
+
+void LastLayerBound::refine_logits(const float* const* h, int nr, const int32_t* cols, int64_t n,
+                                   float* const* out) const {
+  const float* W = w_rows.data_ptr<float>();
+  if (!has_avx512() || nr < 1 || nr > 4) {
+    for (int r = 0; r < nr; ++r) dots_scalar(W, K, h[r], cols, n, bias.data(), out[r]);
+    return;
+  }
+  switch (nr) {
+    case 1: dots_avx512<1>(W, K, h, cols, n, bias.data(), out); break;
+    case 2: dots_avx512<2>(W, K, h, cols, n, bias.data(), out); break;
+    case 3: dots_avx512<3>(W, K, h, cols, n, bias.data(), out); break;
+    default: dots_avx512<4>(W, K, h, cols, n, bias.data(), out); break;
+  }
+}
+
+int8_t LastLayerBound::refine_decide(float* y, const float* cen, const int32_t* cols, int64_t n, const float* yr,
+                                     double norm_h, double e_rest, double r2) const {
+  // Δ'_j = 2 g_{K+1} (||W_j|| ||h|| + |b_j|) (rd2 = 2 g_{K+1} ||W_j||, bd2 = 2 g_{K+1} |b_j|, inflated);
+  // e'_j and the sum of their squares in fp32 (per-element factor 1 + 1e-5, sum slack as elsewhere)
+  const float nh = static_cast<float>(norm_h * (1 + 1e-6));
+  const float eh2 = refined_e2(cols, n, rd2.data(), bd2.data(), nh, yr, static_cast<float>(2 * ev));
+  for (int64_t c = 0; c < n; ++c) y[cols[c]] = yr[c];
+  float d2;
+  mixed_sq_dist(y, cen, D, &d2);
+  const double sl = 2 * q + 1e-6;  // fp32 sums of <= D nonnegative terms, any order (bounds.h)
+  // ||e|| <= sqrt(||e_H||^2 + ||e_L||^2) (disjoint supports), ||e_L|| <= e_rest
+  const double E = std::sqrt(static_cast<double>(eh2) * (1 + sl) + e_rest * e_rest) * (1 + 1e-12) + 1e-30;
+  const double dist = std::sqrt(static_cast<double>(d2));
   const double hi = dist * std::sqrt(1 + sl) * (1 + 1e-12) + E;
   const double lo = std::max(0.0, dist * std::sqrt(1 - sl) * (1 - 1e-12) - E);
   return classify(hi, lo, r2);
