@@ -4,7 +4,8 @@
 distorts (one slow window can double a run). This script records every ``count_within`` call the main
 command's margin job makes on each trained beta-VAE (mu, sigma, center, r2, samples, seeds: the exact
 Monte Carlo workload, attacked points included), then replays the recorded calls with ``torch``, ``cpp``
-with an fp32 last layer (ROBBENCH_PRECISION=fp32), the same with the early exit (ROBBENCH_EARLY_EXIT=1)
+with an fp32 last layer (ROBBENCH_PRECISION=fp32), the same with the early exit (ROBBENCH_EARLY_EXIT=1),
+the bf16 last layer without the refinement of undecided rows (ROBBENCH_BAND_REFINE=0, bounds.h part 4)
 and ``cpp`` as shipped (bf16 last layer with the rigorous band where the CPU has native bf16),
 interleaved, order rotated, measuring CPU seconds of this process (use ``--threads 1``). Counts of every
 call are asserted equal to torch's, call by call; per variant it also reports the bf16-pass samples and
@@ -34,8 +35,8 @@ from robbench.plugins import get_registries
 # (label, backend, environment)
 VARIANTS = (("torch", "torch", {}), ("cpp fp32", "cpp", {"ROBBENCH_PRECISION": "fp32"}),
             ("cpp fp32 + early exit", "cpp", {"ROBBENCH_PRECISION": "fp32", "ROBBENCH_EARLY_EXIT": "1"}),
-            ("cpp", "cpp", {}))
-ENV_KEYS = ("ROBBENCH_PRECISION", "ROBBENCH_EARLY_EXIT")
+            ("cpp bf16, no refinement", "cpp", {"ROBBENCH_BAND_REFINE": "0"}), ("cpp", "cpp", {}))
+ENV_KEYS = ("ROBBENCH_PRECISION", "ROBBENCH_EARLY_EXIT", "ROBBENCH_BAND_REFINE")
 
 
 def record_calls() -> list[tuple[str, torch.nn.Module, list[dict[str, Any]]]]:

@@ -315,21 +315,15 @@ inline int8_t band_decide(const float* y, const float* c, int64_t D, double band
 // term rounded differently); rows inside the band (~1e-4 of rows at the median radius) get the
 // reference's own sub/mul/sum on their gathered rows. Instead of a gather of the centers (a q x D copy),
 // sub, mul and a reduction (four passes over the output), one read.
-void fp32_final_count(const at::Tensor& h, const std::vector<int64_t>& idx, int64_t m, const Block& blk,
-                      const at::Tensor& center, const at::Tensor& r2, const Weights& w, at::Tensor& counts) {
-  const int64_t q = static_cast<int64_t>(idx.size()), ns = blk.s1 - blk.s0, D = center.size(1);
+// The same for q rows of hr (>= 64 rows, zero padding past q) whose points are pts[0..q).
+void fp32_rows_count(const at::Tensor& hr, int64_t q, const int64_t* pts_of, const at::Tensor& center,
+                     const at::Tensor& r2, const Weights& w, at::Tensor& counts) {
+  const int64_t D = center.size(1);
   if (q == 0) return;
-  at::Tensor hr = h;
-  if (q != m) {
-    at::Tensor rows = at::from_blob(const_cast<int64_t*>(idx.data()), {q}, at::kLong).clone();
-    hr = h.index_select(0, rows);
-    if (q < kMinGemmRows) hr = at::cat({hr, at::zeros({kMinGemmRows - q, hr.size(1)}, hr.options())});
-  }
   at::Tensor out = at::addmm(w.bs.back(), hr, w.wts.back());
   activate_(out, w.acts.back());
   if (!fused_epilogue_enabled()) {  // A/B switch for benchmarks: the reference's four-pass epilogue
-    at::Tensor rows = at::from_blob(const_cast<int64_t*>(idx.data()), {q}, at::kLong).clone();
-    at::Tensor pts = at::floor_divide(rows, ns) + blk.p0;
+    at::Tensor pts = at::from_blob(const_cast<int64_t*>(pts_of), {q}, at::kLong).clone();
     at::Tensor y = out.narrow(0, 0, q).narrow(1, 0, D);
     y.sub_(center.index_select(0, pts));
     at::Tensor inside = (y.mul_(y).sum(1) <= r2.index_select(0, pts));
@@ -347,14 +341,14 @@ void fp32_final_count(const at::Tensor& h, const std::vector<int64_t>& idx, int6
   std::vector<int8_t> dec(q);
   at::parallel_for(0, q, 16, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = blk.p0 + idx[i] / ns;
+      const int64_t b = pts_of[i];
       dec[i] = band_decide(op + i * P, cen + b * D, D, band, r2p[b]);
     }
   });
   int64_t* cp = counts.data_ptr<int64_t>();
   std::vector<int64_t> amb;
   for (int64_t i = 0; i < q; ++i) {
-    if (dec[i] == 1) cp[blk.p0 + idx[i] / ns] += 1;
+    if (dec[i] == 1) cp[pts_of[i]] += 1;
     else if (dec[i] < 0) amb.push_back(i);
   }
   if (amb.empty()) return;
@@ -362,13 +356,56 @@ void fp32_final_count(const at::Tensor& h, const std::vector<int64_t>& idx, int6
   const int64_t na = static_cast<int64_t>(amb.size());
   at::Tensor sel = at::from_blob(amb.data(), {na}, at::kLong).clone();
   std::vector<int64_t> pv(na);
-  for (int64_t a = 0; a < na; ++a) pv[a] = blk.p0 + idx[amb[a]] / ns;
+  for (int64_t a = 0; a < na; ++a) pv[a] = pts_of[amb[a]];
   at::Tensor pts = at::from_blob(pv.data(), {na}, at::kLong).clone();
   at::Tensor y = out.index_select(0, sel).narrow(1, 0, D);
   y.sub_(center.index_select(0, pts));
   at::Tensor inside = (y.mul_(y).sum(1) <= r2.index_select(0, pts));
   counts.index_add_(0, pts, inside.to(at::kLong));
 }
+
+void fp32_final_count(const at::Tensor& h, const std::vector<int64_t>& idx, int64_t m, const Block& blk,
+                      const at::Tensor& center, const at::Tensor& r2, const Weights& w, at::Tensor& counts) {
+  const int64_t q = static_cast<int64_t>(idx.size()), ns = blk.s1 - blk.s0;
+  if (q == 0) return;
+  at::Tensor hr = h;
+  if (q != m) {
+    at::Tensor rows = at::from_blob(const_cast<int64_t*>(idx.data()), {q}, at::kLong).clone();
+    hr = h.index_select(0, rows);
+    if (q < kMinGemmRows) hr = at::cat({hr, at::zeros({kMinGemmRows - q, hr.size(1)}, hr.options())});
+  }
+  std::vector<int64_t> pts(q);
+  for (int64_t i = 0; i < q; ++i) pts[i] = blk.p0 + idx[i] / ns;
+  fp32_rows_count(hr, q, pts.data(), center, r2, w, counts);
+}
+
+// fp32 rechecks of the bf16 pass, collected across blocks (each row's hidden vector and point) so that
+// the reference's GEMM sees many rows at once instead of one padded >= 64-row GEMM per block: a row's
+// result does not depend on the other rows (see above), so which block it came from does not matter.
+struct PendingRechecks {
+  std::vector<float> h;
+  std::vector<int64_t> pts;
+  int64_t K = 0;
+  void add(const at::Tensor& hb, const std::vector<int64_t>& rows, const Block& blk) {
+    const int64_t ns = blk.s1 - blk.s0;
+    const float* hp = hb.data_ptr<float>();
+    for (int64_t r : rows) {
+      h.insert(h.end(), hp + r * K, hp + (r + 1) * K);
+      pts.push_back(blk.p0 + r / ns);
+    }
+  }
+  void flush(const at::Tensor& center, const at::Tensor& r2, const Weights& w, at::Tensor& counts) {
+    const int64_t q = static_cast<int64_t>(pts.size());
+    if (q == 0) return;
+    at::Tensor hr = at::zeros({std::max(q, kMinGemmRows), K}, center.options());
+    std::copy(h.begin(), h.end(), hr.data_ptr<float>());
+    fp32_rows_count(hr, q, pts.data(), center, r2, w, counts);
+    h.clear();
+    pts.clear();
+  }
+};
+// fp32 rechecks of the bf16 pass are done once this many rows are pending (and at the end of a call).
+constexpr int64_t kRecheckRows = 512;
 // Rows per chunk of the bf16 pass: its (rows, P) fp32 intermediates (a, y) stay in L2.
 constexpr int64_t kBandRows = 128;
 
@@ -518,6 +555,8 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
                                                                       bound->maxb) + 1e-15);
   }
 
+  PendingRechecks pending;
+  pending.K = K;
   const RefineConfig refine = RefineConfig::from_env();
   const int64_t max_cols = static_cast<int64_t>(refine.max_share * static_cast<double>(D));
   std::atomic<int64_t> refined_rows{0}, refined_units{0};
@@ -627,6 +666,7 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
         // Up to four consecutive undecided rows of the same point form a group: their units to recompute
         // are merged (a superset of a row's own set only tightens its bound) and each W_j is loaded once
         // for the group's rows.
+        constexpr int kGroupMax = 4;
         struct Todo { int64_t i, group; double e_rest; };
         struct Group { int64_t col_off, n, lg_off, first; int nr; };
         std::vector<Todo> todo;
@@ -666,7 +706,7 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
                                                     bound->norm_w_dh(pvp + i * nk, ndh[i]), target, max_cols,
                                                     tp, scratch, &e_rest);
           if (nsel < 0) continue;
-          if (groups.empty() || groups.back().n >= 0 || groups.back().nr == 4 || b != cur_b) {
+          if (groups.empty() || groups.back().n >= 0 || groups.back().nr == kGroupMax || b != cur_b) {
             flush();
             groups.push_back({0, -1, 0, static_cast<int64_t>(todo.size()), 0});
             cur_b = b;
@@ -701,8 +741,10 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
     // (about 0.35 of an fp32 last layer, conversions and band included) no longer pays, so the rest of
     // the call runs the fp32 final layer (same decisions).
     if (2 * static_cast<int64_t>(redo.size()) > q) use_bf16 = false;
-    fp32_final_count(h, redo, m, blk, center, r2, w, counts);
+    pending.add(h, redo, blk);
+    if (static_cast<int64_t>(pending.pts.size()) >= kRecheckRows) pending.flush(center, r2, w, counts);
   }
+  pending.flush(center, r2, w, counts);
   at::Tensor stats = at::empty({6}, counts.options());
   stats[0] = rechecked;
   stats[1] = bf16_rows;
