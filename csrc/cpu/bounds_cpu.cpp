@@ -163,8 +163,9 @@ bool has_avx512() {
 // Part 4 (refinement): units are sorted into buckets by their slope bound t: bucket b holds
 // kTauR[b+1] < t <= kTauR[b] (the last one t <= kTauR[kBuckets-1]). Per bucket: Σ e_j^2 (part 2's
 // per-element bound), Σ f_j^2 (f = t ρ + 2 ev, part 3), max t and the count.
-constexpr int kBuckets = 7;
-constexpr float kTauR[kBuckets] = {0.25f, 1.0f / 8, 1.0f / 16, 1.0f / 64, 1.0f / 256, 1.0f / 1024, 1.0f / 8192};
+constexpr int kBuckets = 10;
+constexpr float kTauR[kBuckets] = {0.25f,      0.1875f,     0.125f,       0.09375f,     1.0f / 16,
+                                   1.0f / 32, 1.0f / 64, 1.0f / 256, 1.0f / 1024, 1.0f / 8192};
 
 struct Buckets {
   float e2[kBuckets] = {}, f2[kBuckets] = {}, tmax[kBuckets] = {};
@@ -538,20 +539,26 @@ int64_t LastLayerBound::refine_select(const at::BFloat16* s, const float* a, con
   const double spec = spec_dW * norm_h + norm_wdh;  // >= ||δW h|| + ||Ŵ δh||
   // H = buckets < i (recomputed); the rest split into L_hi = buckets i..k-1 (spectral, max t) and
   // L_lo = buckets >= k (per element). The smallest H whose best split meets the target.
+  double lo_up[kBuckets + 1];  // up(Σ_{b >= k} e2[b]): the per-element bound of L_lo = buckets >= k
+  {
+    double acc = 0;
+    lo_up[kBuckets] = 0;
+    for (int k = kBuckets - 1; k >= 0; --k) {
+      acc += bk.e2[k];
+      lo_up[k] = up(acc);
+    }
+  }
   int64_t nH = 0;
   for (int i = 0; i < kBuckets; ++i) {
     if (i > 0) nH += bk.n[i - 1];
     if (nH > max_cols) return -1;
-    double best = std::numeric_limits<double>::infinity();
-    for (int k = i; k <= kBuckets; ++k) {
-      double lo = 0, hi_f = 0, mx = 0;
-      for (int b = k; b < kBuckets; ++b) lo += bk.e2[b];
-      for (int b = i; b < k; ++b) {
-        hi_f += bk.f2[b];
-        mx = std::max(mx, static_cast<double>(bk.tmax[b]));
-      }
-      best = std::min(best, (up(lo) + mx * spec + up(hi_f)) * (1 + 1e-12));
+    double best = lo_up[i], hi_f = 0, mx = 0;  // k = i: L_hi empty
+    for (int k = i + 1; k <= kBuckets; ++k) {
+      hi_f += bk.f2[k - 1];
+      mx = std::max(mx, static_cast<double>(bk.tmax[k - 1]));
+      best = std::min(best, lo_up[k] + mx * spec + up(hi_f));
     }
+    best *= 1 + 1e-12;
     if (best <= target) {
       *e_rest = best;
       return i > 0 ? select_above(t, D, kTauR[i], cols) : 0;
