@@ -664,8 +664,8 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
         int32_t* colp = bb.cols.data_ptr<int32_t>();
         float* lgp = bb.lg.data_ptr<float>();
         // Up to four consecutive undecided rows of the same point form a group: their units to recompute
-        // are merged (a superset of a row's own set only tightens its bound) and each W_j is loaded once
-        // for the group's rows.
+        // are merged (a superset of a row's own set keeps its bound valid: e_rest covers every unit left)
+        // and each W_j is loaded once for the group's rows.
         constexpr int kGroupMax = 4;
         struct Todo { int64_t i, group; double e_rest; };
         struct Group { int64_t col_off, n, lg_off, first; int nr; };
