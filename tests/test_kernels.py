@@ -512,6 +512,56 @@ def test_bf16_band_decides_each_sample_like_the_reference_across_its_edges(monke
         assert run(r2, refine)[1] == B
 
 
+_PORTABLE_SCRIPT = """
+import sys, torch
+from torch import nn
+from robbench import kernels
+case = torch.load(sys.argv[1], weights_only=False)
+class M(nn.Module):
+    def __init__(self, decoder, k, d):
+        super().__init__()
+        self.decoder, self.latent_dim, self.input_shape = decoder, k, (d,)
+    def decode(self, z):
+        return self.decoder(z).view(-1, *self.input_shape)
+mu, sigma, center = case["mu"], case["sigma"], case["center"]
+model = M(case["decoder"], mu.shape[1], center.shape[1])
+B = mu.shape[0]
+counts = [kernels.count_within(model, mu, sigma, center, r2, 1, seed=11, stream_ids=torch.arange(B),
+                               precision="bf16", screen=False).counts for r2 in case["radii"]]
+torch.save(counts, sys.argv[2])
+"""
+
+
+def test_portable_band_and_refinement_loops_decide_like_the_reference(tmp_path):
+    """The band's and the refinement's portable loops (what a CPU without AVX-512 runs; ROBBENCH_NO_AVX512=1
+    in a subprocess) give the reference's decision for every sample at radii across the band's and the
+    refinement's edges, at exact ties and one ulp below; the refinement did decide samples there."""
+    import os
+    import subprocess
+    import sys
+
+    model = _trained_like(seed=3)
+    B = 64
+    mu0, sigma0, center0 = _points(model, 1, 7)
+    mu, sigma, center = mu0.expand(B, -1).contiguous(), sigma0.expand(B, -1).contiguous(), \
+        center0.expand(B, -1).contiguous()
+    d2 = _sq_dists(model, mu, sigma, center, 1, 11)[0][:, 0]
+    radii = [torch.nextafter(d2, torch.zeros(())).contiguous()]
+    for eps in (0.0, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 0.1):
+        radii += [(d2 * (1 + eps)).contiguous(), (d2 * (1 - eps)).contiguous()]
+    torch.save({"decoder": model.decoder, "mu": mu, "sigma": sigma, "center": center, "radii": radii},
+               tmp_path / "case.pt")
+    env = dict(os.environ, ROBBENCH_NO_AVX512="1", ROBBENCH_BAND_STATS="1")
+    done = subprocess.run([sys.executable, "-c", _PORTABLE_SCRIPT, str(tmp_path / "case.pt"),
+                           str(tmp_path / "out.pt")], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = torch.load(tmp_path / "out.pt")
+    for r2, c in zip(radii, counts):
+        assert torch.equal(c, (d2 <= r2).long())
+    rows, refined, rechecked, _ = _band_stats(done.stderr)
+    assert rows == B * len(radii) and refined > 0 and 2 * B <= rechecked < rows  # ties, one ulp: reference
+
+
 @pytest.mark.parametrize("chunk", [128, 2048])
 def test_bf16_counts_equal_reference_at_the_median_radius(chunk, monkeypatch, capfd):
     """Many samples per point at the median radius (p ~ 0.5, where the margin's tests spend samples), trained

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 
 namespace robbench {
@@ -145,19 +146,19 @@ void band_sums_avx512(const uint16_t* s_bits, const float* a, const float* y, co
   }
 }
 
-void band_sums(const uint16_t* s_bits, const float* a, const float* y, const float* cen, int64_t D, bool sigmoid,
-               bool part2, const BandArgs& g, BandSums* out) {
-  static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                             __builtin_cpu_supports("avx512vl");
-  if (avx512) band_sums_avx512(s_bits, a, y, cen, D, sigmoid, part2, g, out);
-  else if (sigmoid) band_sums_impl<true>(s_bits, a, y, cen, D, g, out);
-  else band_sums_impl<false>(s_bits, a, y, cen, D, g, out);
-}
-
+// AVX-512 loops where the CPU has them; ROBBENCH_NO_AVX512=1 (read once per process) runs the portable
+// loops instead, so that tests can check them on any machine.
 bool has_avx512() {
   static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                             __builtin_cpu_supports("avx512vl");
+                             __builtin_cpu_supports("avx512vl") && std::getenv("ROBBENCH_NO_AVX512") == nullptr;
   return avx512;
+}
+
+void band_sums(const uint16_t* s_bits, const float* a, const float* y, const float* cen, int64_t D, bool sigmoid,
+               bool part2, const BandArgs& g, BandSums* out) {
+  if (has_avx512()) band_sums_avx512(s_bits, a, y, cen, D, sigmoid, part2, g, out);
+  else if (sigmoid) band_sums_impl<true>(s_bits, a, y, cen, D, g, out);
+  else band_sums_impl<false>(s_bits, a, y, cen, D, g, out);
 }
 
 // Part 4 (refinement): units are sorted into buckets by their slope bound t: bucket b holds
