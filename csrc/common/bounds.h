@@ -81,7 +81,8 @@
 //    and U = ||y_mix - c|| + E, L = (||y_mix - c|| - E)_+ are classified as in the other parts (fp32 sums of
 //    <= D nonnegative terms in any order: slack 2 g_{D+2} + 1e-6 as above).
 //    Choice of H and of the split (speed only, any choice is rigorous): units are bucketed by t at
-//    1/4, 1/8, 1/16, 1/64, 1/256, 1/1024, 1/8192 (per bucket Σ e^2, Σ (tρ + 2ev)^2, max t, count);
+//    1/4, 3/16, 1/8, 3/32, 1/16, 1/32, 1/64, 1/256, 1/1024, 1/8192 (per bucket Σ e^2, Σ (tρ + 2ev)^2,
+//    max t, count; bucket sums are fp32 sums of nonnegative terms, added in float64: slack as above);
 //    H = the buckets above some threshold, L_hi the next buckets, L_lo the rest; the smallest H whose best
 //    split gives E_L <= T = κ | ||ŷ - c|| - r | (||ŷ - c|| from the band pass) is taken; up to four
 //    consecutive undecided samples of one point share the union of their H (a superset of a sample's H
