@@ -1,6 +1,7 @@
 """Shared fixtures: a throwaway third-party plugin distribution and a clean plugin manager."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -50,13 +51,29 @@ def fresh_plugins(monkeypatch: pytest.MonkeyPatch, thirdparty_path: Path):
     sys.modules.pop("robbench_tp_demo", None)
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count set to n inside the block, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture
 def one_thread():
     """Tiny networks run fastest single-threaded (and do not fight other processes for the cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture
+def two_threads():
+    """Two intra-op threads (paths that split work across threads)."""
+    with torch_threads(2):
+        yield
 
 
 @pytest.fixture

@@ -352,14 +352,6 @@ def _split_problem(B=8, R=2):
     return op, starts, rng.stream_keys(5, torch.arange(B)), 2, torch.randn(4, B, m.latent_dim, generator=gen)
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_stall_loop_row_groups_run_the_whole_loop_independently(monkeypatch, two_threads):
     """At 2 threads mlp_stall_ascent splits its rows into 2 groups, each running the whole loop on its own
     thread: the result is exactly the two halves run as separate one-group calls, and the one-group run on

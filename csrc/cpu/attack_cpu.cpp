@@ -208,14 +208,25 @@ constexpr int64_t kSmallRows = 64;
 thread_local bool tl_small_off = false;
 thread_local int64_t tl_small_rows = kSmallRows;
 
+// An "off | <n>" switch from the environment: {off, n}, n = dflt when unset or off.
+struct CountSwitch {
+  bool off;
+  int64_t n;
+};
+CountSwitch read_count_switch(const char* name, int64_t dflt) {
+  const char* env = std::getenv(name);
+  const bool off = env && std::string(env) == "off";
+  return {off, env && !off ? static_cast<int64_t>(std::atoi(env)) : dflt};
+}
+
 void read_ab_switches() {
   const char* env = std::getenv("ROBBENCH_ATTACK_DNNL");
   tl_plain_dnnl = env && std::string(env) == "plain";
   const char* proj = std::getenv("ROBBENCH_ATTACK_PROJ");
   tl_scalar_projection_env = proj && std::string(proj) == "scalar";
-  const char* small = std::getenv("ROBBENCH_ATTACK_SMALL");
-  tl_small_off = small && std::string(small) == "off";
-  tl_small_rows = small && !tl_small_off ? std::atoi(small) : kSmallRows;
+  const CountSwitch small = read_count_switch("ROBBENCH_ATTACK_SMALL", kSmallRows);
+  tl_small_off = small.off;
+  tl_small_rows = small.n;
 }
 
 // Products on up to kSmallRows rows. The attack's late bisection steps run on 1-8 active rows (4-32
@@ -818,9 +829,9 @@ thread_local bool tl_split_off = false;
 thread_local int64_t tl_split_min_rows = kSplitMinRows;
 
 void read_split_switch() {
-  const char* env = std::getenv("ROBBENCH_ATTACK_SPLIT");
-  tl_split_off = env && std::string(env) == "off";
-  tl_split_min_rows = env && !tl_split_off ? std::max(1, std::atoi(env)) : kSplitMinRows;
+  const CountSwitch split = read_count_switch("ROBBENCH_ATTACK_SPLIT", kSplitMinRows);
+  tl_split_off = split.off;
+  tl_split_min_rows = std::max<int64_t>(1, split.n);
 }
 
 // The number of row groups for a call on M rows from a thread with `threads` intra-op threads.

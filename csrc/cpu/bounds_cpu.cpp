@@ -33,6 +33,15 @@ struct BandArgs {
   float k_dw, k_w, k_w3, k_wf, g_b, ev2;  // k_w: ||δh|| + g_K ||ĥ|| (part 2); k_w3: g_K ||ĥ|| (part 3)
 };
 
+// One sample's per-element band terms (parts 2 and 3), shared by decide and refine_select.
+BandArgs band_args(const LastLayerBound& b, double norm_h, double norm_hb, double norm_dh) {
+  const double inf = 1 + 1e-9, pad = 1 + 1e-6;
+  return BandArgs{b.rW.data(), b.rdW.data(), b.rWf.data(), b.babs.data(),
+                  static_cast<float>(norm_h * inf * pad), static_cast<float>((norm_dh + b.gK * norm_hb) * inf * pad),
+                  static_cast<float>(b.gK * norm_hb * inf * pad), static_cast<float>(b.gK1 * norm_h * inf * pad),
+                  static_cast<float>(b.gK1 * pad), static_cast<float>(2 * b.ev)};
+}
+
 template <bool kSig>
 inline void band_sums_impl(const uint16_t* s_bits, const float* a, const float* y, const float* cen, int64_t D,
                            const BandArgs& g, BandSums* out) {
@@ -482,18 +491,7 @@ double LastLayerBound::norm_w_dh(const float* p, double norm_dh) const {
 int8_t LastLayerBound::decide(const at::BFloat16* s, const float* a, const float* y, const float* cen,
                               double norm_h, double norm_hb, double norm_dh, double r2, double norm_wdh,
                               double* dist_out) const {
-  const double inf = 1 + 1e-9;
-  BandArgs g;
-  g.rW = rW.data();
-  g.rdW = rdW.data();
-  g.rWf = rWf.data();
-  g.babs = babs.data();
-  g.k_dw = static_cast<float>(norm_h * inf * (1 + 1e-6));
-  g.k_w = static_cast<float>((norm_dh + gK * norm_hb) * inf * (1 + 1e-6));
-  g.k_w3 = static_cast<float>(gK * norm_hb * inf * (1 + 1e-6));
-  g.k_wf = static_cast<float>(gK1 * norm_h * inf * (1 + 1e-6));
-  g.g_b = static_cast<float>(gK1 * (1 + 1e-6));
-  g.ev2 = static_cast<float>(2 * ev);
+  const BandArgs g = band_args(*this, norm_h, norm_hb, norm_dh);
   BandSums bs;
   band_sums(reinterpret_cast<const uint16_t*>(s), a, y, cen, D, act == kActSigmoid, norm_wdh < 0, g, &bs);
   const double sl = 2 * q + 1e-6;  // fp32 sums of D nonnegative terms, any order (bounds.h)
@@ -523,18 +521,7 @@ int64_t LastLayerBound::refine_select(const at::BFloat16* s, const float* a, con
                                       int64_t max_cols, float* t, int32_t* cols, double* e_rest) const {
   // a tie (or NaN) is for the reference; ReLU / identity have t = 1 everywhere: nothing to single out
   if (!(target > 0) || act != kActSigmoid || norm_wdh < 0) return -1;
-  const double inf = 1 + 1e-9;
-  BandArgs g;  // the per-element terms of decide (parts 2 and 3)
-  g.rW = rW.data();
-  g.rdW = rdW.data();
-  g.rWf = rWf.data();
-  g.babs = babs.data();
-  g.k_dw = static_cast<float>(norm_h * inf * (1 + 1e-6));
-  g.k_w = static_cast<float>((norm_dh + gK * norm_hb) * inf * (1 + 1e-6));
-  g.k_w3 = static_cast<float>(gK * norm_hb * inf * (1 + 1e-6));
-  g.k_wf = static_cast<float>(gK1 * norm_h * inf * (1 + 1e-6));
-  g.g_b = static_cast<float>(gK1 * (1 + 1e-6));
-  g.ev2 = static_cast<float>(2 * ev);
+  const BandArgs g = band_args(*this, norm_h, norm_hb, norm_dh);  // the per-element terms of decide
   Buckets bk;
   const uint16_t* sb = reinterpret_cast<const uint16_t*>(s);
   if (has_avx512()) refine_buckets_avx512(sb, a, y, D, g, t, &bk);
