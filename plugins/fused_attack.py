@@ -7,8 +7,8 @@ delta (hand-written backward, no autograd graph), the normalised step and the ex
 projection. ``torch.ops.robbench.mlp_stall_ascent`` runs :func:`robbench.projection.stall_ascent`'s whole
 loop over those steps (same decisions, same order; :meth:`FusedObjective.stall_ascent`), which is what the
 attack calls; with several torch threads it splits the rows into one group per thread, each running the
-whole loop on its own thread (csrc/cpu/attack_cpu.cpp, ``ROBBENCH_ATTACK_SPLIT``). What it computes equals the ``torch`` engine's autograd path up to float rounding
-(tests/test_fused_attack.py).
+whole loop on its own thread (csrc/cpu/attack_cpu.cpp, ``ROBBENCH_ATTACK_SPLIT``). What it computes
+equals the ``torch`` engine's autograd path up to float rounding (tests/test_fused_attack.py).
 
 Supported: the built-in :class:`~robbench_plugins.models.VAE` family members whose encoder and decoder
 are MLPs (``nn.Sequential`` of ``nn.Linear`` and the activations of :data:`ACT_CODES`, with those
