@@ -42,30 +42,43 @@ BandArgs band_args(const LastLayerBound& b, double norm_h, double norm_hb, doubl
                   static_cast<float>(b.gK1 * pad), static_cast<float>(2 * b.ev)};
 }
 
+// One unit's band terms (bounds.h parts 2 and 3), shared by the band pass and the refinement's buckets:
+// Δ_j and ρ_j (each term's few roundings covered by the factor 1 + 1e-5), the local slope bound t_j
+// (1 without a sigmoid), e_j = t_j Δ_j + 2 ev and f_j = t_j ρ_j + 2 ev (Δ_j and ρ_j without a sigmoid).
+struct UnitTerms {
+  float delta, rho, t, e, f;
+};
+
+template <bool kSig>
+inline UnitTerms unit_terms(const BandArgs& g, int64_t j, const uint16_t* s_bits, const float* a, const float* y) {
+  const float u = 1.0f / 256.0f, v = 1.0f / 16777216.0f;
+  const float sj = __builtin_bit_cast(float, static_cast<uint32_t>(s_bits[j]) << 16);
+  const float abs_s = sj < 0.f ? -sj : sj, abs_a = a[j] < 0.f ? -a[j] : a[j];
+  const float common = g.rWf[j] * g.k_wf + g.babs[j] * g.g_b + u * abs_s + v * abs_a + 1e-30f;
+  const float delta = (g.rdW[j] * g.k_dw + g.rW[j] * g.k_w + common) * 1.00001f;
+  const float rho = (g.rW[j] * g.k_w3 + common) * 1.00001f;
+  float t = 1.0f;
+  if constexpr (kSig) {
+    const float m = y[j] * (1.0f - y[j]) + 32.0f * v;
+    t = m * (1.0f + delta + delta * delta) * 1.00001f;
+    t = delta <= 1.0f ? t : 0.25f;
+    t = t < 0.25f ? t : 0.25f;
+  }
+  const float e = kSig ? (t * delta + g.ev2) * 1.00001f : delta;
+  const float f = kSig ? (t * rho + g.ev2) * 1.00001f : rho;
+  return {delta, rho, t, e, f};
+}
+
 template <bool kSig>
 inline void band_sums_impl(const uint16_t* s_bits, const float* a, const float* y, const float* cen, int64_t D,
                            const BandArgs& g, BandSums* out) {
-  const float u = 1.0f / 256.0f, v = 1.0f / 16777216.0f;
   for (int64_t j = 0; j < D; ++j) {
-    const float sj = __builtin_bit_cast(float, static_cast<uint32_t>(s_bits[j]) << 16);
     const float diff = y[j] - cen[j];
     out->d2 += diff * diff;
-    // Δ_j and ρ_j, each term's few roundings covered by the factor 1 + 1e-5
-    const float abs_s = sj < 0.f ? -sj : sj, abs_a = a[j] < 0.f ? -a[j] : a[j];
-    const float common = g.rWf[j] * g.k_wf + g.babs[j] * g.g_b + u * abs_s + v * abs_a + 1e-30f;
-    const float delta = (g.rdW[j] * g.k_dw + g.rW[j] * g.k_w + common) * 1.00001f;
-    const float rho = (g.rW[j] * g.k_w3 + common) * 1.00001f;
-    float t = 1.0f;
-    if constexpr (kSig) {
-      const float m = y[j] * (1.0f - y[j]) + 32.0f * v;
-      t = m * (1.0f + delta + delta * delta) * 1.00001f;
-      t = delta <= 1.0f ? t : 0.25f;
-      t = t < 0.25f ? t : 0.25f;
-    }
-    const float e = kSig ? (t * delta + g.ev2) * 1.00001f : delta;
-    const float f = kSig ? (t * rho + g.ev2) * 1.00001f : rho;
-    out->e2 += e * e;
-    out->f2 += f * f;
+    const UnitTerms u = unit_terms<kSig>(g, j, s_bits, a, y);
+    const float t = u.t;
+    out->e2 += u.e * u.e;
+    out->f2 += u.f * u.f;
     const float tdw = t * g.rdW[j], tw = t * g.rW[j];
     const float a2 = tdw * tdw * 1.00001f, b2 = tw * tw * 1.00001f;
     for (int k = 0; k < kTaus; ++k) {
@@ -79,47 +92,59 @@ inline void band_sums_impl(const uint16_t* s_bits, const float* a, const float* 
   }
 }
 
+// unit_terms for 16 units at j with AVX-512 (the same expressions, lane by lane).
+struct UnitTermsV {
+  __m512 delta, rho, t, e, f;
+};
+
+__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline))
+inline UnitTermsV unit_terms_avx512(const BandArgs& g, int64_t j, const uint16_t* s_bits, const float* a,
+                                    __m512 yj, bool sigmoid) {
+  const __m512 vu = _mm512_set1_ps(1.0f / 256.0f), vv = _mm512_set1_ps(1.0f / 16777216.0f);
+  const __m512 one = _mm512_set1_ps(1.0f), quarter = _mm512_set1_ps(0.25f), infl = _mm512_set1_ps(1.00001f);
+  const __m512 tiny = _mm512_set1_ps(1e-30f), v32 = _mm512_set1_ps(32.0f / 16777216.0f);
+  const __m512i sb = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s_bits + j)));
+  const __m512 sj = _mm512_castsi512_ps(_mm512_slli_epi32(sb, 16));
+  const __m512 aj = _mm512_loadu_ps(a + j), rw = _mm512_loadu_ps(g.rW + j);
+  __m512 common = _mm512_mul_ps(_mm512_loadu_ps(g.rWf + j), _mm512_set1_ps(g.k_wf));
+  common = _mm512_add_ps(common, _mm512_mul_ps(_mm512_loadu_ps(g.babs + j), _mm512_set1_ps(g.g_b)));
+  common = _mm512_add_ps(common, _mm512_mul_ps(vu, _mm512_abs_ps(sj)));
+  common = _mm512_add_ps(common, _mm512_mul_ps(vv, _mm512_abs_ps(aj)));
+  common = _mm512_add_ps(common, tiny);
+  __m512 delta = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(g.rdW + j), _mm512_set1_ps(g.k_dw)),
+                               _mm512_mul_ps(rw, _mm512_set1_ps(g.k_w)));
+  delta = _mm512_mul_ps(_mm512_add_ps(delta, common), infl);
+  const __m512 rho = _mm512_mul_ps(_mm512_add_ps(_mm512_mul_ps(rw, _mm512_set1_ps(g.k_w3)), common), infl);
+  if (!sigmoid) return {delta, rho, one, delta, rho};
+  const __m512 vev2 = _mm512_set1_ps(g.ev2);
+  const __m512 m = _mm512_add_ps(_mm512_mul_ps(yj, _mm512_sub_ps(one, yj)), v32);
+  __m512 t = _mm512_mul_ps(_mm512_mul_ps(m, _mm512_add_ps(_mm512_add_ps(one, delta), _mm512_mul_ps(delta, delta))), infl);
+  t = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(delta, one, _CMP_LE_OQ), quarter, t);  // Δ > 1 (or NaN): 1/4
+  t = _mm512_min_ps(t, quarter);
+  const __m512 e = _mm512_mul_ps(_mm512_add_ps(_mm512_mul_ps(t, delta), vev2), infl);
+  const __m512 f = _mm512_mul_ps(_mm512_add_ps(_mm512_mul_ps(t, rho), vev2), infl);
+  return {delta, rho, t, e, f};
+}
+
 // The same sums with AVX-512 intrinsics (GCC does not if-convert the sigmoid variant of the loop).
 // Lane sums are added in a different order than the scalar loop: the analysis covers any order.
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 void band_sums_avx512(const uint16_t* s_bits, const float* a, const float* y, const float* cen, int64_t D,
                       bool sigmoid, bool part2, const BandArgs& g, BandSums* out) {
-  const __m512 vu = _mm512_set1_ps(1.0f / 256.0f), vv = _mm512_set1_ps(1.0f / 16777216.0f);
-  const __m512 one = _mm512_set1_ps(1.0f), quarter = _mm512_set1_ps(0.25f), infl = _mm512_set1_ps(1.00001f);
-  const __m512 tiny = _mm512_set1_ps(1e-30f), v32 = _mm512_set1_ps(32.0f / 16777216.0f);
-  const __m512 kdw = _mm512_set1_ps(g.k_dw), kw = _mm512_set1_ps(g.k_w), kw3 = _mm512_set1_ps(g.k_w3);
-  const __m512 kwf = _mm512_set1_ps(g.k_wf), gb = _mm512_set1_ps(g.g_b), vev2 = _mm512_set1_ps(g.ev2);
+  const __m512 infl = _mm512_set1_ps(1.00001f);
   __m512 d2 = _mm512_setzero_ps(), e2 = _mm512_setzero_ps(), f2 = _mm512_setzero_ps();
   __m512 A[kTaus], B[kTaus], M[kTaus];
   for (int k = 0; k < kTaus; ++k) A[k] = B[k] = M[k] = _mm512_setzero_ps();
   int64_t j = 0;
   for (; j + 16 <= D; j += 16) {
-    const __m512i sb = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s_bits + j)));
-    const __m512 sj = _mm512_castsi512_ps(_mm512_slli_epi32(sb, 16));
-    const __m512 yj = _mm512_loadu_ps(y + j), aj = _mm512_loadu_ps(a + j);
+    const __m512 yj = _mm512_loadu_ps(y + j);
     const __m512 diff = _mm512_sub_ps(yj, _mm512_loadu_ps(cen + j));
     d2 = _mm512_add_ps(d2, _mm512_mul_ps(diff, diff));
-    const __m512 rdw = _mm512_loadu_ps(g.rdW + j), rw = _mm512_loadu_ps(g.rW + j);
-    __m512 common = _mm512_mul_ps(_mm512_loadu_ps(g.rWf + j), kwf);
-    common = _mm512_add_ps(common, _mm512_mul_ps(_mm512_loadu_ps(g.babs + j), gb));
-    common = _mm512_add_ps(common, _mm512_mul_ps(vu, _mm512_abs_ps(sj)));
-    common = _mm512_add_ps(common, _mm512_mul_ps(vv, _mm512_abs_ps(aj)));
-    common = _mm512_add_ps(common, tiny);
-    __m512 delta = _mm512_add_ps(_mm512_mul_ps(rdw, kdw), _mm512_mul_ps(rw, kw));
-    delta = _mm512_mul_ps(_mm512_add_ps(delta, common), infl);
-    const __m512 rho = _mm512_mul_ps(_mm512_add_ps(_mm512_mul_ps(rw, kw3), common), infl);
-    __m512 t = one, e = delta, f = rho;
-    if (sigmoid) {
-      const __m512 m = _mm512_add_ps(_mm512_mul_ps(yj, _mm512_sub_ps(one, yj)), v32);
-      t = _mm512_mul_ps(_mm512_mul_ps(m, _mm512_add_ps(_mm512_add_ps(one, delta), _mm512_mul_ps(delta, delta))), infl);
-      t = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(delta, one, _CMP_LE_OQ), quarter, t);  // Δ > 1 (or NaN): 1/4
-      t = _mm512_min_ps(t, quarter);
-      if (part2) e = _mm512_mul_ps(_mm512_add_ps(_mm512_mul_ps(t, delta), vev2), infl);
-      f = _mm512_mul_ps(_mm512_add_ps(_mm512_mul_ps(t, rho), vev2), infl);
-    }
-    if (part2) e2 = _mm512_add_ps(e2, _mm512_mul_ps(e, e));
-    f2 = _mm512_add_ps(f2, _mm512_mul_ps(f, f));
-    const __m512 tdw = _mm512_mul_ps(t, rdw), tw = _mm512_mul_ps(t, rw);
+    const UnitTermsV u = unit_terms_avx512(g, j, s_bits, a, yj, sigmoid);
+    const __m512 t = u.t;
+    if (part2) e2 = _mm512_add_ps(e2, _mm512_mul_ps(u.e, u.e));
+    f2 = _mm512_add_ps(f2, _mm512_mul_ps(u.f, u.f));
+    const __m512 tdw = _mm512_mul_ps(t, _mm512_loadu_ps(g.rdW + j)), tw = _mm512_mul_ps(t, _mm512_loadu_ps(g.rW + j));
     const __m512 a2 = _mm512_mul_ps(_mm512_mul_ps(tdw, tdw), infl), b2 = _mm512_mul_ps(_mm512_mul_ps(tw, tw), infl);
     A[0] = _mm512_add_ps(A[0], a2);  // τ = ∞: every unit in L
     B[0] = _mm512_add_ps(B[0], b2);
@@ -189,18 +214,9 @@ struct Buckets {
 // t_j into t (D,) and the bucket sums, with the expressions (and roundings) of band_sums_impl (sigmoid).
 void refine_buckets_impl(const uint16_t* s_bits, const float* a, const float* y, int64_t D, const BandArgs& g,
                          float* tout, Buckets* out) {
-  const float u = 1.0f / 256.0f, v = 1.0f / 16777216.0f;
   for (int64_t j = 0; j < D; ++j) {
-    const float sj = __builtin_bit_cast(float, static_cast<uint32_t>(s_bits[j]) << 16);
-    const float abs_s = sj < 0.f ? -sj : sj, abs_a = a[j] < 0.f ? -a[j] : a[j];
-    const float common = g.rWf[j] * g.k_wf + g.babs[j] * g.g_b + u * abs_s + v * abs_a + 1e-30f;
-    const float delta = (g.rdW[j] * g.k_dw + g.rW[j] * g.k_w + common) * 1.00001f;
-    const float rho = (g.rW[j] * g.k_w3 + common) * 1.00001f;
-    const float m = y[j] * (1.0f - y[j]) + 32.0f * v;
-    float t = m * (1.0f + delta + delta * delta) * 1.00001f;
-    t = delta <= 1.0f ? t : 0.25f;
-    t = t < 0.25f ? t : 0.25f;
-    const float e = (t * delta + g.ev2) * 1.00001f, f = (t * rho + g.ev2) * 1.00001f;
+    const UnitTerms u = unit_terms<true>(g, j, s_bits, a, y);
+    const float t = u.t, e = u.e, f = u.f;
     tout[j] = t;
     int b = 0;
     while (b + 1 < kBuckets && t <= kTauR[b + 1]) ++b;
@@ -214,36 +230,15 @@ void refine_buckets_impl(const uint16_t* s_bits, const float* a, const float* y,
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 void refine_buckets_avx512(const uint16_t* s_bits, const float* a, const float* y, int64_t D, const BandArgs& g,
                            float* tout, Buckets* out) {
-  const __m512 vu = _mm512_set1_ps(1.0f / 256.0f), vv = _mm512_set1_ps(1.0f / 16777216.0f);
-  const __m512 one = _mm512_set1_ps(1.0f), quarter = _mm512_set1_ps(0.25f), infl = _mm512_set1_ps(1.00001f);
-  const __m512 tiny = _mm512_set1_ps(1e-30f), v32 = _mm512_set1_ps(32.0f / 16777216.0f);
-  const __m512 kdw = _mm512_set1_ps(g.k_dw), kw = _mm512_set1_ps(g.k_w), kw3 = _mm512_set1_ps(g.k_w3);
-  const __m512 kwf = _mm512_set1_ps(g.k_wf), gb = _mm512_set1_ps(g.g_b), vev2 = _mm512_set1_ps(g.ev2);
   __m512 E[kBuckets], F[kBuckets], T[kBuckets];
   int64_t cnt[kBuckets] = {};
   for (int b = 0; b < kBuckets; ++b) E[b] = F[b] = T[b] = _mm512_setzero_ps();
   int64_t j = 0;
   for (; j + 16 <= D; j += 16) {
-    const __m512i sb = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s_bits + j)));
-    const __m512 sj = _mm512_castsi512_ps(_mm512_slli_epi32(sb, 16));
-    const __m512 yj = _mm512_loadu_ps(y + j), aj = _mm512_loadu_ps(a + j);
-    const __m512 rw = _mm512_loadu_ps(g.rW + j);
-    __m512 common = _mm512_mul_ps(_mm512_loadu_ps(g.rWf + j), kwf);
-    common = _mm512_add_ps(common, _mm512_mul_ps(_mm512_loadu_ps(g.babs + j), gb));
-    common = _mm512_add_ps(common, _mm512_mul_ps(vu, _mm512_abs_ps(sj)));
-    common = _mm512_add_ps(common, _mm512_mul_ps(vv, _mm512_abs_ps(aj)));
-    common = _mm512_add_ps(common, tiny);
-    __m512 delta = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(g.rdW + j), kdw), _mm512_mul_ps(rw, kw));
-    delta = _mm512_mul_ps(_mm512_add_ps(delta, common), infl);
-    const __m512 rho = _mm512_mul_ps(_mm512_add_ps(_mm512_mul_ps(rw, kw3), common), infl);
-    const __m512 m = _mm512_add_ps(_mm512_mul_ps(yj, _mm512_sub_ps(one, yj)), v32);
-    __m512 t = _mm512_mul_ps(_mm512_mul_ps(m, _mm512_add_ps(_mm512_add_ps(one, delta), _mm512_mul_ps(delta, delta))), infl);
-    t = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(delta, one, _CMP_LE_OQ), quarter, t);  // Δ > 1 (or NaN): 1/4
-    t = _mm512_min_ps(t, quarter);
-    const __m512 e = _mm512_mul_ps(_mm512_add_ps(_mm512_mul_ps(t, delta), vev2), infl);
-    const __m512 f = _mm512_mul_ps(_mm512_add_ps(_mm512_mul_ps(t, rho), vev2), infl);
+    const UnitTermsV u = unit_terms_avx512(g, j, s_bits, a, _mm512_loadu_ps(y + j), true);
+    const __m512 t = u.t;
     _mm512_storeu_ps(tout + j, t);
-    const __m512 e2 = _mm512_mul_ps(e, e), f2 = _mm512_mul_ps(f, f);
+    const __m512 e2 = _mm512_mul_ps(u.e, u.e), f2 = _mm512_mul_ps(u.f, u.f);
     __mmask16 in = 0xFFFF;  // t <= kTauR[0] = 1/4 always (t is never NaN)
     for (int b = 0; b < kBuckets; ++b) {
       const __mmask16 below = b + 1 < kBuckets ? _mm512_cmp_ps_mask(t, _mm512_set1_ps(kTauR[b + 1]), _CMP_LE_OQ)
