@@ -43,6 +43,15 @@ def _points(model, B, seed):
     return mu, sigma, model.decode(mu).flatten(1).detach()
 
 
+def _median_radius_case(model, B, n, *, points_seed, radius_seed, sample_seed):
+    """B points (:func:`_points`), each one's median sample distance over 100 draws as r (p ~ 0.5, where
+    the margin's tests spend their samples), and the torch reference's counts of n samples within r."""
+    mu, sigma, center = _points(model, B, points_seed)
+    r = montecarlo.sample_distances(model, mu, sigma, center, 100, seed=radius_seed).median(1).values
+    ref = montecarlo.count_within(model, mu, sigma, center, r, n, seed=sample_seed, backend="torch")
+    return mu, sigma, center, r, ref
+
+
 def _mlp_args(model, mu, sigma, center, n, seed):
     plan = decoding.decoder_plan(model, center.shape[1])
     ka, kb = rng.stream_keys(seed, torch.arange(mu.shape[0]))
@@ -401,9 +410,7 @@ def test_early_exit_counts_equal_reference_at_the_median_radius_with_screen_and_
     monkeypatch.setenv("ROBBENCH_EXIT_STATS", "1")
     model = _mnist_like(seed=1)
     B, n = 5, 400
-    mu, sigma, center = _points(model, B, 2)
-    r = montecarlo.sample_distances(model, mu, sigma, center, 100, seed=9).median(1).values
-    ref = montecarlo.count_within(model, mu, sigma, center, r, n, seed=3, backend="torch")
+    mu, sigma, center, r, ref = _median_radius_case(model, B, n, points_seed=2, radius_seed=9, sample_seed=3)
     capfd.readouterr()
     for screen in (False, True):
         for chunk in (128, 2048):
@@ -419,9 +426,7 @@ def test_early_exit_column_widths_and_off_switch_agree(monkeypatch):
     """Other column-block schedules (ROBBENCH_EXIT_COLUMNS) and the exit switched off give the same counts."""
     model = _mnist_like(seed=2)
     B, n = 4, 300
-    mu, sigma, center = _points(model, B, 3)
-    r = montecarlo.sample_distances(model, mu, sigma, center, 100, seed=1).median(1).values
-    ref = montecarlo.count_within(model, mu, sigma, center, r, n, seed=6, backend="torch")
+    mu, sigma, center, r, ref = _median_radius_case(model, B, n, points_seed=3, radius_seed=1, sample_seed=6)
     for mode, widths in (("0", "64"), ("force", "8"), ("force", "100,300"), ("force", "784"), ("1", "junk")):
         monkeypatch.setenv("ROBBENCH_EARLY_EXIT", mode)
         monkeypatch.setenv("ROBBENCH_EXIT_COLUMNS", widths)
@@ -570,9 +575,7 @@ def test_bf16_counts_equal_reference_at_the_median_radius(chunk, monkeypatch, ca
     monkeypatch.setenv("ROBBENCH_BAND_STATS", "1")
     model = _trained_like(seed=4)
     B, n = 5, 400
-    mu, sigma, center = _points(model, B, 8)
-    r = montecarlo.sample_distances(model, mu, sigma, center, 100, seed=2).median(1).values
-    ref = montecarlo.count_within(model, mu, sigma, center, r, n, seed=5, backend="torch")
+    mu, sigma, center, r, ref = _median_radius_case(model, B, n, points_seed=8, radius_seed=2, sample_seed=5)
     for screen in (False, True):
         rechecked = {}
         for refine in ("0", "1"):
