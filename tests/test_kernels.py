@@ -105,6 +105,8 @@ def test_opcheck_all_ops():
         (torch.ops.robbench.mlp_count.default,
          (mu, sigma, center, r2, ka, kb, 50, 7, plan.weights_t, plan.biases, plan.acts, 0, False, 64)),
         (torch.ops.robbench.count_le.default, (torch.rand(3, 20, 70, generator=g), center, r2)),
+        (torch.ops.robbench.sigmoid_fp32.default, (torch.randn(37, generator=g) * 20,)),
+        (torch.ops.robbench.sigmoid_fp32.default, (torch.randn(5, 3, generator=g), True)),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
@@ -179,6 +181,43 @@ def test_squared_radius_one_ulp_either_side_of_a_sample(precision, screen, shape
                                            stream_ids=torch.arange(B), precision=precision, screen=screen,
                                            chunk_size=chunk)
                 assert torch.equal(res.counts, want), (rank, chunk)
+
+
+def _f32_bits(x: float) -> int:
+    return int(torch.tensor([x], dtype=torch.float32).view(torch.int32).item())
+
+
+# bounds.h, part 5: the own sigmoid of the bf16 band's fused pass is within 6 v = 6 * 2^-24 of sigma.
+SIGMOID_BOUND_V = 6.0
+
+
+def test_own_sigmoid_error_is_within_its_proven_bound_for_every_float_that_matters():
+    """Every fp32 x with 2^-26 <= |x| <= 64 (5.4e8 floats: the whole unclamped range and beyond the clamp at
+    32) and every 61st float of the rest (tiny, huge, infinite), both signs, against float64 sigma: the
+    error stays within the bound derived in bounds.h (part 5), which is inside the band's ev = 16 v. The
+    code the band runs here (AVX-512 where the CPU has it) and the portable code (strided) are checked."""
+    scan = torch.ops.robbench.sigmoid_error_scan
+    inf = _f32_bits(float("inf"))
+    dense = scan(_f32_bits(2.0 ** -26), _f32_bits(64.0), 1)
+    rest = scan(0, inf, 61)
+    portable = scan(_f32_bits(2.0 ** -26), _f32_bits(64.0), 13, True)
+    for err, x in (dense, rest, portable):
+        assert err <= SIGMOID_BOUND_V, (err, x)
+    assert dense[0] > 0.5  # it compares real values: the fp32 result's own rounding is up to 0.5 v
+
+
+def test_own_sigmoid_special_values_and_portable_code_agree():
+    """NaN stays NaN, +-inf and huge |x| give 1 / 0 within the bound, +-0 give 1/2; the portable code (what a
+    CPU without AVX-512 runs) returns the same bits as the vectorised code on random and special floats."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(4099, generator=g) * torch.logspace(-30, 2, 4099),
+                   torch.tensor([0.0, -0.0, 1e-45, -1e-45, 32.0, -32.0, 88.8, -88.8, 3e38, -3e38,
+                                 float("inf"), float("-inf"), float("nan")])])
+    y, yp = torch.ops.robbench.sigmoid_fp32(x), torch.ops.robbench.sigmoid_fp32(x, True)
+    assert torch.equal(y.view(torch.int32), yp.view(torch.int32))
+    assert torch.isnan(y[-1]) and y[-3] == 1 and y[-2] == 0 and y[-13] == y[-12] == 0.5
+    err = (y[:-1].double() - torch.sigmoid(x[:-1].double())).abs().max().item()
+    assert err <= SIGMOID_BOUND_V * 2.0 ** -24
 
 
 @pytest.mark.parametrize("fused", ["0", "1"])
@@ -466,15 +505,18 @@ def _band_stats(err):
     return tuple(tot)
 
 
-def test_bf16_band_decides_each_sample_like_the_reference_across_its_edges(monkeypatch, capfd):
+@pytest.mark.parametrize("band_fused", ["1", "0"])
+def test_bf16_band_decides_each_sample_like_the_reference_across_its_edges(band_fused, monkeypatch, capfd):
     """Sample by sample on the trained decoders' shape: one sample per point, r2 at that sample's own fp32
     squared distance x (1 +- eps) for a dense geometric sweep of eps (1e-7 .. 0.56, 4 per decade), so that
     samples fall just inside and just outside the edges of the band and of its refinement (bounds.h
     part 4; each radius runs with the refinement off and on), exact ties and one ulp below. Every
     decision equals the reference's; the sweep crosses both edges (some radius leaves part of the band's
     samples undecided; some radius has the refinement decide part of those and leave part); ties and one
-    ulp below all went to the fp32 recheck; far radii none."""
+    ulp below all went to the fp32 recheck; far radii none. Both epilogues: the fused pass with the own
+    sigmoid (bounds.h part 5, the default) and the separate ATen passes (ROBBENCH_BAND_FUSED=0)."""
     monkeypatch.setenv("ROBBENCH_BAND_STATS", "1")
+    monkeypatch.setenv("ROBBENCH_BAND_FUSED", band_fused)
     model = _trained_like(seed=3)
     B = 96
     mu0, sigma0, center0 = _points(model, 1, 7)

@@ -66,7 +66,7 @@
 // 4. Refinement (session 4; sigmoid last layers). A sample the band leaves undecided is mostly undecided
 //    because of its unsaturated output units (large t_j). For such a sample a set H of units is recomputed
 //    in fp32 from the exact h: a'_j = fl(fl(Σ_k W_jk h_k) + b_j) (a dot product in any order, FMA or not,
-//    then the bias), y'_j = act~(a'_j) (ATen's sigmoid, within ev). Both a'_j and the reference's ã_j are
+//    then the bias), y'_j = act~(a'_j) (the own sigmoid of part 5, within ev). Both a'_j and the reference's ã_j are
 //    sums of the K + 1 terms W_jk h_k, b_j, so each is within g_{K+1} (Σ_k |W_jk h_k| + |b_j|) of a_j:
 //       |a'_j - ã_j| <= Δ'_j = 2 g_{K+1} (||W_j|| ||h|| + |b_j|)          (Cauchy-Schwarz, inflated norms),
 //    and through the activation as in part 2 (mean value theorem, slope bound from y'_j):
@@ -88,6 +88,35 @@
 //    consecutive undecided samples of one point share the union of their H (a superset of a sample's H
 //    only adds exact units; its E_L still bounds the units left). No split, a tie, or |H| above a cap
 //    sends the sample to the fp32 reference. Only near-ties are left for it.
+// 5. Fused epilogue (session 5, CPU; decide_epilogue). a_j = fl(s_j + b_j) is formed as before, and
+//    ŷ_j = σ~(a_j) by an own fp32 sigmoid (common/sigmoid.h) in the band pass's registers; the refinement's
+//    y'_j (part 4) uses it too. Parts 2-4 need only |σ~(x) - σ(x)| <= ev for every fp32 x (absolute):
+//    ev = 16 v covers ATen's sigmoid (the reference's own) and this one, which is within 5.3 v:
+//    for x >= 0, with E = e^-x, t = min(x, 32) (x = +inf included):
+//    (a) clamp: |e^-t - e^-x| <= e^-32 < 1e-6 v.
+//    (b) z = fl(t L), L = fl(log2 e) = log2 e (1 + ε), |ε| <= v, so z = t log2 e (1 + θ), |θ| <= 2v + v^2
+//        (a subnormal z: absolute error <= 2^-150, negligible), 2^-z = e^{-t (1 + θ)} and
+//        |2^-z - e^-t| <= e^-t t |θ| e^{t |θ|} <= (2v + v^2) e^-1 (1 + 1e-5) <= 0.74 v   (t e^-t <= 1/e).
+//    (c) n = nearest(z) (ties to even), f = z - n exactly (n = 0 for z <= 1/2, else z/2 <= n <= 2z:
+//        Sterbenz), |f| <= 1/2, n >= 0, 2^-z = 2^-n 2^-f.
+//    (d) p = Horner(c_7, ..., c_0; f) by FMA, c_k = fl((-ln 2)^k / k!): |p - 2^-f| <= 2.05 v, the sum of
+//        the Lagrange remainder of the degree-7 Taylor polynomial (ln 2 / 2)^8 / 8! 2^(1/2) <= 0.123 v, the
+//        coefficients' rounding Σ_k |c_k - (-ln 2)^k / k!| 2^-k <= 0.020 v, and Horner's: each FMA rounds
+//        once (|δ| <= v), so the error of step k obeys err_k <= |f| err_{k+1} (1 + v) + v M_k, err_7 = 0,
+//        M_k = Σ_{i>=k} |c_i| 2^{k-i} >= |Σ_{i>=k} c_i f^{i-k}| (M_0..M_3 = 1.414, 0.828, 0.271, 0.061):
+//        err_0 <= 1.905 v (evaluated in float64, far from its precision).
+//    (e) E' = scalef(p, -n) = 2^-n p exactly (n <= 47: normal), so |E' - E| <= 2.05 v + 0.74 v + 1e-6 v
+//        <= 2.8 v. E' <= 1 + 2v: for n >= 1, E' <= 2^-1 (2^(1/2) + 2.05 v); for n = 0, f = z >= 0, so
+//        p <= 1 + 2.05 v and p, an fp32 number, is <= 1 + 2v.
+//    (f) d = fl(1 + E') in [1, 2] (1 + E' <= 2 + 2v rounds to 2: a tie, to even), |d - (1 + E')| <= 2v.
+//    (g) r = fl(1 / d) in [1/2, 1], |r - 1/d| <= v/2; |1/d - 1/(1 + E')| <= |d - (1 + E')| (both
+//        denominators >= 1); |1/(1 + E') - σ(x)| = |1/(1 + E') - 1/(1 + E)| <= |E' - E|. So
+//        |r - σ(x)| <= 2.8 v + 2 v + 0.5 v = 5.3 v.
+//    (h) x < 0: σ(x) = 1 - σ(|x|) and σ~(x) = fl(1 - r) = 1 - r exactly (r in [1/2, 1]: Sterbenz): same
+//        bound. NaN gives NaN (the band then decides nothing: every comparison is false).
+//    Checked (tests/test_kernels.py): every float with 2^-26 <= |x| <= 64 and every 61st float elsewhere,
+//    against float64 σ, AVX-512 and portable code bit-equal; every non-NaN float once (session 5): max 1.59 v.
+//    The scalar (portable) and AVX-512 versions perform the same IEEE operations: identical results.
 // Samples that no bound decides get the reference's own fp32 final layer (recheck).
 #pragma once
 #include <ATen/ATen.h>
@@ -135,6 +164,12 @@ struct LastLayerBound {
   int8_t decide(const at::BFloat16* s, const float* a, const float* y, const float* cen, double norm_h,
                 double norm_hb, double norm_dh, double r2, double norm_wdh = -1.0,
                 double* dist_out = nullptr) const;
+  // The same decision fused with the epilogue (part 5): from the bf16 GEMM row s (>= D,), writes
+  // a = fl(s + b) (D,) and y = act~(a) (D,) (own sigmoid, within ev of σ) while the band sums accumulate,
+  // one pass over the D units. a and y are what refine_select / refine_decide read.
+  int8_t decide_epilogue(const at::BFloat16* s, float* a, float* y, const float* cen, double norm_h,
+                         double norm_hb, double norm_dh, double r2, double norm_wdh = -1.0,
+                         double* dist_out = nullptr) const;
 
   // Part 4, step 1 (sigmoid only): slope bounds t (D,) of one sample's bf16 outputs, the units H
   // (indices < D, ascending) to recompute in fp32 so that the bound on the rest, written to *e_rest, is
@@ -157,6 +192,9 @@ struct LastLayerBound {
     return -1;
   }
 };
+
+// The own sigmoid of part 5 element-wise: y = σ~(x) (n,), |σ~(x) - σ(x)| <= 6 v for every float x.
+void sigmoid_fp32(const float* x, float* y, int64_t n);
 
 // Per-row fp32 sums of squares: ||h||^2 and (hc != nullptr) ||h - hc||^2; ||ĥ||^2 and ||h - ĥ||^2.
 void sq_norms(const float* h, const float* hc, int64_t K, float* s2, float* d2);

@@ -2,6 +2,7 @@
 // order is covered by the analysis, so the loops may use SIMD reductions.
 #include "common/bounds.h"
 #include "common/decoder.h"
+#include "common/sigmoid.h"
 
 #include <c10/util/BFloat16.h>
 
@@ -97,15 +98,20 @@ struct UnitTermsV {
   __m512 delta, rho, t, e, f;
 };
 
+// s_j widened exactly from bf16 (16 lanes at j).
 __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline))
-inline UnitTermsV unit_terms_avx512(const BandArgs& g, int64_t j, const uint16_t* s_bits, const float* a,
-                                    __m512 yj, bool sigmoid) {
+inline __m512 widen_bf16_avx512(const uint16_t* s_bits, int64_t j) {
+  const __m512i sb = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s_bits + j)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(sb, 16));
+}
+
+// The terms from the lanes' s_j, a_j, y_j in registers (the fused band pass forms them there).
+__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline))
+inline UnitTermsV unit_terms_avx512(const BandArgs& g, int64_t j, __m512 sj, __m512 aj, __m512 yj, bool sigmoid) {
   const __m512 vu = _mm512_set1_ps(1.0f / 256.0f), vv = _mm512_set1_ps(1.0f / 16777216.0f);
   const __m512 one = _mm512_set1_ps(1.0f), quarter = _mm512_set1_ps(0.25f), infl = _mm512_set1_ps(1.00001f);
   const __m512 tiny = _mm512_set1_ps(1e-30f), v32 = _mm512_set1_ps(32.0f / 16777216.0f);
-  const __m512i sb = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s_bits + j)));
-  const __m512 sj = _mm512_castsi512_ps(_mm512_slli_epi32(sb, 16));
-  const __m512 aj = _mm512_loadu_ps(a + j), rw = _mm512_loadu_ps(g.rW + j);
+  const __m512 rw = _mm512_loadu_ps(g.rW + j);
   __m512 common = _mm512_mul_ps(_mm512_loadu_ps(g.rWf + j), _mm512_set1_ps(g.k_wf));
   common = _mm512_add_ps(common, _mm512_mul_ps(_mm512_loadu_ps(g.babs + j), _mm512_set1_ps(g.g_b)));
   common = _mm512_add_ps(common, _mm512_mul_ps(vu, _mm512_abs_ps(sj)));
@@ -126,58 +132,130 @@ inline UnitTermsV unit_terms_avx512(const BandArgs& g, int64_t j, const uint16_t
   return {delta, rho, t, e, f};
 }
 
-// The same sums with AVX-512 intrinsics (GCC does not if-convert the sigmoid variant of the loop).
+__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline))
+inline UnitTermsV unit_terms_avx512(const BandArgs& g, int64_t j, const uint16_t* s_bits, const float* a,
+                                    __m512 yj, bool sigmoid) {
+  return unit_terms_avx512(g, j, widen_bf16_avx512(s_bits, j), _mm512_loadu_ps(a + j), yj, sigmoid);
+}
+
+// act~ of the fused pass: the own sigmoid; ReLU and identity exact (NaN stays NaN, as ATen's).
+inline float act_scalar(float a, int64_t act) {
+  if (act == kActSigmoid) return sigmoid_scalar(a);
+  if (act == kActRelu) return a > 0.0f || std::isnan(a) ? a : 0.0f;
+  return a;
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline))
+inline __m512 act_avx512(__m512 a, int64_t act) {
+  if (act == kActSigmoid) return sigmoid_avx512(a);
+  if (act == kActRelu) return _mm512_max_ps(_mm512_setzero_ps(), a);  // NaN: the 2nd operand, NaN
+  return a;
+}
+
+// Lane accumulators of one band pass: the sums of BandSums, 16 lanes each.
+struct BandAccV {
+  __m512 d2, e2, f2, A[kTaus], B[kTaus], M[kTaus];
+};
+
+__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline))
+inline void band_acc_init(BandAccV& acc) {
+  acc.d2 = acc.e2 = acc.f2 = _mm512_setzero_ps();
+  for (int k = 0; k < kTaus; ++k) acc.A[k] = acc.B[k] = acc.M[k] = _mm512_setzero_ps();
+}
+
+// Adds the 16 units at j: (y - c)^2, e^2 (part2), f^2 and per threshold the part-3 sums and maxima.
+__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline))
+inline void band_acc_add(BandAccV& acc, const BandArgs& g, int64_t j, __m512 yj, const float* cen,
+                         const UnitTermsV& u, bool part2) {
+  const __m512 infl = _mm512_set1_ps(1.00001f);
+  const __m512 diff = _mm512_sub_ps(yj, _mm512_loadu_ps(cen + j));
+  acc.d2 = _mm512_add_ps(acc.d2, _mm512_mul_ps(diff, diff));
+  const __m512 t = u.t;
+  if (part2) acc.e2 = _mm512_add_ps(acc.e2, _mm512_mul_ps(u.e, u.e));
+  acc.f2 = _mm512_add_ps(acc.f2, _mm512_mul_ps(u.f, u.f));
+  const __m512 tdw = _mm512_mul_ps(t, _mm512_loadu_ps(g.rdW + j)), tw = _mm512_mul_ps(t, _mm512_loadu_ps(g.rW + j));
+  const __m512 a2 = _mm512_mul_ps(_mm512_mul_ps(tdw, tdw), infl), b2 = _mm512_mul_ps(_mm512_mul_ps(tw, tw), infl);
+  acc.A[0] = _mm512_add_ps(acc.A[0], a2);  // τ = ∞: every unit in L
+  acc.B[0] = _mm512_add_ps(acc.B[0], b2);
+  acc.M[kTaus - 1] = _mm512_max_ps(acc.M[kTaus - 1], t);  // τ = 0: every unit in H (t > 0)
+  for (int k = 1; k + 1 < kTaus; ++k) {  // L: t <= τ (t is never NaN: capped at 1/4 above)
+    const __mmask16 low = _mm512_cmp_ps_mask(t, _mm512_set1_ps(kTau[k]), _CMP_LE_OQ);
+    acc.A[k] = _mm512_mask_add_ps(acc.A[k], low, acc.A[k], a2);
+    acc.B[k] = _mm512_mask_add_ps(acc.B[k], low, acc.B[k], b2);
+    acc.M[k] = _mm512_mask_max_ps(acc.M[k], static_cast<__mmask16>(~low), acc.M[k], t);
+  }
+}
+
+// The lane sums into out, then the units j0..D-1 (fewer than 16) by the scalar loop.
 // Lane sums are added in a different order than the scalar loop: the analysis covers any order.
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+void band_acc_finish(const BandAccV& acc, const uint16_t* s_bits, const float* a, const float* y, const float* cen,
+                     int64_t j0, int64_t D, bool sigmoid, const BandArgs& g, BandSums* out) {
+  out->d2 = _mm512_reduce_add_ps(acc.d2);
+  out->e2 = _mm512_reduce_add_ps(acc.e2);
+  out->f2 = _mm512_reduce_add_ps(acc.f2);
+  for (int k = 0; k < kTaus; ++k) {
+    out->A[k] = _mm512_reduce_add_ps(acc.A[k]);
+    out->B[k] = _mm512_reduce_add_ps(acc.B[k]);
+    out->M[k] = _mm512_reduce_max_ps(acc.M[k]);
+  }
+  if (j0 >= D) return;
+  const int64_t j = j0;
+  BandSums tail;
+  BandArgs gt{g.rW + j, g.rdW + j, g.rWf + j, g.babs + j, g.k_dw, g.k_w, g.k_w3, g.k_wf, g.g_b, g.ev2};
+  if (sigmoid) band_sums_impl<true>(s_bits + j, a + j, y + j, cen + j, D - j, gt, &tail);
+  else band_sums_impl<false>(s_bits + j, a + j, y + j, cen + j, D - j, gt, &tail);
+  out->d2 += tail.d2;
+  out->e2 += tail.e2;
+  out->f2 += tail.f2;
+  for (int k = 0; k < kTaus; ++k) {
+    out->A[k] += tail.A[k];
+    out->B[k] += tail.B[k];
+    out->M[k] = std::max(out->M[k], tail.M[k]);
+  }
+}
+
+// The band sums from a and y in memory, with AVX-512 intrinsics (GCC does not if-convert the sigmoid
+// variant of the scalar loop).
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 void band_sums_avx512(const uint16_t* s_bits, const float* a, const float* y, const float* cen, int64_t D,
                       bool sigmoid, bool part2, const BandArgs& g, BandSums* out) {
-  const __m512 infl = _mm512_set1_ps(1.00001f);
-  __m512 d2 = _mm512_setzero_ps(), e2 = _mm512_setzero_ps(), f2 = _mm512_setzero_ps();
-  __m512 A[kTaus], B[kTaus], M[kTaus];
-  for (int k = 0; k < kTaus; ++k) A[k] = B[k] = M[k] = _mm512_setzero_ps();
+  BandAccV acc;
+  band_acc_init(acc);
   int64_t j = 0;
   for (; j + 16 <= D; j += 16) {
     const __m512 yj = _mm512_loadu_ps(y + j);
-    const __m512 diff = _mm512_sub_ps(yj, _mm512_loadu_ps(cen + j));
-    d2 = _mm512_add_ps(d2, _mm512_mul_ps(diff, diff));
-    const UnitTermsV u = unit_terms_avx512(g, j, s_bits, a, yj, sigmoid);
-    const __m512 t = u.t;
-    if (part2) e2 = _mm512_add_ps(e2, _mm512_mul_ps(u.e, u.e));
-    f2 = _mm512_add_ps(f2, _mm512_mul_ps(u.f, u.f));
-    const __m512 tdw = _mm512_mul_ps(t, _mm512_loadu_ps(g.rdW + j)), tw = _mm512_mul_ps(t, _mm512_loadu_ps(g.rW + j));
-    const __m512 a2 = _mm512_mul_ps(_mm512_mul_ps(tdw, tdw), infl), b2 = _mm512_mul_ps(_mm512_mul_ps(tw, tw), infl);
-    A[0] = _mm512_add_ps(A[0], a2);  // τ = ∞: every unit in L
-    B[0] = _mm512_add_ps(B[0], b2);
-    M[kTaus - 1] = _mm512_max_ps(M[kTaus - 1], t);  // τ = 0: every unit in H (t > 0)
-    for (int k = 1; k + 1 < kTaus; ++k) {  // L: t <= τ (t is never NaN: capped at 1/4 above)
-      const __mmask16 low = _mm512_cmp_ps_mask(t, _mm512_set1_ps(kTau[k]), _CMP_LE_OQ);
-      A[k] = _mm512_mask_add_ps(A[k], low, A[k], a2);
-      B[k] = _mm512_mask_add_ps(B[k], low, B[k], b2);
-      M[k] = _mm512_mask_max_ps(M[k], static_cast<__mmask16>(~low), M[k], t);
-    }
+    band_acc_add(acc, g, j, yj, cen, unit_terms_avx512(g, j, s_bits, a, yj, sigmoid), part2);
   }
-  out->d2 = _mm512_reduce_add_ps(d2);
-  out->e2 = _mm512_reduce_add_ps(e2);
-  out->f2 = _mm512_reduce_add_ps(f2);
-  for (int k = 0; k < kTaus; ++k) {
-    out->A[k] = _mm512_reduce_add_ps(A[k]);
-    out->B[k] = _mm512_reduce_add_ps(B[k]);
-    out->M[k] = _mm512_reduce_max_ps(M[k]);
+  band_acc_finish(acc, s_bits, a, y, cen, j, D, sigmoid, g, out);
+}
+
+// The fused pass over one row: a = fl(s + b) and y = act~(a) (own sigmoid) for the row's units into a, y
+// (L1-resident: 2 x 4 D bytes), then the band sums reading them back. Two loops, not one: the sigmoid's
+// dependency chain (~60 cycles) inside the band loop left the core waiting (measured: no gain over the
+// separate ATen passes); alone, its iterations overlap.
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+void band_epilogue_avx512(const uint16_t* s_bits, const float* bias, int64_t act, float* a, float* y,
+                          const float* cen, int64_t D, bool part2, const BandArgs& g, BandSums* out) {
+  int64_t j = 0;
+  for (; j + 16 <= D; j += 16) {
+    const __m512 aj = _mm512_add_ps(widen_bf16_avx512(s_bits, j), _mm512_loadu_ps(bias + j));  // fl(s + b)
+    _mm512_storeu_ps(a + j, aj);
+    _mm512_storeu_ps(y + j, act_avx512(aj, act));
   }
-  if (j < D) {
-    BandSums tail;
-    BandArgs gt{g.rW + j, g.rdW + j, g.rWf + j, g.babs + j, g.k_dw, g.k_w, g.k_w3, g.k_wf, g.g_b, g.ev2};
-    if (sigmoid) band_sums_impl<true>(s_bits + j, a + j, y + j, cen + j, D - j, gt, &tail);
-    else band_sums_impl<false>(s_bits + j, a + j, y + j, cen + j, D - j, gt, &tail);
-    out->d2 += tail.d2;
-    out->e2 += tail.e2;
-    out->f2 += tail.f2;
-    for (int k = 0; k < kTaus; ++k) {
-      out->A[k] += tail.A[k];
-      out->B[k] += tail.B[k];
-      out->M[k] = std::max(out->M[k], tail.M[k]);
-    }
+  for (; j < D; ++j) {
+    a[j] = __builtin_bit_cast(float, static_cast<uint32_t>(s_bits[j]) << 16) + bias[j];
+    y[j] = act_scalar(a[j], act);
   }
+  band_sums_avx512(s_bits, a, y, cen, D, act == kActSigmoid, part2, g, out);
+}
+
+// The own sigmoid over x[0..n) in blocks of 16; returns how many it did (the rest: sigmoid_scalar).
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+int64_t sigmoid_rows_avx512(const float* x, float* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, sigmoid_avx512(_mm512_loadu_ps(x + i)));
+  return i;
 }
 
 // AVX-512 loops where the CPU has them; ROBBENCH_NO_AVX512=1 (read once per process) runs the portable
@@ -192,6 +270,19 @@ void band_sums(const uint16_t* s_bits, const float* a, const float* y, const flo
                bool part2, const BandArgs& g, BandSums* out) {
   if (has_avx512()) band_sums_avx512(s_bits, a, y, cen, D, sigmoid, part2, g, out);
   else if (sigmoid) band_sums_impl<true>(s_bits, a, y, cen, D, g, out);
+  else band_sums_impl<false>(s_bits, a, y, cen, D, g, out);
+}
+
+// The fused pass where AVX-512 runs; else the portable loops (a, y with the scalar own sigmoid, then the
+// scalar band sums).
+void band_epilogue(const uint16_t* s_bits, const float* bias, int64_t act, float* a, float* y, const float* cen,
+                   int64_t D, bool part2, const BandArgs& g, BandSums* out) {
+  if (has_avx512()) return band_epilogue_avx512(s_bits, bias, act, a, y, cen, D, part2, g, out);
+  for (int64_t j = 0; j < D; ++j) {
+    a[j] = __builtin_bit_cast(float, static_cast<uint32_t>(s_bits[j]) << 16) + bias[j];
+    y[j] = act_scalar(a[j], act);
+  }
+  if (act == kActSigmoid) band_sums_impl<true>(s_bits, a, y, cen, D, g, out);
   else band_sums_impl<false>(s_bits, a, y, cen, D, g, out);
 }
 
@@ -483,20 +574,18 @@ double LastLayerBound::norm_w_dh(const float* p, double norm_dh) const {
   return std::min(viaV, spec_Wb * norm_dh * (1 + 1e-12));
 }
 
-int8_t LastLayerBound::decide(const at::BFloat16* s, const float* a, const float* y, const float* cen,
-                              double norm_h, double norm_hb, double norm_dh, double r2, double norm_wdh,
-                              double* dist_out) const {
-  const BandArgs g = band_args(*this, norm_h, norm_hb, norm_dh);
-  BandSums bs;
-  band_sums(reinterpret_cast<const uint16_t*>(s), a, y, cen, D, act == kActSigmoid, norm_wdh < 0, g, &bs);
-  const double sl = 2 * q + 1e-6;  // fp32 sums of D nonnegative terms, any order (bounds.h)
+namespace {
+// The decision from one sample's band sums (parts 2 and 3), shared by decide and decide_epilogue.
+int8_t band_decision(const LastLayerBound& b, const BandSums& bs, double norm_h, double norm_dh, double r2,
+                     double norm_wdh, double* dist_out) {
+  const double sl = 2 * b.q + 1e-6;  // fp32 sums of D nonnegative terms, any order (bounds.h)
   auto up = [&](float sum) { return std::sqrt(static_cast<double>(sum) * (1 + sl)) * (1 + 1e-12); };
   double E;
   if (norm_wdh >= 0) {  // part 3 only (part 2's sum e2 is not accumulated then): the smallest threshold bound
     double best = std::numeric_limits<double>::infinity();
     for (int k = 0; k < kTaus; ++k) {
       const double mk = static_cast<double>(bs.M[k]);
-      const double v3 = (up(bs.A[k]) + mk * spec_dW) * norm_h + up(bs.B[k]) * norm_dh + mk * norm_wdh;
+      const double v3 = (up(bs.A[k]) + mk * b.spec_dW) * norm_h + up(bs.B[k]) * norm_dh + mk * norm_wdh;
       best = std::min(best, v3 * (1 + 1e-12));
     }
     E = (best + up(bs.f2)) * (1 + 1e-12);
@@ -508,7 +597,32 @@ int8_t LastLayerBound::decide(const at::BFloat16* s, const float* a, const float
   if (dist_out != nullptr) *dist_out = dist;
   const double hi = dist * std::sqrt(1 + sl) * (1 + 1e-12) + E;
   const double lo = std::max(0.0, dist * std::sqrt(1 - sl) * (1 - 1e-12) - E);
-  return classify(hi, lo, r2);
+  return b.classify(hi, lo, r2);
+}
+}  // namespace
+
+int8_t LastLayerBound::decide(const at::BFloat16* s, const float* a, const float* y, const float* cen,
+                              double norm_h, double norm_hb, double norm_dh, double r2, double norm_wdh,
+                              double* dist_out) const {
+  const BandArgs g = band_args(*this, norm_h, norm_hb, norm_dh);
+  BandSums bs;
+  band_sums(reinterpret_cast<const uint16_t*>(s), a, y, cen, D, act == kActSigmoid, norm_wdh < 0, g, &bs);
+  return band_decision(*this, bs, norm_h, norm_dh, r2, norm_wdh, dist_out);
+}
+
+int8_t LastLayerBound::decide_epilogue(const at::BFloat16* s, float* a, float* y, const float* cen, double norm_h,
+                                       double norm_hb, double norm_dh, double r2, double norm_wdh,
+                                       double* dist_out) const {
+  const BandArgs g = band_args(*this, norm_h, norm_hb, norm_dh);
+  BandSums bs;
+  band_epilogue(reinterpret_cast<const uint16_t*>(s), bias.data(), act, a, y, cen, D, norm_wdh < 0, g, &bs);
+  return band_decision(*this, bs, norm_h, norm_dh, r2, norm_wdh, dist_out);
+}
+
+void sigmoid_fp32(const float* x, float* y, int64_t n) {
+  int64_t i = 0;
+  if (has_avx512()) i = sigmoid_rows_avx512(x, y, n);
+  for (; i < n; ++i) y[i] = sigmoid_scalar(x[i]);
 }
 
 int64_t LastLayerBound::refine_select(const at::BFloat16* s, const float* a, const float* y, double norm_h,

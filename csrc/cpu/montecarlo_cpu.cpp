@@ -430,6 +430,29 @@ struct BandBuffers {
   }
 };
 
+// The bf16 pass's epilogue fused with the band (LastLayerBound::decide_epilogue, bounds.h part 5) unless
+// ROBBENCH_BAND_FUSED=0 (read per chunk; A/B in benchmarks): then the separate passes below.
+bool band_fused() {
+  const char* v = std::getenv("ROBBENCH_BAND_FUSED");
+  return v == nullptr || std::string(v) != "0";
+}
+
+// The unfused epilogue of a chunk: a = fl(s + b) (s widened exactly) and y = act~(a) by ATen's ops.
+void unfused_epilogue(const at::Tensor& sv, at::Tensor& a, at::Tensor& y, const at::Tensor& bias, int64_t act) {
+  const int64_t nc = sv.size(0), P = sv.size(1);
+  const uint16_t* sbits = reinterpret_cast<const uint16_t*>(sv.data_ptr<at::BFloat16>());
+  const float* bp = bias.data_ptr<float>();
+  float* apw = a.data_ptr<float>();
+  for (int64_t i = 0; i < nc; ++i) {
+#pragma omp simd
+    for (int64_t j = 0; j < P; ++j)
+      apw[i * P + j] = __builtin_bit_cast(float, static_cast<uint32_t>(sbits[i * P + j]) << 16) + bp[j];
+  }
+  if (act == kActSigmoid) at::sigmoid_out(y, a);
+  else if (act == kActRelu) at::relu_out(y, a);
+  else y.copy_(a);
+}
+
 // The refinement of undecided bf16 rows (bounds.h, part 4): on unless ROBBENCH_BAND_REFINE=0 (A/B in
 // benchmarks). kappa: the target band as a fraction of the sample's distance gap |‖ŷ - c‖ - r|;
 // max_share: a row needing more than this share of the D units goes straight to the fp32 reference.
@@ -636,26 +659,20 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
         at::mm_out(sv, hb, bound->wt_bf16);  // (nc, P) bf16
         at::Tensor a = bb.a.narrow(0, 0, nc), y = bb.y.narrow(0, 0, nc);
         const at::BFloat16* sp = sv.data_ptr<at::BFloat16>();
-        const uint16_t* sbits = reinterpret_cast<const uint16_t*>(sp);
-        const float* bp = w.bs.back().data_ptr<float>();
-        float* apw = a.data_ptr<float>();
-        for (int64_t i = 0; i < nc; ++i) {
-#pragma omp simd
-          for (int64_t j = 0; j < P; ++j)  // fl(s + b), s widened exactly
-            apw[i * P + j] = __builtin_bit_cast(float, static_cast<uint32_t>(sbits[i * P + j]) << 16) + bp[j];
-        }
-        if (w.acts.back() == kActSigmoid) at::sigmoid_out(y, a);
-        else if (w.acts.back() == kActRelu) at::relu_out(y, a);
-        else y.copy_(a);
-        const float* ap = a.data_ptr<float>();
+        float* ap = a.data_ptr<float>();
         float* yp = y.data_ptr<float>();
         const float* pvp = pv.data_ptr<float>();
         std::vector<double> dist(nc);
+        const bool fused = band_fused();
+        if (!fused) unfused_epilogue(sv, a, y, w.bs.back(), w.acts.back());
         for (int64_t i = 0; i < nc; ++i) {
           const int64_t r = rest[c0 + i], b = blk.p0 + r / ns;
-          dec[c0 + i] = bound->decide(sp + i * P, ap + i * P, yp + i * P, cen + b * D, nh[r], nhb[i], ndh[i],
-                                      static_cast<double>(r2p[b]), bound->norm_w_dh(pvp + i * nk, ndh[i]),
-                                      &dist[i]);
+          const double nwdh = bound->norm_w_dh(pvp + i * nk, ndh[i]), r2b = static_cast<double>(r2p[b]);
+          // fused (bounds.h, part 5): a = fl(s + b), y = act~(a) (own sigmoid) and the band in one pass per row
+          dec[c0 + i] = fused ? bound->decide_epilogue(sp + i * P, ap + i * P, yp + i * P, cen + b * D, nh[r],
+                                                       nhb[i], ndh[i], r2b, nwdh, &dist[i])
+                              : bound->decide(sp + i * P, ap + i * P, yp + i * P, cen + b * D, nh[r], nhb[i],
+                                              ndh[i], r2b, nwdh, &dist[i]);
         }
         if (!refine.on) continue;
         // Refinement (bounds.h, part 4): for each undecided row, the units with the largest bounds get
@@ -717,7 +734,10 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
         }
         flush();
         if (todo.empty()) continue;
-        if (lg_used > 0) bb.lg.narrow(0, 0, lg_used).sigmoid_();  // refine_select: sigmoid last layers only
+        if (lg_used > 0) {  // refine_select: sigmoid last layers only; the own sigmoid (bounds.h, part 5)
+          if (fused) sigmoid_fp32(lgp, lgp, lg_used);
+          else bb.lg.narrow(0, 0, lg_used).sigmoid_();
+        }
         for (size_t u = 0; u < todo.size(); ++u) {
           const Todo& t = todo[u];
           const Group& g = groups[t.group];

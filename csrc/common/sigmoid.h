@@ -1,0 +1,48 @@
+// The own fp32 sigmoid of the bf16 band's fused pass (bounds.h, part 5: the derivation of its error
+// bound). Header-only: bounds_cpu.cpp inlines it into the band loop, sigmoid_cpu.cpp exposes it to tests.
+#pragma once
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+namespace robbench {
+
+// Own sigmoid (bounds.h, part 5): σ(|x|) = 1 / (1 + E), E = e^-t, t = min(|x|, 32), E = 2^-n 2^-f with
+// z = fl(t fl(log2 e)), n = nearest(z), f = z - n (exact), 2^-f by the degree-7 Taylor polynomial (fp32
+// coefficients c_k = fl((-ln 2)^k / k!), FMA Horner), the 2^-n scaling exact; then one rounded add and
+// one rounded divide; x < 0: 1 - σ(|x|) (exact). Absolute error <= 6 v for every float x (NaN stays NaN).
+// The scalar and the AVX-512 versions run the same operations with the same roundings: equal bits.
+constexpr float kSigC[8] = {0x1p+0f,          -0x1.62e43p-1f,   0x1.ebfbe0p-3f,   -0x1.c6b08ep-5f,
+                            0x1.3b2ab6p-7f,   -0x1.5d87fep-10f, 0x1.430912p-13f, -0x1.ffcbfcp-17f};
+constexpr float kSigL2E = 0x1.715476p+0f;  // fl(log2 e)
+constexpr float kSigClamp = 32.0f;         // |σ(x) - σ(±32)| <= e^-32 beyond
+
+inline float sigmoid_scalar(float x) {
+  if (std::isnan(x)) return x;
+  const float t = std::min(std::fabs(x), kSigClamp);
+  const float z = t * kSigL2E;  // no FMA contraction (-ffp-contract=off): one rounding, as the vector code
+  const float n = std::nearbyint(z);  // round to nearest even (default mode), as roundscale below
+  const float f = z - n;
+  float p = kSigC[7];
+  for (int k = 6; k >= 0; --k) p = std::fma(p, f, kSigC[k]);
+  const float r = 1.0f / (1.0f + std::ldexp(p, -static_cast<int>(n)));
+  return x < 0.0f ? 1.0f - r : r;
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline))
+inline __m512 sigmoid_avx512(__m512 x) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 t = _mm512_min_ps(_mm512_set1_ps(kSigClamp), _mm512_abs_ps(x));  // NaN: the 2nd operand, NaN
+  const __m512 z = _mm512_mul_ps(t, _mm512_set1_ps(kSigL2E));
+  const __m512 n = _mm512_roundscale_ps(z, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(z, n);
+  __m512 p = _mm512_set1_ps(kSigC[7]);
+  for (int k = 6; k >= 0; --k) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kSigC[k]));
+  const __m512 e = _mm512_scalef_ps(p, _mm512_sub_ps(_mm512_setzero_ps(), n));  // p 2^-n, exact
+  const __m512 r = _mm512_div_ps(one, _mm512_add_ps(one, e));
+  return _mm512_mask_sub_ps(r, _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), one, r);
+}
+
+}  // namespace robbench
