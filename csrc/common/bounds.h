@@ -146,6 +146,11 @@ struct LastLayerBound {
   at::Tensor w_rows;
   std::vector<float> rd2, bd2;  // (D,): 2 g_{K+1} ||W_j||, 2 g_{K+1} |b_j| (inflated)
 
+  // part 5: the AVX-512 band's per-unit constants (D,): c0_j = (g_{K+1} (1 + 1e-6) + v (1 + v)) |b_j| k2 + 1e-30,
+  // rW_j^2 k2, rdW_j^2 k2 (rW, rdW, |b| the inflated values above); k2 also scales its per-sample scalars
+  static constexpr double k2 = 1 + 2e-5;
+  std::vector<float> c0, rW2, rdW2;
+
   // Upper bound on ||Ŵ δh|| from p = fl(δh V) (k,) and ||δh|| (part 3).
   double norm_w_dh(const float* p, double norm_dh) const;
 

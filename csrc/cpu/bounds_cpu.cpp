@@ -32,15 +32,30 @@ struct BandSums {
 struct BandArgs {
   const float *rW, *rdW, *rWf, *babs;
   float k_dw, k_w, k_w3, k_wf, g_b, ev2;  // k_w: ||δh|| + g_K ||ĥ|| (part 2); k_w3: g_K ||ĥ|| (part 3)
+  // the AVX-512 terms (bounds.h, part 5): per-unit c0, rW^2, rdW^2 and the scalars above times k2,
+  // x_s = (u + v (1 + v)) k2 (the coefficient of |s_j|)
+  const float *c0 = nullptr, *rW2 = nullptr, *rdW2 = nullptr;
+  float x_dw = 0, x_w = 0, x_w3 = 0, x_wf = 0, x_s = 0, x_ev2 = 0;
 };
 
 // One sample's per-element band terms (parts 2 and 3), shared by decide and refine_select.
 BandArgs band_args(const LastLayerBound& b, double norm_h, double norm_hb, double norm_dh) {
-  const double inf = 1 + 1e-9, pad = 1 + 1e-6;
-  return BandArgs{b.rW.data(), b.rdW.data(), b.rWf.data(), b.babs.data(),
-                  static_cast<float>(norm_h * inf * pad), static_cast<float>((norm_dh + b.gK * norm_hb) * inf * pad),
-                  static_cast<float>(b.gK * norm_hb * inf * pad), static_cast<float>(b.gK1 * norm_h * inf * pad),
-                  static_cast<float>(b.gK1 * pad), static_cast<float>(2 * b.ev)};
+  const double inf = 1 + 1e-9, pad = 1 + 1e-6, k2 = LastLayerBound::k2;
+  const double k_dw = norm_h * inf * pad, k_w = (norm_dh + b.gK * norm_hb) * inf * pad;
+  const double k_w3 = b.gK * norm_hb * inf * pad, k_wf = b.gK1 * norm_h * inf * pad;
+  BandArgs g{b.rW.data(), b.rdW.data(), b.rWf.data(), b.babs.data(), static_cast<float>(k_dw),
+             static_cast<float>(k_w), static_cast<float>(k_w3), static_cast<float>(k_wf),
+             static_cast<float>(b.gK1 * pad), static_cast<float>(2 * b.ev)};
+  g.c0 = b.c0.data();
+  g.rW2 = b.rW2.data();
+  g.rdW2 = b.rdW2.data();
+  g.x_dw = static_cast<float>(k_dw * k2);
+  g.x_w = static_cast<float>(k_w * k2);
+  g.x_w3 = static_cast<float>(k_w3 * k2);
+  g.x_wf = static_cast<float>(k_wf * k2);
+  g.x_s = static_cast<float>((LastLayerBound::u + LastLayerBound::v * (1 + LastLayerBound::v)) * k2);
+  g.x_ev2 = static_cast<float>(2 * b.ev * k2);
+  return g;
 }
 
 // One unit's band terms (bounds.h parts 2 and 3), shared by the band pass and the refinement's buckets:
@@ -105,37 +120,35 @@ inline __m512 widen_bf16_avx512(const uint16_t* s_bits, int64_t j) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(sb, 16));
 }
 
-// The terms from the lanes' s_j, a_j, y_j in registers (the fused band pass forms them there).
+// The same bounds for 16 units at j with AVX-512, in fewer operations (bounds.h, part 5): the per-unit
+// constants c0_j >= (g_{K+1} |b_j| + v |b_j|) and the squares rW_j^2, rdW_j^2 precomputed, v |a_j| bounded by
+// v (1 + v) (|s_j| + |b_j|), FMAs, and the factor 1 + 1e-5 of each chain folded into its inputs (k2 = 1 + 2e-5
+// on c0, the squares and the per-sample scalars x_*): every chain rounds at most 6 times (<= 6 v).
 __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline))
-inline UnitTermsV unit_terms_avx512(const BandArgs& g, int64_t j, __m512 sj, __m512 aj, __m512 yj, bool sigmoid) {
-  const __m512 vu = _mm512_set1_ps(1.0f / 256.0f), vv = _mm512_set1_ps(1.0f / 16777216.0f);
+inline UnitTermsV unit_terms_avx512(const BandArgs& g, int64_t j, __m512 sj, __m512 yj, bool sigmoid) {
   const __m512 one = _mm512_set1_ps(1.0f), quarter = _mm512_set1_ps(0.25f), infl = _mm512_set1_ps(1.00001f);
-  const __m512 tiny = _mm512_set1_ps(1e-30f), v32 = _mm512_set1_ps(32.0f / 16777216.0f);
+  const __m512 v32 = _mm512_set1_ps(32.0f / 16777216.0f);
   const __m512 rw = _mm512_loadu_ps(g.rW + j);
-  __m512 common = _mm512_mul_ps(_mm512_loadu_ps(g.rWf + j), _mm512_set1_ps(g.k_wf));
-  common = _mm512_add_ps(common, _mm512_mul_ps(_mm512_loadu_ps(g.babs + j), _mm512_set1_ps(g.g_b)));
-  common = _mm512_add_ps(common, _mm512_mul_ps(vu, _mm512_abs_ps(sj)));
-  common = _mm512_add_ps(common, _mm512_mul_ps(vv, _mm512_abs_ps(aj)));
-  common = _mm512_add_ps(common, tiny);
-  __m512 delta = _mm512_add_ps(_mm512_mul_ps(_mm512_loadu_ps(g.rdW + j), _mm512_set1_ps(g.k_dw)),
-                               _mm512_mul_ps(rw, _mm512_set1_ps(g.k_w)));
-  delta = _mm512_mul_ps(_mm512_add_ps(delta, common), infl);
-  const __m512 rho = _mm512_mul_ps(_mm512_add_ps(_mm512_mul_ps(rw, _mm512_set1_ps(g.k_w3)), common), infl);
+  __m512 common = _mm512_fmadd_ps(_mm512_loadu_ps(g.rWf + j), _mm512_set1_ps(g.x_wf), _mm512_loadu_ps(g.c0 + j));
+  common = _mm512_fmadd_ps(_mm512_abs_ps(sj), _mm512_set1_ps(g.x_s), common);
+  const __m512 delta = _mm512_fmadd_ps(_mm512_loadu_ps(g.rdW + j), _mm512_set1_ps(g.x_dw),
+                                       _mm512_fmadd_ps(rw, _mm512_set1_ps(g.x_w), common));
+  const __m512 rho = _mm512_fmadd_ps(rw, _mm512_set1_ps(g.x_w3), common);
   if (!sigmoid) return {delta, rho, one, delta, rho};
-  const __m512 vev2 = _mm512_set1_ps(g.ev2);
-  const __m512 m = _mm512_add_ps(_mm512_mul_ps(yj, _mm512_sub_ps(one, yj)), v32);
-  __m512 t = _mm512_mul_ps(_mm512_mul_ps(m, _mm512_add_ps(_mm512_add_ps(one, delta), _mm512_mul_ps(delta, delta))), infl);
+  const __m512 vev2 = _mm512_set1_ps(g.x_ev2);
+  const __m512 m = _mm512_fmadd_ps(yj, _mm512_sub_ps(one, yj), v32);
+  const __m512 q = _mm512_fmadd_ps(delta, delta, _mm512_add_ps(one, delta));  // 1 + Δ + Δ^2
+  __m512 t = _mm512_mul_ps(_mm512_mul_ps(m, q), infl);
   t = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(delta, one, _CMP_LE_OQ), quarter, t);  // Δ > 1 (or NaN): 1/4
   t = _mm512_min_ps(t, quarter);
-  const __m512 e = _mm512_mul_ps(_mm512_add_ps(_mm512_mul_ps(t, delta), vev2), infl);
-  const __m512 f = _mm512_mul_ps(_mm512_add_ps(_mm512_mul_ps(t, rho), vev2), infl);
-  return {delta, rho, t, e, f};
+  return {delta, rho, t, _mm512_fmadd_ps(t, delta, vev2), _mm512_fmadd_ps(t, rho, vev2)};
 }
 
+// The same from s and y in memory (a is not read: its rounding is bounded through |s_j| and |b_j|).
 __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline))
-inline UnitTermsV unit_terms_avx512(const BandArgs& g, int64_t j, const uint16_t* s_bits, const float* a,
+inline UnitTermsV unit_terms_avx512(const BandArgs& g, int64_t j, const uint16_t* s_bits, const float* /*a*/,
                                     __m512 yj, bool sigmoid) {
-  return unit_terms_avx512(g, j, widen_bf16_avx512(s_bits, j), _mm512_loadu_ps(a + j), yj, sigmoid);
+  return unit_terms_avx512(g, j, widen_bf16_avx512(s_bits, j), yj, sigmoid);
 }
 
 // act~ of the fused pass: the own sigmoid; ReLU and identity exact (NaN stays NaN, as ATen's).
@@ -167,21 +180,21 @@ inline void band_acc_init(BandAccV& acc) {
 __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline))
 inline void band_acc_add(BandAccV& acc, const BandArgs& g, int64_t j, __m512 yj, const float* cen,
                          const UnitTermsV& u, bool part2) {
-  const __m512 infl = _mm512_set1_ps(1.00001f);
+  // sums of products by FMA (any order, FMA or not: the sums' slack covers them); t^2 rdW_j^2 and t^2 rW_j^2
+  // from the inflated squares (k2 covers the rounding of t^2)
   const __m512 diff = _mm512_sub_ps(yj, _mm512_loadu_ps(cen + j));
-  acc.d2 = _mm512_add_ps(acc.d2, _mm512_mul_ps(diff, diff));
-  const __m512 t = u.t;
-  if (part2) acc.e2 = _mm512_add_ps(acc.e2, _mm512_mul_ps(u.e, u.e));
-  acc.f2 = _mm512_add_ps(acc.f2, _mm512_mul_ps(u.f, u.f));
-  const __m512 tdw = _mm512_mul_ps(t, _mm512_loadu_ps(g.rdW + j)), tw = _mm512_mul_ps(t, _mm512_loadu_ps(g.rW + j));
-  const __m512 a2 = _mm512_mul_ps(_mm512_mul_ps(tdw, tdw), infl), b2 = _mm512_mul_ps(_mm512_mul_ps(tw, tw), infl);
-  acc.A[0] = _mm512_add_ps(acc.A[0], a2);  // τ = ∞: every unit in L
-  acc.B[0] = _mm512_add_ps(acc.B[0], b2);
+  acc.d2 = _mm512_fmadd_ps(diff, diff, acc.d2);
+  const __m512 t = u.t, t2 = _mm512_mul_ps(u.t, u.t);
+  if (part2) acc.e2 = _mm512_fmadd_ps(u.e, u.e, acc.e2);
+  acc.f2 = _mm512_fmadd_ps(u.f, u.f, acc.f2);
+  const __m512 dw2 = _mm512_loadu_ps(g.rdW2 + j), w2 = _mm512_loadu_ps(g.rW2 + j);
+  acc.A[0] = _mm512_fmadd_ps(t2, dw2, acc.A[0]);  // τ = ∞: every unit in L
+  acc.B[0] = _mm512_fmadd_ps(t2, w2, acc.B[0]);
   acc.M[kTaus - 1] = _mm512_max_ps(acc.M[kTaus - 1], t);  // τ = 0: every unit in H (t > 0)
   for (int k = 1; k + 1 < kTaus; ++k) {  // L: t <= τ (t is never NaN: capped at 1/4 above)
     const __mmask16 low = _mm512_cmp_ps_mask(t, _mm512_set1_ps(kTau[k]), _CMP_LE_OQ);
-    acc.A[k] = _mm512_mask_add_ps(acc.A[k], low, acc.A[k], a2);
-    acc.B[k] = _mm512_mask_add_ps(acc.B[k], low, acc.B[k], b2);
+    acc.A[k] = _mm512_mask3_fmadd_ps(t2, dw2, acc.A[k], low);
+    acc.B[k] = _mm512_mask3_fmadd_ps(t2, w2, acc.B[k], low);
     acc.M[k] = _mm512_mask_max_ps(acc.M[k], static_cast<__mmask16>(~low), acc.M[k], t);
   }
 }
@@ -541,6 +554,16 @@ LastLayerBound LastLayerBound::make(const at::Tensor& wt, const at::Tensor& b, i
     m.vmax = vmax;
     m.rho_R = at::linalg_matrix_norm(R, 2).item<double>() * inf +
               1e-12 * fro * (1 + std::sqrt(static_cast<double>(k)) * vmax) + 1e-300;
+  }
+  {  // part 5: the AVX-512 band's per-unit constants (float64, then fp32: k2 covers that rounding too)
+    m.c0.resize(D);
+    m.rW2.resize(D);
+    m.rdW2.resize(D);
+    for (int64_t j = 0; j < D; ++j) {
+      m.c0[j] = static_cast<float>((m.gK1 * (1 + 1e-6) + v * (1 + v)) * m.babs[j] * k2 + 1e-30);
+      m.rW2[j] = static_cast<float>(static_cast<double>(m.rW[j]) * m.rW[j] * k2);
+      m.rdW2[j] = static_cast<float>(static_cast<double>(m.rdW[j]) * m.rdW[j] * k2);
+    }
   }
   m.w_rows = wt.narrow(1, 0, D).t().contiguous();  // (D, K): W's rows, exact fp32 (part 4)
   {
