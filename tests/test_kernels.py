@@ -208,16 +208,18 @@ def test_own_sigmoid_error_is_within_its_proven_bound_for_every_float_that_matte
 
 def test_own_sigmoid_special_values_and_portable_code_agree():
     """NaN stays NaN, +-inf and huge |x| give 1 / 0 within the bound, +-0 give 1/2; the portable code (what a
-    CPU without AVX-512 runs) returns the same bits as the vectorised code on random and special floats."""
+    CPU without AVX-512 runs; a true divide where the vectorised code has rcp14 and a Newton step) agrees
+    with the vectorised code within an ulp of 1 on random and special floats, both within the bound."""
     g = torch.Generator().manual_seed(0)
     x = torch.cat([torch.randn(4099, generator=g) * torch.logspace(-30, 2, 4099),
                    torch.tensor([0.0, -0.0, 1e-45, -1e-45, 32.0, -32.0, 88.8, -88.8, 3e38, -3e38,
                                  float("inf"), float("-inf"), float("nan")])])
     y, yp = torch.ops.robbench.sigmoid_fp32(x), torch.ops.robbench.sigmoid_fp32(x, True)
-    assert torch.equal(y.view(torch.int32), yp.view(torch.int32))
-    assert torch.isnan(y[-1]) and y[-3] == 1 and y[-2] == 0 and y[-13] == y[-12] == 0.5
-    err = (y[:-1].double() - torch.sigmoid(x[:-1].double())).abs().max().item()
-    assert err <= SIGMOID_BOUND_V * 2.0 ** -24
+    assert (y[:-1] - yp[:-1]).abs().max().item() <= 2.0 ** -23
+    for out in (y, yp):
+        assert torch.isnan(out[-1]) and out[-3] == 1 and out[-2] == 0 and out[-13] == out[-12] == 0.5
+        err = (out[:-1].double() - torch.sigmoid(x[:-1].double())).abs().max().item()
+        assert err <= SIGMOID_BOUND_V * 2.0 ** -24
 
 
 @pytest.mark.parametrize("fused", ["0", "1"])

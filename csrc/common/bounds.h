@@ -91,7 +91,7 @@
 // 5. Fused epilogue (session 5, CPU; decide_epilogue). a_j = fl(s_j + b_j) is formed as before, and
 //    ŷ_j = σ~(a_j) by an own fp32 sigmoid (common/sigmoid.h) in the band pass's registers; the refinement's
 //    y'_j (part 4) uses it too. Parts 2-4 need only |σ~(x) - σ(x)| <= ev for every fp32 x (absolute):
-//    ev = 16 v covers ATen's sigmoid (the reference's own) and this one, which is within 5.3 v:
+//    ev = 16 v covers ATen's sigmoid (the reference's own) and this one, which is within 5.4 v:
 //    for x >= 0, with E = e^-x, t = min(x, 32) (x = +inf included):
 //    (a) clamp: |e^-t - e^-x| <= e^-32 < 1e-6 v.
 //    (b) z = fl(t L), L = fl(log2 e) = log2 e (1 + ε), |ε| <= v, so z = t log2 e (1 + θ), |θ| <= 2v + v^2
@@ -109,14 +109,16 @@
 //        <= 2.8 v. E' <= 1 + 2v: for n >= 1, E' <= 2^-1 (2^(1/2) + 2.05 v); for n = 0, f = z >= 0, so
 //        p <= 1 + 2.05 v and p, an fp32 number, is <= 1 + 2v.
 //    (f) d = fl(1 + E') in [1, 2] (1 + E' <= 2 + 2v rounds to 2: a tie, to even), |d - (1 + E')| <= 2v.
-//    (g) r = fl(1 / d) in [1/2, 1], |r - 1/d| <= v/2; |1/d - 1/(1 + E')| <= |d - (1 + E')| (both
-//        denominators >= 1); |1/(1 + E') - σ(x)| = |1/(1 + E') - 1/(1 + E)| <= |E' - E|. So
-//        |r - σ(x)| <= 2.8 v + 2 v + 0.5 v = 5.3 v.
+//    (g) r ~ 1/d in [1/2, 1] with |r - 1/d| <= 0.57 v: portable code r = fl(1 / d) (<= v/2); AVX-512
+//        r0 = rcp14(d) (|d r0 - 1| = |ε| <= 2^-14), r1 = fl(r0 + r0 ê), ê = fl(1 - d r0) = ε (1 + δ) (FMAs),
+//        r0 (1 + ε) = (1 - ε^2) / d, so |r0 (1 + ê) - 1/d| <= 2^-28 + 2^-14 (1 + 2^-14) v <= 0.07 v, plus
+//        the final rounding <= v/2 (1/d <= 1); r = max(r1, 1/2) (1/d >= 1/2: no farther from 1/d).
+//        |1/d - 1/(1 + E')| <= |d - (1 + E')| (both denominators >= 1); |1/(1 + E') - σ(x)| =
+//        |1/(1 + E') - 1/(1 + E)| <= |E' - E|. So |r - σ(x)| <= 2.8 v + 2 v + 0.57 v <= 5.4 v.
 //    (h) x < 0: σ(x) = 1 - σ(|x|) and σ~(x) = fl(1 - r) = 1 - r exactly (r in [1/2, 1]: Sterbenz): same
 //        bound. NaN gives NaN (the band then decides nothing: every comparison is false).
-//    Checked (tests/test_kernels.py): every float with 2^-26 <= |x| <= 64 and every 61st float elsewhere,
-//    against float64 σ, AVX-512 and portable code bit-equal; every non-NaN float once (session 5): max 1.59 v.
-//    The scalar (portable) and AVX-512 versions perform the same IEEE operations: identical results.
+//    Checked against float64 σ (tests/test_kernels.py): every float with 2^-26 <= |x| <= 64 and every 61st
+//    float elsewhere (AVX-512 code; portable code strided); every non-NaN float once (session 5): max X v.
 // Samples that no bound decides get the reference's own fp32 final layer (recheck).
 #pragma once
 #include <ATen/ATen.h>
