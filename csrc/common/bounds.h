@@ -118,7 +118,18 @@
 //    (h) x < 0: σ(x) = 1 - σ(|x|) and σ~(x) = fl(1 - r) = 1 - r exactly (r in [1/2, 1]: Sterbenz): same
 //        bound. NaN gives NaN (the band then decides nothing: every comparison is false).
 //    Checked against float64 σ (tests/test_kernels.py): every float with 2^-26 <= |x| <= 64 and every 61st
-//    float elsewhere (AVX-512 code; portable code strided); every non-NaN float once (session 5): max X v.
+//    float elsewhere (AVX-512 code; portable code strided); every non-NaN float once (session 5): max
+//    1.59 v (AVX-512), 1.58 v (portable).
+//    AVX-512 band terms (unit_terms_avx512; the portable loops keep the expressions of parts 2 and 3): the
+//    same bounds in fewer operations. v |a_j| <= v (1 + v) (|s_j| + |b_j|) (a_j = fl(s_j + b_j)); the
+//    per-unit constants c0_j = (g_{K+1} (1 + 1e-6) + v (1 + v)) |b_j| k2 + 1e-30 (the reference's bias
+//    term, the bias add's |b_j| part, 2^-100), rW_j^2 k2 and rdW_j^2 k2 are computed in float64 and stored
+//    in fp32, and the per-sample scalars (the k_* of part 2, 2 ev, u + v (1 + v)) are multiplied by
+//    k2 = 1 + 2e-5 before their fp32 rounding. Then Δ_j and ρ_j are sums of nonnegative products by <= 4
+//    FMAs, e_j = fl(t_j Δ_j + 2 ev k2) and f_j likewise (one FMA), t_j as in part 2 (its own 1 + 1e-5):
+//    each chain rounds <= 7 times with the scalars' own rounding, (1 - v)^7 k2 > 1 + 1e-5, so each
+//    computed term is >= its exact expression. t_j^2 = fl(t_j t_j) >= t_j^2 (1 - v) is covered by the
+//    squares' k2. The sums accumulate products by FMA in any order: the sums' slack of parts 2 and 3.
 // Samples that no bound decides get the reference's own fp32 final layer (recheck).
 #pragma once
 #include <ATen/ATen.h>
