@@ -52,10 +52,12 @@
 //    and for any threshold τ, splitting the units into L = {t_j <= τ} and H = {t_j > τ},
 //       ||t∘x|| <= sqrt(Σ_L t_j^2 x_j^2) + max_H t_j ||x||       (||x_H|| <= ||x||),
 //    with |(δW h)_j| <= ||δW_j|| ||h||, ||δW h|| <= ||δW||_2 ||h|| (δW is rounding noise: ||δW||_2 is ~10x
-//    below its Frobenius norm), |(Ŵ δh)_j| <= ||Ŵ_j|| ||δh|| and ||Ŵ δh|| <= N(δh) below. Four thresholds
-//    (∞, 1/16, 1/256, 0) are accumulated in the same pass; the smallest bound is used (part 2 is
-//    not evaluated then: it never decided a sample more on the margin workload). On MNIST decoders most output units
-//    are saturated (t_j tiny), so H is small and the spectral factors apply only to it.
+//    below its Frobenius norm), |(Ŵ δh)_j| <= ||Ŵ_j|| ||δh|| and ||Ŵ δh|| <= N(δh) below. The band uses
+//    τ = 0 (H = every unit): ||e|| <= max_j t_j (||δW||_2 ||h|| + N(δh)) + ||t∘ρ + 2 ev|| (part 2 is not
+//    evaluated then: it never decided a sample more on the margin workload). Until session 5 the
+//    thresholds ∞, 1/16 and 1/256 were accumulated as well and the smallest bound used: on the three
+//    trained decoders' recorded margin calls they never decided a sample more (the same undecided rows,
+//    counted), at a third of the pass's work. The refinement (part 4) splits the units by t instead.
 //    N(δh): Ŵ (rows < D) has a few large singular values. With V (K x k, k <= 16, the leading right
 //    singular vectors, stored in fp32 and used as exact numbers), M = Ŵ V and R = Ŵ - M V^T (both
 //    float64), Ŵ δh = M (V^T δh) + R δh exactly, so ||Ŵ δh|| <= sqrt(Σ_l λ_l p_l^2) + ||R||_2 ||δh||, where
@@ -122,14 +124,14 @@
 //    1.59 v (AVX-512), 1.58 v (portable).
 //    AVX-512 band terms (unit_terms_avx512; the portable loops keep the expressions of parts 2 and 3): the
 //    same bounds in fewer operations. v |a_j| <= v (1 + v) (|s_j| + |b_j|) (a_j = fl(s_j + b_j)); the
-//    per-unit constants c0_j = (g_{K+1} (1 + 1e-6) + v (1 + v)) |b_j| k2 + 1e-30 (the reference's bias
-//    term, the bias add's |b_j| part, 2^-100), rW_j^2 k2 and rdW_j^2 k2 are computed in float64 and stored
-//    in fp32, and the per-sample scalars (the k_* of part 2, 2 ev, u + v (1 + v)) are multiplied by
-//    k2 = 1 + 2e-5 before their fp32 rounding. Then Δ_j and ρ_j are sums of nonnegative products by <= 4
-//    FMAs, e_j = fl(t_j Δ_j + 2 ev k2) and f_j likewise (one FMA), t_j as in part 2 (its own 1 + 1e-5):
-//    each chain rounds <= 7 times with the scalars' own rounding, (1 - v)^7 k2 > 1 + 1e-5, so each
-//    computed term is >= its exact expression. t_j^2 = fl(t_j t_j) >= t_j^2 (1 - v) is covered by the
-//    squares' k2. The sums accumulate products by FMA in any order: the sums' slack of parts 2 and 3.
+//    per-unit constant c0_j = (g_{K+1} (1 + 1e-6) + v (1 + v)) |b_j| k2 + 1e-30 (the reference's bias
+//    term, the bias add's |b_j| part, 2^-100) is computed in float64 and stored in fp32, and the
+//    per-sample scalars (the k_* of part 2, 2 ev, u + v (1 + v)) are multiplied by k2 = 1 + 2e-5 before
+//    their fp32 rounding. Then Δ_j and ρ_j are sums of nonnegative products by <= 4 FMAs,
+//    e_j = fl(t_j Δ_j + 2 ev k2) and f_j likewise (one FMA), t_j as in part 2 (its own 1 + 1e-5): each
+//    chain rounds <= 7 times with the scalars' own rounding, (1 - v)^7 k2 > 1 + 1e-5, so each computed
+//    term is >= its exact expression. The sums accumulate products by FMA in any order: the sums' slack
+//    of parts 2 and 3.
 // Samples that no bound decides get the reference's own fp32 final layer (recheck).
 #pragma once
 #include <ATen/ATen.h>
@@ -159,10 +161,10 @@ struct LastLayerBound {
   at::Tensor w_rows;
   std::vector<float> rd2, bd2;  // (D,): 2 g_{K+1} ||W_j||, 2 g_{K+1} |b_j| (inflated)
 
-  // part 5: the AVX-512 band's per-unit constants (D,): c0_j = (g_{K+1} (1 + 1e-6) + v (1 + v)) |b_j| k2 + 1e-30,
-  // rW_j^2 k2, rdW_j^2 k2 (rW, rdW, |b| the inflated values above); k2 also scales its per-sample scalars
+  // part 5: the AVX-512 band's per-unit constant (D,) c0_j = (g_{K+1} (1 + 1e-6) + v (1 + v)) |b_j| k2 + 1e-30
+  // (|b| the inflated values above); k2 also scales its per-sample scalars
   static constexpr double k2 = 1 + 2e-5;
-  std::vector<float> c0, rW2, rdW2;
+  std::vector<float> c0;
 
   // Upper bound on ||Ŵ δh|| from p = fl(δh V) (k,) and ||δh|| (part 3).
   double norm_w_dh(const float* p, double norm_dh) const;

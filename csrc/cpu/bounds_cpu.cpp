@@ -17,24 +17,18 @@ namespace robbench {
 
 namespace {
 
-// Thresholds τ of the part-3 band (bounds.h); index 0 is τ = ∞ (every unit in L).
-// τ = ∞ (index 0) and τ = 0 (last) need no masks: t is never NaN (capped at 1/4) and always > 0.
-constexpr int kTaus = 4;
-constexpr float kTau[kTaus] = {3.0e38f, 1.0f / 16, 1.0f / 256, 0.0f};
-
-// Per-sample sums of one band pass: d2 = Σ (y - c)^2, e2 = Σ e_j^2 (part 2), f2 = Σ (t_j ρ_j + 2 ev)^2,
-// and per threshold: A = Σ_L t^2 ||δW_j||^2, B = Σ_L t^2 ||Ŵ_j||^2, M = max_H t (part 3).
+// Per-sample sums of one band pass: d2 = Σ (y - c)^2, e2 = Σ e_j^2 (part 2), f2 = Σ (t_j ρ_j + 2 ev)^2 and
+// tmax = max_j t_j (part 3 with the threshold τ = 0: every unit in H).
 struct BandSums {
-  float d2 = 0, e2 = 0, f2 = 0;
-  float A[kTaus] = {}, B[kTaus] = {}, M[kTaus] = {};
+  float d2 = 0, e2 = 0, f2 = 0, tmax = 0;
 };
 
 struct BandArgs {
   const float *rW, *rdW, *rWf, *babs;
   float k_dw, k_w, k_w3, k_wf, g_b, ev2;  // k_w: ||δh|| + g_K ||ĥ|| (part 2); k_w3: g_K ||ĥ|| (part 3)
-  // the AVX-512 terms (bounds.h, part 5): per-unit c0, rW^2, rdW^2 and the scalars above times k2,
+  // the AVX-512 terms (bounds.h, part 5): per-unit c0 and the scalars above times k2,
   // x_s = (u + v (1 + v)) k2 (the coefficient of |s_j|)
-  const float *c0 = nullptr, *rW2 = nullptr, *rdW2 = nullptr;
+  const float* c0 = nullptr;
   float x_dw = 0, x_w = 0, x_w3 = 0, x_wf = 0, x_s = 0, x_ev2 = 0;
 };
 
@@ -47,8 +41,6 @@ BandArgs band_args(const LastLayerBound& b, double norm_h, double norm_hb, doubl
              static_cast<float>(k_w), static_cast<float>(k_w3), static_cast<float>(k_wf),
              static_cast<float>(b.gK1 * pad), static_cast<float>(2 * b.ev)};
   g.c0 = b.c0.data();
-  g.rW2 = b.rW2.data();
-  g.rdW2 = b.rdW2.data();
   g.x_dw = static_cast<float>(k_dw * k2);
   g.x_w = static_cast<float>(k_w * k2);
   g.x_w3 = static_cast<float>(k_w3 * k2);
@@ -92,19 +84,9 @@ inline void band_sums_impl(const uint16_t* s_bits, const float* a, const float* 
     const float diff = y[j] - cen[j];
     out->d2 += diff * diff;
     const UnitTerms u = unit_terms<kSig>(g, j, s_bits, a, y);
-    const float t = u.t;
     out->e2 += u.e * u.e;
     out->f2 += u.f * u.f;
-    const float tdw = t * g.rdW[j], tw = t * g.rW[j];
-    const float a2 = tdw * tdw * 1.00001f, b2 = tw * tw * 1.00001f;
-    for (int k = 0; k < kTaus; ++k) {
-      if (t <= kTau[k]) {
-        out->A[k] += a2;
-        out->B[k] += b2;
-      } else if (t > out->M[k]) {
-        out->M[k] = t;
-      }
-    }
+    out->tmax = std::max(out->tmax, u.t);
   }
 }
 
@@ -167,36 +149,23 @@ inline __m512 act_avx512(__m512 a, int64_t act) {
 
 // Lane accumulators of one band pass: the sums of BandSums, 16 lanes each.
 struct BandAccV {
-  __m512 d2, e2, f2, A[kTaus], B[kTaus], M[kTaus];
+  __m512 d2, e2, f2, tmax;
 };
 
 __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline))
 inline void band_acc_init(BandAccV& acc) {
-  acc.d2 = acc.e2 = acc.f2 = _mm512_setzero_ps();
-  for (int k = 0; k < kTaus; ++k) acc.A[k] = acc.B[k] = acc.M[k] = _mm512_setzero_ps();
+  acc.d2 = acc.e2 = acc.f2 = acc.tmax = _mm512_setzero_ps();
 }
 
-// Adds the 16 units at j: (y - c)^2, e^2 (part2), f^2 and per threshold the part-3 sums and maxima.
+// Adds the 16 units at j: (y - c)^2, e^2 (part2), f^2 and the maximum of t. Sums of products by FMA (any
+// order, FMA or not: the sums' slack covers them).
 __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline))
-inline void band_acc_add(BandAccV& acc, const BandArgs& g, int64_t j, __m512 yj, const float* cen,
-                         const UnitTermsV& u, bool part2) {
-  // sums of products by FMA (any order, FMA or not: the sums' slack covers them); t^2 rdW_j^2 and t^2 rW_j^2
-  // from the inflated squares (k2 covers the rounding of t^2)
+inline void band_acc_add(BandAccV& acc, int64_t j, __m512 yj, const float* cen, const UnitTermsV& u, bool part2) {
   const __m512 diff = _mm512_sub_ps(yj, _mm512_loadu_ps(cen + j));
   acc.d2 = _mm512_fmadd_ps(diff, diff, acc.d2);
-  const __m512 t = u.t, t2 = _mm512_mul_ps(u.t, u.t);
   if (part2) acc.e2 = _mm512_fmadd_ps(u.e, u.e, acc.e2);
   acc.f2 = _mm512_fmadd_ps(u.f, u.f, acc.f2);
-  const __m512 dw2 = _mm512_loadu_ps(g.rdW2 + j), w2 = _mm512_loadu_ps(g.rW2 + j);
-  acc.A[0] = _mm512_fmadd_ps(t2, dw2, acc.A[0]);  // τ = ∞: every unit in L
-  acc.B[0] = _mm512_fmadd_ps(t2, w2, acc.B[0]);
-  acc.M[kTaus - 1] = _mm512_max_ps(acc.M[kTaus - 1], t);  // τ = 0: every unit in H (t > 0)
-  for (int k = 1; k + 1 < kTaus; ++k) {  // L: t <= τ (t is never NaN: capped at 1/4 above)
-    const __mmask16 low = _mm512_cmp_ps_mask(t, _mm512_set1_ps(kTau[k]), _CMP_LE_OQ);
-    acc.A[k] = _mm512_mask3_fmadd_ps(t2, dw2, acc.A[k], low);
-    acc.B[k] = _mm512_mask3_fmadd_ps(t2, w2, acc.B[k], low);
-    acc.M[k] = _mm512_mask_max_ps(acc.M[k], static_cast<__mmask16>(~low), acc.M[k], t);
-  }
+  acc.tmax = _mm512_max_ps(acc.tmax, u.t);
 }
 
 // The lane sums into out, then the units j0..D-1 (fewer than 16) by the scalar loop.
@@ -207,11 +176,7 @@ void band_acc_finish(const BandAccV& acc, const uint16_t* s_bits, const float* a
   out->d2 = _mm512_reduce_add_ps(acc.d2);
   out->e2 = _mm512_reduce_add_ps(acc.e2);
   out->f2 = _mm512_reduce_add_ps(acc.f2);
-  for (int k = 0; k < kTaus; ++k) {
-    out->A[k] = _mm512_reduce_add_ps(acc.A[k]);
-    out->B[k] = _mm512_reduce_add_ps(acc.B[k]);
-    out->M[k] = _mm512_reduce_max_ps(acc.M[k]);
-  }
+  out->tmax = _mm512_reduce_max_ps(acc.tmax);
   if (j0 >= D) return;
   const int64_t j = j0;
   BandSums tail;
@@ -221,11 +186,7 @@ void band_acc_finish(const BandAccV& acc, const uint16_t* s_bits, const float* a
   out->d2 += tail.d2;
   out->e2 += tail.e2;
   out->f2 += tail.f2;
-  for (int k = 0; k < kTaus; ++k) {
-    out->A[k] += tail.A[k];
-    out->B[k] += tail.B[k];
-    out->M[k] = std::max(out->M[k], tail.M[k]);
-  }
+  out->tmax = std::max(out->tmax, tail.tmax);
 }
 
 // The band sums from a and y in memory, with AVX-512 intrinsics (GCC does not if-convert the sigmoid
@@ -238,7 +199,7 @@ void band_sums_avx512(const uint16_t* s_bits, const float* a, const float* y, co
   int64_t j = 0;
   for (; j + 16 <= D; j += 16) {
     const __m512 yj = _mm512_loadu_ps(y + j);
-    band_acc_add(acc, g, j, yj, cen, unit_terms_avx512(g, j, s_bits, a, yj, sigmoid), part2);
+    band_acc_add(acc, j, yj, cen, unit_terms_avx512(g, j, s_bits, a, yj, sigmoid), part2);
   }
   band_acc_finish(acc, s_bits, a, y, cen, j, D, sigmoid, g, out);
 }
@@ -555,16 +516,9 @@ LastLayerBound LastLayerBound::make(const at::Tensor& wt, const at::Tensor& b, i
     m.rho_R = at::linalg_matrix_norm(R, 2).item<double>() * inf +
               1e-12 * fro * (1 + std::sqrt(static_cast<double>(k)) * vmax) + 1e-300;
   }
-  {  // part 5: the AVX-512 band's per-unit constants (float64, then fp32: k2 covers that rounding too)
-    m.c0.resize(D);
-    m.rW2.resize(D);
-    m.rdW2.resize(D);
-    for (int64_t j = 0; j < D; ++j) {
-      m.c0[j] = static_cast<float>((m.gK1 * (1 + 1e-6) + v * (1 + v)) * m.babs[j] * k2 + 1e-30);
-      m.rW2[j] = static_cast<float>(static_cast<double>(m.rW[j]) * m.rW[j] * k2);
-      m.rdW2[j] = static_cast<float>(static_cast<double>(m.rdW[j]) * m.rdW[j] * k2);
-    }
-  }
+  // part 5: the AVX-512 band's per-unit constant (float64, then fp32: k2 covers that rounding too)
+  m.c0.resize(D);
+  for (int64_t j = 0; j < D; ++j) m.c0[j] = static_cast<float>((m.gK1 * (1 + 1e-6) + v * (1 + v)) * m.babs[j] * k2 + 1e-30);
   m.w_rows = wt.narrow(1, 0, D).t().contiguous();  // (D, K): W's rows, exact fp32 (part 4)
   {
     const double g2 = 2 * gamma(static_cast<double>(m.K + 1)) * (1 + 1e-6);
@@ -604,14 +558,9 @@ int8_t band_decision(const LastLayerBound& b, const BandSums& bs, double norm_h,
   const double sl = 2 * b.q + 1e-6;  // fp32 sums of D nonnegative terms, any order (bounds.h)
   auto up = [&](float sum) { return std::sqrt(static_cast<double>(sum) * (1 + sl)) * (1 + 1e-12); };
   double E;
-  if (norm_wdh >= 0) {  // part 3 only (part 2's sum e2 is not accumulated then): the smallest threshold bound
-    double best = std::numeric_limits<double>::infinity();
-    for (int k = 0; k < kTaus; ++k) {
-      const double mk = static_cast<double>(bs.M[k]);
-      const double v3 = (up(bs.A[k]) + mk * b.spec_dW) * norm_h + up(bs.B[k]) * norm_dh + mk * norm_wdh;
-      best = std::min(best, v3 * (1 + 1e-12));
-    }
-    E = (best + up(bs.f2)) * (1 + 1e-12);
+  if (norm_wdh >= 0) {  // part 3 only (part 2's sum e2 is not accumulated then), τ = 0
+    const double mk = static_cast<double>(bs.tmax);
+    E = (mk * (b.spec_dW * norm_h + norm_wdh) * (1 + 1e-12) + up(bs.f2)) * (1 + 1e-12);
   } else {
     E = up(bs.e2);
   }
