@@ -212,6 +212,17 @@ __attribute__((target("avx512f,avx512bw,avx512vl")))
 void band_epilogue_avx512(const uint16_t* s_bits, const float* bias, int64_t act, float* a, float* y,
                           const float* cen, int64_t D, bool part2, const BandArgs& g, BandSums* out) {
   int64_t j = 0;
+  if (act == kActSigmoid) {  // eight vectors at a time (sigmoid_avx512_n)
+    for (; j + 128 <= D; j += 128) {
+      __m512 as[8], ys[8];
+      for (int q = 0; q < 8; ++q) {
+        as[q] = _mm512_add_ps(widen_bf16_avx512(s_bits, j + 16 * q), _mm512_loadu_ps(bias + j + 16 * q));
+        _mm512_storeu_ps(a + j + 16 * q, as[q]);
+      }
+      sigmoid_avx512_n<8>(as, ys);
+      for (int q = 0; q < 8; ++q) _mm512_storeu_ps(y + j + 16 * q, ys[q]);
+    }
+  }
   for (; j + 16 <= D; j += 16) {
     const __m512 aj = _mm512_add_ps(widen_bf16_avx512(s_bits, j), _mm512_loadu_ps(bias + j));  // fl(s + b)
     _mm512_storeu_ps(a + j, aj);
@@ -228,6 +239,12 @@ void band_epilogue_avx512(const uint16_t* s_bits, const float* bias, int64_t act
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 int64_t sigmoid_rows_avx512(const float* x, float* y, int64_t n) {
   int64_t i = 0;
+  for (; i + 128 <= n; i += 128) {
+    __m512 xs[8], ys[8];
+    for (int q = 0; q < 8; ++q) xs[q] = _mm512_loadu_ps(x + i + 16 * q);
+    sigmoid_avx512_n<8>(xs, ys);
+    for (int q = 0; q < 8; ++q) _mm512_storeu_ps(y + i + 16 * q, ys[q]);
+  }
   for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, sigmoid_avx512(_mm512_loadu_ps(x + i)));
   return i;
 }
