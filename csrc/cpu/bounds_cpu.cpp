@@ -11,7 +11,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
-#include <limits>
 
 namespace robbench {
 
@@ -103,9 +102,9 @@ inline __m512 widen_bf16_avx512(const uint16_t* s_bits, int64_t j) {
 }
 
 // The same bounds for 16 units at j with AVX-512, in fewer operations (bounds.h, part 5): the per-unit
-// constants c0_j >= (g_{K+1} |b_j| + v |b_j|) and the squares rW_j^2, rdW_j^2 precomputed, v |a_j| bounded by
-// v (1 + v) (|s_j| + |b_j|), FMAs, and the factor 1 + 1e-5 of each chain folded into its inputs (k2 = 1 + 2e-5
-// on c0, the squares and the per-sample scalars x_*): every chain rounds at most 6 times (<= 6 v).
+// constant c0_j >= (g_{K+1} + v (1 + v)) |b_j| precomputed, v |a_j| bounded by v (1 + v) (|s_j| + |b_j|),
+// FMAs, and the factor 1 + 1e-5 of each chain folded into its inputs (k2 = 1 + 2e-5 on c0 and the
+// per-sample scalars x_*): every chain rounds at most 7 times.
 __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline))
 inline UnitTermsV unit_terms_avx512(const BandArgs& g, int64_t j, __m512 sj, __m512 yj, bool sigmoid) {
   const __m512 one = _mm512_set1_ps(1.0f), quarter = _mm512_set1_ps(0.25f), infl = _mm512_set1_ps(1.00001f);
@@ -235,7 +234,7 @@ void band_epilogue_avx512(const uint16_t* s_bits, const float* bias, int64_t act
   band_sums_avx512(s_bits, a, y, cen, D, act == kActSigmoid, part2, g, out);
 }
 
-// The own sigmoid over x[0..n) in blocks of 16; returns how many it did (the rest: sigmoid_scalar).
+// The own sigmoid over x[0..n) in blocks of 128, then 16; returns how many it did (the rest: sigmoid_scalar).
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 int64_t sigmoid_rows_avx512(const float* x, float* y, int64_t n) {
   int64_t i = 0;
@@ -535,7 +534,8 @@ LastLayerBound LastLayerBound::make(const at::Tensor& wt, const at::Tensor& b, i
   }
   // part 5: the AVX-512 band's per-unit constant (float64, then fp32: k2 covers that rounding too)
   m.c0.resize(D);
-  for (int64_t j = 0; j < D; ++j) m.c0[j] = static_cast<float>((m.gK1 * (1 + 1e-6) + v * (1 + v)) * m.babs[j] * k2 + 1e-30);
+  for (int64_t j = 0; j < D; ++j)
+    m.c0[j] = static_cast<float>((m.gK1 * (1 + 1e-6) + v * (1 + v)) * m.babs[j] * k2 + 1e-30);
   m.w_rows = wt.narrow(1, 0, D).t().contiguous();  // (D, K): W's rows, exact fp32 (part 4)
   {
     const double g2 = 2 * gamma(static_cast<double>(m.K + 1)) * (1 + 1e-6);
