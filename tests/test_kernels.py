@@ -496,6 +496,32 @@ def _trained_like(seed=0):
     return m
 
 
+def _adversarial_rounding(seed=0):
+    """_trained_like with its last layer moved to the worst bf16 rounding: every nonzero weight 0.49 of the
+    gap toward zero above its bf16 value, so δW = W - bf16(W) > 0 everywhere and, with h >= 0 (ReLU), the
+    bf16 product's error δW h adds up (near the Cauchy-Schwarz bound that the band assumes)."""
+    m = _trained_like(seed)
+    with torch.no_grad():
+        w = m.decoder[-2].weight
+        wb = w.bfloat16()
+        a = wb.abs()
+        gap = a.float() - torch.nextafter(a, torch.zeros((), dtype=torch.bfloat16)).float()
+        w.copy_(wb.float() + 0.49 * gap)
+        assert torch.equal(w.bfloat16(), wb)
+    return m
+
+
+def _audit(err):
+    """(rows, violations, max ||y_ref - y|| / E) of the ROBBENCH_REFINE_AUDIT lines."""
+    rows = bad = 0
+    worst = 0.0
+    for line in err.splitlines():
+        if line.startswith("robbench refine audit:"):
+            f = line.split()
+            rows, bad, worst = rows + int(f[4]), bad + int(f[6]), max(worst, float(f[8]))
+    return rows, bad, worst
+
+
 def _band_stats(err):
     """(bf16 rows, refined, rechecked, refined units) summed over the kernel's ROBBENCH_BAND_STATS lines."""
     tot = [0, 0, 0, 0]
@@ -600,7 +626,7 @@ def test_portable_band_and_refinement_loops_decide_like_the_reference(tmp_path):
         radii += [(d2 * (1 + eps)).contiguous(), (d2 * (1 - eps)).contiguous()]
     torch.save({"decoder": model.decoder, "mu": mu, "sigma": sigma, "center": center, "radii": radii},
                tmp_path / "case.pt")
-    env = dict(os.environ, ROBBENCH_NO_AVX512="1", ROBBENCH_BAND_STATS="1")
+    env = dict(os.environ, ROBBENCH_NO_AVX512="1", ROBBENCH_BAND_STATS="1", ROBBENCH_REFINE_AUDIT="1")
     done = subprocess.run([sys.executable, "-c", _PORTABLE_SCRIPT, str(tmp_path / "case.pt"),
                            str(tmp_path / "out.pt")], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -609,6 +635,8 @@ def test_portable_band_and_refinement_loops_decide_like_the_reference(tmp_path):
         assert torch.equal(c, (d2 <= r2).long())
     rows, refined, rechecked, _ = _band_stats(done.stderr)
     assert rows == B * len(radii) and refined > 0 and 2 * B <= rechecked < rows  # ties, one ulp: reference
+    audited, bad, _ = _audit(done.stderr)
+    assert audited == refined and bad == 0  # each refined sample within its bound of an fp32 last layer
 
 
 @pytest.mark.parametrize("chunk", [128, 2048])
@@ -633,6 +661,39 @@ def test_bf16_counts_equal_reference_at_the_median_radius(chunk, monkeypatch, ca
             assert res.bf16_samples > 0 and res.rechecked < res.bf16_samples
             assert (refined > 0) == (refine == "1")
         assert rechecked["1"] < rechecked["0"]
+
+
+def test_refinement_bound_holds_on_adversarially_rounded_weights(monkeypatch, capfd):
+    """bounds.h part 4 with and without the points' reference hidden vectors (ROBBENCH_REFINE_CENTER) and
+    both groupings (ROBBENCH_REFINE_BY_LEVEL), on a last layer whose bf16 rounding errors all add up: every
+    refined sample's mixed output is within its bound E of an fp32 last layer (ROBBENCH_REFINE_AUDIT), the
+    bound is not vacuous there (worst ratio above 0.2), counts equal the reference's at radii around the
+    median, and the reference hidden vectors leave fewer units to recompute."""
+    monkeypatch.setenv("ROBBENCH_BAND_STATS", "1")
+    monkeypatch.setenv("ROBBENCH_REFINE_AUDIT", "1")
+    model = _adversarial_rounding(seed=3)
+    B, n = 6, 400
+    mu, sigma, center = _points(model, B, 8)
+    r = montecarlo.sample_distances(model, mu, sigma, center, 100, seed=2).median(1).values
+    units = {}
+    worst = 0.0
+    for scale in (0.995, 1.0, 1.005):
+        ref = montecarlo.count_within(model, mu, sigma, center, r * scale, n, seed=5, backend="torch")
+        for center_on, by_level in (("1", "1"), ("0", "1"), ("1", "0")):
+            monkeypatch.setenv("ROBBENCH_REFINE_CENTER", center_on)
+            monkeypatch.setenv("ROBBENCH_REFINE_BY_LEVEL", by_level)
+            capfd.readouterr()
+            res = kernels.count_within(model, mu, sigma, center, montecarlo.radius_sq(r * scale, B, mu.device), n,
+                                       seed=5, stream_ids=torch.arange(B), precision="bf16", screen=False)
+            err = capfd.readouterr().err
+            assert torch.equal(res.counts, ref), (scale, center_on, by_level)
+            _, refined, _, u = _band_stats(err)
+            rows, bad, ratio = _audit(err)
+            assert rows == refined > 0 and bad == 0, (rows, refined, bad, ratio)
+            worst = max(worst, ratio)
+            units[center_on, by_level] = units.get((center_on, by_level), 0) + u
+    assert 0.2 < worst <= 1.0
+    assert units["1", "1"] < units["0", "1"]
 
 
 def test_last_layer_cache_is_keyed_by_contents():

@@ -82,14 +82,31 @@
 //       ||y_ref - y_mix|| <= E = sqrt(Σ_H e'_j^2 + E_L^2),  E_L the bound above,
 //    and U = ||y_mix - c|| + E, L = (||y_mix - c|| - E)_+ are classified as in the other parts (fp32 sums of
 //    <= D nonnegative terms in any order: slack 2 g_{D+2} + 1e-6 as above).
-//    Choice of H and of the split (speed only, any choice is rigorous): units are bucketed by t at
-//    1/4, 3/16, 1/8, 3/32, 1/16, 1/32, 1/64, 1/256, 1/1024, 1/8192 (per bucket Σ e^2, Σ (tρ + 2ev)^2,
-//    max t, count; bucket sums are fp32 sums of nonnegative terms, added in float64: slack as above);
-//    H = the buckets above some threshold, L_hi the next buckets, L_lo the rest; the smallest H whose best
-//    split gives E_L <= T = κ | ||ŷ - c|| - r | (||ŷ - c|| from the band pass) is taken; up to four
-//    consecutive undecided samples of one point share the union of their H (a superset of a sample's H
-//    only adds exact units; its E_L still bounds the units left). No split, a tie, or |H| above a cap
-//    sends the sample to the fp32 reference. Only near-ties are left for it.
+//    Choice of H and of the split (speed only, any choice is rigorous): thresholds τ_b = 1/4, 3/16, 1/8,
+//    3/32, 1/16, 1/32, 1/64, 1/512; per threshold, over the units with t_j <= τ_b, the fp32 sums Σ e_j^2
+//    and Σ f_j^2 (f_j the L_hi element bound below; cumulative sums: each a sum of nonnegative terms,
+//    slack as above). H = {t_j > τ_i}, L_hi = {τ_k < t_j <= τ_i}, L_lo = {t_j <= τ_k}: Σ_{L_lo} e^2 is
+//    the sum at τ_k; Σ_{L_hi} f^2 = S_i - S_k for the exact sums S, and with F the fp32 sums
+//    (|F - S| <= sl S) S_i - S_k <= F_i / (1 - sl) - F_k / (1 + sl); max_{L_hi} t <= τ_i. The smallest
+//    H (smallest i) whose best k gives E_L <= T = κ | ||ŷ - c|| - r | (||ŷ - c|| from the band pass) is
+//    taken. Samples of one point share the union of their H in groups of up to four (a superset of a
+//    sample's H only adds exact units; its E_L still bounds the units left). No split, a tie, or |H| above
+//    a cap sends the sample to the fp32 reference. Only near-ties are left for it.
+//    Reference hidden vector (session 5). The L terms above bound |(δW h)_j| by ||δW_j|| ||h|| (per element)
+//    and ||δW h|| by ||δW||_2 ||h||. For any fp32 vector h_c (we use the point's reference hidden vector of
+//    part 1; the samples of one point lie close to it: ||h - h_c|| ~ 0.06 ||h|| at β = 0.1), exactly
+//       δW h = δW h_c + δW (h - h_c),
+//    so with c_j >= |(δW h_c)_j| (once per point: c_j = |fl(δW_j . h_c)| + g_K ||δW_j|| ||h_c||, an fp32 dot
+//    product in any order of the exact fp32 numbers δW_jk = W_jk - Ŵ_jk (≤ 16 significant bits), inflated by
+//    1 + 1e-5) and d >= ||h - h_c|| (fp32 sum of squares of fp32 differences: norm_up as in part 2):
+//       |(δW h)_j| <= min(||δW_j|| ||h||, c_j + ||δW_j|| d)                                   (per element, L_lo)
+//       ||t∘(δW h)||_{L_hi} <= ||t∘c||_{L_hi} + max_{L_hi} t ||δW||_2 d                       (L_hi)
+//    Hence, with the same slope bounds t_j (computed from Δ_j >= Δ~_j below: t is increasing in Δ),
+//       e_j <= e~_j = t_j Δ~_j + 2 ev,  Δ~_j = ρ_j + ||Ŵ_j|| ||δh|| + min(||δW_j|| ||h||, c_j + ||δW_j|| d),
+//       ||e_L|| <= sqrt(Σ_{L_lo} e~_j^2) + max_{L_hi} t_j (||δW||_2 d + N(δh)) + ||f||_{L_hi},
+//    f_j = t_j (c_j + ρ_j) + 2 ev (the L_hi vector's element bound, the triangle inequality as in part 3).
+//    Each e~_j, (t∘(ρ + c) + 2 ev)_j is evaluated in fp32 from the inflated ρ_j (<= 10 roundings: factor
+//    1 + 1e-5). Without h_c (or when d >= ||h||) the terms above are used (c = 0, d = ||h||).
 // 5. Fused epilogue (session 5, CPU; decide_epilogue). a_j = fl(s_j + b_j) is formed as before, and
 //    ŷ_j = σ~(a_j) by an own fp32 sigmoid (common/sigmoid.h) in the band pass's registers; the refinement's
 //    y'_j (part 4) uses it too. Parts 2-4 need only |σ~(x) - σ(x)| <= ev for every fp32 x (absolute):
@@ -158,7 +175,7 @@ struct LastLayerBound {
   std::vector<double> lam;
 
   // part 4: W[:D] as (D, K) fp32 rows (the exact weights, for the refined units' dot products)
-  at::Tensor w_rows;
+  at::Tensor w_rows, dw_rows;    // dw_rows: δW[:D] = W - Ŵ as (D, K) fp32 rows (exact)
   std::vector<float> rd2, bd2;  // (D,): 2 g_{K+1} ||W_j||, 2 g_{K+1} |b_j| (inflated)
 
   // part 5: the AVX-512 band's per-unit constant (D,) c0_j = (g_{K+1} (1 + 1e-6) + v (1 + v)) |b_j| k2 + 1e-30
@@ -191,19 +208,25 @@ struct LastLayerBound {
                          double norm_hb, double norm_dh, double r2, double norm_wdh = -1.0,
                          double* dist_out = nullptr) const;
 
-  // Part 4, step 1 (sigmoid only): slope bounds t (D,) of one sample's bf16 outputs, the units H
-  // (indices < D, ascending) to recompute in fp32 so that the bound on the rest, written to *e_rest, is
-  // <= target; returns |H| (written to cols), or -1 when no split meets the target or |H| > max_cols.
+  // Part 4, reference hidden vector h_c (K,) of a point: c (D,) with c_j >= |(δW h_c)_j|.
+  void refine_center(const float* hc, float* c) const;
+  // Part 4, step 1 (sigmoid only): slope bounds t (D,) of one sample's bf16 outputs, the units H to
+  // recompute in fp32 so that the bound on the rest, written to *e_rest, is <= target, as a bitset (unit j:
+  // bit j % 64 of bits[j / 64], ceil(D / 64) words); returns |H|, or -1 when no split meets the target or
+  // |H| > max_cols.
+  // c (refine_center of the sample's point, or nullptr) and dist_c >= ||h - h_c|| tighten the bound on the
+  // rest; *level (optional) receives the slope-bound bucket of H (H = {t_j > level's threshold}).
   int64_t refine_select(const at::BFloat16* s, const float* a, const float* y, double norm_h, double norm_hb,
-                        double norm_dh, double norm_wdh, double target, int64_t max_cols, float* t, int32_t* cols,
-                        double* e_rest) const;
+                        double norm_dh, double norm_wdh, const float* c, double dist_c, double target,
+                        int64_t max_cols, float* t, uint64_t* bits, double* e_rest, int* level = nullptr) const;
   // Step 2: logits fl(fl(W_j . h_r) + b_j) for j in cols[0..n) into out[r] (n,), for nr <= 4 rows h[r]
   // (fp32 dot products; the rows share each load of W_j).
   void refine_logits(const float* const* h, int nr, const int32_t* cols, int64_t n, float* const* out) const;
   // Step 3, with yr = act~(logits): writes y'_j into y for j in H and decides with the mixed output, the
-  // bounds e'_j on H and e_rest on the rest. 1 inside, 0 outside, -1 undecided.
+  // bounds e'_j on H and e_rest on the rest. 1 inside, 0 outside, -1 undecided. bound_out (optional)
+  // receives E >= ||y_ref - y|| (the audit of tests).
   int8_t refine_decide(float* y, const float* cen, const int32_t* cols, int64_t n, const float* yr,
-                       double norm_h, double e_rest, double r2) const;
+                       double norm_h, double e_rest, double r2, double* bound_out = nullptr) const;
 
   // 1 when (1 + q) U^2 < r2 (certainly inside), 0 when (1 - q) L^2 > r2 (certainly outside), else -1.
   int8_t classify(double upper, double lower, double r2) const {

@@ -276,71 +276,92 @@ void band_epilogue(const uint16_t* s_bits, const float* bias, int64_t act, float
   else band_sums_impl<false>(s_bits, a, y, cen, D, g, out);
 }
 
-// Part 4 (refinement): units are sorted into buckets by their slope bound t: bucket b holds
-// kTauR[b+1] < t <= kTauR[b] (the last one t <= kTauR[kBuckets-1]). Per bucket: Σ e_j^2 (part 2's
-// per-element bound), Σ f_j^2 (f = t ρ + 2 ev, part 3), max t and the count.
+// Part 4 (refinement): units are split by their slope bound t at the thresholds kTauR: per threshold b,
+// over the units with t <= kTauR[b] (every unit for b = 0: t <= 1/4 always), Σ e_j^2 (the per-element
+// bound) and Σ f_j^2 (f = t (ρ + c) + 2 ev, the L_hi element bound); max t over L_hi <= kTauR[i].
+// H = {t > kTauR[i]} is recomputed; the rest splits into L_hi = {kTauR[k] < t <= kTauR[i]} and
+// L_lo = {t <= kTauR[k]}.
 // Rank of the projection V in N(δh) (part 3). 32 decides ~12 % more of the band's undecided rows at β = 0.1
 // but costs more (δh V per row: 0.10 → 0.17 µs at 1 thread) than it saves.
 constexpr int64_t kProjRank = 16;
 
-constexpr int kBuckets = 10;
-constexpr float kTauR[kBuckets] = {0.25f,      0.1875f,     0.125f,       0.09375f,     1.0f / 16,
-                                   1.0f / 32, 1.0f / 64, 1.0f / 256, 1.0f / 1024, 1.0f / 8192};
+// Finer near 1/4, where β = 0.1's unsaturated units are; measured on its undecided samples, two more
+// thresholds (1/1024, 1/8192 for 1/512) or the max t per threshold (instead of the threshold itself) change
+// the recomputed units by < 1 % but cost a fifth of the pass.
+constexpr int kBuckets = 8;
+constexpr float kTauR[kBuckets] = {0.25f, 0.1875f, 0.125f, 0.09375f, 1.0f / 16, 1.0f / 32, 1.0f / 64, 1.0f / 512};
 
-struct Buckets {
-  float e2[kBuckets] = {}, f2[kBuckets] = {}, tmax[kBuckets] = {};
-  int64_t n[kBuckets] = {};
+struct Buckets {  // cumulative: index b covers the units with t <= kTauR[b]
+  float e2[kBuckets] = {}, f2[kBuckets] = {};
 };
 
-// t_j into t (D,) and the bucket sums, with the expressions (and roundings) of band_sums_impl (sigmoid).
+// The refinement's tighter terms with a reference hidden vector h_c (bounds.h part 4): c (D,) >= |δW h_c|,
+// k_d >= ||h - h_c||, k_dh >= ||δh|| (each inflated like band_args). c == nullptr: part 2/3's e and f.
+struct RefineArgs {
+  const float* c;
+  float k_d, k_dh;
+};
+
+// t_j into t (D,) and the bucket sums of e~_j^2 and ((t∘(ρ + c) + 2 ev)_j)^2 (bounds.h part 4), with the
+// expressions (and roundings) of unit_terms for t and ρ.
 void refine_buckets_impl(const uint16_t* s_bits, const float* a, const float* y, int64_t D, const BandArgs& g,
-                         float* tout, Buckets* out) {
+                         const RefineArgs& ra, float* tout, Buckets* out) {
   for (int64_t j = 0; j < D; ++j) {
     const UnitTerms u = unit_terms<true>(g, j, s_bits, a, y);
-    const float t = u.t, e = u.e, f = u.f;
+    const float t = u.t;
+    float e = u.e, f = u.f;
+    if (ra.c != nullptr) {
+      const float x = std::min(g.rdW[j] * g.k_dw, ra.c[j] + g.rdW[j] * ra.k_d);
+      const float dl = (u.rho + g.rW[j] * ra.k_dh + x) * 1.00001f;
+      e = (t * dl + g.ev2) * 1.00001f;
+      f = (t * (u.rho + ra.c[j]) + g.ev2) * 1.00001f;
+    }
     tout[j] = t;
-    int b = 0;
-    while (b + 1 < kBuckets && t <= kTauR[b + 1]) ++b;
-    out->e2[b] += e * e;
-    out->f2[b] += f * f;
-    out->tmax[b] = std::max(out->tmax[b], t);
-    out->n[b] += 1;
+    for (int b = 0; b < kBuckets && t <= kTauR[b]; ++b) {
+      out->e2[b] += e * e;
+      out->f2[b] += f * f;
+    }
   }
 }
 
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 void refine_buckets_avx512(const uint16_t* s_bits, const float* a, const float* y, int64_t D, const BandArgs& g,
-                           float* tout, Buckets* out) {
-  __m512 E[kBuckets], F[kBuckets], T[kBuckets];
-  int64_t cnt[kBuckets] = {};
-  for (int b = 0; b < kBuckets; ++b) E[b] = F[b] = T[b] = _mm512_setzero_ps();
+                           const RefineArgs& ra, float* tout, Buckets* out) {
+  __m512 E[kBuckets], F[kBuckets];
+  for (int b = 0; b < kBuckets; ++b) E[b] = F[b] = _mm512_setzero_ps();
+  const __m512 infl = _mm512_set1_ps(1.00001f), vev2 = _mm512_set1_ps(g.ev2);
+  const __m512 kdw = _mm512_set1_ps(g.k_dw), kd = _mm512_set1_ps(ra.k_d), kdh = _mm512_set1_ps(ra.k_dh);
   int64_t j = 0;
   for (; j + 16 <= D; j += 16) {
     const UnitTermsV u = unit_terms_avx512(g, j, s_bits, a, _mm512_loadu_ps(y + j), true);
     const __m512 t = u.t;
+    __m512 e = u.e, f = u.f;
+    if (ra.c != nullptr) {
+      const __m512 cj = _mm512_loadu_ps(ra.c + j), rdw = _mm512_loadu_ps(g.rdW + j);
+      const __m512 x = _mm512_min_ps(_mm512_mul_ps(rdw, kdw), _mm512_add_ps(cj, _mm512_mul_ps(rdw, kd)));
+      const __m512 dl = _mm512_mul_ps(
+          _mm512_add_ps(_mm512_add_ps(u.rho, _mm512_mul_ps(_mm512_loadu_ps(g.rW + j), kdh)), x), infl);
+      e = _mm512_mul_ps(_mm512_add_ps(_mm512_mul_ps(t, dl), vev2), infl);
+      f = _mm512_mul_ps(_mm512_add_ps(_mm512_mul_ps(t, _mm512_add_ps(u.rho, cj)), vev2), infl);
+    }
     _mm512_storeu_ps(tout + j, t);
-    const __m512 e2 = _mm512_mul_ps(u.e, u.e), f2 = _mm512_mul_ps(u.f, u.f);
-    __mmask16 in = 0xFFFF;  // t <= kTauR[0] = 1/4 always (t is never NaN)
-    for (int b = 0; b < kBuckets; ++b) {
-      const __mmask16 below = b + 1 < kBuckets ? _mm512_cmp_ps_mask(t, _mm512_set1_ps(kTauR[b + 1]), _CMP_LE_OQ)
-                                               : static_cast<__mmask16>(0);
-      const __mmask16 here = static_cast<__mmask16>(in & ~below);
-      E[b] = _mm512_mask_add_ps(E[b], here, E[b], e2);
-      F[b] = _mm512_mask_add_ps(F[b], here, F[b], f2);
-      T[b] = _mm512_mask_max_ps(T[b], here, T[b], t);
-      cnt[b] += __builtin_popcount(here);
-      in = below;
+    const __m512 e2 = _mm512_mul_ps(e, e), f2 = _mm512_mul_ps(f, f);
+    E[0] = _mm512_add_ps(E[0], e2);  // t <= kTauR[0] = 1/4 always (t is never NaN)
+    F[0] = _mm512_add_ps(F[0], f2);
+    for (int b = 1; b < kBuckets; ++b) {
+      const __mmask16 le = _mm512_cmp_ps_mask(t, _mm512_set1_ps(kTauR[b]), _CMP_LE_OQ);
+      E[b] = _mm512_mask_add_ps(E[b], le, E[b], e2);
+      F[b] = _mm512_mask_add_ps(F[b], le, F[b], f2);
     }
   }
   for (int b = 0; b < kBuckets; ++b) {
     out->e2[b] = _mm512_reduce_add_ps(E[b]);
     out->f2[b] = _mm512_reduce_add_ps(F[b]);
-    out->tmax[b] = _mm512_reduce_max_ps(T[b]);
-    out->n[b] = cnt[b];
   }
   if (j < D) {
     BandArgs gt{g.rW + j, g.rdW + j, g.rWf + j, g.babs + j, g.k_dw, g.k_w, g.k_w3, g.k_wf, g.g_b, g.ev2};
-    refine_buckets_impl(s_bits + j, a + j, y + j, D - j, gt, tout + j, out);
+    RefineArgs rt{ra.c != nullptr ? ra.c + j : nullptr, ra.k_d, ra.k_dh};
+    refine_buckets_impl(s_bits + j, a + j, y + j, D - j, gt, rt, tout + j, out);
   }
 }
 
@@ -366,12 +387,17 @@ void dots_avx512(const float* W, int64_t K, const float* const* h, const int32_t
   for (; c + 4 <= n; c += 4) {
     const float* w[4];
     for (int q = 0; q < 4; ++q) w[q] = W + static_cast<int64_t>(cols[c + q]) * K;
+    // the next step's rows of W, a line per k step: rows are scattered (the units' indices), which the
+    // hardware prefetcher does not follow
+    const float* wn[4];
+    for (int q = 0; q < 4; ++q) wn[q] = W + static_cast<int64_t>(cols[std::min(c + 4 + q, n - 1)]) * K;
     __m512 acc[NR][4];
     for (int r = 0; r < NR; ++r)
       for (int q = 0; q < 4; ++q) acc[r][q] = _mm512_setzero_ps();
     for (int64_t k = 0; k < kfull; k += 16) {
       __m512 wv[4];
       for (int q = 0; q < 4; ++q) wv[q] = _mm512_loadu_ps(w[q] + k);
+      for (int q = 0; q < 4; ++q) _mm_prefetch(reinterpret_cast<const char*>(wn[q] + k), _MM_HINT_T0);
       for (int r = 0; r < NR; ++r) {
         const __m512 hv = _mm512_loadu_ps(h[r] + k);
         for (int q = 0; q < 4; ++q) acc[r][q] = _mm512_fmadd_ps(wv[q], hv, acc[r][q]);
@@ -391,33 +417,38 @@ void dots_avx512(const float* W, int64_t K, const float* const* h, const int32_t
   for (int r = 0; r < NR && c < n; ++r) dots_scalar(W, K, h[r], cols + c, n - c, b, out[r] + c);
 }
 
-// Indices j (ascending) with t[j] > th into cols; returns their count.
-int64_t select_above_scalar(const float* t, int64_t D, float th, int32_t* cols) {
+// The units j with t[j] > th as a bitset (bit j % 64 of word j / 64; ceil(D / 64) words); returns their count.
+int64_t select_above_scalar(const float* t, int64_t D, float th, uint64_t* bits) {
   int64_t n = 0;
+  for (int64_t w = 0; w * 64 < D; ++w) bits[w] = 0;
   for (int64_t j = 0; j < D; ++j)
-    if (t[j] > th) cols[n++] = static_cast<int32_t>(j);
+    if (t[j] > th) {
+      bits[j / 64] |= uint64_t{1} << (j % 64);
+      ++n;
+    }
   return n;
 }
 
 __attribute__((target("avx512f,avx512bw,avx512vl")))
-int64_t select_above_avx512(const float* t, int64_t D, float th, int32_t* cols) {
+int64_t select_above_avx512(const float* t, int64_t D, float th, uint64_t* bits) {
   const __m512 vth = _mm512_set1_ps(th);
-  const __m512i step = _mm512_set1_epi32(16);
-  __m512i idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   int64_t n = 0, j = 0;
+  for (int64_t w = 0; w * 64 < D; ++w) bits[w] = 0;
   for (; j + 16 <= D; j += 16) {
     const __mmask16 m = _mm512_cmp_ps_mask(_mm512_loadu_ps(t + j), vth, _CMP_GT_OQ);
-    _mm512_mask_compressstoreu_epi32(cols + n, m, idx);
+    bits[j / 64] |= static_cast<uint64_t>(m) << (j % 64);  // j % 64 is a multiple of 16
     n += __builtin_popcount(m);
-    idx = _mm512_add_epi32(idx, step);
   }
   for (; j < D; ++j)
-    if (t[j] > th) cols[n++] = static_cast<int32_t>(j);
+    if (t[j] > th) {
+      bits[j / 64] |= uint64_t{1} << (j % 64);
+      ++n;
+    }
   return n;
 }
 
-int64_t select_above(const float* t, int64_t D, float th, int32_t* cols) {
-  return has_avx512() ? select_above_avx512(t, D, th, cols) : select_above_scalar(t, D, th, cols);
+int64_t select_above(const float* t, int64_t D, float th, uint64_t* bits) {
+  return has_avx512() ? select_above_avx512(t, D, th, bits) : select_above_scalar(t, D, th, bits);
 }
 
 // Σ_c e'_j^2 over the refined units j = cols[c] (sigmoid; bounds.h part 4), fp32, each e' with a few
@@ -537,6 +568,8 @@ LastLayerBound LastLayerBound::make(const at::Tensor& wt, const at::Tensor& b, i
   for (int64_t j = 0; j < D; ++j)
     m.c0[j] = static_cast<float>((m.gK1 * (1 + 1e-6) + v * (1 + v)) * m.babs[j] * k2 + 1e-30);
   m.w_rows = wt.narrow(1, 0, D).t().contiguous();  // (D, K): W's rows, exact fp32 (part 4)
+  // δW = W - Ŵ: fp32 minus its bf16 rounding, exact in fp32 (at most 16 significant bits)
+  m.dw_rows = (m.w_rows - m.wt_bf16.narrow(1, 0, D).t().to(at::kFloat)).contiguous();
   {
     const double g2 = 2 * gamma(static_cast<double>(m.K + 1)) * (1 + 1e-6);
     m.rd2.resize(D);
@@ -614,44 +647,64 @@ void sigmoid_fp32(const float* x, float* y, int64_t n) {
   for (; i < n; ++i) y[i] = sigmoid_scalar(x[i]);
 }
 
+void LastLayerBound::refine_center(const float* hc, float* c) const {
+  // c_j = (|fl(δW_j . h_c)| + g_K ||δW_j|| ||h_c||) (1 + 1e-5): any-order fp32 dot products (bounds.h part 4)
+  std::vector<int32_t> all(D);
+  for (int64_t j = 0; j < D; ++j) all[j] = static_cast<int32_t>(j);
+  const std::vector<float> zero(D, 0.f);
+  const float* W = dw_rows.data_ptr<float>();
+  if (has_avx512()) dots_avx512<1>(W, K, &hc, all.data(), D, zero.data(), &c);
+  else dots_scalar(W, K, hc, all.data(), D, zero.data(), c);
+  float s2, unused;
+  sq_norms(hc, nullptr, K, &s2, &unused);
+  const float slack = static_cast<float>(gK * norm_up(s2) * (1 + 1e-6));
+  for (int64_t j = 0; j < D; ++j) c[j] = (std::fabs(c[j]) + rdW[j] * slack) * 1.00001f;
+}
+
 int64_t LastLayerBound::refine_select(const at::BFloat16* s, const float* a, const float* y, double norm_h,
-                                      double norm_hb, double norm_dh, double norm_wdh, double target,
-                                      int64_t max_cols, float* t, int32_t* cols, double* e_rest) const {
+                                      double norm_hb, double norm_dh, double norm_wdh, const float* c,
+                                      double dist_c, double target, int64_t max_cols, float* t, uint64_t* bits,
+                                      double* e_rest, int* level) const {
   // a tie (or NaN) is for the reference; ReLU / identity have t = 1 everywhere: nothing to single out
   if (!(target > 0) || act != kActSigmoid || norm_wdh < 0) return -1;
   const BandArgs g = band_args(*this, norm_h, norm_hb, norm_dh);  // the per-element terms of decide
+  // the reference hidden vector only where it is closer to h than 0 is (bounds.h part 4)
+  const bool use_c = c != nullptr && dist_c < norm_h;
+  const double inf = 1 + 1e-9, pad = 1 + 1e-6;
+  const RefineArgs ra{use_c ? c : nullptr, static_cast<float>(dist_c * inf * pad),
+                      static_cast<float>(norm_dh * inf * pad)};
   Buckets bk;
   const uint16_t* sb = reinterpret_cast<const uint16_t*>(s);
-  if (has_avx512()) refine_buckets_avx512(sb, a, y, D, g, t, &bk);
-  else refine_buckets_impl(sb, a, y, D, g, t, &bk);
+  if (has_avx512()) refine_buckets_avx512(sb, a, y, D, g, ra, t, &bk);
+  else refine_buckets_impl(sb, a, y, D, g, ra, t, &bk);
   const double sl = 2 * q + 1e-6;  // fp32 sums of nonnegative terms, any order (bounds.h)
   auto up = [&](double sum) { return std::sqrt(sum * (1 + sl)) * (1 + 1e-12); };
-  const double spec = spec_dW * norm_h + norm_wdh;  // >= ||δW h|| + ||Ŵ δh||
+  // >= ||δW h|| + ||Ŵ δh||, or ||δW (h - h_c)|| + ||Ŵ δh|| (then ||t∘(δW h_c)|| is in the buckets' f)
+  const double spec = spec_dW * (use_c ? dist_c : norm_h) + norm_wdh;
   // H = buckets < i (recomputed); the rest split into L_hi = buckets i..k-1 (spectral, max t) and
   // L_lo = buckets >= k (per element). The smallest H whose best split meets the target.
-  double lo_up[kBuckets + 1];  // up(Σ_{b >= k} e2[b]): the per-element bound of L_lo = buckets >= k
-  {
-    double acc = 0;
-    lo_up[kBuckets] = 0;
-    for (int k = kBuckets - 1; k >= 0; --k) {
-      acc += bk.e2[k];
-      lo_up[k] = up(acc);
-    }
-  }
-  int64_t nH = 0;
+  // Σ_{L_hi} f^2 = S_i - S_k for the exact cumulative sums S; each fp32 sum F is within a factor
+  // 1 ± sl of its S, so S_i - S_k <= F_i / (1 - sl) - F_k / (1 + sl).
+  auto f_hi = [&](int i, int k) {
+    const double fk = k < kBuckets ? static_cast<double>(bk.f2[k]) / (1 + sl) : 0.0;
+    return std::sqrt(std::max(0.0, static_cast<double>(bk.f2[i]) / (1 - sl) - fk)) * (1 + 1e-12);
+  };
+  double lo[kBuckets + 1];  // the per-element bound of L_lo = {t <= kTauR[k]}
+  for (int k = 0; k < kBuckets; ++k) lo[k] = up(bk.e2[k]);
+  lo[kBuckets] = 0;
   for (int i = 0; i < kBuckets; ++i) {
-    if (i > 0) nH += bk.n[i - 1];
-    if (nH > max_cols) return -1;
-    double best = lo_up[i], hi_f = 0, mx = 0;  // k = i: L_hi empty
-    for (int k = i + 1; k <= kBuckets; ++k) {
-      hi_f += bk.f2[k - 1];
-      mx = std::max(mx, static_cast<double>(bk.tmax[k - 1]));
-      best = std::min(best, lo_up[k] + mx * spec + up(hi_f));
-    }
+    const double mx = kTauR[i];  // >= max t over L_hi (⊂ {t <= kTauR[i]})
+    double best = lo[i];  // k = i: L_hi empty
+    for (int k = i + 1; k <= kBuckets; ++k)
+      if (lo[k] + mx * spec < best) best = std::min(best, lo[k] + mx * spec + f_hi(i, k));
     best *= 1 + 1e-12;
     if (best <= target) {
+      // i = 0: H = {t > 1/4} is empty (t <= 1/4 always)
+      const int64_t n = select_above(t, D, kTauR[i], bits);
+      if (n > max_cols) return -1;
       *e_rest = best;
-      return i > 0 ? select_above(t, D, kTauR[i], cols) : 0;
+      if (level != nullptr) *level = i;
+      return n;
     }
   }
   return -1;
@@ -673,7 +726,7 @@ void LastLayerBound::refine_logits(const float* const* h, int nr, const int32_t*
 }
 
 int8_t LastLayerBound::refine_decide(float* y, const float* cen, const int32_t* cols, int64_t n, const float* yr,
-                                     double norm_h, double e_rest, double r2) const {
+                                     double norm_h, double e_rest, double r2, double* bound_out) const {
   // Δ'_j = 2 g_{K+1} (||W_j|| ||h|| + |b_j|) (rd2 = 2 g_{K+1} ||W_j||, bd2 = 2 g_{K+1} |b_j|, inflated);
   // e'_j and the sum of their squares in fp32 (per-element factor 1 + 1e-5, sum slack as elsewhere)
   const float nh = static_cast<float>(norm_h * (1 + 1e-6));
@@ -684,6 +737,7 @@ int8_t LastLayerBound::refine_decide(float* y, const float* cen, const int32_t* 
   const double sl = 2 * q + 1e-6;  // fp32 sums of <= D nonnegative terms, any order (bounds.h)
   // ||e|| <= sqrt(||e_H||^2 + ||e_L||^2) (disjoint supports), ||e_L|| <= e_rest
   const double E = std::sqrt(static_cast<double>(eh2) * (1 + sl) + e_rest * e_rest) * (1 + 1e-12) + 1e-30;
+  if (bound_out != nullptr) *bound_out = E;
   const double dist = std::sqrt(static_cast<double>(d2));
   const double hi = dist * std::sqrt(1 + sl) * (1 + 1e-12) + E;
   const double lo = std::max(0.0, dist * std::sqrt(1 - sl) * (1 - 1e-12) - E);

@@ -31,6 +31,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <limits>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -457,16 +458,154 @@ void unfused_epilogue(const at::Tensor& sv, at::Tensor& a, at::Tensor& y, const 
 // benchmarks). kappa: the target band as a fraction of the sample's distance gap |‖ŷ - c‖ - r|;
 // max_share: a row needing more than this share of the D units goes straight to the fp32 reference.
 // ROBBENCH_REFINE_KAPPA / ROBBENCH_REFINE_SHARE override them (tuning only; decisions never change).
+// ROBBENCH_REFINE_CENTER=0 drops the reference hidden vectors, ROBBENCH_REFINE_BY_LEVEL=0 groups rows by
+// point only (session 4's grouping): A/B switches for benchmarks, the decisions are the reference's either way.
 struct RefineConfig {
-  bool on = true;
+  bool on = true, center = true, by_level = true, audit = false;
   double kappa = 0.9, max_share = 0.6;
   static RefineConfig from_env() {
     RefineConfig c;
     const char* v = std::getenv("ROBBENCH_BAND_REFINE");
     c.on = v == nullptr || std::string(v) != "0";
+    const char* ce = std::getenv("ROBBENCH_REFINE_CENTER");
+    c.center = ce == nullptr || std::string(ce) != "0";
+    const char* bl = std::getenv("ROBBENCH_REFINE_BY_LEVEL");
+    c.by_level = bl == nullptr || std::string(bl) != "0";
+    c.audit = std::getenv("ROBBENCH_REFINE_AUDIT") != nullptr;
     if (const char* k = std::getenv("ROBBENCH_REFINE_KAPPA")) c.kappa = std::atof(k);
     if (const char* k = std::getenv("ROBBENCH_REFINE_SHARE")) c.max_share = std::atof(k);
     return c;
+  }
+};
+
+// ROBBENCH_REFINE_AUDIT=1 (tests): each refined row's mixed output y is compared with an fp32 last layer
+// (at::addmm + sigmoid: another summation order, covered by the same bound): ||y_ref - y|| <= E must hold.
+// With ROBBENCH_BAND_STATS the call prints the rows audited, the violations and max ||y_ref - y|| / E.
+struct RefineAudit {
+  std::mutex mu;
+  int64_t rows = 0, violations = 0;
+  double max_ratio = 0;
+  void check(const at::Tensor& h, const Weights& w, const float* y, int64_t D, double E) {
+    at::Tensor ref = at::addmm(w.bs.back(), h, w.wts.back()).sigmoid_().narrow(1, 0, D).to(at::kDouble);
+    at::Tensor mine = at::from_blob(const_cast<float*>(y), {1, D}, at::kFloat).to(at::kDouble);
+    const double err = (ref - mine).norm().item<double>();
+    std::lock_guard<std::mutex> lock(mu);
+    rows += 1;
+    violations += err > E;
+    max_ratio = std::max(max_ratio, err / E);
+  }
+  void print() const {
+    fprintf(stderr, "robbench refine audit: rows %lld violations %lld max_ratio %.6g\n", static_cast<long long>(rows),
+            static_cast<long long>(violations), max_ratio);
+  }
+};
+
+// The refinement's rows of one chunk (bounds.h part 4): row i of the chunk, its point b, its own units (a
+// bitset at word offset bits_off), their slope level and the bound e_rest on the units left.
+struct RefineRow {
+  int64_t i, b, bits_off;
+  int level;
+  double e_rest;
+};
+constexpr int kGroupMax = 4;  // rows per group (dots_avx512's tiles)
+
+// The rows' unit sets (bitsets over the D units, refine_select's): the union of a run of rows and its size
+// in a few word operations per 64 units.
+class UnitSets {
+ public:
+  UnitSets(const std::vector<RefineRow>& rows, const uint64_t* bits, int64_t D) : rows_(rows), bits_(bits),
+      words_((D + 63) / 64), un_(words_) {}
+  // |union of the sets of rows [u, e)| (kept for write_union)
+  int64_t union_size(size_t u, size_t e) {
+    int64_t n = 0;
+    for (int64_t w = 0; w < words_; ++w) {
+      uint64_t x = 0;
+      for (size_t v = u; v < e; ++v) x |= bits_[rows_[v].bits_off + w];
+      un_[w] = x;
+      n += __builtin_popcountll(x);
+    }
+    return n;
+  }
+  // The union of rows [u, e) into cols (ascending); returns its size.
+  int64_t write_union(size_t u, size_t e, int32_t* cols) {
+    union_size(u, e);
+    int64_t n = 0;
+    for (int64_t w = 0; w < words_; ++w)
+      for (uint64_t x = un_[w]; x != 0; x &= x - 1) cols[n++] = static_cast<int32_t>(w * 64 + __builtin_ctzll(x));
+    return n;
+  }
+
+ private:
+  const std::vector<RefineRow>& rows_;
+  const uint64_t* bits_;
+  int64_t words_;
+  std::vector<uint64_t> un_;
+};
+
+// Rows of a point with the same slope level have nearly the same units: order the rows by (point, level)
+// (stable; they come in ascending point order).
+void order_refine_rows(std::vector<RefineRow>& rows) {
+  std::stable_sort(rows.begin(), rows.end(), [](const RefineRow& x, const RefineRow& y) {
+    return x.b != y.b ? x.b < y.b : x.level < y.level;
+  });
+}
+
+// Groups of the refinement's rows: runs of at most kGroupMax consecutive rows of one point, chosen per point
+// by a shortest path over the cost model c(nr) x |union| (dots_avx512's cycles per union unit, measured on
+// β = 0.1's calls: a W_j load serves all nr rows, so the union's size dominates and a small group costs
+// almost as much as a full one). by_level = false: session 4's grouping (runs of kGroupMax in row order).
+// Returns the group starts and, last, rows.size().
+std::vector<size_t> refine_groups(const std::vector<RefineRow>& rows, UnitSets& sets, bool by_level) {
+  constexpr double kCost[kGroupMax + 1] = {0, 25, 32, 36, 40};
+  std::vector<size_t> cut;
+  for (size_t p0 = 0; p0 < rows.size();) {
+    size_t p1 = p0 + 1;
+    while (p1 < rows.size() && rows[p1].b == rows[p0].b) ++p1;
+    if (!by_level) {
+      for (size_t x = p0; x < p1; x += kGroupMax) cut.push_back(x);
+      p0 = p1;
+      continue;
+    }
+    const size_t m = p1 - p0;
+    std::vector<double> f(m + 1, 0.0);
+    std::vector<int> from(m + 1, 0);
+    for (size_t x = 1; x <= m; ++x) {
+      f[x] = std::numeric_limits<double>::infinity();
+      for (int g = 1; g <= kGroupMax && static_cast<size_t>(g) <= x; ++g) {
+        const double c = f[x - g] + kCost[g] * static_cast<double>(sets.union_size(p0 + x - g, p0 + x));
+        if (c < f[x]) {
+          f[x] = c;
+          from[x] = g;
+        }
+      }
+    }
+    std::vector<size_t> starts;
+    for (size_t x = m; x > 0; x -= from[x]) starts.push_back(p0 + x - from[x]);
+    cut.insert(cut.end(), starts.rbegin(), starts.rend());
+    p0 = p1;
+  }
+  cut.push_back(rows.size());
+  return cut;
+}
+
+// Per point of a call: c_b (D,) >= |δW h_c,b| (LastLayerBound::refine_center), computed on the point's first
+// refined row, once (call_once: chunks of one call run on several threads).
+struct RefineCenters {
+  const LastLayerBound* bound = nullptr;
+  const float* hc = nullptr;  // (B, K), or nullptr: no reference hidden vectors
+  std::vector<float> c;
+  std::unique_ptr<std::once_flag[]> once;
+  RefineCenters(const LastLayerBound* b, const at::Tensor& h) : bound(b) {
+    if (b == nullptr || !h.defined() || h.size(0) == 0) return;
+    hc = h.data_ptr<float>();
+    c.resize(h.size(0) * b->D);
+    once.reset(new std::once_flag[h.size(0)]);
+  }
+  const float* get(int64_t p) {
+    if (hc == nullptr) return nullptr;
+    float* cp = c.data() + p * bound->D;
+    std::call_once(once[p], [&] { bound->refine_center(hc + p * bound->K, cp); });
+    return cp;
   }
 };
 }  // namespace
@@ -582,6 +721,16 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
   pending.K = K;
   const RefineConfig refine = RefineConfig::from_env();
   const int64_t max_cols = static_cast<int64_t>(refine.max_share * static_cast<double>(D));
+  // The refinement's reference hidden vectors (bounds.h part 4): the screen's h_c, computed here when the
+  // screen is off; each point's c = |δW h_c| on its first refined row.
+  if (refine.on && refine.center && use_bf16 && bound != nullptr && bound->act == kActSigmoid && !hc.defined() &&
+      B > 0) {
+    at::Tensor mpad = mu;
+    if (B < kMinGemmRows) mpad = at::cat({mu, at::zeros({kMinGemmRows - B, mu.size(1)}, mu.options())});
+    hc = hidden_fp32(mpad, w).narrow(0, 0, B).contiguous();
+  }
+  RefineCenters centers(bound, refine.center ? hc : at::Tensor());
+  RefineAudit audit;
   std::atomic<int64_t> refined_rows{0}, refined_units{0};
   for (const Block& blk : make_blocks(B, n, chunk_rows, kMinGemmRows)) {
     const int64_t ns = blk.s1 - blk.s0, m = (blk.p1 - blk.p0) * ns;
@@ -680,73 +829,71 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
         float* tp = bb.e.data_ptr<float>();  // scratch: one row's slope bounds
         int32_t* colp = bb.cols.data_ptr<int32_t>();
         float* lgp = bb.lg.data_ptr<float>();
-        // Up to four consecutive undecided rows of the same point form a group: their units to recompute
-        // are merged (a superset of a row's own set keeps its bound valid: e_rest covers every unit left)
-        // and each W_j is loaded once for the group's rows.
-        constexpr int kGroupMax = 4;
-        struct Todo { int64_t i, group; double e_rest; };
+        // Each row's own units H = {t_j > its level's threshold} go to sel; groups of rows of one point share
+        // the union of their sets (a superset of a row's own set keeps its bound valid: e_rest covers every
+        // unit left) and each W_j load (refine_groups).
         struct Group { int64_t col_off, n, lg_off, first; int nr; };
-        std::vector<Todo> todo;
-        std::vector<Group> groups;
-        int32_t* scratch = colp + nc * P;  // one row's own selection
-        std::vector<uint8_t> mark(D, 0);
-        int64_t used = 0, lg_used = 0, cur_b = -1;
-        auto flush = [&]() {
-          if (groups.empty() || groups.back().n >= 0) return;
-          Group& g = groups.back();
-          int64_t n = 0;
-          for (int64_t j = 0; j < D; ++j)
-            if (mark[j]) {
-              colp[used + n++] = static_cast<int32_t>(j);
-              mark[j] = 0;
-            }
-          g.col_off = used;
-          g.n = n;
-          g.lg_off = lg_used;
-          const float* hs[4];
-          float* outs[4];
-          for (int r = 0; r < g.nr; ++r) {
-            hs[r] = hqp + todo[g.first + r].i * K;
-            outs[r] = lgp + lg_used + r * n;
-          }
-          bound->refine_logits(hs, g.nr, colp + used, n, outs);
-          used += n;
-          lg_used += g.nr * n;
-          refined_units += g.nr * n;
-        };
+        const int64_t words = (D + 63) / 64;
+        thread_local std::vector<uint64_t> sel;  // the rows' unit sets
+        if (static_cast<int64_t>(sel.size()) < nc * words) sel.resize(nc * words);
+        std::vector<RefineRow> todo;
+        int64_t sel_used = 0;
         for (int64_t i = 0; i < nc; ++i) {
           if (dec[c0 + i] >= 0) continue;
           const int64_t r = rest[c0 + i], b = blk.p0 + r / ns;
           const double target = refine.kappa * std::fabs(dist[i] - std::sqrt(static_cast<double>(r2p[b])));
-          double e_rest = 0;
-          const int64_t nsel = bound->refine_select(sp + i * P, ap + i * P, yp + i * P, nh[r], nhb[i], ndh[i],
-                                                    bound->norm_w_dh(pvp + i * nk, ndh[i]), target, max_cols,
-                                                    tp, scratch, &e_rest);
-          if (nsel < 0) continue;
-          if (groups.empty() || groups.back().n >= 0 || groups.back().nr == kGroupMax || b != cur_b) {
-            flush();
-            groups.push_back({0, -1, 0, static_cast<int64_t>(todo.size()), 0});
-            cur_b = b;
+          const float* cb = centers.get(b);
+          double dist_c = 0;
+          if (cb != nullptr) {
+            float s2, d2;
+            sq_norms(hqp + i * K, centers.hc + b * K, K, &s2, &d2);
+            dist_c = bound->norm_up(d2);
           }
-          for (int64_t c = 0; c < nsel; ++c) mark[scratch[c]] = 1;
-          groups.back().nr += 1;
-          todo.push_back({i, static_cast<int64_t>(groups.size()) - 1, e_rest});
+          double e_rest = 0;
+          int level = 0;
+          const int64_t nsel = bound->refine_select(sp + i * P, ap + i * P, yp + i * P, nh[r], nhb[i], ndh[i],
+                                                    bound->norm_w_dh(pvp + i * nk, ndh[i]), cb, dist_c, target,
+                                                    max_cols, tp, sel.data() + sel_used, &e_rest, &level);
+          if (nsel < 0) continue;
+          todo.push_back({i, b, sel_used, level, e_rest});
+          sel_used += words;
         }
-        flush();
         if (todo.empty()) continue;
+        if (refine.by_level) order_refine_rows(todo);
+        UnitSets sets(todo, sel.data(), D);
+        const std::vector<size_t> cut = refine_groups(todo, sets, refine.by_level);
+        std::vector<Group> groups;
+        int64_t used = 0, lg_used = 0;
+        for (size_t q = 0; q + 1 < cut.size(); ++q) {
+          const size_t u = cut[q], e = cut[q + 1];
+          Group g{used, sets.write_union(u, e, colp + used), lg_used, static_cast<int64_t>(u),
+                  static_cast<int>(e - u)};
+          const float* hs[kGroupMax];
+          float* outs[kGroupMax];
+          for (int r = 0; r < g.nr; ++r) {
+            hs[r] = hqp + todo[u + r].i * K;
+            outs[r] = lgp + lg_used + r * g.n;
+          }
+          bound->refine_logits(hs, g.nr, colp + used, g.n, outs);
+          used += g.n;
+          lg_used += g.nr * g.n;
+          refined_units += g.nr * g.n;
+          groups.push_back(g);
+        }
         if (lg_used > 0) {  // refine_select: sigmoid last layers only; the own sigmoid (bounds.h, part 5)
           if (fused) sigmoid_fp32(lgp, lgp, lg_used);
           else bb.lg.narrow(0, 0, lg_used).sigmoid_();
         }
-        for (size_t u = 0; u < todo.size(); ++u) {
-          const Todo& t = todo[u];
-          const Group& g = groups[t.group];
-          const int64_t r = rest[c0 + t.i], b = blk.p0 + r / ns;
-          const int64_t slot = static_cast<int64_t>(u) - g.first;
-          dec[c0 + t.i] = bound->refine_decide(yp + t.i * P, cen + b * D, colp + g.col_off, g.n,
-                                               lgp + g.lg_off + slot * g.n, nh[r], t.e_rest,
-                                               static_cast<double>(r2p[b]));
-        }
+        for (const Group& g : groups)
+          for (int slot = 0; slot < g.nr; ++slot) {
+            const RefineRow& t = todo[g.first + slot];
+            const int64_t r = rest[c0 + t.i];
+            double E = 0;
+            dec[c0 + t.i] = bound->refine_decide(yp + t.i * P, cen + t.b * D, colp + g.col_off, g.n,
+                                                 lgp + g.lg_off + slot * g.n, nh[r], t.e_rest,
+                                                 static_cast<double>(r2p[t.b]), &E);
+            if (refine.audit) audit.check(hq.narrow(0, t.i, 1), w, yp + t.i * P, D, E);
+          }
         refined_rows += static_cast<int64_t>(todo.size());
       }
     });
@@ -776,6 +923,7 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
     fprintf(stderr, "robbench bf16 band: rows %lld refined %lld rechecked %lld units %lld\n",
             static_cast<long long>(bf16_rows), static_cast<long long>(refined_rows.load()),
             static_cast<long long>(rechecked), static_cast<long long>(refined_units.load()));
+  if (refine.audit && std::getenv("ROBBENCH_BAND_STATS") != nullptr) audit.print();
   if (exit_rows > 0) exit_remember(w.wts.back(), static_cast<double>(exit_columns) / (exit_rows * D));
   if (std::getenv("ROBBENCH_EXIT_STATS") != nullptr && exit_rows > 0)  // benchmarks/levers.py reads this
     fprintf(stderr, "robbench early exit: rows %lld columns %lld of %lld rechecked %lld\n",
