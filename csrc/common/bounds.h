@@ -96,8 +96,8 @@
 //    and ||δW h|| by ||δW||_2 ||h||. For any fp32 vector h_c (we use the point's reference hidden vector of
 //    part 1; the samples of one point lie close to it: ||h - h_c|| ~ 0.06 ||h|| at β = 0.1), exactly
 //       δW h = δW h_c + δW (h - h_c),
-//    so with c_j >= |(δW h_c)_j| (once per point: c_j = |fl(δW_j . h_c)| + g_K ||δW_j|| ||h_c||, an fp32 dot
-//    product in any order of the exact fp32 numbers δW_jk = W_jk - Ŵ_jk (≤ 16 significant bits), inflated by
+//    so with c_j >= |(δW h_c)_j| (once per call: c_j = |fl(δW_j . h_c)| + g_K ||δW_j|| ||h_c||, an fp32 dot
+//    product in any order (one fp32 GEMM for the call's points) of the exact fp32 numbers δW_jk = W_jk - Ŵ_jk (≤ 16 significant bits), inflated by
 //    1 + 1e-5) and d >= ||h - h_c|| (fp32 sum of squares of fp32 differences: norm_up as in part 2):
 //       |(δW h)_j| <= min(||δW_j|| ||h||, c_j + ||δW_j|| d)                                   (per element, L_lo)
 //       ||t∘(δW h)||_{L_hi} <= ||t∘c||_{L_hi} + max_{L_hi} t ||δW||_2 d                       (L_hi)
@@ -208,13 +208,13 @@ struct LastLayerBound {
                          double norm_hb, double norm_dh, double r2, double norm_wdh = -1.0,
                          double* dist_out = nullptr) const;
 
-  // Part 4, reference hidden vector h_c (K,) of a point: c (D,) with c_j >= |(δW h_c)_j|.
-  void refine_center(const float* hc, float* c) const;
+  // Part 4, the points' reference hidden vectors hc (B, K) contiguous fp32: c (B, D) with c_bj >= |(δW h_c,b)_j|.
+  at::Tensor refine_centers(const at::Tensor& hc) const;
   // Part 4, step 1 (sigmoid only): slope bounds t (D,) of one sample's bf16 outputs, the units H to
   // recompute in fp32 so that the bound on the rest, written to *e_rest, is <= target, as a bitset (unit j:
   // bit j % 64 of bits[j / 64], ceil(D / 64) words); returns |H|, or -1 when no split meets the target or
   // |H| > max_cols.
-  // c (refine_center of the sample's point, or nullptr) and dist_c >= ||h - h_c|| tighten the bound on the
+  // c (refine_centers' row of the sample's point, or nullptr) and dist_c >= ||h - h_c|| tighten the bound on the
   // rest; *level (optional) receives the slope-bound bucket of H (H = {t_j > level's threshold}).
   int64_t refine_select(const at::BFloat16* s, const float* a, const float* y, double norm_h, double norm_hb,
                         double norm_dh, double norm_wdh, const float* c, double dist_c, double target,

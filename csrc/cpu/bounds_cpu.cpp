@@ -647,18 +647,19 @@ void sigmoid_fp32(const float* x, float* y, int64_t n) {
   for (; i < n; ++i) y[i] = sigmoid_scalar(x[i]);
 }
 
-void LastLayerBound::refine_center(const float* hc, float* c) const {
-  // c_j = (|fl(δW_j . h_c)| + g_K ||δW_j|| ||h_c||) (1 + 1e-5): any-order fp32 dot products (bounds.h part 4)
-  std::vector<int32_t> all(D);
-  for (int64_t j = 0; j < D; ++j) all[j] = static_cast<int32_t>(j);
-  const std::vector<float> zero(D, 0.f);
-  const float* W = dw_rows.data_ptr<float>();
-  if (has_avx512()) dots_avx512<1>(W, K, &hc, all.data(), D, zero.data(), &c);
-  else dots_scalar(W, K, hc, all.data(), D, zero.data(), c);
-  float s2, unused;
-  sq_norms(hc, nullptr, K, &s2, &unused);
-  const float slack = static_cast<float>(gK * norm_up(s2) * (1 + 1e-6));
-  for (int64_t j = 0; j < D; ++j) c[j] = (std::fabs(c[j]) + rdW[j] * slack) * 1.00001f;
+at::Tensor LastLayerBound::refine_centers(const at::Tensor& hc) const {
+  // c_bj = (|fl(δW_j . h_c,b)| + g_K ||δW_j|| ||h_c,b||) (1 + 1e-5): fp32 products summed in any order (one
+  // fp32 GEMM; bounds.h part 4)
+  at::Tensor c = at::mm(hc, dw_rows.t()).contiguous();  // (B, D)
+  float* cp = c.data_ptr<float>();
+  const float* hp = hc.data_ptr<float>();
+  for (int64_t p = 0; p < hc.size(0); ++p) {
+    float s2, unused;
+    sq_norms(hp + p * K, nullptr, K, &s2, &unused);
+    const float slack = static_cast<float>(gK * norm_up(s2) * (1 + 1e-6));
+    for (int64_t j = 0; j < D; ++j) cp[p * D + j] = (std::fabs(cp[p * D + j]) + rdW[j] * slack) * 1.00001f;
+  }
+  return c;
 }
 
 int64_t LastLayerBound::refine_select(const at::BFloat16* s, const float* a, const float* y, double norm_h,

@@ -588,24 +588,23 @@ std::vector<size_t> refine_groups(const std::vector<RefineRow>& rows, UnitSets& 
   return cut;
 }
 
-// Per point of a call: c_b (D,) >= |δW h_c,b| (LastLayerBound::refine_center), computed on the point's first
+// The call's c (B, D): c_b >= |δW h_c,b| (LastLayerBound::refine_centers), computed on the call's first
 // refined row, once (call_once: chunks of one call run on several threads).
 struct RefineCenters {
   const LastLayerBound* bound = nullptr;
-  const float* hc = nullptr;  // (B, K), or nullptr: no reference hidden vectors
-  std::vector<float> c;
-  std::unique_ptr<std::once_flag[]> once;
-  RefineCenters(const LastLayerBound* b, const at::Tensor& h) : bound(b) {
-    if (b == nullptr || !h.defined() || h.size(0) == 0) return;
+  at::Tensor h;               // (B, K) contiguous, or undefined: no reference hidden vectors
+  const float* hc = nullptr;  // h's data
+  at::Tensor c;
+  std::once_flag once;
+  RefineCenters(const LastLayerBound* b, const at::Tensor& hcs) : bound(b) {
+    if (b == nullptr || !hcs.defined() || hcs.size(0) == 0) return;
+    h = hcs.contiguous();
     hc = h.data_ptr<float>();
-    c.resize(h.size(0) * b->D);
-    once.reset(new std::once_flag[h.size(0)]);
   }
   const float* get(int64_t p) {
     if (hc == nullptr) return nullptr;
-    float* cp = c.data() + p * bound->D;
-    std::call_once(once[p], [&] { bound->refine_center(hc + p * bound->K, cp); });
-    return cp;
+    std::call_once(once, [&] { c = bound->refine_centers(h); });
+    return c.data_ptr<float>() + p * bound->D;
   }
 };
 }  // namespace
