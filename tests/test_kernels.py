@@ -84,9 +84,11 @@ def test_ops_name_the_bad_argument(bad, message):
 
 
 def test_normals_bit_exact_with_python():
+    """3003 rows: the op's eight-row AVX-512 loop and its scalar tail (3003 = 8 * 375 + 3; the op splits
+    rows into chunks of 256), odd and even k."""
     g = torch.Generator().manual_seed(0)
-    ka, kb, j = (torch.randint(0, 2 ** 32, (3000,), generator=g) for _ in range(3))
-    for k in (1, 2, 5, 10):
+    ka, kb, j = (torch.randint(0, 2 ** 32, (3003,), generator=g) for _ in range(3))
+    for k in (1, 2, 5, 10, 11):
         assert torch.equal(kernels.normals(ka, kb, j, k), rng.normals(ka, kb, j, k))
 
 
@@ -694,6 +696,38 @@ def test_refinement_bound_holds_on_adversarially_rounded_weights(monkeypatch, ca
             units[center_on, by_level] = units.get((center_on, by_level), 0) + u
     assert 0.2 < worst <= 1.0
     assert units["1", "1"] < units["0", "1"]
+
+
+@pytest.mark.parametrize("K,nk", [(256, 16), (37, 5), (8, 1)])
+def test_bf16_rows_round_like_torch_and_bound_their_sums(K, nk):
+    """The bf16 pass's row preparation (gather, rounding, norms, δh V in one AVX-512 pass): the rows and ĥ
+    equal torch's gather and bf16 rounding bit for bit (subnormals, halfway cases and NaN included); the
+    fp32 sums are within the any-order bound bounds.h uses, g_n times the float64 sum of |terms| (plus
+    2^-149 per term for the subnormal row's underflow)."""
+    g = torch.Generator().manual_seed(K)
+    h = torch.rand(50, K, generator=g) * torch.logspace(-3, 1, K)
+    h[3, : K // 2] = torch.tensor(1.0 + 2.0 ** -8).expand(K // 2)      # halfway: ties to even
+    h[4, :] = torch.finfo(torch.float32).tiny * torch.rand(K, generator=g)  # subnormal
+    h[5, 0] = float("nan")
+    rows = torch.randint(0, 50, (70,), generator=g)
+    rows[:3] = torch.tensor([3, 4, 5])
+    vt = torch.randn(nk, K, generator=g)
+    hq, hb, sb, sd, pv = torch.ops.robbench.bf16_rows(h, rows, vt)
+    assert torch.equal(hq.view(torch.int32), h[rows].view(torch.int32))
+    ref = h[rows].to(torch.bfloat16).view(torch.int16)
+    ok = ~torch.isnan(h[rows]).any(1)  # NaN rows: a NaN where h has one (its bits are c10's choice)
+    assert torch.equal(hb.view(torch.int16)[ok], ref[ok]) and (hb[:2].float() != h[rows[:2]]).any()
+    assert torch.isnan(hb[2, 0].float()) and torch.equal(hb.view(torch.int16)[2, 1:], ref[2, 1:])
+    x = hb.double()
+    d = h[rows].double() - x
+    gam = lambda n: n * 2.0 ** -24 / (1 - n * 2.0 ** -24)
+    for got, terms, n in ((sb, x * x, K), (sd, d * d, K)):
+        exact = terms.sum(1)
+        assert ((got.double() - exact).abs() <= gam(n) * exact + n * 2.0 ** -149)[ok].all()  # + underflow
+    prods = d[:, :, None] * vt.double().t()[None]                      # (m, K, nk)
+    exact = prods.sum(1)
+    assert ((pv.double() - exact).abs() <= gam(K) * prods.abs().sum(1) + K * 2.0 ** -149)[ok].all()
+    assert (pv[ok] != 0).any() and (sd > 0).sum() > len(rows) // 2  # the checks above are not vacuous
 
 
 def test_last_layer_cache_is_keyed_by_contents():

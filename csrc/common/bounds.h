@@ -62,7 +62,8 @@
 //    singular vectors, stored in fp32 and used as exact numbers), M = Ŵ V and R = Ŵ - M V^T (both
 //    float64), Ŵ δh = M (V^T δh) + R δh exactly, so ||Ŵ δh|| <= sqrt(Σ_l λ_l p_l^2) + ||R||_2 ||δh||, where
 //    λ_l = G_ll + Σ_{m != l} |G_lm| (G = M^T M; p^T G p <= Σ λ_l p_l^2 since 2|p_l p_m| <= p_l^2 + p_m^2) and
-//    |p_l| <= |fl(V_l . δh)| + g_K ||V_l|| ||δh|| (the fp32 GEMM that computes it, any order). λ and
+//    |p_l| <= |fl(V_l . δh)| + g_K ||V_l|| ||δh|| (the fp32 dot product that computes it, in any order and
+//    association, FMA or not: prepare_bf16_rows, bf16_rows.h). λ and
 //    ||R||_2 are inflated by 1e-9 / 1e-6 relative plus 1e-11 ||Ŵ||_F^2 / 1e-12 ||Ŵ||_F (float64 rounding of M, G, R); also
 //    N(δh) <= ||Ŵ||_2 ||δh||. Term sums are fp32 sums of nonnegative terms (inflated as above).
 // 4. Refinement (session 4; sigmoid last layers). A sample the band leaves undecided is mostly undecided
@@ -239,8 +240,8 @@ struct LastLayerBound {
 // The own sigmoid of part 5 element-wise: y = σ~(x) (n,), |σ~(x) - σ(x)| <= 6 v for every float x.
 void sigmoid_fp32(const float* x, float* y, int64_t n);
 
-// Per-row fp32 sums of squares: ||h||^2 and (hc != nullptr) ||h - hc||^2; ||ĥ||^2 and ||h - ĥ||^2.
+// Per-row fp32 sums of squares: ||h||^2 and (hc != nullptr) ||h - hc||^2 (||ĥ||^2 and ||h - ĥ||^2:
+// prepare_bf16_rows, bf16_rows.h).
 void sq_norms(const float* h, const float* hc, int64_t K, float* s2, float* d2);
-void bf16_sq_norms(const float* h, const uint16_t* hb, int64_t K, float* sb, float* sd);
 
 }  // namespace robbench

@@ -503,20 +503,6 @@ void sq_norms(const float* h, const float* hc, int64_t K, float* s2_out, float* 
   *d2_out = d2;
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void bf16_sq_norms(const float* h, const uint16_t* hb, int64_t K, float* sb_out, float* sd_out) {
-  float sb = 0.f, sd = 0.f;
-#pragma omp simd reduction(+ : sb, sd)
-  for (int64_t k = 0; k < K; ++k) {
-    const float x = __builtin_bit_cast(float, static_cast<uint32_t>(hb[k]) << 16);
-    const float d = h[k] - x;  // exact: x is h rounded to 8 significant bits
-    sb += x * x;
-    sd += d * d;
-  }
-  *sb_out = sb;
-  *sd_out = sd;
-}
-
 LastLayerBound LastLayerBound::make(const at::Tensor& wt, const at::Tensor& b, int64_t act, int64_t D) {
   LastLayerBound m;
   m.K = wt.size(0);

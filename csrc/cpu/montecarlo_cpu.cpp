@@ -40,11 +40,12 @@
 #include <c10/util/BFloat16.h>
 
 #include "common/blocks.h"
+#include "common/bf16_rows.h"
 #include "common/bounds.h"
 #include "common/checks.h"
 #include "common/decoder.h"
 #include "common/early_exit.h"
-#include "common/rng.h"
+#include "common/normals_rows.h"
 
 namespace robbench {
 namespace {
@@ -75,16 +76,26 @@ at::Tensor latents(const at::Tensor& mu, const at::Tensor& sigma, const int64_t*
   const int64_t k = mu.size(1), ns = blk.s1 - blk.s0, m = (blk.p1 - blk.p0) * ns;
   ROBBENCH_ASSERT_CONTIGUOUS(mu);
   ROBBENCH_ASSERT_CONTIGUOUS(sigma);
-  at::Tensor z = at::zeros({std::max(m, pad_to), k}, mu.options());
+  at::Tensor z = at::empty({std::max(m, pad_to), k}, mu.options());
   float* zp = z.data_ptr<float>();
+  std::fill(zp + m * k, zp + z.numel(), 0.f);
   const float* mup = mu.data_ptr<float>();
   const float* sgp = sigma.data_ptr<float>();
   at::parallel_for(0, m, 256, [&](int64_t r0, int64_t r1) {
+    // the rows' stream keys and sample indices, then their normals eight rows at a time
+    thread_local std::vector<uint32_t> keys;
+    const int64_t nr = r1 - r0;
+    keys.resize(3 * nr);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t b = blk.p0 + r / ns;
-      const uint32_t j = static_cast<uint32_t>(offset + blk.s0 + r % ns);
+      keys[r - r0] = static_cast<uint32_t>(ka[b]);
+      keys[nr + r - r0] = static_cast<uint32_t>(kb[b]);
+      keys[2 * nr + r - r0] = static_cast<uint32_t>(offset + blk.s0 + r % ns);
+    }
+    normals_rows(keys.data(), keys.data() + nr, keys.data() + 2 * nr, nr, k, zp + r0 * k);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t b = blk.p0 + r / ns;
       float* row = zp + r * k;
-      normals_row(static_cast<uint32_t>(ka[b]), static_cast<uint32_t>(kb[b]), j, k, row);
       for (int64_t i = 0; i < k; ++i) {
         const float scaled = row[i] * sgp[b * k + i];  // eta * sigma, then + mu: as torch does
         row[i] = scaled + mup[b * k + i];
@@ -143,6 +154,7 @@ struct LastLayerEntry {
   uint64_t sig = 0;  // a few sampled values: lookups memcmp only entries that match
   std::shared_ptr<const LastLayerBound> bound;
   at::Tensor wd, bd;  // float64 W^T[:, :D] (K, D) and b[:D] (D,): the screen's off_b
+  at::Tensor vt16;    // (16, K) fp32: the bound's V^T, rows past its k zero (prepare_bf16_rows)
 };
 
 uint64_t layer_signature(const at::Tensor& wt, const at::Tensor& b, int64_t act, int64_t D) {
@@ -199,6 +211,10 @@ std::shared_ptr<const LastLayerEntry> cached_last_layer(const Weights& w, int64_
   made->bound = std::make_shared<const LastLayerBound>(LastLayerBound::make(made->wt, made->b, act, D));
   made->wd = made->wt.narrow(1, 0, D).to(at::kDouble);
   made->bd = made->b.narrow(0, 0, D).to(at::kDouble);
+  const at::Tensor& vk = made->bound->vk;
+  TORCH_CHECK(vk.size(1) <= 16, "prepare_bf16_rows takes at most 16 columns of V, got ", vk.size(1));
+  made->vt16 = at::zeros({16, vk.size(0)}, vk.options());
+  made->vt16.narrow(0, 0, vk.size(1)).copy_(vk.t());
   std::lock_guard<std::mutex> lock(cache.mutex);
   ++cache.misses;
   if (cache.entries.size() >= 16) cache.entries.erase(cache.entries.begin());
@@ -416,12 +432,14 @@ constexpr int64_t kBandRows = 128;
 // page-fault on every touch, ~330 faults per thread and call when they were allocated per call.
 // e, cols, lg: the refinement's slope-bound scratch (one row), recomputed units and their logits.
 struct BandBuffers {
-  at::Tensor hq, hb, dh, pv, s, a, y, e, cols, lg;
+  at::Tensor hq, hb, pv, s, a, y, e, cols, lg;
+  std::vector<float> sq;          // per row: fp32 ||ĥ||^2 (first rows), ||δh||^2 (next rows)
+  std::vector<double> nhb, ndh;   // per row: their norm_up
   static BandBuffers make(int64_t rows, int64_t K, int64_t P, int64_t k, const at::TensorOptions& o) {
-    return {at::empty({rows, K}, o), at::empty({rows, K}, o.dtype(at::kBFloat16)), at::empty({rows, K}, o),
-            at::empty({rows, k}, o), at::empty({rows, P}, o.dtype(at::kBFloat16)), at::empty({rows, P}, o),
-            at::empty({rows, P}, o), at::empty({P}, o), at::empty({(rows + 1) * P}, o.dtype(at::kInt)),
-            at::empty({rows * P}, o)};
+    return {at::empty({rows, K}, o), at::empty({rows, K}, o.dtype(at::kBFloat16)), at::empty({rows, k}, o),
+            at::empty({rows, P}, o.dtype(at::kBFloat16)), at::empty({rows, P}, o), at::empty({rows, P}, o),
+            at::empty({P}, o), at::empty({(rows + 1) * P}, o.dtype(at::kInt)), at::empty({rows * P}, o),
+            std::vector<float>(2 * rows), std::vector<double>(rows), std::vector<double>(rows)};
   }
   static BandBuffers& local(int64_t rows, int64_t K, int64_t P, int64_t k, const at::TensorOptions& o) {
     thread_local BandBuffers b;
@@ -621,10 +639,14 @@ at::Tensor normals_cpu(const at::Tensor& ka, const at::Tensor& kb, const at::Ten
   at::Tensor out = at::empty({n, k}, ka.options().dtype(at::kFloat));
   const int64_t *pa = kac.data_ptr<int64_t>(), *pb = kbc.data_ptr<int64_t>(), *pj = jc.data_ptr<int64_t>();
   float* po = out.data_ptr<float>();
-  at::parallel_for(0, n, 256, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r)
-      normals_row(static_cast<uint32_t>(pa[r]), static_cast<uint32_t>(pb[r]), static_cast<uint32_t>(pj[r]), k,
-                  po + r * k);
+  at::parallel_for(0, n, 256, [&](int64_t r0, int64_t r1) {  // normals_rows: the same numbers as normals_row
+    std::vector<uint32_t> keys(3 * (r1 - r0));
+    for (int64_t r = r0; r < r1; ++r) {
+      keys[r - r0] = static_cast<uint32_t>(pa[r]);
+      keys[(r1 - r0) + r - r0] = static_cast<uint32_t>(pb[r]);
+      keys[2 * (r1 - r0) + r - r0] = static_cast<uint32_t>(pj[r]);
+    }
+    normals_rows(keys.data(), keys.data() + (r1 - r0), keys.data() + 2 * (r1 - r0), r1 - r0, k, po + r0 * k);
   });
   return out;
 }
@@ -787,23 +809,20 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
       for (int64_t ck = k0; ck < k1; ++ck) {
         const int64_t c0 = ck * crows, nc = std::min(crows, q - c0);
         if (nc <= 0) continue;
-        at::Tensor hq = bb.hq.narrow(0, 0, nc), hb = bb.hb.narrow(0, 0, nc), dh = bb.dh.narrow(0, 0, nc);
-        at::index_select_out(hq, h, 0, at::from_blob(rest.data() + c0, {nc}, at::kLong));
-        hb.copy_(hq);  // round to nearest even
-        const float* hqp = hq.data_ptr<float>();
-        const uint16_t* hbp = reinterpret_cast<const uint16_t*>(hb.data_ptr<at::BFloat16>());
-        float* dhp = dh.data_ptr<float>();
-        std::vector<double> nhb(nc), ndh(nc);
-        for (int64_t i = 0; i < nc; ++i) {
-          float sb, sd;
-          bf16_sq_norms(hqp + i * K, hbp + i * K, K, &sb, &sd);
-          nhb[i] = bound->norm_up(sb);
-          ndh[i] = bound->norm_up(sd);
-          for (int64_t k = 0; k < K; ++k)  // δh = h - ĥ, exact in fp32
-            dhp[i * K + k] = hqp[i * K + k] - __builtin_bit_cast(float, static_cast<uint32_t>(hbp[i * K + k]) << 16);
-        }
+        at::Tensor hq = bb.hq.narrow(0, 0, nc), hb = bb.hb.narrow(0, 0, nc);
         at::Tensor pv = bb.pv.narrow(0, 0, nc), sv = bb.s.narrow(0, 0, nc);
-        at::mm_out(pv, dh, bound->vk);       // (nc, k): p = fl(δh V)
+        const float* hqp = hq.data_ptr<float>();
+        double* nhb = bb.nhb.data();
+        double* ndh = bb.ndh.data();
+        // one pass per row: the exact row, ĥ (round to nearest even), fp32 ||ĥ||^2 and ||δh||^2, p = fl(δh V)
+        float* sq = bb.sq.data();
+        prepare_bf16_rows(hp, rest.data() + c0, nc, K, last->vt16.data_ptr<float>(), nk, hq.data_ptr<float>(),
+                          reinterpret_cast<uint16_t*>(hb.data_ptr<at::BFloat16>()), sq, sq + nc,
+                          pv.data_ptr<float>());
+        for (int64_t i = 0; i < nc; ++i) {
+          nhb[i] = bound->norm_up(sq[i]);
+          ndh[i] = bound->norm_up(sq[nc + i]);
+        }
         at::mm_out(sv, hb, bound->wt_bf16);  // (nc, P) bf16
         at::Tensor a = bb.a.narrow(0, 0, nc), y = bb.y.narrow(0, 0, nc);
         const at::BFloat16* sp = sv.data_ptr<at::BFloat16>();
