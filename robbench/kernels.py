@@ -19,7 +19,7 @@ Ops (schemas in ``csrc/cpu/montecarlo_cpu.cpp``):
   distance-threshold-count epilogue for any decoder (generic path);
 - ``robbench::normals(...)``: the counter-based RNG (bit-exact with :mod:`robbench.rng`);
 - ``robbench::last_layer_cache_stats() -> int[]``: [entries, hits, misses] of ``mlp_count``'s per-last-layer
-  cache (the band's SVD constants and the screen's float64 weights, keyed by the weights' contents).
+  cache (the band's SVD constants, keyed by the weights' contents).
 - ``robbench::bf16_rows(Tensor h, Tensor rows, Tensor vt) -> (hq, hb, sb, sd, pv)``: the bf16 pass's per-row
   preparation (gather, bf16 rounding, ||ĥ||², ||δh||², δh V; ``csrc/common/bf16_rows.h``), for tests.
 

@@ -283,6 +283,28 @@ def test_screen_decides_radii_beyond_the_lipschitz_bound():
     assert res.counts.tolist() == [0] * 3 and res.screened == 0
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_screen_at_its_edge_decides_like_the_reference(precision):
+    """Centers 0.1 away from the decoded means (so that off_b = ||g(mu_b) - c_b|| dominates the screen's bound)
+    and radii at quantiles of each point's sample distances: the screen decides samples inside while others
+    lie just outside r; every count equals the torch reference's (with off_b halved, the counts at the 0.5
+    and 0.9 quantiles come out too large)."""
+    model = MLPVAE(scale=0.3)
+    B, n = 4, 300
+    mu, sigma, center = _points(model, B, 5)
+    shift = torch.randn(center.shape, generator=torch.Generator().manual_seed(6))
+    center = (center + 0.1 * shift / shift.norm(dim=1, keepdim=True)).contiguous()
+    d2 = _sq_dists(model, mu, sigma, center, n, 3)[0]
+    screened = 0
+    for q in (0.5, 0.9, 0.99, 1.0):
+        r2 = torch.quantile(d2.double(), q, dim=1).float().contiguous()
+        res = kernels.count_within(model, mu, sigma, center, r2, n, seed=3, stream_ids=torch.arange(B),
+                                   precision=precision, screen=True)
+        assert torch.equal(res.counts, (d2 <= r2[:, None]).sum(1)), q
+        screened += res.screened
+    assert screened > 0
+
+
 def test_gemm_rows_do_not_depend_on_the_other_rows():
     """The recheck and the compacted fp32 last layer rely on MKL giving a row the same fp32 values whatever
     the other rows of a GEMM with >= 64 rows are (checked against the full-block product)."""
