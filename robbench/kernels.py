@@ -198,6 +198,12 @@ def _register_fakes() -> None:
     def _(x, portable=False):
         return torch.empty_like(x)
 
+    @torch.library.register_fake("robbench::bf16_rows")
+    def _(h, rows, vt):
+        m, K = rows.shape[0], h.shape[1]
+        return (h.new_empty((m, K)), h.new_empty((m, K), dtype=torch.bfloat16), h.new_empty((m,)),
+                h.new_empty((m,)), h.new_empty((m, vt.shape[0])))
+
     assert ops.mlp_count is not None
     _register_fakes.done = True
 

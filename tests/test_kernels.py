@@ -109,6 +109,8 @@ def test_opcheck_all_ops():
         (torch.ops.robbench.count_le.default, (torch.rand(3, 20, 70, generator=g), center, r2)),
         (torch.ops.robbench.sigmoid_fp32.default, (torch.randn(37, generator=g) * 20,)),
         (torch.ops.robbench.sigmoid_fp32.default, (torch.randn(5, 3, generator=g), True)),
+        (torch.ops.robbench.bf16_rows.default,
+         (torch.rand(9, 40, generator=g), torch.tensor([3, 0, 8, 3]), torch.randn(5, 40, generator=g))),
     ]
     for op, args in cases:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
