@@ -187,6 +187,30 @@ def test_squared_radius_one_ulp_either_side_of_a_sample(precision, screen, shape
                 assert torch.equal(res.counts, want), (rank, chunk)
 
 
+@pytest.mark.parametrize("precision,screen", MODES)
+def test_squares_that_underflow_do_not_fool_the_bounds(precision, screen):
+    """Outputs y_d = b with b^2 just above half of the smallest subnormal: the reference's squares round up
+    to 2^-149, so its fp32 sum is twice the exact ||y - c||^2. At r2 = 1.5 x the exact sum every sample is
+    outside for the reference; a bound with only relative slack (bounds.h: the absolute term A) called the
+    screen's samples inside."""
+    model = MLPVAE(k=4, hidden=(32,), d=64, final=nn.Identity, seed=1)
+    b = 2.0 ** -75 * (1 + 2.0 ** -22)
+    with torch.no_grad():
+        model.decoder[-2].weight.zero_()
+        model.decoder[-2].bias.fill_(b)
+    B, n = 2, 256
+    mu, sigma, _ = _points(model, B, 3)
+    center = torch.zeros(B, 64)
+    d2, d2_cpp = _sq_dists(model, mu, sigma, center, n, 1)
+    assert torch.equal(d2, d2_cpp)
+    exact = 64 * b * b
+    assert torch.all(d2 > 1.9 * exact)  # the reference's sum, rounded up
+    r2 = torch.full((B,), 1.5 * exact, dtype=torch.float32)
+    res = kernels.count_within(model, mu, sigma, center, r2, n, seed=1, stream_ids=torch.arange(B),
+                               precision=precision, screen=screen)
+    assert res.counts.tolist() == [0, 0]
+
+
 def _f32_bits(x: float) -> int:
     return int(torch.tensor([x], dtype=torch.float32).view(torch.int32).item())
 

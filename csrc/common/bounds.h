@@ -11,9 +11,12 @@
 //     |ã_j - a_j| <= g_{K+1} (Σ_k |W_jk h_k| + |b_j|) <= g_{K+1} (||W_j|| ||h|| + |b_j|)       (Cauchy-Schwarz)
 // y_j = act~(ã_j), where ATen's sigmoid is within a few ulps of σ: |act~(t) - act(t)| <= ev = 16 v
 // (ReLU / identity: ev = 0). The reference's squared distance fl(Σ_j (y_j - c_j)^2) (D squares, D - 1
-// additions of nonnegative terms, any order) lies in [(1 - q) S, (1 + q) S], S = ||y - c||^2, q = g_{D+2}.
-// So fl(d^2) <= r2 is certainly true when (1 + q) U^2 < r2 for an upper bound U >= ||y - c||, and
-// certainly false when (1 - q) L^2 > r2 for a lower bound L <= ||y - c||.
+// additions of nonnegative terms, any order) lies in [(1 - q) S - A, (1 + q) S + A], S = ||y - c||^2,
+// q = g_{D+2}, A = D 2^-149 (a square whose result underflows rounds with an absolute error <= 2^-150;
+// additions of subnormals are exact; A matters only for distances below ~1e-20).
+// So fl(d^2) <= r2 is certainly true when (1 + q) U^2 + A < r2 for an upper bound U >= ||y - c||, and
+// certainly false when (1 - q) L^2 - A > r2 for a lower bound L <= ||y - c|| (classify()). Our own fp32
+// sums of squares get the same absolute term (sq_norm_up, dist_up, dist_down).
 //
 // 1. Lipschitz screen (no final layer at all). For any reference hidden vector h_c (we use the
 //    reference hidden vector of mu_b, the point's own latent mean):
@@ -38,7 +41,9 @@
 //                           + g_{K+1} (||W_j|| ||h|| + |b_j|) + 2^-100.
 //    The row norms of W, Ŵ, δW are float64 computations inflated by 1e-6; the per-sample squared norms
 //    (||h||^2, ||h - h_c||^2, ||ĥ||^2, ||δh||^2) are fp32 sums of K squares in any order, within a
-//    factor 1 + g_{K+2} of the exact value: they are inflated by 1 + 2 g_{K+2} (norm_slack()).
+//    factor 1 + g_{K+2} of the exact value once underflow is accounted for: a square or FMA whose result
+//    is subnormal rounds with an absolute error <= 2^-150 instead (additions of subnormals are exact), so
+//    sum_sq + K 2^-149 is inflated by 1 + 2 g_{K+2} (sq_norm_up(); matters only for ||h|| < ~1e-19).
 //    Through the activation (mean value theorem, ξ between ã_j and a_j): |y_j - ŷ_j| <= e_j =
 //    σ'(ξ) Δ_j + 2 ev, and since |d ln σ'/dt| = |1 - 2σ| <= 1, σ'(ξ) <= σ'(a_j) e^{Δ_j} with
 //    σ'(a_j) = σ(1 - σ) <= ŷ_j (1 - ŷ_j) + 32 v (ŷ_j within ev of σ(a_j)) and e^Δ <= 1 + Δ + Δ^2 for
@@ -158,11 +163,19 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
 namespace robbench {
+
+// Upper bound on sqrt(Σ x_k^2) from its fp32 sum of K squares in any order, FMA or not (part 2):
+// underflowed squares add at most 2^-150 each, then the relative factor 1 + 2 g_{K+2}.
+inline double sq_norm_up(float sum_sq, int64_t K) {
+  const double v = 1.0 / 16777216.0, n = static_cast<double>(K + 2);
+  return std::sqrt((static_cast<double>(sum_sq) + static_cast<double>(K) * 0x1p-149) * (1 + 2 * (n * v / (1.0 - n * v))));
+}
 
 struct LastLayerBound {
   static constexpr double u = 1.0 / 256.0;
@@ -193,7 +206,7 @@ struct LastLayerBound {
 
   static double gamma(double n) { return n * v / (1.0 - n * v); }
   // Upper bound on a norm from an fp32 sum of K squares (any order), see above.
-  double norm_up(float sum_sq) const { return std::sqrt(static_cast<double>(sum_sq) * (1 + 2 * gamma(K + 2))); }
+  double norm_up(float sum_sq) const { return sq_norm_up(sum_sq, K); }
   static LastLayerBound make(const at::Tensor& wt, const at::Tensor& b, int64_t act, int64_t D);
 
   // Screen bound U for one sample: ||h||, ||h - h_c|| (float64), off_b.
@@ -234,10 +247,22 @@ struct LastLayerBound {
                        double norm_h, double e_rest, double r2, double* bound_out = nullptr) const;
 
   // 1 when (1 + q) U^2 < r2 (certainly inside), 0 when (1 - q) L^2 > r2 (certainly outside), else -1.
+  // The absolute term: the reference's squares fl((y_d - c_d)^2) that underflow round with an absolute
+  // error <= 2^-150 each (additions of subnormals are exact), outside q's relative model.
   int8_t classify(double upper, double lower, double r2) const {
-    if ((1 + q) * upper * upper * (1 + 1e-12) < r2) return 1;
-    if ((1 - q) * lower * lower * (1 - 1e-12) > r2) return 0;
+    const double under = static_cast<double>(D) * 0x1p-149;
+    if ((1 + q) * upper * upper * (1 + 1e-12) + under < r2) return 1;
+    if ((1 - q) * lower * lower * (1 - 1e-12) - under > r2) return 0;
     return -1;
+  }
+  // Bounds on sqrt(Σ_d x_d^2) from an fp32 sum `sum` of its D squares (any order, FMA or not): relative
+  // slack sl (2 g_{D+2} + 1e-6, see part 2) and the same absolute underflow term as classify.
+  double dist_up(float sum, double sl) const {
+    return std::sqrt(static_cast<double>(sum) * (1 + sl) + static_cast<double>(D) * 0x1p-149) * (1 + 1e-12);
+  }
+  double dist_down(float sum, double sl) const {
+    return std::sqrt(std::max(0.0, static_cast<double>(sum) * (1 - sl) - static_cast<double>(D) * 0x1p-149)) *
+           (1 - 1e-12);
   }
 };
 

@@ -25,12 +25,13 @@
 // nondecreasing in δ. The tail bound T(δ) = Σ_{j not in H} t_j(δ) is tabulated per point on a geometric
 // grid δ_g = s 2^{g/16} (s = ||h_c|| + 1e-6) and looked up at the smallest grid point >= δ (an upper bound
 // because T is nondecreasing).
-// Decisions after each column block (exact for the reference's F, as F in [(1 - q) S, (1 + q) S]):
-//     outside  when (1 - q) (sqrt(P) (1 - 1e-12) - E)_+^2 (1 - 1e-12) > r2;
-//     inside   when (1 + q) ((sqrt(P) (1 + 1e-12) + E)^2 + T) (1 + 1e-12) < r2;
+// Decisions after each column block (exact for the reference's F, as F in [(1 - q) S - A, (1 + q) S + A],
+// A = D 2^-149 for its squares that underflow, see LastLayerBound::classify):
+//     outside  when (1 - q) (sqrt(P) (1 - 1e-12) - E)_+^2 (1 - 1e-12) - A > r2;
+//     inside   when (1 + q) ((sqrt(P) (1 + 1e-12) + E)^2 + T) (1 + 1e-12) + A < r2;
 // samples undecided after the last block (all columns computed, T = 0) get the reference's own fp32 last
 // layer (the caller's fp32_final_count).
-// Norms of h and h - h_c are fp32 sums of K squares (any order): inflated by 1 + 2 g_{K+2} (norm_up).
+// Norms of h and h - h_c are fp32 sums of K squares (any order): bounded by sq_norm_up (bounds.h).
 // Order: columns by decreasing t_j(δ_typ) (δ_typ = the median δ of the point's first rows), so that both
 // the partial sum and the tail bound move fast; padded columns (>= D) are never computed.
 #pragma once

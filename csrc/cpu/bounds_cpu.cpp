@@ -601,10 +601,9 @@ int8_t band_decision(const LastLayerBound& b, const BandSums& bs, double norm_h,
     E = up(bs.e2);
   }
   E += 1e-30;
-  const double dist = std::sqrt(static_cast<double>(bs.d2));
-  if (dist_out != nullptr) *dist_out = dist;
-  const double hi = dist * std::sqrt(1 + sl) * (1 + 1e-12) + E;
-  const double lo = std::max(0.0, dist * std::sqrt(1 - sl) * (1 - 1e-12) - E);
+  if (dist_out != nullptr) *dist_out = std::sqrt(static_cast<double>(bs.d2));
+  const double hi = b.dist_up(bs.d2, sl) + E;
+  const double lo = std::max(0.0, b.dist_down(bs.d2, sl) - E);
   return b.classify(hi, lo, r2);
 }
 }  // namespace
@@ -725,9 +724,8 @@ int8_t LastLayerBound::refine_decide(float* y, const float* cen, const int32_t* 
   // ||e|| <= sqrt(||e_H||^2 + ||e_L||^2) (disjoint supports), ||e_L|| <= e_rest
   const double E = std::sqrt(static_cast<double>(eh2) * (1 + sl) + e_rest * e_rest) * (1 + 1e-12) + 1e-30;
   if (bound_out != nullptr) *bound_out = E;
-  const double dist = std::sqrt(static_cast<double>(d2));
-  const double hi = dist * std::sqrt(1 + sl) * (1 + 1e-12) + E;
-  const double lo = std::max(0.0, dist * std::sqrt(1 - sl) * (1 - 1e-12) - E);
+  const double hi = dist_up(d2, sl) + E;
+  const double lo = std::max(0.0, dist_down(d2, sl) - E);
   return classify(hi, lo, r2);
 }
 

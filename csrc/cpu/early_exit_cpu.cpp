@@ -160,20 +160,19 @@ std::vector<int64_t> EarlyExit::run(const at::Tensor& h, const std::vector<int64
   const int64_t ns = blk.s1 - blk.s0, n = static_cast<int64_t>(idx.size());
   const float* hp = h.data_ptr<float>();
   const float* hcp = hc_.data_ptr<float>();
-  const double slack = 1 + 2 * gam(static_cast<double>(K_ + 2));
   for (int64_t i0 = 0; i0 < n;) {
     const int64_t p = blk.p0 + idx[i0] / ns;
     int64_t i1 = i0;
     while (i1 < n && blk.p0 + idx[i1] / ns == p) ++i1;
     const int64_t m = i1 - i0;
-    // per row: ||h|| and delta >= ||h - h_c|| (fp32 sums inflated, as norm_up)
+    // per row: ||h|| and delta >= ||h - h_c|| (fp32 sums inflated: sq_norm_up)
     std::vector<double> nh(m), dl(m);
     at::parallel_for(0, m, 64, [&](int64_t a0, int64_t a1) {
       for (int64_t a = a0; a < a1; ++a) {
         float s2, d2;
         sq_norms(hp + idx[i0 + a] * K_, hcp + p * K_, K_, &s2, &d2);
-        nh[a] = std::sqrt(static_cast<double>(s2) * slack);
-        dl[a] = std::sqrt(static_cast<double>(d2) * slack);
+        nh[a] = sq_norm_up(s2, K_);
+        dl[a] = sq_norm_up(d2, K_);
       }
     });
     Point& pt = pts_[p];
@@ -191,6 +190,7 @@ std::vector<int64_t> EarlyExit::run(const at::Tensor& h, const std::vector<int64
     std::iota(act.begin(), act.end(), 0);
     std::vector<double> P(m, 0.0);
     const double lim = static_cast<double>(r2[p]);
+    const double under = static_cast<double>(D_) * 0x1p-149;
     at::Tensor rows_all = at::empty({m}, at::kLong);
     for (int64_t a = 0; a < m; ++a) rows_all.data_ptr<int64_t>()[a] = idx[i0 + a];
     if (!h_buf_[0].defined() || h_buf_[0].numel() < m * K_) {
@@ -229,8 +229,9 @@ std::vector<int64_t> EarlyExit::run(const at::Tensor& h, const std::vector<int64
           const double lo = std::max(0.0, sp * (1 - 1e-12) - E);
           const double hi = sp * (1 + 1e-12) + E;
           const double T = last ? 0.0 : (*tails[a])[c];
-          if ((1 - q_) * lo * lo * (1 - 1e-12) > lim) dec[e] = 0;
-          else if ((1 + q_) * (hi * hi + T) * (1 + 1e-12) < lim) dec[e] = 1;
+          // under: the reference's underflowed squares (classify in bounds.h)
+          if ((1 - q_) * lo * lo * (1 - 1e-12) - under > lim) dec[e] = 0;
+          else if ((1 + q_) * (hi * hi + T) * (1 + 1e-12) + under < lim) dec[e] = 1;
           else dec[e] = -1;
         }
       });
