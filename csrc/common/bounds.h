@@ -134,9 +134,9 @@
 //        once (|δ| <= v), so the error of step k obeys err_k <= |f| err_{k+1} (1 + v) + v M_k, err_7 = 0,
 //        M_k = Σ_{i>=k} |c_i| 2^{k-i} >= |Σ_{i>=k} c_i f^{i-k}| (M_0..M_3 = 1.414, 0.828, 0.271, 0.061):
 //        err_0 <= 1.905 v (evaluated in float64, far from its precision).
-//    (e) E' = scalef(p, -n) = 2^-n p exactly (n <= 47: normal), so |E' - E| <= 2.05 v + 0.74 v + 1e-6 v
-//        <= 2.8 v. E' <= 1 + 2v: for n >= 1, E' <= 2^-1 (2^(1/2) + 2.05 v); for n = 0, f = z >= 0, so
-//        p <= 1 + 2.05 v and p, an fp32 number, is <= 1 + 2v.
+//    (e) E' = 2^-n p exactly (n subtracted from p's exponent field; p in [0.7, 1.5), n <= 47: normal),
+//        so |E' - E| <= 2.05 v + 0.74 v + 1e-6 v <= 2.8 v. E' <= 1 + 2v: for n >= 1, E' <= 2^-1 (2^(1/2) +
+//        2.05 v); for n = 0, f = z >= 0, so p <= 1 + 2.05 v and p, an fp32 number, is <= 1 + 2v.
 //    (f) d = fl(1 + E') in [1, 2] (1 + E' <= 2 + 2v rounds to 2: a tie, to even), |d - (1 + E')| <= 2v.
 //    (g) r ~ 1/d in [1/2, 1] with |r - 1/d| <= 0.57 v: portable code r = fl(1 / d) (<= v/2); AVX-512
 //        r0 = rcp14(d) (|d r0 - 1| = |ε| <= 2^-14), r1 = fl(r0 + r0 ê), ê = fl(1 - d r0) = ε (1 + δ) (FMAs),

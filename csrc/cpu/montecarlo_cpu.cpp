@@ -751,7 +751,7 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
   const RefineConfig refine = RefineConfig::from_env();
   const int64_t max_cols = static_cast<int64_t>(refine.max_share * static_cast<double>(D));
   // The refinement's reference hidden vectors (bounds.h part 4): the screen's h_c, computed here when the
-  // screen is off; each point's c = |δW h_c| on its first refined row.
+  // screen is off; c = |δW h_c| for every point by one GEMM on the call's first refined row.
   if (refine.on && refine.center && use_bf16 && bound != nullptr && bound->act == kActSigmoid && !hc.defined() &&
       B > 0) {
     at::Tensor mpad = mu;
