@@ -211,6 +211,36 @@ def test_squares_that_underflow_do_not_fool_the_bounds(precision, screen):
     assert res.counts.tolist() == [0, 0]
 
 
+@pytest.mark.parametrize("final", [nn.Identity, nn.ReLU])
+def test_band_terms_whose_squares_underflow_still_count(final):
+    """ReLU / identity (ev = 0): the bf16 band's per-unit term f_j = ρ_j (part 3) is ~u |s_j|; with outputs
+    |s_j| ~ 2^-68 it is ~2^-76 and f_j^2 underflows to 0, so the fp32 sum Σ f_j^2 is 0 while ||f|| is
+    sqrt(D) 2^-76. Here every output's bf16 rounding error is ~u |s_j| (x_j = 2^-68 (1 + 2^-8 - 2^-15) rounds
+    down to 2^-68), all in the direction away from c = 0: the reference's distance is ~0.4 % above the
+    band's ŷ's. A band sum without the absolute underflow term (bounds.h: A) called every sample inside."""
+    model = MLPVAE(k=4, hidden=(32,), d=64, final=final, seed=1)
+    with torch.no_grad():
+        model.decoder[0].weight.zero_()
+        model.decoder[0].bias.zero_()
+        model.decoder[0].bias[:2] = 2.0 ** -58  # h = (2^-58, 2^-58, 0, ...) for every sample, bf16-exact
+        model.decoder[-2].weight.zero_()
+        model.decoder[-2].weight[:, 0] = 2.0 ** -10
+        model.decoder[-2].weight[:, 1] = 2.0 ** -10 * (2.0 ** -8 - 2.0 ** -15)  # bf16-exact
+        model.decoder[-2].bias.zero_()
+    B, n = 2, 256
+    mu, sigma, _ = _points(model, B, 3)
+    center = torch.zeros(B, 64)
+    d2, d2_cpp = _sq_dists(model, mu, sigma, center, n, 1)
+    assert torch.equal(d2, d2_cpp)
+    yhat2 = 64 * 2.0 ** -136  # ||ŷ - c||^2 of the bf16 outputs
+    assert torch.all(d2 > 1.007 * yhat2)
+    r2 = torch.full((B,), 1.004 * yhat2, dtype=torch.float32)
+    for precision, screen in MODES:
+        res = kernels.count_within(model, mu, sigma, center, r2, n, seed=1, stream_ids=torch.arange(B),
+                                   precision=precision, screen=screen)
+        assert res.counts.tolist() == [0, 0], (precision, screen)
+
+
 def _f32_bits(x: float) -> int:
     return int(torch.tensor([x], dtype=torch.float32).view(torch.int32).item())
 

@@ -50,7 +50,9 @@
 //    Δ <= 1; capped at 1/4. (ReLU / identity: e_j = Δ_j.)
 //    Then | ||y - c|| - ||ŷ - c|| | <= ||e||, giving U = ||ŷ - c|| + ||e||, L = (||ŷ - c|| - ||e||)_+.
 //    The per-element terms are evaluated in fp32 (<= 10 roundings each: inflated by 1e-5) and summed in
-//    fp32 in any order (D nonnegative terms: relative error < g_D, inflated by 2 g_{D+2} + 1e-6).
+//    fp32 in any order (D nonnegative terms: relative error < g_D, inflated by 2 g_{D+2} + 1e-6), plus the
+//    absolute term A (squares that underflow: without a sigmoid, ev = 0, a term ~u |s_j| of an output
+//    |s_j| < 2^-67 squares below 2^-150 and rounds to 0; dist_up).
 //
 // 3. Tighter bf16 band (session 3). The per-row Cauchy-Schwarz terms ||δW_j|| ||h|| and ||Ŵ_j|| ||δh||
 //    assume δh aligned with every row at once; measured, the band was ~25x the observed error. Write

@@ -592,7 +592,9 @@ namespace {
 int8_t band_decision(const LastLayerBound& b, const BandSums& bs, double norm_h, double norm_dh, double r2,
                      double norm_wdh, double* dist_out) {
   const double sl = 2 * b.q + 1e-6;  // fp32 sums of D nonnegative terms, any order (bounds.h)
-  auto up = [&](float sum) { return std::sqrt(static_cast<double>(sum) * (1 + sl)) * (1 + 1e-12); };
+  // with the absolute underflow term (dist_up): without a sigmoid (ev = 0) the terms f_j = ρ_j can be
+  // ~2^-76 for tiny outputs, their squares round to 0, and Σ f_j^2 = 0 while ||f|| = sqrt(D) 2^-76
+  auto up = [&](float sum) { return b.dist_up(sum, sl); };
   double E;
   if (norm_wdh >= 0) {  // part 3 only (part 2's sum e2 is not accumulated then), τ = 0
     const double mk = static_cast<double>(bs.tmax);
