@@ -776,6 +776,45 @@ def test_refinement_bound_holds_on_adversarially_rounded_weights(monkeypatch, ca
     assert units["1", "1"] < units["0", "1"]
 
 
+@pytest.mark.parametrize("shape", [dict(k=3, hidden=(2,), d=13, scale=5.0, bias=-1.0),
+                                   dict(k=4, hidden=(9,), d=65, scale=5.0, bias=-1.0),
+                                   dict(k=6, hidden=(37,), d=130, scale=4.0, bias=-2.0)])
+def test_refinement_tails_decide_like_the_reference(shape, monkeypatch, capfd):
+    """The refinement's vector loops past their full blocks (review, session 5): D below 16, D % 16 != 0
+    and D % 64 != 0 (refine_buckets_avx512's and select_above_avx512's scalar tails, the last bitset word)
+    and K % 16 != 0 (dots_avx512's masked tail), on adversarially rounded last layers, small chunks (many
+    groups): every count equals the reference's at radii around samples' own distances, and every refined
+    sample's mixed output is within its bound E of an fp32 last layer (ROBBENCH_REFINE_AUDIT)."""
+    monkeypatch.setenv("ROBBENCH_BAND_STATS", "1")
+    monkeypatch.setenv("ROBBENCH_REFINE_AUDIT", "1")
+    model = MLPVAE(seed=1, **shape)
+    with torch.no_grad():  # _adversarial_rounding's last layer: δW = W - bf16(W) > 0 everywhere
+        w = model.decoder[-2].weight
+        wb = w.bfloat16()
+        a = wb.abs()
+        w.copy_(wb.float() + 0.49 * (a.float() - torch.nextafter(a, torch.zeros((), dtype=torch.bfloat16)).float()))
+    B, n = 12, 12
+    g = torch.Generator().manual_seed(2)
+    mu = torch.randn(B, model.latent_dim, generator=g)
+    sigma = 0.02 + 0.3 * torch.rand(B, model.latent_dim, generator=g)
+    center = model.decode(mu).flatten(1).detach()
+    d2, d2_cpp = _sq_dists(model, mu, sigma, center, n, 5)
+    assert torch.equal(d2, d2_cpp)
+    capfd.readouterr()
+    for col in (0, 5):
+        for eps in (1e-4, 1e-3, 3e-3, 1e-2, 3e-2):
+            for sign in (1, -1):
+                r2 = (d2[:, col] * (1 + sign * eps)).contiguous()
+                for screen in (False, True):
+                    res = kernels.count_within(model, mu, sigma, center, r2, n, seed=5, stream_ids=torch.arange(B),
+                                               precision="bf16", screen=screen, chunk_size=7)
+                    assert torch.equal(res.counts, (d2 <= r2[:, None]).sum(1)), (col, eps, sign, screen)
+    err = capfd.readouterr().err
+    _, refined, _, _ = _band_stats(err)
+    rows, bad, _ = _audit(err)
+    assert rows == refined > 0 and bad == 0, (rows, refined, bad)
+
+
 @pytest.mark.parametrize("K,nk", [(256, 16), (37, 5), (8, 1)])
 def test_bf16_rows_round_like_torch_and_bound_their_sums(K, nk):
     """The bf16 pass's row preparation (gather, rounding, norms, δh V in one AVX-512 pass): the rows and ĥ
