@@ -238,13 +238,23 @@ def normals(ka: Tensor, kb: Tensor, j: Tensor, k: int) -> Tensor:
     return torch.ops.robbench.normals(ka, kb, j, k)
 
 
+def fp32_matmul_is_ieee() -> bool:
+    """Whether CPU fp32 matrix products run in fp32 (torch's default). The fused op's bounds
+    (csrc/common/bounds.h) model the reference's last layer as an fp32 GEMM; after
+    ``torch.set_float32_matmul_precision("medium")`` (or ``torch.backends.mkldnn.matmul.fp32_precision =
+    "bf16"``) oneDNN may compute the reference's products in bf16, so :func:`count_within` then decodes with the
+    reference's own calls and only the distance epilogue runs compiled (the same decisions either way)."""
+    return getattr(torch.backends.mkldnn.matmul, "fp32_precision", "none") in ("none", "ieee")
+
+
 def count_within(model: nn.Module, mu: Tensor, sigma: Tensor, center: Tensor, r2: Tensor, n_samples: int, *,
                  seed: int, stream_ids: Tensor, sample_offset: int = 0, backend: str = "cpp",
                  chunk_size: int | None = None, precision: str | None = None,
                  screen: bool = True) -> CountResult:
     """Compiled count (see montecarlo.count_within; here r2: (B,) float32 squared radii).
     MLP decoders run fully fused; any other decoder is decoded by torch and only the distance /
-    threshold / count epilogue runs compiled. ``precision``: "fp32" or "bf16" last layer (default: see
+    threshold / count epilogue runs compiled; so does an MLP decoder while fp32 products are not IEEE fp32
+    (:func:`fp32_matmul_is_ieee`). ``precision``: "fp32" or "bf16" last layer (default: see
     :func:`default_precision`); ``screen``: decide samples certainly inside by a Lipschitz bound before
     the last layer. Every combination gives the same decisions as the fp32 torch reference."""
     if backend == "cuda":
@@ -256,7 +266,7 @@ def count_within(model: nn.Module, mu: Tensor, sigma: Tensor, center: Tensor, r2
     plan = decoder_plan(model, center.shape[1])
     rows = chunk_size or DEFAULT_CHUNK_ROWS
     B = mu.shape[0]
-    if isinstance(plan, MLPPlan):
+    if isinstance(plan, MLPPlan) and fp32_matmul_is_ieee():
         ka, kb = rng.stream_keys(seed, stream_ids)
         counts, stats = torch.ops.robbench.mlp_count(
             mu, sigma, center, r2, ka, kb, n_samples, sample_offset, plan.weights_t, plan.biases, plan.acts,

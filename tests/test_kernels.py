@@ -241,6 +241,28 @@ def test_band_terms_whose_squares_underflow_still_count(final):
         assert res.counts.tolist() == [0, 0], (precision, screen)
 
 
+def test_reduced_precision_fp32_matmul_decodes_with_the_reference_calls():
+    """With torch's fp32 products allowed in bf16 (set_float32_matmul_precision("medium")), the fused op's
+    bounds (an fp32 GEMM model of the reference) do not hold: the compiled count decodes with the reference's
+    own calls (no screen, no bf16 pass) and still matches it at radii one ulp around sample distances."""
+    model = MLPVAE(seed=3, k=6, hidden=(40, 48), d=70, scale=3.0, bias=-2.0)
+    B, n = 4, 200
+    mu, sigma, center = _points(model, B, 7)
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    try:
+        assert not kernels.fp32_matmul_is_ieee()
+        d2, _ = _sq_dists(model, mu, sigma, center, n, 5)
+        for r2 in (d2.sort(1).values[:, n // 2], torch.nextafter(d2.sort(1).values[:, n // 2], torch.zeros(()))):
+            res = kernels.count_within(model, mu, sigma, center, r2.contiguous(), n, seed=5,
+                                       stream_ids=torch.arange(B), precision="bf16", screen=True)
+            assert torch.equal(res.counts, (d2 <= r2[:, None]).sum(1))
+            assert (res.screened, res.bf16_samples, res.precision) == (0, 0, "fp32")
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = before
+    assert kernels.fp32_matmul_is_ieee()
+
+
 def _f32_bits(x: float) -> int:
     return int(torch.tensor([x], dtype=torch.float32).view(torch.int32).item())
 
