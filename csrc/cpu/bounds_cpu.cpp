@@ -139,11 +139,10 @@ inline float act_scalar(float a, int64_t act) {
   return a;
 }
 
+// ReLU or identity, 16 lanes (the sigmoid goes through sigmoid_rows_avx512).
 __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline))
-inline __m512 act_avx512(__m512 a, int64_t act) {
-  if (act == kActSigmoid) return sigmoid_avx512(a);
-  if (act == kActRelu) return _mm512_max_ps(_mm512_setzero_ps(), a);  // NaN: the 2nd operand, NaN
-  return a;
+inline __m512 relu_or_identity_avx512(__m512 a, int64_t act) {
+  return act == kActRelu ? _mm512_max_ps(_mm512_setzero_ps(), a) : a;  // NaN: the 2nd operand, NaN
 }
 
 // Lane accumulators of one band pass: the sums of BandSums, 16 lanes each.
@@ -203,38 +202,8 @@ void band_sums_avx512(const uint16_t* s_bits, const float* a, const float* y, co
   band_acc_finish(acc, s_bits, a, y, cen, j, D, sigmoid, g, out);
 }
 
-// The fused pass over one row: a = fl(s + b) and y = act~(a) (own sigmoid) for the row's units into a, y
-// (L1-resident: 2 x 4 D bytes), then the band sums reading them back. Two loops, not one: the sigmoid's
-// dependency chain (~60 cycles) inside the band loop left the core waiting (measured: no gain over the
-// separate ATen passes); alone, its iterations overlap.
-__attribute__((target("avx512f,avx512bw,avx512vl")))
-void band_epilogue_avx512(const uint16_t* s_bits, const float* bias, int64_t act, float* a, float* y,
-                          const float* cen, int64_t D, bool part2, const BandArgs& g, BandSums* out) {
-  int64_t j = 0;
-  if (act == kActSigmoid) {  // eight vectors at a time (sigmoid_avx512_n)
-    for (; j + 128 <= D; j += 128) {
-      __m512 as[8], ys[8];
-      for (int q = 0; q < 8; ++q) {
-        as[q] = _mm512_add_ps(widen_bf16_avx512(s_bits, j + 16 * q), _mm512_loadu_ps(bias + j + 16 * q));
-        _mm512_storeu_ps(a + j + 16 * q, as[q]);
-      }
-      sigmoid_avx512_n<8>(as, ys);
-      for (int q = 0; q < 8; ++q) _mm512_storeu_ps(y + j + 16 * q, ys[q]);
-    }
-  }
-  for (; j + 16 <= D; j += 16) {
-    const __m512 aj = _mm512_add_ps(widen_bf16_avx512(s_bits, j), _mm512_loadu_ps(bias + j));  // fl(s + b)
-    _mm512_storeu_ps(a + j, aj);
-    _mm512_storeu_ps(y + j, act_avx512(aj, act));
-  }
-  for (; j < D; ++j) {
-    a[j] = __builtin_bit_cast(float, static_cast<uint32_t>(s_bits[j]) << 16) + bias[j];
-    y[j] = act_scalar(a[j], act);
-  }
-  band_sums_avx512(s_bits, a, y, cen, D, act == kActSigmoid, part2, g, out);
-}
-
-// The own sigmoid over x[0..n) in blocks of 128, then 16; returns how many it did (the rest: sigmoid_scalar).
+// The own sigmoid over x[0..n) in blocks of 128 (sigmoid_avx512_n), then 16; returns how many it did (the
+// rest: sigmoid_scalar).
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 int64_t sigmoid_rows_avx512(const float* x, float* y, int64_t n) {
   int64_t i = 0;
@@ -246,6 +215,25 @@ int64_t sigmoid_rows_avx512(const float* x, float* y, int64_t n) {
   }
   for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, sigmoid_avx512(_mm512_loadu_ps(x + i)));
   return i;
+}
+
+// The fused pass over one row: a = fl(s + b) and y = act~(a) (own sigmoid) for the row's units into a, y
+// (L1-resident: 2 x 4 D bytes), then the band sums reading them back. Separate loops, not one: the
+// sigmoid's dependency chain (~60 cycles) inside the band loop left the core waiting (measured: no gain
+// over the separate ATen passes); alone, eight vectors at a time, its iterations overlap.
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+void band_epilogue_avx512(const uint16_t* s_bits, const float* bias, int64_t act, float* a, float* y,
+                          const float* cen, int64_t D, bool part2, const BandArgs& g, BandSums* out) {
+  int64_t j = 0;
+  for (; j + 16 <= D; j += 16)  // fl(s + b), s widened exactly
+    _mm512_storeu_ps(a + j, _mm512_add_ps(widen_bf16_avx512(s_bits, j), _mm512_loadu_ps(bias + j)));
+  for (; j < D; ++j) a[j] = __builtin_bit_cast(float, static_cast<uint32_t>(s_bits[j]) << 16) + bias[j];
+  j = 0;
+  if (act == kActSigmoid) j = sigmoid_rows_avx512(a, y, D);
+  else
+    for (; j + 16 <= D; j += 16) _mm512_storeu_ps(y + j, relu_or_identity_avx512(_mm512_loadu_ps(a + j), act));
+  for (; j < D; ++j) y[j] = act_scalar(a[j], act);
+  band_sums_avx512(s_bits, a, y, cen, D, act == kActSigmoid, part2, g, out);
 }
 
 // AVX-512 loops where the CPU has them; ROBBENCH_NO_AVX512=1 (read once per process) runs the portable
