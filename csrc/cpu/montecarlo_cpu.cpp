@@ -229,11 +229,14 @@ at::Tensor hidden_fp32(const at::Tensor& z, const Weights& w) {
   return h;
 }
 
-// ROBBENCH_FUSED_EPILOGUE=0 turns the fused distance pass off (benchmarks compare both in one process).
-bool fused_epilogue_enabled() {
-  const char* v = std::getenv("ROBBENCH_FUSED_EPILOGUE");
+// A default-on switch of the environment: on unless `name` is set to "0" (A/B switches for benchmarks).
+bool switch_on(const char* name) {
+  const char* v = std::getenv(name);
   return v == nullptr || std::string(v) != "0";
 }
+
+// ROBBENCH_FUSED_EPILOGUE=0 turns the fused distance pass off (benchmarks compare both in one process).
+bool fused_epilogue_enabled() { return switch_on("ROBBENCH_FUSED_EPILOGUE"); }
 
 // The per-sample early exit of the fp32 last layer is opt-in: ROBBENCH_EARLY_EXIT=1 (adaptive) or =force
 // (on where it does not pay; tests). On the margin workload's calls (a few thousand samples, 128-1536 per
@@ -448,10 +451,7 @@ struct BandBuffers {
 
 // The bf16 pass's epilogue fused with the band (LastLayerBound::decide_epilogue, bounds.h part 5) unless
 // ROBBENCH_BAND_FUSED=0 (read per chunk; A/B in benchmarks): then the separate passes below.
-bool band_fused() {
-  const char* v = std::getenv("ROBBENCH_BAND_FUSED");
-  return v == nullptr || std::string(v) != "0";
-}
+bool band_fused() { return switch_on("ROBBENCH_BAND_FUSED"); }
 
 // The unfused epilogue of a chunk: a = fl(s + b) (s widened exactly) and y = act~(a) by ATen's ops.
 void unfused_epilogue(const at::Tensor& sv, at::Tensor& a, at::Tensor& y, const at::Tensor& bias, int64_t act) {
@@ -480,12 +480,9 @@ struct RefineConfig {
   double kappa = 0.9, max_share = 0.6;
   static RefineConfig from_env() {
     RefineConfig c;
-    const char* v = std::getenv("ROBBENCH_BAND_REFINE");
-    c.on = v == nullptr || std::string(v) != "0";
-    const char* ce = std::getenv("ROBBENCH_REFINE_CENTER");
-    c.center = ce == nullptr || std::string(ce) != "0";
-    const char* bl = std::getenv("ROBBENCH_REFINE_BY_LEVEL");
-    c.by_level = bl == nullptr || std::string(bl) != "0";
+    c.on = switch_on("ROBBENCH_BAND_REFINE");
+    c.center = switch_on("ROBBENCH_REFINE_CENTER");
+    c.by_level = switch_on("ROBBENCH_REFINE_BY_LEVEL");
     c.audit = std::getenv("ROBBENCH_REFINE_AUDIT") != nullptr;
     if (const char* k = std::getenv("ROBBENCH_REFINE_KAPPA")) c.kappa = std::atof(k);
     if (const char* k = std::getenv("ROBBENCH_REFINE_SHARE")) c.max_share = std::atof(k);
