@@ -22,6 +22,9 @@ Ops (schemas in ``csrc/cpu/montecarlo_cpu.cpp``):
   cache (the band's SVD constants, keyed by the weights' contents).
 - ``robbench::bf16_rows(Tensor h, Tensor rows, Tensor vt) -> (hq, hb, sb, sd, pv)``: the bf16 pass's per-row
   preparation (gather, bf16 rounding, ||ĥ||², ||δh||², δh V; ``csrc/common/bf16_rows.h``), for tests.
+- ``robbench::bf16_product(Tensor hb, Tensor wt_bf16) -> Tensor``: ĥ Ŵ^T with fp32 output through oneDNN's
+  brgemm ukernel (``csrc/common/bf16_product.h``; raises when brgemm is unusable here or ROBBENCH_BRGEMM=0),
+  with ``bf16_product_self_check`` and ``bf16_product_timing``, for tests and ``benchmarks/bf16_product.py``.
 
 The same build also carries the ``max_damage`` attack's compiled step (``csrc/cpu/attack_cpu.cpp``:
 ``robbench::mlp_attack_step``, ``robbench::project_ball_box``; schemas there, wrapper
@@ -203,6 +206,10 @@ def _register_fakes() -> None:
         m, K = rows.shape[0], h.shape[1]
         return (h.new_empty((m, K)), h.new_empty((m, K), dtype=torch.bfloat16), h.new_empty((m,)),
                 h.new_empty((m,)), h.new_empty((m, vt.shape[0])))
+
+    @torch.library.register_fake("robbench::bf16_product")
+    def _(hb, wt_bf16):
+        return hb.new_empty((hb.shape[0], wt_bf16.shape[1]), dtype=torch.float32)
 
     assert ops.mlp_count is not None
     _register_fakes.done = True
