@@ -143,3 +143,28 @@ def test_opcheck():
     hb, wt = torch.randn(9, 20, generator=g).bfloat16(), torch.randn(20, 7, generator=g).bfloat16()
     product(hb, wt)
     torch.library.opcheck(torch.ops.robbench.bf16_product.default, (hb, wt), test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration")
+def test_unusable_when_onednn_is_disabled():
+    """brgemm refuses to run with torch.backends.mkldnn disabled (ATen checks it on every call): make() hands
+    out no product then, and the op says why."""
+    hb, wt = torch.ones(2, 3, dtype=torch.bfloat16), torch.ones(3, 4, dtype=torch.bfloat16)
+    with torch.backends.mkldnn.flags(enabled=False):
+        with pytest.raises(RuntimeError, match="unusable here: torch.backends.mkldnn is disabled"):
+            torch.ops.robbench.bf16_product(hb, wt)
+
+
+@pytest.mark.parametrize("K", [1, 11, 255])
+def test_odd_k_reads_nothing_beyond_the_row(K):
+    """brgemm gets K itself (not K rounded up to the VNNI pair): it must read no element past column K - 1,
+    which is the next row's first element (here +inf: inf times the zero pad would give NaN) or beyond the
+    last row (here NaN)."""
+    g = torch.Generator().manual_seed(K)
+    wt = torch.randn(K, 40, generator=g).bfloat16()
+    wt[wt == 0] = 1.0
+    buf = torch.full((70, K), float("nan")).bfloat16()
+    buf[:69] = torch.randn(69, K, generator=g).bfloat16()
+    buf[:69, 0] = float("inf")
+    s = product(buf[:69], wt)  # a contiguous view: row 68 is followed by buf's NaN row
+    assert not s.isnan().any() and s.isinf().all()

@@ -33,6 +33,10 @@ class Bf16Product {
   // given) then says which.
   static std::shared_ptr<const Bf16Product> make(const at::Tensor& wt_bf16, std::string* why = nullptr);
 
+  // False while torch.backends.mkldnn is disabled: brgemm then throws (ATen checks the flag on every call),
+  // so a caller holding a product from earlier checks this before run() and falls back to at::mm.
+  static bool usable_now() { return at::globalContext().userEnabledMkldnn(); }
+
   // s (n, ld_s) fp32 = ĥ Ŵ^T for hb (n, K) bf16 bits with row stride K; ld_s >= P. Single-threaded;
   // call it from inside a parallel region, each thread on its own rows and output.
   void run(const uint16_t* hb, int64_t n, float* s, int64_t ld_s) const;
@@ -46,7 +50,7 @@ class Bf16Product {
   int64_t K = 0, P = 0;
 
  private:
-  at::Tensor packed_;  // column blocks of width kCols (the last narrower): ((K+1)/2, w, 2) VNNI pairs each
+  at::Tensor packed_;  // column blocks of width kCols (the last narrower): ((K+1)/2, ld, 2) VNNI pairs each
 };
 
 }  // namespace robbench

@@ -5,8 +5,9 @@
 //   robbench::bf16_product_timing(Tensor hb, Tensor wt_bf16, int repeats) -> float[]
 //
 // cpublas::pack is unsupported without AMX (could_pack(kBFloat16) is false on AVX512-BF16 CPUs), but
-// brgemm accepts a B packed by hand in the VNNI2 layout: for a column block of width w,
-// dst[(k/2) w 2 + 2 j + (k & 1)] = Ŵ^T[k][j], a zero pair partner for odd K. brgemm reads A with any
+// brgemm accepts a B packed by hand in the VNNI2 layout: for a column block of width w and row stride
+// ld = w rounded up to 16, dst[(k/2) ld 2 + 2 j + (k & 1)] = Ŵ^T[k][j], zeros elsewhere (the pair partner
+// of an odd K's last k, the columns beyond w). brgemm reads A with any
 // row stride and handles an odd K itself (it reads no A element beyond column K - 1).
 #include "common/bf16_product.h"
 
@@ -29,17 +30,21 @@ namespace {
 
 namespace cpublas = at::native::cpublas;
 
+// A column block's row stride in B: its width rounded up to 16 (kCols is a multiple of 16), the strides
+// AMX's brgemm accepts (16, 32, 48, 64); any stride works with AVX-512.
+int64_t block_ld(int64_t w) { return (w + 15) / 16 * 16; }
+
 // Ŵ^T (K, P) bf16 -> column blocks of width kCols, VNNI pairs; swap_pairs: a deliberately wrong layout.
 at::Tensor pack_vnni(const at::Tensor& wt, bool swap_pairs) {
   const int64_t K = wt.size(0), P = wt.size(1), K2 = (K + 1) / 2;
-  at::Tensor out = at::zeros({K2 * 2 * P}, wt.options());
+  at::Tensor out = at::zeros({K2 * 2 * block_ld(P)}, wt.options());
   const uint16_t* src = reinterpret_cast<const uint16_t*>(wt.data_ptr<at::BFloat16>());
   uint16_t* dst = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   for (int64_t c0 = 0; c0 < P; c0 += Bf16Product::kCols) {
-    const int64_t w = std::min(Bf16Product::kCols, P - c0);
+    const int64_t w = std::min(Bf16Product::kCols, P - c0), ld = block_ld(w);
     uint16_t* blk = dst + c0 * K2 * 2;
     for (int64_t k = 0; k < K; ++k)
-      for (int64_t j = 0; j < w; ++j) blk[(k / 2) * w * 2 + j * 2 + ((k & 1) ^ int64_t{swap_pairs})] = src[k * P + c0 + j];
+      for (int64_t j = 0; j < w; ++j) blk[(k / 2) * ld * 2 + j * 2 + ((k & 1) ^ int64_t{swap_pairs})] = src[k * P + c0 + j];
   }
   return out;
 }
@@ -93,6 +98,7 @@ std::shared_ptr<const Bf16Product> Bf16Product::make(const at::Tensor& wt_bf16, 
     return std::shared_ptr<const Bf16Product>();
   };
   if (!brgemm_switched_on()) return fail("switched off (ROBBENCH_BRGEMM=0)");
+  if (!usable_now()) return fail("oneDNN's brgemm is unusable here: torch.backends.mkldnn is disabled");
   const at::Tensor wt = wt_bf16.contiguous();
   auto prod = std::make_shared<Bf16Product>();
   prod->K = wt.size(0);
@@ -102,6 +108,8 @@ std::shared_ptr<const Bf16Product> Bf16Product::make(const at::Tensor& wt_bf16, 
     if (!(ratio <= 1.0))
       return fail("oneDNN's brgemm failed the self-check (worst error " + std::to_string(ratio) + " x the bound)");
     prod->packed_ = pack_vnni(wt, false);
+  } catch (const c10::Error& e) {
+    return fail(std::string("oneDNN's brgemm is unusable here: ") + e.what_without_backtrace());
   } catch (const std::exception& e) {
     return fail(std::string("oneDNN's brgemm is unusable here: ") + e.what());
   }
@@ -116,7 +124,7 @@ void Bf16Product::run(const uint16_t* hb, int64_t n, float* s, int64_t ld_s) con
     const int64_t m = std::min(kRows, n - r0);
     for (int64_t c0 = 0; c0 < P; c0 += kCols) {
       const int64_t w = std::min(kCols, P - c0);
-      cpublas::brgemm(m, w, K, K, w, ld_s, false, a + r0 * K, b + c0 * K2 * 2, s + r0 * ld_s + c0, true);
+      cpublas::brgemm(m, w, K, K, block_ld(w), ld_s, false, a + r0 * K, b + c0 * K2 * 2, s + r0 * ld_s + c0, true);
     }
   }
   // As ATen's and inductor's brgemm users do at the end of each thread's work: frees the AMX tile state
