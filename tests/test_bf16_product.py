@@ -42,8 +42,8 @@ def excess(s: torch.Tensor, hb: torch.Tensor, wt: torch.Tensor) -> float:
 
 def adversarial(rows: int, cols: int, seed: int, *, k_dim: int) -> torch.Tensor:
     """bf16 (rows, cols): mixed signs, magnitudes 2^-20..2^21, 1/17 zeros, and along the K dimension
-    (``k_dim``) subnormal bf16 values at k % 29 == 3 for k < 256 (at most 9 per dot product, so flushing
-    them stays below 2^-100 in total)."""
+    (``k_dim``) subnormal bf16 values at k % 29 == 3 for k < 256 (at most 9 in each factor of a dot product,
+    each product below 2^-126 2^21 = 2^-105: flushing all 18 stays below 2^-100)."""
     g = torch.Generator().manual_seed(seed)
     sign = torch.randint(0, 2, (rows, cols), generator=g) * 2.0 - 1.0
     mant = 1 + torch.randint(0, 128, (rows, cols), generator=g) / 128.0

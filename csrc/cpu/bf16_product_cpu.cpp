@@ -7,8 +7,8 @@
 // cpublas::pack is unsupported without AMX (could_pack(kBFloat16) is false on AVX512-BF16 CPUs), but
 // brgemm accepts a B packed by hand in the VNNI2 layout: for a column block of width w and row stride
 // ld = w rounded up to 16, dst[(k/2) ld 2 + 2 j + (k & 1)] = Ŵ^T[k][j], zeros elsewhere (the pair partner
-// of an odd K's last k, the columns beyond w). brgemm reads A with any
-// row stride and handles an odd K itself (it reads no A element beyond column K - 1).
+// of an odd K's last k, the columns beyond w). brgemm reads A with any row stride and handles an odd K
+// itself (it reads no A element beyond column K - 1; tested).
 #include "common/bf16_product.h"
 
 #include <ATen/Parallel.h>
@@ -57,8 +57,9 @@ uint64_t splitmix64(uint64_t x) {
 }
 
 // (rows, cols) bf16 of mixed signs, magnitudes 2^-20..2^21, some zeros; subnormal values (< 2^-126) at
-// column index k where k % period == phase and k < 256: at most 9 per dot product, each product with a
-// normal factor below 2^-126 2^21 = 2^-105, so flushing them all stays below 2^-100 (the bound's term).
+// the K index k where k % period == phase and k < 256: with periods 31 and 37, at most 9 + 7 per dot
+// product, each product below 2^-126 2^21 = 2^-105, so flushing them all stays below 16 2^-105 = 2^-101,
+// within the bound's 2^-100.
 at::Tensor adversarial(int64_t rows, int64_t cols, uint64_t seed, int64_t period, int64_t phase, bool k_is_col) {
   at::Tensor t = at::empty({rows, cols}, at::TensorOptions().dtype(at::kBFloat16));
   uint16_t* p = reinterpret_cast<uint16_t*>(t.data_ptr<at::BFloat16>());
@@ -189,8 +190,9 @@ at::Tensor bf16_product_cpu(const at::Tensor& hb, const at::Tensor& wt_bf16) {
   return s;
 }
 
-// Benchmarks: microseconds per product of the whole hb on the calling thread, [brgemm, at::mm_out with bf16
-// output], timed in alternating rounds of `repeats` products each after one warm-up product of each.
+// Benchmarks: microseconds per product of the whole hb, [brgemm on the calling thread, at::mm_out with bf16
+// output at torch's thread count (benchmarks use 1)], timed in alternating rounds of `repeats` products
+// each after one warm-up product of each.
 std::vector<double> bf16_product_timing_cpu(const at::Tensor& hb, const at::Tensor& wt_bf16, int64_t repeats) {
   TORCH_CHECK(repeats > 0, "repeats must be positive, got ", repeats);
   auto prod = make_or_raise(hb, wt_bf16);
