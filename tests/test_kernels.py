@@ -635,8 +635,8 @@ def _band_stats(err):
     return tuple(tot)
 
 
-@pytest.mark.parametrize("band_fused", ["1", "0"])
-def test_bf16_band_decides_each_sample_like_the_reference_across_its_edges(band_fused, monkeypatch, capfd):
+@pytest.mark.parametrize("band_fused,brgemm", [("1", "1"), ("0", "1"), ("1", "0")])
+def test_bf16_band_decides_each_sample_like_the_reference_across_its_edges(band_fused, brgemm, monkeypatch, capfd):
     """Sample by sample on the trained decoders' shape: one sample per point, r2 at that sample's own fp32
     squared distance x (1 +- eps) for a dense geometric sweep of eps (1e-7 .. 0.56, 4 per decade), so that
     samples fall just inside and just outside the edges of the band and of its refinement (bounds.h
@@ -644,9 +644,12 @@ def test_bf16_band_decides_each_sample_like_the_reference_across_its_edges(band_
     decision equals the reference's; the sweep crosses both edges (some radius leaves part of the band's
     samples undecided; some radius has the refinement decide part of those and leave part); ties and one
     ulp below all went to the fp32 recheck; far radii none. Both epilogues: the fused pass with the own
-    sigmoid (bounds.h part 5, the default) and the separate ATen passes (ROBBENCH_BAND_FUSED=0)."""
+    sigmoid (bounds.h part 5, the default) and the separate ATen passes (ROBBENCH_BAND_FUSED=0); both
+    products: brgemm's fp32 output (bounds.h part 6, the default) and at::mm's bf16 output
+    (ROBBENCH_BRGEMM=0)."""
     monkeypatch.setenv("ROBBENCH_BAND_STATS", "1")
     monkeypatch.setenv("ROBBENCH_BAND_FUSED", band_fused)
+    monkeypatch.setenv("ROBBENCH_BRGEMM", brgemm)
     model = _trained_like(seed=3)
     B = 96
     mu0, sigma0, center0 = _points(model, 1, 7)
@@ -763,6 +766,29 @@ def test_bf16_counts_equal_reference_at_the_median_radius(chunk, monkeypatch, ca
             assert res.bf16_samples > 0 and res.rechecked < res.bf16_samples
             assert (refined > 0) == (refine == "1")
         assert rechecked["1"] < rechecked["0"]
+
+
+def test_fp32_product_output_leaves_fewer_samples_undecided(monkeypatch, capfd):
+    """bounds.h part 6: with brgemm's fp32 output the band has no bf16 output rounding term, so at the median
+    radius it leaves clearly fewer samples to the refinement (and no more to the fp32 recheck) than at::mm's
+    bf16 output (ROBBENCH_BRGEMM=0), with the same counts as the reference (the switch is read per call)."""
+    if not torch.ops.robbench.bf16_product_self_check(256, 784) <= 1.0:
+        pytest.skip("oneDNN's brgemm is unusable on this CPU")
+    monkeypatch.setenv("ROBBENCH_BAND_STATS", "1")
+    model = _trained_like(seed=4)
+    B, n = 5, 400
+    mu, sigma, center, r, ref = _median_radius_case(model, B, n, points_seed=8, radius_seed=2, sample_seed=5)
+    undecided = {}
+    for brgemm in ("1", "0", "1"):
+        monkeypatch.setenv("ROBBENCH_BRGEMM", brgemm)
+        capfd.readouterr()
+        res = kernels.count_within(model, mu, sigma, center, montecarlo.radius_sq(r, B, mu.device), n, seed=5,
+                                   stream_ids=torch.arange(B), precision="bf16", screen=False)
+        rows, refined, rechecked, _ = _band_stats(capfd.readouterr().err)
+        assert torch.equal(res.counts, ref), brgemm
+        assert rows == B * n and undecided.setdefault(brgemm, (refined, rechecked)) == (refined, rechecked)
+    # measured: 218 vs 247 refined (0.88); keeping the u |s_j| term with brgemm's output gives 244 (0.99)
+    assert undecided["1"][0] <= 0.95 * undecided["0"][0] and undecided["1"][1] <= undecided["0"][1], undecided
 
 
 def test_refinement_bound_holds_on_adversarially_rounded_weights(monkeypatch, capfd):

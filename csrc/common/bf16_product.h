@@ -28,10 +28,13 @@ class Bf16Product {
   static constexpr int64_t kRows = 64;
   static constexpr int64_t kCols = 64;
 
-  // wt_bf16: (K, P) bf16 = Ŵ^T (CPU, any strides). nullptr when ROBBENCH_BRGEMM=0, when brgemm throws
-  // (no oneDNN ukernel, CPU without AVX-512, mkldnn disabled) or when the self-check fails; `why` (if
-  // given) then says which.
+  // wt_bf16: (K, P) bf16 = Ŵ^T (CPU, any strides). nullptr when brgemm throws (no oneDNN ukernel, CPU
+  // without AVX-512, mkldnn disabled) or when the self-check fails; `why` (if given) then says which.
+  // Callers keep the product with the layer and check switched_on() and usable_now() per call.
   static std::shared_ptr<const Bf16Product> make(const at::Tensor& wt_bf16, std::string* why = nullptr);
+
+  // False when ROBBENCH_BRGEMM=0 (A/B switch, read per call): the callers then use at::mm's bf16 output.
+  static bool switched_on();
 
   // False while torch.backends.mkldnn is disabled: brgemm then throws (ATen checks the flag on every call),
   // so a caller holding a product from earlier checks this before run() and falls back to at::mm.

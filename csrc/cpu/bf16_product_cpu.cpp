@@ -83,12 +83,12 @@ at::Tensor adversarial(int64_t rows, int64_t cols, uint64_t seed, int64_t period
 // RNE to bf16 and back (self-check fault 2: what an at::mm with bf16 output would return).
 float round_bf16(float x) { return static_cast<float>(c10::BFloat16(x)); }
 
-bool brgemm_switched_on() {
+}  // namespace
+
+bool Bf16Product::switched_on() {
   const char* v = std::getenv("ROBBENCH_BRGEMM");
   return v == nullptr || std::strcmp(v, "0") != 0;
 }
-
-}  // namespace
 
 std::shared_ptr<const Bf16Product> Bf16Product::make(const at::Tensor& wt_bf16, std::string* why) {
   TORCH_CHECK(wt_bf16.defined() && wt_bf16.device().is_cpu() && wt_bf16.scalar_type() == at::kBFloat16 &&
@@ -98,7 +98,6 @@ std::shared_ptr<const Bf16Product> Bf16Product::make(const at::Tensor& wt_bf16, 
     if (why != nullptr) *why = std::move(reason);
     return std::shared_ptr<const Bf16Product>();
   };
-  if (!brgemm_switched_on()) return fail("switched off (ROBBENCH_BRGEMM=0)");
   if (!usable_now()) return fail("oneDNN's brgemm is unusable here: torch.backends.mkldnn is disabled");
   const at::Tensor wt = wt_bf16.contiguous();
   auto prod = std::make_shared<Bf16Product>();
@@ -169,6 +168,7 @@ std::shared_ptr<const Bf16Product> make_or_raise(const at::Tensor& hb, const at:
                   wt_bf16.size(0) == hb.size(1),
               "wt_bf16 must be a (K, P) bfloat16 CPU tensor with K = hb.size(1) = ", hb.size(1), ", got ",
               wt_bf16.scalar_type(), " ", wt_bf16.sizes());
+  TORCH_CHECK(Bf16Product::switched_on(), "bf16_product: switched off (ROBBENCH_BRGEMM=0)");
   std::string why;
   auto prod = Bf16Product::make(wt_bf16, &why);
   TORCH_CHECK(prod != nullptr, "bf16_product: ", why);

@@ -26,13 +26,16 @@ struct BandArgs {
   const float *rW, *rdW, *rWf, *babs;
   float k_dw, k_w, k_w3, k_wf, g_b, ev2;  // k_w: ||δh|| + g_K ||ĥ|| (part 2); k_w3: g_K ||ĥ|| (part 3)
   // the AVX-512 terms (bounds.h, part 5): per-unit c0 and the scalars above times k2,
-  // x_s = (u + v (1 + v)) k2 (the coefficient of |s_j|)
+  // x_s = (u_s + v (1 + v)) k2 (the coefficient of |s_j|)
   const float* c0 = nullptr;
   float x_dw = 0, x_w = 0, x_w3 = 0, x_wf = 0, x_s = 0, x_ev2 = 0;
+  // the relative rounding of the product's output s: u when it was rounded to bf16, 0 when s is the fp32
+  // accumulation itself (bounds.h, part 6)
+  float u_s = static_cast<float>(LastLayerBound::u);
 };
 
 // One sample's per-element band terms (parts 2 and 3), shared by decide and refine_select.
-BandArgs band_args(const LastLayerBound& b, double norm_h, double norm_hb, double norm_dh) {
+BandArgs band_args(const LastLayerBound& b, double s_round, double norm_h, double norm_hb, double norm_dh) {
   const double inf = 1 + 1e-9, pad = 1 + 1e-6, k2 = LastLayerBound::k2;
   const double k_dw = norm_h * inf * pad, k_w = (norm_dh + b.gK * norm_hb) * inf * pad;
   const double k_w3 = b.gK * norm_hb * inf * pad, k_wf = b.gK1 * norm_h * inf * pad;
@@ -44,7 +47,8 @@ BandArgs band_args(const LastLayerBound& b, double norm_h, double norm_hb, doubl
   g.x_w = static_cast<float>(k_w * k2);
   g.x_w3 = static_cast<float>(k_w3 * k2);
   g.x_wf = static_cast<float>(k_wf * k2);
-  g.x_s = static_cast<float>((LastLayerBound::u + LastLayerBound::v * (1 + LastLayerBound::v)) * k2);
+  g.x_s = static_cast<float>((s_round + LastLayerBound::v * (1 + LastLayerBound::v)) * k2);
+  g.u_s = static_cast<float>(s_round);
   g.x_ev2 = static_cast<float>(2 * b.ev * k2);
   return g;
 }
@@ -57,11 +61,10 @@ struct UnitTerms {
 };
 
 template <bool kSig>
-inline UnitTerms unit_terms(const BandArgs& g, int64_t j, const uint16_t* s_bits, const float* a, const float* y) {
-  const float u = 1.0f / 256.0f, v = 1.0f / 16777216.0f;
-  const float sj = __builtin_bit_cast(float, static_cast<uint32_t>(s_bits[j]) << 16);
-  const float abs_s = sj < 0.f ? -sj : sj, abs_a = a[j] < 0.f ? -a[j] : a[j];
-  const float common = g.rWf[j] * g.k_wf + g.babs[j] * g.g_b + u * abs_s + v * abs_a + 1e-30f;
+inline UnitTerms unit_terms(const BandArgs& g, int64_t j, const float* s, const float* a, const float* y) {
+  const float v = 1.0f / 16777216.0f;
+  const float abs_s = s[j] < 0.f ? -s[j] : s[j], abs_a = a[j] < 0.f ? -a[j] : a[j];
+  const float common = g.rWf[j] * g.k_wf + g.babs[j] * g.g_b + g.u_s * abs_s + v * abs_a + 1e-30f;
   const float delta = (g.rdW[j] * g.k_dw + g.rW[j] * g.k_w + common) * 1.00001f;
   const float rho = (g.rW[j] * g.k_w3 + common) * 1.00001f;
   float t = 1.0f;
@@ -77,12 +80,12 @@ inline UnitTerms unit_terms(const BandArgs& g, int64_t j, const uint16_t* s_bits
 }
 
 template <bool kSig>
-inline void band_sums_impl(const uint16_t* s_bits, const float* a, const float* y, const float* cen, int64_t D,
+inline void band_sums_impl(const float* s, const float* a, const float* y, const float* cen, int64_t D,
                            const BandArgs& g, BandSums* out) {
   for (int64_t j = 0; j < D; ++j) {
     const float diff = y[j] - cen[j];
     out->d2 += diff * diff;
-    const UnitTerms u = unit_terms<kSig>(g, j, s_bits, a, y);
+    const UnitTerms u = unit_terms<kSig>(g, j, s, a, y);
     out->e2 += u.e * u.e;
     out->f2 += u.f * u.f;
     out->tmax = std::max(out->tmax, u.t);
@@ -93,13 +96,6 @@ inline void band_sums_impl(const uint16_t* s_bits, const float* a, const float* 
 struct UnitTermsV {
   __m512 delta, rho, t, e, f;
 };
-
-// s_j widened exactly from bf16 (16 lanes at j).
-__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline))
-inline __m512 widen_bf16_avx512(const uint16_t* s_bits, int64_t j) {
-  const __m512i sb = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s_bits + j)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(sb, 16));
-}
 
 // The same bounds for 16 units at j with AVX-512, in fewer operations (bounds.h, part 5): the per-unit
 // constant c0_j >= (g_{K+1} + v (1 + v)) |b_j| precomputed, v |a_j| bounded by v (1 + v) (|s_j| + |b_j|),
@@ -127,9 +123,9 @@ inline UnitTermsV unit_terms_avx512(const BandArgs& g, int64_t j, __m512 sj, __m
 
 // The same from s and y in memory (a is not read: its rounding is bounded through |s_j| and |b_j|).
 __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline))
-inline UnitTermsV unit_terms_avx512(const BandArgs& g, int64_t j, const uint16_t* s_bits, const float* /*a*/,
-                                    __m512 yj, bool sigmoid) {
-  return unit_terms_avx512(g, j, widen_bf16_avx512(s_bits, j), yj, sigmoid);
+inline UnitTermsV unit_terms_avx512(const BandArgs& g, int64_t j, const float* s, const float* /*a*/, __m512 yj,
+                                    bool sigmoid) {
+  return unit_terms_avx512(g, j, _mm512_loadu_ps(s + j), yj, sigmoid);
 }
 
 // act~ of the fused pass: the own sigmoid; ReLU and identity exact (NaN stays NaN, as ATen's).
@@ -169,7 +165,7 @@ inline void band_acc_add(BandAccV& acc, int64_t j, __m512 yj, const float* cen, 
 // The lane sums into out, then the units j0..D-1 (fewer than 16) by the scalar loop.
 // Lane sums are added in a different order than the scalar loop: the analysis covers any order.
 __attribute__((target("avx512f,avx512bw,avx512vl")))
-void band_acc_finish(const BandAccV& acc, const uint16_t* s_bits, const float* a, const float* y, const float* cen,
+void band_acc_finish(const BandAccV& acc, const float* s, const float* a, const float* y, const float* cen,
                      int64_t j0, int64_t D, bool sigmoid, const BandArgs& g, BandSums* out) {
   out->d2 = _mm512_reduce_add_ps(acc.d2);
   out->e2 = _mm512_reduce_add_ps(acc.e2);
@@ -179,8 +175,9 @@ void band_acc_finish(const BandAccV& acc, const uint16_t* s_bits, const float* a
   const int64_t j = j0;
   BandSums tail;
   BandArgs gt{g.rW + j, g.rdW + j, g.rWf + j, g.babs + j, g.k_dw, g.k_w, g.k_w3, g.k_wf, g.g_b, g.ev2};
-  if (sigmoid) band_sums_impl<true>(s_bits + j, a + j, y + j, cen + j, D - j, gt, &tail);
-  else band_sums_impl<false>(s_bits + j, a + j, y + j, cen + j, D - j, gt, &tail);
+  gt.u_s = g.u_s;
+  if (sigmoid) band_sums_impl<true>(s + j, a + j, y + j, cen + j, D - j, gt, &tail);
+  else band_sums_impl<false>(s + j, a + j, y + j, cen + j, D - j, gt, &tail);
   out->d2 += tail.d2;
   out->e2 += tail.e2;
   out->f2 += tail.f2;
@@ -190,16 +187,16 @@ void band_acc_finish(const BandAccV& acc, const uint16_t* s_bits, const float* a
 // The band sums from a and y in memory, with AVX-512 intrinsics (GCC does not if-convert the sigmoid
 // variant of the scalar loop).
 __attribute__((target("avx512f,avx512bw,avx512vl")))
-void band_sums_avx512(const uint16_t* s_bits, const float* a, const float* y, const float* cen, int64_t D,
+void band_sums_avx512(const float* s, const float* a, const float* y, const float* cen, int64_t D,
                       bool sigmoid, bool part2, const BandArgs& g, BandSums* out) {
   BandAccV acc;
   band_acc_init(acc);
   int64_t j = 0;
   for (; j + 16 <= D; j += 16) {
     const __m512 yj = _mm512_loadu_ps(y + j);
-    band_acc_add(acc, j, yj, cen, unit_terms_avx512(g, j, s_bits, a, yj, sigmoid), part2);
+    band_acc_add(acc, j, yj, cen, unit_terms_avx512(g, j, s, a, yj, sigmoid), part2);
   }
-  band_acc_finish(acc, s_bits, a, y, cen, j, D, sigmoid, g, out);
+  band_acc_finish(acc, s, a, y, cen, j, D, sigmoid, g, out);
 }
 
 // The own sigmoid over x[0..n) in blocks of 128 (sigmoid_avx512_n), then 16; returns how many it did (the
@@ -222,18 +219,18 @@ int64_t sigmoid_rows_avx512(const float* x, float* y, int64_t n) {
 // sigmoid's dependency chain (~60 cycles) inside the band loop left the core waiting (measured: no gain
 // over the separate ATen passes); alone, eight vectors at a time, its iterations overlap.
 __attribute__((target("avx512f,avx512bw,avx512vl")))
-void band_epilogue_avx512(const uint16_t* s_bits, const float* bias, int64_t act, float* a, float* y,
+void band_epilogue_avx512(const float* s, const float* bias, int64_t act, float* a, float* y,
                           const float* cen, int64_t D, bool part2, const BandArgs& g, BandSums* out) {
   int64_t j = 0;
-  for (; j + 16 <= D; j += 16)  // fl(s + b), s widened exactly
-    _mm512_storeu_ps(a + j, _mm512_add_ps(widen_bf16_avx512(s_bits, j), _mm512_loadu_ps(bias + j)));
-  for (; j < D; ++j) a[j] = __builtin_bit_cast(float, static_cast<uint32_t>(s_bits[j]) << 16) + bias[j];
+  for (; j + 16 <= D; j += 16)  // fl(s + b)
+    _mm512_storeu_ps(a + j, _mm512_add_ps(_mm512_loadu_ps(s + j), _mm512_loadu_ps(bias + j)));
+  for (; j < D; ++j) a[j] = s[j] + bias[j];
   j = 0;
   if (act == kActSigmoid) j = sigmoid_rows_avx512(a, y, D);
   else
     for (; j + 16 <= D; j += 16) _mm512_storeu_ps(y + j, relu_or_identity_avx512(_mm512_loadu_ps(a + j), act));
   for (; j < D; ++j) y[j] = act_scalar(a[j], act);
-  band_sums_avx512(s_bits, a, y, cen, D, act == kActSigmoid, part2, g, out);
+  band_sums_avx512(s, a, y, cen, D, act == kActSigmoid, part2, g, out);
 }
 
 // AVX-512 loops where the CPU has them; ROBBENCH_NO_AVX512=1 (read once per process) runs the portable
@@ -244,24 +241,24 @@ bool has_avx512() {
   return avx512;
 }
 
-void band_sums(const uint16_t* s_bits, const float* a, const float* y, const float* cen, int64_t D, bool sigmoid,
+void band_sums(const float* s, const float* a, const float* y, const float* cen, int64_t D, bool sigmoid,
                bool part2, const BandArgs& g, BandSums* out) {
-  if (has_avx512()) band_sums_avx512(s_bits, a, y, cen, D, sigmoid, part2, g, out);
-  else if (sigmoid) band_sums_impl<true>(s_bits, a, y, cen, D, g, out);
-  else band_sums_impl<false>(s_bits, a, y, cen, D, g, out);
+  if (has_avx512()) band_sums_avx512(s, a, y, cen, D, sigmoid, part2, g, out);
+  else if (sigmoid) band_sums_impl<true>(s, a, y, cen, D, g, out);
+  else band_sums_impl<false>(s, a, y, cen, D, g, out);
 }
 
 // The fused pass where AVX-512 runs; else the portable loops (a, y with the scalar own sigmoid, then the
 // scalar band sums).
-void band_epilogue(const uint16_t* s_bits, const float* bias, int64_t act, float* a, float* y, const float* cen,
+void band_epilogue(const float* s, const float* bias, int64_t act, float* a, float* y, const float* cen,
                    int64_t D, bool part2, const BandArgs& g, BandSums* out) {
-  if (has_avx512()) return band_epilogue_avx512(s_bits, bias, act, a, y, cen, D, part2, g, out);
+  if (has_avx512()) return band_epilogue_avx512(s, bias, act, a, y, cen, D, part2, g, out);
   for (int64_t j = 0; j < D; ++j) {
-    a[j] = __builtin_bit_cast(float, static_cast<uint32_t>(s_bits[j]) << 16) + bias[j];
+    a[j] = s[j] + bias[j];
     y[j] = act_scalar(a[j], act);
   }
-  if (act == kActSigmoid) band_sums_impl<true>(s_bits, a, y, cen, D, g, out);
-  else band_sums_impl<false>(s_bits, a, y, cen, D, g, out);
+  if (act == kActSigmoid) band_sums_impl<true>(s, a, y, cen, D, g, out);
+  else band_sums_impl<false>(s, a, y, cen, D, g, out);
 }
 
 // Part 4 (refinement): units are split by their slope bound t at the thresholds kTauR: per threshold b,
@@ -292,10 +289,10 @@ struct RefineArgs {
 
 // t_j into t (D,) and the bucket sums of e~_j^2 and ((t∘(ρ + c) + 2 ev)_j)^2 (bounds.h part 4), with the
 // expressions (and roundings) of unit_terms for t and ρ.
-void refine_buckets_impl(const uint16_t* s_bits, const float* a, const float* y, int64_t D, const BandArgs& g,
+void refine_buckets_impl(const float* s, const float* a, const float* y, int64_t D, const BandArgs& g,
                          const RefineArgs& ra, float* tout, Buckets* out) {
   for (int64_t j = 0; j < D; ++j) {
-    const UnitTerms u = unit_terms<true>(g, j, s_bits, a, y);
+    const UnitTerms u = unit_terms<true>(g, j, s, a, y);
     const float t = u.t;
     float e = u.e, f = u.f;
     if (ra.c != nullptr) {
@@ -313,7 +310,7 @@ void refine_buckets_impl(const uint16_t* s_bits, const float* a, const float* y,
 }
 
 __attribute__((target("avx512f,avx512bw,avx512vl")))
-void refine_buckets_avx512(const uint16_t* s_bits, const float* a, const float* y, int64_t D, const BandArgs& g,
+void refine_buckets_avx512(const float* s, const float* a, const float* y, int64_t D, const BandArgs& g,
                            const RefineArgs& ra, float* tout, Buckets* out) {
   __m512 E[kBuckets], F[kBuckets];
   for (int b = 0; b < kBuckets; ++b) E[b] = F[b] = _mm512_setzero_ps();
@@ -321,7 +318,7 @@ void refine_buckets_avx512(const uint16_t* s_bits, const float* a, const float* 
   const __m512 kdw = _mm512_set1_ps(g.k_dw), kd = _mm512_set1_ps(ra.k_d), kdh = _mm512_set1_ps(ra.k_dh);
   int64_t j = 0;
   for (; j + 16 <= D; j += 16) {
-    const UnitTermsV u = unit_terms_avx512(g, j, s_bits, a, _mm512_loadu_ps(y + j), true);
+    const UnitTermsV u = unit_terms_avx512(g, j, s, a, _mm512_loadu_ps(y + j), true);
     const __m512 t = u.t;
     __m512 e = u.e, f = u.f;
     if (ra.c != nullptr) {
@@ -348,8 +345,9 @@ void refine_buckets_avx512(const uint16_t* s_bits, const float* a, const float* 
   }
   if (j < D) {
     BandArgs gt{g.rW + j, g.rdW + j, g.rWf + j, g.babs + j, g.k_dw, g.k_w, g.k_w3, g.k_wf, g.g_b, g.ev2};
+    gt.u_s = g.u_s;
     RefineArgs rt{ra.c != nullptr ? ra.c + j : nullptr, ra.k_d, ra.k_dh};
-    refine_buckets_impl(s_bits + j, a + j, y + j, D - j, gt, rt, tout + j, out);
+    refine_buckets_impl(s + j, a + j, y + j, D - j, gt, rt, tout + j, out);
   }
 }
 
@@ -598,21 +596,21 @@ int8_t band_decision(const LastLayerBound& b, const BandSums& bs, double norm_h,
 }
 }  // namespace
 
-int8_t LastLayerBound::decide(const at::BFloat16* s, const float* a, const float* y, const float* cen,
+int8_t LastLayerBound::decide(const float* s, double s_round, const float* a, const float* y, const float* cen,
                               double norm_h, double norm_hb, double norm_dh, double r2, double norm_wdh,
                               double* dist_out) const {
-  const BandArgs g = band_args(*this, norm_h, norm_hb, norm_dh);
+  const BandArgs g = band_args(*this, s_round, norm_h, norm_hb, norm_dh);
   BandSums bs;
-  band_sums(reinterpret_cast<const uint16_t*>(s), a, y, cen, D, act == kActSigmoid, norm_wdh < 0, g, &bs);
+  band_sums(s, a, y, cen, D, act == kActSigmoid, norm_wdh < 0, g, &bs);
   return band_decision(*this, bs, norm_h, norm_dh, r2, norm_wdh, dist_out);
 }
 
-int8_t LastLayerBound::decide_epilogue(const at::BFloat16* s, float* a, float* y, const float* cen, double norm_h,
-                                       double norm_hb, double norm_dh, double r2, double norm_wdh,
+int8_t LastLayerBound::decide_epilogue(const float* s, double s_round, float* a, float* y, const float* cen,
+                                       double norm_h, double norm_hb, double norm_dh, double r2, double norm_wdh,
                                        double* dist_out) const {
-  const BandArgs g = band_args(*this, norm_h, norm_hb, norm_dh);
+  const BandArgs g = band_args(*this, s_round, norm_h, norm_hb, norm_dh);
   BandSums bs;
-  band_epilogue(reinterpret_cast<const uint16_t*>(s), bias.data(), act, a, y, cen, D, norm_wdh < 0, g, &bs);
+  band_epilogue(s, bias.data(), act, a, y, cen, D, norm_wdh < 0, g, &bs);
   return band_decision(*this, bs, norm_h, norm_dh, r2, norm_wdh, dist_out);
 }
 
@@ -637,22 +635,21 @@ at::Tensor LastLayerBound::refine_centers(const at::Tensor& hc) const {
   return c;
 }
 
-int64_t LastLayerBound::refine_select(const at::BFloat16* s, const float* a, const float* y, double norm_h,
+int64_t LastLayerBound::refine_select(const float* s, double s_round, const float* a, const float* y, double norm_h,
                                       double norm_hb, double norm_dh, double norm_wdh, const float* c,
                                       double dist_c, double target, int64_t max_cols, float* t, uint64_t* bits,
                                       double* e_rest, int* level) const {
   // a tie (or NaN) is for the reference; ReLU / identity have t = 1 everywhere: nothing to single out
   if (!(target > 0) || act != kActSigmoid || norm_wdh < 0) return -1;
-  const BandArgs g = band_args(*this, norm_h, norm_hb, norm_dh);  // the per-element terms of decide
+  const BandArgs g = band_args(*this, s_round, norm_h, norm_hb, norm_dh);  // the per-element terms of decide
   // the reference hidden vector only where it is closer to h than 0 is (bounds.h part 4)
   const bool use_c = c != nullptr && dist_c < norm_h;
   const double inf = 1 + 1e-9, pad = 1 + 1e-6;
   const RefineArgs ra{use_c ? c : nullptr, static_cast<float>(dist_c * inf * pad),
                       static_cast<float>(norm_dh * inf * pad)};
   Buckets bk;
-  const uint16_t* sb = reinterpret_cast<const uint16_t*>(s);
-  if (has_avx512()) refine_buckets_avx512(sb, a, y, D, g, ra, t, &bk);
-  else refine_buckets_impl(sb, a, y, D, g, ra, t, &bk);
+  if (has_avx512()) refine_buckets_avx512(s, a, y, D, g, ra, t, &bk);
+  else refine_buckets_impl(s, a, y, D, g, ra, t, &bk);
   const double sl = 2 * q + 1e-6;  // fp32 sums of nonnegative terms, any order (bounds.h)
   auto up = [&](double sum) { return std::sqrt(sum * (1 + sl)) * (1 + 1e-12); };
   // >= ||δW h|| + ||Ŵ δh||, or ||δW (h - h_c)|| + ||Ŵ δh|| (then ||t∘(δW h_c)|| is in the buckets' f)

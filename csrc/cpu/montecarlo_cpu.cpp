@@ -40,6 +40,7 @@
 #include <c10/util/BFloat16.h>
 
 #include "common/blocks.h"
+#include "common/bf16_product.h"
 #include "common/bf16_rows.h"
 #include "common/bounds.h"
 #include "common/checks.h"
@@ -154,6 +155,7 @@ struct LastLayerEntry {
   uint64_t sig = 0;  // a few sampled values: lookups memcmp only entries that match
   std::shared_ptr<const LastLayerBound> bound;
   at::Tensor vt16;    // (16, K) fp32: the bound's V^T, rows past its k zero (prepare_bf16_rows)
+  std::shared_ptr<const Bf16Product> product;  // the bf16 product with fp32 output; null where unusable
 };
 
 uint64_t layer_signature(const at::Tensor& wt, const at::Tensor& b, int64_t act, int64_t D) {
@@ -212,6 +214,7 @@ std::shared_ptr<const LastLayerEntry> cached_last_layer(const Weights& w, int64_
   TORCH_CHECK(vk.size(1) <= 16, "prepare_bf16_rows takes at most 16 columns of V, got ", vk.size(1));
   made->vt16 = at::zeros({16, vk.size(0)}, vk.options());
   made->vt16.narrow(0, 0, vk.size(1)).copy_(vk.t());
+  made->product = Bf16Product::make(made->bound->wt_bf16);
   std::lock_guard<std::mutex> lock(cache.mutex);
   ++cache.misses;
   if (cache.entries.size() >= 16) cache.entries.erase(cache.entries.begin());
@@ -432,12 +435,13 @@ constexpr int64_t kBandRows = 128;
 // page-fault on every touch, ~330 faults per thread and call when they were allocated per call.
 // e, cols, lg: the refinement's slope-bound scratch (one row), recomputed units and their logits.
 struct BandBuffers {
-  at::Tensor hq, hb, pv, s, a, y, e, cols, lg;
+  at::Tensor hq, hb, pv, s16, s, a, y, e, cols, lg;  // s16: at::mm's bf16 product; s: the product in fp32
   std::vector<float> sq;          // per row: fp32 ||ĥ||^2 (first rows), ||δh||^2 (next rows)
   std::vector<double> nhb, ndh;   // per row: their norm_up
   static BandBuffers make(int64_t rows, int64_t K, int64_t P, int64_t k, const at::TensorOptions& o) {
     return {at::empty({rows, K}, o), at::empty({rows, K}, o.dtype(at::kBFloat16)), at::empty({rows, k}, o),
             at::empty({rows, P}, o.dtype(at::kBFloat16)), at::empty({rows, P}, o), at::empty({rows, P}, o),
+            at::empty({rows, P}, o),
             at::empty({P}, o), at::empty({(rows + 1) * P}, o.dtype(at::kInt)), at::empty({rows * P}, o),
             std::vector<float>(2 * rows), std::vector<double>(rows), std::vector<double>(rows)};
   }
@@ -453,17 +457,9 @@ struct BandBuffers {
 // ROBBENCH_BAND_FUSED=0 (read per chunk; A/B in benchmarks): then the separate passes below.
 bool band_fused() { return switch_on("ROBBENCH_BAND_FUSED"); }
 
-// The unfused epilogue of a chunk: a = fl(s + b) (s widened exactly) and y = act~(a) by ATen's ops.
+// The unfused epilogue of a chunk: a = fl(s + b) and y = act~(a) by ATen's ops.
 void unfused_epilogue(const at::Tensor& sv, at::Tensor& a, at::Tensor& y, const at::Tensor& bias, int64_t act) {
-  const int64_t nc = sv.size(0), P = sv.size(1);
-  const uint16_t* sbits = reinterpret_cast<const uint16_t*>(sv.data_ptr<at::BFloat16>());
-  const float* bp = bias.data_ptr<float>();
-  float* apw = a.data_ptr<float>();
-  for (int64_t i = 0; i < nc; ++i) {
-#pragma omp simd
-    for (int64_t j = 0; j < P; ++j)
-      apw[i * P + j] = __builtin_bit_cast(float, static_cast<uint32_t>(sbits[i * P + j]) << 16) + bp[j];
-  }
+  at::add_out(a, sv, bias);
   if (act == kActSigmoid) at::sigmoid_out(y, a);
   else if (act == kActRelu) at::relu_out(y, a);
   else y.copy_(a);
@@ -809,13 +805,16 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
     const int64_t nchunks = ((q + kBandRows - 1) / kBandRows + threads - 1) / threads * threads;
     const int64_t crows = (q + nchunks - 1) / nchunks;
     std::vector<int8_t> dec(q);
+    // brgemm unless ROBBENCH_BRGEMM=0 or mkldnn is off (read per call: A/B in one process)
+    const Bf16Product* product =
+        Bf16Product::switched_on() && Bf16Product::usable_now() ? last->product.get() : nullptr;
     at::parallel_for(0, nchunks, 1, [&](int64_t k0, int64_t k1) {
       BandBuffers& bb = BandBuffers::local(kBandRows, K, P, nk, h.options());
       for (int64_t ck = k0; ck < k1; ++ck) {
         const int64_t c0 = ck * crows, nc = std::min(crows, q - c0);
         if (nc <= 0) continue;
         at::Tensor hq = bb.hq.narrow(0, 0, nc), hb = bb.hb.narrow(0, 0, nc);
-        at::Tensor pv = bb.pv.narrow(0, 0, nc), sv = bb.s.narrow(0, 0, nc);
+        at::Tensor pv = bb.pv.narrow(0, 0, nc), sv = bb.s.narrow(0, 0, nc), s16 = bb.s16.narrow(0, 0, nc);
         const float* hqp = hq.data_ptr<float>();
         double* nhb = bb.nhb.data();
         double* ndh = bb.ndh.data();
@@ -828,9 +827,18 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
           nhb[i] = bound->norm_up(sq[i]);
           ndh[i] = bound->norm_up(sq[nc + i]);
         }
-        at::mm_out(sv, hb, bound->wt_bf16);  // (nc, P) bf16
+        // s = ĥ Ŵ^T in fp32: brgemm's fp32 accumulation itself (s_round = 0), else at::mm's bf16 output
+        // widened exactly (s_round = u): bounds.h, part 6
+        double s_round = 0;
+        if (product != nullptr) {
+          product->run(reinterpret_cast<const uint16_t*>(hb.data_ptr<at::BFloat16>()), nc, sv.data_ptr<float>(), P);
+        } else {
+          at::mm_out(s16, hb, bound->wt_bf16);
+          sv.copy_(s16);
+          s_round = LastLayerBound::u;
+        }
         at::Tensor a = bb.a.narrow(0, 0, nc), y = bb.y.narrow(0, 0, nc);
-        const at::BFloat16* sp = sv.data_ptr<at::BFloat16>();
+        const float* sp = sv.data_ptr<float>();
         float* ap = a.data_ptr<float>();
         float* yp = y.data_ptr<float>();
         const float* pvp = pv.data_ptr<float>();
@@ -841,10 +849,10 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
           const int64_t r = rest[c0 + i], b = blk.p0 + r / ns;
           const double nwdh = bound->norm_w_dh(pvp + i * nk, ndh[i]), r2b = static_cast<double>(r2p[b]);
           // fused (bounds.h, part 5): a = fl(s + b), y = act~(a) (own sigmoid) and the band in one pass per row
-          dec[c0 + i] = fused ? bound->decide_epilogue(sp + i * P, ap + i * P, yp + i * P, cen + b * D, nh[r],
-                                                       nhb[i], ndh[i], r2b, nwdh, &dist[i])
-                              : bound->decide(sp + i * P, ap + i * P, yp + i * P, cen + b * D, nh[r], nhb[i],
-                                              ndh[i], r2b, nwdh, &dist[i]);
+          dec[c0 + i] = fused ? bound->decide_epilogue(sp + i * P, s_round, ap + i * P, yp + i * P, cen + b * D,
+                                                       nh[r], nhb[i], ndh[i], r2b, nwdh, &dist[i])
+                              : bound->decide(sp + i * P, s_round, ap + i * P, yp + i * P, cen + b * D, nh[r],
+                                              nhb[i], ndh[i], r2b, nwdh, &dist[i]);
         }
         if (!refine.on) continue;
         // Refinement (bounds.h, part 4): for each undecided row, the units with the largest bounds get
@@ -874,9 +882,9 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
           }
           double e_rest = 0;
           int level = 0;
-          const int64_t nsel = bound->refine_select(sp + i * P, ap + i * P, yp + i * P, nh[r], nhb[i], ndh[i],
-                                                    bound->norm_w_dh(pvp + i * nk, ndh[i]), cb, dist_c, target,
-                                                    max_cols, tp, sel.data() + sel_used, &e_rest, &level);
+          const int64_t nsel = bound->refine_select(sp + i * P, s_round, ap + i * P, yp + i * P, nh[r], nhb[i],
+                                                    ndh[i], bound->norm_w_dh(pvp + i * nk, ndh[i]), cb, dist_c,
+                                                    target, max_cols, tp, sel.data() + sel_used, &e_rest, &level);
           if (nsel < 0) continue;
           todo.push_back({i, b, sel_used, level, e_rest});
           sel_used += words;
