@@ -866,7 +866,8 @@ def test_refinement_tails_decide_like_the_reference(shape, monkeypatch, capfd):
 @pytest.mark.parametrize("K,nk", [(256, 16), (37, 5), (8, 1)])
 def test_bf16_rows_round_like_torch_and_bound_their_sums(K, nk):
     """The bf16 pass's row preparation (gather, rounding, norms, δh V in one AVX-512 pass): the rows and ĥ
-    equal torch's gather and bf16 rounding bit for bit (subnormals, halfway cases and NaN included); the
+    equal torch's gather and bf16 rounding bit for bit (halfway cases and NaN included), except that
+    subnormal bf16 values become +0 (the product reads them as 0; δh = h there); the
     fp32 sums are within the any-order bound bounds.h uses, g_n times the float64 sum of |terms| (plus
     2^-149 per term for the subnormal row's underflow)."""
     g = torch.Generator().manual_seed(K)
@@ -880,6 +881,7 @@ def test_bf16_rows_round_like_torch_and_bound_their_sums(K, nk):
     hq, hb, sb, sd, pv = torch.ops.robbench.bf16_rows(h, rows, vt)
     assert torch.equal(hq.view(torch.int32), h[rows].view(torch.int32))
     ref = h[rows].to(torch.bfloat16).view(torch.int16)
+    ref = torch.where(ref & 0x7F80 == 0, torch.zeros_like(ref), ref)  # subnormal ĥ -> +0 (bounds.h part 2)
     ok = ~torch.isnan(h[rows]).any(1)  # NaN rows: a NaN where h has one (its bits are c10's choice)
     assert torch.equal(hb.view(torch.int16)[ok], ref[ok]) and (hb[:2].float() != h[rows[:2]]).any()
     assert torch.isnan(hb[2, 0].float()) and torch.equal(hb.view(torch.int16)[2, 1:], ref[2, 1:])
@@ -893,6 +895,39 @@ def test_bf16_rows_round_like_torch_and_bound_their_sums(K, nk):
     exact = prods.sum(1)
     assert ((pv.double() - exact).abs() <= gam(K) * prods.abs().sum(1) + K * 2.0 ** -149)[ok].all()
     assert (pv[ok] != 0).any() and (sd > 0).sum() > len(rows) // 2  # the checks above are not vacuous
+    flushed = hb[1].view(torch.int16) == 0  # the subnormal row: ĥ = +0 (all but values that round up to 2^-126)
+    assert flushed.sum() >= K - 2 and torch.equal(d[1][flushed], h[rows[1]].double()[flushed])  # δh = h there
+
+
+@pytest.mark.parametrize("final", [nn.Identity, nn.ReLU])
+@pytest.mark.parametrize("brgemm", ["1", "0"])
+def test_subnormal_bf16_weights_are_not_dropped_by_the_band(final, brgemm, monkeypatch):
+    """VDPBF16PS (the bf16 product's instruction: brgemm and at::mm alike) reads subnormal bf16 inputs as 0.
+    Here W[:, 0] = 2^-127 (subnormal, bf16-exact) and h = (2^63, 0, ...): the reference's outputs are
+    y_j = 2^-64, the product's s_j = 0, and the band's terms (g_K ||Ŵ_j|| ||ĥ|| ~ 2^-83, 2^-100) are far
+    below the dropped 2^-64: with r2 half the reference's distance every sample was called inside (256 of
+    256, reference 0). Ŵ's subnormal values are now set to 0 so that δW = W - Ŵ carries them (bounds.h
+    part 2)."""
+    monkeypatch.setenv("ROBBENCH_BRGEMM", brgemm)
+    model = MLPVAE(k=4, hidden=(32,), d=64, final=final, seed=1)
+    with torch.no_grad():
+        model.decoder[0].weight.zero_()
+        model.decoder[0].bias.zero_()
+        model.decoder[0].bias[0] = 2.0 ** 63  # ||h||^2 = 2^126: finite in fp32
+        model.decoder[-2].weight.zero_()
+        model.decoder[-2].weight[:, 0] = 2.0 ** -127
+        model.decoder[-2].bias.zero_()
+    B, n = 2, 256
+    mu, sigma, _ = _points(model, B, 3)
+    center = torch.zeros(B, 64)
+    d2, d2_cpp = _sq_dists(model, mu, sigma, center, n, 1)
+    assert torch.equal(d2, d2_cpp) and torch.all(d2 == 64 * 2.0 ** -128)
+    r2 = torch.full((B,), 64 * 2.0 ** -129, dtype=torch.float32)
+    for precision, screen in MODES:
+        res = kernels.count_within(model, mu, sigma, center, r2, n, seed=1, stream_ids=torch.arange(B),
+                                   precision=precision, screen=screen)
+        assert res.counts.tolist() == [0, 0], (precision, screen)
+        assert precision == "fp32" or res.bf16_samples == B * n  # the band saw them (not the screen)
 
 
 def test_last_layer_cache_is_keyed_by_contents():

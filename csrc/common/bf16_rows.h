@@ -8,7 +8,9 @@ namespace robbench {
 
 // For the n rows h[rows[i]] (K fp32 each) of h:
 //   hq[i] (K,)  = h[rows[i]]                                   (the exact rows, for the refinement)
-//   hb[i] (K,)  = ĥ = bf16 bits of h rounded to nearest even  (ATen's rounding; NaN -> 0xFFFF as its vector loops)
+//   hb[i] (K,)  = ĥ = bf16 bits of h rounded to nearest even  (ATen's rounding; NaN -> 0xFFFF as its vector loops),
+//                 then subnormal values (exponent field 0) and -0 set to +0 (the product reads subnormals as 0:
+//                 bounds.h part 2)
 //   sb[i], sd[i] = fp32 sums (any order) of ĥ_k^2 and of δh_k^2, δh = h - ĥ (exact in fp32)
 //   pv[i] (nk,) = fp32 δh V (any order, FMA or not); Vt = V^T as (16, K) row-major, rows l >= nk zero,
 //                 nk <= 16

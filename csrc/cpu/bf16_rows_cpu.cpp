@@ -37,7 +37,8 @@ void bf16_rows_portable(const float* h, const int64_t* rows, int64_t n, int64_t 
     for (int64_t l = 0; l < nk; ++l) p[l] = 0.f;
     for (int64_t k = 0; k < K; ++k) {
       q[k] = x[k];
-      const uint16_t bits = x[k] != x[k] ? uint16_t{0xFFFF} : c10::detail::round_to_nearest_even(x[k]);
+      uint16_t bits = x[k] != x[k] ? uint16_t{0xFFFF} : c10::detail::round_to_nearest_even(x[k]);
+      if ((bits & 0x7F80) == 0) bits = 0;  // subnormal (or zero) ĥ_k -> +0: δh_k = h_k carries it
       b[k] = bits;
       const float xh = __builtin_bit_cast(float, static_cast<uint32_t>(bits) << 16);
       const float d = x[k] - xh;  // exact: xh is x rounded to 8 significant bits
@@ -91,6 +92,8 @@ void bf16_rows_avx512(const float* h, const int64_t* rows, int64_t n, int64_t K,
       __m512i r = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
       r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(r, bias)), 16);
       r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), qnan);
+      // subnormal (or zero) ĥ_k -> +0 (exponent field 0): δh_k = h_k carries it (bounds.h part 2)
+      r = _mm512_maskz_mov_epi32(_mm512_test_epi32_mask(r, _mm512_set1_epi32(0x7F80)), r);
       _mm256_mask_storeu_epi16(b + k, m, _mm512_cvtepi32_epi16(r));
       const __m512 xh = _mm512_castsi512_ps(_mm512_slli_epi32(r, 16));
       const __m512 d = _mm512_sub_ps(v, xh);  // exact; zero in masked-off lanes

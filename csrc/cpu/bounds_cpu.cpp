@@ -495,7 +495,10 @@ LastLayerBound LastLayerBound::make(const at::Tensor& wt, const at::Tensor& b, i
   m.P = wt.size(1);
   m.D = D;
   m.act = act;
+  // Ŵ = bf16(W) with subnormal values (exponent field 0, |Ŵ_jk| < 2^-126) set to 0: the bf16 product's
+  // instruction (VDPBF16PS) reads them as 0 whatever h_k is, so δW = W - Ŵ must carry them (bounds.h part 2)
   m.wt_bf16 = wt.to(at::kBFloat16).contiguous();
+  m.wt_bf16.masked_fill_(m.wt_bf16.view(at::kShort).bitwise_and(0x7F80).eq(0), 0);
   at::Tensor w = wt.narrow(1, 0, D).to(at::kDouble).t().contiguous();              // (D, K)
   at::Tensor wb = m.wt_bf16.narrow(1, 0, D).to(at::kDouble).t().contiguous();      // (D, K)
   const double inf = 1 + 1e-6;
