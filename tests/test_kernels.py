@@ -241,6 +241,57 @@ def test_band_terms_whose_squares_underflow_still_count(final):
         assert res.counts.tolist() == [0, 0], (precision, screen)
 
 
+@pytest.mark.parametrize("final", [nn.Identity, nn.ReLU])
+@pytest.mark.parametrize("brgemm", ["1", "0"])
+@pytest.mark.parametrize("band_fused", ["1", "0"])
+def test_bf16_output_rounding_stays_in_the_band(final, brgemm, band_fused, monkeypatch):
+    """bounds.h part 6: the band's coefficient of |s_j| carries the product's output rounding (s_round: u for
+    at::mm's bf16 output, ROBBENCH_BRGEMM=0; 0 for brgemm's fp32 output). Here h = (1, 1, 0, ...), W_j =
+    (1, 2^-8 - 2^-15, 0, ...) (bf16-exact): s_j = 1 + 2^-8 - 2^-15 exactly, which at::mm's bf16 output rounds
+    down to 1 (-0.39 %) for every one of the D = 70 units (four 16-lane blocks and a scalar tail of 6). At
+    r2 = D (1 + 1.95 2^-8) the reference (||y||^2 = D (1 + 1.988 2^-8)) is outside; a band without the u |s_j|
+    term on bf16 output says inside (without it on the 6 tail units alone: U^2 ~ D (1 + 1.91 2^-8), inside
+    too). brgemm's fp32 output is exact here, and the band decides it. Both epilogues (ROBBENCH_BAND_FUSED)."""
+    monkeypatch.setenv("ROBBENCH_BRGEMM", brgemm)
+    monkeypatch.setenv("ROBBENCH_BAND_FUSED", band_fused)
+    D = 70
+    model = MLPVAE(k=4, hidden=(32,), d=D, final=final, seed=1)
+    with torch.no_grad():
+        model.decoder[0].weight.zero_()
+        model.decoder[0].bias.zero_()
+        model.decoder[0].bias[:2] = 1.0
+        model.decoder[-2].weight.zero_()
+        model.decoder[-2].weight[:, 0] = 1.0
+        model.decoder[-2].weight[:, 1] = 2.0 ** -8 - 2.0 ** -15
+        model.decoder[-2].bias.zero_()
+    B, n = 2, 128
+    mu, sigma, _ = _points(model, B, 3)
+    center = torch.zeros(B, D)
+    d2, d2_cpp = _sq_dists(model, mu, sigma, center, n, 1)
+    assert torch.equal(d2, d2_cpp) and torch.all(d2 > D * (1 + 1.98 * 2.0 ** -8))
+    r2 = torch.full((B,), D * (1 + 1.95 * 2.0 ** -8), dtype=torch.float32)
+    for precision, screen in MODES:
+        res = kernels.count_within(model, mu, sigma, center, r2, n, seed=1, stream_ids=torch.arange(B),
+                                   precision=precision, screen=screen)
+        assert res.counts.tolist() == [0, 0], (precision, screen)
+        if precision == "bf16":
+            assert res.bf16_samples == B * n  # the band saw every sample (the screen decides none here)
+            assert res.rechecked == (B * n if brgemm == "0" else 0)  # bf16 output: within u of r, undecided
+
+
+def test_bf16_output_rounding_stays_in_the_portable_band():
+    """The test above with the portable loops (ROBBENCH_NO_AVX512=1, read once per process: a subprocess)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ROBBENCH_NO_AVX512="1")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k",
+                           "test_bf16_output_rounding_stays_in_the_band"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0 and "8 passed" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+
+
 def test_reduced_precision_fp32_matmul_decodes_with_the_reference_calls():
     """With torch's fp32 products allowed in bf16 (set_float32_matmul_precision("medium")), the fused op's
     bounds (an fp32 GEMM model of the reference) do not hold: the compiled count decodes with the reference's
