@@ -168,3 +168,18 @@ def test_odd_k_reads_nothing_beyond_the_row(K):
     buf[:69, 0] = float("inf")
     s = product(buf[:69], wt)  # a contiguous view: row 68 is followed by buf's NaN row
     assert not s.isnan().any() and s.isinf().all()
+
+
+@pytest.mark.parametrize("K,P", [(256, 784), (37, 100)])
+def test_every_row_count_of_a_tile_within_the_bound(K, P):
+    """run() calls brgemm with m = n mod 64 rows for the last tile (a kernel of its own per m), while make()'s
+    self-check runs only m = 64 and 5: every n = 1..65 here, the trained decoders' shape (P = 784: twelve
+    64-column blocks and a 16-wide one) and an odd K with a 36-wide last block, adversarial inputs."""
+    hb = adversarial(65, K, 7, k_dim=1)
+    wt = adversarial(K, P, 8, k_dim=0)
+    full = product(hb, wt)
+    assert excess(full, hb, wt) <= 1.0
+    for n in range(1, 66):
+        s = product(hb[:n], wt)
+        assert excess(s, hb[:n], wt) <= 1.0, n
+        assert torch.equal(s, full[:n]), n  # a row's product does not depend on the tile it is computed in
