@@ -49,26 +49,33 @@
 //    σ'(ξ) Δ_j + 2 ev, and since |d ln σ'/dt| = |1 - 2σ| <= 1, σ'(ξ) <= σ'(a_j) e^{Δ_j} with
 //    σ'(a_j) = σ(1 - σ) <= ŷ_j (1 - ŷ_j) + 32 v (ŷ_j within ev of σ(a_j)) and e^Δ <= 1 + Δ + Δ^2 for
 //    Δ <= 1; capped at 1/4. (ReLU / identity: e_j = Δ_j.)
-//    Subnormals (session 6). VDPBF16PS (AVX512-BF16, what oneDNN's bf16 kernels run here) reads subnormal
-//    bf16 inputs as 0 (DAZ) and flushes subnormal results (FTZ), whatever MXCSR says. A subnormal Ŵ_jk
-//    (|Ŵ_jk| < 2^-126, from a subnormal W_jk) drops the whole product Ŵ_jk ĥ_k, up to 2^-126 |ĥ_k| ~
-//    2^-62 for ||h|| < 2^64 (above, ||h||^2 overflows and the band decides nothing): neither g_K Σ|Ŵĥ|
-//    (tiny when the whole row W_j is subnormal) nor 2^-100 covers it (tests/test_kernels.py: the count was
-//    256 where the reference's was 0). So Ŵ and ĥ are made without subnormals: each bf16 value with
-//    exponent field 0 is set to +0 (LastLayerBound::make, prepare_bf16_rows). Then δW_jk = W_jk and δh_k
-//    = h_k exactly there, and the terms ||δW_j|| ||h||, ||δW||_2 ||h||, ||Ŵ_j|| ||δh||, N(δh) carry them
-//    like any rounding error (δh_k^2 may underflow: sq_norm_up's K 2^-149; the products δh_k V_lk of p =
-//    fl(δh V) may underflow, K 2^-150 in all, far below g_K ||V_l|| ||δh|| >= g_K ||V_l|| (K 2^-149)^(1/2)).
-//    The instruction then sees only normal inputs: each product of two normal bf16 numbers is exact in
-//    fp32 unless it is below 2^-126 (flushed: error < 2^-126), each addition exact-or-rounded as Higham's
-//    model unless its result is below 2^-126 (flushed: error < 2^-126), so the flushes add at most
-//    2 K 2^-126 <= 2^-100 for K <= 2^25 in total, the 2^-100 above (the product's self-check keeps a few
-//    subnormal inputs, harmless: they are inside the model too when their products are small).
 //    Then | ||y - c|| - ||ŷ - c|| | <= ||e||, giving U = ||ŷ - c|| + ||e||, L = (||ŷ - c|| - ||e||)_+.
 //    The per-element terms are evaluated in fp32 (<= 10 roundings each: inflated by 1e-5) and summed in
 //    fp32 in any order (D nonnegative terms: relative error < g_D, inflated by 2 g_{D+2} + 1e-6), plus the
 //    absolute term A (squares that underflow: without a sigmoid, ev = 0, a term ~u |s_j| of an output
 //    |s_j| < 2^-67 squares below 2^-150 and rounds to 0; dist_up).
+//    Subnormals (session 6). VDPBF16PS (AVX512-BF16, what oneDNN's bf16 kernels run here) reads subnormal
+//    bf16 inputs as 0 (DAZ) and flushes subnormal results (FTZ), whatever MXCSR says. A subnormal Ŵ_jk
+//    (|Ŵ_jk| < 2^-126, from a subnormal W_jk) drops the whole product Ŵ_jk ĥ_k, up to 2^-126 |ĥ_k| ~
+//    2^-62 for ||h|| < 2^64 (above, ||h||^2 overflows and the band decides nothing): neither g_K Σ|Ŵĥ|
+//    (tiny when the whole row W_j is subnormal) nor 2^-100 covers it (tests/test_kernels.py: the count was
+//    256 where the reference's was 0). A subnormal ĥ_k (from a subnormal h_k) drops up to ||Ŵ_j|| 2^-126,
+//    which g_K ||Ŵ_j|| ||ĥ|| covered only through sq_norm_up's K 2^-149 (||ĥ|| >= 2^-74.5 as computed),
+//    so not when ĥ has normal entries whose products' rounding may use up g_K Σ|Ŵĥ| (no failing case was
+//    found: it needs the worst-case rounding as well). So Ŵ and ĥ are made without subnormals: each bf16 value with
+//    exponent field 0 is set to +0 (LastLayerBound::make, prepare_bf16_rows). Then δW_jk = W_jk and δh_k
+//    = h_k exactly there, and the terms ||δW_j|| ||h||, ||δW||_2 ||h||, ||Ŵ_j|| ||δh||, N(δh) carry them
+//    like any rounding error (δh_k^2 may underflow: sq_norm_up's K 2^-149; the products δh_k V_lk of p =
+//    fl(δh V) may underflow, K 2^-150 in all, far below the 1e-6 inflation of norm_w_dh's slack g_K vmax
+//    ||δh||: ||δh|| >= (K 2^-149)^(1/2) as computed, vmax ~ 1, so 1e-6 g_K vmax ||δh|| >= K^1.5 2^-119).
+//    The instruction then sees only normal inputs: each product of two normal bf16 numbers is exact in
+//    fp32 unless it is below 2^-126 (flushed: error < 2^-126), each addition exact-or-rounded as Higham's
+//    model unless its result is below 2^-126 (flushed: error < 2^-126), so the flushes add at most
+//    2 K 2^-126 <= 2^-100 for K <= 2^25 in total, the 2^-100 above (the code adds 1e-30 > 2^-100 + 2^-102,
+//    which also covers the reference's own products that underflow, (K + 1) 2^-150, outside g_{K+1}'s
+//    relative model). Checked on this CPU (AMD EPYC, AVX512-BF16): the instruction rounds each addition to
+//    nearest even, in sequence, and reads a subnormal input as 0. Subnormal inputs with small products (the
+//    product's self-check has some) stay inside the model; only large ones (W_jk tiny, h_k huge) broke it.
 //
 // 3. Tighter bf16 band (session 3). The per-row Cauchy-Schwarz terms ||δW_j|| ||h|| and ||Ŵ_j|| ||δh||
 //    assume δh aligned with every row at once; measured, the band was ~25x the observed error. Write
