@@ -254,6 +254,15 @@ def fp32_matmul_is_ieee() -> bool:
     return getattr(torch.backends.mkldnn.matmul, "fp32_precision", "none") in ("none", "ieee")
 
 
+def denormals_are_ieee() -> bool:
+    """Whether this thread's fp32 arithmetic keeps subnormal numbers (IEEE; torch's default). After
+    ``torch.set_flush_denormal(True)`` the CPU flushes them to zero in the calling thread only (MXCSR is per
+    thread), so the reference's own results depend on which thread computed them and the bounds' underflow
+    terms (csrc/common/bounds.h) no longer model them: :func:`count_within` and :func:`sample_sq_distances`
+    then run the torch reference itself. A 2^-140 * 0.5 on this thread tells (a scalar op: no worker thread)."""
+    return float(torch.full((1,), 2.0 ** -140) * 0.5) != 0.0
+
+
 def count_within(model: nn.Module, mu: Tensor, sigma: Tensor, center: Tensor, r2: Tensor, n_samples: int, *,
                  seed: int, stream_ids: Tensor, sample_offset: int = 0, backend: str = "cpp",
                  chunk_size: int | None = None, precision: str | None = None,
@@ -263,9 +272,14 @@ def count_within(model: nn.Module, mu: Tensor, sigma: Tensor, center: Tensor, r2
     threshold / count epilogue runs compiled; so does an MLP decoder while fp32 products are not IEEE fp32
     (:func:`fp32_matmul_is_ieee`). ``precision``: "fp32" or "bf16" last layer (default: see
     :func:`default_precision`); ``screen``: decide samples certainly inside by a Lipschitz bound before
-    the last layer. Every combination gives the same decisions as the fp32 torch reference."""
+    the last layer. Every combination gives the same decisions as the fp32 torch reference; while this
+    thread flushes subnormals (:func:`denormals_are_ieee`) the reference itself runs."""
     if backend == "cuda":
         _warn_cuda_unvalidated()
+    if mu.device.type == "cpu" and not denormals_are_ieee():
+        return TorchBackend().count_within(model, mu, sigma, center, r2, n_samples, seed=seed,
+                                           stream_ids=stream_ids, sample_offset=sample_offset,
+                                           chunk_rows=chunk_size or DEFAULT_CHUNK_ROWS)
     precision = precision or default_precision()
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; known: {sorted(PRECISIONS)}")
@@ -291,13 +305,14 @@ def sample_sq_distances(model: nn.Module, mu: Tensor, sigma: Tensor, center: Ten
                         seed: int, stream_ids: Tensor, sample_offset: int = 0, backend: str = "cpp",
                         chunk_size: int | None = None) -> Tensor:
     """(B, n_samples) fp32 squared distances of the same samples (MLP decoders: bit-identical to the
-    torch reference; other decoders: computed by the torch reference)."""
+    torch reference; other decoders, and while this thread flushes subnormals: computed by the torch
+    reference)."""
     if backend == "cuda":
         _warn_cuda_unvalidated()
     load(warn=True)
     plan = decoder_plan(model, center.shape[1])
     rows = chunk_size or DEFAULT_CHUNK_ROWS
-    if not isinstance(plan, MLPPlan):
+    if not isinstance(plan, MLPPlan) or (mu.device.type == "cpu" and not denormals_are_ieee()):
         return TorchBackend().sq_distances(model, mu, sigma, center, n_samples, seed=seed, stream_ids=stream_ids,
                                            sample_offset=sample_offset, chunk_rows=rows)
     ka, kb = rng.stream_keys(seed, stream_ids)

@@ -314,6 +314,32 @@ def test_reduced_precision_fp32_matmul_decodes_with_the_reference_calls():
     assert kernels.fp32_matmul_is_ieee()
 
 
+def test_flushed_subnormals_run_the_reference_itself():
+    """After torch.set_flush_denormal(True) the calling thread flushes subnormals (the bounds' underflow terms
+    no longer hold, and the reference's results depend on the thread): the compiled count and distances are
+    the torch reference's own (no screen, no bf16 pass, identical numbers); IEEE again once it is reset."""
+    model = MLPVAE(seed=3, k=6, hidden=(40, 48), d=70, scale=3.0, bias=-2.0)
+    B, n = 4, 200
+    mu, sigma, center = _points(model, B, 7)
+    assert kernels.denormals_are_ieee()
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        assert not kernels.denormals_are_ieee()
+        ref = TorchBackend()
+        d2 = ref.sq_distances(model, mu, sigma, center, n, seed=5, stream_ids=torch.arange(B))
+        assert torch.equal(kernels.sample_sq_distances(model, mu, sigma, center, n, seed=5,
+                                                       stream_ids=torch.arange(B)), d2)
+        r2 = d2.sort(1).values[:, n // 2].contiguous()
+        res = kernels.count_within(model, mu, sigma, center, r2, n, seed=5, stream_ids=torch.arange(B),
+                                   precision="bf16", screen=True)
+        assert torch.equal(res.counts, (d2 <= r2[:, None]).sum(1))
+        assert (res.screened, res.bf16_samples, res.precision) == (0, 0, "fp32")
+    finally:
+        torch.set_flush_denormal(False)
+    assert kernels.denormals_are_ieee()
+
+
 def _f32_bits(x: float) -> int:
     return int(torch.tensor([x], dtype=torch.float32).view(torch.int32).item())
 
