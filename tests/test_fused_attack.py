@@ -176,9 +176,11 @@ def test_small_row_kernels_on_odd_shapes(monkeypatch, act):
                 assert float((g - g_ref).norm() / g_ref.norm()) < 1e-4, (n, env, e is None)
 
 
-def test_step_uses_the_rng_streams_and_the_exact_projection():
+def test_step_uses_the_rng_streams_and_the_exact_projection(monkeypatch):
     """A stochastic step: antithetic draws j0.. of robbench.rng (bit for bit), normalised gradient step,
-    then robbench.projection.project_ball_box; the result equals the Python composition."""
+    then robbench.projection.project_ball_box; the result equals the Python composition. On the fp32
+    engine (ROBBENCH_ATTACK_BF16=off; the bf16 steps are checked in tests/test_attack_bf16.py)."""
+    monkeypatch.setenv("ROBBENCH_ATTACK_BF16", "off")
     m = _model()
     x, mu_c, sig_c, center, rows, delta = _inputs(m)
     radius = torch.tensor([0.5, 1.0, 3.0, 0.2])

@@ -39,6 +39,7 @@
 #include <utility>
 #include <vector>
 
+#include "common/bf16_product.h"
 #include "common/checks.h"
 #include "common/rng.h"
 
@@ -124,6 +125,9 @@ struct Mlp {
   // oneDNN's pre-packed forms of w and of w^T (see packed_weight), per layer; undefined where the layer
   // is small (MKL) or packing is off.
   std::vector<at::Tensor> packed, packed_t;
+  // The bf16 products of the large layers (see bf16_weight): x ŵ^T (forward) and g ŵ (backward), per layer;
+  // null where the layer is small, the bf16 steps are off or brgemm is unusable here.
+  std::vector<std::shared_ptr<const Bf16Product>> bf16_fwd, bf16_bwd;
 };
 
 // oneDNN's fp32 linear (mkldnn::_linear_pointwise, the op torch.compile's CPU code calls): on this
@@ -208,6 +212,17 @@ constexpr int64_t kSmallRows = 64;
 thread_local bool tl_small_off = false;
 thread_local int64_t tl_small_rows = kSmallRows;
 
+// ROBBENCH_ATTACK_BF16: which products of the large layers (>= kDnnlMinWeights weights) run in bf16 (exact
+// bf16 products, fp32 accumulation, fp32 output: Bf16Product). "steps" (the default): those of the ascent
+// steps (mode 2: the gradient that sets a step's direction); every objective value (mode 0: the scores that
+// pick the best iterate and decide the stalls, the candidates' scores) and every gradient of mode 1 stay in
+// fp32, so the attack returns an fp32-scored best iterate. "off" (or "0"): everything in fp32 (the engine
+// before session 6). "all": the values in bf16 too (A/B only). Where brgemm is unusable (no AVX512-BF16,
+// torch.backends.mkldnn disabled) the products stay in fp32.
+enum Bf16Mode : int { kBf16Off = 0, kBf16Steps = 1, kBf16All = 2 };
+constexpr Bf16Mode kBf16Default = kBf16Steps;
+thread_local Bf16Mode tl_bf16 = kBf16Default;
+
 // An "off | <n>" switch from the environment: {off, n}, n = dflt when unset or off.
 struct CountSwitch {
   bool off;
@@ -227,6 +242,58 @@ void read_ab_switches() {
   const CountSwitch small = read_count_switch("ROBBENCH_ATTACK_SMALL", kSmallRows);
   tl_small_off = small.off;
   tl_small_rows = small.n;
+  const char* bf = std::getenv("ROBBENCH_ATTACK_BF16");
+  const std::string bfs = bf ? bf : "";
+  if (bfs.empty()) tl_bf16 = kBf16Default;
+  else if (bfs == "steps" || bfs == "1") tl_bf16 = kBf16Steps;
+  else if (bfs == "off" || bfs == "0") tl_bf16 = kBf16Off;
+  else if (bfs == "all") tl_bf16 = kBf16All;
+  else TORCH_CHECK(false, "ROBBENCH_ATTACK_BF16 must be steps, off or all, got '", bfs, "'");
+}
+
+// The bf16 products of a weight w (out, in): (x ŵ^T, g ŵ) with ŵ = w rounded to bf16 (RNE), made once and
+// kept beside a copy of the weight they were made from (Bf16Product::make costs 2-3 ms: its self-check);
+// a lookup compares the contents, as packed_weight does, so a weight changed in place is never served
+// stale. Null products where make() refused (brgemm unusable, self-check failed): the layer then stays in
+// fp32; a refusal because torch.backends.mkldnn is disabled is not cached (it can be re-enabled).
+struct Bf16Weight {
+  at::Tensor copy;
+  std::shared_ptr<const Bf16Product> fwd, bwd;
+};
+
+std::pair<std::shared_ptr<const Bf16Product>, std::shared_ptr<const Bf16Product>> bf16_weight(const at::Tensor& w) {
+  static std::mutex mutex;
+  static std::vector<Bf16Weight> cache;  // most recently used last
+  if (!Bf16Product::usable_now()) return {};
+  const at::Tensor wc = w.contiguous();
+  const size_t bytes = static_cast<size_t>(wc.numel()) * sizeof(float);
+  std::lock_guard<std::mutex> lock(mutex);
+  for (size_t i = cache.size(); i-- > 0;) {
+    const Bf16Weight& e = cache[i];
+    if (e.copy.sizes() == wc.sizes() && std::memcmp(e.copy.data_ptr<float>(), wc.data_ptr<float>(), bytes) == 0) {
+      Bf16Weight hit = e;
+      cache.erase(cache.begin() + static_cast<std::ptrdiff_t>(i));
+      cache.push_back(hit);
+      return {hit.fwd, hit.bwd};
+    }
+  }
+  const at::Tensor wb = wc.to(at::kBFloat16);
+  // forward x ŵ^T: Bf16Product takes Ŵ^T (in, out); backward g ŵ = g (ŵ^T)^T: it takes ŵ (out, in)
+  Bf16Weight e{wc.clone(), Bf16Product::make(wb.t().contiguous()), Bf16Product::make(wb)};
+  if (cache.size() >= kKeep) cache.erase(cache.begin());
+  cache.push_back(e);
+  return {e.fwd, e.bwd};
+}
+
+// y (N, P) = x ŵ^T (+ b) through a Bf16Product: x rounded to bf16 (RNE), exact products, fp32 accumulation
+// and output. x: (N, prod.K) fp32.
+at::Tensor bf16_linear(const at::Tensor& x, const Bf16Product& prod, const at::Tensor& b) {
+  const at::Tensor xb = x.to(at::kBFloat16).contiguous();
+  const int64_t N = xb.size(0);
+  at::Tensor y = at::empty({N, prod.P}, x.options());
+  if (N > 0) prod.run(reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>()), N, y.data_ptr<float>(), prod.P);
+  if (b.defined()) y.add_(b);
+  return y;
 }
 
 // Products on up to kSmallRows rows. The attack's late bisection steps run on 1-8 active rows (4-32
@@ -397,13 +464,32 @@ void pack_layers(Mlp& net) {
     if (net.w[l].numel() >= kDnnlMinWeights) std::tie(net.packed[l], net.packed_t[l]) = packed_weight(net.w[l]);
 }
 
+// Fills net.bf16_fwd / bf16_bwd for the large layers (a lookup in bf16_weight's cache).
+void bf16_layers(Mlp& net) {
+  net.bf16_fwd.assign(net.w.size(), nullptr);
+  net.bf16_bwd.assign(net.w.size(), nullptr);
+  for (size_t l = 0; l < net.w.size(); ++l)
+    if (net.w[l].numel() >= kDnnlMinWeights) std::tie(net.bf16_fwd[l], net.bf16_bwd[l]) = bf16_weight(net.w[l]);
+}
+
+// The layer's bf16 product for this call (forward or backward), or null for the fp32 path.
+const Bf16Product* bf16_of(const Mlp& net, size_t l, bool backward, bool bf16) {
+  const auto& v = backward ? net.bf16_bwd : net.bf16_fwd;
+  if (!bf16 || v.empty() || !v[l] || !Bf16Product::usable_now()) return nullptr;
+  return v[l].get();
+}
+
 // Forward through the layers, keeping every pre-activation and output for the backward pass (a layer
 // whose activation oneDNN applied keeps its output as "pre": act_backward reads only the output there).
-at::Tensor mlp_forward(const Mlp& net, at::Tensor h, std::vector<at::Tensor>* pres, std::vector<at::Tensor>* outs) {
+// bf16: the large layers' products in bf16 (bf16_layers filled them).
+at::Tensor mlp_forward(const Mlp& net, at::Tensor h, std::vector<at::Tensor>* pres, std::vector<at::Tensor>* outs,
+                       bool bf16 = false) {
   for (size_t l = 0; l < net.w.size(); ++l) {
     bool fused = false;
-    at::Tensor pre = linear(h, net.w[l], net.b[l], net.acts[l], &fused, false,
-                            net.packed.empty() ? at::Tensor() : net.packed[l]);
+    const Bf16Product* prod = bf16_of(net, l, false, bf16);
+    at::Tensor pre = prod ? bf16_linear(h, *prod, net.b[l])
+                          : linear(h, net.w[l], net.b[l], net.acts[l], &fused, false,
+                                   net.packed.empty() ? at::Tensor() : net.packed[l]);
     h = fused ? pre : act_forward(pre, net.acts[l]);
     if (pres) {
       pres->push_back(pre);
@@ -415,10 +501,13 @@ at::Tensor mlp_forward(const Mlp& net, at::Tensor h, std::vector<at::Tensor>* pr
 
 // g: d loss / d output of the last layer (or / d its pre-activation when `last_done`).
 at::Tensor mlp_backward(const Mlp& net, at::Tensor g, const std::vector<at::Tensor>& pres,
-                        const std::vector<at::Tensor>& outs, bool last_done = false) {
+                        const std::vector<at::Tensor>& outs, bool last_done = false, bool bf16 = false) {
   for (size_t l = net.w.size(); l-- > 0;) {
     if (!(last_done && l + 1 == net.w.size())) g = act_backward(g, pres[l], outs[l], net.acts[l]);
-    g = linear(g, net.w[l], at::Tensor(), kAttNone, nullptr, true, net.packed_t.empty() ? at::Tensor() : net.packed_t[l]);
+    const Bf16Product* prod = bf16_of(net, l, true, bf16);
+    g = prod ? bf16_linear(g, *prod, at::Tensor())
+             : linear(g, net.w[l], at::Tensor(), kAttNone, nullptr, true,
+                      net.packed_t.empty() ? at::Tensor() : net.packed_t[l]);
   }
   return g;
 }
@@ -575,7 +664,8 @@ Problem make_problem(const at::Tensor& x, const at::Tensor& center, const at::Te
                      const at::Tensor& ka, const at::Tensor& kb, int64_t n_half, at::TensorList enc_w,
                      at::TensorList enc_b, at::IntArrayRef enc_acts, at::TensorList dec_w, at::TensorList dec_b,
                      at::IntArrayRef dec_acts, int64_t route, int64_t sigma_kind, double sigma_offset,
-                     const at::Tensor& radius, bool need_radius, double lo_box, double hi_box, int64_t max_rows) {
+                     const at::Tensor& radius, bool need_radius, double lo_box, double hi_box, int64_t max_rows,
+                     bool steps) {
   const at::Device cpu(at::kCPU);
   check_tensor(x, "x", at::kFloat, cpu, 2);
   check_tensor(center, "center", at::kFloat, cpu, 2);
@@ -593,6 +683,10 @@ Problem make_problem(const at::Tensor& x, const at::Tensor& center, const at::Te
   if (!small_kernels_cover(max_rows)) {  // else no product of the call goes to oneDNN: no pack lookup
     pack_layers(enc);
     pack_layers(dec);
+  }
+  if (tl_bf16 == kBf16All || (tl_bf16 == kBf16Steps && steps)) {  // the call computes steps in bf16
+    bf16_layers(enc);
+    bf16_layers(dec);
   }
   TORCH_CHECK(mlp_out(enc) == (sigma_kind == 0 ? 2 * k : k), "the encoder must output ", sigma_kind == 0 ? 2 * k : k,
               " features for sigma_kind ", sigma_kind, ", got ", mlp_out(enc));
@@ -660,6 +754,8 @@ std::tuple<at::Tensor, at::Tensor> core(const Problem& P, const RowSet& R, const
   const int64_t route = P.route, sigma_kind = P.sigma_kind, D = P.D, k = P.k, N = delta_.size(0);
   const double sigma_offset = P.sigma_offset, lo_box = P.lo_box, hi_box = P.hi_box;
   const bool use_eta = fixed_eta && n_half == 0 && R.eta.numel() > 0;
+  // bf16 products (ROBBENCH_ATTACK_BF16): the steps' gradients (mode 2) by default, everything with "all"
+  const bool bf16 = tl_bf16 == kBf16All || (tl_bf16 == kBf16Steps && mode == 2);
   const int64_t S = n_half > 0 ? 2 * n_half : (use_eta ? R.eta.size(0) : 0);
   const at::Tensor& rows = R.rows;
   const at::Tensor& xg = R.xg;
@@ -672,7 +768,7 @@ std::tuple<at::Tensor, at::Tensor> core(const Problem& P, const RowSet& R, const
   std::vector<at::Tensor> enc_pre, enc_out;
   at::Tensor mu, sig, sig_pre;
   if (mu_from_enc || sig_from_enc) {
-    at::Tensor out = mlp_forward(enc, xg + delta, &enc_pre, &enc_out);
+    at::Tensor out = mlp_forward(enc, xg + delta, &enc_pre, &enc_out, bf16);
     mu = mu_from_enc ? out.narrow(1, 0, k) : R.mu;
     if (sig_from_enc) {
       sig_pre = out.narrow(1, k, k);
@@ -719,7 +815,7 @@ std::tuple<at::Tensor, at::Tensor> core(const Problem& P, const RowSet& R, const
   }
   std::vector<at::Tensor> dec_pre, dec_out;
   const bool grad = mode > 0;
-  at::Tensor y = mlp_forward(dec, z, grad ? &dec_pre : nullptr, grad ? &dec_out : nullptr).contiguous();
+  at::Tensor y = mlp_forward(dec, z, grad ? &dec_pre : nullptr, grad ? &dec_out : nullptr, bf16).contiguous();
   center = center.contiguous();
   // With a sigmoid last layer the epilogue also applies the sigmoid's derivative (fused).
   const bool sigmoid_last = dec.acts.back() == kAttSigmoid;
@@ -728,7 +824,7 @@ std::tuple<at::Tensor, at::Tensor> core(const Problem& P, const RowSet& R, const
   if (mode == 0) return {value, at::empty({0}, x_.options())};
 
   // Backward through the decoder, the latent sample and the encoder.
-  at::Tensor gz = mlp_backward(dec, gy, dec_pre, dec_out, sigmoid_last);  // (S N, k)
+  at::Tensor gz = mlp_backward(dec, gy, dec_pre, dec_out, sigmoid_last, bf16);  // (S N, k)
   at::Tensor gdelta;
   if (mu_from_enc || sig_from_enc) {
     // d/d encoder outputs: [sum_s gz | softplus'(pre) * sum_s gz * eta] (zeros for what delta does not reach)
@@ -755,7 +851,7 @@ std::tuple<at::Tensor, at::Tensor> core(const Problem& P, const RowSet& R, const
           pgo[n * E + k + i] = x > 20.0f ? gs : gs * ez / (ez + 1.0f);
         }
       }
-    gdelta = mlp_backward(enc, gout, enc_pre, enc_out);
+    gdelta = mlp_backward(enc, gout, enc_pre, enc_out, false, bf16);
   } else {
     gdelta = at::zeros({N, D}, x_.options());
   }
@@ -807,7 +903,7 @@ std::tuple<at::Tensor, at::Tensor> mlp_attack_step_cpu(
   const int64_t draws = n_half > 0 ? 2 * n_half : (eta_.numel() > 0 ? eta_.size(0) : 1);
   const Problem P = make_problem(x_, center_, mu_fix_, sig_fix_, ka_, kb_, n_half, enc_w, enc_b, enc_acts, dec_w, dec_b,
                                  dec_acts, route, sigma_kind, sigma_offset, radius_, mode == 2, lo_box, hi_box,
-                                 delta_.size(0) * draws);
+                                 delta_.size(0) * draws, mode == 2);
   check_call(P, rows_, delta_, eta_, j0, n_half);
   if (mode == 2) {
     check_tensor(step_len_, "step_len", at::kFloat, at::Device(at::kCPU), 1);
@@ -947,7 +1043,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_stall_ascent_cpu(
   const int64_t group_rows = (delta0_.size(0) + groups - 1) / groups;
   const Problem P = make_problem(x_, center_, mu_fix_, sig_fix_, ka_, kb_, n_half, enc_w, enc_b, enc_acts, dec_w, dec_b,
                                  dec_acts, route, sigma_kind, sigma_offset, radius_, true, lo_box, hi_box,
-                                 group_rows * draws);
+                                 group_rows * draws, steps > 0);
   check_call(P, rows_, delta0_, eval_eta_, 0, 0);
   TORCH_CHECK(n_half >= 0 && steps * n_half < (int64_t(1) << 32), "steps * n_half must stay below 2^32");
   TORCH_CHECK(steps >= 0 && check_every >= 1, "steps must be >= 0 and check_every >= 1");
