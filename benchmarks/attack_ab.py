@@ -15,10 +15,7 @@ threads the CPU seconds sum the threads, so read the wall seconds beside them.
 """
 import argparse
 import json
-import os
 import sys
-from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 
@@ -26,21 +23,6 @@ sys.path.insert(0, "benchmarks")
 import margin_convergence as mcv  # noqa: E402
 from robbench.cli import _add_run_arguments, config_from_args
 from robbench.plugins import get_registries
-
-
-@contextmanager
-def environment(env: dict[str, str]) -> Iterator[None]:
-    """Sets env's variables for the block and restores the previous values."""
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update({k: str(v) for k, v in env.items()})
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, cand in cands.items():  # interleaved, so a change of load hits every candidate alike
                 cand = dict(cand)
                 margin_over = cand.pop("_margin", {})
-                with environment(cand.pop("_env", {})):
+                with mcv.environment(cand.pop("_env", {})):
                     r = mcv.measure(model, x, ids, attack, {**attack.defaults, **cand},
                                     {**margin_defaults, **margin_over}, run)
                 if name in res:

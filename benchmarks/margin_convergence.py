@@ -7,24 +7,30 @@ of the default attack versus the earlier one, on the main command's models (or a
 
 Variants (each the margin estimator's defaults unless said otherwise; same points, same seeds, so the
 Monte Carlo streams are common and differences come from the attack):
-  default     the default max_damage attack (mean-decoder pre-solve, eta redrawn per step, stall stop)
-  steps_x10   10x pre-solve and refinement steps, 10x smaller stall tolerance and final step
-  eta_x10     10x eta draws per step and for scoring
+  default     the default max_damage attack (mean-decoder pre-solve, eta redrawn per step, stall stop;
+              on the compiled engine its steps' large products in bf16, ROBBENCH_ATTACK_BF16=steps)
+  fp32        the default attack with every product in fp32 (ROBBENCH_ATTACK_BF16=off)
+  steps_x10   10x pre-solve and refinement steps, 10x smaller stall tolerance and final step (fp32)
+  eta_x10     10x eta draws per step and for scoring (fp32)
   old         the earlier attack and bisection: eta fixed for the whole call (8 draws), 40 steps cold and
               10 warm, absolute tolerance 0.05, no screening (kept for the cost ratio; its R is biased upwards;
               it always runs on the torch engine, as when issue 14's table was measured)
   old_eta4    ``old`` with 4 fixed draws (what ``old`` ran with while the default eta_samples was 4)
 Reported per model: mean R, the change of mean R and the mean |change| of R per point relative to
 ``default`` (the convergence criterion: <= 1% when the budget is multiplied by 10), attack and Monte
-Carlo seconds, decoder samples per point. Models come from the model cache (trained when missing).
+Carlo seconds, decoder samples per point; and the excess of ``default`` and ``fp32`` over the long
+references steps_x10 / eta_x10 (their mean R change, mean |change| and worst point; the long references
+run in fp32, so both are measured against the same optimum). Models come from the model cache (trained when missing).
 Rows on max_damage's compiled engine are those its op reports (robbench_plugins.fused_attack.ROWS).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -45,19 +51,39 @@ OLD_MARGIN = {"tolerance": 0.05, "rel_tolerance": None, "warm_steps": 10, "refin
 OLD_ATTACK = {"eta_redraw": False, "step_size": 0.5, "steps": 40, "eta_samples": 8}
 
 
-def variants(attack_defaults: dict[str, Any]) -> dict[str, tuple[dict[str, Any], dict[str, Any]]]:
-    """name -> (attack params, margin overrides)."""
+FP32 = {"ROBBENCH_ATTACK_BF16": "off"}  # the compiled engine's products all in fp32
+
+
+def variants(attack_defaults: dict[str, Any]) -> dict[str, tuple[dict[str, Any], dict[str, Any], dict[str, str]]]:
+    """name -> (attack params, margin overrides, environment variables set while it runs)."""
     d = attack_defaults
     return {
-        "default": ({}, {}),
+        "default": ({}, {}, {}),
+        "fp32": ({}, {}, FP32),
         "steps_x10": ({"presolve_steps": 10 * d["presolve_steps"], "steps": 10 * d["steps"],
                        "warm_presolve_steps": 10 * d["warm_presolve_steps"],
                        "warm_refine_steps": 10 * d["warm_refine_steps"],
-                       "stall_tol": d["stall_tol"] / 10, "min_step": d["min_step"] / 10}, {}),
-        "eta_x10": ({"eta_samples": 10 * d["eta_samples"], "eval_samples": 10 * d["eval_samples"]}, {}),
-        "old": (OLD_ATTACK, OLD_MARGIN),
-        "old_eta4": ({**OLD_ATTACK, "eta_samples": 4}, OLD_MARGIN),
+                       "stall_tol": d["stall_tol"] / 10, "min_step": d["min_step"] / 10}, {}, FP32),
+        "eta_x10": ({"eta_samples": 10 * d["eta_samples"], "eval_samples": 10 * d["eval_samples"]}, {}, FP32),
+        "old": (OLD_ATTACK, OLD_MARGIN, {}),
+        "old_eta4": ({**OLD_ATTACK, "eta_samples": 4}, OLD_MARGIN, {}),
     }
+
+
+@contextmanager
+def environment(env: dict[str, str]) -> Iterator[None]:
+    """Sets env's variables for the block and restores the previous values (the compiled engine reads its
+    A/B switches at each op call, so variants can be interleaved in one process)."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update({k: str(v) for k, v in env.items()})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class Counting(torch.nn.Module):
@@ -167,17 +193,21 @@ def trained_models(cfg: Any, regs: Any, data: Any) -> Iterator[tuple[Any, torch.
 
 
 def compare(base: list[float], other: list[float]) -> dict[str, float]:
+    """Margins ``other`` against ``base`` point by point (uncensored points): change of the mean, mean |change|,
+    the largest increase and the largest decrease (relative; 0 when none), identical points."""
     pairs = [(b, o) for b, o in zip(base, other) if b == b and o == o and b > 0]
     mean_b = sum(b for b, _ in pairs) / len(pairs)
     mean_o = sum(o for _, o in pairs) / len(pairs)
-    return {"mean_change": mean_o / mean_b - 1.0,
-            "mean_abs_change": sum(abs(o / b - 1.0) for b, o in pairs) / len(pairs)}
+    rel = [o / b - 1.0 for b, o in pairs]
+    return {"mean_change": mean_o / mean_b - 1.0, "mean_abs_change": sum(abs(r) for r in rel) / len(rel),
+            "max_up": max([0.0] + rel), "max_down": min([0.0] + rel),
+            "identical": sum(b == o for b, o in pairs), "compared": len(pairs)}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     _add_run_arguments(parser)
-    parser.add_argument("--variants", default="default,steps_x10,eta_x10,old,old_eta4")
+    parser.add_argument("--variants", default="default,fp32,steps_x10,eta_x10,old,old_eta4")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run the variants this many times, interleaved, and keep each one's fastest run "
                              "(timings on a shared machine swing with its load; margins do not change)")
@@ -200,9 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         rec: dict[str, Any] = {"model": mc.label, "seed": mc.seed}
         for _ in range(max(args.repeat, 1)):
             for name in names:  # interleaved, so a change of load hits every variant alike
-                attack_params, overrides = chosen[name]
-                res = measure(model, x, ids, attack, {**base, **attack_params},
-                              {**margin_defaults, **overrides}, run)
+                attack_params, overrides, env = chosen[name]
+                with environment(env):
+                    res = measure(model, x, ids, attack, {**base, **attack_params},
+                                  {**margin_defaults, **overrides}, run)
                 if name in rec:
                     for key in ("attack_s", "attack_cpu_s", "mc_s"):
                         res[key] = min(res[key], rec[name][key])
@@ -210,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             if name != "default" and "default" in rec:
                 rec[name].update(compare(rec["default"]["margin"], rec[name]["margin"]))
+        rec["excess"] = {f"{a}_over_{ref}": compare(rec[ref]["margin"], rec[a]["margin"])
+                         for a in ("default", "fp32") for ref in ("steps_x10", "eta_x10") if a in rec and ref in rec}
         out["models"].append(rec)
         print(f"{mc.label} seed {mc.seed}")
         for name in names:
@@ -219,8 +252,13 @@ def main(argv: list[str] | None = None) -> int:
                     f" (cpu {v['attack_cpu_s']:6.2f} s, {v['attack_rows'] / 1e6:6.2f} M enc/dec rows)"
                     f"  MC {v['mc_s']:6.2f} s  samples/point {v['samples_per_point']:8.0f}")
             if "mean_change" in v:
-                line += f"  vs default: mean R {100 * v['mean_change']:+.2f}%  mean |dR| {100 * v['mean_abs_change']:.2f}%"
+                line += (f"  vs default: mean R {100 * v['mean_change']:+.2f}%  mean |dR| {100 * v['mean_abs_change']:.2f}%"
+                         f"  max {100 * v['max_up']:+.2f}% / {100 * v['max_down']:+.2f}%"
+                         f"  identical {v['identical']}/{v['compared']}")
             print(line, flush=True)
+        for key, c in rec["excess"].items():
+            print(f"  excess {key:26s} mean R {100 * c['mean_change']:+.2f}%  mean |dR| {100 * c['mean_abs_change']:.2f}%"
+                  f"  max {100 * c['max_up']:+.2f}% / {100 * c['max_down']:+.2f}%", flush=True)
         for ref in ("old", "old_eta4"):
             if ref not in rec or "default" not in rec:
                 continue

@@ -206,3 +206,41 @@ def test_the_attack_with_bf16_steps_reaches_the_fp32_attacks_objective(monkeypat
     assert bool((objective["steps"] >= 0.98 * objective["off"]).all()), (objective["steps"], objective["off"])
     assert float(objective["steps"].mean()) >= 0.995 * float(objective["off"].mean())
     assert bool((objective["steps"] - random > 0.5 * (objective["off"] - random)).all())
+
+
+@needs_brgemm
+@pytest.mark.parametrize("config", ["k24_close_top_singular_values", "k32_s1"])
+def test_known_answer_through_the_bf16_steps(monkeypatch, config):
+    """The two noise-dominated linear-Gaussian known answers (tests/test_fused_attack_known_answer.py) on
+    1536-pixel inputs, so that both linear layers are large (36864 / 49152 weights) and every ascent step's
+    products run in bf16: every point's margin within 2% of the closed form, the mean within 0.5%."""
+    from robbench.protocols import EstimationContext
+    from robbench.settings import RunSettings
+    from robbench_plugins.analytic import LinearGaussianVAE
+    from test_fused_attack_known_answer import MARGIN, as_mlp_vae
+    from test_margin_known_answer import CONFIGS
+
+    monkeypatch.setenv("ROBBENCH_ATTACK_BF16", "steps")
+    kwargs, r = CONFIGS[config]
+    exact_model = LinearGaussianVAE(**kwargs, input_shape=(1, 32, 48))
+    model = as_mlp_vae(exact_model)
+    assert model.encoder[1].weight.numel() >= LARGE and model.decoder[0].weight.numel() >= LARGE
+    exact = exact_model.exact_margin(r)
+    assert exact * float(exact_model.top_direction.abs().max()) < 0.5  # the pixel box does not bind
+    streams = 32
+    attack = MaxDamageAttack()
+    ctx = EstimationContext(model=model, attack=attack, attack_params={**attack.defaults, "engine": "compiled"},
+                            params={**MARGIN.defaults, "keep_adversarial": False}, point_ids=torch.arange(streams),
+                            run=RunSettings(r=r, m=0.5, confidence=0.95, backend="auto", seed=0))
+    before, threads = fa.ROWS["decode"], torch.get_num_threads()
+    torch.set_num_threads(1)  # one row group: the same run on every machine
+    try:
+        rows = MARGIN(ctx, torch.full((streams, *model.input_shape), 0.5))
+    finally:
+        torch.set_num_threads(threads)
+    assert fa.ROWS["decode"] > before  # the attack ran in the op
+    errors = torch.tensor([row["margin"] / exact - 1.0 for row in rows])
+    assert float(errors.abs().max()) <= 0.02, (float(errors.mean()), float(errors.abs().max()))
+    assert abs(float(errors.mean())) <= 0.005
+    covered = sum(row["margin_lo"] <= exact <= row["margin_hi"] for row in rows)
+    assert covered >= 0.95 * len(rows) - 1
