@@ -42,6 +42,7 @@
 #include "common/bf16_product.h"
 #include "common/checks.h"
 #include "common/rng.h"
+#include "common/sigmoid.h"
 
 #include <dlfcn.h>
 #include <immintrin.h>
@@ -285,14 +286,53 @@ std::pair<std::shared_ptr<const Bf16Product>, std::shared_ptr<const Bf16Product>
   return {e.fwd, e.bwd};
 }
 
+// The bias and activation applied in place to n rows of y (stride P) right after their product, while the
+// rows are in cache: y = act(y + b), act none, relu or sigmoid (the own fp32 sigmoid of common/sigmoid.h,
+// within 5.4 v of the exact one: these are step directions, not values).
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+void bias_act_rows(float* y, int64_t n, int64_t P, const float* b, int64_t act) {
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t r = 0; r < n; ++r) {
+    float* yr = y + r * P;
+    for (int64_t j = 0; j < P; j += 16) {
+      const __mmask16 m = P - j >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (P - j)) - 1u);
+      __m512 v = _mm512_maskz_loadu_ps(m, yr + j);
+      if (b) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, b + j));
+      if (act == kAttRelu) v = _mm512_max_ps(zero, v);  // max(0, NaN) is NaN, as at::relu
+      else if (act == kAttSigmoid) v = sigmoid_avx512(v);
+      _mm512_mask_storeu_ps(yr + j, m, v);
+    }
+  }
+}
+
+bool fused_bf16_epilogue_available() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl");
+  return ok;
+}
+
 // y (N, P) = x ŵ^T (+ b) through a Bf16Product: x rounded to bf16 (RNE), exact products, fp32 accumulation
-// and output. x: (N, prod.K) fp32.
-at::Tensor bf16_linear(const at::Tensor& x, const Bf16Product& prod, const at::Tensor& b) {
+// and output. x: (N, prod.K). With `fused` (forward layers), relu and
+// sigmoid are applied too, per row tile right after its product, and *fused is set (the layer's output then
+// stands for its pre-activation, as on oneDNN's fused path).
+at::Tensor bf16_linear(const at::Tensor& x, const Bf16Product& prod, const at::Tensor& b, int64_t act = kAttNone,
+                       bool* fused = nullptr) {
   const at::Tensor xb = x.to(at::kBFloat16).contiguous();
-  const int64_t N = xb.size(0);
-  at::Tensor y = at::empty({N, prod.P}, x.options());
-  if (N > 0) prod.run(reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>()), N, y.data_ptr<float>(), prod.P);
-  if (b.defined()) y.add_(b);
+  const int64_t N = xb.size(0), K = prod.K, P = prod.P;
+  at::Tensor y = at::empty({N, P}, xb.options().dtype(at::kFloat));
+  const bool epi = fused_bf16_epilogue_available();
+  const bool fuse_act = epi && fused && (act == kAttRelu || act == kAttSigmoid);
+  const at::Tensor bc = b.defined() ? b.contiguous() : at::Tensor();
+  const uint16_t* px = reinterpret_cast<const uint16_t*>(xb.data_ptr<at::BFloat16>());
+  float* py = y.data_ptr<float>();
+  for (int64_t r0 = 0; r0 < N; r0 += Bf16Product::kRows) {
+    const int64_t m = std::min(Bf16Product::kRows, N - r0);
+    prod.run(px + r0 * K, m, py + r0 * P, P);
+    if (epi && (bc.defined() || fuse_act))
+      bias_act_rows(py + r0 * P, m, P, bc.defined() ? bc.data_ptr<float>() : nullptr, fuse_act ? act : kAttNone);
+  }
+  if (!epi && bc.defined()) y.add_(bc);
+  if (fused) *fused = fuse_act;
   return y;
 }
 
@@ -487,7 +527,7 @@ at::Tensor mlp_forward(const Mlp& net, at::Tensor h, std::vector<at::Tensor>* pr
   for (size_t l = 0; l < net.w.size(); ++l) {
     bool fused = false;
     const Bf16Product* prod = bf16_of(net, l, false, bf16);
-    at::Tensor pre = prod ? bf16_linear(h, *prod, net.b[l])
+    at::Tensor pre = prod ? bf16_linear(h, *prod, net.b[l], net.acts[l], &fused)
                           : linear(h, net.w[l], net.b[l], net.acts[l], &fused, false,
                                    net.packed.empty() ? at::Tensor() : net.packed[l]);
     h = fused ? pre : act_forward(pre, net.acts[l]);
