@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, r in res.items():
             finite = [v for v in r["margin"] if v == v]
             line = (f"{mc.label:20s} {name:12s} R {sum(finite) / max(len(finite), 1):.4f} attack {r['attack_s']:.2f}s "
-                    f"cpu {r['attack_cpu_s']:.2f}s rows {r['attack_rows'] / 1e3:.1f}k MC {r['mc_s']:.1f}s "
+                    f"cpu {r['attack_cpu_s']:.2f}s rows {r['attack_rows'] / 1e3:.1f}k MC {r['mc_s']:.2f}s "
+                    f"whole {r['attack_s'] + r['mc_s']:.2f}s "
                     f"samples/point {r['samples_per_point']:.0f}")
             if name != "ref":
                 cmp = mcv.compare(res["ref"]["margin"], r["margin"])

@@ -252,12 +252,14 @@ def main(argv: list[str] | None = None) -> int:
                     f" (cpu {v['attack_cpu_s']:6.2f} s, {v['attack_rows'] / 1e6:6.2f} M enc/dec rows)"
                     f"  MC {v['mc_s']:6.2f} s  samples/point {v['samples_per_point']:8.0f}")
             if "mean_change" in v:
-                line += (f"  vs default: mean R {100 * v['mean_change']:+.2f}%  mean |dR| {100 * v['mean_abs_change']:.2f}%"
+                line += (f"  vs default: mean R {100 * v['mean_change']:+.2f}%"
+                         f"  mean |dR| {100 * v['mean_abs_change']:.2f}%"
                          f"  max {100 * v['max_up']:+.2f}% / {100 * v['max_down']:+.2f}%"
                          f"  identical {v['identical']}/{v['compared']}")
             print(line, flush=True)
         for key, c in rec["excess"].items():
-            print(f"  excess {key:26s} mean R {100 * c['mean_change']:+.2f}%  mean |dR| {100 * c['mean_abs_change']:.2f}%"
+            print(f"  excess {key:26s} mean R {100 * c['mean_change']:+.2f}%"
+                  f"  mean |dR| {100 * c['mean_abs_change']:.2f}%"
                   f"  max {100 * c['max_up']:+.2f}% / {100 * c['max_down']:+.2f}%", flush=True)
         for ref in ("old", "old_eta4"):
             if ref not in rec or "default" not in rec:

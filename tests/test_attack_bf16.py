@@ -32,7 +32,8 @@ LARGE = 32768  # kDnnlMinWeights: layers with at least this many weights take th
 def _brgemm_usable() -> bool:
     """True where the bf16 product can run here (AVX512-BF16 and oneDNN's brgemm): else the op keeps fp32."""
     try:
-        torch.ops.robbench.bf16_product(torch.zeros(1, 32, dtype=torch.bfloat16), torch.zeros(32, 16, dtype=torch.bfloat16))
+        hb, wt = torch.zeros(1, 32, dtype=torch.bfloat16), torch.zeros(32, 16, dtype=torch.bfloat16)
+        torch.ops.robbench.bf16_product(hb, wt)
         return True
     except RuntimeError:
         return False
