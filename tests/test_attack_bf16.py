@@ -245,3 +245,19 @@ def test_known_answer_through_the_bf16_steps(monkeypatch, config):
     assert abs(float(errors.mean())) <= 0.005
     covered = sum(row["margin_lo"] <= exact <= row["margin_hi"] for row in rows)
     assert covered >= 0.95 * len(rows) - 1
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration")
+def test_mkldnn_disabled_keeps_fp32(monkeypatch):
+    """With torch.backends.mkldnn disabled brgemm is unusable: even ``all`` then runs every product in fp32
+    (no error), and the bf16 products come back once it is enabled again."""
+    m, x, mu_c, sig_c, center, rows, delta, eta = _problem()
+    op = fa.FusedObjective(fa.fused_spec(m), x, center, mu_c, sig_c, torch.full((4,), 2.0), "both", (0.0, 1.0))
+    v32, g32 = _autograd(m, x, mu_c, sig_c, center, rows, delta, eta, "both")
+    monkeypatch.setenv("ROBBENCH_ATTACK_BF16", "all")
+    with torch.backends.mkldnn.flags(enabled=False):
+        v, g = op.value(rows, delta, eta), op.gradient(rows, delta, eta).view_as(delta)
+    torch.testing.assert_close(v, v32, rtol=1e-5, atol=1e-5)
+    assert float((g - g32).norm() / g32.norm()) < 1e-4
+    if _brgemm_usable():
+        assert float(((op.value(rows, delta, eta) - v32) / v32).abs().max()) > 1e-4
