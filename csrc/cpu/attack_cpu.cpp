@@ -312,9 +312,9 @@ bool fused_bf16_epilogue_available() {
 }
 
 // y (N, P) = x ŵ^T (+ b) through a Bf16Product: x rounded to bf16 (RNE), exact products, fp32 accumulation
-// and output. x: (N, prod.K). With `fused` (forward layers), relu and
-// sigmoid are applied too, per row tile right after its product, and *fused is set (the layer's output then
-// stands for its pre-activation, as on oneDNN's fused path).
+// and output. x: (N, prod.K). With `fused` (forward layers), relu and sigmoid are applied too, per row tile
+// right after its product, and *fused is set (the layer's output then stands for its pre-activation, as on
+// oneDNN's fused path).
 at::Tensor bf16_linear(const at::Tensor& x, const Bf16Product& prod, const at::Tensor& b, int64_t act = kAttNone,
                        bool* fused = nullptr) {
   const at::Tensor xb = x.to(at::kBFloat16).contiguous();
