@@ -142,7 +142,8 @@ def test_opcheck():
     g = torch.Generator().manual_seed(5)
     hb, wt = torch.randn(9, 20, generator=g).bfloat16(), torch.randn(20, 7, generator=g).bfloat16()
     product(hb, wt)
-    torch.library.opcheck(torch.ops.robbench.bf16_product.default, (hb, wt), test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.robbench.bf16_product.default, (hb, wt),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.filterwarnings("ignore:TF32 acceleration")

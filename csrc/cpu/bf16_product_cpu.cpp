@@ -43,8 +43,10 @@ at::Tensor pack_vnni(const at::Tensor& wt, bool swap_pairs) {
   for (int64_t c0 = 0; c0 < P; c0 += Bf16Product::kCols) {
     const int64_t w = std::min(Bf16Product::kCols, P - c0), ld = block_ld(w);
     uint16_t* blk = dst + c0 * K2 * 2;
-    for (int64_t k = 0; k < K; ++k)
-      for (int64_t j = 0; j < w; ++j) blk[(k / 2) * ld * 2 + j * 2 + ((k & 1) ^ int64_t{swap_pairs})] = src[k * P + c0 + j];
+    for (int64_t k = 0; k < K; ++k) {
+      uint16_t* pair_row = blk + (k / 2) * ld * 2 + ((k & 1) ^ int64_t{swap_pairs});
+      for (int64_t j = 0; j < w; ++j) pair_row[j * 2] = src[k * P + c0 + j];
+    }
   }
   return out;
 }
