@@ -250,8 +250,13 @@ def test_known_answer_through_the_bf16_steps(monkeypatch, config):
 @pytest.mark.filterwarnings("ignore:TF32 acceleration")
 def test_mkldnn_disabled_keeps_fp32(monkeypatch):
     """With torch.backends.mkldnn disabled brgemm is unusable: even ``all`` then runs every product in fp32
-    (no error), and the bf16 products come back once it is enabled again."""
+    (no error), and the bf16 products come back once it is enabled again. The large weights are new to the
+    process (scaled by 1 + 2^-10), so the first lookup of their products happens while mkldnn is disabled:
+    that refusal must not be cached."""
     m, x, mu_c, sig_c, center, rows, delta, eta = _problem()
+    with torch.no_grad():
+        for w in (m.encoder[1].weight, m.decoder[-2].weight):
+            w.mul_(1.0 + 2.0 ** -10)
     op = fa.FusedObjective(fa.fused_spec(m), x, center, mu_c, sig_c, torch.full((4,), 2.0), "both", (0.0, 1.0))
     v32, g32 = _autograd(m, x, mu_c, sig_c, center, rows, delta, eta, "both")
     monkeypatch.setenv("ROBBENCH_ATTACK_BF16", "all")
@@ -261,3 +266,111 @@ def test_mkldnn_disabled_keeps_fp32(monkeypatch):
     assert float((g - g32).norm() / g32.norm()) < 1e-4
     if _brgemm_usable():
         assert float(((op.value(rows, delta, eta) - v32) / v32).abs().max()) > 1e-4
+
+
+SHAPE_ODD = (1, 29, 31)  # 899 pixels: no product dimension a multiple of 16
+
+
+def _odd_model(kind: str):
+    """Small-width models whose large layers (>= LARGE weights) have odd K and P (899 / 37 / 181 / 200 / 40),
+    the bf16 epilogue's activations fused (relu, sigmoid) or not (identity, tanh), both sigma routes:
+    A: relu hidden (fused, 899 -> 37), identity last decoder layer (37 -> 899); B: a one-layer encoder whose
+    bf16 output is [mu | softplus pre] (899 -> 40), sigmoid hidden (fused, 181 -> 200) and sigmoid last;
+    C: FixedSigmaVAE (sigma_kind 1), tanh hidden (not fused, 899 -> 37), relu last (fused, 37 -> 899)."""
+    from robbench_plugins import models
+
+    torch.manual_seed(3)
+    flat, D = nn.Flatten(), 899
+    if kind == "A":
+        m = models.VAE(SHAPE_ODD, 3, nn.Sequential(flat, nn.Linear(D, 37), nn.ReLU(), nn.Linear(37, 6)),
+                       nn.Sequential(nn.Linear(3, 37), nn.ReLU(), nn.Linear(37, D)), nn.Identity())
+    elif kind == "B":
+        m = models.VAE(SHAPE_ODD, 20, nn.Sequential(flat, nn.Linear(D, 40)),
+                       nn.Sequential(nn.Linear(20, 181), nn.Sigmoid(), nn.Linear(181, 200), nn.Sigmoid(),
+                                     nn.Linear(200, D), nn.Sigmoid()), nn.Identity(), tau=0.2)
+    else:
+        m = models.FixedSigmaVAE(SHAPE_ODD, 3, nn.Sequential(flat, nn.Linear(D, 37), nn.Tanh(), nn.Linear(37, 3)),
+                                 nn.Sequential(nn.Linear(3, 37), nn.ELU(), nn.Linear(37, D), nn.ReLU()),
+                                 nn.Identity(), sigma=0.4)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(2.0)
+    return m.eval()
+
+
+def _odd_reference(m, x, center, rows, delta, eta):
+    """As _bf16_reference for any of _odd_model's models, and eta None (the mean-decoder distance)."""
+    from robbench_plugins import models
+
+    md = copy.deepcopy(m).double()
+    d = delta.double().clone().requires_grad_(True)
+    out = _run(md.encoder, x[rows].double() + d)
+    k = m.latent_dim
+    if isinstance(m, models.FixedSigmaVAE):
+        mu, sig = out, (md.log_sigma.exp() + md.tau).expand_as(out)
+    else:
+        mu, sig = out[:, :k], nn.functional.softplus(out[:, k:]) + models.SIGMA_EPS + md.tau
+    if eta is None:
+        v = (_run(md.decoder, mu) - center[rows].double()).norm(dim=1)
+    else:
+        z = mu.unsqueeze(0) + eta[:, rows].double() * sig.unsqueeze(0)
+        rec = _run(md.decoder, z.reshape(-1, k)).view(eta.shape[0], len(rows), -1)
+        v = ((rec - center[rows].double()).pow(2).sum(2) + 1e-12).sqrt().mean(0)
+    (g,) = torch.autograd.grad(v.sum(), d)
+    return v.detach(), g
+
+
+@needs_brgemm
+@pytest.mark.parametrize("kind", ["A", "B", "C"])
+def test_bf16_products_on_odd_shapes_one_row_and_row_tails(monkeypatch, kind):
+    """``all`` on layers whose K and P are no multiples of 16 / 64, on 1 row and on 70 encoder rows (70 and
+    210 decoder rows: a 64-row tile plus a tail), with and without draws: value and gradient per row against
+    the float64 reference on bf16 operands. An fp32 value that lies within an ulp or so of a bf16 rounding
+    midpoint can round the other way in the op than in the reference (shown for one row at 1 % of a small
+    distance, reproduced exactly by flipping that one operand); so every row is held to 1 % (value) / 5 %
+    (gradient), the typical row (median) to 1e-5 / 1e-4, while the fp32 engine's typical row is farther."""
+    m = _odd_model(kind)
+    B = 5
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand((B, *SHAPE_ODD), generator=gen)
+    with torch.no_grad():
+        mu_c, sig_c = m.encode(x)
+        center = m.decode(mu_c).flatten(1)
+    op = fa.FusedObjective(fa.fused_spec(m), x, center, mu_c, sig_c, torch.full((B,), 2.0), "both", (0.0, 1.0))
+    for rows in (torch.tensor([2]), torch.arange(70) % B):
+        delta = 0.2 * torch.randn((len(rows), *SHAPE_ODD), generator=gen)
+        for eta in (None, torch.randn(3, B, m.latent_dim, generator=gen)):
+            v_ref, g_ref = _odd_reference(m, x, center, rows, delta, eta)
+            err = {}
+            for mode in ("all", "off"):
+                monkeypatch.setenv("ROBBENCH_ATTACK_BF16", mode)
+                v, g = op.value(rows, delta, eta), op.gradient(rows, delta, eta).view_as(delta)
+                ev = ((v.double() - v_ref) / v_ref).abs()
+                eg = (g.double() - g_ref).flatten(1).norm(dim=1) / g_ref.flatten(1).norm(dim=1)
+                err[mode] = ev, eg
+            ev, eg = err["all"]
+            assert float(ev.max()) < 1e-2 and float(eg.max()) < 5e-2, (len(rows), eta is None, ev.max(), eg.max())
+            assert float(ev.median()) < 1e-5 and float(eg.median()) < 1e-4, (ev.median(), eg.median())
+            assert float(err["off"][1].median()) > 10 * float(eg.median())  # the bf16 products really ran
+
+
+@needs_brgemm
+def test_a_weight_changed_in_place_is_not_served_stale(monkeypatch):
+    """The bf16 products are cached by the weight's contents: after an in-place change of both large weights
+    (same tensors, same addresses, as an optimiser step does) the op's bf16 value and gradient are those of
+    the new weights, not the old ones."""
+    m, x, mu_c, sig_c, center, rows, delta, eta = _problem()
+    spec = fa.fused_spec(m)  # holds the model's weight tensors themselves (no copies)
+    op = fa.FusedObjective(spec, x, center, mu_c, sig_c, torch.full((4,), 2.0), "both", (0.0, 1.0))
+    monkeypatch.setenv("ROBBENCH_ATTACK_BF16", "all")
+    before = op.value(rows, delta, eta)
+    large = (m.encoder[1].weight, m.decoder[-2].weight)
+    assert spec.enc[0][0].data_ptr() == large[0].data_ptr() and spec.dec[0][-1].data_ptr() == large[1].data_ptr()
+    with torch.no_grad():
+        for w in large:
+            w.mul_(0.75)
+    v_ref, g_ref = _bf16_reference(m, spec, x, center, rows, delta, eta)
+    v, g = op.value(rows, delta, eta), op.gradient(rows, delta, eta).view_as(delta)
+    assert float(((v.double() - v_ref) / v_ref).abs().max()) < 1e-5
+    assert float((g.double() - g_ref).norm() / g_ref.norm()) < 1e-3  # (5e-5 here: bf16 rounding-tie flips)
+    assert float(((v - before) / before).abs().max()) > 1e-2
