@@ -1,0 +1,56 @@
+"""Distribution over attack seeds of E / p_r of the delta found at a fixed radius, cold or warm from the default
+chain's delta at --from-radius (the default chain's attacked delta there), per attack setting."""
+from __future__ import annotations
+import argparse, json, sys
+import torch
+sys.path.insert(0, "benchmarks"); sys.path.insert(0, __import__("os").path.dirname(__file__))
+from margin_convergence import environment, margin_inputs, measure, trained_models, FP32
+from robbench.cli import _add_run_arguments, config_from_args
+from robbench.plugins import get_registries
+from robbench.margin import estimate_probability, fit_warm_start
+from robbench.protocols import call_attack
+from robbench_plugins.attacks import expected_damage
+from trace_chain import Rec
+
+def main():
+    ap = argparse.ArgumentParser(); _add_run_arguments(ap)
+    ap.add_argument("--pick", default="9,20"); ap.add_argument("--beta", default="10.0")
+    ap.add_argument("--radius", type=float, default=3.75); ap.add_argument("--from-radius", type=float, default=2.5)
+    ap.add_argument("--seeds", type=int, default=8); ap.add_argument("--tries", required=True)
+    a = ap.parse_args(); torch.set_num_threads(1)
+    cfg = config_from_args(a); regs = get_registries()
+    data, x, ids, run = margin_inputs(cfg, regs)
+    pick = torch.tensor([int(i) for i in a.pick.split(",")]); x, ids = x[pick], ids[pick]
+    md = dict(regs.estimators.get("margin").defaults)
+    attack = regs.attacks.get("max_damage"); D = attack.defaults
+    g = torch.Generator().manual_seed(123)
+    for mc, model in trained_models(cfg, regs, data):
+        if a.beta not in mc.label: continue
+        rec = Rec(attack)
+        with environment(FP32):
+            measure(model, x, ids, rec, dict(D), md, run)
+        src = torch.zeros_like(x)
+        for pids, rad, d, warm in rec.calls:
+            for i, pid in enumerate(pids.tolist()):
+                if abs(float(rad[i]) - a.from_radius) < 1e-6:
+                    src[ids.tolist().index(pid)] = d[i]
+        R = torch.full((len(ids),), a.radius, dtype=x.dtype)
+        init = fit_warm_start(x, src, R)
+        fr = torch.full_like(R, a.from_radius)
+        for name, ov in json.loads(a.tries).items():
+            ov = dict(ov); warm = ov.pop("_warm", False)
+            Es, Ps = [], []
+            for s in range(a.seeds):
+                gen = torch.Generator().manual_seed(1000 + s)
+                with environment(FP32):
+                    out = call_attack(attack, model, x, R, params={**D, **ov}, generator=gen,
+                                      init=init if warm else None, point_ids=ids, init_radius=fr if warm else None)
+                with torch.no_grad():
+                    Es.append(expected_damage(model, x, out.delta, n_samples=2048, generator=g))
+                    Ps.append(estimate_probability(model, x, out.delta, r=run["r"], n_samples=8192, seed=7,
+                                                   stream_ids=ids).p)
+            E, P = torch.stack(Es), torch.stack(Ps)
+            for b in range(len(ids)):
+                print(f"  {name:24s} point {int(pick[b])}: E " + " ".join(f"{v:.2f}" for v in E[:, b].tolist())
+                      + "  p " + " ".join(f"{v:.2f}" for v in P[:, b].tolist()), flush=True)
+main()
