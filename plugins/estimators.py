@@ -66,6 +66,8 @@ class BuiltinEstimator:
     input_sizes: tuple[str, ...] = ()
     pixel_sizes: tuple[str, ...] = ()
     constraints: dict[str, Param] = field(default_factory=dict)  # what each parameter accepts
+    # Parameters added later, left out of job keys at these values (robbench.runner.keyed_params)
+    unkeyed: dict[str, Any] = field(default_factory=dict)
 
     def __call__(self, ctx: EstimationContext, x: Tensor) -> list[Row]:
         return self.fn(ctx, x)
@@ -85,7 +87,8 @@ def _margin_result(ctx: EstimationContext, x: Tensor, attack: Any, attack_params
         refine=int(p.get("refine", 0)), seed=stats.derive_seed(run.seed, "margin"),
         point_ids=_ids(ctx, x), backend=run.backend, sigma_at=str(p["sigma_at"]), warm_start=bool(p["warm_start"]),
         warm_attack_params=_warm_params(attack_params, p), stop_when_undecided=bool(p["stop_when_undecided"]),
-        screen_samples=int(p["screen_samples"]), screen_share=float(p["screen_share"]))
+        screen_samples=int(p["screen_samples"]), screen_share=float(p["screen_share"]),
+        verify=bool(p.get("verify", False)))
 
 
 def _margin_rows(res: Any, x: Tensor, keep_witness: bool) -> list[Row]:
@@ -106,6 +109,10 @@ def _margin_rows(res: Any, x: Tensor, keep_witness: bool) -> list[Row]:
                "witness_k": int(res.witness_k[i]) if has else None,
                "witness_n": int(res.witness_n[i]) if has else None,
                "witness_p_hi": _f(res.witness_p_hi[i]) if has else None}
+        if res.verify_flagged is not None:  # only with verify=true: the default rows keep their keys
+            row["verify_flagged"] = bool(res.verify_flagged[i])
+            row["verified_lower"] = bool(res.verified_lower[i])
+            row["verify_p"] = _f(res.verify_p[i])
         if keep_witness and has:
             row["witness_delta"] = [float(v) for v in res.witness_delta[i].flatten().cpu().tolist()]
         rows.append(row)
@@ -379,7 +386,8 @@ MARGIN_DEFAULTS = {"max_radius": 10.0, "tolerance": 0.001, "rel_tolerance": 0.01
                    "samples_max": 32768, "samples_growth": 4, "samples_locate": 2048, "refine": 2,
                    "sigma_at": "clean", "warm_start": True,
                    "warm_steps": None, "warm_restarts": 0, "stop_when_undecided": True,
-                   "keep_witness": True, "portfolio": False, "screen_samples": 0, "screen_share": 0.1}
+                   "keep_witness": True, "portfolio": False, "screen_samples": 0, "screen_share": 0.1,
+                   "verify": False}
 SAMPLES = Param("int", lo=1, hi=2 ** 31)  # Monte Carlo sample counts (the RNG streams hold 2^32 samples)
 SIGMA_AT = Param("str", choices=("clean", "perturbed"))
 RADIUS = Param("float", lo=0)
@@ -390,7 +398,8 @@ MARGIN_CONSTRAINTS = {"max_radius": Param("float", lo=0, lo_open=True), "toleran
                       "sigma_at": SIGMA_AT, "warm_start": Param("bool"), "warm_steps": Param("int", lo=1, nullable=True),
                       "warm_restarts": Param("int", lo=0, nullable=True), "stop_when_undecided": Param("bool"),
                       "keep_adversarial": Param("bool"), "keep_witness": Param("bool"), "portfolio": Param("bool"),
-                      "screen_samples": Param("int", lo=0), "screen_share": Param("float", lo=0, hi=1, hi_open=True)}
+                      "screen_samples": Param("int", lo=0), "screen_share": Param("float", lo=0, hi=1, hi_open=True),
+                      "verify": Param("bool")}
 
 # Leaderboard columns. ``order`` keeps the established layout: margin, bound, damage, encoder, min r, likelihood.
 # Censored margins (R >= cap) enter at the cap as lower limits: the mean is then a restricted mean (a lower
@@ -431,10 +440,11 @@ ESTIMATORS = [
         "margin", "robustness margin R(x) (an upper estimate: a stronger attack can only lower it) by batched "
         "bisection with a sequential Clopper-Pearson test per radius; margin, [margin_lo (given the attack), "
         "margin_hi (witness delta stored)], censored (R >= max_radius), samples, undecided; portfolio=true "
-        "takes the per-point smallest over all the run's attacks (margin_attack)",
+        "takes the per-point smallest over all the run's attacks (margin_attack); verify=true re-checks each R at "
+        "0.98 R with other searches and lowers it on a confident witness (verify_flagged, verified_lower, verify_p)",
         _margin_with_arrays, {**MARGIN_DEFAULTS, "keep_adversarial": True}, needs_attack=True,
         validate=_validate_margin, columns=_MARGIN_COLUMNS, input_sizes=("max_radius", "tolerance"),
-        constraints=MARGIN_CONSTRAINTS),
+        constraints=MARGIN_CONSTRAINTS, unkeyed={"verify": False}),
     BuiltinEstimator(
         "damage", "paper Fig. 4: expected damage E||g(mu_r + eta sigma_r) - g(mu(x))|| of the attack at a fixed "
         "radius along its route (damage), the same at delta = 0 (damage_clean), and ||delta||",

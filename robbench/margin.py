@@ -143,6 +143,10 @@ class MarginResult:
     witness_n: Tensor | None = None
     witness_p_hi: Tensor | None = None
     tests: Tensor | None = None  # (B,) int64: tests (so attack calls, less radius 0) each point saw
+    # with ``verify`` (see :func:`verify_margin`), else None: (B,) bool / float64
+    verify_flagged: Tensor | None = None  # a verification candidate at 0.98 R had p_hat <= m - 0.03
+    verified_lower: Tensor | None = None  # the re-bisection along it lowered margin and hi (new witness)
+    verify_p: Tensor | None = None  # smallest p_hat of the candidates at 0.98 R (NaN: not verified)
 
 
 # test(radius (b,), idx (b,), step[, n]): n None runs the sequential schedule; an int n draws exactly n
@@ -390,7 +394,7 @@ def estimate_margin(model: VAEModel, x: Tensor, attack: Attack, attack_params: d
                     sigma_at: str = "clean", warm_start: bool = True,
                     warm_attack_params: dict[str, Any] | None = None,
                     stop_when_undecided: bool = False, screen_samples: int = 0,
-                    screen_share: float = 0.1) -> MarginResult:
+                    screen_share: float = 0.1, verify: bool = False) -> MarginResult:
     """Margins of all points of x (B, *input_shape) at once, each with its own confidence interval.
 
     At each radius the attack (its own torch generator, independent of the estimation samples) looks
@@ -406,14 +410,18 @@ def estimate_margin(model: VAEModel, x: Tensor, attack: Attack, attack_params: d
     test decided NOT_ROBUST at the smallest such radius, returned as ``witness_delta`` with that test's
     counts (``witness_k`` of ``witness_n`` samples within r) and its one-sided upper Clopper-Pearson
     bound ``witness_p_hi`` <= m at the test's error budget (NaN / zeros where no test decided so).
+
+    ``verify`` (off by default): after the bisection, a second look at every uncensored point with other
+    attack settings, and a re-bisection below R where they find a clearly stronger delta
+    (:func:`verify_margin`); its tests are counted in the error budget (:func:`n_verify_tests`).
     """
     batch = x.shape[0]
     point_ids = torch.arange(batch) if point_ids is None else point_ids.cpu().long()
     locate = samples_max if samples_locate is None else min(int(samples_locate), samples_max)
     schedule = stats.sample_schedule(samples_initial, locate, samples_growth)
     screen_schedule = [n for n in schedule if n <= screen_samples]
-    alpha_test, alpha_screen = split_screen_alpha(1.0 - confidence, n_margin_tests(max_radius, tolerance, refine),
-                                                  screen_share if screen_schedule else 0.0)
+    n_tests = n_margin_tests(max_radius, tolerance, refine) + (n_verify_tests(max_radius, tolerance) if verify else 0)
+    alpha_test, alpha_screen = split_screen_alpha(1.0 - confidence, n_tests, screen_share if screen_schedule else 0.0)
     alpha_look = stats.split_alpha(alpha_test, len(schedule))
     with torch.no_grad():
         mu0, sigma0, center = latent_params(model, x, None)
@@ -499,7 +507,147 @@ def estimate_margin(model: VAEModel, x: Tensor, attack: Attack, attack_params: d
     res.witness_delta, res.witness_radius, res.witness_k, res.witness_n = witness, w_radius, w_k, w_n
     res.witness_p_hi = w_p_hi
     res.samples = res.samples + screen_n  # screening samples of tests that went on to the attack
+    if verify:
+        def direction_test(idx: Tensor, radius: Tensor, direction: Tensor, step: int) -> SequentialOutcome:
+            # the fixed direction scaled to the radius (box-limited), tested like a bisection radius; a
+            # confident NOT_ROBUST is a witness like any other (hi and witness move down)
+            delta = fit_warm_start(x[idx.to(x.device)], direction, radius.to(device=x.device, dtype=x.dtype),
+                                   input_range(model))
+            out = mc_test(idx, delta, alpha_test, schedule, "margin-verify", step)
+            record_witness(idx, radius, delta, out, alpha_look)
+            return out
+
+        verify_margin(res, model, x, attack, attack_params, direction_test, r=r, m=m, center=center,
+                      sigma0=sigma0, sigma_at=sigma_at, tolerance=tolerance, rel_tolerance=rel_tolerance,
+                      stop_when_undecided=stop_when_undecided, seed=seed, point_ids=point_ids, backend=backend)
+        res.n_tests = n_tests
     return res
+
+
+# --- verification of the attack's margins (opt-in) ---------------------------------------------
+VERIFY_SHRINK = 0.98  # verify at 0.98 R: a flag means R is overstated by at least 2 %
+VERIFY_UP = 1.25  # the third candidate is found at 1.25 R, then rescaled to 0.98 R and refined
+VERIFY_SAMPLES = 1024  # p_hat of each candidate (a screen choosing points and direction; no decision)
+VERIFY_GAP = 0.03  # flag when the smallest p_hat <= m - VERIFY_GAP
+NO_PRESOLVE = ("presolve_steps", "warm_presolve_steps")  # max_damage's mean-decoder pre-solve, set to 0
+
+
+def n_verify_tests(max_radius: float, tolerance: float) -> int:
+    """Tests the verification can add to a point: one at 0.98 R and at most ceil(log2(max_radius /
+    tolerance)) bisection steps in [0, 0.98 R] (a bracket <= max_radius wide, halved down to tolerance)."""
+    return 1 + max(0, math.ceil(math.log2(max_radius / tolerance)))
+
+
+def verification_candidates(model: VAEModel, x: Tensor, attack: Attack, attack_params: dict[str, Any],
+                            radius: Tensor, *, seed: int, point_ids: Tensor) -> list[Tensor]:
+    """Three cold deltas (B, *input_shape) of norm <= radius (B,), each from a different search: (c0) the
+    attack with one random start; (c1) the same without the mean-decoder pre-solve (``presolve_steps`` =
+    ``warm_presolve_steps`` = 0, where the attack has them: random starts refined on the expectation
+    itself); (c2) c1 at 1.25 / 0.98 times the radius, rescaled to it and refined. Each finds optima the
+    others miss (benchmarks/attack_basins/README.md)."""
+    one = {"restarts": 1} if "restarts" in attack_params else {}
+    alt = {**attack_params, **{key: 0 for key in NO_PRESOLVE if key in attack_params}}
+    gen = torch.Generator(device=x.device).manual_seed(stats.derive_seed(seed, "margin-verify-attack"))
+    box = input_range(model)
+
+    def attack_at(rho: Tensor, params: dict[str, Any], init: Tensor | None = None,
+                  init_radius: Tensor | None = None) -> Tensor:
+        return call_attack(attack, model, x, rho, params=params, generator=gen, init=init, point_ids=point_ids,
+                           init_radius=init_radius).delta.detach()
+
+    c0 = attack_at(radius, {**attack_params, **one})
+    c1 = attack_at(radius, {**alt, **one})
+    big = radius * (VERIFY_UP / VERIFY_SHRINK)
+    c2 = attack_at(radius, alt, fit_warm_start(x, attack_at(big, {**alt, **one}), radius, box), big)
+    return [c0, c1, c2]
+
+
+def verify_margin(res: MarginResult, model: VAEModel, x: Tensor, attack: Attack, attack_params: dict[str, Any],
+                  direction_test: Callable[[Tensor, Tensor, Tensor, int], SequentialOutcome], *, r: float,
+                  m: float, center: Tensor, sigma0: Tensor, sigma_at: str, tolerance: float,
+                  rel_tolerance: float | None, stop_when_undecided: bool, seed: int, point_ids: Tensor,
+                  backend: str) -> None:
+    """Second look at the attack's margins, in place (helper F's remedy for attacks that settle in a
+    poorer optimum; benchmarks/attack_basins/README.md). For every point with 0 < R < cap: the three
+    :func:`verification_candidates` at rho_v = 0.98 R, p_hat of each from VERIFY_SAMPLES fresh samples;
+    a point is flagged when the smallest p_hat <= m - VERIFY_GAP. A flagged point then bisects again in
+    [0, rho_v] along that candidate's direction: ``direction_test(idx, radius, direction, step)`` runs
+    the estimator's own sequential test (counted in the error budget, :func:`n_verify_tests`) and records
+    witnesses. R is lowered only where one of these tests decided NOT_ROBUST with confidence below the old
+    R: the new hi is that witness's radius, the new R the crossing of the new bracket, and the new lo the
+    smaller of the attack's lo and the largest radius confidently ROBUST along the direction (lo is
+    conditional on the deltas tried, now both searches); ``undecided`` is not changed by these tests. Fills
+    res.verify_flagged, res.verified_lower, res.verify_p; adds the tests' samples to res.samples/tests."""
+    batch = x.shape[0]
+    res.verify_flagged = torch.zeros(batch, dtype=torch.bool)
+    res.verified_lower = torch.zeros(batch, dtype=torch.bool)
+    res.verify_p = torch.full((batch,), float("nan"), dtype=torch.float64)
+    old = res.margin.clone()
+    sel = ((~res.at_cap) & torch.isfinite(old) & (old > 0)).nonzero().squeeze(1)
+    if sel.numel() == 0:
+        return
+    dev = sel.to(x.device)
+    rho_v = VERIFY_SHRINK * old[sel]
+    cands = verification_candidates(model, x[dev], attack, attack_params, rho_v.to(x.dtype).to(x.device),
+                                    seed=seed, point_ids=point_ids[sel])
+    p_hat = []
+    with torch.no_grad():
+        for c, delta in enumerate(cands):
+            mu, sig_pert = model.encode(x[dev] + delta)
+            sigma = sigma0[dev] if sigma_at == "clean" else sig_pert
+            k = montecarlo.count_within(model, mu, sigma, center[dev], r, VERIFY_SAMPLES,
+                                        seed=stats.derive_seed(seed, "margin-verify-screen", c),
+                                        stream_ids=point_ids[sel], backend=backend).cpu()
+            p_hat.append(k.double() / VERIFY_SAMPLES)
+    p_min, which = torch.stack(p_hat).min(0)
+    res.verify_p[sel] = p_min
+    flag = p_min <= m - VERIFY_GAP
+    res.verify_flagged[sel[flag]] = True
+    if not bool(flag.any()):
+        return
+    idx = sel[flag]
+    rows = flag.nonzero().squeeze(1)
+    direction = torch.stack(cands)[which[rows].to(x.device), rows.to(x.device)]
+    # from 0: the attack's lo holds for its own deltas only, and sits within rel_tolerance of R
+    lo, hi = torch.zeros(idx.numel(), dtype=torch.float64), rho_v[flag].clone()
+    lo_c = lo.clone()  # confident ROBUST along the direction
+    nan = torch.full_like(lo, float("nan"))
+    p_lo, p_hi = nan.clone(), nan.clone()
+    crossed = torch.zeros(idx.numel(), dtype=torch.bool)  # some test along the direction was not robust
+    active = torch.ones(idx.numel(), dtype=torch.bool)
+    radius, step = hi.clone(), 0  # the first test is at rho_v itself, then bisection in [lo, rho_v]
+    while bool(active.any()):
+        a = active.nonzero().squeeze(1)
+        out = direction_test(idx[a], radius[a], direction[a.to(x.device)], step)
+        res.samples[idx[a]] += out.n
+        if res.tests is not None:
+            res.tests[idx[a]] += 1
+        robust = (out.decision == stats.ROBUST) | ((out.decision == stats.UNDECIDED) & (out.p > m))
+        lo[a[robust]], p_lo[a[robust]] = radius[a[robust]], out.p[robust]
+        sure = a[out.decision == stats.ROBUST]
+        lo_c[sure] = torch.maximum(lo_c[sure], radius[sure])
+        hi[a[~robust]], p_hi[a[~robust]] = radius[a[~robust]], out.p[~robust]
+        crossed[a[~robust]] = True
+        if step == 0:
+            active[a[robust]] = False  # robust at rho_v along it: nothing to lower
+        if stop_when_undecided:
+            active[a[out.decision == stats.UNDECIDED]] = False
+        width = hi - lo
+        done = width <= tolerance
+        if rel_tolerance is not None:
+            done |= width <= rel_tolerance * hi
+        active &= ~done
+        radius = 0.5 * (lo + hi)
+        step += 1
+    new_hi = torch.minimum(res.hi[idx], res.witness_radius[idx].nan_to_num(nan=float("inf")))
+    lower = crossed & (new_hi < old[idx])  # a confident NOT_ROBUST below the old R backs the new one
+    est = crossing(lo, hi, p_lo, p_hi, m, torch.zeros_like(lower))
+    new_lo = torch.minimum(res.lo[idx], lo_c)
+    est = torch.minimum(torch.maximum(est, new_lo), new_hi)
+    li = idx[lower]
+    res.lo[li], res.hi[li] = new_lo[lower], new_hi[lower]
+    res.margin[li] = torch.minimum(old[li], est[lower])
+    res.verified_lower[li] = True
 
 
 def split_screen_alpha(alpha: float, n_tests: int, screen_share: float) -> tuple[float, float]:

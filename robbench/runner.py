@@ -93,10 +93,20 @@ def plan_jobs(cfg: RunConfig, regs: Registries) -> list[Job]:
             for attack in job_attacks:
                 # The key hashes the result-defining settings with the estimator's own parameters (as one
                 # mapping, the layout older run directories were keyed by, so they keep resuming).
-                identity = {"model": model_key(cfg, model), "estimator": name, "params": {**params, **run.hashed()},
+                identity = {"model": model_key(cfg, model), "estimator": name, "params": {**keyed_params(est, params),
+                                                                                         **run.hashed()},
                             "attack": None if attack is None else [attack.name, attack.params]}
                 jobs.append(Job(stable_hash(identity), model, attack, name, params, run))
     return jobs
+
+
+def keyed_params(plugin: Any, params: dict[str, Any]) -> dict[str, Any]:
+    """The parameters a job key hashes: all, except those in the plugin's ``unkeyed`` mapping (parameters
+    added later) while they hold the value listed there, which gives the results stored before they
+    existed, so those run directories keep their keys and resume."""
+    unkeyed = getattr(plugin, "unkeyed", None) or {}
+    return {k: v for k, v in params.items()
+            if not (k in unkeyed and type(v) is type(unkeyed[k]) and v == unkeyed[k])}
 
 
 def portfolio_attack(attacks: list[AttackConfig]) -> AttackConfig:

@@ -1,0 +1,162 @@
+"""The opt-in verification of the margin (``verify``): a second look at 0.98 R with other attack settings,
+and a re-bisection along a clearly stronger delta that lowers R only on a confident witness.
+
+The linear-Gaussian VAE's exact margin is known; the stub attack mimics max_damage's pre-solve trap: with
+the mean-decoder pre-solve on (``presolve_steps`` > 0, as in every call of the normal bisection) it settles
+in a poorer optimum (the worst direction, but only 0.8 of the radius), without it it finds the exact worst
+delta. The normal estimate is then 1 / 0.8 = 1.25 times the exact margin, and verification must find that.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from robbench.margin import estimate_margin, n_margin_tests, n_verify_tests
+from robbench.protocols import AttackResult
+from robbench_plugins.analytic import LinearGaussianVAE
+
+PARAMS = {"presolve_steps": 60, "warm_presolve_steps": 60, "restarts": 1}
+KW = dict(r=4.0, confidence=0.95, tolerance=0.01, rel_tolerance=0.01, samples_initial=128, samples_max=4096,
+          samples_locate=2048, seed=3, point_ids=torch.arange(3))
+
+
+class TrappedAttack:
+    """delta along the exact worst direction; 0.8 of the radius when the pre-solve is on (a weak optimum)."""
+
+    name, description, defaults = "trapped", "pre-solve trap stub", dict(PARAMS)
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+
+    def __call__(self, model, x, radius, *, params, generator, init=None):
+        self.calls.append(dict(params))
+        scale = 0.8 if params["presolve_steps"] > 0 else 1.0
+        u = model.top_direction.view(1, *model.input_shape)
+        return AttackResult(scale * radius.view(-1, *([1] * (x.dim() - 1))).to(x) * u, radius.clone())
+
+
+class ExactAttack(TrappedAttack):
+    def __call__(self, model, x, radius, *, params, generator, init=None):
+        return super().__call__(model, x, radius, params={**params, "presolve_steps": 0}, generator=generator)
+
+
+@pytest.fixture(scope="module")
+def model() -> LinearGaussianVAE:
+    return LinearGaussianVAE()
+
+
+def copies(n: int) -> torch.Tensor:
+    return torch.full((n, 1, 8, 8), 0.5)
+
+
+def test_verification_lowers_a_trapped_margin_to_the_exact_one_with_a_witness(model):
+    exact = model.exact_margin(4.0)
+    plain = estimate_margin(model, copies(3), TrappedAttack(), dict(PARAMS), **KW)
+    assert (plain.margin > 1.2 * exact).all()  # the trap: R overstated by ~25 %
+    assert plain.verify_flagged is None  # default: no verification, no new fields
+    attack = TrappedAttack()
+    res = estimate_margin(model, copies(3), attack, dict(PARAMS), verify=True, **KW)
+    assert res.verify_flagged.all() and res.verified_lower.all()
+    assert (res.verify_p <= 0.5 - 0.03).all()
+    assert ((res.margin - exact).abs() <= 0.03 * exact).all()
+    assert (res.lo <= exact).all() and (res.hi >= exact).all()
+    assert (res.lo <= res.margin).all() and (res.margin <= res.hi).all()
+    # the new upper end is backed by a witness of norm <= hi whose CP upper bound is <= m
+    assert torch.equal(res.witness_radius, res.hi)
+    assert (res.witness_delta.flatten(1).norm(dim=1).double() <= res.hi + 1e-6).all()
+    assert (res.witness_p_hi <= 0.5).all()
+    assert (res.samples > plain.samples).all() and (res.tests > plain.tests).all()
+    # the verification candidates ran without the pre-solve (c1, c2) and with one start
+    assert any(c["presolve_steps"] == 0 and c["warm_presolve_steps"] == 0 for c in attack.calls)
+    assert res.n_tests == n_margin_tests(10.0, 0.01, 0) + n_verify_tests(10.0, 0.01)
+
+
+def test_verification_leaves_a_right_margin_alone(model):
+    """With the exact attack no candidate is stronger: no point is flagged, R stays in the exact interval."""
+    exact = model.exact_margin(4.0)
+    res = estimate_margin(model, copies(3), ExactAttack(), dict(PARAMS), verify=True, **KW)
+    assert not res.verify_flagged.any() and not res.verified_lower.any()
+    assert torch.isfinite(res.verify_p).all() and (res.verify_p > 0.5 - 0.03).all()
+    assert (res.lo <= exact).all() and (res.hi >= exact).all()
+    assert ((res.margin - exact).abs() <= 0.03 * exact).all()
+
+
+def test_verification_off_is_the_default_path(model):
+    """verify=False gives exactly what a call without the argument gives (same budget, same samples)."""
+    a = estimate_margin(model, copies(3), TrappedAttack(), dict(PARAMS), **KW)
+    b = estimate_margin(model, copies(3), TrappedAttack(), dict(PARAMS), verify=False, **KW)
+    for name in ("margin", "lo", "hi", "samples", "tests", "witness_radius", "witness_k", "witness_n"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert a.n_tests == b.n_tests == n_margin_tests(10.0, 0.01, 0)
+    assert b.verify_flagged is None and b.verified_lower is None and b.verify_p is None
+
+
+def test_margin_estimator_verify_parameter(model):
+    """Through the registered estimator: verify=true adds verify_flagged / verified_lower / verify_p to the
+    rows and lowers the trapped margin; the default rows have exactly the keys they had before."""
+    from robbench.settings import RunSettings
+    from robbench.protocols import EstimationContext
+    from robbench_plugins import estimators as builtin
+
+    est = next(e for e in builtin.ESTIMATORS if e.name == "margin")
+    assert est.defaults["verify"] is False
+
+    def rows(**params):
+        ctx = EstimationContext(model=model, attack=TrappedAttack(), attack_params=dict(PARAMS),
+                                params={**est.defaults, "tolerance": 0.01, "samples_max": 4096, **params},
+                                point_ids=torch.arange(2), run=RunSettings().with_overrides({"r": 4.0}))
+        return est(ctx, copies(2))
+
+    exact = model.exact_margin(4.0)
+    plain, checked = rows(), rows(verify=True)
+    for p, c in zip(plain, checked):
+        assert not {"verify_flagged", "verified_lower", "verify_p"} & set(p)
+        assert set(c) - set(p) == {"verify_flagged", "verified_lower", "verify_p"}
+        assert p["margin"] > 1.2 * exact
+        assert c["verify_flagged"] is True and c["verified_lower"] is True and c["verify_p"] < 0.47
+        assert c["margin"] == pytest.approx(exact, rel=0.03)
+        assert c["margin_lo"] <= exact <= c["margin_hi"] == c["witness_radius"]
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_bad_verify_values_name_the_key_and_value(value):
+    from robbench.config import ConfigError, build_config, validate_against_plugins
+    from robbench.plugins import get_registries
+
+    with pytest.raises(ConfigError, match=f"bad value for margin.verify: {value!r}; allowed: true or false"):
+        validate_against_plugins(build_config({"estimator_params": {"margin": {"verify": value}}}), get_registries())
+
+
+def test_verify_with_the_real_max_damage_attack(model):
+    """The built-in attack through the verification path (its three candidates, init_radius, the pre-solve
+    switched off): the intervals still hold the exact margin and every upper end is a witness."""
+    from robbench.plugins import get_registries
+
+    attack = get_registries().attacks.get("max_damage")
+    exact = model.exact_margin(4.0)
+    res = estimate_margin(model, copies(2), attack, dict(attack.defaults), verify=True,
+                          **{**KW, "point_ids": torch.arange(2)})
+    assert torch.isfinite(res.verify_p).all()
+    assert (res.lo <= exact).all() and (res.hi >= exact).all()
+    assert ((res.margin - exact).abs() <= 0.05 * exact).all()
+    assert torch.equal(res.witness_radius, res.hi) and (res.witness_p_hi <= 0.5).all()
+
+
+def test_verify_off_keeps_the_margin_job_keys():
+    """Run directories stored before ``verify`` existed keep their job keys (and resume): at its default the
+    key hashes the same identity as before; verify=true is a different job."""
+    from robbench.config import build_config, stable_hash
+    from robbench.plugins import get_registries
+    from robbench.runner import model_key, plan_jobs
+
+    regs = get_registries()
+    base = {"models": ["beta_vae"], "attacks": ["max_damage"], "estimators": ["margin"]}
+    cfg = build_config(base)
+    job = plan_jobs(cfg, regs)[0]
+    assert job.params["verify"] is False
+    before = {"model": model_key(cfg, job.model), "estimator": "margin",
+              "params": {**{k: v for k, v in job.params.items() if k != "verify"}, **job.run.hashed()},
+              "attack": [job.attack.name, job.attack.params]}
+    assert job.key == stable_hash(before)
+    on = plan_jobs(build_config({**base, "estimator_params": {"margin": {"verify": True}}}), regs)[0]
+    assert on.params["verify"] is True and on.key != job.key
