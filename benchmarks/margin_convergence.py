@@ -160,7 +160,7 @@ def measure(model, x, ids, attack, attack_params, margin_params, run) -> dict[st
                           point_ids=ids, backend=run["backend"], warm_attack_params=warm,
                           stop_when_undecided=p["stop_when_undecided"], samples_locate=p.get("samples_locate"),
                           refine=int(p.get("refine", 0)), screen_samples=int(p.get("screen_samples", 0)),
-                          screen_share=float(p.get("screen_share", 0.1)))
+                          screen_share=float(p.get("screen_share", 0.1)), verify=bool(p.get("verify", False)))
     total = time.perf_counter() - start
     margin = torch.where(res.at_cap, torch.full_like(res.margin, float("nan")), res.margin)
     return {"margin": margin.tolist(), "attack_s": timed.seconds, "attack_cpu_s": timed.cpu_seconds,
