@@ -93,8 +93,8 @@ def plan_jobs(cfg: RunConfig, regs: Registries) -> list[Job]:
             for attack in job_attacks:
                 # The key hashes the result-defining settings with the estimator's own parameters (as one
                 # mapping, the layout older run directories were keyed by, so they keep resuming).
-                identity = {"model": model_key(cfg, model), "estimator": name, "params": {**keyed_params(est, params),
-                                                                                         **run.hashed()},
+                keyed = {**keyed_params(est, params), **run.hashed()}
+                identity = {"model": model_key(cfg, model), "estimator": name, "params": keyed,
                             "attack": None if attack is None else [attack.name, attack.params]}
                 jobs.append(Job(stable_hash(identity), model, attack, name, params, run))
     return jobs
