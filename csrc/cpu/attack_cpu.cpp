@@ -173,34 +173,54 @@ const c10::TypedOperatorHandle<ReorderFn>* dnnl_reorder_op() {
 // for the backward products), each beside a copy of the weight it packed: a lookup compares the contents
 // (memcmp, ~15 us for a 784 x 256 weight here; once per op call), so a weight changed in place, through .data or not, is never served
 // stale, and a freed weight's address reused by another is harmless.
-struct PackedWeight {
-  at::Tensor copy, packed, packed_t;  // the weight w (out, in) as packed, w packed, w^T packed
-};
 constexpr size_t kKeep = 16;
 constexpr int64_t kPackBatchHint = 64;  // the layout oneDNN picks for this batch size serves 3-200 rows alike
 
+// A cache of what is made from a weight, keyed by the weight's contents: the last kKeep entries, most
+// recently used last, each beside a copy of its weight (a lookup memcmps it, so a weight changed in place is
+// never served stale). get(w, make) returns the entry for w, made by make(w contiguous) on a miss (under the
+// lock: concurrent op calls make each entry once).
+template <typename Made>
+class WeightCache {
+ public:
+  template <typename Make>
+  Made get(const at::Tensor& w, Make make) {
+    const at::Tensor wc = w.contiguous();
+    const size_t bytes = static_cast<size_t>(wc.numel()) * sizeof(float);
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (size_t i = entries_.size(); i-- > 0;) {
+      const Entry& e = entries_[i];
+      if (e.copy.sizes() == wc.sizes() &&
+          std::memcmp(e.copy.template data_ptr<float>(), wc.data_ptr<float>(), bytes) == 0) {
+        Entry hit = e;
+        entries_.erase(entries_.begin() + static_cast<std::ptrdiff_t>(i));
+        entries_.push_back(hit);
+        return hit.made;
+      }
+    }
+    Entry e{wc.clone(), make(wc)};
+    if (entries_.size() >= kKeep) entries_.erase(entries_.begin());
+    entries_.push_back(e);
+    return e.made;
+  }
+
+ private:
+  struct Entry {
+    at::Tensor copy;
+    Made made;
+  };
+  std::mutex mutex_;
+  std::vector<Entry> entries_;
+};
+
 // (w packed, w^T packed) for the products x w^T and x w.
 std::pair<at::Tensor, at::Tensor> packed_weight(const at::Tensor& w) {
-  static std::mutex mutex;
-  static std::vector<PackedWeight> cache;  // most recently used last
-  const at::Tensor wc = w.contiguous();
-  const size_t bytes = static_cast<size_t>(wc.numel()) * sizeof(float);
-  std::lock_guard<std::mutex> lock(mutex);
-  for (size_t i = cache.size(); i-- > 0;) {
-    const PackedWeight& e = cache[i];
-    if (e.copy.sizes() == wc.sizes() && std::memcmp(e.copy.data_ptr<float>(), wc.data_ptr<float>(), bytes) == 0) {
-      PackedWeight hit = e;
-      cache.erase(cache.begin() + static_cast<std::ptrdiff_t>(i));
-      cache.push_back(hit);
-      return {hit.packed, hit.packed_t};
-    }
-  }
-  // x w = x (w^T)^T: for the backward products oneDNN packs the (in, out) weight w^T.
-  PackedWeight e{wc.clone(), dnnl_reorder_op()->call(wc, kPackBatchHint),
-                 dnnl_reorder_op()->call(wc.t().contiguous(), kPackBatchHint)};
-  if (cache.size() >= kKeep) cache.erase(cache.begin());
-  cache.push_back(e);
-  return {e.packed, e.packed_t};
+  static WeightCache<std::pair<at::Tensor, at::Tensor>> cache;
+  return cache.get(w, [](const at::Tensor& wc) {
+    // x w = x (w^T)^T: for the backward products oneDNN packs the (in, out) weight w^T.
+    return std::make_pair(dnnl_reorder_op()->call(wc, kPackBatchHint),
+                          dnnl_reorder_op()->call(wc.t().contiguous(), kPackBatchHint));
+  });
 }
 
 // A/B switches, read from the environment at each op call (so runs can be interleaved in one process):
@@ -257,33 +277,16 @@ void read_ab_switches() {
 // a lookup compares the contents, as packed_weight does, so a weight changed in place is never served
 // stale. Null products where make() refused (brgemm unusable, self-check failed): the layer then stays in
 // fp32; a refusal because torch.backends.mkldnn is disabled is not cached (it can be re-enabled).
-struct Bf16Weight {
-  at::Tensor copy;
-  std::shared_ptr<const Bf16Product> fwd, bwd;
-};
+using Bf16Pair = std::pair<std::shared_ptr<const Bf16Product>, std::shared_ptr<const Bf16Product>>;
 
-std::pair<std::shared_ptr<const Bf16Product>, std::shared_ptr<const Bf16Product>> bf16_weight(const at::Tensor& w) {
-  static std::mutex mutex;
-  static std::vector<Bf16Weight> cache;  // most recently used last
+Bf16Pair bf16_weight(const at::Tensor& w) {
+  static WeightCache<Bf16Pair> cache;
   if (!Bf16Product::usable_now()) return {};
-  const at::Tensor wc = w.contiguous();
-  const size_t bytes = static_cast<size_t>(wc.numel()) * sizeof(float);
-  std::lock_guard<std::mutex> lock(mutex);
-  for (size_t i = cache.size(); i-- > 0;) {
-    const Bf16Weight& e = cache[i];
-    if (e.copy.sizes() == wc.sizes() && std::memcmp(e.copy.data_ptr<float>(), wc.data_ptr<float>(), bytes) == 0) {
-      Bf16Weight hit = e;
-      cache.erase(cache.begin() + static_cast<std::ptrdiff_t>(i));
-      cache.push_back(hit);
-      return {hit.fwd, hit.bwd};
-    }
-  }
-  const at::Tensor wb = wc.to(at::kBFloat16);
-  // forward x ŵ^T: Bf16Product takes Ŵ^T (in, out); backward g ŵ = g (ŵ^T)^T: it takes ŵ (out, in)
-  Bf16Weight e{wc.clone(), Bf16Product::make(wb.t().contiguous()), Bf16Product::make(wb)};
-  if (cache.size() >= kKeep) cache.erase(cache.begin());
-  cache.push_back(e);
-  return {e.fwd, e.bwd};
+  return cache.get(w, [](const at::Tensor& wc) {
+    const at::Tensor wb = wc.to(at::kBFloat16);
+    // forward x ŵ^T: Bf16Product takes Ŵ^T (in, out); backward g ŵ = g (ŵ^T)^T: it takes ŵ (out, in)
+    return Bf16Pair(Bf16Product::make(wb.t().contiguous()), Bf16Product::make(wb));
+  });
 }
 
 // The bias and activation applied in place to n rows of y (stride P) right after their product, while the

@@ -34,6 +34,18 @@ struct BandArgs {
   float u_s = static_cast<float>(LastLayerBound::u);
 };
 
+// The same arguments for the units from j on (the AVX-512 loops' scalar tails): every per-unit array
+// advanced, every scalar kept.
+BandArgs units_from(const BandArgs& g, int64_t j) {
+  BandArgs t = g;
+  t.rW += j;
+  t.rdW += j;
+  t.rWf += j;
+  t.babs += j;
+  if (t.c0 != nullptr) t.c0 += j;
+  return t;
+}
+
 // One sample's per-element band terms (parts 2 and 3), shared by decide and refine_select.
 BandArgs band_args(const LastLayerBound& b, double s_round, double norm_h, double norm_hb, double norm_dh) {
   const double inf = 1 + 1e-9, pad = 1 + 1e-6, k2 = LastLayerBound::k2;
@@ -174,8 +186,7 @@ void band_acc_finish(const BandAccV& acc, const float* s, const float* a, const 
   if (j0 >= D) return;
   const int64_t j = j0;
   BandSums tail;
-  BandArgs gt{g.rW + j, g.rdW + j, g.rWf + j, g.babs + j, g.k_dw, g.k_w, g.k_w3, g.k_wf, g.g_b, g.ev2};
-  gt.u_s = g.u_s;
+  const BandArgs gt = units_from(g, j);
   if (sigmoid) band_sums_impl<true>(s + j, a + j, y + j, cen + j, D - j, gt, &tail);
   else band_sums_impl<false>(s + j, a + j, y + j, cen + j, D - j, gt, &tail);
   out->d2 += tail.d2;
@@ -344,8 +355,7 @@ void refine_buckets_avx512(const float* s, const float* a, const float* y, int64
     out->f2[b] = _mm512_reduce_add_ps(F[b]);
   }
   if (j < D) {
-    BandArgs gt{g.rW + j, g.rdW + j, g.rWf + j, g.babs + j, g.k_dw, g.k_w, g.k_w3, g.k_wf, g.g_b, g.ev2};
-    gt.u_s = g.u_s;
+    const BandArgs gt = units_from(g, j);
     RefineArgs rt{ra.c != nullptr ? ra.c + j : nullptr, ra.k_d, ra.k_dh};
     refine_buckets_impl(s + j, a + j, y + j, D - j, gt, rt, tout + j, out);
   }
