@@ -411,17 +411,21 @@ def estimate_margin(model: VAEModel, x: Tensor, attack: Attack, attack_params: d
     counts (``witness_k`` of ``witness_n`` samples within r) and its one-sided upper Clopper-Pearson
     bound ``witness_p_hi`` <= m at the test's error budget (NaN / zeros where no test decided so).
 
-    ``verify`` (off by default): after the bisection, a second look at every uncensored point with other
-    attack settings, and a re-bisection below R where they find a clearly stronger delta
-    (:func:`verify_margin`); its tests are counted in the error budget (:func:`n_verify_tests`).
+    ``verify``: after the bisection, a second look at every uncensored point with other searches, and a
+    re-bisection below R where they find a clearly stronger delta (:func:`verify_margin`). Its tests draw on
+    a fixed share VERIFY_SHARE of alpha = 1 - confidence (:func:`split_verify_alpha`); the bisection's own
+    tests (and screening, refinement) share the rest, so all decisions of a point still hold together with
+    probability >= confidence. ``verify`` False is the estimator of before: the same budget, the same draws.
     """
     batch = x.shape[0]
     point_ids = torch.arange(batch) if point_ids is None else point_ids.cpu().long()
     locate = samples_max if samples_locate is None else min(int(samples_locate), samples_max)
     schedule = stats.sample_schedule(samples_initial, locate, samples_growth)
     screen_schedule = [n for n in schedule if n <= screen_samples]
-    n_tests = n_margin_tests(max_radius, tolerance, refine) + (n_verify_tests(max_radius, tolerance) if verify else 0)
-    alpha_test, alpha_screen = split_screen_alpha(1.0 - confidence, n_tests, screen_share if screen_schedule else 0.0)
+    base_tests = n_margin_tests(max_radius, tolerance, refine)
+    n_tests = base_tests + (n_verify_tests(max_radius, tolerance) if verify else 0)
+    alpha_margin, alpha_verify = split_verify_alpha(1.0 - confidence, max_radius, tolerance, verify)
+    alpha_test, alpha_screen = split_screen_alpha(alpha_margin, base_tests, screen_share if screen_schedule else 0.0)
     alpha_look = stats.split_alpha(alpha_test, len(schedule))
     with torch.no_grad():
         mu0, sigma0, center = latent_params(model, x, None)
@@ -513,22 +517,27 @@ def estimate_margin(model: VAEModel, x: Tensor, attack: Attack, attack_params: d
             # confident NOT_ROBUST is a witness like any other (hi and witness move down)
             delta = fit_warm_start(x[idx.to(x.device)], direction, radius.to(device=x.device, dtype=x.dtype),
                                    input_range(model))
-            out = mc_test(idx, delta, alpha_test, schedule, "margin-verify", step)
-            record_witness(idx, radius, delta, out, alpha_look)
+            out = mc_test(idx, delta, alpha_verify, schedule, "margin-verify", step)
+            record_witness(idx, radius, delta, out, stats.split_alpha(alpha_verify, len(schedule)))
             return out
 
-        verify_margin(res, model, x, attack, attack_params, direction_test, r=r, m=m, center=center,
+        # the bisection's delta behind hi (its last attacked delta where no test decided NOT_ROBUST)
+        has = torch.isfinite(w_radius)
+        chain = torch.where(has.to(x.device).view(-1, *([1] * (x.dim() - 1))), witness, last_delta)
+        verify_margin(res, model, x, attack, attack_params, direction_test, chain,
+                      torch.where(has, w_radius, last_radius), r=r, m=m, center=center,
                       sigma0=sigma0, sigma_at=sigma_at, tolerance=tolerance, rel_tolerance=rel_tolerance,
                       stop_when_undecided=stop_when_undecided, seed=seed, point_ids=point_ids, backend=backend)
         res.n_tests = n_tests
     return res
 
 
-# --- verification of the attack's margins (opt-in) ---------------------------------------------
+# --- verification of the attack's margins -------------------------------------------------------
 VERIFY_SHRINK = 0.98  # verify at 0.98 R: a flag means R is overstated by at least 2 %
-VERIFY_UP = 1.25  # the third candidate is found at 1.25 R, then rescaled to 0.98 R and refined
-VERIFY_SAMPLES = 1024  # p_hat of each candidate (a screen choosing points and direction; no decision)
+VERIFY_SCREEN = (256, 1024)  # the screen: 256 samples per candidate, 1024 for the best one where it is close
+VERIFY_STOP_Z = 2.5  # ... to the flag level: p_hat(256) <= m - VERIFY_GAP + 2.5 standard errors
 VERIFY_GAP = 0.03  # flag when the smallest p_hat <= m - VERIFY_GAP
+VERIFY_SHARE = 0.1  # share of alpha = 1 - confidence reserved for the re-bisection's tests
 NO_PRESOLVE = ("presolve_steps", "warm_presolve_steps")  # max_damage's mean-decoder pre-solve, set to 0
 
 
@@ -538,46 +547,138 @@ def n_verify_tests(max_radius: float, tolerance: float) -> int:
     return 1 + max(0, math.ceil(math.log2(max_radius / tolerance)))
 
 
+def split_verify_alpha(alpha: float, max_radius: float, tolerance: float, verify: bool) -> tuple[float, float]:
+    """(error budget left for the margin's own tests, budget of each verification test). With ``verify``,
+    VERIFY_SHARE of ``alpha`` is split (Bonferroni) over the :func:`n_verify_tests` tests of the
+    re-bisection and the rest is what the bisection, its screening and refinement share as before; so all
+    of a point's decisions still hold together with probability >= 1 - alpha. Without: (alpha, 0)."""
+    if not verify:
+        return alpha, 0.0
+    return alpha * (1.0 - VERIFY_SHARE), stats.split_alpha(alpha * VERIFY_SHARE, n_verify_tests(max_radius, tolerance))
+
+
 def verification_candidates(model: VAEModel, x: Tensor, attack: Attack, attack_params: dict[str, Any],
-                            radius: Tensor, *, seed: int, point_ids: Tensor) -> list[Tensor]:
-    """Three cold deltas (B, *input_shape) of norm <= radius (B,), each from a different search: (c0) the
-    attack with one random start; (c1) the same without the mean-decoder pre-solve (``presolve_steps`` =
-    ``warm_presolve_steps`` = 0, where the attack has them: random starts refined on the expectation
-    itself); (c2) c1 at 1.25 / 0.98 times the radius, rescaled to it and refined. Each finds optima the
-    others miss (benchmarks/attack_basins/README.md)."""
+                            radius: Tensor, chain_delta: Tensor, chain_radius: Tensor, *, seed: int,
+                            point_ids: Tensor) -> list[Tensor]:
+    """Three deltas (B, *input_shape) of norm <= radius (B,), each from a different search (x: (B, ...)):
+    (c0) the attack, cold, with two random starts (``restarts`` 2: the better one on the attack's own
+    score is refined); (c1) the same without the mean-decoder pre-solve
+    (``presolve_steps`` = ``warm_presolve_steps`` = 0, where the attack has them: a random start refined on
+    the expectation itself); (c2) the bisection's own delta reflected, -chain_delta (found at
+    chain_radius (B,)), rescaled to the radius and refined without the pre-solve, beside the attack's random
+    start(s): the warm chain keeps the optimum it found first, and on these decoders the opposite side is
+    often the stronger one. Which search finds the stronger optimum differs from point to point
+    (benchmarks/attack_basins/README.md)."""
     one = {"restarts": 1} if "restarts" in attack_params else {}
+    two = {"restarts": 2} if "restarts" in attack_params else {}
     alt = {**attack_params, **{key: 0 for key in NO_PRESOLVE if key in attack_params}}
     gen = torch.Generator(device=x.device).manual_seed(stats.derive_seed(seed, "margin-verify-attack"))
     box = input_range(model)
 
-    def attack_at(rho: Tensor, params: dict[str, Any], init: Tensor | None = None,
-                  init_radius: Tensor | None = None) -> Tensor:
-        return call_attack(attack, model, x, rho, params=params, generator=gen, init=init, point_ids=point_ids,
+    def attack_at(params: dict[str, Any], init: Tensor | None = None, init_radius: Tensor | None = None) -> Tensor:
+        return call_attack(attack, model, x, radius, params=params, generator=gen, init=init, point_ids=point_ids,
                            init_radius=init_radius).delta.detach()
 
-    c0 = attack_at(radius, {**attack_params, **one})
-    c1 = attack_at(radius, {**alt, **one})
-    big = radius * (VERIFY_UP / VERIFY_SHRINK)
-    c2 = attack_at(radius, alt, fit_warm_start(x, attack_at(big, {**alt, **one}), radius, box), big)
+    c0 = attack_at({**attack_params, **two})
+    c1 = attack_at({**alt, **one})
+    c2 = attack_at(alt, fit_warm_start(x, -chain_delta, radius, box), chain_radius.to(radius))
     return [c0, c1, c2]
 
 
+def screen_candidates(model: VAEModel, x: Tensor, cands: list[Tensor], *, r: float, m: float, center: Tensor,
+                      sigma0: Tensor, sigma_at: str, seed: int, point_ids: Tensor, backend: str
+                      ) -> tuple[Tensor, Tensor, Tensor]:
+    """p_hat of the candidate deltas (C tensors (B, *input_shape)) from fresh samples, in two stages: every
+    candidate VERIFY_SCREEN[0] (256) samples; then only each point's best candidate (smallest p_hat), and
+    only where that p_hat is not clearly above the flag level (<= m - VERIFY_GAP + VERIFY_STOP_Z standard
+    errors), up to VERIFY_SCREEN[1] (1024). A screen (it picks points and a direction; it decides nothing),
+    so it takes no share of the error budget. Returns per point the best candidate's p_hat (B,) float64
+    (from 1024 samples where it went on), which candidate (B,) int64, and the samples drawn (B,) int64."""
+    batch, n_c = x.shape[0], len(cands)
+    first, full = VERIFY_SCREEN
+    with torch.no_grad():
+        enc = [model.encode(x + d) for d in cands]
+
+    def count(c: int, rows: Tensor, n: int, offset: int) -> Tensor:
+        dev = rows.to(x.device)
+        mu, sig_pert = enc[c][0][dev], enc[c][1][dev]
+        sigma = sigma0[dev] if sigma_at == "clean" else sig_pert
+        return montecarlo.count_within(model, mu, sigma, center[dev], r, n,
+                                       seed=stats.derive_seed(seed, "margin-verify-screen", c),
+                                       stream_ids=point_ids[rows], sample_offset=offset, backend=backend).cpu()
+
+    all_rows = torch.arange(batch)
+    k = torch.stack([count(c, all_rows, first, 0) for c in range(n_c)])  # (C, B)
+    k_best, which = k.min(0)
+    n = torch.full((batch,), first, dtype=torch.int64)
+    go_on = k_best.double() / first <= m - VERIFY_GAP + VERIFY_STOP_Z * math.sqrt(m * (1.0 - m) / first)
+    for c in range(n_c):
+        rows = all_rows[go_on & (which == c)]
+        if rows.numel():
+            k_best[rows] += count(c, rows, full - first, first)
+            n[rows] = full
+    return k_best.double() / n, which, n_c * first + (n - first)
+
+
+def bisect_direction(direction_test: Callable[[Tensor, Tensor, Tensor, int], SequentialOutcome], idx: Tensor,
+                     direction: Tensor, top: Tensor, *, m: float, tolerance: float, rel_tolerance: float | None,
+                     stop_when_undecided: bool) -> tuple[Tensor, ...]:
+    """Bisection of points idx (F,) along a fixed direction (F, *input_shape): the first test at ``top``
+    (F,), then in [0, top] down to tolerance / rel_tolerance. Returns (lo, hi, p_lo, p_hi, lo_c, crossed,
+    samples, tests), all (F,): the final bracket with the p_hat at its ends (NaN: not tested), the largest
+    radius decided ROBUST with confidence, whether some test was not robust, samples and tests used."""
+    f = idx.numel()
+    lo, hi = torch.zeros(f, dtype=torch.float64), top.clone()
+    lo_c = lo.clone()
+    nan = torch.full_like(lo, float("nan"))
+    p_lo, p_hi = nan.clone(), nan.clone()
+    crossed = torch.zeros(f, dtype=torch.bool)
+    active = torch.ones(f, dtype=torch.bool)
+    samples, tests = torch.zeros(f, dtype=torch.int64), torch.zeros(f, dtype=torch.int64)
+    radius, step = hi.clone(), 0
+    while bool(active.any()):
+        a = active.nonzero().squeeze(1)
+        out = direction_test(idx[a], radius[a], direction[a.to(direction.device)], step)
+        samples[a] += out.n
+        tests[a] += 1
+        robust = (out.decision == stats.ROBUST) | ((out.decision == stats.UNDECIDED) & (out.p > m))
+        lo[a[robust]], p_lo[a[robust]] = radius[a[robust]], out.p[robust]
+        sure = a[out.decision == stats.ROBUST]
+        lo_c[sure] = torch.maximum(lo_c[sure], radius[sure])
+        hi[a[~robust]], p_hi[a[~robust]] = radius[a[~robust]], out.p[~robust]
+        crossed[a[~robust]] = True
+        if step == 0:
+            active[a[robust]] = False  # robust at the top along it: nothing to lower
+        if stop_when_undecided:
+            active[a[out.decision == stats.UNDECIDED]] = False
+        width = hi - lo
+        done = width <= tolerance
+        if rel_tolerance is not None:
+            done |= width <= rel_tolerance * hi
+        active &= ~done
+        radius = 0.5 * (lo + hi)
+        step += 1
+    return lo, hi, p_lo, p_hi, lo_c, crossed, samples, tests
+
+
 def verify_margin(res: MarginResult, model: VAEModel, x: Tensor, attack: Attack, attack_params: dict[str, Any],
-                  direction_test: Callable[[Tensor, Tensor, Tensor, int], SequentialOutcome], *, r: float,
-                  m: float, center: Tensor, sigma0: Tensor, sigma_at: str, tolerance: float,
-                  rel_tolerance: float | None, stop_when_undecided: bool, seed: int, point_ids: Tensor,
-                  backend: str) -> None:
+                  direction_test: Callable[[Tensor, Tensor, Tensor, int], SequentialOutcome], chain_delta: Tensor,
+                  chain_radius: Tensor, *, r: float, m: float, center: Tensor, sigma0: Tensor, sigma_at: str,
+                  tolerance: float, rel_tolerance: float | None, stop_when_undecided: bool, seed: int,
+                  point_ids: Tensor, backend: str) -> None:
     """Second look at the attack's margins, in place (helper F's remedy for attacks that settle in a
     poorer optimum; benchmarks/attack_basins/README.md). For every point with 0 < R < cap: the three
-    :func:`verification_candidates` at rho_v = 0.98 R, p_hat of each from VERIFY_SAMPLES fresh samples;
-    a point is flagged when the smallest p_hat <= m - VERIFY_GAP. A flagged point then bisects again in
-    [0, rho_v] along that candidate's direction: ``direction_test(idx, radius, direction, step)`` runs
-    the estimator's own sequential test (counted in the error budget, :func:`n_verify_tests`) and records
-    witnesses. R is lowered only where one of these tests decided NOT_ROBUST with confidence below the old
-    R: the new hi is that witness's radius, the new R the crossing of the new bracket, and the new lo the
-    smaller of the attack's lo and the largest radius confidently ROBUST along the direction (lo is
-    conditional on the deltas tried, now both searches); ``undecided`` is not changed by these tests. Fills
-    res.verify_flagged, res.verified_lower, res.verify_p; adds the tests' samples to res.samples/tests."""
+    :func:`verification_candidates` at rho_v = 0.98 R (chain_delta (B, ...): the bisection's delta behind
+    hi, found at chain_radius (B,)), screened by :func:`screen_candidates`; a point is flagged when the
+    smallest p_hat <= m - VERIFY_GAP. A flagged point then bisects again in [0, rho_v] along that
+    candidate's direction (:func:`bisect_direction`): ``direction_test(idx, radius, direction, step)`` runs
+    the estimator's sequential test at the verification's own error budget (:func:`split_verify_alpha`)
+    and records witnesses. R is lowered only where one of these tests decided NOT_ROBUST with confidence
+    below the old R: the new hi is that witness's radius, the new R the crossing of the new bracket, and
+    the new lo the smaller of the attack's lo and the largest radius confidently ROBUST along the direction
+    (lo is conditional on the deltas tried, now both searches); ``undecided`` is not changed by these
+    tests. Fills res.verify_flagged, res.verified_lower, res.verify_p; adds the screen's and the tests'
+    samples to res.samples and the tests to res.tests."""
     batch = x.shape[0]
     res.verify_flagged = torch.zeros(batch, dtype=torch.bool)
     res.verified_lower = torch.zeros(batch, dtype=torch.bool)
@@ -589,17 +690,11 @@ def verify_margin(res: MarginResult, model: VAEModel, x: Tensor, attack: Attack,
     dev = sel.to(x.device)
     rho_v = VERIFY_SHRINK * old[sel]
     cands = verification_candidates(model, x[dev], attack, attack_params, rho_v.to(x.dtype).to(x.device),
-                                    seed=seed, point_ids=point_ids[sel])
-    p_hat = []
-    with torch.no_grad():
-        for c, delta in enumerate(cands):
-            mu, sig_pert = model.encode(x[dev] + delta)
-            sigma = sigma0[dev] if sigma_at == "clean" else sig_pert
-            k = montecarlo.count_within(model, mu, sigma, center[dev], r, VERIFY_SAMPLES,
-                                        seed=stats.derive_seed(seed, "margin-verify-screen", c),
-                                        stream_ids=point_ids[sel], backend=backend).cpu()
-            p_hat.append(k.double() / VERIFY_SAMPLES)
-    p_min, which = torch.stack(p_hat).min(0)
+                                    chain_delta[dev], chain_radius[sel], seed=seed, point_ids=point_ids[sel])
+    p_min, which, screen_n = screen_candidates(model, x[dev], cands, r=r, m=m, center=center[dev],
+                                               sigma0=sigma0[dev], sigma_at=sigma_at, seed=seed,
+                                               point_ids=point_ids[sel], backend=backend)
+    res.samples[sel] += screen_n
     res.verify_p[sel] = p_min
     flag = p_min <= m - VERIFY_GAP
     res.verify_flagged[sel[flag]] = True
@@ -609,36 +704,12 @@ def verify_margin(res: MarginResult, model: VAEModel, x: Tensor, attack: Attack,
     rows = flag.nonzero().squeeze(1)
     direction = torch.stack(cands)[which[rows].to(x.device), rows.to(x.device)]
     # from 0: the attack's lo holds for its own deltas only, and sits within rel_tolerance of R
-    lo, hi = torch.zeros(idx.numel(), dtype=torch.float64), rho_v[flag].clone()
-    lo_c = lo.clone()  # confident ROBUST along the direction
-    nan = torch.full_like(lo, float("nan"))
-    p_lo, p_hi = nan.clone(), nan.clone()
-    crossed = torch.zeros(idx.numel(), dtype=torch.bool)  # some test along the direction was not robust
-    active = torch.ones(idx.numel(), dtype=torch.bool)
-    radius, step = hi.clone(), 0  # the first test is at rho_v itself, then bisection in [lo, rho_v]
-    while bool(active.any()):
-        a = active.nonzero().squeeze(1)
-        out = direction_test(idx[a], radius[a], direction[a.to(x.device)], step)
-        res.samples[idx[a]] += out.n
-        if res.tests is not None:
-            res.tests[idx[a]] += 1
-        robust = (out.decision == stats.ROBUST) | ((out.decision == stats.UNDECIDED) & (out.p > m))
-        lo[a[robust]], p_lo[a[robust]] = radius[a[robust]], out.p[robust]
-        sure = a[out.decision == stats.ROBUST]
-        lo_c[sure] = torch.maximum(lo_c[sure], radius[sure])
-        hi[a[~robust]], p_hi[a[~robust]] = radius[a[~robust]], out.p[~robust]
-        crossed[a[~robust]] = True
-        if step == 0:
-            active[a[robust]] = False  # robust at rho_v along it: nothing to lower
-        if stop_when_undecided:
-            active[a[out.decision == stats.UNDECIDED]] = False
-        width = hi - lo
-        done = width <= tolerance
-        if rel_tolerance is not None:
-            done |= width <= rel_tolerance * hi
-        active &= ~done
-        radius = 0.5 * (lo + hi)
-        step += 1
+    lo, hi, p_lo, p_hi, lo_c, crossed, n_used, n_tests = bisect_direction(
+        direction_test, idx, direction, rho_v[flag].clone(), m=m, tolerance=tolerance,
+        rel_tolerance=rel_tolerance, stop_when_undecided=stop_when_undecided)
+    res.samples[idx] += n_used
+    if res.tests is not None:
+        res.tests[idx] += n_tests
     new_hi = torch.minimum(res.hi[idx], res.witness_radius[idx].nan_to_num(nan=float("inf")))
     lower = crossed & (new_hi < old[idx])  # a confident NOT_ROBUST below the old R backs the new one
     est = crossing(lo, hi, p_lo, p_hi, m, torch.zeros_like(lower))
