@@ -109,7 +109,7 @@ def _margin_rows(res: Any, x: Tensor, keep_witness: bool) -> list[Row]:
                "witness_k": int(res.witness_k[i]) if has else None,
                "witness_n": int(res.witness_n[i]) if has else None,
                "witness_p_hi": _f(res.witness_p_hi[i]) if has else None}
-        if res.verify_flagged is not None:  # only with verify=true: the default rows keep their keys
+        if res.verify_flagged is not None:  # only with verify (the default); verify=false rows keep their old keys
             row["verify_flagged"] = bool(res.verify_flagged[i])
             row["verified_lower"] = bool(res.verified_lower[i])
             row["verify_p"] = _f(res.verify_p[i])
@@ -387,7 +387,7 @@ MARGIN_DEFAULTS = {"max_radius": 10.0, "tolerance": 0.001, "rel_tolerance": 0.01
                    "sigma_at": "clean", "warm_start": True,
                    "warm_steps": None, "warm_restarts": 0, "stop_when_undecided": True,
                    "keep_witness": True, "portfolio": False, "screen_samples": 0, "screen_share": 0.1,
-                   "verify": False}
+                   "verify": True}
 SAMPLES = Param("int", lo=1, hi=2 ** 31)  # Monte Carlo sample counts (the RNG streams hold 2^32 samples)
 SIGMA_AT = Param("str", choices=("clean", "perturbed"))
 RADIUS = Param("float", lo=0)
@@ -440,8 +440,9 @@ ESTIMATORS = [
         "margin", "robustness margin R(x) (an upper estimate: a stronger attack can only lower it) by batched "
         "bisection with a sequential Clopper-Pearson test per radius; margin, [margin_lo (given the attack), "
         "margin_hi (witness delta stored)], censored (R >= max_radius), samples, undecided; portfolio=true "
-        "takes the per-point smallest over all the run's attacks (margin_attack); verify=true re-checks each R at "
-        "0.98 R with other searches and lowers it on a confident witness (verify_flagged, verified_lower, verify_p)",
+        "takes the per-point smallest over all the run's attacks (margin_attack); verify (default true) re-checks each "
+        "R at 0.98 R with other searches and lowers it on a confident witness (verify_flagged, verified_lower, "
+        "verify_p); verify=false is the estimator of before (same job keys)",
         _margin_with_arrays, {**MARGIN_DEFAULTS, "keep_adversarial": True}, needs_attack=True,
         validate=_validate_margin, columns=_MARGIN_COLUMNS, input_sizes=("max_radius", "tolerance"),
         constraints=MARGIN_CONSTRAINTS, unkeyed={"verify": False}),

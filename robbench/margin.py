@@ -537,7 +537,7 @@ VERIFY_SHRINK = 0.98  # verify at 0.98 R: a flag means R is overstated by at lea
 VERIFY_SCREEN = (256, 1024)  # the screen: 256 samples per candidate, 1024 for the best one where it is close
 VERIFY_STOP_Z = 2.5  # ... to the flag level: p_hat(256) <= m - VERIFY_GAP + 2.5 standard errors
 VERIFY_GAP = 0.03  # flag when the smallest p_hat <= m - VERIFY_GAP
-VERIFY_SHARE = 0.1  # share of alpha = 1 - confidence reserved for the re-bisection's tests
+VERIFY_SHARE = 0.05  # share of alpha = 1 - confidence reserved for the re-bisection's tests
 NO_PRESOLVE = ("presolve_steps", "warm_presolve_steps")  # max_damage's mean-decoder pre-solve, set to 0
 
 

@@ -1,5 +1,6 @@
-"""The opt-in verification of the margin (``verify``): a second look at 0.98 R with other attack settings,
-and a re-bisection along a clearly stronger delta that lowers R only on a confident witness.
+"""The verification of the margin (``verify``, on by default in the margin estimator; estimate_margin's
+argument defaults to off): a second look at 0.98 R with other searches, and a re-bisection along a clearly
+stronger delta that lowers R only on a confident witness.
 
 The linear-Gaussian VAE's exact margin is known; the stub attack mimics max_damage's pre-solve trap: with
 the mean-decoder pre-solve on (``presolve_steps`` > 0, as in every call of the normal bisection) it settles
@@ -108,15 +109,15 @@ def test_verification_off_is_the_default_path(model):
     assert b.verify_flagged is None and b.verified_lower is None and b.verify_p is None
 
 
-def test_margin_estimator_verify_parameter(model):
-    """Through the registered estimator: verify=true adds verify_flagged / verified_lower / verify_p to the
-    rows and lowers the trapped margin; the default rows have exactly the keys they had before."""
+def test_margin_estimator_verifies_by_default(model):
+    """Through the registered estimator: verify is on by default (rows carry verify_flagged / verified_lower /
+    verify_p and the trapped margin is lowered); verify=false rows have exactly the keys they had before."""
     from robbench.settings import RunSettings
     from robbench.protocols import EstimationContext
     from robbench_plugins import estimators as builtin
 
     est = next(e for e in builtin.ESTIMATORS if e.name == "margin")
-    assert est.defaults["verify"] is False
+    assert est.defaults["verify"] is True
 
     def rows(**params):
         ctx = EstimationContext(model=model, attack=TrappedAttack(), attack_params=dict(PARAMS),
@@ -125,7 +126,7 @@ def test_margin_estimator_verify_parameter(model):
         return est(ctx, copies(2))
 
     exact = model.exact_margin(4.0)
-    plain, checked = rows(), rows(verify=True)
+    plain, checked = rows(verify=False), rows()
     for p, c in zip(plain, checked):
         assert not {"verify_flagged", "verified_lower", "verify_p"} & set(p)
         assert set(c) - set(p) == {"verify_flagged", "verified_lower", "verify_p"}
@@ -160,70 +161,28 @@ def test_verify_with_the_real_max_damage_attack(model):
 
 
 def test_verify_off_keeps_the_margin_job_keys():
-    """Run directories stored before ``verify`` existed keep their job keys (and resume): at its default the
-    key hashes the same identity as before; verify=true is a different job."""
+    """Run directories stored before ``verify`` existed hold unverified results: they keep their job keys
+    under verify=false (and resume there), while the default (verify=true) jobs get new keys, so an old run
+    directory is never resumed as if its margins had been verified."""
     from robbench.config import build_config, stable_hash
     from robbench.plugins import get_registries
     from robbench.runner import model_key, plan_jobs
 
     regs = get_registries()
     base = {"models": ["beta_vae"], "attacks": ["max_damage"], "estimators": ["margin"]}
-    cfg = build_config(base)
-    job = plan_jobs(cfg, regs)[0]
-    assert job.params["verify"] is False
-    before = {"model": model_key(cfg, job.model), "estimator": "margin",
-              "params": {**{k: v for k, v in job.params.items() if k != "verify"}, **job.run.hashed()},
-              "attack": [job.attack.name, job.attack.params]}
-    assert job.key == stable_hash(before)
-    on = plan_jobs(build_config({**base, "estimator_params": {"margin": {"verify": True}}}), regs)[0]
-    assert on.params["verify"] is True and on.key != job.key
 
+    def job(verify=None):
+        extra = {} if verify is None else {"estimator_params": {"margin": {"verify": verify}}}
+        cfg = build_config({**base, **extra})
+        return cfg, plan_jobs(cfg, regs)[0]
 
-def test_the_reflected_chain_delta_finds_the_optimum_the_cold_searches_miss(model):
-    """c0 and c1 (cold) are trapped at 0.8 R; c2, the bisection's delta reflected and refined, is not."""
-    exact = model.exact_margin(4.0)
-    plain = estimate_margin(model, copies(3), OneSidedAttack(), dict(PARAMS), **KW)
-    assert (plain.margin > 1.2 * exact).all()
-    res = estimate_margin(model, copies(3), OneSidedAttack(), dict(PARAMS), verify=True, **KW)
-    assert res.verify_flagged.all() and res.verified_lower.all()
-    assert ((res.margin - exact).abs() <= 0.03 * exact).all()
-    assert (res.lo <= exact).all() and (res.hi >= exact).all()
-    # the witness is on the reflected side
-    u = model.top_direction.flatten()
-    assert (res.witness_delta.flatten(1) @ u < 0).all()
-
-
-def test_verification_tests_draw_on_their_own_share_of_alpha(model):
-    """VERIFY_SHARE of alpha goes to the re-bisection's tests, split over n_verify_tests; the bisection keeps
-    the rest. A lowered point's witness bound is computed at the verification's per-look budget."""
-    alpha = 0.05
-    rest, per_test = split_verify_alpha(alpha, 10.0, 0.01, True)
-    assert rest == pytest.approx(alpha * (1 - VERIFY_SHARE))
-    assert per_test * n_verify_tests(10.0, 0.01) == pytest.approx(alpha * VERIFY_SHARE)
-    assert split_verify_alpha(alpha, 10.0, 0.01, False) == (alpha, 0.0)
-    res = estimate_margin(model, copies(3), TrappedAttack(), dict(PARAMS), verify=True, **KW)
-    assert res.verified_lower.all()
-    looks = len(stats.sample_schedule(128, 2048, 4))
-    expect = stats.cp_upper(res.witness_k, res.witness_n, per_test / looks)
-    assert torch.allclose(res.witness_p_hi, expect.double())
-
-
-def test_screen_is_sequential(model):
-    """Clearly robust candidates stop after VERIFY_SCREEN[0] samples; the best candidate near or below the flag
-    level goes on to VERIFY_SCREEN[1]; the smallest p_hat and its candidate are returned."""
-    x = copies(4)
-    with torch.no_grad():
-        mu0, sigma0 = model.encode(x)
-        center = model.decode(mu0).flatten(1)
-    u = model.top_direction.view(1, *model.input_shape)
-    exact = model.exact_margin(4.0)
-    zero, weak = torch.zeros_like(x), 1.2 * exact * u.expand_as(x)  # p ~ 1.0 and ~ 0.27
-    kw = dict(r=4.0, m=0.5, center=center, sigma0=sigma0, sigma_at="clean", seed=5, point_ids=torch.arange(4),
-              backend="auto")
-    first, full = VERIFY_SCREEN
-    p, which, n = screen_candidates(model, x, [zero, zero.clone()], **kw)
-    assert (n == 2 * first).all() and (p > 0.9).all()
-    p, which, n = screen_candidates(model, x, [zero, weak, zero.clone()], **kw)
-    assert (which == 1).all() and (n == 3 * first + full - first).all()
-    assert (p < 0.5 - 0.03).all()
-    assert all(abs(float(v) * full - round(float(v) * full)) < 1e-9 for v in p)  # a count out of 1024
+    cfg, default = job()
+    _, off = job(False)
+    _, on = job(True)
+    assert default.params["verify"] is True and off.params["verify"] is False
+    # the key a job had before verify existed: its params without the verify entry
+    before = {"model": model_key(cfg, off.model), "estimator": "margin",
+              "params": {**{k: v for k, v in off.params.items() if k != "verify"}, **off.run.hashed()},
+              "attack": [off.attack.name, off.attack.params]}
+    assert off.key == stable_hash(before)
+    assert default.key == on.key != off.key
