@@ -47,7 +47,7 @@ from robbench.runner import load_data, select_points
 from robbench_plugins import fused_attack
 
 OLD_MARGIN = {"tolerance": 0.05, "rel_tolerance": None, "warm_steps": 10, "refine": 0, "samples_locate": None,
-              "stop_when_undecided": True, "screen_samples": 0}
+              "stop_when_undecided": True, "screen_samples": 0, "verify": False}
 OLD_ATTACK = {"eta_redraw": False, "step_size": 0.5, "steps": 40, "eta_samples": 8}
 
 
