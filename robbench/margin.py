@@ -9,7 +9,8 @@ Bisection over rho for all points at once; at each radius a sequential test draw
 Clopper-Pearson bound clears m (or a cap is hit: "undecided"). The error budget alpha = 1 - confidence
 is split (Bonferroni) over every test a point can see (radius 0, the cap, each bisection step, each
 refinement top-up) and over the looks of each sequential test, so all decisions of a point hold together
-with probability >= 1 - alpha. With ``refine`` the bisection only locates the crossing (cheap capped
+with probability >= 1 - alpha; with ``verify`` (:func:`verify_margin`), a fixed share VERIFY_SHARE of alpha
+goes to the verification's re-bisection tests and the rest is split as before. With ``refine`` the bisection only locates the crossing (cheap capped
 tests); fixed-count top-ups at the fitted crossing, sized from the fitted slope, then buy the accuracy of
 the point estimate (a probit-linear fit of the tests near the crossing).
 """

@@ -83,6 +83,8 @@ def test_verification_lowers_a_trapped_margin_to_the_exact_one_with_a_witness(mo
     assert torch.equal(res.witness_radius, res.hi)
     assert (res.witness_delta.flatten(1).norm(dim=1).double() <= res.hi + 1e-6).all()
     assert (res.witness_p_hi <= 0.5).all()
+    for delta in res.witness_delta:  # and the closed form agrees: each new witness really has p_r <= m
+        assert model.exact_probability(float((delta.view(1, -1) @ model.A.T).norm()), 4.0) <= 0.5
     assert (res.samples > plain.samples).all() and (res.tests > plain.tests).all()
     # the verification candidates ran without the pre-solve (c1, c2) and with one start
     assert any(c["presolve_steps"] == 0 and c["warm_presolve_steps"] == 0 for c in attack.calls)
