@@ -91,10 +91,12 @@ def test_verification_lowers_a_trapped_margin_to_the_exact_one_with_a_witness(mo
     assert res.n_tests == n_margin_tests(10.0, 0.01, 0) + n_verify_tests(10.0, 0.01)
 
 
-def test_verification_leaves_a_right_margin_alone(model):
-    """With the exact attack no candidate is stronger: no point is flagged, R stays in the exact interval."""
+@pytest.mark.parametrize("sigma_at", ["clean", "perturbed"])
+def test_verification_leaves_a_right_margin_alone(model, sigma_at):
+    """With the exact attack no candidate is stronger: no point is flagged, R stays in the exact interval
+    (sigma does not depend on x here, so both sigma_at settings have the same exact margin)."""
     exact = model.exact_margin(4.0)
-    res = estimate_margin(model, copies(3), ExactAttack(), dict(PARAMS), verify=True, **KW)
+    res = estimate_margin(model, copies(3), ExactAttack(), dict(PARAMS), verify=True, sigma_at=sigma_at, **KW)
     assert not res.verify_flagged.any() and not res.verified_lower.any()
     assert torch.isfinite(res.verify_p).all() and (res.verify_p > 0.5 - 0.03).all()
     assert (res.lo <= exact).all() and (res.hi >= exact).all()
@@ -188,3 +190,59 @@ def test_verify_off_keeps_the_margin_job_keys():
               "attack": [off.attack.name, off.attack.params]}
     assert off.key == stable_hash(before)
     assert default.key == on.key != off.key
+
+
+def test_the_reflected_chain_delta_finds_the_optimum_the_cold_searches_miss(model):
+    """c0 and c1 (cold) are trapped at 0.8 R; c2, the bisection's delta reflected and refined, is not."""
+    exact = model.exact_margin(4.0)
+    plain = estimate_margin(model, copies(3), OneSidedAttack(), dict(PARAMS), **KW)
+    assert (plain.margin > 1.2 * exact).all()
+    res = estimate_margin(model, copies(3), OneSidedAttack(), dict(PARAMS), verify=True, **KW)
+    assert res.verify_flagged.all() and res.verified_lower.all()
+    assert ((res.margin - exact).abs() <= 0.03 * exact).all()
+    assert (res.lo <= exact).all() and (res.hi >= exact).all()
+    # the witness is on the reflected side
+    u = model.top_direction.flatten()
+    assert (res.witness_delta.flatten(1) @ u < 0).all()
+
+
+def test_verification_tests_draw_on_their_own_share_of_alpha(model):
+    """VERIFY_SHARE of alpha goes to the re-bisection's tests, split over n_verify_tests; the bisection keeps
+    the rest. A lowered point's witness bound is computed at the verification's per-look budget."""
+    alpha = 0.05
+    rest, per_test = split_verify_alpha(alpha, 10.0, 0.01, True)
+    assert rest == pytest.approx(alpha * (1 - VERIFY_SHARE))
+    assert per_test * n_verify_tests(10.0, 0.01) == pytest.approx(alpha * VERIFY_SHARE)
+    assert split_verify_alpha(alpha, 10.0, 0.01, False) == (alpha, 0.0)
+    res = estimate_margin(model, copies(3), TrappedAttack(), dict(PARAMS), verify=True, **KW)
+    assert res.verified_lower.all()
+    looks = len(stats.sample_schedule(128, 2048, 4))
+    expect = stats.cp_upper(res.witness_k, res.witness_n, per_test / looks)
+    assert torch.allclose(res.witness_p_hi, expect.double())
+    # nothing flagged: the witnesses are the bisection's, at its (1 - VERIFY_SHARE) alpha over its own tests
+    res = estimate_margin(model, copies(3), ExactAttack(), dict(PARAMS), verify=True, **KW)
+    assert not res.verify_flagged.any() and torch.isfinite(res.witness_p_hi).all()
+    per_margin_test = rest / n_margin_tests(10.0, 0.01, 0)
+    expect = stats.cp_upper(res.witness_k, res.witness_n, per_margin_test / looks)
+    assert torch.allclose(res.witness_p_hi, expect.double())
+
+
+def test_screen_is_sequential(model):
+    """Clearly robust candidates stop after VERIFY_SCREEN[0] samples; the best candidate near or below the flag
+    level goes on to VERIFY_SCREEN[1]; the smallest p_hat and its candidate are returned."""
+    x = copies(4)
+    with torch.no_grad():
+        mu0, sigma0 = model.encode(x)
+        center = model.decode(mu0).flatten(1)
+    u = model.top_direction.view(1, *model.input_shape)
+    exact = model.exact_margin(4.0)
+    zero, weak = torch.zeros_like(x), 1.2 * exact * u.expand_as(x)  # p ~ 1.0 and ~ 0.27
+    kw = dict(r=4.0, m=0.5, center=center, sigma0=sigma0, sigma_at="clean", seed=5, point_ids=torch.arange(4),
+              backend="auto")
+    first, full = VERIFY_SCREEN
+    p, which, n = screen_candidates(model, x, [zero, zero.clone()], **kw)
+    assert (n == 2 * first).all() and (p > 0.9).all()
+    p, which, n = screen_candidates(model, x, [zero, weak, zero.clone()], **kw)
+    assert (which == 1).all() and (n == 3 * first + full - first).all()
+    assert (p < 0.5 - 0.03).all()
+    assert all(abs(float(v) * full - round(float(v) * full)) < 1e-9 for v in p)  # a count out of 1024
