@@ -142,6 +142,9 @@ def main() -> None:
     _add_run_arguments(ap)
     ap.add_argument("--json", required=True)
     ap.add_argument("--reference", default=None)
+    ap.add_argument("--vseed", type=int, default=0,
+                    help="offset added to the verification candidates' seed (how much of a catch is luck)")
+    ap.add_argument("--variants", default=",".join(ORDER), help="run order (each name once or twice)")
     a = ap.parse_args()
     torch.set_num_threads(1)
     cfg = config_from_args(a)
@@ -150,11 +153,18 @@ def main() -> None:
     md = regs.estimators.get("margin").defaults
     attack = regs.attacks.get("max_damage")
     cpu, impl = timed_parts()
+    if a.vseed:
+        base = impl["verification_candidates"]
+
+        def shifted(*args: Any, seed: int, **kw: Any) -> Any:
+            return base(*args, seed=seed + a.vseed, **kw)
+        impl["verification_candidates"] = shifted
+    order = a.variants.split(",")
     ref = json.load(open(a.reference)) if a.reference else {}
     out = []
     for mc, model in trained_models(cfg, regs, data):
         rec: dict[str, Any] = {"model": mc.label}
-        for variant in ORDER:
+        for variant in order:
             one = run_margin(model, x, ids, attack, md, run, variant, cpu, impl)
             if variant in rec:  # second run: same R (deterministic), CPU averaged
                 assert one["margin"] == rec[variant]["margin"], variant
@@ -164,7 +174,7 @@ def main() -> None:
                 rec[variant] = one
         off = rec["off"]
         print(f"{mc.label}: off cpu {off['total_cpu']:.2f} (attack {off['attack_cpu']:.2f}, mc {off['mc_cpu']:.2f})")
-        for name in ("on", "s6"):
+        for name in [v for v in ("on", "s6") if v in rec]:
             on = rec[name]
             print(f"  {name}: flagged {sum(on['flagged'])} lowered {sum(on['lowered'])}; cpu {on['total_cpu']:.2f} "
                   f"(attack {on['attack_cpu']:.2f}, mc {on['mc_cpu']:.2f}, candidates "
@@ -172,7 +182,7 @@ def main() -> None:
                   f"[{on['screen_samples'] / len(ids):.0f} samples/point], re-bisection "
                   f"{on['bisect_direction_cpu']:.2f})", flush=True)
         if mc.label in ref:
-            for name in ("off", "on", "s6"):
+            for name in [v for v in ("off", "on", "s6") if v in rec]:
                 print("   " + summary(name, rec[name]["margin"], ref[mc.label]), flush=True)
         out.append(rec)
     json.dump(out, open(a.json, "w"))
