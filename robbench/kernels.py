@@ -25,6 +25,9 @@ Ops (schemas in ``csrc/cpu/montecarlo_cpu.cpp``):
 - ``robbench::bf16_product(Tensor hb, Tensor wt_bf16) -> Tensor``: ĥ Ŵ^T with fp32 output through oneDNN's
   brgemm ukernel (``csrc/common/bf16_product.h``; raises when brgemm is unusable here or ROBBENCH_BRGEMM=0),
   with ``bf16_product_self_check`` and ``bf16_product_timing``, for tests and ``benchmarks/bf16_product.py``.
+- ``robbench::band_tiles_check(h, wt, b, cen, r2, act, tiles) -> (dec, dist, bound)``: the bf16 band's
+  decisions, ||ŷ - c|| and E through the product's tiles (``decide_tiles``, ``bounds.h`` part 7) or the row
+  path, for tests; ``band_tiles_timing`` times both (``benchmarks/band_tiles.py``).
 
 The same build also carries the ``max_damage`` attack's compiled step (``csrc/cpu/attack_cpu.cpp``:
 ``robbench::mlp_attack_step``, ``robbench::project_ball_box``; schemas there, wrapper
@@ -210,6 +213,12 @@ def _register_fakes() -> None:
     @torch.library.register_fake("robbench::bf16_product")
     def _(hb, wt_bf16):
         return hb.new_empty((hb.shape[0], wt_bf16.shape[1]), dtype=torch.float32)
+
+    @torch.library.register_fake("robbench::band_tiles_check")
+    def _(h, wt, b, cen, r2, act, tiles):
+        n = h.shape[0]
+        return (h.new_empty((n, r2.shape[1]), dtype=torch.int8), h.new_empty((n,), dtype=torch.float64),
+                h.new_empty((n,), dtype=torch.float64))
 
     assert ops.mlp_count is not None
     _register_fakes.done = True

@@ -712,8 +712,10 @@ def _band_stats(err):
     return tuple(tot)
 
 
-@pytest.mark.parametrize("band_fused,brgemm", [("1", "1"), ("0", "1"), ("1", "0")])
-def test_bf16_band_decides_each_sample_like_the_reference_across_its_edges(band_fused, brgemm, monkeypatch, capfd):
+@pytest.mark.parametrize("band_fused,brgemm,tiles", [("1", "1", "1"), ("1", "1", "store_y"), ("1", "1", "0"),
+                                                     ("0", "1", "1"), ("1", "0", "1")])
+def test_bf16_band_decides_each_sample_like_the_reference_across_its_edges(band_fused, brgemm, tiles, monkeypatch,
+                                                                           capfd):
     """Sample by sample on the trained decoders' shape: one sample per point, r2 at that sample's own fp32
     squared distance x (1 +- eps) for a dense geometric sweep of eps (1e-7 .. 0.56, 4 per decade), so that
     samples fall just inside and just outside the edges of the band and of its refinement (bounds.h
@@ -723,9 +725,13 @@ def test_bf16_band_decides_each_sample_like_the_reference_across_its_edges(band_
     ulp below all went to the fp32 recheck; far radii none. Both epilogues: the fused pass with the own
     sigmoid (bounds.h part 5, the default) and the separate ATen passes (ROBBENCH_BAND_FUSED=0); both
     products: brgemm's fp32 output (bounds.h part 6, the default) and at::mm's bf16 output
-    (ROBBENCH_BRGEMM=0)."""
+    (ROBBENCH_BRGEMM=0). With brgemm and the fused epilogue, the band inside the product's tiles (bounds.h
+    part 7, the default; the refinement's rows get ŷ recomputed, or stored with ROBBENCH_TILE_STORE_Y=1) and
+    the whole product first (ROBBENCH_BAND_TILES=0)."""
     monkeypatch.setenv("ROBBENCH_BAND_STATS", "1")
     monkeypatch.setenv("ROBBENCH_BAND_FUSED", band_fused)
+    monkeypatch.setenv("ROBBENCH_BAND_TILES", "0" if tiles == "0" else "1")
+    monkeypatch.setenv("ROBBENCH_TILE_STORE_Y", "1" if tiles == "store_y" else "0")
     monkeypatch.setenv("ROBBENCH_BRGEMM", brgemm)
     model = _trained_like(seed=3)
     B = 96

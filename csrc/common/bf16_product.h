@@ -44,6 +44,13 @@ class Bf16Product {
   // call it from inside a parallel region, each thread on its own rows and output.
   void run(const uint16_t* hb, int64_t n, float* s, int64_t ld_s) const;
 
+  // One tile of run(), for callers that work on each tile while it is in L1 (bounds.h, part 7): columns
+  // c0 .. c0 + min(kCols, P - c0) - 1 (c0 a multiple of kCols) of s (m, ld_s) for hb (m, K), m <= kRows;
+  // s points at the row block's column 0. The same brgemm calls as run(), so the same guarantee; a caller
+  // ends its thread's work with release().
+  void run_tile(const uint16_t* hb, int64_t m, int64_t c0, float* s, int64_t ld_s) const;
+  static void release();
+
   // Self-check, also for tests: the worst |s - ref| / tol over an adversarial (kRows + 5, K) x (K, P)
   // product (mixed signs, magnitudes 2^-20..2^20, some subnormal bf16 values) against float64, with
   // tol = g_K Σ|Ŵ_jk ĥ_k| + 2^-100 plus the float64 reference's own error; <= 1 passes. fault (tests

@@ -194,6 +194,37 @@
 //    (s_round + v (1 + v)) k2 in part 5's terms, s_round |s_j| in the portable ones). On the three trained
 //    decoders' recorded margin calls this leaves 15-30 % fewer samples for the refinement (part 4) and
 //    22-48 % fewer for the fp32 recheck.
+// 7. The band inside the product's tiles (session 7, CPU, brgemm only: s_round = 0; decide_tiles). Per block
+//    of Bf16Product::kRows rows and per column block of kCols units, brgemm writes the tile, and a_j, ŷ_j and
+//    the band terms of the block's units are formed at once (two rows interleaved) and added to per-row fp32
+//    lane accumulators that carry over the column blocks; after the last block, the lane sums, the scalar
+//    units past the last whole 16-lane vector (part 5's scalar terms), and the decision of parts 2 and 3.
+//    Σ (ŷ_j - c_j)^2 and Σ f_j^2 are then fp32 sums of the same nonnegative terms in another order and
+//    association (per lane across blocks, then across lanes, then the tail): the slack 2 g_{D+2} + 1e-6
+//    covers any order, so nothing changes for the sums; max_j t_j is exact. ŷ and a are not kept
+//    (ROBBENCH_TILE_STORE_Y=1 keeps ŷ): a row left undecided gets them again from s by the same code
+//    (epilogue_row: the same vector and scalar units, so the same numbers) before the refinement (part 4).
+//    Lean terms (sigmoid rows decided by part 3, norm_wdh >= 0; ROBBENCH_LEAN_TERMS=0 uses part 5's terms):
+//    (a) |s_j| is not read. s_j is within g_K Σ_k |Ŵ_jk ĥ_k| + 2^-100 of the exact Σ_k Ŵ_jk ĥ_k (part 6),
+//        both sums <= ||Ŵ_j|| ||ĥ|| (Cauchy-Schwarz), so |s_j| <= (1 + g_K) rW_j norm_hb + 2^-100 (rW_j >=
+//        ||Ŵ_j||, norm_hb >= ||ĥ||). Part 5's term x_s |s_j| becomes xs rW_j with xs = x_s (1 + g_K) norm_hb
+//        (float64, x (1 + 1e-9)), plus x_s 2^-100 < 2^-123, inside c0_j's 1e-30 (1e-30 - 2^-100 - 2^-102 >
+//        1e-32). xs is ~1/K of the other coefficient of rW_j in ρ_j (g_K ||ĥ||): ρ_j grows by <= 0.4 %.
+//    (b) One slope factor per row: Δ_j <= Δ* = (max rdW) x_dw + (max rW)(x_w + xs) + (max rWf) x_wf +
+//        max c0 (maxima over the D units, float64, x (1 + 1e-9)). e^{Δ_j} <= e^{Δ*} <= 1 + Δ* + Δ*^2 for
+//        Δ* <= 1, so part 2's slope bound holds with Q = 1 + Δ* + Δ*^2 for every unit of the row (Δ* > 1:
+//        t_j = 1/4). Stored xq = fl32((1 + Δ*+ Δ*^2) k2) >= Q k2 (1 - v) (+inf when Δ* > 1).
+//    (c) ρ_j <= X (rW_j + rWf_j) + c0_j with X = max(x_w3 + xs, x_wf) (1 + 1e-6) (>= both coefficients) and
+//        rsum_j = fl32((rW_j + rWf_j) (1 + 1e-6)) >= rW_j + rWf_j (float64 sum of two fp32 values).
+//    (d) Evaluation (per lane): m_j = fl(ŷ_j fl(1 - ŷ_j) + 32 v) >= (ŷ_j (1 - ŷ_j) + 32 v)(1 - v)^2 (one FMA,
+//        32 v exact); t_j = min(1/4, fl(m_j xq)) >= min(1/4, (ŷ_j (1 - ŷ_j) + 32 v) Q k2 (1 - v)^4), which is
+//        >= part 2's slope bound since k2 (1 - v)^4 > 1 (NaN or +inf: 1/4; a NaN ŷ leaves the row undecided
+//        through its distance); ρ'_j = fl(rsum_j fl32(X) + c0_j) >= ρ_j k2 (1 - v)^3 (X and c0_j carry k2
+//        through part 5's scalars x_* and constant, each rounded once to fp32); f_j = fl(t_j ρ'_j + fl32(2 ev
+//        k2)) >= (t_j ρ_j + 2 ev) k2 (1 - v)^5 >= t_j ρ_j + 2 ev. So every f_j and max_j t_j bound what
+//        part 3 needs, and the decision is part 3's with these (slightly larger) terms. On the three trained
+//        decoders' recorded margin calls the lean terms leave +7 / +2 / +6 more of the 116,792 / 123,136 /
+//        534,528 band rows to the refinement and the same rows to the fp32 recheck.
 // Samples that no bound decides get the reference's own fp32 final layer (recheck).
 #pragma once
 #include <ATen/ATen.h>
@@ -211,6 +242,15 @@ inline double sq_norm_up(float sum_sq, int64_t K) {
   const double v = 1.0 / 16777216.0, n = static_cast<double>(K + 2);
   return std::sqrt((static_cast<double>(sum_sq) + static_cast<double>(K) * 0x1p-149) * (1 + 2 * (n * v / (1.0 - n * v))));
 }
+
+class Bf16Product;
+
+// One row's inputs of the tile-wise band (LastLayerBound::decide_tiles): the sample's center cen (D,), r^2,
+// and the per-sample norms of decide (||h||, ||ĥ||, ||δh||, norm_wdh >= ||Ŵ δh|| or negative).
+struct BandRow {
+  const float* cen;
+  double norm_h, norm_hb, norm_dh, r2, norm_wdh;
+};
 
 struct LastLayerBound {
   static constexpr double u = 1.0 / 256.0;
@@ -235,6 +275,8 @@ struct LastLayerBound {
   // (|b| the inflated values above); k2 also scales its per-sample scalars
   static constexpr double k2 = 1 + 2e-5;
   std::vector<float> c0;
+  // part 7: max_j of rdW, rW, rWf, c0 (4,) and rsum (D,) >= rW_j + rWf_j, for the tile pass's lean terms
+  std::vector<float> unit_max, rsum;
 
   // Upper bound on ||Ŵ δh|| from p = fl(δh V) (k,) and ||δh|| (part 3).
   double norm_w_dh(const float* p, double norm_dh) const;
@@ -259,9 +301,23 @@ struct LastLayerBound {
   // The same decision fused with the epilogue (part 5): from the product's row s (>= D,), writes
   // a = fl(s + b) (D,) and y = act~(a) (D,) (own sigmoid, within ev of σ) while the band sums accumulate,
   // one pass over the D units. a and y are what refine_select / refine_decide read.
+  // bound_out (optional, tests): receives the band's E >= ||y_ref - ŷ||.
   int8_t decide_epilogue(const float* s, double s_round, float* a, float* y, const float* cen, double norm_h,
                          double norm_hb, double norm_dh, double r2, double norm_wdh = -1.0,
-                         double* dist_out = nullptr) const;
+                         double* dist_out = nullptr, double* bound_out = nullptr) const;
+
+  // Part 7: the bf16 product s = ĥ Ŵ^T of n rows (hb (n, K) bf16 bits, row stride K) through prod, tile by
+  // tile, each tile's epilogue (a = fl(s + b), ŷ = act~(a), band terms and partial sums) run while the tile
+  // is in L1; then decide_epilogue's decision per row into dec (n,) and ||ŷ - c|| into dist (n,). s (n, P)
+  // receives the product's columns < D; y (n, P) receives ŷ when store_y (else only the units past the
+  // last whole 16-lane vector, with a: epilogue_row writes the rest for the rows the refinement needs).
+  // Without AVX-512 (or ROBBENCH_NO_AVX512=1): prod.run, then decide_epilogue per row (a, y written).
+  // bound (optional, tests): each row's band E.
+  void decide_tiles(const Bf16Product& prod, const uint16_t* hb, int64_t n, float* s, float* a, float* y,
+                    bool store_y, const BandRow* rows, int8_t* dec, double* dist, double* bound = nullptr) const;
+  // a = fl(s + b) (D,) and y = act~(a) (D,) of one row from its product s, as decide_tiles and
+  // decide_epilogue compute them (the same vector and scalar units, so the same values).
+  void epilogue_row(const float* s, float* a, float* y) const;
 
   // Part 4, the points' reference hidden vectors hc (B, K) contiguous fp32: c (B, D) with c_bj >= |(δW h_c,b)_j|.
   at::Tensor refine_centers(const at::Tensor& hc) const;

@@ -118,20 +118,22 @@ std::shared_ptr<const Bf16Product> Bf16Product::make(const at::Tensor& wt_bf16, 
   return prod;
 }
 
+void Bf16Product::run_tile(const uint16_t* hb, int64_t m, int64_t c0, float* s, int64_t ld_s) const {
+  const int64_t w = std::min(kCols, P - c0), K2 = (K + 1) / 2;
+  cpublas::brgemm(m, w, K, K, block_ld(w), ld_s, false, reinterpret_cast<const at::BFloat16*>(hb),
+                  packed_.data_ptr<at::BFloat16>() + c0 * K2 * 2, s + c0, true);
+}
+
+// As ATen's and inductor's brgemm users do at the end of each thread's work: frees the AMX tile state
+// where there is one (a no-op without AMX).
+void Bf16Product::release() { cpublas::brgemm_release(true); }
+
 void Bf16Product::run(const uint16_t* hb, int64_t n, float* s, int64_t ld_s) const {
-  const auto* a = reinterpret_cast<const at::BFloat16*>(hb);
-  const auto* b = packed_.data_ptr<at::BFloat16>();
-  const int64_t K2 = (K + 1) / 2;
   for (int64_t r0 = 0; r0 < n; r0 += kRows) {
     const int64_t m = std::min(kRows, n - r0);
-    for (int64_t c0 = 0; c0 < P; c0 += kCols) {
-      const int64_t w = std::min(kCols, P - c0);
-      cpublas::brgemm(m, w, K, K, block_ld(w), ld_s, false, a + r0 * K, b + c0 * K2 * 2, s + r0 * ld_s + c0, true);
-    }
+    for (int64_t c0 = 0; c0 < P; c0 += kCols) run_tile(hb + r0 * K, m, c0, s + r0 * ld_s, ld_s);
   }
-  // As ATen's and inductor's brgemm users do at the end of each thread's work: frees the AMX tile state
-  // where there is one (a no-op without AMX).
-  cpublas::brgemm_release(true);
+  release();
 }
 
 double Bf16Product::self_check_ratio(int64_t K, int64_t P, int64_t fault) {

@@ -1,6 +1,7 @@
 // The constants and per-sample decisions of bounds.h (see there for the analysis). Any summation
 // order is covered by the analysis, so the loops may use SIMD reductions.
 #include "common/bounds.h"
+#include "common/bf16_product.h"
 #include "common/decoder.h"
 #include "common/sigmoid.h"
 
@@ -11,6 +12,8 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
+#include <limits>
 
 namespace robbench {
 
@@ -230,8 +233,7 @@ int64_t sigmoid_rows_avx512(const float* x, float* y, int64_t n) {
 // sigmoid's dependency chain (~60 cycles) inside the band loop left the core waiting (measured: no gain
 // over the separate ATen passes); alone, eight vectors at a time, its iterations overlap.
 __attribute__((target("avx512f,avx512bw,avx512vl")))
-void band_epilogue_avx512(const float* s, const float* bias, int64_t act, float* a, float* y,
-                          const float* cen, int64_t D, bool part2, const BandArgs& g, BandSums* out) {
+void epilogue_row_avx512(const float* s, const float* bias, int64_t act, float* a, float* y, int64_t D) {
   int64_t j = 0;
   for (; j + 16 <= D; j += 16)  // fl(s + b)
     _mm512_storeu_ps(a + j, _mm512_add_ps(_mm512_loadu_ps(s + j), _mm512_loadu_ps(bias + j)));
@@ -241,7 +243,19 @@ void band_epilogue_avx512(const float* s, const float* bias, int64_t act, float*
   else
     for (; j + 16 <= D; j += 16) _mm512_storeu_ps(y + j, relu_or_identity_avx512(_mm512_loadu_ps(a + j), act));
   for (; j < D; ++j) y[j] = act_scalar(a[j], act);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+void band_epilogue_avx512(const float* s, const float* bias, int64_t act, float* a, float* y,
+                          const float* cen, int64_t D, bool part2, const BandArgs& g, BandSums* out) {
+  epilogue_row_avx512(s, bias, act, a, y, D);
   band_sums_avx512(s, a, y, cen, D, act == kActSigmoid, part2, g, out);
+}
+
+// Part 7's lean terms in the tile pass unless ROBBENCH_LEAN_TERMS=0 (read per call of decide_tiles; A/B).
+bool lean_terms() {
+  const char* v = std::getenv("ROBBENCH_LEAN_TERMS");
+  return v == nullptr || std::strcmp(v, "0") != 0;
 }
 
 // AVX-512 loops where the CPU has them; ROBBENCH_NO_AVX512=1 (read once per process) runs the portable
@@ -270,6 +284,92 @@ void band_epilogue(const float* s, const float* bias, int64_t act, float* a, flo
   }
   if (act == kActSigmoid) band_sums_impl<true>(s, a, y, cen, D, g, out);
   else band_sums_impl<false>(s, a, y, cen, D, g, out);
+}
+
+// Part 7 (bounds.h): NV vectors of one row of a product tile, units j0 .. j0 + 16 NV - 1: a = fl(s + b),
+// ŷ = act~(a) (the own sigmoid, NV vectors interleaved), the band terms, added to the row's lane
+// accumulators acc (d2, e2, f2, tmax: 16 floats each) that carry the sums across the row's column blocks;
+// ŷ also to y when y != nullptr.
+template <int NV>
+__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline))
+inline void tile_row_avx512(const float* s, const float* bias, int64_t j0, int64_t act, bool part2,
+                            const BandArgs& g, const float* cen, float* y, float* acc) {
+  const bool sigmoid = act == kActSigmoid;
+  __m512 sv[NV], av[NV], yv[NV];
+  for (int q = 0; q < NV; ++q) {
+    sv[q] = _mm512_loadu_ps(s + j0 + 16 * q);
+    av[q] = _mm512_add_ps(sv[q], _mm512_loadu_ps(bias + j0 + 16 * q));
+  }
+  if (sigmoid) sigmoid_avx512_n<NV>(av, yv);
+  else
+    for (int q = 0; q < NV; ++q) yv[q] = relu_or_identity_avx512(av[q], act);
+  if (y != nullptr)
+    for (int q = 0; q < NV; ++q) _mm512_storeu_ps(y + j0 + 16 * q, yv[q]);
+  BandAccV A{_mm512_load_ps(acc), _mm512_load_ps(acc + 16), _mm512_load_ps(acc + 32), _mm512_load_ps(acc + 48)};
+  for (int q = 0; q < NV; ++q) {
+    const int64_t j = j0 + 16 * q;
+    band_acc_add(A, j, yv[q], cen, unit_terms_avx512(g, j, sv[q], yv[q], sigmoid), part2);
+  }
+  _mm512_store_ps(acc, A.d2);
+  _mm512_store_ps(acc + 16, A.e2);
+  _mm512_store_ps(acc + 32, A.f2);
+  _mm512_store_ps(acc + 48, A.tmax);
+}
+
+// Part 7's lean terms (sigmoid rows decided by part 3, the product's fp32 output): NR rows x NV vectors of a
+// tile, units j0 .. j0 + 16 NV - 1 (NR NV sigmoids interleaved: one vector's ~70-cycle chain alone leaves
+// the core waiting). Row r: s[r] its product row, vq[r] >= (1 + Δ* + Δ*^2) k2 (Δ* >= every Δ_j of the row;
+// +inf when Δ* > 1), vx[r] >= the coefficients of rW_j and rWf_j in ρ_j; t_j = min(1/4, fl(m_j vq)),
+// m_j = fl(ŷ fl(1 - ŷ) + 32 v), ρ_j <= fl(rsum_j vx + c0_j), f_j = fl(t_j ρ_j + 2 ev k2); acc[r] holds d2
+// (lanes 0..15), f2 (32..47) and tmax (48..63); ŷ also to y[r] when y[r] != nullptr.
+template <int NR, int NV>
+__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline))
+inline void tile_rows_lean_avx512(const float* const* s, const float* bias, int64_t j0, const float* rsum,
+                                  const float* c0, const float* vq, const float* vx, __m512 vev2,
+                                  const float* const* cen, float* const* y, float* const* acc) {
+  const __m512 one = _mm512_set1_ps(1.0f), quarter = _mm512_set1_ps(0.25f);
+  const __m512 v32 = _mm512_set1_ps(32.0f / 16777216.0f);
+  __m512 av[NR * NV], yv[NR * NV];
+  for (int q = 0; q < NV; ++q) {
+    const __m512 bq = _mm512_loadu_ps(bias + j0 + 16 * q);
+    for (int r = 0; r < NR; ++r) av[r * NV + q] = _mm512_add_ps(_mm512_loadu_ps(s[r] + j0 + 16 * q), bq);
+  }
+  sigmoid_avx512_n<NR * NV>(av, yv);
+  for (int r = 0; r < NR; ++r) {
+    if (y[r] != nullptr)
+      for (int q = 0; q < NV; ++q) _mm512_storeu_ps(y[r] + j0 + 16 * q, yv[r * NV + q]);
+    const __m512 q_r = _mm512_set1_ps(vq[r]), x_r = _mm512_set1_ps(vx[r]);
+    __m512 d2 = _mm512_load_ps(acc[r]), f2 = _mm512_load_ps(acc[r] + 32), tmax = _mm512_load_ps(acc[r] + 48);
+    for (int q = 0; q < NV; ++q) {
+      const int64_t j = j0 + 16 * q;
+      const __m512 yj = yv[r * NV + q];
+      const __m512 m = _mm512_fmadd_ps(yj, _mm512_sub_ps(one, yj), v32);
+      const __m512 t = _mm512_min_ps(_mm512_mul_ps(m, q_r), quarter);  // NaN or +inf: 1/4
+      const __m512 rho = _mm512_fmadd_ps(_mm512_loadu_ps(rsum + j), x_r, _mm512_loadu_ps(c0 + j));
+      const __m512 f = _mm512_fmadd_ps(t, rho, vev2);
+      const __m512 diff = _mm512_sub_ps(yj, _mm512_loadu_ps(cen[r] + j));
+      d2 = _mm512_fmadd_ps(diff, diff, d2);
+      f2 = _mm512_fmadd_ps(f, f, f2);
+      tmax = _mm512_max_ps(tmax, t);
+    }
+    _mm512_store_ps(acc[r], d2);
+    _mm512_store_ps(acc[r] + 32, f2);
+    _mm512_store_ps(acc[r] + 48, tmax);
+  }
+}
+
+template <int NR>
+__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline))
+inline void tile_rows_lean_nv(int64_t nv, const float* const* s, const float* bias, int64_t j0, const float* rsum,
+                              const float* c0, const float* vq, const float* vx, __m512 vev2,
+                              const float* const* cen, float* const* y, float* const* acc) {
+  switch (nv) {
+    case 4: tile_rows_lean_avx512<NR, 4>(s, bias, j0, rsum, c0, vq, vx, vev2, cen, y, acc); break;
+    case 3: tile_rows_lean_avx512<NR, 3>(s, bias, j0, rsum, c0, vq, vx, vev2, cen, y, acc); break;
+    case 2: tile_rows_lean_avx512<NR, 2>(s, bias, j0, rsum, c0, vq, vx, vev2, cen, y, acc); break;
+    case 1: tile_rows_lean_avx512<NR, 1>(s, bias, j0, rsum, c0, vq, vx, vev2, cen, y, acc); break;
+    default: break;
+  }
 }
 
 // Part 4 (refinement): units are split by their slope bound t at the thresholds kTauR: per threshold b,
@@ -552,6 +652,18 @@ LastLayerBound LastLayerBound::make(const at::Tensor& wt, const at::Tensor& b, i
   m.c0.resize(D);
   for (int64_t j = 0; j < D; ++j)
     m.c0[j] = static_cast<float>((m.gK1 * (1 + 1e-6) + v * (1 + v)) * m.babs[j] * k2 + 1e-30);
+  // part 7: the maxima of the per-unit constants (fp32 maxima of fp32 values: exact), and rW_j + rWf_j in
+  // float64, inflated by 1e-6 before its fp32 rounding
+  m.unit_max.assign(4, 0.f);
+  for (int64_t j = 0; j < D; ++j) {
+    m.unit_max[0] = std::max(m.unit_max[0], m.rdW[j]);
+    m.unit_max[1] = std::max(m.unit_max[1], m.rW[j]);
+    m.unit_max[2] = std::max(m.unit_max[2], m.rWf[j]);
+    m.unit_max[3] = std::max(m.unit_max[3], m.c0[j]);
+  }
+  m.rsum.resize(D);
+  for (int64_t j = 0; j < D; ++j)
+    m.rsum[j] = static_cast<float>((static_cast<double>(m.rW[j]) + m.rWf[j]) * (1 + 1e-6));
   m.w_rows = wt.narrow(1, 0, D).t().contiguous();  // (D, K): W's rows, exact fp32 (part 4)
   // δW = W - Ŵ: fp32 minus its bf16 rounding, exact in fp32 (at most 16 significant bits)
   m.dw_rows = (m.w_rows - m.wt_bf16.narrow(1, 0, D).t().to(at::kFloat)).contiguous();
@@ -589,7 +701,7 @@ double LastLayerBound::norm_w_dh(const float* p, double norm_dh) const {
 namespace {
 // The decision from one sample's band sums (parts 2 and 3), shared by decide and decide_epilogue.
 int8_t band_decision(const LastLayerBound& b, const BandSums& bs, double norm_h, double norm_dh, double r2,
-                     double norm_wdh, double* dist_out) {
+                     double norm_wdh, double* dist_out, double* bound_out = nullptr) {
   const double sl = 2 * b.q + 1e-6;  // fp32 sums of D nonnegative terms, any order (bounds.h)
   // with the absolute underflow term (dist_up): without a sigmoid (ev = 0) the terms f_j = ρ_j can be
   // ~2^-76 for tiny outputs, their squares round to 0, and Σ f_j^2 = 0 while ||f|| = sqrt(D) 2^-76
@@ -602,6 +714,7 @@ int8_t band_decision(const LastLayerBound& b, const BandSums& bs, double norm_h,
     E = up(bs.e2);
   }
   E += 1e-30;
+  if (bound_out != nullptr) *bound_out = E;
   if (dist_out != nullptr) *dist_out = std::sqrt(static_cast<double>(bs.d2));
   const double hi = b.dist_up(bs.d2, sl) + E;
   const double lo = std::max(0.0, b.dist_down(bs.d2, sl) - E);
@@ -620,11 +733,139 @@ int8_t LastLayerBound::decide(const float* s, double s_round, const float* a, co
 
 int8_t LastLayerBound::decide_epilogue(const float* s, double s_round, float* a, float* y, const float* cen,
                                        double norm_h, double norm_hb, double norm_dh, double r2, double norm_wdh,
-                                       double* dist_out) const {
+                                       double* dist_out, double* bound_out) const {
   const BandArgs g = band_args(*this, s_round, norm_h, norm_hb, norm_dh);
   BandSums bs;
   band_epilogue(s, bias.data(), act, a, y, cen, D, norm_wdh < 0, g, &bs);
-  return band_decision(*this, bs, norm_h, norm_dh, r2, norm_wdh, dist_out);
+  return band_decision(*this, bs, norm_h, norm_dh, r2, norm_wdh, dist_out, bound_out);
+}
+
+namespace {
+// Part 7: decide_tiles with AVX-512. Per block of kRows rows: for each column block (units < D only),
+// brgemm one tile, then its epilogue row by row while the tile (kRows x kCols fp32, 16 KiB) is in L1; the
+// units past the last whole vector (D % 16 of them) by the scalar terms into a per-row BandSums; after the
+// last column block, the row's sums and band_decision.
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+void decide_tiles_avx512(const LastLayerBound& b, const Bf16Product& prod, const uint16_t* hb, int64_t n, float* s,
+                         float* a, float* y, bool store_y, const BandRow* rows, int8_t* dec, double* dist,
+                         double* bound) {
+  constexpr int64_t kR = Bf16Product::kRows, kC = Bf16Product::kCols;
+  static_assert(kC % 16 == 0, "column blocks are whole vectors");
+  const int64_t P = b.P, D = b.D, K = b.K, jv = D / 16 * 16;  // units < jv in vectors, the rest scalar
+  const bool sigmoid = b.act == kActSigmoid, lean_on = sigmoid && lean_terms();
+  const float* bias = b.bias.data();
+  alignas(64) float acc[kR][64];  // per row: the lane accumulators d2, e2, f2, tmax (16 each)
+  BandArgs g[kR];
+  BandSums tail[kR];
+  float xq[kR];  // lean rows: >= (1 + Δ* + Δ*^2) k2, Δ* >= every Δ_j of the row (+inf when Δ* > 1)
+  float xr[kR];  // lean rows: >= the coefficients of rW_j and rWf_j in ρ_j (part 7)
+  bool lean[kR];
+  const __m512 vev2 = _mm512_set1_ps(static_cast<float>(2 * b.ev * LastLayerBound::k2));
+  const float vinf = std::numeric_limits<float>::infinity();
+  for (int64_t r0 = 0; r0 < n; r0 += kR) {
+    const int64_t m = std::min(kR, n - r0);
+    for (int64_t i = 0; i < m; ++i) {
+      const BandRow& rw = rows[r0 + i];
+      g[i] = band_args(b, 0.0, rw.norm_h, rw.norm_hb, rw.norm_dh);  // fp32 output: s_round = 0 (part 6)
+      tail[i] = BandSums{};
+      for (int l = 0; l < 64; ++l) acc[i][l] = 0.f;
+      lean[i] = lean_on && rw.norm_wdh >= 0;
+      // |s_j| <= (1 + g_K) ||Ŵ_j|| ||ĥ|| + 2^-100 (part 7): x_s |s_j| moves into the coefficients of rW_j
+      const double xs = static_cast<double>(g[i].x_s) * (1 + b.gK) * rw.norm_hb * (1 + 1e-9);
+      const double ds = (b.unit_max[0] * static_cast<double>(g[i].x_dw) + b.unit_max[1] * (g[i].x_w + xs) +
+                         b.unit_max[2] * static_cast<double>(g[i].x_wf) + b.unit_max[3]) * (1 + 1e-9);
+      // e^Δ <= 1 + Δ + Δ^2 for Δ <= 1 (part 2); else t = 1/4
+      xq[i] = ds <= 1 ? static_cast<float>((1 + ds + ds * ds) * LastLayerBound::k2) : vinf;
+      xr[i] = static_cast<float>(std::max(static_cast<double>(g[i].x_w3) + xs, static_cast<double>(g[i].x_wf)) *
+                                 (1 + 1e-6));
+    }
+    float* sb = s + r0 * P;
+    for (int64_t c0 = 0; c0 < D; c0 += kC) {
+      prod.run_tile(hb + r0 * K, m, c0, sb, P);
+      const int64_t c1 = std::min(c0 + kC, D), nv = (std::min(c1, jv) - c0) / 16;  // whole vectors < D
+      for (int64_t i = 0; i < m;) {
+        const float* si = sb + i * P;
+        const BandRow& rw = rows[r0 + i];
+        float* yi = store_y ? y + (r0 + i) * P : nullptr;
+        int64_t step = 1;
+        if (lean[i] && i + 1 < m && lean[i + 1]) {  // two rows at a time
+          const float* sr[2] = {si, si + P};
+          const float* cr[2] = {rw.cen, rows[r0 + i + 1].cen};
+          float* yr[2] = {yi, store_y ? yi + P : nullptr};
+          float* ar[2] = {acc[i], acc[i + 1]};
+          tile_rows_lean_nv<2>(nv, sr, bias, c0, b.rsum.data(), b.c0.data(), xq + i, xr + i, vev2, cr, yr, ar);
+          step = 2;
+        } else if (lean[i]) {
+          float* ar[1] = {acc[i]};
+          tile_rows_lean_nv<1>(nv, &si, bias, c0, b.rsum.data(), b.c0.data(), xq + i, xr + i, vev2, &rw.cen, &yi,
+                               ar);
+        } else {
+          const bool part2 = rw.norm_wdh < 0;
+          switch (nv) {
+            case 4: tile_row_avx512<4>(si, bias, c0, b.act, part2, g[i], rw.cen, yi, acc[i]); break;
+            case 3: tile_row_avx512<3>(si, bias, c0, b.act, part2, g[i], rw.cen, yi, acc[i]); break;
+            case 2: tile_row_avx512<2>(si, bias, c0, b.act, part2, g[i], rw.cen, yi, acc[i]); break;
+            case 1: tile_row_avx512<1>(si, bias, c0, b.act, part2, g[i], rw.cen, yi, acc[i]); break;
+            default: break;
+          }
+        }
+        // the last units, as band_epilogue's scalar tail (a and y kept for the refinement)
+        for (int64_t k = i; k < i + step && c1 > jv; ++k) {
+          const float* sk = sb + k * P;
+          const float* ck = rows[r0 + k].cen;
+          float* ak = a + (r0 + k) * P;
+          float* yk = y + (r0 + k) * P;
+          for (int64_t j = jv; j < D; ++j) {
+            ak[j] = sk[j] + bias[j];
+            yk[j] = act_scalar(ak[j], b.act);
+          }
+          const BandArgs gt = units_from(g[k], jv);
+          if (sigmoid) band_sums_impl<true>(sk + jv, ak + jv, yk + jv, ck + jv, D - jv, gt, &tail[k]);
+          else band_sums_impl<false>(sk + jv, ak + jv, yk + jv, ck + jv, D - jv, gt, &tail[k]);
+        }
+        i += step;
+      }
+    }
+    for (int64_t i = 0; i < m; ++i) {
+      // lane sums, then the scalar units: an fp32 sum of the same nonnegative terms in another order
+      const BandRow& rw = rows[r0 + i];
+      BandSums bs;
+      bs.d2 = _mm512_reduce_add_ps(_mm512_load_ps(acc[i])) + tail[i].d2;
+      bs.e2 = _mm512_reduce_add_ps(_mm512_load_ps(acc[i] + 16)) + tail[i].e2;
+      bs.f2 = _mm512_reduce_add_ps(_mm512_load_ps(acc[i] + 32)) + tail[i].f2;
+      bs.tmax = std::max(_mm512_reduce_max_ps(_mm512_load_ps(acc[i] + 48)), tail[i].tmax);
+      dec[r0 + i] = band_decision(b, bs, rw.norm_h, rw.norm_dh, rw.r2, rw.norm_wdh, &dist[r0 + i],
+                                  bound != nullptr ? bound + r0 + i : nullptr);
+    }
+  }
+  Bf16Product::release();
+}
+}  // namespace
+
+void LastLayerBound::decide_tiles(const Bf16Product& prod, const uint16_t* hb, int64_t n, float* s, float* a,
+                                  float* y, bool store_y, const BandRow* rows, int8_t* dec, double* dist,
+                                  double* bound) const {
+  TORCH_CHECK(prod.K == K && prod.P == P, "decide_tiles: the product's shape (", prod.K, ", ", prod.P,
+              ") is not the layer's (", K, ", ", P, ")");
+  if (has_avx512()) return decide_tiles_avx512(*this, prod, hb, n, s, a, y, store_y, rows, dec, dist, bound);
+  prod.run(hb, n, s, P);
+  for (int64_t i = 0; i < n; ++i) {
+    const BandRow& rw = rows[i];
+    dec[i] = decide_epilogue(s + i * P, 0.0, a + i * P, y + i * P, rw.cen, rw.norm_h, rw.norm_hb, rw.norm_dh, rw.r2,
+                             rw.norm_wdh, &dist[i], bound != nullptr ? bound + i : nullptr);
+  }
+}
+
+void LastLayerBound::epilogue_row(const float* s, float* a, float* y) const {
+  int64_t j = 0;
+  if (has_avx512()) {
+    epilogue_row_avx512(s, bias.data(), act, a, y, D);
+    j = D / 16 * 16;
+  }
+  for (; j < D; ++j) {
+    a[j] = s[j] + bias[j];
+    y[j] = act_scalar(a[j], act);
+  }
 }
 
 void sigmoid_fp32(const float* x, float* y, int64_t n) {

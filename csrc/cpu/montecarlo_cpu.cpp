@@ -457,6 +457,18 @@ struct BandBuffers {
 // ROBBENCH_BAND_FUSED=0 (read per chunk; A/B in benchmarks): then the separate passes below.
 bool band_fused() { return switch_on("ROBBENCH_BAND_FUSED"); }
 
+// The fused epilogue inside the product's tiles (LastLayerBound::decide_tiles, bounds.h part 7) where
+// brgemm runs, unless ROBBENCH_BAND_TILES=0 (read per call; A/B in benchmarks): then the whole product
+// first and decide_epilogue per row. ROBBENCH_TILE_STORE_Y=1: the tile pass also stores ŷ of every row
+// instead of recomputing a, ŷ for the rows the refinement takes (same decisions either way).
+struct BandTiles {
+  bool on = true, store_y = false;
+  static BandTiles from_env() {
+    const char* y = std::getenv("ROBBENCH_TILE_STORE_Y");
+    return {switch_on("ROBBENCH_BAND_TILES"), y != nullptr && std::strcmp(y, "1") == 0};
+  }
+};
+
 // The unfused epilogue of a chunk: a = fl(s + b) and y = act~(a) by ATen's ops.
 void unfused_epilogue(const at::Tensor& sv, at::Tensor& a, at::Tensor& y, const at::Tensor& bias, int64_t act) {
   at::add_out(a, sv, bias);
@@ -808,6 +820,7 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
     // brgemm unless ROBBENCH_BRGEMM=0 or mkldnn is off (read per call: A/B in one process)
     const Bf16Product* product =
         Bf16Product::switched_on() && Bf16Product::usable_now() ? last->product.get() : nullptr;
+    const BandTiles band_tiles = BandTiles::from_env();
     at::parallel_for(0, nchunks, 1, [&](int64_t k0, int64_t k1) {
       BandBuffers& bb = BandBuffers::local(kBandRows, K, P, nk, h.options());
       for (int64_t ck = k0; ck < k1; ++ck) {
@@ -830,7 +843,11 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
         // s = ĥ Ŵ^T in fp32: brgemm's fp32 accumulation itself (s_round = 0), else at::mm's bf16 output
         // widened exactly (s_round = u): bounds.h, part 6
         double s_round = 0;
-        if (product != nullptr) {
+        // the product tile by tile, each tile's epilogue and band terms while it is in L1 (bounds.h, part 7)
+        const bool fused = band_fused(), tiles = fused && product != nullptr && band_tiles.on;
+        if (tiles) {
+          // decide_tiles below runs the product
+        } else if (product != nullptr) {
           product->run(reinterpret_cast<const uint16_t*>(hb.data_ptr<at::BFloat16>()), nc, sv.data_ptr<float>(), P);
         } else {
           at::mm_out(s16, hb, bound->wt_bf16);
@@ -843,9 +860,19 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
         float* yp = y.data_ptr<float>();
         const float* pvp = pv.data_ptr<float>();
         std::vector<double> dist(nc);
-        const bool fused = band_fused();
         if (!fused) unfused_epilogue(sv, a, y, w.bs.back(), w.acts.back());
-        for (int64_t i = 0; i < nc; ++i) {
+        if (tiles) {
+          std::vector<BandRow> brows(nc);
+          for (int64_t i = 0; i < nc; ++i) {
+            const int64_t r = rest[c0 + i], b = blk.p0 + r / ns;
+            brows[i] = {cen + b * D, nh[r], nhb[i], ndh[i], static_cast<double>(r2p[b]),
+                        bound->norm_w_dh(pvp + i * nk, ndh[i])};
+          }
+          bound->decide_tiles(*product, reinterpret_cast<const uint16_t*>(hb.data_ptr<at::BFloat16>()), nc,
+                              sv.data_ptr<float>(), ap, yp, band_tiles.store_y, brows.data(), dec.data() + c0,
+                              dist.data());
+        }
+        for (int64_t i = 0; i < nc && !tiles; ++i) {
           const int64_t r = rest[c0 + i], b = blk.p0 + r / ns;
           const double nwdh = bound->norm_w_dh(pvp + i * nk, ndh[i]), r2b = static_cast<double>(r2p[b]);
           // fused (bounds.h, part 5): a = fl(s + b), y = act~(a) (own sigmoid) and the band in one pass per row
@@ -871,6 +898,8 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
         int64_t sel_used = 0;
         for (int64_t i = 0; i < nc; ++i) {
           if (dec[c0 + i] >= 0) continue;
+          // the tile pass kept only s of most rows: a and ŷ of this one, as it computed them
+          if (tiles && !band_tiles.store_y) bound->epilogue_row(sp + i * P, ap + i * P, yp + i * P);
           const int64_t r = rest[c0 + i], b = blk.p0 + r / ns;
           const double target = refine.kappa * std::fabs(dist[i] - std::sqrt(static_cast<double>(r2p[b])));
           const float* cb = centers.get(b);
