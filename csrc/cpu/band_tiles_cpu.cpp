@@ -8,7 +8,8 @@
 //     product then decide_epilogue per row (false). The rows' ĥ, norms and δh V as the chunk loop makes them.
 //   robbench::band_tiles_timing(Tensor h, Tensor wt, Tensor b, Tensor cen, Tensor r2, int repeats) -> float[]
 //     microseconds per pass over h's rows (sigmoid): [product alone, product + row epilogue, tile pass],
-//     the best of 8 interleaved rounds of the calling thread's CPU time after a warm-up; the switches of decide_tiles (ROBBENCH_LEAN_TERMS) apply.
+//     the best of 8 interleaved rounds of the calling thread's CPU time after a warm-up; decide_tiles'
+//     switch ROBBENCH_LEAN_TERMS applies.
 #include <ATen/ATen.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
@@ -16,8 +17,8 @@
 #include <time.h>
 
 #include <algorithm>
-#include <functional>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <tuple>
 #include <vector>

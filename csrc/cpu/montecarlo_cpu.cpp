@@ -845,14 +845,12 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
         double s_round = 0;
         // the product tile by tile, each tile's epilogue and band terms while it is in L1 (bounds.h, part 7)
         const bool fused = band_fused(), tiles = fused && product != nullptr && band_tiles.on;
-        if (tiles) {
-          // decide_tiles below runs the product
-        } else if (product != nullptr) {
-          product->run(reinterpret_cast<const uint16_t*>(hb.data_ptr<at::BFloat16>()), nc, sv.data_ptr<float>(), P);
-        } else {
+        if (product == nullptr) {
           at::mm_out(s16, hb, bound->wt_bf16);
           sv.copy_(s16);
           s_round = LastLayerBound::u;
+        } else if (!tiles) {  // with tiles, decide_tiles below runs the product
+          product->run(reinterpret_cast<const uint16_t*>(hb.data_ptr<at::BFloat16>()), nc, sv.data_ptr<float>(), P);
         }
         at::Tensor a = bb.a.narrow(0, 0, nc), y = bb.y.narrow(0, 0, nc);
         const float* sp = sv.data_ptr<float>();
