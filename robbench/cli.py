@@ -27,6 +27,7 @@ from robbench.settings import RunSettings
 from robbench.store import StoreError
 
 USAGE_ERROR = 2
+INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
 
 
 def _backend_choices() -> str:
@@ -170,6 +171,7 @@ def cmd_run(args: argparse.Namespace, console: Console, *, evaluate: bool) -> in
     jobs = len(runner.jobs) if evaluate else len({(job.model.label, job.model.seed) for job in runner.jobs})
     what = f"{jobs} jobs × {cfg.points} points" if evaluate else f"{jobs} models"
     if args.dry_run:
+        runner.load_inputs()  # the data set is read (nothing written): a run that cannot load it fails here
         console.print(f"robbench: configuration valid: {what} → {run_dir} (dry run: nothing done)")
         return 0
     console.print(f"robbench: {what} → {run_dir}")
@@ -252,6 +254,9 @@ def cmd_merge(args: argparse.Namespace, console: Console) -> int:
     records, columns, settings = merge(sources)
     console.print(render_rich(records, columns, title=f"robbench leaderboard — merged from {len(sources)} sources"))
     if args.out:
+        if args.out.exists() and not args.out.is_dir():
+            raise ConfigError(f"--out {args.out}: a file of that name exists; give a directory for the merged "
+                              "leaderboard")
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "leaderboard.md").write_text(render_markdown(records, columns))
         (args.out / "leaderboard.csv").write_text(render_csv(records, columns))
@@ -271,6 +276,21 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``robbench`` command; returns the exit status (0, 2 for bad input, 130 when interrupted)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # Rows are committed one batch at a time and files are renamed into place, so nothing written
+        # is half-done; the run directory's lock is released with the process.
+        command = next((a for a in argv if not a.startswith("-")), "")
+        resume = ("; the results stored so far are kept: rerun the same command to resume"
+                  if command in ("run", "train", "reproduce") else "")
+        print(f"robbench: interrupted{resume}", file=sys.stderr)
+        return INTERRUPTED
+
+
+def _main(argv: list[str]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     console = terminal.console()

@@ -31,9 +31,14 @@ def input_range(obj: Any) -> tuple[float, float]:
 
 
 def check_in_range(x: Tensor, box: tuple[float, float], what: str = "data", tol: float = 1e-5) -> None:
-    """Raise ValueError when x leaves the declared box (a [0, 1] batch given to a [-1, 1] model is
-    fine; a [0, 255] batch is not)."""
+    """Raise ValueError when x holds NaN or infinity or leaves the declared box (a [0, 1] batch given
+    to a [-1, 1] model is fine; a [0, 255] batch is not)."""
     lo, hi = box
+    bad = int((~torch.isfinite(x)).sum()) if x.numel() else 0
+    if bad:  # NaN compares false with both ends, so the box test alone would let it through
+        first = [int(i) for i in torch.nonzero(~torch.isfinite(x.reshape(x.shape[0], -1)).any(1))[:5].flatten()]
+        raise ValueError(f"{what} holds {bad} NaN or infinite value{'s' if bad > 1 else ''} "
+                         f"(first examples at index {', '.join(map(str, first))})")
     if x.numel() and (float(x.min()) < lo - tol or float(x.max()) > hi + tol):
         raise ValueError(f"{what} lies in [{float(x.min()):.4g}, {float(x.max()):.4g}], outside the "
                          f"declared input range [{lo:g}, {hi:g}]; rescale it (see robbench.inputrange.to_range)")

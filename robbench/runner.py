@@ -141,12 +141,13 @@ def load_data(cfg: RunConfig, regs: Registries) -> SplitData:
     spec = regs.datasets.get(cfg.dataset)
     data = spec.load(DataOptions(data_dir=Path(cfg.data_dir) if cfg.data_dir else None, seed=0))
     box = input_range(data)
-    for part in (data.train_x, data.test_x):
+    for split, part in (("training", data.train_x), ("test", data.test_x)):
         if isinstance(part, torch.Tensor):  # lazily read images are decoded into [0, 1] by construction
             try:
-                check_in_range(part, box, what=f"data set {cfg.dataset!r}")
+                check_in_range(part, box, what=f"data set {cfg.dataset!r} ({split} split)")
             except ValueError as err:
-                raise ConfigError(f"{err}; a data set in another range declares it as SplitData.input_range") from None
+                hint = "" if "NaN" in str(err) else "; a data set in another range declares it as SplitData.input_range"
+                raise ConfigError(f"{err}{hint}") from None
     if box != DEFAULT_RANGE:
         data = SplitData(to_range(data.train_x, box, DEFAULT_RANGE), data.train_y,
                          to_range(data.test_x, box, DEFAULT_RANGE), data.test_y)
@@ -188,10 +189,21 @@ class Runner:
         finally:
             torch.set_num_threads(before)
 
-    def _run(self, evaluate: bool) -> ResultStore:
-        # Data and points first: an invocation that cannot start writes nothing.
+    def load_inputs(self) -> tuple[SplitData, list[int]]:
+        """The data set's split and the evaluation points' test-set indices; ConfigError when the data
+        cannot be read, holds NaN, has fewer test points than asked for, or has no training examples
+        for a model that must be trained. What ``--dry-run`` checks, and the first step of a run."""
         data = load_data(self.cfg, self.regs)
         point_ids = [int(p) for p in select_points(data, self.cfg.points, self.cfg.points_seed())]
+        trainable = sorted({name for name in self.cfg.models if self.regs.models.get(name).trainable})
+        if trainable and len(data.train_x) == 0:
+            raise ConfigError(f"data set {self.cfg.dataset!r}: the training split is empty, so "
+                              f"{', '.join(trainable)} cannot be trained")
+        return data, point_ids
+
+    def _run(self, evaluate: bool) -> ResultStore:
+        # Data and points first: an invocation that cannot start writes nothing.
+        data, point_ids = self.load_inputs()
         self._array_points = set(point_ids[:self.cfg.keep_arrays])
         self._produced: dict[str, list[dict[str, Any]]] = {}  # job key -> metrics of this invocation's ok rows
         store = ResultStore(self.run_dir)

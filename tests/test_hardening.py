@@ -563,3 +563,90 @@ def test_train_help_lists_only_what_train_uses_and_run_lists_backends(capsys):
         main(["run", "--help"])
     names = ",".join(["auto"] + plugins.get_registries().backends.names())
     assert f"--backend {{{names}}}" in capsys.readouterr().out and "torch" in names
+
+
+# ---------------------------------------------------------------------------------------------
+# Session 7: an outside reviewer's pass over the user-facing paths
+# ---------------------------------------------------------------------------------------------
+class _TinyData:
+    """Registers the data set 'tiny_test': 8x8 images, ``train``/``test`` examples, optional NaN."""
+
+    def __init__(self, train: int, test: int, nan: bool = False):
+        self.train, self.test, self.nan = train, test, nan
+
+    @hookimpl
+    def register_datasets(self, register):
+        from robbench.protocols import DatasetSpec, SplitData
+
+        def load(options):
+            gen = torch.Generator().manual_seed(0)
+            test_x = torch.rand(self.test, 1, 8, 8, generator=gen)
+            if self.nan:
+                test_x[1, 0, 2, 3] = float("nan")
+            return SplitData(torch.rand(self.train, 1, 8, 8, generator=gen), torch.zeros(self.train, dtype=torch.long),
+                             test_x, torch.zeros(self.test, dtype=torch.long))
+
+        register(DatasetSpec("tiny_test", "8x8 noise", load))
+
+
+TRAIN_VAE = ["--dataset", "tiny_test", "--models", "vae", "--param", "vae.latent_dim=2", "--param", "vae.hidden=8",
+             "--epochs", "1", "--estimators", "encoder_stats", "--points", "2", "--no-progress"]
+
+
+def test_an_empty_training_split_is_refused_before_training(cache, tmp_path, plugin, capsys):
+    """0 training examples used to 'train' a model on nothing and report its untrained numbers."""
+    plugin(_TinyData(train=0, test=5))
+    out = tmp_path / "run"
+    assert main(["run", *TRAIN_VAE, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "data set 'tiny_test'" in err and "training split is empty" in err
+    assert not out.exists()
+
+
+def test_nan_in_a_data_set_is_refused_naming_it(cache, tmp_path, plugin, capsys):
+    """NaN passed the range check (every comparison with NaN is false) and reached training."""
+    plugin(_TinyData(train=20, test=5, nan=True))
+    assert main(["run", *TRAIN_VAE, "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "data set 'tiny_test'" in err and "1 NaN or infinite value" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset", "mnist_full", "--data-dir", "{tmp}/nowhere"], "does not exist"),
+    (["--dataset", "mnist_full"], "pass --data-dir DIR"),
+    (["--dataset", "digits", "--points", "100000"], "the test split holds only"),
+])
+def test_dry_run_checks_the_data_it_would_load(cache, tmp_path, capsys, args, message):
+    """--dry-run said 'configuration valid' for runs whose data could not be loaded."""
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert main(["run", *args, "--dry-run"]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["run", "leaderboard"])
+def test_ctrl_c_ends_with_one_line_and_status_130(cache, tmp_path, capsys, monkeypatch, command):
+    """Ctrl-C printed a 40-line traceback; the rows committed so far are kept and a rerun resumes."""
+    from robbench import cli, runner
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner.Runner, "run", interrupted)
+    monkeypatch.setattr(cli, "cmd_leaderboard", interrupted)
+    out = tmp_path / "run"
+    args = ["run", *FAST, "--estimators", "bound", "--out", str(out)] if command == "run" else ["leaderboard", str(out)]
+    assert main(args) == 130
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and len(err.splitlines()) == 1 and err.startswith("robbench: interrupted")
+    if command == "run":
+        assert "rerun the same command to resume" in err
+
+
+def test_merge_into_a_file_exits_2(cache, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", *FAST, "--estimators", "bound", "--out", str(out)]) == 0
+    target = tmp_path / "afile"
+    target.write_text("")
+    capsys.readouterr()
+    assert main(["leaderboard", "--merge", str(out), "--out", str(target)]) == 2
+    assert "afile" in capsys.readouterr().err
