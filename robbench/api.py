@@ -92,16 +92,38 @@ def _merge(plugin: Any, given: dict[str, Any], *, run_wide_allowed: bool) -> tup
     return merge_params(plugin, own), overrides
 
 
-def evaluate(model: VAEModel, data: Tensor, attacks: Sequence[str] | None = None,
-             estimators: Sequence[str] | None = None, *, attack_params: dict[str, dict[str, Any]] | None = None,
+def _names(names: str | Sequence[str]) -> list[str]:
+    """A list of plugin names; one name may be given as a plain string."""
+    return [names] if isinstance(names, str) else list(names)
+
+
+def _check_data(model: VAEModel, data: Any) -> None:
+    """TypeError / ValueError naming what is wrong with ``data`` for ``model``, before any work: it must be
+    a non-empty (B, *model.input_shape) tensor of the model's floating dtype."""
+    if not isinstance(data, torch.Tensor):
+        raise TypeError(f"data must be a torch.Tensor of shape (B, *input_shape), got {type(data).__name__}")
+    shape = tuple(getattr(model, "input_shape", ()) or ())
+    if shape and tuple(data.shape[1:]) != shape:
+        raise ValueError(f"data has shape {tuple(data.shape)}; the model takes (B, {', '.join(map(str, shape))})")
+    if data.shape[0] == 0:
+        raise ValueError("data holds no points (its first dimension is 0)")
+    param = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    if data.dtype != dtype:
+        raise TypeError(f"data has dtype {data.dtype}; the model computes in {dtype}: pass data.to({dtype})")
+
+
+def evaluate(model: VAEModel, data: Tensor, attacks: str | Sequence[str] | None = None,
+             estimators: str | Sequence[str] | None = None, *, attack_params: dict[str, dict[str, Any]] | None = None,
              estimator_params: dict[str, dict[str, Any]] | None = None, point_ids: Tensor | None = None,
              batch_size: int | None = None, device: torch.device | str | None = None,
              executor: Executor | None = None, **run_params: Any) -> ResultTable:
-    """Run each estimator on ``data`` (B, *input_shape) in the model's declared input range ([0, 1]
-    unless ``model.input_range`` says otherwise; a ValueError names the range when data leaves it), once
-    per attack for estimators that need one and once otherwise. The model is put in eval mode. Names are
-    looked up in the plugin registries and validated, with the parameters, before any work starts.
-    ``attacks`` / ``estimators`` left as None take the run defaults (the plugins' ``default_run`` hook;
+    """Run each estimator on ``data`` (B, *input_shape), a float tensor of the model's dtype with finite
+    values in the model's declared input range ([0, 1] unless ``model.input_range`` says otherwise; a
+    TypeError or ValueError names what is wrong otherwise), once per attack for estimators that need one
+    and once otherwise. The model is put in eval mode. Names are looked up in the plugin registries and
+    validated, with the parameters and the run-wide settings, before any work starts.
+    ``attacks`` / ``estimators``: lists of names (or one name); left as None they take the run defaults (the plugins' ``default_run`` hook;
     with robbench's built-in plugins: the maximum-damage attack and the margin, bound and
     encoder-statistics estimators). A ``RuntimeWarning`` says when a share of margins hit the attack cap.
 
@@ -118,10 +140,12 @@ def evaluate(model: VAEModel, data: Tensor, attacks: Sequence[str] | None = None
         raise TypeError(f"evaluate() got unknown run-wide parameter(s) {', '.join(map(repr, unknown))}; "
                         f"allowed: {', '.join(RunSettings.HASHED)}; use attack_params= / estimator_params= "
                         "for plugin parameters")
+    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
+        raise ValueError(f"bad value for batch_size: {batch_size!r}; allowed: a positive integer or None (all at once)")
     regs = get_registries()
     defaults = default_selection()
-    attacks = list(defaults.get("attacks", [])) if attacks is None else list(attacks)
-    estimators = list(defaults.get("estimators", [])) if estimators is None else list(estimators)
+    attacks = _names(defaults.get("attacks", []) if attacks is None else attacks)
+    estimators = _names(defaults.get("estimators", []) if estimators is None else estimators)
     attack_params, estimator_params = dict(attack_params or {}), dict(estimator_params or {})
     for name in attack_params:
         if name not in attacks:
@@ -133,6 +157,7 @@ def evaluate(model: VAEModel, data: Tensor, attacks: Sequence[str] | None = None
     est = {name: regs.estimators.get(name) for name in estimators}
     a_params = {name: _merge(a, attack_params.get(name, {}), run_wide_allowed=False)[0] for name, a in atk.items()}
 
+    _check_data(model, data)
     if isinstance(model, torch.nn.Module):
         model.eval()  # dropout / batch-norm in inference mode, as the runner does
     check_in_range(data, input_range(model))

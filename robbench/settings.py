@@ -11,6 +11,7 @@ take theirs from :class:`RunSettings`.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -63,7 +64,27 @@ class RunSettings:
         if unknown:
             raise TypeError(f"unknown run-wide setting(s) {', '.join(map(repr, unknown))}; "
                             f"allowed: {', '.join(self.keys())}")
-        return replace(self, **overrides)
+        settings = replace(self, **overrides)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """ValueError naming the first setting outside its documented domain (the checks a config file's
+        values get, for settings given from Python)."""
+        def number(value: Any) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        for key, ok, allowed in (
+                ("r", number(self.r) and self.r > 0, "a finite positive number"),
+                ("m", number(self.m) and 0 < self.m < 1, "a number in (0, 1)"),
+                ("confidence", number(self.confidence) and 0 < self.confidence < 1, "a number in (0, 1)"),
+                ("seed", isinstance(self.seed, int) and not isinstance(self.seed, bool), "an integer"),
+                ("backend", isinstance(self.backend, str) and self.backend != "",
+                 "auto or the name of a registered backend"),
+                ("device", isinstance(self.device, str), "a torch device name such as cpu or cuda:0"),
+                ("units", self.units in ("l2", "rms"), "l2, rms")):
+            if not ok:
+                raise ValueError(f"bad value for {key!r}: {getattr(self, key)!r}; allowed: {allowed}")
 
 
 RUN_WIDE_KEYS: tuple[str, ...] = RunSettings.keys()

@@ -173,3 +173,42 @@ def test_evaluate_runs_its_batches_through_the_given_executor(model):
     table = evaluate(model, x, attacks=[], estimators=["encoder_stats"], batch_size=2, r=2.5, executor=rec)
     assert rec.jobs == [("encoder_stats", 2.5, [0, 1]), ("encoder_stats", 2.5, [2])]
     assert table.rows == evaluate(model, x, attacks=[], estimators=["encoder_stats"]).rows
+
+
+# Session 7 review: bad arguments used to return numbers (r=-1, m=2), no rows (batch_size=-1), or a
+# torch error from deep inside the model (wrong shape, empty data); each now fails up front naming it.
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"r": -1.0}, ValueError, r"bad value for 'r': -1\.0; allowed: a finite positive number"),
+    ({"r": float("nan")}, ValueError, r"bad value for 'r': nan"),
+    ({"m": 2}, ValueError, r"bad value for 'm': 2; allowed: a number in \(0, 1\)"),
+    ({"confidence": 1.0}, ValueError, r"bad value for 'confidence': 1\.0"),
+    ({"seed": 1.5}, ValueError, r"bad value for 'seed': 1\.5; allowed: an integer"),
+    ({"estimator_params": {"bound": {"r": 0}}}, ValueError, r"bad value for 'r': 0"),
+    ({"batch_size": 0}, ValueError, r"bad value for batch_size: 0; allowed: a positive integer"),
+    ({"batch_size": -1}, ValueError, r"bad value for batch_size: -1"),
+])
+def test_evaluate_rejects_bad_settings_naming_them(model, kwargs, error, message):
+    x = torch.full((2, 1, 8, 8), 0.5)
+    with pytest.raises(error, match=message):
+        evaluate(model, x, attacks=[], estimators=["bound"], **kwargs)
+
+
+@pytest.mark.parametrize("data, error, message", [
+    (torch.rand(0, 1, 8, 8), ValueError, r"data holds no points"),
+    (torch.rand(2, 3, 8, 8), ValueError, r"data has shape \(2, 3, 8, 8\); the model takes \(B, 1, 8, 8\)"),
+    (torch.rand(1, 8, 8), ValueError, r"data has shape \(1, 8, 8\); the model takes \(B, 1, 8, 8\)"),
+    ([[0.5] * 64], TypeError, r"data must be a torch\.Tensor"),
+    (torch.rand(2, 1, 8, 8, dtype=torch.float64), TypeError, r"data has dtype torch\.float64"),
+    (torch.full((2, 1, 8, 8), float("nan")), ValueError, r"data holds 128 NaN or infinite values"),
+])
+def test_evaluate_rejects_bad_data_naming_it(model, data, error, message):
+    with pytest.raises(error, match=message):
+        evaluate(model, data, attacks=[], estimators=["bound"])
+
+
+def test_evaluate_takes_a_single_name_as_a_string(model):
+    """estimators="bound" used to be read letter by letter ("unknown estimator 'b'")."""
+    x = torch.full((1, 1, 8, 8), 0.5)
+    table = evaluate(model, x, attacks="max_damage", estimators="bound",
+                     estimator_params={"bound": {"p0_samples": 256}})
+    assert table.column("estimator") == ["bound"]
