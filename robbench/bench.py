@@ -385,8 +385,22 @@ def _chosen_backends(requested: list[str] | None) -> list[Backend]:
     return [registry.get(n) for n in names]
 
 
+def _check_json_target(path: Path | None) -> None:
+    """ConfigError before any timing when ``--json`` cannot be written (it used to fail after the whole
+    benchmark had run)."""
+    from robbench.config import ConfigError
+
+    if path is None:
+        return
+    if path.is_dir():
+        raise ConfigError(f"--json {path}: that is a directory; give a file name")
+    if not path.parent.is_dir():
+        raise ConfigError(f"--json {path}: the directory {path.parent} does not exist")
+
+
 def run(args: argparse.Namespace) -> int:
     console = terminal.console()
+    _check_json_target(args.json)
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     if args.margin:

@@ -650,3 +650,14 @@ def test_merge_into_a_file_exits_2(cache, tmp_path, capsys):
     capsys.readouterr()
     assert main(["leaderboard", "--merge", str(out), "--out", str(target)]) == 2
     assert "afile" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("margin", [False, True])
+def test_bench_checks_its_json_target_before_timing(tmp_path, capsys, margin):
+    """bench --json into a missing directory failed only after the whole benchmark had run."""
+    target = tmp_path / "nowhere" / "bench.json"
+    args = ["bench", "--json", str(target), "--samples", "64", "--backend", "torch"] + (["--margin"] if margin else [])
+    assert main(args) == 2
+    captured = capsys.readouterr()
+    assert "the directory" in captured.err and "does not exist" in captured.err
+    assert "torch" not in captured.out  # nothing was timed
