@@ -24,7 +24,12 @@ from robbench.plugins import Registries
 from robbench.protocols import ModelFamily, SplitData
 from robbench.training import (TrainConfig, TrainedModel, build_or_train, train_or_load, trained_from_payload)
 
-TRAINING_FAILED = "model could not be trained or loaded (see models table)"
+TRAINING_FAILED = "model could not be trained or loaded"
+
+
+def training_failed(error: str) -> str:
+    """The error a failed model's result rows carry: shown under the leaderboard, so it says why."""
+    return f"{TRAINING_FAILED}: {error}"
 
 
 @dataclass(frozen=True)
@@ -68,7 +73,7 @@ def prepare_model(spec: ModelSpec, data: SplitData, regs: Registries, *, cache_d
                                 device=torch.device(spec.device), retrain=spec.retrain, progress=progress,
                                 dataset_name=spec.dataset)
     except Exception as err:  # a broken model fails its own rows only
-        return Prepared(None, {"error": describe_error(err)}, TRAINING_FAILED)
+        return Prepared(None, {"error": describe_error(err)}, training_failed(describe_error(err)))
     return _checked(trained, family, data, check_ids, spec.device)
 
 
@@ -85,7 +90,7 @@ def prepare_shipped(spec: ModelSpec, data: SplitData, regs: Registries, cached: 
             trained, payload = build_or_train(family, spec.params, data, spec.train, device=device, progress=False,
                                               dataset_name=spec.dataset)
     except Exception as err:
-        return Prepared(None, {"error": describe_error(err)}, TRAINING_FAILED)
+        return Prepared(None, {"error": describe_error(err)}, training_failed(describe_error(err)))
     prepared = _checked(trained, family, data, check_ids, spec.device)
     prepared.payload = payload
     return prepared
@@ -94,7 +99,7 @@ def prepare_shipped(spec: ModelSpec, data: SplitData, regs: Registries, cached: 
 def describe_prepared(info: dict[str, Any]) -> str:
     """One line for the console: how the model was obtained, and its test ELBO."""
     if "error" in info:
-        return f"training failed: {info['error']}"
+        return f"could not be trained or loaded: {info['error']}"
     if info.get("ready_built"):
         how = "ready-built (no training)"
     else:

@@ -661,3 +661,18 @@ def test_bench_checks_its_json_target_before_timing(tmp_path, capsys, margin):
     captured = capsys.readouterr()
     assert "the directory" in captured.err and "does not exist" in captured.err
     assert "torch" not in captured.out  # nothing was timed
+
+
+def test_a_model_that_cannot_be_loaded_shows_why_under_the_leaderboard(cache, tmp_path, capsys):
+    """The rows of a model that failed to load said only 'see models table': `robbench leaderboard DIR`
+    never showed the reason (here: a factory name that the file does not define)."""
+    factory = tmp_path / "my_vae.py"
+    factory.write_text("def make():\n    raise AssertionError('unreachable')\n")
+    out = tmp_path / "run"
+    args = ["run", *FAST, "--models", "torch_module", "--param", f"torch_module.factory={factory}:nomake",
+            "--estimators", "encoder_stats", "--out", str(out)]
+    assert main(args) == 0
+    assert "seed 0: could not be trained or loaded: ValueError" in " ".join(capsys.readouterr().out.split())
+    assert main(["leaderboard", str(out)]) == 0
+    shown = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert "failed rows for torch_module" in shown and "has no attribute 'nomake'" in shown

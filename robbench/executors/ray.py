@@ -40,7 +40,7 @@ from torch import nn
 from robbench.execute import Batch, JobSpec, PointResult, describe_error, evaluate_batch
 from robbench.paths import cache_dir
 from robbench.plugins import Registries, get_registries
-from robbench.prepare import TRAINING_FAILED, ModelSpec, prepare_shipped
+from robbench.prepare import ModelSpec, prepare_shipped, training_failed
 from robbench.protocols import SplitData, VAEModel
 from robbench.training import checkpoint_path, model_from_payload, read_checkpoint, write_checkpoint
 from robbench.work import BatchDone, Event, ModelReady, ModelWork
@@ -219,7 +219,8 @@ class RayExecutor:
         try:
             return ray.get(ref)
         except RayError as err:
-            return {"error": self._describe(err)}, TRAINING_FAILED
+            message = self._describe(err)
+            return {"error": message}, training_failed(message)
 
     def _describe(self, err: RayError) -> str:
         """The task's own error when it raised, else Ray's first line (worker died, node lost, ...)."""
