@@ -50,6 +50,12 @@ def _gaussian_loglik(x: Tensor, recon: Tensor, sigma: float) -> Tensor:
     return -0.5 * d.pow(2).sum(1) / sigma ** 2 - n * (math.log(sigma) + 0.5 * LOG_2PI)
 
 
+def _check_installed(family: str, module: str, extra: str = "models") -> None:
+    """Before any work: the optional package ``module`` can be imported (without importing it)."""
+    if importlib.util.find_spec(module) is None:
+        raise ValueError(f"model {family!r} needs {module!r}, which is not installed: pip install \"robbench[{extra}]\"")
+
+
 def _check_dir(family: str, path: Any) -> None:
     if not isinstance(path, str) or not path:
         raise ValueError(f"model {family!r}: parameter 'path' is required (a local directory)")
@@ -123,6 +129,7 @@ def build_diffusers(params: dict[str, Any], input_shape: tuple[int, ...]) -> nn.
 def _validate_diffusers(params: dict[str, Any]) -> None:
     p = {**DIFFUSERS_DEFAULTS, **params}
     _check_dir("diffusers_autoencoder_kl", p["path"])
+    _check_installed("diffusers_autoencoder_kl", "diffusers")
     _check_size("diffusers_autoencoder_kl", p["image_size"])
     _check_sigma("diffusers_autoencoder_kl", p["obs_sigma"])
 
@@ -194,6 +201,7 @@ def build_pythae(params: dict[str, Any], input_shape: tuple[int, ...]) -> nn.Mod
 def _validate_pythae(params: dict[str, Any]) -> None:
     p = {**PYTHAE_DEFAULTS, **params}
     _check_dir("pythae", p["path"])
+    _check_installed("pythae", "pythae")
     if not isinstance(p["trust_pickled_code"], bool):
         raise ValueError(f"model 'pythae': trust_pickled_code={p['trust_pickled_code']!r} must be true or false")
 
@@ -265,6 +273,11 @@ def _validate_torch_module(params: dict[str, Any]) -> None:
         raise ValueError(f"model 'torch_module': factory={p['factory']!r} must look like module:callable")
     if p["weights"] is not None and not (isinstance(p["weights"], str) and p["weights"]):
         raise ValueError(f"model 'torch_module': weights={p['weights']!r} must be null or a file path")
+    if p["weights"] is not None:
+        if not Path(p["weights"]).expanduser().is_file():
+            raise ValueError(f"model 'torch_module': weights={p['weights']!r} is not a file")
+        if p["weights"].endswith(".safetensors"):
+            _check_installed("torch_module", "safetensors")
     if not isinstance(p["kwargs"], dict):
         raise ValueError(f"model 'torch_module': kwargs={p['kwargs']!r} must be a mapping")
     box = p["input_range"]

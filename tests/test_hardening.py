@@ -676,3 +676,26 @@ def test_a_model_that_cannot_be_loaded_shows_why_under_the_leaderboard(cache, tm
     assert main(["leaderboard", str(out)]) == 0
     shown = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
     assert "failed rows for torch_module" in shown and "has no attribute 'nomake'" in shown
+
+
+def test_ready_built_models_with_missing_files_or_packages_exit_2(cache, tmp_path, capsys, monkeypatch):
+    """A missing weights file or a missing optional package was found only when the model was built,
+    after the run had started (exit 0 with failed rows); both are inputs checked before any work."""
+    import importlib.util
+
+    factory = tmp_path / "my_vae.py"
+    factory.write_text("def make():\n    raise AssertionError('unreachable')\n")
+    missing = tmp_path / "nope.pt"
+    out = tmp_path / "run"
+    assert main(["run", *FAST, "--models", "torch_module", "--param", f"torch_module.factory={factory}:make",
+                 "--param", f"torch_module.weights={missing}", "--estimators", "encoder_stats",
+                 "--out", str(out)]) == 2
+    assert f"weights={str(missing)!r} is not a file" in capsys.readouterr().err and not out.exists()
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "diffusers" else real(name, *a))
+    assert main(["run", *FAST, "--models", "diffusers_autoencoder_kl", "--param",
+                 f"diffusers_autoencoder_kl.path={tmp_path}", "--estimators", "encoder_stats",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "needs 'diffusers', which is not installed" in err and 'pip install "robbench[models]"' in err
