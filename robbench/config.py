@@ -10,6 +10,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -226,10 +227,10 @@ def _check_types(cfg: RunConfig) -> None:
          "a positive integer")
     need(_is_int(cfg.keep_arrays) and cfg.keep_arrays >= 0, "keep_arrays", cfg.keep_arrays,
          "a non-negative integer")
-    need(_is_int(cfg.seed), "seed", cfg.seed, "an integer")
-    need(cfg.point_seed is None or _is_int(cfg.point_seed), "point_seed", cfg.point_seed, "null or an integer")
-    need(isinstance(cfg.model_seeds, list) and cfg.model_seeds and all(_is_int(s) for s in cfg.model_seeds),
-         "model_seeds", cfg.model_seeds, "a non-empty list of integers")
+    need(_is_seed(cfg.seed), "seed", cfg.seed, SEED_RANGE)
+    need(cfg.point_seed is None or _is_seed(cfg.point_seed), "point_seed", cfg.point_seed, f"null or {SEED_RANGE}")
+    need(isinstance(cfg.model_seeds, list) and cfg.model_seeds and all(_is_seed(s) for s in cfg.model_seeds),
+         "model_seeds", cfg.model_seeds, f"a non-empty list, each {SEED_RANGE}")
     need(_is_number(cfg.r) and math.isfinite(cfg.r) and cfg.r > 0, "r", cfg.r, "a finite positive number")
     need(_is_number(cfg.m) and 0 < cfg.m < 1, "m", cfg.m, "a number in (0, 1)")
     need(_is_number(cfg.confidence) and 0 < cfg.confidence < 1, "confidence", cfg.confidence,
@@ -243,8 +244,8 @@ def _check_types(cfg: RunConfig) -> None:
          ", ".join(sorted(EXECUTORS)))
     need(cfg.ray_address is None or (isinstance(cfg.ray_address, str) and cfg.ray_address.strip() != ""),
          "ray_address", cfg.ray_address, "null, auto, host:port or ray://host:port")
-    need(cfg.threads is None or (_is_int(cfg.threads) and cfg.threads > 0), "threads", cfg.threads,
-         "null or a positive integer")
+    need(cfg.threads is None or (_is_int(cfg.threads) and 0 < cfg.threads <= MAX_THREADS), "threads", cfg.threads,
+         f"null or an integer from 1 to {MAX_THREADS}")
     if cfg.ray_address is not None and cfg.executor != "ray":
         raise ConfigError(f"'ray_address' is set ({cfg.ray_address!r}) but 'executor' is {cfg.executor!r}; "
                           "allowed: ray_address only with executor: ray")
@@ -263,6 +264,16 @@ def _check_types(cfg: RunConfig) -> None:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# Seeds are stored as SQLite INTEGERs and seed torch generators: both take 64-bit signed values.
+SEED_RANGE = "an integer in [-2^63, 2^63 - 1]"
+# More threads than this only oversubscribe the cores; 100000 made the OpenMP runtime fail to map memory.
+MAX_THREADS = max(64, 8 * (os.cpu_count() or 1))
+
+
+def _is_seed(value: Any) -> bool:
+    return _is_int(value) and -2 ** 63 <= value < 2 ** 63
 
 
 def _is_int(value: Any) -> bool:

@@ -78,7 +78,8 @@ class RunSettings:
                 ("r", number(self.r) and self.r > 0, "a finite positive number"),
                 ("m", number(self.m) and 0 < self.m < 1, "a number in (0, 1)"),
                 ("confidence", number(self.confidence) and 0 < self.confidence < 1, "a number in (0, 1)"),
-                ("seed", isinstance(self.seed, int) and not isinstance(self.seed, bool), "an integer"),
+                ("seed", isinstance(self.seed, int) and not isinstance(self.seed, bool)
+                 and -2 ** 63 <= self.seed < 2 ** 63, "an integer in [-2^63, 2^63 - 1]"),
                 ("backend", isinstance(self.backend, str) and self.backend != "",
                  "auto or the name of a registered backend"),
                 ("device", isinstance(self.device, str), "a torch device name such as cpu or cuda:0"),

@@ -182,7 +182,7 @@ def test_evaluate_runs_its_batches_through_the_given_executor(model):
     ({"r": float("nan")}, ValueError, r"bad value for 'r': nan"),
     ({"m": 2}, ValueError, r"bad value for 'm': 2; allowed: a number in \(0, 1\)"),
     ({"confidence": 1.0}, ValueError, r"bad value for 'confidence': 1\.0"),
-    ({"seed": 1.5}, ValueError, r"bad value for 'seed': 1\.5; allowed: an integer"),
+    ({"seed": 1.5}, ValueError, r"bad value for 'seed': 1\.5; allowed: an integer in"),
     ({"estimator_params": {"bound": {"r": 0}}}, ValueError, r"bad value for 'r': 0"),
     ({"batch_size": 0}, ValueError, r"bad value for batch_size: 0; allowed: a positive integer"),
     ({"batch_size": -1}, ValueError, r"bad value for batch_size: -1"),

@@ -699,3 +699,22 @@ def test_ready_built_models_with_missing_files_or_packages_exit_2(cache, tmp_pat
                  "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "needs 'diffusers', which is not installed" in err and 'pip install "robbench[models]"' in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--seed", str(2 ** 64)], "bad value for 'seed': 18446744073709551616; allowed: an integer in [-2^63, 2^63 - 1]"),
+    (["--seed", str(-2 ** 63 - 1)], "bad value for 'seed'"),
+    (["--model-seeds", f"0,{2 ** 63}"], "bad value for 'model_seeds'"),
+    (["--threads", "100000"], "bad value for 'threads': 100000; allowed: null or an integer from 1 to"),
+])
+def test_out_of_range_seeds_and_thread_counts_exit_2(capsys, flags, message):
+    """A seed beyond 64 bits crashed in torch.manual_seed or SQLite with a traceback; 100000 threads made
+    the OpenMP runtime fail to map memory, also with a traceback."""
+    assert main(["run", *FAST, "--estimators", "bound", *flags, "--dry-run"]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seed", [2 ** 63 - 1, -2 ** 63])
+def test_the_extreme_64_bit_seeds_run(cache, tmp_path, seed):
+    assert main(["run", *FAST, *MARGIN, "--seed", str(seed), "--out", str(tmp_path / "run")]) == 0
+    assert {row[2] for row in _rows(tmp_path / "run")} == {"ok"}
