@@ -171,7 +171,7 @@ def cmd_run(args: argparse.Namespace, console: Console, *, evaluate: bool) -> in
     jobs = len(runner.jobs) if evaluate else len({(job.model.label, job.model.seed) for job in runner.jobs})
     what = f"{jobs} jobs × {cfg.points} points" if evaluate else f"{jobs} models"
     if args.dry_run:
-        runner.load_inputs()  # the data set is read (nothing written): a run that cannot load it fails here
+        runner.load_inputs(evaluate=evaluate)  # the data set is read (nothing written): a run that cannot load it fails here
         console.print(f"robbench: configuration valid: {what} → {run_dir} (dry run: nothing done)")
         return 0
     console.print(f"robbench: {what} → {run_dir}")

@@ -189,12 +189,14 @@ class Runner:
         finally:
             torch.set_num_threads(before)
 
-    def load_inputs(self) -> tuple[SplitData, list[int]]:
+    def load_inputs(self, *, evaluate: bool = True) -> tuple[SplitData, list[int]]:
         """The data set's split and the evaluation points' test-set indices; ConfigError when the data
-        cannot be read, holds NaN, has fewer test points than asked for, or has no training examples
-        for a model that must be trained. What ``--dry-run`` checks, and the first step of a run."""
+        cannot be read, holds NaN, has fewer test points than asked for (when ``evaluate``: training only
+        checks its models on the points there are), or has no training examples for a model that must be
+        trained. What ``--dry-run`` checks, and the first step of a run."""
         data = load_data(self.cfg, self.regs)
-        point_ids = [int(p) for p in select_points(data, self.cfg.points, self.cfg.points_seed())]
+        count = self.cfg.points if evaluate else min(self.cfg.points, len(data.test_x))
+        point_ids = [int(p) for p in select_points(data, count, self.cfg.points_seed())]
         trainable = sorted({name for name in self.cfg.models if self.regs.models.get(name).trainable})
         if trainable and len(data.train_x) == 0:
             raise ConfigError(f"data set {self.cfg.dataset!r}: the training split is empty, so "
@@ -203,7 +205,7 @@ class Runner:
 
     def _run(self, evaluate: bool) -> ResultStore:
         # Data and points first: an invocation that cannot start writes nothing.
-        data, point_ids = self.load_inputs()
+        data, point_ids = self.load_inputs(evaluate=evaluate)
         self._array_points = set(point_ids[:self.cfg.keep_arrays])
         self._produced: dict[str, list[dict[str, Any]]] = {}  # job key -> metrics of this invocation's ok rows
         store = ResultStore(self.run_dir)

@@ -718,3 +718,13 @@ def test_out_of_range_seeds_and_thread_counts_exit_2(capsys, flags, message):
 def test_the_extreme_64_bit_seeds_run(cache, tmp_path, seed):
     assert main(["run", *FAST, *MARGIN, "--seed", str(seed), "--out", str(tmp_path / "run")]) == 0
     assert {row[2] for row in _rows(tmp_path / "run")} == {"ok"}
+
+
+def test_train_needs_no_more_test_points_than_the_data_set_has(cache, tmp_path, plugin, capsys):
+    """`robbench train` (which takes no --points) failed on a data set with fewer test points than the
+    default 25: 'bad value for points: 25'."""
+    plugin(_TinyData(train=20, test=3))
+    args = [a for a in TRAIN_VAE if a not in ("--estimators", "encoder_stats", "--points", "2")]
+    assert main(["train", *args, "--out", str(tmp_path / "run")]) == 0
+    assert main(["train", *args, "--out", str(tmp_path / "run"), "--dry-run"]) == 0
+    assert main(["run", *TRAIN_VAE, "--points", "4", "--out", str(tmp_path / "run"), "--dry-run"]) == 2
