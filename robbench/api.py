@@ -155,6 +155,9 @@ def evaluate(model: VAEModel, data: Tensor, attacks: str | Sequence[str] | None 
             raise ValueError(f"estimator_params given for {name!r}, which is not among estimators={list(estimators)}")
     atk = {name: regs.attacks.get(name) for name in attacks}
     est = {name: regs.estimators.get(name) for name in estimators}
+    for name, estimator in est.items():
+        if estimator.needs_attack and not attacks:
+            raise ValueError(f"estimator {name!r} needs an attack and attacks is empty; give attacks=[...]")
     a_params = {name: _merge(a, attack_params.get(name, {}), run_wide_allowed=False)[0] for name, a in atk.items()}
 
     _check_data(model, data)

@@ -293,7 +293,9 @@ def validate_against_plugins(cfg: RunConfig, regs: Registries) -> None:
     for name in cfg.attacks:
         regs.attacks.get(name)
     for name in cfg.estimators:
-        regs.estimators.get(name)
+        if regs.estimators.get(name).needs_attack and not cfg.attacks:
+            raise ConfigError(f"estimator {name!r} needs an attack and 'attacks' is empty; allowed: one or more "
+                              f"of {', '.join(regs.attacks.names())}, or only estimators that need none")
     for section, registry, used in (("model_params", regs.models, cfg.models),
                                     ("attack_params", regs.attacks, cfg.attacks),
                                     ("estimator_params", regs.estimators, cfg.estimators)):

@@ -728,3 +728,19 @@ def test_train_needs_no_more_test_points_than_the_data_set_has(cache, tmp_path, 
     assert main(["train", *args, "--out", str(tmp_path / "run")]) == 0
     assert main(["train", *args, "--out", str(tmp_path / "run"), "--dry-run"]) == 0
     assert main(["run", *TRAIN_VAE, "--points", "4", "--out", str(tmp_path / "run"), "--dry-run"]) == 2
+
+
+def test_an_estimator_that_needs_an_attack_with_no_attack_is_refused(capsys):
+    """--attacks '' --estimators margin planned 0 jobs, ran, and exited 0 with an empty leaderboard
+    (evaluate returned an empty table)."""
+    assert main(["run", *FAST, "--attacks", "", "--estimators", "margin,bound", "--dry-run"]) == 2
+    assert "estimator 'margin' needs an attack and 'attacks' is empty" in capsys.readouterr().err
+    assert main(["run", *FAST, "--attacks", "", "--estimators", "bound", "--dry-run"]) == 0
+    with pytest.raises(ValueError, match="estimator 'margin' needs an attack and attacks is empty"):
+        robbench_evaluate(LinearGaussianVAE(), torch.rand(2, 1, 8, 8), attacks=[], estimators=["margin"])
+
+
+def robbench_evaluate(*args, **kwargs):
+    import robbench
+
+    return robbench.evaluate(*args, **kwargs)
