@@ -105,7 +105,7 @@ def merged_columns(declarations: Declarations) -> list[MetricColumn]:
 
 def display_columns(declarations: Declarations, confidence: float = RunSettings.confidence) -> list[DisplayColumn]:
     """Every column a leaderboard of these estimators may show, in display order."""
-    level = f"{100 * confidence:g}"
+    level = f"{100 * confidence:.10g}"  # :g rounded 99.99999999 to "100"
     metric = [DisplayColumn(c.key, c.header.replace("{level}", level), "ci" if c.aggregation == "ci" else c.format,
                             c.format) for c in merged_columns(declarations)]
     return HEAD + metric + TAIL

@@ -150,3 +150,15 @@ def test_portfolio_rows_count_which_attack_set_each_margin():
     assert "R set by" in md.splitlines()[0] and "| latent 3, max_damage 2 |" in md
     assert json.loads(render_json([records[label]]))["rows"][0]["margin_set_by"] == "latent 3, max_damage 2"
     assert "margin_set_by" in next(csv.DictReader(io.StringIO(render_csv([records[label]]))))
+
+
+def test_the_interval_header_shows_the_confidence_it_was_computed_at():
+    """confidence 0.9999999999 was headed 'R 100% CI' (six significant digits)."""
+    from robbench.leaderboard import display_columns
+    from robbench.plugins import get_registries
+
+    margin = get_registries().estimators.get("margin")
+    headers = {c.key: c.header for c in display_columns({"margin": margin.columns}, 0.9999999999)}
+    assert "R 99.99999999% CI" in headers.values()
+    headers = {c.key: c.header for c in display_columns({"margin": margin.columns}, 0.95)}
+    assert "R 95% CI" in headers.values()
