@@ -597,7 +597,7 @@ def build_blocks(data: RunData, out_dir: Path) -> tuple[list[Block], list[Claim]
             png, extra = drawn
             blocks.append(Block("image", text=f"{spec.caption} {extra}".strip(), path=png))
     blocks += [Block("h2", "Leaderboard"),
-               Block("p", f"Per (model configuration, attack): mean R with its {100 * _run_confidence(data):g}% interval over points and "
+               Block("p", f"Per (model configuration, attack): mean R with its {100 * _run_confidence(data):.10g}% interval over points and "
                           "seeds, and the means of the other estimators.")]
     blocks += _leaderboard_blocks(data)
     return blocks, claims
