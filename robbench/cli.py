@@ -161,10 +161,10 @@ def cmd_run(args: argparse.Namespace, console: Console, *, evaluate: bool) -> in
 
     from robbench.plugins import plugin_failures
 
-    cfg = config_from_args(args)
-    for failure in plugin_failures():
+    for failure in plugin_failures():  # first: a name the run then misses may be why
         console.print(f"[yellow]warning: plugin {escape(failure.name)} failed to load and was skipped "
                       f"(see robbench plugins): {escape(failure.error)}[/yellow]")
+    cfg = config_from_args(args)
     run_dir = args.out or default_run_dir(cfg, args.config)
     runner = Runner(cfg, get_registries(), run_dir, console=console, retrain=args.retrain,
                     progress=not args.no_progress)

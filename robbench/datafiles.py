@@ -96,7 +96,8 @@ def resolve_data_dir(data_dir: str | os.PathLike | None, dataset: str) -> Path:
                             f"{DATA_DIR_ENV}=DIR). robbench never downloads data.")
     path = Path(chosen).expanduser()
     if not path.is_dir():
-        raise DataFileError(f"data set {dataset!r}: data directory {path} does not exist")
+        raise DataFileError(f"data set {dataset!r}: data directory {path} "
+                            f"{'is a file, not a directory' if path.exists() else 'does not exist'}")
     return path
 
 

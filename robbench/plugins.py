@@ -71,8 +71,11 @@ def get_plugin_manager() -> pluggy.PluginManager:
 
 def _load_entry_points(pm: pluggy.PluginManager, names: set[str] | None) -> None:
     seen: set[str] = set()
+    installed: set[str] = set()
     for dist in metadata.distributions():
         for ep in dist.entry_points:
+            if ep.group == ENTRY_POINT_GROUP:
+                installed.add(ep.name)
             if ep.group != ENTRY_POINT_GROUP or (names is not None and ep.name not in names):
                 continue
             if ep.name in seen or pm.get_plugin(ep.name) is not None or pm.is_blocked(ep.name):
@@ -86,6 +89,9 @@ def _load_entry_points(pm: pluggy.PluginManager, names: set[str] | None) -> None
                 continue
             pm.register(plugin, name=ep.name)
             _sources[ep.name] = source
+    for name in sorted((names or set()) - installed):  # a typo would otherwise just load nothing
+        _failures.append(PluginFailure(name, "no entry point", "ROBBENCH_PLUGINS", "ROBBENCH_PLUGINS names no installed entry point "
+                                       f"{name!r}; installed: {', '.join(sorted(installed)) or 'none'}"))
 
 
 def plugin_distributions() -> list[str]:

@@ -180,3 +180,10 @@ def test_cifar10_writer_matches_reader_and_truncation_is_reported(tmp_path):
     (tmp_path / "bad.bin").write_bytes(b"\x00" * 3000)
     with pytest.raises(datafiles.DataFileError, match="3073"):
         datafiles.read_cifar10_batch(tmp_path / "bad.bin")
+
+
+def test_a_data_dir_that_is_a_file_is_named_as_such(tmp_path):
+    afile = tmp_path / "train-images-idx3-ubyte"
+    afile.write_bytes(b"")
+    with pytest.raises(datafiles.DataFileError, match="is a file, not a directory"):
+        datafiles.resolve_data_dir(str(afile), "mnist_full")

@@ -111,3 +111,12 @@ def test_bench_rejects_an_unknown_backend(subprocess_env):
     done = subprocess.run([sys.executable, "-m", "robbench.cli", "bench", "--backend", "nope", "--samples", "8"],
                           env=subprocess_env, capture_output=True, text=True)
     assert done.returncode == 2 and "'nope'; allowed:" in done.stderr and "tp_naive" in done.stderr
+
+
+def test_a_plugin_filter_naming_no_entry_point_is_reported(fresh_plugins, monkeypatch, capsys):
+    """ROBBENCH_PLUGINS=typo loaded nothing and said only "bad value for 'estimators': []"."""
+    monkeypatch.setenv("ROBBENCH_PLUGINS", "tp_demo,robbench_typo")
+    failures = fresh_plugins.plugin_failures()
+    assert [f.name for f in failures] == ["robbench_typo"]
+    assert "ROBBENCH_PLUGINS names no installed entry point" in failures[0].error
+    assert "tp_demo" in failures[0].error  # the installed names are listed
