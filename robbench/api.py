@@ -58,6 +58,7 @@ class ResultTable:
         return ResultTable([r for r in self.rows if all(r.get(k) == v for k, v in where.items())])
 
     def column(self, name: str) -> list[Any]:
+        """One value per row, in row order (None where a row lacks ``name``)."""
         return [r.get(name) for r in self.rows]
 
     def to_csv(self, path: str | Path | None = None) -> str:

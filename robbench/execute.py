@@ -153,6 +153,7 @@ class LocalExecutor:
     raise_errors: bool = False
 
     def map(self, model: VAEModel, batches: Iterable[Batch]) -> Iterator[tuple[Batch, list[PointResult]]]:
+        """Evaluate each batch in this process, in order, yielding (batch, one result per point)."""
         model = checked(model)  # once per model, so per-model caches (the decoder plan) are kept
         for batch in batches:
             yield batch, evaluate_batch(batch.job, model, batch.x, batch.point_ids, registries=self.registries,
