@@ -373,3 +373,21 @@ def test_with_refine_only_an_undecided_test_of_samples_max_flags_the_point():
     roomy = bisect_margin(test, 1, refine=2, samples_min=64, samples_max=2 ** 20, **common)
     assert not bool(roomy.undecided[0])  # its locating test (64 samples) ended undecided, but no top-up did
     assert bool(bisect_margin(test, 1, refine=0, **common).undecided[0])  # refine 0: any capped undecided test
+
+
+@pytest.mark.parametrize("m, words", [(1e-12, "too small"), (1 - 1e-9, "too close to 1")])
+def test_an_m_no_test_can_resolve_is_refused_before_any_work(model, m, words):
+    # With m below the 0-of-n upper bound (or above the n-of-n lower bound) every test would end undecided
+    # and R would be the midpoint of a search that never moved (it printed mean R 5.000, CI [5.000, 5.000]).
+    with pytest.raises(ValueError, match=words) as err:
+        estimate_margin(model, copies(2), OracleAttack(), {}, r=4.0, m=m, samples_max=4096, seed=0)
+    assert "4096" in str(err.value) and "samples_max" in str(err.value)
+
+
+def test_the_smallest_resolvable_m_runs():
+    from robbench.margin import check_resolvable
+    n, alpha = 4096, 0.05 / 18
+    edge = float(stats.cp_upper(torch.tensor([0]), n, alpha)[0])
+    check_resolvable(edge * 1.01, n, alpha, 0.95)
+    with pytest.raises(ValueError):
+        check_resolvable(edge * 0.99, n, alpha, 0.95)
