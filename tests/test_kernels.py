@@ -1045,3 +1045,45 @@ def test_last_layer_cache_is_keyed_by_contents():
     assert stats()[2] == misses + 1
     ref = TorchBackend().count_within(model, mu, sigma, center, r2, 200, seed=2, stream_ids=torch.arange(3))
     assert torch.equal(got, ref.counts)
+
+
+def test_workspaces_across_shapes_calls_and_threads():
+    """mlp_count keeps z, every hidden layer's output and the fp32 recheck's buffers in per-thread workspaces
+    across blocks and calls (montecarlo_cpu.cpp, workspace_rows). Calls of different decoders (other hidden
+    widths, one or two hidden layers), block sizes, precisions and screens, run in turn and from several
+    threads at once, must each give the torch reference's counts: a buffer of the wrong width, a hidden vector
+    of the points (h_c) aliased with a block's or a stale row would change them."""
+    import threading
+
+    models = [MLPVAE(k=6, hidden=(40, 48), d=70, scale=3.0, seed=1), MLPVAE(k=3, hidden=(33,), d=17, seed=2),
+              MLPVAE(k=6, hidden=(96, 40), d=70, scale=3.0, seed=3)]
+    cases = []
+    for i, (model, B, n, rows) in enumerate([(models[0], 5, 300, 256), (models[1], 3, 900, 2048),
+                                             (models[2], 7, 200, 64), (models[0], 2, 3000, 2048),
+                                             (models[1], 9, 40, 128), (models[2], 1, 700, 512)]):
+        mu, sigma, center, r, ref = _median_radius_case(model, B, n, points_seed=10 + i, radius_seed=20 + i,
+                                                        sample_seed=30 + i)
+        cases.append((model, mu, sigma, center, r, n, 30 + i, rows, ref))
+    modes = [("bf16", True), ("bf16", False), ("fp32", True), ("fp32", False)]
+
+    def run(order, out):
+        for c in order:
+            model, mu, sigma, center, r, n, seed, rows, _ = cases[c]
+            for precision, screen in modes:
+                got = kernels.count_within(model, mu, sigma, center, (r * r).float(), n, seed=seed,
+                                           stream_ids=torch.arange(mu.shape[0]), chunk_size=rows,
+                                           precision=precision, screen=screen)
+                out.append((c, precision, screen, got.counts))
+
+    serial: list = []
+    run(list(range(len(cases))) + [3, 0, 5], serial)
+    results: list[list] = [[] for _ in range(3)]
+    threads = [threading.Thread(target=run, args=(list(range(len(cases)))[t::-1] + [t], results[t]))
+               for t in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for c, precision, screen, counts in serial + [x for res in results for x in res]:
+        assert torch.equal(counts, cases[c][-1]), (c, precision, screen)
+    assert len(serial) == 9 * len(modes) and all(len(res) > 0 for res in results)

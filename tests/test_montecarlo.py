@@ -53,6 +53,20 @@ def test_hash_matches_integer_reference():
     assert rng.hash32_int(1) == 1753845952 and rng.hash32_int(0xDEADBEEF) == 3861431939
 
 
+def test_stream_keys_numpy_path_matches_torch_ops():
+    # CPU ids take the numpy path: the same 64 bits of every id (negatives, extremes, a strided view), any seed
+    g = torch.Generator().manual_seed(3)
+    ids = torch.cat([torch.randint(-2 ** 63, 2 ** 63 - 1, (500,), dtype=torch.int64, generator=g),
+                     torch.tensor([0, 1, -1, 2 ** 32, 2 ** 32 - 1, -2 ** 63, 2 ** 63 - 1])])
+    for seed in (0, 1, 2 ** 40 + 17, 2 ** 64 - 1):
+        for s in (ids, ids[::3]):
+            fast, slow = rng.stream_keys(seed, s), rng._stream_keys_torch(seed, s)
+            assert fast[0].dtype == torch.int64 and fast[0].device.type == "cpu"
+            assert torch.equal(fast[0], slow[0]) and torch.equal(fast[1], slow[1])
+    lo, hi = 5 & rng.MASK32, 0
+    assert int(rng.stream_keys(9, torch.tensor([5]))[0]) == rng.hash32_int(rng.hash32_int(lo ^ rng.seed_key(9)) ^ hi)
+
+
 def test_normals_are_standard_normal_and_independent():
     eta = rng.sample_normals(7, torch.arange(8), 2000, 6).flatten(0, 1)  # 16000 x 6
     assert stats.kstest(eta.flatten().double().numpy(), "norm").pvalue > 1e-3

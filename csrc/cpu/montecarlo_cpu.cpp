@@ -71,13 +71,37 @@ void activate_(at::Tensor& x, int64_t act) {
 }
 
 
-// z rows (point-major) of a block, zero-padded to at least pad_to rows: (max(m, pad_to), k) fp32.
+// Per-thread workspaces of mlp_count's block loop: the block's z, each hidden layer's output, the fp32
+// recheck's input rows and last-layer output. Fresh tensors of these sizes (up to 6.5 MB) came from the
+// heap's top or from mmap on every block, and glibc returned them to the kernel between blocks: 1.7k-16.7k
+// page faults per replay of the recorded margin calls (benchmarks/README.md, session 7). Each OS thread
+// keeps its own slots across calls (concurrent calls from other threads never share one); a view of a
+// slot is valid until the same thread asks for that slot again. The buffers come from at::empty like
+// fresh ones (the same 64-byte alignment, row stride = cols) and a view starts at the buffer's start, so
+// the ATen calls that write into them (at::addmm_out: the same kernel as at::addmm) see the same operands
+// and layout as the reference's and give the same results bit for bit. Slots stay at most kWsMaxRows rows
+// (larger requests get a fresh tensor) and grow in steps of kWsStep rows.
+enum WsSlot : int { kWsZ = 0, kWsRecheckIn, kWsRecheckOut, kWsFinalOut, kWsHidden };  // layer l: kWsHidden + l
+constexpr int64_t kWsMaxRows = 8192, kWsStep = 512;
+at::Tensor workspace_rows(int slot, int64_t rows, int64_t cols, const at::TensorOptions& o) {
+  thread_local std::vector<at::Tensor> ws;
+  if (rows > kWsMaxRows) return at::empty({rows, cols}, o);
+  if (static_cast<int>(ws.size()) <= slot) ws.resize(slot + 1);
+  at::Tensor& t = ws[slot];
+  if (!t.defined() || t.size(0) < rows || t.size(1) != cols || t.scalar_type() != o.dtype().toScalarType())
+    t = at::empty({(rows + kWsStep - 1) / kWsStep * kWsStep, cols}, o);
+  return t.narrow(0, 0, rows);
+}
+
+// z rows (point-major) of a block, zero-padded to at least pad_to rows: (max(m, pad_to), k) fp32; in the
+// calling thread's kWsZ workspace when `reuse`.
 at::Tensor latents(const at::Tensor& mu, const at::Tensor& sigma, const int64_t* ka, const int64_t* kb,
-                   const Block& blk, int64_t offset, int64_t pad_to) {
+                   const Block& blk, int64_t offset, int64_t pad_to, bool reuse = false) {
   const int64_t k = mu.size(1), ns = blk.s1 - blk.s0, m = (blk.p1 - blk.p0) * ns;
   ROBBENCH_ASSERT_CONTIGUOUS(mu);
   ROBBENCH_ASSERT_CONTIGUOUS(sigma);
-  at::Tensor z = at::empty({std::max(m, pad_to), k}, mu.options());
+  at::Tensor z = reuse ? workspace_rows(kWsZ, std::max(m, pad_to), k, mu.options())
+                       : at::empty({std::max(m, pad_to), k}, mu.options());
   float* zp = z.data_ptr<float>();
   std::fill(zp + m * k, zp + z.numel(), 0.f);
   const float* mup = mu.data_ptr<float>();
@@ -222,11 +246,19 @@ std::shared_ptr<const LastLayerEntry> cached_last_layer(const Weights& w, int64_
   return made;
 }
 
-// Hidden layers (all but the last) with the reference's ATen calls: (rows, K) fp32.
-at::Tensor hidden_fp32(const at::Tensor& z, const Weights& w) {
+// Hidden layers (all but the last) with the reference's ATen calls: (rows, K) fp32. `reuse`: each layer's
+// output in the calling thread's workspace (at::addmm_out, the kernel behind at::addmm), so the result is
+// only valid until this thread's next call with `reuse`.
+at::Tensor hidden_fp32(const at::Tensor& z, const Weights& w, bool reuse = false) {
   at::Tensor h = z;
   for (size_t l = 0; l + 1 < w.wts.size(); ++l) {
-    h = at::addmm(w.bs[l], h, w.wts[l]);
+    if (reuse) {
+      at::Tensor out = workspace_rows(kWsHidden + static_cast<int>(l), h.size(0), w.wts[l].size(1), h.options());
+      at::addmm_out(out, w.bs[l], h, w.wts[l]);
+      h = out;
+    } else {
+      h = at::addmm(w.bs[l], h, w.wts[l]);
+    }
     activate_(h, w.acts[l]);
   }
   return h;
@@ -336,11 +368,13 @@ inline int8_t band_decide(const float* y, const float* c, int64_t D, double band
 // reference's own sub/mul/sum on their gathered rows. Instead of a gather of the centers (a q x D copy),
 // sub, mul and a reduction (four passes over the output), one read.
 // The same for q rows of hr (>= 64 rows, zero padding past q) whose points are pts[0..q).
+// The last layer's output goes to the calling thread's workspace `out_slot` (at::addmm_out: at::addmm's kernel).
 void fp32_rows_count(const at::Tensor& hr, int64_t q, const int64_t* pts_of, const at::Tensor& center,
-                     const at::Tensor& r2, const Weights& w, at::Tensor& counts) {
+                     const at::Tensor& r2, const Weights& w, at::Tensor& counts, int out_slot) {
   const int64_t D = center.size(1);
   if (q == 0) return;
-  at::Tensor out = at::addmm(w.bs.back(), hr, w.wts.back());
+  at::Tensor out = workspace_rows(out_slot, hr.size(0), w.wts.back().size(1), hr.options());
+  at::addmm_out(out, w.bs.back(), hr, w.wts.back());
   activate_(out, w.acts.back());
   if (!fused_epilogue_enabled()) {  // A/B switch for benchmarks: the reference's four-pass epilogue
     at::Tensor pts = at::from_blob(const_cast<int64_t*>(pts_of), {q}, at::kLong).clone();
@@ -389,14 +423,18 @@ void fp32_final_count(const at::Tensor& h, const std::vector<int64_t>& idx, int6
   const int64_t q = static_cast<int64_t>(idx.size()), ns = blk.s1 - blk.s0;
   if (q == 0) return;
   at::Tensor hr = h;
-  if (q != m) {
-    at::Tensor rows = at::from_blob(const_cast<int64_t*>(idx.data()), {q}, at::kLong).clone();
-    hr = h.index_select(0, rows);
-    if (q < kMinGemmRows) hr = at::cat({hr, at::zeros({kMinGemmRows - q, hr.size(1)}, hr.options())});
+  if (q != m) {  // the rows gathered (exact copies) into a workspace, zero rows up to kMinGemmRows
+    ROBBENCH_ASSERT_CONTIGUOUS(h);
+    const int64_t K = h.size(1);
+    hr = workspace_rows(kWsRecheckIn, std::max(q, kMinGemmRows), K, h.options());
+    const float* hp = h.data_ptr<float>();
+    float* rp = hr.data_ptr<float>();
+    for (int64_t i = 0; i < q; ++i) std::memcpy(rp + i * K, hp + idx[i] * K, K * sizeof(float));
+    std::fill(rp + q * K, rp + hr.numel(), 0.f);
   }
   std::vector<int64_t> pts(q);
   for (int64_t i = 0; i < q; ++i) pts[i] = blk.p0 + idx[i] / ns;
-  fp32_rows_count(hr, q, pts.data(), center, r2, w, counts);
+  fp32_rows_count(hr, q, pts.data(), center, r2, w, counts, kWsFinalOut);
 }
 
 // fp32 rechecks of the bf16 pass, collected across blocks (each row's hidden vector and point) so that
@@ -417,9 +455,11 @@ struct PendingRechecks {
   void flush(const at::Tensor& center, const at::Tensor& r2, const Weights& w, at::Tensor& counts) {
     const int64_t q = static_cast<int64_t>(pts.size());
     if (q == 0) return;
-    at::Tensor hr = at::zeros({std::max(q, kMinGemmRows), K}, center.options());
-    std::copy(h.begin(), h.end(), hr.data_ptr<float>());
-    fp32_rows_count(hr, q, pts.data(), center, r2, w, counts);
+    at::Tensor hr = workspace_rows(kWsRecheckIn, std::max(q, kMinGemmRows), K, center.options());
+    float* rp = hr.data_ptr<float>();
+    std::copy(h.begin(), h.end(), rp);
+    std::fill(rp + q * K, rp + hr.numel(), 0.f);
+    fp32_rows_count(hr, q, pts.data(), center, r2, w, counts, kWsRecheckOut);
     h.clear();
     pts.clear();
   }
@@ -768,8 +808,9 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
   std::atomic<int64_t> refined_rows{0}, refined_units{0};
   for (const Block& blk : make_blocks(B, n, chunk_rows, kMinGemmRows)) {
     const int64_t ns = blk.s1 - blk.s0, m = (blk.p1 - blk.p0) * ns;
-    at::Tensor z = latents(mu, sigma, ka.data_ptr<int64_t>(), kb.data_ptr<int64_t>(), blk, offset, kMinGemmRows);
-    at::Tensor h = hidden_fp32(z, w);  // bit-identical to the reference's last-layer input
+    at::Tensor z = latents(mu, sigma, ka.data_ptr<int64_t>(), kb.data_ptr<int64_t>(), blk, offset, kMinGemmRows,
+                           /*reuse=*/true);
+    at::Tensor h = hidden_fp32(z, w, /*reuse=*/true);  // bit-identical to the reference's last-layer input
     if (!screen && !use_bf16) {
       std::vector<int64_t> all(m);
       for (int64_t r = 0; r < m; ++r) all[r] = r;
