@@ -248,9 +248,8 @@ std::shared_ptr<const LastLayerEntry> cached_last_layer(const Weights& w, int64_
 
 // Hidden layers (all but the last) with the reference's ATen calls: (rows, K) fp32. `reuse`: each layer's
 // output in the calling thread's workspace (at::addmm_out, the kernel behind at::addmm), so the result is
-// only valid until this thread's next call with `reuse`. `defer_relu`: a ReLU after the last hidden layer is
-// left to the caller (relu_rows in the pass that reads every row anyway), which must apply it to every row.
-at::Tensor hidden_fp32(const at::Tensor& z, const Weights& w, bool reuse = false, bool defer_relu = false) {
+// only valid until this thread's next call with `reuse`.
+at::Tensor hidden_fp32(const at::Tensor& z, const Weights& w, bool reuse = false) {
   at::Tensor h = z;
   for (size_t l = 0; l + 1 < w.wts.size(); ++l) {
     if (reuse) {
@@ -260,20 +259,9 @@ at::Tensor hidden_fp32(const at::Tensor& z, const Weights& w, bool reuse = false
     } else {
       h = at::addmm(w.bs[l], h, w.wts[l]);
     }
-    if (!(defer_relu && l + 2 == w.wts.size() && w.acts[l] == kActRelu)) activate_(h, w.acts[l]);
+    activate_(h, w.acts[l]);
   }
   return h;
-}
-
-// Whether hidden_fp32(..., defer_relu = true) leaves a ReLU to the caller.
-bool relu_deferred(const Weights& w) { return w.wts.size() >= 2 && w.acts[w.wts.size() - 2] == kActRelu; }
-
-// The reference's ReLU (ATen relu_ = clamp_min_(0): max_ps(0, x), or std::max(x, 0) in its scalar tail) on
-// n floats in place: x < 0 ? +0 : x, which is what both give for every fp32 x (-0 and NaN stay as they are:
-// max_ps returns its second operand when both are zero or either is NaN). Applied per row inside the screen's
-// norm pass, which reads the row anyway, instead of ATen's separate pass over the block.
-inline void relu_rows(float* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) x[i] = x[i] < 0.f ? 0.f : x[i];
 }
 
 // A default-on switch of the environment: on unless `name` is set to "0" (A/B switches for benchmarks).
@@ -822,9 +810,7 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
     const int64_t ns = blk.s1 - blk.s0, m = (blk.p1 - blk.p0) * ns;
     at::Tensor z = latents(mu, sigma, ka.data_ptr<int64_t>(), kb.data_ptr<int64_t>(), blk, offset, kMinGemmRows,
                            /*reuse=*/true);
-    // bit-identical to the reference's last-layer input (a deferred ReLU: applied in the norm pass below)
-    const bool relu_later = (screen || use_bf16) && relu_deferred(w);
-    at::Tensor h = hidden_fp32(z, w, /*reuse=*/true, relu_later);
+    at::Tensor h = hidden_fp32(z, w, /*reuse=*/true);  // bit-identical to the reference's last-layer input
     if (!screen && !use_bf16) {
       std::vector<int64_t> all(m);
       for (int64_t r = 0; r < m; ++r) all[r] = r;
@@ -832,7 +818,6 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
       continue;
     }
     const float* hp = h.data_ptr<float>();
-    if (relu_later) relu_rows(h.data_ptr<float>() + m * K, (h.size(0) - m) * K);  // padding rows (m < 64)
     // Lipschitz screen: per row ||h|| and ||h - h_c||
     std::vector<double> nh(m);
     std::vector<int8_t> state(m, -1);  // 1 inside (decided), -1 undecided
@@ -841,7 +826,6 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t b = blk.p0 + r / ns;
         float s2, d2 = 0.f;
-        if (relu_later) relu_rows(const_cast<float*>(hp) + r * K, K);
         sq_norms(hp + r * K, screen ? hcp + b * K : nullptr, K, &s2, &d2);
         nh[r] = bound->norm_up(s2);
         if (screen) {
