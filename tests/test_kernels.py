@@ -1047,13 +1047,17 @@ def test_last_layer_cache_is_keyed_by_contents():
     assert torch.equal(got, ref.counts)
 
 
-def test_workspaces_across_shapes_calls_and_threads():
+@pytest.mark.parametrize("workspaces", ["1", "0"])
+def test_workspaces_across_shapes_calls_and_threads(workspaces, monkeypatch):
     """mlp_count keeps z, every hidden layer's output and the fp32 recheck's buffers in per-thread workspaces
-    across blocks and calls (montecarlo_cpu.cpp, workspace_rows). Calls of different decoders (other hidden
-    widths, one or two hidden layers), block sizes, precisions and screens, run in turn and from several
-    threads at once, must each give the torch reference's counts: a buffer of the wrong width, a hidden vector
-    of the points (h_c) aliased with a block's or a stale row would change them."""
+    across blocks and calls (montecarlo_cpu.cpp, workspace_rows; ROBBENCH_WORKSPACES=0: fresh tensors, the A/B
+    switch). Calls of different decoders (other hidden widths, one or two hidden layers), block sizes,
+    precisions and screens, run in turn and from several threads at once, must each give the torch
+    reference's counts: a buffer of the wrong width, a hidden vector of the points (h_c) aliased with a
+    block's or a stale row would change them."""
     import threading
+
+    monkeypatch.setenv("ROBBENCH_WORKSPACES", workspaces)
 
     models = [MLPVAE(k=6, hidden=(40, 48), d=70, scale=3.0, seed=1), MLPVAE(k=3, hidden=(33,), d=17, seed=2),
               MLPVAE(k=6, hidden=(96, 40), d=70, scale=3.0, seed=3)]

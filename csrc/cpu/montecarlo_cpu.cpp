@@ -80,12 +80,15 @@ void activate_(at::Tensor& x, int64_t act) {
 // fresh ones (the same 64-byte alignment, row stride = cols) and a view starts at the buffer's start, so
 // the ATen calls that write into them (at::addmm_out: the same kernel as at::addmm) see the same operands
 // and layout as the reference's and give the same results bit for bit. Slots stay at most kWsMaxRows rows
-// (larger requests get a fresh tensor) and grow in steps of kWsStep rows.
-enum WsSlot : int { kWsZ = 0, kWsRecheckIn, kWsRecheckOut, kWsFinalOut, kWsHidden };  // layer l: kWsHidden + l
+// (larger requests get a fresh tensor) and grow in steps of kWsStep rows: ~13 MB per calling thread for the
+// trained decoders (K = 256, P = 800, 2048-row blocks; the recheck's up to 2560 rows).
+// ROBBENCH_WORKSPACES=0 (read per request) hands out fresh tensors instead: A/B in one process for benchmarks.
+enum WsSlot : int { kWsZ = 0, kWsRecheckIn, kWsRecheckOut, kWsHidden };  // hidden layer l: kWsHidden + l
 constexpr int64_t kWsMaxRows = 8192, kWsStep = 512;
 at::Tensor workspace_rows(int slot, int64_t rows, int64_t cols, const at::TensorOptions& o) {
   thread_local std::vector<at::Tensor> ws;
-  if (rows > kWsMaxRows) return at::empty({rows, cols}, o);
+  const char* env = std::getenv("ROBBENCH_WORKSPACES");
+  if (rows > kWsMaxRows || (env != nullptr && std::string(env) == "0")) return at::empty({rows, cols}, o);
   if (static_cast<int>(ws.size()) <= slot) ws.resize(slot + 1);
   at::Tensor& t = ws[slot];
   if (!t.defined() || t.size(0) < rows || t.size(1) != cols || t.scalar_type() != o.dtype().toScalarType())
@@ -368,12 +371,12 @@ inline int8_t band_decide(const float* y, const float* c, int64_t D, double band
 // reference's own sub/mul/sum on their gathered rows. Instead of a gather of the centers (a q x D copy),
 // sub, mul and a reduction (four passes over the output), one read.
 // The same for q rows of hr (>= 64 rows, zero padding past q) whose points are pts[0..q).
-// The last layer's output goes to the calling thread's workspace `out_slot` (at::addmm_out: at::addmm's kernel).
+// The last layer's output goes to the calling thread's kWsRecheckOut workspace (at::addmm_out: at::addmm's kernel).
 void fp32_rows_count(const at::Tensor& hr, int64_t q, const int64_t* pts_of, const at::Tensor& center,
-                     const at::Tensor& r2, const Weights& w, at::Tensor& counts, int out_slot) {
+                     const at::Tensor& r2, const Weights& w, at::Tensor& counts) {
   const int64_t D = center.size(1);
   if (q == 0) return;
-  at::Tensor out = workspace_rows(out_slot, hr.size(0), w.wts.back().size(1), hr.options());
+  at::Tensor out = workspace_rows(kWsRecheckOut, hr.size(0), w.wts.back().size(1), hr.options());
   at::addmm_out(out, w.bs.back(), hr, w.wts.back());
   activate_(out, w.acts.back());
   if (!fused_epilogue_enabled()) {  // A/B switch for benchmarks: the reference's four-pass epilogue
@@ -434,7 +437,7 @@ void fp32_final_count(const at::Tensor& h, const std::vector<int64_t>& idx, int6
   }
   std::vector<int64_t> pts(q);
   for (int64_t i = 0; i < q; ++i) pts[i] = blk.p0 + idx[i] / ns;
-  fp32_rows_count(hr, q, pts.data(), center, r2, w, counts, kWsFinalOut);
+  fp32_rows_count(hr, q, pts.data(), center, r2, w, counts);
 }
 
 // fp32 rechecks of the bf16 pass, collected across blocks (each row's hidden vector and point) so that
@@ -459,7 +462,7 @@ struct PendingRechecks {
     float* rp = hr.data_ptr<float>();
     std::copy(h.begin(), h.end(), rp);
     std::fill(rp + q * K, rp + hr.numel(), 0.f);
-    fp32_rows_count(hr, q, pts.data(), center, r2, w, counts, kWsRecheckOut);
+    fp32_rows_count(hr, q, pts.data(), center, r2, w, counts);
     h.clear();
     pts.clear();
   }
