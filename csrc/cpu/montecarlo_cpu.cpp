@@ -719,6 +719,12 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
                                                  int64_t offset, at::TensorList weights_t, at::TensorList biases,
                                                  at::IntArrayRef acts, int64_t precision, bool screen_arg,
                                                  int64_t chunk_rows) {
+  // The ATen calls below see no autograd or inference-mode bookkeeping (as inside any kernel): the per-thread
+  // workspaces are written by at::addmm_out and in-place activations, which autograd refuses when a weight
+  // requires grad ("out=... arguments don't support automatic differentiation") and which a workspace made
+  // by an earlier call under torch.inference_mode() refuses outside it (an inference tensor updated in
+  // place); tests/test_session7_rigor.py. The counts never needed either.
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
   check_sampling_inputs(mu_, sigma_, center_, ka_, kb_, at::kCPU);
   check_r2(r2_, mu_.size(0), mu_.device());
   check_precision(precision);
