@@ -386,20 +386,21 @@ def fit_warm_start(x: Tensor, delta: Tensor, radius: Tensor, box: tuple[float, f
     return delta * scale.view(-1, *([1] * (delta.dim() - 1)))
 
 
-def check_resolvable(m: float, n: int, alpha: float, confidence: float) -> None:
+def check_resolvable(m: float, n: int, alpha: float, confidence: float, cap: str = "samples_max") -> None:
     """Raise ``ValueError`` when no test of ``n`` samples at error budget ``alpha`` could decide p_r against
     ``m``: even 0 (or all) of n samples within r would leave the one-sided Clopper-Pearson bound on m's
-    side, so every test would end undecided and R would be the midpoint of a search that never moved."""
+    side, so every test would end undecided and R would be the midpoint of a search that never moved.
+    ``cap`` names the margin setting that caps the tests at n (the one the message says to raise)."""
     hi = float(stats.cp_upper(torch.tensor([0]), n, alpha)[0])  # 0 of n inside: p_r < m needs hi < m
     lo = float(stats.cp_lower(torch.tensor([n]), n, alpha)[0])  # n of n inside: p_r > m needs lo > m
     if hi >= m:
         raise ValueError(f"m = {m:g} is too small to test with at most {n} samples at confidence {confidence:g}: "
                          f"even 0 of {n} samples within r leave p_r's upper bound at {hi:.3g} >= m, so no radius "
-                         f"could be shown not robust; use m > {hi:.3g} or raise margin.samples_max")
+                         f"could be shown not robust; use m > {hi:.3g} or raise margin.{cap}")
     if lo <= m:
         raise ValueError(f"m = {m:g} is too close to 1 to test with at most {n} samples at confidence "
                          f"{confidence:g}: even {n} of {n} samples within r leave p_r's lower bound at {lo:.6g} "
-                         f"<= m, so no radius could be shown robust; use m < {lo:.6g} or raise margin.samples_max")
+                         f"<= m, so no radius could be shown robust; use m < {lo:.6g} or raise margin.{cap}")
 
 
 def estimate_margin(model: VAEModel, x: Tensor, attack: Attack, attack_params: dict[str, Any], *,
@@ -444,7 +445,9 @@ def estimate_margin(model: VAEModel, x: Tensor, attack: Attack, attack_params: d
     alpha_margin, alpha_verify = split_verify_alpha(1.0 - confidence, max_radius, tolerance, verify)
     alpha_test, alpha_screen = split_screen_alpha(alpha_margin, base_tests, screen_share if screen_schedule else 0.0)
     alpha_look = stats.split_alpha(alpha_test, len(schedule))
-    check_resolvable(m, max(locate, samples_max if refine else locate), alpha_look, confidence)
+    # the largest test: a refinement top-up (samples_max), else the sequential tests' last look (samples_locate)
+    check_resolvable(m, samples_max if refine else locate, alpha_look, confidence,
+                     "samples_max" if refine or locate == samples_max else "samples_locate")
     with torch.no_grad():
         mu0, sigma0, center = latent_params(model, x, None)
     last_delta = torch.zeros_like(x)

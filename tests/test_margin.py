@@ -391,3 +391,16 @@ def test_the_smallest_resolvable_m_runs():
     check_resolvable(edge * 1.01, n, alpha, 0.95)
     with pytest.raises(ValueError):
         check_resolvable(edge * 0.99, n, alpha, 0.95)
+
+
+def test_an_unresolvable_m_names_the_setting_that_caps_the_tests(model):
+    """Without refine the tests stop at samples_locate: raising samples_max would not help, so the message
+    must name samples_locate (it said "raise margin.samples_max" whatever capped the tests)."""
+    with pytest.raises(ValueError, match="samples_locate") as err:
+        estimate_margin(model, copies(2), OracleAttack(), {}, r=4.0, m=0.01, samples_max=4096, samples_locate=256,
+                        seed=0)
+    assert "256" in str(err.value) and "samples_max" not in str(err.value)
+    # with refine the top-ups reach samples_max, which is then the setting to raise
+    with pytest.raises(ValueError, match="samples_max"):
+        estimate_margin(model, copies(2), OracleAttack(), {}, r=4.0, m=1e-4, samples_max=4096, samples_locate=256,
+                        refine=2, seed=0)

@@ -1,0 +1,147 @@
+"""The margin estimator's error budget, counted test by test (session 7 review of the verification).
+
+The README and estimate_margin promise that all decisions of a point hold together with probability >=
+confidence: a Bonferroni split of alpha = 1 - confidence over every test a point can see. These tests record
+every sequential test (and refinement top-up) the estimator really runs, with the alpha it ran at, and check
+that per point the alphas add up to no more than alpha, and to no more than each stage's stated share (the
+verification's re-bisection VERIFY_SHARE, the screening screen_share of the rest). The configuration makes
+the stated counts tight: the attack is trapped (so every point is flagged and re-bisected), tolerance is
+tiny, rel_tolerance and stop_when_undecided are off (every search runs to its last step), and max_radius is
+just above the trapped margin (so the re-bisection's bracket is nearly as wide as the budget assumes).
+
+They also check that no decoder sample is used twice in one estimate: the verification picks a flagged
+point's direction from its screen's samples, so a re-bisection test on those same samples would be biased
+(it would test the direction on the noise that chose it).
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import pytest
+import torch
+
+import robbench.margin as margin
+from robbench import montecarlo, stats
+from robbench.margin import VERIFY_SHARE, VERIFY_SHRINK, estimate_margin, n_margin_tests, n_verify_tests
+from robbench.protocols import AttackResult
+from robbench_plugins.analytic import LinearGaussianVAE
+
+R, CONF, SEED, POINTS = 4.0, 0.9, 11, 3
+PARAMS = {"presolve_steps": 60, "warm_presolve_steps": 60, "restarts": 1}
+STAGES = ("margin-mc", "margin-screen", "margin-verify")
+
+
+class TrappedAttack:
+    """delta along the worst direction; 0.8 of the radius with the pre-solve on (every bisection call), the
+    full radius without it (the verification's c1 / c2): R is overstated by 25 % until verification."""
+
+    name, description, defaults = "trapped", "pre-solve trap stub", dict(PARAMS)
+
+    def __call__(self, model, x, radius, *, params, generator, init=None):
+        scale = 0.8 if params["presolve_steps"] > 0 else 1.0
+        u = model.top_direction.view(1, *model.input_shape)
+        return AttackResult(scale * radius.view(-1, *([1] * (x.dim() - 1))).to(x) * u, radius.clone())
+
+
+@pytest.fixture(scope="module")
+def model() -> LinearGaussianVAE:
+    return LinearGaussianVAE()
+
+
+def tight_settings(model: LinearGaussianVAE, **extra) -> dict:
+    exact = model.exact_margin(R)
+    max_radius = 1.3 * exact  # the trapped margin is ~1.25 exact: the cap binds nothing, but the budget is tight
+    tolerance = exact / 1000
+    return dict(r=R, confidence=CONF, max_radius=max_radius, tolerance=tolerance, rel_tolerance=None,
+                samples_initial=64, samples_locate=256, samples_max=1024, refine=2, screen_samples=64,
+                screen_share=0.1, stop_when_undecided=False, seed=SEED, point_ids=torch.arange(POINTS),
+                backend="torch", verify=True, **extra)
+
+
+def run_recorded(model, monkeypatch, **settings):
+    """estimate_margin with every sequential test (stage, point ids, alpha) and every count_within call
+    (seed, stream ids, sample offset, count) recorded."""
+    tags = {stats.derive_seed(SEED, tag, step): tag for tag in STAGES for step in range(200)}
+    tests, draws = [], []
+    sequential, count = margin.sequential_test, montecarlo.count_within
+
+    def recorded_test(*args, alpha, seed, stream_ids, **kw):
+        tests.append((tags.get(seed, "?"), stream_ids.clone(), alpha))
+        return sequential(*args, alpha=alpha, seed=seed, stream_ids=stream_ids, **kw)
+
+    def recorded_count(model_, mu, sigma, center, r, n_samples, *, seed, stream_ids=None, sample_offset=0, **kw):
+        draws.append((seed, stream_ids.clone(), sample_offset, n_samples))
+        return count(model_, mu, sigma, center, r, n_samples, seed=seed, stream_ids=stream_ids,
+                     sample_offset=sample_offset, **kw)
+
+    monkeypatch.setattr(margin, "sequential_test", recorded_test)
+    monkeypatch.setattr(montecarlo, "count_within", recorded_count)
+    res = estimate_margin(model, torch.full((POINTS, *model.input_shape), 0.5), TrappedAttack(), dict(PARAMS),
+                          **settings)
+    return res, tests, draws
+
+
+def test_every_point_spends_at_most_alpha_and_each_stage_at_most_its_share(model, monkeypatch):
+    settings = tight_settings(model)
+    res, tests, _ = run_recorded(model, monkeypatch, **settings)
+    assert res.verified_lower.all()  # every point went through the whole verification
+    alpha = 1.0 - CONF
+    spent = defaultdict(float)  # (stage, point) -> sum of the alphas of its tests
+    count = defaultdict(int)
+    for stage, ids, a in tests:
+        assert stage != "?", "a test ran on a seed of no known stage"
+        for pid in ids.tolist():
+            spent[stage, pid] += a
+            count[stage, pid] += 1
+    n_v = n_verify_tests(settings["max_radius"], settings["tolerance"])
+    n_m = n_margin_tests(settings["max_radius"], settings["tolerance"], settings["refine"])
+    # the configuration is tight: the re-bisection runs every test its budget allows
+    assert max(count["margin-verify", p] for p in range(POINTS)) == n_v
+    margin_alpha = alpha * (1 - VERIFY_SHARE)
+    for p in range(POINTS):
+        assert count["margin-verify", p] <= n_v and count["margin-mc", p] <= n_m
+        assert count["margin-screen", p] <= n_m
+        assert spent["margin-verify", p] <= alpha * VERIFY_SHARE * (1 + 1e-9)
+        assert spent["margin-screen", p] <= margin_alpha * settings["screen_share"] * (1 + 1e-9)
+        assert spent["margin-mc", p] <= margin_alpha * (1 - settings["screen_share"]) * (1 + 1e-9)
+        assert sum(spent[s, p] for s in STAGES) <= alpha * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("max_radius, tolerance", [(10.0, 0.001), (1e6, 1e-9), (1.0, VERIFY_SHRINK / 1024),
+                                                     (5.0, 4.9 / 2 ** 20), (3.0, 2.0)])
+def test_the_verification_budget_covers_its_longest_re_bisection(max_radius, tolerance):
+    """The re-bisection (bisect_direction) from its highest start, 0.98 max_radius, with any outcomes, never
+    runs more than n_verify_tests tests, also where 0.98 max_radius / tolerance is a power of two (float
+    rounding of the halved bracket could need one more halving there)."""
+    gen = torch.Generator().manual_seed(0)
+    batch = 64
+
+    def outcomes(idx, radius, direction, step):
+        n = torch.full((idx.numel(),), 100, dtype=torch.int64)
+        k = torch.randint(0, 101, (idx.numel(),), generator=gen)
+        decision = torch.randint(-1, 2, (idx.numel(),), generator=gen)
+        if step == 0:  # not robust at the top: the whole bracket [0, top] is searched
+            decision[:], k[:] = stats.NOT_ROBUST, 0
+        return margin.SequentialOutcome(decision, k, n)
+
+    top = torch.full((batch,), VERIFY_SHRINK * max_radius, dtype=torch.float64)
+    *_, tests = margin.bisect_direction(outcomes, torch.arange(batch), torch.zeros(batch, 4), top, m=0.5,
+                                        tolerance=tolerance, rel_tolerance=None, stop_when_undecided=False)
+    assert int(tests.max()) <= n_verify_tests(max_radius, tolerance)
+    assert int(tests.max()) >= n_verify_tests(max_radius, tolerance) - 1  # and the budget is not loose
+
+
+def test_no_decoder_sample_is_used_twice(model, monkeypatch):
+    """Every (seed, stream) pair's sample ranges are disjoint over the whole estimate: the re-bisection's tests
+    never see the screen's samples (which chose the direction), nor the bisection's or one another's."""
+    _, _, draws = run_recorded(model, monkeypatch, **tight_settings(model))
+    seen = defaultdict(list)  # (seed, stream id) -> [(start, end)]
+    for seed, ids, offset, n in draws:
+        for sid in ids.tolist():
+            seen[seed, sid].append((offset, offset + n))
+    verify_screen = {stats.derive_seed(SEED, "margin-verify-screen", c) for c in range(3)}
+    assert any(seed in verify_screen for seed, _ in seen)  # the screen ran
+    for key, spans in seen.items():
+        spans.sort()
+        for (_, end), (start, _) in zip(spans, spans[1:]):
+            assert start >= end, f"samples of stream {key} used twice: {spans}"
