@@ -98,6 +98,14 @@ def test_every_point_spends_at_most_alpha_and_each_stage_at_most_its_share(model
     # the configuration is tight: the re-bisection runs every test its budget allows
     assert max(count["margin-verify", p] for p in range(POINTS)) == n_v
     margin_alpha = alpha * (1 - VERIFY_SHARE)
+    # and each test runs at exactly the alpha the README states (a refinement top-up: one look of a test)
+    looks = len(stats.sample_schedule(settings["samples_initial"], settings["samples_locate"]))
+    per_test = {"margin-mc": margin_alpha * (1 - settings["screen_share"]) / n_m,
+                "margin-screen": margin_alpha * settings["screen_share"] / n_m,
+                "margin-verify": alpha * VERIFY_SHARE / n_v}
+    for stage, _, a in tests:
+        allowed = [per_test[stage]] + ([per_test[stage] / looks] if stage == "margin-mc" else [])
+        assert any(a == pytest.approx(b, rel=1e-12) for b in allowed), (stage, a, allowed)
     for p in range(POINTS):
         assert count["margin-verify", p] <= n_v and count["margin-mc", p] <= n_m
         assert count["margin-screen", p] <= n_m
