@@ -74,11 +74,12 @@ class BuiltinEstimator:
 
 
 # --- margin ------------------------------------------------------------------------------------
-def _margin_result(ctx: EstimationContext, x: Tensor, attack: Any, attack_params: dict[str, Any]) -> Any:
+def _margin_result(ctx: EstimationContext, x: Tensor, attack: Any, attack_params: dict[str, Any],
+                   confidence: float) -> Any:
     run = ctx.run
     p = ctx.params
     return estimate_margin(
-        ctx.model, x, attack, attack_params, r=run.r, m=run.m, confidence=run.confidence,
+        ctx.model, x, attack, attack_params, r=run.r, m=run.m, confidence=confidence,
         max_radius=float(p["max_radius"]), tolerance=float(p["tolerance"]),
         rel_tolerance=None if p.get("rel_tolerance") is None else float(p["rel_tolerance"]),
         samples_initial=int(p["samples_initial"]), samples_max=int(p["samples_max"]),
@@ -132,12 +133,16 @@ def _margin(ctx: EstimationContext, x: Tensor) -> list[Row]:
 
     Each attack gives an upper estimate of R (a stronger attack can only lower it), so the per-point
     minimum is the best estimate the portfolio offers; the point's interval and witness are those of
-    the attack that set it (``margin_attack``; a point censored under every attack stays censored)."""
+    the attack that set it (``margin_attack``; a point censored under every attack stays censored). With K
+    attacks each runs at error budget alpha / K, so the kept interval still holds with the run's confidence."""
     keep = bool(ctx.params.get("keep_witness", True))
     best: list[Row] | None = None
     witness = None
-    for label, attack, params in _portfolio(ctx):
-        res = _margin_result(ctx, x, attack, params)
+    members = _portfolio(ctx)
+    # the kept interval holds when every attack's decisions hold: the attacks share alpha (Bonferroni)
+    confidence = 1.0 - (1.0 - ctx.run.confidence) / len(members)
+    for label, attack, params in members:
+        res = _margin_result(ctx, x, attack, params, confidence)
         rows = _margin_rows(res, x, keep)
         for row in rows:
             row["margin_attack"] = label

@@ -153,3 +153,33 @@ def test_no_decoder_sample_is_used_twice(model, monkeypatch):
         spans.sort()
         for (_, end), (start, _) in zip(spans, spans[1:]):
             assert start >= end, f"samples of stream {key} used twice: {spans}"
+
+
+def test_a_portfolio_point_spends_at_most_alpha_over_all_its_attacks(model, monkeypatch):
+    """margin.portfolio runs the whole estimate once per attack and keeps each point's smallest margin with
+    that attack's interval: the interval holds when every attack's decisions hold, so the attacks must share
+    alpha (each ran at the full alpha: K attacks spent K alpha, the stated confidence did not hold)."""
+    from robbench.protocols import EstimationContext
+    from robbench.settings import RunSettings
+    from robbench_plugins.estimators import ESTIMATORS
+
+    est = next(e for e in ESTIMATORS if e.name == "margin")
+    alphas = defaultdict(float)
+    sequential = margin.sequential_test
+
+    def recorded_test(*args, alpha, stream_ids, **kw):
+        for pid in stream_ids.tolist():
+            alphas[pid] += alpha
+        return sequential(*args, alpha=alpha, stream_ids=stream_ids, **kw)
+
+    monkeypatch.setattr(margin, "sequential_test", recorded_test)
+    second = TrappedAttack()
+    params = {**est.defaults, "tolerance": 0.01, "samples_max": 4096, "keep_adversarial": False, "portfolio": True,
+              "portfolio_attacks": [("second", second, dict(PARAMS))]}
+    ctx = EstimationContext(model=model, attack=TrappedAttack(), attack_params=dict(PARAMS), params=params,
+                            point_ids=torch.arange(2), run=RunSettings(r=R, confidence=CONF, backend="torch"))
+    rows = est(ctx, torch.full((2, *model.input_shape), 0.5))
+    assert all(row["margin_lo"] <= model.exact_margin(R) <= row["margin_hi"] for row in rows)
+    assert sorted(alphas) == [0, 1]
+    # each attack ran the bisection (tests at radius 0, the bisection, the refinement) and the verification
+    assert all(a <= (1.0 - CONF) * (1 + 1e-9) for a in alphas.values()), dict(alphas)
