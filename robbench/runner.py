@@ -114,8 +114,11 @@ def portfolio_attack(attacks: list[AttackConfig]) -> AttackConfig:
     ``portfolio(a+b)``; the estimator runs each member and keeps each point's smallest margin
     (:func:`robbench.execute.evaluate_batch` resolves the members)."""
     members = [[a.name, a.params] for a in attacks]
+    # "portfolio_alpha": since session 7 the members split alpha (each runs at alpha / K); the marker is
+    # hashed into the job key, so run folders made before, whose members each spent the whole alpha, are
+    # not resumed as if their intervals held at the stated confidence.
     return AttackConfig(name="portfolio(" + "+".join(a.label for a in attacks) + ")",
-                        params={PORTFOLIO_KEY: members}, swept=())
+                        params={PORTFOLIO_KEY: members, "portfolio_alpha": "split"}, swept=())
 
 
 def select_points(data: SplitData, count: int, seed: int) -> torch.Tensor:

@@ -193,3 +193,20 @@ def test_margin_portfolio_takes_the_per_point_worst_attack(plugin, fresh_plugins
         chosen = md if row.metrics["margin_attack"] == "max_damage" else noise
         assert row.metrics["margin_hi"] == chosen["margin_hi"]
     assert "max_damage" in setters  # the noise direction is far from the worst one
+
+
+def test_portfolio_jobs_are_keyed_apart_from_those_of_before_the_alpha_split(plugin, fresh_plugins):
+    """Since session 7 a portfolio's attacks each run at alpha / K; run folders made before (each member at the
+    whole alpha, so the kept interval could spend K x alpha) must not be resumed as if they held at the stated
+    confidence: the portfolio's attack entry carries a marker that the job key hashes."""
+    from robbench.runner import keyed_params, model_key, plan_jobs, stable_hash
+    regs = fresh_plugins.get_registries()
+    cfg = _config(regs, attacks=["max_damage", "noise"], estimators=["margin"], points=4, point_batch=4,
+                  estimator_params={"margin": {"portfolio": True}})
+    (job,) = plan_jobs(cfg, regs)
+    assert job.attack.params["portfolio_alpha"] == "split"
+    before = {k: v for k, v in job.attack.params.items() if k != "portfolio_alpha"}  # the attack entry of before
+    keyed = {**keyed_params(regs.estimators.get("margin"), job.params), **job.run.hashed()}
+    identity = {"model": model_key(cfg, job.model), "estimator": "margin", "params": keyed}
+    assert job.key == stable_hash({**identity, "attack": [job.attack.name, job.attack.params]})
+    assert job.key != stable_hash({**identity, "attack": [job.attack.name, before]})
