@@ -114,6 +114,20 @@ def _check_data(model: VAEModel, data: Any) -> None:
         raise TypeError(f"data has dtype {data.dtype}; the model computes in {dtype}: pass data.to({dtype})")
 
 
+def _device(device: torch.device | str) -> torch.device:
+    """``device`` as a torch.device, refused with a ValueError naming it before any work when it is not a
+    device name or names CUDA on a machine without it (torch's own errors come later and say less)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device={device!r} is not a torch device name (e.g. cpu, cuda, cuda:0): {err}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: CUDA is not available here (allowed: cpu)")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r}: robbench runs on cpu or cuda devices")
+    return dev
+
+
 def evaluate(model: VAEModel, data: Tensor, attacks: str | Sequence[str] | None = None,
              estimators: str | Sequence[str] | None = None, *, attack_params: dict[str, dict[str, Any]] | None = None,
              estimator_params: dict[str, dict[str, Any]] | None = None, point_ids: Tensor | None = None,
@@ -166,7 +180,7 @@ def evaluate(model: VAEModel, data: Tensor, attacks: str | Sequence[str] | None 
         model.eval()  # dropout / batch-norm in inference mode, as the runner does
     check_in_range(data, input_range(model))
     model = checked(model)  # NaN/inf from encode or decode raises PluginOutputError where it appears
-    dev = torch.device(device) if device is not None else data.device
+    dev = _device(device) if device is not None else data.device
     run = RunSettings(device=str(dev)).with_overrides(run_params)
     data = data.to(dev)
     ids = torch.arange(data.shape[0]) if point_ids is None else torch.as_tensor(point_ids).long()

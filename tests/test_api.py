@@ -212,3 +212,15 @@ def test_evaluate_takes_a_single_name_as_a_string(model):
     table = evaluate(model, x, attacks="max_damage", estimators="bound",
                      estimator_params={"bound": {"p0_samples": 256}})
     assert table.column("estimator") == ["bound"]
+
+
+@pytest.mark.parametrize("device, message", [
+    ("gpu", r"device='gpu' is not a torch device name"),
+    ("meta", r"device='meta': robbench runs on cpu or cuda devices"),
+    pytest.param("cuda", r"device='cuda': CUDA is not available here", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="needs a machine without CUDA")),
+])
+def test_evaluate_refuses_an_unusable_device_naming_it(model, device, message):
+    """evaluate(device="cuda") without CUDA raised torch's AssertionError from deep inside (session 7 review)."""
+    with pytest.raises(ValueError, match=message):
+        evaluate(model, torch.full((1, 1, 8, 8), 0.5), attacks=[], estimators=["bound"], device=device)
