@@ -104,3 +104,14 @@ def miscounting_backend(fresh_plugins) -> str:
         yield MiscountingBackend.name
     finally:
         fresh_plugins.unregister_plugin(plugin)
+
+
+def band_stats(err: str) -> tuple[int, int, int, int]:
+    """(bf16 rows, refined, rechecked, refined units) summed over the kernel's ROBBENCH_BAND_STATS lines."""
+    tot = [0, 0, 0, 0]
+    for line in err.splitlines():
+        if line.startswith("robbench bf16 band:"):
+            f = line.split()
+            for i, k in enumerate((4, 6, 8, 10)):
+                tot[i] += int(f[k])
+    return tuple(tot)

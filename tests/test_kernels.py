@@ -8,6 +8,7 @@ from torch import nn
 
 from robbench import decoding, kernels, montecarlo, rng
 from robbench.backends import TorchBackend, sq_distance_blocks
+from conftest import band_stats
 
 pytestmark = pytest.mark.skipif(not kernels.compiler_available(), reason="no C++ compiler/ninja: cpp backend skipped")
 
@@ -701,17 +702,6 @@ def _audit(err):
     return rows, bad, worst
 
 
-def _band_stats(err):
-    """(bf16 rows, refined, rechecked, refined units) summed over the kernel's ROBBENCH_BAND_STATS lines."""
-    tot = [0, 0, 0, 0]
-    for line in err.splitlines():
-        if line.startswith("robbench bf16 band:"):
-            f = line.split()
-            for i, k in enumerate((4, 6, 8, 10)):
-                tot[i] += int(f[k])
-    return tuple(tot)
-
-
 @pytest.mark.parametrize("band_fused,brgemm,tiles", [("1", "1", "1"), ("1", "1", "store_y"), ("1", "1", "0"),
                                                      ("0", "1", "1"), ("1", "0", "1")])
 def test_bf16_band_decides_each_sample_like_the_reference_across_its_edges(band_fused, brgemm, tiles, monkeypatch,
@@ -747,7 +737,7 @@ def test_bf16_band_decides_each_sample_like_the_reference_across_its_edges(band_
         capfd.readouterr()
         res = kernels.count_within(model, mu, sigma, center, r2, 1, seed=11, stream_ids=torch.arange(B),
                                    precision="bf16", screen=False)
-        rows, refined, rechecked, _ = _band_stats(capfd.readouterr().err)
+        rows, refined, rechecked, _ = band_stats(capfd.readouterr().err)
         assert torch.equal(res.counts, (d2 <= r2).long())
         assert res.bf16_samples == B == rows and res.rechecked == rechecked
         return refined, rechecked
@@ -821,7 +811,7 @@ def test_portable_band_and_refinement_loops_decide_like_the_reference(tmp_path):
     counts = torch.load(tmp_path / "out.pt")
     for r2, c in zip(radii, counts):
         assert torch.equal(c, (d2 <= r2).long())
-    rows, refined, rechecked, _ = _band_stats(done.stderr)
+    rows, refined, rechecked, _ = band_stats(done.stderr)
     assert rows == B * len(radii) and refined > 0 and 2 * B <= rechecked < rows  # ties, one ulp: reference
     audited, bad, _ = _audit(done.stderr)
     assert audited == refined and bad == 0  # each refined sample within its bound of an fp32 last layer
@@ -844,7 +834,7 @@ def test_bf16_counts_equal_reference_at_the_median_radius(chunk, monkeypatch, ca
             res = kernels.count_within(model, mu, sigma, center, montecarlo.radius_sq(r, B, mu.device), n,
                                        seed=5, stream_ids=torch.arange(B), precision="bf16", screen=screen,
                                        chunk_size=chunk)
-            _, refined, rechecked[refine], _ = _band_stats(capfd.readouterr().err)
+            _, refined, rechecked[refine], _ = band_stats(capfd.readouterr().err)
             assert torch.equal(res.counts, ref), (screen, refine)
             assert res.bf16_samples > 0 and res.rechecked < res.bf16_samples
             assert (refined > 0) == (refine == "1")
@@ -871,7 +861,7 @@ def test_fp32_product_output_leaves_fewer_samples_undecided(monkeypatch, capfd):
         capfd.readouterr()
         res = kernels.count_within(model, mu, sigma, center, montecarlo.radius_sq(r, B, mu.device), n, seed=5,
                                    stream_ids=torch.arange(B), precision="bf16", screen=False)
-        rows, refined, rechecked, _ = _band_stats(capfd.readouterr().err)
+        rows, refined, rechecked, _ = band_stats(capfd.readouterr().err)
         assert torch.equal(res.counts, ref), brgemm
         assert rows == B * n and undecided.setdefault(brgemm, (refined, rechecked)) == (refined, rechecked)
     # measured: 218 vs 247 refined (0.88); keeping the u |s_j| term with brgemm's output gives 244 (0.99)
@@ -902,7 +892,7 @@ def test_refinement_bound_holds_on_adversarially_rounded_weights(monkeypatch, ca
                                        seed=5, stream_ids=torch.arange(B), precision="bf16", screen=False)
             err = capfd.readouterr().err
             assert torch.equal(res.counts, ref), (scale, center_on, by_level)
-            _, refined, _, u = _band_stats(err)
+            _, refined, _, u = band_stats(err)
             rows, bad, ratio = _audit(err)
             assert rows == refined > 0 and bad == 0, (rows, refined, bad, ratio)
             worst = max(worst, ratio)
@@ -945,7 +935,7 @@ def test_refinement_tails_decide_like_the_reference(shape, monkeypatch, capfd):
                                                precision="bf16", screen=screen, chunk_size=7)
                     assert torch.equal(res.counts, (d2 <= r2[:, None]).sum(1)), (col, eps, sign, screen)
     err = capfd.readouterr().err
-    _, refined, _, _ = _band_stats(err)
+    _, refined, _, _ = band_stats(err)
     rows, bad, _ = _audit(err)
     assert rows == refined > 0 and bad == 0, (rows, refined, bad)
 

@@ -27,6 +27,7 @@ from torch import nn
 
 from robbench import kernels, rng
 from robbench.backends import TorchBackend, sq_distance_blocks
+from conftest import band_stats
 
 pytestmark = pytest.mark.skipif(not kernels.compiler_available(), reason="no C++ compiler/ninja: cpp backend skipped")
 
@@ -188,16 +189,6 @@ class _Stress(nn.Module):
         return self.decoder(z).view(-1, *self.input_shape)
 
 
-def _band_stats(err):
-    tot = [0, 0, 0, 0]
-    for line in err.splitlines():
-        if line.startswith("robbench bf16 band:"):
-            f = line.split()
-            for i, k in enumerate((4, 6, 8, 10)):
-                tot[i] += int(f[k])
-    return tuple(tot)
-
-
 @pytest.mark.parametrize("D", [1, 15, 17, 63, 65])
 @pytest.mark.parametrize("saturated", [False, True])
 def test_counts_on_stress_layers_equal_the_reference_one_ulp_either_side(D, saturated, monkeypatch, capfd):
@@ -232,7 +223,7 @@ def test_counts_on_stress_layers_equal_the_reference_one_ulp_either_side(D, satu
             res = kernels.count_within(model, mu, sigma, center, r2, 1, seed=5, stream_ids=torch.arange(B),
                                        precision="bf16", screen=False)
             assert torch.equal(res.counts, (d2 <= r2).long()), name
-        stats[name] = _band_stats(capfd.readouterr().err)
+        stats[name] = band_stats(capfd.readouterr().err)
     assert stats["tiles"] == stats["store_y"]
     assert stats["tiles"][0] == B * len(radii) and stats["tiles"][2] >= 2 * B  # the tie and one ulp below
 
