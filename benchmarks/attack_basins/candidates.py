@@ -8,7 +8,6 @@ Writes JSON (per model: R, per candidate and repeat the p_hat list, CPU seconds 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -16,28 +15,23 @@ import time
 import torch
 
 sys.path.insert(0, "benchmarks")
-from margin_convergence import margin_inputs, trained_models  # noqa: E402
+from margin_convergence import trained_models  # noqa: E402
 from robbench import montecarlo, stats  # noqa: E402
-from robbench.cli import _add_run_arguments, config_from_args  # noqa: E402
+from basins import load_inputs, run_parser  # noqa: E402
 from robbench.inputrange import input_range  # noqa: E402
 from robbench.margin import estimate_margin, fit_warm_start  # noqa: E402
-from robbench.plugins import get_registries  # noqa: E402
 from robbench.protocols import call_attack  # noqa: E402
 
 NOPRE = {"presolve_steps": 0, "warm_presolve_steps": 0}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    _add_run_arguments(ap)
+    ap = run_parser()
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", required=True)
     ap.add_argument("--only", default="", help="comma-separated candidate names (default: all)")
     a = ap.parse_args()
-    torch.set_num_threads(1)
-    cfg = config_from_args(a)
-    regs = get_registries()
-    data, x, ids, run = margin_inputs(cfg, regs)
+    cfg, regs, data, x, ids, run = load_inputs(a)
     md = regs.estimators.get("margin").defaults
     attack = regs.attacks.get("max_damage")
     ap_ = dict(attack.defaults)

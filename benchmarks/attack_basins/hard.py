@@ -4,27 +4,21 @@
 Variants: name -> attack param overrides (fp32 engine unless "_env" is given). Margin defaults of the estimator.
 """
 from __future__ import annotations
-import argparse, json, sys, time
+import json, sys, time
 import torch
 sys.path.insert(0, "benchmarks")
-from margin_convergence import (environment, margin_inputs, measure, trained_models, FP32)
-from robbench.cli import _add_run_arguments, config_from_args
-from robbench.plugins import get_registries
+from margin_convergence import environment, measure, trained_models, FP32
+from basins import load_inputs, pick_points, run_parser
 
 def main():
-    ap = argparse.ArgumentParser()
-    _add_run_arguments(ap)
+    ap = run_parser()
     ap.add_argument("--pick", default="9,20")
     ap.add_argument("--beta", default="10.0")
     ap.add_argument("--variants", required=True)
     ap.add_argument("--margin", default="{}", help="margin overrides")
     a = ap.parse_args()
-    torch.set_num_threads(1)
-    cfg = config_from_args(a)
-    regs = get_registries()
-    data, x, ids, run = margin_inputs(cfg, regs)
-    pick = torch.tensor([int(i) for i in a.pick.split(",")]) if a.pick else torch.arange(len(ids))
-    x, ids = x[pick], ids[pick]
+    cfg, regs, data, x, ids, run = load_inputs(a)
+    x, ids = pick_points(x, ids, a.pick)
     md = {**regs.estimators.get("margin").defaults, **json.loads(a.margin)}
     attack = regs.attacks.get("max_damage")
     for mc, model in trained_models(cfg, regs, data):

@@ -1,19 +1,17 @@
 """Latent picture of the chains' deltas: mu(x+delta)-mu(x) (units of sigma(x)) for the default (fp32) and eta_x10
 chains, and cosines between deltas."""
 from __future__ import annotations
-import argparse, sys
+import sys
 import torch
 sys.path.insert(0, "benchmarks"); sys.path.insert(0, __import__("os").path.dirname(__file__))
-from margin_convergence import environment, margin_inputs, measure, trained_models, FP32
-from robbench.cli import _add_run_arguments, config_from_args
-from robbench.plugins import get_registries
+from margin_convergence import environment, measure, trained_models, FP32
+from basins import load_inputs, pick_points, run_parser
 from trace_chain import Rec
 
-ap = argparse.ArgumentParser(); _add_run_arguments(ap); ap.add_argument("--pick", default="9,20")
-a = ap.parse_args(); torch.set_num_threads(1)
-cfg = config_from_args(a); regs = get_registries()
-data, x, ids, run = margin_inputs(cfg, regs)
-pick = torch.tensor([int(i) for i in a.pick.split(",")]); x, ids = x[pick], ids[pick]
+ap = run_parser(); ap.add_argument("--pick", default="9,20")
+a = ap.parse_args()
+cfg, regs, data, x, ids, run = load_inputs(a)
+x, ids = pick_points(x, ids, a.pick)
 md = dict(regs.estimators.get("margin").defaults); attack = regs.attacks.get("max_damage"); D = attack.defaults
 torch.set_printoptions(precision=2, sci_mode=False, linewidth=200)
 for mc, model in trained_models(cfg, regs, data):

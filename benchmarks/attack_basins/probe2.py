@@ -1,26 +1,24 @@
 """Distribution over attack seeds of E / p_r of the delta found at a fixed radius, cold or warm from the default
 chain's delta at --from-radius (the default chain's attacked delta there), per attack setting."""
 from __future__ import annotations
-import argparse, json, sys
+import json, sys
 import torch
 sys.path.insert(0, "benchmarks"); sys.path.insert(0, __import__("os").path.dirname(__file__))
-from margin_convergence import environment, margin_inputs, measure, trained_models, FP32
-from robbench.cli import _add_run_arguments, config_from_args
-from robbench.plugins import get_registries
+from margin_convergence import environment, measure, trained_models, FP32
+from basins import load_inputs, pick_points, run_parser
 from robbench.margin import estimate_probability, fit_warm_start
 from robbench.protocols import call_attack
 from robbench_plugins.attacks import expected_damage
 from trace_chain import Rec
 
 def main():
-    ap = argparse.ArgumentParser(); _add_run_arguments(ap)
+    ap = run_parser()
     ap.add_argument("--pick", default="9,20"); ap.add_argument("--beta", default="10.0")
     ap.add_argument("--radius", type=float, default=3.75); ap.add_argument("--from-radius", type=float, default=2.5)
     ap.add_argument("--seeds", type=int, default=8); ap.add_argument("--tries", required=True)
-    a = ap.parse_args(); torch.set_num_threads(1)
-    cfg = config_from_args(a); regs = get_registries()
-    data, x, ids, run = margin_inputs(cfg, regs)
-    pick = torch.tensor([int(i) for i in a.pick.split(",")]); x, ids = x[pick], ids[pick]
+    a = ap.parse_args()
+    cfg, regs, data, x, ids, run = load_inputs(a)
+    x, ids = pick_points(x, ids, a.pick)
     md = dict(regs.estimators.get("margin").defaults)
     attack = regs.attacks.get("max_damage"); D = attack.defaults
     g = torch.Generator().manual_seed(123)

@@ -1,14 +1,13 @@
 """Fixed-direction sweep of the saved verification deltas: p_r along delta_v / ||delta_v|| at R * f, 8192 samples."""
-import argparse, sys, torch
+import sys, torch
 sys.path.insert(0, "benchmarks")
-from margin_convergence import margin_inputs, trained_models
-from robbench.cli import _add_run_arguments, config_from_args
-from robbench.plugins import get_registries
+from margin_convergence import trained_models
+from basins import load_inputs, run_parser
 from robbench.margin import estimate_probability, fit_warm_start
-ap = argparse.ArgumentParser(); _add_run_arguments(ap); ap.add_argument("--save"); ap.add_argument("--beta"); ap.add_argument("--pick")
+ap = run_parser(); ap.add_argument("--save"); ap.add_argument("--beta"); ap.add_argument("--pick")
 ap.add_argument("--factors", default="0.90,0.94,0.96,0.98,1.0")
-a = ap.parse_args(); torch.set_num_threads(1); FACTORS = [float(v) for v in a.factors.split(",")]
-cfg = config_from_args(a); regs = get_registries(); data, x, ids, run = margin_inputs(cfg, regs)
+a = ap.parse_args(); FACTORS = [float(v) for v in a.factors.split(",")]
+cfg, regs, data, x, ids, run = load_inputs(a)
 for mc, model in trained_models(cfg, regs, data):
     if a.beta not in mc.label: continue
     s = torch.load(f"{a.save}_{mc.label}.pt")

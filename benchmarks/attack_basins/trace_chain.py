@@ -1,12 +1,11 @@
 """Trace the bisection of chosen points: per attacked radius, the attack's delta scored precisely
 (E_eta distance along route both with 4096 draws; p_r at sigma(x) clean with 16384 samples), per variant."""
 from __future__ import annotations
-import argparse, json, sys
+import json, sys
 import torch
 sys.path.insert(0, "benchmarks")
-from margin_convergence import environment, margin_inputs, measure, trained_models, FP32
-from robbench.cli import _add_run_arguments, config_from_args
-from robbench.plugins import get_registries
+from margin_convergence import environment, measure, trained_models, FP32
+from basins import load_inputs, pick_points, run_parser
 from robbench.margin import estimate_probability
 from robbench_plugins.attacks import expected_damage
 
@@ -21,14 +20,12 @@ class Rec:
         return res
 
 def main():
-    ap = argparse.ArgumentParser(); _add_run_arguments(ap)
+    ap = run_parser()
     ap.add_argument("--pick", default="9,20"); ap.add_argument("--beta", default="10.0")
     ap.add_argument("--variants", required=True)
-    a = ap.parse_args(); torch.set_num_threads(1)
-    cfg = config_from_args(a); regs = get_registries()
-    data, x, ids, run = margin_inputs(cfg, regs)
-    pick = torch.tensor([int(i) for i in a.pick.split(",")])
-    x, ids = x[pick], ids[pick]
+    a = ap.parse_args()
+    cfg, regs, data, x, ids, run = load_inputs(a)
+    x, ids = pick_points(x, ids, a.pick)
     md = dict(regs.estimators.get("margin").defaults)
     attack = regs.attacks.get("max_damage")
     g = torch.Generator().manual_seed(123)

@@ -7,12 +7,11 @@
 4. flagged points: two more margin estimations with warm_restarts=1 (default attack; no pre-solve attack); R = min of the three.
 CPU seconds of each part (1 thread). Prints R before/after per flagged point."""
 from __future__ import annotations
-import argparse, json, sys, time
+import json, sys, time
 import torch
 sys.path.insert(0, "benchmarks")
-from margin_convergence import environment, margin_inputs, measure, trained_models, FP32
-from robbench.cli import _add_run_arguments, config_from_args
-from robbench.plugins import get_registries
+from margin_convergence import environment, measure, trained_models, FP32
+from basins import load_inputs, run_parser
 from robbench.margin import estimate_probability, fit_warm_start
 from robbench_plugins.attacks import expected_damage
 from robbench.protocols import call_attack
@@ -37,14 +36,13 @@ class FixedDirection:
         return AttackResult(delta=delta, damage=torch.zeros(x.shape[0]))
 
 def main():
-    ap = argparse.ArgumentParser(); _add_run_arguments(ap)
+    ap = run_parser()
     ap.add_argument("--n", type=int, default=2048); ap.add_argument("--gap", type=float, default=0.03)
     ap.add_argument("--restarts", type=int, default=1); ap.add_argument("--json"); ap.add_argument("--save")
     ap.add_argument("--fixed", action="store_true", help="re-estimate flagged points along the verification delta's direction")
     ap.add_argument("--eps", type=float, default=0.02); ap.add_argument("--up", type=float, default=1.25)
-    a = ap.parse_args(); torch.set_num_threads(1)
-    cfg = config_from_args(a); regs = get_registries()
-    data, x, ids, run = margin_inputs(cfg, regs)
+    a = ap.parse_args()
+    cfg, regs, data, x, ids, run = load_inputs(a)
     md = dict(regs.estimators.get("margin").defaults)
     attack = regs.attacks.get("max_damage"); D = attack.defaults
     out = []

@@ -8,7 +8,6 @@ points more than 2 % above it.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -17,11 +16,10 @@ from typing import Any
 import torch
 
 sys.path.insert(0, "benchmarks")
-from margin_convergence import margin_inputs, trained_models  # noqa: E402
+from margin_convergence import trained_models  # noqa: E402
 from robbench import margin as margin_mod  # noqa: E402
 from robbench import stats  # noqa: E402
-from robbench.cli import _add_run_arguments, config_from_args  # noqa: E402
-from robbench.plugins import get_registries  # noqa: E402
+from basins import load_inputs, run_parser  # noqa: E402
 
 PARTS = ("verification_candidates", "screen_candidates", "bisect_direction")
 ORDER = ("off", "on", "s6", "s6", "on", "off")  # interleaved: each variant's CPU is the mean of its two runs
@@ -138,18 +136,14 @@ def summary(name: str, R: list[float], ref: list[float]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    _add_run_arguments(ap)
+    ap = run_parser()
     ap.add_argument("--json", required=True)
     ap.add_argument("--reference", default=None)
     ap.add_argument("--vseed", type=int, default=0,
                     help="offset added to the verification candidates' seed (how much of a catch is luck)")
     ap.add_argument("--variants", default=",".join(ORDER), help="run order (each name once or twice)")
     a = ap.parse_args()
-    torch.set_num_threads(1)
-    cfg = config_from_args(a)
-    regs = get_registries()
-    data, x, ids, run = margin_inputs(cfg, regs)
+    cfg, regs, data, x, ids, run = load_inputs(a)
     md = regs.estimators.get("margin").defaults
     attack = regs.attacks.get("max_damage")
     cpu, impl = timed_parts()
