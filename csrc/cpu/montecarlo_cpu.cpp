@@ -909,25 +909,26 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
         const float* pvp = pv.data_ptr<float>();
         std::vector<double> dist(nc);
         if (!fused) unfused_epilogue(sv, a, y, w.bs.back(), w.acts.back());
+        // each row's band inputs: its point's center and r^2, ||h||, ||ĥ||, ||δh|| and the bound on ||Ŵ δh||
+        std::vector<BandRow> brows(nc);
+        for (int64_t i = 0; i < nc; ++i) {
+          const int64_t r = rest[c0 + i], b = blk.p0 + r / ns;
+          brows[i] = {cen + b * D, nh[r], nhb[i], ndh[i], static_cast<double>(r2p[b]),
+                      bound->norm_w_dh(pvp + i * nk, ndh[i])};
+        }
         if (tiles) {
-          std::vector<BandRow> brows(nc);
-          for (int64_t i = 0; i < nc; ++i) {
-            const int64_t r = rest[c0 + i], b = blk.p0 + r / ns;
-            brows[i] = {cen + b * D, nh[r], nhb[i], ndh[i], static_cast<double>(r2p[b]),
-                        bound->norm_w_dh(pvp + i * nk, ndh[i])};
-          }
           bound->decide_tiles(*product, reinterpret_cast<const uint16_t*>(hb.data_ptr<at::BFloat16>()), nc,
                               sv.data_ptr<float>(), ap, yp, band_tiles.store_y, brows.data(), dec.data() + c0,
                               dist.data());
-        }
-        for (int64_t i = 0; i < nc && !tiles; ++i) {
-          const int64_t r = rest[c0 + i], b = blk.p0 + r / ns;
-          const double nwdh = bound->norm_w_dh(pvp + i * nk, ndh[i]), r2b = static_cast<double>(r2p[b]);
-          // fused (bounds.h, part 5): a = fl(s + b), y = act~(a) (own sigmoid) and the band in one pass per row
-          dec[c0 + i] = fused ? bound->decide_epilogue(sp + i * P, s_round, ap + i * P, yp + i * P, cen + b * D,
-                                                       nh[r], nhb[i], ndh[i], r2b, nwdh, &dist[i])
-                              : bound->decide(sp + i * P, s_round, ap + i * P, yp + i * P, cen + b * D, nh[r],
-                                              nhb[i], ndh[i], r2b, nwdh, &dist[i]);
+        } else {
+          for (int64_t i = 0; i < nc; ++i) {
+            const BandRow& g = brows[i];
+            // fused (bounds.h, part 5): a = fl(s + b), y = act~(a) (own sigmoid) and the band in one pass per row
+            dec[c0 + i] = fused ? bound->decide_epilogue(sp + i * P, s_round, ap + i * P, yp + i * P, g.cen, g.norm_h,
+                                                         g.norm_hb, g.norm_dh, g.r2, g.norm_wdh, &dist[i])
+                                : bound->decide(sp + i * P, s_round, ap + i * P, yp + i * P, g.cen, g.norm_h,
+                                                g.norm_hb, g.norm_dh, g.r2, g.norm_wdh, &dist[i]);
+          }
         }
         if (!refine.on) continue;
         // Refinement (bounds.h, part 4): for each undecided row, the units with the largest bounds get
@@ -960,7 +961,7 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
           double e_rest = 0;
           int level = 0;
           const int64_t nsel = bound->refine_select(sp + i * P, s_round, ap + i * P, yp + i * P, nh[r], nhb[i],
-                                                    ndh[i], bound->norm_w_dh(pvp + i * nk, ndh[i]), cb, dist_c,
+                                                    ndh[i], brows[i].norm_wdh, cb, dist_c,
                                                     target, max_cols, tp, sel.data() + sel_used, &e_rest, &level);
           if (nsel < 0) continue;
           todo.push_back({i, b, sel_used, level, e_rest});
