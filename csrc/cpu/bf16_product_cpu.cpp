@@ -10,6 +10,7 @@
 // of an odd K's last k, the columns beyond w). brgemm reads A with any row stride and handles an odd K
 // itself (it reads no A element beyond column K - 1; tested).
 #include "common/bf16_product.h"
+#include "common/switches.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/native/CPUBlas.h>
@@ -87,10 +88,7 @@ float round_bf16(float x) { return static_cast<float>(c10::BFloat16(x)); }
 
 }  // namespace
 
-bool Bf16Product::switched_on() {
-  const char* v = std::getenv("ROBBENCH_BRGEMM");
-  return v == nullptr || std::strcmp(v, "0") != 0;
-}
+bool Bf16Product::switched_on() { return switch_on("ROBBENCH_BRGEMM"); }
 
 std::shared_ptr<const Bf16Product> Bf16Product::make(const at::Tensor& wt_bf16, std::string* why) {
   TORCH_CHECK(wt_bf16.defined() && wt_bf16.device().is_cpu() && wt_bf16.scalar_type() == at::kBFloat16 &&

@@ -4,6 +4,7 @@
 #include "common/bf16_product.h"
 #include "common/decoder.h"
 #include "common/sigmoid.h"
+#include "common/switches.h"
 
 #include <c10/util/BFloat16.h>
 
@@ -253,10 +254,7 @@ void band_epilogue_avx512(const float* s, const float* bias, int64_t act, float*
 }
 
 // Part 7's lean terms in the tile pass unless ROBBENCH_LEAN_TERMS=0 (read per call of decide_tiles; A/B).
-bool lean_terms() {
-  const char* v = std::getenv("ROBBENCH_LEAN_TERMS");
-  return v == nullptr || std::strcmp(v, "0") != 0;
-}
+bool lean_terms() { return switch_on("ROBBENCH_LEAN_TERMS"); }
 
 // AVX-512 loops where the CPU has them; ROBBENCH_NO_AVX512=1 (read once per process) runs the portable
 // loops instead, so that tests can check them on any machine.

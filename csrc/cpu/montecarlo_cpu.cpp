@@ -47,6 +47,7 @@
 #include "common/decoder.h"
 #include "common/early_exit.h"
 #include "common/normals_rows.h"
+#include "common/switches.h"
 
 namespace robbench {
 namespace {
@@ -87,8 +88,7 @@ enum WsSlot : int { kWsZ = 0, kWsRecheckIn, kWsRecheckOut, kWsHidden };  // hidd
 constexpr int64_t kWsMaxRows = 8192, kWsStep = 512;
 at::Tensor workspace_rows(int slot, int64_t rows, int64_t cols, const at::TensorOptions& o) {
   thread_local std::vector<at::Tensor> ws;
-  const char* env = std::getenv("ROBBENCH_WORKSPACES");
-  if (rows > kWsMaxRows || (env != nullptr && std::string(env) == "0")) return at::empty({rows, cols}, o);
+  if (rows > kWsMaxRows || !switch_on("ROBBENCH_WORKSPACES")) return at::empty({rows, cols}, o);
   if (static_cast<int>(ws.size()) <= slot) ws.resize(slot + 1);
   at::Tensor& t = ws[slot];
   if (!t.defined() || t.size(0) < rows || t.size(1) != cols || t.scalar_type() != o.dtype().toScalarType())
@@ -268,11 +268,6 @@ at::Tensor hidden_fp32(const at::Tensor& z, const Weights& w, bool reuse = false
 }
 
 // A default-on switch of the environment: on unless `name` is set to "0" (A/B switches for benchmarks).
-bool switch_on(const char* name) {
-  const char* v = std::getenv(name);
-  return v == nullptr || std::string(v) != "0";
-}
-
 // ROBBENCH_FUSED_EPILOGUE=0 turns the fused distance pass off (benchmarks compare both in one process).
 bool fused_epilogue_enabled() { return switch_on("ROBBENCH_FUSED_EPILOGUE"); }
 
@@ -507,8 +502,7 @@ bool band_fused() { return switch_on("ROBBENCH_BAND_FUSED"); }
 struct BandTiles {
   bool on = true, store_y = false;
   static BandTiles from_env() {
-    const char* y = std::getenv("ROBBENCH_TILE_STORE_Y");
-    return {switch_on("ROBBENCH_BAND_TILES"), y != nullptr && std::strcmp(y, "1") == 0};
+    return {switch_on("ROBBENCH_BAND_TILES"), switch_set("ROBBENCH_TILE_STORE_Y")};
   }
 };
 
