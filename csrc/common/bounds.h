@@ -1,7 +1,8 @@
 // Certain decisions without the fp32 final layer: a Lipschitz screen and an element-wise bf16 band.
 //
 // Setting. The hidden layers are computed in fp32 with exactly the reference's ATen calls, so the
-// input h (K,) of the last layer is bit-identical to the reference's. Only the last layer
+// input h (K,) of the last layer is bit-identical to the reference's (except where part 8 replaces the
+// last hidden layer by h' with a bound on ||h - h'||). Only the last layer
 // y = act(W h + b) (W: (D, K) rows W_j, act = sigmoid / ReLU / identity) is skipped or approximated.
 // Notation: v = 2^-24 (fp32 unit roundoff), u = 2^-8 (bf16), g_n = n v / (1 - n v) (Higham, "Accuracy
 // and Stability of Numerical Algorithms", Lemma 3.1: a sum of n products in any order and any
@@ -225,6 +226,41 @@
 //        part 3 needs, and the decision is part 3's with these (slightly larger) terms. On the three trained
 //        decoders' recorded margin calls the lean terms leave +7 / +2 / +6 more of the 116,792 / 123,136 /
 //        534,528 band rows to the refinement and the same rows to the fp32 recheck.
+// 8. The last hidden layer by own loops (session 8, CPU; common/fused_hidden.h, ROBBENCH_FUSED_HIDDEN=0 turns it
+//    off). Where the last hidden layer h = act1(x W1^T + b1) (x: (k,) its fp32 input, bit-identical to the
+//    reference's; W1: (K, k); act1 = ReLU or identity) feeds the bf16 pass, the rows' h' = act1(fl'(x W1^T + b1))
+//    comes from hidden_rows (each unit an fp32 sum of the k + 1 terms x_i W1_ji, b1_j in some order, FMA or
+//    not), not from ATen's addmm + bias copy + ReLU. The reference's h_j = act1(ã_j) with ã_j another fp32 sum
+//    of the same k + 1 terms, so both are within g_{k+1} (Σ_i |x_i W1_ji| + |b1_j|) of the exact a_j (Higham, as
+//    above), and ReLU is 1-Lipschitz (identity too):
+//       |h_j - h'_j| <= |ã_j - a'_j| <= 2 g_{k+1} (Σ_i |x_i W1_ji| + |b1_j|) <= 2 g_{k+1} (||x|| ||W1_j|| + |b1_j|),
+//    so by Minkowski in R^K, with ||W1||_F^2 = Σ_j ||W1_j||^2,
+//       ||h - h'|| <= eps = 2 g_{k+1} (||x|| ||W1||_F + ||b1||) + sqrt(K) 1e-30
+//    (1e-30 per unit: products or sums that underflow, 2 (k + 1) 2^-150 with gradual underflow and
+//    2 (k + 1) 2^-126 if either side flushes subnormals, < 1e-30 for k < 2^23). ||x|| is sq_norm_up of the
+//    fp32 sum of squares, ||W1||_F and ||b1|| float64 sums inflated by 1e-6, eps evaluated in float64 and
+//    inflated by 1e-9 (HiddenLayer::eps). A NaN or infinite x makes eps NaN or +inf, and then every bound that
+//    uses it decides nothing. (Measured on the three trained decoders, k = 10: eps ~ 6e-6 ||h'||, against
+//    ||h - ĥ|| ~ 1e-3 ||h||.)
+//    Every other part holds with h' in the place of h once eps is added where h enters, by the triangle
+//    inequality, since ĥ = bf16(h') (the product's input) is what they take as exact:
+//    - ||h|| <= ||h'|| + eps (norm_h of parts 1-4 and 7: the caller passes norm_up(||h'||^2) + eps);
+//    - part 1: ||h - h_c|| <= ||h' - h_c|| + eps;
+//    - parts 2, 3, 7: δh = h - ĥ = (h' - ĥ) + (h - h'), so ||δh|| <= ||h' - ĥ|| + eps and
+//      ||Ŵ δh|| <= ||Ŵ (h' - ĥ)|| + ||Ŵ||_2 eps, the first term the norm_w_dh of part 3 with p = fl((h' - ĥ) V)
+//      and ||h' - ĥ|| (what prepare_bf16_rows computes from h'), ||Ŵ||_2 = spec_Wb (the coefficient inflated
+//      by 1e-12 relative, float64);
+//    - part 4: the refined units' logits a'_j = fl(W_j . h' + b_j) are within g_{K+1} (||W_j|| ||h'|| + |b_j|)
+//      of W_j h' + b_j, which is within ||W_j|| eps of W_j h + b_j, itself within g_{K+1} (||W_j|| ||h|| +
+//      |b_j|) of the reference's ã_j; so |a'_j - ã_j| <= 2 g_{K+1} (||W_j|| n + |b_j|) + ||W_j|| eps with
+//      n >= max(||h||, ||h'||), i.e. part 4's Δ'_j with norm_h = n + eps / (2 g_{K+1}) (rd2_j >= 2 g_{K+1}
+//      ||W_j||); and the distance to the point's reference hidden vector d >= ||h - h_c|| is ||h' - h_c|| + eps.
+//    The fp32 recheck needs the reference's own h: the rows it takes keep their x, and at the flush ATen's
+//    addmm_out and activation (the reference's kernels) run on the gathered x rows zero-padded to >= 64 rows
+//    (exact_hidden_rows). This relies on the assumption the recheck of the last layer already makes
+//    (fp32_rows_count, common/blocks.h): with >= 64 rows MKL's result for a row does not depend on the other
+//    rows, their number or the block the row came from (tests/test_fused_hidden.py checks it bit for bit on the
+//    hidden layers' shapes, k = 1..40, K not a multiple of 16, at 1 and 2 threads).
 // Samples that no bound decides get the reference's own fp32 final layer (recheck).
 #pragma once
 #include <ATen/ATen.h>

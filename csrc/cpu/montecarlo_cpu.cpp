@@ -46,6 +46,7 @@
 #include "common/checks.h"
 #include "common/decoder.h"
 #include "common/early_exit.h"
+#include "common/fused_hidden.h"
 #include "common/normals_rows.h"
 #include "common/switches.h"
 
@@ -251,10 +252,11 @@ std::shared_ptr<const LastLayerEntry> cached_last_layer(const Weights& w, int64_
 
 // Hidden layers (all but the last) with the reference's ATen calls: (rows, K) fp32. `reuse`: each layer's
 // output in the calling thread's workspace (at::addmm_out, the kernel behind at::addmm), so the result is
-// only valid until this thread's next call with `reuse`.
-at::Tensor hidden_fp32(const at::Tensor& z, const Weights& w, bool reuse = false) {
+// only valid until this thread's next call with `reuse`. skip_last: leave out the last hidden layer (its input
+// is returned; the fused hidden layer computes it, bounds.h part 8).
+at::Tensor hidden_fp32(const at::Tensor& z, const Weights& w, bool reuse = false, bool skip_last = false) {
   at::Tensor h = z;
-  for (size_t l = 0; l + 1 < w.wts.size(); ++l) {
+  for (size_t l = 0; l + 1 + (skip_last ? 1 : 0) < w.wts.size(); ++l) {
     if (reuse) {
       at::Tensor out = workspace_rows(kWsHidden + static_cast<int>(l), h.size(0), w.wts[l].size(1), h.options());
       at::addmm_out(out, w.bs[l], h, w.wts[l]);
@@ -435,13 +437,37 @@ void fp32_final_count(const at::Tensor& h, const std::vector<int64_t>& idx, int6
   fp32_rows_count(hr, q, pts.data(), center, r2, w, counts);
 }
 
+// The reference's last hidden layer for q rows x (q, k) contiguous of its input: ATen's addmm_out and
+// activation (the reference's kernels) on the rows zero-padded to >= kMinGemmRows rows. As for the fp32
+// recheck (fp32_rows_count), MKL's result for a row does not depend on the other rows then
+// (tests/test_fused_hidden.py checks it bit for bit for hidden layers' shapes), so each row is the
+// reference's h (bounds.h part 8). Returns (>= q, K) rows in the calling thread's buffer (valid until
+// its next call).
+at::Tensor exact_hidden_rows(const float* x, int64_t q, int64_t k, const Weights& w) {
+  const size_t l = w.wts.size() - 2;
+  const int64_t K = w.wts[l].size(1), g = std::max(q, kMinGemmRows);
+  const at::TensorOptions o = w.wts[l].options();
+  thread_local at::Tensor xg, og;  // views start at the buffer's start, row stride = cols (as workspace_rows)
+  if (!xg.defined() || xg.size(0) < g || xg.size(1) != k) xg = at::empty({g, k}, o);
+  if (!og.defined() || og.size(0) < g || og.size(1) != K) og = at::empty({g, K}, o);
+  at::Tensor xr = xg.narrow(0, 0, g), out = og.narrow(0, 0, g);
+  float* gp = xr.data_ptr<float>();
+  std::copy(x, x + q * k, gp);
+  std::fill(gp + q * k, gp + g * k, 0.f);
+  at::addmm_out(out, w.bs[l], xr, w.wts[l]);
+  activate_(out, w.acts[l]);
+  return out;
+}
+
 // fp32 rechecks of the bf16 pass, collected across blocks (each row's hidden vector and point) so that
 // the reference's GEMM sees many rows at once instead of one padded >= 64-row GEMM per block: a row's
 // result does not depend on the other rows (see above), so which block it came from does not matter.
+// With the fused hidden layer (bounds.h part 8) the rows' inputs x of the last hidden layer are kept
+// instead (add_inputs) and the reference's h is made from them at the flush (exact_hidden_rows).
 struct PendingRechecks {
-  std::vector<float> h;
+  std::vector<float> h, x;
   std::vector<int64_t> pts;
-  int64_t K = 0;
+  int64_t K = 0, kx = 0;
   void add(const at::Tensor& hb, const std::vector<int64_t>& rows, const Block& blk) {
     const int64_t ns = blk.s1 - blk.s0;
     const float* hp = hb.data_ptr<float>();
@@ -450,9 +476,24 @@ struct PendingRechecks {
       pts.push_back(blk.p0 + r / ns);
     }
   }
+  void add_inputs(const at::Tensor& xb, const std::vector<int64_t>& rows, const Block& blk) {
+    const int64_t ns = blk.s1 - blk.s0;
+    kx = xb.size(1);
+    const float* xp = xb.data_ptr<float>();
+    for (int64_t r : rows) {
+      x.insert(x.end(), xp + r * kx, xp + (r + 1) * kx);
+      pts.push_back(blk.p0 + r / ns);
+    }
+  }
   void flush(const at::Tensor& center, const at::Tensor& r2, const Weights& w, at::Tensor& counts) {
     const int64_t q = static_cast<int64_t>(pts.size());
     if (q == 0) return;
+    if (!x.empty()) {  // one kind per call: the fused layer is used for every bf16 block of a call or for none
+      TORCH_INTERNAL_ASSERT(h.empty() && static_cast<int64_t>(x.size()) == q * kx);
+      const at::Tensor hx = exact_hidden_rows(x.data(), q, kx, w);
+      h.assign(hx.data_ptr<float>(), hx.data_ptr<float>() + q * K);
+      x.clear();
+    }
     at::Tensor hr = workspace_rows(kWsRecheckIn, std::max(q, kMinGemmRows), K, center.options());
     float* rp = hr.data_ptr<float>();
     std::copy(h.begin(), h.end(), rp);
@@ -466,6 +507,13 @@ struct PendingRechecks {
 constexpr int64_t kRecheckRows = 512;
 // Rows per chunk of the bf16 pass: its (rows, P) fp32 intermediates (a, y) stay in L2.
 constexpr int64_t kBandRows = 128;
+
+// The fused hidden layer (bounds.h part 8, hidden_rows) unless ROBBENCH_FUSED_HIDDEN=0 (read per call: A/B in
+// one process). Its rows go to the bf16 pass kFusedRows at a time (16 x 1 KB for K = 256: still in L1).
+bool fused_hidden_enabled() { return switch_on("ROBBENCH_FUSED_HIDDEN"); }
+constexpr int64_t kFusedRows = 16;
+constexpr int64_t kIdentityRows[kFusedRows] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
 
 // Workspaces of the bf16 pass (~1.3 MB for the trained decoders; the refinement's e, cols, lg are only
 // touched for the rows the band leaves undecided). Each OS thread keeps its own across calls
@@ -808,12 +856,38 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
   }
   RefineCenters centers(bound, refine.center ? hc : at::Tensor());
   RefineAudit audit;
-  std::atomic<int64_t> refined_rows{0}, refined_units{0};
+  std::atomic<int64_t> refined_rows{0}, refined_units{0}, recomputed{0};
+  // The last hidden layer by own loops where it feeds the bf16 pass (bounds.h part 8): h' and the bound
+  // eps >= ||h - h'|| per row; rows the band leaves undecided get the reference's h (exact_hidden_rows).
+  const size_t nl = w.wts.size();
+  const bool fuse_hidden = use_bf16 && nl >= 2 && HiddenLayer::fusable(w.acts[nl - 2]) && fused_hidden_enabled();
+  const HiddenLayer hl = fuse_hidden ? HiddenLayer::make(w.wts[nl - 2], w.bs[nl - 2], w.acts[nl - 2]) : HiddenLayer();
   for (const Block& blk : make_blocks(B, n, chunk_rows, kMinGemmRows)) {
     const int64_t ns = blk.s1 - blk.s0, m = (blk.p1 - blk.p0) * ns;
     at::Tensor z = latents(mu, sigma, ka.data_ptr<int64_t>(), kb.data_ptr<int64_t>(), blk, offset, kMinGemmRows,
                            /*reuse=*/true);
-    at::Tensor h = hidden_fp32(z, w, /*reuse=*/true);  // bit-identical to the reference's last-layer input
+    // fh: the fused hidden layer (part 8); x is its input, h holds h' of every row (screen blocks) or nothing,
+    // then the reference's rows of the samples the band leaves undecided. Else h is the reference's.
+    const bool fh = fuse_hidden && use_bf16, fh_rows = fh && !screen;  // fh_rows: h' made in the chunks
+    at::Tensor x, h;
+    std::vector<double> eps(fh ? m : 0, 0.0);  // per row: >= ||h - h'|| (part 8)
+    if (fh) {
+      x = hidden_fp32(z, w, /*reuse=*/true, /*skip_last=*/true);
+      ROBBENCH_ASSERT_CONTIGUOUS(x);
+      h = workspace_rows(kWsHidden + static_cast<int>(nl - 2), x.size(0), K, x.options());
+    } else {
+      h = hidden_fp32(z, w, /*reuse=*/true);  // bit-identical to the reference's last-layer input
+    }
+    const float* xp = fh ? x.data_ptr<float>() : nullptr;
+    if (fh && !fh_rows) {  // screen block: h' of every row first (the screen reads its norms)
+      std::vector<int64_t> all(m);
+      for (int64_t r = 0; r < m; ++r) all[r] = r;
+      float* hm = h.data_ptr<float>();
+      at::parallel_for(0, m, 64, [&](int64_t r0, int64_t r1) {
+        std::vector<float> s2(r1 - r0);
+        hidden_rows(hl, xp, all.data() + r0, r1 - r0, hm + r0 * K, s2.data(), eps.data() + r0);
+      });
+    }
     if (!screen && !use_bf16) {
       std::vector<int64_t> all(m);
       for (int64_t r = 0; r < m; ++r) all[r] = r;
@@ -825,14 +899,16 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
     std::vector<double> nh(m);
     std::vector<int8_t> state(m, -1);  // 1 inside (decided), -1 undecided
     const float* hcp = screen ? hc.data_ptr<float>() : nullptr;
-    at::parallel_for(0, m, 64, [&](int64_t r0, int64_t r1) {
+    if (!fh_rows) at::parallel_for(0, m, 64, [&](int64_t r0, int64_t r1) {  // fh_rows: the chunks fill nh
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t b = blk.p0 + r / ns;
         float s2, d2 = 0.f;
         sq_norms(hp + r * K, screen ? hcp + b * K : nullptr, K, &s2, &d2);
-        nh[r] = bound->norm_up(s2);
+        // with h' (part 8): ||h|| <= ||h'|| + eps, ||h - h_c|| <= ||h' - h_c|| + eps
+        const double e = fh ? eps[r] : 0.0;
+        nh[r] = bound->norm_up(s2) + e;
         if (screen) {
-          const double U = bound->screen_upper(nh[r], bound->norm_up(d2), off[b]);
+          const double U = bound->screen_upper(nh[r], bound->norm_up(d2) + e, off[b]);
           state[r] = bound->classify(U, 0.0, static_cast<double>(r2p[b])) == 1 ? 1 : -1;
         }
       }
@@ -877,12 +953,35 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
         double* ndh = bb.ndh.data();
         // one pass per row: the exact row, ĥ (round to nearest even), fp32 ||ĥ||^2 and ||δh||^2, p = fl(δh V)
         float* sq = bb.sq.data();
-        prepare_bf16_rows(hp, rest.data() + c0, nc, K, last->vt16.data_ptr<float>(), nk, hq.data_ptr<float>(),
-                          reinterpret_cast<uint16_t*>(hb.data_ptr<at::BFloat16>()), sq, sq + nc,
-                          pv.data_ptr<float>());
+        uint16_t* hbp = reinterpret_cast<uint16_t*>(hb.data_ptr<at::BFloat16>());
+        if (fh_rows) {  // h' (part 8) of 16 rows at a time into hq, then their bf16 pass while they are in L1
+          float* hqm = hq.data_ptr<float>();
+          for (int64_t i0 = 0; i0 < nc; i0 += kFusedRows) {
+            const int64_t g = std::min(kFusedRows, nc - i0);
+            float s2[kFusedRows];
+            double e[kFusedRows];
+            hidden_rows(hl, xp, rest.data() + c0 + i0, g, hqm + i0 * K, s2, e);
+            prepare_bf16_rows(hqm + i0 * K, kIdentityRows, g, K, last->vt16.data_ptr<float>(), nk, hqm + i0 * K,
+                              hbp + i0 * K, sq + i0, sq + nc + i0, pv.data_ptr<float>() + i0 * nk);
+            for (int64_t t = 0; t < g; ++t) {
+              const int64_t r = rest[c0 + i0 + t];
+              eps[r] = e[t];
+              nh[r] = bound->norm_up(s2[t]) + e[t];
+            }
+          }
+        } else {
+          prepare_bf16_rows(hp, rest.data() + c0, nc, K, last->vt16.data_ptr<float>(), nk, hq.data_ptr<float>(), hbp,
+                            sq, sq + nc, pv.data_ptr<float>());
+        }
+        // δh = h - ĥ = (h' - ĥ) + (h - h'): ||δh|| <= ||h' - ĥ|| + eps and ||Ŵ δh|| <= ||Ŵ (h' - ĥ)|| + ||Ŵ||_2 eps
+        // (part 8; eps = 0 without the fused hidden layer, where h' = h)
+        thread_local std::vector<double> nwdh;
+        nwdh.resize(nc);
         for (int64_t i = 0; i < nc; ++i) {
+          const double e = fh ? eps[rest[c0 + i]] : 0.0, d0 = bound->norm_up(sq[nc + i]);
           nhb[i] = bound->norm_up(sq[i]);
-          ndh[i] = bound->norm_up(sq[nc + i]);
+          ndh[i] = d0 + e;
+          nwdh[i] = bound->norm_w_dh(pv.data_ptr<float>() + i * nk, d0) + bound->spec_Wb * e * (1 + 1e-12);
         }
         // s = ĥ Ŵ^T in fp32: brgemm's fp32 accumulation itself (s_round = 0), else at::mm's bf16 output
         // widened exactly (s_round = u): bounds.h, part 6
@@ -900,15 +999,13 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
         const float* sp = sv.data_ptr<float>();
         float* ap = a.data_ptr<float>();
         float* yp = y.data_ptr<float>();
-        const float* pvp = pv.data_ptr<float>();
         std::vector<double> dist(nc);
         if (!fused) unfused_epilogue(sv, a, y, w.bs.back(), w.acts.back());
         // each row's band inputs: its point's center and r^2, ||h||, ||ĥ||, ||δh|| and the bound on ||Ŵ δh||
         std::vector<BandRow> brows(nc);
         for (int64_t i = 0; i < nc; ++i) {
           const int64_t r = rest[c0 + i], b = blk.p0 + r / ns;
-          brows[i] = {cen + b * D, nh[r], nhb[i], ndh[i], static_cast<double>(r2p[b]),
-                      bound->norm_w_dh(pvp + i * nk, ndh[i])};
+          brows[i] = {cen + b * D, nh[r], nhb[i], ndh[i], static_cast<double>(r2p[b]), nwdh[i]};
         }
         if (tiles) {
           bound->decide_tiles(*product, reinterpret_cast<const uint16_t*>(hb.data_ptr<at::BFloat16>()), nc,
@@ -950,7 +1047,7 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
           if (cb != nullptr) {
             float s2, d2;
             sq_norms(hqp + i * K, centers.hc + b * K, K, &s2, &d2);
-            dist_c = bound->norm_up(d2);
+            dist_c = bound->norm_up(d2) + (fh ? eps[r] : 0.0);  // hq holds h' (part 8): + ||h - h'||
           }
           double e_rest = 0;
           int level = 0;
@@ -992,8 +1089,10 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
             const RefineRow& t = todo[g.first + slot];
             const int64_t r = rest[c0 + t.i];
             double E = 0;
+            // with h' (part 8): Δ'_j grows by ||W_j|| eps <= rd2_j eps / (2 g_{K+1})
+            const double nh_ref = fh ? nh[r] + eps[r] / (2 * bound->gK1) : nh[r];
             dec[c0 + t.i] = bound->refine_decide(yp + t.i * P, cen + t.b * D, colp + g.col_off, g.n,
-                                                 lgp + g.lg_off + slot * g.n, nh[r], t.e_rest,
+                                                 lgp + g.lg_off + slot * g.n, nh_ref, t.e_rest,
                                                  static_cast<double>(r2p[t.b]), &E);
             if (refine.audit) audit.check(hq.narrow(0, t.i, 1), w, yp + t.i * P, D, E);
           }
@@ -1011,7 +1110,12 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
     // (about 0.35 of an fp32 last layer, conversions and band included) no longer pays, so the rest of
     // the call runs the fp32 final layer (same decisions).
     if (2 * static_cast<int64_t>(redo.size()) > q) use_bf16 = false;
-    pending.add(h, redo, blk);
+    if (fh) {
+      pending.add_inputs(x, redo, blk);
+      recomputed += static_cast<int64_t>(redo.size());
+    } else {
+      pending.add(h, redo, blk);
+    }
     if (static_cast<int64_t>(pending.pts.size()) >= kRecheckRows) pending.flush(center, r2, w, counts);
   }
   pending.flush(center, r2, w, counts);
@@ -1023,9 +1127,10 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
   stats[4] = exit_columns;    // last-layer columns (of D) it computed for them
   stats[5] = exit_rechecked;  // of those samples, recomputed by the reference's full fp32 last layer
   if (std::getenv("ROBBENCH_BAND_STATS") != nullptr && bf16_rows > 0)  // benchmarks read this
-    fprintf(stderr, "robbench bf16 band: rows %lld refined %lld rechecked %lld units %lld\n",
+    fprintf(stderr, "robbench bf16 band: rows %lld refined %lld rechecked %lld units %lld hidden-recomputed %lld\n",
             static_cast<long long>(bf16_rows), static_cast<long long>(refined_rows.load()),
-            static_cast<long long>(rechecked), static_cast<long long>(refined_units.load()));
+            static_cast<long long>(rechecked), static_cast<long long>(refined_units.load()),
+            static_cast<long long>(recomputed.load()));
   if (refine.audit && std::getenv("ROBBENCH_BAND_STATS") != nullptr) audit.print();
   if (exit_rows > 0) exit_remember(w.wts.back(), static_cast<double>(exit_columns) / (exit_rows * D));
   if (std::getenv("ROBBENCH_EXIT_STATS") != nullptr && exit_rows > 0)  // benchmarks/levers.py reads this
