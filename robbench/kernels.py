@@ -28,6 +28,9 @@ Ops (schemas in ``csrc/cpu/montecarlo_cpu.cpp``):
 - ``robbench::band_tiles_check(h, wt, b, cen, r2, act, tiles) -> (dec, dist, bound)``: the bf16 band's
   decisions, ||ŷ - c|| and E through the product's tiles (``decide_tiles``, ``bounds.h`` part 7) or the row
   path, for tests; ``band_tiles_timing`` times both (``benchmarks/band_tiles.py``).
+- ``robbench::hidden_rows(Tensor x, Tensor wt, Tensor b, int act) -> (h, s2, eps)``: the last hidden layer by
+  own loops (``csrc/common/fused_hidden.h``, ``bounds.h`` part 8): h' (n, K), ||h'||² (n,) and eps (n,) float64
+  >= ||h_ATen - h'||, for tests.
 
 The same build also carries the ``max_damage`` attack's compiled step (``csrc/cpu/attack_cpu.cpp``:
 ``robbench::mlp_attack_step``, ``robbench::project_ball_box``; schemas there, wrapper
@@ -219,6 +222,11 @@ def _register_fakes() -> None:
         n = h.shape[0]
         return (h.new_empty((n, r2.shape[1]), dtype=torch.int8), h.new_empty((n,), dtype=torch.float64),
                 h.new_empty((n,), dtype=torch.float64))
+
+    @torch.library.register_fake("robbench::hidden_rows")
+    def _(x, wt, b, act):
+        n = x.shape[0]
+        return x.new_empty((n, wt.shape[1])), x.new_empty((n,)), x.new_empty((n,), dtype=torch.float64)
 
     assert ops.mlp_count is not None
     _register_fakes.done = True

@@ -80,6 +80,12 @@ def test_hidden_rows_eps_is_not_finite_for_non_finite_or_huge_inputs():
     assert not bool(eps[:3].isfinite().any()) and bool(eps[3].isfinite())
 
 
+def test_hidden_rows_opcheck():
+    kernels.load()
+    x, w1, b1 = torch.randn(5, 4), torch.randn(37, 4), torch.randn(37)
+    torch.library.opcheck(torch.ops.robbench.hidden_rows.default, (x, w1.t().contiguous(), b1, RELU))
+
+
 def test_hidden_rows_rejects_bad_input():
     w1, b1 = torch.randn(37, 4), torch.randn(37)
     with pytest.raises(RuntimeError, match="act must be ReLU"):
