@@ -858,7 +858,8 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
   RefineAudit audit;
   std::atomic<int64_t> refined_rows{0}, refined_units{0}, recomputed{0};
   // The last hidden layer by own loops where it feeds the bf16 pass (bounds.h part 8): h' and the bound
-  // eps >= ||h - h'|| per row; rows the band leaves undecided get the reference's h (exact_hidden_rows).
+  // eps >= ||h - h'|| per row, which the screen, the band and the refinement add; the rows left to the fp32
+  // recheck get the reference's h at the flush (PendingRechecks::add_inputs, exact_hidden_rows).
   const size_t nl = w.wts.size();
   const bool fuse_hidden = use_bf16 && nl >= 2 && HiddenLayer::fusable(w.acts[nl - 2]) && fused_hidden_enabled();
   const HiddenLayer hl = fuse_hidden ? HiddenLayer::make(w.wts[nl - 2], w.bs[nl - 2], w.acts[nl - 2]) : HiddenLayer();
@@ -866,8 +867,8 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
     const int64_t ns = blk.s1 - blk.s0, m = (blk.p1 - blk.p0) * ns;
     at::Tensor z = latents(mu, sigma, ka.data_ptr<int64_t>(), kb.data_ptr<int64_t>(), blk, offset, kMinGemmRows,
                            /*reuse=*/true);
-    // fh: the fused hidden layer (part 8); x is its input, h holds h' of every row (screen blocks) or nothing,
-    // then the reference's rows of the samples the band leaves undecided. Else h is the reference's.
+    // fh: the fused hidden layer (part 8); x is its input, h holds h' of every row in screen blocks (unused
+    // otherwise: the chunks make h' of their rows in hq). Else h is the reference's.
     const bool fh = fuse_hidden && use_bf16, fh_rows = fh && !screen;  // fh_rows: h' made in the chunks
     at::Tensor x, h;
     std::vector<double> eps(fh ? m : 0, 0.0);  // per row: >= ||h - h'|| (part 8)
