@@ -18,6 +18,7 @@ from torch import nn
 
 from robbench import kernels
 from robbench.backends import TorchBackend
+from conftest import band_stats
 
 pytestmark = pytest.mark.skipif(not kernels.compiler_available(), reason="no C++ compiler/ninja: cpp backend skipped")
 
@@ -197,6 +198,29 @@ def test_mlp_count_decides_like_the_reference_one_ulp_either_side(k, widths, D, 
             assert torch.equal(counts, (d2 <= r2).long()), (fused, (counts != (d2 <= r2).long()).sum().item())
         recomputed[fused] = _recomputed(capfd.readouterr().err)
     assert recomputed["0"] == 0 and recomputed["1"] >= B  # the tie at r2 = d2 at least goes to the recheck
+
+
+@pytest.mark.parametrize("big", [2.0 ** 20, 2.0 ** 14])
+@pytest.mark.parametrize("free", [2, 6])
+def test_refinement_with_saturated_outputs_decides_like_the_reference(big, free, monkeypatch, capfd):
+    """A cancelling last hidden layer (h' off ATen's h by ~0.3) under a last layer whose outputs are saturated
+    (tiny weights, bias +-40) except `free` of them: the band leaves the samples to the refinement, which
+    recomputes the free units from h' (bounds.h parts 4 and 8). Counts equal the reference's at every radius;
+    without eps in the refinement's Δ'_j (part 8) hundreds of them differ."""
+    _bf16_or_skip()
+    k, K, D, B = 5, 37, 20, 130
+    wts, bs, acts = _layers(k, [K], D, seed=3, cancel=big)
+    g = torch.Generator().manual_seed(4)
+    wts[-1][:, free:D] *= 1e-3
+    bs[-1][free:D] = 40.0 * torch.sign(torch.randn(D - free, generator=g))
+    mu, sigma, center, ka, kb, d2 = _one_sample_per_point(B, k, D, wts, bs, acts, seed=B, cancel=big)
+    monkeypatch.setenv("ROBBENCH_BAND_STATS", "1")
+    capfd.readouterr()
+    for r2 in _radii(d2) + [d2 * (1 + s * e) for e in (0.1, 0.3) for s in (1, -1)]:
+        counts, _ = torch.ops.robbench.mlp_count(mu, sigma, center, r2.contiguous(), ka, kb, 1, 0, wts, bs, acts, 1,
+                                                 False, 2048)
+        assert torch.equal(counts, (d2 <= r2).long()), (counts != (d2 <= r2).long()).sum().item()
+    assert band_stats(capfd.readouterr().err)[1] >= B  # the refinement ran
 
 
 class _Decoder(nn.Module):
