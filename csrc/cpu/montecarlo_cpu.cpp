@@ -1090,7 +1090,8 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
             const RefineRow& t = todo[g.first + slot];
             const int64_t r = rest[c0 + t.i];
             double E = 0;
-            // with h' (part 8): Δ'_j grows by ||W_j|| eps <= rd2_j eps / (2 g_{K+1})
+            // with h' (part 8): Δ'_j grows by ||W_j|| eps <= rd2_j eps / (2 g_{K+1}); this relies on refine_decide
+            // using norm_h only in Δ'_j = rd2_j norm_h + bd2_j
             const double nh_ref = fh ? nh[r] + eps[r] / (2 * bound->gK1) : nh[r];
             dec[c0 + t.i] = bound->refine_decide(yp + t.i * P, cen + t.b * D, colp + g.col_off, g.n,
                                                  lgp + g.lg_off + slot * g.n, nh_ref, t.e_rest,
