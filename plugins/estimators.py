@@ -22,7 +22,7 @@ from robbench import montecarlo, stats
 from robbench.hookspecs import hookimpl
 from robbench.inputrange import clamp_box, input_range
 from robbench.jacobian import jacobian_frobenius
-from robbench.margin import estimate_margin, estimate_probability, latent_params, theorem1_bound
+from robbench.margin import VERIFY_ALGORITHM, estimate_margin, estimate_probability, latent_params, theorem1_bound
 from robbench.paramspec import Param
 from robbench.protocols import EstimationContext, MetricColumn, call_attack
 
@@ -68,6 +68,10 @@ class BuiltinEstimator:
     constraints: dict[str, Param] = field(default_factory=dict)  # what each parameter accepts
     # Parameters added later, left out of job keys at these values (robbench.runner.keyed_params)
     unkeyed: dict[str, Any] = field(default_factory=dict)
+    # Algorithm versions a job key hashes while a parameter holds a value: {parameter: (value, {key: version})}
+    # (robbench.runner.keyed_params), so a run folder holding an earlier algorithm's rows under the same
+    # parameters is not resumed as this one's
+    key_versions: dict[str, tuple[Any, dict[str, Any]]] = field(default_factory=dict)
 
     def __call__(self, ctx: EstimationContext, x: Tensor) -> list[Row]:
         return self.fn(ctx, x)
@@ -450,7 +454,10 @@ ESTIMATORS = [
         "verify_p); verify=false is the estimator of before (same job keys)",
         _margin_with_arrays, {**MARGIN_DEFAULTS, "keep_adversarial": True}, needs_attack=True,
         validate=_validate_margin, columns=_MARGIN_COLUMNS, input_sizes=("max_radius", "tolerance"),
-        constraints=MARGIN_CONSTRAINTS, unkeyed={"verify": False}),
+        constraints=MARGIN_CONSTRAINTS, unkeyed={"verify": False},
+        # verify=true rows of session 6/7 (no version) hold an earlier verification: keyed apart; verify=false
+        # (the unverified estimator, unchanged) keeps its keys
+        key_versions={"verify": (True, {"verify_algorithm": VERIFY_ALGORITHM})}),
     BuiltinEstimator(
         "damage", "paper Fig. 4: expected damage E||g(mu_r + eta sigma_r) - g(mu(x))|| of the attack at a fixed "
         "radius along its route (damage), the same at delta = 0 (damage_clean), and ||delta||",

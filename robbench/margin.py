@@ -10,8 +10,9 @@ Clopper-Pearson bound clears m (or a cap is hit: "undecided"). The error budget 
 is split (Bonferroni) over every test a point can see (radius 0, the cap, each bisection step, each
 refinement top-up) and over the looks of each sequential test, so all decisions of a point hold together
 with probability >= 1 - alpha; with ``verify`` (:func:`verify_margin`), a fixed share VERIFY_SHARE of alpha
-goes to the verification's re-bisection tests and the rest is split as before. With ``refine`` the bisection only locates the crossing (cheap capped
-tests); fixed-count top-ups at the fitted crossing, sized from the fitted slope, then buy the accuracy of
+goes to the verification's re-bisection tests (VERIFY_FIRST_SHARE of it to their first test,
+:func:`split_verify_alpha`) and the rest is split as before. With ``refine`` the bisection only locates the
+crossing (cheap capped tests); fixed-count top-ups at the fitted crossing, sized from the fitted slope, then buy the accuracy of
 the point estimate (a probit-linear fit of the tests near the crossing).
 """
 from __future__ import annotations
@@ -145,8 +146,8 @@ class MarginResult:
     witness_p_hi: Tensor | None = None
     tests: Tensor | None = None  # (B,) int64: tests (so attack calls, less radius 0) each point saw
     # with ``verify`` (see :func:`verify_margin`), else None: (B,) bool / float64
-    verify_flagged: Tensor | None = None  # a verification candidate at 0.98 R had p_hat <= m - 0.03
-    verified_lower: Tensor | None = None  # the re-bisection along it lowered margin and hi (new witness)
+    verify_flagged: Tensor | None = None  # a verification candidate at 0.98 R had p_hat <= m - VERIFY_GAP
+    verified_lower: Tensor | None = None  # the re-bisection along it lowered margin and hi (new witness < R)
     verify_p: Tensor | None = None  # smallest p_hat of the candidates at 0.98 R (NaN: not verified)
 
 
@@ -430,8 +431,9 @@ def estimate_margin(model: VAEModel, x: Tensor, attack: Attack, attack_params: d
     bound ``witness_p_hi`` <= m at the test's error budget (NaN / zeros where no test decided so).
 
     ``verify``: after the bisection, a second look at every uncensored point with other searches, and a
-    re-bisection below R where they find a clearly stronger delta (:func:`verify_margin`). Its tests draw on
-    a fixed share VERIFY_SHARE of alpha = 1 - confidence (:func:`split_verify_alpha`); the bisection's own
+    re-bisection below R where they find a clearly stronger delta (:func:`verify_margin`; its first test, at
+    VERIFY_TOP R, draws up to ``samples_max`` samples, the later ones up to ``samples_locate``). Its tests draw
+    on a fixed share VERIFY_SHARE of alpha = 1 - confidence (:func:`split_verify_alpha`); the bisection's own
     tests (and screening, refinement) share the rest, so all decisions of a point still hold together with
     probability >= confidence. ``verify`` False is the estimator of before: the same budget, the same draws.
     """
@@ -442,8 +444,8 @@ def estimate_margin(model: VAEModel, x: Tensor, attack: Attack, attack_params: d
     screen_schedule = [n for n in schedule if n <= screen_samples]
     base_tests = n_margin_tests(max_radius, tolerance, refine)
     n_tests = base_tests + (n_verify_tests(max_radius, tolerance) if verify else 0)
-    alpha_margin, alpha_verify = split_verify_alpha(1.0 - confidence, max_radius, tolerance, verify)
-    alpha_test, alpha_screen = split_screen_alpha(alpha_margin, base_tests, screen_share if screen_schedule else 0.0)
+    budget = split_verify_alpha(1.0 - confidence, max_radius, tolerance, verify)
+    alpha_test, alpha_screen = split_screen_alpha(budget.margin, base_tests, screen_share if screen_schedule else 0.0)
     alpha_look = stats.split_alpha(alpha_test, len(schedule))
     # the largest test: a refinement top-up (samples_max), else the sequential tests' last look (samples_locate)
     check_resolvable(m, samples_max if refine else locate, alpha_look, confidence,
@@ -538,9 +540,14 @@ def estimate_margin(model: VAEModel, x: Tensor, attack: Attack, attack_params: d
             # confident NOT_ROBUST is a witness like any other (hi and witness move down)
             delta = fit_warm_start(x[idx.to(x.device)], direction, radius.to(device=x.device, dtype=x.dtype),
                                    input_range(model))
-            out = mc_test(idx, delta, alpha_verify, schedule, "margin-verify", step)
-            record_witness(idx, radius, delta, out, stats.split_alpha(alpha_verify, len(schedule)))
+            # the first test (just below R) alone can back a witness where p is lowest: it gets its own share
+            # and up to samples_max samples; the later ones locate the crossing like the bisection's tests
+            alpha, sizes = (budget.first, first_schedule) if step == 0 else (budget.rest, schedule)
+            out = mc_test(idx, delta, alpha, sizes, "margin-verify", step)
+            record_witness(idx, radius, delta, out, stats.split_alpha(alpha, len(sizes)))
             return out
+
+        first_schedule = stats.sample_schedule(samples_initial, samples_max, samples_growth)
 
         # the bisection's delta behind hi (its last attacked delta where no test decided NOT_ROBUST)
         has = torch.isfinite(w_radius)
@@ -557,25 +564,52 @@ def estimate_margin(model: VAEModel, x: Tensor, attack: Attack, attack_params: d
 VERIFY_SHRINK = 0.98  # verify at 0.98 R: a flag means R is overstated by at least 2 %
 VERIFY_SCREEN = (256, 1024)  # the screen: 256 samples per candidate, 1024 for the best one where it is close
 VERIFY_STOP_Z = 2.5  # ... to the flag level: p_hat(256) <= m - VERIFY_GAP + 2.5 standard errors
-VERIFY_GAP = 0.03  # flag when the smallest p_hat <= m - VERIFY_GAP
+# flag when the smallest p_hat <= m - VERIFY_GAP. 0.02 since session 8 (was 0.03): the re-bisection's first test
+# at VERIFY_TOP R now lowers nearly every flagged point, so points just below 0.03 were worth flagging
+# (benchmarks/verify_coverage.py and the trained beta-VAEs; README, margin, "Verification")
+VERIFY_GAP = 0.02
 VERIFY_SHARE = 0.05  # share of alpha = 1 - confidence reserved for the re-bisection's tests
+VERIFY_TOP = 0.999  # the re-bisection's first test at 0.999 R: p along the direction is lowest just below R
+VERIFY_FIRST_SHARE = 0.5  # share of the re-bisection's alpha for that first test (it alone can lower R)
+# Version of the verification algorithm, hashed into verify=true job keys (plugins/estimators.py), so a run
+# folder holding an earlier verification's rows is not resumed as this one's. 2: session 8 (first test at
+# VERIFY_TOP R with up to samples_max samples at VERIFY_FIRST_SHARE of the budget; p0 at lo = 0; VERIFY_GAP 0.02).
+VERIFY_ALGORITHM = 2
 NO_PRESOLVE = ("presolve_steps", "warm_presolve_steps")  # max_damage's mean-decoder pre-solve, set to 0
 
 
 def n_verify_tests(max_radius: float, tolerance: float) -> int:
-    """Tests the verification can add to a point: one at 0.98 R and at most ceil(log2(max_radius /
-    tolerance)) bisection steps in [0, 0.98 R] (a bracket <= max_radius wide, halved down to tolerance)."""
+    """Tests the verification can add to a point: the first one at VERIFY_TOP R and at most
+    ceil(log2(max_radius / tolerance)) bisection steps in [0, VERIFY_TOP R] (a bracket <= max_radius wide,
+    halved down to tolerance)."""
     return 1 + max(0, math.ceil(math.log2(max_radius / tolerance)))
 
 
-def split_verify_alpha(alpha: float, max_radius: float, tolerance: float, verify: bool) -> tuple[float, float]:
-    """(error budget left for the margin's own tests, budget of each verification test). With ``verify``,
-    VERIFY_SHARE of ``alpha`` is split (Bonferroni) over the :func:`n_verify_tests` tests of the
-    re-bisection and the rest is what the bisection, its screening and refinement share as before; so all
-    of a point's decisions still hold together with probability >= 1 - alpha. Without: (alpha, 0)."""
+class VerifyBudget(NamedTuple):
+    """Error budgets (each that of one sequential test, split over its looks by the test): ``margin`` for the
+    bisection, its screening and refinement together (split further by :func:`estimate_margin`); ``first``
+    for the re-bisection's first test; ``rest`` for each of its later tests."""
+
+    margin: float
+    first: float
+    rest: float
+
+
+def split_verify_alpha(alpha: float, max_radius: float, tolerance: float, verify: bool) -> VerifyBudget:
+    """Split of alpha = 1 - confidence with ``verify``: VERIFY_SHARE of it goes to the re-bisection, of which
+    VERIFY_FIRST_SHARE to its first test (at VERIFY_TOP R, the only test that can back a witness where p is
+    lowest, hence the one that needs the power) and the rest evenly (Bonferroni) over the at most
+    n_verify_tests - 1 later tests; the bisection, its screening and refinement share the other 1 -
+    VERIFY_SHARE as before. So all of a point's decisions still hold together with probability >= 1 - alpha.
+    Without verify: (alpha, 0, 0)."""
     if not verify:
-        return alpha, 0.0
-    return alpha * (1.0 - VERIFY_SHARE), stats.split_alpha(alpha * VERIFY_SHARE, n_verify_tests(max_radius, tolerance))
+        return VerifyBudget(alpha, 0.0, 0.0)
+    share = alpha * VERIFY_SHARE
+    later = n_verify_tests(max_radius, tolerance) - 1
+    if later == 0:  # max_radius <= tolerance: the re-bisection never tests below its first radius
+        return VerifyBudget(alpha - share, share, 0.0)
+    return VerifyBudget(alpha - share, share * VERIFY_FIRST_SHARE,
+                        stats.split_alpha(share * (1.0 - VERIFY_FIRST_SHARE), later))
 
 
 def verification_candidates(model: VAEModel, x: Tensor, attack: Attack, attack_params: dict[str, Any],
@@ -643,16 +677,18 @@ def screen_candidates(model: VAEModel, x: Tensor, cands: list[Tensor], *, r: flo
 
 def bisect_direction(direction_test: Callable[[Tensor, Tensor, Tensor, int], SequentialOutcome], idx: Tensor,
                      direction: Tensor, top: Tensor, *, m: float, tolerance: float, rel_tolerance: float | None,
-                     stop_when_undecided: bool) -> tuple[Tensor, ...]:
-    """Bisection of points idx (F,) along a fixed direction (F, *input_shape): the first test at ``top``
-    (F,), then in [0, top] down to tolerance / rel_tolerance. Returns (lo, hi, p_lo, p_hi, lo_c, crossed,
-    samples, tests), all (F,): the final bracket with the p_hat at its ends (NaN: not tested), the largest
-    radius decided ROBUST with confidence, whether some test was not robust, samples and tests used."""
+                     stop_when_undecided: bool, p_zero: Tensor | None = None) -> tuple[Tensor, ...]:
+    """Bisection of points idx (F,) along a fixed direction (F, *input_shape): the first test (step 0) at
+    ``top`` (F,), then in [0, top] down to tolerance / rel_tolerance. ``p_zero`` (F,): p_hat at radius 0 (the
+    bisection's p0; the bracket's lower end starts there, so a search that never leaves lo = 0 interpolates
+    from it as the bisection does), NaN / None: unknown. Returns (lo, hi, p_lo, p_hi, lo_c, crossed, samples,
+    tests), all (F,): the final bracket with the p_hat at its ends (NaN: not tested), the largest radius
+    decided ROBUST with confidence, whether some test was not robust, samples and tests used."""
     f = idx.numel()
     lo, hi = torch.zeros(f, dtype=torch.float64), top.clone()
     lo_c = lo.clone()
     nan = torch.full_like(lo, float("nan"))
-    p_lo, p_hi = nan.clone(), nan.clone()
+    p_lo, p_hi = (nan.clone() if p_zero is None else p_zero.double().clone()), nan.clone()
     crossed = torch.zeros(f, dtype=torch.bool)
     active = torch.ones(f, dtype=torch.bool)
     samples, tests = torch.zeros(f, dtype=torch.int64), torch.zeros(f, dtype=torch.int64)
@@ -691,10 +727,12 @@ def verify_margin(res: MarginResult, model: VAEModel, x: Tensor, attack: Attack,
     poorer optimum; benchmarks/attack_basins/README.md). For every point with 0 < R < cap: the three
     :func:`verification_candidates` at rho_v = 0.98 R (chain_delta (B, ...): the bisection's delta behind
     hi, found at chain_radius (B,)), screened by :func:`screen_candidates`; a point is flagged when the
-    smallest p_hat <= m - VERIFY_GAP. A flagged point then bisects again in [0, rho_v] along that
-    candidate's direction (:func:`bisect_direction`): ``direction_test(idx, radius, direction, step)`` runs
-    the estimator's sequential test at the verification's own error budget (:func:`split_verify_alpha`)
-    and records witnesses. R is lowered only where one of these tests decided NOT_ROBUST with confidence
+    smallest p_hat <= m - VERIFY_GAP. A flagged point then bisects again along that candidate's direction
+    (:func:`bisect_direction`): its first test at VERIFY_TOP R (just below R, where p along the direction
+    is lowest while a witness there still lowers R), then in [0, VERIFY_TOP R] from p0 at 0.
+    ``direction_test(idx, radius, direction, step)`` runs the estimator's sequential test at the
+    verification's own error budget (:func:`split_verify_alpha`; step 0, the first test, with its larger
+    share and up to samples_max samples) and records witnesses. R is lowered only where one of these tests decided NOT_ROBUST with confidence
     below the old R: the new hi is that witness's radius, the new R the crossing of the new bracket, and
     the new lo the smaller of the attack's lo and the largest radius confidently ROBUST along the direction
     (lo is conditional on the deltas tried, now both searches); ``undecided`` is not changed by these
@@ -726,8 +764,8 @@ def verify_margin(res: MarginResult, model: VAEModel, x: Tensor, attack: Attack,
     direction = torch.stack(cands)[which[rows].to(x.device), rows.to(x.device)]
     # from 0: the attack's lo holds for its own deltas only, and sits within rel_tolerance of R
     lo, hi, p_lo, p_hi, lo_c, crossed, n_used, n_tests = bisect_direction(
-        direction_test, idx, direction, rho_v[flag].clone(), m=m, tolerance=tolerance,
-        rel_tolerance=rel_tolerance, stop_when_undecided=stop_when_undecided)
+        direction_test, idx, direction, VERIFY_TOP * old[idx], m=m, tolerance=tolerance,
+        rel_tolerance=rel_tolerance, stop_when_undecided=stop_when_undecided, p_zero=res.p0[idx])
     res.samples[idx] += n_used
     if res.tests is not None:
         res.tests[idx] += n_tests

@@ -103,10 +103,18 @@ def plan_jobs(cfg: RunConfig, regs: Registries) -> list[Job]:
 def keyed_params(plugin: Any, params: dict[str, Any]) -> dict[str, Any]:
     """The parameters a job key hashes: all, except those in the plugin's ``unkeyed`` mapping (parameters
     added later) while they hold the value listed there, which gives the results stored before they
-    existed, so those run directories keep their keys and resume."""
+    existed, so those run directories keep their keys and resume; plus the plugin's ``key_versions``
+    entries ({parameter: (value, {key: version})}) while their parameter holds that value, so a run
+    directory holding an earlier algorithm's rows under the same parameters is not resumed."""
     unkeyed = getattr(plugin, "unkeyed", None) or {}
-    return {k: v for k, v in params.items()
-            if not (k in unkeyed and type(v) is type(unkeyed[k]) and v == unkeyed[k])}
+    keyed = {k: v for k, v in params.items()
+             if not (k in unkeyed and type(v) is type(unkeyed[k]) and v == unkeyed[k])}
+    # algorithm versions: hashed only while their parameter holds the listed value (e.g. the margin's
+    # verification version with verify=true), so the other settings' keys stay those of before
+    for name, (value, version) in (getattr(plugin, "key_versions", None) or {}).items():
+        if name in params and type(params[name]) is type(value) and params[name] == value:
+            keyed.update(version)
+    return keyed
 
 
 def portfolio_attack(attacks: list[AttackConfig]) -> AttackConfig:

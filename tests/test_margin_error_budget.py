@@ -22,7 +22,8 @@ import torch
 
 import robbench.margin as margin
 from robbench import montecarlo, stats
-from robbench.margin import VERIFY_SHARE, VERIFY_SHRINK, estimate_margin, n_margin_tests, n_verify_tests
+from robbench.margin import (VERIFY_FIRST_SHARE, VERIFY_SHARE, VERIFY_TOP, estimate_margin, n_margin_tests,
+                             n_verify_tests)
 from robbench.protocols import AttackResult
 from robbench_plugins.analytic import LinearGaussianVAE
 
@@ -59,15 +60,15 @@ def tight_settings(model: LinearGaussianVAE, **extra) -> dict:
 
 
 def run_recorded(model, monkeypatch, **settings):
-    """estimate_margin with every sequential test (stage, point ids, alpha) and every count_within call
-    (seed, stream ids, sample offset, count) recorded."""
+    """estimate_margin with every sequential test (stage, point ids, alpha, its largest sample size, seed)
+    and every count_within call (seed, stream ids, sample offset, count) recorded."""
     tags = {stats.derive_seed(SEED, tag, step): tag for tag in STAGES for step in range(200)}
     tests, draws = [], []
     sequential, count = margin.sequential_test, montecarlo.count_within
 
-    def recorded_test(*args, alpha, seed, stream_ids, **kw):
-        tests.append((tags.get(seed, "?"), stream_ids.clone(), alpha))
-        return sequential(*args, alpha=alpha, seed=seed, stream_ids=stream_ids, **kw)
+    def recorded_test(*args, alpha, seed, stream_ids, schedule, **kw):
+        tests.append((tags.get(seed, "?"), stream_ids.clone(), alpha, schedule[-1], seed))
+        return sequential(*args, alpha=alpha, seed=seed, stream_ids=stream_ids, schedule=schedule, **kw)
 
     def recorded_count(model_, mu, sigma, center, r, n_samples, *, seed, stream_ids=None, sample_offset=0, **kw):
         draws.append((seed, stream_ids.clone(), sample_offset, n_samples))
@@ -88,7 +89,7 @@ def test_every_point_spends_at_most_alpha_and_each_stage_at_most_its_share(model
     alpha = 1.0 - CONF
     spent = defaultdict(float)  # (stage, point) -> sum of the alphas of its tests
     count = defaultdict(int)
-    for stage, ids, a in tests:
+    for stage, ids, a, _, _ in tests:
         assert stage != "?", "a test ran on a seed of no known stage"
         for pid in ids.tolist():
             spent[stage, pid] += a
@@ -101,11 +102,24 @@ def test_every_point_spends_at_most_alpha_and_each_stage_at_most_its_share(model
     # and each test runs at exactly the alpha the README states (a refinement top-up: one look of a test)
     looks = len(stats.sample_schedule(settings["samples_initial"], settings["samples_locate"]))
     per_test = {"margin-mc": margin_alpha * (1 - settings["screen_share"]) / n_m,
-                "margin-screen": margin_alpha * settings["screen_share"] / n_m,
-                "margin-verify": alpha * VERIFY_SHARE / n_v}
-    for stage, _, a in tests:
+                "margin-screen": margin_alpha * settings["screen_share"] / n_m}
+    # the re-bisection: its first test (step 0) VERIFY_FIRST_SHARE of the share with up to samples_max samples,
+    # each later one an even part of the rest with up to samples_locate, like the bisection's tests
+    first_seed = stats.derive_seed(SEED, "margin-verify", 0)
+    verify_first = alpha * VERIFY_SHARE * VERIFY_FIRST_SHARE
+    verify_later = alpha * VERIFY_SHARE * (1 - VERIFY_FIRST_SHARE) / (n_v - 1)
+    firsts = defaultdict(int)
+    for stage, ids, a, largest, seed in tests:
+        if stage == "margin-verify":
+            first = seed == first_seed
+            assert a == pytest.approx(verify_first if first else verify_later, rel=1e-12), (first, a)
+            assert largest == (settings["samples_max"] if first else settings["samples_locate"])
+            for pid in ids.tolist():
+                firsts[pid] += first
+            continue
         allowed = [per_test[stage]] + ([per_test[stage] / looks] if stage == "margin-mc" else [])
         assert any(a == pytest.approx(b, rel=1e-12) for b in allowed), (stage, a, allowed)
+    assert all(firsts[p] == 1 for p in range(POINTS))  # one first test per point, the rest later ones
     for p in range(POINTS):
         assert count["margin-verify", p] <= n_v and count["margin-mc", p] <= n_m
         assert count["margin-screen", p] <= n_m
@@ -115,11 +129,11 @@ def test_every_point_spends_at_most_alpha_and_each_stage_at_most_its_share(model
         assert sum(spent[s, p] for s in STAGES) <= alpha * (1 + 1e-9)
 
 
-@pytest.mark.parametrize("max_radius, tolerance", [(10.0, 0.001), (1e6, 1e-9), (1.0, VERIFY_SHRINK / 1024),
+@pytest.mark.parametrize("max_radius, tolerance", [(10.0, 0.001), (1e6, 1e-9), (1.0, VERIFY_TOP / 1024),
                                                      (5.0, 4.9 / 2 ** 20), (3.0, 2.0)])
 def test_the_verification_budget_covers_its_longest_re_bisection(max_radius, tolerance):
-    """The re-bisection (bisect_direction) from its highest start, 0.98 max_radius, with any outcomes, never
-    runs more than n_verify_tests tests, also where 0.98 max_radius / tolerance is a power of two (float
+    """The re-bisection (bisect_direction) from its highest start, VERIFY_TOP max_radius, with any outcomes,
+    never runs more than n_verify_tests tests, also where VERIFY_TOP max_radius / tolerance is a power of two (float
     rounding of the halved bracket could need one more halving there)."""
     gen = torch.Generator().manual_seed(0)
     batch = 64
@@ -132,7 +146,7 @@ def test_the_verification_budget_covers_its_longest_re_bisection(max_radius, tol
             decision[:], k[:] = stats.NOT_ROBUST, 0
         return margin.SequentialOutcome(decision, k, n)
 
-    top = torch.full((batch,), VERIFY_SHRINK * max_radius, dtype=torch.float64)
+    top = torch.full((batch,), VERIFY_TOP * max_radius, dtype=torch.float64)
     *_, tests = margin.bisect_direction(outcomes, torch.arange(batch), torch.zeros(batch, 4), top, m=0.5,
                                         tolerance=tolerance, rel_tolerance=None, stop_when_undecided=False)
     assert int(tests.max()) <= n_verify_tests(max_radius, tolerance)
