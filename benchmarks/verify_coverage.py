@@ -11,6 +11,7 @@ Usage: python benchmarks/verify_coverage.py STREAMS CONFIDENCE trapped|tilted|ex
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections import Counter
@@ -129,7 +130,7 @@ if VERIFY:
           f"{int((~fl).sum())}, flagged not lowered {int((bad & fl & ~lw).sum())}/{int((fl & ~lw).sum())}, "
           f"lowered {int((bad & lw).sum())}/{int(lw.sum())}")
     print(f"  R/exact-1: flagged-not-lowered mean {float(rel(fl & ~lw).mean()):+.4f}; lowered mean "
-          f"{float(rel(lw).mean()):+.4f}, max abs {float(rel(lw).abs().max()) if bool(lw.any()) else float('nan'):.4f}; "
+          f"{float(rel(lw).mean()):+.4f}, max abs {float(rel(lw).abs().max()) if bool(lw.any()) else math.nan:.4f}; "
           f"not flagged mean "
           f"{float(rel(~fl).mean()):+.4f}")
 print(f"  |R/exact-1| mean {float(err.mean()):.4f} max {float(err.max()):.4f}; mean R/exact-1 "

@@ -12,8 +12,8 @@ refinement top-up) and over the looks of each sequential test, so all decisions 
 with probability >= 1 - alpha; with ``verify`` (:func:`verify_margin`), a fixed share VERIFY_SHARE of alpha
 goes to the verification's re-bisection tests (VERIFY_FIRST_SHARE of it to their first test,
 :func:`split_verify_alpha`) and the rest is split as before. With ``refine`` the bisection only locates the
-crossing (cheap capped tests); fixed-count top-ups at the fitted crossing, sized from the fitted slope, then buy the accuracy of
-the point estimate (a probit-linear fit of the tests near the crossing).
+crossing (cheap capped tests); fixed-count top-ups at the fitted crossing, sized from the fitted slope,
+then buy the accuracy of the point estimate (a probit-linear fit of the tests near the crossing).
 """
 from __future__ import annotations
 
@@ -732,8 +732,8 @@ def verify_margin(res: MarginResult, model: VAEModel, x: Tensor, attack: Attack,
     is lowest while a witness there still lowers R), then in [0, VERIFY_TOP R] from p0 at 0.
     ``direction_test(idx, radius, direction, step)`` runs the estimator's sequential test at the
     verification's own error budget (:func:`split_verify_alpha`; step 0, the first test, with its larger
-    share and up to samples_max samples) and records witnesses. R is lowered only where one of these tests decided NOT_ROBUST with confidence
-    below the old R: the new hi is that witness's radius, the new R the crossing of the new bracket, and
+    share and up to samples_max samples) and records witnesses. R is lowered only where one of these tests
+    decided NOT_ROBUST with confidence below the old R: the new hi is that witness's radius, the new R the crossing of the new bracket, and
     the new lo the smaller of the attack's lo and the largest radius confidently ROBUST along the direction
     (lo is conditional on the deltas tried, now both searches); ``undecided`` is not changed by these
     tests. Fills res.verify_flagged, res.verified_lower, res.verify_p; adds the screen's and the tests'

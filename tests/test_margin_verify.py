@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from robbench import stats
-from robbench.margin import (VERIFY_FIRST_SHARE, VERIFY_GAP, VERIFY_SCREEN, VERIFY_SHARE, estimate_margin, n_margin_tests,
-                             n_verify_tests, screen_candidates, split_verify_alpha)
+from robbench.margin import (VERIFY_FIRST_SHARE, VERIFY_GAP, VERIFY_SCREEN, VERIFY_SHARE, estimate_margin,
+                             n_margin_tests, n_verify_tests, screen_candidates, split_verify_alpha)
 from robbench.protocols import AttackResult
 from robbench_plugins.analytic import LinearGaussianVAE
 
