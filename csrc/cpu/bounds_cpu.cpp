@@ -523,7 +523,7 @@ int64_t select_above_scalar(const float* t, int64_t D, float th, uint64_t* bits)
   return n;
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vl")))
+__attribute__((target("avx512f,avx512bw,avx512vl,popcnt")))  // every AVX-512 CPU has POPCNT (not implied)
 int64_t select_above_avx512(const float* t, int64_t D, float th, uint64_t* bits) {
   const __m512 vth = _mm512_set1_ps(th);
   int64_t n = 0, j = 0;
