@@ -616,7 +616,7 @@ constexpr int kGroupMax = 4;  // rows per group (dots_avx512's tiles)
 
 // un = the union of nr bitsets of `words` words; returns its number of bits. The POPCNT instruction where the
 // CPU has it: without it, GCC calls libgcc's __popcountdi2 per word (0.8 % of β = 0.1's replayed calls in
-// perf, session 8; refine_groups' shortest path asks for several unions per row).
+// perf, session 8, when the shortest path below counted each union this way).
 __attribute__((target_clones("popcnt", "default")))
 int64_t union_words(const uint64_t* const* sets, int nr, int64_t words, uint64_t* un) {
   int64_t n = 0;
