@@ -1,6 +1,6 @@
 """``python -m robbench``: the same command line as the ``robbench`` console script."""
 import sys
 
-from robbench.cli import main
+from robbench.launch import main
 
 sys.exit(main())

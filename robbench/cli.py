@@ -18,6 +18,7 @@ from rich.table import Table
 from robbench.config import (ConfigError, RunConfig, build_config, load_yaml, parse_param_flag,
                              validate_against_plugins, validate_runtime)
 from robbench import rundir, terminal
+from robbench.launch import INTERRUPTED, interrupted_message
 from robbench.entries import EntryError, MergeError
 from robbench.plugins import get_registries
 from robbench.locks import FileLock
@@ -27,7 +28,6 @@ from robbench.settings import RunSettings
 from robbench.store import StoreError
 
 USAGE_ERROR = 2
-INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
 
 
 def _backend_choices() -> str:
@@ -281,12 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _main(argv)
     except KeyboardInterrupt:
-        # Rows are committed one batch at a time and files are renamed into place, so nothing written
-        # is half-done; the run directory's lock is released with the process.
-        command = next((a for a in argv if not a.startswith("-")), "")
-        resume = ("; the results stored so far are kept: rerun the same command to resume"
-                  if command in ("run", "train", "reproduce") else "")
-        print(f"robbench: interrupted{resume}", file=sys.stderr)
+        print(interrupted_message(argv), file=sys.stderr)
         return INTERRUPTED
 
 
