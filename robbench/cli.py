@@ -18,7 +18,7 @@ from rich.table import Table
 from robbench.config import (ConfigError, RunConfig, build_config, load_yaml, parse_param_flag,
                              validate_against_plugins, validate_runtime)
 from robbench import rundir, terminal
-from robbench.launch import INTERRUPTED, interrupted_message
+from robbench.interrupt import INTERRUPTED, interrupted_message
 from robbench.entries import EntryError, MergeError
 from robbench.plugins import get_registries
 from robbench.locks import FileLock

@@ -2,24 +2,14 @@
 
 It imports nothing heavy itself: the command line (:mod:`robbench.cli`) imports torch, about 1.5 s in
 which a Ctrl-C used to end in a traceback from deep inside torch's import, before ``cli.main`` could
-catch it. Here the import runs inside the same handling: one line on stderr and status 130.
+catch it. Here that import runs inside the same handling: one line on stderr and status 130.
 """
 from __future__ import annotations
 
 import sys
 from typing import Sequence
 
-INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
-
-
-def interrupted_message(argv: Sequence[str]) -> str:
-    """The one line printed when Ctrl-C stops the command ``argv`` (the arguments after ``robbench``)."""
-    # Rows are committed one batch at a time and files are renamed into place, so nothing written is
-    # half-done; the run directory's lock is released with the process.
-    command = next((a for a in argv if not a.startswith("-")), "")
-    resume = ("; the results stored so far are kept: rerun the same command to resume"
-              if command in ("run", "train", "reproduce") else "")
-    return f"robbench: interrupted{resume}"
+from robbench.interrupt import INTERRUPTED, interrupted_message
 
 
 def main(argv: Sequence[str] | None = None) -> int:
