@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from robbench.checks import checked
-from robbench.config import default_selection, merge_params
+from robbench.config import default_selection, merge_params, unique
 from robbench.execute import Batch, Executor, JobSpec, LocalExecutor
 from robbench.inputrange import check_in_range, input_range
 from robbench.plugins import get_registries
@@ -93,9 +93,10 @@ def _merge(plugin: Any, given: dict[str, Any], *, run_wide_allowed: bool) -> tup
     return merge_params(plugin, own), overrides
 
 
-def _names(names: str | Sequence[str]) -> list[str]:
-    """A list of plugin names; one name may be given as a plain string."""
-    return [names] if isinstance(names, str) else list(names)
+def _names(names: str | Sequence[str], what: str) -> list[str]:
+    """A list of plugin names; one name may be given as a plain string. A repeated name runs once
+    (a RepeatedValueWarning says so)."""
+    return unique([names] if isinstance(names, str) else list(names), what)
 
 
 def _check_data(model: VAEModel, data: Any) -> None:
@@ -159,8 +160,8 @@ def evaluate(model: VAEModel, data: Tensor, attacks: str | Sequence[str] | None 
         raise ValueError(f"bad value for batch_size: {batch_size!r}; allowed: a positive integer or None (all at once)")
     regs = get_registries()
     defaults = default_selection()
-    attacks = _names(defaults.get("attacks", []) if attacks is None else attacks)
-    estimators = _names(defaults.get("estimators", []) if estimators is None else estimators)
+    attacks = _names(defaults.get("attacks", []) if attacks is None else attacks, "'attacks'")
+    estimators = _names(defaults.get("estimators", []) if estimators is None else estimators, "'estimators'")
     attack_params, estimator_params = dict(attack_params or {}), dict(estimator_params or {})
     for name in attack_params:
         if name not in attacks:

@@ -6,8 +6,10 @@ exits with status 2 and a message saying what is allowed. Precedence: defaults <
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sqlite3
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -15,8 +17,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from robbench.config import (ConfigError, RunConfig, build_config, load_yaml, parse_param_flag,
-                             validate_against_plugins, validate_runtime)
+from robbench.config import (ConfigError, RepeatedValueWarning, RunConfig, build_config, load_yaml,
+                             parse_param_flag, validate_against_plugins, validate_runtime)
 from robbench import rundir, terminal
 from robbench.interrupt import INTERRUPTED, interrupted_message
 from robbench.entries import EntryError, MergeError
@@ -155,6 +157,24 @@ def default_run_dir(cfg: RunConfig, config_path: Path | None) -> Path:
     return Path("runs") / f"{'+'.join(cfg.models)}__{'+'.join(cfg.attacks)}__{cfg.dataset}"
 
 
+@contextlib.contextmanager
+def _notes(console: Console):
+    """Print what the block warned as :class:`RepeatedValueWarning` as ``robbench: note: ...`` lines (each
+    text once); other warnings are shown as usual."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RepeatedValueWarning)
+        yield
+    for text in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, RepeatedValueWarning)):
+        console.print(f"robbench: note: {escape(text)}")
+    for w in caught:
+        if not issubclass(w.category, RepeatedValueWarning):
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def cmd_run(args: argparse.Namespace, console: Console, *, evaluate: bool) -> int:
     from robbench.leaderboard import write_leaderboard
     from robbench.runner import Runner
@@ -164,12 +184,13 @@ def cmd_run(args: argparse.Namespace, console: Console, *, evaluate: bool) -> in
     for failure in plugin_failures():  # first: a name the run then misses may be why
         console.print(f"[yellow]warning: plugin {escape(failure.name)} failed to load and was skipped "
                       f"(see robbench plugins): {escape(failure.error)}[/yellow]")
-    cfg = config_from_args(args)
+    with _notes(console):
+        cfg = config_from_args(args)
     run_dir = args.out or default_run_dir(cfg, args.config)
     runner = Runner(cfg, get_registries(), run_dir, console=console, retrain=args.retrain,
                     progress=not args.no_progress)
     jobs = len(runner.jobs) if evaluate else len({(job.model.label, job.model.seed) for job in runner.jobs})
-    what = f"{jobs} jobs × {cfg.points} points" if evaluate else f"{jobs} models"
+    what = f"{_count(jobs, 'job')} × {_count(cfg.points, 'point')}" if evaluate else _count(jobs, "model")
     if args.dry_run:
         runner.load_inputs(evaluate=evaluate)  # the data set is read (nothing written): a run that cannot load it fails here
         console.print(f"robbench: configuration valid: {what} → {run_dir} (dry run: nothing done)")

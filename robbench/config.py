@@ -12,6 +12,7 @@ import json
 import math
 import os
 import re
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,28 @@ class ConfigError(ValueError):
 
 
 _TRAIN = TrainConfig()  # training defaults, defined once in robbench.training
+
+
+class RepeatedValueWarning(UserWarning):
+    """A name, training seed or sweep value given more than once (``--models a,a``, ``beta: [1, 1.0]``):
+    it runs once, at its first place. The command line prints it as a note."""
+
+
+def unique(values: list[Any], what: str) -> list[Any]:
+    """``values`` without repeats (first occurrences kept, in order); a :class:`RepeatedValueWarning`
+    names the repeated ones. ``what`` names the list in the message, e.g. ``'models'``."""
+    kept: list[Any] = []
+    repeated: list[Any] = []
+    for value in values:
+        if value not in kept:
+            kept.append(value)
+        elif value not in repeated:
+            repeated.append(value)
+    if repeated:
+        warnings.warn(RepeatedValueWarning(f"{what} lists {', '.join(map(repr, repeated))} more than once; "
+                                           + ("it runs once" if len(repeated) == 1 else "each runs once")),
+                      stacklevel=3)
+    return kept
 
 
 @dataclass
@@ -188,6 +211,8 @@ def build_config(values: dict[str, Any]) -> RunConfig:
             values[key] = _split_list(values[key]) if isinstance(values[key], str) else [values[key]]
     cfg = RunConfig(**values)
     _check_types(cfg)
+    for key in ("models", "attacks", "estimators", "model_seeds"):
+        setattr(cfg, key, unique(getattr(cfg, key), repr(key)))
     return cfg
 
 
@@ -305,11 +330,26 @@ def validate_against_plugins(cfg: RunConfig, regs: Registries) -> None:
             if name not in used:
                 raise ConfigError(f"{section} sets parameters of {name!r}, which this run does not use "
                                   f"(it uses: {', '.join(used)})")
+    _drop_repeated_sweep_values(cfg, regs)
     model_configs(cfg, regs)
     attack_configs(cfg, regs)
     for name in cfg.estimators:
         merge_params(regs.estimators.get(name), cfg.estimator_params.get(name, {}), sweep=(),
                       reserved=RUN_WIDE_KEYS)
+
+
+def _drop_repeated_sweep_values(cfg: RunConfig, regs: Registries) -> None:
+    """A value given twice in a sweep (``beta: [1, 1.0, 2]``, ``route: [mu, mu]``) runs once: repeats are
+    dropped from ``cfg``'s parameters here, once, with a note (1 == 1.0, as merge_params casts them)."""
+    for section, registry in (("model_params", regs.models), ("attack_params", regs.attacks)):
+        for name, params in getattr(cfg, section).items():
+            plugin = registry.get(name)
+            defaults = getattr(plugin, "defaults", {})
+            for key, value in params.items():
+                swept = (key in getattr(plugin, "sweep", ()) if section == "model_params"
+                         else isinstance(defaults.get(key), (str, int, float, bool)))  # as attack_configs sweeps
+                if swept and isinstance(value, list):
+                    params[key] = unique(value, f"{name}.{key}")
 
 
 def merge_params(plugin: Any, given: dict[str, Any], sweep: tuple[str, ...] = (),

@@ -93,3 +93,53 @@ def test_a_real_sigint_during_the_import_of_torch_exits_130_quietly(tmp_path):
     assert "Traceback" not in err, err
     assert proc.returncode == 130, err
     assert err.strip() == "robbench: interrupted"
+
+
+# --- names, seeds or sweep values given twice ------------------------------------------------------
+# `--models a,a`, `--model-seeds 0,0` or `beta: [1, 1.0]` planned every job twice: the banner promised
+# twice the jobs, and a duplicated sweep value trained and evaluated the same model twice. Each distinct
+# name, seed and value now runs once, with a note naming what was repeated.
+@pytest.mark.parametrize("flags, jobs, note", [
+    (["--models", "linear_gaussian,linear_gaussian", "--estimators", "bound,encoder_stats,bound"], 2,
+     "'models' lists 'linear_gaussian' more than once"),
+    (["--estimators", "margin", "--attacks", "noise,max_damage,noise"], 2, "'attacks' lists 'noise' more than once"),
+    (["--models", "vae", "--model-seeds", "3,3,4", "--estimators", "bound"], 2, "'model_seeds' lists 3 more than once"),
+    (["--models", "beta_vae", "--param", "beta_vae.beta=[1,1.0,2]", "--estimators", "bound"], 2,
+     "beta_vae.beta lists 1.0 more than once"),
+    (["--estimators", "margin", "--param", "max_damage.route=[mu,mu]"], 1, "max_damage.route lists 'mu' more than once"),
+])
+def test_a_name_seed_or_sweep_value_given_twice_runs_once_with_a_note(cache, tmp_path, capsys, flags, jobs, note):
+    assert main(["run", *FAST, *flags, "--dry-run", "--out", str(tmp_path / "run")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert f"configuration valid: {jobs} job{'s' if jobs > 1 else ''} × 2 points" in out
+    assert f"robbench: note: {note}; it runs once" in out
+
+
+def test_a_repeated_seed_prepares_one_model(cache, tmp_path, capsys):
+    """It was trained, then loaded again from the cache for the second, identical copy of its jobs."""
+    import sqlite3
+
+    out = tmp_path / "run"
+    args = ["run", *FAST, "--models", "vae", "--model-seeds", "0,0", "--epochs", "1", "--estimators", "encoder_stats",
+            "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("trained in") == 1 and "loaded from cache" not in printed
+    with sqlite3.connect(out / "results.sqlite") as db:
+        assert db.execute("SELECT COUNT(*) FROM models").fetchone()[0] == 1
+        assert db.execute("SELECT COUNT(*), COUNT(DISTINCT job_key) FROM results").fetchone() == (2, 1)
+
+
+def test_evaluate_runs_a_repeated_attack_once_and_warns():
+    import torch
+
+    from robbench import evaluate
+    from robbench.config import RepeatedValueWarning
+    from robbench_plugins.analytic import LinearGaussianVAE
+
+    model = LinearGaussianVAE(input_shape=(6,), latent_dim=2)
+    x = torch.full((2, 6), 0.5)
+    with pytest.warns(RepeatedValueWarning, match="'attacks' lists 'noise' more than once; it runs once"):
+        table = evaluate(model, x, attacks=["noise", "noise"], estimators=["probability"],
+                         estimator_params={"probability": {"samples": 64}}, backend="torch")
+    assert len(table) == 2
