@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from robbench.datafiles import DataFileError
 from robbench.execute import describe_error
 from robbench.imagefit import fit_if_needed
 from robbench.inputrange import input_range
@@ -72,6 +73,8 @@ def prepare_model(spec: ModelSpec, data: SplitData, regs: Registries, *, cache_d
         trained = train_or_load(family, spec.params, data, spec.train, cache_dir=cache_dir,
                                 device=torch.device(spec.device), retrain=spec.retrain, progress=progress,
                                 dataset_name=spec.dataset)
+    except DataFileError:  # the data set's problem, not the model's: it stops the run (exit 2, file named)
+        raise
     except Exception as err:  # a broken model fails its own rows only
         return Prepared(None, {"error": describe_error(err)}, training_failed(describe_error(err)))
     return _checked(trained, family, data, check_ids, spec.device)
@@ -89,6 +92,8 @@ def prepare_shipped(spec: ModelSpec, data: SplitData, regs: Registries, cached: 
         else:
             trained, payload = build_or_train(family, spec.params, data, spec.train, device=device, progress=False,
                                               dataset_name=spec.dataset)
+    except DataFileError:
+        raise
     except Exception as err:
         return Prepared(None, {"error": describe_error(err)}, training_failed(describe_error(err)))
     prepared = _checked(trained, family, data, check_ids, spec.device)
@@ -126,9 +131,9 @@ def encoder_problem(model: nn.Module, data: SplitData, ids: list[int], device: s
     """Why the encoder cannot be used on test points ``ids`` (it raises, or yields NaN/inf), or None."""
     if not ids:
         return None
+    x = data.test_x[sorted(set(ids))].to(device)  # outside the try: unreadable data is no encoder problem
     try:
         with torch.no_grad():
-            x = data.test_x[sorted(set(ids))].to(device)
             mu, sigma = model.encode(fit_if_needed(x, input_range(data), model))  # to the model's shape/range
     except Exception as err:
         return f"encode() raised {describe_error(err)}"

@@ -143,3 +143,84 @@ def test_evaluate_runs_a_repeated_attack_once_and_warns():
         table = evaluate(model, x, attacks=["noise", "noise"], estimators=["probability"],
                          estimator_params={"probability": {"samples": 64}}, backend="torch")
     assert len(table) == 2
+
+
+# --- a corrupt image in an image_folder data set ---------------------------------------------------
+# Images are read lazily, so a file that is not an image, or a truncated one, failed the model at
+# training time ("could not be trained or loaded: OSError: image file is truncated", exit 0, no file
+# named). Now loading checks every file and names the bad one (exit 2, also on --dry-run); what only a
+# full decode finds stops the run with exit 2 naming the file instead of failing the model's rows.
+def _image_folder(root: Path, fmt: str = "png") -> list[Path]:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for i in range(6):
+            paths.append(root / label / f"{i}.{fmt}")
+            Image.fromarray((rng.random((8, 8, 3)) * 255).astype(np.uint8)).save(paths[-1])
+    return paths
+
+
+def _truncated(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) * 3 // 4])
+
+
+@pytest.mark.parametrize("damage", ["not-an-image", "empty", "truncated-png", "truncated-jpeg", "flipped-byte-png"])
+def test_a_corrupt_image_is_named_when_the_data_set_loads(cache, tmp_path, capsys, damage):
+    pytest.importorskip("PIL.Image")
+    root = tmp_path / "images"
+    paths = _image_folder(root, "jpg" if damage == "truncated-jpeg" else "png")
+    bad = paths[7]
+    if damage == "not-an-image":
+        bad.write_text("this is not an image")
+    elif damage == "empty":
+        bad.write_bytes(b"")
+    elif damage == "flipped-byte-png":
+        data = bytearray(bad.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        bad.write_bytes(bytes(data))
+    else:
+        _truncated(bad)
+    args = ["run", "--dataset", "image_folder", "--data-dir", str(root), "--models", "vae", "--points", "2",
+            "--estimators", "encoder_stats", "--epochs", "1", "--no-progress", "--backend", "torch",
+            "--out", str(tmp_path / "run")]
+    assert main([*args, "--dry-run"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"image file {bad} cannot be read" in err and "fix or remove it" in err
+
+
+def test_an_image_that_breaks_after_loading_stops_the_run_naming_it(cache, tmp_path, capsys):
+    """A file damaged after the check (or a defect only a full decode finds): exit 2 naming the file,
+    not a model whose rows fail with Pillow's bare 'image file is truncated'."""
+    pytest.importorskip("PIL.Image")
+    import robbench.plugins as plugins
+    from robbench.protocols import DataOptions
+    from robbench_plugins import imagedata
+
+    root = tmp_path / "images"
+    _image_folder(root)
+    data = imagedata.load_image_folder(DataOptions(data_dir=root))
+    _truncated(data.train_x.paths[0])
+    with pytest.raises(FileNotFoundError, match=f"image file {data.train_x.paths[0]} cannot be read: .*truncated"):
+        data.train_x[0:2]
+    original = imagedata.load_image_folder
+
+    def load_then_damage(options):
+        loaded = original(options)
+        _truncated(loaded.train_x.paths[1])
+        return loaded
+
+    spec = plugins.get_registries().datasets.get("image_folder")
+    try:
+        object.__setattr__(spec, "load", load_then_damage)
+        code = main(["run", "--dataset", "image_folder", "--data-dir", str(root), "--models", "vae", "--points", "2",
+                     "--estimators", "encoder_stats", "--epochs", "1", "--no-progress", "--backend", "torch",
+                     "--out", str(tmp_path / "run")])
+    finally:
+        object.__setattr__(spec, "load", original)
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and "cannot be read" in err and "fix or remove it" in err, err
