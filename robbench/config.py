@@ -346,7 +346,7 @@ def _drop_repeated_sweep_values(cfg: RunConfig, regs: Registries) -> None:
             plugin = registry.get(name)
             defaults = getattr(plugin, "defaults", {})
             for key, value in params.items():
-                swept = (key in getattr(plugin, "sweep", ()) if section == "model_params"
+                swept = (key in plugin.sweep if section == "model_params"  # a ModelFamily
                          else isinstance(defaults.get(key), (str, int, float, bool)))  # as attack_configs sweeps
                 if swept and isinstance(value, list):
                     params[key] = unique(value, f"{name}.{key}")

@@ -125,3 +125,52 @@ def test_the_harness_names_no_builtin_plugin():
 def test_core_modules_import_nothing_from_the_paper_layer(module):
     graph = import_graph()
     assert not any(t.startswith("robbench.paper") for t in graph[module])
+
+
+# --- names used but never defined ------------------------------------------------------------------
+# Session 7's shared set-up for benchmarks/attack_basins/ left three scripts printing `pick[...]`, a
+# variable the refactor had removed: each crashed with NameError after its whole measurement. Running
+# every script is slow; reading every file for global names it uses and never defines is not.
+_MODULE_DUNDERS = {"__file__", "__name__", "__doc__", "__spec__", "__loader__", "__package__", "__builtins__",
+                   "__path__", "__annotations__", "__dict__", "__class__"}
+
+
+def undefined_globals(source: str, filename: str) -> list[tuple[int, str]]:
+    """(line of the scope, name) of every global name ``source`` reads but never defines at module level
+    (assignment, import, def, class) and that is no builtin; a module with ``import *`` is not checked."""
+    import builtins
+    import symtable
+
+    top = symtable.symtable(source, filename, "exec")
+    symbols = top.get_symbols()
+    if any(s.get_name() == "*" for s in symbols):
+        return []
+    known = ({s.get_name() for s in symbols if s.is_assigned() or s.is_imported() or s.is_namespace()}
+             | set(dir(builtins)) | _MODULE_DUNDERS)
+    found: list[tuple[int, str]] = []
+
+    def walk(table: symtable.SymbolTable) -> None:
+        for s in table.get_symbols():
+            implicit_global = table is top or (s.is_global() and not s.is_declared_global())
+            if s.is_referenced() and implicit_global and s.get_name() not in known:
+                found.append((table.get_lineno(), s.get_name()))
+        for child in table.get_children():
+            walk(child)
+
+    walk(top)
+    return found
+
+
+def test_the_undefined_name_finder_finds_them():
+    assert undefined_globals("def f():\n    return pick[0]\n", "x.py") == [(1, "pick")]
+    assert undefined_globals("for b in range(2):\n    print(pick[b])\n", "x.py") == [(0, "pick")]
+    assert undefined_globals("import os\npick = 1\ndef f():\n    return pick, os, len, __file__\n", "x.py") == []
+
+
+def test_no_python_file_reads_a_global_name_it_never_defines():
+    repo = ROOT.parent
+    files = [p for folder in ("robbench", "plugins", "benchmarks", "tests", "examples") for p in (repo / folder).rglob("*.py")]
+    assert len(files) > 100
+    problems = [f"{p.relative_to(repo)}:{line} {name}" for p in files
+                for line, name in undefined_globals(p.read_text(), str(p))]
+    assert not problems, "names used but never defined: " + ", ".join(problems)

@@ -7,23 +7,18 @@ from __future__ import annotations
 import json, sys, time
 import torch
 sys.path.insert(0, "benchmarks")
-from margin_convergence import environment, measure, trained_models, FP32
-from basins import load_inputs, pick_points, run_parser
+from margin_convergence import environment, measure, FP32
+from basins import picked_inputs, point_parser
 
 def main():
-    ap = run_parser()
-    ap.add_argument("--pick", default="9,20")
-    ap.add_argument("--beta", default="10.0")
+    ap = point_parser()
     ap.add_argument("--variants", required=True)
     ap.add_argument("--margin", default="{}", help="margin overrides")
     a = ap.parse_args()
-    cfg, regs, data, x, ids, run = load_inputs(a)
-    x, ids = pick_points(x, ids, a.pick)
-    md = {**regs.estimators.get("margin").defaults, **json.loads(a.margin)}
-    attack = regs.attacks.get("max_damage")
-    for mc, model in trained_models(cfg, regs, data):
-        if a.beta != "all" and a.beta not in mc.label:
-            continue
+    pts = picked_inputs(a)
+    x, ids, run, attack = pts.x, pts.ids, pts.run, pts.attack
+    md = {**pts.margin_params, **json.loads(a.margin)}
+    for mc, model in pts.models(a.beta):
         for name, ov in json.loads(a.variants).items():
             ov = dict(ov); env = ov.pop("_env", FP32); mo = ov.pop("_margin", {})
             import margin_convergence as mcv, functools

@@ -4,28 +4,19 @@ from __future__ import annotations
 import sys
 import torch
 sys.path.insert(0, "benchmarks"); sys.path.insert(0, __import__("os").path.dirname(__file__))
-from margin_convergence import environment, measure, trained_models, FP32
-from basins import load_inputs, pick_points, run_parser
-from trace_chain import Rec
+from basins import picked_inputs, point_parser
 
-ap = run_parser(); ap.add_argument("--pick", default="9,20")
-a = ap.parse_args()
-cfg, regs, data, x, ids, run = load_inputs(a)
-x, ids = pick_points(x, ids, a.pick)
-md = dict(regs.estimators.get("margin").defaults); attack = regs.attacks.get("max_damage"); D = attack.defaults
+a = point_parser().parse_args()
+pts = picked_inputs(a)
+x, ids = pts.x, pts.ids
 torch.set_printoptions(precision=2, sci_mode=False, linewidth=200)
-for mc, model in trained_models(cfg, regs, data):
-    if "10.0" not in mc.label: continue
-    chains = {}
-    for name, ov in {"fp32": {}, "eta_x10": {"eta_samples": 40, "eval_samples": 80}}.items():
-        rec = Rec(attack)
-        with environment(FP32):
-            measure(model, x, ids, rec, {**D, **ov}, md, run)
-        chains[name] = rec.calls
+for mc, model in pts.models(a.beta):
+    chains = {name: pts.default_chain(model, ov)[1]
+              for name, ov in {"fp32": {}, "eta_x10": {"eta_samples": 40, "eval_samples": 80}}.items()}
     mu0, s0 = model.encode(x)
     print("sigma(x):", s0.detach())
     for b, pid in enumerate(ids.tolist()):
-        print(f"point {int(pick[b])}")
+        print(f"point {int(pts.positions[b])}")
         ds = {}
         for name, calls in chains.items():
             for pids, rad, d, warm in calls:

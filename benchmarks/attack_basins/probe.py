@@ -4,30 +4,22 @@ from __future__ import annotations
 import json, sys
 import torch
 sys.path.insert(0, "benchmarks"); sys.path.insert(0, __import__("os").path.dirname(__file__))
-from margin_convergence import environment, measure, trained_models, FP32
-from basins import load_inputs, pick_points, run_parser
+from basins import picked_inputs, point_parser
 from robbench.margin import estimate_probability
 from robbench.protocols import call_attack
 from robbench_plugins.attacks import expected_damage
-from trace_chain import Rec
+from margin_convergence import environment, FP32
 
 def main():
-    ap = run_parser()
-    ap.add_argument("--pick", default="9,20"); ap.add_argument("--beta", default="10.0")
-    a = ap.parse_args()
-    cfg, regs, data, x, ids, run = load_inputs(a)
-    x, ids = pick_points(x, ids, a.pick)
-    md = dict(regs.estimators.get("margin").defaults)
-    attack = regs.attacks.get("max_damage"); D = attack.defaults
+    a = point_parser().parse_args()
+    pts = picked_inputs(a)
+    x, ids, run, attack = pts.x, pts.ids, pts.run, pts.attack; D = attack.defaults
     g = torch.Generator().manual_seed(123)
-    for mc, model in trained_models(cfg, regs, data):
-        if a.beta not in mc.label: continue
-        rec = Rec(attack)
-        with environment(FP32):
-            res = measure(model, x, ids, rec, dict(D), md, run)
+    for mc, model in pts.models(a.beta):
+        res, calls = pts.default_chain(model)
         R = torch.tensor(res["margin"], dtype=x.dtype)
         last = torch.zeros_like(x); lastr = torch.zeros(len(ids))
-        for pids, rad, d, warm in rec.calls:
+        for pids, rad, d, warm in calls:
             for i, pid in enumerate(pids.tolist()):
                 j = ids.tolist().index(pid); last[j] = d[i]; lastr[j] = rad[i]
         from robbench.margin import fit_warm_start

@@ -4,31 +4,24 @@ from __future__ import annotations
 import json, sys
 import torch
 sys.path.insert(0, "benchmarks"); sys.path.insert(0, __import__("os").path.dirname(__file__))
-from margin_convergence import environment, measure, trained_models, FP32
-from basins import load_inputs, pick_points, run_parser
+from basins import picked_inputs, point_parser
 from robbench.margin import estimate_probability, fit_warm_start
 from robbench.protocols import call_attack
 from robbench_plugins.attacks import expected_damage
-from trace_chain import Rec
+from margin_convergence import environment, FP32
 
 def main():
-    ap = run_parser()
-    ap.add_argument("--pick", default="9,20"); ap.add_argument("--beta", default="10.0")
+    ap = point_parser()
     ap.add_argument("--radius", type=float, default=3.75); ap.add_argument("--from-radius", type=float, default=2.5)
     ap.add_argument("--seeds", type=int, default=8); ap.add_argument("--tries", required=True)
     a = ap.parse_args()
-    cfg, regs, data, x, ids, run = load_inputs(a)
-    x, ids = pick_points(x, ids, a.pick)
-    md = dict(regs.estimators.get("margin").defaults)
-    attack = regs.attacks.get("max_damage"); D = attack.defaults
+    pts = picked_inputs(a)
+    x, ids, run, attack = pts.x, pts.ids, pts.run, pts.attack; D = attack.defaults
     g = torch.Generator().manual_seed(123)
-    for mc, model in trained_models(cfg, regs, data):
-        if a.beta not in mc.label: continue
-        rec = Rec(attack)
-        with environment(FP32):
-            measure(model, x, ids, rec, dict(D), md, run)
+    for mc, model in pts.models(a.beta):
+        _, calls = pts.default_chain(model)
         src = torch.zeros_like(x)
-        for pids, rad, d, warm in rec.calls:
+        for pids, rad, d, warm in calls:
             for i, pid in enumerate(pids.tolist()):
                 if abs(float(rad[i]) - a.from_radius) < 1e-6:
                     src[ids.tolist().index(pid)] = d[i]
@@ -49,6 +42,6 @@ def main():
                                                    stream_ids=ids).p)
             E, P = torch.stack(Es), torch.stack(Ps)
             for b in range(len(ids)):
-                print(f"  {name:24s} point {int(pick[b])}: E " + " ".join(f"{v:.2f}" for v in E[:, b].tolist())
+                print(f"  {name:24s} point {int(pts.positions[b])}: E " + " ".join(f"{v:.2f}" for v in E[:, b].tolist())
                       + "  p " + " ".join(f"{v:.2f}" for v in P[:, b].tolist()), flush=True)
 main()
