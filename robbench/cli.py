@@ -20,7 +20,7 @@ from rich.table import Table
 from robbench.config import (ConfigError, RepeatedValueWarning, RunConfig, build_config, load_yaml,
                              parse_param_flag, validate_against_plugins, validate_runtime)
 from robbench import rundir, terminal
-from robbench.interrupt import INTERRUPTED, interrupted_message
+from robbench.interrupt import run_interruptible
 from robbench.entries import EntryError, MergeError
 from robbench.plugins import get_registries
 from robbench.locks import FileLock
@@ -298,12 +298,7 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``robbench`` command; returns the exit status (0, 2 for bad input, 130 when interrupted)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        return _main(argv)
-    except KeyboardInterrupt:
-        print(interrupted_message(argv), file=sys.stderr)
-        return INTERRUPTED
+    return run_interruptible(_main, argv)
 
 
 def _main(argv: list[str]) -> int:

@@ -6,19 +6,17 @@ catch it. Here that import runs inside the same handling: one line on stderr and
 """
 from __future__ import annotations
 
-import sys
 from typing import Sequence
 
-from robbench.interrupt import INTERRUPTED, interrupted_message
+from robbench.interrupt import run_interruptible
+
+
+def _import_and_run(argv: list[str]) -> int:
+    from robbench.cli import main as cli_main  # imports torch
+
+    return cli_main(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``robbench`` command; returns its exit status (130 when interrupted, even during imports)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    try:
-        from robbench.cli import main as cli_main  # imports torch
-
-        return cli_main(argv)
-    except KeyboardInterrupt:
-        print(interrupted_message(argv), file=sys.stderr)
-        return INTERRUPTED
+    return run_interruptible(_import_and_run, argv)

@@ -115,3 +115,18 @@ def band_stats(err: str) -> tuple[int, int, int, int]:
             for i, k in enumerate((4, 6, 8, 10)):
                 tot[i] += int(f[k])
     return tuple(tot)
+
+
+# --- the analytic model of the known-answer tests ---------------------------------------------------
+@pytest.fixture(scope="module")
+def model():
+    """The default linear-Gaussian VAE (``robbench_plugins.analytic``: 1x8x8 inputs, closed-form p_r, margin
+    and Theorem 1 bound), one per test module. A module that needs another model defines its own ``model``."""
+    from robbench_plugins.analytic import LinearGaussianVAE
+
+    return LinearGaussianVAE()
+
+
+def copies(n: int) -> torch.Tensor:
+    """(n, 1, 8, 8): n copies of the mid-grey point 0.5, the linear-Gaussian tests' input."""
+    return torch.full((n, 1, 8, 8), 0.5)

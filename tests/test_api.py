@@ -45,11 +45,6 @@ def oracle_plugin():
         plugins.unregister_plugin(plugin)
 
 
-@pytest.fixture(scope="module")
-def model():
-    return LinearGaussianVAE()
-
-
 def test_evaluate_tidy_rows_and_routing(model, oracle_plugin):
     OracleAttack.calls.clear()
     x = torch.full((3, 1, 8, 8), 0.5)

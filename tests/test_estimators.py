@@ -26,11 +26,6 @@ class OracleAttack:
         return AttackResult(delta, radius.clone())
 
 
-@pytest.fixture(scope="module")
-def model() -> LinearGaussianVAE:
-    return LinearGaussianVAE()
-
-
 def ctx_for(model, name, attack=None, ids=(0, 1), **params) -> EstimationContext:
     """A context for estimator ``name``; run-wide keys among ``params`` (r, m, ...) go to ``ctx.run``."""
     est = EST[name]

@@ -13,6 +13,7 @@ import torch
 from scipy import stats as sps
 
 from robbench import stats
+from conftest import copies
 from robbench_plugins.analytic import LinearGaussianVAE
 from robbench.jacobian import jacobian_frobenius
 from robbench.margin import (bisect_margin, estimate_margin, estimate_probability, n_margin_tests,
@@ -29,15 +30,6 @@ class OracleAttack:
         u = model.top_direction.view(1, *model.input_shape)
         delta = radius.view(-1, *([1] * (x.dim() - 1))).to(x) * u
         return AttackResult(delta, radius.clone())
-
-
-@pytest.fixture(scope="module")
-def model() -> LinearGaussianVAE:
-    return LinearGaussianVAE()
-
-
-def copies(n: int) -> torch.Tensor:
-    return torch.full((n, 1, 8, 8), 0.5)
 
 
 def test_probability_interval_contains_exact(model):

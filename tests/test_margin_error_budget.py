@@ -44,11 +44,6 @@ class TrappedAttack:
         return AttackResult(scale * radius.view(-1, *([1] * (x.dim() - 1))).to(x) * u, radius.clone())
 
 
-@pytest.fixture(scope="module")
-def model() -> LinearGaussianVAE:
-    return LinearGaussianVAE()
-
-
 def tight_settings(model: LinearGaussianVAE, **extra) -> dict:
     exact = model.exact_margin(R)
     max_radius = 1.3 * exact  # the trapped margin is ~1.25 exact: the cap binds nothing, but the budget is tight

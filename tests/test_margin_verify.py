@@ -16,6 +16,7 @@ from robbench import stats
 from robbench.margin import (VERIFY_FIRST_SHARE, VERIFY_GAP, VERIFY_SCREEN, VERIFY_SHARE, estimate_margin,
                              n_margin_tests, n_verify_tests, screen_candidates, split_verify_alpha)
 from robbench.protocols import AttackResult
+from conftest import copies
 from robbench_plugins.analytic import LinearGaussianVAE
 
 PARAMS = {"presolve_steps": 60, "warm_presolve_steps": 60, "restarts": 1}
@@ -56,15 +57,6 @@ class OneSidedAttack(TrappedAttack):
             return AttackResult(0.8 * rad * u, radius.clone())
         side = (init.flatten(1) @ u.flatten()).view_as(rad)
         return AttackResult(torch.where(side < 0, -rad * u, 0.8 * rad * u), radius.clone())
-
-
-@pytest.fixture(scope="module")
-def model() -> LinearGaussianVAE:
-    return LinearGaussianVAE()
-
-
-def copies(n: int) -> torch.Tensor:
-    return torch.full((n, 1, 8, 8), 0.5)
 
 
 def test_verification_lowers_a_trapped_margin_to_the_exact_one_with_a_witness(model):
