@@ -224,3 +224,37 @@ def test_an_image_that_breaks_after_loading_stops_the_run_naming_it(cache, tmp_p
         object.__setattr__(spec, "load", original)
     err = " ".join(capsys.readouterr().err.split())
     assert code == 2 and "cannot be read" in err and "fix or remove it" in err, err
+
+
+# --- README commands ------------------------------------------------------------------------------
+def _readme_commands() -> list[str]:
+    """The ``robbench ...`` commands of README.md's bash blocks (continuation lines joined, comments cut)."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split("  #")[0].strip()
+            if line.startswith("robbench "):
+                commands.append(line)
+    return commands
+
+
+def test_readme_reads_each_run_from_the_directory_the_run_before_it_wrote():
+    """README ran `robbench run --models beta_vae,lipschitz_vae ...` and then read
+    `runs/beta_vae,lipschitz_vae__max_damage__mnist`; the run writes runs/beta_vae+lipschitz_vae__...:
+    the printed report command found no run directory."""
+    import shlex
+
+    from robbench.cli import build_parser, config_from_args, default_run_dir
+
+    commands = _readme_commands()
+    pairs = [(run, read) for run, read in zip(commands, commands[1:])
+             if run.startswith("robbench run ") and "--out" not in run and "--executor" not in run
+             and read.split()[1] in ("report", "leaderboard")]
+    assert pairs, "README has no run command followed by a command that reads its directory"
+    for run, read in pairs:
+        args = build_parser().parse_args(shlex.split(run)[1:])
+        expected = default_run_dir(config_from_args(args), args.config)
+        assert Path(shlex.split(read)[2]) == expected, f"{read!r} after {run!r}: the run writes {expected}"
