@@ -258,3 +258,23 @@ def test_readme_reads_each_run_from_the_directory_the_run_before_it_wrote():
         args = build_parser().parse_args(shlex.split(run)[1:])
         expected = default_run_dir(config_from_args(args), args.config)
         assert Path(shlex.split(read)[2]) == expected, f"{read!r} after {run!r}: the run writes {expected}"
+
+
+# --- the report's bound claim on margins that do not vary ---------------------------------------------
+def test_the_bound_claim_is_not_tested_where_r_is_the_same_at_every_point():
+    """A small run whose margins were all censored at the cap (R >= 10 at every point) gave Pearson
+    ρ = nan and the verdict "not supported": a correlation that cannot be computed is no evidence against
+    the claim."""
+    from robbench.paper.claims import NOT_TESTED, bound_claim
+    from robbench.store import ResultRow
+
+    rows = []
+    for p in range(4):
+        rows.append(ResultRow("m", p, "vae", 0, "max_damage", "margin", "ok",
+                              {"margin": None, "margin_lo": 10.0, "margin_hi": None, "censored": True}, None, 0.1))
+        rows.append(ResultRow("b", p, "vae", 0, "", "bound", "ok",
+                              {"bound": 1.0 + 0.1 * p, "bound_status": "ok", "min_sigma": 0.5,
+                               "jacobian_frobenius": 2.0 + p}, None, 0.1))
+    claim = bound_claim(rows)
+    assert claim.verdict == NOT_TESTED, claim
+    assert "R is the same at every point (4 points, all censored at the cap)" in claim.evidence

@@ -423,6 +423,14 @@ def bound_claim(rows: list[ResultRow], retest: list[ResultRow] | None = None) ->
         return Claim("bound", statement, NOT_TESTED,
                      "needs at least 3 points with both a non-vacuous bound and a margin (estimators bound and "
                      f"margin on the same models); this run has {len(pooled)} ({vacuous} vacuous).")
+    for index, name in ((1, "R"), (0, "the bound")):  # then Pearson's ρ is undefined: no evidence either way
+        if len({p[index] for p in pooled}) == 1:
+            censored = sum(bool(r.metrics.get("censored")) for r in rows if r.status == "ok" and r.estimator == "margin")
+            why = ", all censored at the cap" if index == 1 and censored >= len(pooled) else ""
+            return Claim("bound", statement, NOT_TESTED,
+                         f"{name} is the same at every point ({len(pooled)} points{why}), so its correlation with "
+                         f"the {'bound' if index == 1 else 'margin'} is undefined"
+                         + ("; raise margin.max_radius or lower r" if why else "") + ".")
     margins = point_values(rows, "margin", ("margin",))
     factors = bound_values(rows)
     margins2 = point_values(retest, "margin", ("margin",)) if retest else {}
