@@ -19,6 +19,7 @@ Parameters shared by the trainable families (``ModelFamily.defaults``):
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -295,6 +296,9 @@ def _check_singular_values(p: dict[str, Any]) -> None:
 def _check_path(p: dict[str, Any]) -> None:
     if not p.get("path"):
         raise ValueError("parameter 'path' is required (a checkpoint saved by robbench)")
+    path = Path(p["path"]).expanduser()
+    if not path.is_file():  # found before any work, not when the model is built (every row failed)
+        raise ValueError(f"checkpoint {path} {'is not a file' if path.exists() else 'does not exist'}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,7 +318,7 @@ def build_from_file(params: dict[str, Any], input_shape: tuple[int, ...]) -> nn.
     from robbench.plugins import get_registries
     from robbench.training import load_checkpoint_file
 
-    model, _meta = load_checkpoint_file(params["path"], get_registries().models.get,
+    model, _meta = load_checkpoint_file(Path(params["path"]).expanduser(), get_registries().models.get,
                                         expected_input_shape=tuple(input_shape))
     return model
 

@@ -278,3 +278,29 @@ def test_the_bound_claim_is_not_tested_where_r_is_the_same_at_every_point():
     claim = bound_claim(rows)
     assert claim.verdict == NOT_TESTED, claim
     assert "R is the same at every point (4 points, all censored at the cap)" in claim.evidence
+
+
+# --- from_file: a checkpoint path that does not exist, or one that starts with ~ ------------------------
+def test_from_file_checks_its_path_up_front_and_expands_the_home_directory(cache, tmp_path, capsys, monkeypatch):
+    """A missing checkpoint ran the whole invocation and failed every row (exit 0); `path=~/ckpt.pt` (the
+    shell does not expand ~ after `=`, and YAML never does) was looked up as a folder named '~'."""
+    import shutil
+
+    base = ["run", "--dataset", "digits", "--models", "from_file", "--estimators", "encoder_stats", "--points", "2",
+            "--no-progress", "--backend", "torch"]
+    assert main([*base, "--param", f"from_file.path={tmp_path / 'nope.pt'}", "--out", str(tmp_path / "r0")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"checkpoint {tmp_path / 'nope.pt'} does not exist" in err
+    assert not (tmp_path / "r0").exists()
+
+    assert main(["train", "--dataset", "digits", "--models", "vae", "--epochs", "1", "--no-progress",
+                 "--out", str(tmp_path / "trained")]) == 0
+    (checkpoint,) = (cache / "models").glob("vae-*.pt")
+    home = tmp_path / "home"
+    home.mkdir()
+    shutil.copy(checkpoint, home / "ckpt.pt")
+    monkeypatch.setenv("HOME", str(home))
+    capsys.readouterr()
+    assert main([*base, "--param", "from_file.path=~/ckpt.pt", "--out", str(tmp_path / "r1")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "ready-built" in out and "could not be" not in out, out
