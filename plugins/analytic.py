@@ -28,6 +28,9 @@ class LinearGaussianVAE(nn.Module):
         self.input_shape = tuple(input_shape)
         self.latent_dim = latent_dim
         dim = math.prod(self.input_shape)
+        if latent_dim > dim:  # A = U diag(sv) V^T needs k orthonormal directions in R^D
+            raise ValueError(f"latent_dim={latent_dim} exceeds the input dimension {dim} (input shape "
+                             f"{self.input_shape}); the linear-Gaussian VAE needs 1 <= latent_dim <= {dim}")
         gen = torch.Generator().manual_seed(seed)
         left, _ = torch.linalg.qr(torch.randn(latent_dim, latent_dim, generator=gen, dtype=torch.float64))
         right, _ = torch.linalg.qr(torch.randn(dim, latent_dim, generator=gen, dtype=torch.float64))

@@ -304,3 +304,11 @@ def test_from_file_checks_its_path_up_front_and_expands_the_home_directory(cache
     assert main([*base, "--param", "from_file.path=~/ckpt.pt", "--out", str(tmp_path / "r1")]) == 0
     out = " ".join(capsys.readouterr().out.split())
     assert "ready-built" in out and "could not be" not in out, out
+
+
+def test_a_linear_gaussian_latent_larger_than_the_input_says_so():
+    """latent_dim > the input dimension failed with torch's 'mat1 and mat2 shapes cannot be multiplied'."""
+    from robbench_plugins.analytic import LinearGaussianVAE
+
+    with pytest.raises(ValueError, match=r"latent_dim=100 exceeds the input dimension 64 \(input shape \(1, 8, 8\)\)"):
+        LinearGaussianVAE((1, 8, 8), 100)
