@@ -164,12 +164,33 @@ def stable_hash(obj: Any) -> str:
 
 
 # --- loading -----------------------------------------------------------------------------------
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, but numbers in scientific notation are numbers (YAML 1.2, JSON): under YAML
+    1.1 ``1e-3`` (no dot, no exponent sign) is text, so ``--param margin.tolerance=1e-3`` was refused."""
+
+
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+
+                    |[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?
+                    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def yaml_value(text: str) -> Any:
+    """``text`` parsed as YAML by the loader of config files (safe; scientific notation is a number)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+
 def load_yaml(path: Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"--config {path} is a directory; give a YAML file")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml_value(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except UnicodeDecodeError:
@@ -403,13 +424,16 @@ def _check_param_type(owner: str, key: str, value: Any, default: Any, sweepable:
 
 
 def _as_default_type(value: Any, default: Any) -> Any:
-    """Whole numbers given for a float parameter (or a list of floats) become floats."""
+    """Whole numbers given for a float parameter (or a list of floats) become floats, and whole floats
+    (4096.0, 2.5e+4) given for an integer parameter become integers: either way one setting, one key."""
     example = default[0] if isinstance(default, list) and default else default
-    if not isinstance(example, float):
+    if _is_int(example):
+        cast = lambda v: int(v) if isinstance(v, float) and v.is_integer() else v  # noqa: E731
+    elif isinstance(example, float):
+        cast = lambda v: float(v) if _is_number(v) else v  # noqa: E731
+    else:
         return value
-    if isinstance(value, list):
-        return [float(v) if _is_number(v) else v for v in value]
-    return float(value) if _is_number(value) else value
+    return [cast(v) for v in value] if isinstance(value, list) else cast(value)
 
 
 def _compatible(value: Any, default: Any) -> bool:
@@ -480,7 +504,7 @@ def parse_param_flag(flag: str, regs: Registries) -> tuple[str, str, str, Any]:
     target, raw = flag.split("=", 1)
     name, key = target.split(".", 1)
     try:
-        value = yaml.safe_load(raw)
+        value = yaml_value(raw)
     except yaml.YAMLError:
         raise ConfigError(f"--param {flag!r}: the value {raw!r} is not valid YAML") from None
     sections = [(section, reg) for section, reg in (("model_params", regs.models), ("attack_params", regs.attacks),

@@ -312,3 +312,40 @@ def test_a_linear_gaussian_latent_larger_than_the_input_says_so():
 
     with pytest.raises(ValueError, match=r"latent_dim=100 exceeds the input dimension 64 \(input shape \(1, 8, 8\)\)"):
         LinearGaussianVAE((1, 8, 8), 100)
+
+
+# --- numbers in scientific notation -------------------------------------------------------------------
+@pytest.mark.parametrize("how", ["flag", "yaml"])
+def test_scientific_notation_is_a_number_in_params_and_config_files(tmp_path, capsys, how):
+    """PyYAML follows YAML 1.1, where 1e-3 (no dot, no exponent sign) is text: `--param
+    margin.tolerance=1e-3` was refused as "bad value for margin.tolerance: '1e-3'", a value the user typed
+    as a number. Now 1e-3, 1E4 and 2.5e+2 are numbers, as in YAML 1.2 and JSON."""
+    out = str(tmp_path / "run")
+    if how == "flag":
+        args = ["run", *FAST, "--estimators", "margin", "--param", "margin.tolerance=1e-3",
+                "--param", "margin.samples_max=2.5e+4", "--dry-run", "--out", out]
+    else:
+        config = tmp_path / "c.yaml"
+        config.write_text("estimator_params:\n  margin: {tolerance: 1e-3, max_radius: 1E1}\nr: 4e0\n")
+        args = ["run", *FAST, "--estimators", "margin", "--config", str(config), "--dry-run", "--out", out]
+    assert main(args) == 0, capsys.readouterr().err
+
+    from robbench.config import load_yaml
+
+    path = tmp_path / "n.yaml"
+    path.write_text("a: 1e-3\nb: 1E4\nc: -2.5e+2\nd: 1_000\ne: '1e-3'\nf: 1.5\ng: e5\nh: .inf\n")
+    assert load_yaml(path) == {"a": 1e-3, "b": 1e4, "c": -250.0, "d": 1000, "e": "1e-3", "f": 1.5, "g": "e5",
+                               "h": float("inf")}
+
+
+def test_a_whole_float_for_an_integer_parameter_is_that_integer():
+    """samples_max=2.5e+4 or 4096.0 ran with a float where the estimator counts samples, and keyed its job
+    apart from samples_max=4096 (a rerun with the integer recomputed instead of resuming)."""
+    from robbench.config import merge_params
+    from robbench.plugins import get_registries
+
+    margin = get_registries().estimators.get("margin")
+    merged = merge_params(margin, {"samples_max": 25000.0, "samples_initial": 64})
+    assert merged["samples_max"] == 25000 and type(merged["samples_max"]) is int
+    assert type(merged["samples_initial"]) is int
+    assert type(merge_params(margin, {"max_radius": 10})["max_radius"]) is float  # as before: 1 and 1.0 agree
