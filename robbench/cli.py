@@ -52,7 +52,7 @@ def _add_run_arguments(p: argparse.ArgumentParser, *, train: bool = False) -> No
     add("--estimators", used_by_train=False, help="comma-separated estimators (default margin,bound,encoder_stats)")
     add("--dataset", used_by_train=True, help="data set name (default mnist: 5,000 embedded digits)")
     add("--data-dir", used_by_train=True,
-        help="directory with local data files (MNIST/Fashion-MNIST IDX, CIFAR-10 binary)")
+        help="directory with local data files (MNIST/Fashion-MNIST IDX, CIFAR-10, npz arrays, image folders)")
     add("--points", used_by_train=False, type=int, help="number of test points to evaluate (default 25)")
     add("--seed", used_by_train=False, type=int,
         help=f"seed for point selection, attacks and Monte Carlo (default {RunSettings.seed})")
