@@ -415,3 +415,16 @@ def test_the_npz_data_set_names_what_is_wrong(cache, tmp_path, capsys, files, me
     assert main(["run", "--dataset", "npz", "--data-dir", str(root), "--models", "vae", "--points", "2",
                  "--dry-run"]) == 2
     assert message in " ".join(capsys.readouterr().err.split())
+
+
+def test_a_trend_claim_is_not_tested_where_every_value_is_the_same():
+    """Margins censored at the cap for every β gave Spearman nan and "R grows with β: not supported"."""
+    from robbench.paper.claims import NOT_TESTED, check_claims
+    from robbench.store import ResultRow
+
+    rows = [ResultRow(f"m{beta}", p, f"beta_vae(beta={beta})", 0, "max_damage", "margin", "ok",
+                      {"margin": None, "margin_lo": 10.0, "margin_hi": None, "censored": True}, None, 0.1)
+            for beta in (0.1, 1.0, 10.0) for p in range(3)]
+    (claim,) = [c for c in check_claims(rows) if c.key == "R_beta"]
+    assert claim.verdict == NOT_TESTED, claim
+    assert "R is the same at every point (9 points, all censored at the cap)" in claim.evidence

@@ -180,6 +180,18 @@ def _pvalue_text(p: float) -> str:
     return "p=nan" if not math.isfinite(p) else (f"p={p:.2g}" if p >= 1e-4 else "p<1e-4")
 
 
+def _all_the_same(values: list[float], name: str, margin_rows: list[ResultRow]) -> str | None:
+    """None, or (when every one of >= 2 values is equal) why a claim cannot be tested on them, with
+    "{what}" where the caller says what is lost; ``margin_rows``: the margin rows, to say when every point
+    is censored at the cap (their values are the cap)."""
+    if len(values) < 2 or len(set(values)) > 1:
+        return None
+    censored = sum(bool(r.metrics.get("censored")) for r in margin_rows if r.status == "ok" and r.estimator == "margin")
+    why = ", all censored at the cap" if margin_rows and censored >= len(values) else ""
+    return (f"{name} is the same at every point ({len(values)} points{why}), so {{what}}"
+            + ("; raise margin.max_radius or lower r" if why else "") + ".")
+
+
 # --- trend claims ------------------------------------------------------------------------------
 def trend_claim(rows: list[ResultRow], *, key: str, statement: str, family: str, param: str,
                 metric: str, estimators: tuple[str, ...], direction: int, symbol: str,
@@ -197,6 +209,10 @@ def trend_claim(rows: list[ResultRow], *, key: str, statement: str, family: str,
         return Claim(key, statement, NOT_TESTED,
                      f"needs {metric} for at least two {family} configurations ({how_to_test}); "
                      f"this run has {len(configs)}.")
+    same = _all_the_same([v for level in configs.values() for v in level.values()], symbol,
+                         rows if metric == "margin" else [])
+    if same:
+        return Claim(key, statement, NOT_TESTED, same.replace("{what}", "no trend can be seen"))
     levels = sorted(configs)
     table, networks = [], []
     for level in levels:
@@ -423,14 +439,11 @@ def bound_claim(rows: list[ResultRow], retest: list[ResultRow] | None = None) ->
         return Claim("bound", statement, NOT_TESTED,
                      "needs at least 3 points with both a non-vacuous bound and a margin (estimators bound and "
                      f"margin on the same models); this run has {len(pooled)} ({vacuous} vacuous).")
-    for index, name in ((1, "R"), (0, "the bound")):  # then Pearson's ρ is undefined: no evidence either way
-        if len({p[index] for p in pooled}) == 1:
-            censored = sum(bool(r.metrics.get("censored")) for r in rows if r.status == "ok" and r.estimator == "margin")
-            why = ", all censored at the cap" if index == 1 and censored >= len(pooled) else ""
-            return Claim("bound", statement, NOT_TESTED,
-                         f"{name} is the same at every point ({len(pooled)} points{why}), so its correlation with "
-                         f"the {'bound' if index == 1 else 'margin'} is undefined"
-                         + ("; raise margin.max_radius or lower r" if why else "") + ".")
+    for index, name, other in ((1, "R", "bound"), (0, "the bound", "margin")):
+        same = _all_the_same([p[index] for p in pooled], name, rows if index == 1 else [])
+        if same:  # then Pearson's ρ is undefined: no evidence either way
+            return Claim("bound", statement, NOT_TESTED, same.replace("{what}", f"its correlation with the {other} "
+                                                                                 "is undefined"))
     margins = point_values(rows, "margin", ("margin",))
     factors = bound_values(rows)
     margins2 = point_values(retest, "margin", ("margin",)) if retest else {}
