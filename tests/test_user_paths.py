@@ -428,3 +428,15 @@ def test_a_trend_claim_is_not_tested_where_every_value_is_the_same():
     (claim,) = [c for c in check_claims(rows) if c.key == "R_beta"]
     assert claim.verdict == NOT_TESTED, claim
     assert "R is the same at every point (9 points, all censored at the cap)" in claim.evidence
+
+
+def test_a_paired_trend_claim_is_not_tested_where_every_value_is_the_same():
+    from robbench.paper.claims import NOT_TESTED, check_claims
+    from robbench.store import ResultRow
+
+    rows = [ResultRow(f"m{tau}-{seed}", p, f"sigma_offset_vae(tau={tau})", seed, "max_damage", "margin", "ok",
+                      {"margin": None, "margin_lo": 10.0, "margin_hi": None, "censored": True}, None, 0.1)
+            for tau in (0.0, 0.5, 1.0) for seed in (0, 1) for p in range(2)]
+    (claim,) = [c for c in check_claims(rows) if c.key == "R_tau_paired"]
+    assert claim.verdict == NOT_TESTED, claim
+    assert "R is the same at every point (12 points, all censored at the cap)" in claim.evidence

@@ -278,6 +278,10 @@ def paired_trend_claim(rows: list[ResultRow], *, key: str, statement: str, famil
                      f"needs {metric} for at least two {family} configurations, each with the same >= 2 training "
                      f"seeds ({how_to_test}, model_seeds: [0, 1, 2, 3, 4]); this run has {len(levels)} "
                      f"configuration(s) and {len(seeds)} shared seed(s).")
+    same = _all_the_same([v for lv in levels for s in seeds for v in per_net[lv][s]], symbol,
+                         rows if metric == "margin" else [])
+    if same:
+        return Claim(key, statement, NOT_TESTED, same.replace("{what}", "no trend can be seen"))
     mean_of = {(lv, s): sum(per_net[lv][s]) / len(per_net[lv][s]) for lv in levels for s in seeds}
     base = levels[0]
     table = []
