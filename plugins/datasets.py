@@ -129,8 +129,9 @@ def load_cifar10(options: DataOptions) -> SplitData:
 # ---------------------------------------------------------------------------------------------
 # A user's own arrays
 # ---------------------------------------------------------------------------------------------
-def _read_npz(path, name: str = "npz") -> tuple[np.ndarray, np.ndarray | None]:
-    """(x, y or None) of one .npz file: x (N, H, W) or (N, C, H, W) numbers, optional y (N,) labels.
+def _read_npz(path, name: str = "npz") -> tuple[np.ndarray, np.ndarray | None, tuple[float, float]]:
+    """(x, y or None, input range) of one .npz file: x (N, H, W) or (N, C, H, W) numbers, optional y (N,)
+    labels, optional ``input_range`` [lo, hi] of float x (default [0, 1]; uint8 x is divided by 255).
     Read without pickle (a file holding objects is refused)."""
     try:
         with np.load(path, allow_pickle=False) as arrays:
@@ -139,6 +140,7 @@ def _read_npz(path, name: str = "npz") -> tuple[np.ndarray, np.ndarray | None]:
                                               f"{', '.join(arrays.files) or 'nothing'})")
             x = arrays["x"]
             y = arrays["y"] if "y" in arrays.files else None
+            box = arrays["input_range"] if "input_range" in arrays.files else None
     except (ValueError, OSError, EOFError) as err:  # objects need pickle; not a zip; truncated
         raise datafiles.DataFileError(f"data set {name!r}: {path} cannot be read without pickle as numpy "
                                       f"arrays ({err})") from None
@@ -151,30 +153,38 @@ def _read_npz(path, name: str = "npz") -> tuple[np.ndarray, np.ndarray | None]:
     if y is not None and (y.ndim != 1 or len(y) != len(x) or y.dtype.kind not in "ui"):
         raise datafiles.DataFileError(f"data set {name!r}: {path}: 'y' has {len(y) if y.ndim == 1 else y.shape} "
                                       f"entries for {len(x)} examples in 'x'; expected (N,) integer labels")
-    images = _unit(x) if x.dtype == np.uint8 else x.astype(np.float32)  # other ranges: load_data names them
-    return (images[:, None] if x.ndim == 3 else images), y
+    if box is not None and (box.shape != (2,) or box.dtype.kind not in "uif" or x.dtype == np.uint8
+                            or not np.isfinite(box).all() or not box[0] < box[1]):
+        raise datafiles.DataFileError(f"data set {name!r}: {path}: 'input_range' must be [lo, hi] with lo < hi, "
+                                      f"finite, for float x (got {box.tolist()} for x of dtype {x.dtype})")
+    images = _unit(x) if x.dtype == np.uint8 else x.astype(np.float32)  # outside the range: load_data names it
+    span = (0.0, 1.0) if box is None else (float(box[0]), float(box[1]))
+    return (images[:, None] if x.ndim == 3 else images), y, span
 
 
 def load_npz(options: DataOptions) -> SplitData:
     """A user's arrays: ``DIR/train.npz`` and ``DIR/test.npz``, or one ``DIR/data.npz`` split
     ``test_fraction`` (20%) to test, seeded and stratified by y. Each holds ``x`` (N, H, W) or (N, C, H, W):
-    uint8 pixels (divided by 255) or floats in [0, 1]; and ``y`` (N,) integer labels, optional (0s)."""
+    uint8 pixels (divided by 255) or floats in [0, 1] (another box: an array ``input_range`` = [lo, hi]);
+    and ``y`` (N,) integer labels, optional (0s)."""
     root = datafiles.resolve_data_dir(options.data_dir, "npz")
     train, test, whole = root / "train.npz", root / "test.npz", root / "data.npz"
     if train.is_file() and test.is_file():
-        (train_x, train_y), (test_x, test_y) = _read_npz(train), _read_npz(test)
-        if train_x.shape[1:] != test_x.shape[1:]:
-            raise datafiles.DataFileError(f"data set 'npz': {train} holds images of shape {train_x.shape[1:]} "
-                                          f"and {test} of shape {test_x.shape[1:]}")
+        (train_x, train_y, box), (test_x, test_y, test_box) = _read_npz(train), _read_npz(test)
+        if train_x.shape[1:] != test_x.shape[1:] or box != test_box:
+            raise datafiles.DataFileError(f"data set 'npz': {train} holds images of shape {train_x.shape[1:]} in "
+                                          f"{list(box)}, {test} of shape {test_x.shape[1:]} in {list(test_box)}")
         zeros = lambda a: np.zeros(len(a), np.int64)  # noqa: E731 - labels are optional
-        return _to_split(train_x, zeros(train_x) if train_y is None else train_y,
-                         test_x, zeros(test_x) if test_y is None else test_y)
-    if whole.is_file():
-        x, y = _read_npz(whole)
-        return stratified_split(x, np.zeros(len(x), np.int64) if y is None else y, options.test_fraction,
-                                options.seed)
-    raise datafiles.DataFileError(f"data set 'npz': expected train.npz and test.npz, or data.npz, in {root} "
-                                  "(arrays x: (N, H, W) or (N, C, H, W), y: (N,) labels)")
+        split = _to_split(train_x, zeros(train_x) if train_y is None else train_y,
+                          test_x, zeros(test_x) if test_y is None else test_y)
+    elif whole.is_file():
+        x, y, box = _read_npz(whole)
+        split = stratified_split(x, np.zeros(len(x), np.int64) if y is None else y, options.test_fraction,
+                                 options.seed)
+    else:
+        raise datafiles.DataFileError(f"data set 'npz': expected train.npz and test.npz, or data.npz, in {root} "
+                                      "(arrays x: (N, H, W) or (N, C, H, W), y: (N,) labels)")
+    return SplitData(split.train_x, split.train_y, split.test_x, split.test_y, input_range=box)
 
 
 DATASETS = [
@@ -187,7 +197,8 @@ DATASETS = [
     DatasetSpec("cifar10", "CIFAR-10 (50k/10k, 3x32x32) from the binary or the python version in the data directory.",
                 load_cifar10, "conv"),
     DatasetSpec("npz", "your own arrays: train.npz + test.npz, or data.npz (split 80/20), with x (N, [C,] H, W) "
-                "uint8 or in [0, 1] and optional labels y, in the data directory.", load_npz, "mlp"),
+                "uint8 or in [0, 1] (another box: an array input_range = [lo, hi]) and optional labels y, in "
+                "the data directory.", load_npz, "mlp"),
 ]
 
 

@@ -440,3 +440,25 @@ def test_a_paired_trend_claim_is_not_tested_where_every_value_is_the_same():
     (claim,) = [c for c in check_claims(rows) if c.key == "R_tau_paired"]
     assert claim.verdict == NOT_TESTED, claim
     assert "R is the same at every point (12 points, all censored at the cap)" in claim.evidence
+
+
+def test_npz_arrays_in_another_range_declare_it(cache, tmp_path, capsys):
+    """Standardised arrays (not in [0, 1]) were refused with a hint about SplitData.input_range, which an npz
+    user cannot set; an array `input_range` = [lo, hi] in the file declares the box (mapped onto [0, 1])."""
+    import numpy as np
+
+    images, labels = _digits_arrays()
+    x = images.astype(np.float32) / 255 * 4 - 2  # in [-2, 2]
+    root = tmp_path / "arrays"
+    root.mkdir()
+    np.savez(root / "data.npz", x=x, y=labels)
+    args = ["run", "--dataset", "npz", "--data-dir", str(root), "--models", "vae", "--epochs", "1",
+            "--estimators", "encoder_stats", "--points", "2", "--no-progress", "--backend", "torch"]
+    assert main([*args, "--dry-run"]) == 2
+    assert "outside the declared input range [0, 1]" in " ".join(capsys.readouterr().err.split())
+    np.savez(root / "data.npz", x=x, y=labels, input_range=np.array([-2.0, 2.0]))
+    assert main([*args, "--out", str(tmp_path / "run")]) == 0
+    assert "could not be" not in capsys.readouterr().out
+    np.savez(root / "data.npz", x=x, y=labels, input_range=np.array([2.0, -2.0]))
+    assert main([*args, "--dry-run"]) == 2
+    assert "'input_range' must be [lo, hi] with lo < hi" in " ".join(capsys.readouterr().err.split())
