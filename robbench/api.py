@@ -99,6 +99,15 @@ def _names(names: str | Sequence[str], what: str) -> list[str]:
     return unique([names] if isinstance(names, str) else list(names), what)
 
 
+def _check_model(model: Any) -> None:
+    """TypeError naming the methods of the VAE protocol that ``model`` lacks (before any work; an estimator
+    would fail later with a bare AttributeError)."""
+    missing = [sig for name, sig in (("encode", "encode(x) -> (mu, sigma)"), ("decode", "decode(z)"))
+               if not callable(getattr(model, name, None))]
+    if missing:
+        raise TypeError(f"model {type(model).__name__} lacks {', '.join(missing)}; see robbench.protocols.VAEModel")
+
+
 def _check_data(model: VAEModel, data: Any) -> None:
     """TypeError / ValueError naming what is wrong with ``data`` for ``model``, before any work: it must be
     a non-empty (B, *model.input_shape) tensor of the model's floating dtype."""
@@ -176,6 +185,7 @@ def evaluate(model: VAEModel, data: Tensor, attacks: str | Sequence[str] | None 
             raise ValueError(f"estimator {name!r} needs an attack and attacks is empty; give attacks=[...]")
     a_params = {name: _merge(a, attack_params.get(name, {}), run_wide_allowed=False)[0] for name, a in atk.items()}
 
+    _check_model(model)
     _check_data(model, data)
     if isinstance(model, torch.nn.Module):
         model.eval()  # dropout / batch-norm in inference mode, as the runner does

@@ -462,3 +462,14 @@ def test_npz_arrays_in_another_range_declare_it(cache, tmp_path, capsys):
     np.savez(root / "data.npz", x=x, y=labels, input_range=np.array([2.0, -2.0]))
     assert main([*args, "--dry-run"]) == 2
     assert "'input_range' must be [lo, hi] with lo < hi" in " ".join(capsys.readouterr().err.split())
+
+
+def test_evaluate_names_what_a_model_without_the_vae_methods_lacks():
+    """A plain nn.Module failed deep inside an estimator: "'Linear' object has no attribute 'encode'"."""
+    import torch
+
+    from robbench import evaluate
+
+    with pytest.raises(TypeError, match=r"model Linear lacks encode\(x\) -> \(mu, sigma\), decode\(z\); "
+                                        r"see robbench.protocols.VAEModel"):
+        evaluate(torch.nn.Linear(64, 64), torch.rand(2, 64), estimators=["bound"])
