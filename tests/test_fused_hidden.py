@@ -265,3 +265,96 @@ def test_portable_loop_passes_the_same_tests():
                           "-k", "not portable and not gemm_rows"], env=env, capture_output=True, text=True,
                          cwd=Path(__file__).parent.parent)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+
+def _overflowing_layer() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (3, 3), W1 (32, 3), b1 (32,): unit 0 sums b = -2^127 and the products 2^127, 2^127, -2^127. Summed from
+    the bias on (hidden_rows' order) every partial sum is finite and h'_0 = 0; summed products first (MKL's order
+    here) 2^127 + 2^127 overflows and ATen's h_0 = inf. ||x|| ||W1||_F + ||b1|| ~ 2^129: Higham's bound holds only
+    without overflow, so eps must be +inf there (bounds.h part 8)."""
+    x = torch.full((3, 3), 2.0 ** 60)
+    w1 = torch.zeros(32, 3)
+    w1[0] = torch.tensor([2.0 ** 67, 2.0 ** 67, -2.0 ** 67])
+    w1[1] = 1.0
+    b1 = torch.zeros(32)
+    b1[0] = -2.0 ** 127
+    return x, w1, b1
+
+
+def test_hidden_rows_eps_is_infinite_where_a_sum_can_overflow():
+    """eps bounds ||h_aten - h'|| also where ATen's order overflows and ours does not (inf <= inf); a layer just
+    below the overflow threshold keeps a finite eps."""
+    x, w1, b1 = _overflowing_layer()
+    ref = torch.addmm(b1, x, w1.t()).relu()
+    h, _, eps = torch.ops.robbench.hidden_rows(x, w1.t().contiguous(), b1, RELU)
+    err = (ref.double() - h.double()).norm(dim=1)
+    assert bool((err <= eps).all()), (err, eps)
+    small = torch.ops.robbench.hidden_rows(x / 2.0 ** 4, w1.t().contiguous(), b1 / 2.0 ** 4, RELU)[2]
+    assert bool(small.isfinite().all())
+
+
+def test_counts_where_atens_hidden_layer_overflows_equal_the_reference(monkeypatch):
+    """ATen's h_0 = inf (the reference's outputs are sigmoid(+inf) = 1: d2 = 8 > r2) while h'_0 = 0 (outputs
+    sigmoid(-30) ~ 1e-13, well inside r2 = 0.5, and tiny last-layer weights keep every other band term small): with
+    a finite eps the band counted every sample inside. Fused hidden layer on and off, screen on and off."""
+    _bf16_or_skip()
+    mu, w1, b1 = _overflowing_layer()
+    D = 8
+    w2 = torch.zeros(32, 32)
+    w2[:D, 0] = 1e-37
+    b2 = torch.zeros(32)
+    b2[:D] = -30.0
+    wts, bs, acts = [w1.t().contiguous(), w2.t().contiguous()], [b1, b2], [RELU, SIGMOID]
+    B = mu.shape[0]
+    sigma, center = torch.zeros(B, 3), torch.zeros(B, D)
+    ka, kb = torch.arange(B, dtype=torch.long) + 11, torch.full((B,), 5, dtype=torch.long)
+    y = torch.addmm(b2, torch.addmm(b1, mu, w1.t()).relu(), w2.t()).sigmoid()[:, :D]
+    d2 = ((y - center) ** 2).sum(1)
+    if bool(torch.addmm(b1, mu, w1.t()).isfinite().all()):
+        pytest.skip("ATen's summation order does not overflow on this layer here")
+    r2 = torch.full((B,), 0.5)
+    for fused in ("1", "0"):
+        monkeypatch.setenv("ROBBENCH_FUSED_HIDDEN", fused)
+        for screen in (False, True):
+            counts, _ = torch.ops.robbench.mlp_count(mu, sigma, center, r2, ka, kb, 4, 0, wts, bs, acts, 1, screen,
+                                                     2048)
+            assert torch.equal(counts, 4 * (d2 <= r2).long()), (fused, screen, counts.tolist(), d2.tolist())
+
+
+def test_screen_with_h_prime_closer_to_h_c_than_atens_h_decides_like_the_reference(monkeypatch):
+    """The screen's eps term (bounds.h part 8: ||h - h_c|| <= ||h' - h_c|| + eps). The last hidden layer cancels
+    2^20 (input 0 held at 1) and adds s = z_1 to every unit: ATen's order rounds s to the 1/16 grid (-2^20 + s
+    first), ours keeps it. mu_1 and z_1 lie 2^-12 either side of the rounding boundary 1/32, so ATen's h - h_c is
+    1/16 per unit and h' - h_c only ~1/32: ||h - h_c|| ~ 0.35, ||h' - h_c|| ~ 0.18. An identity last layer (W = I)
+    and c = y(h_c) - 0.5 u (u along h - h_c) make the reference's distance 0.5 + 0.35 exactly the Lipschitz bound
+    with ATen's h; with r = 0.77 a screen fed ||h' - h_c|| without eps decided all 4 samples inside (checked by
+    mutation), the reference says outside. Counts equal the reference's with the screen on and off."""
+    _bf16_or_skip()
+    from robbench import rng
+    k, K, B, big = 2, 32, 4, 2.0 ** 20
+    w1 = torch.zeros(K, k)
+    w1[:, 0], w1[:, 1] = -big, 1.0
+    b1 = big + 1.0 + torch.arange(K) / 32.0
+    w2, b2 = torch.eye(K), torch.zeros(K)
+    wts, bs, acts = [w1.t().contiguous(), w2.t().contiguous()], [b1, b2], [RELU, NONE]
+    ka, kb = torch.arange(B, dtype=torch.long) + 11, torch.full((B,), 5, dtype=torch.long)
+    eta = rng.normals(ka, kb, torch.zeros(B, dtype=torch.long), k)[:, 1]
+    mu = torch.stack([torch.ones(B), 1 / 32 - torch.sign(eta) * 2.0 ** -12], 1)
+    sigma = torch.stack([torch.zeros(B), 2.0 ** -11 / eta.abs()], 1)
+    z = mu + sigma * torch.stack([torch.zeros(B), eta], 1)
+    h = torch.addmm(b1, z, w1.t()).relu()
+    hc = torch.addmm(b1, mu, w1.t()).relu()
+    hp = torch.ops.robbench.hidden_rows(z, w1.t().contiguous(), b1, RELU)[0]
+    assert bool(((h - hc).norm(dim=1) > 1.5 * (hp - hc).norm(dim=1)).all())  # the construction holds
+    u = (h - hc) / (h - hc).norm(dim=1, keepdim=True)
+    center = (torch.addmm(b2, hc, w2.t()) - 0.5 * u).contiguous()
+    d2 = torch.ops.robbench.mlp_sq_distances(mu, sigma, center, ka, kb, 1, 0, wts, bs, acts, 2048)[:, 0]
+    assert torch.allclose(d2, ((torch.addmm(b2, h, w2.t()) - center) ** 2).sum(1), rtol=1e-6)
+    r2 = torch.full((B,), 0.77 ** 2)
+    assert not bool((d2 <= r2).any())
+    for fused in ("1", "0"):
+        monkeypatch.setenv("ROBBENCH_FUSED_HIDDEN", fused)
+        for screen in (False, True):
+            counts, _ = torch.ops.robbench.mlp_count(mu, sigma, center, r2, ka, kb, 1, 0, wts, bs, acts, 1, screen,
+                                                     2048)
+            assert torch.equal(counts, (d2 <= r2).long()), (fused, screen, counts.tolist())

@@ -240,7 +240,12 @@
 //    2 (k + 1) 2^-126 if either side flushes subnormals, < 1e-30 for k < 2^23). ||x|| is sq_norm_up of the
 //    fp32 sum of squares, ||W1||_F and ||b1|| float64 sums inflated by 1e-6, eps evaluated in float64 and
 //    inflated by 1e-9 (HiddenLayer::eps). A NaN or infinite x makes eps NaN or +inf, and then every bound that
-//    uses it decides nothing. (Measured on the three trained decoders, k = 10: eps ~ 6e-6 ||h'||, against
+//    uses it decides nothing. Overflow (review RA): Higham's bound holds only while no fp32 operation overflows,
+//    and one order may overflow where the other does not (b = -2^127 and products 2^127, 2^127, -2^127: ours,
+//    from the bias on, gives 0, MKL's products-first order +inf, and the reference's sigmoid(+inf) = 1). Every
+//    intermediate of either order is at most (1 + g_{k+1}) S with S = Σ_i |x_i W1_ji| + |b1_j| <= ||x|| ||W1||_F +
+//    ||b1||, so neither overflows while ||x|| ||W1||_F + ||b1|| < 2^127 (norms inflated 1e-6); from 2^127 on eps
+//    is +inf (tests/test_fused_hidden.py, the overflowing layer: the band counted such samples inside before). (Measured on the three trained decoders, k = 10: eps ~ 6e-6 ||h'||, against
 //    ||h - ĥ|| ~ 1e-3 ||h||.)
 //    Every other part holds with h' in the place of h once eps is added where h enters, by the triangle
 //    inequality, since ĥ = bf16(h') (the product's input) is what they take as exact:

@@ -9,13 +9,19 @@
 namespace robbench {
 
 // The layer h = act(x W^T + b) (act: ReLU or identity) and its error bound (bounds.h part 8):
-// eps(nx) = nx ea + eb >= 2 g_{k+1} (nx ||W||_F + ||b||) + sqrt(K) 1e-30 for any nx >= ||x||.
+// eps(nx) = nx ea + eb >= 2 g_{k+1} (nx ||W||_F + ||b||) + sqrt(K) 1e-30 for any nx >= ||x||, and +inf where
+// nx ||W||_F + ||b|| >= 2^127: an fp32 partial sum might overflow in one order and not in the other (Higham's
+// bound assumes no overflow).
 struct HiddenLayer {
   const float* wt = nullptr;  // (k, K) = W^T row-major (the plan's weights_t, contiguous)
   const float* b = nullptr;   // (K,)
   int64_t k = 0, K = 0, act = 0;
   double ea = 0, eb = 0;      // inflated 1e-6 (float64 norms); eps evaluates in float64: (1 + 1e-9) covers it
-  double eps(double nx) const { return (nx * ea + eb) * (1 + 1e-9); }
+  double wf = 0, bn = 0;      // ||W||_F, ||b|| inflated 1e-6: the overflow test
+  double eps(double nx) const {
+    if (nx * wf + bn >= 0x1p127) return __builtin_inf();  // NaN nx: not taken, the NaN goes on
+    return (nx * ea + eb) * (1 + 1e-9);
+  }
 
   // Whether the layer can be fused: ReLU or identity (the bound of part 8 needs a 1-Lipschitz monotone act).
   static bool fusable(int64_t act);

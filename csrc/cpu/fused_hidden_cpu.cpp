@@ -36,6 +36,8 @@ HiddenLayer HiddenLayer::make(const at::Tensor& wt, const at::Tensor& b, int64_t
   double w2 = 0, b2 = 0;
   for (int64_t i = 0; i < L.k * L.K; ++i) w2 += static_cast<double>(L.wt[i]) * L.wt[i];
   for (int64_t j = 0; j < L.K; ++j) b2 += static_cast<double>(L.b[j]) * L.b[j];
+  L.wf = std::sqrt(w2) * (1 + 1e-6);
+  L.bn = std::sqrt(b2) * (1 + 1e-6);
   L.ea = g2 * std::sqrt(w2) * (1 + 1e-6);
   L.eb = (g2 * std::sqrt(b2) + std::sqrt(static_cast<double>(L.K)) * 1e-30) * (1 + 1e-6);
   return L;
