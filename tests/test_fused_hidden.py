@@ -3,8 +3,9 @@ its bound eps >= ||h - h'|| against ATen's layer (including a layer built so tha
 differ by ~100x the bf16 rounding of h), the row invariance of ATen's hidden GEMM that the fp32 recheck relies
 on, and mlp_count's decisions sample by sample against the fp32 reference at radii on and one ulp either side
 of each sample's fp32 squared distance: tails of 1..130 rows, k = 1..40, hidden widths that are not multiples
-of 16, one and two hidden layers, screen on and off, NaN / inf / huge latents, ROBBENCH_FUSED_HIDDEN=0 and the
-portable ROBBENCH_NO_AVX512=1 loop. Correctness only: no timing is asserted."""
+of 16, one and two hidden layers, screen on and off, NaN / inf / huge latents, a layer whose sums overflow in ATen's
+order only, a screen case that the eps term decides, ROBBENCH_FUSED_HIDDEN=0 and the portable
+ROBBENCH_NO_AVX512=1 loop. Correctness only: no timing is asserted."""
 from __future__ import annotations
 
 import os
