@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import sqlite3
 import sys
 import warnings
@@ -30,6 +31,7 @@ from robbench.settings import RunSettings
 from robbench.store import StoreError
 
 USAGE_ERROR = 2
+WRITE_ERROR = 1  # a write failed (disk full, a file size limit): the input was fine, rerunning resumes
 
 
 def _backend_choices() -> str:
@@ -328,11 +330,36 @@ def _main(argv: list[str]) -> int:
             StoreError) as err:
         print(f"robbench: error: {err}", file=sys.stderr)
         return USAGE_ERROR
+    except (sqlite3.OperationalError, OSError) as err:
+        failure = write_failure(err, getattr(args, "out", None))
+        if failure is None:
+            raise
+        print(f"robbench: error: {failure}", file=sys.stderr)
+        return WRITE_ERROR
     except sqlite3.DatabaseError as err:  # a results.sqlite damaged after it was opened
         print(f"robbench: error: the results database cannot be used: {err}", file=sys.stderr)
         return USAGE_ERROR
     parser.error(f"unknown command {args.command}")
     return USAGE_ERROR
+
+
+# Errors of a write that failed for lack of room, not because of the data or the input.
+_FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+_FULL_SQLITE = ("disk i/o error", "database or disk is full")
+
+
+def write_failure(err: BaseException, out: Any) -> str | None:
+    """The message for a write that failed for lack of room (disk full, quota, a file size limit), or None
+    for any other error. Every result is committed in its own transaction and every file renamed into
+    place, so what was written before stays usable and the same command resumes."""
+    if isinstance(err, sqlite3.OperationalError) and str(err).lower() in _FULL_SQLITE:
+        where = f"{Path(out) / 'results.sqlite'}" if out else "the results database"
+        what = f"could not write {where}: {err} (disk full, or a file size limit reached?)"
+    elif isinstance(err, OSError) and err.errno in _FULL_ERRNOS:
+        what = f"could not write {err.filename or 'a file'}: {err.strerror or err}"
+    else:
+        return None
+    return (f"{what}; the results stored so far are kept: free space and rerun the same command to resume")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from robbench.datafiles import DataFileError
 from robbench.execute import describe_error
@@ -128,15 +128,68 @@ def _checked(trained: TrainedModel, family: ModelFamily, data: SplitData, check_
 
 
 def encoder_problem(model: nn.Module, data: SplitData, ids: list[int], device: str) -> str | None:
-    """Why the encoder cannot be used on test points ``ids`` (it raises, or yields NaN/inf), or None."""
+    """Why the model cannot be used on test points ``ids``, or None: encode raises, yields NaN/inf, or
+    breaks the protocol (:func:`contract_problem`: shapes, dtype, a decoder that is not deterministic)."""
     if not ids:
         return None
     x = data.test_x[sorted(set(ids))].to(device)  # outside the try: unreadable data is no encoder problem
     try:
         with torch.no_grad():
-            mu, sigma = model.encode(fit_if_needed(x, input_range(data), model))  # to the model's shape/range
+            out = model.encode(fit_if_needed(x, input_range(data), model))  # to the model's shape/range
+            problem = _pair_problem(out)
+            if problem is not None:
+                return problem
+            mu, sigma = out
+            if not (torch.isfinite(mu).all() and torch.isfinite(sigma).all()):
+                return "model produced NaN or infinity in encode(x)"
+            return contract_problem(model, mu, sigma)
     except Exception as err:
         return f"encode() raised {describe_error(err)}"
-    if not (torch.isfinite(mu).all() and torch.isfinite(sigma).all()):
-        return "model produced NaN or infinity in encode(x)"
+
+
+def _pair_problem(out: Any) -> str | None:
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        what = f"a {type(out).__name__} of {len(out)}" if isinstance(out, (tuple, list)) else f"a {type(out).__name__}"
+        return f"encode(x) must return (mu, sigma); it returned {what}"
+    if not all(isinstance(t, torch.Tensor) for t in out):
+        return f"encode(x) must return two tensors (mu, sigma); it returned {', '.join(type(t).__name__ for t in out)}"
     return None
+
+
+def contract_problem(model: nn.Module, mu: Tensor, sigma: Tensor) -> str | None:
+    """What a model's outputs on a few points show to be against :class:`robbench.protocols.VAEModel`, or
+    None. mu, sigma: encode's outputs (B, ...). Checked: mu and sigma are (B, latent_dim); decode(mu) is a
+    floating-point tensor of shape (B, *input_shape) (a flat (B, prod(input_shape)) is accepted: the engines
+    flatten it), finite, and the same on a second call (the margin is defined for a deterministic decoder
+    mean g(z); dropout left on or sampling inside decode would make every estimate noise)."""
+    b, k = mu.shape[0], int(model.latent_dim)
+    if tuple(mu.shape) != (b, k) or tuple(sigma.shape) != (b, k):
+        return (f"encode(x) returned mu of shape {_shape(mu)} and sigma of shape {_shape(sigma)}; expected "
+                f"{_shape((b, k))} each (latent_dim = {k})")
+    if not (mu.is_floating_point() and sigma.is_floating_point()):
+        return f"encode(x) returned dtypes {mu.dtype} and {sigma.dtype}; expected floating-point tensors"
+    try:
+        first, second = model.decode(mu), model.decode(mu)
+    except Exception as err:
+        return f"decode() raised {describe_error(err)}"
+    shape = tuple(int(n) for n in model.input_shape)
+    if not isinstance(first, torch.Tensor):
+        return f"decode(z) must return a tensor; it returned a {type(first).__name__}"
+    if tuple(first.shape) not in ((b, *shape), (b, math.prod(shape))):
+        return f"decode(z) returned shape {_shape(first)} for {b} latents; expected {_shape((b, *shape))} (input_shape)"
+    if not first.is_floating_point():
+        return f"decode(z) returned dtype {first.dtype}; expected a floating-point tensor"
+    if not torch.isfinite(first).all():
+        return "model produced NaN or infinity in decode(z) at the encoder means"
+    # float32 noise from a nondeterministic kernel (GPU atomics) stays far below this tolerance.
+    if not torch.allclose(first, second, rtol=1e-4, atol=1e-5):
+        gap = float((first.double() - second.double()).abs().max())
+        return (f"decode(z) is not deterministic: two calls on the same z differ by up to {gap:.3g} (dropout "
+                "or sampling inside decode? the margin needs the decoder mean g(z); call model.eval() or "
+                "return the mean)")
+    return None
+
+
+def _shape(t: Any) -> str:
+    dims = tuple(t.shape) if isinstance(t, torch.Tensor) else tuple(t)
+    return "(" + ", ".join(str(int(n)) for n in dims) + ("," if len(dims) == 1 else "") + ")"

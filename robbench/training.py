@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import json
 import math
 import os
@@ -156,8 +157,12 @@ def write_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     # The writer's pid is in the temporary's name, so a file left by a killed writer can be recognised.
     fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
+        # Serialised in memory first, so a failing write (disk full, a file size limit) is an OSError
+        # naming its cause, not torch's "unexpected pos" from inside the zip writer.
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            f.write(buffer.getbuffer())
         faults.reached("checkpoint-save")
         os.replace(tmp, path)
     except BaseException:
@@ -355,7 +360,14 @@ def train_or_load(family: ModelFamily, params: dict[str, Any], data: SplitData, 
             warnings.warn(f"could not load cached checkpoint {path} ({err}); retraining")
     trained, payload = build_or_train(family, params, data, cfg, device=device, progress=progress,
                                       dataset_name=dataset_name)
-    write_checkpoint(path, payload)
+    try:
+        write_checkpoint(path, payload)
+    except OSError as err:  # the model is good; only the cache lost it (disk full?): use it uncached
+        import warnings
+        warnings.warn(f"could not cache the trained model at {path} ({err.strerror or err}); it is used for "
+                      "this run only, and a later run trains it again: free space in the cache "
+                      "($ROBBENCH_CACHE) to keep it")
+        return trained
     trained.path = path
     return trained
 

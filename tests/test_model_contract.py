@@ -1,0 +1,84 @@
+"""A third-party model (``torch_module``) that breaks the VAEModel protocol: every row of the run fails
+before any estimator runs, with a message that names what is wrong (before: a matmul error deep inside an
+attack, or numbers computed from the wrong decoder output without a word)."""
+from __future__ import annotations
+
+import json
+import textwrap
+
+import pytest
+
+from robbench import cli
+
+MODULE_SOURCE = textwrap.dedent('''
+    import torch
+    from torch import nn
+
+    class TinyVAE(nn.Module):
+        input_shape = (1, 8, 8)
+
+        def __init__(self, latent_dim=2):
+            super().__init__()
+            self.latent_dim = latent_dim
+            self.enc = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 2 * latent_dim))
+            self.dec = nn.Sequential(nn.Linear(latent_dim, 16), nn.Tanh(), nn.Linear(16, 64), nn.Sigmoid())
+
+        def encode(self, x):
+            mu, pre = self.enc(x).chunk(2, dim=1)
+            return mu, nn.functional.softplus(pre) + 1e-3
+
+        def decode(self, z):
+            return self.dec(z).view(-1, *self.input_shape)
+
+        def log_likelihood(self, x, recon):
+            return -0.5 * (x - recon).pow(2).flatten(1).sum(1)
+
+    def make(latent_dim=2):
+        return TinyVAE(latent_dim)
+''')
+DECODE = "return self.dec(z).view(-1, *self.input_shape)"
+ENCODE = "return mu, nn.functional.softplus(pre) + 1e-3"
+
+BROKEN = {  # variant -> ((old, new) in MODULE_SOURCE, text the failed rows must carry)
+    "decode_too_small": ((DECODE, "return self.dec(z)[:, :60]"),
+                         "decode(z) returned shape (2, 60) for 2 latents; expected (2, 1, 8, 8)"),
+    "mu_too_wide": ((ENCODE, "return torch.cat([mu, mu], 1), torch.cat([nn.functional.softplus(pre) + 1e-3] * 2, 1)"),
+                    "encode(x) returned mu of shape (2, 4) and sigma of shape (2, 4); expected (2, 2) each "
+                    "(latent_dim = 2)"),
+    "latent_dim_lie": (("self.latent_dim = latent_dim", "self.latent_dim = latent_dim + 1"),
+                       "encode(x) returned mu of shape (2, 2) and sigma of shape (2, 2); expected (2, 3) each"),
+    "decode_random": ((DECODE, "return (self.dec(z) + 0.05 * torch.rand_like(self.dec(z))).view(-1, *self.input_shape)"),
+                      "decode(z) is not deterministic"),
+    "decode_integer": ((DECODE, "return (self.dec(z) > 0.5).view(-1, *self.input_shape)"),
+                       "decode(z) returned dtype torch.bool; expected a floating-point tensor"),
+    "encode_tuple_of_three": ((ENCODE, "return mu, mu, pre"),
+                              "encode(x) must return (mu, sigma); it returned a tuple of 3"),
+}
+
+
+def _run(tmp_path, monkeypatch, source: str) -> dict:
+    monkeypatch.setenv("ROBBENCH_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "user_vae.py"
+    src.write_text(source)
+    out = tmp_path / "run"
+    code = cli.main(["run", "--dataset", "digits", "--models", "torch_module", "--param",
+                     f"torch_module.factory={src}:make", "--estimators", "encoder_stats", "--points", "2",
+                     "--backend", "torch", "--out", str(out), "--no-progress"])
+    assert code == 0
+    (rec,) = json.loads((out / "leaderboard.json").read_text())["rows"]
+    return rec
+
+
+@pytest.mark.parametrize("variant", sorted(BROKEN))
+def test_a_model_breaking_the_protocol_fails_with_a_named_problem(tmp_path, monkeypatch, variant):
+    (old, new), expected = BROKEN[variant]
+    assert old in MODULE_SOURCE
+    rec = _run(tmp_path, monkeypatch, MODULE_SOURCE.replace(old, new))
+    assert rec["failed"] == 2 and rec["points"] == 0
+    assert any(expected in err for err in rec["errors"]), rec["errors"]
+
+
+def test_the_same_model_keeping_the_protocol_runs(tmp_path, monkeypatch):
+    """The control: the unbroken module (decoding in float32, deterministically) passes the checks."""
+    rec = _run(tmp_path, monkeypatch, MODULE_SOURCE)
+    assert rec["failed"] == 0 and rec["points"] == 2
