@@ -270,6 +270,7 @@ def cmd_leaderboard(args: argparse.Namespace, console: Console) -> int:
 def cmd_merge(args: argparse.Namespace, console: Console) -> int:
     import json
 
+    from robbench.atomic import replace_texts
     from robbench.entries import _clean, merge
     from robbench.leaderboard import render_csv, render_markdown, render_rich
 
@@ -281,11 +282,12 @@ def cmd_merge(args: argparse.Namespace, console: Console) -> int:
             raise ConfigError(f"--out {args.out}: a file of that name exists; give a directory for the merged "
                               "leaderboard")
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "leaderboard.md").write_text(render_markdown(records, columns))
-        (args.out / "leaderboard.csv").write_text(render_csv(records, columns))
         doc = {"format": "robbench-leaderboard/1", "settings": settings,
                "sources": [str(s) for s in sources], "rows": [_clean(rec) for rec in records]}
-        (args.out / "leaderboard.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
+        # replaced whole: a failed write keeps the previous merged set (robbench.atomic)
+        replace_texts(args.out, {"leaderboard.md": render_markdown(records, columns),
+                                 "leaderboard.csv": render_csv(records, columns),
+                                 "leaderboard.json": json.dumps(doc, indent=2, default=str) + "\n"})
         console.print(f"merged leaderboard.md/.csv/.json in {args.out}")
     return 0
 

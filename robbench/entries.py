@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from robbench.atomic import replace_text
 from robbench.provenance import COMPARABILITY_KEYS
 
 ENTRY_FORMAT = "robbench-entry/1"
@@ -94,7 +95,7 @@ def export_run(run_dir: Path, out: Path | None = None) -> Path:
     """Write the run's entries as a JSON list to ``out`` (default RUN_DIR/entries.json)."""
     entries = entries_from_run(run_dir)
     path = Path(out) if out else Path(run_dir) / "entries.json"
-    path.write_text(json.dumps(entries, indent=2, default=str) + "\n")
+    replace_text(path, json.dumps(entries, indent=2, default=str) + "\n")  # a failed write keeps the old file
     return path
 
 

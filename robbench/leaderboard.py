@@ -13,7 +13,6 @@ import csv
 import io
 import json
 import math
-import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 from scipy import stats as scipy_stats
 
-from robbench import faults
+from robbench.atomic import replace_texts
 from robbench.protocols import MetricColumn
 from robbench.settings import RunSettings
 from robbench.stats import pearson_and_slope
@@ -384,11 +383,7 @@ def write_leaderboard(store: ResultStore, run_dir: Path, *, console: Console | N
     texts = {"leaderboard.md": render_markdown(records, columns), "leaderboard.csv": render_csv(records, columns),
              "leaderboard.json": render_json(records, store.provenance())}
     if write_files:
-        for name, text in texts.items():
-            (run_dir / f"{name}.tmp").write_text(text)
-        faults.reached("leaderboard-write")
-        for name in texts:
-            os.replace(run_dir / f"{name}.tmp", run_dir / name)
+        replace_texts(run_dir, texts, fault="leaderboard-write")
     latest = store.latest_run()
     models = {k: v for k, v in store.models().items() if latest is None or k in set(latest.model_keys)}
     if console is not None:
