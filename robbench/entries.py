@@ -129,12 +129,31 @@ def check_comparable(entries: list[dict[str, Any]]) -> None:
             value = entry["settings"].get(key)
             values.setdefault(json.dumps(value, sort_keys=True, default=str), (value, entry.get("source", "?")))
         if len(values) > 1:
-            shown = "; ".join(f"{_short(v)} in {src}" for v, src in values.values())
-            problems.append(f"{key} differs ({shown})")
+            (first, src0), (second, src1) = list(values.values())[:2]
+            where = _first_difference(first, second)
+            if where:  # name the nested setting (e.g. estimators.margin.versions.verify_algorithm), not a prefix
+                path, a, b = where
+                problems.append(f"{key}.{path} differs ({_short(a)} in {src0}; {_short(b)} in {src1})")
+            else:
+                shown = "; ".join(f"{_short(v)} in {src}" for v, src in values.values())
+                problems.append(f"{key} differs ({shown})")
     if problems:
         raise MergeError(f"refusing to merge results that are not comparable: {' / '.join(problems)}. "
                          f"Compare only runs with the same {', '.join(COMPARABILITY_KEYS)} "
                          f"(the first entry is from {ref.get('source', '?')})")
+
+
+def _first_difference(a: Any, b: Any, path: str = "") -> tuple[str, Any, Any] | None:
+    """(dotted path, value in a, value in b) of the first differing entry of two mappings, or None when
+    either is not a mapping (then the values are shown whole). A key missing on one side shows as None."""
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return None
+    for key in sorted(set(a) | set(b), key=str):
+        x, y = a.get(key), b.get(key)
+        if json.dumps(x, sort_keys=True, default=str) != json.dumps(y, sort_keys=True, default=str):
+            sub = f"{path}.{key}" if path else str(key)
+            return _first_difference(x, y, sub) or (sub, x, y)
+    return None
 
 
 def _clean(value: Any) -> Any:

@@ -88,13 +88,30 @@ def environment(device: str = "cpu") -> dict[str, Any]:
     }
 
 
+def algorithm_versions(plugin: Any, params: dict[str, Any]) -> dict[str, Any]:
+    """The plugin's ``key_versions`` entries ({parameter: (value, {key: version})}) that apply while
+    ``params`` hold their parameter's value: {key: version} (empty for most plugins)."""
+    out: dict[str, Any] = {}
+    for name, (value, version) in (getattr(plugin, "key_versions", None) or {}).items():
+        if name in params and type(params[name]) is type(value) and params[name] == value:
+            out.update(version)
+    return out
+
+
 def comparability_settings(cfg: Any, regs: Any) -> dict[str, Any]:
     """The settings of a RunConfig that decide whether two results can be compared (JSON-ready)."""
     from robbench.config import attack_configs, estimator_params
 
     attacks = sorted(([a.name, a.params] for a in attack_configs(cfg, regs)), key=lambda item: repr(item))
-    estimators = {name: {"params": estimator_params(cfg, regs, name), "from": regs.estimators.source(name)}
-                  for name in cfg.estimators}
+    estimators = {}
+    for name in cfg.estimators:
+        params = estimator_params(cfg, regs, name)
+        estimators[name] = {"params": params, "from": regs.estimators.source(name)}
+        # the algorithm versions the job keys hash (e.g. the margin's verify_algorithm): results of another
+        # version under the same parameters are not comparable; absent where none applies, as before
+        versions = algorithm_versions(regs.estimators.get(name), params)
+        if versions:
+            estimators[name]["versions"] = versions
     return {"dataset": cfg.dataset, "r": cfg.r, "m": cfg.m, "units": cfg.units, "confidence": cfg.confidence,
             "attacks": attacks, "estimators": estimators}
 

@@ -26,7 +26,7 @@ from robbench.inputrange import DEFAULT_RANGE, check_in_range, input_range, to_r
 from robbench.prepare import ModelSpec, describe_prepared
 from robbench.progress import TaskDisplay
 from robbench.protocols import DataOptions, SplitData
-from robbench.provenance import run_provenance
+from robbench.provenance import algorithm_versions, run_provenance
 from robbench.settings import RunSettings
 from robbench.units import cap_warning
 from robbench.store import ResultRow, ResultStore, RunRecord
@@ -111,9 +111,7 @@ def keyed_params(plugin: Any, params: dict[str, Any]) -> dict[str, Any]:
              if not (k in unkeyed and type(v) is type(unkeyed[k]) and v == unkeyed[k])}
     # algorithm versions: hashed only while their parameter holds the listed value (e.g. the margin's
     # verification version with verify=true), so the other settings' keys stay those of before
-    for name, (value, version) in (getattr(plugin, "key_versions", None) or {}).items():
-        if name in params and type(params[name]) is type(value) and params[name] == value:
-            keyed.update(version)
+    keyed.update(algorithm_versions(plugin, params))
     return keyed
 
 
