@@ -44,7 +44,8 @@ def test_merge_across_verification_algorithms(tmp_path, monkeypatch, older_margi
     older_margin()  # back to today's estimator
     new = _run(tmp_path, "new", verify)
     if verify:
-        with pytest.raises(MergeError, match=r"estimators\.margin\.versions\.verify_algorithm differs \(1 in .*old; 2 in .*new\)"):
+        named = r"estimators\.margin\.versions\.verify_algorithm differs \(1 in .*old; 2 in .*new\)"
+        with pytest.raises(MergeError, match=named):
             merge([old, new])
     else:
         records, _, _ = merge([old, new])

@@ -47,10 +47,15 @@ BROKEN = {  # variant -> ((old, new) in MODULE_SOURCE, text the failed rows must
                     "(latent_dim = 2)"),
     "latent_dim_lie": (("self.latent_dim = latent_dim", "self.latent_dim = latent_dim + 1"),
                        "encode(x) returned mu of shape (2, 2) and sigma of shape (2, 2); expected (2, 3) each"),
-    "decode_random": ((DECODE, "return (self.dec(z) + 0.05 * torch.rand_like(self.dec(z))).view(-1, *self.input_shape)"),
+    "decode_random": ((DECODE, "out = self.dec(z)\n        "
+                               "return (out + 0.05 * torch.rand_like(out)).view(-1, *self.input_shape)"),
                       "decode(z) is not deterministic"),
     "decode_integer": ((DECODE, "return (self.dec(z) > 0.5).view(-1, *self.input_shape)"),
                        "decode(z) returned dtype torch.bool; expected a floating-point tensor"),
+    "decode_elsewhere": ((DECODE, "return self.dec(z).view(-1, *self.input_shape).to('meta')"),
+                         "decode(z) returned a tensor on meta; z was on cpu"),
+    "encode_elsewhere": ((ENCODE, "return mu.to('meta'), (nn.functional.softplus(pre) + 1e-3).to('meta')"),
+                         "encode(x) returned mu on meta and sigma on meta; x was on cpu"),
     "encode_tuple_of_three": ((ENCODE, "return mu, mu, pre"),
                               "encode(x) must return (mu, sigma); it returned a tuple of 3"),
 }
