@@ -192,3 +192,81 @@ def test_a_portfolio_point_spends_at_most_alpha_over_all_its_attacks(model, monk
     assert sorted(alphas) == [0, 1]
     # each attack ran the bisection (tests at radius 0, the bisection, the refinement) and the verification
     assert all(a <= (1.0 - CONF) * (1 + 1e-9) for a in alphas.values()), dict(alphas)
+
+
+class ExactAttack(TrappedAttack):
+    """The exact worst delta at every call (the bisection's R is right: nothing to flag)."""
+
+    def __call__(self, model, x, radius, *, params, generator, init=None):
+        return super().__call__(model, x, radius, params={**params, "presolve_steps": 0}, generator=generator)
+
+
+def edge_settings(model: LinearGaussianVAE, case: str) -> tuple[dict, object]:
+    """Settings of one edge case of the verification's budget (session 8 review) and the attack to use."""
+    exact = model.exact_margin(R)
+    base = {**tight_settings(model), "tolerance": exact / 50}
+    cases = {
+        "refine off": ({"refine": 0}, TrappedAttack()),
+        "estimator defaults (stop_when_undecided, rel_tolerance)": (
+            {"rel_tolerance": 0.01, "stop_when_undecided": True, "samples_locate": 2048, "samples_max": 32768,
+             "samples_initial": 128, "screen_samples": 0}, TrappedAttack()),
+        "samples_locate unset": ({"samples_locate": None}, TrappedAttack()),
+        "tolerance above max_radius (no later tests)": ({"tolerance": 2.0 * base["max_radius"]}, TrappedAttack()),
+        "cap below the trapped R (censored: never verified)": ({"max_radius": 1.1 * exact}, TrappedAttack()),
+        "exact attack (never flagged)": ({}, ExactAttack()),
+    }
+    extra, attack = cases[case]
+    return {**base, **extra}, attack
+
+
+@pytest.mark.parametrize("case", ["refine off", "estimator defaults (stop_when_undecided, rel_tolerance)",
+                                  "samples_locate unset", "tolerance above max_radius (no later tests)",
+                                  "cap below the trapped R (censored: never verified)", "exact attack (never flagged)"])
+def test_the_verification_budget_holds_in_edge_configurations(model, monkeypatch, case):
+    """Per point the verification's tests spend at most VERIFY_SHARE alpha (one first test at exactly the first
+    share, with up to samples_max samples; the later ones at exactly the rest's even part, up to the locating
+    cap) and all tests together at most alpha, in the configurations the tight test above does not cover."""
+    settings, attack = edge_settings(model, case)
+    tests: list = []
+    sequential = margin.sequential_test
+    tags = {stats.derive_seed(SEED, tag, step): (tag, step) for tag in STAGES for step in range(200)}
+
+    def recorded_test(*args, alpha, seed, stream_ids, schedule, **kw):
+        tests.append((*tags.get(seed, ("?", -1)), stream_ids.clone(), alpha, schedule[-1]))
+        return sequential(*args, alpha=alpha, seed=seed, stream_ids=stream_ids, schedule=schedule, **kw)
+
+    monkeypatch.setattr(margin, "sequential_test", recorded_test)
+    res = estimate_margin(model, torch.full((POINTS, *model.input_shape), 0.5), attack, dict(PARAMS), **settings)
+    alpha = 1.0 - CONF
+    budget = margin.split_verify_alpha(alpha, settings["max_radius"], settings["tolerance"], True)
+    n_v = n_verify_tests(settings["max_radius"], settings["tolerance"])
+    locate = settings["samples_max"] if settings["samples_locate"] is None else settings["samples_locate"]
+    spent, verify_spent = defaultdict(float), defaultdict(float)
+    firsts, verify_count = defaultdict(int), defaultdict(int)
+    for stage, step, ids, a, largest in tests:
+        assert stage != "?"
+        for pid in ids.tolist():
+            spent[pid] += a
+        if stage != "margin-verify":
+            continue
+        assert a == (budget.first if step == 0 else budget.rest), (step, a, budget)
+        assert largest == (settings["samples_max"] if step == 0 else min(locate, settings["samples_max"]))
+        for pid in ids.tolist():
+            verify_spent[pid] += a
+            verify_count[pid] += 1
+            firsts[pid] += step == 0
+    verified = (~res.at_cap & res.verify_flagged).nonzero().squeeze(1).tolist()
+    assert sorted(verify_count) == sorted(verified)  # exactly the flagged points were re-bisected
+    for p in range(POINTS):
+        assert spent[p] <= alpha * (1 + 1e-9)
+        assert verify_spent[p] <= alpha * VERIFY_SHARE * (1 + 1e-9)
+        assert verify_count[p] <= n_v and firsts[p] == (p in verified)
+    if case.startswith("tolerance above"):
+        assert n_v == 1 and budget.first == pytest.approx(alpha * VERIFY_SHARE) and budget.rest == 0.0
+    if case.startswith("cap below"):  # censored points are not verified (a screen may still lower some below the cap)
+        assert res.at_cap.any() and not res.verify_flagged[res.at_cap].any()
+        assert torch.isnan(res.verify_p[res.at_cap]).all()
+    elif case.startswith("exact"):
+        assert not verified and not res.verified_lower.any()
+    else:
+        assert res.verified_lower.all(), case  # the trapped points were all lowered
