@@ -123,7 +123,8 @@ class MarginResult:
     crossing crosses m (:func:`probit_crossing`), clamped into [lo, hi]. lo, hi: the interval that
     holds with the stated confidence *for this attack* (lo moves only on a confident ROBUST decision at
     the attack's delta, so it is conditional on the attack: a stronger attack can only lower R; hi only
-    on a confident NOT_ROBUST one, backed by the witness delta of that test); samples: decoder samples
+    on a confident NOT_ROBUST one, backed by the witness delta of that test: +inf where no test decided
+    so, e.g. an uncensored point whose test at the cap was undecided); samples: decoder samples
     used; undecided: some test hit the sample cap (with ``refine``: a test of ``samples_max`` samples,
     i.e. a top-up at its largest size) with m inside its interval (its side was then guessed from the
     point estimate, but not used for lo/hi); at_cap: still robust at ``max_radius``: censored,
@@ -189,7 +190,9 @@ def bisect_margin(test: TestFn, batch: int, *, m: float, max_radius: float, tole
     n_tests = base_tests + refine
     lo = torch.zeros(batch, dtype=torch.float64)
     hi = torch.full((batch,), float(max_radius), dtype=torch.float64)
-    lo_c, hi_c = lo.clone(), hi.clone()
+    # the confident interval: hi_c starts open (+inf), not at the cap: only a confident NOT_ROBUST test (a
+    # witness) shows R <= some radius; an undecided test at the cap leaves a point uncensored without one
+    lo_c, hi_c = lo.clone(), torch.full_like(hi, float("inf"))
     nan = torch.full((batch,), float("nan"), dtype=torch.float64)
     p_lo, p_hi = nan.clone(), nan.clone()  # p_hat at the ends of the bisection bracket (NaN: not tested)
     samples = torch.zeros(batch, dtype=torch.int64)

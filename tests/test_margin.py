@@ -396,3 +396,32 @@ def test_an_unresolvable_m_names_the_setting_that_caps_the_tests(model):
     with pytest.raises(ValueError, match="samples_max"):
         estimate_margin(model, copies(2), OracleAttack(), {}, r=4.0, m=1e-4, samples_max=4096, samples_locate=256,
                         refine=2, seed=0)
+
+
+def test_an_undecided_test_at_the_cap_leaves_the_upper_end_open():
+    """Session 8 review: hi moves only on a confident NOT_ROBUST decision. A point whose test at the cap is
+    undecided with p_hat <= m is not censored (its estimate lies below the cap), but nothing showed R <= cap
+    there: hi must stay +inf (it was the cap, an unbacked upper end that missed R just above the cap)."""
+    def test(radius, idx, step):
+        at_cap = (radius - 2.0).abs() < 1e-12
+        dec = torch.where(at_cap, stats.UNDECIDED, stats.ROBUST)
+        k = torch.where(at_cap, 45, 90)  # p_hat 0.45 <= m at the cap: guessed not robust
+        return SequentialOutcome(dec, k, torch.full_like(dec, 100))
+
+    res = bisect_margin(test, 1, m=0.5, max_radius=2.0, tolerance=0.1)
+    assert not bool(res.at_cap[0]) and bool(res.undecided[0])
+    assert float(res.margin[0]) <= 2.0 and float(res.lo[0]) < 2.0
+    assert math.isinf(float(res.hi[0]))
+
+
+def test_the_upper_end_is_a_witness_or_open_with_the_cap_at_the_margin(model):
+    """Known answer with the cap just below the exact margin, so the test at the cap is often undecided: every
+    point's hi is +inf or the radius of its witness (a confident NOT_ROBUST test), and covers the exact margin."""
+    exact = model.exact_margin(4.0)
+    res = estimate_margin(model, copies(48), OracleAttack(), {}, r=4.0, max_radius=0.998 * exact, tolerance=0.01,
+                          samples_max=512, seed=0, point_ids=torch.arange(48), backend="torch")
+    has = torch.isfinite(res.witness_radius)
+    assert bool((~res.at_cap & ~has).any())  # the case this test is about happened: no censoring, no witness
+    assert torch.equal(torch.isfinite(res.hi) & ~res.at_cap, has)
+    assert torch.equal(res.hi[has], res.witness_radius[has])
+    assert (res.hi >= exact).all()
