@@ -471,6 +471,9 @@ def run_margin(args: argparse.Namespace, console) -> int:
     std = StandardDecoderVAE()
     S = int(args.samples[0]) if list(args.samples) != list(STANDARD_SAMPLES) else 1024
     std_rows: list[BenchRow] = []
+    for name in backends:  # untimed: a backend's first call pays one-time costs (the bf16 product's JIT code,
+        # workspaces), which made its first timed repetition ~1.5x slower than the next
+        run_case(std, "standard-mlp", name, precision[name], args.points, 64, "median", repeats=1)
     for rep in range(repeats):
         order = backends[rep % len(backends):] + backends[:rep % len(backends)]
         for name in order:
