@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import torch
 from robbench import cli
 from robbench.plugins import get_registries, register_plugin, unregister_plugin
 from robbench.hookspecs import hookimpl
+from tiny_vae_source import MODULE_SOURCE  # the tiny torch_module VAE, shared with test_model_contract
 from robbench.store import ResultStore
 
 diffusers = pytest.importorskip("diffusers", reason="needs the robbench[models] extra")
@@ -245,32 +245,6 @@ def test_robbench_run_with_a_pythae_folder_writes_a_leaderboard(pythae_dir, tmp_
 
 
 # --- torch_module ----------------------------------------------------------------------------------
-MODULE_SOURCE = textwrap.dedent('''
-    import torch
-    from torch import nn
-
-    class TinyVAE(nn.Module):
-        input_shape = (1, 8, 8)
-
-        def __init__(self, latent_dim=2):
-            super().__init__()
-            self.latent_dim = latent_dim
-            self.enc = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 2 * latent_dim))
-            self.dec = nn.Sequential(nn.Linear(latent_dim, 16), nn.Tanh(), nn.Linear(16, 64), nn.Sigmoid())
-
-        def encode(self, x):
-            mu, pre = self.enc(x).chunk(2, dim=1)
-            return mu, nn.functional.softplus(pre) + 1e-3
-
-        def decode(self, z):
-            return self.dec(z).view(-1, *self.input_shape)
-
-        def log_likelihood(self, x, recon):
-            return -0.5 * (x - recon).pow(2).flatten(1).sum(1)
-
-    def make(latent_dim=2):
-        return TinyVAE(latent_dim)
-''')
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "pt"])
