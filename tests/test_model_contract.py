@@ -61,3 +61,31 @@ def test_the_same_model_keeping_the_protocol_runs(tmp_path, monkeypatch):
     """The control: the unbroken module (decoding in float32, deterministically) passes the checks."""
     rec = _run(tmp_path, monkeypatch, MODULE_SOURCE)
     assert rec["failed"] == 0 and rec["points"] == 2
+
+
+def test_the_contract_decodes_a_few_rows_whatever_the_number_of_points():
+    """The check runs on every point of the run (often hundreds); decoding them all, twice, before any
+    estimate cost a large decoder (an image VAE on a CPU) two full passes and their memory at once. A few
+    rows show the shape, dtype, device and determinism as well."""
+    import torch
+    from torch import nn
+
+    from robbench.prepare import contract_problem
+
+    class Counting(nn.Module):
+        input_shape, latent_dim = (1, 4, 4), 2
+
+        def __init__(self):
+            super().__init__()
+            self.lin, self.rows = nn.Linear(2, 16), []
+
+        def decode(self, z):
+            self.rows.append(z.shape[0])
+            return torch.sigmoid(self.lin(z)).view(-1, *self.input_shape)
+
+    model = Counting()
+    mu, sigma = torch.randn(300, 2), torch.ones(300, 2)
+    with torch.no_grad():
+        assert contract_problem(model, mu, sigma) is None
+    assert len(model.rows) == 2 and max(model.rows) <= 8, model.rows
+    assert "expected (300, 2) each" in contract_problem(model, mu[:, :1], sigma[:, :1])  # encode still all rows
