@@ -150,6 +150,9 @@ def _read_npz(path, name: str = "npz") -> tuple[np.ndarray, np.ndarray | None, t
     if x.ndim not in (3, 4):
         raise datafiles.DataFileError(f"data set {name!r}: {path}: 'x' has shape {x.shape}; expected (N, H, W) "
                                       "or (N, C, H, W)")
+    if x.ndim == 4 and x.shape[3] in (1, 3, 4) and x.shape[1] not in (1, 3, 4):  # (N, H, W, C) would pass as C = H
+        raise datafiles.DataFileError(f"data set {name!r}: {path}: 'x' has shape {x.shape}: channels last? expected "
+                                      "(N, C, H, W); save x.transpose(0, 3, 1, 2)")
     if y is not None and (y.ndim != 1 or len(y) != len(x) or y.dtype.kind not in "ui"):
         raise datafiles.DataFileError(f"data set {name!r}: {path}: 'y' has {len(y) if y.ndim == 1 else y.shape} "
                                       f"entries for {len(x)} examples in 'x'; expected (N,) integer labels")

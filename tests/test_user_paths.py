@@ -402,12 +402,15 @@ def test_the_npz_data_set_runs_on_a_users_arrays(cache, tmp_path, capsys, layout
     ({"data.npz": {"x": "text"}}, "'x' has dtype <U1; expected numbers"),
     ({"data.npz": {"x": "objects"}}, "cannot be read without pickle"),
     ({"train.npz": {"x": "u8"}}, "expected train.npz and test.npz, or data.npz"),
+    # channels last (numpy's, Keras's layout) was read as 8 channels of 8 x 3 images, without a word
+    ({"data.npz": {"x": "hwc"}}, "'x' has shape (50, 8, 8, 3): channels last? expected (N, C, H, W)"),
 ])
 def test_the_npz_data_set_names_what_is_wrong(cache, tmp_path, capsys, files, message):
     import numpy as np
 
     arrays = {"u8": np.zeros((50, 8, 8), np.uint8), "short": np.zeros(3, np.int64), "flat": np.zeros(50),
-              "text": np.array(["a"] * 50), "objects": np.array([{"a": 1}] * 50, dtype=object)}
+              "text": np.array(["a"] * 50), "objects": np.array([{"a": 1}] * 50, dtype=object),
+              "hwc": np.zeros((50, 8, 8, 3), np.uint8)}
     root = tmp_path / "arrays"
     root.mkdir()
     for name, content in files.items():
