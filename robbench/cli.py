@@ -334,6 +334,9 @@ def _main(argv: list[str]) -> int:
         return USAGE_ERROR
     except (sqlite3.OperationalError, OSError) as err:
         failure = write_failure(err, getattr(args, "out", None))
+        if failure is None and isinstance(err, sqlite3.DatabaseError):  # the next handler is not reached from here
+            print(f"robbench: error: the results database cannot be used: {err}", file=sys.stderr)
+            return USAGE_ERROR
         if failure is None:
             raise
         print(f"robbench: error: {failure}", file=sys.stderr)

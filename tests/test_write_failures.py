@@ -59,3 +59,19 @@ def test_results_that_cannot_be_written_stop_the_run_with_a_clear_message_and_re
     done = _run(out, cache, 300, None)
     assert done.returncode == 0, done.stderr
     assert _statuses(out) == ["ok"] * 300
+
+
+@pytest.mark.parametrize("error", [sqlite3.OperationalError("attempt to write a readonly database"),
+                                   sqlite3.OperationalError("database is locked")])
+def test_another_database_error_still_exits_2_with_its_message(monkeypatch, capsys, error):
+    """The disk-full handler catches sqlite3.OperationalError before the DatabaseError handler; an error
+    that is not about room was re-raised from there, past that handler: a traceback instead of
+    'the results database cannot be used' and status 2 (as before the disk-full handling)."""
+    from robbench import cli
+
+    def fail(*_args, **_kwargs):
+        raise error
+
+    monkeypatch.setattr(cli, "cmd_plugins", fail)
+    assert cli.main(["plugins"]) == cli.USAGE_ERROR
+    assert f"the results database cannot be used: {error}" in capsys.readouterr().err
