@@ -18,6 +18,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from robbench.atomic import replace_text
 from robbench.checks import checked
 from robbench.config import default_selection, merge_params, unique
 from robbench.execute import Batch, Executor, JobSpec, LocalExecutor
@@ -62,7 +63,8 @@ class ResultTable:
         return [r.get(name) for r in self.rows]
 
     def to_csv(self, path: str | Path | None = None) -> str:
-        """CSV text (lists JSON-encoded, None as empty); also written to ``path`` when given."""
+        """CSV text (lists JSON-encoded, None as empty); also written to ``path`` when given (replaced whole:
+        a failed write leaves the previous file)."""
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=self.columns, lineterminator="\n")
         writer.writeheader()
@@ -71,7 +73,7 @@ class ResultTable:
                              for k, v in row.items()})
         text = buf.getvalue()
         if path is not None:
-            Path(path).write_text(text)
+            replace_text(Path(path), text)
         return text
 
     def to_pandas(self) -> Any:

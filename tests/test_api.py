@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -108,6 +109,25 @@ def test_to_csv_roundtrip(tmp_path):
     rows = list(csv.DictReader(io.StringIO(text)))
     assert list(rows[0]) == ["attack", "estimator", "point", "sweep_p", "bound", "margin"]
     assert json.loads(rows[0]["sweep_p"]) == [1.0, 0.5] and rows[0]["bound"] == "" and rows[1]["margin"] == "0.25"
+
+
+def test_to_csv_keeps_the_previous_file_when_a_write_fails(tmp_path, monkeypatch):
+    # a full disk in the middle of the write: the earlier CSV stays whole and no temporary is left behind
+    path = tmp_path / "out.csv"
+    ResultTable([{"estimator": "margin", "point": 0, "margin": 0.25}]).to_csv(path)
+    before = path.read_text()
+    real_write = Path.write_text
+
+    def half_then_full_disk(self, text, *args, **kwargs):
+        real_write(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", half_then_full_disk)
+    with pytest.raises(OSError, match="No space"):
+        ResultTable([{"estimator": "margin", "point": i, "margin": 0.5} for i in range(50)]).to_csv(path)
+    monkeypatch.undo()
+    assert path.read_text() == before
+    assert [f.name for f in tmp_path.iterdir()] == ["out.csv"]
 
 
 def test_run_wide_keys_are_not_attack_parameters(model):
