@@ -332,16 +332,14 @@ def _main(argv: list[str]) -> int:
             StoreError) as err:
         print(f"robbench: error: {err}", file=sys.stderr)
         return USAGE_ERROR
-    except (sqlite3.OperationalError, OSError) as err:
+    except (sqlite3.DatabaseError, OSError) as err:
         failure = write_failure(err, getattr(args, "out", None))
-        if failure is None and isinstance(err, sqlite3.DatabaseError):  # the next handler is not reached from here
-            print(f"robbench: error: the results database cannot be used: {err}", file=sys.stderr)
-            return USAGE_ERROR
-        if failure is None:
+        if failure is not None:  # no room to write: the input was fine, rerunning resumes
+            print(f"robbench: error: {failure}", file=sys.stderr)
+            return WRITE_ERROR
+        if not isinstance(err, sqlite3.DatabaseError):
             raise
-        print(f"robbench: error: {failure}", file=sys.stderr)
-        return WRITE_ERROR
-    except sqlite3.DatabaseError as err:  # a results.sqlite damaged after it was opened
+        # a results.sqlite damaged after it was opened, read-only or locked
         print(f"robbench: error: the results database cannot be used: {err}", file=sys.stderr)
         return USAGE_ERROR
     parser.error(f"unknown command {args.command}")

@@ -24,7 +24,7 @@ from robbench.inputrange import UNITS
 from robbench import paramspec
 from robbench.plugins import Registries
 from robbench.registry import UnknownNameError
-from robbench.settings import RUN_WIDE_KEYS, RunSettings
+from robbench.settings import RUN_WIDE_KEYS, SEED_RANGE, RunSettings, is_seed
 from robbench.training import TrainConfig
 
 _RUN = RunSettings()  # the run-wide defaults, defined once in robbench.settings
@@ -273,9 +273,9 @@ def _check_types(cfg: RunConfig) -> None:
          "a positive integer")
     need(_is_int(cfg.keep_arrays) and cfg.keep_arrays >= 0, "keep_arrays", cfg.keep_arrays,
          "a non-negative integer")
-    need(_is_seed(cfg.seed), "seed", cfg.seed, SEED_RANGE)
-    need(cfg.point_seed is None or _is_seed(cfg.point_seed), "point_seed", cfg.point_seed, f"null or {SEED_RANGE}")
-    need(isinstance(cfg.model_seeds, list) and cfg.model_seeds and all(_is_seed(s) for s in cfg.model_seeds),
+    need(is_seed(cfg.seed), "seed", cfg.seed, SEED_RANGE)
+    need(cfg.point_seed is None or is_seed(cfg.point_seed), "point_seed", cfg.point_seed, f"null or {SEED_RANGE}")
+    need(isinstance(cfg.model_seeds, list) and cfg.model_seeds and all(is_seed(s) for s in cfg.model_seeds),
          "model_seeds", cfg.model_seeds, f"a non-empty list, each {SEED_RANGE}")
     need(_is_number(cfg.r) and math.isfinite(cfg.r) and cfg.r > 0, "r", cfg.r, "a finite positive number")
     need(_is_number(cfg.m) and 0 < cfg.m < 1, "m", cfg.m, "a number in (0, 1)")
@@ -312,14 +312,8 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-# Seeds are stored as SQLite INTEGERs and seed torch generators: both take 64-bit signed values.
-SEED_RANGE = "an integer in [-2^63, 2^63 - 1]"
 # More threads than this only oversubscribe the cores; 100000 made the OpenMP runtime fail to map memory.
 MAX_THREADS = max(64, 8 * (os.cpu_count() or 1))
-
-
-def _is_seed(value: Any) -> bool:
-    return _is_int(value) and -2 ** 63 <= value < 2 ** 63
 
 
 def _is_int(value: Any) -> bool:

@@ -15,6 +15,17 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from robbench.inputrange import UNITS
+
+
+# Seeds are stored as SQLite INTEGERs and seed torch generators: both take 64-bit signed values.
+SEED_RANGE = "an integer in [-2^63, 2^63 - 1]"
+
+
+def is_seed(value: Any) -> bool:
+    """An int (not a bool) that fits a 64-bit signed integer: what SEED_RANGE allows."""
+    return isinstance(value, int) and not isinstance(value, bool) and -2 ** 63 <= value < 2 ** 63
+
 
 @dataclass(frozen=True)
 class RunSettings:
@@ -78,12 +89,11 @@ class RunSettings:
                 ("r", number(self.r) and self.r > 0, "a finite positive number"),
                 ("m", number(self.m) and 0 < self.m < 1, "a number in (0, 1)"),
                 ("confidence", number(self.confidence) and 0 < self.confidence < 1, "a number in (0, 1)"),
-                ("seed", isinstance(self.seed, int) and not isinstance(self.seed, bool)
-                 and -2 ** 63 <= self.seed < 2 ** 63, "an integer in [-2^63, 2^63 - 1]"),
+                ("seed", is_seed(self.seed), SEED_RANGE),
                 ("backend", isinstance(self.backend, str) and self.backend != "",
                  "auto or the name of a registered backend"),
                 ("device", isinstance(self.device, str), "a torch device name such as cpu or cuda:0"),
-                ("units", self.units in ("l2", "rms"), "l2, rms")):
+                ("units", self.units in UNITS, ", ".join(UNITS))):
             if not ok:
                 raise ValueError(f"bad value for {key!r}: {getattr(self, key)!r}; allowed: {allowed}")
 

@@ -15,6 +15,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -356,14 +357,12 @@ def train_or_load(family: ModelFamily, params: dict[str, Any], data: SplitData, 
             trained.cache_key = key
             return trained
         except Exception as err:  # a corrupt or stale file is retrained rather than fatal
-            import warnings
             warnings.warn(f"could not load cached checkpoint {path} ({err}); retraining")
     trained, payload = build_or_train(family, params, data, cfg, device=device, progress=progress,
                                       dataset_name=dataset_name)
     try:
         write_checkpoint(path, payload)
     except OSError as err:  # the model is good; only the cache lost it (disk full?): use it uncached
-        import warnings
         warnings.warn(f"could not cache the trained model at {path} ({err.strerror or err}); it is used for "
                       "this run only, and a later run trains it again: free space in the cache "
                       "($ROBBENCH_CACHE) to keep it")
