@@ -204,7 +204,7 @@ def _register_fakes() -> None:
         return y.new_empty((y.shape[0],), dtype=torch.int64)
 
     @torch.library.register_fake("robbench::sigmoid_fp32")
-    def _(x, portable=False):
+    def _(x, portable=False, fast=False):
         return torch.empty_like(x)
 
     @torch.library.register_fake("robbench::bf16_rows")

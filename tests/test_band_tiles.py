@@ -42,8 +42,9 @@ def _case(n, K, P, act, seed):
     return h, wt, b, cen, d2
 
 
-def _check(h, wt, b, cen, r2, act, tiles, monkeypatch, lean="1"):
+def _check(h, wt, b, cen, r2, act, tiles, monkeypatch, lean="1", fast="1"):
     monkeypatch.setenv("ROBBENCH_LEAN_TERMS", lean)
+    monkeypatch.setenv("ROBBENCH_FAST_SIGMOID", fast)
     return torch.ops.robbench.band_tiles_check(h, wt, b, cen, r2.contiguous(), act, tiles)
 
 
@@ -63,7 +64,8 @@ def test_tiles_give_the_row_paths_distances_and_bounds_and_decide_soundly(n, K, 
     sigmoid; part 5's terms: ReLU, identity). The row path's ||ŷ - c|| is within its E of the reference's
     distance. With part 5's terms (ROBBENCH_LEAN_TERMS=0) the tile pass sums the same per-unit terms as the
     row path in another order: ||ŷ - c|| and E agree to fp32 summation noise, so a skipped or doubled unit,
-    block or tail fails. The lean terms (part 7) only widen E, by < 5 %. Radii at the reference's fp32 d^2
+    block or tail fails. The lean terms (part 7) only widen E, by < 5 %. The fast sigmoid (part 9, lean rows)
+    moves ||ŷ - c|| by <= sqrt(P) (ε + 6 v) and only widens E (by < 5 % + 2 sqrt(P) ε). Radii at the reference's fp32 d^2
     itself, one ulp either side, 4x in and out, and at dist +- 1.5 E: every decision agrees with the
     reference; ties and one ulp either side stay undecided; radii >= 1.45 E away from ||ŷ - c|| are decided."""
     h, wt, b, cen, d2 = _case(n, K, P, act, seed=n * 1000 + P)
@@ -73,9 +75,13 @@ def test_tiles_give_the_row_paths_distances_and_bounds_and_decide_soundly(n, K, 
     _, dist_t, E_t = _check(h, wt, b, cen, d2[:, None], act, True, monkeypatch, lean="0")
     assert torch.allclose(dist_t, dist_r, rtol=1e-5, atol=1e-12)
     assert torch.allclose(E_t, E_r, rtol=1e-5, atol=0)
-    _, dist_l, E_l = _check(h, wt, b, cen, d2[:, None], act, True, monkeypatch, lean="1")
+    _, dist_l, E_l = _check(h, wt, b, cen, d2[:, None], act, True, monkeypatch, lean="1", fast="0")
     assert torch.allclose(dist_l, dist_r, rtol=1e-5, atol=1e-12)
     assert bool((E_l >= E_r * (1 - 1e-5)).all()) and bool((E_l <= E_r * 1.05).all())
+    _, dist_f, E_f = _check(h, wt, b, cen, d2[:, None], act, True, monkeypatch, lean="1")
+    eps = torch.ops.robbench.sigmoid_fast_constants()[0] if act == 2 else 0.0
+    assert bool(((dist_f - dist_l).abs() <= P ** 0.5 * (eps + 6 * 2.0 ** -24) + 1e-5 * dist_l).all())
+    assert bool((E_f >= E_l * (1 - 1e-5)).all()) and bool((E_f <= (E_l + 2 * P ** 0.5 * eps) * 1.05).all())
     up, down = torch.full_like(d2, float("inf")), torch.zeros_like(d2)
     radii = [d2, torch.nextafter(d2, up), torch.nextafter(d2, down), d2 * 4, d2 / 4]
     radii += [((dist_r + s * 1.5 * E_r).clamp(min=0) ** 2).float() for s in (1, -1)]
@@ -85,7 +91,7 @@ def test_tiles_give_the_row_paths_distances_and_bounds_and_decide_soundly(n, K, 
             dec, _, _ = _check(h, wt, b, cen, r2, act, tiles, monkeypatch, lean=lean)
             _assert_sound(dec, d2[:, None], r2)
             assert bool((dec[:, :3] == -1).all())  # a tie and one ulp either side: only the fp32 recheck
-            far = (r2.double().sqrt() - dist_r[:, None]).abs() >= 1.45 * E_l[:, None]
+            far = (r2.double().sqrt() - dist_r[:, None]).abs() >= 1.45 * E_f[:, None]
             far[:, :3] = False
             assert bool((dec[far & (r2 > 0)] >= 0).all())  # 1.45 E (and more) from ||ŷ - c||: decided
             assert int(far[:, 5:].sum()) >= n  # dist +- 1.5 E (unless r2 would be < 0)

@@ -52,11 +52,13 @@ def _bf16_flushed(x: torch.Tensor) -> torch.Tensor:
     return torch.where((b.view(torch.int16) & 0x7F80) == 0, torch.zeros_like(b), b)
 
 
-def _part3_bound(h, wt, b, act):
+def _part3_bound(h, wt, b, act, fast=False):
     """The part-3 band E (bounds.h parts 2, 3, 6: brgemm's fp32 product, u |s_j| = 0) in float64 from the exact
     inputs, per row: max_j t_j (||δW||_2 ||h|| + ||Ŵ δh||) + ||t∘ρ + 2 ev||, with Δ_j and ρ_j of part 2 (exact
     norms, v |a_j| with the pass's own a_j) and t_j = min(1/4, (ŷ_j (1 - ŷ_j) + 32 v)(1 + Δ_j + Δ_j^2)) from the
-    pass's own ŷ_j (1 without a sigmoid). Every inflation the code adds makes its E larger than this."""
+    pass's own ŷ_j (1 without a sigmoid). Every inflation the code adds makes its E larger than this.
+    fast (part 9): ŷ from the fast sigmoid on the whole 16-lane vectors (the scalar tail keeps the exact one),
+    there ev + ε for 2 ev and ε (1 + ε) for 32 v (ε = kSigFastErr)."""
     n, K = h.shape
     P = wt.shape[1]
     wb, hb = _bf16_flushed(wt), _bf16_flushed(h)
@@ -64,6 +66,9 @@ def _part3_bound(h, wt, b, act):
     a = s + b
     if act == 2:  # the own sigmoid, split as the pass splits a row (whole 16-lane vectors, then scalar units)
         y = torch.stack([torch.ops.robbench.sigmoid_fp32(a[i].contiguous()) for i in range(n)])
+        jv = P // 16 * 16
+        if fast and jv:
+            y[:, :jv] = torch.ops.robbench.sigmoid_fp32(a[:, :jv].contiguous(), False, True)
     else:
         y = a if act == 0 else torch.relu(a)
     W, Wb, hd, hbd = wt.double().t(), wb.double().t(), h.double(), hb.double()
@@ -76,9 +81,13 @@ def _part3_bound(h, wt, b, act):
     rho = rW * gK * nhb + common
     if act == 2:
         yd = y.double()
-        t = ((yd * (1 - yd) + 32 * V) * (1 + delta + delta ** 2)).clamp(max=0.25)
+        sl, ev2 = torch.full_like(yd, 32 * V), torch.full_like(yd, 32 * V)
+        if fast:
+            eps = torch.ops.robbench.sigmoid_fast_constants()[0]
+            jv = P // 16 * 16
+            sl[:, :jv], ev2[:, :jv] = eps * (1 + eps), 16 * V + eps
+        t = ((yd * (1 - yd) + sl) * (1 + delta + delta ** 2)).clamp(max=0.25)
         t = torch.where(delta > 1, torch.full_like(t, 0.25), t)
-        ev2 = 32 * V
     else:
         t, ev2 = torch.ones_like(delta), 0.0
     spec_dW = torch.linalg.matrix_norm(dW, 2)
@@ -118,8 +127,9 @@ def _cancelled_layer(K, P, seed, *, saturated=False, noisy=False):
     return h.contiguous(), wt.contiguous(), b
 
 
-def _band(h, wt, b, act, tiles, lean, monkeypatch):
+def _band(h, wt, b, act, tiles, lean, monkeypatch, fast="1"):
     monkeypatch.setenv("ROBBENCH_LEAN_TERMS", lean)
+    monkeypatch.setenv("ROBBENCH_FAST_SIGMOID", fast)
     y = torch.sigmoid(torch.addmm(b, h, wt)) if act == 2 else torch.addmm(b, h, wt)
     cen = (y + 0.01).contiguous()
     d2 = ((y - cen) ** 2).sum(1)
@@ -130,23 +140,26 @@ def _band(h, wt, b, act, tiles, lean, monkeypatch):
 @pytest.mark.parametrize("K", [3, 33])
 @pytest.mark.parametrize("kind", ["unsaturated", "saturated", "noisy"])
 def test_tile_band_never_undercuts_the_part3_bound_on_adversarial_layers(P, K, kind, monkeypatch):
-    """E of the tile pass (lean terms and part 5's), and of the row path, >= the part-3 bound in float64,
-    on layers where the slope factor, ρ_j's terms, the 32 v term or the scalar tail carry E."""
+    """E of the tile pass (lean terms with the fast sigmoid of part 9 and with the exact one, part 5's terms),
+    and of the row path, >= the part-3 bound in float64, on layers where the slope factor, ρ_j's terms, the
+    32 v term (with the fast sigmoid: its ε terms) or the scalar tail carry E."""
     _brgemm_or_skip()
     h, wt, b = _cancelled_layer(K, P, seed=P * 7 + K, saturated=kind == "saturated", noisy=kind == "noisy")
     need, y = _part3_bound(h, wt, b, 2)
+    need_fast, _ = _part3_bound(h, wt, b, 2, fast=True)
     # the layer does what it is built for: the largest Δ_j near 0.5 (slope factor ~1.8) and the outputs
     yd = y.double()
     if kind == "saturated":
         assert bool(((yd * (1 - yd)) < 1e-8).all())
     elif kind == "unsaturated":
         assert bool(((yd * (1 - yd) - 0.0452).abs() < 1e-3).all())
-    for tiles, lean in ((True, "1"), (True, "0"), (False, "1")):
-        _, _, E = _band(h, wt, b, 2, tiles, lean, monkeypatch)
-        assert bool((E >= need).all()), (tiles, lean, (E / need).tolist())
+    for tiles, lean, fast in ((True, "1", "1"), (True, "1", "0"), (True, "0", "1"), (False, "1", "1")):
+        _, _, E = _band(h, wt, b, 2, tiles, lean, monkeypatch, fast)
+        ref = need_fast if tiles and lean == "1" and fast == "1" else need
+        assert bool((E >= ref).all()), (tiles, lean, fast, (E / ref).tolist())
         if kind != "noisy":  # δW = δh = 0: E is ||f||; the lean ρ_j ((rW_j + rWf_j) times the larger
             # coefficient) exceeds part 2's by up to (2K + 2) / (2K + 1), Δ* each Δ_j: the check is not vacuous
-            assert bool((E <= need * 1.3).all()), (tiles, lean, (E / need).tolist())
+            assert bool((E <= ref * 1.3).all()), (tiles, lean, fast, (E / ref).tolist())
 
 
 @pytest.mark.parametrize("act", [0, 1])
@@ -209,11 +222,11 @@ def test_counts_on_stress_layers_equal_the_reference_one_ulp_either_side(D, satu
     radii = [d2, torch.nextafter(d2, torch.zeros(())), torch.nextafter(d2, torch.full((), 1e30))]
     radii += [d2 * (1 + s * e) for e in (1e-6, 1e-4, 1e-2, 0.3) for s in (1, -1)]
     variants = {"tiles": {}, "store_y": {"ROBBENCH_TILE_STORE_Y": "1"}, "part5": {"ROBBENCH_LEAN_TERMS": "0"},
-                "rows": {"ROBBENCH_BAND_TILES": "0"}}
+                "rows": {"ROBBENCH_BAND_TILES": "0"}, "exact_sigmoid": {"ROBBENCH_FAST_SIGMOID": "0"}}
     monkeypatch.setenv("ROBBENCH_BAND_STATS", "1")
     stats = {}
     for name, env in variants.items():
-        for key in ("ROBBENCH_TILE_STORE_Y", "ROBBENCH_LEAN_TERMS", "ROBBENCH_BAND_TILES"):
+        for key in ("ROBBENCH_TILE_STORE_Y", "ROBBENCH_LEAN_TERMS", "ROBBENCH_BAND_TILES", "ROBBENCH_FAST_SIGMOID"):
             monkeypatch.delenv(key, raising=False)
         for key, val in env.items():
             monkeypatch.setenv(key, val)
@@ -224,7 +237,7 @@ def test_counts_on_stress_layers_equal_the_reference_one_ulp_either_side(D, satu
                                        precision="bf16", screen=False)
             assert torch.equal(res.counts, (d2 <= r2).long()), name
         stats[name] = band_stats(capfd.readouterr().err)
-    assert stats["tiles"] == stats["store_y"]
+    assert stats["exact_sigmoid"] == stats["store_y"]  # store_y keeps the exact sigmoid (part 9)
     assert stats["tiles"][0] == B * len(radii) and stats["tiles"][2] >= 2 * B  # the tie and one ulp below
 
 

@@ -266,6 +266,25 @@
 //    (fp32_rows_count, common/blocks.h): with >= 64 rows MKL's result for a row does not depend on the other
 //    rows, their number or the block the row came from (tests/test_fused_hidden.py checks it bit for bit on the
 //    hidden layers' shapes, k = 1..40, K not a multiple of 16, at 1 and 2 threads).
+// 9. Fast epilogue sigmoid (session 9, CPU AVX-512, the tile pass's lean rows; common/sigmoid.h,
+//    ROBBENCH_FAST_SIGMOID=0 turns it off). There ŷ_j = σ^(a_j) with |σ^(x) - σ(x)| <= ε = kSigFastErr = 6.5e-6
+//    for every float x (a cubic per segment of z = fl(1 + min(|x|, 14.5)), 1 - σ^(|x|) for x < 0, NaN kept;
+//    the largest error over all 2^32 floats is 5.90e-6: benchmarks/sigmoid_fast_exhaustive.py). Parts 2, 3 and
+//    7 used |ŷ_j - σ(a_j)| <= ev in two places, and only there:
+//    (a) the element bound |y_j - ŷ_j| <= |act~(ã_j) - σ(ã_j)| + |σ(ã_j) - σ(a_j)| + |σ(a_j) - ŷ_j|
+//        <= ev + σ'(ξ) Δ_j + ε: the constant 2 ev of e_j and f_j becomes ev + ε (ev for the reference's own
+//        sigmoid), stored as fl32((ev + ε) k2), like 2 ev k2 in part 7 (d);
+//    (b) the slope bound σ'(a_j) = g(σ(a_j)), g(y) = y (1 - y): |g(y) - g(ŷ)| = |y - ŷ| |1 - y - ŷ|
+//        <= ε (1 + ε) for y in [0, 1] and ŷ in [-ε, 1 + ε] (σ^ is within ε of σ, so it lies there), so
+//        σ'(a_j) <= ŷ_j (1 - ŷ_j) + ε (1 + ε): the term 32 v of m_j becomes 2 ε >= ε (1 + ε) (rounded up to
+//        fp32; m_j's own roundings as in part 7 (d)).
+//    Nothing else reads the fast ŷ: the decision is part 3's with these terms; dist (the refinement's target)
+//    is a heuristic; a row left undecided gets a and ŷ again from s by epilogue_row with the exact sigmoid,
+//    and the refinement (part 4) bounds that ŷ with ev as before (so with ROBBENCH_TILE_STORE_Y=1, where the
+//    refinement would read the tile pass's ŷ, the exact sigmoid is kept). The scalar tail (D % 16 units)
+//    keeps the exact sigmoid and its terms; each element's term bounds its own element, so the sums mix them
+//    freely. On the three trained decoders' recorded margin calls ε moves +36 / +17 / +42 of the 116,794 /
+//    123,136 / 534,528 band rows to the refinement and none to the fp32 recheck.
 // Samples that no bound decides get the reference's own fp32 final layer (recheck).
 #pragma once
 #include <ATen/ATen.h>

@@ -70,4 +70,47 @@ inline __m512 sigmoid_avx512(__m512 x) {
   return ys[0];
 }
 
+// Fast epilogue sigmoid (bounds.h part 9; AVX-512 only): σ^(x) = p_i(z) for x >= 0, 1 - σ^(|x|) for x < 0,
+// with t = min(|x|, 14.5) (NaN stays NaN), z = fl(t + 1) in [1, 15.5], i = the segment of z: its exponent's
+// two low bits and its two leading fraction bits (16 segments, four per octave of z: [1, 1.25), ...,
+// [8, 10), ..., [14, 16)), taken by vpermps from the low 4 bits of z's bits >> 21, and p_i a cubic in z (fp32
+// coefficients, FMA Horner; fitted to σ(z - 1) near-minimax per segment: benchmarks/sigmoid_fast_fit.py). Absolute
+// error <= kSigFastErr for every float x: checked for all 2^32 bit patterns by
+// benchmarks/sigmoid_fast_exhaustive.py (max 5.90e-6, at x = -3.99997) and on 10^7 dense floats plus every
+// segment boundary and the clamp +- 64 ulps by tests/test_fast_sigmoid.py. 13 vector operations (4 of them
+// vpermps) against the exact sigmoid's ~22.
+constexpr double kSigFastErr = 6.5e-6;
+constexpr float kSigFastClamp = 14.5f;
+// kSigFastTab[k][lane]: coefficient of z^k for the segment whose index is lane (lane = ((127 + e) & 3) << 2 |
+// q for z in 2^e [1 + q / 4, 1 + (q + 1) / 4))
+alignas(64) constexpr float kSigFastTab[4][16] = {
+    {0x1.47303cp-3f, 0x1.0d3af8p-4f, 0x1.3a1882p-6f, 0x1.9f8a22p-5f, 0x1.a8ff78p-3f, 0x1.eb9564p-2f, 0x1.65d20cp-1f, 0x1.ad112cp-1f, 0x1.e05904p-1f, 0x1.f8a4e0p-1f, 0x1.fe6d48p-1f, 0x1.ff9fccp-1f, 0x1.14de60p-2f, 0x1.0fb802p-2f, 0x1.009888p-2f, 0x1.c7ea0cp-3f},
+    {0x1.7aa4e2p-2f, 0x1.ef4afep-2f, 0x1.1017a4p-1f, 0x1.029944p-1f, 0x1.902c38p-2f, 0x1.cf1baap-3f, 0x1.d9ccbcp-4f, 0x1.c672a6p-5f, 0x1.2a0e3cp-6f, 0x1.d0969cp-9f, 0x1.55db0ap-11f, 0x1.22d80ep-13f, 0x1.829bccp-3f, 0x1.9ae640p-3f, 0x1.d6fdeap-3f, 0x1.1c77ccp-2f},
+    {-0x1.44fe24p-5f, -0x1.5f37f4p-4f, -0x1.a21ca0p-4f, -0x1.840e96p-4f, -0x1.123598p-4f, -0x1.144de2p-5f, -0x1.ef860ep-7f, -0x1.a5ac5cp-8f, -0x1.d87e5cp-10f, -0x1.33bc3ap-12f, -0x1.84d142p-15f, -0x1.264ce8p-17f, 0x1.f63eecp-5f, 0x1.a9c2d8p-5f, 0x1.0a65b6p-5f, 0x1.5730b4p-8f},
+    {-0x1.391814p-10f, 0x1.497596p-8f, 0x1.c38fd8p-8f, 0x1.96eea2p-8f, 0x1.0316e0p-8f, 0x1.c1e8c2p-10f, 0x1.5f7540p-11f, 0x1.085154p-12f, 0x1.f78194p-15f, 0x1.115ac0p-17f, 0x1.281246p-20f, 0x1.8e836ep-23f, -0x1.4f4256p-6f, -0x1.2710ccp-6f, -0x1.c1190ap-7f, -0x1.16f45cp-7f},
+};
+
+struct SigFastTables {
+  __m512 c0, c1, c2, c3;
+};
+
+__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline))
+inline SigFastTables sigmoid_fast_tables() {
+  return {_mm512_load_ps(kSigFastTab[0]), _mm512_load_ps(kSigFastTab[1]), _mm512_load_ps(kSigFastTab[2]),
+          _mm512_load_ps(kSigFastTab[3])};
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl"), always_inline))
+inline __m512 sigmoid_fast_avx512(__m512 x, const SigFastTables& tab) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  // min(14.5, |x|): a NaN x gives NaN (minps returns its 2nd operand then; vrangeps would give 14.5)
+  const __m512 z = _mm512_add_ps(_mm512_min_ps(_mm512_set1_ps(kSigFastClamp), _mm512_abs_ps(x)), one);
+  const __m512i idx = _mm512_srli_epi32(_mm512_castps_si512(z), 21);  // vpermps reads the low 4 bits
+  __m512 p = _mm512_permutexvar_ps(idx, tab.c3);
+  p = _mm512_fmadd_ps(p, z, _mm512_permutexvar_ps(idx, tab.c2));
+  p = _mm512_fmadd_ps(p, z, _mm512_permutexvar_ps(idx, tab.c1));
+  p = _mm512_fmadd_ps(p, z, _mm512_permutexvar_ps(idx, tab.c0));
+  return _mm512_mask_sub_ps(p, _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), one, p);  // 1 - σ^(|x|)
+}
+
 }  // namespace robbench

@@ -255,6 +255,11 @@ void band_epilogue_avx512(const float* s, const float* bias, int64_t act, float*
 
 // Part 7's lean terms in the tile pass unless ROBBENCH_LEAN_TERMS=0 (read per call of decide_tiles; A/B).
 bool lean_terms() { return switch_on("ROBBENCH_LEAN_TERMS"); }
+// Part 9's fast sigmoid in the tile pass's lean rows unless ROBBENCH_FAST_SIGMOID=0 (read per call; A/B).
+bool fast_sigmoid() { return switch_on("ROBBENCH_FAST_SIGMOID"); }
+// m_j's additive term with the fast sigmoid: 2 kSigFastErr >= kSigFastErr (1 + kSigFastErr) (part 9),
+// rounded up to fp32
+const float kSigFastSlope = std::nextafter(static_cast<float>(2 * kSigFastErr), 1.0f);
 
 // AVX-512 loops where the CPU has them; ROBBENCH_NO_AVX512=1 (read once per process) runs the portable
 // loops instead, so that tests can check them on any machine.
@@ -320,19 +325,26 @@ inline void tile_row_avx512(const float* s, const float* bias, int64_t j0, int64
 // +inf when Δ* > 1), vx[r] >= the coefficients of rW_j and rWf_j in ρ_j; t_j = min(1/4, fl(m_j vq)),
 // m_j = fl(ŷ fl(1 - ŷ) + 32 v), ρ_j <= fl(rsum_j vx + c0_j), f_j = fl(t_j ρ_j + 2 ev k2); acc[r] holds d2
 // (lanes 0..15), f2 (32..47) and tmax (48..63); ŷ also to y[r] when y[r] != nullptr.
-template <int NR, int NV>
+// Fast (part 9): ŷ by the fast sigmoid (within kSigFastErr of σ), vsl = fl32(2 kSigFastErr) rounded up in
+// place of 32 v in m_j, and vev2 = (ev + kSigFastErr) k2 (the caller's).
+template <int NR, int NV, bool Fast>
 __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline))
 inline void tile_rows_lean_avx512(const float* const* s, const float* bias, int64_t j0, const float* rsum,
                                   const float* c0, const float* vq, const float* vx, __m512 vev2,
                                   const float* const* cen, float* const* y, float* const* acc) {
   const __m512 one = _mm512_set1_ps(1.0f), quarter = _mm512_set1_ps(0.25f);
-  const __m512 v32 = _mm512_set1_ps(32.0f / 16777216.0f);
+  const __m512 v32 = _mm512_set1_ps(Fast ? kSigFastSlope : 32.0f / 16777216.0f);
   __m512 av[NR * NV], yv[NR * NV];
   for (int q = 0; q < NV; ++q) {
     const __m512 bq = _mm512_loadu_ps(bias + j0 + 16 * q);
     for (int r = 0; r < NR; ++r) av[r * NV + q] = _mm512_add_ps(_mm512_loadu_ps(s[r] + j0 + 16 * q), bq);
   }
-  sigmoid_avx512_n<NR * NV>(av, yv);
+  if constexpr (Fast) {  // one vector at a time in the source (the compiler interleaves them without spills)
+    const SigFastTables tab = sigmoid_fast_tables();
+    for (int i = 0; i < NR * NV; ++i) yv[i] = sigmoid_fast_avx512(av[i], tab);
+  } else {
+    sigmoid_avx512_n<NR * NV>(av, yv);
+  }
   for (int r = 0; r < NR; ++r) {
     if (y[r] != nullptr)
       for (int q = 0; q < NV; ++q) _mm512_storeu_ps(y[r] + j0 + 16 * q, yv[r * NV + q]);
@@ -356,16 +368,16 @@ inline void tile_rows_lean_avx512(const float* const* s, const float* bias, int6
   }
 }
 
-template <int NR>
+template <int NR, bool Fast>
 __attribute__((target("avx512f,avx512bw,avx512vl"), always_inline))
 inline void tile_rows_lean_nv(int64_t nv, const float* const* s, const float* bias, int64_t j0, const float* rsum,
                               const float* c0, const float* vq, const float* vx, __m512 vev2,
                               const float* const* cen, float* const* y, float* const* acc) {
   switch (nv) {
-    case 4: tile_rows_lean_avx512<NR, 4>(s, bias, j0, rsum, c0, vq, vx, vev2, cen, y, acc); break;
-    case 3: tile_rows_lean_avx512<NR, 3>(s, bias, j0, rsum, c0, vq, vx, vev2, cen, y, acc); break;
-    case 2: tile_rows_lean_avx512<NR, 2>(s, bias, j0, rsum, c0, vq, vx, vev2, cen, y, acc); break;
-    case 1: tile_rows_lean_avx512<NR, 1>(s, bias, j0, rsum, c0, vq, vx, vev2, cen, y, acc); break;
+    case 4: tile_rows_lean_avx512<NR, 4, Fast>(s, bias, j0, rsum, c0, vq, vx, vev2, cen, y, acc); break;
+    case 3: tile_rows_lean_avx512<NR, 3, Fast>(s, bias, j0, rsum, c0, vq, vx, vev2, cen, y, acc); break;
+    case 2: tile_rows_lean_avx512<NR, 2, Fast>(s, bias, j0, rsum, c0, vq, vx, vev2, cen, y, acc); break;
+    case 1: tile_rows_lean_avx512<NR, 1, Fast>(s, bias, j0, rsum, c0, vq, vx, vev2, cen, y, acc); break;
     default: break;
   }
 }
@@ -751,6 +763,9 @@ void decide_tiles_avx512(const LastLayerBound& b, const Bf16Product& prod, const
   static_assert(kC % 16 == 0, "column blocks are whole vectors");
   const int64_t P = b.P, D = b.D, K = b.K, jv = D / 16 * 16;  // units < jv in vectors, the rest scalar
   const bool sigmoid = b.act == kActSigmoid, lean_on = sigmoid && lean_terms();
+  // part 9: the fast sigmoid in the lean rows, unless ŷ is kept for the refinement (store_y: it reads ŷ with
+  // the exact sigmoid's ev) or ROBBENCH_FAST_SIGMOID=0 (read per call; A/B)
+  const bool fast = !store_y && fast_sigmoid();
   const float* bias = b.bias.data();
   alignas(64) float acc[kR][64];  // per row: the lane accumulators d2, e2, f2, tmax (16 each)
   BandArgs g[kR];
@@ -759,6 +774,7 @@ void decide_tiles_avx512(const LastLayerBound& b, const Bf16Product& prod, const
   float xr[kR];  // lean rows: >= the coefficients of rW_j and rWf_j in ρ_j (part 7)
   bool lean[kR];
   const __m512 vev2 = _mm512_set1_ps(static_cast<float>(2 * b.ev * LastLayerBound::k2));
+  const __m512 vevf = _mm512_set1_ps(static_cast<float>((b.ev + kSigFastErr) * LastLayerBound::k2));
   const float vinf = std::numeric_limits<float>::infinity();
   for (int64_t r0 = 0; r0 < n; r0 += kR) {
     const int64_t m = std::min(kR, n - r0);
@@ -791,12 +807,17 @@ void decide_tiles_avx512(const LastLayerBound& b, const Bf16Product& prod, const
           const float* cr[2] = {rw.cen, rows[r0 + i + 1].cen};
           float* yr[2] = {yi, store_y ? yi + P : nullptr};
           float* ar[2] = {acc[i], acc[i + 1]};
-          tile_rows_lean_nv<2>(nv, sr, bias, c0, b.rsum.data(), b.c0.data(), xq + i, xr + i, vev2, cr, yr, ar);
+          if (fast) tile_rows_lean_nv<2, true>(nv, sr, bias, c0, b.rsum.data(), b.c0.data(), xq + i, xr + i, vevf, cr, yr, ar);
+          else tile_rows_lean_nv<2, false>(nv, sr, bias, c0, b.rsum.data(), b.c0.data(), xq + i, xr + i, vev2, cr, yr, ar);
           step = 2;
         } else if (lean[i]) {
           float* ar[1] = {acc[i]};
-          tile_rows_lean_nv<1>(nv, &si, bias, c0, b.rsum.data(), b.c0.data(), xq + i, xr + i, vev2, &rw.cen, &yi,
-                               ar);
+          if (fast)
+            tile_rows_lean_nv<1, true>(nv, &si, bias, c0, b.rsum.data(), b.c0.data(), xq + i, xr + i, vevf, &rw.cen,
+                                       &yi, ar);
+          else
+            tile_rows_lean_nv<1, false>(nv, &si, bias, c0, b.rsum.data(), b.c0.data(), xq + i, xr + i, vev2, &rw.cen,
+                                        &yi, ar);
         } else {
           const bool part2 = rw.norm_wdh < 0;
           switch (nv) {

@@ -16,15 +16,34 @@
 namespace robbench {
 namespace {
 
-// y = σ~(x) for a float32 CPU tensor: the AVX-512 code where the band runs it, or (portable) the scalar one.
-at::Tensor sigmoid_fp32_cpu(const at::Tensor& x, bool portable) {
+bool fast_sigmoid_available() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl");
+}
+
+// The fast epilogue sigmoid of bounds.h part 9 element-wise (masked vectors for the last elements).
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+void sigmoid_fast(const float* x, float* y, int64_t n) {
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 k = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
+    _mm512_mask_storeu_ps(y + i, k, sigmoid_fast_avx512(_mm512_maskz_loadu_ps(k, x + i), sigmoid_fast_tables()));
+  }
+}
+
+// y = σ~(x) for a float32 CPU tensor: the AVX-512 code where the band runs it, or (portable) the scalar one;
+// fast: part 9's fast sigmoid (AVX-512 only).
+at::Tensor sigmoid_fp32_cpu(const at::Tensor& x, bool portable, bool fast) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.device().is_cpu(), "x must be a float32 CPU tensor, got ",
               x.scalar_type(), " on ", x.device());
   at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty_like(xc);
   const float* xp = xc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  if (portable) {
+  TORCH_CHECK(!(fast && portable), "the fast sigmoid has no portable version");
+  TORCH_CHECK(!fast || fast_sigmoid_available(), "the fast sigmoid needs AVX-512 (F, BW, VL)");
+  if (fast) {
+    sigmoid_fast(xp, yp, xc.numel());
+  } else if (portable) {
     for (int64_t i = 0; i < xc.numel(); ++i) yp[i] = sigmoid_scalar(xp[i]);
   } else {
     sigmoid_fp32(xp, yp, xc.numel());
@@ -35,7 +54,9 @@ at::Tensor sigmoid_fp32_cpu(const at::Tensor& x, bool portable) {
 // The largest |σ~(±x) - σ(±x)| (σ in float64: 1 / (1 + exp(-x)), error ~1e-16) over the floats x >= 0 whose
 // bit patterns are first, first + stride, ... <= last (both signs of each), in units of v = 2^-24, and the x
 // where it occurs (signed). NaN results count as an infinite error. Returns [max error / v, x].
-std::vector<double> sigmoid_error_scan_cpu(int64_t first, int64_t last, int64_t stride, bool portable) {
+std::vector<double> sigmoid_error_scan_cpu(int64_t first, int64_t last, int64_t stride, bool portable, bool fast) {
+  TORCH_CHECK(!(fast && portable), "the fast sigmoid has no portable version");
+  TORCH_CHECK(!fast || fast_sigmoid_available(), "the fast sigmoid needs AVX-512 (F, BW, VL)");
   TORCH_CHECK(0 <= first && first <= last && last <= 0x7f800000, "need 0 <= first <= last <= 0x7f800000 (+inf), got ",
               first, ", ", last);
   TORCH_CHECK(stride >= 1, "stride must be positive, got ", stride);
@@ -51,7 +72,9 @@ std::vector<double> sigmoid_error_scan_cpu(int64_t first, int64_t last, int64_t 
         x[i] = __builtin_bit_cast(float, static_cast<uint32_t>(first + (i0 + i) * stride));
         x[n + i] = -x[i];
       }
-      if (portable) {
+      if (fast) {
+        sigmoid_fast(x.data(), y.data(), 2 * n);
+      } else if (portable) {
         for (int64_t i = 0; i < 2 * n; ++i) y[i] = sigmoid_scalar(x[i]);
       } else {
         sigmoid_fp32(x.data(), y.data(), 2 * n);
@@ -74,12 +97,16 @@ std::vector<double> sigmoid_error_scan_cpu(int64_t first, int64_t last, int64_t 
 }
 
 }  // namespace
+
+// The fast sigmoid's proven bound (bounds.h part 9), for tests: [kSigFastErr, kSigFastClamp].
+std::vector<double> sigmoid_fast_constants() { return {kSigFastErr, static_cast<double>(kSigFastClamp)}; }
 }  // namespace robbench
 
 TORCH_LIBRARY_FRAGMENT(robbench, m) {
-  m.def("sigmoid_fp32(Tensor x, bool portable=False) -> Tensor");
-  m.def("sigmoid_error_scan(int first, int last, int stride, bool portable=False) -> float[]",
+  m.def("sigmoid_fp32(Tensor x, bool portable=False, bool fast=False) -> Tensor");
+  m.def("sigmoid_error_scan(int first, int last, int stride, bool portable=False, bool fast=False) -> float[]",
         &robbench::sigmoid_error_scan_cpu);
+  m.def("sigmoid_fast_constants() -> float[]", &robbench::sigmoid_fast_constants);
 }
 
 TORCH_LIBRARY_IMPL(robbench, CPU, m) { m.impl("sigmoid_fp32", &robbench::sigmoid_fp32_cpu); }
