@@ -277,7 +277,10 @@
 //    (b) the slope bound σ'(a_j) = g(σ(a_j)), g(y) = y (1 - y): |g(y) - g(ŷ)| = |y - ŷ| |1 - y - ŷ|
 //        <= ε (1 + ε) for y in [0, 1] and ŷ in [-ε, 1 + ε] (σ^ is within ε of σ, so it lies there), so
 //        σ'(a_j) <= ŷ_j (1 - ŷ_j) + ε (1 + ε): the term 32 v of m_j becomes 2 ε >= ε (1 + ε) (rounded up to
-//        fp32; m_j's own roundings as in part 7 (d)).
+//        fp32; m_j's own roundings as in part 7 (d)). Unlike the exact sigmoid's, ŷ may leave [0, 1] by <= ε,
+//        and then ŷ (1 - ŷ) < 0 and part 7 (d)'s relative rounding model of m_j needs one more term: for ŷ > 1,
+//        fl(1 - ŷ) is exact (Sterbenz); for ŷ < 0, fl(1 - ŷ) = (1 - ŷ)(1 + δ) adds |ŷ (1 - ŷ)| v <= ε (1 + ε) v,
+//        far inside the slack 2 ε - ε (1 + ε) = ε (1 - ε) the constant leaves.
 //    Nothing else reads the fast ŷ: the decision is part 3's with these terms; dist (the refinement's target)
 //    is a heuristic; a row left undecided gets a and ŷ again from s by epilogue_row with the exact sigmoid,
 //    and the refinement (part 4) bounds that ŷ with ev as before (so with ROBBENCH_TILE_STORE_Y=1, where the
