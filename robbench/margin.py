@@ -446,8 +446,8 @@ def estimate_margin(model: VAEModel, x: Tensor, attack: Attack, attack_params: d
     schedule = stats.sample_schedule(samples_initial, locate, samples_growth)
     screen_schedule = [n for n in schedule if n <= screen_samples]
     base_tests = n_margin_tests(max_radius, tolerance, refine)
-    n_tests = base_tests + (n_verify_tests(max_radius, tolerance) if verify else 0)
-    budget = split_verify_alpha(1.0 - confidence, max_radius, tolerance, verify)
+    n_tests = base_tests + (n_verify_tests(max_radius, tolerance, refine) if verify else 0)
+    budget = split_verify_alpha(1.0 - confidence, max_radius, tolerance, verify, refine)
     alpha_test, alpha_screen = split_screen_alpha(budget.margin, base_tests, screen_share if screen_schedule else 0.0)
     alpha_look = stats.split_alpha(alpha_test, len(schedule))
     # the largest test: a refinement top-up (samples_max), else the sequential tests' last look (samples_locate)
@@ -463,6 +463,8 @@ def estimate_margin(model: VAEModel, x: Tensor, attack: Attack, attack_params: d
     w_n = torch.zeros(batch, dtype=torch.int64)
     w_p_hi = torch.full((batch,), float("nan"), dtype=torch.float64)
     screen_n = torch.zeros(batch, dtype=torch.int64)  # samples of screening tests that did not decide
+    zero_k = torch.zeros(batch, dtype=torch.int64)  # counts of the radius-0 test (the verification's fits)
+    zero_n = torch.zeros(batch, dtype=torch.int64)
 
     def record_witness(idx: Tensor, radius: Tensor, delta: Tensor, out: SequentialOutcome, a_look: float) -> None:
         # hi only ever moves down, on a NOT_ROBUST decision: keep the delta of the smallest such radius
@@ -489,6 +491,7 @@ def estimate_margin(model: VAEModel, x: Tensor, attack: Attack, attack_params: d
                                   alpha=alpha, schedule=sizes, seed=stats.derive_seed(seed, "margin-mc", step),
                                   stream_ids=point_ids[idx], backend=backend)
             record_witness(idx, radius, torch.zeros_like(x[dev_idx]), out, alpha_look)
+            zero_k[idx], zero_n[idx] = out.k, out.n
             return out
         xs = x[dev_idx]
         rad = radius.to(device=x.device, dtype=x.dtype)
@@ -538,14 +541,19 @@ def estimate_margin(model: VAEModel, x: Tensor, attack: Attack, attack_params: d
     res.witness_p_hi = w_p_hi
     res.samples = res.samples + screen_n  # screening samples of tests that went on to the attack
     if verify:
-        def direction_test(idx: Tensor, radius: Tensor, direction: Tensor, step: int) -> SequentialOutcome:
+        def direction_test(idx: Tensor, radius: Tensor, direction: Tensor, step: int, n: int | None = None
+                           ) -> SequentialOutcome:
             # the fixed direction scaled to the radius (box-limited), tested like a bisection radius; a
             # confident NOT_ROBUST is a witness like any other (hi and witness move down)
             delta = fit_warm_start(x[idx.to(x.device)], direction, radius.to(device=x.device, dtype=x.dtype),
                                    input_range(model))
             # the first test (just below R) alone can back a witness where p is lowest: it gets its own share
-            # and up to samples_max samples; the later ones locate the crossing like the bisection's tests
-            alpha, sizes = (budget.first, first_schedule) if step == 0 else (budget.rest, schedule)
+            # and up to samples_max samples; the later ones locate the crossing like the bisection's tests; a
+            # refinement top-up (n given) draws n samples and decides once, at a later test's budget
+            if n is not None:
+                alpha, sizes = budget.rest, [n]
+            else:
+                alpha, sizes = (budget.first, first_schedule) if step == 0 else (budget.rest, schedule)
             out = mc_test(idx, delta, alpha, sizes, "margin-verify", step)
             record_witness(idx, radius, delta, out, stats.split_alpha(alpha, len(sizes)))
             return out
@@ -558,7 +566,9 @@ def estimate_margin(model: VAEModel, x: Tensor, attack: Attack, attack_params: d
         verify_margin(res, model, x, attack, attack_params, direction_test, chain,
                       torch.where(has, w_radius, last_radius), r=r, m=m, center=center,
                       sigma0=sigma0, sigma_at=sigma_at, tolerance=tolerance, rel_tolerance=rel_tolerance,
-                      stop_when_undecided=stop_when_undecided, seed=seed, point_ids=point_ids, backend=backend)
+                      stop_when_undecided=stop_when_undecided, seed=seed, point_ids=point_ids, backend=backend,
+                      max_radius=max_radius, refine=refine, samples_min=samples_initial, samples_max=samples_max,
+                      zero_counts=(zero_k, zero_n))
         res.n_tests = n_tests
     return res
 
@@ -577,15 +587,19 @@ VERIFY_FIRST_SHARE = 0.5  # share of the re-bisection's alpha for that first tes
 # Version of the verification algorithm, hashed into verify=true job keys (plugins/estimators.py), so a run
 # folder holding an earlier verification's rows is not resumed as this one's. 2: session 8 (first test at
 # VERIFY_TOP R with up to samples_max samples at VERIFY_FIRST_SHARE of the budget; p0 at lo = 0; VERIFY_GAP 0.02).
-VERIFY_ALGORITHM = 2
+# 3: session 9 (a lowered point's R from ``refine`` top-ups along the direction and its probit fit, not the
+# straight line across the re-bisection's last bracket; the top-ups are counted in n_verify_tests).
+VERIFY_ALGORITHM = 3
 NO_PRESOLVE = ("presolve_steps", "warm_presolve_steps")  # max_damage's mean-decoder pre-solve, set to 0
 
 
-def n_verify_tests(max_radius: float, tolerance: float) -> int:
-    """Tests the verification can add to a point: the first one at VERIFY_TOP R and at most
+def n_verify_tests(max_radius: float, tolerance: float, refine: int = 0) -> int:
+    """Tests the verification can add to a point: the first one at VERIFY_TOP R, at most
     ceil(log2(max_radius / tolerance)) bisection steps in [0, VERIFY_TOP R] (a bracket <= max_radius wide,
-    halved down to tolerance)."""
-    return 1 + max(0, math.ceil(math.log2(max_radius / tolerance)))
+    halved down to tolerance) and, where it lowers R, ``refine`` top-ups at the fitted crossing along the
+    direction (none can run where max_radius <= tolerance: no bracket is then wider than the tolerance)."""
+    steps = max(0, math.ceil(math.log2(max_radius / tolerance)))
+    return 1 + steps + (refine if steps else 0)
 
 
 class VerifyBudget(NamedTuple):
@@ -598,17 +612,18 @@ class VerifyBudget(NamedTuple):
     rest: float
 
 
-def split_verify_alpha(alpha: float, max_radius: float, tolerance: float, verify: bool) -> VerifyBudget:
+def split_verify_alpha(alpha: float, max_radius: float, tolerance: float, verify: bool, refine: int = 0
+                       ) -> VerifyBudget:
     """Split of alpha = 1 - confidence with ``verify``: VERIFY_SHARE of it goes to the re-bisection, of which
     VERIFY_FIRST_SHARE to its first test (at VERIFY_TOP R, the only test that can back a witness where p is
     lowest, hence the one that needs the power) and the rest evenly (Bonferroni) over the at most
-    n_verify_tests - 1 later tests; the bisection, its screening and refinement share the other 1 -
+    n_verify_tests - 1 later tests (locating tests and ``refine`` top-ups); the bisection, its screening and refinement share the other 1 -
     VERIFY_SHARE as before. So all of a point's decisions still hold together with probability >= 1 - alpha.
     Without verify: (alpha, 0, 0)."""
     if not verify:
         return VerifyBudget(alpha, 0.0, 0.0)
     share = alpha * VERIFY_SHARE
-    later = n_verify_tests(max_radius, tolerance) - 1
+    later = n_verify_tests(max_radius, tolerance, refine) - 1
     if later == 0:  # max_radius <= tolerance: the re-bisection never tests below its first radius
         return VerifyBudget(alpha - share, share, 0.0)
     return VerifyBudget(alpha - share, share * VERIFY_FIRST_SHARE,
@@ -680,13 +695,15 @@ def screen_candidates(model: VAEModel, x: Tensor, cands: list[Tensor], *, r: flo
 
 def bisect_direction(direction_test: Callable[[Tensor, Tensor, Tensor, int], SequentialOutcome], idx: Tensor,
                      direction: Tensor, top: Tensor, *, m: float, tolerance: float, rel_tolerance: float | None,
-                     stop_when_undecided: bool, p_zero: Tensor | None = None) -> tuple[Tensor, ...]:
+                     stop_when_undecided: bool, p_zero: Tensor | None = None, history: list | None = None
+                     ) -> tuple[Tensor, ...]:
     """Bisection of points idx (F,) along a fixed direction (F, *input_shape): the first test (step 0) at
     ``top`` (F,), then in [0, top] down to tolerance / rel_tolerance. ``p_zero`` (F,): p_hat at radius 0 (the
     bisection's p0; the bracket's lower end starts there, so a search that never leaves lo = 0 interpolates
     from it as the bisection does), NaN / None: unknown. Returns (lo, hi, p_lo, p_hi, lo_c, crossed, samples,
     tests), all (F,): the final bracket with the p_hat at its ends (NaN: not tested), the largest radius
-    decided ROBUST with confidence, whether some test was not robust, samples and tests used."""
+    decided ROBUST with confidence, whether some test was not robust, samples and tests used. ``history``: a
+    list to which each test's (positions in idx, radius, k, n) is appended (the input of :func:`_refine`)."""
     f = idx.numel()
     lo, hi = torch.zeros(f, dtype=torch.float64), top.clone()
     lo_c = lo.clone()
@@ -701,6 +718,8 @@ def bisect_direction(direction_test: Callable[[Tensor, Tensor, Tensor, int], Seq
         out = direction_test(idx[a], radius[a], direction[a.to(direction.device)], step)
         samples[a] += out.n
         tests[a] += 1
+        if history is not None:
+            history.append((a, radius[a].clone(), out.k, out.n))
         robust = (out.decision == stats.ROBUST) | ((out.decision == stats.UNDECIDED) & (out.p > m))
         lo[a[robust]], p_lo[a[robust]] = radius[a[robust]], out.p[robust]
         sure = a[out.decision == stats.ROBUST]
@@ -722,10 +741,12 @@ def bisect_direction(direction_test: Callable[[Tensor, Tensor, Tensor, int], Seq
 
 
 def verify_margin(res: MarginResult, model: VAEModel, x: Tensor, attack: Attack, attack_params: dict[str, Any],
-                  direction_test: Callable[[Tensor, Tensor, Tensor, int], SequentialOutcome], chain_delta: Tensor,
+                  direction_test: Callable[..., SequentialOutcome], chain_delta: Tensor,
                   chain_radius: Tensor, *, r: float, m: float, center: Tensor, sigma0: Tensor, sigma_at: str,
                   tolerance: float, rel_tolerance: float | None, stop_when_undecided: bool, seed: int,
-                  point_ids: Tensor, backend: str) -> None:
+                  point_ids: Tensor, backend: str, max_radius: float = float("inf"), refine: int = 0,
+                  samples_min: int = 128, samples_max: int = 32768,
+                  zero_counts: tuple[Tensor, Tensor] | None = None) -> None:
     """Second look at the attack's margins, in place (helper F's remedy for attacks that settle in a
     poorer optimum; benchmarks/attack_basins/README.md). For every point with 0 < R < cap: the three
     :func:`verification_candidates` at rho_v = 0.98 R (chain_delta (B, ...): the bisection's delta behind
@@ -736,11 +757,18 @@ def verify_margin(res: MarginResult, model: VAEModel, x: Tensor, attack: Attack,
     ``direction_test(idx, radius, direction, step)`` runs the estimator's sequential test at the
     verification's own error budget (:func:`split_verify_alpha`; step 0, the first test, with its larger
     share and up to samples_max samples) and records witnesses. R is lowered only where one of these tests
-    decided NOT_ROBUST with confidence below the old R: the new hi is that witness's radius, the new R the crossing of the new bracket, and
-    the new lo the smaller of the attack's lo and the largest radius confidently ROBUST along the direction
-    (lo is conditional on the deltas tried, now both searches); ``undecided`` is not changed by these
-    tests. Fills res.verify_flagged, res.verified_lower, res.verify_p; adds the screen's and the tests'
-    samples to res.samples and the tests to res.tests."""
+    decided NOT_ROBUST with confidence below the old R: the new hi is that witness's radius, the new R the
+    crossing of p along the direction, and the new lo the smaller of the attack's lo and the largest radius
+    confidently ROBUST along the direction (lo is conditional on the deltas tried, now both searches);
+    ``undecided`` is not changed by these tests. The new R: with ``refine`` > 0, ``refine`` fixed-count top-ups
+    at the fitted crossing along the direction (``direction_test(idx, radius, direction, step, n)``, steps from
+    n_verify_tests(max_radius, tolerance) on, n in [samples_min, samples_max] from the fitted slope) and then
+    the probit-linear fit of all the direction's tests near the crossing, the radius-0 test included
+    (``zero_counts`` (k, n) (B,): p along every direction starts at p0), as :func:`bisect_margin` refines
+    (algorithm 3: where p is flat near m the re-bisection stops undecided on a bracket up to 2x wide, whose
+    straight-line crossing fell up to 27 % below the exact margin); with ``refine`` 0 the straight-line
+    crossing of the final bracket. Fills res.verify_flagged, res.verified_lower, res.verify_p; adds the
+    screen's and the tests' samples to res.samples and the tests to res.tests."""
     batch = x.shape[0]
     res.verify_flagged = torch.zeros(batch, dtype=torch.bool)
     res.verified_lower = torch.zeros(batch, dtype=torch.bool)
@@ -765,16 +793,42 @@ def verify_margin(res: MarginResult, model: VAEModel, x: Tensor, attack: Attack,
     idx = sel[flag]
     rows = flag.nonzero().squeeze(1)
     direction = torch.stack(cands)[which[rows].to(x.device), rows.to(x.device)]
+    history: list = []  # the direction's tests, (positions in idx, radius, k, n), for the refinement's fit
+    if zero_counts is not None:
+        history.append((torch.arange(idx.numel()), torch.zeros(idx.numel(), dtype=torch.float64),
+                        zero_counts[0][idx], zero_counts[1][idx]))
     # from 0: the attack's lo holds for its own deltas only, and sits within rel_tolerance of R
     lo, hi, p_lo, p_hi, lo_c, crossed, n_used, n_tests = bisect_direction(
         direction_test, idx, direction, VERIFY_TOP * old[idx], m=m, tolerance=tolerance,
-        rel_tolerance=rel_tolerance, stop_when_undecided=stop_when_undecided, p_zero=res.p0[idx])
+        rel_tolerance=rel_tolerance, stop_when_undecided=stop_when_undecided, p_zero=res.p0[idx], history=history)
     res.samples[idx] += n_used
     if res.tests is not None:
         res.tests[idx] += n_tests
-    new_hi = torch.minimum(res.hi[idx], res.witness_radius[idx].nan_to_num(nan=float("inf")))
-    lower = crossed & (new_hi < old[idx])  # a confident NOT_ROBUST below the old R backs the new one
+
+    def witness_hi() -> Tensor:
+        return torch.minimum(res.hi[idx], res.witness_radius[idx].nan_to_num(nan=float("inf")))
+
+    lower = crossed & (witness_hi() < old[idx])  # a confident NOT_ROBUST below the old R backs the new one
     est = crossing(lo, hi, p_lo, p_hi, m, torch.zeros_like(lower))
+    if refine > 0 and bool(lower.any()):
+        hi_c = witness_hi()
+
+        def run(step: int, pos: Tensor, radius: Tensor, n: int) -> tuple[None, SequentialOutcome]:
+            # a top-up along the direction (direction_test records a NOT_ROBUST one as a witness)
+            out = direction_test(idx[pos], radius, direction[pos.to(direction.device)], step, n)
+            res.samples[idx[pos]] += out.n
+            if res.tests is not None:
+                res.tests[idx[pos]] += 1
+            history.append((pos, radius.double(), out.k, out.n))
+            up, down = out.decision == stats.ROBUST, out.decision == stats.NOT_ROBUST
+            lo_c[pos[up]] = torch.maximum(lo_c[pos[up]], radius[up].double())
+            hi_c[pos[down]] = torch.minimum(hi_c[pos[down]], radius[down].double())
+            return None, out
+
+        est = _refine(run, history, est, lo_c, hi_c, lower, m=m, max_radius=max_radius, tolerance=tolerance,
+                      rel_tolerance=rel_tolerance, rounds=refine, first_step=n_verify_tests(max_radius, tolerance),
+                      samples_min=samples_min, samples_max=samples_max)
+    new_hi = witness_hi()
     new_lo = torch.minimum(res.lo[idx], lo_c)
     est = torch.minimum(torch.maximum(est, new_lo), new_hi)
     li = idx[lower]

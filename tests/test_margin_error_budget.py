@@ -89,9 +89,9 @@ def test_every_point_spends_at_most_alpha_and_each_stage_at_most_its_share(model
         for pid in ids.tolist():
             spent[stage, pid] += a
             count[stage, pid] += 1
-    n_v = n_verify_tests(settings["max_radius"], settings["tolerance"])
+    n_v = n_verify_tests(settings["max_radius"], settings["tolerance"], settings["refine"])
     n_m = n_margin_tests(settings["max_radius"], settings["tolerance"], settings["refine"])
-    # the configuration is tight: the re-bisection runs every test its budget allows
+    # the configuration is tight: the re-bisection runs every test its budget allows, its `refine` top-ups included
     assert max(count["margin-verify", p] for p in range(POINTS)) == n_v
     margin_alpha = alpha * (1 - VERIFY_SHARE)
     # and each test runs at exactly the alpha the README states (a refinement top-up: one look of a test)
@@ -99,22 +99,30 @@ def test_every_point_spends_at_most_alpha_and_each_stage_at_most_its_share(model
     per_test = {"margin-mc": margin_alpha * (1 - settings["screen_share"]) / n_m,
                 "margin-screen": margin_alpha * settings["screen_share"] / n_m}
     # the re-bisection: its first test (step 0) VERIFY_FIRST_SHARE of the share with up to samples_max samples,
-    # each later one an even part of the rest with up to samples_locate, like the bisection's tests
+    # each later one an even part of the rest with up to samples_locate, like the bisection's tests; the top-ups
+    # along the direction (steps from n_verify_tests without refine on) too, with at most samples_max samples
     first_seed = stats.derive_seed(SEED, "margin-verify", 0)
+    base_v = n_verify_tests(settings["max_radius"], settings["tolerance"])
+    top_up_seeds = {stats.derive_seed(SEED, "margin-verify", base_v + j) for j in range(settings["refine"])}
     verify_first = alpha * VERIFY_SHARE * VERIFY_FIRST_SHARE
     verify_later = alpha * VERIFY_SHARE * (1 - VERIFY_FIRST_SHARE) / (n_v - 1)
-    firsts = defaultdict(int)
+    firsts, top_ups = defaultdict(int), defaultdict(int)
     for stage, ids, a, largest, seed in tests:
         if stage == "margin-verify":
             first = seed == first_seed
             assert a == pytest.approx(verify_first if first else verify_later, rel=1e-12), (first, a)
-            assert largest == (settings["samples_max"] if first else settings["samples_locate"])
+            if seed in top_up_seeds:
+                assert settings["samples_initial"] <= largest <= settings["samples_max"]
+            else:
+                assert largest == (settings["samples_max"] if first else settings["samples_locate"])
             for pid in ids.tolist():
                 firsts[pid] += first
+                top_ups[pid] += seed in top_up_seeds
             continue
         allowed = [per_test[stage]] + ([per_test[stage] / looks] if stage == "margin-mc" else [])
         assert any(a == pytest.approx(b, rel=1e-12) for b in allowed), (stage, a, allowed)
     assert all(firsts[p] == 1 for p in range(POINTS))  # one first test per point, the rest later ones
+    assert all(top_ups[p] == settings["refine"] for p in range(POINTS))  # every lowered point was refined
     for p in range(POINTS):
         assert count["margin-verify", p] <= n_v and count["margin-mc", p] <= n_m
         assert count["margin-screen", p] <= n_m
@@ -238,8 +246,9 @@ def test_the_verification_budget_holds_in_edge_configurations(model, monkeypatch
     monkeypatch.setattr(margin, "sequential_test", recorded_test)
     res = estimate_margin(model, torch.full((POINTS, *model.input_shape), 0.5), attack, dict(PARAMS), **settings)
     alpha = 1.0 - CONF
-    budget = margin.split_verify_alpha(alpha, settings["max_radius"], settings["tolerance"], True)
-    n_v = n_verify_tests(settings["max_radius"], settings["tolerance"])
+    budget = margin.split_verify_alpha(alpha, settings["max_radius"], settings["tolerance"], True, settings["refine"])
+    n_v = n_verify_tests(settings["max_radius"], settings["tolerance"], settings["refine"])
+    base_v = n_verify_tests(settings["max_radius"], settings["tolerance"])  # top-ups: steps from here on
     locate = settings["samples_max"] if settings["samples_locate"] is None else settings["samples_locate"]
     spent, verify_spent = defaultdict(float), defaultdict(float)
     firsts, verify_count = defaultdict(int), defaultdict(int)
@@ -250,7 +259,10 @@ def test_the_verification_budget_holds_in_edge_configurations(model, monkeypatch
         if stage != "margin-verify":
             continue
         assert a == (budget.first if step == 0 else budget.rest), (step, a, budget)
-        assert largest == (settings["samples_max"] if step == 0 else min(locate, settings["samples_max"]))
+        if step >= base_v:  # a refinement top-up along the direction: one look of n <= samples_max samples
+            assert step < base_v + settings["refine"] and largest <= settings["samples_max"]
+        else:
+            assert largest == (settings["samples_max"] if step == 0 else min(locate, settings["samples_max"]))
         for pid in ids.tolist():
             verify_spent[pid] += a
             verify_count[pid] += 1

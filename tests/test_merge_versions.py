@@ -44,7 +44,7 @@ def test_merge_across_verification_algorithms(tmp_path, monkeypatch, older_margi
     older_margin()  # back to today's estimator
     new = _run(tmp_path, "new", verify)
     if verify:
-        named = r"estimators\.margin\.versions\.verify_algorithm differs \(1 in .*old; 2 in .*new\)"
+        named = rf"estimators\.margin\.versions\.verify_algorithm differs \(1 in .*old; {VERIFY_ALGORITHM} in .*new\)"
         with pytest.raises(MergeError, match=named):
             merge([old, new])
     else:
@@ -63,5 +63,5 @@ def test_entries_from_before_versions_were_recorded_do_not_merge_with_verified_m
     del old["settings"]["estimators"]["margin"]["versions"]
     old["source"] = "s7-folder"
     with pytest.raises(MergeError, match=r"estimators\.margin\.versions differs \(null in s7-folder; "
-                                         r"\{\"verify_algorithm\": 2\} in "):
+                                         rf"\{{\"verify_algorithm\": {VERIFY_ALGORITHM}\}} in "):
         check_comparable([old, entry])
