@@ -7,11 +7,14 @@ the delta it tested, its decision. A decision is WRONG when ROBUST with p_r <= m
 Per point we report: any wrong decision (the event the Bonferroni budget bounds by alpha), coverage of the exact
 margin by [lo, hi], hi >= exact (the unconditional end), every stored witness's exact p_r <= m.
 Usage: python benchmarks/verify_coverage.py STREAMS CONFIDENCE trapped|tilted|exact [VERIFY 0/1] [SEED]
-(1 thread; about 5 CPU s for 1000 streams)
+(1 thread; about 5 CPU s for 1000 streams at r = 4, 25-55 s in the flat regime r = 2)
+Environment overrides (session 8 review's regimes): COV_R (r, default 4), COV_M (m, 0.5), COV_CAP (max_radius,
+default the estimator's), COV_COSLO (the tilted stub's smallest cos(t), 0.9).
 """
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections import Counter
@@ -30,14 +33,15 @@ CONF = float(sys.argv[2]) if len(sys.argv) > 2 else 0.95
 KIND = sys.argv[3] if len(sys.argv) > 3 else "trapped"
 VERIFY = bool(int(sys.argv[4])) if len(sys.argv) > 4 else True
 SEED = int(sys.argv[5]) if len(sys.argv) > 5 else 0
-R, MM = 4.0, 0.5
+R, MM = float(os.environ.get("COV_R", 4.0)), float(os.environ.get("COV_M", 0.5))
+CAP = float(os.environ.get("COV_CAP", 0)) or None
 PARAMS = {"presolve_steps": 60, "warm_presolve_steps": 60, "restarts": 1}
 
 
 class Stub:
     """trapped: pre-solve on -> 0.8 of the radius along the worst direction u, off -> exact.
     tilted: pre-solve on -> the radius along cos(t) u + sin(t) v (v a fixed unit vector orthogonal to u, per point),
-    cos(t) drawn per point in [0.90, 1.0] (R overstated by 0-~11 %); off -> exact. Deterministic per point id.
+    cos(t) in [COV_COSLO, 1] (R overstated by 0-~11 % at 0.9); off -> exact. Deterministic per point id.
     exact: always the worst delta (nothing to lower: every flag is a false flag, the verification's pure cost)."""
 
     name, description, defaults = "stub", "stub", dict(PARAMS)
@@ -49,7 +53,8 @@ class Stub:
         v = torch.randn(STREAMS, u.numel(), generator=g, dtype=torch.float64)
         v = v - (v @ u)[:, None] * u[None]
         self.v = (v / v.norm(dim=1, keepdim=True)).float()
-        self.cos = (0.90 + 0.10 * torch.rand(STREAMS, generator=g, dtype=torch.float64)).float()
+        lo_c = float(os.environ.get("COV_COSLO", 0.9))
+        self.cos = (lo_c + (1 - lo_c) * torch.rand(STREAMS, generator=g, dtype=torch.float64)).float()
 
     def __call__(self, model, x, radius, *, params, generator, init=None, point_ids=None, init_radius=None):
         u = model.top_direction.view(1, -1).expand(x.shape[0], -1)
@@ -89,7 +94,7 @@ M.sequential_test = wrapped
 p = {**MARGIN_DEFAULTS, "verify": VERIFY}
 t0 = time.process_time()
 res = M.estimate_margin(model, torch.full((STREAMS, *model.input_shape), 0.5), Stub(model, KIND), dict(PARAMS),
-                        r=R, m=MM, confidence=CONF, max_radius=p["max_radius"], tolerance=p["tolerance"],
+                        r=R, m=MM, confidence=CONF, max_radius=CAP or p["max_radius"], tolerance=p["tolerance"],
                         rel_tolerance=p["rel_tolerance"], samples_initial=p["samples_initial"],
                         samples_max=p["samples_max"], samples_growth=p["samples_growth"],
                         samples_locate=p["samples_locate"], refine=p["refine"], seed=base,
@@ -136,3 +141,5 @@ if VERIFY:
 print(f"  |R/exact-1| mean {float(err.mean()):.4f} max {float(err.max()):.4f}; mean R/exact-1 "
       f"{float((res.margin / exact - 1).mean()):+.4f}; lo>exact: {int((res.lo > exact).sum())}; "
       f"samples/point {float(res.samples.double().mean()):.0f}")
+inside = (res.lo <= res.margin + 1e-12) & (res.margin <= res.hi + 1e-12)
+print(f"  margin inside [lo, hi]: {int(inside.sum())}/{STREAMS}; censored {int(res.at_cap.sum())}; R={R} m={MM} cap={CAP}")
