@@ -435,7 +435,8 @@ def estimate_margin(model: VAEModel, x: Tensor, attack: Attack, attack_params: d
 
     ``verify``: after the bisection, a second look at every uncensored point with other searches, and a
     re-bisection below R where they find a clearly stronger delta (:func:`verify_margin`; its first test, at
-    VERIFY_TOP R, draws up to ``samples_max`` samples, the later ones up to ``samples_locate``). Its tests draw
+    VERIFY_TOP R, draws up to ``samples_max`` samples, the later ones up to ``samples_locate``; where it lowers R,
+    ``refine`` top-ups along its direction refine the new R). Its tests draw
     on a fixed share VERIFY_SHARE of alpha = 1 - confidence (:func:`split_verify_alpha`); the bisection's own
     tests (and screening, refinement) share the rest, so all decisions of a point still hold together with
     probability >= confidence. ``verify`` False is the estimator of before: the same budget, the same draws.
