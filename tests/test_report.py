@@ -387,3 +387,35 @@ def test_claims_read_family_and_parameters_from_the_store_not_the_label():
     old = ResultRow("j", 0, "beta_vae(beta=1.0)", 0, "", "encoder_stats", "ok", {}, None, 0.1)
     assert model_info([new, old]) == {"my label": ("beta_vae", {"beta": 2.0}),
                                       "beta_vae(beta=1.0)": ("beta_vae", {"beta": 1.0})}
+
+
+def test_a_report_write_that_fails_half_way_keeps_the_previous_report_whole(tmp_path: Path, monkeypatch) -> None:
+    """Disk full while report.md is written: the previous report.md, report.html and figures stay as they
+    were, every figure report.md links exists, and no temporary is left (before: report.md was cut short,
+    the old PNGs deleted first)."""
+    import errno
+
+    store = ResultStore(tmp_path)
+    store.write([ResultRow("e", p, "vae", 0, "", "encoder_stats", "ok",
+                           {"min_sigma": 0.1, "mean_sigma": 0.2 + 0.01 * p, "jacobian_frobenius": 3.0}, None, 0.1)
+                 for p in range(4)])
+    _record_run(store, _config(models=["vae"], estimators=["encoder_stats"]), ["e"])
+    store.close()
+    write_report(tmp_path)
+    before = {p.name: p.read_bytes() for p in (tmp_path / REPORT_DIR).iterdir()}
+    assert "report.md" in before and any(name.endswith(".png") for name in before)
+    entries = sorted(p.name for p in tmp_path.iterdir())
+    real_write_text = Path.write_text
+
+    def full_disk(path: Path, text: str, *args, **kwargs) -> int:
+        if path.name.startswith("report.md"):  # also a temporary named after it
+            real_write_text(path, text[: len(text) // 2], *args, **kwargs)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_text(path, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        write_report(tmp_path)
+    after = {p.name: p.read_bytes() for p in (tmp_path / REPORT_DIR).iterdir()}
+    assert after == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == entries  # no staging folder left behind

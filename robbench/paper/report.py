@@ -14,6 +14,9 @@ import dataclasses
 import html
 import json
 import math
+import os
+import shutil
+import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -689,17 +692,29 @@ def render_html(blocks: list[Block]) -> str:
 
 def write_report(run_dir: Path, *, console: Console | None = None) -> Path:
     """Write ``run_dir/report/report.md`` (+ PNGs) and ``report.html`` for the run directory (or the
-    directory of run directories) ``run_dir``; returns the path of report.md."""
+    directory of run directories) ``run_dir``; returns the path of report.md.
+
+    Everything is drawn and rendered in a staging folder beside ``report/`` first and renamed into place
+    only when all of it was written: a failure half-way (disk full) leaves the previous report whole."""
     run_dir = Path(run_dir)
     data = load_runs(run_dir)
     out_dir = run_dir / REPORT_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
-    for old in out_dir.glob("*.png"):  # a figure whose data vanished must not linger
-        old.unlink()
-    blocks, claims = build_blocks(data, out_dir)
+    staging = Path(tempfile.mkdtemp(prefix=f".{REPORT_DIR}-", dir=run_dir))
+    try:
+        blocks, claims = build_blocks(data, staging)
+        texts = {"report.md": render_md(blocks, staging), "report.html": render_html(blocks)}
+        for name, text in texts.items():
+            (staging / name).write_text(text, encoding="utf-8")
+        figures = {b.path.name for b in blocks if b.kind == "image" and b.path is not None}
+        for name in sorted(figures) + list(texts):  # figures first: report.md never links a missing one
+            os.replace(staging / name, out_dir / name)
+        for old in out_dir.glob("*.png"):  # a figure whose data vanished must not linger
+            if old.name not in figures:
+                old.unlink()
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     md_path = out_dir / "report.md"
-    md_path.write_text(render_md(blocks, out_dir), encoding="utf-8")
-    (out_dir / "report.html").write_text(render_html(blocks), encoding="utf-8")
     if console is not None:
         for claim in claims:
             color = {"supported": "green", "partly supported": "yellow", "not supported": "red"}.get(claim.verdict, "dim")
