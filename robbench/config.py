@@ -85,6 +85,8 @@ class RunConfig:
     dataset: str = ""
     data_dir: str | None = None
     points: int = 25
+    # Points per estimator call. Not in the job key: it changes results only through float rounding
+    # (README, "Same seed, same numbers"), and a point's batch changes anyway when a run resumes or grows.
     point_batch: int = 25
     keep_arrays: int = 8  # points per job whose tensors (adversarial inputs, ...) are kept for reports
     seed: int = _RUN.seed

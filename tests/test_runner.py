@@ -102,6 +102,28 @@ def test_crash_loses_nothing_and_rerun_resumes(plugin, fresh_plugins, tmp_path):
     assert plugin.counting.seen == []
 
 
+def test_point_batch_is_left_out_of_the_job_key_so_a_run_resumes_across_it(plugin, fresh_plugins, tmp_path):
+    """point_batch is not keyed, on purpose (README, "Same seed, same numbers"): a point's random streams come
+    from its id, so another batching changes a result only through the float rounding of the model's
+    products, and the batches a point falls in already change for a fixed point_batch (a resumed run, a run
+    whose points grew). Keying it would not make rows reproducible, only discard stored work: a run cut off
+    at point_batch 2 resumes at point_batch 4, computing only the missing points."""
+    from robbench.runner import plan_jobs
+
+    regs = fresh_plugins.get_registries()
+    small, large = (_config(regs, estimators=["counting"], point_batch=b) for b in (2, 4))
+    assert [j.key for j in plan_jobs(small, regs)] == [j.key for j in plan_jobs(large, regs)]
+    plugin.counting.crash_after = 1
+    with pytest.raises(Crash):
+        _run(small, regs, tmp_path)
+    first = list(plugin.counting.seen)
+    plugin.counting.crash_after, plugin.counting.seen, plugin.counting.batches = None, [], 0
+    rows = _run(large, regs, tmp_path).rows()
+    assert len(rows) == 8 and all(r.status == "ok" for r in rows)
+    assert len(first) == 2 and sorted(plugin.counting.seen + first) == sorted(r.point_id for r in rows)
+    assert plugin.counting.batches == 2  # 6 points in batches of 4
+
+
 def test_broken_models_fail_only_their_rows(plugin, fresh_plugins, tmp_path):
     regs = fresh_plugins.get_registries()
     cfg = _config(regs, models=["nan_model", "broken_model", "tp_linear"], estimators=["encoder_stats"])
