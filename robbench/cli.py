@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import re
 import sqlite3
 import sys
 import warnings
@@ -300,6 +301,38 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
+# A token that starts with a minus and a digit ('-1,2', '-1e-3', '-.5') is a value: no option starts so.
+_MINUS_VALUE = re.compile(r"-\.?\d")
+
+
+def attach_minus_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``argv`` with ``--opt -1,2`` written ``--opt=-1,2`` where ``--opt`` takes one value: argparse reads
+    a token that starts with '-' and is not a plain number ('-1,2', '-1e-3') as an option and fails with
+    "expected one argument", though seeds may be negative (settings.SEED_RANGE)."""
+    actions = dict(parser._option_string_actions)
+    for action in parser._actions:  # the subcommand's parser, found by its name in argv
+        if isinstance(action, argparse._SubParsersAction):
+            command = next((a for a in argv if a in action.choices), None)
+            if command is not None:
+                actions.update(action.choices[command]._option_string_actions)
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        action = actions.get(token)
+        if (action is not None and action.nargs is None and i + 1 < len(argv)
+                and _MINUS_VALUE.match(argv[i + 1])):
+            out.append(f"{token}={argv[i + 1]}")
+            i += 2
+            continue
+        if token == "--":  # what follows is positional
+            out += argv[i:]
+            break
+        out.append(token)
+        i += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``robbench`` command; returns the exit status (0, 2 for bad input, 130 when interrupted)."""
     return run_interruptible(_main, argv)
@@ -307,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(attach_minus_values(parser, argv))
     console = terminal.console()
     try:
         if args.command in ("run", "train"):

@@ -476,3 +476,28 @@ def test_evaluate_names_what_a_model_without_the_vae_methods_lacks():
     with pytest.raises(TypeError, match=r"model Linear lacks encode\(x\) -> \(mu, sigma\), decode\(z\); "
                                         r"see robbench.protocols.VAEModel"):
         evaluate(torch.nn.Linear(64, 64), torch.rand(2, 64), estimators=["bound"])
+
+
+# --- session 9: a value that starts with '-' ---------------------------------------------------------
+# argparse takes a token that starts with '-' and is not a plain number for an option: `--model-seeds -1,2`
+# (seeds may be negative: settings.SEED_RANGE) failed with "expected one argument"; only `--model-seeds=-1,2`
+# worked. A value of an option that takes one is now read as that value.
+@pytest.mark.parametrize("flags, expect", [
+    (["--model-seeds", "-1,2"], "configuration valid: 2 jobs × 2 points"),
+    (["--model-seeds", "-3"], "configuration valid: 1 job × 2 points"),
+    (["--model-seeds", "-1,-2", "--seed", "-5"], "configuration valid: 2 jobs × 2 points"),
+])
+def test_a_negative_leading_value_is_the_options_value(cache, tmp_path, capsys, flags, expect):
+    assert main(["run", *FAST, "--models", "vae", "--estimators", "bound", *flags, "--dry-run",
+                 "--out", str(tmp_path / "run")]) == 0
+    assert expect in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--r", "-1e-3"], "bad value for 'r': -0.001"),
+    (["--model-seeds", "-1,x"], "bad value for 'model_seeds'"),
+])
+def test_a_bad_negative_leading_value_is_judged_as_a_value(cache, tmp_path, capsys, flags, message):
+    assert main(["run", *FAST, *flags, "--dry-run", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "expected one argument" not in err, err
