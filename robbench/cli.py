@@ -189,7 +189,7 @@ def cmd_run(args: argparse.Namespace, console: Console, *, evaluate: bool) -> in
                       f"(see robbench plugins): {escape(failure.error)}[/yellow]")
     with _notes(console):
         cfg = config_from_args(args)
-    run_dir = args.out or default_run_dir(cfg, args.config)
+    run_dir = args.out = args.out or default_run_dir(cfg, args.config)  # out: also for the write-error message
     runner = Runner(cfg, get_registries(), run_dir, console=console, retrain=args.retrain,
                     progress=not args.no_progress)
     jobs = len(runner.jobs) if evaluate else len({(job.model.label, job.model.seed) for job in runner.jobs})
@@ -379,23 +379,55 @@ def _main(argv: list[str]) -> int:
     return USAGE_ERROR
 
 
-# Errors of a write that failed for lack of room, not because of the data or the input.
+# Errors of a write that failed for lack of room or a limit, not because of the data or the input.
 _FULL_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 _FULL_SQLITE = ("disk i/o error", "database or disk is full")
+# Free space below which a failed write is put down to a full disk (a few SQLite pages and its journal).
+FULL_BELOW_BYTES = 16 * 2 ** 20
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} bytes" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def _free_bytes(folder: Path) -> int | None:
+    """Free space on the disk holding ``folder`` (its nearest existing ancestor), or None if unknown."""
+    import shutil
+
+    folder = Path(folder).absolute()
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
 
 
 def write_failure(err: BaseException, out: Any) -> str | None:
-    """The message for a write that failed for lack of room (disk full, quota, a file size limit), or None
-    for any other error. Every result is committed in its own transaction and every file renamed into
-    place, so what was written before stays usable and the same command resumes."""
+    """The message for a write that failed for lack of room or a limit (disk full, quota, a file size
+    limit) or with SQLite's generic I/O error, or None for any other error. SQLite says "disk I/O error"
+    for any failed write, so the disk is called full only when its free space says so. Every result is
+    committed in its own transaction and every file renamed into place, so what was written before stays
+    usable and the same command resumes. ``out``: the run directory (None: unknown)."""
     if isinstance(err, sqlite3.OperationalError) and str(err).lower() in _FULL_SQLITE:
         where = f"{Path(out) / 'results.sqlite'}" if out else "the results database"
-        what = f"could not write {where}: {err} (disk full, or a file size limit reached?)"
-    elif isinstance(err, OSError) and err.errno in _FULL_ERRNOS:
+        free = _free_bytes(Path(out) if out else Path.cwd())
+        if free is not None and free < FULL_BELOW_BYTES:
+            return (f"could not write {where}: {err}; its disk is full ({_size(free)} free); the results stored "
+                    "so far are kept: free space and rerun the same command to resume")
+        room = "its free space is unknown" if free is None else f"its disk has {_size(free)} free, so it is not full"
+        return (f"could not write {where}: {err} (an I/O error on the results database; {room}: a file size "
+                "limit (ulimit -f), a quota, a failing disk or network file system?); the results stored so far "
+                "are kept: rerun the same command to resume once the cause is fixed")
+    if isinstance(err, OSError) and err.errno in _FULL_ERRNOS:
         what = f"could not write {err.filename or 'a file'}: {err.strerror or err}"
-    else:
-        return None
-    return (f"{what}; the results stored so far are kept: free space and rerun the same command to resume")
+        fix = "lift the limit" if err.errno == errno.EFBIG else "free space"
+        return f"{what}; the results stored so far are kept: {fix} and rerun the same command to resume"
+    return None
 
 
 if __name__ == "__main__":

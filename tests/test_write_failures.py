@@ -75,3 +75,36 @@ def test_another_database_error_still_exits_2_with_its_message(monkeypatch, caps
     monkeypatch.setattr(cli, "cmd_plugins", fail)
     assert cli.main(["plugins"]) == cli.USAGE_ERROR
     assert f"the results database cannot be used: {error}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("free, full", [(50 * 2 ** 30, False), (8192, True)])
+def test_a_sqlite_disk_io_error_is_called_a_full_disk_only_when_the_disk_is_full(monkeypatch, tmp_path, free, full):
+    """SQLite's generic "disk I/O error" (a file size limit, a failing disk, a network file system, ...) was
+    reported as "(disk full, or a file size limit reached?)" whatever the free space: the message now says
+    what is known (an I/O error on the results database, its path, the free space) and calls the disk full
+    only when shutil.disk_usage says so."""
+    import shutil
+    from collections import namedtuple
+
+    from robbench import cli
+
+    usage = namedtuple("usage", "total used free")
+    seen = []
+
+    def disk_usage(path):
+        seen.append(Path(path))
+        return usage(100 * 2 ** 30, 100 * 2 ** 30 - free, free)
+
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+    out = tmp_path / "run"
+    out.mkdir()
+    text = cli.write_failure(sqlite3.OperationalError("disk I/O error"), out)
+    assert f"could not write {out / 'results.sqlite'}: disk I/O error" in text, text
+    assert seen and seen[0] == out
+    assert "rerun the same command to resume" in text
+    if full:
+        assert "its disk is full (8.0 KiB free)" in text and "free space" in text, text
+    else:
+        assert "disk full" not in text and "disk is full" not in text and "free space" not in text, text
+        assert "an I/O error on the results database" in text and "not full" in text, text
+        assert "50.0 GiB free" in text and "file size limit" in text, text
