@@ -19,6 +19,7 @@ by the built-in ``mnist_full`` and ``fashion_mnist``. Images of the folder-based
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -28,6 +29,7 @@ import torch
 from torch import Tensor
 
 from robbench import datafiles
+from robbench.paths import cache_dir
 from robbench.hookspecs import hookimpl
 from robbench.imagefit import resize_center_crop
 from robbench.protocols import DataOptions, DatasetSpec, SplitData
@@ -140,6 +142,42 @@ def check_image(path: Path) -> None:
         raise _unreadable(path, err) from None
 
 
+# Raise when check_image finds more than before: "checked" records of the older check then no longer count.
+CHECK_VERSION = 1
+CHECKED_DIR = "image_checks"  # in the cache directory: one empty file per file list that passed
+
+
+def _checked_record(paths: Sequence[Path]) -> Path:
+    """Where the record that ``paths`` passed :func:`check_image` lives: the cache directory, under a sha256
+    of each file's absolute path, size and modification time (a stat per file; no file is opened)."""
+    h = hashlib.sha256(f"check_image v{CHECK_VERSION};".encode())
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{os.path.abspath(p)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return cache_dir() / CHECKED_DIR / h.hexdigest()
+
+
+def check_images(paths: Sequence[Path]) -> None:
+    """:func:`check_image` for every file, unless this very list (same paths, sizes, modification times)
+    passed before: CelebA's ~182k files are then not opened again at each load. A file that changed (size
+    or mtime) changes the fingerprint, and the whole list is checked again. A file damaged without either
+    changing is still named when it is decoded (:func:`_read_image`)."""
+    try:
+        record: Path | None = _checked_record(paths)
+    except OSError:  # a file vanished: check_image names it
+        record = None
+    if record is not None and record.is_file():
+        return
+    for path in paths:
+        check_image(path)
+    if record is not None:
+        try:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.touch()
+        except OSError:  # a read-only cache: the files are simply checked again next time
+            pass
+
+
 def _read_image(path: Path, size: tuple[int, int]) -> Tensor:
     """RGB image file -> (3, *size) float32 in [0, 1] (resized shorter side + centre crop when needed).
     A file that cannot be decoded (damaged after the data set was loaded, or a defect only a full decode
@@ -160,15 +198,15 @@ def _read_image(path: Path, size: tuple[int, int]) -> Tensor:
 class LazyImages:
     """Image files seen as a float tensor (N, 3, H, W) in [0, 1]: indexing with an int, a slice, a list or a
     tensor of indices decodes just those files. H, W: the first image's size (others are fitted to it).
-    Every file is checked when the set is made (:func:`check_image`; ``check=False`` skips it)."""
+    Every file is checked when the set is made (:func:`check_images`, which remembers a list that passed;
+    ``check=False`` skips it)."""
 
     def __init__(self, paths: Sequence[Path], size: tuple[int, int] | None = None, *, check: bool = True):
         self.paths = list(paths)
         if not self.paths:
             raise datafiles.DataFileError("no image files found")
         if check:
-            for path in self.paths:
-                check_image(path)
+            check_images(self.paths)
         if size is None:
             from PIL import Image
 

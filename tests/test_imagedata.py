@@ -144,3 +144,41 @@ def test_resize_center_crop_and_range_mapping():
                           torch.ones(1, 1, 2, 2))
     with pytest.raises(ValueError, match="resizes"):
         fit_images(torch.ones(1, 5), (0.0, 1.0), (1, 2, 2), (0.0, 1.0))
+
+
+def test_a_second_load_of_an_unchanged_folder_opens_no_image_and_a_changed_file_is_rechecked(tmp_path, monkeypatch):
+    """Every load (also --dry-run) opened every image file to check it (CelebA: ~182k files). The result is
+    now kept in the cache under a fingerprint of the file list (paths, sizes, modification times): an
+    unchanged folder is not opened again (but for the first image, whose size sets the set's), and a file
+    that changed is checked again, so a damaged one is still named when the set loads."""
+    monkeypatch.setenv("ROBBENCH_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(4)
+    root = tmp_path / "images"
+    for cls in ("a", "b"):
+        for i in range(5):
+            _save(root / cls / f"{i}.png", rng.integers(0, 256, (4, 4, 3), dtype=np.uint8))
+    opened = []
+    real_open = PIL.open
+
+    def counting_open(fp, *args, **kwargs):
+        opened.append(str(fp))
+        return real_open(fp, *args, **kwargs)
+
+    monkeypatch.setattr(PIL, "open", counting_open)
+    first = _load("image_folder", root, test_fraction=0.2)
+    assert len(set(opened)) == 10  # every file checked
+    opened.clear()
+    second = _load("image_folder", root, test_fraction=0.2)
+    assert len(opened) == 1 and torch.equal(first.test_x[:], second.test_x[:])  # the size probe only
+    opened.clear()
+    damaged = root / "b" / "3.png"
+    damaged.write_bytes(damaged.read_bytes()[:40])  # cut short: another size
+    with pytest.raises(datafiles.DataFileError, match=f"image file {damaged} cannot be read"):
+        _load("image_folder", root, test_fraction=0.2)
+    _save(damaged, rng.integers(0, 256, (4, 4, 3), dtype=np.uint8))
+    opened.clear()
+    _load("image_folder", root, test_fraction=0.2)
+    assert str(damaged) in opened  # repaired, checked again, and then remembered
+    opened.clear()
+    _load("image_folder", root, test_fraction=0.2)
+    assert len(opened) == 1
