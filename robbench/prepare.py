@@ -27,6 +27,7 @@ from robbench.training import (TrainConfig, TrainedModel, build_or_train, train_
 
 TRAINING_FAILED = "model could not be trained or loaded"
 CONTRACT_ROWS = 8  # encoder means decoded (twice) by contract_problem, whatever the number of points
+CHECK_BATCH = 25  # points per encode call of the check when the caller gives no batch size (point_batch's default)
 
 
 def training_failed(error: str) -> str:
@@ -66,9 +67,10 @@ class Prepared:
 
 
 def prepare_model(spec: ModelSpec, data: SplitData, regs: Registries, *, cache_dir: Any, progress: bool,
-                  check_ids: list[int]) -> Prepared:
+                  check_ids: list[int], check_batch: int = CHECK_BATCH) -> Prepared:
     """Train or load ``spec`` through the checkpoint cache in ``cache_dir`` (in this process), then check
-    that the encoder is finite on test points ``check_ids``. Failures are reported, never raised."""
+    that the encoder is finite on test points ``check_ids``, ``check_batch`` a call (the run's batch size).
+    Failures are reported, never raised."""
     try:
         family = regs.models.get(spec.family)
         trained = train_or_load(family, spec.params, data, spec.train, cache_dir=cache_dir,
@@ -78,11 +80,11 @@ def prepare_model(spec: ModelSpec, data: SplitData, regs: Registries, *, cache_d
         raise
     except Exception as err:  # a broken model fails its own rows only
         return Prepared(None, {"error": describe_error(err)}, training_failed(describe_error(err)))
-    return _checked(trained, family, data, check_ids, spec.device)
+    return _checked(trained, family, data, check_ids, spec.device, check_batch)
 
 
 def prepare_shipped(spec: ModelSpec, data: SplitData, regs: Registries, cached: dict[str, Any] | None, *,
-                    check_ids: list[int]) -> Prepared:
+                    check_ids: list[int], check_batch: int = CHECK_BATCH) -> Prepared:
     """On a worker: rebuild ``spec`` from the ``cached`` checkpoint payload, or (None) train it without a
     cache; then the same check as :func:`prepare_model`. ``Prepared.payload`` carries the checkpoint."""
     device = torch.device(spec.device)
@@ -97,7 +99,7 @@ def prepare_shipped(spec: ModelSpec, data: SplitData, regs: Registries, cached: 
         raise
     except Exception as err:
         return Prepared(None, {"error": describe_error(err)}, training_failed(describe_error(err)))
-    prepared = _checked(trained, family, data, check_ids, spec.device)
+    prepared = _checked(trained, family, data, check_ids, spec.device, check_batch)
     prepared.payload = payload
     return prepared
 
@@ -118,22 +120,33 @@ def describe_prepared(info: dict[str, Any]) -> str:
 
 
 def _checked(trained: TrainedModel, family: ModelFamily, data: SplitData, check_ids: list[int],
-             device: str) -> Prepared:
+             device: str, check_batch: int) -> Prepared:
     elbo = trained.test_elbo if math.isfinite(trained.test_elbo) else None
     info = {"test_elbo": elbo, "train_seconds": trained.train_seconds, "from_cache": trained.from_cache,
             "cache_key": trained.cache_key, "ready_built": not family.trainable}
     if trained.epochs_trained is not None:  # how long it trained (early stopping may stop before the budget)
         info.update(epochs=trained.epochs, epochs_trained=trained.epochs_trained, best_epoch=trained.best_epoch)
     model = trained.model.to(device).eval()
-    return Prepared(model, info, encoder_problem(model, data, check_ids, device))
+    return Prepared(model, info, encoder_problem(model, data, check_ids, device, check_batch))
 
 
-def encoder_problem(model: nn.Module, data: SplitData, ids: list[int], device: str) -> str | None:
+def encoder_problem(model: nn.Module, data: SplitData, ids: list[int], device: str,
+                    batch: int = CHECK_BATCH) -> str | None:
     """Why the model cannot be used on test points ``ids``, or None: encode raises, yields NaN/inf, or
-    breaks the protocol (:func:`contract_problem`: shapes, dtype, a decoder that is not deterministic)."""
-    if not ids:
-        return None
-    x = data.test_x[sorted(set(ids))].to(device)  # outside the try: unreadable data is no encoder problem
+    breaks the protocol (:func:`contract_problem`: shapes, dtype, a decoder that is not deterministic).
+    The points are encoded ``batch`` at a time (the run's batch size: a big encoder that runs on the run's
+    batches must not fail here for the memory of all points in one call); the contract on the first."""
+    ids = sorted(set(ids))
+    for start in range(0, len(ids), max(1, int(batch))):
+        # read outside the try: unreadable data is no encoder problem
+        x = data.test_x[ids[start:start + max(1, int(batch))]].to(device)
+        problem = _encoding_problem(model, data, x, contract=start == 0)
+        if problem is not None:
+            return problem
+    return None
+
+
+def _encoding_problem(model: nn.Module, data: SplitData, x: Tensor, *, contract: bool) -> str | None:
     try:
         with torch.no_grad():
             out = model.encode(fit_if_needed(x, input_range(data), model))  # to the model's shape/range
@@ -145,7 +158,7 @@ def encoder_problem(model: nn.Module, data: SplitData, ids: list[int], device: s
                 return f"encode(x) returned mu on {mu.device} and sigma on {sigma.device}; x was on {x.device}"
             if not (torch.isfinite(mu).all() and torch.isfinite(sigma).all()):
                 return "model produced NaN or infinity in encode(x)"
-            return contract_problem(model, mu, sigma)
+            return contract_problem(model, mu, sigma) if contract else None
     except Exception as err:
         return f"encode() raised {describe_error(err)}"
 

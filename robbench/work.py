@@ -37,6 +37,11 @@ class ModelWork:
     def check_ids(self) -> list[int]:
         return sorted({p for batch in self.batches for p in batch.point_ids})
 
+    @property
+    def check_batch(self) -> int:
+        """Points per encode call of the check: the largest batch's, as the batches will run."""
+        return max((len(batch.point_ids) for batch in self.batches), default=1)
+
 
 @dataclass
 class ModelReady:
@@ -79,7 +84,7 @@ def run_in_process(executor: Executor, work: Sequence[ModelWork], data: SplitDat
     batches through ``executor.map``; the order is the work's order."""
     for item in work:
         prepared = prepare_model(item.model, data, regs, cache_dir=cache_dir, progress=progress,
-                                 check_ids=item.check_ids)
+                                 check_ids=item.check_ids, check_batch=item.check_batch)
         yield ModelReady(item, prepared.info, prepared.problem, running=int(prepared.problem is None
                                                                             and bool(item.batches)))
         if prepared.problem is not None or not item.batches:

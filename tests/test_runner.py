@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from rich.console import Console
 
 from robbench import hookimpl
@@ -43,6 +44,24 @@ class NanVAE(LinearGaussianVAE):
         return mu * float("nan"), sigma
 
 
+class SmallBatchVAE(torch.nn.Module):
+    """Encodes at most 2 points per call, as a big encoder whose memory holds only the run's point_batch
+    (no ``loss``: a ready-built model without one has no test ELBO, which is taken in batches of 1024)."""
+
+    def __init__(self, input_shape):
+        super().__init__()
+        self.inner = LinearGaussianVAE(input_shape, 4)
+        self.input_shape, self.latent_dim = self.inner.input_shape, self.inner.latent_dim
+
+    def encode(self, x):
+        if x.shape[0] > 2:
+            raise RuntimeError(f"out of memory: {x.shape[0]} points in one call")
+        return self.inner.encode(x)
+
+    def decode(self, z):
+        return self.inner.decode(z)
+
+
 class RunnerTestPlugin:
     def __init__(self):
         self.counting = CountingEstimator()
@@ -57,6 +76,8 @@ class RunnerTestPlugin:
                              build=lambda p, s: NanVAE(s, 4), trainable=False))
         register(ModelFamily(name="broken_model", description="test: cannot be built",
                              build=lambda p, s: 1 / 0, trainable=False))
+        register(ModelFamily(name="small_batch_model", description="test: encodes at most 2 points a call",
+                             build=lambda p, s: SmallBatchVAE(s), trainable=False))
 
 
 @pytest.fixture
@@ -140,6 +161,19 @@ def test_broken_models_fail_only_their_rows(plugin, fresh_plugins, tmp_path):
     failed = {rec["model"]: rec["failed"] for rec in board}
     assert failed == {"nan_model": 8, "broken_model": 8, "tp_linear": 0}
     assert any("NaN" in e for rec in board if rec["model"] == "nan_model" for e in rec["errors"])
+
+
+def test_the_encoder_check_encodes_no_more_points_a_call_than_the_run(plugin, fresh_plugins, tmp_path):
+    """The check before estimation encoded all of a model's points in one call (memory on a big encoder):
+    a model that runs at point_batch 2 failed every row with "encode() raised ... out of memory"."""
+    regs = fresh_plugins.get_registries()
+    small = {"models": ["small_batch_model"], "estimators": ["encoder_stats"], "points": 8}
+    cfg = _config(regs, **small, point_batch=2)
+    rows = _run(cfg, regs, tmp_path).rows()
+    assert len(rows) == 8 and all(r.status == "ok" for r in rows), {r.error for r in rows}
+    # and a model that breaks on the run's batches still fails at the check, with its message
+    rows = _run(_config(regs, **small, point_batch=4), regs, tmp_path / "b").rows()
+    assert all(r.status == "error" and "out of memory: 4 points" in r.error for r in rows), {r.error for r in rows}
 
 
 def test_points_are_a_stable_prefix(plugin, fresh_plugins, tmp_path):

@@ -75,11 +75,11 @@ def _worker_device(name: str) -> str:
 
 
 def _prepare_task(spec: ModelSpec, data: SplitData, cached: dict[str, Any] | None, check_ids: list[int],
-                  threads: int) -> tuple[dict[str, Any] | None, tuple[dict[str, Any], str | None]]:
+                  check_batch: int, threads: int) -> tuple[dict[str, Any] | None, tuple[dict[str, Any], str | None]]:
     """Make one model ready on this worker. Returns (checkpoint payload or None, (models-table info, problem))."""
     torch.set_num_threads(threads)
     spec = replace(spec, device=_worker_device(spec.device))
-    prepared = prepare_shipped(spec, data, get_registries(), cached, check_ids=check_ids)
+    prepared = prepare_shipped(spec, data, get_registries(), cached, check_ids=check_ids, check_batch=check_batch)
     payload = prepared.payload if cached is None and prepared.problem is None else None
     return payload, (prepared.info, prepared.problem)
 
@@ -162,7 +162,7 @@ class RayExecutor:
             cached = self._cached_payload(item.model, data)
             cached_ref = None if cached is None else ray.put(cached)
             payload_ref, report_ref = self._options(_prepare_remote, item.model.device, num_returns=2).remote(
-                item.model, data_ref, cached_ref, item.check_ids, self._threads())
+                item.model, data_ref, cached_ref, item.check_ids, item.check_batch, self._threads())
             models[report_ref] = (item, payload_ref if cached_ref is None else cached_ref, cached_ref is None)
         while models or batches:
             for ref in self._ready({**models, **batches}):
