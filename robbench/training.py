@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import json
 import math
 import os
@@ -149,6 +148,25 @@ def checkpoint_payload(model: nn.Module, family: ModelFamily, params: dict[str, 
     }
 
 
+class _KeptErrorFile:
+    """A file for ``torch.save`` that keeps the first OSError of its writes: torch's zip writer swallows it
+    and raises its own "unexpected pos" RuntimeError, which names no cause."""
+
+    def __init__(self, file: Any):
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 def write_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     """Atomically write a :func:`checkpoint_payload` to ``path`` (temporary file, then ``os.replace``),
     first removing temporaries that killed writers left in the folder."""
@@ -158,12 +176,14 @@ def write_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     # The writer's pid is in the temporary's name, so a file left by a killed writer can be recognised.
     fd, tmp = tempfile.mkstemp(prefix=f"{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
-        # Serialised in memory first, so a failing write (disk full, a file size limit) is an OSError
-        # naming its cause, not torch's "unexpected pos" from inside the zip writer.
-        buffer = io.BytesIO()
-        torch.save(payload, buffer)
         with os.fdopen(fd, "wb") as f:
-            f.write(buffer.getbuffer())
+            sink = _KeptErrorFile(f)
+            try:
+                torch.save(payload, sink)  # streamed: no second copy of the weights in memory
+            except Exception:
+                if sink.error is not None:  # the cause (disk full, a file size limit), not torch's "unexpected pos"
+                    raise sink.error from None
+                raise
         faults.reached("checkpoint-save")
         os.replace(tmp, path)
     except BaseException:

@@ -236,3 +236,44 @@ def test_models_table_records_the_epochs_trained(tmp_path, monkeypatch):
     store.close()
     assert info["epochs"] == 3 and 1 <= info["epochs_trained"] <= 3
     assert 1 <= info["best_epoch"] <= info["epochs_trained"]
+
+
+def test_a_checkpoint_write_that_fails_half_way_raises_its_cause_and_keeps_the_old_file(tmp_path, monkeypatch):
+    """write_checkpoint streams torch.save into the temporary (it used to serialise into memory first: twice
+    the weights). A write that fails half-way (disk full) still raises the OSError that says so, not
+    torch's "unexpected pos", leaves no temporary, and the previous checkpoint stays whole."""
+    import errno
+    import os
+
+    payload = {"format": training.CHECKPOINT_FORMAT, "state_dict": {"w": torch.arange(50_000.0)}}
+    path = tmp_path / "ckpt.pt"
+    training.write_checkpoint(path, payload)
+    before = path.read_bytes()
+    real_fdopen = os.fdopen
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f, self.written = f, 0
+
+        def write(self, data):
+            if self.written + len(data) > 10_000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            self.written += len(data)
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)))
+    with pytest.raises(OSError) as caught:
+        training.write_checkpoint(path, {**payload, "state_dict": {"w": torch.zeros(50_000)}})
+    assert caught.value.errno == errno.ENOSPC
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pt"]
+    monkeypatch.undo()
+    assert torch.equal(training.read_checkpoint(path)["state_dict"]["w"], torch.arange(50_000.0))
