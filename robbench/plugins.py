@@ -8,6 +8,7 @@ caller registers by hand, as tests do).
 from __future__ import annotations
 
 import os
+import traceback
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
@@ -130,32 +131,84 @@ def _plugin_source(pm: pluggy.PluginManager, plugin: Any) -> str:
     return f"(registered by hand: {name})"
 
 
+def _where(err: BaseException) -> str:
+    """`` (file.py:line)`` of the innermost frame that raised ``err``, for the plugin's author."""
+    frames = traceback.extract_tb(err.__traceback__)
+    return f" ({os.path.basename(frames[-1].filename)}:{frames[-1].lineno})" if frames else ""
+
+
+def _is_builtin(source: str) -> bool:
+    return source.split(" ", 1)[0] == "robbench"
+
+
 def get_registries() -> Registries:
-    """Call every registration hook once and return the filled registries (cached)."""
+    """Call every registration hook once and return the filled registries (cached).
+
+    An installed (entry-point) plugin whose hook raises, that registers an object without a string
+    ``name``, or a name robbench's own plugins or an earlier plugin registered, is skipped whole (what its
+    other hooks registered too) and listed in :func:`plugin_failures`: one broken plugin must not stop
+    every command. Built-ins are placed first, so a clash is always the third party's. A plugin
+    registered by hand (tests, notebooks) raises instead, as the caller's own code."""
     global _registries
     if _registries is not None:
         return _registries
     pm = get_plugin_manager()
-    regs = Registries()
     hooks = {"model": pm.hook.register_models, "dataset": pm.hook.register_datasets,
              "attack": pm.hook.register_attacks, "estimator": pm.hook.register_estimators,
              "backend": pm.hook.register_backends}
+    _failures[:] = [f for f in _failures if not f.target.startswith("register_")]  # found again below
+    staged: dict[str, list[tuple[str, str, Any, str]]] = {}  # plugin name -> (kind, name, object, source)
     broken: set[str] = set()
+
+    def fail(plugin_name: str, target: str, source: str, error: str) -> None:
+        broken.add(plugin_name)
+        _failures.append(PluginFailure(plugin_name, target, source, error))
+
     for kind, hook in hooks.items():
-        registry = regs.by_kind()[kind]
         for impl in hook.get_hookimpls():
             source = _plugin_source(pm, impl.plugin)
             if impl.plugin_name in broken:
                 continue
+            items = staged.setdefault(impl.plugin_name, [])
 
-            def register(obj: Any, _registry: Registry = registry, _source: str = source) -> None:
-                _registry.add(obj.name, obj, _source)
+            def register(obj: Any, _kind: str = kind, _items: list = items, _source: str = source) -> None:
+                name = getattr(obj, "name", None)
+                if not isinstance(name, str) or not name:
+                    raise TypeError(f"register() was given a {type(obj).__name__} without a string 'name'")
+                _items.append((_kind, name, obj, _source))
 
             try:
                 impl.function(register=register)
-            except ImportError as err:  # e.g. a hook importing the plugin's own model code lazily
-                broken.add(impl.plugin_name)
-                _failures.append(PluginFailure(impl.plugin_name, f"register_{kind}s", source,
-                                               f"{type(err).__name__}: {err}"))
+            except Exception as err:
+                # ImportError (a hook importing the plugin's own model code lazily) from any plugin;
+                # anything else from an installed one; a plugin registered by hand raises
+                if not isinstance(err, ImportError) and impl.plugin_name not in _sources:
+                    raise
+                fail(impl.plugin_name, f"register_{kind}s", source, f"{type(err).__name__}: {err}{_where(err)}")
+    regs = Registries()
+    order = sorted(staged, key=lambda name: not any(_is_builtin(item[3]) for item in staged[name]))
+    taken: dict[tuple[str, str], str] = {}  # (kind, name) -> the source that registered it
+    for plugin_name in order:
+        if plugin_name in broken:
+            continue
+        clash = None
+        mine: set[tuple[str, str]] = set()
+        for kind, name, _obj, source in staged[plugin_name]:
+            if (kind, name) in mine:
+                clash = f"{kind} {name!r} registered twice by this plugin"
+            elif (kind, name) in taken:
+                clash = f"{kind} {name!r} is registered already by {taken[kind, name]}; names must be unique"
+            if clash:
+                if plugin_name not in _sources:  # registered by hand: the caller's error
+                    raise ValueError(f"{kind} {name!r} registered twice: by {taken.get((kind, name), source)} "
+                                     f"and by {source}")
+                fail(plugin_name, f"register_{kind}s", source, f"ValueError: {clash}")
+                break
+            mine.add((kind, name))
+        if clash:
+            continue
+        for kind, name, obj, source in staged[plugin_name]:
+            regs.by_kind()[kind].add(name, obj, source)
+            taken[kind, name] = source
     _registries = regs
     return regs

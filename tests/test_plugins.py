@@ -120,3 +120,59 @@ def test_a_plugin_filter_naming_no_entry_point_is_reported(fresh_plugins, monkey
     assert [f.name for f in failures] == ["robbench_typo"]
     assert "ROBBENCH_PLUGINS names no installed entry point" in failures[0].error
     assert "tp_demo" in failures[0].error  # the installed names are listed
+
+
+_BROKEN_PLUGIN = '''
+from robbench import hookimpl
+from robbench.protocols import ModelFamily
+
+
+class Attack:
+    description, defaults = "test", {{}}
+
+    def __init__(self, name):
+        if name is not None:
+            self.name = name
+
+
+@hookimpl
+def register_models(register):
+    register(ModelFamily(name="broken_pkg_model", description="test", build=lambda p, s: None))
+
+
+@hookimpl
+def register_attacks(register):
+    {body}
+'''
+
+
+@pytest.mark.parametrize("body, error", [
+    ('raise RuntimeError("my plugin is broken")', "RuntimeError: my plugin is broken"),
+    ('register(Attack("noise"))', "attack 'noise' is registered already by robbench 0.1.0"),
+    ('register(Attack("mine")); register(Attack("mine"))', "attack 'mine' registered twice by this plugin"),
+    ("register(Attack(None))", "register() was given a Attack without a string 'name'"),
+])
+def test_a_plugin_that_fails_to_register_is_skipped_and_reported(fresh_plugins, thirdparty_path, capsys,
+                                                                    body, error):
+    """A user's plugin whose registration hook raised, that registered a name robbench (or itself) had
+    registered, or an object without a name, stopped every command with a traceback (robbench plugins
+    too). Like a plugin that fails to import, it is now skipped whole (its model too) and reported."""
+    from robbench import cli
+
+    (thirdparty_path / "robbench_broken_pkg.py").write_text(_BROKEN_PLUGIN.format(body=body))
+    info = thirdparty_path / "robbench_broken_pkg-0.2.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: robbench-broken-pkg\nVersion: 0.2\n")
+    (info / "entry_points.txt").write_text("[robbench]\nbroken_pkg = robbench_broken_pkg\n")
+    try:
+        regs = fresh_plugins.get_registries()
+        assert "broken_pkg_model" not in regs.models and "mine" not in regs.attacks
+        assert regs.attacks.source("noise") == BUILTIN_DIST and "tp_linear" in regs.models
+        (failure,) = fresh_plugins.plugin_failures()
+        assert (failure.name, failure.source) == ("broken_pkg", "robbench-broken-pkg 0.2")
+        assert error in failure.error, failure.error
+        assert cli.main(["plugins"]) == 0
+        out = " ".join(capsys.readouterr().out.split())
+        assert "plugin broken_pkg" in out and "skipped" in out
+    finally:
+        sys.modules.pop("robbench_broken_pkg", None)
