@@ -25,8 +25,12 @@ def replace_texts(folder: Path, texts: dict[str, str], *, fault: str | None = No
         raise
     if fault:
         faults.reached(fault)
-    for name in texts:
-        os.replace(folder / f"{name}.tmp", folder / name)
+    try:
+        for name in texts:
+            os.replace(folder / f"{name}.tmp", folder / name)
+    finally:  # a rename that failed (the name is a directory) leaves no temporary behind
+        for tmp in written:
+            tmp.unlink(missing_ok=True)
 
 
 def replace_text(path: Path, text: str) -> None:

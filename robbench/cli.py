@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--out", type=Path, help="with --merge: directory for the merged leaderboard.{md,csv,json}")
     export = sub.add_parser("export", help="write one validated JSON entry per model configuration of a run")
     export.add_argument("run_dir", type=Path)
-    export.add_argument("--out", type=Path, help="output file (default RUN_DIR/entries.json)")
+    export.add_argument("--out", type=Path, help="output file (default RUN_DIR/entries.json; missing folders are made)")
     bench = sub.add_parser("bench", help="compare Monte Carlo backends (compiled kernel vs pure PyTorch)")
     from robbench import bench as bench_module
     bench_module.add_arguments(bench)
@@ -248,6 +248,9 @@ def cmd_leaderboard(args: argparse.Namespace, console: Console) -> int:
 
     if args.merge:
         return cmd_merge(args, console)
+    if args.out is not None:
+        raise ConfigError(f"--out goes with --merge; a run's own leaderboard.md/.csv/.json are rewritten in "
+                          f"{args.run_dir or 'RUN_DIR'} (copy them, or export the run: robbench export RUN_DIR --out FILE)")
     if args.run_dir is None:
         raise ConfigError("robbench leaderboard: give a RUN_DIR, or --merge DIR [DIR ...]")
     store = ResultStore.open_existing(args.run_dir)
@@ -296,6 +299,8 @@ def cmd_merge(args: argparse.Namespace, console: Console) -> int:
 def cmd_export(args: argparse.Namespace, console: Console) -> int:
     from robbench.entries import export_run
 
+    if args.out is not None and args.out.is_dir():
+        raise ConfigError(f"--out {args.out}: that is a directory; give a file name")
     path = export_run(args.run_dir, args.out)
     console.print(f"entries written to {path}")
     return 0

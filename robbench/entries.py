@@ -92,9 +92,10 @@ def entries_from_run(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def export_run(run_dir: Path, out: Path | None = None) -> Path:
-    """Write the run's entries as a JSON list to ``out`` (default RUN_DIR/entries.json)."""
+    """Write the run's entries as a JSON list to ``out`` (default RUN_DIR/entries.json; missing folders made)."""
     entries = entries_from_run(run_dir)
     path = Path(out) if out else Path(run_dir) / "entries.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
     replace_text(path, json.dumps(entries, indent=2, default=str) + "\n")  # a failed write keeps the old file
     return path
 

@@ -501,3 +501,57 @@ def test_a_bad_negative_leading_value_is_judged_as_a_value(cache, tmp_path, caps
     assert main(["run", *FAST, *flags, "--dry-run", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert message in err and "expected one argument" not in err, err
+
+
+# --- session 9: export / leaderboard --out --------------------------------------------------------
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """A finished run of the analytic model (no training): 2 points, bound + encoder_stats."""
+    root = tmp_path_factory.mktemp("small_run")
+    env = {"ROBBENCH_CACHE": str(root / "cache")}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        assert main(["run", *FAST, "--estimators", "bound,encoder_stats", "--out", str(root / "run")]) == 0
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    return root / "run"
+
+
+def test_export_to_a_directory_is_refused_and_leaves_nothing(small_run, tmp_path, capsys):
+    """`export RUN --out DIR` (an existing directory) ended in an IsADirectoryError traceback and left
+    DIR.tmp beside it."""
+    target = tmp_path / "out"
+    target.mkdir()
+    assert main(["export", str(small_run), "--out", str(target)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {target}: that is a directory; give a file name" in err and "Traceback" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_export_into_a_folder_not_yet_made_makes_it(small_run, tmp_path, capsys):
+    """It failed with "No such file or directory: '.../e.json.tmp'" (a temporary the user never named)."""
+    import json
+
+    path = tmp_path / "new" / "deeper" / "e.json"
+    assert main(["export", str(small_run), "--out", str(path)]) == 0
+    assert json.loads(path.read_text())[0]["model"] == "linear_gaussian"
+
+
+def test_leaderboard_out_without_merge_is_refused(small_run, tmp_path, capsys):
+    """`leaderboard RUN --out DIR` printed the board and wrote nothing to DIR, silently (--out goes with
+    --merge)."""
+    assert main(["leaderboard", str(small_run), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "--out goes with --merge" in err and not (tmp_path / "x").exists(), err
+
+
+def test_a_replacement_whose_rename_fails_leaves_no_temporary(tmp_path):
+    """robbench.atomic: a rename that failed (the target is a directory) left NAME.tmp behind."""
+    from robbench.atomic import replace_texts
+
+    (tmp_path / "b.csv").mkdir()
+    with pytest.raises(IsADirectoryError):
+        replace_texts(tmp_path, {"a.csv": "1\n", "b.csv": "2\n"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.csv", "b.csv"]
