@@ -505,6 +505,10 @@ def parse_param_flag(flag: str, regs: Registries) -> tuple[str, str, str, Any]:
         raise ConfigError(f"--param {flag!r}: the value {raw!r} is not valid YAML") from None
     sections = [(section, reg) for section, reg in (("model_params", regs.models), ("attack_params", regs.attacks),
                                                      ("estimator_params", regs.estimators)) if name in reg]
+    if not sections and name == "train":
+        keys = ", ".join(f.name for f in fields(TrainSettings))
+        raise ConfigError(f"--param {flag!r}: training settings are not plugin parameters; give them in the config "
+                          f"file's train: section ({keys}), or the number of epochs with --epochs")
     if not sections:
         available = regs.models.names() + regs.attacks.names() + regs.estimators.names()
         raise ConfigError(f"--param {flag!r}: no model, attack or estimator is called {name!r}; "

@@ -555,3 +555,12 @@ def test_a_replacement_whose_rename_fails_leaves_no_temporary(tmp_path):
     with pytest.raises(IsADirectoryError):
         replace_texts(tmp_path, {"a.csv": "1\n", "b.csv": "2\n"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.csv", "b.csv"]
+
+
+def test_a_training_setting_given_as_param_says_where_it_goes(cache, tmp_path, capsys):
+    """`--param train.lr=0.01` answered "no model, attack or estimator is called 'train'" and listed two
+    dozen plugins; training settings live in the config's train: section (and --epochs)."""
+    assert main(["run", *FAST, "--param", "train.lr=0.01", "--dry-run", "--out", str(tmp_path / "run")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "training settings are not plugin parameters" in err and "train: section" in err, err
+    assert "(epochs, batch_size, lr, patience)" in err and "--epochs" in err, err
