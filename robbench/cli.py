@@ -196,6 +196,7 @@ def cmd_run(args: argparse.Namespace, console: Console, *, evaluate: bool) -> in
     what = f"{_count(jobs, 'job')} × {_count(cfg.points, 'point')}" if evaluate else _count(jobs, "model")
     if args.dry_run:
         runner.load_inputs(evaluate=evaluate)  # the data set is read (nothing written): a run that cannot load it fails here
+        rundir.check(run_dir)  # as the run would, creating nothing
         console.print(f"robbench: configuration valid: {what} → {run_dir} (dry run: nothing done)")
         return 0
     console.print(f"robbench: {what} → {run_dir}")

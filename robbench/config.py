@@ -171,6 +171,24 @@ class _Loader(yaml.SafeLoader):
     1.1 ``1e-3`` (no dot, no exponent sign) is text, so ``--param margin.tolerance=1e-3`` was refused."""
 
 
+def _unique_keys(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    """A mapping whose keys are all different: PyYAML keeps the last of two equal keys, silently (YAML
+    forbids them), so `points: 3 ... points: 4` ran 4 points."""
+    seen: dict[Any, Any] = {}
+    for key_node, _value in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        if isinstance(key, (str, int, float, bool)) and key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} is given twice (first on line {seen[key].line + 1})", key_node.start_mark)
+        if isinstance(key, (str, int, float, bool)):
+            seen[key] = key_node.start_mark
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:map",
+                        lambda loader, node: _unique_keys(loader, node, deep=True))
 _Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
@@ -183,16 +201,23 @@ _Loader.add_implicit_resolver(
     list("-+0123456789."))
 
 
-def yaml_value(text: str) -> Any:
-    """``text`` parsed as YAML by the loader of config files (safe; scientific notation is a number)."""
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
+def yaml_value(text: str, name: str | None = None) -> Any:
+    """``text`` parsed as YAML by the loader of config files (safe; scientific notation is a number;
+    a key given twice is an error). ``name``: the file, as error messages name it."""
+    loader = _Loader(text)
+    if name is not None:
+        loader.name = name  # messages say: in "FILE", line N (not "<unicode string>")
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 def load_yaml(path: Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
         raise ConfigError(f"--config {path} is a directory; give a YAML file")
     try:
-        data = yaml_value(path.read_text(encoding="utf-8"))
+        data = yaml_value(path.read_text(encoding="utf-8"), str(path))
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
     except UnicodeDecodeError:

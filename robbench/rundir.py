@@ -20,14 +20,20 @@ class RunDirError(Exception):
     """The run directory cannot be used (a file, not writable, or in use); the message says why."""
 
 
-def prepare(path: str | Path) -> Path:
-    """Create ``path`` (and its parents) or check that it is a usable directory."""
+def check(path: str | Path) -> None:
+    """RunDirError unless ``path`` is a directory or can be created as one (creates nothing: --dry-run)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise RunDirError(f"--out {path}: a file of that name exists; the run directory must be a directory")
     for parent in path.parents:
         if parent.exists() and not parent.is_dir():
             raise RunDirError(f"--out {path}: {parent} is a file, so no directory can be created under it")
+
+
+def prepare(path: str | Path) -> Path:
+    """Create ``path`` (and its parents) or check that it is a usable directory."""
+    path = Path(path)
+    check(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as err:

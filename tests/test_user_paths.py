@@ -564,3 +564,24 @@ def test_a_training_setting_given_as_param_says_where_it_goes(cache, tmp_path, c
     err = " ".join(capsys.readouterr().err.split())
     assert "training settings are not plugin parameters" in err and "train: section" in err, err
     assert "(epochs, batch_size, lr, patience)" in err and "--epochs" in err, err
+
+
+@pytest.mark.parametrize("text, key, line", [("points: 3\nseed: 1\npoints: 4\n", "points", 3),
+                                             ("train:\n  epochs: 1\n  epochs: 2\n", "epochs", 3),
+                                             ("model_params:\n  vae: {hidden: 8, hidden: 16}\n", "hidden", 2)])
+def test_a_key_given_twice_in_a_config_file_is_refused(cache, tmp_path, capsys, text, key, line):
+    """PyYAML keeps the last of two equal keys: `points: 3 ... points: 4` ran 4 points, silently (YAML
+    forbids duplicate keys). At every level it is now an error naming the key and its line."""
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    assert main(["run", *FAST, "--config", str(config), "--dry-run", "--out", str(tmp_path / "run")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"key {key!r} is given twice" in err and f'in "{config}", line {line}' in err, err
+
+
+def test_a_dry_run_refuses_a_run_directory_that_is_a_file(cache, tmp_path, capsys):
+    """`--dry-run --out FILE` said "configuration valid"; the real run then refused the file."""
+    target = tmp_path / "afile"
+    target.write_text("")
+    assert main(["run", *FAST, "--estimators", "bound", "--dry-run", "--out", str(target)]) == 2
+    assert "a file of that name exists" in capsys.readouterr().err
