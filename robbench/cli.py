@@ -280,7 +280,8 @@ def cmd_merge(args: argparse.Namespace, console: Console) -> int:
     from robbench.leaderboard import render_csv, render_markdown, render_rich
 
     sources = ([args.run_dir] if args.run_dir else []) + list(args.merge)
-    records, columns, settings = merge(sources)
+    with _notes(console):
+        records, columns, settings = merge(sources)
     console.print(render_rich(records, columns, title=f"robbench leaderboard — merged from {len(sources)} sources"))
     if args.out:
         if args.out.exists() and not args.out.is_dir():

@@ -186,13 +186,35 @@ def _number_back(key: str, value: Any) -> Any:
     return value
 
 
+def _distinct(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``entries`` without repeats of the same results (a source given twice, or a run directory and its
+    own export): the first is kept, and a :class:`~robbench.config.RepeatedValueWarning` names the rest.
+    Equal model label and equal result records (means, counts, wall seconds, ...) mean the same stored rows."""
+    import warnings
+
+    from robbench.config import RepeatedValueWarning
+
+    seen: dict[str, str] = {}
+    kept = []
+    for entry in entries:
+        identity = json.dumps([entry["model"], entry["results"], entry.get("run")], sort_keys=True, default=str)
+        if identity in seen:
+            warnings.warn(RepeatedValueWarning(
+                f"{entry.get('source', '?')} holds the same results for {entry['model']!r} as {seen[identity]}; "
+                "they count once"))
+            continue
+        seen[identity] = str(entry.get("source", "?"))
+        kept.append(entry)
+    return kept
+
+
 def merge(sources: list[Path]) -> tuple[list[dict[str, Any]], list[Any], dict[str, Any]]:
     """Leaderboard records of every entry of ``sources`` (in leaderboard order), their display columns
     and the shared settings. A model label that occurs in several sources gets the source appended,
     so rows stay distinct."""
     from robbench.leaderboard import display_columns, registered_declarations, sort_records
 
-    entries = [entry for source in sources for entry in load_entries(source)]
+    entries = _distinct([entry for source in sources for entry in load_entries(source)])
     check_comparable(entries)
     labels: dict[str, int] = {}
     for entry in entries:

@@ -585,3 +585,19 @@ def test_a_dry_run_refuses_a_run_directory_that_is_a_file(cache, tmp_path, capsy
     target.write_text("")
     assert main(["run", *FAST, "--estimators", "bound", "--dry-run", "--out", str(target)]) == 2
     assert "a file of that name exists" in capsys.readouterr().err
+
+
+def test_the_same_results_merged_twice_count_once_with_a_note(small_run, tmp_path, capsys):
+    """`leaderboard --merge RUN RUN` (or a run and its own export) listed every row twice, as two
+    'models' with the same numbers, labelled 'linear_gaussian [RUN]' both."""
+    import json
+
+    exported = tmp_path / "e.json"
+    assert main(["export", str(small_run), "--out", str(exported)]) == 0
+    capsys.readouterr()
+    assert main(["leaderboard", "--merge", str(small_run), str(small_run), str(exported),
+                 "--out", str(tmp_path / "m")]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    rows = json.loads((tmp_path / "m" / "leaderboard.json").read_text())["rows"]
+    assert [r["model"] for r in rows] == ["linear_gaussian"], rows
+    assert "robbench: note:" in out and "the same results" in out, out
