@@ -257,6 +257,9 @@ def build_config(values: dict[str, Any]) -> RunConfig:
     for key in ("models", "attacks", "estimators", "model_seeds"):
         if key in values and isinstance(values[key], (str, int)):
             values[key] = _split_list(values[key]) if isinstance(values[key], str) else [values[key]]
+    if isinstance(values.get("model_seeds"), list):  # `model_seeds: 0,1` is text in YAML, as on the command line
+        values["model_seeds"] = [int(s) if isinstance(s, str) and re.fullmatch(r"[-+]?\d+", s) else s
+                                 for s in values["model_seeds"]]
     cfg = RunConfig(**values)
     _check_types(cfg)
     for key in ("models", "attacks", "estimators", "model_seeds"):

@@ -601,3 +601,15 @@ def test_the_same_results_merged_twice_count_once_with_a_note(small_run, tmp_pat
     rows = json.loads((tmp_path / "m" / "leaderboard.json").read_text())["rows"]
     assert [r["model"] for r in rows] == ["linear_gaussian"], rows
     assert "robbench: note:" in out and "the same results" in out, out
+
+
+@pytest.mark.parametrize("text, expect", [("model_seeds: 0,1\n", "configuration valid: 2 jobs"),
+                                          ("model_seeds: '-1, 2'\n", "configuration valid: 2 jobs")])
+def test_model_seeds_written_as_on_the_command_line_in_a_config_file(cache, tmp_path, capsys, text, expect):
+    """`model_seeds: 0,1` (YAML reads the unquoted 0,1 as text, as it is written after --model-seeds) was
+    split into the strings '0' and '1' and refused: "bad value for 'model_seeds': ['0', '1']"."""
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    assert main(["run", *FAST, "--models", "vae", "--estimators", "bound", "--config", str(config), "--dry-run",
+                 "--out", str(tmp_path / "run")]) == 0
+    assert expect in " ".join(capsys.readouterr().out.split())
