@@ -351,6 +351,21 @@ def test_reproduce_rejects_unknown_experiment(tmp_path: Path) -> None:
         run(args)
 
 
+@pytest.mark.parametrize("flags, message", [(["--only", "beta", "--backend", "nope"], "bad value for 'backend': 'nope'"),
+                                           (["--only", ""], "bad value for --only: ''"),
+                                           (["--only", " , "], "bad value for --only")])
+def test_reproduce_refuses_a_bad_flag_before_any_experiment(tmp_path: Path, capsys, flags, message) -> None:
+    """`reproduce --backend nope` skipped every experiment as if a plugin were missing ("skipping
+    experiment beta: ...; no experiment ran", exit 1); `--only ''` ran all seven experiments."""
+    from robbench import cli
+
+    out = tmp_path / "out"
+    assert cli.main(["reproduce", "--quick", "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert not out.exists()
+
+
 def test_end_to_end_with_real_estimators(tmp_path: Path) -> None:
     """A real (tiny) run through the runner and the built-in estimators, then the report: the keys the
     estimators write are the keys the report reads. The analytic model needs no training."""

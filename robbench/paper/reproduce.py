@@ -130,15 +130,20 @@ def run(args: argparse.Namespace) -> int:
 
     console = terminal.console()
     out = Path(args.out) if args.out else Path("runs") / ("reproduce-quick" if args.quick else "reproduce")
-    only = set(EXPERIMENTS if not getattr(args, "only", None) else [s.strip() for s in args.only.split(",")])
+    given = getattr(args, "only", None)
+    only = set(EXPERIMENTS if given is None else [s.strip() for s in given.split(",") if s.strip()])
     unknown = only - set(EXPERIMENTS)
-    if unknown:
-        raise ConfigError(f"bad value for --only: {', '.join(sorted(unknown))}; allowed: {', '.join(EXPERIMENTS)}")
+    if unknown or not only:  # `--only ''` is no selection, not all of them
+        raise ConfigError(f"bad value for --only: {', '.join(sorted(unknown)) or repr(given)}; allowed: "
+                          f"{', '.join(EXPERIMENTS)} (comma-separated)")
     overrides = {k: v for k, v in (("backend", getattr(args, "backend", None)),
                                    ("device", getattr(args, "device", None)),
                                    ("executor", getattr(args, "executor", None)),
                                    ("ray_address", getattr(args, "ray_address", None))) if v is not None}
     regs = get_registries()
+    # The user's flags are checked before any experiment: a typo must not read as a missing plugin (an
+    # experiment whose plugins are missing is skipped; a bad --backend would have skipped them all).
+    validate_against_plugins(build_config(dict(overrides)), regs)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     for exp in experiments(quick=args.quick, data_dir=args.data_dir, overrides=overrides):
