@@ -239,13 +239,18 @@ def test_identical_configurations_count_once_in_pooled_statistics() -> None:
     assert "n=6" in claim.evidence and [t["config"] for t in claim.table] == ["beta_vae(beta=1.0)"]
 
 
-def test_claims_not_tested_and_figures_skipped_without_data(tmp_path: Path) -> None:
-    store = ResultStore(tmp_path)
+def _encoder_stats_run(folder: Path) -> None:
+    """A run directory holding 4 encoder_stats rows of one VAE (one figure's data, no claim's)."""
+    store = ResultStore(folder)
     store.write([ResultRow("e", p, "vae", 0, "", "encoder_stats", "ok",
                            {"min_sigma": 0.1, "mean_sigma": 0.2 + 0.01 * p, "jacobian_frobenius": 3.0}, None, 0.1)
                  for p in range(4)])
     _record_run(store, _config(models=["vae"], estimators=["encoder_stats"]), ["e"])
     store.close()
+
+
+def test_claims_not_tested_and_figures_skipped_without_data(tmp_path: Path) -> None:
+    _encoder_stats_run(tmp_path)
     text = write_report(tmp_path).read_text()
     verdicts = {c.key: c.verdict for c in claims_mod.check_claims(load_runs(tmp_path).rows)}
     assert set(verdicts.values()) == {"not tested in this run"}
@@ -410,12 +415,7 @@ def test_a_report_write_that_fails_half_way_keeps_the_previous_report_whole(tmp_
     the old PNGs deleted first)."""
     import errno
 
-    store = ResultStore(tmp_path)
-    store.write([ResultRow("e", p, "vae", 0, "", "encoder_stats", "ok",
-                           {"min_sigma": 0.1, "mean_sigma": 0.2 + 0.01 * p, "jacobian_frobenius": 3.0}, None, 0.1)
-                 for p in range(4)])
-    _record_run(store, _config(models=["vae"], estimators=["encoder_stats"]), ["e"])
-    store.close()
+    _encoder_stats_run(tmp_path)
     write_report(tmp_path)
     before = {p.name: p.read_bytes() for p in (tmp_path / REPORT_DIR).iterdir()}
     assert "report.md" in before and any(name.endswith(".png") for name in before)
