@@ -84,12 +84,18 @@ def test_a_real_sigint_during_the_import_of_torch_exits_130_quietly(tmp_path):
     if script is None:
         pytest.skip("no robbench console script next to the interpreter")
     env = {**os.environ, "ROBBENCH_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.Popen([script, "plugins"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.monotonic() + 60
-    while not _maps_torch(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    # On a loaded machine this process may not be scheduled again until the child has finished its whole
+    # command (exit 0, nothing interrupted): such a late signal proves nothing, so try again, a few times.
+    for _ in range(5):
+        proc = subprocess.Popen([script, "plugins"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env)
+        deadline = time.monotonic() + 60
+        while not _maps_torch(proc.pid) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+        if proc.returncode != 0:
+            break
     assert "Traceback" not in err, err
     assert proc.returncode == 130, err
     assert err.strip() == "robbench: interrupted"
