@@ -97,8 +97,48 @@ def _merge(plugin: Any, given: dict[str, Any], *, run_wide_allowed: bool) -> tup
 
 def _names(names: str | Sequence[str], what: str) -> list[str]:
     """A list of plugin names; one name may be given as a plain string. A repeated name runs once
-    (a RepeatedValueWarning says so)."""
-    return unique([names] if isinstance(names, str) else list(names), what)
+    (a RepeatedValueWarning says so). Anything but a string, list or tuple (a number; a set, whose order
+    would make the row order vary with the hash seed) is a TypeError naming ``what``."""
+    if not isinstance(names, (str, list, tuple)):
+        raise TypeError(f"{what} must be a name or a list of names, got {type(names).__name__} {names!r}")
+    return unique([names] if isinstance(names, str) else list(names), f"{what!r}")
+
+
+def _plugin_params(given: Any, what: str) -> dict[str, dict[str, Any]]:
+    """``given`` ({name: {key: value}} or None) as a dict, a TypeError naming ``what`` when it or one of its
+    values is not a dict."""
+    if given is None:
+        return {}
+    if not isinstance(given, dict):
+        raise TypeError(f"{what} must be a dict {{name: {{key: value}}}}, got {type(given).__name__} {given!r}")
+    for name, params in given.items():
+        if not isinstance(params, dict):
+            raise TypeError(f"{what}[{name!r}] must be a dict {{key: value}}, got {type(params).__name__} {params!r}")
+    return dict(given)
+
+
+def _point_ids(point_ids: Any, count: int) -> Tensor:
+    """(count,) int64 ids of the points: ``torch.arange(count)`` when None. Ids must be distinct non-negative
+    integers (each point's random streams and its row are keyed by its id): otherwise a TypeError or
+    ValueError names what is wrong."""
+    if point_ids is None:
+        return torch.arange(count)
+    try:
+        ids = torch.as_tensor(point_ids)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"point_ids must be a sequence or tensor of integers: {err}") from None
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError(f"point_ids must hold integers, got {ids.dtype}")
+    if ids.dim() != 1 or ids.shape[0] != count:
+        raise ValueError(f"point_ids must be one id per point, shape ({count},); got shape {tuple(ids.shape)}")
+    ids = ids.long().cpu()
+    if count and int(ids.min()) < 0:
+        raise ValueError(f"point_ids must be >= 0; got {int(ids.min())}")
+    values, counts = torch.unique(ids, return_counts=True)
+    if bool((counts > 1).any()):
+        raise ValueError(f"point_ids repeats {', '.join(str(int(v)) for v in values[counts > 1][:5])}; "
+                         "each point needs its own id")
+    return ids
 
 
 def _check_model(model: Any) -> None:
@@ -171,9 +211,16 @@ def evaluate(model: VAEModel, data: Tensor, attacks: str | Sequence[str] | None 
         raise ValueError(f"bad value for batch_size: {batch_size!r}; allowed: a positive integer or None (all at once)")
     regs = get_registries()
     defaults = default_selection()
-    attacks = _names(defaults.get("attacks", []) if attacks is None else attacks, "'attacks'")
-    estimators = _names(defaults.get("estimators", []) if estimators is None else estimators, "'estimators'")
-    attack_params, estimator_params = dict(attack_params or {}), dict(estimator_params or {})
+    attacks = _names(defaults.get("attacks", []) if attacks is None else attacks, "attacks")
+    estimators = _names(defaults.get("estimators", []) if estimators is None else estimators, "estimators")
+    if not estimators:
+        raise ValueError("estimators is empty: nothing to evaluate; available: "
+                         + ", ".join(sorted(regs.estimators.names())))
+    attack_params = _plugin_params(attack_params, "attack_params")
+    estimator_params = _plugin_params(estimator_params, "estimator_params")
+    if executor is not None and not callable(getattr(executor, "map", None)):
+        raise TypeError(f"executor must have a map(model, batches) method (see robbench.execute.Executor), "
+                        f"got {type(executor).__name__} {executor!r}")
     for name in attack_params:
         if name not in attacks:
             raise ValueError(f"attack_params given for {name!r}, which is not among attacks={list(attacks)}")
@@ -196,9 +243,7 @@ def evaluate(model: VAEModel, data: Tensor, attacks: str | Sequence[str] | None 
     dev = _device(device) if device is not None else data.device
     run = RunSettings(device=str(dev)).with_overrides(run_params)
     data = data.to(dev)
-    ids = torch.arange(data.shape[0]) if point_ids is None else torch.as_tensor(point_ids).long()
-    if ids.shape[0] != data.shape[0]:
-        raise ValueError(f"point_ids has {ids.shape[0]} entries for {data.shape[0]} points")
+    ids = _point_ids(point_ids, data.shape[0])
     jobs = []
     for e_name, estimator in est.items():
         params, overrides = _merge(estimator, estimator_params.get(e_name, {}), run_wide_allowed=True)

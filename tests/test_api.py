@@ -252,3 +252,38 @@ def test_evaluate_refuses_an_unusable_device_naming_it(model, device, message):
     """evaluate(device="cuda") without CUDA raised torch's AssertionError from deep inside (session 7 review)."""
     with pytest.raises(ValueError, match=message):
         evaluate(model, torch.full((1, 1, 8, 8), 0.5), attacks=[], estimators=["bound"], device=device)
+
+
+# Session 9 outside review: these arguments gave a bare Python error from inside evaluate ("'int' object is
+# not iterable", "'int' object has no attribute 'map'"), or were taken silently: float point ids truncated
+# (0.5 -> 0), repeated ids (two points' rows indistinguishable, the second's arrays overwriting the first's,
+# both drawing the same random streams), a set of names (row order then varies with the hash seed), an
+# empty estimator list (an empty table). Each now fails up front naming the argument and its value.
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"attacks": 5}, TypeError, r"attacks must be a name or a list of names, got int 5"),
+    ({"estimators": {"bound"}}, TypeError, r"estimators must be a name or a list of names, got set"),
+    ({"estimators": []}, ValueError, r"estimators is empty: nothing to evaluate; available: .*bound"),
+    ({"attack_params": 3}, TypeError, r"attack_params must be a dict \{name: \{key: value\}\}, got int 3"),
+    ({"estimator_params": {"bound": 3}}, TypeError,
+     r"estimator_params\['bound'\] must be a dict \{key: value\}, got int 3"),
+    ({"point_ids": [0.5, 1.5]}, TypeError, r"point_ids must hold integers, got torch\.float32"),
+    ({"point_ids": [[0], [1]]}, ValueError, r"point_ids must be one id per point, shape \(2,\); got shape \(2, 1\)"),
+    ({"point_ids": [3, 3]}, ValueError, r"point_ids repeats 3"),
+    ({"point_ids": [-1, 0]}, ValueError, r"point_ids must be >= 0; got -1"),
+    ({"executor": 5}, TypeError, r"executor must have a map\(model, batches\) method"),
+])
+def test_evaluate_rejects_bad_arguments_naming_them(model, kwargs, error, message):
+    x = torch.full((2, 1, 8, 8), 0.5)
+    kwargs = {"attacks": [], "estimators": ["bound"], **kwargs}
+    with pytest.raises(error, match=message):
+        evaluate(model, x, **kwargs)
+
+
+def test_evaluate_is_reproducible_with_the_same_seed_and_differs_with_another(model):
+    """The README's promise for the Python API: the same call twice gives the same rows."""
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    kwargs = dict(attacks=["max_damage"], estimators=["margin", "bound"],
+                  attack_params={"max_damage": {"steps": 5}}, estimator_params={"bound": {"p0_samples": 256}})
+    first, again = evaluate(model, x, seed=3, **kwargs), evaluate(model, x, seed=3, **kwargs)
+    assert first.to_csv() == again.to_csv()
+    assert evaluate(model, x, seed=4, **kwargs).to_csv() != first.to_csv()
