@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import math
+import pickle
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -126,9 +128,34 @@ def build_diffusers(params: dict[str, Any], input_shape: tuple[int, ...]) -> nn.
     return DiffusersAutoencoderKL(vae.float().eval(), size, float(p["obs_sigma"]))
 
 
+def _check_autoencoder_folder(path: str) -> None:
+    """Before any work: ``path`` holds an AutoencoderKL as ``save_pretrained`` writes it (config.json naming
+    AutoencoderKL, safetensors weights), else a ValueError says what the folder is and what to give instead
+    (diffusers' own errors name neither)."""
+    folder = Path(path).expanduser()
+    what = f"model 'diffusers_autoencoder_kl': path={path!r}"
+    if (folder / "model_index.json").is_file():
+        hint = f"path={str(folder / 'vae')!r}" if (folder / "vae" / "config.json").is_file() else "its vae/ folder"
+        raise ValueError(f"{what} is a diffusion pipeline's folder; give its autoencoder: {hint}")
+    config = folder / "config.json"
+    if not config.is_file():
+        raise ValueError(f"{what} holds no config.json; give the folder an AutoencoderKL was saved to "
+                         "(save_pretrained), e.g. the vae/ folder of a latent diffusion model")
+    try:
+        cls = json.loads(config.read_text()).get("_class_name")
+    except (ValueError, OSError, AttributeError) as err:
+        raise ValueError(f"{what}: config.json cannot be read as a JSON object ({err})") from None
+    if cls not in (None, "AutoencoderKL"):
+        raise ValueError(f"{what} holds a {cls}, not an AutoencoderKL; give the folder of the model's autoencoder")
+    if not any(folder.glob("*.safetensors")):
+        raise ValueError(f"{what} holds no .safetensors weights; robbench loads only safetensors (no pickles): "
+                         "re-save the model with save_pretrained(folder, safe_serialization=True)")
+
+
 def _validate_diffusers(params: dict[str, Any]) -> None:
     p = {**DIFFUSERS_DEFAULTS, **params}
     _check_dir("diffusers_autoencoder_kl", p["path"])
+    _check_autoencoder_folder(p["path"])
     _check_installed("diffusers_autoencoder_kl", "diffusers")
     _check_size("diffusers_autoencoder_kl", p["image_size"])
     _check_sigma("diffusers_autoencoder_kl", p["obs_sigma"])
@@ -219,7 +246,10 @@ def import_callable(spec: str) -> Callable[..., Any]:
     if not mod_name or not attr:
         raise ValueError(f"model 'torch_module': factory={spec!r} must look like module:callable")
     if mod_name.endswith(".py"):
-        spec_ = importlib.util.spec_from_file_location(Path(mod_name).stem, mod_name)
+        file = Path(mod_name).expanduser()
+        if not file.is_file():
+            raise ValueError(f"model 'torch_module': factory file {file} does not exist")
+        spec_ = importlib.util.spec_from_file_location(file.stem, file)
         if spec_ is None or spec_.loader is None:
             raise ValueError(f"model 'torch_module': cannot import {mod_name}")
         module = importlib.util.module_from_spec(spec_)
@@ -227,7 +257,11 @@ def import_callable(spec: str) -> Callable[..., Any]:
     else:
         if "" not in sys.path and str(Path.cwd()) not in sys.path:
             sys.path.insert(0, str(Path.cwd()))  # like `python -m`: modules next to the user's config
-        module = importlib.import_module(mod_name)
+        try:
+            module = importlib.import_module(mod_name)
+        except ModuleNotFoundError as err:
+            raise ValueError(f"model 'torch_module': cannot import {mod_name} ({err}); install it, run from its "
+                             "folder, or give factory=path/to/file.py:callable") from err
     try:
         return getattr(module, attr)
     except AttributeError:
@@ -241,8 +275,18 @@ def load_weights(path: str) -> dict[str, Tensor]:
         raise FileNotFoundError(f"model 'torch_module': weights file {file} does not exist")
     if file.suffix == ".safetensors":
         safetensors_torch = _require("safetensors.torch")
-        return safetensors_torch.load_file(str(file))
-    state = torch.load(file, map_location="cpu", weights_only=True)
+        try:
+            return safetensors_torch.load_file(str(file))
+        except Exception as err:  # safetensors raises its own SafetensorError (not an OSError) on a bad header
+            raise ValueError(f"model 'torch_module': weights {file} is not a readable .safetensors file "
+                             f"({type(err).__name__}: {err})") from err
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"model 'torch_module': weights {file} cannot be read by torch.load(weights_only=True) "
+                         f"({first[:200]}); save the state dict, torch.save(model.state_dict(), path), or a "
+                         ".safetensors file (robbench never unpickles code)") from err
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
@@ -253,7 +297,13 @@ def load_weights(path: str) -> dict[str, Tensor]:
 def build_torch_module(params: dict[str, Any], input_shape: tuple[int, ...]) -> nn.Module:
     """``factory(**kwargs)`` with ``weights`` loaded (strict); declares ``input_range`` unless it has one."""
     p = {**TORCH_MODULE_DEFAULTS, **params}
-    module = import_callable(p["factory"])(**dict(p["kwargs"] or {}))
+    kwargs = dict(p["kwargs"] or {})
+    factory = import_callable(p["factory"])
+    try:
+        module = factory(**kwargs)
+    except TypeError as err:  # most often a keyword the factory does not take
+        raise ValueError(f"model 'torch_module': calling {p['factory']}(**{kwargs!r}) raised TypeError: {err}; "
+                         "check torch_module.kwargs") from err
     if not isinstance(module, nn.Module):
         raise ValueError(f"model 'torch_module': {p['factory']} returned a {type(module).__name__}, not an nn.Module")
     missing = [name for name in PROTOCOL if not hasattr(module, name)]
@@ -261,7 +311,14 @@ def build_torch_module(params: dict[str, Any], input_shape: tuple[int, ...]) -> 
         raise ValueError(f"model 'torch_module': {p['factory']} returned a module without {', '.join(missing)} "
                          f"(a model needs encode(x) -> (mu, sigma), decode(z), latent_dim, input_shape)")
     if p["weights"]:
-        module.load_state_dict(load_weights(p["weights"]))
+        try:
+            module.load_state_dict(load_weights(p["weights"]))
+        except RuntimeError as err:  # missing/unexpected keys or size mismatches, listed by torch
+            detail = " ".join(str(err).split())
+            raise ValueError(f"model 'torch_module': weights {p['weights']} do not fit the module "
+                             f"{p['factory']}(**{kwargs!r}) builds: {detail[:600]}; check torch_module.kwargs "
+                             "(e.g. sizes) and that the factory builds the architecture the weights were saved "
+                             "from") from err
     if getattr(module, "input_range", None) is None:
         module.input_range = tuple(float(v) for v in p["input_range"])
     return module.float().eval()
@@ -271,6 +328,9 @@ def _validate_torch_module(params: dict[str, Any]) -> None:
     p = {**TORCH_MODULE_DEFAULTS, **params}
     if not isinstance(p["factory"], str) or ":" not in p["factory"]:
         raise ValueError(f"model 'torch_module': factory={p['factory']!r} must look like module:callable")
+    source = p["factory"].partition(":")[0]
+    if source.endswith(".py") and not Path(source).expanduser().is_file():
+        raise ValueError(f"model 'torch_module': factory file {Path(source).expanduser()} does not exist")
     if p["weights"] is not None and not (isinstance(p["weights"], str) and p["weights"]):
         raise ValueError(f"model 'torch_module': weights={p['weights']!r} must be null or a file path")
     if p["weights"] is not None:

@@ -287,3 +287,93 @@ def test_torch_module_without_the_protocol_is_refused(tmp_path):
     src.write_text("import torch\ndef make():\n    return torch.nn.Linear(2, 2)\n")
     with pytest.raises(ValueError, match="without encode, decode, latent_dim, input_shape"):
         build("torch_module", factory=f"{src}:make")
+
+
+# --- wrong input, as a user gives it (session 9 outside review) ------------------------------------
+# Before: a folder without an AutoencoderKL, a missing factory file or module, weights saved from another
+# architecture, a pickled module or a corrupt file each surfaced as the library's own exception (OSError
+# "no file named config.json", FileNotFoundError [Errno 2], RuntimeError "Error(s) in loading state_dict",
+# UnpicklingError, SafetensorError "header too large", TypeError from the factory) in the failed rows;
+# a missing folder's config or factory file now stops the run up front (exit 2), and every message says
+# what is wrong and what to do.
+def _diffusers_folder(tmp_path: Path, kind: str, kl_dir: Path) -> Path:
+    import shutil
+
+    folder = tmp_path / kind
+    if kind == "empty":
+        folder.mkdir()
+    elif kind == "pipeline":  # the root of a latent diffusion model: the autoencoder is its vae/ folder
+        folder.mkdir()
+        (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline"}')
+        shutil.copytree(kl_dir, folder / "vae")
+    elif kind == "unet":
+        shutil.copytree(kl_dir, folder)
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "_class_name": "UNet2DModel"}))
+    elif kind == "bin_only":
+        shutil.copytree(kl_dir, folder)
+        for file in folder.glob("*.safetensors"):
+            file.rename(file.with_suffix(".bin"))
+    return folder
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("empty", r"holds no config\.json; give the folder an AutoencoderKL was saved to"),
+    ("pipeline", r"is a diffusion pipeline's folder; give its autoencoder: path=.*/pipeline/vae"),
+    ("unet", r"holds a UNet2DModel, not an AutoencoderKL"),
+    ("bin_only", r"holds no \.safetensors weights; robbench loads only safetensors"),
+])
+def test_diffusers_folder_without_an_autoencoder_is_refused_up_front(kl_dir, tmp_path, kind, message):
+    folder = _diffusers_folder(tmp_path, kind, kl_dir)
+    with pytest.raises(ValueError, match=message):
+        get_registries().models.get("diffusers_autoencoder_kl").validate({"path": str(folder)})
+
+
+@pytest.fixture
+def module_files(tmp_path: Path) -> dict[str, Path]:
+    """my_vae.py, weights of latent_dim 3 (safetensors and torch), a pickled whole module, corrupt files."""
+    import importlib.util
+    import sys
+
+    from safetensors.torch import save_file
+
+    src = tmp_path / "my_vae.py"
+    src.write_text(MODULE_SOURCE)
+    spec = importlib.util.spec_from_file_location("my_vae_wrong_input", src)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    sys.modules["my_vae_wrong_input"] = mod
+    try:
+        ref = mod.make(latent_dim=3)
+        files = {"src": src, "sft": tmp_path / "w3.safetensors", "pt": tmp_path / "w3.pt",
+                 "module": tmp_path / "module.pt", "bad_sft": tmp_path / "bad.safetensors", "bad_pt": tmp_path / "bad.pt"}
+        save_file(ref.state_dict(), str(files["sft"]))
+        torch.save(ref.state_dict(), files["pt"])
+        torch.save(ref, files["module"])  # the whole module pickled: not loadable with weights_only=True
+    finally:
+        del sys.modules["my_vae_wrong_input"]
+    files["bad_sft"].write_bytes(b"not a safetensors file")
+    files["bad_pt"].write_bytes(b"not a checkpoint")
+    return files
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"factory": "{dir}/missing.py:make"}, r"factory file .*missing\.py does not exist"),
+    ({"factory": "no_such_module_for_robbench:make"},
+     r"cannot import no_such_module_for_robbench \(No module named"),
+    ({"factory": "{src}:make", "kwargs": {"latnt_dim": 3}},
+     r"calling .*my_vae\.py:make\(\*\*\{'latnt_dim': 3\}\) raised TypeError: .*unexpected keyword argument"),
+    ({"factory": "{src}:make", "weights": "{sft}"},
+     r"w3\.safetensors do not fit the module .*make\(\*\*\{\}\) builds: .*size mismatch.*check torch_module\.kwargs"),
+    ({"factory": "{src}:make", "weights": "{pt}", "kwargs": {"latent_dim": 5}},
+     r"w3\.pt do not fit the module"),
+    ({"factory": "{src}:make", "weights": "{module}", "kwargs": {"latent_dim": 3}},
+     r"module\.pt cannot be read by torch\.load\(weights_only=True\).*save the state dict"),
+    ({"factory": "{src}:make", "weights": "{bad_pt}"}, r"bad\.pt cannot be read by torch\.load\(weights_only=True\)"),
+    ({"factory": "{src}:make", "weights": "{bad_sft}"}, r"bad\.safetensors is not a readable \.safetensors file"),
+])
+def test_torch_module_wrong_input_says_what_is_wrong_and_what_to_do(module_files, params, message):
+    paths = {"dir": module_files["src"].parent, **module_files}
+    params = {k: v.format(**paths) if isinstance(v, str) else v for k, v in params.items()}
+    with pytest.raises(ValueError, match=message):
+        build("torch_module", **params)
