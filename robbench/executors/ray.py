@@ -37,6 +37,7 @@ import torch
 from ray.exceptions import RayError, RayTaskError
 from torch import nn
 
+from robbench.config import ConfigError
 from robbench.execute import Batch, JobSpec, PointResult, describe_error, evaluate_batch
 from robbench.paths import cache_dir
 from robbench.plugins import Registries, get_registries
@@ -44,6 +45,23 @@ from robbench.prepare import ModelSpec, prepare_shipped, training_failed
 from robbench.protocols import SplitData, VAEModel
 from robbench.training import checkpoint_path, model_from_payload, read_checkpoint, write_checkpoint
 from robbench.work import BatchDone, Event, ModelReady, ModelWork
+
+
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """ConfigError, within ``timeout`` seconds, when nothing accepts a TCP connection at ``address``
+    (``HOST:PORT`` or ``ray://HOST:PORT``); an address without a port is left to Ray."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as err:
+        start = (f"ray start --head --port={port}" if not address.startswith("ray://")
+                 else "ray start --head (Ray Client listens on port 10001)")
+        raise ConfigError(f"cannot reach a Ray cluster at {address} ({err.strerror or err}); start one there with "
+                          f"`{start}`, or check --ray-address (auto joins the Ray running on this machine)") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,7 +204,16 @@ class RayExecutor:
         if ray.is_initialized():
             return
         quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": "warning"}
-        ray.init(**({} if self.address is None else {"address": self.address}), **{**quiet, **self.init_options})
+        if self.address is not None and self.address != "auto":
+            _check_reachable(self.address)  # Ray itself retries an address with nothing behind it for minutes
+        try:
+            ray.init(**({} if self.address is None else {"address": self.address}), **{**quiet, **self.init_options})
+        except ConnectionError as err:  # an OSError, which callers would take for a file-system error
+            if self.address == "auto":
+                raise ConfigError("--ray-address auto found no running Ray on this machine; start one with "
+                                  "`ray start --head`, or leave --ray-address out to start a local Ray for this "
+                                  "run") from err
+            raise ConfigError(f"cannot connect to the Ray cluster at {self.address}: {err}") from err
 
     def _options(self, remote: Any, device: str, **extra: Any) -> Any:
         gpus = self.task_gpus if device.startswith("cuda") else 0
