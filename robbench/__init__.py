@@ -18,3 +18,8 @@ def __getattr__(name: str) -> Any:
         from robbench.api import evaluate
         return evaluate
     raise AttributeError(f"module 'robbench' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # the lazily loaded evaluate too, so that help(), dir() and tab completion show it
+    return sorted({*globals(), *__all__})

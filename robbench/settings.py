@@ -62,6 +62,7 @@ class RunSettings:
         return asdict(cls())
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field by name (device included), as stored with each job in the run's results database."""
         return asdict(self)
 
     def hashed(self) -> dict[str, Any]:

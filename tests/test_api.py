@@ -287,3 +287,10 @@ def test_evaluate_is_reproducible_with_the_same_seed_and_differs_with_another(mo
     first, again = evaluate(model, x, seed=3, **kwargs), evaluate(model, x, seed=3, **kwargs)
     assert first.to_csv() == again.to_csv()
     assert evaluate(model, x, seed=4, **kwargs).to_csv() != first.to_csv()
+
+
+def test_dir_of_the_package_lists_the_lazily_loaded_evaluate():
+    """dir(robbench) (tab completion, help) did not list evaluate, which loads on first access."""
+    import robbench
+
+    assert {"evaluate", "hookimpl", "__version__"} <= set(dir(robbench))
