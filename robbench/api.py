@@ -199,6 +199,8 @@ def evaluate(model: VAEModel, data: Tensor, attacks: str | Sequence[str] | None 
     width, see :mod:`robbench.units`) (defaults: :class:`robbench.settings.RunSettings`); they reach
     every estimator as ``ctx.run`` and may be overridden per estimator in ``estimator_params``.
     ``attack_params`` / ``estimator_params``: {name: {key: value}} over the plugin's defaults.
+    ``point_ids``: (B,) distinct non-negative integer ids of the points (default 0..B-1): each point's
+    random streams and its rows are keyed by its id, so the same id gives the same draws in any batch.
     ``batch_size``: points per estimator call (default all at once). ``executor``: where batches run
     (default :class:`robbench.execute.LocalExecutor`); estimator errors are raised, not recorded.
     """
