@@ -155,8 +155,8 @@ def _check_autoencoder_folder(path: str) -> None:
 def _validate_diffusers(params: dict[str, Any]) -> None:
     p = {**DIFFUSERS_DEFAULTS, **params}
     _check_dir("diffusers_autoencoder_kl", p["path"])
-    _check_autoencoder_folder(p["path"])
     _check_installed("diffusers_autoencoder_kl", "diffusers")
+    _check_autoencoder_folder(p["path"])
     _check_size("diffusers_autoencoder_kl", p["image_size"])
     _check_sigma("diffusers_autoencoder_kl", p["obs_sigma"])
 
