@@ -589,8 +589,9 @@ VERIFY_FIRST_SHARE = 0.5  # share of the re-bisection's alpha for that first tes
 # folder holding an earlier verification's rows is not resumed as this one's. 2: session 8 (first test at
 # VERIFY_TOP R with up to samples_max samples at VERIFY_FIRST_SHARE of the budget; p0 at lo = 0; VERIFY_GAP 0.02).
 # 3: session 9 (a lowered point's R from ``refine`` top-ups along the direction and its probit fit, not the
-# straight line across the re-bisection's last bracket; the top-ups are counted in n_verify_tests).
-VERIFY_ALGORITHM = 3
+# straight line across the re-bisection's last bracket; the top-ups are counted in n_verify_tests). 4: session 9
+# review (where that fit crosses m at or below radius 0, the straight line across the narrowed bracket, not R = 0).
+VERIFY_ALGORITHM = 4
 NO_PRESOLVE = ("presolve_steps", "warm_presolve_steps")  # max_damage's mean-decoder pre-solve, set to 0
 
 
@@ -767,9 +768,10 @@ def verify_margin(res: MarginResult, model: VAEModel, x: Tensor, attack: Attack,
     the probit-linear fit of all the direction's tests near the crossing, the radius-0 test included
     (``zero_counts`` (k, n) (B,): p along every direction starts at p0), as :func:`bisect_margin` refines
     (algorithm 3: where p is flat near m the re-bisection stops undecided on a bracket up to 2x wide, whose
-    straight-line crossing fell up to 27 % below the exact margin); with ``refine`` 0 the straight-line
-    crossing of the final bracket. Fills res.verify_flagged, res.verified_lower, res.verify_p; adds the
-    screen's and the tests' samples to res.samples and the tests to res.tests."""
+    straight-line crossing fell up to 27 % below the exact margin); where that fit crosses m at or below
+    radius 0 (algorithm 4: R = 0 would claim p_r(x, 0) <= m), and with ``refine`` 0, the straight-line
+    crossing of the final bracket (narrowed by the top-ups). Fills res.verify_flagged, res.verified_lower,
+    res.verify_p; adds the screen's and the tests' samples to res.samples and the tests to res.tests."""
     batch = x.shape[0]
     res.verify_flagged = torch.zeros(batch, dtype=torch.bool)
     res.verified_lower = torch.zeros(batch, dtype=torch.bool)
@@ -824,11 +826,22 @@ def verify_margin(res: MarginResult, model: VAEModel, x: Tensor, attack: Attack,
             up, down = out.decision == stats.ROBUST, out.decision == stats.NOT_ROBUST
             lo_c[pos[up]] = torch.maximum(lo_c[pos[up]], radius[up].double())
             hi_c[pos[down]] = torch.minimum(hi_c[pos[down]], radius[down].double())
+            # the bracket of p_hat along the direction narrows as bisect_direction's does (the fallback below)
+            rad, inside = radius.double(), (radius.double() > lo[pos]) & (radius.double() < hi[pos])
+            above = (up | ((out.decision == stats.UNDECIDED) & (out.p > m))) & inside
+            below = ~above & inside
+            lo[pos[above]], p_lo[pos[above]] = rad[above], out.p[above]
+            hi[pos[below]], p_hi[pos[below]] = rad[below], out.p[below]
             return None, out
 
         est = _refine(run, history, est, lo_c, hi_c, lower, m=m, max_radius=max_radius, tolerance=tolerance,
                       rel_tolerance=rel_tolerance, rounds=refine, first_step=n_verify_tests(max_radius, tolerance),
                       samples_min=samples_min, samples_max=samples_max)
+        # a fit that crosses m at or below radius 0 (clamped to its smallest radius, 0) would report R = 0, the
+        # margin of a point not robust at x itself, for a point whose p_hat at 0 is above m (a lowered point's
+        # p0 > m, else its old R would be 0): there the straight line across the narrowed bracket, which
+        # starts at (0, p0) and so stays above 0 (session 9 review: p a step just around m along the direction)
+        est = torch.where(est <= 0, crossing(lo, hi, p_lo, p_hi, m, torch.zeros_like(lower)), est)
     new_hi = witness_hi()
     new_lo = torch.minimum(res.lo[idx], lo_c)
     est = torch.minimum(torch.maximum(est, new_lo), new_hi)

@@ -15,6 +15,7 @@ point's direction from its screen's samples, so a re-bisection test on those sam
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import pytest
@@ -222,6 +223,12 @@ def edge_settings(model: LinearGaussianVAE, case: str) -> tuple[dict, object]:
         "tolerance above max_radius (no later tests)": ({"tolerance": 2.0 * base["max_radius"]}, TrappedAttack()),
         "cap below the trapped R (censored: never verified)": ({"max_radius": 1.1 * exact}, TrappedAttack()),
         "exact attack (never flagged)": ({}, ExactAttack()),
+        # session 9 review of algorithm 3: the top-ups' count and alpha follow refine, confidence and m
+        "refine 1": ({"refine": 1}, TrappedAttack()),
+        "refine 5": ({"refine": 5}, TrappedAttack()),
+        "confidence 0.99, m 0.7": ({"confidence": 0.99, "m": 0.7}, TrappedAttack()),
+        "confidence 0.5, m 0.3": ({"confidence": 0.5, "m": 0.3, "max_radius": 1.3 * model.exact_margin(R, 0.3),
+                                   "tolerance": model.exact_margin(R, 0.3) / 50}, TrappedAttack()),
     }
     extra, attack = cases[case]
     return {**base, **extra}, attack
@@ -229,7 +236,8 @@ def edge_settings(model: LinearGaussianVAE, case: str) -> tuple[dict, object]:
 
 @pytest.mark.parametrize("case", ["refine off", "estimator defaults (stop_when_undecided, rel_tolerance)",
                                   "samples_locate unset", "tolerance above max_radius (no later tests)",
-                                  "cap below the trapped R (censored: never verified)", "exact attack (never flagged)"])
+                                  "cap below the trapped R (censored: never verified)", "exact attack (never flagged)",
+                                  "refine 1", "refine 5", "confidence 0.99, m 0.7", "confidence 0.5, m 0.3"])
 def test_the_verification_budget_holds_in_edge_configurations(model, monkeypatch, case):
     """Per point the verification's tests spend at most VERIFY_SHARE alpha (one first test at exactly the first
     share, with up to samples_max samples; the later ones at exactly the rest's even part, up to the locating
@@ -245,13 +253,13 @@ def test_the_verification_budget_holds_in_edge_configurations(model, monkeypatch
 
     monkeypatch.setattr(margin, "sequential_test", recorded_test)
     res = estimate_margin(model, torch.full((POINTS, *model.input_shape), 0.5), attack, dict(PARAMS), **settings)
-    alpha = 1.0 - CONF
+    alpha = 1.0 - settings["confidence"]
     budget = margin.split_verify_alpha(alpha, settings["max_radius"], settings["tolerance"], True, settings["refine"])
     n_v = n_verify_tests(settings["max_radius"], settings["tolerance"], settings["refine"])
     base_v = n_verify_tests(settings["max_radius"], settings["tolerance"])  # top-ups: steps from here on
     locate = settings["samples_max"] if settings["samples_locate"] is None else settings["samples_locate"]
     spent, verify_spent = defaultdict(float), defaultdict(float)
-    firsts, verify_count = defaultdict(int), defaultdict(int)
+    firsts, verify_count, top_ups = defaultdict(int), defaultdict(int), defaultdict(int)
     for stage, step, ids, a, largest in tests:
         assert stage != "?"
         for pid in ids.tolist():
@@ -267,12 +275,20 @@ def test_the_verification_budget_holds_in_edge_configurations(model, monkeypatch
             verify_spent[pid] += a
             verify_count[pid] += 1
             firsts[pid] += step == 0
+            top_ups[pid] += step >= base_v
     verified = (~res.at_cap & res.verify_flagged).nonzero().squeeze(1).tolist()
     assert sorted(verify_count) == sorted(verified)  # exactly the flagged points were re-bisected
     for p in range(POINTS):
         assert spent[p] <= alpha * (1 + 1e-9)
         assert verify_spent[p] <= alpha * VERIFY_SHARE * (1 + 1e-9)
         assert verify_count[p] <= n_v and firsts[p] == (p in verified)
+        assert top_ups[p] <= settings["refine"]
+    # the count the budget assumes, pinned apart from n_verify_tests: the first test, the locating steps and,
+    # where there can be any, the `refine` top-ups (a change of the formula must show here)
+    steps = max(0, math.ceil(math.log2(settings["max_radius"] / settings["tolerance"])))
+    assert n_v == 1 + steps + (settings["refine"] if steps else 0)
+    if settings["refine"] and case.startswith(("refine", "confidence 0.99")):
+        assert max(top_ups.values()) >= 1  # the top-ups ran (the case exercises them)
     if case.startswith("tolerance above"):
         assert n_v == 1 and budget.first == pytest.approx(alpha * VERIFY_SHARE) and budget.rest == 0.0
     if case.startswith("cap below"):  # censored points are not verified (a screen may still lower some below the cap)

@@ -387,3 +387,41 @@ def test_a_lowered_margin_where_p_is_flat_near_m_is_refined_along_the_direction(
     assert ((res.margin / exact - 1).abs() <= 0.05).all(), (res.margin / exact).tolist()
     assert (res.lo <= exact).all() and (res.hi >= exact).all() and (res.witness_p_hi <= 0.5).all()
     assert (res.lo <= res.margin).all() and (res.margin <= res.hi).all()
+
+
+def test_a_lowered_margin_stays_above_zero_where_the_point_is_robust_at_zero(model, monkeypatch):
+    """A margin of 0 means p_r(x, 0) <= m (README, margin). Session 9 review: where p along the direction is a
+    step just above / below m (p = m + 0.01 below radius 1, m - 0.01 beyond; counts Binomial(n, p) from the
+    tested delta's norm), the straight line across the re-bisection's bracket [0, 3.27] put R at 1.56; one
+    top-up there decided NOT_ROBUST (a correct witness: p = 0.49), and the probit line through the radius-0 test
+    (p_hat 0.511), that top-up (32,768 samples, p_hat 0.487) and the bracket's end crossed m below 0: the fit,
+    clamped to its radii, reported R = 0 for a point whose p_hat at 0 is above m (and whose exact margin is 1).
+    The estimate must stay in (0, hi] there: here the straight line across the narrowed bracket [0, 1.56]."""
+    import hashlib
+
+    from robbench import montecarlo
+    from robbench_plugins.estimators import MARGIN_DEFAULTS as D
+
+    mu0 = model.encode(copies(1))[0][0].double()
+    scale = float(model.sigma_max)  # ||A delta|| / ||delta|| along the top direction
+
+    def count(model_, mu, sigma, center, r, n_samples, *, seed, stream_ids=None, sample_offset=0, **kw):
+        rho = (mu.double() - mu0).norm(dim=1) / scale
+        out = []
+        for i in range(mu.shape[0]):
+            key = f"{seed}/{int(stream_ids[i])}/{sample_offset}".encode()
+            h = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+            g = torch.Generator().manual_seed(h)  # independent per (seed, stream, offset): no batch dependence
+            p = 0.51 if float(rho[i]) < 1.0 else 0.49
+            out.append(int(torch.binomial(torch.tensor([float(n_samples)]), torch.tensor([p]), generator=g)))
+        return torch.tensor(out, dtype=torch.int64)
+
+    monkeypatch.setattr(montecarlo, "count_within", count)
+    kw = {k: D[k] for k in ("max_radius", "tolerance", "rel_tolerance", "samples_initial", "samples_max",
+                            "samples_locate", "stop_when_undecided")}
+    res = estimate_margin(model, copies(1), TrappedAttack(), dict(PARAMS), r=4.0, m=0.5, confidence=0.95,
+                          seed=stats.derive_seed(7, "margin"), point_ids=torch.tensor([16]), backend="torch",
+                          verify=True, refine=1, **kw)
+    assert res.p0[0] > 0.5 and res.verified_lower[0]
+    assert 0.0 < res.margin[0] <= res.hi[0] and res.lo[0] <= res.margin[0]
+    assert abs(float(res.margin[0]) - 1.0) < 0.5  # the step at radius 1 (was 0)
