@@ -97,6 +97,30 @@ def test_tiles_give_the_row_paths_distances_and_bounds_and_decide_soundly(n, K, 
             assert int(far[:, 5:].sum()) >= n  # dist +- 1.5 E (unless r2 would be < 0)
 
 
+@pytest.mark.parametrize("n,K,P,act", [(130, 256, 784, 2), (63, 17, 16, 2), (5, 24, 129, 1), (66, 10, 7, 0)])
+def test_row_vec_decides_like_the_scalar_row_decisions(n, K, P, act, monkeypatch):
+    """ROBBENCH_ROW_VEC (session 9): band_decision's float64 arithmetic 8 rows at a time and norm_w_dh's sum with
+    AVX-512 give the row-by-row path's decisions and distances bit for bit, and its E to float64 summation noise
+    (norm_w_dh sums its 16 terms in another order), with every row-block tail (8-lane tails of 1..7 rows),
+    lean and part-5 terms, on radii swept through the band's edge and radii at ± E exactly."""
+    h, wt, b, cen, d2 = _case(n, K, P, act, seed=n * 7 + P)
+    _, dist_r, E_r = _check(h, wt, b, cen, d2[:, None], act, False, monkeypatch)
+    eps = torch.tensor([s * 10 ** (e / 4) for e in range(-28, 0) for s in (1, -1)])
+    r2 = torch.cat([(d2[:, None] * (1 + eps[None, :])).float(),
+                    torch.stack([((dist_r + s * f * E_r).clamp(min=0) ** 2).float()
+                                 for s in (1, -1) for f in (0.9, 1.0, 1.1)], 1)], 1)
+    for lean in ("0", "1"):
+        out = {}
+        for vec in ("1", "0"):
+            monkeypatch.setenv("ROBBENCH_ROW_VEC", vec)
+            out[vec] = _check(h, wt, b, cen, r2, act, True, monkeypatch, lean=lean)
+        (dv, distv, Ev), (ds, dists, Es) = out["1"], out["0"]
+        assert torch.equal(dv, ds) and torch.equal(distv, dists)
+        assert torch.allclose(Ev, Es, rtol=1e-13, atol=0)
+        _assert_sound(dv, d2[:, None], r2)
+        assert bool((dv == -1).any()) and bool((dv == 1).any()) and bool((dv == 0).any())
+
+
 def test_tiles_decide_like_the_reference_across_a_dense_sweep_of_radii(monkeypatch):
     """The trained decoders' shape (K = 256, P = 784), 130 rows: r2 = d^2 (1 +- eps) for eps from 1e-7 to
     0.56; every decision of the tile pass (lean terms) agrees with the reference, and the sweep crosses the

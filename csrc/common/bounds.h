@@ -308,6 +308,10 @@ inline double sq_norm_up(float sum_sq, int64_t K) {
 
 class Bf16Product;
 
+// ROBBENCH_ROW_VEC (default on; read per call, A/B): the tile pass's per-row decisions 8 rows at a time and
+// norm_w_dh's sum with AVX-512 (the same bounds; benchmarks/README.md, session 9 a2).
+bool row_vec();
+
 // One row's inputs of the tile-wise band (LastLayerBound::decide_tiles): the sample's center cen (D,), r^2,
 // and the per-sample norms of decide (||h||, ||ĥ||, ||δh||, norm_wdh >= ||Ŵ δh|| or negative).
 struct BandRow {
@@ -342,7 +346,8 @@ struct LastLayerBound {
   std::vector<float> unit_max, rsum;
 
   // Upper bound on ||Ŵ δh|| from p = fl(δh V) (k,) and ||δh|| (part 3).
-  double norm_w_dh(const float* p, double norm_dh) const;
+  // vec: the float64 sum over l with AVX-512 (another order, the same bound; ROBBENCH_ROW_VEC, row_vec()).
+  double norm_w_dh(const float* p, double norm_dh, bool vec = false) const;
 
   static double gamma(double n) { return n * v / (1.0 - n * v); }
   // Upper bound on a norm from an fp32 sum of K squares (any order), see above.

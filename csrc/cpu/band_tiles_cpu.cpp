@@ -81,7 +81,7 @@ BandSetup make_setup(const at::Tensor& h, const at::Tensor& wt, const at::Tensor
     sq_norms(hq.data() + i * K, nullptr, K, &s2, &unused);
     const double ndh = st.bound->norm_up(sq[n + i]);
     st.rows[i] = {cp + i * P, st.bound->norm_up(s2), st.bound->norm_up(sq[i]), ndh, static_cast<double>(rp[i]),
-                  st.bound->norm_w_dh(pv.data() + i * nk, ndh)};
+                  st.bound->norm_w_dh(pv.data() + i * nk, ndh, row_vec())};
   }
   return st;
 }

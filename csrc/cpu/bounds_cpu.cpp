@@ -696,13 +696,36 @@ double LastLayerBound::screen_upper(double norm_h, double dist_h, double off) co
   return (lip * spectral * dist_h * (1 + 1e-9) + off + ref) * (1 + 1e-12);
 }
 
-double LastLayerBound::norm_w_dh(const float* p, double norm_dh) const {
+namespace {
+// Σ_l λ_l (|p_l| + slack)^2 over k <= 16 terms, 8 lanes at a time (the same products as the scalar loop,
+// summed in another order: any order of these k float64 additions is within the 1e-12 of norm_w_dh).
+__attribute__((target("avx512f,avx512vl")))
+double lam_sum_avx512(const double* lam, const float* p, int64_t k, double slack) {
+  const __m512d vs = _mm512_set1_pd(slack);
+  __m512d acc = _mm512_setzero_pd();
+  for (int64_t l = 0; l < k; l += 8) {
+    const __mmask8 mk = k - l >= 8 ? static_cast<__mmask8>(0xFF) : static_cast<__mmask8>((1u << (k - l)) - 1);
+    const __m512d pl = _mm512_add_pd(_mm512_abs_pd(_mm512_cvtps_pd(_mm256_maskz_loadu_ps(mk, p + l))), vs);
+    // lanes past k: λ = 0, so they add 0 * slack^2 = 0
+    acc = _mm512_add_pd(acc, _mm512_mul_pd(_mm512_mul_pd(_mm512_maskz_loadu_pd(mk, lam + l), pl), pl));
+  }
+  return _mm512_reduce_add_pd(acc);
+}
+}  // namespace
+
+bool row_vec() { return switch_on("ROBBENCH_ROW_VEC"); }
+
+double LastLayerBound::norm_w_dh(const float* p, double norm_dh, bool vec) const {
   // |p_l| <= |fl(V_l . δh)| + g_K ||V_l|| ||δh|| (any-order fp32 dot product); sum in float64
   const double slack = gK * vmax * norm_dh * (1 + 1e-9);
   double acc = 0;
-  for (size_t l = 0; l < lam.size(); ++l) {
-    const double pl = std::fabs(static_cast<double>(p[l])) + slack;
-    acc += lam[l] * pl * pl;
+  if (vec && has_avx512()) {
+    acc = lam_sum_avx512(lam.data(), p, static_cast<int64_t>(lam.size()), slack);
+  } else {
+    for (size_t l = 0; l < lam.size(); ++l) {
+      const double pl = std::fabs(static_cast<double>(p[l])) + slack;
+      acc += lam[l] * pl * pl;
+    }
   }
   const double viaV = std::sqrt(acc) * (1 + 1e-12) + rho_R * norm_dh * (1 + 1e-12);
   return std::min(viaV, spec_Wb * norm_dh * (1 + 1e-12));
@@ -729,6 +752,52 @@ int8_t band_decision(const LastLayerBound& b, const BandSums& bs, double norm_h,
   const double hi = b.dist_up(bs.d2, sl) + E;
   const double lo = std::max(0.0, b.dist_down(bs.d2, sl) - E);
   return b.classify(hi, lo, r2);
+}
+
+// band_decision for 8 rows at once, lane by lane the same float64 operations in the same order (no FMA:
+// -ffp-contract=off), so the same E, dist and decisions; part 2 or 3 per lane by the sign of norm_wdh.
+// Inputs per lane: the row's fp32 sums d2, e2 (part 2) or f2 (part 3) in sel, tmax, and its BandRow.
+__attribute__((target("avx512f,avx512vl")))
+void band_decisions8(const LastLayerBound& b, __mmask8 lanes, const float* d2, const float* e2, const float* f2,
+                     const float* tmax, const BandRow* rows, int8_t* dec, double* dist, double* bound) {
+  alignas(64) double nh[8] = {}, nw[8] = {}, r2[8] = {};
+  for (int i = 0; i < 8; ++i) {
+    if (!((lanes >> i) & 1)) continue;
+    nh[i] = rows[i].norm_h;
+    nw[i] = rows[i].norm_wdh;
+    r2[i] = rows[i].r2;
+  }
+  const __m512d zero = _mm512_setzero_pd(), one12 = _mm512_set1_pd(1 + 1e-12);
+  const double sl = 2 * b.q + 1e-6, under = static_cast<double>(b.D) * 0x1p-149;
+  const __m512d vup = _mm512_set1_pd(1 + sl), vdn = _mm512_set1_pd(1 - sl), vun = _mm512_set1_pd(under);
+  const __m512d vd2 = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(lanes, d2));
+  const __m512d vnw = _mm512_load_pd(nw);
+  const __mmask8 p3 = _mm512_cmp_pd_mask(vnw, zero, _CMP_GE_OQ);
+  // dist_up of f2 (part 3 lanes) or e2 (part 2 lanes)
+  const __m512d vsel = _mm512_cvtps_pd(_mm256_mask_blend_ps(p3, _mm256_maskz_loadu_ps(lanes, e2),
+                                                            _mm256_maskz_loadu_ps(lanes, f2)));
+  const __m512d upsel = _mm512_mul_pd(_mm512_sqrt_pd(_mm512_add_pd(_mm512_mul_pd(vsel, vup), vun)), one12);
+  const __m512d mk = _mm512_cvtps_pd(_mm256_maskz_loadu_ps(lanes, tmax));
+  const __m512d first = _mm512_mul_pd(
+      _mm512_mul_pd(mk, _mm512_add_pd(_mm512_mul_pd(_mm512_set1_pd(b.spec_dW), _mm512_load_pd(nh)), vnw)), one12);
+  __m512d E = _mm512_mask_blend_pd(p3, upsel, _mm512_mul_pd(_mm512_add_pd(first, upsel), one12));
+  E = _mm512_add_pd(E, _mm512_set1_pd(1e-30));
+  if (bound != nullptr) _mm512_mask_storeu_pd(bound, lanes, E);
+  _mm512_mask_storeu_pd(dist, lanes, _mm512_sqrt_pd(vd2));
+  const __m512d dup = _mm512_mul_pd(_mm512_sqrt_pd(_mm512_add_pd(_mm512_mul_pd(vd2, vup), vun)), one12);
+  const __m512d ddn = _mm512_mul_pd(
+      _mm512_sqrt_pd(_mm512_max_pd(_mm512_sub_pd(_mm512_mul_pd(vd2, vdn), vun), zero)), _mm512_set1_pd(1 - 1e-12));
+  const __m512d hi = _mm512_add_pd(dup, E);
+  const __m512d lo = _mm512_max_pd(_mm512_sub_pd(ddn, E), zero);  // NaN -> 0, as std::max(0.0, x)
+  const __m512d vr2 = _mm512_load_pd(r2);
+  // classify: (1 + q) hi^2 (1 + 1e-12) + under < r2 inside, (1 - q) lo^2 (1 - 1e-12) - under > r2 outside
+  const __m512d in = _mm512_add_pd(
+      _mm512_mul_pd(_mm512_mul_pd(_mm512_mul_pd(_mm512_set1_pd(1 + b.q), hi), hi), one12), vun);
+  const __m512d out = _mm512_sub_pd(
+      _mm512_mul_pd(_mm512_mul_pd(_mm512_mul_pd(_mm512_set1_pd(1 - b.q), lo), lo), _mm512_set1_pd(1 - 1e-12)), vun);
+  const __mmask8 mi = _mm512_cmp_pd_mask(in, vr2, _CMP_LT_OQ), mo = _mm512_cmp_pd_mask(out, vr2, _CMP_GT_OQ);
+  for (int i = 0; i < 8; ++i)
+    if ((lanes >> i) & 1) dec[i] = ((mi >> i) & 1) ? 1 : ((mo >> i) & 1) ? 0 : -1;
 }
 }  // namespace
 
@@ -766,6 +835,7 @@ void decide_tiles_avx512(const LastLayerBound& b, const Bf16Product& prod, const
   // part 9: the fast sigmoid in the lean rows, unless ŷ is kept for the refinement (store_y: it reads ŷ with
   // the exact sigmoid's ev) or ROBBENCH_FAST_SIGMOID=0 (read per call; A/B)
   const bool fast = !store_y && fast_sigmoid();
+  const bool vec = row_vec();  // ROBBENCH_ROW_VEC=0: band_decision row by row (read per call; A/B)
   const float* bias = b.bias.data();
   alignas(64) float acc[kR][64];  // per row: the lane accumulators d2, e2, f2, tmax (16 each)
   BandArgs g[kR];
@@ -844,6 +914,21 @@ void decide_tiles_avx512(const LastLayerBound& b, const Bf16Product& prod, const
         }
         i += step;
       }
+    }
+    if (vec) {  // the same sums, then band_decision's float64 arithmetic 8 rows at a time
+      alignas(64) float sd2[kR], se2[kR], sf2[kR], stm[kR];
+      for (int64_t i = 0; i < m; ++i) {
+        sd2[i] = _mm512_reduce_add_ps(_mm512_load_ps(acc[i])) + tail[i].d2;
+        se2[i] = _mm512_reduce_add_ps(_mm512_load_ps(acc[i] + 16)) + tail[i].e2;
+        sf2[i] = _mm512_reduce_add_ps(_mm512_load_ps(acc[i] + 32)) + tail[i].f2;
+        stm[i] = std::max(_mm512_reduce_max_ps(_mm512_load_ps(acc[i] + 48)), tail[i].tmax);
+      }
+      for (int64_t i = 0; i < m; i += 8) {
+        const int64_t w = std::min<int64_t>(8, m - i);
+        band_decisions8(b, static_cast<__mmask8>((1u << w) - 1), sd2 + i, se2 + i, sf2 + i, stm + i, rows + r0 + i,
+                        dec + r0 + i, dist + r0 + i, bound != nullptr ? bound + r0 + i : nullptr);
+      }
+      continue;
     }
     for (int64_t i = 0; i < m; ++i) {
       // lane sums, then the scalar units: an fp32 sum of the same nonnegative terms in another order

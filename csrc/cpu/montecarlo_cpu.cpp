@@ -1011,11 +1011,12 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
         // (part 8; eps = 0 without the fused hidden layer, where h' = h)
         thread_local std::vector<double> nwdh;
         nwdh.resize(nc);
+        const bool vec = row_vec();
         for (int64_t i = 0; i < nc; ++i) {
           const double e = fh ? eps[rest[c0 + i]] : 0.0, d0 = bound->norm_up(sq[nc + i]);
           nhb[i] = bound->norm_up(sq[i]);
           ndh[i] = d0 + e;
-          nwdh[i] = bound->norm_w_dh(pv.data_ptr<float>() + i * nk, d0) + bound->spec_Wb * e * (1 + 1e-12);
+          nwdh[i] = bound->norm_w_dh(pv.data_ptr<float>() + i * nk, d0, vec) + bound->spec_Wb * e * (1 + 1e-12);
         }
         // s = ĥ Ŵ^T in fp32: brgemm's fp32 accumulation itself (s_round = 0), else at::mm's bf16 output
         // widened exactly (s_round = u): bounds.h, part 6
