@@ -288,6 +288,14 @@
 //    keeps the exact sigmoid and its terms; each element's term bounds its own element, so the sums mix them
 //    freely. On the three trained decoders' recorded margin calls ε moves +36 / +17 / +42 of the 116,794 /
 //    123,136 / 534,528 band rows to the refinement and none to the fp32 recheck.
+// 10. Per-row decisions 8 rows at a time (session 9; ROBBENCH_ROW_VEC=0 for the row-by-row code). No bound
+//    changes. The tile pass's decision (band_decision: E, dist_up / dist_down, classify) runs in float64
+//    AVX-512 lanes, one row per lane, with the same operations in the same order as the scalar code (the
+//    extension is built with -ffp-contract=off, and vsqrtpd / vmulpd / vaddpd round each lane like their
+//    scalar forms), so E, dist and the decision are bit for bit the scalar path's; max(x, 0) keeps
+//    std::max(0.0, x)'s NaN -> 0. norm_w_dh's Σ_l λ_l (|p_l| + slack)^2 (k <= 16 nonnegative float64 terms)
+//    is summed in 8 lanes and then across them: another order, relative error <= k 2^-53 < 2e-15 in any
+//    order, which the factor 1 + 1e-12 on its square root already covered for the sequential sum.
 // Samples that no bound decides get the reference's own fp32 final layer (recheck).
 #pragma once
 #include <ATen/ATen.h>
