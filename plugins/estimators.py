@@ -22,7 +22,7 @@ from robbench import montecarlo, stats
 from robbench.hookspecs import hookimpl
 from robbench.inputrange import clamp_box, input_range
 from robbench.jacobian import jacobian_frobenius
-from robbench.margin import VERIFY_ALGORITHM, estimate_margin, estimate_probability, latent_params, theorem1_bound
+from robbench.margin import REFINE_ALGORITHM, VERIFY_ALGORITHM, estimate_margin, estimate_probability, latent_params, theorem1_bound
 from robbench.paramspec import Param
 from robbench.protocols import EstimationContext, MetricColumn, call_attack
 
@@ -68,9 +68,9 @@ class BuiltinEstimator:
     constraints: dict[str, Param] = field(default_factory=dict)  # what each parameter accepts
     # Parameters added later, left out of job keys at these values (robbench.runner.keyed_params)
     unkeyed: dict[str, Any] = field(default_factory=dict)
-    # Algorithm versions a job key hashes while a parameter holds a value: {parameter: (value, {key: version})}
-    # (robbench.runner.keyed_params), so a run folder holding an earlier algorithm's rows under the same
-    # parameters is not resumed as this one's
+    # Algorithm versions a job key hashes while a parameter holds a value, or while a predicate on its value
+    # holds: {parameter: (value | predicate, {key: version})} (robbench.provenance.algorithm_versions), so a
+    # run folder holding an earlier algorithm's rows under the same parameters is not resumed as this one's
     key_versions: dict[str, tuple[Any, dict[str, Any]]] = field(default_factory=dict)
 
     def __call__(self, ctx: EstimationContext, x: Tensor) -> list[Row]:
@@ -198,6 +198,12 @@ def _warm_params(attack_params: dict[str, Any], p: dict[str, Any]) -> dict[str, 
         if p.get(key) is not None and attack_key in attack_params:
             out[attack_key] = int(p[key])
     return out
+
+
+def refines(value: Any) -> bool:
+    """Whether a margin's ``refine`` setting runs refinement rounds (an int > 0): the key_versions predicate
+    under which its job keys hash REFINE_ALGORITHM."""
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def _validate_margin(params: dict[str, Any]) -> None:
@@ -451,13 +457,15 @@ ESTIMATORS = [
         "margin_hi (witness delta stored)], censored (R >= max_radius), samples, undecided; portfolio=true "
         "takes the per-point smallest over all the run's attacks (margin_attack); verify (default true) re-checks each "
         "R at 0.98 R with other searches and lowers it on a confident witness (verify_flagged, verified_lower, "
-        "verify_p); verify=false is the estimator of before (same job keys)",
+        "verify_p); verify=false is the estimator of before (same job keys, refine 0 aside: refine_algorithm)",
         _margin_with_arrays, {**MARGIN_DEFAULTS, "keep_adversarial": True}, needs_attack=True,
         validate=_validate_margin, columns=_MARGIN_COLUMNS, input_sizes=("max_radius", "tolerance"),
         constraints=MARGIN_CONSTRAINTS, unkeyed={"verify": False},
         # verify=true rows of session 6/7 (no version) hold an earlier verification: keyed apart; verify=false
-        # (the unverified estimator, unchanged) keeps its keys
-        key_versions={"verify": (True, {"verify_algorithm": VERIFY_ALGORITHM})}),
+        # (the unverified estimator, unchanged) keeps its keys. refine > 0 rows of before session 9's review (no
+        # version) could hold R = 0 for points robust at 0: keyed apart; refine = 0 (unchanged) keeps its keys
+        key_versions={"verify": (True, {"verify_algorithm": VERIFY_ALGORITHM}),
+                      "refine": (refines, {"refine_algorithm": REFINE_ALGORITHM})}),
     BuiltinEstimator(
         "damage", "paper Fig. 4: expected damage E||g(mu_r + eta sigma_r) - g(mu(x))|| of the attack at a fixed "
         "radius along its route (damage), the same at delta = 0 (damage_clean), and ||delta||",

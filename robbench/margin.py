@@ -167,6 +167,14 @@ def n_margin_tests(max_radius: float, tolerance: float, refine: int = 0) -> int:
     return 2 + max(0, math.ceil(math.log2(max_radius / tolerance))) + refine
 
 
+# Version of the refinement rounds (:func:`_refine`, in bisect_margin and verify_margin), hashed into the job keys
+# of margins with refine > 0 (plugins/estimators.py), so a run folder refined by an earlier version is not resumed
+# as this one's; refine 0 runs none and keeps its keys. 1 (not hashed): sessions 5-9. 2: session 9 review (a fit
+# crossing m at or below radius 0, clamped, gave R = 0 for a point judged robust at 0; now the straight line
+# across the bracket stands there, and no round places a top-up at radius 0).
+REFINE_ALGORITHM = 2
+
+
 def bisect_margin(test: TestFn, batch: int, *, m: float, max_radius: float, tolerance: float,
                   rel_tolerance: float | None = None, stop_when_undecided: bool = False, refine: int = 0,
                   samples_min: int = 128, samples_max: int = 32768) -> MarginResult:
@@ -270,17 +278,29 @@ def _target_width(estimate: Tensor, tolerance: float, rel_tolerance: float | Non
 
 def _refine(run: Callable[..., tuple[Tensor, SequentialOutcome]], history: list, margin: Tensor, lo_c: Tensor,
             hi_c: Tensor, has_crossing: Tensor, *, m: float, max_radius: float, tolerance: float,
-            rel_tolerance: float | None, rounds: int, first_step: int, samples_min: int, samples_max: int
-            ) -> Tensor:
-    """The refinement rounds of :func:`bisect_margin` (see there); returns the new estimates (B,)."""
+            rel_tolerance: float | None, rounds: int, first_step: int, samples_min: int, samples_max: int,
+            fallback: Callable[[], Tensor] | None = None) -> Tensor:
+    """The refinement rounds of :func:`bisect_margin` (see there); returns the new estimates (B,).
+    ``has_crossing`` points were all judged robust at radius 0 (p_hat > m there), so R > 0: where a fit,
+    clamped into [lo_c, hi_c], crosses m at or below 0 (p a step just around m: the line through the
+    radius-0 test and a heavy top-up just beyond can cross at a negative radius) it is unusable, and the
+    estimate is ``fallback()`` (B,), the straight line across the current bracket (default: ``margin``,
+    the bisection's), clamped the same way; this holds for the rounds' estimates too (a top-up at radius
+    0 would be wasted) and for the final one (R = 0 would claim p_r(x, 0) <= m)."""
     batch = margin.shape[0]
     all_idx = torch.arange(batch)
     todo = has_crossing & ((hi_c - lo_c) > _target_width(margin, tolerance, rel_tolerance))
+    line = fallback if fallback is not None else (lambda: margin)
+
+    def usable(candidate: Tensor) -> Tensor:
+        clamp = lambda t: torch.minimum(torch.maximum(t, lo_c), hi_c.clamp(max=max_radius))  # noqa: E731
+        est = clamp(candidate)
+        return torch.where(todo & (est <= 0), clamp(line()), est)
+
     estimate = margin.clone()
     for j in range(rounds):
         fit = probit_crossing(*_stack(history, batch), m, estimate)
-        estimate = torch.where(torch.isfinite(fit.crossing) & todo, fit.crossing, estimate)
-        estimate = torch.minimum(torch.maximum(estimate, lo_c), hi_c.clamp(max=max_radius))
+        estimate = usable(torch.where(torch.isfinite(fit.crossing) & todo, fit.crossing, estimate))
         sd = 0.5 * _target_width(estimate, tolerance, rel_tolerance)
         n_all = refine_samples(fit, sd, m, rounds - j, samples_min, samples_max)
         for n in n_all[todo & (n_all > 0)].unique().tolist():
@@ -288,7 +308,7 @@ def _refine(run: Callable[..., tuple[Tensor, SequentialOutcome]], history: list,
             run(first_step + j, idx, estimate[idx].clone(), int(n))
     fit = probit_crossing(*_stack(history, batch), m, estimate)
     final = torch.where(torch.isfinite(fit.crossing) & todo, fit.crossing, margin)
-    return torch.where(todo, torch.minimum(torch.maximum(final, lo_c), hi_c.clamp(max=max_radius)), margin)
+    return torch.where(todo, usable(final), margin)
 
 
 def _stack(history: list, batch: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -834,14 +854,15 @@ def verify_margin(res: MarginResult, model: VAEModel, x: Tensor, attack: Attack,
             hi[pos[below]], p_hi[pos[below]] = rad[below], out.p[below]
             return None, out
 
-        est = _refine(run, history, est, lo_c, hi_c, lower, m=m, max_radius=max_radius, tolerance=tolerance,
-                      rel_tolerance=rel_tolerance, rounds=refine, first_step=n_verify_tests(max_radius, tolerance),
-                      samples_min=samples_min, samples_max=samples_max)
         # a fit that crosses m at or below radius 0 (clamped to its smallest radius, 0) would report R = 0, the
         # margin of a point not robust at x itself, for a point whose p_hat at 0 is above m (a lowered point's
-        # p0 > m, else its old R would be 0): there the straight line across the narrowed bracket, which
-        # starts at (0, p0) and so stays above 0 (session 9 review: p a step just around m along the direction)
-        est = torch.where(est <= 0, crossing(lo, hi, p_lo, p_hi, m, torch.zeros_like(lower)), est)
+        # p0 > m, else its old R would be 0): there _refine takes the straight line across the bracket the
+        # top-ups narrowed, which starts at (0, p0) and so stays above 0 (session 9 review: p a step just
+        # around m along the direction); in the rounds too, so no top-up is placed at radius 0
+        est = _refine(run, history, est, lo_c, hi_c, lower, m=m, max_radius=max_radius, tolerance=tolerance,
+                      rel_tolerance=rel_tolerance, rounds=refine, first_step=n_verify_tests(max_radius, tolerance),
+                      samples_min=samples_min, samples_max=samples_max,
+                      fallback=lambda: crossing(lo, hi, p_lo, p_hi, m, torch.zeros_like(lower)))
     new_hi = witness_hi()
     new_lo = torch.minimum(res.lo[idx], lo_c)
     est = torch.minimum(torch.maximum(est, new_lo), new_hi)

@@ -89,11 +89,19 @@ def environment(device: str = "cpu") -> dict[str, Any]:
 
 
 def algorithm_versions(plugin: Any, params: dict[str, Any]) -> dict[str, Any]:
-    """The plugin's ``key_versions`` entries ({parameter: (value, {key: version})}) that apply while
-    ``params`` hold their parameter's value: {key: version} (empty for most plugins)."""
+    """The plugin's ``key_versions`` entries ({parameter: (when, {key: version})}) that apply to ``params``:
+    {key: version} (empty for most plugins). ``when`` is a value (the entry applies while the parameter
+    holds it, same type) or a predicate on the parameter's value (e.g. the margin's ``refine`` > 0)."""
     out: dict[str, Any] = {}
-    for name, (value, version) in (getattr(plugin, "key_versions", None) or {}).items():
-        if name in params and type(params[name]) is type(value) and params[name] == value:
+    for name, (when, version) in (getattr(plugin, "key_versions", None) or {}).items():
+        if name not in params:
+            continue
+        value = params[name]
+        if callable(when):
+            applies = bool(when(value))
+        else:
+            applies = type(value) is type(when) and value == when
+        if applies:
             out.update(version)
     return out
 

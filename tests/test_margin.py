@@ -425,3 +425,30 @@ def test_the_upper_end_is_a_witness_or_open_with_the_cap_at_the_margin(model):
     assert torch.equal(torch.isfinite(res.hi) & ~res.at_cap, has)
     assert torch.equal(res.hi[has], res.witness_radius[has])
     assert (res.hi >= exact).all()
+
+
+def test_refined_margin_stays_above_zero_where_the_point_is_robust_at_zero():
+    """p a step just around m (0.51 below radius 1, 0.49 beyond): the probit fit through the radius-0 test
+    and the heavy top-ups can cross m at a negative radius; clamped, that was R = 0 (session 9 review: 9-17
+    of 100 points), the margin of a point *not* robust at x itself, for points whose radius-0 test said
+    p_hat > m. Where the fit crosses at or below 0 the bisection's straight line stands (> 0), and no
+    top-up is placed at radius 0."""
+    m = 0.5
+    common = dict(m=m, max_radius=10.0, tolerance=0.001, rel_tolerance=0.01)
+    schedule = stats.sample_schedule(128, 2048, 4)
+    test = binomial_test(lambda rho: torch.where(rho < 1.0, m + 0.01, m - 0.01).double(), confidence=0.95,
+                         refine=2, schedule=schedule, seed=0, max_radius=10.0, tolerance=0.001, m=m)
+    radii = []
+
+    def logged(radius, idx, step, n=None):
+        if n is not None:
+            radii.append(radius.clone())
+        return test(radius, idx, step) if n is None else test(radius, idx, step, n)
+
+    res = bisect_margin(logged, 100, refine=2, stop_when_undecided=True, samples_min=128, samples_max=32768,
+                        **common)
+    robust0 = res.p0 > m  # judged robust at 0 (ROBUST, or undecided with p_hat > m)
+    assert int(robust0.sum()) >= 50
+    assert bool((res.margin[robust0] > 0).all()), res.margin[robust0].min()
+    assert bool(((res.lo <= res.margin) & (res.margin <= res.hi)).all())
+    assert radii and bool((torch.cat(radii) > 0).all())  # top-ups ran, none at radius 0

@@ -158,7 +158,8 @@ def test_verify_with_the_real_max_damage_attack(model):
 
 def test_verify_off_keeps_the_margin_job_keys():
     """Run directories stored before ``verify`` existed hold unverified results: they keep their job keys
-    under verify=false (and resume there), while the default (verify=true) jobs get new keys, so an old run
+    under verify=false (and resume there) where they compute the same (refine 0; refine > 0 hashes the
+    refinement's version, test below), while the default (verify=true) jobs get new keys, so an old run
     directory is never resumed as if its margins had been verified."""
     from robbench.config import build_config, stable_hash
     from robbench.plugins import get_registries
@@ -168,8 +169,8 @@ def test_verify_off_keeps_the_margin_job_keys():
     base = {"models": ["beta_vae"], "attacks": ["max_damage"], "estimators": ["margin"]}
 
     def job(verify=None):
-        extra = {} if verify is None else {"estimator_params": {"margin": {"verify": verify}}}
-        cfg = build_config({**base, **extra})
+        extra = {"refine": 0} if verify is None else {"verify": verify, "refine": 0}
+        cfg = build_config({**base, "estimator_params": {"margin": extra}})
         return cfg, plan_jobs(cfg, regs)[0]
 
     cfg, default = job()
@@ -184,6 +185,40 @@ def test_verify_off_keeps_the_margin_job_keys():
     assert default.key == on.key != off.key
 
 
+@pytest.mark.parametrize("verify", [True, False])
+def test_refine_jobs_hash_the_refinement_version(verify):
+    """A job with refine > 0 (the default, 2) hashes REFINE_ALGORITHM: a run folder refined before session 9's
+    review (no version in its key; its fit could give R = 0 for a point robust at 0) is not resumed as this
+    one's, verify on or off; refine 0 (no refinement, unchanged) hashes no refinement version."""
+    from robbench.config import build_config, stable_hash
+    from robbench.margin import REFINE_ALGORITHM, VERIFY_ALGORITHM
+    from robbench.plugins import get_registries
+    from robbench.runner import model_key, plan_jobs
+
+    regs = get_registries()
+
+    def job(**margin):
+        cfg = build_config({"models": ["beta_vae"], "attacks": ["max_damage"], "estimators": ["margin"],
+                            "estimator_params": {"margin": {"verify": verify, **margin}}})
+        j = plan_jobs(cfg, regs)[0]
+        versions = {"verify_algorithm": VERIFY_ALGORITHM} if verify else {}
+        params = {k: v for k, v in j.params.items() if verify or k != "verify"}  # verify=false is unkeyed
+
+        def key(extra):
+            return stable_hash({"model": model_key(cfg, j.model), "estimator": "margin",
+                                "params": {**params, **versions, **extra, **j.run.hashed()},
+                                "attack": [j.attack.name, j.attack.params]})
+        return j, key
+
+    for refine in (None, 1, 5):
+        j, key = job() if refine is None else job(refine=refine)
+        assert j.params["refine"] == (2 if refine is None else refine) and "refine_algorithm" not in j.params
+        assert j.key == key({"refine_algorithm": REFINE_ALGORITHM})
+        assert j.key != key({})  # the key of before the version: not resumed
+    j, key = job(refine=0)
+    assert j.key == key({})
+
+
 def test_verify_jobs_hash_the_verification_algorithm_version():
     """A verify=true job key hashes VERIFY_ALGORITHM: a run folder made by session 7's verification (same
     parameters, no version in its key) or by a later changed one is not resumed as holding this algorithm's
@@ -194,7 +229,8 @@ def test_verify_jobs_hash_the_verification_algorithm_version():
     from robbench.runner import model_key, plan_jobs
 
     regs = get_registries()
-    cfg = build_config({"models": ["beta_vae"], "attacks": ["max_damage"], "estimators": ["margin"]})
+    cfg = build_config({"models": ["beta_vae"], "attacks": ["max_damage"], "estimators": ["margin"],
+                        "estimator_params": {"margin": {"refine": 0}}})  # refine > 0: test above
     job = plan_jobs(cfg, regs)[0]
     assert job.params["verify"] is True and "verify_algorithm" not in job.params  # not a parameter
 
