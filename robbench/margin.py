@@ -191,7 +191,9 @@ def bisect_margin(test: TestFn, batch: int, *, m: float, max_radius: float, tole
     estimate, with a fixed count ``test(radius, idx, step, n)``, n chosen from the fitted slope so that
     all rounds together give the estimate a standard error of about half the target width
     (:func:`refine_samples`, within [samples_min, samples_max]). The estimate is then the crossing of a
-    weighted probit-linear fit of all of the point's tests near it (:func:`probit_crossing`). Each
+    weighted probit-linear fit of all of the point's tests near it (:func:`probit_crossing`); where that
+    fit crosses m at or below radius 0 (every refined point was judged robust at 0, so R > 0) the
+    bisection's straight-line estimate stands instead, in the rounds too (REFINE_ALGORITHM). Each
     top-up is one more test of the error budget (``n_margin_tests(..., refine)``); a confident decision
     there moves lo / hi like any other."""
     base_tests = n_margin_tests(max_radius, tolerance)
