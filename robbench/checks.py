@@ -10,7 +10,8 @@ A plugin that breaks its contract must fail its own rows with a clear error, nev
   and the box.
 - :class:`CheckedModel` (wrapped around the model by the runner and ``robbench.evaluate``): every
   ``encode`` returns finite mu and finite sigma >= 0, every ``decode`` finite outputs. NaN that appears
-  only on perturbed inputs or on latent samples is caught where it is produced.
+  only on perturbed inputs or on latent samples is caught where it is produced. Calls on few rows run on
+  one torch thread (:mod:`robbench.few_rows`: results independent of the thread count).
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from robbench.few_rows import one_thread_if_few_rows
 
 NORM_RTOL = 1e-4
 NORM_ATOL = 1e-6
@@ -118,7 +121,8 @@ class CheckedModel:
         setattr(self.unwrapped, name, value)
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        mu, sigma = self.unwrapped.encode(x)
+        with one_thread_if_few_rows(x):  # thread-count-independent results on few rows (robbench.few_rows)
+            mu, sigma = self.unwrapped.encode(x)
         require_finite("encode(x) mu", mu)
         require_finite("encode(x) sigma", sigma)
         if _checkable(sigma) and bool((sigma.detach() < 0).any()):
@@ -126,7 +130,8 @@ class CheckedModel:
         return mu, sigma
 
     def decode(self, z: Tensor) -> Tensor:
-        out = self.unwrapped.decode(z)
+        with one_thread_if_few_rows(z):
+            out = self.unwrapped.decode(z)
         require_finite("decode(z)", out)
         return out
 

@@ -382,7 +382,8 @@ def test_stall_loop_row_groups_run_the_whole_loop_independently(monkeypatch, two
 
 def test_the_split_switch_and_threshold(monkeypatch, two_threads):
     """ROBBENCH_ATTACK_SPLIT=off keeps one group; =<n> asks n rows per group; the default splits from 8 rows
-    (4 per group); one intra-op thread never splits. The groups in use are the op's third count."""
+    (4 per group), at every thread count (one intra-op thread runs the groups one after another). The
+    groups in use are the op's third count."""
     op, starts, keys, half, eval_eta = _split_problem(B=3, R=2)  # 6 rows: below the default threshold
     small = _stall_op_args(op, starts, keys, half, eval_eta, steps=4)
     op, starts, keys, half, eval_eta = _split_problem(B=4, R=2)  # 8 rows
@@ -394,6 +395,24 @@ def test_the_split_switch_and_threshold(monkeypatch, two_threads):
         monkeypatch.setenv("ROBBENCH_ATTACK_SPLIT", env)
         assert stall(*args)[2].tolist()[2] == groups, env
     torch.set_num_threads(1)
-    assert stall(*args)[2].tolist()[2] == 1
+    assert stall(*args)[2].tolist()[2] == 2
     monkeypatch.delenv("ROBBENCH_ATTACK_SPLIT")
-    assert stall(*args)[2].tolist()[2] == 1
+    assert stall(*args)[2].tolist()[2] == 2
+    assert stall(*small)[2].tolist()[2] == 1
+
+
+def test_the_op_gives_the_same_bits_at_one_and_two_threads(monkeypatch, two_threads):
+    """The row groups do not depend on the thread count, so mlp_stall_ascent's result is bit for bit the
+    same at 1 and 2 intra-op threads (session 9: groups were one per thread, and a row's last bits depend on
+    the other rows of its products, so --threads 1 and 2 gave different attacks and margins). The second
+    half checks that this problem can tell: one group (the old one-thread partition) differs in its bits."""
+    op, starts, keys, half, eval_eta = _split_problem(B=16, R=2)
+    args = _stall_op_args(op, starts, keys, half, eval_eta)
+    stall = torch.ops.robbench.mlp_stall_ascent
+    best2, val2, counts2 = stall(*args)
+    torch.set_num_threads(1)
+    best1, val1, counts1 = stall(*args)
+    assert torch.equal(best1, best2) and torch.equal(val1, val2) and torch.equal(counts1, counts2)
+    monkeypatch.setenv("ROBBENCH_ATTACK_SPLIT", "off")
+    one = stall(*args)
+    assert not (torch.equal(one[0], best1) and torch.equal(one[1], val1))

@@ -958,12 +958,17 @@ std::tuple<at::Tensor, at::Tensor> mlp_attack_step_cpu(
 
 // The stall loop's rows split into groups, one thread each (mlp_stall_ascent). Every row's decisions (its
 // step halving, best iterate, active flag) depend on that row alone and all rows check at the same steps,
-// so T contiguous groups can each run the whole loop on their own thread, joined once at the end: no
+// so contiguous groups can each run the whole loop on their own thread, joined once at the end: no
 // per-step barrier (a split of each product across threads waited for descheduled threads on a loaded
 // machine: 10-70x slower steps, see OneThread). Inside a group everything stays on its thread.
-// Groups: min(torch's intra-op threads, rows / kSplitMinRows); ROBBENCH_ATTACK_SPLIT=off: one group,
-// =<n>: at least n rows per group (A/B runs; read at each call by read_split_switch).
+// The partition does not depend on the thread count: a row's last bits depend on the other rows of its
+// products (kernel choice and blocking by row count), so a thread-count-dependent split made results
+// differ between --threads 1 and 2 (session 9). Groups: min(kSplitGroups, rows / kSplitMinRows), run on
+// min(groups, torch's intra-op threads) threads (one thread: one after another on the calling thread).
+// ROBBENCH_ATTACK_SPLIT=off: one group, =<n>: at least n rows per group (A/B runs; read at each call by
+// read_split_switch).
 constexpr int64_t kSplitMinRows = 4;
+constexpr int64_t kSplitGroups = 2;  // the machine's (and CI's) default torch thread count
 thread_local bool tl_split_off = false;
 thread_local int64_t tl_split_min_rows = kSplitMinRows;
 
@@ -973,10 +978,10 @@ void read_split_switch() {
   tl_split_min_rows = std::max<int64_t>(1, split.n);
 }
 
-// The number of row groups for a call on M rows from a thread with `threads` intra-op threads.
-int64_t split_groups(int64_t M, int64_t threads) {
-  if (tl_split_off || threads <= 1) return 1;
-  return std::max<int64_t>(1, std::min<int64_t>(threads, M / tl_split_min_rows));
+// The number of row groups for a call on M rows (the same at every thread count).
+int64_t split_groups(int64_t M) {
+  if (tl_split_off) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(kSplitGroups, M / tl_split_min_rows));
 }
 
 struct StallResult {
@@ -1078,7 +1083,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_stall_ascent_cpu(
     double stall_tol, double min_step, double lo_box, double hi_box) {
   const int64_t threads = at::get_num_threads();  // before OneThread: the caller's intra-op thread count
   read_split_switch();
-  const int64_t groups = split_groups(delta0_.size(0), threads);
+  const int64_t groups = split_groups(delta0_.size(0));
   const OneThread one_thread;
   read_ab_switches();
   const int64_t draws = std::max<int64_t>({2 * n_half, eval_eta_.numel() > 0 ? eval_eta_.size(0) : 1, 1});
@@ -1102,21 +1107,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mlp_stall_ascent_cpu(
     pc[1] = r.dec_rows;
     return {r.best, r.best_val, counts};
   }
-  // Group g: rows [g M / T, (g + 1) M / T), on the g-th thread of one parallel region (at::parallel_for
-  // over the groups, grain 1), each single-threaded inside (OneThread, this thread's A/B switches).
+  // Group g: rows [g M / G, (g + 1) M / G). With several threads: one parallel region (at::parallel_for
+  // over the groups, grain 1, a team of min(G, threads)), each group single-threaded inside (OneThread,
+  // this thread's A/B switches); with one thread the groups run one after another here.
   std::vector<StallResult> parts(groups);
-  {
+  auto run_groups = [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t a = g * M / groups, len = (g + 1) * M / groups - a;
+      parts[g] = stall_loop(P, rows_.narrow(0, a, len), delta0_.narrow(0, a, len), alpha0_.narrow(0, a, len),
+                            eval_eta_, n_half, steps, check_every, stall_tol, min_step);
+    }
+  };
+  if (threads <= 1) {
+    run_groups(0, groups);
+  } else {
 #ifdef _OPENMP
-    omp_set_num_threads(static_cast<int>(threads));  // the region's team (OneThread set 1 above; it restores)
+    omp_set_num_threads(static_cast<int>(std::min(threads, groups)));  // OneThread set 1 above; it restores
 #endif
     at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
       const OneThread inner;
       read_ab_switches();
-      for (int64_t g = g0; g < g1; ++g) {
-        const int64_t a = g * M / groups, len = (g + 1) * M / groups - a;
-        parts[g] = stall_loop(P, rows_.narrow(0, a, len), delta0_.narrow(0, a, len), alpha0_.narrow(0, a, len),
-                              eval_eta_, n_half, steps, check_every, stall_tol, min_step);
-      }
+      run_groups(g0, g1);
     });
 #ifdef _OPENMP
     omp_set_num_threads(1);
