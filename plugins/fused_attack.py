@@ -6,8 +6,9 @@ counter-based streams as :mod:`robbench.rng`, bit for bit), the objective, its g
 delta (hand-written backward, no autograd graph), the normalised step and the exact ball-and-box
 projection. ``torch.ops.robbench.mlp_stall_ascent`` runs :func:`robbench.projection.stall_ascent`'s whole
 loop over those steps (same decisions, same order; :meth:`FusedObjective.stall_ascent`), which is what the
-attack calls; with several torch threads it splits the rows into one group per thread, each running the
-whole loop on its own thread (csrc/cpu/attack_cpu.cpp, ``ROBBENCH_ATTACK_SPLIT``). What it computes
+attack calls; from 8 rows it splits them into 2 groups (at any thread count, so results do not depend on
+it), each running the whole loop on its own thread when torch has several (csrc/cpu/attack_cpu.cpp,
+``ROBBENCH_ATTACK_SPLIT``). What it computes
 equals the ``torch`` engine's autograd path up to float rounding (tests/test_fused_attack.py).
 
 Supported: the built-in :class:`~robbench_plugins.models.VAE` family members whose encoder and decoder
@@ -200,7 +201,7 @@ class FusedObjective:
             self.x, delta, rows, self.center, self.mu_c, self.sig_c, self._empty if eval_eta is None else eval_eta,
             ka, kb, n_half, *s.enc, *s.dec, self.route, s.sigma_kind, s.sigma_offset, self.radius, alpha, int(steps),
             int(check_every), float(stall_tol), float(min_step), self.box[0], self.box[1])
-        ROWS["encode"] += int(counts[0])  # counts: (encoder rows, decoder rows, row groups (threads) used)
+        ROWS["encode"] += int(counts[0])  # counts: (encoder rows, decoder rows, row groups used)
         ROWS["decode"] += int(counts[1])
         best = best.view(R * B, *shape)
         if per_start:
