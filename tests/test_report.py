@@ -7,8 +7,11 @@ bound is a noisy 0.8 * R; but R *shrinks* with tau, so that claim must come out 
 from __future__ import annotations
 
 import math
+import os
 import random
+import shutil
 import struct
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -434,3 +437,33 @@ def test_a_report_write_that_fails_half_way_keeps_the_previous_report_whole(tmp_
     after = {p.name: p.read_bytes() for p in (tmp_path / REPORT_DIR).iterdir()}
     assert after == before
     assert sorted(p.name for p in tmp_path.iterdir()) == entries  # no staging folder left behind
+
+
+def test_a_report_folder_linked_to_another_file_system_is_written(tmp_path: Path) -> None:
+    """report/ may be a link to a folder elsewhere (a web server's, on another file system): the report is
+    staged inside it, so its files are renamed within one file system (before: staging beside report/ in
+    the run directory, os.replace failed with EXDEV 'Invalid cross-device link')."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on another file system than the test's temporary folder")
+    target = Path(tempfile.mkdtemp(dir=shm))
+    try:
+        _encoder_stats_run(tmp_path)
+        (tmp_path / REPORT_DIR).symlink_to(target)
+        write_report(tmp_path)
+        assert {p.name for p in target.iterdir()} == {"report.md", "report.html", "fig9acd_distributions.png"}
+        assert sorted(p.name for p in tmp_path.iterdir()) == [REPORT_DIR, "results.sqlite"]
+    finally:
+        shutil.rmtree(target)
+
+
+def test_a_report_path_that_is_a_file_is_a_clear_error(tmp_path: Path, capsys) -> None:
+    """RUN/report is a file: exit 2 naming it (before: a FileExistsError traceback)."""
+    from robbench import cli
+
+    _encoder_stats_run(tmp_path)
+    (tmp_path / REPORT_DIR).write_text("mine")
+    assert cli.main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "is a file" in err, err
+    assert (tmp_path / REPORT_DIR).read_text() == "mine"

@@ -28,6 +28,7 @@ from rich.console import Console
 from robbench.paper import figures
 from robbench.paper.claims import (Claim, attack_route, bound_pairs, check_claims, damage_by_route, label_sort_key,
                              parse_label, point_values, preferred_attack)
+from robbench.rundir import RunDirError
 from robbench.settings import RunSettings
 from robbench.inputrange import to_range
 from robbench.store import ResultRow, ResultStore
@@ -694,13 +695,16 @@ def write_report(run_dir: Path, *, console: Console | None = None) -> Path:
     """Write ``run_dir/report/report.md`` (+ PNGs) and ``report.html`` for the run directory (or the
     directory of run directories) ``run_dir``; returns the path of report.md.
 
-    Everything is drawn and rendered in a staging folder beside ``report/`` first and renamed into place
+    Everything is drawn and rendered in a staging folder inside ``report/`` first and renamed into place
     only when all of it was written: a failure half-way (disk full) leaves the previous report whole."""
     run_dir = Path(run_dir)
     data = load_runs(run_dir)
     out_dir = run_dir / REPORT_DIR
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RunDirError(f"{out_dir} is a file; the report is written into a folder of that name: move the file")
     out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{REPORT_DIR}-", dir=run_dir))
+    # inside report/: the renames stay on one file system even where report/ links to another one
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
     try:
         blocks, claims = build_blocks(data, staging)
         texts = {"report.md": render_md(blocks, staging), "report.html": render_html(blocks)}
