@@ -13,6 +13,7 @@ import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -95,13 +96,16 @@ def _merge(plugin: Any, given: dict[str, Any], *, run_wide_allowed: bool) -> tup
     return merge_params(plugin, own), overrides
 
 
-def _names(names: str | Sequence[str], what: str) -> list[str]:
+def _names(names: str | Iterable[str], what: str) -> list[str]:
     """A list of plugin names; one name may be given as a plain string. A repeated name runs once
-    (a RepeatedValueWarning says so). Anything but a string, list or tuple (a number; a set, whose order
-    would make the row order vary with the hash seed) is a TypeError naming ``what``."""
-    if not isinstance(names, (str, list, tuple)):
+    (a RepeatedValueWarning says so). Any ordered iterable of names is taken (a list, a tuple, dict keys, a
+    numpy array); a set (whose order would make the row order vary with the hash seed) or a non-iterable (a
+    number) is a TypeError naming ``what``."""
+    if isinstance(names, str):
+        return [names]
+    if isinstance(names, (set, frozenset)) or not isinstance(names, Iterable):
         raise TypeError(f"{what} must be a name or a list of names, got {type(names).__name__} {names!r}")
-    return unique([names] if isinstance(names, str) else list(names), f"{what!r}")
+    return unique([str(name) if isinstance(name, str) else name for name in names], f"{what!r}")
 
 
 def _plugin_params(given: Any, what: str) -> dict[str, dict[str, Any]]:

@@ -6,6 +6,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -294,3 +295,15 @@ def test_dir_of_the_package_lists_the_lazily_loaded_evaluate():
     import robbench
 
     assert {"evaluate", "hookimpl", "__version__"} <= set(dir(robbench))
+
+
+@pytest.mark.parametrize("names", [pytest.param(lambda: {"bound": 1}.keys(), id="dict keys"),
+                                   pytest.param(lambda: (n for n in ["bound"]), id="generator"),
+                                   pytest.param(lambda: np.array(["bound"]), id="numpy array")])
+def test_evaluate_takes_names_from_any_ordered_iterable(model, names):
+    """Review rc (session 9): the argument check accepted only str, list and tuple, so names given as dict
+    keys, a generator or a numpy array (all taken before) became a TypeError; only a set (unordered) is
+    refused."""
+    table = evaluate(model, torch.full((1, 1, 8, 8), 0.5), attacks=[], estimators=names(),
+                     estimator_params={"bound": {"p0_samples": 64}})
+    assert {row["estimator"] for row in table} == {"bound"}
