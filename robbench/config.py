@@ -171,24 +171,34 @@ class _Loader(yaml.SafeLoader):
     1.1 ``1e-3`` (no dot, no exponent sign) is text, so ``--param margin.tolerance=1e-3`` was refused."""
 
 
-def _unique_keys(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    """A mapping whose keys are all different: PyYAML keeps the last of two equal keys, silently (YAML
-    forbids them), so `points: 3 ... points: 4` ran 4 points."""
-    seen: dict[Any, Any] = {}
-    for key_node, _value in node.value:
-        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: its keys may be overridden
+def _check_unique_keys(loader: yaml.SafeLoader, root: yaml.Node) -> None:
+    """A ConstructorError naming the first key given twice in any mapping of the composed tree ``root``:
+    PyYAML keeps the last of two equal keys, silently (YAML forbids them), so `points: 3 ... points: 4`
+    ran 4 points. Checked before construction: PyYAML's merge (`<<: *anchor`, whose keys may be
+    overridden) rewrites a merged node's key list in place, which would then look like repeats."""
+    stack, visited = [root], set()
+    while stack:
+        node = stack.pop()
+        if id(node) in visited:  # an alias is the same node object
             continue
-        key = loader.construct_object(key_node, deep=True)
-        if isinstance(key, (str, int, float, bool)) and key in seen:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"key {key!r} is given twice (first on line {seen[key].line + 1})", key_node.start_mark)
-        if isinstance(key, (str, int, float, bool)):
-            seen[key] = key_node.start_mark
-    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+        visited.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, Any] = {}
+            for key_node, value_node in node.value:
+                stack += [key_node, value_node]
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = loader.construct_object(key_node, deep=True)
+                if isinstance(key, (str, int, float, bool)) and key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key!r} is given twice (first on line {seen[key].line + 1})",
+                        key_node.start_mark)
+                if isinstance(key, (str, int, float, bool)):
+                    seen[key] = key_node.start_mark
+        elif isinstance(node, yaml.SequenceNode):
+            stack += node.value
 
 
-_Loader.add_constructor("tag:yaml.org,2002:map",
-                        lambda loader, node: _unique_keys(loader, node, deep=True))
 _Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
@@ -208,7 +218,11 @@ def yaml_value(text: str, name: str | None = None) -> Any:
     if name is not None:
         loader.name = name  # messages say: in "FILE", line N (not "<unicode string>")
     try:
-        return loader.get_single_data()
+        root = loader.get_single_node()
+        if root is None:
+            return None
+        _check_unique_keys(loader, root)
+        return loader.construct_document(root)
     finally:
         loader.dispose()
 

@@ -92,3 +92,28 @@ def test_train_section_shares_the_training_defaults():
 
     assert TrainSettings().for_seed(3) == TrainConfig(seed=3)
     assert build_config({"train": {"epochs": 2}}).train.for_seed(1) == TrainConfig(epochs=2, seed=1)
+
+
+@pytest.mark.parametrize("text", [
+    "d: &d {points: 3}\na:\n  <<: *d\n  points: 4\n",
+    "b: &B {x: 0}\nc: &C {x: 1}\nr:\n  <<: [*B, *C]\n  x: 2\n",
+    # an anchor defined inside a merge and aliased again: PyYAML flattens its node (B's x added) before
+    # the alias builds it; the key check said "key 'x' is given twice" (review rc, session 9)
+    "b: &B {x: 0}\nr:\n  <<: &A {<<: *B, x: 1}\n  y: 2\ns: *A\n",
+])
+def test_merge_keys_override_without_being_called_repeats(text):
+    """Merge keys read as PyYAML's safe loader reads them (overrides are no repeats)."""
+    import yaml
+
+    from robbench.config import yaml_value
+
+    assert yaml_value(text) == yaml.safe_load(text)
+
+
+def test_a_repeated_key_inside_an_aliased_mapping_is_still_found():
+    from robbench.config import yaml_value
+
+    with pytest.raises(Exception, match="key 'x' is given twice"):
+        yaml_value("b: &B {x: 0, x: 1}\nr: *B\n")
+    with pytest.raises(Exception, match="key 'a' is given twice"):
+        yaml_value("m: [{a: 1, a: 2}]\n")
