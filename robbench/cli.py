@@ -315,7 +315,8 @@ _MINUS_VALUE = re.compile(r"-\.?\d")
 def attach_minus_values(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
     """``argv`` with ``--opt -1,2`` written ``--opt=-1,2`` where ``--opt`` takes one value: argparse reads
     a token that starts with '-' and is not a plain number ('-1,2', '-1e-3') as an option and fails with
-    "expected one argument", though seeds may be negative (settings.SEED_RANGE)."""
+    "expected one argument", though seeds may be negative (settings.SEED_RANGE). An unambiguous abbreviation
+    of the option's name (``--model-seed``) is read as argparse reads it."""
     actions = dict(parser._option_string_actions)
     for action in parser._actions:  # the subcommand's parser, found by its name in argv
         if isinstance(action, argparse._SubParsersAction):
@@ -327,6 +328,9 @@ def attach_minus_values(parser: argparse.ArgumentParser, argv: list[str]) -> lis
     while i < len(argv):
         token = argv[i]
         action = actions.get(token)
+        if action is None and token.startswith("--") and "=" not in token:  # argparse's abbreviations
+            matches = {id(a): a for option, a in actions.items() if option.startswith(token)}
+            action = next(iter(matches.values())) if len(matches) == 1 else None
         if (action is not None and action.nargs is None and i + 1 < len(argv)
                 and _MINUS_VALUE.match(argv[i + 1])):
             out.append(f"{token}={argv[i + 1]}")

@@ -492,6 +492,8 @@ def test_evaluate_names_what_a_model_without_the_vae_methods_lacks():
     (["--model-seeds", "-1,2"], "configuration valid: 2 jobs × 2 points"),
     (["--model-seeds", "-3"], "configuration valid: 1 job × 2 points"),
     (["--model-seeds", "-1,-2", "--seed", "-5"], "configuration valid: 2 jobs × 2 points"),
+    # an abbreviated option name, as argparse accepts it (review rc: was "expected one argument")
+    (["--model-seed", "-1,2"], "configuration valid: 2 jobs × 2 points"),
 ])
 def test_a_negative_leading_value_is_the_options_value(cache, tmp_path, capsys, flags, expect):
     assert main(["run", *FAST, "--models", "vae", "--estimators", "bound", *flags, "--dry-run",
