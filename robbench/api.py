@@ -14,7 +14,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Iterable
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor
@@ -184,8 +184,8 @@ def _device(device: torch.device | str) -> torch.device:
     return dev
 
 
-def evaluate(model: VAEModel, data: Tensor, attacks: str | Sequence[str] | None = None,
-             estimators: str | Sequence[str] | None = None, *, attack_params: dict[str, dict[str, Any]] | None = None,
+def evaluate(model: VAEModel, data: Tensor, attacks: str | Iterable[str] | None = None,
+             estimators: str | Iterable[str] | None = None, *, attack_params: dict[str, dict[str, Any]] | None = None,
              estimator_params: dict[str, dict[str, Any]] | None = None, point_ids: Tensor | None = None,
              batch_size: int | None = None, device: torch.device | str | None = None,
              executor: Executor | None = None, **run_params: Any) -> ResultTable:
@@ -194,7 +194,7 @@ def evaluate(model: VAEModel, data: Tensor, attacks: str | Sequence[str] | None 
     TypeError or ValueError names what is wrong otherwise), once per attack for estimators that need one
     and once otherwise. The model is put in eval mode. Names are looked up in the plugin registries and
     validated, with the parameters and the run-wide settings, before any work starts.
-    ``attacks`` / ``estimators``: lists of names (or one name); left as None they take the run defaults (the plugins' ``default_run`` hook;
+    ``attacks`` / ``estimators``: lists (any ordered iterable, not a set) of names, or one name; left as None they take the run defaults (the plugins' ``default_run`` hook;
     with robbench's built-in plugins: the maximum-damage attack and the margin, bound and
     encoder-statistics estimators). A ``RuntimeWarning`` says when a share of margins hit the attack cap.
 
