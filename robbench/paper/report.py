@@ -710,11 +710,11 @@ def write_report(run_dir: Path, *, console: Console | None = None) -> Path:
         texts = {"report.md": render_md(blocks, staging), "report.html": render_html(blocks)}
         for name, text in texts.items():
             (staging / name).write_text(text, encoding="utf-8")
-        figures = {b.path.name for b in blocks if b.kind == "image" and b.path is not None}
-        for name in sorted(figures) + list(texts):  # figures first: report.md never links a missing one
+        figure_names = {b.path.name for b in blocks if b.kind == "image" and b.path is not None}
+        for name in sorted(figure_names) + list(texts):  # figures first: report.md never links a missing one
             os.replace(staging / name, out_dir / name)
         for old in out_dir.glob("*.png"):  # a figure whose data vanished must not linger
-            if old.name not in figures:
+            if old.name not in figure_names:
                 old.unlink()
     finally:
         shutil.rmtree(staging, ignore_errors=True)
