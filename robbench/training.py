@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from robbench import faults, terminal
+from robbench.locks import pid_alive
 from robbench.protocols import ModelFamily, SplitData
 
 # Bump when a change to training or to the built-in models changes what a given config trains to.
@@ -203,16 +204,6 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 STALE_TMP_SECONDS = 24 * 3600  # a temporary this old is stale even if its pid now names another process
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 def clean_stale_temporaries(folder: Path) -> list[Path]:
     """Remove checkpoint temporaries (``<name>.<pid>.<random>.tmp``) whose writer is gone or that are older
     than a day (also older ones without a pid in the name). Returns what was removed."""
@@ -225,7 +216,7 @@ def clean_stale_temporaries(folder: Path) -> list[Path]:
             old = now - tmp.stat().st_mtime > STALE_TMP_SECONDS
         except FileNotFoundError:
             continue
-        if old or (pid is not None and pid != os.getpid() and not _pid_alive(pid)):
+        if old or (pid is not None and pid != os.getpid() and not pid_alive(pid)):
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed

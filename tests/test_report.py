@@ -467,3 +467,21 @@ def test_a_report_path_that_is_a_file_is_a_clear_error(tmp_path: Path, capsys) -
     err = capsys.readouterr().err
     assert "is a file" in err, err
     assert (tmp_path / REPORT_DIR).read_text() == "mine"
+
+
+def test_a_killed_reports_staging_folder_is_removed_by_the_next_report(tmp_path: Path) -> None:
+    """A report killed half-way leaves report/.staging-<pid>-*: the next report removes it when that pid is
+    gone, and keeps one whose writer still runs (before: such folders stayed for ever)."""
+    from robbench.paper.report import STAGING_PREFIX
+
+    _encoder_stats_run(tmp_path)
+    out = tmp_path / REPORT_DIR
+    dead = out / f"{STAGING_PREFIX}999999999-abc"  # beyond any pid: no such process
+    dead.mkdir(parents=True)
+    (dead / "report.md").write_text("half")
+    live = out / f"{STAGING_PREFIX}1-def"  # pid 1 always runs
+    live.mkdir()
+    write_report(tmp_path)
+    assert not dead.exists()
+    assert live.is_dir()
+    assert {p.name for p in out.iterdir()} == {"report.md", "report.html", "fig9acd_distributions.png", live.name}

@@ -28,6 +28,7 @@ from rich.console import Console
 from robbench.paper import figures
 from robbench.paper.claims import (Claim, attack_route, bound_pairs, check_claims, damage_by_route, label_sort_key,
                              parse_label, point_values, preferred_attack)
+from robbench.locks import pid_alive
 from robbench.rundir import RunDirError
 from robbench.settings import RunSettings
 from robbench.inputrange import to_range
@@ -691,6 +692,21 @@ def render_html(blocks: list[Block]) -> str:
             f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
+STAGING_PREFIX = ".staging-"
+
+
+def remove_stale_staging(out_dir: Path) -> list[Path]:
+    """Remove the staging folders (``.staging-<pid>-<random>``) in ``out_dir`` whose writer is gone (a
+    ``robbench report`` killed half-way); another live report's stays. Returns what was removed."""
+    removed = []
+    for folder in out_dir.glob(f"{STAGING_PREFIX}*"):
+        pid = folder.name[len(STAGING_PREFIX):].split("-", 1)[0]
+        if folder.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
 def write_report(run_dir: Path, *, console: Console | None = None) -> Path:
     """Write ``run_dir/report/report.md`` (+ PNGs) and ``report.html`` for the run directory (or the
     directory of run directories) ``run_dir``; returns the path of report.md.
@@ -703,8 +719,10 @@ def write_report(run_dir: Path, *, console: Console | None = None) -> Path:
     if out_dir.exists() and not out_dir.is_dir():
         raise RunDirError(f"{out_dir} is a file; the report is written into a folder of that name: move the file")
     out_dir.mkdir(parents=True, exist_ok=True)
-    # inside report/: the renames stay on one file system even where report/ links to another one
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=out_dir))
+    remove_stale_staging(out_dir)
+    # inside report/: the renames stay on one file system even where report/ links to another one; the
+    # writer's pid in the name lets a later report recognise the folder of a killed one
+    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=out_dir))
     try:
         blocks, claims = build_blocks(data, staging)
         texts = {"report.md": render_md(blocks, staging), "report.html": render_html(blocks)}
