@@ -226,6 +226,7 @@ def yaml_value(text: str, name: str | None = None) -> Any:
     finally:
         loader.dispose()
 
+
 def load_yaml(path: Path) -> dict[str, Any]:
     path = Path(path)
     if path.is_dir():
