@@ -105,6 +105,7 @@ def _names(names: str | Iterable[str], what: str) -> list[str]:
         return [names]
     if isinstance(names, (set, frozenset)) or not isinstance(names, Iterable):
         raise TypeError(f"{what} must be a name or a list of names, got {type(names).__name__} {names!r}")
+    # str(): a numpy array's names are numpy.str_, shown as np.str_('x') in messages and keys
     return unique([str(name) if isinstance(name, str) else name for name in names], f"{what!r}")
 
 

@@ -128,7 +128,7 @@ def check_comparable(entries: list[dict[str, Any]]) -> None:
         values: dict[str, Any] = {}
         for entry in entries:
             value = entry["settings"].get(key)
-            values.setdefault(json.dumps(value, sort_keys=True, default=str), (value, entry.get("source", "?")))
+            values.setdefault(_canonical(value), (value, entry.get("source", "?")))
         if len(values) > 1:
             (first, src0), (second, src1) = list(values.values())[:2]
             where = _first_difference(first, second)
@@ -151,7 +151,7 @@ def _first_difference(a: Any, b: Any, path: str = "") -> tuple[str, Any, Any] | 
         return None
     for key in sorted(set(a) | set(b), key=str):
         x, y = a.get(key), b.get(key)
-        if json.dumps(x, sort_keys=True, default=str) != json.dumps(y, sort_keys=True, default=str):
+        if _canonical(x) != _canonical(y):
             sub = f"{path}.{key}" if path else str(key)
             return _first_difference(x, y, sub) or (sub, x, y)
     return None
@@ -174,8 +174,13 @@ def _clean(value: Any) -> Any:
     return str(value)
 
 
+def _canonical(value: Any) -> str:
+    """``value`` as JSON text independent of dict order (what settings and results are compared by)."""
+    return json.dumps(value, sort_keys=True, default=str)
+
+
 def _short(value: Any, limit: int = 120) -> str:
-    text = json.dumps(value, sort_keys=True, default=str)
+    text = _canonical(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -197,7 +202,7 @@ def _distinct(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
     seen: dict[str, str] = {}
     kept = []
     for entry in entries:
-        identity = json.dumps([entry["model"], entry["results"], entry.get("run")], sort_keys=True, default=str)
+        identity = _canonical([entry["model"], entry["results"], entry.get("run")])
         if identity in seen:
             warnings.warn(RepeatedValueWarning(
                 f"{entry.get('source', '?')} holds the same results for {entry['model']!r} as {seen[identity]}; "

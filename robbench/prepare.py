@@ -137,9 +137,10 @@ def encoder_problem(model: nn.Module, data: SplitData, ids: list[int], device: s
     The points are encoded ``batch`` at a time (the run's batch size: a big encoder that runs on the run's
     batches must not fail here for the memory of all points in one call); the contract on the first."""
     ids = sorted(set(ids))
-    for start in range(0, len(ids), max(1, int(batch))):
+    step = max(1, int(batch))
+    for start in range(0, len(ids), step):
         # read outside the try: unreadable data is no encoder problem
-        x = data.test_x[ids[start:start + max(1, int(batch))]].to(device)
+        x = data.test_x[ids[start:start + step]].to(device)
         problem = _encoding_problem(model, data, x, contract=start == 0)
         if problem is not None:
             return problem
