@@ -206,6 +206,16 @@ def refines(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
+# bound rows before version 2 stored a point bound of +inf (p̂0 = 1) as None with no bound_point_status, which
+# the leaderboard then left out of "mean bound (p0 point)": keyed apart, so such rows are neither resumed nor merged
+BOUND_ALGORITHM = 2
+
+
+def always(value: Any) -> bool:
+    """A key_versions predicate that always applies (the version is hashed whatever the parameter holds)."""
+    return True
+
+
 def _validate_margin(params: dict[str, Any]) -> None:
     if not params["max_radius"] > 0:
         raise ValueError(f"max_radius must be > 0, got {params['max_radius']}")
@@ -284,10 +294,14 @@ def _bound(ctx: EstimationContext, x: Tensor) -> list[Row]:
     # One-sided lower bound: the bound then holds (to first order) with probability >= confidence.
     p0_lo = stats.cp_lower(est.k, est.n, 1.0 - run.confidence)
     bound, status = theorem1_bound(min_sigma, p0_lo, jac, run.m)
-    bound_point, _ = theorem1_bound(min_sigma, est.p, jac, run.m)
+    bound_point, status_point = theorem1_bound(min_sigma, est.p, jac, run.m)
     for i, row in enumerate(rows):
+        # p̂0 = 1 (every sample within r) makes the point bound +inf (probit(1) = inf) with status "ok": say
+        # "unbounded" so the leaderboard's mean is +inf, not a mean over the other points
+        point_status = "unbounded" if bound_point[i] == math.inf else status_point[i]
         row.update({"bound": _f(bound[i]), "bound_status": status[i], "bound_point": _f(bound_point[i]),
-                    "p0": _f(est.p[i]), "p0_lo": _f(p0_lo[i]), "p0_samples": n})
+                    "bound_point_status": point_status, "p0": _f(est.p[i]), "p0_lo": _f(p0_lo[i]),
+                    "p0_samples": n})
     return rows
 
 
@@ -434,10 +448,11 @@ _ENCODER_COLUMNS = (
     MetricColumn("mean_sigma_mean", "mean σ", "mean_sigma", "mean", "higher", ".4f", order=41),
     MetricColumn("jacobian_mean", "mean ‖J_μ‖_F", "jacobian_frobenius", "mean", "lower", ".2f", order=42))
 _UNBOUNDED = ("bound_status", "unbounded")  # a zero Jacobian: the bound is +inf
+_POINT_UNBOUNDED = ("bound_point_status", "unbounded")  # a zero Jacobian or p̂0 = 1: the point bound is +inf
 _BOUND_COLUMNS = (
     MetricColumn("bound_mean", "mean bound (p0 LCB)", "bound", "mean", "higher", ".3f", order=20, infinite=_UNBOUNDED),
     MetricColumn("bound_point_mean", "mean bound (p0 point)", "bound_point", "mean", "higher", ".3f", order=20.5,
-                 infinite=_UNBOUNDED),
+                 infinite=_POINT_UNBOUNDED),
     MetricColumn("vacuous", "vacuous", "bound", "count_missing", "lower", "d", order=21, infinite=_UNBOUNDED),
     MetricColumn("pearson", "ρ(bound,R)", "bound", "pearson", "higher", ".2f", paired=("margin", "margin"), order=22),
     MetricColumn("slope", "slope", "bound", "slope", None, ".2f", paired=("margin", "margin"), order=23))
@@ -474,9 +489,11 @@ ESTIMATORS = [
     BuiltinEstimator(
         "bound", "Theorem 1 lower bound min sigma * (probit(p0_lo) - probit(m)) / ||J_mu||_F, with p0_lo the "
         "lower confidence bound of p_r(x, 0) (bound_point: the same with the point estimate p0); None when vacuous "
-        "or unbounded (bound_status says which; unbounded, a zero Jacobian, means +inf)",
+        "or unbounded (bound_status / bound_point_status say which; unbounded, a zero Jacobian or for bound_point "
+        "p0 = 1, means +inf)",
         _bound, {"p0_samples": 4096, **_JACOBIAN_DEFAULTS}, columns=_BOUND_COLUMNS + _ENCODER_COLUMNS,
-        constraints={"p0_samples": SAMPLES, **_JACOBIAN_CONSTRAINTS}),
+        constraints={"p0_samples": SAMPLES, **_JACOBIAN_CONSTRAINTS},
+        key_versions={"p0_samples": (always, {"bound_algorithm": BOUND_ALGORITHM})}),
     BuiltinEstimator(
         "encoder_stats", "encoder sigma summaries and ||J_mu(x)||_F (exact or Hutchinson)",
         _encoder_stats, dict(_JACOBIAN_DEFAULTS), columns=_ENCODER_COLUMNS, constraints=dict(_JACOBIAN_CONSTRAINTS)),

@@ -253,3 +253,25 @@ def test_damage_estimator_matches_noncentral_chi(model):
         assert row["delta_norm"] == pytest.approx(rho, rel=1e-5)
         arrays = row["_arrays"]
         assert torch.allclose(arrays["x_adv"] - arrays["x"], rho * model.top_direction.view(1, 8, 8), atol=1e-6)
+
+
+def test_a_point_bound_made_infinite_by_p0_one_makes_the_mean_infinite_not_a_mean_of_the_others(model):
+    """p̂0 = 1 (every sample within r) makes the point-estimate bound +inf (probit(1) = inf). Before, it was
+    stored as None and the leaderboard's "mean bound (p0 point)" silently averaged the other points only: the
+    main command's beta = 1 row showed 0.235, the bound of the one point out of 25 with p̂0 < 1."""
+    from robbench.leaderboard import leaderboard_rows
+    from robbench.store import ResultRow
+
+    far = EST["bound"](ctx_for(model, "bound", r=50.0, p0_samples=512), x2())  # p̂0 = 1
+    near = EST["bound"](ctx_for(model, "bound", r=2.5, p0_samples=2 ** 14), x2())  # p̂0 < 1: finite
+    assert all(r["p0"] == 1.0 and r["bound_point"] is None for r in far)
+    assert all(r["bound_point_status"] == "unbounded" for r in far)
+    assert all(r["bound_point_status"] == "ok" and r["bound_point"] is not None for r in near)
+    rows = [ResultRow("k", i, "m", 0, "", "bound", "ok", metrics, None, 0.1)
+            for i, metrics in enumerate(far[:1] + near)]
+    (rec,) = leaderboard_rows(rows)
+    assert math.isinf(rec["bound_point_mean"]) and rec["bound_point_mean"] > 0
+    assert math.isfinite(rec["bound_mean"]) and rec["vacuous"] == 0  # the LCB bound stays finite
+    # rows stored before (no bound_point_status) must not be resumed or merged with these: the key says so
+    from robbench.runner import keyed_params
+    assert keyed_params(EST["bound"], dict(EST["bound"].defaults))["bound_algorithm"] == builtin.BOUND_ALGORITHM
