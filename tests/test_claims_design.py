@@ -101,7 +101,8 @@ def _bound_rows(rng: random.Random, noise_sd: float, run_seed_tag: str, points: 
                 rows.append(ResultRow(f"m{run_seed_tag}-{label}-{seed}", p, label, seed, "max_damage", "margin", "ok",
                                       {"margin": r}, None, 0.1))
                 rows.append(ResultRow(f"b{run_seed_tag}-{label}-{seed}", p, label, seed, "", "bound", "ok",
-                                      {"bound": t, "min_sigma": t, "jacobian_frobenius": jac, "p0_lo": 0.9},
+                                      {"bound": t, "min_sigma": t, "jacobian_frobenius": jac,
+                                       "p0_lo": 0.9 - 0.01 * jac},  # gap = J: p0_lo varies with it
                                       None, 0.1))
     return rows
 
@@ -184,3 +185,28 @@ def test_point_seed_remeasures_the_same_points_with_other_streams(tmp_path: Path
         store.close()
     assert set(stored["a"]) == set(stored["b"]) != set(stored["c"])
     assert any(stored["a"][k] != stored["b"][k] for k in stored["a"])
+
+
+def test_the_bound_gap_of_points_with_equal_p0_lo_is_one_value_not_rounding_noise() -> None:
+    """gap = Φ⁻¹(p0_lo) − Φ⁻¹(m) depends on p0_lo alone. Recovered as bound · J / min σ it differs between
+    points with the same p0_lo in the last bits only (p̂0 = 1 at every point of the main command's β = 0.1:
+    a spread of 9e-16), and the report printed ρ(R, Φ⁻¹(p0)−Φ⁻¹(m)) = 0.35 for it: a correlation with rounding
+    noise. It must be undefined (NaN, shown —) for a constant gap, and still computed when p0_lo varies."""
+    rng = random.Random(3)
+    gap = 3.1820778445749314
+    rows = []
+    for p in range(25):
+        sigma, jac = 0.1 + 0.05 * rng.random(), 6.0 + 3.0 * rng.random()
+        p0_lo = 0.9992688874435246 if p < 20 else 0.99 - 0.01 * p  # 20 points at p̂0 = 1, 5 below
+        g = gap if p < 20 else gap - 0.1 * p
+        rows.append(ResultRow("b", p, "beta_vae(beta=1.0)", 0, "", "bound", "ok",
+                              {"bound": sigma * g / jac, "min_sigma": sigma, "jacobian_frobenius": jac, "p0_lo": p0_lo},
+                              None, 0.1))
+        rows.append(ResultRow("m", p, "beta_vae(beta=1.0)", 0, "max_damage", "margin", "ok",
+                              {"margin": 1.0 + rng.random()}, None, 0.1))
+    values = claims_mod.bound_values(rows)["beta_vae(beta=1.0)"]
+    assert len({values[(0, p)]["gap"] for p in range(20)}) == 1
+    assert len({values[(0, p)]["gap"] for p in range(25)}) == 6
+    only_equal = [r for r in rows if r.point_id < 20]
+    (row,) = _claim(only_equal, "bound").table
+    assert math.isnan(row["pearson_gap"]) and math.isfinite(row["pearson_inv_jacobian"])

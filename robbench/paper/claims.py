@@ -406,16 +406,25 @@ def bound_pairs(rows: list[ResultRow]) -> tuple[dict[str, list[tuple[float, floa
 def bound_values(rows: list[ResultRow]) -> dict[str, dict[PointKey, dict[str, float]]]:
     """model -> {(seed, point): {"bound", "min_sigma", "gap", "inv_jacobian"}} for points with a finite,
     non-vacuous bound: the bound's three factors, bound = min_sigma * gap * inv_jacobian, with
-    gap = probit(p0_lo) - probit(m) recovered from the stored bound (so m need not be known here)."""
+    gap = probit(p0_lo) - probit(m) recovered from the stored bound (so m need not be known here), one value
+    per distinct p0_lo of a model."""
     out: dict[str, dict[PointKey, dict[str, float]]] = defaultdict(dict)
+    # the gap depends on p0_lo alone (m is the run's), but bound * jac / sigma gives points with the same p0_lo
+    # (p̂0 = 1 at many points) gaps differing in the last bits, and a "correlation" of R with that rounding
+    # noise: one gap per (model, p0_lo), so a constant gap is constant and its correlation undefined
+    gaps: dict[tuple[str, float], float] = {}
     for row in rows:
         if row.status != "ok" or row.estimator != "bound":
             continue
         bound, sigma, jac = (_number(row.metrics.get(k)) for k in ("bound", "min_sigma", "jacobian_frobenius"))
         if bound is None or sigma is None or jac is None or sigma <= 0 or jac <= 0:
             continue
+        gap = bound * jac / sigma
+        p0_lo = _number(row.metrics.get("p0_lo"))
+        if p0_lo is not None:
+            gap = gaps.setdefault((row.model, p0_lo), gap)
         out[row.model][(row.model_seed, row.point_id)] = {"bound": bound, "min_sigma": sigma,
-                                                          "gap": bound * jac / sigma, "inv_jacobian": 1.0 / jac}
+                                                          "gap": gap, "inv_jacobian": 1.0 / jac}
     return dict(out)
 
 
