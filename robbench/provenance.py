@@ -127,7 +127,10 @@ def comparability_settings(cfg: Any, regs: Any) -> dict[str, Any]:
 def run_provenance(cfg: Any, regs: Any, models: list[Any]) -> dict[str, Any]:
     """The record a run stores: settings, model configurations (label -> family, params) and environment."""
     return {"settings": comparability_settings(cfg, regs),
-            "run": {"points": cfg.points, "seed": cfg.seed, "model_seeds": cfg.model_seeds,
+            # point_seed: the seed that picked the points (`seed` unless a retest run set it); point_batch
+            # can change results in their last bits (float rounding), so a reader needs both to reproduce
+            "run": {"points": cfg.points, "seed": cfg.seed, "point_seed": cfg.points_seed(),
+                    "point_batch": cfg.point_batch, "model_seeds": cfg.model_seeds,
                     "backend": cfg.backend, "device": cfg.device, "threads": getattr(cfg, "threads", None),
                     "train": cfg.to_dict()["train"]},
             "models": {m.label: {"family": m.family, "params": m.params} for m in models},

@@ -155,3 +155,17 @@ def test_threads_flag_and_key_are_used_for_the_run_and_recorded(tmp_path, cache,
     store.close()
     assert cli.main(["run", "--threads", "0", "--out", str(tmp_path / "c")]) == 2
     assert not (tmp_path / "c").exists()
+
+
+def test_the_run_record_names_the_points_seed_and_batch_it_measured(tmp_path, cache):
+    """point_seed picks the points (a retest run shares it with another seed); point_batch changes the last
+    bits of results (float rounding). Both must be in the provenance a reader gets (leaderboard.json, and
+    through it entries.json); before, only `seed` was, so a retest run's points could not be reproduced."""
+    config = tmp_path / "c.yaml"
+    config.write_text("point_seed: 7\npoint_batch: 2\n")
+    out = _run(tmp_path, "a", "--config", str(config), "--seed", "3")
+    run = json.loads((out / "leaderboard.json").read_text())["run"]
+    assert run["seed"] == 3 and run["point_seed"] == 7 and run["point_batch"] == 2
+    out = _run(tmp_path, "b", "--seed", "3")
+    run = json.loads((out / "leaderboard.json").read_text())["run"]
+    assert run["point_seed"] == 3 and run["point_batch"] == 25  # the default: the points `seed` selects
