@@ -221,6 +221,18 @@ class ResultStore:
         row = self._conn.execute("SELECT info FROM provenance ORDER BY id DESC LIMIT 1").fetchone()
         return json.loads(row[0]) if row else None
 
+    def provenance_history(self) -> list[tuple[float, dict[str, Any], int]]:
+        """Every invocation's provenance record, oldest first: (recorded, unix seconds; the record; how many of
+        the stored result rows it wrote, i.e. were created before the next record)."""
+        records = self._conn.execute("SELECT recorded, info FROM provenance ORDER BY id").fetchall()
+        out = []
+        for i, (recorded, info) in enumerate(records):
+            until = records[i + 1][0] if i + 1 < len(records) else float("inf")
+            (count,) = self._conn.execute("SELECT COUNT(*) FROM results WHERE created >= ? AND created < ?",
+                                          (recorded, until)).fetchone()
+            out.append((float(recorded), json.loads(info), int(count)))
+        return out
+
     def record_model(self, model_key: str, model: str, model_seed: int, info: dict[str, Any]) -> None:
         with self._conn:
             self._conn.execute("INSERT OR REPLACE INTO models VALUES (?, ?, ?, ?)",

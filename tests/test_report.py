@@ -485,3 +485,30 @@ def test_a_killed_reports_staging_folder_is_removed_by_the_next_report(tmp_path:
     assert not dead.exists()
     assert live.is_dir()
     assert {p.name for p in out.iterdir()} == {"report.md", "report.html", "fig9acd_distributions.png", live.name}
+
+
+def test_the_report_shows_each_invocations_provenance_and_the_rows_it_wrote(tmp_path: Path) -> None:
+    """A reader of the report must see what produced its numbers: versions, commit, threads, backend and
+    seeds, per invocation (a resumed run may mix invocations). Before, the report showed none of it."""
+    from rich.console import Console
+
+    from robbench.config import build_config, validate_against_plugins
+    from robbench.plugins import get_registries
+    from robbench.provenance import git_commit
+    from robbench.runner import Runner
+
+    regs = get_registries()
+    for points, seed in ((2, 5), (4, 5)):  # the second invocation resumes: 2 new points
+        cfg = build_config({"models": ["linear_gaussian"], "estimators": ["encoder_stats"], "points": points,
+                            "seed": seed, "point_seed": 11, "backend": "torch"})
+        validate_against_plugins(cfg, regs)
+        Runner(cfg, regs, tmp_path / "run", console=Console(quiet=True), progress=False).run().close()
+    text = write_report(tmp_path / "run").read_text()
+    table = [line for line in text.splitlines() if line.startswith(f"| {tmp_path / 'run'} | 20")]
+    assert len(table) == 2, text[:3000]
+    assert [line.split(" | ")[-1] for line in table] == ["2 |", "2 |"]  # rows written by each invocation
+    for line in table:
+        assert f"| {torch.__version__} |" in line and "| torch | 5, 11 |" in line
+        commit = git_commit()
+        if commit:
+            assert commit["commit"][:12] in line

@@ -53,6 +53,8 @@ class RunData:
     job_params: dict[str, dict[str, Any]] = field(default_factory=dict)  # job key -> merged estimator params
     columns: dict[str, list[Any]] = field(default_factory=dict)  # estimator -> recorded leaderboard columns
     model_dirs: dict[str, Path] = field(default_factory=dict)  # model_key -> the run dir that recorded it
+    # run dir -> each invocation's (recorded, provenance record, result rows it wrote), oldest first
+    provenance: dict[Path, list[tuple[float, dict[str, Any], int]]] = field(default_factory=dict)
 
     @property
     def ok(self) -> list[ResultRow]:
@@ -86,6 +88,7 @@ def load_runs(path: Path) -> RunData:
             data.model_dirs.update({key: run_dir for key in models})
             data.job_params.update({key: job["params"] for key, job in store.job_params().items()})
             data.columns.update(store.columns())
+            data.provenance[run_dir] = store.provenance_history()
             for run in store.runs():
                 data.configs.append(run.config)
                 data.dir_configs.setdefault(run_dir, []).append(run.config)
@@ -528,6 +531,29 @@ def _config_summary(data: RunData) -> list[list[str]]:
     return cells
 
 
+PROVENANCE_HEAD = ["run directory", "recorded (UTC)", "robbench (git commit)", "torch", "Python", "platform, CPU",
+                   "device, threads", "backend", "seed, point seed", "rows written"]
+
+
+def _provenance_cells(data: RunData) -> list[list[str]]:
+    """One row per invocation of each run directory: what a reader needs to reproduce its rows (versions,
+    commit, machine, threads, backend, seeds) and how many of the stored rows it wrote."""
+    cells = []
+    for run_dir in data.run_dirs:
+        for recorded, info, written in data.provenance.get(run_dir, []):
+            env, run = info.get("environment") or {}, info.get("run") or {}
+            git = env.get("git") or {}
+            commit = (str(git.get("commit", ""))[:12] + (" (dirty)" if git.get("dirty") else "")) if git else "—"
+            device = env.get("device") or {}
+            seeds = f"{run.get('seed', '—')}, {run.get('point_seed', '— (not recorded)')}"
+            cells.append([str(run_dir), time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(recorded)),
+                          f"{env.get('robbench', '—')} ({commit})", str((env.get("torch") or {}).get("version", "—")),
+                          str(env.get("python", "—")), f"{env.get('platform', '—')}, {device.get('cpu', '—')}",
+                          f"{device.get('name', run.get('device', '—'))}, {device.get('threads', '—')}",
+                          str(run.get("backend", "—")), seeds, str(written)])
+    return cells
+
+
 def _epochs_trained(data: RunData, run_dir: Path) -> str:
     """The epochs the run directory's models actually trained ("12-31 of 60" when early stopping cut
     some short; "—" when none was recorded, e.g. ready-built models or checkpoints older than the record)."""
@@ -567,12 +593,17 @@ def _run_confidence(data: RunData) -> float:
 def build_blocks(data: RunData, out_dir: Path) -> tuple[list[Block], list[Claim]]:
     """The report's content; draws the figures into ``out_dir``."""
     blocks = [Block("h1", "robbench report"),
-              Block("p", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')} from {len(data.run_dirs)} run "
+              Block("p", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())} from {len(data.run_dirs)} run "
                          f"director{'y' if len(data.run_dirs) == 1 else 'ies'}; {len(data.ok)} ok results, "
                          f"{len(data.rows) - len(data.ok)} failed. Paper: Camuto et al. 2021, “Towards a "
                          "Theoretical Understanding of the Robustness of Variational Autoencoders”."),
               Block("table", head=["run directory", "models", "attacks", "estimators", "points", "seeds",
                                    "r, m", "epochs", "epochs trained", "runs"], cells=_config_summary(data))]
+    provenance = _provenance_cells(data)
+    if provenance:
+        blocks += [Block("p", "Provenance: each invocation that wrote to these run directories, with what it ran "
+                              "with (leaderboard.json holds the full record: package versions, settings)."),
+                   Block("table", head=PROVENANCE_HEAD, cells=provenance)]
     groups = split_rows(data)
     extra = len(data.rows) - len(groups.main)
     # figures and the leaderboard: the main runs only (models trained otherwise have the same labels)
