@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from robbench import rng
+from robbench.few_rows import one_thread_if_few_rows
 
 # finalize() aims slightly inside the ball so that round-off can never push ||delta|| past L.
 _RADIUS_SLACK = 1e-6
@@ -132,7 +133,10 @@ def _grad(value: Tensor, wrt: Tensor) -> Tensor:
     """d value / d wrt, zeros where value does not depend on wrt (e.g. a constant encoder sigma)."""
     if not value.requires_grad:
         return torch.zeros_like(wrt)
-    (g,) = torch.autograd.grad(value, wrt, allow_unused=True)
+    # the backward's products have wrt's rows: on few rows MKL's last bits follow the thread count
+    # (robbench.few_rows), so they run on one thread, as the model's forward calls do
+    with one_thread_if_few_rows(wrt):
+        (g,) = torch.autograd.grad(value, wrt, allow_unused=True)
     return torch.zeros_like(wrt) if g is None else g
 
 
