@@ -167,6 +167,12 @@ def _aggregate(col: MetricColumn, rows: list[ResultRow], ok: list[ResultRow], co
     """The record entries of one column over the rows of the estimators declaring it ({} when none)."""
     if not rows:
         return {}
+    declaring = sorted({r.estimator for r in rows if col.metric in r.metrics})
+    if len(declaring) > 1:
+        # several estimators report this column's metric (damage and likelihood both report "damage", each at
+        # its own radius): a point would get one value from each and the last row would win, so the column
+        # depended on the order of --estimators. It holds the values of the first such estimator by name.
+        rows = [r for r in rows if r.estimator == declaring[0]]
     if col.aggregation in ("mean", "ci", "median"):
         return _summary(col, rows, confidence)
     if col.aggregation == "count_true":

@@ -162,3 +162,18 @@ def test_the_interval_header_shows_the_confidence_it_was_computed_at():
     assert "R 99.99999999% CI" in headers.values()
     headers = {c.key: c.header for c in display_columns({"margin": margin.columns}, 0.95)}
     assert "R 95% CI" in headers.values()
+
+
+def test_a_column_two_estimators_declare_holds_one_estimators_values_whatever_the_order():
+    """damage and likelihood both declare "mean damage", each at its own radius. Per point the value written
+    last won, so the column held damage's mean (11.59) or likelihood's (2.55) on the same stored results
+    depending only on the order of --estimators (seen on the main command's beta = 1 model, 5 points). It
+    now takes the first declaring estimator by name that has rows: damage."""
+    damage = [_row("m", "max_damage", "damage", p, {"damage": 10.0 + p}) for p in range(3)]
+    likelihood = [_row("m", "max_damage", "likelihood", p, {"damage": 2.0 + p, "loglik_attack": -100.0})
+                  for p in range(3)]
+    for rows in (damage + likelihood, likelihood + damage):
+        (rec,) = leaderboard_rows(rows)
+        assert rec["damage_mean"] == pytest.approx(11.0)
+    (rec,) = leaderboard_rows(likelihood)
+    assert rec["damage_mean"] == pytest.approx(3.0)  # alone, likelihood's own damage fills it
