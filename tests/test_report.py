@@ -512,3 +512,32 @@ def test_the_report_shows_each_invocations_provenance_and_the_rows_it_wrote(tmp_
         commit = git_commit()
         if commit:
             assert commit["commit"][:12] in line
+
+
+def test_a_later_invocation_with_other_settings_supersedes_the_same_points_in_the_report(tmp_path: Path) -> None:
+    """One run directory, the same model and points run at r = 4, then at r = 3 (a new job key). The report
+    merged both: per point the row read last won, so its leaderboard's mean R mixed margins of two r (seen:
+    beta = 10, 8 points at r = 4 then 4 at r = 3 gave mean R 2.411 over "8 points", leaderboard.md 1.733 over
+    4). Now the job the latest invocation listed supersedes the other jobs of the same model, estimator,
+    attack, estimator parameters and run seed in that directory (other run settings or algorithm version),
+    and the report says so; other estimator parameters (likelihood levels) and run seeds (retests) stay."""
+    def job(key, r, seed=0, params=None):
+        store.record_jobs([(key, "min_r", params or {"samples": 64},
+                            {"r": r, "m": 0.5, "confidence": 0.95, "backend": "torch", "seed": seed})])
+
+    store = ResultStore(tmp_path)
+    job("a4", 4.0)
+    store.write([ResultRow("a4", p, "vae", 0, "", "min_r", "ok", {"min_r": 10.0 + p}, None, 0.1) for p in range(4)])
+    _record_run(store, _config(models=["vae"], estimators=["min_r"], r=4.0), ["a4"])
+    job("a3", 3.0)
+    store.write([ResultRow("a3", p, "vae", 0, "", "min_r", "ok", {"min_r": 1.0 + p}, None, 0.1) for p in range(2)])
+    _record_run(store, _config(models=["vae"], estimators=["min_r"], r=3.0), ["a3"])
+    job("b3", 3.0, params={"samples": 128})  # other estimator parameters: kept
+    store.write([ResultRow("b3", 0, "vae", 0, "", "min_r", "ok", {"min_r": 5.0}, None, 0.1)])
+    _record_run(store, _config(models=["vae"], estimators=["min_r"], r=3.0), ["b3"])
+    store.close()
+    data = load_runs(tmp_path)
+    kept = sorted((r.job_key, r.point_id) for r in data.rows)
+    assert kept == [("a3", 0), ("a3", 1), ("b3", 0)]  # a4's points 2 and 3 too: r = 4, not the latest r
+    text = write_report(tmp_path).read_text()
+    assert "4 stored rows were superseded" in text

@@ -55,6 +55,7 @@ class RunData:
     model_dirs: dict[str, Path] = field(default_factory=dict)  # model_key -> the run dir that recorded it
     # run dir -> each invocation's (recorded, provenance record, result rows it wrote), oldest first
     provenance: dict[Path, list[tuple[float, dict[str, Any], int]]] = field(default_factory=dict)
+    superseded: int = 0  # stored rows of superseded jobs, left out (see latest_rows)
 
     @property
     def ok(self) -> list[ResultRow]:
@@ -71,6 +72,37 @@ def find_run_dirs(path: Path) -> list[Path]:
     return found
 
 
+def latest_rows(store: ResultStore, data: RunData) -> list[ResultRow]:
+    """The store's rows less those of superseded jobs: of the jobs with the same model, training seed,
+    estimator, attack, estimator parameters and run seed (they differ in other run settings such as r, or in
+    the algorithm version), only the one the latest invocation listed counts (ties: the one written last).
+    Without this the report mixed, point by point, the results of two settings in one mean. The rows left
+    out are counted in ``data.superseded``."""
+    jobs = store.job_params()
+    listed: dict[str, int] = {}
+    for index, run in enumerate(store.runs()):  # oldest first
+        for key in run.jobs:
+            listed[key] = index
+
+    def identity(row: ResultRow) -> tuple:
+        job = jobs.get(row.job_key)
+        if job is None:  # a store without the job's record: nothing to compare, the job stays
+            return ("job", row.job_key)
+        return (row.model, row.model_seed, row.estimator, row.attack,
+                json.dumps(job.get("params"), sort_keys=True, default=str), (job.get("run") or {}).get("seed"))
+
+    rows = store.rows()  # rowid order: a row written later comes later
+    newest: dict[tuple, tuple[int, int, str]] = {}
+    for position, row in enumerate(rows):
+        rank = (listed.get(row.job_key, -1), position, row.job_key)
+        ident = identity(row)
+        if ident not in newest or rank > newest[ident]:
+            newest[ident] = rank
+    kept = [row for row in rows if newest[identity(row)][2] == row.job_key]
+    data.superseded += len(rows) - len(kept)
+    return kept
+
+
 def load_runs(path: Path) -> RunData:
     """Merge the run directories at or below ``path``. A (job, point) result found twice keeps an ok row."""
     run_dirs = find_run_dirs(path)
@@ -79,7 +111,7 @@ def load_runs(path: Path) -> RunData:
     for run_dir in run_dirs:
         store = ResultStore.open_existing(run_dir)
         try:
-            for row in store.rows():
+            for row in latest_rows(store, data):
                 key = (row.job_key, row.point_id)
                 if key not in rows or (rows[key].status != "ok" and row.status == "ok"):
                     rows[key] = row
@@ -599,6 +631,11 @@ def build_blocks(data: RunData, out_dir: Path) -> tuple[list[Block], list[Claim]
                          "Theoretical Understanding of the Robustness of Variational Autoencoders”."),
               Block("table", head=["run directory", "models", "attacks", "estimators", "points", "seeds",
                                    "r, m", "epochs", "epochs trained", "runs"], cells=_config_summary(data))]
+    if data.superseded:
+        blocks.append(Block("p", f"{data.superseded} stored rows were superseded and are left out: a later "
+                                 "invocation in the same run directory ran the same model, estimator and attack "
+                                 "with the same estimator parameters and run seed but other run settings (e.g. r) "
+                                 "or another algorithm version; only that job's rows count."))
     provenance = _provenance_cells(data)
     if provenance:
         blocks += [Block("p", "Provenance: each invocation that wrote to these run directories, with what it ran "
