@@ -5,9 +5,9 @@ threads than at 1 (measured on layers of 10-784 inputs and 8-784 outputs: 1, 3 a
 differ; 1-4 and >= 12 rows agree at every count tried), which moved attacks and margins between
 ``--threads 1`` and ``--threads 2`` (session 9). Products that small gain nothing from a second thread,
 so :class:`robbench.checks.CheckedModel` runs encode/decode calls on fewer than :data:`FEW_ROWS` rows
-inside :func:`one_thread_if_few_rows`. Only the model call is covered: the ``torch`` attack engine's
-autograd backward products run after it, on the caller's threads (that engine's results still differed
-in their last bits between 1 and 2 threads, cause not located; README ``--threads``).
+inside :func:`one_thread_if_few_rows`, and so does the ``torch`` attack engine's autograd backward
+(:func:`robbench.projection._grad`), whose products on few rows were the last thread-dependent source
+found (an aten-op trace at 1 vs 2 threads, session 10; README ``--threads``).
 """
 from __future__ import annotations
 
