@@ -190,8 +190,8 @@ def test_point_seed_remeasures_the_same_points_with_other_streams(tmp_path: Path
 def test_the_bound_gap_of_points_with_equal_p0_lo_is_one_value_not_rounding_noise() -> None:
     """gap = Φ⁻¹(p0_lo) − Φ⁻¹(m) depends on p0_lo alone. Recovered as bound · J / min σ it differs between
     points with the same p0_lo in the last bits only (p̂0 = 1 at every point of the main command's β = 0.1:
-    a spread of 9e-16), and the report printed ρ(R, Φ⁻¹(p0)−Φ⁻¹(m)) = 0.35 for it: a correlation with rounding
-    noise. It must be undefined (NaN, shown —) for a constant gap, and still computed when p0_lo varies."""
+    a spread of 9e-16), and the report printed ρ(R, Φ⁻¹(p0)−Φ⁻¹(m)) = 0.35 for it: a correlation with
+    rounding noise. It must be undefined (NaN, shown —) for a constant gap, and still computed when p0_lo varies."""
     rng = random.Random(3)
     gap = 3.1820778445749314
     rows = []

@@ -579,7 +579,8 @@ def _provenance_cells(data: RunData) -> list[list[str]]:
             device = env.get("device") or {}
             seeds = f"{run.get('seed', '—')}, {run.get('point_seed', '— (not recorded)')}"
             cells.append([str(run_dir), time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(recorded)),
-                          f"{env.get('robbench', '—')} ({commit})", str((env.get("torch") or {}).get("version", "—")),
+                          f"{env.get('robbench', '—')} ({commit})",
+                          str((env.get("torch") or {}).get("version", "—")),
                           str(env.get("python", "—")), f"{env.get('platform', '—')}, {device.get('cpu', '—')}",
                           f"{device.get('name', run.get('device', '—'))}, {device.get('threads', '—')}",
                           str(run.get("backend", "—")), seeds, str(written)])
@@ -625,7 +626,8 @@ def _run_confidence(data: RunData) -> float:
 def build_blocks(data: RunData, out_dir: Path) -> tuple[list[Block], list[Claim]]:
     """The report's content; draws the figures into ``out_dir``."""
     blocks = [Block("h1", "robbench report"),
-              Block("p", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())} from {len(data.run_dirs)} run "
+              Block("p", f"Generated {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())} from "
+                         f"{len(data.run_dirs)} run "
                          f"director{'y' if len(data.run_dirs) == 1 else 'ies'}; {len(data.ok)} ok results, "
                          f"{len(data.rows) - len(data.ok)} failed. Paper: Camuto et al. 2021, “Towards a "
                          "Theoretical Understanding of the Robustness of Variational Autoencoders”."),
