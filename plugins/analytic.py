@@ -4,6 +4,12 @@ mu(x) = A x + c, sigma(x) = s (constant), g(z) = W z + b with W = w Q, Q with or
 Then ||Delta(x, delta)||^2 / (w s)^2 ~ noncentral chi-square(k, lambda = ||A delta||^2 / s^2); the
 worst delta of norm rho has ||A delta|| = sigma_max(A) rho (its direction: A's top right singular
 vector), so the exact margin solves P(ncx2_k(lambda(rho)) <= r^2 / (w s)^2) = m.
+
+Anisotropic sigma (``s`` a list of k values, session 10): sigma(x) = s (per latent), and the decoder's columns
+are scaled by s_min / s_i (W = w Q diag(s_min / s)), so w_i s_i = w s_min for every latent. Then
+||Delta||^2 / (w s_min)^2 ~ ncx2(k, ||diag(1 / s) A delta||^2) and every closed form above holds with s -> s_min
+and A -> A_eff = diag(s_min / s) A (``sigma_max``, ``top_direction`` and ``exact_probability`` refer to A_eff;
+``frobenius`` stays ||A||_F, the Jacobian of mu, and Theorem 1 uses min sigma = s_min).
 Used by known-answer tests and available as the ready-built model family ``linear_gaussian``.
 """
 from __future__ import annotations
@@ -22,7 +28,7 @@ class LinearGaussianVAE(nn.Module):
     input_bounds = None
 
     def __init__(self, input_shape: tuple[int, ...] = (1, 8, 8), latent_dim: int = 4, *,
-                 s: float = 0.5, w: float = 2.0, singular_values: list[float] | None = None,
+                 s: float | list[float] = 0.5, w: float = 2.0, singular_values: list[float] | None = None,
                  seed: int = 0):
         super().__init__()
         self.input_shape = tuple(input_shape)
@@ -38,17 +44,26 @@ class LinearGaussianVAE(nn.Module):
                           dtype=torch.float64)
         A = left @ torch.diag(sv) @ right.T  # (k, D)
         Q, _ = torch.linalg.qr(torch.randn(dim, latent_dim, generator=gen, dtype=torch.float64))
-        self.s, self.w = float(s), float(w)
+        s_vec = torch.as_tensor(s, dtype=torch.float64).flatten()
+        if s_vec.numel() not in (1, latent_dim) or not bool((s_vec > 0).all()):
+            raise ValueError(f"s must be a positive number or a list of latent_dim={latent_dim} positive numbers, got {s!r}")
+        s_vec = s_vec.expand(latent_dim)
+        self.s, self.w = float(s_vec.min()), float(w)  # s: min sigma (the closed forms' scale)
+        scale = self.s / s_vec  # 1 for a scalar s: the model of before, bit for bit
         self.register_buffer("A", A.float())
         self.register_buffer("c", torch.zeros(latent_dim))
-        self.register_buffer("W", (w * Q).float())
+        self.register_buffer("sigma", s_vec.float())
+        self.register_buffer("W", (w * Q * scale).float())
         self.register_buffer("b", torch.full((dim,), 0.5))
-        self.register_buffer("top_direction", right[:, 0].float())  # A's top right singular vector
+        a_eff = scale[:, None] * A
+        self.register_buffer("A_eff", a_eff.float())  # diag(s_min / s) A: the closed forms' matrix (A for a scalar s)
+        top = torch.linalg.svd(a_eff)[2][0] if s_vec.numel() > 1 and not bool((scale == 1).all()) else right[:, 0]
+        self.register_buffer("top_direction", top.float())  # A_eff's top right singular vector: the worst direction
 
     # --- VAEModel protocol ---------------------------------------------------------------------
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         mu = x.flatten(1) @ self.A.T + self.c
-        return mu, torch.full_like(mu, self.s)
+        return mu, self.sigma.expand_as(mu).clone()
 
     def decode(self, z: Tensor) -> Tensor:
         return (z @ self.W.T + self.b).view(-1, *self.input_shape)
@@ -75,14 +90,15 @@ class LinearGaussianVAE(nn.Module):
     # --- closed forms --------------------------------------------------------------------------
     @property
     def sigma_max(self) -> float:
-        return float(torch.linalg.matrix_norm(self.A.double(), ord=2))
+        """sigma_max(A_eff) (= sigma_max(A) for a scalar s)."""
+        return float(torch.linalg.matrix_norm(self.A_eff.double(), ord=2))
 
     @property
     def frobenius(self) -> float:
         return float(torch.linalg.matrix_norm(self.A.double()))
 
     def exact_probability(self, delta_norm_in_latent: float, r: float) -> float:
-        """p_r for a perturbation with ||A delta|| = ``delta_norm_in_latent``."""
+        """p_r for a perturbation with ||A_eff delta|| = ``delta_norm_in_latent`` (||A delta|| for a scalar s)."""
         threshold = (r / (self.w * self.s)) ** 2
         lam = (delta_norm_in_latent / self.s) ** 2
         if lam == 0.0:
