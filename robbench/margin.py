@@ -171,8 +171,11 @@ def n_margin_tests(max_radius: float, tolerance: float, refine: int = 0) -> int:
 # of margins with refine > 0 (plugins/estimators.py), so a run folder refined by an earlier version is not resumed
 # as this one's; refine 0 runs none and keeps its keys. 1 (not hashed): sessions 5-9. 2: session 9 review (a fit
 # crossing m at or below radius 0, clamped, gave R = 0 for a point judged robust at 0; now the straight line
-# across the bracket stands there, and no round places a top-up at radius 0).
-REFINE_ALGORITHM = 2
+# across the bracket stands there, and no round places a top-up at radius 0). 3: session 10 (with refine the
+# radius-0 test draws up to samples_max, not samples_locate: R = 0 rests on a decided test or an undecided one
+# of samples_max, which flags the point; before, p_r(x, 0) within ~0.03 of m gave R = 0 from 2048 samples'
+# p_hat, not flagged: 4 % of points at p_r(x, 0) = 0.521).
+REFINE_ALGORITHM = 3
 
 
 def bisect_margin(test: TestFn, batch: int, *, m: float, max_radius: float, tolerance: float,
@@ -467,6 +470,11 @@ def estimate_margin(model: VAEModel, x: Tensor, attack: Attack, attack_params: d
     point_ids = torch.arange(batch) if point_ids is None else point_ids.cpu().long()
     locate = samples_max if samples_locate is None else min(int(samples_locate), samples_max)
     schedule = stats.sample_schedule(samples_initial, locate, samples_growth)
+    # radius 0 decides whether the point is r-robust at x at all (R = 0 or not), and nothing refines it later:
+    # with refine (whose top-ups reach samples_max near the crossing) it may draw up to samples_max as well
+    # (REFINE_ALGORITHM 3; capped at samples_locate, a point with p_r(x, 0) within a few hundredths of m got R = 0
+    # from an undecided test's p_hat <= m, and was not flagged undecided)
+    zero_schedule = stats.sample_schedule(samples_initial, samples_max, samples_growth) if refine else schedule
     screen_schedule = [n for n in schedule if n <= screen_samples]
     base_tests = n_margin_tests(max_radius, tolerance, refine)
     n_tests = base_tests + (n_verify_tests(max_radius, tolerance, refine) if verify else 0)
@@ -508,12 +516,12 @@ def estimate_margin(model: VAEModel, x: Tensor, attack: Attack, attack_params: d
     def test(radius: Tensor, idx: Tensor, step: int, n: int | None = None) -> SequentialOutcome:
         dev_idx = idx.to(x.device)
         # a top-up (n given) draws n samples and decides once, at the budget of one look
-        alpha, sizes = (alpha_test, schedule) if n is None else (alpha_look, [n])
+        alpha, sizes = (alpha_test, zero_schedule if step == 0 else schedule) if n is None else (alpha_look, [n])
         if step == 0:  # radius 0: no attack
             out = sequential_test(model, mu0[dev_idx], sigma0[dev_idx], center[dev_idx], r=r, m=m,
                                   alpha=alpha, schedule=sizes, seed=stats.derive_seed(seed, "margin-mc", step),
                                   stream_ids=point_ids[idx], backend=backend)
-            record_witness(idx, radius, torch.zeros_like(x[dev_idx]), out, alpha_look)
+            record_witness(idx, radius, torch.zeros_like(x[dev_idx]), out, stats.split_alpha(alpha, len(sizes)))
             zero_k[idx], zero_n[idx] = out.k, out.n
             return out
         xs = x[dev_idx]
