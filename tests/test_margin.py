@@ -42,6 +42,27 @@ def test_probability_interval_contains_exact(model):
         assert float(est.hi - est.lo) < 0.03
 
 
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("p, n", [(0.01, 1000), (0.5, 1000), (0.99, 1000), (0.5, 10), (0.9999, 50)])
+def test_probability_intervals_miss_as_often_as_stated_and_no_more(model, p, n):
+    """Coverage of estimate_probability's two-sided interval over 400 independent streams (point ids), against
+    the exact p_r (r set so p_r(x, 0) = p): at confidence 0.5 the count of misses is Binomial(400, q), q the
+    Clopper-Pearson miss probability at (p, n) computed exactly; it must lie inside that binomial's central
+    99.8 % range. Too many misses would mean a biased engine or a too-narrow interval, too few (where q is not
+    ~0) a too-wide one; near p = 0, p = 1 and with tiny n q is small and only the upper side binds."""
+    streams, conf = 400, 0.5
+    r = model.w * model.s * math.sqrt(sps.chi2.ppf(p, model.latent_dim))
+    assert model.exact_worst_probability(0.0, r) == pytest.approx(p, rel=1e-9)
+    est = estimate_probability(model, copies(streams), None, r=r, n_samples=n, confidence=conf, seed=17,
+                               stream_ids=torch.arange(streams))
+    misses = int(((est.lo > p) | (est.hi < p)).sum())
+    ks = torch.arange(n + 1)
+    lo, hi = stats.clopper_pearson(ks, torch.full_like(ks, n), conf)
+    q = float(sps.binom.pmf(ks.numpy(), n, p)[((lo > p) | (hi < p)).numpy()].sum())
+    assert q <= 1 - conf
+    assert sps.binom.ppf(0.001, streams, q) <= misses <= sps.binom.ppf(0.999, streams, q), (misses, q)
+
+
 def test_sequential_test_stops_early_when_clear(model):
     x = copies(3)
     mu, sigma, center = latent_params(model, x, None)
@@ -454,6 +475,7 @@ def test_refined_margin_stays_above_zero_where_the_point_is_robust_at_zero():
     assert radii and bool((torch.cat(radii) > 0).all())  # top-ups ran, none at radius 0
 
 
+@pytest.mark.usefixtures("one_thread")
 def test_a_margin_of_zero_is_decided_at_radius_zero_or_flagged_undecided(model):
     """Very small margins (p_r(x, 0) = 0.54, m 0.5: exact R = 0.10; oracle attack, 200 streams, locating tests
     up to 512 samples, top-ups up to 4096): R = 0 says p_r(x, 0) <= m, so it must rest on a radius-0 test that
