@@ -120,6 +120,9 @@ def radius_sq(r: float | Tensor, B: int, device: torch.device) -> Tensor:
     r = r.expand(B) if r.numel() == 1 else r
     if r.shape != (B,):
         raise ValueError(f"radius must be a scalar or (B,) = ({B},); got {tuple(r.shape)}")
+    if not bool((r >= 0).all()):  # r * r would count ||Delta|| <= |r| for a negative r, in silence
+        raise ValueError(f"the output-space radius r must be >= 0 (a distance), got {float(r.min()):g}"
+                         + (" (NaN)" if bool(r.isnan().any()) else ""))
     return (r * r).contiguous()
 
 

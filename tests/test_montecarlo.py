@@ -209,3 +209,18 @@ def test_plan_cache_does_not_keep_models_alive():
     del model
     gc.collect()
     assert alive() is None
+
+
+@pytest.mark.parametrize("r", [-1.0, float("nan")])
+def test_a_negative_or_nan_radius_is_refused(r):
+    """Every backend compares squared distances with r * r, so a negative r counted ||Delta|| <= |r| in silence
+    (session 10: estimate_margin / estimate_probability called from Python with r < 0 gave the margins of |r|;
+    evaluate and the CLI already refused r <= 0)."""
+    from robbench_plugins.analytic import LinearGaussianVAE
+    from robbench.margin import estimate_probability
+
+    model = LinearGaussianVAE()
+    with pytest.raises(ValueError, match="radius r must be >= 0"):
+        estimate_probability(model, torch.full((2, 1, 8, 8), 0.5), None, r=r, n_samples=16)
+    with pytest.raises(ValueError, match="radius r must be >= 0"):
+        montecarlo.radius_sq(torch.tensor([1.0, r]), 2, torch.device("cpu"))
