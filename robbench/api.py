@@ -24,7 +24,7 @@ from robbench.checks import checked
 from robbench.config import default_selection, merge_params, unique
 from robbench.execute import Batch, Executor, JobSpec, LocalExecutor
 from robbench.inputrange import check_in_range, input_range
-from robbench.plugins import get_registries
+from robbench.plugins import get_registries, warn_failures
 from robbench.protocols import VAEModel
 from robbench.settings import RunSettings
 from robbench.units import absolute_settings, cap_warning
@@ -217,6 +217,7 @@ def evaluate(model: VAEModel, data: Tensor, attacks: str | Iterable[str] | None 
     if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
         raise ValueError(f"bad value for batch_size: {batch_size!r}; allowed: a positive integer or None (all at once)")
     regs = get_registries()
+    warn_failures()  # a broken installed plugin is skipped: say so before its names are found missing
     defaults = default_selection()
     attacks = _names(defaults.get("attacks", []) if attacks is None else attacks, "attacks")
     estimators = _names(defaults.get("estimators", []) if estimators is None else estimators, "estimators")

@@ -84,6 +84,29 @@ def check_attack_result(name: str, result: Any, x: Tensor, radius: Tensor,
                 f"for {_positions(bad, point_ids)}; allowed: within {BOX_ATOL:g} of [{low:g}, {high:g}]")
 
 
+class EstimatorOutputError(RuntimeError):
+    """An estimator returned something other than one dict of metrics per point (all its rows fail)."""
+
+
+def check_estimator_rows(name: str, rows: Any, n: int) -> list:
+    """``rows`` as a list if it is what an estimator must return for ``n`` points: a list (or tuple) of
+    ``n`` dicts, one per point; else raise :class:`EstimatorOutputError` saying what came back. Its
+    values (numbers, 0-d tensors, numpy scalars, text) are the store's to convert."""
+    where = f"estimator {name!r} returned"
+    if isinstance(rows, (str, bytes, dict)) or not isinstance(rows, (list, tuple)):
+        hint = " (one dict, not a list with one dict per point)" if isinstance(rows, dict) else ""
+        what = "None" if rows is None else f"a {type(rows).__name__}"
+        raise EstimatorOutputError(f"{where} {what}{hint}; expected a list of {n} dicts of "
+                                   "metrics, one per point, e.g. [{'my_metric': 0.5}, ...]")
+    if len(rows) != n:
+        raise EstimatorOutputError(f"{where} {len(rows)} rows for {n} points; expected one dict per point")
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or not all(isinstance(key, str) for key in row):
+            raise EstimatorOutputError(f"{where} a {type(row).__name__} as row {i}; expected a dict of "
+                                       "metrics with text keys, e.g. {'my_metric': 0.5}")
+    return list(rows)
+
+
 def _checkable(t: Tensor) -> bool:
     # Inside torch.func transforms (the exact Jacobian) a value check would be data-dependent control flow.
     return isinstance(t, Tensor) and not torch._C._functorch.is_functorch_wrapped_tensor(t)

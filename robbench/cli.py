@@ -178,15 +178,21 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
+def warn_plugin_failures(console: Console) -> None:
+    """A yellow warning per installed plugin that failed to load and was skipped (run, train, bench,
+    reproduce: the commands that use plugins)."""
+    from robbench.plugins import plugin_failures
+
+    for failure in plugin_failures():
+        console.print(f"[yellow]warning: plugin {escape(failure.name)} failed to load and was skipped "
+                      f"(see robbench plugins): {escape(failure.error)}[/yellow]")
+
+
 def cmd_run(args: argparse.Namespace, console: Console, *, evaluate: bool) -> int:
     from robbench.leaderboard import write_leaderboard
     from robbench.runner import Runner
 
-    from robbench.plugins import plugin_failures
-
-    for failure in plugin_failures():  # first: a name the run then misses may be why
-        console.print(f"[yellow]warning: plugin {escape(failure.name)} failed to load and was skipped "
-                      f"(see robbench plugins): {escape(failure.error)}[/yellow]")
+    warn_plugin_failures(console)  # first: a name the run then misses may be why
     with _notes(console):
         cfg = config_from_args(args)
     run_dir = args.out = args.out or default_run_dir(cfg, args.config)  # out: also for the write-error message
@@ -237,10 +243,11 @@ def cmd_plugins(console: Console) -> int:
                           escape(_format_defaults(dict(getattr(obj, "defaults", {}) or {}))),
                           escape(getattr(obj, "description", "").split("\n")[0]))
     console.print(table)
-    for failure in plugin_failures():
+    failures = plugin_failures()
+    for failure in failures:
         console.print(f"[red]plugin {escape(failure.name)} ({escape(failure.target)}, from {escape(failure.source)}) "
                       f"failed to load and was skipped: {escape(failure.error)}[/red]")
-    return 0
+    return 1 if failures else 0  # a check of the installation: a script or CI step must see the failure
 
 
 def cmd_leaderboard(args: argparse.Namespace, console: Console) -> int:
@@ -364,9 +371,11 @@ def _main(argv: list[str]) -> int:
             return cmd_export(args, console)
         if args.command == "bench":
             from robbench import bench as bench_module
+            warn_plugin_failures(console)  # a backend plugin may be the one that failed
             return bench_module.run(args)
         if args.command == "reproduce":
             from robbench.paper import reproduce as reproduce_module
+            warn_plugin_failures(console)  # an experiment skipped for a missing plugin: say why
             return reproduce_module.run(args)
         if args.command == "report":
             from robbench.paper.report import write_report

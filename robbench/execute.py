@@ -26,7 +26,7 @@ from torch import Tensor
 
 from robbench.imagefit import fit_if_needed
 from robbench.inputrange import DEFAULT_RANGE, input_range
-from robbench.checks import PluginOutputError, checked
+from robbench.checks import PluginOutputError, check_estimator_rows, checked
 from robbench.plugins import Registries, get_registries
 from robbench.protocols import ARRAYS_KEY, EstimationContext, VAEModel
 from robbench.settings import RunSettings
@@ -110,9 +110,8 @@ def evaluate_batch(job: JobSpec, model: VAEModel, x: Tensor, point_ids: Sequence
     box = input_range(model)
     start = time.perf_counter()
     try:
-        results = estimator(ctx, fit_if_needed(x.to(device), job.data_range, model))
-        if len(results) != len(ids):
-            raise RuntimeError(f"estimator {job.estimator!r} returned {len(results)} rows for {len(ids)} points")
+        rows = estimator(ctx, fit_if_needed(x.to(device), job.data_range, model))
+        results = check_estimator_rows(job.estimator, rows, len(ids))
         error = None
     except PluginOutputError as err:
         if raise_errors:

@@ -86,7 +86,7 @@ def _load_entry_points(pm: pluggy.PluginManager, names: set[str] | None) -> None
             try:
                 plugin = ep.load()
             except Exception as err:  # an ImportError, or anything the module raises on import
-                _failures.append(PluginFailure(ep.name, ep.value, source, f"{type(err).__name__}: {err}"))
+                _failures.append(PluginFailure(ep.name, ep.value, source, f"{type(err).__name__}: {err}{_where(err)}"))
                 continue
             pm.register(plugin, name=ep.name)
             _sources[ep.name] = source
@@ -105,6 +105,26 @@ def plugin_failures() -> list[PluginFailure]:
     """The entry points that failed to load or to register, with their errors (after loading)."""
     get_registries()
     return list(_failures)
+
+
+def failure_text(failure: PluginFailure) -> str:
+    """One line naming a skipped plugin, where it came from and its error, for warnings."""
+    return (f"plugin {failure.name} ({failure.target}, from {failure.source}) failed to load and was skipped: "
+            f"{failure.error}")
+
+
+_warned: set[PluginFailure] = set()
+
+
+def warn_failures() -> None:
+    """Issue a ``RuntimeWarning`` for each plugin that failed to load or register (once per process), so a
+    caller of the Python API learns why a plugin's names are missing instead of meeting silence."""
+    import warnings
+
+    for failure in plugin_failures():
+        if failure not in _warned:
+            _warned.add(failure)
+            warnings.warn(f"robbench: {failure_text(failure)}", RuntimeWarning, stacklevel=3)
 
 
 def register_plugin(plugin: Any, name: str | None = None) -> None:
@@ -133,7 +153,7 @@ def _plugin_source(pm: pluggy.PluginManager, plugin: Any) -> str:
 
 def _where(err: BaseException) -> str:
     """`` (file.py:line)`` of the innermost frame that raised ``err``, for the plugin's author."""
-    frames = traceback.extract_tb(err.__traceback__)
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if not f.filename.startswith("<frozen ")]
     return f" ({os.path.basename(frames[-1].filename)}:{frames[-1].lineno})" if frames else ""
 
 

@@ -263,9 +263,33 @@ def evaluate_elbo(model: nn.Module, x: Tensor, batch_size: int, device: torch.de
     for i in range(0, x.shape[0], batch_size):
         xb = x[i:i + batch_size].to(device)
         _, logs = model.loss(xb)
-        total += logs["elbo"] * xb.shape[0]
+        total += batch_elbo(logs, xb.shape[0]) * xb.shape[0]
         n += xb.shape[0]
     return total / max(n, 1)
+
+
+def batch_elbo(logs: Any, batch: int) -> float:
+    """The batch's mean ELBO (nats) from the logs ``model.loss(x)`` returned for ``batch`` examples.
+
+    ``logs["elbo"]`` may be a number, a one-element tensor, or the (batch,) per-example ELBOs (a
+    plugin's model returns whichever is natural); a tensor kept as it is would be stored as the text
+    "tensor(...)" and a per-example vector would break the batch weighting."""
+    if not isinstance(logs, dict) or "elbo" not in logs:
+        raise TypeError(f"model.loss(x) must return (objective, logs) with logs a dict holding 'elbo' (the "
+                        f"ELBO in nats, beta = 1); its logs are {type(logs).__name__}"
+                        f"{' with keys ' + repr(sorted(map(str, logs))) if isinstance(logs, dict) else ''}")
+    value = logs["elbo"]
+    try:
+        elbo = torch.as_tensor(value.detach() if isinstance(value, Tensor) else value, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"model.loss(x)'s logs['elbo'] must be a number or a tensor, got "
+                        f"{type(value).__name__} ({err})") from None
+    if elbo.numel() == 1:
+        return float(elbo)
+    if tuple(elbo.shape) == (batch,):
+        return float(elbo.mean())
+    raise ValueError(f"model.loss(x)'s logs['elbo'] has shape {tuple(elbo.shape)} for {batch} examples; give "
+                     f"the batch's mean ELBO (a number) or the per-example ELBOs, shape ({batch},)")
 
 
 def _progress(enabled: bool, description: str):

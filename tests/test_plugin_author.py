@@ -1,0 +1,148 @@
+"""What a plugin author meets when a plugin is wrong: each case a clear message naming the plugin and what
+is wrong, found by writing a third-party package from the README only (session 10)."""
+from __future__ import annotations
+
+import math
+import sys
+
+import pytest
+import torch
+
+from robbench import hookimpl
+
+_IMPORT_FAILS = "import robbench_missing_dependency_xyz  # the plugin's own import fails\n"
+
+
+def _install_broken(site) -> None:
+    """An 'installed' plugin (dist-info with an entry point) whose module fails to import."""
+    (site / "robbench_imp_broken.py").write_text(_IMPORT_FAILS)
+    info = site / "robbench_imp_broken-0.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: robbench-imp-broken\nVersion: 0.3\n")
+    (info / "entry_points.txt").write_text("[robbench]\nimp_broken = robbench_imp_broken\n")
+
+
+@pytest.fixture
+def broken_plugin(fresh_plugins, thirdparty_path, monkeypatch):
+    _install_broken(thirdparty_path)
+    monkeypatch.setattr(fresh_plugins, "_warned", set(), raising=False)
+    yield fresh_plugins
+    sys.modules.pop("robbench_imp_broken", None)
+
+
+def test_plugins_exits_nonzero_when_a_plugin_failed_to_load(broken_plugin, capsys):
+    """`robbench plugins` listed the failure in red but exited 0: a CI step checking that a plugin
+    installs could not see it. It now exits 1 (the listing is still printed)."""
+    from robbench import cli
+
+    assert cli.main(["plugins"]) == 1
+    out = " ".join(capsys.readouterr().out.split())
+    assert "plugin imp_broken (robbench_imp_broken, from robbench-imp-broken 0.3) failed to load" in out
+    assert "No module named 'robbench_missing_dependency_xyz' (robbench_imp_broken.py:1)" in out
+    assert "beta_vae" in out  # everything else is listed
+
+
+def test_evaluate_warns_about_a_plugin_that_failed_to_load(broken_plugin, one_thread):
+    """The Python API skipped a broken plugin silently: a user then met only "unknown attack" for its
+    names. evaluate() now issues a RuntimeWarning naming the plugin and its error, once per process."""
+    import warnings
+
+    import robbench
+    from robbench_plugins.analytic import LinearGaussianVAE
+
+    model, x = LinearGaussianVAE(), torch.full((1, 1, 8, 8), 0.5)
+    with pytest.warns(RuntimeWarning, match=r"plugin imp_broken .* No module named 'robbench_missing_dependency_xyz'"):
+        table = robbench.evaluate(model, x, estimators=["encoder_stats"], attacks=[])
+    assert table.select(estimator="encoder_stats").column("min_sigma") == [pytest.approx(0.5)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second call stays quiet
+        robbench.evaluate(model, x, estimators=["encoder_stats"], attacks=[])
+
+
+@pytest.mark.parametrize("command", ["bench", "reproduce"])
+def test_bench_and_reproduce_warn_about_a_plugin_that_failed_to_load(broken_plugin, monkeypatch, capsys, command):
+    """`robbench bench` and `robbench reproduce` skipped a broken plugin without a word (run warned)."""
+    from robbench import bench, cli
+    from robbench.paper import reproduce
+
+    monkeypatch.setattr(bench, "run", lambda args: 0)  # the warning comes before the command's own work
+    monkeypatch.setattr(reproduce, "run", lambda args: 0)
+    assert cli.main([command]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "warning: plugin imp_broken failed to load and was skipped" in out and "robbench_missing_dependency_xyz" in out
+
+
+class _Estimator:
+    """An estimator returning ``make(sigma)`` instead of one dict per point."""
+
+    description, defaults, needs_attack = "test", {}, False
+
+    def __init__(self, name, make):
+        self.name, self.make = name, make
+
+    def __call__(self, ctx, x):
+        sigma = ctx.model.encode(x)[1].mean(dim=1)
+        return self.make(sigma)
+
+
+_BAD_ROWS = {
+    "tensor": (lambda s: s, "returned a Tensor; expected a list of 2 dicts of metrics, one per point"),
+    "one_dict": (lambda s: {"sig": s}, "returned a dict (one dict, not a list with one dict per point)"),
+    "none": (lambda s: None, "returned None; expected a list of 2 dicts"),
+    "floats": (lambda s: s.tolist(), "returned a float as row 0; expected a dict of metrics"),
+    "short": (lambda s: [{"sig": float(s[0])}], "returned 1 rows for 2 points"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_BAD_ROWS))
+def test_an_estimator_returning_the_wrong_type_fails_its_rows_with_what_it_must_return(
+        fresh_plugins, tmp_path, capsys, one_thread, case):
+    """An estimator returning a tensor (or a list of floats) crashed the whole `robbench run` with a
+    traceback ("iteration over a 0-d tensor", exit 1); returning None gave "object of type 'NoneType' has
+    no len()". Now its rows fail with what an estimator must return, and the run completes."""
+    from robbench import cli
+
+    make, message = _BAD_ROWS[case]
+
+    class Plugin:
+        @hookimpl
+        def register_estimators(self, register):
+            register(_Estimator("bad_rows", make))
+
+    plugin = Plugin()
+    fresh_plugins.register_plugin(plugin, name="bad-rows")
+    try:
+        status = cli.main(["run", "--models", "linear_gaussian", "--dataset", "digits", "--estimators",
+                           "bad_rows,encoder_stats", "--attacks", "noise", "--points", "2", "--threads", "1",
+                           "--out", str(tmp_path / "run"), "--no-progress"])
+    finally:
+        fresh_plugins.unregister_plugin(plugin)
+    out = " ".join(capsys.readouterr().out.split())
+    assert status == 0
+    assert f"EstimatorOutputError: estimator 'bad_rows' {message}" in out, out
+    assert "mean min σ" in out  # the other estimator's rows are there
+
+
+def test_a_models_test_elbo_given_as_a_tensor_is_stored_as_a_number():
+    """A plugin model whose loss() logs {"elbo": tensor} (natural; README says `{"elbo": ...}`) had its test
+    ELBO stored as the text "tensor(-40.6357)": the leaderboard showed "—" for it. A per-example (B,)
+    ELBO broke the batch weighting. Both are now turned into the batch mean; another shape is refused."""
+    from robbench.training import evaluate_elbo
+
+    class Model(torch.nn.Module):
+        def __init__(self, kind):
+            super().__init__()
+            self.kind = kind
+
+        def loss(self, x):
+            per_example = -x.flatten(1).sum(1)
+            logs = {"scalar": per_example.mean(), "vector": per_example, "matrix": per_example[:, None] * 1,
+                    "float": float(per_example.mean())}
+            return per_example.mean(), {"elbo": logs[self.kind]}
+
+    x = torch.arange(10, dtype=torch.float32).view(10, 1)
+    for kind in ("scalar", "vector", "float"):
+        value = evaluate_elbo(Model(kind), x, 4, torch.device("cpu"))  # batches of 4, 4, 2
+        assert type(value) is float and math.isclose(value, -4.5, rel_tol=1e-6), (kind, value)
+    with pytest.raises(ValueError, match=r"logs\['elbo'\] has shape \(4, 1\) for 4 examples"):
+        evaluate_elbo(Model("matrix"), x, 4, torch.device("cpu"))
