@@ -88,11 +88,55 @@ def _load_entry_points(pm: pluggy.PluginManager, names: set[str] | None) -> None
             except Exception as err:  # an ImportError, or anything the module raises on import
                 _failures.append(PluginFailure(ep.name, ep.value, source, f"{type(err).__name__}: {err}{_where(err)}"))
                 continue
-            pm.register(plugin, name=ep.name)
+            try:  # pluggy checks each hook's arguments against its spec here
+                pm.register(plugin, name=ep.name)
+            except pluggy.PluginValidationError as err:
+                _failures.append(PluginFailure(ep.name, ep.value, source, _signature_error(err, plugin)))
+                continue
+            unknown = _unknown_hooks(plugin)
+            if unknown:  # a misspelt hook would register nothing, without a word
+                pm.unregister(plugin)
+                _failures.append(PluginFailure(ep.name, ep.value, source, unknown))
+                continue
             _sources[ep.name] = source
     for name in sorted((names or set()) - installed):  # a typo would otherwise just load nothing
         _failures.append(PluginFailure(name, "no entry point", "ROBBENCH_PLUGINS", "ROBBENCH_PLUGINS names no installed entry point "
                                        f"{name!r}; installed: {', '.join(sorted(installed)) or 'none'}"))
+
+
+def _hook_names() -> list[str]:
+    return sorted(name for name in dir(hookspecs) if hasattr(getattr(hookspecs, name), "robbench_spec"))
+
+
+def _unknown_hooks(plugin: Any) -> str:
+    """What is wrong with ``plugin``'s ``@hookimpl`` functions that match no robbench hook ("" if none)."""
+    import difflib
+
+    known = _hook_names()
+    problems = []
+    for attr in sorted(dir(plugin)):
+        if hasattr(getattr(plugin, attr, None), "robbench_impl") and attr not in known:
+            close = difflib.get_close_matches(attr, known, n=1)
+            problems.append(f"{attr}{f' (did you mean {close[0]}?)' if close else ''}")
+    if not problems:
+        return ""
+    return (f"HookError: @hookimpl function(s) {', '.join(problems)} match no robbench hook; "
+            f"the hooks are {', '.join(known)} (robbench/hookspecs.py)")
+
+
+def _signature_error(err: pluggy.PluginValidationError, plugin: Any) -> str:
+    """A hook whose arguments are not the spec's, said with the signature to write."""
+    import inspect
+
+    text = str(err).replace("\n", " ")
+    for name in _hook_names():
+        if f"hook '{name}'" in text:
+            def call(function: Any) -> str:
+                return f"{name}({', '.join(inspect.signature(function).parameters)})"
+
+            return (f"HookError: {call(getattr(plugin, name))} does not match the hook {call(getattr(hookspecs, name))}: "
+                    "argument names must be the spec's (robbench/hookspecs.py)")
+    return f"{type(err).__name__}: {text}"
 
 
 def plugin_distributions() -> list[str]:

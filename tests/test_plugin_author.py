@@ -72,6 +72,40 @@ def test_bench_and_reproduce_warn_about_a_plugin_that_failed_to_load(broken_plug
     assert "warning: plugin imp_broken failed to load and was skipped" in out and "robbench_missing_dependency_xyz" in out
 
 
+_HOOK_MISTAKES = {
+    "renamed_argument": ("@hookimpl\ndef register_attacks(reg):\n    pass\n",
+                         "HookError: register_attacks(reg) does not match the hook register_attacks(register): "
+                         "argument names must be the spec's"),
+    "misspelt_hook": ("@hookimpl\ndef register_attack(register):\n    pass\n",
+                      "HookError: @hookimpl function(s) register_attack (did you mean register_attacks?) match no "
+                      "robbench hook; the hooks are default_run, register_attacks,"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_HOOK_MISTAKES))
+def test_a_hook_with_the_wrong_name_or_arguments_is_reported_not_a_traceback(fresh_plugins, thirdparty_path,
+                                                                              capsys, case):
+    """A hook whose argument is not called `register` made every command, `robbench plugins` included, die
+    with pluggy's PluginValidationError traceback; a misspelt hook name registered nothing without a word
+    (the user then met "unknown attack"). Both now skip the plugin and say what to write."""
+    from robbench import cli
+
+    text, message = _HOOK_MISTAKES[case]
+    (thirdparty_path / "robbench_hook_mistake.py").write_text("from robbench import hookimpl\n\n\n" + text)
+    info = thirdparty_path / "robbench_hook_mistake-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: robbench-hook-mistake\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[robbench]\nhook_mistake = robbench_hook_mistake\n")
+    try:
+        (failure,) = fresh_plugins.plugin_failures()
+        assert failure.name == "hook_mistake" and message in failure.error, failure.error
+        assert "tp_constant" in fresh_plugins.get_registries().attacks  # the other plugin still loads
+        assert cli.main(["plugins"]) == 1
+        assert "plugin hook_mistake" in " ".join(capsys.readouterr().out.split())
+    finally:
+        sys.modules.pop("robbench_hook_mistake", None)
+
+
 class _Estimator:
     """An estimator returning ``make(sigma)`` instead of one dict per point."""
 
