@@ -93,6 +93,11 @@ def _idx_loader(name: str, subdirs: tuple[str, ...]) -> Callable[[DataOptions], 
                 raise datafiles.DataFileError(
                     f"data set {name!r}: {files[part + '_images']} has shape {imgs.shape} and "
                     f"{files[part + '_labels']} has shape {labs.shape}; expected (N, H, W) and (N,)")
+        train_hw, test_hw = arrays["train_images"].shape[1:], arrays["test_images"].shape[1:]
+        if train_hw != test_hw:  # else every model fails later with a matrix-product error
+            raise datafiles.DataFileError(
+                f"data set {name!r}: {files['train_images']} holds {train_hw[0]}x{train_hw[1]} images but "
+                f"{files['test_images']} {test_hw[0]}x{test_hw[1]}; the two splits must come from one data set")
         return _to_split(_unit(arrays["train_images"][:, None]), arrays["train_labels"],
                          _unit(arrays["test_images"][:, None]), arrays["test_labels"])
 
@@ -111,12 +116,16 @@ def load_cifar10(options: DataOptions) -> SplitData:
     try:
         train_paths, test_path = datafiles.find_cifar10_files(root, "cifar10")
     except datafiles.DataFileError as err:
-        from robbench_plugins.imagedata import load_cifar10_python  # torchvision's cifar-10-batches-py
+        from robbench_plugins.imagedata import (CIFAR10_PY_TEST, CIFAR10_PY_TRAIN, cifar10_python_dirs,
+                                                load_cifar10_python)  # torchvision's cifar-10-batches-py
 
         arrays = load_cifar10_python(root)
         if arrays is None:
-            raise datafiles.DataFileError(f"{err} Also looked for torchvision's python version "
-                                          f"(cifar-10-batches-py/data_batch_1..5, test_batch).") from None
+            dirs = cifar10_python_dirs(root)
+            raise datafiles.DataFileError(
+                f"{err} Nor torchvision's python version (data_batch_1 ... data_batch_5, test_batch) in one of: "
+                f"{', '.join(map(str, dirs))}.{datafiles.incomplete(dirs, CIFAR10_PY_TRAIN + [CIFAR10_PY_TEST])} "
+                "robbench never downloads data.") from None
         train_x, train_y, test_x, test_y = arrays
         return _to_split(_unit(train_x), train_y, _unit(test_x), test_y)
     batches = [datafiles.read_cifar10_batch(p) for p in train_paths]

@@ -85,8 +85,13 @@ CIFAR10_PY_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
 CIFAR10_PY_TEST = "test_batch"
 
 
+def cifar10_python_dirs(root: Path) -> list[Path]:
+    """Where torchvision's ``cifar-10-batches-py`` files may be, first match wins."""
+    return [root / "cifar-10-batches-py", root / "cifar10" / "cifar-10-batches-py", root]
+
+
 def find_cifar10_python(root: Path) -> tuple[list[Path], Path] | None:
-    for d in (root / "cifar-10-batches-py", root / "cifar10" / "cifar-10-batches-py", root):
+    for d in cifar10_python_dirs(root):
         paths = [d / n for n in CIFAR10_PY_TRAIN] + [d / CIFAR10_PY_TEST]
         if all(p.is_file() for p in paths):
             return paths[:-1], paths[-1]

@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import gzip
+import math
 import os
+import zlib
 from pathlib import Path
 from typing import Sequence
 
@@ -39,18 +41,32 @@ def _open(path: Path):
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read an IDX file (optionally gzipped) into an array of its stored dtype and shape."""
     path = Path(path)
-    with _open(path) as f:
-        data = f.read()
+    try:
+        with _open(path) as f:
+            data = f.read()
+    except (EOFError, zlib.error, gzip.BadGzipFile) as err:  # gzip's errors for a cut or foreign file
+        raise DataFileError(f"{path}: cannot be decompressed ({type(err).__name__}: {err}): a .gz file cut "
+                            "short (an interrupted download or copy?) or one that is not gzip; fetch it "
+                            "again, or give the uncompressed file without .gz") from None
+    except OSError as err:  # unreadable: permissions, an I/O error
+        raise DataFileError(f"{path}: cannot be read ({type(err).__name__}: {err})") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES:
-        raise DataFileError(f"{path}: not an IDX file (bad magic number {data[:4].hex()})")
+        what = "an empty file" if not data else f"bad magic number {data[:4].hex()}"
+        raise DataFileError(f"{path}: not an IDX file ({what}; IDX files start with 00 00, a type code and "
+                            "the number of dimensions)")
     dtype = np.dtype(_IDX_DTYPES[data[2]])
     ndim = data[3]
     header = 4 + 4 * ndim
+    if ndim == 0 or len(data) < header:
+        raise DataFileError(f"{path}: IDX header declares {ndim} dimensions, but the file has only {len(data)} "
+                            f"bytes; the header is damaged or the file is cut short (MNIST-format files have "
+                            "1 dimension (labels) or 3 (images))")
     shape = tuple(int(s) for s in np.frombuffer(data, ">u4", count=ndim, offset=4))
-    expected = header + int(np.prod(shape)) * dtype.itemsize
+    expected = header + math.prod(shape) * dtype.itemsize  # Python ints: a damaged header cannot overflow
     if len(data) != expected:
-        raise DataFileError(f"{path}: IDX header says shape {shape} ({expected} bytes) "
-                            f"but the file has {len(data)} bytes")
+        shown = str(shape) if ndim <= 4 else f"of {ndim} dimensions"
+        raise DataFileError(f"{path}: IDX header says shape {shown} ({expected} bytes) but the file has "
+                            f"{len(data)} bytes: cut short, or its header is damaged")
     return np.frombuffer(data, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
 
 
@@ -109,6 +125,24 @@ def _find(dirs: Sequence[Path], name: str) -> Path | None:
     return None
 
 
+def incomplete(dirs: Sequence[Path], names: Sequence[str], gz: bool = False) -> str:
+    """`` Found incomplete: DIR has A but lacks B, C.`` for each of ``dirs`` that holds some of the files
+    ``names`` (each also as ``NAME.gz`` when ``gz``) but not all; "" when none does. The part of a
+    missing-files message that says which file is missing where (a half-copied or mixed-up folder)."""
+    parts = []
+    for d in dict.fromkeys(dirs):  # "DIR" and "DIR/." once
+        have = [n for n in names if (d / n).is_file() or (gz and (d / f"{n}.gz").is_file())]
+        if have and len(have) < len(names):
+            parts.append(f"{d} has {', '.join(have)} but lacks {', '.join(n for n in names if n not in have)}")
+    return f" Found incomplete: {'; '.join(parts)}." if parts else ""
+
+
+def packed(root: Path) -> str:
+    """`` Found DIR/cifar-10-python.tar.gz: unpack it ...`` when a CIFAR-10 archive lies unpacked in ``root``."""
+    archives = [root / n for n in ("cifar-10-python.tar.gz", "cifar-10-binary.tar.gz") if (root / n).is_file()]
+    return "".join(f" Found {a}: unpack it there (tar xzf {a.name} -C {root})." for a in archives)
+
+
 def find_idx_files(root: Path, subdirs: Sequence[str], dataset: str) -> dict[str, Path]:
     """Locate the four IDX files of an MNIST-format data set in ``root/<subdir>`` (first complete one)."""
     dirs = [root / s for s in subdirs]
@@ -118,8 +152,13 @@ def find_idx_files(root: Path, subdirs: Sequence[str], dataset: str) -> dict[str
             return found  # type: ignore[return-value]
     names = ", ".join(f"{n}[.gz]" for n in IDX_FILES.values())
     where = ", ".join(str(d) for d in dirs)
+    # Kaggle's copies name the files train-images.idx3-ubyte (a dot before idx): say what to rename
+    dotted = [p for d in dirs for n in IDX_FILES.values() for p in d.glob(n.replace("-idx", ".idx") + "*")]
+    renames = (f" Found {', '.join(str(p) for p in dotted[:4])}: rename them to the names above (a '-' before "
+               "'idx', not '.').") if dotted else ""
     raise DataFileError(f"data set {dataset!r}: expected the IDX files {names} together in one of: "
-                        f"{where}. robbench never downloads data.")
+                        f"{where}.{incomplete(dirs, list(IDX_FILES.values()), gz=True)}{renames} "
+                        "robbench never downloads data.")
 
 
 def find_cifar10_files(root: Path, dataset: str) -> tuple[list[Path], Path]:
@@ -131,6 +170,6 @@ def find_cifar10_files(root: Path, dataset: str) -> tuple[list[Path], Path]:
         if all(p.is_file() for p in paths):
             return paths[:-1], paths[-1]
     names = ", ".join(CIFAR10_TRAIN + [CIFAR10_TEST])
-    raise DataFileError(f"data set {dataset!r}: expected the binary-version files {names} in one of: "
-                        f"{', '.join(str(d) for d in dirs)} (the 'CIFAR-10 binary version' archive, "
-                        f"not the Python pickles). robbench never downloads data.")
+    raise DataFileError(f"data set {dataset!r}: expected the binary-version files {names} (the 'CIFAR-10 "
+                        f"binary version' archive) in one of: {', '.join(str(d) for d in dirs)}."
+                        f"{incomplete(dirs, CIFAR10_TRAIN + [CIFAR10_TEST])}{packed(root)}")

@@ -187,3 +187,76 @@ def test_a_data_dir_that_is_a_file_is_named_as_such(tmp_path):
     afile.write_bytes(b"")
     with pytest.raises(datafiles.DataFileError, match="is a file, not a directory"):
         datafiles.resolve_data_dir(str(afile), "mnist_full")
+
+
+# --- A user's own files, damaged or misplaced (session 10): each error names the file and what is wrong ---
+def _cut(path: Path, keep: int) -> None:
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("cut_gz", "cannot be decompressed (EOFError: Compressed file ended before the end-of-stream marker"),
+    ("plain_named_gz", "cannot be decompressed (BadGzipFile: Not a gzipped file"),
+    ("huge_ndim", "IDX header declares 255 dimensions, but the file has only"),
+    ("empty", "not an IDX file (an empty file;"),
+])
+def test_a_damaged_idx_file_is_named_with_what_is_wrong(tmp_path, damage, message):
+    """A .gz cut short (an interrupted download) or a plain file named .gz ended every command with gzip's
+    EOFError / BadGzipFile traceback (exit 1); a damaged header printed a shape of 255 numbers."""
+    folder = tmp_path / "MNIST" / "raw"
+    write_mnist_files(folder, 6, 3, gz=True)
+    target = folder / "t10k-images-idx3-ubyte.gz"
+    if damage == "cut_gz":
+        _cut(target, 40)
+    elif damage == "plain_named_gz":
+        target.write_bytes(idx_bytes(np.zeros((3, 28, 28), np.uint8)))
+    else:
+        raw = b"" if damage == "empty" else bytes([0, 0, 8, 255]) + bytes(100)
+        with gzip.open(target, "wb") as f:
+            f.write(raw)
+    with pytest.raises(datafiles.DataFileError) as err:
+        SPECS["mnist_full"].load(DataOptions(data_dir=tmp_path))
+    assert str(target) in str(err.value) and message in str(err.value), str(err.value)
+    assert len(str(err.value)) < 400
+
+
+def test_idx_splits_of_different_image_sizes_are_refused_at_load(tmp_path):
+    """28x28 training images with 32x32 test images loaded, then every model's rows failed with
+    "mat1 and mat2 shapes cannot be multiplied (20x1024 and 784x256)"."""
+    write_mnist_files(tmp_path / "mnist", 6, 3, gz=False)
+    test_images = tmp_path / "mnist" / "t10k-images-idx3-ubyte"
+    test_images.write_bytes(idx_bytes(np.zeros((3, 32, 32), np.uint8)))
+    with pytest.raises(datafiles.DataFileError, match=r"holds 28x28 images but .*t10k-images-idx3-ubyte 32x32"):
+        SPECS["mnist_full"].load(DataOptions(data_dir=tmp_path))
+
+
+def test_a_half_copied_or_misnamed_data_folder_says_what_it_found(tmp_path):
+    """The missing-files message listed the places searched but not what was there: a folder lacking
+    one file, the splits spread over two layouts, a CIFAR-10 python folder without test_batch (whose
+    message said the python pickles were not what was wanted), Kaggle's dotted MNIST names, an archive
+    left packed."""
+    write_mnist_files(tmp_path / "a" / "mnist", 6, 3, gz=True)
+    (tmp_path / "a" / "mnist" / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(datafiles.DataFileError) as err:
+        SPECS["mnist_full"].load(DataOptions(data_dir=tmp_path / "a"))
+    assert f"Found incomplete: {tmp_path / 'a' / 'mnist'} has train-images-idx3-ubyte, train-labels-idx1-ubyte, " \
+           "t10k-images-idx3-ubyte but lacks t10k-labels-idx1-ubyte." in str(err.value)
+
+    for name in datafiles.IDX_FILES.values():
+        (tmp_path / "b").mkdir(exist_ok=True)
+        (tmp_path / "b" / name.replace("-idx", ".idx")).write_bytes(b"")
+    with pytest.raises(datafiles.DataFileError, match=r"train-images\.idx3-ubyte.*: rename them to the names above"):
+        SPECS["mnist_full"].load(DataOptions(data_dir=tmp_path / "b"))
+
+    from test_imagedata import write_cifar10_python
+
+    write_cifar10_python(tmp_path / "c")
+    (tmp_path / "c" / "cifar-10-batches-py" / "test_batch").unlink()
+    (tmp_path / "c" / "cifar-10-python.tar.gz").write_bytes(b"")
+    with pytest.raises(datafiles.DataFileError) as err:
+        SPECS["cifar10"].load(DataOptions(data_dir=tmp_path / "c"))
+    text = str(err.value)
+    assert "not the Python pickles" not in text
+    assert f"{tmp_path / 'c' / 'cifar-10-batches-py'} has data_batch_1, data_batch_2, data_batch_3, data_batch_4, " \
+           "data_batch_5 but lacks test_batch." in text
+    assert f"Found {tmp_path / 'c' / 'cifar-10-python.tar.gz'}: unpack it there" in text
