@@ -78,6 +78,11 @@ def read_cifar10_python(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(data, np.ndarray) or labels is None or data.ndim != 2 or data.shape[1] != 3072 \
             or len(labels) != len(data):
         raise datafiles.DataFileError(f"{path}: expected 'data' (N, 3072) uint8 and N 'labels'")
+    if data.dtype.kind not in "ui" or (data.size and (data.min() < 0 or data.max() > 255)):
+        # a cast would turn float pixels in [0, 1] into black images without a word
+        raise datafiles.DataFileError(f"{path}: 'data' holds {data.dtype} values"
+                                      f"{f' in [{data.min()}, {data.max()}]' if data.size else ''}; CIFAR-10 "
+                                      "batches hold uint8 pixels 0..255")
     return data.astype(np.uint8).reshape(-1, 3, 32, 32), np.asarray(labels, dtype=np.int64)
 
 

@@ -260,3 +260,18 @@ def test_a_half_copied_or_misnamed_data_folder_says_what_it_found(tmp_path):
     assert f"{tmp_path / 'c' / 'cifar-10-batches-py'} has data_batch_1, data_batch_2, data_batch_3, data_batch_4, " \
            "data_batch_5 but lacks test_batch." in text
     assert f"Found {tmp_path / 'c' / 'cifar-10-python.tar.gz'}: unpack it there" in text
+
+
+def test_cifar10_python_batch_with_float_pixels_is_refused(tmp_path):
+    """A batch re-saved with float pixels in [0, 1] was cast to uint8: black images, without a word."""
+    import pickle
+
+    from test_imagedata import write_cifar10_python
+
+    write_cifar10_python(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    with open(path, "wb") as f:
+        pickle.dump({b"data": np.full((3, 3072), 0.5, np.float32), b"labels": [0, 1, 2]}, f)
+    with pytest.raises(datafiles.DataFileError, match=r"data_batch_2: 'data' holds float32 values in \[0.5, 0.5\]; "
+                                                      r"CIFAR-10 batches hold uint8 pixels 0..255"):
+        SPECS["cifar10"].load(DataOptions(data_dir=tmp_path))
