@@ -24,6 +24,7 @@ import importlib
 import importlib.util
 import json
 import math
+import os
 import pickle
 import sys
 from pathlib import Path
@@ -58,11 +59,18 @@ def _check_installed(family: str, module: str, extra: str = "models") -> None:
         raise ValueError(f"model {family!r} needs {module!r}, which is not installed: pip install \"robbench[{extra}]\"")
 
 
+def _from_cwd(path: str | Path) -> str:
+    """`` (relative paths are read from the current directory, CWD)`` for a relative ``path``: a config file's
+    paths are not read from the config file's folder, and a run started elsewhere misses them."""
+    return "" if Path(path).expanduser().is_absolute() else \
+        f" (relative paths are read from the current directory, {os.getcwd()})"
+
+
 def _check_dir(family: str, path: Any) -> None:
     if not isinstance(path, str) or not path:
         raise ValueError(f"model {family!r}: parameter 'path' is required (a local directory)")
     if not Path(path).expanduser().is_dir():
-        raise ValueError(f"model {family!r}: path={path!r} is not a directory")
+        raise ValueError(f"model {family!r}: path={path!r} is not a directory{_from_cwd(path)}")
 
 
 def _check_size(family: str, value: Any) -> None:
@@ -248,7 +256,7 @@ def import_callable(spec: str) -> Callable[..., Any]:
     if mod_name.endswith(".py"):
         file = Path(mod_name).expanduser()
         if not file.is_file():
-            raise ValueError(f"model 'torch_module': factory file {file} does not exist")
+            raise ValueError(f"model 'torch_module': factory file {file} does not exist{_from_cwd(file)}")
         spec_ = importlib.util.spec_from_file_location(file.stem, file)
         if spec_ is None or spec_.loader is None:
             raise ValueError(f"model 'torch_module': cannot import {mod_name}")
@@ -272,7 +280,7 @@ def load_weights(path: str) -> dict[str, Tensor]:
     """A state dict from ``.safetensors`` (safetensors) or any other file via torch.load(weights_only=True)."""
     file = Path(path).expanduser()
     if not file.is_file():
-        raise FileNotFoundError(f"model 'torch_module': weights file {file} does not exist")
+        raise FileNotFoundError(f"model 'torch_module': weights file {file} does not exist{_from_cwd(file)}")
     if file.suffix == ".safetensors":
         safetensors_torch = _require("safetensors.torch")
         try:
@@ -330,12 +338,13 @@ def _validate_torch_module(params: dict[str, Any]) -> None:
         raise ValueError(f"model 'torch_module': factory={p['factory']!r} must look like module:callable")
     source = p["factory"].partition(":")[0]
     if source.endswith(".py") and not Path(source).expanduser().is_file():
-        raise ValueError(f"model 'torch_module': factory file {Path(source).expanduser()} does not exist")
+        raise ValueError(f"model 'torch_module': factory file {Path(source).expanduser()} does not exist"
+                         f"{_from_cwd(source)}")
     if p["weights"] is not None and not (isinstance(p["weights"], str) and p["weights"]):
         raise ValueError(f"model 'torch_module': weights={p['weights']!r} must be null or a file path")
     if p["weights"] is not None:
         if not Path(p["weights"]).expanduser().is_file():
-            raise ValueError(f"model 'torch_module': weights={p['weights']!r} is not a file")
+            raise ValueError(f"model 'torch_module': weights={p['weights']!r} is not a file{_from_cwd(p['weights'])}")
         if p["weights"].endswith(".safetensors"):
             _check_installed("torch_module", "safetensors")
     if not isinstance(p["kwargs"], dict):

@@ -112,8 +112,9 @@ def resolve_data_dir(data_dir: str | os.PathLike | None, dataset: str) -> Path:
                             f"{DATA_DIR_ENV}=DIR). robbench never downloads data.")
     path = Path(chosen).expanduser()
     if not path.is_dir():
+        cwd = "" if path.is_absolute() else f" (relative paths are read from the current directory, {os.getcwd()})"
         raise DataFileError(f"data set {dataset!r}: data directory {path} "
-                            f"{'is a file, not a directory' if path.exists() else 'does not exist'}")
+                            f"{'is a file, not a directory' if path.exists() else 'does not exist'}{cwd}")
     return path
 
 

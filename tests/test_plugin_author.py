@@ -180,3 +180,23 @@ def test_a_models_test_elbo_given_as_a_tensor_is_stored_as_a_number():
         assert type(value) is float and math.isclose(value, -4.5, rel_tol=1e-6), (kind, value)
     with pytest.raises(ValueError, match=r"logs\['elbo'\] has shape \(4, 1\) for 4 examples"):
         evaluate_elbo(Model("matrix"), x, 4, torch.device("cpu"))
+
+
+def test_a_relative_path_that_is_missing_says_it_was_read_from_the_current_directory(tmp_path, monkeypatch, capsys):
+    """A config file's relative paths (factory, weights, data_dir) are read from the current directory,
+    not the config file's folder: run from elsewhere, the error said only "does not exist"."""
+    from robbench import cli
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "c.yaml").write_text("models: [torch_module]\nmodel_params:\n  torch_module:\n"
+                                    "    factory: my_vae.py:make\nestimators: [encoder_stats]\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert cli.main(["run", "--config", str(project / "c.yaml"), "--dry-run"]) == 2
+    assert f"factory file my_vae.py does not exist (relative paths are read from the current directory, {elsewhere})" \
+        in capsys.readouterr().err
+    assert cli.main(["run", "--dataset", "mnist_full", "--data-dir", "data", "--dry-run"]) == 2
+    assert f"data directory data does not exist (relative paths are read from the current directory, {elsewhere})" \
+        in capsys.readouterr().err
