@@ -212,18 +212,29 @@ class PythaeVAE(nn.Module):
 PYTHAE_DEFAULTS: dict[str, Any] = {"path": "", "trust_pickled_code": False}
 
 
+def _check_pythae_folder(folder: Path, trust_pickled_code: bool) -> None:
+    """ValueError saying what to give unless ``folder`` is a folder pythae's ``model.save()`` wrote whose
+    pickled networks (if any) the user trusts."""
+    if not (folder / "model_config.json").is_file():
+        # what a user gives instead: pythae's training folder (final_model inside), a diffusers folder
+        inner = sorted(folder.glob("*/model_config.json"), key=lambda f: (f.parent.name != "final_model", f.parent.name))
+        hint = (f"; it is a training folder: give path='{inner[0].parent}'" if inner else
+                "; it holds a config.json, as a diffusers model does (family diffusers_autoencoder_kl?)"
+                if (folder / "config.json").is_file() else "")
+        raise ValueError(f"model 'pythae': {folder} holds no model_config.json{hint}; give the folder written "
+                         "by pythae's model.save() (e.g. .../final_model)")
+    pickles = [name for name in PICKLED_NETWORKS if (folder / name).exists()]
+    if pickles and not trust_pickled_code:
+        raise ValueError(f"model 'pythae': {folder} holds custom networks as pickles ({', '.join(pickles)}); "
+                         f"unpickling runs arbitrary code, so robbench loads them only with "
+                         f"trust_pickled_code: true (set it only for folders you trust)")
+
+
 def build_pythae(params: dict[str, Any], input_shape: tuple[int, ...]) -> nn.Module:
     """``AutoModel.load_from_folder(path)``; folders with pickled networks need ``trust_pickled_code``."""
     p = {**PYTHAE_DEFAULTS, **params}
     folder = Path(p["path"]).expanduser()
-    if not (folder / "model_config.json").is_file():
-        raise ValueError(f"model 'pythae': {folder} holds no model_config.json; give the folder written by "
-                         f"pythae's model.save() (e.g. .../final_model)")
-    pickles = [name for name in PICKLED_NETWORKS if (folder / name).exists()]
-    if pickles and not p["trust_pickled_code"]:
-        raise ValueError(f"model 'pythae': {folder} holds custom networks as pickles ({', '.join(pickles)}); "
-                         f"unpickling runs arbitrary code, so robbench loads them only with "
-                         f"trust_pickled_code: true (set it only for folders you trust)")
+    _check_pythae_folder(folder, p["trust_pickled_code"])
     _require("pythae")
     from pythae.models import AutoModel
 
@@ -239,6 +250,7 @@ def _validate_pythae(params: dict[str, Any]) -> None:
     _check_installed("pythae", "pythae")
     if not isinstance(p["trust_pickled_code"], bool):
         raise ValueError(f"model 'pythae': trust_pickled_code={p['trust_pickled_code']!r} must be true or false")
+    _check_pythae_folder(Path(p["path"]).expanduser(), p["trust_pickled_code"])  # up front, as diffusers'
 
 
 # ---------------------------------------------------------------------------------------------

@@ -377,3 +377,28 @@ def test_torch_module_wrong_input_says_what_is_wrong_and_what_to_do(module_files
     params = {k: v.format(**paths) if isinstance(v, str) else v for k, v in params.items()}
     with pytest.raises(ValueError, match=message):
         build("torch_module", **params)
+
+
+@pytest.mark.parametrize("given, message", [
+    ("training", "holds no model_config.json; it is a training folder: give path='{root}/VAE_training_x/final_model'"),
+    ("diffusers", "holds no model_config.json; it holds a config.json, as a diffusers model does"),
+    ("pickles", "holds custom networks as pickles (encoder.pkl)"),
+])
+def test_a_wrong_pythae_folder_is_refused_before_any_work(tmp_path, capsys, given, message):
+    """A pythae path that is the training folder (final_model inside it), a diffusers folder or a folder
+    with untrusted pickles passed `--dry-run` and `robbench run` then failed every row (exit 0); diffusers'
+    wrong folders were already refused up front. Now the same exit 2, with the folder to give."""
+    from robbench import cli
+
+    final = tmp_path / "VAE_training_x" / "final_model"
+    final.mkdir(parents=True)
+    (final / "model_config.json").write_text("{}")
+    (tmp_path / "kl").mkdir()
+    (tmp_path / "kl" / "config.json").write_text("{}")
+    if given == "pickles":
+        (final / "encoder.pkl").write_bytes(b"")
+    path = {"training": final.parent, "diffusers": tmp_path / "kl", "pickles": final}[given]
+    status = cli.main(["run", "--models", "pythae", "--param", f"pythae.path={path}", "--estimators", "margin",
+                       "--points", "2", "--out", str(tmp_path / "run"), "--dry-run"])
+    assert status == 2
+    assert message.format(root=tmp_path) in " ".join(capsys.readouterr().err.split())
