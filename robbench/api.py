@@ -151,6 +151,13 @@ def _check_model(model: Any) -> None:
     would fail later with a bare AttributeError)."""
     missing = [sig for name, sig in (("encode", "encode(x) -> (mu, sigma)"), ("decode", "decode(z)"))
                if not callable(getattr(model, name, None))]
+    latent, shape = getattr(model, "latent_dim", None), getattr(model, "input_shape", None)
+    if not (isinstance(latent, int) and not isinstance(latent, bool) and latent > 0):
+        missing.append(f"latent_dim (a positive int; got {latent!r})" if hasattr(model, "latent_dim") else "latent_dim")
+    if not (isinstance(shape, (tuple, list, torch.Size)) and shape
+            and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)):
+        missing.append(f"input_shape (a tuple of positive ints, e.g. (1, 28, 28); got {shape!r})"
+                       if hasattr(model, "input_shape") else "input_shape (e.g. (1, 28, 28))")
     if missing:
         raise TypeError(f"model {type(model).__name__} lacks {', '.join(missing)}; see robbench.protocols.VAEModel")
 

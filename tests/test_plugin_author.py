@@ -3,6 +3,7 @@ is wrong, found by writing a third-party package from the README only (session 1
 from __future__ import annotations
 
 import math
+import re
 import sys
 
 import pytest
@@ -200,3 +201,33 @@ def test_a_relative_path_that_is_missing_says_it_was_read_from_the_current_direc
     assert cli.main(["run", "--dataset", "mnist_full", "--data-dir", "data", "--dry-run"]) == 2
     assert f"data directory data does not exist (relative paths are read from the current directory, {elsewhere})" \
         in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("attrs, message", [
+    ({"input_shape": (1, 8, 8)}, "lacks latent_dim;"),
+    ({"latent_dim": 4}, "lacks input_shape (e.g. (1, 28, 28));"),
+    ({"latent_dim": "4", "input_shape": (1, 8, 8)}, "lacks latent_dim (a positive int; got '4');"),
+    ({"latent_dim": 4, "input_shape": 64}, "lacks input_shape (a tuple of positive ints, e.g. (1, 28, 28); got 64)"),
+])
+def test_evaluate_names_a_missing_latent_dim_or_input_shape_before_any_work(attrs, message):
+    """A user's own module without latent_dim gave AttributeError from inside an estimator; without
+    input_shape, encoder_stats ran and margin failed midway with AttributeError; a text latent_dim gave
+    "'<=' not supported between instances of 'str' and 'int'"."""
+    import robbench
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(64, 8)
+            for key, value in attrs.items():
+                setattr(self, key, value)
+
+        def encode(self, x):
+            mu, s = self.lin(x.flatten(1)).chunk(2, dim=1)
+            return mu, torch.nn.functional.softplus(s) + 1e-3
+
+        def decode(self, z):
+            return torch.sigmoid(z.sum(1, keepdim=True)).expand(-1, 64).reshape(-1, 1, 8, 8)
+
+    with pytest.raises(TypeError, match=re.escape(f"model Model {message}")):
+        robbench.evaluate(Model(), torch.full((1, 1, 8, 8), 0.5), attacks=["max_damage"], estimators=["margin"])
