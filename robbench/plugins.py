@@ -205,6 +205,25 @@ def _is_builtin(source: str) -> bool:
     return source.split(" ", 1)[0] == "robbench"
 
 
+# What the harness reads from a registered attack or estimator besides its name (robbench/protocols.py):
+# a missing one would surface later as an AttributeError traceback from inside a command.
+_REQUIRED = {"attack": (("defaults", dict, "a dict of every parameter with its default, {} for none"),),
+             "estimator": (("defaults", dict, "a dict of every parameter with its default, {} for none"),
+                           ("needs_attack", bool, "True when the estimator runs an attack, else False"))}
+
+
+def _check_contract(kind: str, name: str, obj: Any) -> None:
+    """TypeError naming the attribute a registered attack or estimator lacks, or ``__call__``."""
+    for attr, kind_of, what in _REQUIRED.get(kind, ()):
+        value = getattr(obj, attr, None)
+        if not isinstance(value, kind_of):
+            got = "it has none" if not hasattr(obj, attr) else f"got {type(value).__name__} {value!r}"
+            raise TypeError(f"{kind} {name!r} ({type(obj).__name__}) needs the attribute {attr}: {what}; {got}")
+    if kind in _REQUIRED and not callable(obj):
+        raise TypeError(f"{kind} {name!r} ({type(obj).__name__}) is not callable: define __call__ "
+                        f"({'model, x, radius, *, params, generator, init=None' if kind == 'attack' else 'ctx, x'})")
+
+
 def get_registries() -> Registries:
     """Call every registration hook once and return the filled registries (cached).
 
@@ -239,6 +258,7 @@ def get_registries() -> Registries:
                 name = getattr(obj, "name", None)
                 if not isinstance(name, str) or not name:
                     raise TypeError(f"register() was given a {type(obj).__name__} without a string 'name'")
+                _check_contract(_kind, name, obj)
                 _items.append((_kind, name, obj, _source))
 
             try:

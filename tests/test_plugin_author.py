@@ -231,3 +231,50 @@ def test_evaluate_names_a_missing_latent_dim_or_input_shape_before_any_work(attr
 
     with pytest.raises(TypeError, match=re.escape(f"model Model {message}")):
         robbench.evaluate(Model(), torch.full((1, 1, 8, 8), 0.5), attacks=["max_damage"], estimators=["margin"])
+
+
+_CONTRACT_PLUGIN = '''
+from robbench import hookimpl
+
+
+class Estimator:
+    name, description = "bare_est", "test"
+{attrs}
+    def __call__(self, ctx, x):
+        return [{{"v": 1.0}} for _ in range(x.shape[0])]
+
+
+@hookimpl
+def register_estimators(register):
+    register(Estimator())
+'''
+
+
+@pytest.mark.parametrize("attrs, message", [
+    ("    defaults = {}\n", "estimator 'bare_est' (Estimator) needs the attribute needs_attack: True when the "
+                          "estimator runs an attack, else False; it has none"),
+    ("    needs_attack = False\n", "needs the attribute defaults: a dict of every parameter with its default"),
+    ("    defaults, needs_attack = {}, 'no'\n", "needs the attribute needs_attack: True when the estimator runs an "
+                                              "attack, else False; got str 'no'"),
+])
+def test_an_estimator_without_the_attributes_the_harness_reads_is_reported_at_registration(
+        fresh_plugins, thirdparty_path, capsys, attrs, message):
+    """An estimator written without `needs_attack` (or `defaults`) registered fine, then `robbench run`
+    died with "AttributeError: 'Estimator' object has no attribute 'needs_attack'" (a traceback). It is now
+    skipped at registration with the attribute it needs, like any plugin that fails to register."""
+    from robbench import cli
+
+    (thirdparty_path / "robbench_contract.py").write_text(_CONTRACT_PLUGIN.format(attrs=attrs))
+    info = thirdparty_path / "robbench_contract-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: robbench-contract\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[robbench]\ncontract = robbench_contract\n")
+    try:
+        status = cli.main(["run", "--dataset", "digits", "--models", "linear_gaussian", "--estimators",
+                           "bare_est", "--points", "2", "--dry-run"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert status == 2 and "warning: plugin contract failed to load and was skipped" in text
+        (failure,) = fresh_plugins.plugin_failures()
+        assert message in failure.error, failure.error
+    finally:
+        sys.modules.pop("robbench_contract", None)

@@ -92,7 +92,7 @@ def test_a_plugin_that_fails_to_import_is_reported_and_skipped(tmp_path):
     (info / "entry_points.txt").write_text("[robbench]\nbroken = broken_plugin\n")
     env = _env(site, tmp_path)
     listed = _robbench(["robbench", "plugins"], env, tmp_path)
-    assert listed.returncode == 0, listed.stderr
+    assert listed.returncode == 1, listed.stderr  # listed, and a failing status (test_plugin_author.py)
     text = re.sub(r"\s+", " ", listed.stdout)
     assert "plugin broken (broken_plugin, from robbench-broken 0.1) failed to load and was skipped" in text
     assert "No module named 'a_module_that_does_not_exist'" in text

@@ -134,6 +134,9 @@ class Attack:
         if name is not None:
             self.name = name
 
+    def __call__(self, model, x, radius, *, params, generator, init=None):
+        raise AssertionError("never called")
+
 
 @hookimpl
 def register_models(register):
