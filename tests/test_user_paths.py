@@ -479,8 +479,8 @@ def test_evaluate_names_what_a_model_without_the_vae_methods_lacks():
 
     from robbench import evaluate
 
-    with pytest.raises(TypeError, match=r"model Linear lacks encode\(x\) -> \(mu, sigma\), decode\(z\); "
-                                        r"see robbench.protocols.VAEModel"):
+    with pytest.raises(TypeError, match=r"model Linear lacks encode\(x\) -> \(mu, sigma\), decode\(z\), latent_dim, "
+                                        r"input_shape \(e.g. \(1, 28, 28\)\); see robbench.protocols.VAEModel"):
         evaluate(torch.nn.Linear(64, 64), torch.rand(2, 64), estimators=["bound"])
 
 
