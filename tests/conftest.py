@@ -13,6 +13,17 @@ import torch
 HERE = Path(__file__).parent
 
 
+def install_plugin(site: Path, module: str, source: str, dist: str, version: str = "0.1") -> None:
+    """Make ``site`` hold an 'installed' plugin: ``module``.py with ``source`` and a dist-info declaring it as
+    the entry point named after the distribution ``dist`` (``-`` → ``_``, without ``robbench-``)."""
+    (site / f"{module}.py").write_text(source)
+    info = site / f"{dist.replace('-', '_')}-{version}.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
+    entry = dist.removeprefix("robbench-").replace("-", "_")
+    (info / "entry_points.txt").write_text(f"[robbench]\n{entry} = {module}\n")
+
+
 def install_thirdparty(site: Path) -> Path:
     """Make ``site`` hold an 'installed' third-party plugin: module + .dist-info with its entry point."""
     site.mkdir(parents=True, exist_ok=True)

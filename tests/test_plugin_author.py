@@ -8,24 +8,17 @@ import sys
 
 import pytest
 import torch
+from conftest import install_plugin
 
 from robbench import hookimpl
 
 _IMPORT_FAILS = "import robbench_missing_dependency_xyz  # the plugin's own import fails\n"
 
 
-def _install_broken(site) -> None:
-    """An 'installed' plugin (dist-info with an entry point) whose module fails to import."""
-    (site / "robbench_imp_broken.py").write_text(_IMPORT_FAILS)
-    info = site / "robbench_imp_broken-0.3.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: robbench-imp-broken\nVersion: 0.3\n")
-    (info / "entry_points.txt").write_text("[robbench]\nimp_broken = robbench_imp_broken\n")
-
-
 @pytest.fixture
 def broken_plugin(fresh_plugins, thirdparty_path, monkeypatch):
-    _install_broken(thirdparty_path)
+    """An 'installed' plugin (dist-info with an entry point) whose module fails to import."""
+    install_plugin(thirdparty_path, "robbench_imp_broken", _IMPORT_FAILS, "robbench-imp-broken", "0.3")
     monkeypatch.setattr(fresh_plugins, "_warned", set(), raising=False)
     yield fresh_plugins
     sys.modules.pop("robbench_imp_broken", None)
@@ -92,11 +85,8 @@ def test_a_hook_with_the_wrong_name_or_arguments_is_reported_not_a_traceback(fre
     from robbench import cli
 
     text, message = _HOOK_MISTAKES[case]
-    (thirdparty_path / "robbench_hook_mistake.py").write_text("from robbench import hookimpl\n\n\n" + text)
-    info = thirdparty_path / "robbench_hook_mistake-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: robbench-hook-mistake\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[robbench]\nhook_mistake = robbench_hook_mistake\n")
+    install_plugin(thirdparty_path, "robbench_hook_mistake", "from robbench import hookimpl\n\n\n" + text,
+                   "robbench-hook-mistake")
     try:
         (failure,) = fresh_plugins.plugin_failures()
         assert failure.name == "hook_mistake" and message in failure.error, failure.error
@@ -264,11 +254,7 @@ def test_an_estimator_without_the_attributes_the_harness_reads_is_reported_at_re
     skipped at registration with the attribute it needs, like any plugin that fails to register."""
     from robbench import cli
 
-    (thirdparty_path / "robbench_contract.py").write_text(_CONTRACT_PLUGIN.format(attrs=attrs))
-    info = thirdparty_path / "robbench_contract-0.1.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: robbench-contract\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[robbench]\ncontract = robbench_contract\n")
+    install_plugin(thirdparty_path, "robbench_contract", _CONTRACT_PLUGIN.format(attrs=attrs), "robbench-contract")
     try:
         status = cli.main(["run", "--dataset", "digits", "--models", "linear_gaussian", "--estimators",
                            "bare_est", "--points", "2", "--dry-run"])

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from conftest import install_plugin
 from robbench import hookimpl
 from robbench.protocols import ModelFamily
 from robbench.registry import Registry, UnknownNameError
@@ -162,11 +163,7 @@ def test_a_plugin_that_fails_to_register_is_skipped_and_reported(fresh_plugins, 
     too). Like a plugin that fails to import, it is now skipped whole (its model too) and reported."""
     from robbench import cli
 
-    (thirdparty_path / "robbench_broken_pkg.py").write_text(_BROKEN_PLUGIN.format(body=body))
-    info = thirdparty_path / "robbench_broken_pkg-0.2.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: robbench-broken-pkg\nVersion: 0.2\n")
-    (info / "entry_points.txt").write_text("[robbench]\nbroken_pkg = robbench_broken_pkg\n")
+    install_plugin(thirdparty_path, "robbench_broken_pkg", _BROKEN_PLUGIN.format(body=body), "robbench-broken-pkg", "0.2")
     try:
         regs = fresh_plugins.get_registries()
         assert "broken_pkg_model" not in regs.models and "mine" not in regs.attacks
