@@ -427,6 +427,10 @@ def build_or_train(family: ModelFamily, params: dict[str, Any], data: SplitData,
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # weight initialisation
         model = family.build(params, data.input_shape)
+    if not callable(getattr(model, "loss", None)):  # else an AttributeError from inside the training loop
+        raise TypeError(f"model family {family.name!r} is trainable (ModelFamily's trainable defaults to True) but "
+                        f"its {type(model).__name__} has no loss(x) -> (objective, {{'elbo': ...}}); add one, or "
+                        "register a ready-built model with ModelFamily(..., trainable=False)")
     start = time.perf_counter()
     label = f"{family.name} " + " ".join(f"{k}={params[k]}" for k in family.sweep if k in params)
     test_elbo, history = train_model(model, data, cfg, device=device, progress=progress,

@@ -264,3 +264,33 @@ def test_an_estimator_without_the_attributes_the_harness_reads_is_reported_at_re
         assert message in failure.error, failure.error
     finally:
         sys.modules.pop("robbench_contract", None)
+
+
+def test_a_trainable_family_whose_model_has_no_loss_says_to_add_one_or_mark_it_ready_built(fresh_plugins, tmp_path,
+                                                                                           capsys, one_thread):
+    """A user registering their pretrained module as a ModelFamily (trainable defaults to True) saw every
+    row fail with "AttributeError: 'Model' object has no attribute 'loss' (module.py:1967)"."""
+    from robbench import cli
+    from robbench.protocols import ModelFamily
+    from robbench_plugins.analytic import LinearGaussianVAE
+
+    class NoLoss(LinearGaussianVAE):
+        loss = None
+
+    class Plugin:
+        @hookimpl
+        def register_models(self, register):
+            register(ModelFamily(name="no_loss", description="test", build=lambda params, shape: NoLoss()))
+
+    plugin = Plugin()
+    fresh_plugins.register_plugin(plugin, name="no-loss")
+    try:
+        status = cli.main(["run", "--models", "no_loss", "--dataset", "digits", "--estimators", "encoder_stats",
+                           "--points", "2", "--threads", "1", "--out", str(tmp_path / "run"), "--no-progress"])
+    finally:
+        fresh_plugins.unregister_plugin(plugin)
+    out = " ".join(capsys.readouterr().out.split())
+    assert status == 0
+    assert ("model family 'no_loss' is trainable (ModelFamily's trainable defaults to True) but its NoLoss has no "
+            "loss(x) -> (objective, {'elbo': ...}); add one, or register a ready-built model with "
+            "ModelFamily(..., trainable=False)") in out, out
