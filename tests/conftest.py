@@ -58,6 +58,10 @@ def fresh_plugins(monkeypatch: pytest.MonkeyPatch, thirdparty_path: Path):
     monkeypatch.syspath_prepend(str(thirdparty_path))
     monkeypatch.setattr(plugins, "_manager", None)
     monkeypatch.setattr(plugins, "_registries", None)
+    # the fresh manager's failures and sources must not outlive it (evaluate() would warn about them later)
+    monkeypatch.setattr(plugins, "_failures", [])
+    monkeypatch.setattr(plugins, "_sources", dict(plugins._sources))
+    monkeypatch.setattr(plugins, "_warned", set())
     yield plugins
     sys.modules.pop("robbench_tp_demo", None)
 

@@ -19,7 +19,6 @@ _IMPORT_FAILS = "import robbench_missing_dependency_xyz  # the plugin's own impo
 def broken_plugin(fresh_plugins, thirdparty_path, monkeypatch):
     """An 'installed' plugin (dist-info with an entry point) whose module fails to import."""
     install_plugin(thirdparty_path, "robbench_imp_broken", _IMPORT_FAILS, "robbench-imp-broken", "0.3")
-    monkeypatch.setattr(fresh_plugins, "_warned", set(), raising=False)
     yield fresh_plugins
     sys.modules.pop("robbench_imp_broken", None)
 
