@@ -49,7 +49,7 @@ def record_calls() -> list[tuple[str, torch.nn.Module, list[dict[str, Any]]]]:
     job = margin_bench.margin_job(cfg, regs)
     spec = dataclasses.replace(job, run=dataclasses.replace(job.run, backend="cpp"))
     data = load_data(cfg, regs)
-    ids = [int(p) for p in select_points(data, cfg.points, cfg.seed)]
+    ids = [int(p) for p in select_points(data, cfg.points, cfg.points_seed())]  # as margin_rows picks them
     out: list[tuple[str, torch.nn.Module, list[dict[str, Any]]]] = []
     original = kernels.CppBackend.count_within
 

@@ -18,7 +18,7 @@ that both sides agree).
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -55,6 +55,10 @@ class MLPPlan:
     acts: list[int]
     in_dim: int
     out_dim: int
+    # the compiled backend's adaptive screen (kernels.count_within, screen="auto"): calls in a row whose
+    # screen decided < 1/8 of the samples, and calls since then that skipped it; reset with the plan
+    screen_misses: int = field(default=0, compare=False, repr=False)
+    screen_skips: int = field(default=0, compare=False, repr=False)
 
     @property
     def flops_per_sample(self) -> int:
@@ -70,7 +74,8 @@ class GenericPlan:
     out_dim: int
 
 
-_PLANS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, MLPPlan | GenericPlan]]" = weakref.WeakKeyDictionary()
+_PLANS: "weakref.WeakKeyDictionary[nn.Module, tuple[Callable[[nn.Module], bool], MLPPlan | GenericPlan]]" = \
+    weakref.WeakKeyDictionary()
 
 
 def _mlp_layers(decoder: nn.Module) -> list[tuple[nn.Linear, int]] | None:
@@ -122,10 +127,49 @@ def _mlp_plan(layers: list[tuple[nn.Linear, int]]) -> MLPPlan:
     return MLPPlan(ws, wts, bs, acts, in_dim=layers[0][0].in_features, out_dim=layers[-1][0].out_features)
 
 
+def _params_key(decoder: object) -> tuple:
+    """(data_ptr, version) of every parameter of ``decoder`` (any structure): a generic plan's key."""
+    params = list(decoder.parameters()) if isinstance(decoder, nn.Module) else []
+    return tuple((p.data_ptr(), p._version) for p in params)
+
+
+def _mlp_guard(decoder: nn.Module, layers: list[tuple[nn.Linear, int]]) -> Callable[[nn.Module], bool]:
+    """A check that an MLP plan made from ``decoder`` (a flat Sequential, see :func:`_mlp_layers`) still holds
+    for ``model``, in a few attribute reads per layer instead of a walk over the modules (it runs on every
+    Monte Carlo call: benchmarks/README.md, session 10). It fails when ``model.decoder`` is another module,
+    when any child of the Sequential was replaced, added or removed, when a Linear's weight or bias is
+    another tensor (assigned, registered, removed, or converted by ``.to()`` / ``.double()``, which assign
+    ``param.data``: a new data pointer), or when one was changed in place through itself or a view (its
+    version counter: ``copy_`` / ``add_`` under ``torch.no_grad()``, ``load_state_dict``, optimizer steps).
+    Like torch autograd's own checks it cannot see writes that bypass the version counter (``p.data.add_()``,
+    writes through ``p.numpy()``); the tests in tests/test_decoding.py show each case it catches."""
+    children = tuple(decoder._modules.values())
+    watched = []
+    for lin, _ in layers:
+        for name in ("weight", "bias"):
+            t = lin._parameters.get(name)
+            watched.append((lin, name, t, t.data_ptr() if t is not None else 0, t._version if t is not None else 0))
+    watched_t = tuple(watched)
+
+    def valid(model: nn.Module) -> bool:
+        d = getattr(model, "decoder", None)
+        if d is not decoder or tuple(d._modules.values()) != children:
+            return False
+        for lin, name, t, ptr, version in watched_t:
+            if lin._parameters.get(name) is not t:
+                return False
+            if t is not None and (t._version != version or t.data_ptr() != ptr):
+                return False
+        return True
+
+    return valid
+
+
 def decoder_plan(model: nn.Module, out_dim: int) -> MLPPlan | GenericPlan:
     """The decoder of ``model`` as an :class:`MLPPlan` (``model.decoder`` made of Linear/ReLU/Sigmoid and
     computing exactly what ``model.decode`` returns) or else a :class:`GenericPlan` over
-    ``model.decode(z).flatten(1)``. Cached per model and invalidated when any parameter changes. A model
+    ``model.decode(z).flatten(1)``. Cached per model and invalidated when the decoder changes (an MLP plan:
+    :func:`_mlp_guard`; any other: when a parameter's data pointer or version changes). A model
     wrapped in :class:`robbench.checks.CheckedModel` (every run wraps it anew) shares the wrapped model's
     MLP plan, which never calls ``decode``: the same weight tensors in every run, so the compiled backends'
     per-weight caches keep hitting."""
@@ -133,27 +177,32 @@ def decoder_plan(model: nn.Module, out_dim: int) -> MLPPlan | GenericPlan:
         inner = decoder_plan(model.unwrapped, out_dim)
         if isinstance(inner, MLPPlan):
             return inner
-    decoder = getattr(model, "decoder", None)
-    params = list(decoder.parameters()) if isinstance(decoder, nn.Module) else []
-    key = tuple((p.data_ptr(), p._version) for p in params)
     try:
         cached = _PLANS.get(model)
     except TypeError:
         cached = None
-    if cached is not None and cached[0] == key:
-        return cached[1]
+    if cached is not None and cached[0](model):
+        plan = cached[1]
+        if isinstance(plan, MLPPlan) and plan.out_dim != out_dim:
+            raise ValueError(f"model.decoder maps to {plan.out_dim} features but the centre has {out_dim}")
+        return plan
+    decoder = getattr(model, "decoder", None)
     layers = _mlp_layers(decoder) if isinstance(decoder, nn.Module) and _decoder_is_decode(model, decoder) else None
     plan: MLPPlan | GenericPlan
+    valid: Callable[[nn.Module], bool]
     if layers is not None:
         plan = _mlp_plan(layers)
         if plan.out_dim != out_dim:
             raise ValueError(f"model.decoder maps to {plan.out_dim} features but the centre has {out_dim}")
+        valid = _mlp_guard(decoder, layers)
     else:
         # The protocol's decode() is the reference; a weak reference keeps the plan cache from holding the model.
         ref = weakref.ref(model)
         plan = GenericPlan(lambda z: ref().decode(z).flatten(1).float(), out_dim)
+        key = _params_key(decoder)
+        valid = lambda m: _params_key(getattr(m, "decoder", None)) == key  # noqa: E731
     try:
-        _PLANS[model] = (key, plan)
+        _PLANS[model] = (valid, plan)
     except TypeError:
         pass
     return plan

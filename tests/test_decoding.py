@@ -88,3 +88,77 @@ def test_checked_wrapper_of_a_non_mlp_decoder_keeps_its_checked_decode():
     assert isinstance(plan, decoding.GenericPlan)
     with pytest.raises(PluginOutputError):
         plan.fn(torch.zeros(2, 3))
+
+
+def _fresh_plan_matches(model, old):
+    """decoder_plan(model) is a new plan holding the decoder's current weights."""
+    plan = decoding.decoder_plan(model, 5)
+    assert plan is not old
+    lins = [m for m in model.decoder if isinstance(m, nn.Linear)]
+    for lin, w, b in zip(lins, plan.weights, plan.biases):
+        o, i = lin.weight.shape
+        assert torch.equal(w[:o, :i], lin.weight.float())
+        assert torch.equal(b[:o], lin.bias.float() if lin.bias is not None else torch.zeros(o))
+    return plan
+
+
+def test_plan_cache_hits_until_the_decoder_changes_in_any_way():
+    """decoder_plan's cached MLP plan (checked by _mlp_guard in a few attribute reads per layer) is served only
+    while the decoder is the one it was made from: every way of changing its weights or structure gives a
+    fresh plan with the current weights, and an unchanged decoder gets the same plan object."""
+    model = TinyVAE()
+    plan = decoding.decoder_plan(model, 5)
+    assert decoding.decoder_plan(model, 5) is plan
+    with torch.no_grad():
+        model.decoder[2].bias.add_(0.5)  # in place (version counter)
+    plan = _fresh_plan_matches(model, plan)
+    with torch.no_grad():
+        model.decoder[0].weight[1, 2] = 7.0  # through a view
+    plan = _fresh_plan_matches(model, plan)
+    state = {k: v + 1.0 for k, v in model.state_dict().items()}
+    model.load_state_dict(state)
+    plan = _fresh_plan_matches(model, plan)
+    model.decoder[0].weight = nn.Parameter(model.decoder[0].weight.detach().clone() * 2)  # another tensor
+    plan = _fresh_plan_matches(model, plan)
+    model.decoder[2].bias = None  # removed
+    plan = _fresh_plan_matches(model, plan)
+    model.decoder[2].bias = nn.Parameter(torch.ones(5))  # added back
+    plan = _fresh_plan_matches(model, plan)
+    model.decoder[1] = nn.Sigmoid()  # a child replaced
+    plan = _fresh_plan_matches(model, plan)
+    assert plan.acts == [decoding.ACT_SIGMOID, decoding.ACT_SIGMOID]
+    model.decoder = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 5))  # the decoder replaced
+    plan = _fresh_plan_matches(model, plan)
+    assert plan.weights[0].shape[0] == 32 and plan.acts == [decoding.ACT_RELU, decoding.ACT_NONE]
+    model.decoder.append(nn.Sigmoid())  # a child added
+    plan = _fresh_plan_matches(model, plan)
+    assert plan.acts[-1] == decoding.ACT_SIGMOID
+    model.double()  # converted: param.data assigned (new data pointers)
+    plan = _fresh_plan_matches(model, plan)
+    assert decoding.decoder_plan(model, 5) is plan
+
+
+def test_compiled_counts_follow_a_changed_decoder():
+    """End to end through the cpp backend: after the decoder's weights change in place, the counts are the
+    torch reference's for the new weights (never the cached plan's old ones)."""
+    import pytest
+
+    from robbench import montecarlo
+
+    if not kernels.load():
+        pytest.skip(f"no compiled extension: {kernels.build_error()}")
+    model = TinyVAE()
+    mu, sigma = torch.randn(4, 3, generator=torch.Generator().manual_seed(1)), torch.full((4, 3), 0.5)
+    center = model.decode(mu).detach()
+    kw = dict(seed=3, stream_ids=torch.arange(4))
+    r = montecarlo.sample_distances(model, mu, sigma, center, 200, **kw).median(1).values  # the first weights'
+    seen = []
+    for step in range(3):
+        ref = montecarlo.count_within(model, mu, sigma, center, r, 200, backend="torch", **kw)
+        seen.append(tuple(ref.tolist()))
+        got = montecarlo.count_within(model, mu, sigma, center, r, 200, backend="cpp", **kw)
+        assert torch.equal(got, ref), step
+        with torch.no_grad():
+            model.decoder[2].weight.mul_(1.05)
+            model.decoder[2].bias.sub_(0.02)
+    assert len(set(seen)) == 3, seen  # each change of the weights changes the counts

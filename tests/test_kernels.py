@@ -84,6 +84,62 @@ def test_ops_name_the_bad_argument(bad, message):
                                      args["precision"], True, args["chunk_rows"])
 
 
+def test_mlp_count_ids_makes_the_stream_keys_of_rng():
+    """mlp_count_ids builds the keys from the ids itself (C++): the same counts and stats as mlp_count with
+    rng.stream_keys' keys, for ids with any 64 bits (negative, beyond 2^32, extremes) and any seed; a key and
+    ids of the wrong kind are refused by name."""
+    model = MLPVAE()
+    B, n = 7, 90
+    mu, sigma, center = _points(model, B, 4)
+    plan = decoding.decoder_plan(model, center.shape[1])
+    r2 = torch.linspace(0.05, 2.0, B)
+    ids = torch.tensor([0, 1, -1, 2 ** 32, 2 ** 32 - 1, -2 ** 63, 2 ** 63 - 1])
+    for seed in (0, 5, 2 ** 40 + 17, 2 ** 64 - 1):
+        for screen, precision in ((True, 1), (False, 0)):
+            ka, kb = rng.stream_keys(seed, ids)
+            want = torch.ops.robbench.mlp_count(mu, sigma, center, r2, ka, kb, n, 3, plan.weights_t, plan.biases,
+                                                plan.acts, precision, screen, 64)
+            got = torch.ops.robbench.mlp_count_ids(mu, sigma, center, r2, ids, rng.seed_key(seed), n, 3,
+                                                   plan.weights_t, plan.biases, plan.acts, precision, screen, 64)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (seed, screen)
+    args = (plan.weights_t, plan.biases, plan.acts, 1, True, 64)
+    with pytest.raises(RuntimeError, match="stream_ids must be Long"):
+        torch.ops.robbench.mlp_count_ids(mu, sigma, center, r2, ids.int(), 0, n, 0, *args)
+    with pytest.raises(RuntimeError, match="stream_ids must be \\(B,\\)"):
+        torch.ops.robbench.mlp_count_ids(mu, sigma, center, r2, ids[:3], 0, n, 0, *args)
+    with pytest.raises(RuntimeError, match="32-bit key"):
+        torch.ops.robbench.mlp_count_ids(mu, sigma, center, r2, ids, 2 ** 32, n, 0, *args)
+
+
+def test_adaptive_screen_skips_a_screen_that_decides_nothing_and_probes_again():
+    """screen="auto" (CppBackend's default): after kernels.SCREEN_MISSES calls whose screen decided < 1/8 of
+    the samples, only every SCREEN_PROBE-th call runs it; a call whose screen decides enough switches it back
+    on. The counts equal the reference's on every call, screened or not."""
+    model = MLPVAE(scale=0.3)
+    B, n = 3, 150
+    mu, sigma, center = _points(model, B, 0)
+    plan = decoding.decoder_plan(model, center.shape[1])
+    d = montecarlo.sample_distances(model, mu, sigma, center, n, seed=2, backend="torch")
+    lip = 0.25 * float(torch.linalg.matrix_norm(plan.weights[-1].double(), 2))
+    far, near = 4.0 * float(d.max()) + lip * 100.0, float(d.min()) / 2
+
+    def call(r):
+        res = kernels.count_within(model, mu, sigma, center, montecarlo.radius_sq(r, B, mu.device), n, seed=2,
+                                   stream_ids=torch.arange(B), precision="bf16", screen="auto")
+        assert torch.equal(res.counts, (d <= r).sum(1))
+        return res.screened
+
+    assert [call(near) for _ in range(kernels.SCREEN_MISSES)] == [0] * kernels.SCREEN_MISSES
+    # skipped: even a radius it would decide entirely gets no screen, until the probe
+    assert [call(far) for _ in range(kernels.SCREEN_PROBE)] == [0] * (kernels.SCREEN_PROBE - 1) + [B * n]
+    assert [call(far) for _ in range(3)] == [B * n] * 3  # the probe decided everything: on for every call
+    assert plan.screen_misses == 0
+    # screen=True still screens on every call
+    res = kernels.count_within(model, mu, sigma, center, montecarlo.radius_sq(near, B, mu.device), n, seed=2,
+                               stream_ids=torch.arange(B), precision="bf16", screen=True)
+    assert res.screened == 0 and plan.screen_misses == 0
+
+
 def test_normals_bit_exact_with_python():
     """3003 rows: the op's eight-row AVX-512 loop and its scalar tail (3003 = 8 * 375 + 3; the op splits
     rows into chunks of 256), odd and even k."""
@@ -107,6 +163,9 @@ def test_opcheck_all_ops():
          (mu, sigma, center, r2, ka, kb, 50, 7, plan.weights_t, plan.biases, plan.acts, 1, True, 64)),
         (torch.ops.robbench.mlp_count.default,
          (mu, sigma, center, r2, ka, kb, 50, 7, plan.weights_t, plan.biases, plan.acts, 0, False, 64)),
+        (torch.ops.robbench.mlp_count_ids.default,
+         (mu, sigma, center, r2, torch.arange(3), rng.seed_key(1), 50, 7, plan.weights_t, plan.biases, plan.acts, 1,
+          True, 64)),
         (torch.ops.robbench.count_le.default, (torch.rand(3, 20, 70, generator=g), center, r2)),
         (torch.ops.robbench.sigmoid_fp32.default, (torch.randn(37, generator=g) * 20,)),
         (torch.ops.robbench.sigmoid_fp32.default, (torch.randn(5, 3, generator=g), True)),

@@ -17,6 +17,7 @@
 //     (early_exit.h: exact columns in blocks, rigorous bound on the rest, reference for the undecided).
 //   stats = [samples rechecked in fp32, samples through the bf16 last layer, samples screened,
 //            samples through the early exit, last-layer columns it computed, of those samples rechecked].
+// mlp_count_ids: mlp_count with the stream keys made from the stream ids and the subnormal check inside.
 // mlp_sq_distances: the fp32 squared distances (B, n) of the same samples.
 // count_le: the generic path's fused epilogue (distance, threshold, count) for any decoder output.
 // normals: the RNG itself (tests compare it bit for bit with robbench/rng.py).
@@ -48,6 +49,7 @@
 #include "common/early_exit.h"
 #include "common/fused_hidden.h"
 #include "common/normals_rows.h"
+#include "common/rng.h"
 #include "common/switches.h"
 
 namespace robbench {
@@ -1176,6 +1178,49 @@ std::tuple<at::Tensor, at::Tensor> mlp_count_cpu(const at::Tensor& mu_, const at
   return {counts, stats};
 }
 
+// Whether this thread's fp32 arithmetic keeps subnormal numbers (kernels.denormals_are_ieee without its ATen
+// calls): MXCSR (FTZ/DAZ after torch.set_flush_denormal(True)) is per thread and the op runs in the calling
+// thread. volatile: computed at run time, under the thread's own MXCSR.
+bool thread_keeps_subnormals() {
+  volatile float tiny = 0x1p-140f;
+  volatile float half = tiny * 0.5f;
+  return half != 0.f;
+}
+
+// mlp_count with the stream keys made here from the stream ids (rng.stream_keys: ka = h(h(lo ^ c) ^ hi),
+// kb = h(ka ^ 0x68E31DA4) on each id's two 32-bit words, h = lowbias32, c = rng.seed_key(seed)) and the
+// calling thread's subnormal check: while it flushes subnormals nothing is computed and stats = [-1] (the
+// caller then runs the torch reference; kernels.count_within). One op call per Monte Carlo call instead of
+// the keys' numpy calls and the check's ATen calls (benchmarks/README.md, session 10).
+std::tuple<at::Tensor, at::Tensor> mlp_count_ids_cpu(const at::Tensor& mu, const at::Tensor& sigma,
+                                                     const at::Tensor& center, const at::Tensor& r2,
+                                                     const at::Tensor& ids_, int64_t c, int64_t n, int64_t offset,
+                                                     at::TensorList weights_t, at::TensorList biases,
+                                                     at::IntArrayRef acts, int64_t precision, bool screen,
+                                                     int64_t chunk_rows) {
+  if (!thread_keeps_subnormals())
+    return {at::empty({0}, at::kLong), at::full({1}, -1, at::kLong)};
+  check_tensor(mu, "mu", at::kFloat, at::Device(at::kCPU), 2);
+  check_tensor(ids_, "stream_ids", at::kLong, at::Device(at::kCPU), 1);
+  TORCH_CHECK(ids_.size(0) == mu.size(0), "stream_ids must be (B,) with B = ", mu.size(0), ", got ", ids_.sizes());
+  TORCH_CHECK(c >= 0 && c <= 0xFFFFFFFFLL, "c must be a 32-bit key (rng.seed_key), got ", c);
+  const at::Tensor ids = ids_.contiguous();
+  const int64_t B = ids.size(0);
+  at::Tensor ka = at::empty({B}, ids.options()), kb = at::empty({B}, ids.options());
+  const int64_t* s = ids.data_ptr<int64_t>();
+  int64_t* pa = ka.data_ptr<int64_t>();
+  int64_t* pb = kb.data_ptr<int64_t>();
+  const uint32_t cc = static_cast<uint32_t>(c);
+  for (int64_t i = 0; i < B; ++i) {
+    const uint64_t v = static_cast<uint64_t>(s[i]);  // two's complement: the same 64 bits as numpy's view
+    const uint32_t a = hash32(hash32(static_cast<uint32_t>(v) ^ cc) ^ static_cast<uint32_t>(v >> 32));
+    pa[i] = a;
+    pb[i] = hash32(a ^ 0x68E31DA4u);
+  }
+  return mlp_count_cpu(mu, sigma, center, r2, ka, kb, n, offset, weights_t, biases, acts, precision, screen,
+                       chunk_rows);
+}
+
 // The generic path's epilogue: the reference computes t_d = fl(fl(y_d - c_d)^2) and sums them in fp32
 // (ATen's reduction); here the same terms are summed in double and a sample is decided where the
 // reference's fp32 sum is certainly on one side of r^2 (the band of fp32_final_count); the few samples
@@ -1234,6 +1279,9 @@ TORCH_LIBRARY(robbench, m) {
   m.def("mlp_count(Tensor mu, Tensor sigma, Tensor center, Tensor r2, Tensor ka, Tensor kb, int n, int offset, "
         "Tensor[] weights_t, Tensor[] biases, int[] acts, int precision, bool screen, int chunk_rows) -> "
         "(Tensor, Tensor)");
+  m.def("mlp_count_ids(Tensor mu, Tensor sigma, Tensor center, Tensor r2, Tensor stream_ids, int c, int n, "
+        "int offset, Tensor[] weights_t, Tensor[] biases, int[] acts, int precision, bool screen, int chunk_rows) "
+        "-> (Tensor, Tensor)");
   m.def("count_le(Tensor y, Tensor center, Tensor r2) -> Tensor");
   m.def("last_layer_cache_stats() -> int[]", &last_layer_cache_stats);
 }
@@ -1242,6 +1290,7 @@ TORCH_LIBRARY_IMPL(robbench, CPU, m) {
   m.impl("normals", &normals_cpu);
   m.impl("mlp_sq_distances", &mlp_sq_distances_cpu);
   m.impl("mlp_count", &mlp_count_cpu);
+  m.impl("mlp_count_ids", &mlp_count_ids_cpu);
   m.impl("count_le", &count_le_cpu);
 }
 
