@@ -14,6 +14,9 @@ Ops (schemas in ``csrc/cpu/montecarlo_cpu.cpp``):
   MLP path (Lipschitz screen, bf16 last layer with a rigorous band, fp32 recheck; see
   ``csrc/common/bounds.h``; fp32 last layer with an opt-in per-sample early exit,
   ``csrc/common/early_exit.h``, ``ROBBENCH_EARLY_EXIT=1``);
+- ``robbench::mlp_count_ids(mu, sigma, center, r2, stream_ids, c, ...) -> (counts, stats)``: ``mlp_count`` with
+  the stream keys made inside from the ids (c = ``rng.seed_key(seed)``) and the calling thread's subnormal check
+  (stats = [-1] and nothing computed while it flushes subnormals): what :func:`count_within` calls on the CPU;
 - ``robbench::mlp_sq_distances(...) -> Tensor``: fp32 squared distances of the same samples;
 - ``robbench::count_le(Tensor y, Tensor center, Tensor r2, int rows_per_point) -> Tensor``: the fused
   distance-threshold-count epilogue for any decoder (generic path);
