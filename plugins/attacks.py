@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from robbench.hookspecs import hookimpl
-from robbench import rng, stats
+from robbench import ran_with, rng, stats
 from robbench.inputrange import input_range
 from robbench.projection import (as_radius, finalize, flat_norm, lbfgs_ascent, projected_gradient_ascent,
                                  point_normals, random_start, stall_ascent)
@@ -255,6 +255,7 @@ class MaxDamageAttack:
             if p["engine"] == "compiled":
                 raise ValueError("attack parameter engine='compiled' runs the default optimiser only "
                                  "(optimizer='pgd', eta_redraw=True); use engine='auto' or 'torch'")
+            ran_with.note(ran_with.ATTACK_ENGINE, "torch")
             n_eta = int(p["eta_samples"]) if expectation else 0
             eta = point_normals(generator, ids, max(n_eta, 1), model.latent_dim, x)  # fixed for the call
 
@@ -263,6 +264,8 @@ class MaxDamageAttack:
 
             return _result(model, x, _optimise(fixed, x, radius, p, generator, init, ids, input_range(model)))
         spec = fused_attack.resolve_engine(p["engine"], model, x)
+        # "auto" falls back to torch where the extension does not load: the row must say which ran
+        ran_with.note(ran_with.ATTACK_ENGINE, "torch" if spec is None else "compiled")
 
         def fused(idx: Tensor, ra: Tensor) -> fused_attack.FusedObjective:  # the compiled engine on points idx
             return fused_attack.FusedObjective(spec, x[idx], center[idx], mu_c[idx], sig_c[idx], ra, route,

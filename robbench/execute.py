@@ -27,6 +27,7 @@ from torch import Tensor
 from robbench.imagefit import fit_if_needed
 from robbench.inputrange import DEFAULT_RANGE, input_range
 from robbench.checks import PluginOutputError, check_estimator_rows, checked
+from robbench import ran_with
 from robbench.plugins import Registries, get_registries
 from robbench.protocols import ARRAYS_KEY, EstimationContext, VAEModel
 from robbench.settings import RunSettings
@@ -78,6 +79,8 @@ class PointResult:
     arrays: dict[str, Tensor] | None = None
     error: str | None = None
     seconds: float = 0.0
+    # what the batch actually ran: {"attack_engine": "compiled", "mc_backend": "cpp"} (robbench.ran_with)
+    ran_with: dict[str, str] | None = None
 
     @property
     def ok(self) -> bool:
@@ -110,7 +113,8 @@ def evaluate_batch(job: JobSpec, model: VAEModel, x: Tensor, point_ids: Sequence
     box = input_range(model)
     start = time.perf_counter()
     try:
-        rows = estimator(ctx, fit_if_needed(x.to(device), job.data_range, model))
+        with ran_with.recording() as ran:
+            rows = estimator(ctx, fit_if_needed(x.to(device), job.data_range, model))
         results = check_estimator_rows(job.estimator, rows, len(ids))
         error = None
     except PluginOutputError as err:
@@ -125,6 +129,7 @@ def evaluate_batch(job: JobSpec, model: VAEModel, x: Tensor, point_ids: Sequence
             raise
         results, error = [{} for _ in ids], describe_error(err)
     seconds = (time.perf_counter() - start) / max(1, len(ids))
+    used = ran_with.summary(ran) if error is None else None
     out = []
     for point, metrics in zip(ids, results):
         metrics = dict(metrics)
@@ -132,7 +137,7 @@ def evaluate_batch(job: JobSpec, model: VAEModel, x: Tensor, point_ids: Sequence
         if arrays and box != DEFAULT_RANGE:  # so figures can map the images back to [0, 1]
             arrays = {**arrays, "input_range": torch.tensor(box)}
         problem = error or (None if raise_errors else nonfinite_metric(metrics))
-        out.append(PointResult(point, metrics, arrays, problem, seconds))
+        out.append(PointResult(point, metrics, arrays, problem, seconds, used))
     return out
 
 

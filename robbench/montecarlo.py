@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from robbench.backends import Backend
 from robbench.decoding import DEFAULT_CHUNK_ROWS
 from robbench.plugins import get_registries
+from robbench.ran_with import MC_BACKEND, note
 
 AUTO = "auto"
 
@@ -141,6 +142,7 @@ def count_within(model: nn.Module, mu: Tensor, sigma: Tensor, center: Tensor, r:
     mu, sigma, center, stream_ids = _prepare(mu, sigma, center, stream_ids, n_samples, sample_offset)
     r2 = radius_sq(r, mu.shape[0], mu.device)
     chosen = get_backend(backend, mu.device)
+    note(MC_BACKEND, chosen.name)  # "auto" resolves per machine: each result row records what ran
     timing_cuda = bool(_observers) and mu.is_cuda  # CUDA runs asynchronously: time the work, not the launch
     if timing_cuda:
         torch.cuda.synchronize(mu.device)
@@ -167,5 +169,6 @@ def sample_distances(model: nn.Module, mu: Tensor, sigma: Tensor, center: Tensor
     (sqrt of the float32 squared distance). Always computed in fp32 (backend "cpp" uses its fp32 path)."""
     mu, sigma, center, stream_ids = _prepare(mu, sigma, center, stream_ids, n_samples, sample_offset)
     chosen = get_backend(backend, mu.device)
+    note(MC_BACKEND, chosen.name)
     return chosen.sq_distances(model, mu, sigma, center, n_samples, seed=seed, stream_ids=stream_ids,
                                sample_offset=sample_offset, chunk_rows=chunk_size or DEFAULT_CHUNK_ROWS).sqrt_()

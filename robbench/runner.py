@@ -14,7 +14,7 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
-from robbench import faults, terminal
+from robbench import faults, resume_engines, terminal
 from robbench.checks import PluginOutputError, checked
 from robbench.config import (AttackConfig, ConfigError, ModelConfig, RunConfig, attack_configs,
                              estimator_params, model_configs, stable_hash)
@@ -49,12 +49,14 @@ class Job:
     def attack_label(self) -> str:
         return self.attack.label if self.attack else ""
 
-    def row(self, point: int, status: str, metrics: dict[str, Any], error: str | None, seconds: float) -> ResultRow:
-        """The store row of one point's result: labels for display, family / parameters as data."""
+    def row(self, point: int, status: str, metrics: dict[str, Any], error: str | None, seconds: float,
+            ran_with: dict[str, str] | None = None) -> ResultRow:
+        """The store row of one point's result: labels for display, family / parameters as data, and the
+        attack engine / Monte Carlo backend that ran (:mod:`robbench.ran_with`)."""
         return ResultRow(self.key, point, self.model.label, self.model.seed, self.attack_label, self.estimator,
                          status, metrics, error, seconds, self.model.family, dict(self.model.params),
                          self.attack.name if self.attack else None,
-                         dict(self.attack.params) if self.attack else None)
+                         dict(self.attack.params) if self.attack else None, ran_with)
 
     def spec(self) -> JobSpec:
         """The job as plain data for :func:`robbench.execute.evaluate_batch` (and remote workers)."""
@@ -218,6 +220,13 @@ class Runner:
         self._array_points = set(point_ids[:self.cfg.keep_arrays])
         self._produced: dict[str, list[dict[str, Any]]] = {}  # job key -> metrics of this invocation's ok rows
         store = ResultStore(self.run_dir)
+        work, plans = self._plan_work(store, data, point_ids, evaluate)
+        # a resume never mixes attack engines under one job key (robbench.resume_engines), checked before this
+        # invocation records anything; --retrain replaces every stored row, so there is nothing to mix
+        self._engines = {} if self.retrain else resume_engines.stored_engines(store, self.by_key)
+        if evaluate and getattr(self.executor, "runs_here", True):
+            resume_engines.check_before_work(self._engines, self.jobs,
+                                             {key: p for plan in plans.values() for key, p in plan.pending.items()})
         store.record_run(RunRecord(self.cfg.to_dict(), [job.key for job in self.jobs],
                                    sorted({model_key(self.cfg, job.model) for job in self.jobs}), point_ids))
         store.record_jobs((job.key, job.estimator, job.params, job.run.to_dict()) for job in self.jobs)
@@ -225,7 +234,6 @@ class Runner:
         for name in self.cfg.estimators:  # the leaderboard is rebuilt from these, plugin installed or not
             columns = getattr(self.regs.estimators.get(name), "columns", ()) or ()
             store.record_columns(name, [col.to_dict() for col in columns])
-        work, plans = self._plan_work(store, data, point_ids, evaluate)
         board_current = False
         with TaskDisplay(self.console, len(work) + sum(len(w.batches) for w in work), self.progress) as display:
             for event in self._events(work, data):
@@ -234,7 +242,10 @@ class Runner:
                     finished = self._model_ready(store, plan, event)
                     display.model(event.problem is not None, skipped=len(plan.work.batches) if event.problem else 0)
                 else:
-                    store.write(self._rows(self.by_key[event.batch.job.key], event.results))
+                    job = self.by_key[event.batch.job.key]
+                    # before anything of the batch is kept: a resume that would mix engines is refused
+                    resume_engines.check_batch(self._engines, job, [r.ran_with for r in event.results if r.ok])
+                    store.write(self._rows(job, event.results))
                     faults.reached("rows-written")
                     plan.left -= 1
                     finished = plan.left == 0
@@ -322,7 +333,8 @@ class Runner:
         rows = []
         for res in results:
             self._save_arrays(job, res.point, res.arrays)
-            rows.append(job.row(res.point, "ok" if res.ok else "error", res.metrics, res.error, res.seconds))
+            rows.append(job.row(res.point, "ok" if res.ok else "error", res.metrics, res.error, res.seconds,
+                                res.ran_with if res.ok else None))
         self._produced.setdefault(job.key, []).extend(res.metrics for res in results if res.ok)
         return rows
 

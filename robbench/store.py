@@ -34,6 +34,7 @@ CREATE TABLE IF NOT EXISTS results (
     model_params  TEXT,            -- JSON of the family's parameters for this configuration
     attack_name   TEXT,            -- registered attack name, NULL for estimators that use no attack
     attack_params TEXT,            -- JSON of the attack's parameters
+    ran_with      TEXT,            -- JSON: the attack engine / Monte Carlo backend that ran (robbench.ran_with)
     PRIMARY KEY (job_key, point_id)
 );
 CREATE TABLE IF NOT EXISTS jobs (
@@ -79,9 +80,10 @@ class RunRecord:
 
 
 # Columns added to ``results`` after its first release, with their SQL types (migrated on open).
-_ADDED_COLUMNS = {"model_family": "TEXT", "model_params": "TEXT", "attack_name": "TEXT", "attack_params": "TEXT"}
+_ADDED_COLUMNS = {"model_family": "TEXT", "model_params": "TEXT", "attack_name": "TEXT", "attack_params": "TEXT",
+                  "ran_with": "TEXT"}
 _RESULT_FIELDS = ("job_key, point_id, model, model_seed, attack, estimator, status, metrics, error, seconds, "
-                  "model_family, model_params, attack_name, attack_params")
+                  "model_family, model_params, attack_name, attack_params, ran_with")
 
 
 @dataclass
@@ -104,6 +106,9 @@ class ResultRow:
     model_params: dict[str, Any] | None = None
     attack_name: str | None = None
     attack_params: dict[str, Any] | None = None
+    # the resolved attack engine / Monte Carlo backend, e.g. {"attack_engine": "compiled", "mc_backend": "cpp"}
+    # (robbench.ran_with); None for error rows and rows stored before it was recorded
+    ran_with: dict[str, str] | None = None
 
 
 # Written into the SQLite header of every store robbench creates ("RBNC"); a store from before it was
@@ -168,11 +173,20 @@ class ResultStore:
                 if self._conn is not None:
                     self._conn.close()
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                self._conn = sqlite3.connect(self.path)
-                self._conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-                self._conn.executescript(SCHEMA)
-                self._migrate()
-                self._conn.commit()
+                try:
+                    self._conn = sqlite3.connect(self.path)
+                    self._conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+                    self._conn.executescript(SCHEMA)
+                    self._migrate()
+                    self._conn.commit()
+                except sqlite3.OperationalError:
+                    if not read_only:
+                        raise
+                    # a read-only file or folder (an archived run): read it as it is, the columns it lacks
+                    # read as NULL (see _fields), as before a column was added
+                    self._conn.close()
+                    self._conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+            self._have = {row[1] for row in self._conn.execute("PRAGMA table_info(results)")}
             self.tables = {row[0] for row in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         except sqlite3.DatabaseError as err:
             raise StoreError(f"{self.path} cannot be used: {err} (corrupt?)") from None
@@ -218,12 +232,17 @@ class ResultStore:
 
     def provenance(self) -> dict[str, Any] | None:
         """The latest provenance record, or None for a run directory written before they existed."""
+        if "provenance" not in self.tables:  # a store older than the table, opened read-only
+            return None
         row = self._conn.execute("SELECT info FROM provenance ORDER BY id DESC LIMIT 1").fetchone()
         return json.loads(row[0]) if row else None
 
     def provenance_history(self) -> list[tuple[float, dict[str, Any], int]]:
         """Every invocation's provenance record, oldest first: (recorded, unix seconds; the record; how many of
-        the stored result rows it wrote, i.e. were created before the next record)."""
+        the stored result rows it wrote, i.e. were created before the next record). What those rows ran
+        with: :meth:`ran_with_history`."""
+        if "provenance" not in self.tables:  # a store older than the table, opened read-only
+            return []
         records = self._conn.execute("SELECT recorded, info FROM provenance ORDER BY id").fetchall()
         out = []
         for i, (recorded, info) in enumerate(records):
@@ -231,6 +250,27 @@ class ResultStore:
             (count,) = self._conn.execute("SELECT COUNT(*) FROM results WHERE created >= ? AND created < ?",
                                           (recorded, until)).fetchone()
             out.append((float(recorded), json.loads(info), int(count)))
+        return out
+
+    def ran_with_history(self) -> list[dict[str, dict[str, int]]]:
+        """Per provenance record (as :meth:`provenance_history`): of the stored rows that invocation wrote,
+        kind -> {what ran -> rows}, e.g. {"attack_engine": {"compiled": 8}, "mc_backend": {"cpp": 16}}
+        (:mod:`robbench.ran_with`; "unrecorded" for ok rows stored before it was recorded)."""
+        if "provenance" not in self.tables:
+            return []
+        times = [t for (t,) in self._conn.execute("SELECT recorded FROM provenance ORDER BY id")]
+        ran = "ran_with" if "ran_with" in self._have else "NULL"
+        out = []
+        for i, start in enumerate(times):
+            until = times[i + 1] if i + 1 < len(times) else float("inf")
+            tally: dict[str, dict[str, int]] = {}
+            for text, count in self._conn.execute(
+                    f"SELECT {ran}, COUNT(*) FROM results WHERE status = 'ok' AND created >= ? AND created < ? "
+                    f"GROUP BY {ran}", (start, until)):
+                for kind, name in (json.loads(text) if text else {"": "unrecorded"}).items():
+                    tally.setdefault(kind, {})
+                    tally[kind][name] = tally[kind].get(name, 0) + count
+            out.append(tally)
         return out
 
     def record_model(self, model_key: str, model: str, model_seed: int, info: dict[str, Any]) -> None:
@@ -264,10 +304,11 @@ class ResultStore:
         with self._conn:
             self._conn.executemany(
                 f"INSERT OR REPLACE INTO results ({_RESULT_FIELDS}, created) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [(r.job_key, r.point_id, r.model, r.model_seed, r.attack, r.estimator, r.status,
                   json.dumps(_json_safe(r.metrics), default=_plain), r.error, r.seconds, r.model_family,
-                  _json_or_null(r.model_params), r.attack_name, _json_or_null(r.attack_params), now)
+                  _json_or_null(r.model_params), r.attack_name, _json_or_null(r.attack_params),
+                  _json_or_null(r.ran_with), now)
                  for r in rows])
 
     # --- reading -------------------------------------------------------------------------------
@@ -275,9 +316,15 @@ class ResultStore:
         cur = self._conn.execute("SELECT point_id FROM results WHERE job_key = ? AND status = 'ok'", (job_key,))
         return {row[0] for row in cur}
 
+    def _fields(self) -> str:
+        """_RESULT_FIELDS, with NULL for a column this (read-only, unmigrated) store lacks."""
+        return ", ".join(name if name in self._have or name not in _ADDED_COLUMNS else f"NULL AS {name}"
+                         for name in (f.strip() for f in _RESULT_FIELDS.split(",")))
+
     def rows(self, job_keys: Iterable[str] | None = None) -> list[ResultRow]:
+        fields = self._fields()
         if job_keys is None:
-            cur = self._conn.execute(f"SELECT {_RESULT_FIELDS} FROM results ORDER BY rowid")
+            cur = self._conn.execute(f"SELECT {fields} FROM results ORDER BY rowid")
             raw = cur.fetchall()
         else:
             keys = list(job_keys)
@@ -286,10 +333,10 @@ class ResultStore:
                 chunk = keys[start:start + 500]
                 marks = ",".join("?" * len(chunk))
                 raw += self._conn.execute(
-                    f"SELECT {_RESULT_FIELDS} FROM results WHERE job_key IN ({marks}) ORDER BY rowid",
+                    f"SELECT {fields} FROM results WHERE job_key IN ({marks}) ORDER BY rowid",
                     chunk).fetchall()
         return [ResultRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], json.loads(r[7]), r[8], r[9], r[10],
-                          _loads_or_none(r[11]), r[12], _loads_or_none(r[13])) for r in raw]
+                          _loads_or_none(r[11]), r[12], _loads_or_none(r[13]), _loads_or_none(r[14])) for r in raw]
 
     def columns(self) -> dict[str, list[Any]]:
         """Estimator -> its recorded leaderboard columns (as ``MetricColumn`` objects)."""

@@ -55,6 +55,7 @@ class RunData:
     model_dirs: dict[str, Path] = field(default_factory=dict)  # model_key -> the run dir that recorded it
     # run dir -> each invocation's (recorded, provenance record, result rows it wrote), oldest first
     provenance: dict[Path, list[tuple[float, dict[str, Any], int]]] = field(default_factory=dict)
+    ran_with: dict[Path, list[dict[str, dict[str, int]]]] = field(default_factory=dict)  # store.ran_with_history
     superseded: int = 0  # stored rows of superseded jobs, left out (see latest_rows)
 
     @property
@@ -121,6 +122,7 @@ def load_runs(path: Path) -> RunData:
             data.job_params.update({key: job["params"] for key, job in store.job_params().items()})
             data.columns.update(store.columns())
             data.provenance[run_dir] = store.provenance_history()
+            data.ran_with[run_dir] = store.ran_with_history()
             for run in store.runs():
                 data.configs.append(run.config)
                 data.dir_configs.setdefault(run_dir, []).append(run.config)
@@ -564,7 +566,27 @@ def _config_summary(data: RunData) -> list[list[str]]:
 
 
 PROVENANCE_HEAD = ["run directory", "recorded (UTC)", "robbench (git commit)", "torch", "Python", "platform, CPU",
-                   "device, threads", "backend", "seed, point seed", "rows written"]
+                   "device, threads", "backend", "ran (attack engine; Monte Carlo)", "seed, point seed",
+                   "rows written"]
+
+
+def _ran_cell(tally: dict[str, dict[str, int]]) -> str:
+    """"compiled 8; cpp 16": what the invocation's ok rows ran with, per kind (robbench.ran_with), rows
+    per name when several ran; "—" when its rows used neither (or it wrote none)."""
+    from robbench.ran_with import ATTACK_ENGINE, MC_BACKEND
+
+    parts = []
+    for kind in (ATTACK_ENGINE, MC_BACKEND, ""):
+        names = tally.get(kind) or {}
+        if kind == "" and names:
+            parts.append(f"not recorded ({sum(names.values())} rows)")
+        elif len(names) == 1:
+            parts.append(next(iter(names)))
+        elif names:
+            parts.append(", ".join(f"{n} {c} rows" for n, c in sorted(names.items())))
+        elif kind:
+            parts.append("—")
+    return "; ".join(parts)
 
 
 def _provenance_cells(data: RunData) -> list[list[str]]:
@@ -572,7 +594,8 @@ def _provenance_cells(data: RunData) -> list[list[str]]:
     commit, machine, threads, backend, seeds) and how many of the stored rows it wrote."""
     cells = []
     for run_dir in data.run_dirs:
-        for recorded, info, written in data.provenance.get(run_dir, []):
+        ran = data.ran_with.get(run_dir, [])
+        for index, (recorded, info, written) in enumerate(data.provenance.get(run_dir, [])):
             env, run = info.get("environment") or {}, info.get("run") or {}
             git = env.get("git") or {}
             commit = (str(git.get("commit", ""))[:12] + (" (dirty)" if git.get("dirty") else "")) if git else "—"
@@ -583,7 +606,8 @@ def _provenance_cells(data: RunData) -> list[list[str]]:
                           str((env.get("torch") or {}).get("version", "—")),
                           str(env.get("python", "—")), f"{env.get('platform', '—')}, {device.get('cpu', '—')}",
                           f"{device.get('name', run.get('device', '—'))}, {device.get('threads', '—')}",
-                          str(run.get("backend", "—")), seeds, str(written)])
+                          str(run.get("backend", "—")), _ran_cell(ran[index] if index < len(ran) else {}),
+                          seeds, str(written)])
     return cells
 
 
