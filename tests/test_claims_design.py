@@ -210,3 +210,24 @@ def test_the_bound_gap_of_points_with_equal_p0_lo_is_one_value_not_rounding_nois
     only_equal = [r for r in rows if r.point_id < 20]
     (row,) = _claim(only_equal, "bound").table
     assert math.isnan(row["pearson_gap"]) and math.isfinite(row["pearson_inv_jacobian"])
+
+
+def test_points_with_equal_p0_lo_at_another_m_keep_their_own_gap() -> None:
+    """gap = Φ⁻¹(p0_lo) − Φ⁻¹(m) is one value per p0_lo only at one m. Two run directories of one model at
+    m = 0.5 and m = 0.9 (a report over both keeps both jobs) have points with the same p0_lo but other gaps;
+    keying the gap by (model, p0_lo) alone gave the m = 0.9 points the m = 0.5 gap (wrong factor values)."""
+    from statistics import NormalDist
+
+    probit = NormalDist().inv_cdf
+    p0_lo, sigma, jac = 0.9992688874435246, 0.12, 7.0
+    rows = []
+    for key, m in (("b05", 0.5), ("b09", 0.9)):
+        gap = probit(p0_lo) - probit(m)
+        rows += [ResultRow(key, p + (0 if m == 0.5 else 10), "vae", 0, "", "bound", "ok",
+                           {"bound": sigma * gap / (jac + p), "min_sigma": sigma, "jacobian_frobenius": jac + p,
+                            "p0_lo": p0_lo}, None, 0.1) for p in range(3)]
+    values = claims_mod.bound_values(rows)["vae"]
+    for p in range(3):
+        assert values[(0, p)]["gap"] == pytest.approx(probit(p0_lo) - probit(0.5), rel=1e-12)
+        assert values[(0, p + 10)]["gap"] == pytest.approx(probit(p0_lo) - probit(0.9), rel=1e-12)
+    assert len({values[(0, p)]["gap"] for p in range(3)}) == 1  # still one value per (p0_lo, m)

@@ -407,12 +407,14 @@ def bound_values(rows: list[ResultRow]) -> dict[str, dict[PointKey, dict[str, fl
     """model -> {(seed, point): {"bound", "min_sigma", "gap", "inv_jacobian"}} for points with a finite,
     non-vacuous bound: the bound's three factors, bound = min_sigma * gap * inv_jacobian, with
     gap = probit(p0_lo) - probit(m) recovered from the stored bound (so m need not be known here), one value
-    per distinct p0_lo of a model."""
+    per distinct (p0_lo, m) of a model."""
     out: dict[str, dict[PointKey, dict[str, float]]] = defaultdict(dict)
     # the gap depends on p0_lo alone (m is the run's), but bound * jac / sigma gives points with the same p0_lo
     # (p̂0 = 1 at many points) gaps differing in the last bits, and a "correlation" of R with that rounding
     # noise: one gap per (model, p0_lo), so a constant gap is constant and its correlation undefined
-    gaps: dict[tuple[str, float], float] = {}
+    # (m is not in the rows, and a report may hold one model's jobs at two m: p0_lo alone does not fix the gap,
+    # so a gap is reused only when it is that value to rounding, 1e-9 relative; distinct m differ far more)
+    gaps: dict[tuple[str, float], list[float]] = {}
     for row in rows:
         if row.status != "ok" or row.estimator != "bound":
             continue
@@ -422,7 +424,12 @@ def bound_values(rows: list[ResultRow]) -> dict[str, dict[PointKey, dict[str, fl
         gap = bound * jac / sigma
         p0_lo = _number(row.metrics.get("p0_lo"))
         if p0_lo is not None:
-            gap = gaps.setdefault((row.model, p0_lo), gap)
+            known = gaps.setdefault((row.model, p0_lo), [])
+            same = next((g for g in known if abs(g - gap) <= 1e-9 * max(1.0, abs(g))), None)
+            if same is None:
+                known.append(gap)
+            else:
+                gap = same
         out[row.model][(row.model_seed, row.point_id)] = {"bound": bound, "min_sigma": sigma,
                                                           "gap": gap, "inv_jacobian": 1.0 / jac}
     return dict(out)
