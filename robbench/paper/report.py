@@ -575,18 +575,15 @@ def _ran_cell(tally: dict[str, dict[str, int]]) -> str:
     per name when several ran; "—" when its rows used neither (or it wrote none)."""
     from robbench.ran_with import ATTACK_ENGINE, MC_BACKEND
 
+    unrecorded = sum((tally.get("") or {}).values())
+    if unrecorded and not (tally.get(ATTACK_ENGINE) or tally.get(MC_BACKEND)):
+        return f"not recorded ({unrecorded} row{'s' * (unrecorded != 1)})"  # rows stored before it was recorded
     parts = []
-    for kind in (ATTACK_ENGINE, MC_BACKEND, ""):
+    for kind in (ATTACK_ENGINE, MC_BACKEND):
         names = tally.get(kind) or {}
-        if kind == "" and names:
-            parts.append(f"not recorded ({sum(names.values())} rows)")
-        elif len(names) == 1:
-            parts.append(next(iter(names)))
-        elif names:
-            parts.append(", ".join(f"{n} {c} rows" for n, c in sorted(names.items())))
-        elif kind:
-            parts.append("—")
-    return "; ".join(parts)
+        parts.append(next(iter(names)) if len(names) == 1 else
+                     ", ".join(f"{n} {c} row{'s' * (c != 1)}" for n, c in sorted(names.items())) if names else "—")
+    return "; ".join(parts) + (f"; not recorded ({unrecorded} row{'s' * (unrecorded != 1)})" if unrecorded else "")
 
 
 def _provenance_cells(data: RunData) -> list[list[str]]:
