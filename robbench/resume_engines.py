@@ -60,9 +60,8 @@ def check_before_work(stored: dict[str, Counter], jobs: list[Any], pending: dict
     if not compiled:
         return
     from robbench import kernels
-    from robbench_plugins import fused_attack
 
-    if fused_attack.available():
+    if kernels.load():  # the compiled engine's op lives in the one compiled extension
         return
     job = compiled[0]
     more = f" (and {len(compiled) - 1} more job(s))" if len(compiled) > 1 else ""
