@@ -45,14 +45,17 @@ class LinearGaussianVAE(nn.Module):
         A = left @ torch.diag(sv) @ right.T  # (k, D)
         Q, _ = torch.linalg.qr(torch.randn(dim, latent_dim, generator=gen, dtype=torch.float64))
         s_vec = torch.as_tensor(s, dtype=torch.float64).flatten()
-        if s_vec.numel() not in (1, latent_dim) or not bool((s_vec > 0).all()):
-            raise ValueError(f"s must be a positive number or a list of latent_dim={latent_dim} positive numbers, got {s!r}")
+        if s_vec.numel() not in (1, latent_dim) or not bool(((s_vec > 0) & torch.isfinite(s_vec)).all()):
+            raise ValueError(f"s must be a finite positive number or a list of latent_dim={latent_dim} such numbers, "
+                             f"got {s!r}")
         s_vec = s_vec.expand(latent_dim)
         self.s, self.w = float(s_vec.min()), float(w)  # s: min sigma (the closed forms' scale)
         scale = self.s / s_vec  # 1 for a scalar s: the model of before, bit for bit
         self.register_buffer("A", A.float())
         self.register_buffer("c", torch.zeros(latent_dim))
-        self.register_buffer("sigma", s_vec.float())
+        # sigma kept as Python floats, made in mu's dtype by encode: a float64 copy of the model (model.double())
+        # gets s itself, as before per-latent sigma, not s rounded to float32 as a float32 buffer would give
+        self.sigma_values = tuple(float(v) for v in s_vec)
         self.register_buffer("W", (w * Q * scale).float())
         self.register_buffer("b", torch.full((dim,), 0.5))
         a_eff = scale[:, None] * A
@@ -63,7 +66,12 @@ class LinearGaussianVAE(nn.Module):
     # --- VAEModel protocol ---------------------------------------------------------------------
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         mu = x.flatten(1) @ self.A.T + self.c
-        return mu, self.sigma.expand_as(mu).clone()
+        return mu, torch.tensor(self.sigma_values, dtype=mu.dtype, device=mu.device).expand_as(mu).clone()
+
+    @property
+    def sigma(self) -> Tensor:
+        """The per-latent sigma (k,) as float32 (the model's dtype as built)."""
+        return torch.tensor(self.sigma_values, dtype=torch.float32, device=self.A.device)
 
     def decode(self, z: Tensor) -> Tensor:
         return (z @ self.W.T + self.b).view(-1, *self.input_shape)

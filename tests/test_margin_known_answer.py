@@ -118,3 +118,22 @@ def test_anisotropic_sigma_margins_cover_with_defaults():
     for row in rows[:20]:  # every witness's exact p_r (through A_eff) is at most m
         delta = torch.tensor(row["witness_delta"], dtype=torch.float64).view(1, -1)
         assert model.exact_probability(float((delta @ model.A_eff.double().T).norm()), r) <= 0.5 + 0.01
+
+
+@pytest.mark.parametrize("s", [0.3, 2 / 3, [0.3, 0.5, 1.0, 2.0]])
+def test_analytic_sigma_is_exact_in_every_dtype(s):
+    """encode's sigma is s itself in the model's dtype: in float64 (model.double()) exactly the float64 s, as before
+    per-latent sigma came in (a float32 buffer cast up gave s rounded to float32: 1e-8 relative off the closed
+    forms' s, session 10 review), and in float32 exactly s rounded once."""
+    model = LinearGaussianVAE(s=s)
+    values = torch.tensor(s if isinstance(s, list) else [s] * model.latent_dim, dtype=torch.float64)
+    x = torch.rand(3, *model.input_shape)
+    assert torch.equal(model.encode(x)[1], values.float().expand(3, -1))
+    assert torch.equal(model.double().encode(x.double())[1], values.expand(3, -1))
+    assert model.s == float(values.min())
+
+
+@pytest.mark.parametrize("s", [float("inf"), float("nan"), 0.0, -0.5, [0.5, float("inf"), 1.0, 1.0], [0.5, 1.0]])
+def test_analytic_sigma_must_be_finite_and_positive(s):
+    with pytest.raises(ValueError, match="s must be a finite positive number"):
+        LinearGaussianVAE(s=s)
