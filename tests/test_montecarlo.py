@@ -224,3 +224,15 @@ def test_a_negative_or_nan_radius_is_refused(r):
         estimate_probability(model, torch.full((2, 1, 8, 8), 0.5), None, r=r, n_samples=16)
     with pytest.raises(ValueError, match="radius r must be >= 0"):
         montecarlo.radius_sq(torch.tensor([1.0, r]), 2, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_radius_zero_and_infinity_are_the_closed_ball(backend):
+    """r = 0 counts only samples decoded onto the center (none here), r = inf every sample (README, Python API)."""
+    from robbench_plugins.analytic import LinearGaussianVAE
+    from robbench.margin import estimate_probability
+
+    model = LinearGaussianVAE()
+    x = torch.full((2, 1, 8, 8), 0.5)
+    assert estimate_probability(model, x, None, r=0.0, n_samples=64, backend=backend).k.tolist() == [0, 0]
+    assert estimate_probability(model, x, None, r=float("inf"), n_samples=64, backend=backend).k.tolist() == [64, 64]
