@@ -481,8 +481,12 @@ def estimate_margin(model: VAEModel, x: Tensor, attack: Attack, attack_params: d
     budget = split_verify_alpha(1.0 - confidence, max_radius, tolerance, verify, refine)
     alpha_test, alpha_screen = split_screen_alpha(budget.margin, base_tests, screen_share if screen_schedule else 0.0)
     alpha_look = stats.split_alpha(alpha_test, len(schedule))
-    # the largest test: a refinement top-up (samples_max), else the sequential tests' last look (samples_locate)
-    check_resolvable(m, samples_max if refine else locate, alpha_look, confidence,
+    # the largest test: a refinement top-up (samples_max), else the sequential tests' last look (samples_locate);
+    # with refine the radius-0 test reaches samples_max too, over more looks, so its last look has the smallest
+    # alpha there: checked at that one (at a top-up's alpha, an m between the two bounds passed, and then the
+    # radius-0 test could decide nothing even at p_r(x, 0) = 1 or 0: every point undecided)
+    check_resolvable(m, samples_max if refine else locate,
+                     min(alpha_look, stats.split_alpha(alpha_test, len(zero_schedule))), confidence,
                      "samples_max" if refine or locate == samples_max else "samples_locate")
     with torch.no_grad():
         mu0, sigma0, center = latent_params(model, x, None)

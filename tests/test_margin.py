@@ -497,3 +497,21 @@ def test_a_margin_of_zero_is_decided_at_radius_zero_or_flagged_undecided(model):
     # p_r(x, 0) - m = 0.04 is 5 standard errors of a 4096-sample test: no point reads as not robust at x
     assert int(zero.sum()) == 0
     assert int(((res.lo <= exact) & (exact <= res.hi)).sum()) >= 0.95 * streams
+
+
+@pytest.mark.parametrize("edge", ["lo", "hi"])
+def test_m_the_radius_zero_test_cannot_resolve_is_refused(model, edge):
+    """With refine the radius-0 test runs to samples_max over more looks than the locating tests (refine_algorithm
+    3), so its last look has a smaller alpha than a top-up's: the resolvability check must use that one. Between
+    the two n-of-n lower bounds (or 0-of-n upper bounds) the check passed, yet the radius-0 test could decide
+    nothing even at p_r(x, 0) = 1 (or 0): every point was flagged undecided (session 10 review)."""
+    from robbench.margin import n_margin_tests
+
+    kw = dict(samples_initial=16, samples_locate=64, samples_max=1024, refine=2, max_radius=1.0, tolerance=0.1)
+    alpha_test = 0.05 / n_margin_tests(kw["max_radius"], kw["tolerance"], kw["refine"])
+    top_up, zero = alpha_test / 2, alpha_test / 4  # looks: [16, 64] and [16, 64, 256, 1024]
+    n = torch.tensor([kw["samples_max"] if edge == "lo" else 0])
+    bound = stats.cp_lower if edge == "lo" else stats.cp_upper
+    m = 0.5 * float(bound(n, kw["samples_max"], top_up)[0] + bound(n, kw["samples_max"], zero)[0])
+    with pytest.raises(ValueError, match="too close to 1" if edge == "lo" else "too small"):
+        estimate_margin(model, copies(2), OracleAttack(), {}, r=1e3 if edge == "lo" else 1e-3, m=m, seed=0, **kw)
