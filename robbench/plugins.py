@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any
@@ -115,9 +116,14 @@ def _unknown_hooks(plugin: Any) -> str:
     known = _hook_names()
     problems = []
     for attr in sorted(dir(plugin)):
-        if hasattr(getattr(plugin, attr, None), "robbench_impl") and attr not in known:
-            close = difflib.get_close_matches(attr, known, n=1)
-            problems.append(f"{attr}{f' (did you mean {close[0]}?)' if close else ''}")
+        opts = getattr(getattr(plugin, attr, None), "robbench_impl", None)
+        if not isinstance(opts, dict):
+            continue
+        hook = opts.get("specname") or attr  # pluggy's @hookimpl(specname=...) implements that hook under any name
+        if hook not in known:
+            close = difflib.get_close_matches(hook, known, n=1)
+            shown = attr if hook == attr else f"{attr} (specname {hook!r})"
+            problems.append(f"{shown}{f' (did you mean {close[0]}?)' if close else ''}")
     if not problems:
         return ""
     return (f"HookError: @hookimpl function(s) {', '.join(problems)} match no robbench hook; "
@@ -207,8 +213,9 @@ def _is_builtin(source: str) -> bool:
 
 # What the harness reads from a registered attack or estimator besides its name (robbench/protocols.py):
 # a missing one would surface later as an AttributeError traceback from inside a command.
-_REQUIRED = {"attack": (("defaults", dict, "a dict of every parameter with its default, {} for none"),),
-             "estimator": (("defaults", dict, "a dict of every parameter with its default, {} for none"),
+# defaults: any Mapping (config.merge_params copies it with dict()), as before this check existed.
+_REQUIRED = {"attack": (("defaults", Mapping, "a dict of every parameter with its default, {} for none"),),
+             "estimator": (("defaults", Mapping, "a dict of every parameter with its default, {} for none"),
                            ("needs_attack", bool, "True when the estimator runs an attack, else False"))}
 
 

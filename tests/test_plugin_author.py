@@ -293,3 +293,99 @@ def test_a_trainable_family_whose_model_has_no_loss_says_to_add_one_or_mark_it_r
     assert ("model family 'no_loss' is trainable (ModelFamily's trainable defaults to True) but its NoLoss has no "
             "loss(x) -> (objective, {'elbo': ...}); add one, or register a ready-built model with "
             "ModelFamily(..., trainable=False)") in out, out
+
+
+_VALID_STYLES = '''
+import math
+import types
+
+import torch
+
+from robbench import hookimpl
+from robbench.protocols import AttackResult
+
+
+class Shift:
+    """An attack whose ``defaults`` is a read-only Mapping, not a dict."""
+
+    description = "uniform shift"
+
+    def __init__(self, name):
+        self.name, self.defaults = name, types.MappingProxyType({"scale": 0.5})
+
+    def __call__(self, model, x, radius, *, params, generator, init=None):
+        step = params["scale"] * radius.view(-1, *[1] * (x.dim() - 1)) / math.sqrt(x[0].numel())
+        delta = step * torch.ones_like(x)
+        with torch.no_grad():
+            damage = (model.decode(model.encode(x + delta)[0]) - model.decode(model.encode(x)[0])).flatten(1).norm(dim=1)
+        return AttackResult(delta=delta, damage=damage)
+
+
+class MuNorm:
+    description, defaults = "norm of mu", types.MappingProxyType({})
+
+    def __init__(self, name):
+        self.name = name
+
+    @property
+    def needs_attack(self):  # a property is an attribute too
+        return False
+
+    def __call__(self, ctx, x):
+        return tuple({"mu_norm": float(m.norm())} for m in ctx.model.encode(x)[0])  # a tuple of dicts
+
+
+@hookimpl(specname="register_attacks")  # pluggy: implements register_attacks under another name
+def my_attacks(register):
+    register(Shift("vs_spec_shift"))
+
+
+class Plugin:
+    @hookimpl(tryfirst=True)
+    def register_attacks(self, register, verbose=False):  # a defaulted extra argument: pluggy ignores it
+        register(Shift("vs_class_shift"))
+
+    @hookimpl
+    def register_estimators(self, register):
+        register(MuNorm("vs_mu_norm"))
+
+
+plugin = Plugin()
+'''
+
+
+def test_plugins_in_other_valid_styles_load_and_run(fresh_plugins, thirdparty_path, tmp_path, capsys, one_thread):
+    """The session-10 registration checks refused valid plugins: a pluggy ``@hookimpl(specname=...)``
+    function was reported as "match no robbench hook", and an attack or estimator whose ``defaults`` is a
+    Mapping (not a dict) as lacking ``defaults``; both loaded and ran before. They load and run again
+    (a class-based plugin object, a property ``needs_attack``, a tuple of rows too)."""
+    from robbench import cli
+
+    install_plugin(thirdparty_path, "robbench_valid_styles", _VALID_STYLES, "robbench-valid-styles")
+    entry = next(thirdparty_path.glob("robbench_valid_styles-*.dist-info")) / "entry_points.txt"
+    entry.write_text("[robbench]\nvalid_styles = robbench_valid_styles\nvalid_class = robbench_valid_styles:plugin\n")
+    try:
+        assert fresh_plugins.plugin_failures() == []
+        regs = fresh_plugins.get_registries()
+        assert {"vs_spec_shift", "vs_class_shift"} <= set(regs.attacks) and "vs_mu_norm" in regs.estimators
+        assert cli.main(["plugins"]) == 0
+        status = cli.main(["run", "--models", "linear_gaussian", "--dataset", "digits", "--attacks",
+                           "vs_spec_shift,vs_class_shift", "--estimators", "damage,vs_mu_norm", "--points", "1",
+                           "--threads", "1", "--out", str(tmp_path / "run"), "--no-progress"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert status == 0 and "failed on" not in text and "failed rows" not in text and "warning" not in text, text
+        assert "vs_spec_shift" in text and "vs_class_shift" in text  # both on the leaderboard
+    finally:
+        sys.modules.pop("robbench_valid_styles", None)
+
+
+def test_a_specname_naming_no_hook_is_still_reported(fresh_plugins, thirdparty_path):
+    """``@hookimpl(specname=...)`` is honoured, but a misspelt specname registers nothing: reported."""
+    install_plugin(thirdparty_path, "robbench_bad_specname", "from robbench import hookimpl\n\n\n"
+                   "@hookimpl(specname='register_attack')\ndef mine(register):\n    pass\n", "robbench-bad-specname")
+    try:
+        (failure,) = fresh_plugins.plugin_failures()
+        assert "mine (specname 'register_attack') (did you mean register_attacks?) match no robbench hook" \
+            in failure.error, failure.error
+    finally:
+        sys.modules.pop("robbench_bad_specname", None)
