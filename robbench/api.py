@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import numbers
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,16 +147,22 @@ def _point_ids(point_ids: Any, count: int) -> Tensor:
     return ids
 
 
+def _is_count(n: Any) -> bool:
+    """An integer that is not a bool: Python's int or numpy's (np.int64 from a config or an array's shape
+    worked before these checks existed)."""
+    return isinstance(n, numbers.Integral) and not isinstance(n, bool)
+
+
 def _check_model(model: Any) -> None:
     """TypeError naming the methods of the VAE protocol that ``model`` lacks (before any work; an estimator
     would fail later with a bare AttributeError)."""
     missing = [sig for name, sig in (("encode", "encode(x) -> (mu, sigma)"), ("decode", "decode(z)"))
                if not callable(getattr(model, name, None))]
     latent, shape = getattr(model, "latent_dim", None), getattr(model, "input_shape", None)
-    if not (isinstance(latent, int) and not isinstance(latent, bool) and latent > 0):
+    if not (_is_count(latent) and latent > 0):
         missing.append(f"latent_dim (a positive int; got {latent!r})" if hasattr(model, "latent_dim") else "latent_dim")
     if not (isinstance(shape, (tuple, list, torch.Size)) and shape
-            and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)):
+            and all(_is_count(n) and n > 0 for n in shape)):
         missing.append(f"input_shape (a tuple of positive ints, e.g. (1, 28, 28); got {shape!r})"
                        if hasattr(model, "input_shape") else "input_shape (e.g. (1, 28, 28))")
     if missing:

@@ -6,6 +6,7 @@ import math
 import re
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import install_plugin
@@ -220,6 +221,26 @@ def test_evaluate_names_a_missing_latent_dim_or_input_shape_before_any_work(attr
 
     with pytest.raises(TypeError, match=re.escape(f"model Model {message}")):
         robbench.evaluate(Model(), torch.full((1, 1, 8, 8), 0.5), attacks=["max_damage"], estimators=["margin"])
+
+
+
+@pytest.mark.parametrize("attrs", [
+    {"latent_dim": np.int64(4)},                      # from a config read with numpy
+    {"input_shape": tuple(np.array([1, 8, 8]))},       # numpy ints, from an array's shape
+    {"input_shape": torch.Size([1, 8, 8])},
+    {"input_shape": [1, 8, 8]},
+], ids=["np_int64_latent_dim", "np_int_input_shape", "torch_size", "list"])
+def test_evaluate_accepts_the_integer_kinds_a_model_may_hold(attrs, one_thread):
+    """The session-10 latent_dim/input_shape check refused numpy integers (np.int64 latent_dim, an
+    input_shape of numpy ints), with which evaluate() ran before; they are integers and are accepted."""
+    import robbench
+    from robbench_plugins.analytic import LinearGaussianVAE
+
+    model = LinearGaussianVAE()
+    for key, value in attrs.items():
+        setattr(model, key, value)
+    table = robbench.evaluate(model, torch.full((1, 1, 8, 8), 0.5), estimators=["encoder_stats"], attacks=[])
+    assert table.select(estimator="encoder_stats").column("min_sigma") == [pytest.approx(0.5)]
 
 
 _CONTRACT_PLUGIN = '''
