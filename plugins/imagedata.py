@@ -64,6 +64,20 @@ def restricted_load(path: Path) -> Any:
         return _ArrayUnpickler(f, encoding="latin1").load()
 
 
+def _pixel_values(data: np.ndarray) -> bool:
+    """Whether ``data`` holds whole pixel values 0..255 that cast to uint8 unchanged: integers, or floats
+    that are whole numbers (a batch re-saved as float 0..255 loaded correctly before the range check)
+    reaching above 1 (floats in [0, 1] are scaled pixels, which a cast would turn black)."""
+    if not data.size:
+        return data.dtype.kind in "uif"
+    if data.dtype.kind not in "uif" or data.min() < 0 or data.max() > 255:
+        return False
+    if data.dtype.kind == "f":  # by rows: no full-size temporary for a 10000 x 3072 float64 batch
+        return bool(data.max() > 1) and all(np.array_equal(rows, np.floor(rows)) for rows in np.array_split(
+            data, max(1, len(data) // 1000)))
+    return True
+
+
 def read_cifar10_python(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """One batch of ``cifar-10-batches-py``: images (N, 3, 32, 32) uint8 and labels (N,) int64."""
     path = Path(path)
@@ -78,11 +92,11 @@ def read_cifar10_python(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(data, np.ndarray) or labels is None or data.ndim != 2 or data.shape[1] != 3072 \
             or len(labels) != len(data):
         raise datafiles.DataFileError(f"{path}: expected 'data' (N, 3072) uint8 and N 'labels'")
-    if data.dtype.kind not in "ui" or (data.size and (data.min() < 0 or data.max() > 255)):
+    if not _pixel_values(data):
         # a cast would turn float pixels in [0, 1] into black images without a word
         raise datafiles.DataFileError(f"{path}: 'data' holds {data.dtype} values"
                                       f"{f' in [{data.min()}, {data.max()}]' if data.size else ''}; CIFAR-10 "
-                                      "batches hold uint8 pixels 0..255")
+                                      "batches hold uint8 pixels 0..255 (floats only as whole numbers 0..255)")
     return data.astype(np.uint8).reshape(-1, 3, 32, 32), np.asarray(labels, dtype=np.int64)
 
 

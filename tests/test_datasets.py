@@ -262,6 +262,26 @@ def test_a_half_copied_or_misnamed_data_folder_says_what_it_found(tmp_path):
     assert f"Found {tmp_path / 'c' / 'cifar-10-python.tar.gz'}: unpack it there" in text
 
 
+def test_cifar10_python_batch_with_whole_float_pixels_loads_as_before(tmp_path):
+    """The session-10 float check also refused a batch re-saved as float64 holding the pixel values 0..255
+    (its message: "float64 values in [0.0, 255.0]; ... uint8 pixels 0..255"), which the uint8 cast loaded
+    exactly before. Whole numbers 0..255 load again, the same images as the uint8 batch."""
+    import pickle
+
+    from test_imagedata import write_cifar10_python
+
+    write_cifar10_python(tmp_path)
+    want = SPECS["cifar10"].load(DataOptions(data_dir=tmp_path))
+    for path in (tmp_path / "cifar-10-batches-py").glob("*_batch*"):
+        with open(path, "rb") as f:
+            batch = pickle.load(f, encoding="latin1")
+        batch[b"data"] = batch[b"data"].astype(np.float64)
+        with open(path, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+    got = SPECS["cifar10"].load(DataOptions(data_dir=tmp_path))
+    assert torch.equal(got.train_x, want.train_x) and torch.equal(got.test_x, want.test_x)
+
+
 def test_cifar10_python_batch_with_float_pixels_is_refused(tmp_path):
     """A batch re-saved with float pixels in [0, 1] was cast to uint8: black images, without a word."""
     import pickle
