@@ -116,11 +116,8 @@ def _unknown_hooks(plugin: Any) -> str:
     known = _hook_names()
     problems = []
     for attr in sorted(dir(plugin)):
-        opts = getattr(getattr(plugin, attr, None), "robbench_impl", None)
-        if not isinstance(opts, dict):
-            continue
-        hook = opts.get("specname") or attr  # pluggy's @hookimpl(specname=...) implements that hook under any name
-        if hook not in known:
+        hook = _implements(plugin, attr)  # pluggy's @hookimpl(specname=...) implements that hook under any name
+        if hook is not None and hook not in known:
             close = difflib.get_close_matches(hook, known, n=1)
             shown = attr if hook == attr else f"{attr} (specname {hook!r})"
             problems.append(f"{shown}{f' (did you mean {close[0]}?)' if close else ''}")
@@ -136,13 +133,21 @@ def _signature_error(err: pluggy.PluginValidationError, plugin: Any) -> str:
 
     text = str(err).replace("\n", " ")
     for name in _hook_names():
-        if f"hook '{name}'" in text:
-            def call(function: Any) -> str:
-                return f"{name}({', '.join(inspect.signature(function).parameters)})"
+        impls = sorted((attr for attr in dir(plugin) if _implements(plugin, attr) == name),
+                       key=lambda attr: f"definition: {attr}(" not in text)  # the one pluggy names first
+        if f"hook '{name}'" in text and impls:
+            def call(label: str, function: Any) -> str:
+                return f"{label}({', '.join(inspect.signature(function).parameters)})"
 
-            return (f"HookError: {call(getattr(plugin, name))} does not match the hook {call(getattr(hookspecs, name))}: "
-                    "argument names must be the spec's (robbench/hookspecs.py)")
+            return (f"HookError: {call(impls[0], getattr(plugin, impls[0]))} does not match the hook "
+                    f"{call(name, getattr(hookspecs, name))}: argument names must be the spec's (robbench/hookspecs.py)")
     return f"{type(err).__name__}: {text}"
+
+
+def _implements(plugin: Any, attr: str) -> str | None:
+    """The hook ``plugin.attr`` implements (its ``@hookimpl(specname=...)`` or its own name), None if none."""
+    opts = getattr(getattr(plugin, attr, None), "robbench_impl", None)
+    return (opts.get("specname") or attr) if isinstance(opts, dict) else None
 
 
 def plugin_distributions() -> list[str]:

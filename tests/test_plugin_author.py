@@ -70,6 +70,9 @@ _HOOK_MISTAKES = {
     "renamed_argument": ("@hookimpl\ndef register_attacks(reg):\n    pass\n",
                          "HookError: register_attacks(reg) does not match the hook register_attacks(register): "
                          "argument names must be the spec's"),
+    "specname_renamed_argument": ("@hookimpl(specname='register_attacks')\ndef my_attacks(reg):\n    pass\n",
+                                  "HookError: my_attacks(reg) does not match the hook register_attacks(register): "
+                                  "argument names must be the spec's"),
     "misspelt_hook": ("@hookimpl\ndef register_attack(register):\n    pass\n",
                       "HookError: @hookimpl function(s) register_attack (did you mean register_attacks?) match no "
                       "robbench hook; the hooks are default_run, register_attacks,"),
