@@ -268,6 +268,20 @@ def evaluate_elbo(model: nn.Module, x: Tensor, batch_size: int, device: torch.de
     return total / max(n, 1)
 
 
+def _optional_test_elbo(family: ModelFamily, model: nn.Module, x: Tensor, device: torch.device) -> float:
+    """A ready-built model's test ELBO (nats) when its ``loss(x)`` follows the protocol, else NaN with a
+    warning: the ELBO is only reported for such models, and a ``loss`` of another signature or return (a
+    user's own ``loss(x, recon, mu, logvar)``) must not fail the whole model, whose rows need none of it."""
+    if not callable(getattr(model, "loss", None)):
+        return math.nan
+    try:
+        return evaluate_elbo(model, x, 1024, device)
+    except (TypeError, ValueError, KeyError) as err:  # the loss's signature or logs; not its arithmetic
+        warnings.warn(f"model {family.name!r}: no test ELBO reported: its loss() is not loss(x) -> (objective, "
+                      f"{{'elbo': ...}}) ({type(err).__name__}: {err}); the model is evaluated without it")
+        return math.nan
+
+
 def batch_elbo(logs: Any, batch: int) -> float:
     """The batch's mean ELBO (nats) from the logs ``model.loss(x)`` returned for ``batch`` examples.
 
@@ -419,7 +433,7 @@ def build_or_train(family: ModelFamily, params: dict[str, Any], data: SplitData,
         model = family.build(params, data.input_shape).to(device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(cfg.seed)
-            elbo = evaluate_elbo(model, data.test_x, 1024, device) if hasattr(model, "loss") else math.nan
+            elbo = _optional_test_elbo(family, model, data.test_x, device)
         payload = checkpoint_payload(model, family, params, test_elbo=elbo, train_seconds=0.0, cache_key="")
         return TrainedModel(_freeze(model), elbo, 0.0, False, ""), payload
 

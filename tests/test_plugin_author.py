@@ -319,6 +319,45 @@ def test_a_trainable_family_whose_model_has_no_loss_says_to_add_one_or_mark_it_r
             "ModelFamily(..., trainable=False)") in out, out
 
 
+_READY_LOSSES = {  # a ready-built model's own loss(), not the protocol's: its rows need no ELBO
+    "other_signature": (lambda self, x, recon, mu, logvar: 0.0, "TypeError: "),
+    "logs_without_elbo": (lambda self, x: (torch.zeros(()), {"recon": -1.0}), "holding 'elbo'"),
+    "elbo_shaped_b_by_1": (lambda self, x: (torch.zeros(()), {"elbo": torch.zeros(len(x), 1)}), "has shape"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_READY_LOSSES))
+def test_a_ready_built_model_whose_own_loss_is_not_the_protocols_is_evaluated_without_an_elbo(
+        fresh_plugins, tmp_path, capsys, one_thread, case):
+    """A ready-built model (a user's module) with a ``loss`` of its own (``loss(x, recon, mu, logvar)``, logs
+    without 'elbo', a (B, 1) 'elbo') failed every row ("could not be trained or loaded"), though only the
+    optional test ELBO needs loss(). It is now evaluated, with a warning and no test ELBO."""
+    from robbench import cli
+    from robbench.protocols import ModelFamily
+    from robbench_plugins.analytic import LinearGaussianVAE
+
+    loss, why = _READY_LOSSES[case]
+    model_class = type("OwnLoss", (LinearGaussianVAE,), {"loss": loss})
+
+    class Plugin:
+        @hookimpl
+        def register_models(self, register):
+            register(ModelFamily(name="own_loss", description="test", trainable=False,
+                                 build=lambda params, shape: model_class()))
+
+    plugin = Plugin()
+    fresh_plugins.register_plugin(plugin, name="own-loss")
+    try:
+        with pytest.warns(UserWarning, match=r"model 'own_loss': no test ELBO reported: its loss\(\) is not") as caught:
+            status = cli.main(["run", "--models", "own_loss", "--dataset", "digits", "--estimators", "encoder_stats",
+                               "--points", "2", "--threads", "1", "--out", str(tmp_path / "run"), "--no-progress"])
+    finally:
+        fresh_plugins.unregister_plugin(plugin)
+    out = " ".join(capsys.readouterr().out.split())
+    assert status == 0 and "could not be trained" not in out and "failed rows" not in out, out
+    assert any(why in str(w.message) for w in caught)
+    assert "own_loss │ — │ 0.5000" in out  # encoder_stats' mean min σ: the rows were computed
+
 _VALID_STYLES = '''
 import math
 import types
