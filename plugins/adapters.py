@@ -217,8 +217,11 @@ def _check_pythae_folder(folder: Path, trust_pickled_code: bool) -> None:
     pickled networks (if any) the user trusts."""
     if not (folder / "model_config.json").is_file():
         # what a user gives instead: pythae's training folder (final_model inside), a diffusers folder
-        inner = sorted(folder.glob("*/model_config.json"), key=lambda f: (f.parent.name != "final_model", f.parent.name))
-        hint = (f"; it is a training folder: give path='{inner[0].parent}'" if inner else
+        # TrainingPipeline(output_dir=D) writes D/VAE_training_<date>/final_model: D or the dated folder;
+        # the newest final_model first (the dates sort), else any checkpoint
+        inner = sorted((f.parent for pattern in ("*/model_config.json", "*/*/model_config.json")
+                        for f in folder.glob(pattern)), key=lambda d: (d.name == "final_model", str(d)), reverse=True)
+        hint = (f"; it is a training folder: give path='{inner[0]}'" if inner else
                 "; it holds a config.json, as a diffusers model does (family diffusers_autoencoder_kl?)"
                 if (folder / "config.json").is_file() else "")
         raise ValueError(f"model 'pythae': {folder} holds no model_config.json{hint}; give the folder written "

@@ -381,6 +381,8 @@ def test_torch_module_wrong_input_says_what_is_wrong_and_what_to_do(module_files
 
 @pytest.mark.parametrize("given, message", [
     ("training", "holds no model_config.json; it is a training folder: give path='{root}/VAE_training_x/final_model'"),
+    # TrainingPipeline's output_dir, two runs and a checkpoint: the newest run's final_model
+    ("output_dir", "holds no model_config.json; it is a training folder: give path='{root}/out/VAE_training_y/final_model'"),
     ("diffusers", "holds no model_config.json; it holds a config.json, as a diffusers model does"),
     ("pickles", "holds custom networks as pickles (encoder.pkl)"),
 ])
@@ -397,7 +399,10 @@ def test_a_wrong_pythae_folder_is_refused_before_any_work(tmp_path, capsys, give
     (tmp_path / "kl" / "config.json").write_text("{}")
     if given == "pickles":
         (final / "encoder.pkl").write_bytes(b"")
-    path = {"training": final.parent, "diffusers": tmp_path / "kl", "pickles": final}[given]
+    for run in ("VAE_training_x/final_model", "VAE_training_y/final_model", "VAE_training_y/checkpoint_epoch_1"):
+        (tmp_path / "out" / run).mkdir(parents=True)
+        (tmp_path / "out" / run / "model_config.json").write_text("{}")
+    path = {"training": final.parent, "output_dir": tmp_path / "out", "diffusers": tmp_path / "kl", "pickles": final}[given]
     status = cli.main(["run", "--models", "pythae", "--param", f"pythae.path={path}", "--estimators", "margin",
                        "--points", "2", "--out", str(tmp_path / "run"), "--dry-run"])
     assert status == 2
