@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 import torch
 from torch import nn
 
@@ -162,3 +164,71 @@ def test_compiled_counts_follow_a_changed_decoder():
             model.decoder[2].weight.mul_(1.05)
             model.decoder[2].bias.sub_(0.02)
     assert len(set(seen)) == 3, seen  # each change of the weights changes the counts
+
+
+def _decode_matches_plan(model: nn.Module) -> bool:
+    """Whether the plan decoder_plan serves computes what model.decode does (a generic plan always does)."""
+    plan = decoding.decoder_plan(model, 5)
+    if isinstance(plan, decoding.GenericPlan):
+        return True
+    z = torch.randn(6, 3, generator=torch.Generator().manual_seed(2))
+    h = z
+    for w, b, a in zip(plan.weights, plan.biases, plan.acts):
+        h = h @ w[:, :h.shape[1]].t() + b
+        h = torch.relu(h) if a == decoding.ACT_RELU else torch.sigmoid(h) if a == decoding.ACT_SIGMOID else h
+    return torch.allclose(h[:, :plan.out_dim], model.decode(z).detach(), atol=1e-5)
+
+
+class _Twice(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class _Double(nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+def test_decoders_the_plan_cannot_follow_get_a_generic_plan_or_a_fresh_one():
+    """Review s10-ra: the MLP plan reads each Linear's registered weight and bias only. A parametrized weight
+    (torch.nn.utils.parametrize) or the old weight_norm compute the weight from other parameters: with
+    _mlp_guard watching only the Linear's own `weight`, an in-place step of those served the stale plan (main's
+    key over all parameters did not). Forward hooks and a Linear subclass with its own forward were ignored by
+    the plan while the probe in _decoder_is_decode ran them on both sides (on main too). All must decode like
+    model.decode, before and after the change."""
+    from torch.nn.utils import parametrize
+
+    model = TinyVAE()
+    parametrize.register_parametrization(model.decoder[2], "weight", _Double())
+    assert _decode_matches_plan(model)
+    with torch.no_grad():
+        model.decoder[2].parametrizations.weight.original.add_(1.0)  # an optimizer step on the original
+    assert _decode_matches_plan(model)
+
+    model = TinyVAE()
+    with pytest.warns(FutureWarning):
+        torch.nn.utils.weight_norm(model.decoder[2])
+    assert _decode_matches_plan(model)
+    with torch.no_grad():
+        model.decoder[2].weight_g.mul_(3.0)
+    assert _decode_matches_plan(model)
+
+    model = TinyVAE()
+    model.decoder[2] = _Twice(7, 5)
+    assert _decode_matches_plan(model)
+
+    for target in ("linear", "sequential"):
+        model = TinyVAE()
+        assert isinstance(decoding.decoder_plan(model, 5), decoding.MLPPlan)
+        if target == "linear":  # registered after the plan was cached
+            handle = model.decoder[2].register_forward_hook(lambda mod, inp, out: out * 2)
+        else:
+            handle = model.decoder.register_forward_pre_hook(lambda mod, inp: (inp[0] * 2,))
+        assert _decode_matches_plan(model), target
+        handle.remove()
+        assert isinstance(decoding.decoder_plan(model, 5), decoding.MLPPlan) and _decode_matches_plan(model)
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda mod, inp, out: out + 1)
+    try:
+        assert _decode_matches_plan(TinyVAE())  # a global hook
+    finally:
+        handle.remove()
