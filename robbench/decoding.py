@@ -23,6 +23,7 @@ from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules import module as _module
 
 from robbench import rng
 from robbench.checks import CheckedModel
@@ -78,17 +79,32 @@ _PLANS: "weakref.WeakKeyDictionary[nn.Module, tuple[Callable[[nn.Module], bool],
     weakref.WeakKeyDictionary()
 
 
+def _has_hooks(mod: nn.Module) -> bool:
+    """Whether a forward (pre-)hook may change what ``mod`` computes: its own or a global one."""
+    return bool(mod._forward_hooks or mod._forward_pre_hooks or _module._global_forward_hooks
+                or _module._global_forward_pre_hooks)
+
+
 def _mlp_layers(decoder: nn.Module) -> list[tuple[nn.Linear, int]] | None:
-    """[(linear, act_code)] when ``decoder`` is Linear/activation only, else None."""
-    if not isinstance(decoder, nn.Sequential):
+    """[(linear, act_code)] when ``decoder`` is a plain ``nn.Sequential`` of plain ``nn.Linear`` (weight and
+    bias registered parameters) and activations, none with forward hooks, else None. Exact types: a subclass
+    with its own forward, a parametrized Linear (``torch.nn.utils.parametrize``: its weight is computed from
+    ``parametrizations.weight.original``), the old ``weight_norm`` / ``spectral_norm`` (weight recomputed by a
+    pre-hook from other parameters) and hooks compute something the plan would not; the probe in
+    :func:`_decoder_is_decode` cannot tell, since it runs them on both sides."""
+    if type(decoder) is not nn.Sequential or _has_hooks(decoder):
         return None
     layers: list[tuple[nn.Linear, int]] = []
     for mod in decoder:
-        if isinstance(mod, nn.Linear):
+        if _has_hooks(mod):
+            return None
+        if type(mod) is nn.Linear:
+            if not isinstance(mod._parameters.get("weight"), nn.Parameter) or "bias" not in mod._parameters:
+                return None
             layers.append((mod, ACT_NONE))
         elif type(mod) in _ACT_CODES and layers and layers[-1][1] == ACT_NONE:
             layers[-1] = (layers[-1][0], _ACT_CODES[type(mod)])
-        elif isinstance(mod, (nn.Identity, nn.Flatten)):
+        elif type(mod) in (nn.Identity, nn.Flatten):
             continue  # no-ops on (N, features)
         else:
             return None
@@ -128,9 +144,12 @@ def _mlp_plan(layers: list[tuple[nn.Linear, int]]) -> MLPPlan:
 
 
 def _params_key(decoder: object) -> tuple:
-    """(data_ptr, version) of every parameter of ``decoder`` (any structure): a generic plan's key."""
-    params = list(decoder.parameters()) if isinstance(decoder, nn.Module) else []
-    return tuple((p.data_ptr(), p._version) for p in params)
+    """(data_ptr, version) of every parameter of ``decoder`` (any structure) and which of its modules have
+    forward hooks: a generic plan's key (a hook removed again lets an MLP decoder have its MLP plan back)."""
+    if not isinstance(decoder, nn.Module):
+        return ()
+    return (tuple((p.data_ptr(), p._version) for p in decoder.parameters()),
+            tuple(_has_hooks(m) for m in decoder.modules()))
 
 
 def _mlp_guard(decoder: nn.Module, layers: list[tuple[nn.Linear, int]]) -> Callable[[nn.Module], bool]:
@@ -149,11 +168,16 @@ def _mlp_guard(decoder: nn.Module, layers: list[tuple[nn.Linear, int]]) -> Calla
         for name in ("weight", "bias"):
             t = lin._parameters.get(name)
             watched.append((lin, name, t, t.data_ptr() if t is not None else 0, t._version if t is not None else 0))
+    # The storages the plan was made from, kept alive while it is cached: `p.data = x` keeps p's version
+    # counter, so only the data pointer tells a new storage, and a freed one's address could be reused by it.
+    pinned = tuple(t.untyped_storage() for lin, _ in layers for t in (lin.weight, lin.bias) if t is not None)
     watched_t = tuple(watched)
 
-    def valid(model: nn.Module) -> bool:
+    def valid(model: nn.Module, _pinned: tuple = pinned) -> bool:
         d = getattr(model, "decoder", None)
         if d is not decoder or tuple(d._modules.values()) != children:
+            return False
+        if _has_hooks(d) or any(_has_hooks(c) for c in children):  # registered since the plan was made
             return False
         for lin, name, t, ptr, version in watched_t:
             if lin._parameters.get(name) is not t:

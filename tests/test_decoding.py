@@ -232,3 +232,24 @@ def test_decoders_the_plan_cannot_follow_get_a_generic_plan_or_a_fresh_one():
         assert _decode_matches_plan(TinyVAE())  # a global hook
     finally:
         handle.remove()
+
+
+def test_cached_mlp_plan_keeps_the_storages_it_was_made_from():
+    """Review s10-ra: ``p.data = x`` keeps p's version counter (seen: the version does not move), so _mlp_guard
+    tells the new storage only by its data pointer; were the old storage freed, a new one of the same size
+    could take its address and the stale plan would be served. The guard holds the plan's storages, so no
+    live storage can share their address while the plan is cached."""
+    import gc
+    import weakref
+
+    model = TinyVAE()
+    p = model.decoder[2].weight
+    storage = weakref.ref(p.untyped_storage())
+    plan = decoding.decoder_plan(model, 5)
+    version = p._version
+    with torch.no_grad():
+        p.data = torch.zeros(5, 7)
+    gc.collect()
+    assert p._version == version  # the case the data pointer has to catch on its own
+    assert storage() is not None  # the original storage is still alive (held by the cached plan's guard)
+    assert decoding.decoder_plan(model, 5) is not plan
