@@ -86,3 +86,16 @@ def test_percent_peak_counts_each_precision_at_its_own_peak():
     std = bench.BenchRow("std", "cpp", "bf16", 1, 1, 1, 0.5, 2.0, 6.0, 12.0, None, None, 0.0, 0.1,
                          executed_gflops=10.0, bf16_gflop=4.0)
     assert bench.row_peak_fraction(std, peaks) == pytest.approx((1 / 100 + 4 / 400) / 0.5)
+
+
+def test_margin_table_says_the_screened_share_depends_on_the_call_history():
+    """Review s10-ra: with screen="auto" (CppBackend's default since session 10) the "screened" column depends on
+    the calls before on the same model (warm-up, earlier repetitions): the rendered table says so."""
+    from rich.console import Console
+
+    row = margin_bench.MarginRow("m", "cpp", 0, 2, 1.0, 0.5, 0.3, 0.2, 100.0, 200, 3, "bf16", 0.01, 1.0, 3.0,
+                                 10.0, 0.3)
+    console = Console(width=400, record=True)
+    console.print(margin_bench.render([row], {"bf16": 10.0}, 1))
+    text = " ".join(console.export_text().split())
+    assert "depends on the earlier calls on the same model" in text and "counts do not" in text

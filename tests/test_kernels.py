@@ -2,6 +2,8 @@
 decisions of the bf16 path (many seeds/shapes, points placed so many samples sit on the boundary)."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -1141,3 +1143,97 @@ def test_workspaces_across_shapes_calls_and_threads(workspaces, monkeypatch):
     for c, precision, screen, counts in serial + [x for res in results for x in res]:
         assert torch.equal(counts, cases[c][-1]), (c, precision, screen)
     assert len(serial) == 9 * len(modes) and all(len(res) > 0 for res in results)
+
+
+def test_mlp_count_ids_keys_for_negative_and_huge_seeds_and_random_ids():
+    """Review s10-ra: mlp_count_ids' keys (C++) against rng.stream_keys for seeds Python folds to 64 bits
+    (negative, >= 2^64) and 64 random 64-bit ids (both words random, ids near +-2^63): the same samples, so
+    the same counts at radii placed exactly at the samples' own distances, and the same stats; end to end
+    (kernels.count_within: the cached seed key) the torch reference's counts."""
+    model = MLPVAE()
+    g = torch.Generator().manual_seed(11)
+    ids = torch.randint(-2 ** 63, 2 ** 63 - 1, (61,), generator=g, dtype=torch.int64)
+    ids = torch.cat([ids, torch.tensor([2 ** 63 - 1, 2 ** 63 - 2, -2 ** 63])])
+    B, n = ids.shape[0], 24
+    mu, sigma, center = _points(model, B, 5)
+    plan = decoding.decoder_plan(model, center.shape[1])
+    for seed in (-1, -2 ** 63, 2 ** 64 + 5, -(2 ** 70) - 3):
+        ka, kb = rng.stream_keys(seed, ids)
+        d2 = torch.ops.robbench.mlp_sq_distances(mu, sigma, center, ka, kb, n, 0, plan.weights_t, plan.biases,
+                                                 plan.acts, 64)
+        r2 = d2[:, n // 3].contiguous()  # a tie with one of each point's own samples
+        for screen, precision in ((True, 1), (False, 0)):
+            want = torch.ops.robbench.mlp_count(mu, sigma, center, r2, ka, kb, n, 0, plan.weights_t, plan.biases,
+                                                plan.acts, precision, screen, 64)
+            got = torch.ops.robbench.mlp_count_ids(mu, sigma, center, r2, ids, rng.seed_key(seed), n, 0,
+                                                   plan.weights_t, plan.biases, plan.acts, precision, screen, 64)
+            assert torch.equal(got[0], (d2 <= r2[:, None]).sum(1)), (seed, screen)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (seed, screen)
+        ref = montecarlo.count_within(model, mu, sigma, center, r2.sqrt(), n, seed=seed, stream_ids=ids,
+                                      backend="torch")
+        res = kernels.count_within(model, mu, sigma, center, montecarlo.radius_sq(r2.sqrt(), B, mu.device), n,
+                                   seed=seed, stream_ids=ids, screen="auto")
+        assert torch.equal(res.counts, ref), seed
+
+
+def test_mlp_count_ids_keys_on_the_portable_build():
+    """The test above with ROBBENCH_NO_AVX512=1 (read once per process: a subprocess)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ROBBENCH_NO_AVX512="1")
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", __file__, "-k",
+                           "keys_for_negative_and_huge_seeds or makes_the_stream_keys_of_rng or flushed_subnormals"
+                           " or screen_state"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "4 passed" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_flushed_subnormals_op_computes_nothing_and_the_backend_runs_the_reference():
+    """Review s10-ra: under torch.set_flush_denormal(True) mlp_count_ids itself reports stats [-1] (nothing
+    computed), and CppBackend's default (screen="auto") returns the reference's counts with nothing screened."""
+    model = MLPVAE(seed=3, k=6, hidden=(40, 48), d=70, scale=3.0, bias=-2.0)
+    B, n = 4, 200
+    mu, sigma, center = _points(model, B, 7)
+    plan = decoding.decoder_plan(model, center.shape[1])
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU cannot flush denormals")
+    try:
+        d2 = TorchBackend().sq_distances(model, mu, sigma, center, n, seed=5, stream_ids=torch.arange(B))
+        r2 = d2.sort(1).values[:, n // 2].contiguous()
+        counts, stats = torch.ops.robbench.mlp_count_ids(mu, sigma, center, r2, torch.arange(B), rng.seed_key(5), n,
+                                                         0, plan.weights_t, plan.biases, plan.acts, 1, True, 64)
+        assert stats.tolist() == [-1] and counts.numel() == 0
+        res = kernels.CppBackend().count_within(model, mu, sigma, center, r2, n, seed=5, stream_ids=torch.arange(B))
+        assert torch.equal(res.counts, (d2 <= r2[:, None]).sum(1))
+        assert (res.screened, res.bf16_samples, res.precision) == (0, 0, "fp32")
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def test_screen_state_never_changes_decisions_at_tied_radii():
+    """Review s10-ra: screen="auto" only chooses whether the Lipschitz screen runs; the counts at radii placed
+    exactly at sample distances and one fp32 ulp either side are the reference's in every screen state (on,
+    skipping, probing), in both precisions, while the screen does decide samples on the calls it runs."""
+    model = MLPVAE(scale=0.3)
+    B, n = 3, 150
+    mu, sigma, center = _points(model, B, 0)
+    plan = decoding.decoder_plan(model, center.shape[1])
+    d2 = TorchBackend().sq_distances(model, mu, sigma, center, n, seed=2, stream_ids=torch.arange(B))
+    srt = d2.sort(1).values
+    screened = 0
+    for q in (n // 2, (9 * n) // 10, n - 1):
+        tie = srt[:, q].contiguous()
+        for r2 in (tie, torch.nextafter(tie, torch.full_like(tie, math.inf)),
+                   torch.nextafter(tie, torch.zeros_like(tie))):
+            want = (d2 <= r2[:, None]).sum(1)
+            states = ((0, 0), (kernels.SCREEN_MISSES, 0), (kernels.SCREEN_MISSES, kernels.SCREEN_PROBE - 1))
+            for misses, skips in states:  # screen on, skipped, probing
+                for precision in ("bf16", "fp32"):
+                    plan.screen_misses, plan.screen_skips = misses, skips
+                    res = kernels.count_within(model, mu, sigma, center, r2, n, seed=2, stream_ids=torch.arange(B),
+                                               precision=precision, screen="auto")
+                    assert torch.equal(res.counts, want), (q, misses, skips, precision)
+                    screened += res.screened
+    assert screened > 0  # the screen ran and decided samples at these radii

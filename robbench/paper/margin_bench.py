@@ -264,10 +264,16 @@ def _median(vals: Sequence[float]) -> float:
     return math.nan if n == 0 else (vals[n // 2] if n % 2 else 0.5 * (vals[n // 2 - 1] + vals[n // 2]))
 
 
+SCREENED_NOTE = ("screened: share of the Monte Carlo samples the Lipschitz screen decided; the cpp engine runs it "
+                 "adaptively (screen=\"auto\": skipped after calls where it decided < 1/8), so the share depends "
+                 "on the earlier calls on the same model (warm-up, earlier repetitions); counts do not")
+
+
 def render(rows: Sequence[MarginRow], peaks: dict[str, float], threads: int) -> Table:
     """One line per run: split, samples per point, executed GFLOP/s and % of the measured peak."""
     table = Table(title=f"robbench margin benchmark ({threads} threads; measured GEMM peak: "
-                        + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()) + ")")
+                        + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()) + ")",
+                  caption=SCREENED_NOTE)
     for head in ("model", "backend", "rep", "points", "whole [s]", "attack [s]", "Monte Carlo [s]", "other [s]",
                  "samples/point", "precision", "screened", "exit skip", "GFLOP/s (MC)", "% peak"):
         table.add_column(head, justify="left" if head in ("model", "backend", "precision") else "right")
