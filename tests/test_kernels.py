@@ -1187,7 +1187,7 @@ def test_mlp_count_ids_keys_on_the_portable_build():
                            "keys_for_negative_and_huge_seeds or makes_the_stream_keys_of_rng or flushed_subnormals"
                            " or screen_state"],
                           env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0 and "4 passed" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 0 and "5 passed" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
 
 
 def test_flushed_subnormals_op_computes_nothing_and_the_backend_runs_the_reference():
