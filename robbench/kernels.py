@@ -300,6 +300,8 @@ def count_within(model: nn.Module, mu: Tensor, sigma: Tensor, center: Tensor, r2
     thread flushes subnormals (:func:`denormals_are_ieee`) the reference itself runs."""
     if backend == "cuda":
         _warn_cuda_unvalidated()
+    if not isinstance(screen, bool) and screen != "auto":  # "off" would be truthy: screen on
+        raise ValueError(f"screen must be True, False or 'auto', got {screen!r}")
     precision = precision or default_precision()
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; known: {sorted(PRECISIONS)}")

@@ -1237,3 +1237,12 @@ def test_screen_state_never_changes_decisions_at_tied_radii():
                     assert torch.equal(res.counts, want), (q, misses, skips, precision)
                     screened += res.screened
     assert screened > 0  # the screen ran and decided samples at these radii
+
+
+def test_screen_argument_is_checked():
+    """Review s10-ra: screen is True, False or "auto"; a string such as "off" (truthy) used to run the screen."""
+    model = MLPVAE()
+    mu, sigma, center = _points(model, 2, 0)
+    with pytest.raises(ValueError, match="screen must be True, False or 'auto', got 'off'"):
+        kernels.count_within(model, mu, sigma, center, torch.ones(2), 10, seed=0, stream_ids=torch.arange(2),
+                             screen="off")
