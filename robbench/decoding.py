@@ -158,7 +158,9 @@ def _mlp_guard(decoder: nn.Module, layers: list[tuple[nn.Linear, int]]) -> Calla
     Monte Carlo call: benchmarks/README.md, session 10). It fails when ``model.decoder`` is another module,
     when any child of the Sequential was replaced, added or removed, when a Linear's weight or bias is
     another tensor (assigned, registered, removed, or converted by ``.to()`` / ``.double()``, which assign
-    ``param.data``: a new data pointer), or when one was changed in place through itself or a view (its
+    ``param.data``: a new data pointer; the storages the plan was made from are kept alive, so no new one
+    can take their address), when a forward hook was registered on the Sequential, a child or globally,
+    or when a weight or bias was changed in place through itself or a view (its
     version counter: ``copy_`` / ``add_`` under ``torch.no_grad()``, ``load_state_dict``, optimizer steps).
     Like torch autograd's own checks it cannot see writes that bypass the version counter (``p.data.add_()``,
     writes through ``p.numpy()``); the tests in tests/test_decoding.py show each case it catches."""
