@@ -140,8 +140,10 @@ def leaderboard_rows(rows: list[ResultRow], models: dict[str, dict[str, Any]] | 
             # model), but their failures and time are counted once, on the first record.
             rec = _structure(model, attack, group, elbos.get(model), count_shared=i == 0)
             ok = [r for r in group if r.status == "ok"]
+            failed_only = {r.estimator for r in group} - {r.estimator for r in ok}
             for col in columns:
-                rec.update(_aggregate(col, [r for r in ok if r.estimator in readers[col.key]], ok, confidence))
+                rec.update(_aggregate(col, [r for r in ok if r.estimator in readers[col.key]], ok, confidence,
+                                      readers[col.key] & failed_only))
             records.append(rec)
     return sorted(records, key=_ranking(columns))
 
@@ -163,16 +165,20 @@ def _structure(model: str, attack: str, group: list[ResultRow], elbos: list[floa
     return rec
 
 
-def _aggregate(col: MetricColumn, rows: list[ResultRow], ok: list[ResultRow], confidence: float) -> dict[str, Any]:
-    """The record entries of one column over the rows of the estimators declaring it ({} when none)."""
-    if not rows:
-        return {}
-    declaring = sorted({r.estimator for r in rows if col.metric in r.metrics})
+def _aggregate(col: MetricColumn, rows: list[ResultRow], ok: list[ResultRow], confidence: float,
+               failed_only: set[str] = frozenset()) -> dict[str, Any]:
+    """The record entries of one column over the ok rows of the estimators declaring it ({} when none).
+    ``failed_only``: declaring estimators whose every row of the record failed."""
+    declaring = sorted({r.estimator for r in rows if col.metric in r.metrics} | failed_only)
     if len(declaring) > 1:
         # several estimators report this column's metric (damage and likelihood both report "damage", each at
         # its own radius): a point would get one value from each and the last row would win, so the column
         # depended on the order of --estimators. It holds the values of the first such estimator by name.
+        # One whose rows all failed still takes precedence: the column then stays empty (its failures are
+        # counted) rather than silently showing the next estimator's quantity under the same header.
         rows = [r for r in rows if r.estimator == declaring[0]]
+    if not rows:
+        return {}
     if col.aggregation in ("mean", "ci", "median"):
         return _summary(col, rows, confidence)
     if col.aggregation == "count_true":

@@ -177,3 +177,21 @@ def test_a_column_two_estimators_declare_holds_one_estimators_values_whatever_th
         assert rec["damage_mean"] == pytest.approx(11.0)
     (rec,) = leaderboard_rows(likelihood)
     assert rec["damage_mean"] == pytest.approx(3.0)  # alone, likelihood's own damage fills it
+
+
+def test_a_shared_column_stays_empty_when_its_first_estimators_rows_all_failed():
+    """Every damage row of a record failed: the "mean damage" column silently took likelihood's damage
+    (another quantity at another radius) under the same header. It now shows no value; the failed rows are
+    counted. Only where damage did not run at all does likelihood's damage fill it."""
+    damage = [_row("m", "max_damage", "damage", p, {}, status="error", error="boom") for p in range(3)]
+    likelihood = [_row("m", "max_damage", "likelihood", p, {"damage": 2.0 + p, "loglik_attack": -100.0})
+                  for p in range(3)]
+    for rows in (damage + likelihood, likelihood + damage):
+        (rec,) = leaderboard_rows(rows)
+        assert "damage_mean" not in rec
+        assert rec["failed"] == 3
+        assert "| m | max_damage |" in render_markdown([rec])
+    # one damage row ok, two failed: the column holds that one point's damage, never likelihood's
+    damage[0] = _row("m", "max_damage", "damage", 0, {"damage": 10.0})
+    (rec,) = leaderboard_rows(damage + likelihood)
+    assert rec["damage_mean"] == pytest.approx(10.0)
