@@ -7,6 +7,7 @@ caller registers by hand, as tests do).
 """
 from __future__ import annotations
 
+import numbers
 import os
 import traceback
 from collections.abc import Mapping
@@ -219,16 +220,28 @@ def _is_builtin(source: str) -> bool:
 # What the harness reads from a registered attack or estimator besides its name (robbench/protocols.py):
 # a missing one would surface later as an AttributeError traceback from inside a command.
 # defaults: any Mapping (config.merge_params copies it with dict()), as before this check existed.
-_REQUIRED = {"attack": (("defaults", Mapping, "a dict of every parameter with its default, {} for none"),),
-             "estimator": (("defaults", Mapping, "a dict of every parameter with its default, {} for none"),
-                           ("needs_attack", bool, "True when the estimator runs an attack, else False"))}
+# needs_attack: the harness only asks `if est.needs_attack`, so what is unambiguously a boolean passes: bool,
+# a numpy bool scalar, the integers 0 and 1 (numpy's too); text ("no" is truthy), other numbers and None do not.
+def _is_boolean(value: Any) -> bool:
+    if isinstance(value, bool) or (isinstance(value, numbers.Integral) and value in (0, 1)):
+        return True
+    dtype = getattr(value, "dtype", None)  # numpy.bool_ (not an Integral); robbench's core needs no numpy import
+    return (type(value).__module__ == "numpy" and getattr(dtype, "kind", None) == "b"
+            and getattr(value, "ndim", None) == 0)
+
+
+_REQUIRED = {"attack": (("defaults", lambda v: isinstance(v, Mapping),
+                         "a dict of every parameter with its default, {} for none"),),
+             "estimator": (("defaults", lambda v: isinstance(v, Mapping),
+                            "a dict of every parameter with its default, {} for none"),
+                           ("needs_attack", _is_boolean, "True when the estimator runs an attack, else False"))}
 
 
 def _check_contract(kind: str, name: str, obj: Any) -> None:
     """TypeError naming the attribute a registered attack or estimator lacks, or ``__call__``."""
-    for attr, kind_of, what in _REQUIRED.get(kind, ()):
+    for attr, accepts, what in _REQUIRED.get(kind, ()):
         value = getattr(obj, attr, None)
-        if not isinstance(value, kind_of):
+        if not hasattr(obj, attr) or not accepts(value):
             got = "it has none" if not hasattr(obj, attr) else f"got {type(value).__name__} {value!r}"
             raise TypeError(f"{kind} {name!r} ({type(obj).__name__}) needs the attribute {attr}: {what}; {got}")
     if kind in _REQUIRED and not callable(obj):

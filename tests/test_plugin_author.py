@@ -289,6 +289,33 @@ def test_an_estimator_without_the_attributes_the_harness_reads_is_reported_at_re
         sys.modules.pop("robbench_contract", None)
 
 
+@pytest.mark.parametrize("value, refused", [
+    ("numpy.bool_(True)", False), ("numpy.bool_(False)", False), ("1", False), ("0", False),
+    ("numpy.int64(1)", False), ("True", False),
+    ("'yes'", True), ("2", True), ("1.0", True), ("None", True),
+])
+def test_needs_attack_accepts_what_is_unambiguously_a_boolean(fresh_plugins, thirdparty_path, value, refused):
+    """Session 10's registration check asked for exactly a Python bool, so `needs_attack = np.bool_(True)`
+    or `= 1` (which worked before: the harness only asks `if est.needs_attack`) skipped the plugin. bool,
+    numpy bool and the ints 0 / 1 are accepted; text, other numbers and None keep the clear refusal."""
+    attrs = f"    defaults, needs_attack = {{}}, {value}\n"
+    source = "import numpy\n" + _CONTRACT_PLUGIN.format(attrs=attrs)
+    install_plugin(thirdparty_path, "robbench_contract", source, "robbench-contract")
+    try:
+        regs = fresh_plugins.get_registries()
+        failures = fresh_plugins.plugin_failures()
+        if refused:
+            (failure,) = failures
+            assert "needs the attribute needs_attack: True when the estimator runs an attack, else False; got" \
+                in failure.error, failure.error
+        else:
+            assert not failures, failures
+            assert bool(regs.estimators.get("bare_est").needs_attack) is (value in ("numpy.bool_(True)", "1",
+                                                                                     "numpy.int64(1)", "True"))
+    finally:
+        sys.modules.pop("robbench_contract", None)
+
+
 def test_a_trainable_family_whose_model_has_no_loss_says_to_add_one_or_mark_it_ready_built(fresh_plugins, tmp_path,
                                                                                            capsys, one_thread):
     """A user registering their pretrained module as a ModelFamily (trainable defaults to True) saw every
