@@ -106,7 +106,8 @@ def _idx_loader(name: str, subdirs: tuple[str, ...]) -> Callable[[DataOptions], 
 
 
 load_mnist_full = _idx_loader("mnist_full", ("mnist", "MNIST/raw", "."))
-load_fashion_mnist = _idx_loader("fashion_mnist", ("fashion_mnist", "fashion-mnist", "FashionMNIST/raw"))
+# DIR/ itself last, as for mnist_full, cifar10 and celeba: files downloaded straight into --data-dir are found
+load_fashion_mnist = _idx_loader("fashion_mnist", ("fashion_mnist", "fashion-mnist", "FashionMNIST/raw", "."))
 
 
 def load_cifar10(options: DataOptions) -> SplitData:

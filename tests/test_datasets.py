@@ -295,3 +295,18 @@ def test_cifar10_python_batch_with_float_pixels_is_refused(tmp_path):
     with pytest.raises(datafiles.DataFileError, match=r"data_batch_2: 'data' holds float32 values in \[0.5, 0.5\]; "
                                                       r"CIFAR-10 batches hold uint8 pixels 0..255"):
         SPECS["cifar10"].load(DataOptions(data_dir=tmp_path))
+
+
+@pytest.mark.parametrize("name", ["mnist_full", "fashion_mnist"])
+def test_every_idx_data_set_reads_the_four_files_from_the_data_directory_itself(tmp_path, name):
+    """mnist_full read DIR/ itself (as cifar10 and celeba do) but fashion_mnist only its sub-folders: the
+    four files downloaded straight into --data-dir were "expected ... in one of" three other folders."""
+    arrays = write_mnist_files(tmp_path, 5, 2, gz=False, seed=3)
+    data = SPECS[name].load(DataOptions(data_dir=tmp_path))
+    assert data.train_x.shape == (5, 1, 28, 28) and data.test_x.shape == (2, 1, 28, 28)
+    assert data.train_y.tolist() == arrays["train-labels-idx1-ubyte"].tolist()
+    # a complete named sub-folder comes first: DIR/ itself is the last place searched
+    sub = write_mnist_files(tmp_path / ("mnist" if name == "mnist_full" else "fashion_mnist"), 4, 2, gz=True,
+                            seed=4)
+    assert SPECS[name].load(DataOptions(data_dir=tmp_path)).train_y.tolist() == \
+        sub["train-labels-idx1-ubyte"].tolist()
