@@ -15,7 +15,9 @@ A plugin that breaks its contract must fail its own rows with a clear error, nev
 """
 from __future__ import annotations
 
+import inspect
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -85,13 +87,43 @@ def check_attack_result(name: str, result: Any, x: Tensor, radius: Tensor,
 
 
 class EstimatorOutputError(RuntimeError):
-    """An estimator returned something other than one dict of metrics per point (all its rows fail)."""
+    """An estimator returned something other than one dict of metrics per point (all its rows fail).
+    ``origin``: where the estimator is defined (``estimator Cls.__call__ in module, file.py:line``), which
+    :func:`robbench.execute.describe_error` shows instead of the innermost frame (this module's check)."""
+
+    origin: str | None = None
 
 
-def check_estimator_rows(name: str, rows: Any, n: int) -> list:
+def estimator_origin(estimator: Any) -> str | None:
+    """``estimator <qualname> in <module>, <file>:<line>`` of the code an estimator runs: a function
+    itself, the function a wrapper holds as ``fn`` (robbench_plugins' BuiltinEstimator), else its class's
+    ``__call__``; None where that cannot be found (a builtin, a C extension)."""
+    target = estimator if inspect.isfunction(estimator) or inspect.ismethod(estimator) else None
+    if target is None and callable(getattr(estimator, "fn", None)):
+        target = estimator.fn
+    if target is None:
+        target = getattr(type(estimator), "__call__", None)
+    target = inspect.unwrap(getattr(target, "__func__", target))
+    code = getattr(target, "__code__", None)
+    if code is None:
+        return None
+    return (f"estimator {getattr(target, '__qualname__', target)} in {getattr(target, '__module__', '?')}, "
+            f"{Path(code.co_filename).name}:{code.co_firstlineno}")
+
+
+def check_estimator_rows(name: str, rows: Any, n: int, estimator: Any = None) -> list:
     """``rows`` as a list if it is what an estimator must return for ``n`` points: a list (or tuple) of
-    ``n`` dicts, one per point; else raise :class:`EstimatorOutputError` saying what came back. Its
-    values (numbers, 0-d tensors, numpy scalars, text) are the store's to convert."""
+    ``n`` dicts, one per point; else raise :class:`EstimatorOutputError` saying what came back, located
+    at ``estimator``'s code (see :func:`estimator_origin`) when given. Its values (numbers, 0-d tensors,
+    numpy scalars, text) are the store's to convert."""
+    try:
+        return _check_estimator_rows(name, rows, n)
+    except EstimatorOutputError as err:
+        err.origin = estimator_origin(estimator) if estimator is not None else None
+        raise
+
+
+def _check_estimator_rows(name: str, rows: Any, n: int) -> list:
     where = f"estimator {name!r} returned"
     if isinstance(rows, (str, bytes, dict)) or not isinstance(rows, (list, tuple)):
         hint = " (one dict, not a list with one dict per point)" if isinstance(rows, dict) else ""

@@ -115,7 +115,7 @@ def evaluate_batch(job: JobSpec, model: VAEModel, x: Tensor, point_ids: Sequence
     try:
         with ran_with.recording() as ran:
             rows = estimator(ctx, fit_if_needed(x.to(device), job.data_range, model))
-        results = check_estimator_rows(job.estimator, rows, len(ids))
+        results = check_estimator_rows(job.estimator, rows, len(ids), estimator)
         error = None
     except PluginOutputError as err:
         if raise_errors:
@@ -217,7 +217,11 @@ def nonfinite_metric(metrics: dict[str, Any]) -> str | None:
 
 
 def describe_error(err: BaseException) -> str:
-    """``Type: message (file:line)`` of the innermost frame, for the results store."""
+    """``Type: message (file:line)`` of the innermost frame, for the results store; an error that names its
+    own origin (a plugin's malformed output: :class:`~robbench.checks.EstimatorOutputError`) is located there
+    instead, not at robbench's check."""
     where = traceback.extract_tb(err.__traceback__)[-1] if err.__traceback__ else None
     place = f" ({Path(where.filename).name}:{where.lineno})" if where else ""
+    if getattr(err, "origin", None):
+        place = f" ({err.origin})"
     return f"{type(err).__name__}: {err}{place}"

@@ -149,6 +149,28 @@ def test_an_estimator_returning_the_wrong_type_fails_its_rows_with_what_it_must_
     assert status == 0
     assert f"EstimatorOutputError: estimator 'bad_rows' {message}" in out, out
     assert "mean min σ" in out  # the other estimator's rows are there
+    # the location is the plugin's estimator, not robbench's check (it said "(checks.py:99)")
+    line = _Estimator.__call__.__code__.co_firstlineno
+    assert f"(estimator _Estimator.__call__ in {__name__}, test_plugin_author.py:{line})" in out, out
+    assert "checks.py" not in out
+
+
+def test_a_malformed_rows_error_names_the_function_a_builtin_style_estimator_wraps():
+    """An estimator built as robbench_plugins' BuiltinEstimator(fn=...) is located at its fn, the plugin's
+    own code, not at the wrapper's __call__ nor at robbench's check."""
+    from robbench.checks import EstimatorOutputError, check_estimator_rows
+    from robbench.execute import describe_error
+    from robbench_plugins.estimators import BuiltinEstimator
+
+    def my_rows(ctx, x):
+        return None
+
+    est = BuiltinEstimator("mine", "test", my_rows)
+    with pytest.raises(EstimatorOutputError) as err:
+        check_estimator_rows("mine", est(None, None), 2, est)
+    line = my_rows.__code__.co_firstlineno
+    text = describe_error(err.value)
+    assert text.endswith(f"(estimator {my_rows.__qualname__} in {__name__}, test_plugin_author.py:{line})"), text
 
 
 def test_a_models_test_elbo_given_as_a_tensor_is_stored_as_a_number():
