@@ -169,16 +169,26 @@ def _aggregate(col: MetricColumn, rows: list[ResultRow], ok: list[ResultRow], co
                failed_only: set[str] = frozenset()) -> dict[str, Any]:
     """The record entries of one column over the ok rows of the estimators declaring it ({} when none).
     ``failed_only``: declaring estimators whose every row of the record failed."""
-    declaring = sorted({r.estimator for r in rows if col.metric in r.metrics} | failed_only)
+    reporting = sorted({r.estimator for r in rows if col.metric in r.metrics})
+    declaring = sorted(set(reporting) | failed_only)
+    source = None
     if len(declaring) > 1:
         # several estimators report this column's metric (damage and likelihood both report "damage", each at
         # its own radius): a point would get one value from each and the last row would win, so the column
         # depended on the order of --estimators. It holds the values of the first such estimator by name.
-        # One whose rows all failed still takes precedence: the column then stays empty (its failures are
-        # counted) rather than silently showing the next estimator's quantity under the same header.
-        rows = [r for r in rows if r.estimator == declaring[0]]
+        # Where every row of that one failed, the next one's values are shown but marked "(from NAME)"
+        # (<key>_from): never another estimator's quantity silently under the same header.
+        chosen = declaring[0] if declaring[0] in reporting or not reporting else reporting[0]
+        source = chosen if chosen != declaring[0] else None
+        rows = [r for r in rows if r.estimator == chosen]
     if not rows:
         return {}
+    out = _aggregate_rows(col, rows, ok, confidence)
+    return {**out, f"{col.key}_from": source} if out and source else out
+
+
+def _aggregate_rows(col: MetricColumn, rows: list[ResultRow], ok: list[ResultRow],
+                    confidence: float) -> dict[str, Any]:
     if col.aggregation in ("mean", "ci", "median"):
         return _summary(col, rows, confidence)
     if col.aggregation == "count_true":
@@ -275,6 +285,12 @@ def _columns_for(records: list[dict[str, Any]], columns: list[DisplayColumn] | N
 
 
 def _cell(rec: dict[str, Any], col: DisplayColumn) -> str:
+    text = _value_cell(rec, col)
+    source = rec.get(f"{col.key}_from")  # the first declaring estimator's rows all failed: say whose values
+    return f"{text} (from {source})" if source and text != "—" else text
+
+
+def _value_cell(rec: dict[str, Any], col: DisplayColumn) -> str:
     if col.format == "ci":
         lo, hi = rec.get(f"{col.key}_lo"), rec.get(f"{col.key}_hi")
         if lo is None or not math.isfinite(lo):
@@ -324,8 +340,9 @@ def render_csv(records: list[dict[str, Any]], columns: list[DisplayColumn] | Non
     keys = []
     for col in _columns_for(records, columns):
         keys += [f"{col.key}_lo", f"{col.key}_hi", f"{col.key}_unit"] if col.format == "ci" else [col.key]
-        if any(f"{col.key}_lower_bound" in rec for rec in records):
-            keys.append(f"{col.key}_lower_bound")
+        for extra in ("lower_bound", "from"):
+            if any(f"{col.key}_{extra}" in rec for rec in records):
+                keys.append(f"{col.key}_{extra}")
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()

@@ -179,19 +179,25 @@ def test_a_column_two_estimators_declare_holds_one_estimators_values_whatever_th
     assert rec["damage_mean"] == pytest.approx(3.0)  # alone, likelihood's own damage fills it
 
 
-def test_a_shared_column_stays_empty_when_its_first_estimators_rows_all_failed():
+def test_a_shared_column_says_whose_values_it_shows_when_its_first_estimators_rows_all_failed():
     """Every damage row of a record failed: the "mean damage" column silently took likelihood's damage
-    (another quantity at another radius) under the same header. It now shows no value; the failed rows are
-    counted. Only where damage did not run at all does likelihood's damage fill it."""
+    (another quantity at another radius) under the same header. It now says so: "3.00 (from likelihood)",
+    <key>_from (damage_mean_from) in the record, the CSV and the JSON. Where damage did not run at all, or some of its rows
+    are ok, nothing is marked (those are the column's own values)."""
     damage = [_row("m", "max_damage", "damage", p, {}, status="error", error="boom") for p in range(3)]
     likelihood = [_row("m", "max_damage", "likelihood", p, {"damage": 2.0 + p, "loglik_attack": -100.0})
                   for p in range(3)]
     for rows in (damage + likelihood, likelihood + damage):
         (rec,) = leaderboard_rows(rows)
-        assert "damage_mean" not in rec
+        assert rec["damage_mean"] == pytest.approx(3.0) and rec["damage_mean_from"] == "likelihood"
         assert rec["failed"] == 3
-        assert "| m | max_damage |" in render_markdown([rec])
+        assert "| 3.00 (from likelihood) |" in render_markdown([rec])
+        (line,) = csv.DictReader(io.StringIO(render_csv([rec])))
+        assert line["damage_mean_from"] == "likelihood"
+        assert json.loads(render_json([rec]))["rows"][0]["damage_mean_from"] == "likelihood"
+    (rec,) = leaderboard_rows(likelihood)
+    assert "damage_mean_from" not in rec and "(from" not in render_markdown([rec])
     # one damage row ok, two failed: the column holds that one point's damage, never likelihood's
     damage[0] = _row("m", "max_damage", "damage", 0, {"damage": 10.0})
     (rec,) = leaderboard_rows(damage + likelihood)
-    assert rec["damage_mean"] == pytest.approx(10.0)
+    assert rec["damage_mean"] == pytest.approx(10.0) and "damage_mean_from" not in rec
