@@ -246,7 +246,8 @@ class MetricColumn:
     paired: ``(estimator, metric)`` of the y values for the paired aggregations;
     rank: the column's default leaderboard ranking (at most one column should set it: rows sort by it,
     best first by ``direction``); order: position hint, lower first (ties keep registration order).
-    Several estimators may declare the same ``key``: the column then pools their points.
+    Several estimators may declare the same ``key``: the column then holds the values of the first of them
+    by name that reports it; where every row of that one failed, the next one's, marked ``<key>_from``.
 
     Points nested in trained networks: ``ci`` is the t interval over per-seed means when the row has
     several seeds (the network is the unit; the record says which under ``<key>_unit``), over points
