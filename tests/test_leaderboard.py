@@ -182,8 +182,8 @@ def test_a_column_two_estimators_declare_holds_one_estimators_values_whatever_th
 def test_a_shared_column_says_whose_values_it_shows_when_its_first_estimators_rows_all_failed():
     """Every damage row of a record failed: the "mean damage" column silently took likelihood's damage
     (another quantity at another radius) under the same header. It now says so: "3.00 (from likelihood)",
-    <key>_from (damage_mean_from) in the record, the CSV and the JSON. Where damage did not run at all, or some of its rows
-    are ok, nothing is marked (those are the column's own values)."""
+    <key>_from (damage_mean_from) in the record, the CSV and the JSON. Where damage did not run at all, or
+    some of its rows are ok, nothing is marked (those are the column's own values)."""
     damage = [_row("m", "max_damage", "damage", p, {}, status="error", error="boom") for p in range(3)]
     likelihood = [_row("m", "max_damage", "likelihood", p, {"damage": 2.0 + p, "loglik_attack": -100.0})
                   for p in range(3)]
