@@ -169,3 +169,23 @@ def test_the_run_record_names_the_points_seed_and_batch_it_measured(tmp_path, ca
     out = _run(tmp_path, "b", "--seed", "3")
     run = json.loads((out / "leaderboard.json").read_text())["run"]
     assert run["point_seed"] == 3 and run["point_batch"] == 25  # the default: the points `seed` selects
+
+
+def test_merge_carries_whose_values_a_shared_column_shows(tmp_path, cache):
+    """A record whose "mean damage" came from likelihood (every damage row failed: damage_mean_from, see
+    test_leaderboard) keeps that mark through export and `leaderboard --merge`: the merged Markdown says
+    "(from likelihood)" and the merged CSV and JSON carry damage_mean_from."""
+    out = tmp_path / "run"
+    assert cli.main(["run", "--dataset", "digits", "--models", "linear_gaussian", "--estimators", "damage,likelihood",
+                     "--points", "2", "--backend", "torch", "--out", str(out), "--no-progress"]) == 0
+    cli.main(["export", str(out), "--out", str(tmp_path / "e.json")])
+    entries = json.loads((tmp_path / "e.json").read_text())
+    (rec,) = entries[0]["results"]
+    assert "damage_mean" in rec and "damage_mean_from" not in rec  # both ran: damage's own values
+    rec["damage_mean_from"] = "likelihood"  # as the leaderboard writes it when every damage row failed
+    (tmp_path / "e.json").write_text(json.dumps(entries))
+    merged = tmp_path / "merged"
+    assert cli.main(["leaderboard", "--merge", str(tmp_path / "e.json"), "--out", str(merged)]) == 0
+    assert " (from likelihood) |" in (merged / "leaderboard.md").read_text()
+    assert json.loads((merged / "leaderboard.json").read_text())["rows"][0]["damage_mean_from"] == "likelihood"
+    assert "damage_mean_from" in (merged / "leaderboard.csv").read_text().splitlines()[0]
