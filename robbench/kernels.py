@@ -323,10 +323,10 @@ def count_within(model: nn.Module, mu: Tensor, sigma: Tensor, center: Tensor, r2
             plan.biases, plan.acts, PRECISIONS[precision], bool(screen), rows)
         s = stats.tolist()
         if s[0] >= 0:
+            result = _fused_result(counts, s, B * n_samples, center.shape[1], precision)
             if adaptive and screen:
-                _screen_outcome(plan, s[2], B * n_samples)
-            saved = s[3] - s[4] / center.shape[1] - s[5]  # early exit: last layers not computed, in samples
-            return CountResult(counts, s[0], s[1], B * n_samples, precision, s[2], saved)
+                _screen_outcome(plan, result.screened, result.total)
+            return result
     if cpu and not denormals_are_ieee():
         return TorchBackend().count_within(model, mu, sigma, center, r2, n_samples, seed=seed,
                                            stream_ids=stream_ids, sample_offset=sample_offset, chunk_rows=rows)
@@ -335,13 +335,18 @@ def count_within(model: nn.Module, mu: Tensor, sigma: Tensor, center: Tensor, r2
         counts, stats = torch.ops.robbench.mlp_count(
             mu, sigma, center, r2, ka, kb, n_samples, sample_offset, plan.weights_t, plan.biases, plan.acts,
             PRECISIONS[precision], bool(screen), rows)
-        s = [int(v) for v in stats.tolist()]
-        saved = s[3] - s[4] / center.shape[1] - s[5]  # early exit: last layers not computed, in samples
-        return CountResult(counts, s[0], s[1], B * n_samples, precision, s[2], saved)
+        return _fused_result(counts, stats.tolist(), B * n_samples, center.shape[1], precision)
     counts = torch.zeros(B, dtype=torch.int64, device=mu.device)
     for blk, y in decoded_blocks(plan, mu, sigma, n_samples, seed, stream_ids, sample_offset, rows):
         counts[blk.p0:blk.p1] += torch.ops.robbench.count_le(y, center[blk.p0:blk.p1], r2[blk.p0:blk.p1])
     return CountResult(counts, 0, 0, B * n_samples, "fp32")
+
+
+def _fused_result(counts: Tensor, s: list[int], total: int, out_dim: int, precision: str) -> CountResult:
+    """The CountResult of a fused MLP op (mlp_count, mlp_count_ids); ``s``: its stats as ints, [rechecked,
+    bf16 samples, screened, then the early exit's three counts] (csrc/cpu/montecarlo_cpu.cpp)."""
+    saved = s[3] - s[4] / out_dim - s[5]  # early exit: last layers not computed, in samples
+    return CountResult(counts, s[0], s[1], total, precision, s[2], saved)
 
 
 SCREEN_MISSES = 2  # calls in a row whose screen decided < 1/8 of their samples, after which it is skipped ...
