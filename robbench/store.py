@@ -237,32 +237,33 @@ class ResultStore:
         row = self._conn.execute("SELECT info FROM provenance ORDER BY id DESC LIMIT 1").fetchone()
         return json.loads(row[0]) if row else None
 
+    def _invocations(self) -> list[tuple[float, float, str]]:
+        """(start, end, provenance JSON) per invocation, oldest first: the rows it wrote were created in
+        [start, end), end the next record's time (inf for the last); [] for a store older than the table."""
+        if "provenance" not in self.tables:  # a store older than the table, opened read-only
+            return []
+        records = self._conn.execute("SELECT recorded, info FROM provenance ORDER BY id").fetchall()
+        ends = [recorded for recorded, _ in records[1:]] + [float("inf")]
+        return [(recorded, end, info) for (recorded, info), end in zip(records, ends)]
+
     def provenance_history(self) -> list[tuple[float, dict[str, Any], int]]:
         """Every invocation's provenance record, oldest first: (recorded, unix seconds; the record; how many of
         the stored result rows it wrote, i.e. were created before the next record). What those rows ran
         with: :meth:`ran_with_history`."""
-        if "provenance" not in self.tables:  # a store older than the table, opened read-only
-            return []
-        records = self._conn.execute("SELECT recorded, info FROM provenance ORDER BY id").fetchall()
         out = []
-        for i, (recorded, info) in enumerate(records):
-            until = records[i + 1][0] if i + 1 < len(records) else float("inf")
+        for start, until, info in self._invocations():
             (count,) = self._conn.execute("SELECT COUNT(*) FROM results WHERE created >= ? AND created < ?",
-                                          (recorded, until)).fetchone()
-            out.append((float(recorded), json.loads(info), int(count)))
+                                          (start, until)).fetchone()
+            out.append((float(start), json.loads(info), int(count)))
         return out
 
     def ran_with_history(self) -> list[dict[str, dict[str, int]]]:
         """Per provenance record (as :meth:`provenance_history`): of the stored rows that invocation wrote,
         kind -> {what ran -> rows}, e.g. {"attack_engine": {"compiled": 8}, "mc_backend": {"cpp": 16}}
         (:mod:`robbench.ran_with`; "unrecorded" for ok rows stored before it was recorded)."""
-        if "provenance" not in self.tables:
-            return []
-        times = [t for (t,) in self._conn.execute("SELECT recorded FROM provenance ORDER BY id")]
         ran = "ran_with" if "ran_with" in self._have else "NULL"
         out = []
-        for i, start in enumerate(times):
-            until = times[i + 1] if i + 1 < len(times) else float("inf")
+        for start, until, _ in self._invocations():
             tally: dict[str, dict[str, int]] = {}
             for text, count in self._conn.execute(
                     f"SELECT {ran}, COUNT(*) FROM results WHERE status = 'ok' AND created >= ? AND created < ? "
